@@ -1,0 +1,167 @@
+"""Dataset -> shards: the synthetic phase-video set and a folder of the user's own videos.
+
+Both go through :class:`~carl_scale.data.shard_writer.ShardWriter`, like every real dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+from tqdm.auto import tqdm
+
+from carl_scale.data.codec import EncodeOptions
+from carl_scale.data.shard_writer import ShardWriter, VideoRecord, read_manifest, write_manifest
+from carl_scale.data.synthetic import SyntheticConfig, iter_videos, num_videos
+
+log = logging.getLogger("carl_scale.data")
+
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".gif"}
+
+
+# -- synthetic ---------------------------------------------------------------------------------
+def write_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = None, *, payload: str = "video",
+                           encode: EncodeOptions | None = None, max_samples: int = 64,
+                           overwrite: bool = False, progress: bool = True) -> dict:
+    """Render and write the train and val splits; returns the manifest."""
+    cfg = cfg or SyntheticConfig()
+    labels = {"actions": list(cfg.action_names), "phases": cfg.phase_names()}
+    for split in ("train", "val"):
+        writer = ShardWriter(out_dir, split, dataset="synthetic", payload=payload, encode=encode,
+                             max_samples=max_samples, label_names=labels, overwrite=overwrite)
+        with writer:
+            for v in tqdm(iter_videos(cfg, split), total=num_videos(cfg, split), disable=not progress,
+                          desc=f"synthetic {split}", unit="video"):
+                writer.write(VideoRecord(v.video_id, v.frames, v.fps, v.action_label, v.phase_labels))
+    manifest = read_manifest(out_dir)
+    manifest["synthetic_config"] = dataclasses.asdict(cfg)
+    write_manifest(Path(out_dir), manifest)
+    return manifest
+
+
+def ensure_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = None, **kw) -> dict:
+    """The embedded default: write the synthetic shards once; reuse them when the manifest says
+    they were made from the same config. A different config is an error, not an overwrite."""
+    cfg = cfg or SyntheticConfig()
+    manifest = read_manifest(out_dir)
+    if manifest is not None and {"train", "val"} <= set(manifest.get("splits", {})):
+        if manifest.get("synthetic_config") == dataclasses.asdict(cfg):
+            return manifest
+        raise FileExistsError(f"{out_dir} holds shards of another dataset or synthetic config; "
+                              f"remove it or choose another data directory")
+    return write_synthetic_shards(out_dir, cfg, overwrite=manifest is None, **kw)
+
+
+# -- a folder of the user's videos ---------------------------------------------------------------
+@dataclass
+class FolderOptions:
+    labels_csv: str | None = None  # columns: video (path relative to src, or stem), label[, split]
+    frame_labels: str | None = None  # directory of <stem>.txt (one int per frame) or <stem>.npy
+    split: str = "train"  # split of videos the CSV does not assign
+    val_fraction: float = 0.0  # move this fraction (hash of the name) of unassigned videos to val
+    transcode: bool = False  # re-encode (always done for payload=jpeg)
+    short_side: int | None = None  # resize so the short side is this (implies transcode)
+
+
+def _read_labels_csv(path: str) -> tuple[dict[str, tuple[str, str | None]], list[str]]:
+    rows: dict[str, tuple[str, str | None]] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"video", "label"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: needs a header with columns 'video' and 'label' (optional 'split'), "
+                             f"got {reader.fieldnames}")
+        for r in reader:
+            rows[r["video"].strip()] = (r["label"].strip(), (r.get("split") or "").strip() or None)
+    names = sorted({lab for lab, _ in rows.values()})
+    if all(n.lstrip("-").isdigit() for n in names):
+        names = []  # integer labels are used as they are
+    return rows, names
+
+
+def _frame_labels(directory: str | None, stem: str) -> np.ndarray | None:
+    if directory is None:
+        return None
+    d = Path(directory)
+    if (d / f"{stem}.npy").exists():
+        return np.load(d / f"{stem}.npy").astype(np.int64).reshape(-1)
+    if (d / f"{stem}.txt").exists():
+        return np.array((d / f"{stem}.txt").read_text().split(), dtype=np.int64)
+    return None
+
+
+def _decode_file(path: Path, short_side: int | None) -> tuple[np.ndarray, float, str]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        fps = float(stream.average_rate or stream.guessed_rate or 30.0)
+        frames = []
+        for frame in container.decode(stream):
+            if short_side:
+                s = short_side / min(frame.width, frame.height)
+                w, h = (2 * round(frame.width * s / 2), 2 * round(frame.height * s / 2))
+                frame = frame.reformat(width=w, height=h)
+            frames.append(frame.to_ndarray(format="rgb24"))
+        codec = stream.codec_context.name
+    if not frames:
+        raise ValueError("no decodable frames")
+    return np.stack(frames), fps, codec
+
+
+def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOptions | None = None, *,
+                        payload: str = "video", encode: EncodeOptions | None = None, max_samples: int = 64,
+                        overwrite: bool = False, progress: bool = True) -> dict:
+    """Every video file under ``src`` (any codec PyAV reads) into shards. Unreadable videos and
+    mismatched label files are skipped and listed in the manifest, never fatal."""
+    opts = opts or FolderOptions()
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"--src {src} is not a directory of videos")
+    files = sorted(p for p in src.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {src}")
+    rows, names = _read_labels_csv(opts.labels_csv) if opts.labels_csv else ({}, [])
+    by_split: dict[str, list[Path]] = {}
+    for p in files:
+        rel = str(p.relative_to(src))
+        row = rows.get(rel) or rows.get(p.stem)
+        split = row[1] if row and row[1] else opts.split
+        if not (row and row[1]) and opts.val_fraction > 0 and zlib.crc32(rel.encode()) % 1000 < opts.val_fraction * 1000:
+            split = "val"
+        by_split.setdefault(split, []).append(p)
+    transcode = opts.transcode or opts.short_side is not None or payload == "jpeg"
+    label_names = {"actions": names} if names else {}
+    for split, paths in sorted(by_split.items()):
+        writer = ShardWriter(out_dir, split, dataset=src.name, payload=payload, encode=encode,
+                             max_samples=max_samples, label_names=label_names, overwrite=overwrite)
+        with writer:
+            for p in tqdm(paths, disable=not progress, desc=f"{src.name} {split}", unit="video"):
+                rel = str(p.relative_to(src))
+                row = rows.get(rel) or rows.get(p.stem)
+                label = -1 if row is None else (names.index(row[0]) if names else int(row[0]))
+                try:
+                    frames, fps, codec = _decode_file(p, opts.short_side)
+                except Exception as exn:  # corrupt / unreadable: skip and count
+                    log.warning("skipping %s: %s", p, exn)
+                    writer.skip(rel, f"{type(exn).__name__}: {exn}")
+                    continue
+                phases = _frame_labels(opts.frame_labels, p.stem)
+                if phases is not None and len(phases) != len(frames):
+                    writer.skip(rel, f"{len(phases)} frame labels for {len(frames)} frames")
+                    continue
+                vid = rel.rsplit(".", 1)[0].replace("/", "__")
+                if transcode:
+                    rec = VideoRecord(vid, frames, fps, label, phases)
+                else:
+                    rec = VideoRecord(vid, None, fps, label, phases, encoded=p.read_bytes(),
+                                      num_frames=len(frames), height=frames.shape[1], width=frames.shape[2],
+                                      codec=codec, extra={"source": rel})
+                writer.write(rec)
+        if writer.skipped:
+            log.warning("%s: skipped %d of %d videos (listed in shards.json)", split, len(writer.skipped), len(paths))
+    return read_manifest(out_dir)

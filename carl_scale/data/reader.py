@@ -1,0 +1,340 @@
+"""The training reader: WebDataset shards -> two augmented views per video, in batches.
+
+Per DataLoader worker::
+
+    shard list (shuffled per epoch by (seed, epoch), or resampled)
+      -> split by rank (explicit) -> split by worker (explicit)
+      -> tar -> samples (bad tar members: warn, count, go on)
+      -> shuffle buffer (seeded by (seed, epoch, rank, worker))
+      -> prepare: parse metadata, draw the temporal views and spatial parameters from a generator
+         seeded by (seed, epoch, video key, pass), decode only the sampled frames, crop/flip
+         (a sample that fails: warn, count, go on)
+      -> batches of ``batch_size``, a fixed number per worker
+
+so every rank runs exactly ``len(loader)`` steps per epoch. Without resampling, an epoch is one
+pass over each worker's shards; a worker whose shards run out before its quota wraps around for
+another pass (new views). With shards that divide evenly over ranks x workers, every sample is
+seen exactly once per epoch. In the main process, photometric augmentation (and, with DALI on a
+GPU, decoding and cropping too) runs on ``LoaderConfig.device``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing as mp
+import random
+import zlib
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from carl_scale.config import LoaderConfig
+from carl_scale.data.decoders import EncodedVideo, FrameDecoder, make_decoder
+from carl_scale.data.shard_writer import MANIFEST, read_manifest
+from carl_scale.data.spatial import (ViewParams, apply_geometric, apply_photometric, draw_view_params,
+                                     to_tchw)
+from carl_scale.data.temporal import sample_temporal_views
+
+log = logging.getLogger("carl_scale.data")
+
+
+# -- shard lists ------------------------------------------------------------------------------
+def resolve_shards(spec: str | list[str], split: str = "train") -> tuple[list[str], dict | None]:
+    """Shard paths and the manifest (if any) from a directory with ``shards.json``, a brace
+    pattern (``k400/train-{000000..000999}.tar``), a ``.txt`` list, or a list of paths.
+    Every local path must exist: a missing one is an error naming it and the fix."""
+    manifest = None
+    if isinstance(spec, (list, tuple)):
+        urls = [str(u) for u in spec]
+    elif Path(spec).is_dir():
+        manifest = read_manifest(spec)
+        if manifest is None:
+            raise FileNotFoundError(
+                f"{Path(spec) / MANIFEST} not found: {spec} is not a shard directory. Write shards with "
+                f"'python -m shards.synthetic --out {spec}' or 'python -m shards.folder --src VIDEOS --out {spec}'.")
+        if split not in manifest["splits"]:
+            raise KeyError(f"{spec} has no split {split!r} (it has {sorted(manifest['splits'])})")
+        urls = [str(Path(spec) / s["path"]) for s in manifest["splits"][split]["shards"]]
+    elif spec.endswith(".txt") and Path(spec).is_file():
+        urls = [ln.strip() for ln in Path(spec).read_text().splitlines() if ln.strip()]
+    else:
+        urls = wds.shardlists.expand_urls(spec)
+        parent = Path(urls[0]).parent if urls else None
+        if parent is not None and (parent / MANIFEST).exists():
+            manifest = read_manifest(parent)
+    if not urls:
+        raise FileNotFoundError(f"no shards in {spec!r}")
+    for u in urls:
+        if "://" not in u and not u.startswith("pipe:") and not Path(u).exists():
+            raise FileNotFoundError(
+                f"shard {u} does not exist. Check --shards (given: {spec!r}); shards are written by "
+                f"'python -m shards.synthetic' or 'python -m shards.folder'.")
+    return urls, manifest
+
+
+def manifest_samples(manifest: dict | None, urls: list[str], split: str) -> int | None:
+    if manifest is None or split not in manifest["splits"]:
+        return None
+    counts = {Path(s["path"]).name: s["samples"] for s in manifest["splits"][split]["shards"]}
+    names = [Path(u).name for u in urls]
+    return sum(counts[n] for n in names) if all(n in counts for n in names) else None
+
+
+# -- skip counting ----------------------------------------------------------------------------
+class SkipCounter:
+    """Counts skipped samples across DataLoader worker processes (shared memory)."""
+
+    def __init__(self) -> None:
+        self._value = mp.get_context("fork").Value("q", 0)
+
+    def add(self, what: str, exn: BaseException) -> None:
+        with self._value.get_lock():
+            self._value.value += 1
+        log.warning("skipping %s: %s: %s", what, type(exn).__name__, exn)
+
+    def handler(self, exn: BaseException) -> bool:  # webdataset handler protocol: True = go on
+        self.add("unreadable shard data", exn)
+        return True
+
+    @property
+    def count(self) -> int:
+        return int(self._value.value)
+
+
+# -- per-sample preparation --------------------------------------------------------------------
+def _seed_of(*parts: int | str) -> list[int]:
+    return [zlib.crc32(p.encode()) if isinstance(p, str) else int(p) for p in parts]
+
+
+def parse_meta(sample: dict) -> dict:
+    meta = json.loads(sample["json"])
+    n = int(meta["num_frames"])
+    if "nframes" in sample and int(np.frombuffer(sample["nframes"], "<i4")[0]) != n:
+        raise ValueError(f"nframes field disagrees with the JSON num_frames ({n})")
+    if len(meta["phase_labels"]) != n:
+        raise ValueError(f"{len(meta['phase_labels'])} phase labels for {n} frames")
+    return meta
+
+
+@dataclass
+class PreparedSample:
+    key: str
+    meta: dict
+    timestamps: np.ndarray  # (2, T)
+    mask: np.ndarray  # (2, T)
+    params: tuple[ViewParams, ViewParams]
+    views: torch.Tensor | None = None  # (2, T, 3, S, S) uint8 when decoded in the worker
+    encoded: EncodedVideo | None = None  # when decoding happens in the main process
+
+
+def prepare_sample(sample: dict, cfg: LoaderConfig, epoch: int, pass_: int,
+                   decoder: FrameDecoder | None) -> PreparedSample:
+    """Draw both views of one video and (with a decoder) decode and crop their frames."""
+    meta = parse_meta(sample)
+    enc = EncodedVideo.from_sample(sample, meta)
+    rng = np.random.default_rng(_seed_of(cfg.seed, epoch, sample["__key__"], pass_))
+    tv = sample_temporal_views(enc.num_frames, cfg.temporal, rng)
+    h, w = int(meta["height"]), int(meta["width"])
+    params = (draw_view_params(h, w, cfg.spatial, rng), draw_view_params(h, w, cfg.spatial, rng))
+    out = PreparedSample(sample["__key__"], meta, tv.timestamps, tv.mask, params)
+    if decoder is None:
+        out.encoded = enc
+        return out
+    flat = decoder.decode([enc], [tv.timestamps.reshape(-1)])[0]
+    frames = to_tchw(flat).reshape(2, -1, 3, *flat.shape[1:3])
+    if frames.shape[-2:] != (h, w):
+        raise ValueError(f"decoded frames are {tuple(frames.shape[-2:])}, metadata says {(h, w)}")
+    out.views = torch.stack([apply_geometric(frames[v], params[v], cfg.spatial.image_size) for v in range(2)])
+    return out
+
+
+# -- the iterable dataset ----------------------------------------------------------------------
+class ShardedVideoDataset(IterableDataset):
+    """Yields lists of ``batch_size`` :class:`PreparedSample`, a fixed number per worker."""
+
+    def __init__(self, urls: list[str], cfg: LoaderConfig, *, rank: int, world_size: int,
+                 batches_per_epoch: int, decoder: FrameDecoder | None, counter: SkipCounter):
+        self.urls, self.cfg = urls, cfg
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = batches_per_epoch
+        self.decoder, self.counter = decoder, counter
+        self.epoch = 0
+        self.start_batch = 0  # global batch index to resume from within the epoch
+
+    def _worker(self) -> tuple[int, int]:
+        """(logical worker, number of workers). The DataLoader takes batches from its workers
+        round-robin starting at worker 0, so on a resume at global batch k the worker ids are
+        rotated by k: the first batch then comes from the worker that owned batch k."""
+        info = get_worker_info()
+        if info is None:
+            return 0, 1
+        return (info.id + self.start_batch) % info.num_workers, info.num_workers
+
+    def _passes(self, worker: int, num_workers: int) -> Iterator[list[str]]:
+        """The shard lists of this rank and worker, one per pass over the data, forever."""
+        cfg = self.cfg
+        if cfg.resampled:
+            rng = random.Random(str(_seed_of(cfg.seed, self.epoch, self.rank, worker)))
+            while True:
+                yield [rng.choice(self.urls) for _ in range(len(self.urls))]
+        for pass_ in range(1 << 30):
+            order = list(self.urls)
+            # Same permutation on every rank and worker, so the split below is a partition.
+            random.Random(str(_seed_of(cfg.seed, self.epoch, pass_))).shuffle(order)
+            mine = list(islice(islice(order, self.rank, None, self.world_size), worker, None, num_workers))
+            if not mine:
+                raise RuntimeError(
+                    f"{len(self.urls)} shards cannot feed {self.world_size} ranks x {num_workers} workers "
+                    f"(rank {self.rank} worker {worker} got none): use fewer workers, resampled=True, or "
+                    f"write more, smaller shards (--max-samples)")
+            yield mine
+
+    def _samples(self, worker: int, num_workers: int) -> Iterator[tuple[dict, int]]:
+        """(sample, pass) pairs. The shuffle buffer is flushed at the end of each pass, so a
+        sample never meets its own next-pass copy in the buffer."""
+        cfg = self.cfg
+        rng = random.Random(str(_seed_of(cfg.seed, self.epoch, self.rank, worker)))
+        for pass_, urls in enumerate(self._passes(worker, num_workers)):
+            samples = wds.tarfile_to_samples(handler=self.counter.handler)([dict(url=u) for u in urls])
+            if cfg.shuffle_buffer > 1:
+                samples = wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=rng)(samples)
+            for s in samples:
+                yield s, pass_
+
+    def __iter__(self) -> Iterator[list[PreparedSample]]:
+        worker, num_workers = self._worker()
+        cfg = self.cfg
+        nb = self.batches_per_epoch
+        quota = nb // num_workers + (1 if worker < nb % num_workers else 0)
+        # Resuming at global batch k: batches of this worker come at k = worker + j * num_workers.
+        done = max(0, math.ceil((self.start_batch - worker) / num_workers))
+        if done >= quota:
+            return
+        stream = self._samples(worker, num_workers)
+        skip = done * cfg.batch_size  # consumed without decoding
+        batch: list[PreparedSample] = []
+        for sample, pass_ in stream:
+            if done >= quota:
+                return
+            if skip:
+                skip -= 1
+                continue
+            try:
+                batch.append(prepare_sample(sample, cfg, self.epoch, pass_, self.decoder))
+            except Exception as exn:  # corrupt or undecodable: counted, never fatal, never silent
+                self.counter.add(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
+                continue
+            if len(batch) == cfg.batch_size:
+                yield batch
+                batch = []
+                done += 1
+
+
+# -- batches -----------------------------------------------------------------------------------
+@dataclass
+class VideoBatch:
+    views: torch.Tensor  # (B, 2, T, 3, S, S) float, normalised
+    timestamps: torch.Tensor  # (B, 2, T) int64 original frame indices
+    mask: torch.Tensor  # (B, 2, T) bool
+    action_labels: torch.Tensor  # (B,) int64, -1 = none
+    phase_labels: torch.Tensor  # (B, 2, T) int64 labels of the sampled frames, -1 = none
+    num_frames: torch.Tensor  # (B,) int64
+    video_ids: list[str]
+
+    def to(self, device) -> "VideoBatch":
+        return VideoBatch(**{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+                             for k, v in self.__dict__.items()})
+
+
+def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDecoder | None,
+            device: str | torch.device = "cpu") -> VideoBatch:
+    """Finish a worker's batch on ``device``: decode/crop if the worker did not, then photometric."""
+    if samples[0].views is None:
+        flat = decoder.decode([s.encoded for s in samples], [s.timestamps.reshape(-1) for s in samples])
+        for s, f in zip(samples, flat):
+            f = torch.as_tensor(f, device=device) if not torch.is_tensor(f) else f
+            frames = to_tchw(f).reshape(2, -1, 3, *f.shape[1:3])
+            s.views = torch.stack([apply_geometric(frames[v], s.params[v], cfg.spatial.image_size) for v in range(2)])
+    views = torch.stack([
+        torch.stack([apply_photometric(s.views[v].to(device, non_blocking=True), s.params[v], cfg.spatial)
+                     for v in range(2)]) for s in samples])
+    ts = torch.from_numpy(np.stack([s.timestamps for s in samples]))
+    phases = torch.from_numpy(np.stack([np.asarray(s.meta["phase_labels"], dtype=np.int64)[s.timestamps]
+                                        for s in samples]))
+    mask = torch.from_numpy(np.stack([s.mask for s in samples]))
+    phases[~mask] = -1
+    return VideoBatch(
+        views=views, timestamps=ts, mask=mask,
+        action_labels=torch.tensor([int(s.meta.get("action_label", -1)) for s in samples]),
+        phase_labels=phases,
+        num_frames=torch.tensor([int(s.meta["num_frames"]) for s in samples]),
+        video_ids=[s.meta["video_id"] for s in samples],
+    )
+
+
+class VideoLoader:
+    """Batches of two augmented views per video for one rank; ``len()`` steps per epoch.
+
+    ``state_dict()`` holds (epoch, next batch); a loader restored from it yields the batches the
+    original would have yielded next.
+    """
+
+    def __init__(self, cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1, split: str = "train"):
+        self.cfg = cfg
+        self.urls, self.manifest = resolve_shards(cfg.shards, split)
+        total = manifest_samples(self.manifest, self.urls, split)
+        per_rank = cfg.epoch_samples
+        if per_rank is None:
+            if total is None:
+                raise ValueError("shards without a shards.json manifest need LoaderConfig.epoch_samples "
+                                 "(samples per rank per epoch)")
+            per_rank = total // world_size
+        self.batches_per_epoch = per_rank // cfg.batch_size
+        if self.batches_per_epoch < 1:
+            raise ValueError(f"{per_rank} samples per rank make no batch of {cfg.batch_size}; lower the "
+                             f"batch size or use more data")
+        codec = (self.manifest or {}).get("codec", "") if (self.manifest or {}).get("payload") != "jpeg" else "jpeg"
+        self.decoder = make_decoder(cfg.decoder, codec=codec, device=cfg.device)
+        # CPU decoders run in the DataLoader workers; a GPU decoder runs here, batched.
+        worker_decoder = self.decoder if self.decoder.device == "cpu" else None
+        self.counter = SkipCounter()
+        self.dataset = ShardedVideoDataset(self.urls, cfg, rank=rank, world_size=world_size,
+                                           batches_per_epoch=self.batches_per_epoch,
+                                           decoder=worker_decoder, counter=self.counter)
+        self.epoch, self.next_batch = 0, 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    @property
+    def skipped(self) -> int:
+        return self.counter.count
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.next_batch = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "next_batch": self.next_batch, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
+
+    def __iter__(self) -> Iterator[VideoBatch]:
+        self.dataset.epoch, self.dataset.start_batch = self.epoch, self.next_batch
+        workers = self.cfg.num_workers  # fixed: the shard split depends on it
+        dl = DataLoader(self.dataset, batch_size=None, num_workers=workers,
+                        multiprocessing_context="fork" if workers > 0 else None,
+                        prefetch_factor=2 if workers > 0 else None)
+        for raw in dl:
+            batch = collate(raw, self.cfg, self.decoder, self.cfg.device)
+            self.next_batch += 1
+            yield batch
+        self.epoch, self.next_batch = self.epoch + 1, 0

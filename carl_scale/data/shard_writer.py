@@ -1,0 +1,242 @@
+"""The one shard writer every dataset goes through.
+
+A sample is one video:
+
+* ``<key>.json``    metadata: video_id, dataset, fps, num_frames, height, width, action_label,
+  phase_labels (per frame, -1 = unlabelled), payload, codec, ...
+* ``<key>.nframes`` the frame count as 4 little-endian bytes (int32), so DALI's webdataset reader
+  can read it directly (``dtypes=INT32``)
+* ``<key>.video``   the encoded video (container bytes), for ``payload="video"``; or
+* ``<key>.jpgs`` + ``<key>.jpgofs`` every frame as JPEG, concatenated, and the int64 offset
+  table (S+1 entries), for ``payload="jpeg"``
+
+Shards are written to ``<name>.tar.partial`` and renamed when finished, so a shard on disk is
+always complete. Each finished shard gets a DALI index (``wds2idx``). ``shards.json`` in the output
+directory lists every split's shards, sample counts, label names and how many inputs were skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from carl_scale.data.codec import EncodeOptions, encode_jpeg_frames, encode_video
+
+MANIFEST = "shards.json"
+Payload = Literal["video", "jpeg"]
+
+
+@dataclass
+class VideoRecord:
+    """What a dataset hands the writer for one video."""
+
+    video_id: str
+    frames: np.ndarray | None  # (S, H, W, 3) uint8, or None when ``encoded`` is given
+    fps: float
+    action_label: int = -1
+    phase_labels: np.ndarray | None = None  # (S,), -1 = unlabelled; None: all -1
+    encoded: bytes | None = None  # already-encoded video to store as is (payload="video" only)
+    num_frames: int | None = None  # required with ``encoded``
+    height: int | None = None
+    width: int | None = None
+    codec: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def sample_key(video_id: str) -> str:
+    """A tar-safe key: webdataset splits a name at its first dot, so dots must go."""
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", video_id)
+
+
+def read_manifest(out_dir: str | Path) -> dict | None:
+    path = Path(out_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    tmp = out_dir / (MANIFEST + ".partial")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out_dir / MANIFEST)
+
+
+def build_dali_index(tar_path: str | Path, idx_path: str | Path) -> None:
+    """Write the DALI webdataset index of a finished shard with DALI's own ``wds2idx``."""
+    from wds2idx import IndexCreator  # ships with nvidia-dali
+
+    tmp = str(idx_path) + ".partial"
+    with IndexCreator(str(tar_path), tmp, verbose=False) as creator:
+        creator.create_index()
+    os.replace(tmp, idx_path)
+
+
+class ShardWriter:
+    """Writes one split of a dataset into size-bounded WebDataset shards.
+
+    Refuses to write a split that the output directory already holds (finished or left over from
+    an interrupted run) unless ``overwrite=True``; nothing is ever replaced silently.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        split: str,
+        *,
+        dataset: str,
+        payload: Payload = "video",
+        encode: EncodeOptions | None = None,
+        max_samples: int = 256,
+        max_bytes: int = 1 << 30,
+        label_names: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        if payload not in ("video", "jpeg"):
+            raise ValueError(f"payload must be 'video' or 'jpeg', got {payload!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+            raise ValueError(f"split name must be alphanumeric/underscore, got {split!r}")
+        self.out_dir = Path(out_dir)
+        self.split, self.dataset, self.payload = split, dataset, payload
+        self.encode = encode or EncodeOptions()
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.label_names = label_names or {}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._claim_split(overwrite)
+        self._shards: list[dict] = []
+        self._tar: tarfile.TarFile | None = None
+        self._tar_path: Path | None = None
+        self._count = self._bytes = 0
+        self._keys: set[str] = set()
+        self._codecs: set[str] = set()
+        self.skipped: list[dict] = []
+
+    # -- output-directory safety -------------------------------------------------------------
+    def _claim_split(self, overwrite: bool) -> None:
+        manifest = read_manifest(self.out_dir)
+        existing = sorted(self.out_dir.glob(f"{self.split}-*.tar")) + sorted(
+            self.out_dir.glob(f"{self.split}-*.tar.partial"))
+        in_manifest = manifest is not None and self.split in manifest.get("splits", {})
+        if (in_manifest or existing) and not overwrite:
+            what = "a finished" if in_manifest else "an unfinished (interrupted) run's"
+            raise FileExistsError(
+                f"{self.out_dir} already holds {what} split {self.split!r} ({len(existing)} shard files). "
+                f"Choose another --out, or pass --overwrite to replace it.")
+        for p in existing:
+            p.unlink()
+            idx = p.with_suffix(".idx")
+            if idx.exists():
+                idx.unlink()
+        if in_manifest:
+            del manifest["splits"][self.split]
+            write_manifest(self.out_dir, manifest)
+
+    # -- writing -------------------------------------------------------------------------------
+    def _open_shard(self) -> None:
+        name = f"{self.split}-{len(self._shards):06d}.tar"
+        self._tar_path = self.out_dir / (name + ".partial")
+        self._tar = tarfile.open(self._tar_path, "w", format=tarfile.USTAR_FORMAT)
+        self._count = self._bytes = 0
+
+    def _close_shard(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        final = self._tar_path.with_suffix("")  # strip ".partial"
+        os.replace(self._tar_path, final)
+        idx = final.with_suffix(".idx")
+        build_dali_index(final, idx)
+        self._shards.append({"path": final.name, "index": idx.name, "samples": self._count,
+                             "bytes": final.stat().st_size})
+        self._tar = None
+
+    def _add_member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0  # reproducible shards
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def write(self, rec: VideoRecord) -> None:
+        """Encode (if needed) and append one video."""
+        key = sample_key(rec.video_id)
+        if key in self._keys:
+            raise ValueError(f"duplicate video_id {rec.video_id!r} (key {key!r}) in split {self.split!r}")
+        fields = self._payload_fields(rec)
+        n = rec.num_frames if rec.frames is None else len(rec.frames)
+        h = rec.height if rec.frames is None else rec.frames.shape[1]
+        w = rec.width if rec.frames is None else rec.frames.shape[2]
+        phases = (np.full(n, -1, np.int64) if rec.phase_labels is None
+                  else np.asarray(rec.phase_labels, dtype=np.int64))
+        if len(phases) != n:
+            raise ValueError(f"{rec.video_id}: {len(phases)} phase labels for {n} frames")
+        meta = {
+            "video_id": rec.video_id, "dataset": self.dataset, "split": self.split,
+            "fps": float(rec.fps), "num_frames": int(n), "height": int(h), "width": int(w),
+            "action_label": int(rec.action_label), "phase_labels": phases.tolist(),
+            "payload": self.payload,
+            "codec": "jpeg" if self.payload == "jpeg" else (rec.codec or self.encode.codec),
+            **rec.extra,
+        }
+        self._codecs.add(meta["codec"])
+        fields["json"] = json.dumps(meta).encode()
+        fields["nframes"] = np.int32(n).tobytes()
+        size = sum(len(v) for v in fields.values())
+        if self._tar is not None and (self._count >= self.max_samples or self._bytes + size > self.max_bytes):
+            self._close_shard()
+        if self._tar is None:
+            self._open_shard()
+        for ext, data in fields.items():
+            self._add_member(f"{key}.{ext}", data)
+        self._keys.add(key)
+        self._count += 1
+        self._bytes += size
+
+    def _payload_fields(self, rec: VideoRecord) -> dict[str, bytes]:
+        if self.payload == "video":
+            if rec.encoded is not None:
+                if rec.num_frames is None or rec.height is None or rec.width is None:
+                    raise ValueError("a pre-encoded record needs num_frames, height and width")
+                return {"video": rec.encoded}
+            return {"video": encode_video(rec.frames, rec.fps, self.encode)}
+        if rec.frames is None:
+            raise ValueError("payload='jpeg' needs decoded frames")
+        blob, offsets = encode_jpeg_frames(rec.frames, self.encode.jpeg_quality)
+        return {"jpgs": blob, "jpgofs": offsets.astype("<i8").tobytes()}
+
+    def skip(self, source: str, reason: str) -> None:
+        """Record an input that could not be written (counted in the manifest, never silent)."""
+        self.skipped.append({"source": source, "reason": reason})
+
+    def close(self) -> dict:
+        """Finish the last shard and record the split in ``shards.json``; returns the split entry."""
+        self._close_shard()
+        manifest = read_manifest(self.out_dir) or {"version": 1, "splits": {}}
+        if manifest.get("payload", self.payload) != self.payload:
+            raise ValueError(f"{self.out_dir} holds {manifest['payload']} shards; cannot add {self.payload} ones")
+        manifest.update(dataset=self.dataset, payload=self.payload)
+        # One codec for the whole directory lets readers pick a decoder up front ("mixed" when
+        # a folder of original files was stored without transcoding).
+        codecs = self._codecs | ({manifest["codec"]} if "codec" in manifest else set())
+        manifest["codec"] = codecs.pop() if len(codecs) == 1 else ("mixed" if codecs else self.encode.codec)
+        if self.label_names:
+            manifest["label_names"] = self.label_names
+        entry = {"shards": self._shards, "samples": sum(s["samples"] for s in self._shards),
+                 "skipped": self.skipped, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        manifest["splits"][self.split] = entry
+        write_manifest(self.out_dir, manifest)
+        return entry
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:  # leave no half-written shard that looks finished
+            self._tar.close()

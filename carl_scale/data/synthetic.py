@@ -1,0 +1,274 @@
+"""A procedurally rendered phase-video dataset shaped like PennAction and Pouring.
+
+Each action class is an ordered sequence of K key poses of a stick figure; phase k is the motion
+from key pose k to key pose k+1 (a "hold" phase keeps moving a little so that it is never a frozen
+image). Every video draws its own nuisance (background colour and texture, figure colour, size and
+position, horizontal mirroring, camera jitter, pixel noise) and its own speed (random phase
+durations, 60-400 frames in all), so a good frame representation has to encode *where in the
+action* a frame is and ignore everything else — the property CARL's evaluations measure.
+
+Everything is a pure function of ``(seed, split, index)``: the same config renders the same
+pixels on every machine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Joint angles, radians. Shoulders/hips: 0 = limb straight down, pi = straight up, measured
+# outwards from the body. Elbows/knees: bend relative to the parent limb. ``lean``: torso
+# rotation (positive leans to the figure's left). ``drop``: hips lowered, in leg lengths.
+_JOINTS = ("lean", "drop", "l_sh", "r_sh", "l_el", "r_el", "l_hip", "r_hip", "l_kn", "r_kn")
+_NEUTRAL = dict(lean=0.0, drop=0.0, l_sh=0.25, r_sh=0.25, l_el=0.0, r_el=0.0,
+                l_hip=0.08, r_hip=0.08, l_kn=0.0, r_kn=0.0)
+
+
+def _pose(**kw: float) -> np.ndarray:
+    p = dict(_NEUTRAL)
+    p.update(kw)
+    return np.array([p[j] for j in _JOINTS], dtype=np.float64)
+
+
+N = _pose()
+# name -> (phase names, key poses (K+1 of them), index of a phase that "holds" with a wiggle or -1)
+ACTIONS: dict[str, tuple[tuple[str, ...], tuple[np.ndarray, ...], int]] = {
+    "arm_raise": (
+        ("raise", "hold_up", "lower"),
+        (N, _pose(l_sh=3.0, r_sh=3.0), _pose(l_sh=3.0, r_sh=3.0), N),
+        1,
+    ),
+    "squat": (
+        ("go_down", "hold_low", "stand_up"),
+        (N, _pose(drop=0.45, l_hip=0.9, r_hip=0.9, l_kn=-1.6, r_kn=-1.6, l_sh=1.5, r_sh=1.5),
+         _pose(drop=0.45, l_hip=0.9, r_hip=0.9, l_kn=-1.6, r_kn=-1.6, l_sh=1.5, r_sh=1.5), N),
+        1,
+    ),
+    "side_bend": (
+        ("lean_left", "swing_right", "return"),
+        (N, _pose(lean=0.5, l_sh=0.6, r_sh=2.6), _pose(lean=-0.5, l_sh=2.6, r_sh=0.6), N),
+        -1,
+    ),
+    "kick": (
+        ("chamber", "extend", "retract", "put_down"),
+        (N, _pose(r_hip=1.4, r_kn=-2.2, l_sh=0.9, r_sh=0.9), _pose(r_hip=1.5, r_kn=0.0, l_sh=0.9, r_sh=0.9),
+         _pose(r_hip=1.4, r_kn=-2.2, l_sh=0.9, r_sh=0.9), N),
+        -1,
+    ),
+    "wave": (
+        ("raise_arm", "wave", "lower_arm"),
+        (N, _pose(r_sh=2.4, r_el=1.0), _pose(r_sh=2.4, r_el=1.0), N),
+        1,
+    ),
+    "toe_touch": (
+        ("arms_up", "bend_down", "rise", "arms_down"),
+        (N, _pose(l_sh=3.0, r_sh=3.0), _pose(lean=0.0, drop=0.25, l_sh=0.2, r_sh=0.2, l_hip=0.3, r_hip=0.3,
+                                             l_kn=-0.6, r_kn=-0.6), _pose(l_sh=3.0, r_sh=3.0), N),
+        -1,
+    ),
+}
+ACTION_NAMES = tuple(ACTIONS)
+
+
+@dataclass
+class SyntheticConfig:
+    """What the synthetic set looks like. Defaults: 5 actions, 3-4 phases, 60-400 frames."""
+
+    num_actions: int = 5
+    train_videos: int = 120
+    val_videos: int = 40
+    min_frames: int = 60
+    max_frames: int = 400
+    height: int = 128
+    width: int = 128
+    fps: float = 30.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_actions <= len(ACTIONS):
+            raise ValueError(f"num_actions must be in 1..{len(ACTIONS)}, got {self.num_actions}")
+        if not 8 <= self.min_frames <= self.max_frames:
+            raise ValueError(f"need 8 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
+        if self.height < 32 or self.width < 32:
+            raise ValueError("synthetic frames must be at least 32x32")
+
+    @property
+    def action_names(self) -> tuple[str, ...]:
+        return ACTION_NAMES[: self.num_actions]
+
+    def phase_names(self) -> dict[str, list[str]]:
+        return {a: list(ACTIONS[a][0]) for a in self.action_names}
+
+
+@dataclass
+class SyntheticVideo:
+    video_id: str
+    frames: np.ndarray  # (S, H, W, 3) uint8
+    action_label: int
+    phase_labels: np.ndarray  # (S,) int
+    fps: float
+
+
+_SPLITS = {"train": 0, "val": 1}
+
+
+def num_videos(cfg: SyntheticConfig, split: str) -> int:
+    return {"train": cfg.train_videos, "val": cfg.val_videos}[split]
+
+
+def iter_videos(cfg: SyntheticConfig, split: str) -> Iterator[SyntheticVideo]:
+    for i in range(num_videos(cfg, split)):
+        yield render_video(cfg, split, i)
+
+
+def _phase_durations(rng: np.random.Generator, total: int, k: int) -> np.ndarray:
+    """Random, uneven phase lengths summing to ``total``, each at least 2 frames."""
+    w = rng.uniform(0.4, 1.6, size=k)
+    d = np.maximum(2, np.floor(w / w.sum() * total)).astype(int)
+    d[np.argmax(d)] += total - d.sum()
+    return d
+
+
+def _smoothstep(t: np.ndarray) -> np.ndarray:
+    return t * t * (3 - 2 * t)
+
+
+def _pose_track(rng: np.random.Generator, action: str, durations: np.ndarray) -> np.ndarray:
+    """(S, n_joints) joint angles over time, with per-video speed profile inside each phase."""
+    _, keys, hold = ACTIONS[action]
+    out = []
+    for k, d in enumerate(durations):
+        t = (np.arange(d) + 0.5) / d
+        # A random monotone warp so that speed also varies within a phase.
+        gamma = rng.uniform(0.7, 1.4)
+        s = _smoothstep(t**gamma)[:, None]
+        seg = keys[k][None] * (1 - s) + keys[k + 1][None] * s
+        if k == hold:  # keep a hold phase alive: a small oscillation of the relevant limbs
+            cycles = rng.uniform(1.5, 3.0)
+            wig = 0.35 * np.sin(2 * math.pi * cycles * t)
+            j = _JOINTS.index("r_el") if action == "wave" else _JOINTS.index("l_el")
+            seg[:, j] += wig
+            if action != "wave":
+                seg[:, _JOINTS.index("r_el")] -= wig
+        out.append(seg)
+    return np.concatenate(out, axis=0)
+
+
+def _skeleton(p: np.ndarray) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """Forward kinematics in figure units (height ~1, y up, hip centre at origin)."""
+    lean, drop, l_sh, r_sh, l_el, r_el, l_hip, r_hip, l_kn, r_kn = p
+    thigh, shin, torso, upper, fore = 0.24, 0.24, 0.36, 0.17, 0.16
+    hip = np.array([0.0, -drop * (thigh + shin)])
+    up = np.array([-math.sin(lean), math.cos(lean)])
+    neck = hip + torso * up
+    head = neck + 0.11 * up
+    segs = [(hip, neck)]
+
+    def limb(root, base_dir, ang, bend, side, l1, l2):
+        # side=-1 for the figure's left (drawn on the image left before mirroring)
+        a = base_dir + side * ang
+        mid = root + l1 * np.array([math.sin(a), -math.cos(a)])
+        b = a + side * bend
+        end = mid + l2 * np.array([math.sin(b), -math.cos(b)])
+        return [(root, mid), (mid, end)]
+
+    shoulder = neck - 0.02 * up
+    segs += limb(shoulder, -lean, l_sh, l_el, -1, upper, fore)
+    segs += limb(shoulder, -lean, r_sh, r_el, +1, upper, fore)
+    segs += limb(hip, 0.0, l_hip, l_kn, -1, thigh, shin)
+    segs += limb(hip, 0.0, r_hip, r_kn, +1, thigh, shin)
+    return segs, head
+
+
+def _background(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    c1 = rng.uniform(0, 255, 3)
+    c2 = np.clip(c1 + rng.uniform(-70, 70, 3), 0, 255)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    kind = rng.integers(4)
+    if kind == 0:  # flat
+        m = np.zeros((h, w), np.float32)
+    elif kind == 1:  # stripes at a random angle
+        a, period = rng.uniform(0, math.pi), rng.uniform(6, 24)
+        m = (np.sin((xx * math.cos(a) + yy * math.sin(a)) * 2 * math.pi / period) > 0).astype(np.float32)
+    elif kind == 2:  # checkerboard
+        s = int(rng.integers(6, 20))
+        m = (((xx // s) + (yy // s)) % 2).astype(np.float32)
+    else:  # smooth blobs
+        m = np.zeros((h, w), np.float32)
+        for _ in range(6):
+            cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(5, 25)
+            m += np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))
+        m = np.clip(m, 0, 1)
+    bg = c1[None, None] * (1 - m[..., None]) + c2[None, None] * m[..., None]
+    return bg.astype(np.uint8), (c1 + c2) / 2
+
+
+def _figure_colour(rng: np.random.Generator, bg_mean: np.ndarray) -> tuple[int, int, int]:
+    # Far enough from the background that the figure is always visible.
+    for _ in range(50):
+        c = rng.uniform(0, 255, 3)
+        if np.abs(c - bg_mean).sum() > 180:
+            break
+    else:
+        c = 255 - bg_mean
+    return tuple(int(v) for v in c)
+
+
+def render_video(cfg: SyntheticConfig, split: str, index: int) -> SyntheticVideo:
+    """Render video ``index`` of ``split``; a pure function of the config, split and index."""
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
+    rng = np.random.default_rng([cfg.seed, _SPLITS[split], index])
+    h, w = cfg.height, cfg.width
+    action_label = index % cfg.num_actions
+    action = cfg.action_names[action_label]
+    phase_names = ACTIONS[action][0]
+    total = int(rng.integers(cfg.min_frames, cfg.max_frames + 1))
+    durations = _phase_durations(rng, total, len(phase_names))
+    poses = _pose_track(rng, action, durations)
+    phase_labels = np.repeat(np.arange(len(phase_names)), durations)
+
+    margin = max(4, h // 16)
+    bg, bg_mean = _background(rng, h + 2 * margin, w + 2 * margin)
+    colour = _figure_colour(rng, bg_mean)
+    scale = rng.uniform(0.45, 0.7) * h  # pixels per figure unit
+    cx = rng.uniform(0.38, 0.62) * w + margin
+    cy = rng.uniform(0.5, 0.62) * h + margin
+    mirror = rng.random() < 0.5
+    thickness = max(2, int(round(scale * rng.uniform(0.045, 0.07))))
+    noise_sigma = rng.uniform(0.0, 8.0)
+    # Camera jitter: a slow random walk of the crop window, clipped to the margin.
+    steps = rng.normal(0, 0.6, size=(total, 2))
+    jitter = np.clip(np.cumsum(steps, axis=0), -margin, margin).round().astype(int)
+
+    frames = np.empty((total, h, w, 3), np.uint8)
+    for t in range(total):
+        canvas = Image.fromarray(bg)
+        draw = ImageDraw.Draw(canvas)
+        segs, head = _skeleton(poses[t])
+
+        def px(p):
+            x = -p[0] if mirror else p[0]
+            return (cx + x * scale, cy - p[1] * scale)
+
+        for a, b in segs:
+            draw.line([px(a), px(b)], fill=colour, width=thickness, joint="curve")
+        hx, hy = px(head)
+        r = 0.08 * scale
+        draw.ellipse([hx - r, hy - r, hx + r, hy + r], fill=colour)
+        oy, ox = margin + jitter[t, 0], margin + jitter[t, 1]
+        frame = np.asarray(canvas)[oy : oy + h, ox : ox + w]
+        if noise_sigma > 0.5:
+            frame = np.clip(frame + rng.normal(0, noise_sigma, frame.shape), 0, 255).astype(np.uint8)
+        frames[t] = frame
+    return SyntheticVideo(
+        video_id=f"synthetic_{split}_{index:06d}",
+        frames=frames,
+        action_label=action_label,
+        phase_labels=phase_labels.astype(np.int64),
+        fps=cfg.fps,
+    )

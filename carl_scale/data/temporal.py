@@ -1,0 +1,80 @@
+"""Temporal view construction, the paper's version (§3.2; REFERENCE_NOTES explains how the
+published code departs from it).
+
+For a video of S frames: draw two clip lengths L1, L2 uniformly in [T, alpha*T] (capped at S),
+place clip 1 uniformly, then place clip 2 uniformly among the positions whose overlap with clip 1
+is at least ceil(beta * min(L1, L2)) frames, and finally take T frames from each clip, either
+sorted random distinct frames ("random") or evenly spaced ones ("even"). The returned timestamps
+are original frame indices, which is what SCL's Gaussian prior is computed on.
+
+Videos shorter than T: both clips are the whole video. ``short_video="mask"`` takes every frame
+once, in order, and fills the remaining T - S slots with the last frame marked invalid
+(mask False), so the loss ignores them; ``"repeat"`` draws T frames with replacement (sorted), so
+every slot is valid and some frames appear twice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from carl_scale.config import TemporalConfig
+
+
+@dataclass
+class TemporalViews:
+    timestamps: np.ndarray  # (2, T) int64 original frame indices, sorted per view
+    mask: np.ndarray  # (2, T) bool, False for padding slots
+    clips: np.ndarray  # (2, 2) int64 [start, end) of each clip
+
+
+def _clip_length_bounds(num_frames: int, cfg: TemporalConfig) -> tuple[int, int]:
+    lo = min(cfg.num_frames, num_frames)
+    hi = min(int(math.floor(cfg.alpha * cfg.num_frames)), num_frames)
+    return lo, max(lo, hi)
+
+
+def sample_clips(num_frames: int, cfg: TemporalConfig, rng: np.random.Generator) -> np.ndarray:
+    """Two [start, end) clips of length in [T, alpha*T] overlapping by >= beta of the shorter."""
+    lo, hi = _clip_length_bounds(num_frames, cfg)
+    l1, l2 = (int(x) for x in rng.integers(lo, hi + 1, size=2))
+    s1 = int(rng.integers(0, num_frames - l1 + 1))
+    need = int(math.ceil(cfg.beta * min(l1, l2)))
+    # Overlap of [s1, s1+l1) and [s2, s2+l2) is >= need iff s1 - l2 + need <= s2 <= s1 + l1 - need.
+    s2_lo = max(0, s1 - l2 + need)
+    s2_hi = min(num_frames - l2, s1 + l1 - need)
+    # Never empty: s2 = clip(s1, 0, S - l2) always overlaps by min(l1, l2) >= need.
+    s2 = int(rng.integers(s2_lo, s2_hi + 1))
+    return np.array([[s1, s1 + l1], [s2, s2 + l2]], dtype=np.int64)
+
+
+def _frames_in_clip(start: int, end: int, cfg: TemporalConfig, rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    t, length = cfg.num_frames, end - start
+    mask = np.ones(t, dtype=bool)
+    if length >= t:
+        if cfg.sampling == "even":
+            offs = np.floor(np.arange(t) * length / t).astype(np.int64)
+        else:
+            offs = np.sort(rng.choice(length, size=t, replace=False)).astype(np.int64)
+    elif cfg.short_video == "repeat":
+        offs = np.sort(np.concatenate([np.arange(length), rng.integers(0, length, size=t - length)]))
+    else:  # mask
+        offs = np.concatenate([np.arange(length), np.full(t - length, length - 1)])
+        mask[length:] = False
+    return start + offs.astype(np.int64), mask
+
+
+def sample_temporal_views(num_frames: int, cfg: TemporalConfig, rng: np.random.Generator) -> TemporalViews:
+    if num_frames < 1:
+        raise ValueError(f"cannot sample views from a video with {num_frames} frames")
+    clips = sample_clips(num_frames, cfg, rng)
+    ts, ms = zip(*(_frames_in_clip(int(a), int(b), cfg, rng) for a, b in clips))
+    return TemporalViews(timestamps=np.stack(ts), mask=np.stack(ms), clips=clips)
+
+
+def eval_timestamps(num_frames: int) -> np.ndarray:
+    """Evaluation uses every frame, in order (stride 1, no temporal augmentation)."""
+    return np.arange(num_frames, dtype=np.int64)

@@ -1,0 +1,41 @@
+"""Flags every shard writer shares: payload kind, codec, shard size, overwrite."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from carl_scale.data.codec import CODECS, EncodeOptions
+
+
+def add_writer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output directory (gets shards, .idx files and shards.json)")
+    p.add_argument("--payload", choices=["video", "jpeg"], default="video",
+                   help="video: encoded video bytes (compact); jpeg: every frame as JPEG (~15x larger, "
+                        "decodes only the sampled frames, fastest on a GPU with nvJPEG)")
+    p.add_argument("--codec", choices=sorted(CODECS), default="vp9",
+                   help="video codec when encoding (vp9 and mjpeg decode with DALI on the CPU; h264 needs "
+                        "PyAV or a GPU)")
+    p.add_argument("--gop", type=int, default=30, help="keyframe interval in frames")
+    p.add_argument("--crf", type=int, default=30, help="vp9/h264 quality (lower is better)")
+    p.add_argument("--max-samples", type=int, default=64, help="videos per shard at most")
+    p.add_argument("--max-bytes", type=int, default=1 << 30, help="bytes per shard at most")
+    p.add_argument("--overwrite", action="store_true", help="replace splits that --out already holds")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def encode_options(args: argparse.Namespace) -> EncodeOptions:
+    return EncodeOptions(codec=args.codec, gop=args.gop, crf=args.crf)
+
+
+def print_summary(manifest: dict, out: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(f"\nshards in {out} ({manifest['payload']}, codec {manifest.get('codec')}):")
+    print(f"{'split':<8}{'shards':>8}{'videos':>8}{'skipped':>9}{'MiB':>9}")
+    for name, s in sorted(manifest["splits"].items()):
+        mib = sum(x["bytes"] for x in s["shards"]) / 2**20
+        print(f"{name:<8}{len(s['shards']):>8}{s['samples']:>8}{len(s['skipped']):>9}{mib:>9.1f}")
+    for name, s in manifest["splits"].items():
+        for sk in s["skipped"][:10]:
+            print(f"  skipped ({name}): {json.dumps(sk)}")

@@ -1,0 +1,44 @@
+"""Write a folder of your own videos (any codec PyAV reads) as WebDataset shards.
+
+    python -m shards.folder --src my_videos/ --out data/mine
+    python -m shards.folder --src my_videos/ --out data/mine --labels labels.csv \
+        --frame-labels my_phase_labels/ --val-fraction 0.2
+    python -m shards.folder --src my_videos/ --out data/mine_vp9 --transcode --codec vp9 --short-side 256
+
+``--labels``: a CSV with columns ``video`` (path relative to --src, or the file's stem) and
+``label`` (a class name or integer), and optionally ``split``. ``--frame-labels``: a directory of
+``<stem>.txt`` (one integer per frame, -1 = unlabelled) or ``<stem>.npy`` files. Without
+``--transcode`` the original bytes are stored as they are (after a full decode to check them and
+count frames); unreadable videos are skipped and listed in shards.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from carl_scale.data.datasets import FolderOptions, write_folder_shards
+from shards.common import add_writer_args, encode_options, print_summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="directory of video files (searched recursively)")
+    add_writer_args(p)
+    p.add_argument("--labels", help="CSV of video-level labels (video,label[,split])")
+    p.add_argument("--frame-labels", help="directory of per-frame label files (<stem>.txt or .npy)")
+    p.add_argument("--split", default="train", help="split for videos the CSV does not assign")
+    p.add_argument("--val-fraction", type=float, default=0.0)
+    p.add_argument("--transcode", action="store_true", help="re-encode with --codec/--gop/--crf")
+    p.add_argument("--short-side", type=int, help="resize to this short side (implies --transcode)")
+    a = p.parse_args(argv)
+    opts = FolderOptions(labels_csv=a.labels, frame_labels=a.frame_labels, split=a.split,
+                         val_fraction=a.val_fraction, transcode=a.transcode, short_side=a.short_side)
+    manifest = write_folder_shards(a.src, a.out, opts, payload=a.payload, encode=encode_options(a),
+                                   max_samples=a.max_samples, overwrite=a.overwrite,
+                                   progress=not a.no_progress)
+    print_summary(manifest, a.out)
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

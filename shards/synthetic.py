@@ -1,0 +1,40 @@
+"""Write the synthetic phase-video dataset (the embedded default) as WebDataset shards.
+
+    python -m shards.synthetic --out data/synthetic
+    python -m shards.synthetic --out data/synthetic_jpeg --payload jpeg
+    python -m shards.synthetic --out /tmp/tiny --train-videos 8 --val-videos 4 --max-frames 90 --size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from carl_scale.data.datasets import write_synthetic_shards
+from carl_scale.data.synthetic import SyntheticConfig
+from shards.common import add_writer_args, encode_options, print_summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_writer_args(p)
+    d = SyntheticConfig()
+    p.add_argument("--num-actions", type=int, default=d.num_actions)
+    p.add_argument("--train-videos", type=int, default=d.train_videos)
+    p.add_argument("--val-videos", type=int, default=d.val_videos)
+    p.add_argument("--min-frames", type=int, default=d.min_frames)
+    p.add_argument("--max-frames", type=int, default=d.max_frames)
+    p.add_argument("--size", type=int, default=d.height, help="frame height and width")
+    p.add_argument("--seed", type=int, default=d.seed)
+    a = p.parse_args(argv)
+    cfg = SyntheticConfig(num_actions=a.num_actions, train_videos=a.train_videos, val_videos=a.val_videos,
+                          min_frames=a.min_frames, max_frames=a.max_frames, height=a.size, width=a.size,
+                          seed=a.seed)
+    manifest = write_synthetic_shards(a.out, cfg, payload=a.payload, encode=encode_options(a),
+                                      max_samples=a.max_samples, overwrite=a.overwrite,
+                                      progress=not a.no_progress)
+    print_summary(manifest, a.out)
+    return manifest
+
+
+if __name__ == "__main__":
+    main()
