@@ -66,7 +66,7 @@ class SpatialConfig:
 class LoaderConfig:
     """Where the shards are and how they are streamed."""
 
-    shards: str = ""  # brace pattern, list file, or directory holding shards.json
+    shards: str | list[str] = ""  # directory with shards.json, brace pattern, .txt list, or paths
     batch_size: int = 4  # videos per rank per step
     num_workers: int = 2
     shuffle_buffer: int = 64  # samples

@@ -23,7 +23,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from carl_scale.data.codec import split_jpeg_blob
+from carl_scale.data.codec import frame_to_rgb, split_jpeg_blob
 
 DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg", "jpeg"}
 
@@ -130,7 +130,7 @@ class PyAVDecoder(FrameDecoder):
                 counted += 1
                 k = wanted.get(i)
                 if k is not None and got[k] is None:
-                    got[k] = frame.to_ndarray(format="rgb24")
+                    got[k] = frame_to_rgb(frame)
                     remaining -= 1
                     if remaining == 0:
                         break

@@ -1,0 +1,80 @@
+"""Bringing your own videos: `python -m shards.folder` on real encoded files, a corrupt one included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from carl_scale.data.codec import EncodeOptions, encode_video, iter_video_frames
+from carl_scale.data.decoders import DaliDecoder, PyAVDecoder
+from carl_scale.data.shard_writer import read_manifest
+from carl_scale.data.synthetic import SyntheticConfig, render_video
+from carl_scale.data.whole_video import iter_whole_videos
+from shards import folder
+
+CFG = SyntheticConfig(num_actions=2, train_videos=4, val_videos=0, min_frames=30, max_frames=50,
+                      height=48, width=64)
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory):
+    src = tmp_path_factory.mktemp("videos")
+    (src / "sub").mkdir()
+    labels = src / "labels"
+    labels.mkdir()
+    files = {"a.mp4": "h264", "b.webm": "vp9", "sub/c.avi": "mjpeg", "d.mp4": "h264"}
+    for i, (name, codec) in enumerate(files.items()):
+        v = render_video(CFG, "train", i)
+        (src / name).write_bytes(encode_video(v.frames, v.fps, EncodeOptions(codec=codec)))
+        stem = name.split("/")[-1].split(".")[0]
+        if stem != "d":
+            np.savetxt(labels / f"{stem}.txt", v.phase_labels, fmt="%d")
+    (src / "d.mp4").write_bytes((src / "d.mp4").read_bytes()[:200])  # truncated: unreadable
+    (src / "garbage.mkv").write_bytes(b"\x00not a video at all" * 50)
+    (src / "labels.csv").write_text("video,label,split\na.mp4,squat,train\nb,wave,val\nsub/c.avi,squat,\n")
+    return src
+
+
+def test_folder_as_is_keeps_bytes_and_counts_bad_files(video_dir, tmp_path):
+    out = tmp_path / "shards"
+    m = folder.main(["--src", str(video_dir), "--out", str(out), "--labels", str(video_dir / "labels.csv"),
+                     "--frame-labels", str(video_dir / "labels"), "--no-progress"])
+    assert m["codec"] in ("mixed",)  # originals kept: h264 + vp9 + mjpeg
+    assert m["label_names"]["actions"] == ["squat", "wave"]
+    train, val = m["splits"]["train"], m["splits"]["val"]
+    assert train["samples"] == 2 and val["samples"] == 1
+    skipped = sorted(s["source"] for s in train["skipped"])
+    assert skipped == ["d.mp4", "garbage.mkv"]  # skipped and counted, not fatal
+    got = {meta["video_id"]: (meta, frames) for meta, frames in iter_whole_videos(out, PyAVDecoder(), "train")}
+    assert set(got) == {"a", "sub__c"}
+    meta, frames = got["a"]
+    ref = np.stack(list(iter_video_frames(str(video_dir / "a.mp4"))))
+    assert np.array_equal(frames, ref)  # stored as is: bit-identical decode
+    assert meta["action_label"] == 0 and meta["codec"] == "h264"
+    assert meta["phase_labels"] == render_video(CFG, "train", 0).phase_labels.tolist()
+    (vmeta, _), = iter_whole_videos(out, PyAVDecoder(), "val")
+    assert vmeta["video_id"] == "b" and vmeta["action_label"] == 1
+
+
+def test_folder_transcode_short_side_and_jpeg(video_dir, tmp_path):
+    out = tmp_path / "vp9"
+    m = folder.main(["--src", str(video_dir), "--out", str(out), "--transcode", "--codec", "vp9",
+                     "--short-side", "32", "--no-progress"])
+    assert m["codec"] == "vp9" and m["splits"]["train"]["samples"] == 3
+    for meta, frames in iter_whole_videos(out, DaliDecoder(), "train"):  # DALI decodes vp9 on the CPU
+        assert frames.shape[1:] == (32, 42, 3) and meta["height"] == 32 and meta["width"] == 42
+        assert all(p == -1 for p in meta["phase_labels"]) and meta["action_label"] == -1
+    out = tmp_path / "jpeg"
+    m = folder.main(["--src", str(video_dir), "--out", str(out), "--payload", "jpeg", "--no-progress"])
+    assert m["payload"] == "jpeg"
+    a = [f for _, f in iter_whole_videos(out, PyAVDecoder(), "train")]
+    b = [f for _, f in iter_whole_videos(out, DaliDecoder(), "train")]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_folder_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        folder.main(["--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no video files"):
+        folder.main(["--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])

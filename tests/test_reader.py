@@ -1,0 +1,183 @@
+"""The WebDataset reader: splitting, determinism, resume, corrupt data, both payloads, both decoders."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from carl_scale.config import LoaderConfig, SpatialConfig, TemporalConfig
+from carl_scale.data.reader import VideoLoader, resolve_shards
+from carl_scale.data.shard_writer import read_manifest
+from carl_scale.data.synthetic import render_video
+
+
+def _cfg(shards, **kw) -> LoaderConfig:
+    base = dict(shards=shards if isinstance(shards, list) else str(shards), batch_size=2, num_workers=0, shuffle_buffer=4, decoder="pyav",
+                temporal=TemporalConfig(num_frames=12), spatial=SpatialConfig(image_size=32))
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
+def _ids(loader) -> list[str]:
+    return [v for b in loader for v in b.video_ids]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_and_workers_partition_the_data(vp9_shards, tiny_cfg, workers):
+    """4 shards, 2 ranks x (1 or 2) workers: every sample exactly once per epoch, same step count."""
+    seen, steps = [], []
+    for rank in range(2):
+        loader = VideoLoader(_cfg(vp9_shards, num_workers=workers), rank=rank, world_size=2)
+        ids = _ids(loader)
+        steps.append(len(ids) // 2)
+        seen += ids
+    assert steps[0] == steps[1] == tiny_cfg.train_videos // 2 // 2
+    assert sorted(seen) == sorted(f"synthetic_train_{i:06d}" for i in range(tiny_cfg.train_videos))
+
+
+def test_uneven_split_still_gives_every_rank_the_same_steps(vp9_shards):
+    """3 ranks over 4 shards: ranks wrap around so that all run len(loader) steps."""
+    lens = []
+    for rank in range(3):
+        loader = VideoLoader(_cfg(vp9_shards, batch_size=1), rank=rank, world_size=3)
+        lens.append((len(loader), len(_ids(loader))))
+    assert len({n for n, _ in lens}) == 1 and all(n == got for n, got in lens)
+
+
+def test_batch_contents(vp9_shards, tiny_cfg):
+    loader = VideoLoader(_cfg(vp9_shards))
+    batch = next(iter(loader))
+    assert batch.views.shape == (2, 2, 12, 3, 32, 32) and batch.views.dtype == torch.float32
+    assert batch.timestamps.shape == batch.mask.shape == batch.phase_labels.shape == (2, 2, 12)
+    for b, vid in enumerate(batch.video_ids):
+        ref = render_video(tiny_cfg, "train", int(vid.rsplit("_", 1)[1]))
+        assert batch.action_labels[b] == ref.action_label and batch.num_frames[b] == len(ref.frames)
+        assert torch.equal(batch.phase_labels[b], torch.from_numpy(ref.phase_labels[batch.timestamps[b].numpy()]))
+        assert torch.all(batch.timestamps[b, :, 1:] >= batch.timestamps[b, :, :-1])
+
+
+def test_deterministic_by_seed_and_epoch(vp9_shards):
+    def first_batches(seed, epoch, workers):
+        loader = VideoLoader(_cfg(vp9_shards, seed=seed, num_workers=workers))
+        loader.set_epoch(epoch)
+        return list(loader)
+
+    a, b = first_batches(0, 0, 2), first_batches(0, 0, 2)
+    for x, y in zip(a, b):
+        assert x.video_ids == y.video_ids
+        assert torch.equal(x.timestamps, y.timestamps) and torch.equal(x.views, y.views)
+    c = first_batches(0, 1, 2)
+    assert [x.video_ids for x in a] != [x.video_ids for x in c] or not all(
+        torch.equal(x.timestamps, y.timestamps) for x, y in zip(a, c))
+    d = first_batches(1, 0, 2)
+    assert not all(torch.equal(x.timestamps, y.timestamps) for x, y in zip(a, d))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_from_state_dict_yields_the_same_next_batches(vp9_shards, workers):
+    full = list(VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=workers)))
+    loader = VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=workers))
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = loader.state_dict()
+    assert state["next_batch"] == 3
+    resumed = VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=workers))
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert [b.video_ids for b in rest] == [b.video_ids for b in full[3:]]
+    for x, y in zip(rest, full[3:]):
+        assert torch.equal(x.views, y.views) and torch.equal(x.timestamps, y.timestamps)
+    assert resumed.state_dict()["epoch"] == 1
+
+
+def test_jpeg_payload_same_views_from_both_decoders(jpeg_shards):
+    a = list(VideoLoader(_cfg(jpeg_shards, decoder="pyav")))
+    b = list(VideoLoader(_cfg(jpeg_shards, decoder="dali")))
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+        assert x.video_ids == y.video_ids and torch.equal(x.views, y.views)
+
+
+def test_video_payload_dali_and_pyav_agree(vp9_shards):
+    a = list(VideoLoader(_cfg(vp9_shards, decoder="pyav", num_workers=2)))
+    b = list(VideoLoader(_cfg(vp9_shards, decoder="dali", num_workers=2)))
+    for x, y in zip(a, b):
+        assert x.video_ids == y.video_ids
+        # same frames up to one grey level of rounding, then the same augmentation
+        assert (x.views - y.views).abs().mean() < 0.01
+
+
+def test_resampled_stream_has_fixed_length(vp9_shards):
+    loader = VideoLoader(_cfg(vp9_shards, resampled=True, epoch_samples=10, num_workers=2))
+    assert len(loader) == 5 and len(_ids(loader)) == 10
+
+
+def _corrupt_shard(src_tar, dst_tar):
+    """A copy of a shard whose samples are broken in three different ways, plus one good one."""
+    with tarfile.open(src_tar) as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+    keys = sorted({n.split(".")[0] for n in members})
+    good = keys[0]
+    out = {}
+    for ext in ("video", "json", "nframes"):
+        out[f"{good}.{ext}"] = members[f"{good}.{ext}"]
+        out[f"trunc.{ext}"] = members[f"{good}.{ext}"][: len(members[f"{good}.video"]) // 3] if ext == "video" \
+            else members[f"{good}.{ext}"]
+        out[f"garbage.{ext}"] = b"\x1a\x45\xdf\xa3 garbage" * 20 if ext == "video" else members[f"{good}.{ext}"]
+        out[f"badjson.{ext}"] = b"{not json" if ext == "json" else members[f"{good}.{ext}"]
+    for name in ("trunc.json", "garbage.json", "badjson.json"):
+        if name != "badjson.json":
+            meta = json.loads(out[name])
+            meta["video_id"] = name.split(".")[0]
+            out[name] = json.dumps(meta).encode()
+    with tarfile.open(dst_tar, "w") as tf:  # members of a sample must be consecutive
+        for name, data in sorted(out.items(), key=lambda kv: kv[0].split(".")[0]):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return good
+
+
+def test_corrupt_samples_are_skipped_counted_and_logged(vp9_shards, tmp_path, caplog):
+    train = read_manifest(vp9_shards)["splits"]["train"]["shards"]
+    bad = tmp_path / "bad-000000.tar"
+    good_key = _corrupt_shard(vp9_shards / train[0]["path"], bad)
+    # and a shard cut off mid-member, as an interrupted copy leaves it
+    data = (vp9_shards / train[1]["path"]).read_bytes()
+    cut = tmp_path / "cut-000000.tar"
+    cut.write_bytes(data[: len(data) // 2 + 100])
+    shutil.copy(vp9_shards / train[2]["path"], tmp_path / "ok-000000.tar")
+    urls = [str(bad), str(cut), str(tmp_path / "ok-000000.tar")]
+    with caplog.at_level(logging.WARNING, logger="carl_scale.data"):
+        loader = VideoLoader(_cfg(urls, batch_size=1, epoch_samples=8, shuffle_buffer=0))
+        ids = _ids(loader)
+    assert len(ids) == 8  # the fixed epoch length is kept, filled with good samples
+    assert "trunc" not in ids and "garbage" not in ids
+    assert loader.skipped >= 4  # 3 broken samples + the truncated shard, each counted
+    text = caplog.text
+    assert "trunc" in text and "garbage" in text and "skipping" in text
+    assert set(ids) == {good_key} | {k for k in ids if k != good_key} and good_key in ids
+
+
+def test_missing_shard_is_an_error_naming_the_path(vp9_shards, tmp_path):
+    missing = tmp_path / "nowhere-000000.tar"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        VideoLoader(_cfg([str(vp9_shards / "train-000000.tar"), str(missing)], epoch_samples=2))
+    with pytest.raises(FileNotFoundError, match="shards.json"):
+        resolve_shards(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_shards(str(tmp_path / "k400/train-{000000..000003}.tar"))
+
+
+def test_too_few_shards_for_workers_is_a_clear_error(vp9_shards):
+    loader = VideoLoader(_cfg(vp9_shards, num_workers=0, epoch_samples=4), rank=7, world_size=8)
+    with pytest.raises(RuntimeError, match="cannot feed"):
+        list(loader)

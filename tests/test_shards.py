@@ -1,0 +1,175 @@
+"""Shard round trips: write synthetic videos, read them back through both decoders."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from carl_scale.data.codec import EncodeOptions, encode_video, iter_video_frames
+from carl_scale.data.decoders import DaliDecoder, EncodedVideo, PyAVDecoder, make_decoder
+from carl_scale.data.datasets import ensure_synthetic_shards, write_synthetic_shards
+from carl_scale.data.shard_writer import ShardWriter, VideoRecord, read_manifest
+from carl_scale.data.synthetic import SyntheticConfig, render_video
+from carl_scale.data.whole_video import iter_whole_videos, iter_whole_videos_dali
+
+# Lossy codecs on noisy, textured 64x64 frames: the decoded video must stay close to what was
+# rendered (another video scores ~10 dB). Frame alignment is checked exactly in
+# test_frame_subsets_equal_full_decode.
+CODEC_MIN_PSNR = 20.0
+DECODER_MEAN_TOL = 0.05  # DALI vs PyAV on the same bitstream: the same YUV->RGB conversion
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0**2 / max(mse, 1e-9))
+
+
+def _codec_close(decoded: np.ndarray, rendered: np.ndarray) -> None:
+    assert _psnr(decoded, rendered) > CODEC_MIN_PSNR
+
+
+def _close(a: np.ndarray, b: np.ndarray, tol: float = DECODER_MEAN_TOL) -> None:
+    assert a.shape == b.shape
+    d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    assert d.mean() < tol, d.mean()
+    assert d.max() <= 1  # rounding only
+
+
+def test_manifest_and_index_files(vp9_shards, tiny_cfg):
+    m = read_manifest(vp9_shards)
+    assert m["payload"] == "video" and m["codec"] == "vp9" and m["dataset"] == "synthetic"
+    assert m["splits"]["train"]["samples"] == tiny_cfg.train_videos
+    assert m["splits"]["val"]["samples"] == tiny_cfg.val_videos
+    assert m["label_names"]["actions"] == list(tiny_cfg.action_names)
+    for s in m["splits"]["train"]["shards"]:
+        assert s["samples"] <= 2
+        assert (vp9_shards / s["path"]).exists() and (vp9_shards / s["index"]).exists()
+    assert not list(vp9_shards.glob("*.partial"))
+    # Every sample carries the fields the readers need.
+    with tarfile.open(vp9_shards / m["splits"]["train"]["shards"][0]["path"]) as tf:
+        names = tf.getnames()
+        meta = json.loads(tf.extractfile([n for n in names if n.endswith(".json")][0]).read())
+    assert {n.split(".", 1)[1] for n in names} == {"video", "json", "nframes"}
+    for k in ("video_id", "dataset", "fps", "num_frames", "height", "width", "action_label", "phase_labels"):
+        assert k in meta
+    assert len(meta["phase_labels"]) == meta["num_frames"]
+
+
+@pytest.mark.parametrize("shards,decoders", [
+    ("vp9_shards", ["pyav", "dali"]),
+    ("mjpeg_shards", ["pyav", "dali"]),
+    ("jpeg_shards", ["pyav", "dali"]),
+])
+def test_round_trip_both_decoders(request, shards, decoders, tiny_cfg):
+    path = request.getfixturevalue(shards)
+    results = {}
+    for name in decoders:
+        dec = PyAVDecoder() if name == "pyav" else DaliDecoder()
+        results[name] = list(iter_whole_videos(path, dec, "val"))
+    assert len(results["pyav"]) == tiny_cfg.val_videos
+    for i, ((meta, frames), (meta_d, frames_d)) in enumerate(zip(results["pyav"], results["dali"])):
+        ref = render_video(tiny_cfg, "val", i)
+        assert meta == meta_d
+        assert meta["video_id"] == ref.video_id and meta["num_frames"] == len(ref.frames)
+        assert meta["action_label"] == ref.action_label
+        assert meta["phase_labels"] == ref.phase_labels.tolist()
+        _codec_close(frames, ref.frames)
+        _close(frames_d, frames, DECODER_MEAN_TOL)
+
+
+def test_dali_webdataset_reader_matches_python_reader(vp9_shards):
+    py = list(iter_whole_videos(vp9_shards, PyAVDecoder(), "train"))
+    dali = list(iter_whole_videos_dali(vp9_shards, "train"))
+    assert [m["video_id"] for m, _ in dali] == [m["video_id"] for m, _ in py]
+    for (m1, f1), (m2, f2) in zip(py, dali):
+        assert m1 == m2
+        _close(f2, f1, DECODER_MEAN_TOL)
+    # rank split: two DALI shards partition the videos
+    halves = [[m["video_id"] for m, _ in iter_whole_videos_dali(vp9_shards, "train", shard_id=k, num_shards=2)]
+              for k in range(2)]
+    assert sorted(halves[0] + halves[1]) == sorted(m["video_id"] for m, _ in py)
+    assert not set(halves[0]) & set(halves[1])
+
+
+@pytest.mark.parametrize("codec", ["vp9", "h264", "mjpeg"])
+def test_frame_subsets_equal_full_decode(codec, tiny_cfg):
+    """Decoding only some frames (seek + early stop) returns exactly those frames."""
+    v = render_video(SyntheticConfig(height=64, width=64, min_frames=150, max_frames=200), "train", 1)
+    data = encode_video(v.frames, v.fps, EncodeOptions(codec=codec, gop=12))
+    full = np.stack(list(iter_video_frames(data)))
+    assert len(full) == len(v.frames)
+    item = EncodedVideo("video", data, len(full), codec=codec)
+    rng = np.random.default_rng(0)
+    for idx in ([0], [len(full) - 1], [100, 3, 3, 57], np.sort(rng.choice(len(full), 30, replace=False))):
+        idx = np.asarray(idx)
+        got = PyAVDecoder().decode([item], [idx])[0]
+        assert np.array_equal(got, full[idx])
+        if codec != "h264":
+            _close(DaliDecoder().decode([item], [idx])[0], got, DECODER_MEAN_TOL)
+    with pytest.raises(IndexError):
+        PyAVDecoder().decode([item], [np.array([len(full)])])
+
+
+def test_h264_through_pyav_and_clear_error_from_dali_on_cpu(tmp_path):
+    cfg = SyntheticConfig(num_actions=2, train_videos=2, val_videos=1, min_frames=30, max_frames=40,
+                          height=48, width=48)
+    write_synthetic_shards(tmp_path, cfg, encode=EncodeOptions(codec="h264"), progress=False)
+    for i, (meta, frames) in enumerate(iter_whole_videos(tmp_path, PyAVDecoder(), "train")):
+        _codec_close(frames, render_video(cfg, "train", i).frames)
+    with pytest.raises(ValueError, match="h264"):
+        make_decoder("dali", codec="h264", device="cpu")
+    assert make_decoder("auto", codec="h264", device="cpu").name == "pyav"
+
+
+def test_writer_refuses_to_overwrite_and_is_atomic(tmp_path):
+    cfg = SyntheticConfig(num_actions=1, train_videos=1, val_videos=1, min_frames=20, max_frames=20,
+                          height=32, width=32)
+    write_synthetic_shards(tmp_path, cfg, progress=False)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_synthetic_shards(tmp_path, cfg, progress=False)
+    before = read_manifest(tmp_path)
+    write_synthetic_shards(tmp_path, cfg, overwrite=True, progress=False)
+    assert read_manifest(tmp_path)["splits"]["train"]["samples"] == before["splits"]["train"]["samples"]
+
+    # An interrupted run leaves only a .partial shard and no manifest entry: refused, not reused.
+    out = tmp_path / "interrupted"
+    v = render_video(cfg, "train", 0)
+    with pytest.raises(RuntimeError):
+        with ShardWriter(out, "train", dataset="x", max_samples=1) as w:
+            w.write(VideoRecord(v.video_id, v.frames, v.fps))
+            w.write(VideoRecord("second", v.frames, v.fps))  # opens a second shard
+            raise RuntimeError("killed")
+    assert (out / "train-000000.tar").exists()  # finished shard renamed
+    assert (out / "train-000001.tar.partial").exists() and not (out / "train-000001.tar").exists()
+    assert read_manifest(out) is None
+    with pytest.raises(FileExistsError, match="unfinished"):
+        ShardWriter(out, "train", dataset="x")
+
+
+def test_ensure_synthetic_shards_reuses_and_refuses_other_configs(tmp_path):
+    cfg = SyntheticConfig(num_actions=1, train_videos=1, val_videos=1, min_frames=20, max_frames=20,
+                          height=32, width=32)
+    m1 = ensure_synthetic_shards(tmp_path, cfg, progress=False)
+    mtime = (tmp_path / "train-000000.tar").stat().st_mtime_ns
+    assert ensure_synthetic_shards(tmp_path, cfg, progress=False) == m1
+    assert (tmp_path / "train-000000.tar").stat().st_mtime_ns == mtime
+    with pytest.raises(FileExistsError):
+        ensure_synthetic_shards(tmp_path, SyntheticConfig(num_actions=2, train_videos=1, val_videos=1), progress=False)
+
+
+def test_synthetic_render_is_deterministic_and_varied():
+    cfg = SyntheticConfig(height=48, width=48, min_frames=60, max_frames=400)
+    a, b = render_video(cfg, "train", 3), render_video(cfg, "train", 3)
+    assert np.array_equal(a.frames, b.frames) and np.array_equal(a.phase_labels, b.phase_labels)
+    vids = [render_video(cfg, "train", i) for i in range(10)]
+    lengths = [len(v.frames) for v in vids]
+    assert all(60 <= n <= 400 for n in lengths) and len(set(lengths)) > 5
+    assert sorted({v.action_label for v in vids}) == list(range(cfg.num_actions))
+    for v in vids:  # phases in order, every phase present
+        assert np.all(np.diff(v.phase_labels) >= 0) and v.phase_labels[0] == 0
+    val = render_video(cfg, "val", 3)
+    assert not np.array_equal(val.frames[:20], a.frames[:20])

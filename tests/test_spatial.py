@@ -1,0 +1,68 @@
+"""Spatial augmentation: one draw per view, identical on every frame, different across views."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from carl_scale.config import SpatialConfig
+from carl_scale.data.spatial import (apply_geometric, apply_photometric, draw_view_params, eval_geometric,
+                                     eval_photometric, to_tchw)
+
+CFG = SpatialConfig(image_size=48, blur_p=0.5)
+
+
+def _random_image(seed: int, h: int = 64, w: int = 80) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def _view(frames: np.ndarray, params) -> torch.Tensor:
+    return apply_photometric(apply_geometric(to_tchw(frames), params, CFG.image_size), params, CFG)
+
+
+def test_same_transform_on_every_frame():
+    img = _random_image(0)
+    frames = np.stack([img] * 6)
+    for seed in range(20):
+        p = draw_view_params(64, 80, CFG, np.random.default_rng(seed))
+        out = _view(frames, p)
+        assert out.shape == (6, 3, 48, 48) and out.dtype == torch.float32
+        for t in range(1, 6):
+            torch.testing.assert_close(out[t], out[0], rtol=0, atol=0)
+
+
+def test_per_frame_equals_whole_view():
+    """Applying the view's parameters to each frame alone gives the same result as to the clip:
+    nothing in the transform depends on the other frames."""
+    frames = np.stack([_random_image(s) for s in range(4)])
+    p = draw_view_params(64, 80, CFG, np.random.default_rng(3))
+    whole = _view(frames, p)
+    for t in range(4):
+        torch.testing.assert_close(whole[t], _view(frames[t : t + 1], p)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_views_get_different_parameters():
+    rng = np.random.default_rng(0)
+    draws = [draw_view_params(64, 80, CFG, rng) for _ in range(40)]
+    assert len({d.crop for d in draws}) > 30
+    assert {d.flip for d in draws} == {True, False}
+    assert {d.grayscale for d in draws} == {True, False}
+    assert {d.blur_sigma is None for d in draws} == {True, False}
+    img = np.stack([_random_image(1)] * 2)
+    assert not torch.allclose(_view(img, draws[0]), _view(img, draws[1]))
+
+
+def test_crop_box_bounds_and_area():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = draw_view_params(90, 160, CFG, rng).crop
+        assert 0 <= top and top + h <= 90 and 0 <= left and left + w <= 160
+        # area within crop_scale where the ratio allowed it (fallback: biggest valid centre crop)
+        assert h * w <= 90 * 160
+
+
+def test_eval_transform_is_deterministic_centre_crop():
+    frames = to_tchw(np.stack([_random_image(5, 60, 100)] * 2))
+    out = eval_photometric(eval_geometric(frames, 32), CFG)
+    assert out.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(out, eval_photometric(eval_geometric(frames, 32), CFG))
