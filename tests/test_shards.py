@@ -123,6 +123,8 @@ def test_h264_through_pyav_and_clear_error_from_dali_on_cpu(tmp_path):
     with pytest.raises(ValueError, match="h264"):
         make_decoder("dali", codec="h264", device="cpu")
     assert make_decoder("auto", codec="h264", device="cpu").name == "pyav"
+    assert make_decoder("auto", codec="vp9", device="cpu").name == "dali"
+    assert make_decoder("auto", codec="mixed", device="cpu").name == "pyav"
 
 
 def test_writer_refuses_to_overwrite_and_is_atomic(tmp_path):

@@ -66,3 +66,33 @@ def test_eval_transform_is_deterministic_centre_crop():
     out = eval_photometric(eval_geometric(frames, 32), CFG)
     assert out.shape == (2, 3, 32, 32)
     torch.testing.assert_close(out, eval_photometric(eval_geometric(frames, 32), CFG))
+
+
+def test_separable_blur_equals_torchvision():
+    import torchvision.transforms.v2.functional as TF
+
+    from carl_scale.data.spatial import gaussian_blur_separable
+
+    g = torch.Generator().manual_seed(0)
+    for shape, k, sigma in [((4, 3, 40, 56), 5, 1.7), ((2, 3, 9, 7), 3, 0.4), ((1, 3, 112, 112), 11, 2.0)]:
+        x = torch.rand(shape, generator=g)
+        torch.testing.assert_close(gaussian_blur_separable(x, k, sigma), TF.gaussian_blur(x, [k, k], [sigma, sigma]),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_yiq_hue_shift_moves_hue_like_hsv():
+    """Hue 0 is the identity; a shift moves pure colours' HSV hue by about the same amount."""
+    from carl_scale.data.spatial import adjust_hue_yiq
+
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(adjust_hue_yiq(x, 0.0), x, atol=1e-6, rtol=0)
+    prim = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9]]).view(3, 3, 1, 1)
+    for shift in (0.05, -0.08):
+        out = adjust_hue_yiq(prim, shift)
+
+        def hue(rgb):  # HSV hue in turns
+            r, g_, b = rgb.flatten(1).unbind(1)
+            return torch.atan2(torch.sqrt(torch.tensor(3.0)) * (g_ - b), 2 * r - g_ - b) / (2 * torch.pi)
+
+        moved = torch.remainder(hue(out) - hue(prim) + 0.5, 1.0) - 0.5
+        assert torch.all((moved - shift).abs() < 0.05), moved  # YIQ and HSV hue differ a little

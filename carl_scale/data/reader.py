@@ -7,15 +7,15 @@ Per DataLoader worker::
       -> tar -> samples (bad tar members: warn, count, go on)
       -> shuffle buffer (seeded by (seed, epoch, rank, worker))
       -> prepare: parse metadata, draw the temporal views and spatial parameters from a generator
-         seeded by (seed, epoch, video key, pass), decode only the sampled frames, crop/flip
-         (a sample that fails: warn, count, go on)
+         seeded by (seed, epoch, video key, pass), decode only the sampled frames, crop/flip, and
+         on a CPU run the colour augmentation too (a sample that fails: warn, count, go on)
       -> batches of ``batch_size``, a fixed number per worker
 
 so every rank runs exactly ``len(loader)`` steps per epoch. Without resampling, an epoch is one
 pass over each worker's shards; a worker whose shards run out before its quota wraps around for
 another pass (new views). With shards that divide evenly over ranks x workers, every sample is
-seen exactly once per epoch. In the main process, photometric augmentation (and, with DALI on a
-GPU, decoding and cropping too) runs on ``LoaderConfig.device``.
+seen exactly once per epoch. On a GPU run the main process finishes each batch on the device:
+colour augmentation, and with DALI ``mixed`` the decoding and cropping too.
 """
 
 from __future__ import annotations
@@ -152,7 +152,10 @@ def prepare_sample(sample: dict, cfg: LoaderConfig, epoch: int, pass_: int,
     frames = to_tchw(flat).reshape(2, -1, 3, *flat.shape[1:3])
     if frames.shape[-2:] != (h, w):
         raise ValueError(f"decoded frames are {tuple(frames.shape[-2:])}, metadata says {(h, w)}")
-    out.views = torch.stack([apply_geometric(frames[v], params[v], cfg.spatial.image_size) for v in range(2)])
+    views = [apply_geometric(frames[v], params[v], cfg.spatial.image_size) for v in range(2)]
+    if str(cfg.device) == "cpu":  # training on the CPU: the workers do all of the augmentation
+        views = [apply_photometric(x, params[v], cfg.spatial) for v, x in enumerate(views)]
+    out.views = torch.stack(views)
     return out
 
 
@@ -263,9 +266,12 @@ def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDeco
             f = torch.as_tensor(f, device=device) if not torch.is_tensor(f) else f
             frames = to_tchw(f).reshape(2, -1, 3, *f.shape[1:3])
             s.views = torch.stack([apply_geometric(frames[v], s.params[v], cfg.spatial.image_size) for v in range(2)])
-    views = torch.stack([
-        torch.stack([apply_photometric(s.views[v].to(device, non_blocking=True), s.params[v], cfg.spatial)
-                     for v in range(2)]) for s in samples])
+    if samples[0].views.is_floating_point():  # already augmented in the worker
+        views = torch.stack([s.views for s in samples]).to(device)
+    else:
+        views = torch.stack([
+            torch.stack([apply_photometric(s.views[v].to(device, non_blocking=True), s.params[v], cfg.spatial)
+                         for v in range(2)]) for s in samples])
     ts = torch.from_numpy(np.stack([s.timestamps for s in samples]))
     phases = torch.from_numpy(np.stack([np.asarray(s.meta["phase_labels"], dtype=np.int64)[s.timestamps]
                                         for s in samples]))

@@ -5,7 +5,7 @@ Split in two stages so that each runs where it is cheapest:
 * :func:`apply_geometric` (random resized crop + horizontal flip) on uint8 frames, right after
   decoding — it shrinks the frames to ``image_size`` before they cross process boundaries;
 * :func:`apply_photometric` (colour jitter in random order, grayscale, Gaussian blur,
-  normalisation) on the batch, on the training device.
+  normalisation) — in the DataLoader workers on a CPU run, on the GPU otherwise.
 
 The parameters of both are drawn together by :func:`draw_view_params` from a numpy Generator, so
 a view is a pure function of (frames, seed).
@@ -94,6 +94,44 @@ def _blur_kernel(size: int) -> int:
     return k if k % 2 else k + 1
 
 
+# RGB <-> YIQ. A hue shift by angle h is a rotation of the (I, Q) chroma plane: three 3x3 matrix
+# products instead of torchvision's RGB->HSV->RGB round trip (34 ms vs ~1 ms for 32 frames of
+# 112 px on one core). It approximates the HSV hue shift; ``hue`` keeps its meaning (fraction of a turn).
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
+
+
+def adjust_hue_yiq(x: torch.Tensor, hue: float) -> torch.Tensor:
+    """(..., 3, H, W) float in [0, 1], hue in [-0.5, 0.5] of a full turn."""
+    a = 2 * math.pi * hue
+    c, s = math.cos(a), math.sin(a)
+    rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, s], [0.0, -s, c]])  # same direction as HSV
+    m = (_YIQ2RGB @ rot @ _RGB2YIQ).to(x)
+    return torch.einsum("ij,...jhw->...ihw", m, x).clamp_(0.0, 1.0)
+
+
+def gaussian_blur_separable(x: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
+    """torchvision's Gaussian blur (reflect padding) as two 1-D passes of shifted, weighted
+    sums: 2k instead of k^2 multiply-adds per pixel, and no im2col (6x faster on the CPU)."""
+    h, w = x.shape[-2:]
+    kernel = min(kernel, 2 * (min(h, w) - 1) + 1)  # reflect padding needs pad < size
+    half = kernel // 2
+    t = torch.arange(-half, half + 1, dtype=torch.float64)
+    wts = torch.exp(-0.5 * (t / sigma) ** 2)
+    wts = (wts / wts.sum()).tolist()
+    shape = x.shape
+    y = x.reshape(-1, *shape[-2:])
+    for dim in (-1, -2):
+        n = y.shape[dim]
+        pad = (half, half, 0, 0) if dim == -1 else (0, 0, half, half)
+        yp = torch.nn.functional.pad(y.unsqueeze(1), pad, mode="reflect").squeeze(1)
+        acc = yp.narrow(dim, 0, n) * wts[0]
+        for k in range(1, kernel):
+            acc.add_(yp.narrow(dim, k, n), alpha=wts[k])
+        y = acc
+    return y.reshape(shape)
+
+
 def apply_photometric(frames: torch.Tensor, p: ViewParams, cfg: SpatialConfig) -> torch.Tensor:
     """(T, 3, S, S) uint8 -> normalised float32, the same colour transform on every frame."""
     x = frames.float().div_(255.0)
@@ -102,7 +140,7 @@ def apply_photometric(frames: torch.Tensor, p: ViewParams, cfg: SpatialConfig) -
             lambda t: TF.adjust_brightness(t, p.brightness),
             lambda t: TF.adjust_contrast(t, p.contrast),
             lambda t: TF.adjust_saturation(t, p.saturation),
-            lambda t: TF.adjust_hue(t, p.hue),
+            lambda t: adjust_hue_yiq(t, p.hue),
         )
         for i in p.jitter_order:
             x = ops[i](x)
@@ -110,7 +148,7 @@ def apply_photometric(frames: torch.Tensor, p: ViewParams, cfg: SpatialConfig) -
         x = TF.rgb_to_grayscale(x, num_output_channels=3)
     if p.blur_sigma is not None:
         k = _blur_kernel(x.shape[-1])
-        x = TF.gaussian_blur(x, [k, k], [p.blur_sigma, p.blur_sigma])
+        x = gaussian_blur_separable(x, k, p.blur_sigma)
     return TF.normalize(x, list(cfg.mean), list(cfg.std))
 
 
