@@ -1,0 +1,66 @@
+"""Sequence contrastive loss (SCL), paper Eq. 1-2.
+
+For the i-th frame of view 1, the target distribution over the frames j of view 2 is a Gaussian
+of the timestamp distance, normalised over j: w_ij = G(s1_i - s2_j) / sum_k G(s1_i - s2_k). The
+prediction is the softmax over j of cos(z1_i, z2_j) / tau. L^1 is the mean over view 1's frames of
+the cross-entropy between the two; L^2 swaps the views; SCL = L^1 + L^2, averaged over videos.
+
+The loss is per video (negatives are the other view's frames of the same video), so it needs no
+collective: it is the same at world size 1 and N, and data parallelism averages its gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _one_direction(z_a: torch.Tensor, z_b: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor,
+                   m_a: torch.Tensor, m_b: torch.Tensor, tau: float, sigma2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-video L^a (B,) and whether it is defined (B,): view a has a valid frame and view b too."""
+    logits = torch.einsum("bid,bjd->bij", z_a, z_b) / tau  # (B, Ta, Tb)
+    dist2 = (s_a[:, :, None] - s_b[:, None, :]) ** 2
+    prior = -dist2 / (2.0 * sigma2)  # log of the unnormalised Gaussian; its constant cancels
+    cols = m_b[:, None, :]
+    neg = torch.finfo(logits.dtype).min  # finite: a fully masked row gives finite garbage, not NaN
+    log_p = torch.log_softmax(logits.masked_fill(~cols, neg), dim=-1)
+    w = torch.softmax(prior.masked_fill(~cols, neg), dim=-1).masked_fill(~cols, 0.0)
+    ce = -(w * log_p.masked_fill(~cols, 0.0)).sum(-1)  # (B, Ta)
+    rows = m_a & m_b.any(-1, keepdim=True)
+    n = rows.sum(-1)
+    per_video = (ce * rows).sum(-1) / n.clamp(min=1)
+    return per_video, n > 0
+
+
+def sequence_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, *,
+                              tau: float = 0.1, sigma2: float = 10.0, mask1: torch.Tensor | None = None,
+                              mask2: torch.Tensor | None = None) -> torch.Tensor:
+    """SCL of two views.
+
+    Args:
+        z1, z2: ``(B, T1, D)``, ``(B, T2, D)`` projections of the two views (normalised here).
+        s1, s2: ``(B, T1)``, ``(B, T2)`` original-frame timestamps of the sampled frames.
+        tau: softmax temperature. sigma2: variance of the Gaussian prior, in frames squared.
+        mask1, mask2: ``(B, T)`` bool, True for valid frames (default: all valid).
+
+    Returns the mean over videos of L^1 + L^2 (videos with no valid frame in a view are left
+    out; if none is left, a zero that still carries a graph).
+    """
+    if z1.dim() != 3 or z2.dim() != 3 or z1.shape[0] != z2.shape[0] or z1.shape[-1] != z2.shape[-1]:
+        raise ValueError(f"expected (B, T, D) views with equal B and D, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if s1.shape != z1.shape[:2] or s2.shape != z2.shape[:2]:
+        raise ValueError(f"timestamps {tuple(s1.shape)}, {tuple(s2.shape)} do not match views "
+                         f"{tuple(z1.shape[:2])}, {tuple(z2.shape[:2])}")
+    # Compute in float32 at least: bf16 logits / tau lose the small differences SCL is about.
+    dtype = torch.promote_types(z1.dtype, torch.float32)
+    z1 = F.normalize(z1.to(dtype), dim=-1)
+    z2 = F.normalize(z2.to(dtype), dim=-1)
+    s1, s2 = s1.to(dtype), s2.to(dtype)
+    mask1 = torch.ones(s1.shape, dtype=torch.bool, device=z1.device) if mask1 is None else mask1.bool()
+    mask2 = torch.ones(s2.shape, dtype=torch.bool, device=z2.device) if mask2 is None else mask2.bool()
+    l1, ok1 = _one_direction(z1, z2, s1, s2, mask1, mask2, tau, sigma2)
+    l2, ok2 = _one_direction(z2, z1, s2, s1, mask2, mask1, tau, sigma2)
+    ok = ok1 & ok2
+    if not ok.any():
+        return (z1.sum() + z2.sum()) * 0.0
+    return ((l1 + l2) * ok).sum() / ok.sum()

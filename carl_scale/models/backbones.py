@@ -1,0 +1,116 @@
+"""Per-frame 2-D backbones, split into stages so that the lower ones can be frozen.
+
+Frozen stages are really frozen: no gradients, and kept in eval mode (BatchNorm statistics do
+not move) whatever mode the model is in. They run under ``no_grad`` in chunks of frames.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def debug_cnn_stages() -> tuple[list[nn.Module], int]:
+    """Four stride-2 stages, 16-32-64-128 channels: ~14 MMAC per 64 px frame."""
+    chans = [3, 16, 32, 64, 128]
+    stages = [nn.Sequential(*_conv_bn(chans[i], chans[i + 1], 2), *_conv_bn(chans[i + 1], chans[i + 1], 1))
+              for i in range(4)]
+    return stages, chans[-1]
+
+
+def resnet50_stages() -> tuple[list[nn.Module], int]:
+    from torchvision.models import resnet50
+
+    r = resnet50(weights=None)  # never downloads; weights come from a local file
+    stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool)
+    return [stem, r.layer1, r.layer2, r.layer3, r.layer4], 2048
+
+
+_PREFIXES = ("module.", "online_network.encoder.", "online_network.net.", "online_network.", "encoder.",
+             "backbone.", "net.")
+
+
+def _resnet_state_dict(path: str) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"pretrained weights {path} not found. Pass --pretrained with a local file: a torchvision "
+            f"ResNet-50 state dict (torch.save(model.state_dict(), 'r50.pth')) or a BYOL checkpoint; "
+            f"or leave it out to start from random weights. Nothing is downloaded.")
+    sd = torch.load(p, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "online_network_state_dict"):
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    out = {}
+    for k, v in sd.items():
+        for pre in _PREFIXES:
+            if k.startswith(pre):
+                k = k[len(pre):]
+                break
+        if not k.startswith("fc.") and not k.startswith("projection") and not k.startswith("predictor"):
+            out[k] = v
+    return out
+
+
+class Backbone(nn.Module):
+    def __init__(self, kind: str, train_last_stages: int, pretrained: str | None = None):
+        super().__init__()
+        stages, self.out_channels = resnet50_stages() if kind == "resnet50" else debug_cnn_stages()
+        if not 0 <= train_last_stages <= len(stages):
+            raise ValueError(f"train_last_stages must be in 0..{len(stages)} for {kind}, got {train_last_stages}")
+        if kind == "resnet50":
+            self._load(stages, pretrained)
+        elif pretrained:
+            raise ValueError("pretrained weights are for the resnet50 backbone, not debug_cnn")
+        k = len(stages) - train_last_stages
+        self.frozen = nn.Sequential(*stages[:k])
+        self.trainable = nn.Sequential(*stages[k:])
+        for p in self.frozen.parameters():
+            p.requires_grad_(False)
+        self.frozen.eval()
+
+    @staticmethod
+    def _load(stages: list[nn.Module], pretrained: str | None) -> None:
+        if pretrained is None:
+            warnings.warn("ResNet-50 backbone starts from random weights (no --pretrained file given); the "
+                          "paper starts from BYOL/ImageNet weights", stacklevel=3)
+            return
+        names = ["stem", "layer1", "layer2", "layer3", "layer4"]
+        holder = nn.Module()
+        for n, s in zip(names, stages):
+            holder.add_module(n, s)
+        remap = {"conv1.": "stem.0.", "bn1.": "stem.1."}
+        sd = {}
+        for k, v in _resnet_state_dict(pretrained).items():
+            for a, b in remap.items():
+                if k.startswith(a):
+                    k = b + k[len(a):]
+            sd[k] = v
+        missing, unexpected = holder.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{pretrained} is not a ResNet-50 state dict: {len(missing)} missing keys "
+                             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+
+    def train(self, mode: bool = True) -> "Backbone":
+        super().train(mode)
+        self.frozen.eval()  # BatchNorm statistics of frozen stages never move
+        return self
+
+    def forward(self, frames: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, C, h, w). ``chunk`` bounds the frames per forward of the frozen
+        stages (and of the trainable ones when no gradient is needed)."""
+        n = frames.shape[0]
+        step = n if not chunk else chunk
+        with torch.no_grad():
+            x = torch.cat([self.frozen(frames[i : i + step]) for i in range(0, n, step)]) if len(self.frozen) \
+                else frames
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.trainable.parameters()):
+            return self.trainable(x)
+        return torch.cat([self.trainable(x[i : i + step]) for i in range(0, n, step)])

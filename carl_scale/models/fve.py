@@ -1,0 +1,104 @@
+"""The frame-level video encoder (paper §3.3, Fig. 2).
+
+frames -> 2-D backbone (lower stages frozen) -> max pool -> 2 x [Dropout, Linear, BN, ReLU] ->
+Linear to ``width`` -> + sine-cosine positional encoding -> pre-LN transformer encoder ->
+Linear to ``embed_dim`` = the frame embeddings H. A 2-layer projection head g(H) = Z feeds the
+loss only. With ``class_token``, a learnable token joins the sequence and a linear classifier on
+its output predicts the video's class (weak supervision).
+
+Positions: a training view has T frames at positions 0..T-1. A longer (or shorter) video at
+evaluation has its positions stretched onto [0, T-1] (``linspace``), as the published code does,
+so the transformer sees the range of positions it was trained on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from carl_scale.models.backbones import Backbone
+from carl_scale.models.flavors import ModelConfig
+
+
+def sincos_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """(..., L) float positions -> (..., L, dim), the transformer paper's encoding, fractional
+    positions allowed."""
+    half = dim // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    ang = positions.float()[..., None] * freq
+    return torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
+
+
+class FrameVideoEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = Backbone(cfg.backbone, cfg.train_last_stages, cfg.pretrained)
+        c, w = self.backbone.out_channels, cfg.head_width
+        self.frame_head = nn.Sequential(
+            nn.Dropout(cfg.dropout), nn.Linear(c, w), nn.BatchNorm1d(w), nn.ReLU(inplace=True),
+            nn.Dropout(cfg.dropout), nn.Linear(w, w), nn.BatchNorm1d(w), nn.ReLU(inplace=True),
+            nn.Linear(w, cfg.width),
+        )
+        layer = nn.TransformerEncoderLayer(cfg.width, cfg.num_heads, cfg.ffn_width, cfg.dropout,
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, cfg.num_layers, norm=nn.LayerNorm(cfg.width),
+                                                 enable_nested_tensor=False)
+        self.embed = nn.Linear(cfg.width, cfg.embed_dim)
+        self.projection = nn.Sequential(nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.BatchNorm1d(cfg.embed_dim),
+                                        nn.ReLU(inplace=True), nn.Linear(cfg.embed_dim, cfg.proj_dim))
+        if cfg.class_token:
+            if cfg.num_classes < 1:
+                raise ValueError("class_token=True needs num_classes >= 1")
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+            nn.init.normal_(self.cls_token, std=0.02)
+            self.classifier = nn.Linear(cfg.width, cfg.num_classes)
+
+    def frame_features(self, frames: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, width)."""
+        x = self.backbone(frames, chunk)
+        x = F.adaptive_max_pool2d(x, 1).flatten(1)
+        return self.frame_head(x)
+
+    def default_positions(self, batch: int, length: int, device) -> torch.Tensor:
+        t = self.cfg.train_frames
+        pos = torch.arange(length, device=device, dtype=torch.float32) if length == t else \
+            torch.linspace(0, t - 1, length, device=device)
+        return pos.expand(batch, length)
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                chunk: int | None = None) -> dict[str, torch.Tensor]:
+        """frames ``(B, T, 3, H, W)``, mask ``(B, T)`` True = valid. Returns ``embeddings``
+        ``(B, T, embed_dim)`` (not normalised) and, with a class token, ``logits`` ``(B, C)``."""
+        b, t = frames.shape[:2]
+        feats = self.frame_features(frames.flatten(0, 1), chunk).view(b, t, -1)
+        if positions is None:
+            positions = self.default_positions(b, t, frames.device)
+        x = feats + sincos_encoding(positions, self.cfg.width).to(feats.dtype)
+        pad = None if mask is None else ~mask.bool()
+        if self.cfg.class_token:
+            x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
+            if pad is not None:
+                pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=pad.device), pad], dim=1)
+        x = self.transformer(x, src_key_padding_mask=pad)
+        out = {}
+        if self.cfg.class_token:
+            out["logits"] = self.classifier(x[:, 0])
+            x = x[:, 1:]
+        out["embeddings"] = self.embed(x)
+        return out
+
+    def project(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """g(H): (B, T, embed_dim) -> (B, T, proj_dim), for the loss."""
+        b, t, d = embeddings.shape
+        return self.projection(embeddings.reshape(b * t, d)).view(b, t, -1)
+
+    @torch.no_grad()
+    def embed_video(self, frames: torch.Tensor) -> torch.Tensor:
+        """A whole video ``(S, 3, H, W)`` -> L2-normalised ``(S, embed_dim)``; backbone in chunks
+        of ``backbone_chunk`` frames, the transformer over the whole sequence at once."""
+        out = self(frames[None], chunk=self.cfg.backbone_chunk)["embeddings"][0]
+        return F.normalize(out.float(), dim=-1)

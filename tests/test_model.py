@@ -1,0 +1,94 @@
+"""The frame-level video encoder: shapes, frozen stages, any length, weights from a local file."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from carl_scale.models import FLAVORS, build_model, model_config
+from carl_scale.models.backbones import Backbone
+
+
+def test_flavors_registry():
+    assert {"debug", "r50"} <= set(FLAVORS)
+    r50 = model_config("r50")
+    assert (r50.backbone, r50.train_last_stages, r50.width, r50.num_layers, r50.num_heads, r50.embed_dim) == \
+        ("resnet50", 1, 256, 3, 8, 128)
+    assert model_config("r50", num_layers=2).num_layers == 2
+    with pytest.raises(KeyError, match="unknown flavor"):
+        model_config("nope")
+
+
+def test_shapes_masks_and_class_token():
+    torch.manual_seed(0)
+    m = build_model(model_config("debug", class_token=True, num_classes=5))
+    x = torch.randn(3, 10, 3, 64, 64)
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[1, 7:] = False
+    out = m(x, mask)
+    assert out["embeddings"].shape == (3, 10, 64) and out["logits"].shape == (3, 5)
+    assert m.project(out["embeddings"]).shape == (3, 10, 64)
+    # padded frames do not influence valid ones (eval mode: no dropout, fixed BN)
+    m.eval()
+    a = m(x, mask)["embeddings"][1, :7]
+    x2 = x.clone()
+    x2[1, 7:] = torch.randn_like(x2[1, 7:]) * 10
+    torch.testing.assert_close(m(x2, mask)["embeddings"][1, :7], a, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_stages_get_no_grad_and_keep_bn_statistics():
+    torch.manual_seed(0)
+    m = build_model(model_config("debug", train_last_stages=1))
+    m.train()
+    frozen = m.backbone.frozen
+    assert len(frozen) == 3 and not any(p.requires_grad for p in frozen.parameters())
+    assert not frozen.training and m.backbone.trainable.training
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    out = m(torch.randn(2, 6, 3, 64, 64))["embeddings"]
+    m.project(out).sum().backward()
+    after = frozen.state_dict()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k  # running_mean/var/num_batches too
+    assert all(p.grad is None for p in frozen.parameters())
+    assert all(p.grad is not None for p in m.backbone.trainable.parameters())
+
+
+def test_any_video_length_and_chunking_is_exact():
+    torch.manual_seed(0)
+    m = build_model(model_config("debug", backbone_chunk=7)).eval()
+    for s in (1, 5, 32, 91):
+        e = m.embed_video(torch.randn(s, 3, 64, 64))
+        assert e.shape == (s, 64)
+        torch.testing.assert_close(e.norm(dim=-1), torch.ones(s))
+    video = torch.randn(50, 3, 64, 64)
+    whole = torch.nn.functional.normalize(m(video[None])["embeddings"][0], dim=-1)
+    torch.testing.assert_close(m.embed_video(video), whole, atol=1e-5, rtol=1e-5)
+    # positions of a longer video are stretched onto the training range
+    pos = m.default_positions(1, 91, "cpu")
+    assert pos[0, 0] == 0 and torch.isclose(pos[0, -1], torch.tensor(31.0))
+
+
+def test_resnet50_weights_from_local_file(tmp_path):
+    from torchvision.models import resnet50
+
+    ref = resnet50(weights=None)
+    plain = tmp_path / "r50.pth"
+    torch.save(ref.state_dict(), plain)
+    byol = tmp_path / "byol.pth"
+    torch.save({"online_network_state_dict": {f"online_network.encoder.{k}": v for k, v in ref.state_dict().items()}},
+               byol)
+    for path in (plain, byol):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "random weights" warning when a file is given
+            bb = Backbone("resnet50", 1, str(path))
+        torch.testing.assert_close(bb.frozen[0][0].weight, ref.conv1.weight)
+        torch.testing.assert_close(bb.trainable[0][0].conv1.weight, ref.layer4[0].conv1.weight)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        Backbone("resnet50", 1, str(tmp_path / "missing.pth"))
+    with pytest.warns(UserWarning, match="random weights"):
+        Backbone("resnet50", 1, None)
+    torch.save({"foo.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="not a ResNet-50"):
+        Backbone("resnet50", 1, str(tmp_path / "bad.pth"))
