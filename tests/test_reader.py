@@ -177,7 +177,21 @@ def test_missing_shard_is_an_error_naming_the_path(vp9_shards, tmp_path):
         resolve_shards(str(tmp_path / "k400/train-{000000..000003}.tar"))
 
 
-def test_too_few_shards_for_workers_is_a_clear_error(vp9_shards):
-    loader = VideoLoader(_cfg(vp9_shards, num_workers=0, epoch_samples=4), rank=7, world_size=8)
-    with pytest.raises(RuntimeError, match="cannot feed"):
-        list(loader)
+def test_fewer_shards_than_consumers_split_by_sample(vp9_shards, tiny_cfg):
+    """4 shards over 4 ranks x 2 workers: the split falls back to samples, still a partition."""
+    seen = []
+    for rank in range(4):
+        loader = VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=2), rank=rank, world_size=4)
+        assert len(loader) == 2
+        seen += _ids(loader)
+    assert sorted(seen) == sorted(f"synthetic_train_{i:06d}" for i in range(tiny_cfg.train_videos))
+
+
+def test_all_corrupt_data_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad-000000.tar"
+    with tarfile.open(bad, "w") as tf:
+        info = tarfile.TarInfo("x.json")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"{}!"))
+    with pytest.raises(RuntimeError, match="no usable sample"):
+        list(VideoLoader(_cfg([str(bad)], epoch_samples=2)))

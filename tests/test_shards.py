@@ -171,7 +171,10 @@ def test_synthetic_render_is_deterministic_and_varied():
     lengths = [len(v.frames) for v in vids]
     assert all(60 <= n <= 400 for n in lengths) and len(set(lengths)) > 5
     assert sorted({v.action_label for v in vids}) == list(range(cfg.num_actions))
-    for v in vids:  # phases in order, every phase present
-        assert np.all(np.diff(v.phase_labels) >= 0) and v.phase_labels[0] == 0
+    for v in vids:  # phases in order, every phase present, idle (-1) only at the ends
+        lab = v.phase_labels[v.phase_labels >= 0]
+        assert np.all(np.diff(lab) >= 0) and lab[0] == 0 and len(np.unique(lab)) == lab[-1] + 1
+        inner = v.phase_labels[np.argmax(v.phase_labels >= 0): len(v.phase_labels) - np.argmax(v.phase_labels[::-1] >= 0)]
+        assert np.all(inner >= 0)
     val = render_video(cfg, "val", 3)
     assert not np.array_equal(val.frames[:20], a.frames[:20])

@@ -27,14 +27,16 @@ VIDEO_EXTENSIONS = {".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".m
 
 # -- synthetic ---------------------------------------------------------------------------------
 def write_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = None, *, payload: str = "video",
-                           encode: EncodeOptions | None = None, max_samples: int = 64,
+                           encode: EncodeOptions | None = None, max_samples: int | None = None,
                            overwrite: bool = False, progress: bool = True) -> dict:
-    """Render and write the train and val splits; returns the manifest."""
+    """Render and write the train and val splits; returns the manifest. By default each split
+    gets ~16 shards, so that 16 ranks x workers can split it by shard."""
     cfg = cfg or SyntheticConfig()
     labels = {"actions": list(cfg.action_names), "phases": cfg.phase_names()}
     for split in ("train", "val"):
+        per_shard = max_samples or max(1, -(-num_videos(cfg, split) // 16))
         writer = ShardWriter(out_dir, split, dataset="synthetic", payload=payload, encode=encode,
-                             max_samples=max_samples, label_names=labels, overwrite=overwrite)
+                             max_samples=per_shard, label_names=labels, overwrite=overwrite)
         with writer:
             for v in tqdm(iter_videos(cfg, split), total=num_videos(cfg, split), disable=not progress,
                           desc=f"synthetic {split}", unit="video"):

@@ -14,7 +14,8 @@ Per DataLoader worker::
 so every rank runs exactly ``len(loader)`` steps per epoch. Without resampling, an epoch is one
 pass over each worker's shards; a worker whose shards run out before its quota wraps around for
 another pass (new views). With shards that divide evenly over ranks x workers, every sample is
-seen exactly once per epoch. On a GPU run the main process finishes each batch on the device:
+seen exactly once per epoch. With fewer shards than ranks x workers, the split falls back to
+samples (every consumer reads every shard and keeps its share). On a GPU run the main process finishes each batch on the device:
 colour augmentation, and with DALI ``mixed`` the decoding and cropping too.
 """
 
@@ -181,36 +182,40 @@ class ShardedVideoDataset(IterableDataset):
             return 0, 1
         return (info.id + self.start_batch) % info.num_workers, info.num_workers
 
-    def _passes(self, worker: int, num_workers: int) -> Iterator[list[str]]:
-        """The shard lists of this rank and worker, one per pass over the data, forever."""
+    def _passes(self, worker: int, num_workers: int) -> Iterator[tuple[list[str], int, int]]:
+        """Per pass over the data, forever: (shard list, sample stride, sample offset) of this
+        rank and worker. Shards are split when there are enough of them for every rank x worker;
+        otherwise every consumer reads all shards and keeps every (world x workers)-th sample."""
         cfg = self.cfg
+        consumers = self.world_size * num_workers
+        me = self.rank * num_workers + worker
         if cfg.resampled:
             rng = random.Random(str(_seed_of(cfg.seed, self.epoch, self.rank, worker)))
             while True:
-                yield [rng.choice(self.urls) for _ in range(len(self.urls))]
+                yield [rng.choice(self.urls) for _ in range(len(self.urls))], 1, 0
         for pass_ in range(1 << 30):
             order = list(self.urls)
             # Same permutation on every rank and worker, so the split below is a partition.
             random.Random(str(_seed_of(cfg.seed, self.epoch, pass_))).shuffle(order)
-            mine = list(islice(islice(order, self.rank, None, self.world_size), worker, None, num_workers))
-            if not mine:
-                raise RuntimeError(
-                    f"{len(self.urls)} shards cannot feed {self.world_size} ranks x {num_workers} workers "
-                    f"(rank {self.rank} worker {worker} got none): use fewer workers, resampled=True, or "
-                    f"write more, smaller shards (--max-samples)")
-            yield mine
+            if len(order) >= consumers:
+                yield list(islice(islice(order, self.rank, None, self.world_size), worker, None, num_workers)), 1, 0
+            else:
+                yield order, consumers, me
 
     def _samples(self, worker: int, num_workers: int) -> Iterator[tuple[dict, int]]:
         """(sample, pass) pairs. The shuffle buffer is flushed at the end of each pass, so a
         sample never meets its own next-pass copy in the buffer."""
         cfg = self.cfg
         rng = random.Random(str(_seed_of(cfg.seed, self.epoch, self.rank, worker)))
-        for pass_, urls in enumerate(self._passes(worker, num_workers)):
+        for pass_, (urls, stride, offset) in enumerate(self._passes(worker, num_workers)):
             samples = wds.tarfile_to_samples(handler=self.counter.handler)([dict(url=u) for u in urls])
+            if stride > 1:
+                samples = islice(samples, offset, None, stride)
             if cfg.shuffle_buffer > 1:
                 samples = wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=rng)(samples)
             for s in samples:
                 yield s, pass_
+            yield None, pass_  # end of pass marker: lets the consumer notice a pass with nothing usable
 
     def __iter__(self) -> Iterator[list[PreparedSample]]:
         worker, num_workers = self._worker()
@@ -224,14 +229,24 @@ class ShardedVideoDataset(IterableDataset):
         stream = self._samples(worker, num_workers)
         skip = done * cfg.batch_size  # consumed without decoding
         batch: list[PreparedSample] = []
+        usable = 0  # samples prepared in the current pass
         for sample, pass_ in stream:
             if done >= quota:
                 return
+            if sample is None:
+                if usable == 0:
+                    raise RuntimeError(
+                        f"rank {self.rank} worker {worker}: a whole pass over its shards gave no usable sample "
+                        f"({self.counter.count} skipped so far): are the shards corrupt or empty?")
+                usable = 0
+                continue
             if skip:
                 skip -= 1
+                usable += 1
                 continue
             try:
                 batch.append(prepare_sample(sample, cfg, self.epoch, pass_, self.decoder))
+                usable += 1
             except Exception as exn:  # corrupt or undecodable: counted, never fatal, never silent
                 self.counter.add(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
                 continue

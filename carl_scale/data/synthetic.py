@@ -1,7 +1,7 @@
 """A procedurally rendered phase-video dataset shaped like PennAction and Pouring.
 
 Each action class is an ordered sequence of K key poses of a stick figure; phase k is the motion
-from key pose k to key pose k+1 (a "hold" phase keeps moving a little so that it is never a frozen
+from key pose k to key pose k+1; a random idle lead-in and tail (labelled -1) surround the action (a "hold" phase keeps moving a little so that it is never a frozen
 image). Every video draws its own nuisance (background colour and texture, figure colour, size and
 position, horizontal mirroring, camera jitter, pixel noise) and its own speed (random phase
 durations, 60-400 frames in all), so a good frame representation has to encode *where in the
@@ -35,6 +35,9 @@ def _pose(**kw: float) -> np.ndarray:
 
 
 N = _pose()
+_NEUTRAL_POSE = N
+_SWAY = _pose(lean=1.0, drop=0.0, l_sh=1.0, r_sh=1.0, l_hip=0.0, r_hip=0.0) - _pose(lean=0.0, drop=0.0, l_sh=0.0,
+                                                                                     r_sh=0.0, l_hip=0.0, r_hip=0.0)
 # name -> (phase names, key poses (K+1 of them), index of a phase that "holds" with a wiggle or -1)
 ACTIONS: dict[str, tuple[tuple[str, ...], tuple[np.ndarray, ...], int]] = {
     "arm_raise": (
@@ -86,6 +89,7 @@ class SyntheticConfig:
     height: int = 128
     width: int = 128
     fps: float = 30.0
+    max_idle: float = 0.2  # idle (unlabelled) lead-in and tail, each up to this fraction of the video
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -127,7 +131,7 @@ def iter_videos(cfg: SyntheticConfig, split: str) -> Iterator[SyntheticVideo]:
 
 def _phase_durations(rng: np.random.Generator, total: int, k: int) -> np.ndarray:
     """Random, uneven phase lengths summing to ``total``, each at least 2 frames."""
-    w = rng.uniform(0.4, 1.6, size=k)
+    w = rng.uniform(0.25, 1.75, size=k)
     d = np.maximum(2, np.floor(w / w.sum() * total)).astype(int)
     d[np.argmax(d)] += total - d.sum()
     return d
@@ -228,9 +232,16 @@ def render_video(cfg: SyntheticConfig, split: str, index: int) -> SyntheticVideo
     action = cfg.action_names[action_label]
     phase_names = ACTIONS[action][0]
     total = int(rng.integers(cfg.min_frames, cfg.max_frames + 1))
-    durations = _phase_durations(rng, total, len(phase_names))
+    # Idle standing before and after the action (unlabelled, -1), so that a frame's position in
+    # the video says little about its phase: only the pose does.
+    lead, trail = (int(x) for x in np.floor(total * rng.uniform(0.0, cfg.max_idle, size=2)))
+    durations = _phase_durations(rng, total - lead - trail, len(phase_names))
     poses = _pose_track(rng, action, durations)
-    phase_labels = np.repeat(np.arange(len(phase_names)), durations)
+    sway = 0.05 * np.sin(np.linspace(0, rng.uniform(2, 6), lead + trail))[:, None]
+    idle = np.tile(_NEUTRAL_POSE, (lead + trail, 1)) + sway * _SWAY
+    poses = np.concatenate([idle[:lead], poses, idle[lead:]], axis=0)
+    phase_labels = np.concatenate([np.full(lead, -1), np.repeat(np.arange(len(phase_names)), durations),
+                                   np.full(trail, -1)])
 
     margin = max(4, h // 16)
     bg, bg_mean = _background(rng, h + 2 * margin, w + 2 * margin)

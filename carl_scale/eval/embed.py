@@ -1,0 +1,70 @@
+"""Embeddings of every frame of every video: stride 1, no augmentation, whole videos at once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from carl_scale.config import SpatialConfig
+from carl_scale.data.decoders import make_decoder
+from carl_scale.data.reader import resolve_shards
+from carl_scale.data.spatial import eval_geometric, eval_photometric, to_tchw
+from carl_scale.data.whole_video import iter_whole_videos
+
+
+@dataclass
+class VideoEmbeddings:
+    video_ids: list[str]
+    embeddings: list[np.ndarray]  # (S_i, D) L2-normalised
+    phase_labels: list[np.ndarray]
+    action_labels: np.ndarray
+
+    def by_action(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for k, a in enumerate(self.action_labels.tolist()):
+            out.setdefault(a, []).append(k)
+        return out
+
+    def save(self, path: str) -> None:
+        np.savez_compressed(path, video_ids=np.array(self.video_ids), action_labels=self.action_labels,
+                            **{f"emb_{k}": e for k, e in enumerate(self.embeddings)},
+                            **{f"phase_{k}": p for k, p in enumerate(self.phase_labels)})
+
+    @classmethod
+    def load(cls, path: str) -> "VideoEmbeddings":
+        z = np.load(path)
+        n = len(z["video_ids"])
+        return cls(z["video_ids"].tolist(), [z[f"emb_{k}"] for k in range(n)], [z[f"phase_{k}"] for k in range(n)],
+                   z["action_labels"])
+
+
+@torch.no_grad()
+def extract_embeddings(model, shards, split: str = "val", *, image_size: int | None = None,
+                       spatial: SpatialConfig | None = None, device: str = "cpu", decoder: str = "auto",
+                       limit: int | None = None, cache: str | None = None) -> VideoEmbeddings:
+    """Embed every frame of every video of ``split``; optionally cached to ``cache`` (.npz)."""
+    spatial = spatial or SpatialConfig()
+    size = image_size or model.cfg.image_size
+    _, manifest = resolve_shards(shards, split)
+    codec = (manifest or {}).get("codec", "")
+    dec = make_decoder(decoder, codec="jpeg" if (manifest or {}).get("payload") == "jpeg" else codec,
+                       device="cpu")  # evaluation decodes whole videos; the CPU path reads any codec
+    was_training = model.training
+    model.eval()
+    ids, embs, phases, actions = [], [], [], []
+    for meta, frames in iter_whole_videos(shards, dec, split):
+        x = eval_photometric(eval_geometric(to_tchw(frames), size), spatial).to(device)
+        dtype = next(model.parameters()).dtype
+        embs.append(model.embed_video(x.to(dtype)).float().cpu().numpy())
+        ids.append(meta["video_id"])
+        phases.append(np.asarray(meta["phase_labels"], dtype=np.int64))
+        actions.append(int(meta["action_label"]))
+        if limit and len(ids) >= limit:
+            break
+    model.train(was_training)
+    out = VideoEmbeddings(ids, embs, phases, np.asarray(actions, dtype=np.int64))
+    if cache:
+        out.save(cache)
+    return out

@@ -1,0 +1,32 @@
+"""The short evaluation printed at the end of pretraining: per action class (PennAction-style),
+phase classification accuracy (logistic regression on all training videos) and Kendall's tau on
+the validation videos, averaged over classes. The full protocol lives in its own entry point."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from carl_scale.eval.embed import extract_embeddings
+from carl_scale.eval.metrics import kendalls_tau, phase_classification
+
+
+def quick_eval(models: dict, shards, spatial, device, *, max_train_videos: int | None = None) -> dict[str, dict]:
+    out = {}
+    for name, model in models.items():
+        train = extract_embeddings(model, shards, "train", spatial=spatial, device=str(device),
+                                   limit=max_train_videos)
+        val = extract_embeddings(model, shards, "val", spatial=spatial, device=str(device))
+        accs, taus = [], []
+        train_by, val_by = train.by_action(), val.by_action()
+        for action, vidx in sorted(val_by.items()):
+            tidx = train_by.get(action, [])
+            if tidx:
+                acc = phase_classification([train.embeddings[i] for i in tidx], [train.phase_labels[i] for i in tidx],
+                                           [val.embeddings[i] for i in vidx], [val.phase_labels[i] for i in vidx],
+                                           classifier="logistic", fractions=(1.0,))
+                accs.append(acc[1.0])
+            if len(vidx) > 1:
+                taus.append(kendalls_tau([val.embeddings[i] for i in vidx])["tau"])
+        out[name] = {"phase_acc": float(np.mean(accs)) if accs else float("nan"),
+                     "kendall_tau": float(np.nanmean(taus)) if taus else float("nan")}
+    return out

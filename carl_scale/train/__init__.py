@@ -1,0 +1,1 @@
+"""Pretraining with DeepSpeed: configs, trainer, checkpoints, logging."""

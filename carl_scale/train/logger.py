@@ -1,0 +1,58 @@
+"""One small logging interface: a rank-0 progress bar, TensorBoard scalars, a summary table."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class RunLogger:
+    def __init__(self, run_dir: str | Path, total_steps: int, start_step: int, enabled: bool):
+        self.enabled = enabled
+        self.bar = None
+        self.tb = None
+        if not enabled:
+            return
+        quiet = bool(os.environ.get("CARL_SCALE_NO_PROGRESS"))
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", disable=quiet,
+                        dynamic_ncols=True)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def step(self, step: int, scalars: dict[str, float], show: bool) -> None:
+        if not self.enabled:
+            return
+        self.bar.update(1)
+        if show:
+            for k, v in scalars.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+            self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", samples_s=f"{scalars['samples_per_s']:.1f}",
+                                 data_wait=f"{100 * scalars['data_wait']:.0f}%")
+
+    def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        if self.enabled:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def end_progress(self) -> None:
+        if self.bar is not None:
+            self.bar.close()  # idempotent
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.tb.close()
+
+
+def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    cols = list(zip(header, *rows))
+    widths = [max(len(str(c)) for c in col) for col in cols]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])

@@ -1,0 +1,67 @@
+"""Launched by test_train.py under the real launcher (``deepspeed --num_gpus 2 tests/dist_check.py``):
+runs the real pretraining entry point's config and Trainer, records what each rank saw, and
+writes per-rank evidence (video ids, a digest of the weights) for the test to compare.
+
+    deepspeed --num_gpus 2 tests/dist_check.py OUT.json -- <pretrain_k400.py flags>
+    python tests/dist_check.py OUT.json --nan-at 3 -- <flags>      # a NaN loss at step 3
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from carl_scale.train.trainer import Trainer  # noqa: E402
+from launch.pretrain_k400 import parse  # noqa: E402
+
+
+class RecordingTrainer(Trainer):
+    nan_at: int | None = None
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.seen: list[str] = []
+
+    def train_step(self, batch):
+        self.seen += batch.video_ids
+        if self.nan_at is not None and self.step + 1 == self.nan_at:
+            batch.views = batch.views * float("nan")
+        return super().train_step(batch)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    args = [a for a in args if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    out = args[0]
+    sep = args.index("--")
+    opts, flags = args[1:sep], args[sep + 1:]
+    if "--nan-at" in opts:
+        RecordingTrainer.nan_at = int(opts[opts.index("--nan-at") + 1])
+    trainer = RecordingTrainer(parse(flags))
+    error = None
+    try:
+        trainer.fit()
+    except FloatingPointError as exn:
+        error = str(exn)
+    digest = hashlib.sha256()
+    for name, p in sorted(trainer.engine.module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    mine = {"rank": trainer.rank, "seen": trainer.seen, "weights": digest.hexdigest(), "error": error,
+            "step": trainer.step}
+    gathered = [None] * trainer.world
+    dist.all_gather_object(gathered, mine)
+    if trainer.rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
