@@ -19,14 +19,17 @@ def add_writer_args(p: argparse.ArgumentParser) -> None:
                         "PyAV or a GPU)")
     p.add_argument("--gop", type=int, default=30, help="keyframe interval in frames")
     p.add_argument("--crf", type=int, default=30, help="vp9/h264 quality (lower is better)")
-    p.add_argument("--max-samples", type=int, default=64, help="videos per shard at most")
+    p.add_argument("--max-samples", type=int, default=None, help="videos per shard at most (default: 64; synthetic: ~16 shards per split)")
     p.add_argument("--max-bytes", type=int, default=1 << 30, help="bytes per shard at most")
     p.add_argument("--overwrite", action="store_true", help="replace splits that --out already holds")
     p.add_argument("--no-progress", action="store_true")
 
 
-def encode_options(args: argparse.Namespace) -> EncodeOptions:
-    return EncodeOptions(codec=args.codec, gop=args.gop, crf=args.crf)
+def writer_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments every ``write_*_shards`` function takes, from the shared flags."""
+    return dict(payload=args.payload, encode=EncodeOptions(codec=args.codec, gop=args.gop, crf=args.crf),
+                max_samples=args.max_samples, max_bytes=args.max_bytes, overwrite=args.overwrite,
+                progress=not args.no_progress)
 
 
 def print_summary(manifest: dict, out: str) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from carl_scale.data.datasets import FolderOptions, write_folder_shards
-from shards.common import add_writer_args, encode_options, print_summary
+from shards.common import add_writer_args, print_summary, writer_kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,9 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     opts = FolderOptions(labels_csv=a.labels, frame_labels=a.frame_labels, split=a.split,
                          val_fraction=a.val_fraction, transcode=a.transcode, short_side=a.short_side)
-    manifest = write_folder_shards(a.src, a.out, opts, payload=a.payload, encode=encode_options(a),
-                                   max_samples=a.max_samples, overwrite=a.overwrite,
-                                   progress=not a.no_progress)
+    manifest = write_folder_shards(a.src, a.out, opts, **writer_kwargs(a))
     print_summary(manifest, a.out)
     return manifest
 

@@ -11,7 +11,7 @@ import argparse
 
 from carl_scale.data.datasets import write_synthetic_shards
 from carl_scale.data.synthetic import SyntheticConfig
-from shards.common import add_writer_args, encode_options, print_summary
+from shards.common import add_writer_args, print_summary, writer_kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -29,9 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = SyntheticConfig(num_actions=a.num_actions, train_videos=a.train_videos, val_videos=a.val_videos,
                           min_frames=a.min_frames, max_frames=a.max_frames, height=a.size, width=a.size,
                           seed=a.seed)
-    manifest = write_synthetic_shards(a.out, cfg, payload=a.payload, encode=encode_options(a),
-                                      max_samples=a.max_samples, overwrite=a.overwrite,
-                                      progress=not a.no_progress)
+    manifest = write_synthetic_shards(a.out, cfg, **writer_kwargs(a))
     print_summary(manifest, a.out)
     return manifest
 

@@ -50,12 +50,16 @@ def main() -> None:
         trainer.fit()
     except FloatingPointError as exn:
         error = str(exn)
-    digest = hashlib.sha256()
-    for name, p in sorted(trainer.engine.module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(p.detach().float().cpu().numpy().tobytes())
-    mine = {"rank": trainer.rank, "seen": trainer.seen, "weights": digest.hexdigest(), "error": error,
-            "step": trainer.step}
+    def digest(tensors) -> str:
+        h = hashlib.sha256()
+        for name, t in sorted(tensors):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    module = trainer.engine.module
+    mine = {"rank": trainer.rank, "seen": trainer.seen, "params": digest(module.named_parameters()),
+            "buffers": digest(module.named_buffers()), "error": error, "step": trainer.step}
     gathered = [None] * trainer.world
     dist.all_gather_object(gathered, mine)
     if trainer.rank == 0:

@@ -18,7 +18,7 @@ from carl_scale.data.whole_video import iter_whole_videos, iter_whole_videos_dal
 # Lossy codecs on noisy, textured 64x64 frames: the decoded video must stay close to what was
 # rendered (another video scores ~10 dB). Frame alignment is checked exactly in
 # test_frame_subsets_equal_full_decode.
-CODEC_MIN_PSNR = 20.0
+CODEC_MIN_PSNR = 18.0
 DECODER_MEAN_TOL = 0.05  # DALI vs PyAV on the same bitstream: the same YUV->RGB conversion
 
 

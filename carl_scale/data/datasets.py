@@ -28,7 +28,7 @@ VIDEO_EXTENSIONS = {".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".m
 # -- synthetic ---------------------------------------------------------------------------------
 def write_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = None, *, payload: str = "video",
                            encode: EncodeOptions | None = None, max_samples: int | None = None,
-                           overwrite: bool = False, progress: bool = True) -> dict:
+                           max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True) -> dict:
     """Render and write the train and val splits; returns the manifest. By default each split
     gets ~16 shards, so that 16 ranks x workers can split it by shard."""
     cfg = cfg or SyntheticConfig()
@@ -36,7 +36,7 @@ def write_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = No
     for split in ("train", "val"):
         per_shard = max_samples or max(1, -(-num_videos(cfg, split) // 16))
         writer = ShardWriter(out_dir, split, dataset="synthetic", payload=payload, encode=encode,
-                             max_samples=per_shard, label_names=labels, overwrite=overwrite)
+                             max_samples=per_shard, max_bytes=max_bytes, label_names=labels, overwrite=overwrite)
         with writer:
             for v in tqdm(iter_videos(cfg, split), total=num_videos(cfg, split), disable=not progress,
                           desc=f"synthetic {split}", unit="video"):
@@ -116,8 +116,8 @@ def _decode_file(path: Path, short_side: int | None) -> tuple[np.ndarray, float,
 
 
 def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOptions | None = None, *,
-                        payload: str = "video", encode: EncodeOptions | None = None, max_samples: int = 64,
-                        overwrite: bool = False, progress: bool = True) -> dict:
+                        payload: str = "video", encode: EncodeOptions | None = None, max_samples: int | None = None,
+                        max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True) -> dict:
     """Every video file under ``src`` (any codec PyAV reads) into shards. Unreadable videos and
     mismatched label files are skipped and listed in the manifest, never fatal."""
     opts = opts or FolderOptions()
@@ -140,7 +140,8 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
     label_names = {"actions": names} if names else {}
     for split, paths in sorted(by_split.items()):
         writer = ShardWriter(out_dir, split, dataset=src.name, payload=payload, encode=encode,
-                             max_samples=max_samples, label_names=label_names, overwrite=overwrite)
+                             max_samples=max_samples or 64, max_bytes=max_bytes, label_names=label_names,
+                             overwrite=overwrite)
         with writer:
             for p in tqdm(paths, disable=not progress, desc=f"{src.name} {split}", unit="video"):
                 rel = str(p.relative_to(src))

@@ -351,7 +351,10 @@ class VideoLoader:
     def __iter__(self) -> Iterator[VideoBatch]:
         self.dataset.epoch, self.dataset.start_batch = self.epoch, self.next_batch
         workers = self.cfg.num_workers  # fixed: the shard split depends on it
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global
+        # torch RNG, so a resumed run (new iterator mid-epoch) would shift every later dropout mask.
         dl = DataLoader(self.dataset, batch_size=None, num_workers=workers,
+                        generator=torch.Generator().manual_seed(self.cfg.seed + self.epoch),
                         multiprocessing_context="fork" if workers > 0 else None,
                         prefetch_factor=2 if workers > 0 else None)
         for raw in dl:

@@ -38,41 +38,34 @@ N = _pose()
 _NEUTRAL_POSE = N
 _SWAY = _pose(lean=1.0, drop=0.0, l_sh=1.0, r_sh=1.0, l_hip=0.0, r_hip=0.0) - _pose(lean=0.0, drop=0.0, l_sh=0.0,
                                                                                      r_sh=0.0, l_hip=0.0, r_hip=0.0)
-# name -> (phase names, key poses (K+1 of them), index of a phase that "holds" with a wiggle or -1)
-ACTIONS: dict[str, tuple[tuple[str, ...], tuple[np.ndarray, ...], int]] = {
-    "arm_raise": (
-        ("raise", "hold_up", "lower"),
-        (N, _pose(l_sh=3.0, r_sh=3.0), _pose(l_sh=3.0, r_sh=3.0), N),
-        1,
-    ),
-    "squat": (
-        ("go_down", "hold_low", "stand_up"),
-        (N, _pose(drop=0.45, l_hip=0.9, r_hip=0.9, l_kn=-1.6, r_kn=-1.6, l_sh=1.5, r_sh=1.5),
-         _pose(drop=0.45, l_hip=0.9, r_hip=0.9, l_kn=-1.6, r_kn=-1.6, l_sh=1.5, r_sh=1.5), N),
-        1,
-    ),
-    "side_bend": (
-        ("lean_left", "swing_right", "return"),
-        (N, _pose(lean=0.5, l_sh=0.6, r_sh=2.6), _pose(lean=-0.5, l_sh=2.6, r_sh=0.6), N),
-        -1,
-    ),
-    "kick": (
-        ("chamber", "extend", "retract", "put_down"),
-        (N, _pose(r_hip=1.4, r_kn=-2.2, l_sh=0.9, r_sh=0.9), _pose(r_hip=1.5, r_kn=0.0, l_sh=0.9, r_sh=0.9),
-         _pose(r_hip=1.4, r_kn=-2.2, l_sh=0.9, r_sh=0.9), N),
-        -1,
-    ),
-    "wave": (
-        ("raise_arm", "wave", "lower_arm"),
-        (N, _pose(r_sh=2.4, r_el=1.0), _pose(r_sh=2.4, r_el=1.0), N),
-        1,
-    ),
-    "toe_touch": (
-        ("arms_up", "bend_down", "rise", "arms_down"),
-        (N, _pose(l_sh=3.0, r_sh=3.0), _pose(lean=0.0, drop=0.25, l_sh=0.2, r_sh=0.2, l_hip=0.3, r_hip=0.3,
-                                             l_kn=-0.6, r_kn=-0.6), _pose(l_sh=3.0, r_sh=3.0), N),
-        -1,
-    ),
+
+
+def _bump(**kw: float) -> np.ndarray:
+    return np.array([kw.get(j, 0.0) for j in _JOINTS], dtype=np.float64)
+
+
+_UP = _pose(l_sh=3.0, r_sh=3.0)
+_LOW = _pose(drop=0.45, l_hip=0.9, r_hip=0.9, l_kn=-1.6, r_kn=-1.6, l_sh=1.5, r_sh=1.5)
+_KICK = dict(r_hip=1.4, r_kn=-2.2, l_sh=0.9, r_sh=0.9)
+_BEND = _pose(drop=0.25, l_sh=0.2, r_sh=0.2, l_hip=0.3, r_hip=0.3, l_kn=-0.6, r_kn=-0.6)
+# name -> (phase names, key poses (K+1), index of a phase that "holds" with a wiggle or -1,
+#          {phase: joint-angle bump added along the phase, peaking mid-way}).
+# The bumps make a phase's path differ from the reverse of another's (raising straight-armed,
+# lowering with bent elbows), so that, as in real actions, most phases are told apart by pose
+# and not only by when they happen.
+ACTIONS: dict[str, tuple[tuple[str, ...], tuple[np.ndarray, ...], int, dict[int, np.ndarray]]] = {
+    "arm_raise": (("raise", "hold_up", "lower"), (N, _UP, _UP, N), 1, {2: _bump(l_el=1.8, r_el=1.8)}),
+    "squat": (("go_down", "hold_low", "stand_up"), (N, _LOW, _LOW, N), 1, {2: _bump(l_sh=1.4, r_sh=1.4)}),
+    "side_bend": (("lean_left", "swing_right", "return"),
+                  (N, _pose(lean=0.5, l_sh=0.6, r_sh=2.6), _pose(lean=-0.5, l_sh=2.6, r_sh=0.6), N), -1,
+                  {0: _bump(l_el=1.2, r_el=1.2), 2: _bump(l_kn=-0.7, r_kn=-0.7, drop=0.15)}),
+    "kick": (("chamber", "extend", "retract", "put_down"),
+             (N, _pose(**_KICK), _pose(**{**_KICK, "r_hip": 1.5, "r_kn": 0.0}), _pose(**_KICK), N), -1,
+             {2: _bump(l_sh=1.2, r_sh=1.2), 3: _bump(l_el=1.5, r_el=1.5)}),
+    "wave": (("raise_arm", "wave", "lower_arm"), (N, _pose(r_sh=2.4, r_el=1.0), _pose(r_sh=2.4, r_el=1.0), N), 1,
+             {2: _bump(l_sh=1.2, l_el=1.0)}),
+    "toe_touch": (("arms_up", "bend_down", "rise", "arms_down"), (N, _UP, _BEND, _UP, N), -1,
+                  {2: _bump(l_kn=-0.8, r_kn=-0.8, drop=0.2), 3: _bump(l_el=1.6, r_el=1.6)}),
 }
 ACTION_NAMES = tuple(ACTIONS)
 
@@ -89,7 +82,7 @@ class SyntheticConfig:
     height: int = 128
     width: int = 128
     fps: float = 30.0
-    max_idle: float = 0.2  # idle (unlabelled) lead-in and tail, each up to this fraction of the video
+    max_idle: float = 0.25  # idle (unlabelled) lead-in and tail, each up to this fraction of the video
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -143,7 +136,7 @@ def _smoothstep(t: np.ndarray) -> np.ndarray:
 
 def _pose_track(rng: np.random.Generator, action: str, durations: np.ndarray) -> np.ndarray:
     """(S, n_joints) joint angles over time, with per-video speed profile inside each phase."""
-    _, keys, hold = ACTIONS[action]
+    _, keys, hold, bumps = ACTIONS[action]
     out = []
     for k, d in enumerate(durations):
         t = (np.arange(d) + 0.5) / d
@@ -151,6 +144,8 @@ def _pose_track(rng: np.random.Generator, action: str, durations: np.ndarray) ->
         gamma = rng.uniform(0.7, 1.4)
         s = _smoothstep(t**gamma)[:, None]
         seg = keys[k][None] * (1 - s) + keys[k + 1][None] * s
+        if k in bumps:
+            seg = seg + np.sin(math.pi * s) * bumps[k][None]
         if k == hold:  # keep a hold phase alive: a small oscillation of the relevant limbs
             cycles = rng.uniform(1.5, 3.0)
             wig = 0.35 * np.sin(2 * math.pi * cycles * t)
@@ -252,9 +247,11 @@ def render_video(cfg: SyntheticConfig, split: str, index: int) -> SyntheticVideo
     mirror = rng.random() < 0.5
     thickness = max(2, int(round(scale * rng.uniform(0.045, 0.07))))
     noise_sigma = rng.uniform(0.0, 8.0)
-    # Camera jitter: a slow random walk of the crop window, clipped to the margin.
-    steps = rng.normal(0, 0.6, size=(total, 2))
-    jitter = np.clip(np.cumsum(steps, axis=0), -margin, margin).round().astype(int)
+    # Camera jitter: independent small shakes of the crop window. Not a slow drift: a drifting
+    # textured background would tell the time within a video, a shortcut SCL happily learns
+    # instead of the pose (measured: it made trained embeddings worse than random ones).
+    amp = rng.uniform(0, min(margin, max(1, h // 48)))
+    jitter = np.clip(rng.normal(0, amp, size=(total, 2)), -margin, margin).round().astype(int)
 
     frames = np.empty((total, h, w, 3), np.uint8)
     for t in range(total):

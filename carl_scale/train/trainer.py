@@ -171,7 +171,19 @@ class Trainer:
         return {"step": self.step, "world_size": self.world, "git_revision": ckpt.git_revision(),
                 "config": config_to_dict(self.cfg), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
+    def sync_buffers(self) -> None:
+        """Average floating-point buffers (BatchNorm running statistics) over ranks. Data
+        parallelism keeps parameters identical, but each rank's statistics follow its own data;
+        checkpoints and evaluation should reflect all of it."""
+        if not dist.is_initialized() or self.world == 1:
+            return
+        for buf in self.engine.module.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf.div_(self.world)
+
     def save(self) -> Path:
+        self.sync_buffers()
         client = {"data": self.loader.state_dict(), "rng": ckpt.rng_state(), "history": self.history}
         return ckpt.save(self.engine, self.ckpt_root, self.step, client, self._meta(), self.cfg.checkpoint.keep)
 
