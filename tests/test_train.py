@@ -132,7 +132,7 @@ def test_readme_main_command_scaled_down(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (data / "shards.json").exists()
     summary = json.loads((tmp_path / "run/summary.json").read_text())
-    assert summary["steps"] == 3 and set(summary["eval"]) == {"random_init", "trained"}
+    assert summary["steps"] == 3 and set(summary["eval"]) == {"position_only", "random_init", "trained"}
     for name in ("random_init", "trained"):
         assert 0.0 <= summary["eval"][name]["phase_acc"] <= 1.0
     assert "phase_acc" in res.stdout and "kendall_tau" in res.stdout and "samples/s" in res.stdout

@@ -267,8 +267,9 @@ class Trainer:
         return summary
 
     def evaluate(self) -> dict:
-        """Phase classification and Kendall's tau on the validation split, for the trained model
-        and for the same flavor at its random initial weights (rank 0; the others wait)."""
+        """Phase classification and Kendall's tau on the validation split, for the trained model,
+        the same flavor at its random initial weights, and position-only features (rank 0; the
+        others wait)."""
         from carl_scale.eval.quick import quick_eval
 
         result = {}
