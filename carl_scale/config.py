@@ -19,8 +19,8 @@ class TemporalConfig:
 
     Paper §3.2 and Table 13. ``sampling="random"`` draws T sorted distinct frames from each clip,
     ``"even"`` takes T evenly spaced ones. Videos shorter than T are handled by ``short_video``:
-    ``"mask"`` keeps every frame once and pads with masked (invalid) slots, ``"repeat"`` samples
-    T frames with replacement (sorted), so some frames appear twice and every slot is valid.
+    ``"mask"`` keeps every frame once and pads with masked (invalid) slots, ``"repeat"`` adds
+    T - S random repeats of its frames (sorted), so some frames appear twice and every slot is valid.
     """
 
     num_frames: int = 80  # T

@@ -7,7 +7,6 @@ import pytest
 
 from carl_scale.data.codec import EncodeOptions, encode_video, iter_video_frames
 from carl_scale.data.decoders import DaliDecoder, PyAVDecoder
-from carl_scale.data.shard_writer import read_manifest
 from carl_scale.data.synthetic import SyntheticConfig, render_video
 from carl_scale.data.whole_video import iter_whole_videos
 from shards import folder

@@ -8,7 +8,6 @@ import logging
 import shutil
 import tarfile
 
-import numpy as np
 import pytest
 import torch
 

@@ -144,14 +144,3 @@ def iter_video_frames(data: bytes | str) -> Iterator[np.ndarray]:
         stream.thread_type = "AUTO"
         for frame in container.decode(stream):
             yield frame_to_rgb(frame)
-
-
-def probe_video(path: str) -> tuple[float, int, int, int]:
-    """(fps, num_frames, height, width) of a video file, counting frames by decoding if needed."""
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        fps = float(stream.average_rate or stream.guessed_rate or 30)
-        n = stream.frames
-        if not n:
-            n = sum(1 for _ in container.decode(stream))
-        return fps, int(n), stream.codec_context.height, stream.codec_context.width

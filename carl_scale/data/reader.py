@@ -81,6 +81,12 @@ def resolve_shards(spec: str | list[str], split: str = "train") -> tuple[list[st
     return urls, manifest
 
 
+def manifest_codec(manifest: dict | None) -> str:
+    """What a decoder must read: "jpeg" for jpeg payloads, else the video codec ("" if unknown)."""
+    manifest = manifest or {}
+    return "jpeg" if manifest.get("payload") == "jpeg" else manifest.get("codec", "")
+
+
 def manifest_samples(manifest: dict | None, urls: list[str], split: str) -> int | None:
     if manifest is None or split not in manifest["splits"]:
         return None
@@ -322,8 +328,7 @@ class VideoLoader:
         if self.batches_per_epoch < 1:
             raise ValueError(f"{per_rank} samples per rank make no batch of {cfg.batch_size}; lower the "
                              f"batch size or use more data")
-        codec = (self.manifest or {}).get("codec", "") if (self.manifest or {}).get("payload") != "jpeg" else "jpeg"
-        self.decoder = make_decoder(cfg.decoder, codec=codec, device=cfg.device)
+        self.decoder = make_decoder(cfg.decoder, codec=manifest_codec(self.manifest), device=cfg.device)
         # CPU decoders run in the DataLoader workers; a GPU decoder runs here, batched.
         worker_decoder = self.decoder if self.decoder.device == "cpu" else None
         self.counter = SkipCounter()

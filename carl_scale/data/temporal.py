@@ -9,8 +9,8 @@ are original frame indices, which is what SCL's Gaussian prior is computed on.
 
 Videos shorter than T: both clips are the whole video. ``short_video="mask"`` takes every frame
 once, in order, and fills the remaining T - S slots with the last frame marked invalid
-(mask False), so the loss ignores them; ``"repeat"`` draws T frames with replacement (sorted), so
-every slot is valid and some frames appear twice.
+(mask False), so the loss ignores them; ``"repeat"`` takes every frame once plus T - S frames
+drawn at random again (sorted), so every slot is valid and some frames appear twice.
 """
 
 from __future__ import annotations
@@ -73,8 +73,3 @@ def sample_temporal_views(num_frames: int, cfg: TemporalConfig, rng: np.random.G
     clips = sample_clips(num_frames, cfg, rng)
     ts, ms = zip(*(_frames_in_clip(int(a), int(b), cfg, rng) for a, b in clips))
     return TemporalViews(timestamps=np.stack(ts), mask=np.stack(ms), clips=clips)
-
-
-def eval_timestamps(num_frames: int) -> np.ndarray:
-    """Evaluation uses every frame, in order (stride 1, no temporal augmentation)."""
-    return np.arange(num_frames, dtype=np.int64)

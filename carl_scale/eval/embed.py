@@ -9,7 +9,7 @@ import torch
 
 from carl_scale.config import SpatialConfig
 from carl_scale.data.decoders import make_decoder
-from carl_scale.data.reader import resolve_shards
+from carl_scale.data.reader import manifest_codec, resolve_shards
 from carl_scale.data.spatial import eval_geometric, eval_photometric, to_tchw
 from carl_scale.data.whole_video import iter_whole_videos
 
@@ -48,15 +48,14 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
     spatial = spatial or SpatialConfig()
     size = image_size or model.cfg.image_size
     _, manifest = resolve_shards(shards, split)
-    codec = (manifest or {}).get("codec", "")
-    dec = make_decoder(decoder, codec="jpeg" if (manifest or {}).get("payload") == "jpeg" else codec,
-                       device="cpu")  # evaluation decodes whole videos; the CPU path reads any codec
+    # evaluation decodes whole videos on the CPU, whatever the training device
+    dec = make_decoder(decoder, codec=manifest_codec(manifest), device="cpu")
     was_training = model.training
     model.eval()
+    dtype = next(model.parameters()).dtype
     ids, embs, phases, actions = [], [], [], []
     for meta, frames in iter_whole_videos(shards, dec, split):
         x = eval_photometric(eval_geometric(to_tchw(frames), size), spatial).to(device)
-        dtype = next(model.parameters()).dtype
         embs.append(model.embed_video(x.to(dtype)).float().cpu().numpy())
         ids.append(meta["video_id"])
         phases.append(np.asarray(meta["phase_labels"], dtype=np.int64))

@@ -37,10 +37,6 @@ class RunLogger:
             for k, v in values.items():
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
 
-    def message(self, text: str) -> None:
-        if self.enabled:
-            (self.bar.write if self.bar is not None else print)(text)
-
     def end_progress(self) -> None:
         if self.bar is not None:
             self.bar.close()  # idempotent
