@@ -24,11 +24,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-frames", type=int, default=d.min_frames)
     p.add_argument("--max-frames", type=int, default=d.max_frames)
     p.add_argument("--size", type=int, default=d.height, help="frame height and width")
+    p.add_argument("--nuisance", choices=["low", "high"], default=d.nuisance,
+                   help="low: one figure style (the CPU demo); high: per-video background, colours, size, shake")
     p.add_argument("--seed", type=int, default=d.seed)
     a = p.parse_args(argv)
     cfg = SyntheticConfig(num_actions=a.num_actions, train_videos=a.train_videos, val_videos=a.val_videos,
                           min_frames=a.min_frames, max_frames=a.max_frames, height=a.size, width=a.size,
-                          seed=a.seed)
+                          nuisance=a.nuisance, seed=a.seed)
     manifest = write_synthetic_shards(a.out, cfg, **writer_kwargs(a))
     print_summary(manifest, a.out)
     return manifest

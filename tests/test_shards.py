@@ -178,3 +178,16 @@ def test_synthetic_render_is_deterministic_and_varied():
         assert np.all(inner >= 0)
     val = render_video(cfg, "val", 3)
     assert not np.array_equal(val.frames[:20], a.frames[:20])
+
+
+def test_synthetic_nuisance_levels():
+    """'low' keeps one style (same background and figure colour in every video); 'high' gives
+    each video its own; an unknown level is a clear error."""
+    low, high = (SyntheticConfig(height=48, width=48, nuisance=n) for n in ("low", "high"))
+    corners = {n: {tuple(render_video(c, "train", i).frames[0, 0, 0]) for i in range(6)}
+               for n, c in (("low", low), ("high", high))}
+    assert len(corners["low"]) == 1 and len(corners["high"]) > 3
+    v = render_video(low, "train", 0)
+    assert len(np.unique(v.frames[0].reshape(-1, 3), axis=0)) > 1  # the figure is drawn
+    with pytest.raises(ValueError, match="nuisance"):
+        SyntheticConfig(nuisance="medium")

@@ -60,6 +60,20 @@ def test_global_batch_size_is_checked_with_a_clear_error():
         deepspeed_config(RunConfig(parallel=ParallelConfig(precision="bf16")), world=1, cuda=False)
 
 
+def test_debug_and_r50_defaults_differ_where_the_closing_note_says():
+    """The embedded default trains the debug flavor with the settings measured to learn from
+    scratch on a CPU; r50 keeps the paper's."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    from pretrain_k400 import parse
+
+    dbg, r50 = parse([]), parse(["--flavor", "r50", "--shards", "x"])
+    assert (dbg.data.temporal.num_frames, dbg.data.temporal.alpha, dbg.data.batch_size) == (8, 50.0, 16)
+    assert dbg.data.spatial.grayscale_p == 0.0 and dbg.optim.lr == 3e-4 and dbg.synthetic is not None
+    assert (r50.data.temporal.num_frames, r50.data.temporal.alpha, r50.data.batch_size) == (80, 1.5, 4)
+    assert r50.data.spatial.grayscale_p == 0.2 and r50.data.spatial.blur_p == 0.5 and r50.optim.lr == 1e-4
+    assert parse(["--augment", "paper", "--no-blur"]).data.spatial.blur_p == 0.0
+
+
 def test_two_process_deepspeed_on_cpu(vp9_shards, tmp_path):
     """The real launcher, 2 ranks with gloo, ZeRO-1: ranks see different videos, same weights."""
     out = tmp_path / "ranks.json"

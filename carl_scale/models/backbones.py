@@ -17,12 +17,33 @@ def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-def debug_cnn_stages() -> tuple[list[nn.Module], int]:
-    """Four stride-2 stages, 16-32-64-128 channels: ~14 MMAC per 64 px frame."""
-    chans = [3, 16, 32, 64, 128]
-    stages = [nn.Sequential(*_conv_bn(chans[i], chans[i + 1], 2), *_conv_bn(chans[i + 1], chans[i + 1], 1))
+class _BasicBlock(nn.Module):
+    """ResNet's two-conv residual block (projection shortcut when the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(*_conv_bn(cin, cout, stride), nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+                                  nn.BatchNorm2d(cout))
+        self.short = nn.Identity() if stride == 1 and cin == cout else \
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        nn.init.zeros_(self.body[-1].weight)  # each block starts as the identity: trains faster from scratch
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + self.short(x))
+
+
+def debug_cnn_stages(width: int = 32) -> tuple[list[nn.Module], int]:
+    """A narrow ResNet-18 layout (stem + 4 stages of 2 basic blocks, widths w..8w) for 64 px frames.
+
+    Residual blocks matter here: a plain 8-conv stack of the same cost learned frame-level phase
+    labels from scratch about half as fast in our measurements."""
+    w = [width, width, 2 * width, 4 * width, 8 * width]
+    stem = nn.Sequential(*_conv_bn(3, w[0], 2), nn.MaxPool2d(3, 2, 1))  # 64 px -> 16 px
+    stages = [nn.Sequential(_BasicBlock(w[i], w[i + 1], 1 if i == 0 else 2), _BasicBlock(w[i + 1], w[i + 1], 1))
               for i in range(4)]
-    return stages, chans[-1]
+    stages[0] = nn.Sequential(stem, *stages[0])
+    return stages, w[-1]
 
 
 def resnet50_stages() -> tuple[list[nn.Module], int]:
