@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from scipy.stats import kendalltau
 
 from carl_scale.eval.metrics import _kendall_tau_b, kendalls_tau, phase_classification
@@ -48,3 +49,90 @@ def test_phase_classification_separable_and_fractions():
         acc = phase_classification([e for e, _ in train], [lab for _, lab in train], [e for e, _ in val],
                                    [lab for _, lab in val], classifier=clf, fractions=(0.1, 1.0))
         assert acc[1.0] == 1.0 and acc[0.1] == 1.0
+
+
+# -- the rest of the protocol, each against a naive loop written from its definition ------------
+from carl_scale.eval.metrics import (average_precision_at_k, linear_probe_frame_classification,  # noqa: E402
+                                     one_shot_phase_classification, phase_progression,
+                                     temporal_clustering_rand_index)
+
+
+def _phased(n: int, k: int, rng, noise: float = 0.0):
+    """A video of n frames in k equal phases, embedded on the curve by relative time."""
+    lab = np.minimum((np.arange(n) * k) // n, k - 1)
+    return _curve(n) + noise * rng.normal(size=(n, 16)), lab
+
+
+def _naive_precision_at_k(embs, labels, actions, k):
+    per_video = []
+    for i in range(len(embs)):
+        scores = []
+        for f in range(len(embs[i])):
+            if labels[i][f] < 0:
+                continue
+            cands = [(float(np.sum((embs[i][f] - embs[j][g]) ** 2)), labels[j][g])
+                     for j in range(len(embs)) if j != i and actions[j] == actions[i]
+                     for g in range(len(embs[j])) if labels[j][g] >= 0]
+            cands.sort(key=lambda c: c[0])
+            scores.append(np.mean([c[1] == labels[i][f] for c in cands[:k]]))
+        per_video.append(np.mean(scores))
+    return float(np.mean(per_video))
+
+
+def test_precision_at_k_matches_naive_loop_and_perfect_case():
+    rng = np.random.default_rng(0)
+    embs, labels = zip(*[_phased(int(n), 3, rng, noise=0.3) for n in rng.integers(20, 40, size=6)])
+    labels = [lab.copy() for lab in labels]
+    labels[1][:4] = -1  # unlabelled frames neither query nor answer
+    actions = np.array([0, 0, 0, 1, 1, 1])
+    ours = average_precision_at_k(list(embs), labels, actions, ks=(5, 10), device="cpu")
+    for k in (5, 10):
+        assert ours[k] == pytest.approx(_naive_precision_at_k(embs, labels, actions, k), abs=1e-6)
+    clean = [_phased(30, 3, rng) for _ in range(3)]
+    assert average_precision_at_k([e for e, _ in clean], [lab for _, lab in clean], [0, 0, 0], ks=(1,))[1] == 1.0
+
+
+def test_phase_progression_is_one_for_time_linear_embeddings_and_skips_missing_phases():
+    def video(n, tks):  # embedding = relative time, phases ending at the given frames
+        lab = np.searchsorted(np.array(tks), np.arange(n), side="left")
+        return np.arange(n)[:, None] / n * np.ones((1, 2)), lab
+    train = [video(n, [n // 3, 2 * n // 3]) for n in (30, 45, 60)]
+    val = [video(n, [n // 3, 2 * n // 3]) for n in (36, 51)]
+    # (t - t_k)/L is linear in t/L only within one video; the boundary sits at the same relative
+    # place in each, so a linear regression on t/L is exact
+    res = phase_progression(*zip(*train), *zip(*val))
+    assert res["r2"] == pytest.approx(1.0, abs=1e-6) and res["boundaries"] == 2
+    no_middle = (np.zeros((10, 2)), np.array([0] * 5 + [2] * 5))  # phase 1 missing: no t_1
+    res2 = phase_progression(*zip(*train, no_middle), *zip(*val))
+    assert res2["boundaries"] == 2 and np.isfinite(res2["r2"])
+
+
+def test_one_shot_is_perfect_on_identical_videos_and_chance_on_noise():
+    rng = np.random.default_rng(1)
+    e, lab = _phased(40, 4, rng)
+    res = one_shot_phase_classification([e, e], [lab, lab], [0, 0], [e], [lab], [0], trials=3)
+    assert res["accuracy"] == 1.0 and res["trials"] == 3
+    noise = [rng.normal(size=(40, 16)) for _ in range(6)]
+    res = one_shot_phase_classification(noise[:3], [lab] * 3, [0] * 3, noise[3:], [lab] * 3, [0] * 3, trials=5)
+    assert 0.1 < res["accuracy"] < 0.45
+
+
+def test_temporal_clustering_rand_index():
+    rng = np.random.default_rng(2)
+    lab = np.repeat([0, 1, 2], 10)
+    separated = np.eye(3)[lab] * 10 + 0.01 * rng.normal(size=(30, 3))
+    assert temporal_clustering_rand_index([separated], [lab])["rand_index"] == 1.0
+    shuffled = separated[rng.permutation(30)]
+    assert temporal_clustering_rand_index([shuffled], [lab])["rand_index"] < 0.8
+    assert temporal_clustering_rand_index([separated[:10]], [lab[:10]])["videos"] == 0  # one phase: skipped
+
+
+def test_linear_probe_learns_many_separable_classes():
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(20, 16)) * 4
+    def split(n):
+        y = rng.integers(0, 20, size=n)
+        return [centres[y] + rng.normal(size=(n, 16))], [y]
+    (xt, yt), (xv, yv) = split(2000), split(500)
+    res = linear_probe_frame_classification(xt, yt, xv, yv, epochs=30, device="cpu")
+    assert res["accuracy"] > 0.9 and res["mean_class_accuracy"] > 0.9

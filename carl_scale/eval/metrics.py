@@ -76,3 +76,162 @@ def kendalls_tau(embs: Sequence[np.ndarray], *, stride: int = 1, device: str | N
             else:
                 taus.append(t)
     return {"tau": float(np.mean(taus)) if taus else float("nan"), "pairs": len(taus), "nan_pairs": dropped}
+
+
+def _device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _boundaries(labels: np.ndarray, num_phases: int) -> dict[int, int]:
+    """{k: last frame of phase k} for the phase transitions k = 0..num_phases-2 present in a video."""
+    lab = np.asarray(labels)
+    out = {}
+    for k in range(num_phases - 1):
+        idx = np.flatnonzero(lab == k)
+        if len(idx):
+            out[k] = int(idx[-1])
+    return out
+
+
+def phase_progression(train_embs, train_labels, val_embs, val_labels) -> dict[str, float]:
+    """TCC's phase progression: for each phase transition k (t_k = last frame of phase k), a
+    linear regression from a frame's embedding to (t - t_k) / L, fitted on the labelled frames of
+    the training videos, scored (R²) on the validation videos; ``r2`` is the mean over k.
+
+    A video without phase k has no t_k: it is left out of boundary k only (train and val alike),
+    and a boundary missing from every training or validation video is skipped; ``boundaries``
+    says how many were scored."""
+    from sklearn.linear_model import LinearRegression
+    from sklearn.metrics import r2_score
+
+    num_phases = int(max(max((int(np.max(lab)) for lab in labels if len(lab)), default=-1)
+                         for labels in (train_labels, val_labels))) + 1
+
+    def targets(embs, labels, k):
+        xs, ys = [], []
+        for e, lab in zip(embs, labels):
+            tk = _boundaries(lab, num_phases).get(k)
+            if tk is None:
+                continue
+            keep = np.asarray(lab) >= 0
+            t = np.arange(len(lab))
+            xs.append(np.asarray(e)[keep])
+            ys.append((t[keep] - tk) / len(lab))
+        return (np.concatenate(xs), np.concatenate(ys)) if xs else (None, None)
+
+    scores = []
+    for k in range(num_phases - 1):
+        (xt, yt), (xv, yv) = targets(train_embs, train_labels, k), targets(val_embs, val_labels, k)
+        if xt is None or xv is None:
+            continue
+        reg = LinearRegression().fit(xt, yt)
+        scores.append(r2_score(yv, reg.predict(xv)))
+    return {"r2": float(np.mean(scores)) if scores else float("nan"), "boundaries": len(scores)}
+
+
+def average_precision_at_k(embs, phase_labels, action_labels, ks: Sequence[int] = (5, 10, 15), *,
+                           stride: int = 1, device: str | None = None) -> dict[int, float]:
+    """Fine-grained retrieval (paper §4.2.4, "AP@K", really precision@K): every labelled frame of
+    a video (at ``stride``) queries the labelled frames (same stride) of all *other* videos of the
+    same action; its score is the fraction of its K nearest (Euclidean) with its phase label. Mean
+    over a video's frames, then over all videos."""
+    dev = _device(device)
+    x = [torch.as_tensor(np.asarray(e)[::stride], dtype=torch.float32, device=dev) for e in embs]
+    y = [torch.as_tensor(np.asarray(p)[::stride], device=dev) for p in phase_labels]
+    keep = [lab >= 0 for lab in y]
+    x, y = [a[m] for a, m in zip(x, keep)], [b[m] for b, m in zip(y, keep)]
+    actions = np.asarray(action_labels)
+    per_video: dict[int, list[float]] = {k: [] for k in ks}
+    for i in range(len(x)):
+        others = [j for j in range(len(x)) if j != i and actions[j] == actions[i] and len(x[j])]
+        if not len(x[i]) or not others:
+            continue
+        cand_x, cand_y = torch.cat([x[j] for j in others]), torch.cat([y[j] for j in others])
+        kmax = min(max(ks), len(cand_x))
+        nn_idx = torch.cdist(x[i], cand_x).topk(kmax, dim=1, largest=False).indices  # sorted nearest first
+        hits = (cand_y[nn_idx] == y[i][:, None]).float()
+        for k in ks:
+            per_video[k].append(hits[:, :min(k, kmax)].mean().item())
+    return {k: float(np.mean(v)) if v else float("nan") for k, v in per_video.items()}
+
+
+def one_shot_phase_classification(train_embs, train_labels, train_actions, val_embs, val_labels, val_actions, *,
+                                  trials: int = 5, seed: int = 0, device: str | None = None) -> dict[str, float]:
+    """One labelled training video per action (drawn at random, ``trials`` times): every labelled
+    validation frame takes the phase of its nearest labelled frame in that action's video.
+    Frame accuracy over all validation videos, mean and std over trials (paper §4.2.5)."""
+    dev = _device(device)
+    rng = np.random.default_rng(seed)
+    train_actions, val_actions = np.asarray(train_actions), np.asarray(val_actions)
+    accs = []
+    for _ in range(trials):
+        correct = total = 0
+        for a in np.unique(val_actions):
+            pool = [i for i in np.flatnonzero(train_actions == a) if np.any(np.asarray(train_labels[i]) >= 0)]
+            if not pool:
+                continue
+            r = int(rng.choice(pool))
+            m = np.asarray(train_labels[r]) >= 0
+            ref_x = torch.as_tensor(np.asarray(train_embs[r])[m], dtype=torch.float32, device=dev)
+            ref_y = torch.as_tensor(np.asarray(train_labels[r])[m], device=dev)
+            for v in np.flatnonzero(val_actions == a):
+                mv = np.asarray(val_labels[v]) >= 0
+                if not mv.any():
+                    continue
+                q = torch.as_tensor(np.asarray(val_embs[v])[mv], dtype=torch.float32, device=dev)
+                pred = ref_y[torch.cdist(q, ref_x).argmin(dim=1)].cpu().numpy()
+                correct += int(np.sum(pred == np.asarray(val_labels[v])[mv]))
+                total += int(mv.sum())
+        if total:
+            accs.append(correct / total)
+    return {"accuracy": float(np.mean(accs)) if accs else float("nan"),
+            "std": float(np.std(accs)) if accs else float("nan"), "trials": len(accs)}
+
+
+def temporal_clustering_rand_index(embs, labels, *, seed: int = 0) -> dict[str, float]:
+    """Temporal action segmentation without labels (paper §4.2.6): K-means on each video's
+    labelled frame embeddings with K = the number of phases present in it; Rand index between the
+    clusters and the phases; mean over videos (videos with fewer than two phases are skipped)."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import rand_score
+
+    scores = []
+    for e, lab in zip(embs, labels):
+        lab = np.asarray(lab)
+        m = lab >= 0
+        k = len(np.unique(lab[m]))
+        if k < 2:
+            continue
+        pred = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(np.asarray(e)[m])
+        scores.append(rand_score(lab[m], pred))
+    return {"rand_index": float(np.mean(scores)) if scores else float("nan"), "videos": len(scores)}
+
+
+def linear_probe_frame_classification(train_embs, train_labels, val_embs, val_labels, *, num_classes: int | None = None,
+                                      epochs: int = 50, lr: float = 0.1, batch_size: int = 4096, seed: int = 0,
+                                      device: str | None = None) -> dict[str, float]:
+    """A linear layer trained with SGD (momentum 0.9, cosine lr) on frozen frame embeddings, for
+    many-class frame labels (FineGym 99/288). Returns top-1 frame accuracy and mean per-class
+    accuracy on the validation frames."""
+    dev = _device(device)
+    x, y = (torch.as_tensor(a, device=dev) for a in _labelled(train_embs, train_labels))
+    xv, yv = (torch.as_tensor(a, device=dev) for a in _labelled(val_embs, val_labels))
+    x, xv, y, yv = x.float(), xv.float(), y.long(), yv.long()
+    c = num_classes or int(max(y.max().item(), yv.max().item())) + 1
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(x.shape[1], c).to(dev)
+    opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    steps = epochs * math.ceil(len(x) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).to(dev).split(batch_size):
+            loss = torch.nn.functional.cross_entropy(layer(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        pred = layer(xv).argmax(1)
+    per_class = [(pred[yv == k] == k).float().mean().item() for k in torch.unique(yv).tolist()]
+    return {"accuracy": (pred == yv).float().mean().item(), "mean_class_accuracy": float(np.mean(per_class))}
