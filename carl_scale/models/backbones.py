@@ -36,8 +36,8 @@ class _BasicBlock(nn.Module):
 def debug_cnn_stages(width: int = 32) -> tuple[list[nn.Module], int]:
     """A narrow ResNet-18 layout (stem + 4 stages of 2 basic blocks, widths w..8w) for 64 px frames.
 
-    Residual blocks matter here: a plain 8-conv stack of the same cost learned frame-level phase
-    labels from scratch about half as fast in our measurements."""
+    Measured (supervised frame labels, 200 steps from scratch): it fitted them clearly faster than
+    the plain 8-conv stack used before (train accuracy 0.46 vs 0.30) at about twice the step time."""
     w = [width, width, 2 * width, 4 * width, 8 * width]
     stem = nn.Sequential(*_conv_bn(3, w[0], 2), nn.MaxPool2d(3, 2, 1))  # 64 px -> 16 px
     stages = [nn.Sequential(_BasicBlock(w[i], w[i + 1], 1 if i == 0 else 2), _BasicBlock(w[i + 1], w[i + 1], 1))
