@@ -1,0 +1,154 @@
+"""Transfer evaluation of a pretrained checkpoint: the protocol of each dataset (paper §4.2,
+REFERENCE_NOTES "Evaluation protocol"), a results table shaped like the paper's, and pictures.
+
+Library code: the entry point is ``launch/transfer_eval.sh <dataset> [checkpoint]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from carl_scale.eval.embed import VideoEmbeddings, extract_embeddings
+from carl_scale.eval.metrics import (average_precision_at_k, kendalls_tau, linear_probe_frame_classification,
+                                     one_shot_phase_classification, phase_classification, phase_progression,
+                                     temporal_clustering_rand_index)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    shards: str  # default shard directory
+    make: str  # the command that writes those shards
+    per_action: bool  # PennAction: every metric per action class, then averaged over classes
+    tau_stride: int = 1
+    fractions: tuple[float, ...] = (0.1, 0.5, 1.0)
+    linear_probe: bool = False  # FineGym: a linear layer on frames instead of phase metrics
+
+
+PROTOCOLS = {
+    "pennaction": Protocol("data/pennaction", "python -m shards.folder --src PennAction/videos --out data/pennaction "
+                           "--labels labels.csv --frame-labels phases/", per_action=True, tau_stride=2),
+    "finegym": Protocol("data/finegym", "python -m shards.folder --src finegym/clips --out data/finegym "
+                        "--labels labels.csv --frame-labels gym99/", per_action=False, linear_probe=True),
+    "pouring": Protocol("data/pouring", "python -m shards.folder --src pouring/videos --out data/pouring "
+                        "--labels labels.csv --frame-labels phases/", per_action=False, tau_stride=5),
+    "synthetic": Protocol("data/synthetic", "python -m shards.synthetic --out data/synthetic", per_action=True),
+}
+
+
+def latest_checkpoint(run_dir: str | Path = "runs/pretrain") -> Path:
+    root = Path(run_dir) / "checkpoints"
+    latest = root / "latest"
+    if not latest.exists():
+        raise FileNotFoundError(f"no checkpoint under {root}: pretrain first (deepspeed launch/pretrain_k400.py "
+                                f"--run-dir {run_dir}) or name a step_NNNNNN directory")
+    return root / latest.read_text().strip()
+
+
+def load_pretrained(checkpoint: str | Path, device: str = "cpu") -> torch.nn.Module:
+    """The FVE of a pretraining checkpoint directory (model config from its meta.json)."""
+    from carl_scale.models import build_model
+    from carl_scale.models.flavors import ModelConfig
+
+    path = Path(checkpoint)
+    weights = path / "mp_rank_00_model_states.pt"
+    if not (path / "meta.json").exists() or not weights.exists():
+        raise FileNotFoundError(f"{path} is not a complete pretraining checkpoint (needs meta.json and "
+                                f"mp_rank_00_model_states.pt); see runs/<name>/checkpoints/")
+    cfg = json.loads((path / "meta.json").read_text())["config"]["model"]
+    cfg = ModelConfig(**{f.name: cfg[f.name] for f in dataclasses.fields(ModelConfig) if f.name in cfg})
+    cfg.pretrained = None  # the checkpoint holds every weight
+    model = build_model(cfg)
+    state = torch.load(weights, map_location="cpu", weights_only=False)["module"]
+    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    return model.to(device).eval()
+
+
+def _subset(ve: VideoEmbeddings, idx: list[int]) -> tuple[list, list]:
+    return [ve.embeddings[i] for i in idx], [ve.phase_labels[i] for i in idx]
+
+
+def _phase_metrics(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, device: str) -> dict[str, float]:
+    """Every phase metric of one group of videos (one action class, or the whole dataset)."""
+    out = {}
+    for f, acc in phase_classification(train.embeddings, train.phase_labels, val.embeddings, val.phase_labels,
+                                       classifier="svm", fractions=p.fractions).items():
+        out[f"classification@{f:g}"] = acc
+    out["progression"] = phase_progression(train.embeddings, train.phase_labels, val.embeddings,
+                                           val.phase_labels)["r2"]
+    out["kendall_tau"] = kendalls_tau(val.embeddings, stride=p.tau_stride, device=device)["tau"]
+    for k, v in average_precision_at_k(val.embeddings, val.phase_labels, val.action_labels,
+                                       stride=p.tau_stride, device=device).items():
+        out[f"AP@{k}"] = v
+    out["one_shot"] = one_shot_phase_classification(train.embeddings, train.phase_labels, train.action_labels,
+                                                    val.embeddings, val.phase_labels, val.action_labels,
+                                                    device=device)["accuracy"]
+    out["clustering_rand_index"] = temporal_clustering_rand_index(val.embeddings, val.phase_labels)["rand_index"]
+    return out
+
+
+def run_protocol(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, device: str = "cpu") -> dict:
+    """{"mean": {metric: value}, "per_action": {action: {metric: value}}} for one model."""
+    if p.linear_probe:
+        res = linear_probe_frame_classification(train.embeddings, train.phase_labels, val.embeddings,
+                                                val.phase_labels, device=device)
+        return {"mean": res, "per_action": {}}
+    if not p.per_action:
+        return {"mean": _phase_metrics(train, val, p, device), "per_action": {}}
+    per_action = {}
+    tb, vb = train.by_action(), val.by_action()
+    for a, vidx in sorted(vb.items()):
+        if a in tb:
+            t = VideoEmbeddings([train.video_ids[i] for i in tb[a]], *_subset(train, tb[a]), train.action_labels[tb[a]])
+            v = VideoEmbeddings([val.video_ids[i] for i in vidx], *_subset(val, vidx), val.action_labels[vidx])
+            per_action[int(a)] = _phase_metrics(t, v, p, device)
+    keys = next(iter(per_action.values())).keys() if per_action else []
+    mean = {k: float(np.nanmean([r[k] for r in per_action.values()])) for k in keys}
+    return {"mean": mean, "per_action": per_action}
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """Rows: models; columns: metrics (the mean over action classes where the protocol has them)."""
+    keys = list(next(iter(results.values()))["mean"])
+    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r['mean'][k]:.3f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: str | None = None,
+                  out_dir: str | Path = "runs/transfer", device: str = "cpu", image_size: int | None = None) -> dict:
+    """Embed the train and val splits with each model (cached under ``out_dir``), run the
+    dataset's protocol, write ``results.md`` / ``results.json`` and an alignment picture."""
+    from carl_scale.eval.alignment import save_alignment_figure
+
+    if dataset not in PROTOCOLS:
+        raise KeyError(f"unknown dataset {dataset!r}; choose one of {sorted(PROTOCOLS)}")
+    p = PROTOCOLS[dataset]
+    shards = shards or p.shards
+    if not (Path(shards) / "shards.json").exists():
+        raise FileNotFoundError(f"no {dataset} shards at {shards} (no shards.json). Make them with:\n  {p.make}\n"
+                                f"or pass --shards DIR")
+    out = Path(out_dir) / dataset
+    out.mkdir(parents=True, exist_ok=True)
+    results, t0 = {}, time.time()
+    for name, model in models.items():
+        embs = {split: extract_embeddings(model, shards, split, image_size=image_size, device=device,
+                                          cache=str(out / f"{name}_{split}.npz")) for split in ("train", "val")}
+        results[name] = run_protocol(embs["train"], embs["val"], p, device=device)
+        val = embs["val"]
+        same = val.by_action().get(int(val.action_labels[0]), [0]) if len(val.video_ids) else []
+        if len(same) >= 2:
+            save_alignment_figure(val.embeddings[same[0]], val.embeddings[same[1]], out / f"{name}_alignment.png",
+                                  names=(val.video_ids[same[0]], val.video_ids[same[1]]))
+    table = markdown_table(results)
+    (out / "results.md").write_text(f"# Transfer evaluation: {dataset} ({shards})\n\n{table}\n")
+    (out / "results.json").write_text(json.dumps({"dataset": dataset, "shards": str(shards), "results": results,
+                                                  "seconds": time.time() - t0}, indent=2))
+    return {"table": table, "results": results, "out_dir": str(out)}

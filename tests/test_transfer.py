@@ -1,0 +1,39 @@
+"""Transfer evaluation: the protocol end to end on tiny shards, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from carl_scale.eval.transfer import latest_checkpoint, load_pretrained, transfer_eval
+from carl_scale.models import build_model, model_config
+
+
+def test_transfer_eval_writes_the_table_json_and_picture(vp9_shards, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(model_config("debug", image_size=32, train_frames=8)).eval()
+    res = transfer_eval("synthetic", {"random_init": model}, shards=str(vp9_shards), out_dir=tmp_path)
+    out = tmp_path / "synthetic"
+    saved = json.loads((out / "results.json").read_text())["results"]["random_init"]
+    assert set(saved["mean"]) == {"classification@0.1", "classification@0.5", "classification@1", "progression",
+                                  "kendall_tau", "AP@5", "AP@10", "AP@15", "one_shot", "clustering_rand_index"}
+    assert len(saved["per_action"]) == 3  # the tiny set's three actions, each scored on its own
+    for k in ("classification@1", "AP@5", "one_shot", "clustering_rand_index"):
+        assert 0.0 <= saved["mean"][k] <= 1.0
+    assert -1.0 <= saved["mean"]["kendall_tau"] <= 1.0 and np.isfinite(saved["mean"]["progression"])
+    assert "| random_init |" in (out / "results.md").read_text() and res["table"].startswith("| model |")
+    assert (out / "random_init_alignment.png").exists() and (out / "random_init_val.npz").exists()
+
+
+def test_missing_shards_and_checkpoints_say_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m shards.folder"):
+        transfer_eval("pennaction", {}, shards=str(tmp_path / "nope"), out_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="deepspeed launch/pretrain_k400.py"):
+        latest_checkpoint(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="not a complete pretraining checkpoint"):
+        load_pretrained(tmp_path)
+    with pytest.raises(KeyError, match="unknown dataset"):
+        transfer_eval("ucf101", {}, out_dir=tmp_path)
