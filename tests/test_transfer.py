@@ -25,7 +25,9 @@ def test_transfer_eval_writes_the_table_json_and_picture(vp9_shards, tmp_path):
         assert 0.0 <= saved["mean"][k] <= 1.0
     assert -1.0 <= saved["mean"]["kendall_tau"] <= 1.0 and np.isfinite(saved["mean"]["progression"])
     assert "| random_init |" in (out / "results.md").read_text() and res["table"].startswith("| model |")
-    assert (out / "random_init_alignment.png").exists() and (out / "random_init_val.npz").exists()
+    assert (out / "random_init_val.npz").exists()
+    for picture in ("alignment", "retrieval", "phases"):
+        assert (out / f"random_init_{picture}.png").stat().st_size > 5000
 
 
 def test_missing_shards_and_checkpoints_say_what_to_run(tmp_path):
@@ -37,3 +39,11 @@ def test_missing_shards_and_checkpoints_say_what_to_run(tmp_path):
         load_pretrained(tmp_path)
     with pytest.raises(KeyError, match="unknown dataset"):
         transfer_eval("ucf101", {}, out_dir=tmp_path)
+
+
+def test_nearest_frames_gives_one_hit_per_video_nearest_first():
+    from carl_scale.eval.pictures import nearest_frames
+
+    q = np.zeros(2)
+    videos = [np.array([[5.0, 0], [4, 0]]), np.array([[1.0, 0], [0.5, 0], [2, 0]]), np.array([[3.0, 0]])]
+    assert nearest_frames(q, videos, k=2) == [(1, 1, 0.5), (2, 0, 3.0)]

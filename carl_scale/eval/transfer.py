@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from carl_scale.eval.embed import VideoEmbeddings, extract_embeddings
-from carl_scale.eval.metrics import (average_precision_at_k, kendalls_tau, linear_probe_frame_classification,
+from carl_scale.eval.metrics import (_labelled, average_precision_at_k, kendalls_tau, linear_probe_frame_classification,
                                      one_shot_phase_classification, phase_classification, phase_progression,
                                      temporal_clustering_rand_index)
 
@@ -122,12 +122,59 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _video_frames(shards: str, split: str, ids: set[str]) -> dict[str, np.ndarray]:
+    from carl_scale.data.decoders import make_decoder
+    from carl_scale.data.reader import manifest_codec, resolve_shards
+    from carl_scale.data.whole_video import iter_whole_videos
+
+    _, manifest = resolve_shards(shards, split)
+    out = {}
+    for meta, frames in iter_whole_videos(shards, make_decoder("auto", codec=manifest_codec(manifest)), split):
+        if meta["video_id"] in ids:
+            out[meta["video_id"]] = np.asarray(frames)
+            if len(out) == len(ids):
+                break
+    return out
+
+
+def save_pictures(name: str, train: VideoEmbeddings, val: VideoEmbeddings, shards: str, out: Path) -> list[Path]:
+    """For the first validation action with two videos: DTW alignment of two of its videos with
+    aligned frames, the top-5 retrieval of a mid-video frame, and a predicted-vs-true phase
+    timeline (logistic regression on that action's training videos)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from carl_scale.eval.alignment import save_alignment_figure
+    from carl_scale.eval.pictures import nearest_frames, save_phase_timeline, save_retrieval_figure
+
+    groups = [v for v in val.by_action().values() if len(v) >= 2]
+    if not groups:
+        return []
+    a, b, *rest = groups[0]
+    others = [b, *rest]
+    q = int(np.flatnonzero(val.phase_labels[a] >= 0).mean()) if (val.phase_labels[a] >= 0).any() else 0
+    hits = nearest_frames(val.embeddings[a][q], [val.embeddings[i] for i in others])
+    frames = _video_frames(shards, "val", {val.video_ids[i] for i in (a, *others)})
+    ida, idb = val.video_ids[a], val.video_ids[b]
+    paths = [save_alignment_figure(val.embeddings[a], val.embeddings[b], out / f"{name}_alignment.png",
+                                   frames_a=frames.get(ida), frames_b=frames.get(idb), names=(ida, idb))]
+    if ida in frames and all(val.video_ids[others[v]] in frames for v, _, _ in hits):
+        paths.append(save_retrieval_figure(
+            frames[ida][q], [frames[val.video_ids[others[v]]][f] for v, f, _ in hits],
+            [f"{val.video_ids[others[v]]}:{f} ({val.phase_labels[others[v]][f]})" for v, f, _ in hits],
+            out / f"{name}_retrieval.png", query_caption=f"{ida}:{q} ({val.phase_labels[a][q]})"))
+    train_idx = train.by_action().get(int(val.action_labels[a]), [])
+    x, y = _labelled(*_subset(train, train_idx)) if train_idx else (None, None)
+    if y is not None and len(np.unique(y)) > 1:
+        pred = LogisticRegression(max_iter=2000).fit(x, y).predict(val.embeddings[a])
+        paths.append(save_phase_timeline(val.phase_labels[a], pred, out / f"{name}_phases.png"))
+    return paths
+
+
 def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: str | None = None,
                   out_dir: str | Path = "runs/transfer", device: str = "cpu", image_size: int | None = None) -> dict:
     """Embed the train and val splits with each model (cached under ``out_dir``), run the
-    dataset's protocol, write ``results.md`` / ``results.json`` and an alignment picture."""
-    from carl_scale.eval.alignment import save_alignment_figure
-
+    dataset's protocol, write ``results.md`` / ``results.json`` and the pictures of
+    :func:`save_pictures` for each model."""
     if dataset not in PROTOCOLS:
         raise KeyError(f"unknown dataset {dataset!r}; choose one of {sorted(PROTOCOLS)}")
     p = PROTOCOLS[dataset]
@@ -142,11 +189,7 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
         embs = {split: extract_embeddings(model, shards, split, image_size=image_size, device=device,
                                           cache=str(out / f"{name}_{split}.npz")) for split in ("train", "val")}
         results[name] = run_protocol(embs["train"], embs["val"], p, device=device)
-        val = embs["val"]
-        same = val.by_action().get(int(val.action_labels[0]), [0]) if len(val.video_ids) else []
-        if len(same) >= 2:
-            save_alignment_figure(val.embeddings[same[0]], val.embeddings[same[1]], out / f"{name}_alignment.png",
-                                  names=(val.video_ids[same[0]], val.video_ids[same[1]]))
+        save_pictures(name, embs["train"], embs["val"], shards, out)
     table = markdown_table(results)
     (out / "results.md").write_text(f"# Transfer evaluation: {dataset} ({shards})\n\n{table}\n")
     (out / "results.json").write_text(json.dumps({"dataset": dataset, "shards": str(shards), "results": results,

@@ -1,0 +1,76 @@
+"""Pictures people would rather look at than read: fine-grained retrieval (a query frame and its
+nearest frames in other videos, paper Fig. 5) and phase timelines (predicted vs true phases of one
+video, Fig. 8). The alignment heatmap lives with DTW in :mod:`carl_scale.eval.alignment`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    _pyplot().close(fig)
+    return out
+
+
+def nearest_frames(query: np.ndarray, others: list[np.ndarray], k: int = 5) -> list[tuple[int, int, float]]:
+    """The nearest frame (Euclidean) to one query embedding in each of several videos, for the
+    ``k`` videos where it is nearest: ``(video index, frame index, distance)``, nearest first.
+    One hit per video, so the picture shows the same moment across videos, not one video's
+    neighbouring frames."""
+    hits = []
+    for v, e in enumerate(others):
+        d = np.linalg.norm(np.asarray(e) - query[None], axis=1)
+        hits.append((v, int(d.argmin()), float(d.min())))
+    return sorted(hits, key=lambda h: h[2])[:k]
+
+
+def save_retrieval_figure(query_frame: np.ndarray, hit_frames: list[np.ndarray], captions: list[str],
+                          out: str | Path, *, query_caption: str = "query") -> Path:
+    """One row: the query frame, then its hits (``(H, W, 3)`` uint8 each) with captions."""
+    plt = _pyplot()
+    n = 1 + len(hit_frames)
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.6))
+    for ax, img, cap in zip(np.atleast_1d(axes), [query_frame, *hit_frames], [query_caption, *captions]):
+        ax.imshow(img)
+        ax.set_title(cap, fontsize=7)
+        ax.set_axis_off()
+    np.atleast_1d(axes)[0].set_title(query_caption, fontsize=7, color="crimson")
+    return _save(fig, out)
+
+
+def save_phase_timeline(true: np.ndarray, pred: np.ndarray, out: str | Path, *, title: str = "",
+                        phase_names: list[str] | None = None) -> Path:
+    """Two coloured bars over the frames of one video: true phases (top) and predicted (bottom);
+    unlabelled frames (< 0) are grey."""
+    plt = _pyplot()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    true, pred = np.asarray(true), np.asarray(pred)
+    k = int(max(true.max(initial=0), pred.max(initial=0))) + 1
+    colours = plt.get_cmap("tab10")(np.arange(k) % 10)
+    cmap = ListedColormap(np.vstack([[0.8, 0.8, 0.8, 1.0], colours]))
+    fig, ax = plt.subplots(figsize=(11, 1.6))
+    ax.imshow(np.stack([true, pred]) + 1, aspect="auto", cmap=cmap, vmin=0, vmax=k, interpolation="nearest")
+    ax.set_yticks([0, 1], ["true", "predicted"])
+    ax.set_xlabel("frame")
+    ax.set_title(title or f"phases: {np.mean(pred[true >= 0] == true[true >= 0]):.0%} of labelled frames right")
+    names = phase_names or [f"phase {i}" for i in range(k)]
+    ax.legend(handles=[Patch(color=colours[i], label=names[i]) for i in range(k)], loc="center left",
+              bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
+    return _save(fig, out)
