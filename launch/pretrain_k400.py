@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from carl_scale.config import LoaderConfig, SpatialConfig, TemporalConfig  # noqa: E402
 from carl_scale.data.synthetic import SyntheticConfig  # noqa: E402
 from carl_scale.models import FLAVORS, model_config  # noqa: E402
+from carl_scale.models.flavors import ModelConfig  # noqa: E402
 from carl_scale.train.config import (CheckpointConfig, LossConfig, OptimConfig, ParallelConfig,  # noqa: E402
                                      RunConfig)
 
@@ -60,6 +62,8 @@ def parse(argv: list[str] | None = None) -> RunConfig:
     g = p.add_argument_group("model")
     g.add_argument("--flavor", choices=sorted(FLAVORS), default="debug")
     g.add_argument("--pretrained", help="local ResNet-50 weights (torchvision state dict or BYOL checkpoint)")
+    g.add_argument("--init-from", help="a step_NNNNNN checkpoint directory: start from its model (and its model "
+                   "config), e.g. to fine-tune a Kinetics-400 model on a target dataset")
     g.add_argument("--image-size", type=int)
     g.add_argument("--layers", type=int, help="transformer layers")
     g.add_argument("--train-stages", type=int, help="backbone stages trained, from the top")
@@ -87,10 +91,18 @@ def parse(argv: list[str] | None = None) -> RunConfig:
     g.add_argument("--no-eval", action="store_true", help="skip the end-of-run evaluation")
     a = p.parse_args(argv)
 
-    debug = a.flavor == "debug"
     overrides = {k: v for k, v in dict(pretrained=a.pretrained, image_size=a.image_size, num_layers=a.layers,
                                        train_last_stages=a.train_stages).items() if v is not None}
-    model = model_config(a.flavor, **overrides)
+    if a.init_from:  # the model is the checkpoint's, whatever --flavor says
+        meta = Path(a.init_from) / "meta.json"
+        if not meta.exists():
+            raise SystemExit(f"--init-from {a.init_from}: no meta.json there; name a step_NNNNNN checkpoint directory")
+        saved = json.loads(meta.read_text())["config"]["model"]
+        model = dataclasses.replace(ModelConfig(**{f.name: saved[f.name] for f in dataclasses.fields(ModelConfig)
+                                                   if f.name in saved}), **{"pretrained": None, **overrides})
+    else:
+        model = model_config(a.flavor, **overrides)
+    debug = model.flavor == "debug"
     # The debug defaults are what learns from scratch on 2 CPU cores in minutes (closing note of
     # issue 3): many videos per step, few frames spread over the whole video, light augmentation.
     frames = a.frames or (8 if debug else 80)
@@ -117,7 +129,7 @@ def parse(argv: list[str] | None = None) -> RunConfig:
         parallel=ParallelConfig(zero_stage=a.zero_stage, grad_accum=a.grad_accum,
                                 global_batch_size=a.global_batch_size, precision=a.precision),
         checkpoint=CheckpointConfig(every_steps=a.checkpoint_every, keep=a.keep, resume=a.resume),
-        synthetic=synthetic, synthetic_dir=a.data_dir)
+        synthetic=synthetic, synthetic_dir=a.data_dir, init_from=a.init_from)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -3,6 +3,7 @@
     launch/transfer_eval.sh synthetic                       # newest checkpoint of runs/pretrain
     launch/transfer_eval.sh pennaction runs/k400/checkpoints/step_100000
     launch/transfer_eval.sh pouring --shards data/pouring --out runs/transfer
+    launch/transfer_eval.sh pennaction runs/k400/checkpoints/step_100000 --finetune-steps 5000   # Table 15
     python launch/transfer_eval.py synthetic --run-dir runs/default --random-baseline
 
 Writes runs/transfer/<dataset>/results.md and results.json (every metric, per action class where
@@ -18,6 +19,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
+def finetune(ckpt: Path, shards: str, run_dir: Path, steps: int, extra: list[str]) -> Path:
+    """SCL on the target's training shards from ``ckpt``'s weights (a fresh optimizer and
+    schedule, the pretraining entry point in its own process); returns the new checkpoint.
+    Rerunning resumes an interrupted fine-tuning instead of starting over."""
+    import subprocess
+
+    from carl_scale.eval.transfer import latest_checkpoint
+
+    cmd = [sys.executable, str(Path(__file__).with_name("pretrain_k400.py")), "--shards", shards, "--init-from",
+           str(ckpt), "--steps", str(steps), "--run-dir", str(run_dir), "--resume", "latest", "--no-eval", *extra]
+    print("fine-tuning:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return latest_checkpoint(run_dir)
+
+
 def main(argv: list[str] | None = None) -> dict:
     from carl_scale.eval.transfer import PROTOCOLS
 
@@ -29,6 +45,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="runs/transfer")
     p.add_argument("--random-baseline", action="store_true", help="also evaluate the same flavor at random init")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="first fine-tune the checkpoint with SCL on the dataset's train split for this many steps")
+    p.add_argument("--finetune-args", default="", help="more flags for launch/pretrain_k400.py, e.g. '--lr 1e-5'")
     a = p.parse_args(argv)
 
     import torch
@@ -38,6 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = Path(a.checkpoint) if a.checkpoint else latest_checkpoint(a.run_dir)
+    if a.finetune_steps:
+        ckpt = finetune(ckpt, a.shards or PROTOCOLS[a.dataset].shards, Path(a.out) / a.dataset / "finetune",
+                        a.finetune_steps, a.finetune_args.split())
     models = {"pretrained": load_pretrained(ckpt, device)}
     if a.random_baseline:
         torch.manual_seed(0)

@@ -161,9 +161,12 @@ def test_readme_main_command_scaled_down(tmp_path):
     assert res.returncode == 0 and (data / "shards.json").stat().st_mtime_ns == mtime
     # and the transfer evaluation reads that run's newest checkpoint
     res = subprocess.run([str(ROOT / "launch/transfer_eval.sh"), "synthetic", "--run-dir", str(tmp_path / "run"),
-                          "--shards", str(data), "--out", str(tmp_path / "transfer"), "--random-baseline"],
+                          "--shards", str(data), "--out", str(tmp_path / "transfer"), "--random-baseline",
+                          "--finetune-steps", "2", "--finetune-args", "--frames 8 --batch-size 2 --workers 1"],
                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| pretrained |" in res.stdout and "| random_init |" in res.stdout
     assert (tmp_path / "transfer/synthetic/results.json").exists()
+    tuned = tmp_path / "transfer/synthetic/finetune/checkpoints"
+    assert (tuned / "latest").read_text().strip() == "step_000002" and "finetune" in res.stdout
     shutil.rmtree(tmp_path / "run2")

@@ -55,18 +55,13 @@ def load_pretrained(checkpoint: str | Path, device: str = "cpu") -> torch.nn.Mod
     """The FVE of a pretraining checkpoint directory (model config from its meta.json)."""
     from carl_scale.models import build_model
     from carl_scale.models.flavors import ModelConfig
+    from carl_scale.train.checkpoint import model_state
 
-    path = Path(checkpoint)
-    weights = path / "mp_rank_00_model_states.pt"
-    if not (path / "meta.json").exists() or not weights.exists():
-        raise FileNotFoundError(f"{path} is not a complete pretraining checkpoint (needs meta.json and "
-                                f"mp_rank_00_model_states.pt); see runs/<name>/checkpoints/")
-    cfg = json.loads((path / "meta.json").read_text())["config"]["model"]
+    state, cfg = model_state(checkpoint)
     cfg = ModelConfig(**{f.name: cfg[f.name] for f in dataclasses.fields(ModelConfig) if f.name in cfg})
     cfg.pretrained = None  # the checkpoint holds every weight
     model = build_model(cfg)
-    state = torch.load(weights, map_location="cpu", weights_only=False)["module"]
-    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    model.load_state_dict(state)
     return model.to(device).eval()
 
 

@@ -110,3 +110,16 @@ def load(engine, path: Path) -> tuple[dict, dict]:
     client = torch.load(client_file, map_location="cpu", weights_only=False)
     meta = json.loads((path / "meta.json").read_text())
     return client, meta
+
+
+def model_state(path: str | Path) -> tuple[dict, dict]:
+    """(FVE state dict, model config dict) of a checkpoint directory, for evaluation or for
+    starting another run from its weights (``--init-from``): no optimizer, step or data state."""
+    path = Path(path)
+    weights = path / "mp_rank_00_model_states.pt"
+    if not (path / "meta.json").exists() or not weights.exists():
+        raise FileNotFoundError(f"{path} is not a complete pretraining checkpoint (needs meta.json and "
+                                f"mp_rank_00_model_states.pt); see runs/<name>/checkpoints/")
+    cfg = json.loads((path / "meta.json").read_text())["config"]["model"]
+    state = torch.load(weights, map_location="cpu", weights_only=False)["module"]
+    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}, cfg

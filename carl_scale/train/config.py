@@ -57,3 +57,4 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     synthetic: SyntheticConfig | None = None  # set: the embedded default data, made if absent
     synthetic_dir: str = "data/synthetic"
+    init_from: str | None = None  # a checkpoint directory whose model weights start this run (fine-tuning)
