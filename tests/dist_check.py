@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from carl_scale.train.trainer import Trainer  # noqa: E402
+from carl_scale.train.trainer import Trainer, shutdown  # noqa: E402
 from launch.pretrain_k400 import parse  # noqa: E402
 
 
@@ -64,6 +64,8 @@ def main() -> None:
     dist.all_gather_object(gathered, mine)
     if trainer.rank == 0:
         Path(out).write_text(json.dumps(gathered))
+    del trainer
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -295,7 +295,18 @@ class Trainer:
             print("\n" + table([(name, *(f"{v[k]:.4f}" for k in keys)) for name, v in ev.items()], ("model", *keys)))
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly: a gloo group still alive at interpreter exit can abort
+    the process ("terminate called without an active exception") after a successful run."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run(cfg: RunConfig) -> dict:
     trainer = Trainer(cfg)
-    return trainer.fit()
+    result = trainer.fit()  # on an error, no barrier: the other ranks may never reach it
+    del trainer  # stop the loader's workers before the group goes
+    shutdown()
+    return result
 
