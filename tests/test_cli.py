@@ -1,0 +1,68 @@
+"""`carl-scale embed` / `carl-scale align` on plain video files and on shards."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from carl_scale.cli import main
+from carl_scale.config import config_to_dict
+from carl_scale.data.codec import EncodeOptions, encode_video
+from carl_scale.data.synthetic import SyntheticConfig, render_video
+from carl_scale.eval.transfer import load_pretrained
+from carl_scale.models import build_model, model_config
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint directory laid out as the trainer writes it (DeepSpeed model states + meta)."""
+    path = tmp_path_factory.mktemp("run") / "checkpoints/step_000001"
+    path.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = build_model(model_config("debug", image_size=32, train_frames=8))
+    torch.save({"module": {f"model.{k}": v for k, v in model.state_dict().items()}},
+               path / "mp_rank_00_model_states.pt")
+    (path / "meta.json").write_text(json.dumps({"step": 1, "config": {"model": config_to_dict(model.cfg)}}))
+    (path.parent / "latest").write_text("step_000001")
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    out = tmp_path_factory.mktemp("videos")
+    cfg = SyntheticConfig(height=48, width=48, min_frames=30, max_frames=60)
+    paths = []
+    for i in range(2):
+        p = out / f"clip{i}.webm"
+        p.write_bytes(encode_video(render_video(cfg, "val", i).frames, 30.0, EncodeOptions(codec="vp9")))
+        paths.append(p)
+    return paths
+
+
+def test_checkpoint_round_trip(checkpoint):
+    path, model = checkpoint
+    loaded = load_pretrained(path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_embed_files_and_shards(checkpoint, videos, vp9_shards, tmp_path):
+    path, _ = checkpoint
+    main(["embed", *map(str, videos), "--checkpoint", str(path), "--out", str(tmp_path), "--device", "cpu"])
+    emb = np.load(tmp_path / "clip0.npy")
+    assert emb.shape[1] == 64 and 30 <= emb.shape[0] <= 60
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    main(["embed", "--shards", str(vp9_shards), "--run-dir", str(path.parents[1]), "--out", str(tmp_path)])
+    assert (tmp_path / "val.npz").exists()
+
+
+def test_align_writes_a_picture_and_missing_files_are_named(checkpoint, videos, tmp_path):
+    path, _ = checkpoint
+    out = tmp_path / "a.png"
+    main(["align", str(videos[0]), str(videos[1]), "--checkpoint", str(path), "--out", str(out)])
+    assert Image.open(out).size[0] > 500
+    with pytest.raises(FileNotFoundError, match="nope.mp4"):
+        main(["align", str(videos[0]), "nope.mp4", "--checkpoint", str(path), "--out", str(out)])
