@@ -46,13 +46,6 @@ def embed_frames(model, frames: np.ndarray, device: str) -> np.ndarray:
     return model.embed_video(x.to(next(model.parameters()).dtype)).float().cpu().numpy()
 
 
-def _thumbs(frames: np.ndarray, height: int = 96) -> np.ndarray:
-    from PIL import Image
-
-    w = max(1, round(frames.shape[2] * height / frames.shape[1]))
-    return np.stack([np.asarray(Image.fromarray(f).resize((w, height))) for f in frames])
-
-
 def cmd_embed(args) -> None:
     from carl_scale.eval.embed import extract_embeddings
 
@@ -70,11 +63,12 @@ def cmd_embed(args) -> None:
 
 def cmd_align(args) -> None:
     from carl_scale.eval.alignment import save_alignment_figure
+    from carl_scale.eval.pictures import thumbnails
 
     model, device = _model(args)
     fa, fb = read_video(args.a), read_video(args.b)
     ea, eb = embed_frames(model, fa, device), embed_frames(model, fb, device)
-    out = save_alignment_figure(ea, eb, args.out, frames_a=_thumbs(fa), frames_b=_thumbs(fb),
+    out = save_alignment_figure(ea, eb, args.out, frames_a=thumbnails(fa), frames_b=thumbnails(fb),
                                 names=(Path(args.a).name, Path(args.b).name))
     print(f"alignment of {args.a} ({len(fa)} frames) and {args.b} ({len(fb)} frames) -> {out}")
 

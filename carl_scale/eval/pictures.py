@@ -27,6 +27,16 @@ def _save(fig, out: str | Path) -> Path:
     return out
 
 
+def thumbnails(frames: np.ndarray, height: int = 96) -> np.ndarray:
+    """``(S, H, W, 3)`` uint8 frames resized to ``height`` rows (aspect kept), for picture strips."""
+    from PIL import Image
+
+    if frames.shape[1] == height:
+        return frames
+    w = max(1, round(frames.shape[2] * height / frames.shape[1]))
+    return np.stack([np.asarray(Image.fromarray(f).resize((w, height))) for f in frames])
+
+
 def nearest_frames(query: np.ndarray, others: list[np.ndarray], k: int = 5) -> list[tuple[int, int, float]]:
     """The nearest frame (Euclidean) to one query embedding in each of several videos, for the
     ``k`` videos where it is nearest: ``(video index, frame index, distance)``, nearest first.

@@ -139,7 +139,7 @@ def save_pictures(name: str, train: VideoEmbeddings, val: VideoEmbeddings, shard
     from sklearn.linear_model import LogisticRegression
 
     from carl_scale.eval.alignment import save_alignment_figure
-    from carl_scale.eval.pictures import nearest_frames, save_phase_timeline, save_retrieval_figure
+    from carl_scale.eval.pictures import nearest_frames, save_phase_timeline, save_retrieval_figure, thumbnails
 
     groups = [v for v in val.by_action().values() if len(v) >= 2]
     if not groups:
@@ -148,7 +148,9 @@ def save_pictures(name: str, train: VideoEmbeddings, val: VideoEmbeddings, shard
     others = [b, *rest]
     q = int(np.flatnonzero(val.phase_labels[a] >= 0).mean()) if (val.phase_labels[a] >= 0).any() else 0
     hits = nearest_frames(val.embeddings[a][q], [val.embeddings[i] for i in others])
-    frames = _video_frames(shards, "val", {val.video_ids[i] for i in (a, *others)})
+    # decode only the videos the pictures show (an action may have dozens of long ones)
+    frames = {k: thumbnails(f) for k, f in _video_frames(
+        shards, "val", {val.video_ids[i] for i in (a, b, *(others[v] for v, _, _ in hits))}).items()}
     ida, idb = val.video_ids[a], val.video_ids[b]
     paths = [save_alignment_figure(val.embeddings[a], val.embeddings[b], out / f"{name}_alignment.png",
                                    frames_a=frames.get(ida), frames_b=frames.get(idb), names=(ida, idb))]
