@@ -55,6 +55,9 @@ def cmd_embed(args) -> None:
     if args.shards:
         ve = extract_embeddings(model, args.shards, args.split, device=device, cache=str(out / f"{args.split}.npz"))
         print(f"{len(ve.video_ids)} videos of {args.shards} ({args.split}) -> {out / f'{args.split}.npz'}")
+    stems = [Path(v).stem for v in args.videos]
+    if len(set(stems)) < len(stems):
+        raise SystemExit(f"two inputs share a file name ({stems}); their .npy files would overwrite each other")
     for video in args.videos:
         emb = embed_frames(model, read_video(video), device)
         np.save(out / f"{Path(video).stem}.npy", emb)

@@ -7,12 +7,14 @@
     python launch/transfer_eval.py synthetic --run-dir runs/default --random-baseline
 
 Writes runs/transfer/<dataset>/results.md and results.json (every metric, per action class where
-the protocol has them), cached embeddings (.npz) and an alignment picture per model.
+the protocol has them), the embeddings (.npz) and pictures per model (alignment, retrieval, phase timeline).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import shlex
 import sys
 from pathlib import Path
 
@@ -58,8 +60,11 @@ def main(argv: list[str] | None = None) -> dict:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = Path(a.checkpoint) if a.checkpoint else latest_checkpoint(a.run_dir)
     if a.finetune_steps:
-        ckpt = finetune(ckpt, a.shards or PROTOCOLS[a.dataset].shards, Path(a.out) / a.dataset / "finetune",
-                        a.finetune_steps, a.finetune_args.split())
+        # one fine-tuning run per (source checkpoint, steps, flags): a rerun resumes it, another
+        # checkpoint or setting never picks it up by mistake
+        key = hashlib.sha1(f"{ckpt.resolve()}|{a.finetune_steps}|{a.finetune_args}".encode()).hexdigest()[:10]
+        ckpt = finetune(ckpt, a.shards or PROTOCOLS[a.dataset].shards, Path(a.out) / a.dataset / f"finetune_{key}",
+                        a.finetune_steps, shlex.split(a.finetune_args))
     models = {"pretrained": load_pretrained(ckpt, device)}
     if a.random_baseline:
         torch.manual_seed(0)

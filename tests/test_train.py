@@ -167,6 +167,6 @@ def test_readme_main_command_scaled_down(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| pretrained |" in res.stdout and "| random_init |" in res.stdout
     assert (tmp_path / "transfer/synthetic/results.json").exists()
-    tuned = tmp_path / "transfer/synthetic/finetune/checkpoints"
-    assert (tuned / "latest").read_text().strip() == "step_000002" and "finetune" in res.stdout
+    (tuned,) = (tmp_path / "transfer/synthetic").glob("finetune_*/checkpoints")
+    assert (tuned / "latest").read_text().strip() == "step_000002" and "fine-tuning" in res.stdout
     shutil.rmtree(tmp_path / "run2")

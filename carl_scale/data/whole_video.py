@@ -20,14 +20,16 @@ from carl_scale.data.decoders import DALI_CPU_CODECS, EncodedVideo, FrameDecoder
 from carl_scale.data.reader import parse_meta, resolve_shards
 
 
-def iter_whole_videos(spec, decoder: FrameDecoder, split: str = "train",
-                      on_error=None) -> Iterator[tuple[dict, np.ndarray]]:
-    """Every video of the shards, decoded whole. ``on_error(key, exn)`` skips a bad sample
-    (default: raise)."""
+def iter_whole_videos(spec, decoder: FrameDecoder, split: str = "train", on_error=None,
+                      only: set[str] | None = None) -> Iterator[tuple[dict, np.ndarray]]:
+    """Every video of the shards (or those whose ``video_id`` is in ``only``: the others are not
+    decoded), decoded whole. ``on_error(key, exn)`` skips a bad sample (default: raise)."""
     urls, _ = resolve_shards(spec, split)
     for sample in wds.tarfile_to_samples()([dict(url=u) for u in urls]):
         try:
             meta = parse_meta(sample)
+            if only is not None and meta["video_id"] not in only:
+                continue
             frames = decoder.decode_all(EncodedVideo.from_sample(sample, meta))
         except Exception as exn:
             if on_error is None:

@@ -44,7 +44,7 @@ class VideoEmbeddings:
 def extract_embeddings(model, shards, split: str = "val", *, image_size: int | None = None,
                        spatial: SpatialConfig | None = None, device: str = "cpu", decoder: str = "auto",
                        limit: int | None = None, cache: str | None = None) -> VideoEmbeddings:
-    """Embed every frame of every video of ``split``; optionally cached to ``cache`` (.npz)."""
+    """Embed every frame of every video of ``split``; optionally saved to ``cache`` (.npz, see :meth:`VideoEmbeddings.load`)."""
     spatial = spatial or SpatialConfig()
     size = image_size or model.cfg.image_size
     _, manifest = resolve_shards(shards, split)

@@ -137,7 +137,8 @@ def average_precision_at_k(embs, phase_labels, action_labels, ks: Sequence[int] 
     """Fine-grained retrieval (paper §4.2.4, "AP@K", really precision@K): every labelled frame of
     a video (at ``stride``) queries the labelled frames (same stride) of all *other* videos of the
     same action; its score is the fraction of its K nearest (Euclidean) with its phase label. Mean
-    over a video's frames, then over all videos."""
+    over a video's frames, then over all videos. With fewer than K candidates, all of them count
+    (the fraction is over the candidates). Queries go in chunks, so long videos fit in memory."""
     dev = _device(device)
     x = [torch.as_tensor(np.asarray(e)[::stride], dtype=torch.float32, device=dev) for e in embs]
     y = [torch.as_tensor(np.asarray(p)[::stride], device=dev) for p in phase_labels]
@@ -151,7 +152,8 @@ def average_precision_at_k(embs, phase_labels, action_labels, ks: Sequence[int] 
             continue
         cand_x, cand_y = torch.cat([x[j] for j in others]), torch.cat([y[j] for j in others])
         kmax = min(max(ks), len(cand_x))
-        nn_idx = torch.cdist(x[i], cand_x).topk(kmax, dim=1, largest=False).indices  # sorted nearest first
+        nn_idx = torch.cat([torch.cdist(q, cand_x).topk(kmax, dim=1, largest=False).indices  # nearest first
+                            for q in x[i].split(1024)])
         hits = (cand_y[nn_idx] == y[i][:, None]).float()
         for k in ks:
             per_video[k].append(hits[:, :min(k, kmax)].mean().item())
@@ -162,7 +164,8 @@ def one_shot_phase_classification(train_embs, train_labels, train_actions, val_e
                                   trials: int = 5, seed: int = 0, device: str | None = None) -> dict[str, float]:
     """One labelled training video per action (drawn at random, ``trials`` times): every labelled
     validation frame takes the phase of its nearest labelled frame in that action's video.
-    Frame accuracy over all validation videos, mean and std over trials (paper §4.2.5)."""
+    Frame accuracy over the validation videos whose action has a labelled training video (the
+    others cannot be scored), mean and std over trials (paper §4.2.5)."""
     dev = _device(device)
     rng = np.random.default_rng(seed)
     train_actions, val_actions = np.asarray(train_actions), np.asarray(val_actions)
@@ -219,8 +222,12 @@ def linear_probe_frame_classification(train_embs, train_labels, val_embs, val_la
     dev = _device(device)
     x, y = (torch.as_tensor(a, device=dev) for a in _labelled(train_embs, train_labels))
     xv, yv = (torch.as_tensor(a, device=dev) for a in _labelled(val_embs, val_labels))
+    if not len(y) or not len(yv):
+        return {"accuracy": float("nan"), "mean_class_accuracy": float("nan")}
     x, xv, y, yv = x.float(), xv.float(), y.long(), yv.long()
     c = num_classes or int(max(y.max().item(), yv.max().item())) + 1
+    if max(y.max().item(), yv.max().item()) >= c:
+        raise ValueError(f"labels go up to {max(y.max().item(), yv.max().item())} but num_classes is {c}")
     g = torch.Generator(device="cpu").manual_seed(seed)
     torch.manual_seed(seed)
     layer = torch.nn.Linear(x.shape[1], c).to(dev)

@@ -124,11 +124,11 @@ def _video_frames(shards: str, split: str, ids: set[str]) -> dict[str, np.ndarra
 
     _, manifest = resolve_shards(shards, split)
     out = {}
-    for meta, frames in iter_whole_videos(shards, make_decoder("auto", codec=manifest_codec(manifest)), split):
-        if meta["video_id"] in ids:
-            out[meta["video_id"]] = np.asarray(frames)
-            if len(out) == len(ids):
-                break
+    dec = make_decoder("auto", codec=manifest_codec(manifest), device="cpu")  # numpy frames for matplotlib
+    for meta, frames in iter_whole_videos(shards, dec, split, only=ids):
+        out[meta["video_id"]] = np.asarray(frames)
+        if len(out) == len(ids):
+            break
     return out
 
 
@@ -169,7 +169,8 @@ def save_pictures(name: str, train: VideoEmbeddings, val: VideoEmbeddings, shard
 
 def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: str | None = None,
                   out_dir: str | Path = "runs/transfer", device: str = "cpu", image_size: int | None = None) -> dict:
-    """Embed the train and val splits with each model (cached under ``out_dir``), run the
+    """Embed the train and val splits with each model (saved as ``.npz`` under ``out_dir``, to
+    re-run metrics with :meth:`VideoEmbeddings.load`; always re-embedded here), run the
     dataset's protocol, write ``results.md`` / ``results.json`` and the pictures of
     :func:`save_pictures` for each model."""
     if dataset not in PROTOCOLS:
