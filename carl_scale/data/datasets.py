@@ -55,8 +55,9 @@ def ensure_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = N
     if manifest is not None and {"train", "val"} <= set(manifest.get("splits", {})):
         if manifest.get("synthetic_config") == dataclasses.asdict(cfg):
             return manifest
-        raise FileExistsError(f"{out_dir} holds shards of another dataset or synthetic config; "
-                              f"remove it or choose another data directory")
+        raise FileExistsError(f"{out_dir} holds shards of another dataset or synthetic config (other flags, or "
+                              f"an older carl_scale: the default set changed to nuisance='low'); remove it "
+                              f"(rm -r {out_dir}) or choose another --data-dir")
     return write_synthetic_shards(out_dir, cfg, overwrite=manifest is None, **kw)
 
 
