@@ -17,11 +17,10 @@ import numpy as np
 
 
 def _model(args):
-    import torch
-
+    from carl_scale.eval.embed import default_device
     from carl_scale.eval.transfer import latest_checkpoint, load_pretrained
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(args.device)
     ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(args.run_dir)
     return load_pretrained(ckpt, device), device
 
@@ -38,16 +37,8 @@ def read_video(path: str) -> np.ndarray:
     return np.stack(frames)
 
 
-def embed_frames(model, frames: np.ndarray, device: str) -> np.ndarray:
-    from carl_scale.config import SpatialConfig
-    from carl_scale.data.spatial import eval_geometric, eval_photometric, to_tchw
-
-    x = eval_photometric(eval_geometric(to_tchw(frames), model.cfg.image_size), SpatialConfig()).to(device)
-    return model.embed_video(x.to(next(model.parameters()).dtype)).float().cpu().numpy()
-
-
 def cmd_embed(args) -> None:
-    from carl_scale.eval.embed import extract_embeddings
+    from carl_scale.eval.embed import embed_frames, extract_embeddings
 
     model, device = _model(args)
     out = Path(args.out)
@@ -59,18 +50,19 @@ def cmd_embed(args) -> None:
     if len(set(stems)) < len(stems):
         raise SystemExit(f"two inputs share a file name ({stems}); their .npy files would overwrite each other")
     for video in args.videos:
-        emb = embed_frames(model, read_video(video), device)
+        emb = embed_frames(model, read_video(video), device=device)
         np.save(out / f"{Path(video).stem}.npy", emb)
         print(f"{video}: {emb.shape[0]} frames x {emb.shape[1]} -> {out / (Path(video).stem + '.npy')}")
 
 
 def cmd_align(args) -> None:
     from carl_scale.eval.alignment import save_alignment_figure
+    from carl_scale.eval.embed import embed_frames
     from carl_scale.eval.pictures import thumbnails
 
     model, device = _model(args)
     fa, fb = read_video(args.a), read_video(args.b)
-    ea, eb = embed_frames(model, fa, device), embed_frames(model, fb, device)
+    ea, eb = embed_frames(model, fa, device=device), embed_frames(model, fb, device=device)
     out = save_alignment_figure(ea, eb, args.out, frames_a=thumbnails(fa), frames_b=thumbnails(fb),
                                 names=(Path(args.a).name, Path(args.b).name))
     print(f"alignment of {args.a} ({len(fa)} frames) and {args.b} ({len(fb)} frames) -> {out}")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from carl_scale.config import LoaderConfig, SpatialConfig, TemporalConfig  # noqa: E402
 from carl_scale.data.synthetic import SyntheticConfig  # noqa: E402
 from carl_scale.models import FLAVORS, model_config  # noqa: E402
-from carl_scale.models.flavors import ModelConfig  # noqa: E402
+from carl_scale.models.flavors import model_config_from_dict  # noqa: E402
 from carl_scale.train.config import (CheckpointConfig, LossConfig, OptimConfig, ParallelConfig,  # noqa: E402
                                      RunConfig)
 
@@ -97,9 +97,8 @@ def parse(argv: list[str] | None = None) -> RunConfig:
         meta = Path(a.init_from) / "meta.json"
         if not meta.exists():
             raise SystemExit(f"--init-from {a.init_from}: no meta.json there; name a step_NNNNNN checkpoint directory")
-        saved = json.loads(meta.read_text())["config"]["model"]
-        model = dataclasses.replace(ModelConfig(**{f.name: saved[f.name] for f in dataclasses.fields(ModelConfig)
-                                                   if f.name in saved}), **{"pretrained": None, **overrides})
+        model = model_config_from_dict(json.loads(meta.read_text())["config"]["model"],
+                                       **{"pretrained": None, **overrides})
     else:
         model = model_config(a.flavor, **overrides)
     debug = model.flavor == "debug"

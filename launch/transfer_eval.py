@@ -54,10 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    from carl_scale.eval.embed import default_device
     from carl_scale.eval.transfer import latest_checkpoint, load_pretrained, transfer_eval
     from carl_scale.models import build_model
 
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(a.device)
     ckpt = Path(a.checkpoint) if a.checkpoint else latest_checkpoint(a.run_dir)
     if a.finetune_steps:
         # one fine-tuning run per (source checkpoint, steps, flags): a rerun resumes it, another

@@ -21,6 +21,10 @@ class VideoEmbeddings:
     phase_labels: list[np.ndarray]
     action_labels: np.ndarray
 
+    def subset(self, idx: list[int]) -> "VideoEmbeddings":
+        return VideoEmbeddings([self.video_ids[i] for i in idx], [self.embeddings[i] for i in idx],
+                               [self.phase_labels[i] for i in idx], self.action_labels[list(idx)])
+
     def by_action(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
         for k, a in enumerate(self.action_labels.tolist()):
@@ -40,23 +44,34 @@ class VideoEmbeddings:
                    z["action_labels"])
 
 
+def default_device(device: str | None = None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def embed_frames(model, frames, *, image_size: int | None = None, spatial: SpatialConfig | None = None,
+                 device: str = "cpu") -> np.ndarray:
+    """One whole video ``(S, H, W, 3)`` uint8 -> L2-normalised ``(S, D)``: the evaluation view
+    (centre crop, resize, normalise; no augmentation) through ``model.embed_video``."""
+    x = eval_photometric(eval_geometric(to_tchw(frames), image_size or model.cfg.image_size),
+                         spatial or SpatialConfig()).to(device)
+    return model.embed_video(x.to(next(model.parameters()).dtype)).float().cpu().numpy()
+
+
 @torch.no_grad()
 def extract_embeddings(model, shards, split: str = "val", *, image_size: int | None = None,
                        spatial: SpatialConfig | None = None, device: str = "cpu", decoder: str = "auto",
                        limit: int | None = None, cache: str | None = None) -> VideoEmbeddings:
-    """Embed every frame of every video of ``split``; optionally saved to ``cache`` (.npz, see :meth:`VideoEmbeddings.load`)."""
-    spatial = spatial or SpatialConfig()
-    size = image_size or model.cfg.image_size
+    """Embed every frame of every video of ``split``; optionally saved to ``cache`` (.npz, see
+    :meth:`VideoEmbeddings.load`)."""
     _, manifest = resolve_shards(shards, split)
     # evaluation decodes whole videos on the CPU, whatever the training device
     dec = make_decoder(decoder, codec=manifest_codec(manifest), device="cpu")
     was_training = model.training
     model.eval()
-    dtype = next(model.parameters()).dtype
     ids, embs, phases, actions = [], [], [], []
     for meta, frames in iter_whole_videos(shards, dec, split):
-        x = eval_photometric(eval_geometric(to_tchw(frames), size), spatial).to(device)
-        embs.append(model.embed_video(x.to(dtype)).float().cpu().numpy())
+        embs.append(embed_frames(model, frames, image_size=image_size, spatial=spatial, device=device))
         ids.append(meta["video_id"])
         phases.append(np.asarray(meta["phase_labels"], dtype=np.int64))
         actions.append(int(meta["action_label"]))

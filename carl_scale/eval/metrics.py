@@ -14,6 +14,10 @@ import torch
 from scipy.stats import kendalltau
 
 
+def _device(device: str | None) -> str:
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _labelled(embs: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     x = np.concatenate([e[np.asarray(lab) >= 0] for e, lab in zip(embs, labels)])
     y = np.concatenate([np.asarray(lab)[np.asarray(lab) >= 0] for lab in labels])
@@ -63,7 +67,7 @@ def kendalls_tau(embs: Sequence[np.ndarray], *, stride: int = 1, device: str | N
     """For every ordered pair (i, j) of distinct videos, match each frame of i (every ``stride``-th)
     to its nearest frame of j (squared Euclidean) and take Kendall's tau between frame order and
     matched indices; mean over pairs. NaN pairs (a constant match) are dropped and counted."""
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = _device(device)
     vids = [torch.as_tensor(np.asarray(e)[::stride], dtype=torch.float32, device=dev) for e in embs]
     taus, dropped = [], 0
     for i, a in enumerate(vids):
@@ -79,10 +83,6 @@ def kendalls_tau(embs: Sequence[np.ndarray], *, stride: int = 1, device: str | N
             else:
                 taus.append(t)
     return {"tau": float(np.mean(taus)) if taus else float("nan"), "pairs": len(taus), "nan_pairs": dropped}
-
-
-def _device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _boundaries(labels: np.ndarray, num_phases: int) -> dict[int, int]:

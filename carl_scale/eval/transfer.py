@@ -6,7 +6,6 @@ Library code: the entry point is ``launch/transfer_eval.sh <dataset> [checkpoint
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -54,19 +53,13 @@ def latest_checkpoint(run_dir: str | Path = "runs/pretrain") -> Path:
 def load_pretrained(checkpoint: str | Path, device: str = "cpu") -> torch.nn.Module:
     """The FVE of a pretraining checkpoint directory (model config from its meta.json)."""
     from carl_scale.models import build_model
-    from carl_scale.models.flavors import ModelConfig
+    from carl_scale.models.flavors import model_config_from_dict
     from carl_scale.train.checkpoint import model_state
 
     state, cfg = model_state(checkpoint)
-    cfg = ModelConfig(**{f.name: cfg[f.name] for f in dataclasses.fields(ModelConfig) if f.name in cfg})
-    cfg.pretrained = None  # the checkpoint holds every weight
-    model = build_model(cfg)
+    model = build_model(model_config_from_dict(cfg, pretrained=None))  # the checkpoint holds every weight
     model.load_state_dict(state)
     return model.to(device).eval()
-
-
-def _subset(ve: VideoEmbeddings, idx: list[int]) -> tuple[list, list]:
-    return [ve.embeddings[i] for i in idx], [ve.phase_labels[i] for i in idx]
 
 
 def _phase_metrics(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, device: str) -> dict[str, float]:
@@ -100,9 +93,7 @@ def run_protocol(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, devi
     tb, vb = train.by_action(), val.by_action()
     for a, vidx in sorted(vb.items()):
         if a in tb:
-            t = VideoEmbeddings([train.video_ids[i] for i in tb[a]], *_subset(train, tb[a]), train.action_labels[tb[a]])
-            v = VideoEmbeddings([val.video_ids[i] for i in vidx], *_subset(val, vidx), val.action_labels[vidx])
-            per_action[int(a)] = _phase_metrics(t, v, p, device)
+            per_action[int(a)] = _phase_metrics(train.subset(tb[a]), val.subset(vidx), p, device)
     keys = next(iter(per_action.values())).keys() if per_action else []
     mean = {k: float(np.nanmean([r[k] for r in per_action.values()])) for k in keys}
     return {"mean": mean, "per_action": per_action}
@@ -117,29 +108,35 @@ def markdown_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _video_frames(shards: str, split: str, ids: set[str]) -> dict[str, np.ndarray]:
+def _video_thumbnails(shards: str, split: str, ids: set[str], cache: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Thumbnails of the videos ``ids``, decoding only those not already in ``cache`` (shared by
+    the models of one evaluation, whose pictures mostly show the same videos)."""
     from carl_scale.data.decoders import make_decoder
     from carl_scale.data.reader import manifest_codec, resolve_shards
     from carl_scale.data.whole_video import iter_whole_videos
+    from carl_scale.eval.pictures import thumbnails
 
-    _, manifest = resolve_shards(shards, split)
-    out = {}
-    dec = make_decoder("auto", codec=manifest_codec(manifest), device="cpu")  # numpy frames for matplotlib
-    for meta, frames in iter_whole_videos(shards, dec, split, only=ids):
-        out[meta["video_id"]] = np.asarray(frames)
-        if len(out) == len(ids):
-            break
-    return out
+    missing = ids - cache.keys()
+    if missing:
+        _, manifest = resolve_shards(shards, split)
+        dec = make_decoder("auto", codec=manifest_codec(manifest), device="cpu")  # numpy frames for matplotlib
+        for meta, frames in iter_whole_videos(shards, dec, split, only=missing):
+            cache[meta["video_id"]] = thumbnails(np.asarray(frames))
+            missing.discard(meta["video_id"])
+            if not missing:
+                break
+    return {k: cache[k] for k in ids if k in cache}
 
 
-def save_pictures(name: str, train: VideoEmbeddings, val: VideoEmbeddings, shards: str, out: Path) -> list[Path]:
+def save_pictures(name: str, train: VideoEmbeddings, val: VideoEmbeddings, shards: str, out: Path,
+                  frame_cache: dict[str, np.ndarray] | None = None) -> list[Path]:
     """For the first validation action with two videos: DTW alignment of two of its videos with
     aligned frames, the top-5 retrieval of a mid-video frame, and a predicted-vs-true phase
     timeline (logistic regression on that action's training videos)."""
     from sklearn.linear_model import LogisticRegression
 
     from carl_scale.eval.alignment import save_alignment_figure
-    from carl_scale.eval.pictures import nearest_frames, save_phase_timeline, save_retrieval_figure, thumbnails
+    from carl_scale.eval.pictures import nearest_frames, save_phase_timeline, save_retrieval_figure
 
     groups = [v for v in val.by_action().values() if len(v) >= 2]
     if not groups:
@@ -149,8 +146,8 @@ def save_pictures(name: str, train: VideoEmbeddings, val: VideoEmbeddings, shard
     q = int(np.flatnonzero(val.phase_labels[a] >= 0).mean()) if (val.phase_labels[a] >= 0).any() else 0
     hits = nearest_frames(val.embeddings[a][q], [val.embeddings[i] for i in others])
     # decode only the videos the pictures show (an action may have dozens of long ones)
-    frames = {k: thumbnails(f) for k, f in _video_frames(
-        shards, "val", {val.video_ids[i] for i in (a, b, *(others[v] for v, _, _ in hits))}).items()}
+    frames = _video_thumbnails(shards, "val", {val.video_ids[i] for i in (a, b, *(others[v] for v, _, _ in hits))},
+                               {} if frame_cache is None else frame_cache)
     ida, idb = val.video_ids[a], val.video_ids[b]
     paths = [save_alignment_figure(val.embeddings[a], val.embeddings[b], out / f"{name}_alignment.png",
                                    frames_a=frames.get(ida), frames_b=frames.get(idb), names=(ida, idb))]
@@ -160,7 +157,8 @@ def save_pictures(name: str, train: VideoEmbeddings, val: VideoEmbeddings, shard
             [f"{val.video_ids[others[v]]}:{f} ({val.phase_labels[others[v]][f]})" for v, f, _ in hits],
             out / f"{name}_retrieval.png", query_caption=f"{ida}:{q} ({val.phase_labels[a][q]})"))
     train_idx = train.by_action().get(int(val.action_labels[a]), [])
-    x, y = _labelled(*_subset(train, train_idx)) if train_idx else (None, None)
+    sub = train.subset(train_idx)
+    x, y = _labelled(sub.embeddings, sub.phase_labels) if train_idx else (None, None)
     if y is not None and len(np.unique(y)) > 1:
         pred = LogisticRegression(max_iter=2000).fit(x, y).predict(val.embeddings[a])
         paths.append(save_phase_timeline(val.phase_labels[a], pred, out / f"{name}_phases.png"))
@@ -182,12 +180,12 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
                                 f"or pass --shards DIR")
     out = Path(out_dir) / dataset
     out.mkdir(parents=True, exist_ok=True)
-    results, t0 = {}, time.time()
+    results, frame_cache, t0 = {}, {}, time.time()
     for name, model in models.items():
         embs = {split: extract_embeddings(model, shards, split, image_size=image_size, device=device,
                                           cache=str(out / f"{name}_{split}.npz")) for split in ("train", "val")}
         results[name] = run_protocol(embs["train"], embs["val"], p, device=device)
-        save_pictures(name, embs["train"], embs["val"], shards, out)
+        save_pictures(name, embs["train"], embs["val"], shards, out, frame_cache)
     table = markdown_table(results)
     (out / "results.md").write_text(f"# Transfer evaluation: {dataset} ({shards})\n\n{table}\n")
     (out / "results.json").write_text(json.dumps({"dataset": dataset, "shards": str(shards), "results": results,

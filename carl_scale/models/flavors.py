@@ -58,6 +58,13 @@ def model_config(flavor: str, **overrides) -> ModelConfig:
     return dataclasses.replace(FLAVORS[flavor](), **overrides)
 
 
+def model_config_from_dict(saved: dict, **overrides) -> ModelConfig:
+    """The ModelConfig a run saved (config.json / checkpoint meta.json), keys it does not know
+    ignored, then ``overrides``."""
+    known = {f.name: saved[f.name] for f in dataclasses.fields(ModelConfig) if f.name in saved}
+    return dataclasses.replace(ModelConfig(**known), **overrides)
+
+
 def build_model(cfg: ModelConfig):
     from carl_scale.models.fve import FrameVideoEncoder
 
