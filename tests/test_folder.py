@@ -19,8 +19,9 @@ CFG = SyntheticConfig(num_actions=2, train_videos=4, val_videos=0, min_frames=30
 def video_dir(tmp_path_factory):
     src = tmp_path_factory.mktemp("videos")
     (src / "sub").mkdir()
-    labels = src / "labels"
-    labels.mkdir()
+    labels, fine, short = src / "labels", src / "fine", src / "short"
+    for d in (labels, fine, short):
+        d.mkdir()
     files = {"a.mp4": "h264", "b.webm": "vp9", "sub/c.avi": "mjpeg", "d.mp4": "h264"}
     for i, (name, codec) in enumerate(files.items()):
         v = render_video(CFG, "train", i)
@@ -28,6 +29,9 @@ def video_dir(tmp_path_factory):
         stem = name.split("/")[-1].split(".")[0]
         if stem != "d":
             np.savetxt(labels / f"{stem}.txt", v.phase_labels, fmt="%d")
+        if stem == "a":  # a second, finer label set (as FineGym's Gym288 beside Gym99), a only
+            np.save(fine / "a.npy", np.where(v.phase_labels >= 0, 10 + v.phase_labels, -1))
+            np.savetxt(short / "a.txt", v.phase_labels[:-3], fmt="%d")
     (src / "d.mp4").write_bytes((src / "d.mp4").read_bytes()[:200])  # truncated: unreadable
     (src / "garbage.mkv").write_bytes(b"\x00not a video at all" * 50)
     (src / "labels.csv").write_text("video,label,split\na.mp4,squat,train\nb,wave,val\nsub/c.avi,squat,\n")
@@ -37,7 +41,8 @@ def video_dir(tmp_path_factory):
 def test_folder_as_is_keeps_bytes_and_counts_bad_files(video_dir, tmp_path):
     out = tmp_path / "shards"
     m = folder.main(["--src", str(video_dir), "--out", str(out), "--labels", str(video_dir / "labels.csv"),
-                     "--frame-labels", str(video_dir / "labels"), "--no-progress"])
+                     "--frame-labels", str(video_dir / "labels"), "--extra-frame-labels", f"fine={video_dir / 'fine'}",
+                     "--no-progress"])
     assert m["codec"] in ("mixed",)  # originals kept: h264 + vp9 + mjpeg
     assert m["label_names"]["actions"] == ["squat", "wave"]
     train, val = m["splits"]["train"], m["splits"]["val"]
@@ -50,7 +55,10 @@ def test_folder_as_is_keeps_bytes_and_counts_bad_files(video_dir, tmp_path):
     ref = np.stack(list(iter_video_frames(str(video_dir / "a.mp4"))))
     assert np.array_equal(frames, ref)  # stored as is: bit-identical decode
     assert meta["action_label"] == 0 and meta["codec"] == "h264"
-    assert meta["phase_labels"] == render_video(CFG, "train", 0).phase_labels.tolist()
+    phases = render_video(CFG, "train", 0).phase_labels
+    assert meta["phase_labels"] == phases.tolist()
+    assert meta["frame_labels"]["fine"] == np.where(phases >= 0, 10 + phases, -1).tolist()
+    assert got["sub__c"][0]["frame_labels"]["fine"] == [-1] * len(got["sub__c"][1])  # no file: unlabelled
     (vmeta, _), = iter_whole_videos(out, PyAVDecoder(), "val")
     assert vmeta["video_id"] == "b" and vmeta["action_label"] == 1
 
@@ -69,6 +77,15 @@ def test_folder_transcode_short_side_and_jpeg(video_dir, tmp_path):
     a = [f for _, f in iter_whole_videos(out, PyAVDecoder(), "train")]
     b = [f for _, f in iter_whole_videos(out, DaliDecoder(), "train")]
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_folder_skips_a_video_whose_label_set_has_the_wrong_length(video_dir, tmp_path):
+    m = folder.main(["--src", str(video_dir), "--out", str(tmp_path / "o"), "--extra-frame-labels",
+                     f"short={video_dir / 'short'}", "--no-progress"])
+    reasons = {s["source"]: s["reason"] for s in m["splits"]["train"]["skipped"]}
+    assert "short frame labels" in reasons["a.mp4"]
+    with pytest.raises(SystemExit):
+        folder.main(["--src", str(video_dir), "--out", str(tmp_path / "p"), "--extra-frame-labels", "no_equals_sign"])
 
 
 def test_folder_errors_name_the_problem(tmp_path):

@@ -9,7 +9,7 @@ import csv
 import dataclasses
 import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
@@ -66,6 +66,9 @@ def ensure_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = N
 class FolderOptions:
     labels_csv: str | None = None  # columns: video (path relative to src, or stem), label[, split]
     frame_labels: str | None = None  # directory of <stem>.txt (one int per frame) or <stem>.npy
+    # more per-frame label sets, name -> directory of the same layout (FineGym: {"gym288": ...}
+    # beside Gym99 as frame_labels); a video without a file gets -1 for that set
+    extra_frame_labels: dict[str, str] = field(default_factory=dict)
     split: str = "train"  # split of videos the CSV does not assign
     val_fraction: float = 0.0  # move this fraction (hash of the name) of unassigned videos to val
     transcode: bool = False  # re-encode (always done for payload=jpeg)
@@ -155,16 +158,21 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
                     writer.skip(rel, f"{type(exn).__name__}: {exn}")
                     continue
                 phases = _frame_labels(opts.frame_labels, p.stem)
-                if phases is not None and len(phases) != len(frames):
-                    writer.skip(rel, f"{len(phases)} frame labels for {len(frames)} frames")
+                extra = {name: _frame_labels(d, p.stem) for name, d in opts.extra_frame_labels.items()}
+                bad = [f"{len(lab)} {name} frame labels" for name, lab in [("phase", phases), *extra.items()]
+                       if lab is not None and len(lab) != len(frames)]
+                if bad:
+                    writer.skip(rel, f"{', '.join(bad)} for {len(frames)} frames")
                     continue
+                # every video carries every named set, so readers never guess
+                extra = {name: np.full(len(frames), -1) if lab is None else lab for name, lab in extra.items()}
                 vid = rel.rsplit(".", 1)[0].replace("/", "__")
                 if transcode:
-                    rec = VideoRecord(vid, frames, fps, label, phases)
+                    rec = VideoRecord(vid, frames, fps, label, phases, frame_labels=extra)
                 else:
                     rec = VideoRecord(vid, None, fps, label, phases, encoded=p.read_bytes(),
                                       num_frames=len(frames), height=frames.shape[1], width=frames.shape[2],
-                                      codec=codec, extra={"source": rel})
+                                      codec=codec, frame_labels=extra, extra={"source": rel})
                 writer.write(rec)
         if writer.skipped:
             log.warning("%s: skipped %d of %d videos (listed in shards.json)", split, len(writer.skipped), len(paths))

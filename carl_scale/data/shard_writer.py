@@ -3,7 +3,8 @@
 A sample is one video:
 
 * ``<key>.json``    metadata: video_id, dataset, fps, num_frames, height, width, action_label,
-  phase_labels (per frame, -1 = unlabelled), payload, codec, ...
+  phase_labels (per frame, -1 = unlabelled), frame_labels (more named per-frame label sets, e.g.
+  FineGym's ``{"gym288": [...]}`` beside its Gym99 phase_labels), payload, codec, ...
 * ``<key>.nframes`` the frame count as 4 little-endian bytes (int32), so DALI's webdataset reader
   can read it directly (``dtypes=INT32``)
 * ``<key>.video``   the encoded video (container bytes), for ``payload="video"``; or
@@ -49,6 +50,7 @@ class VideoRecord:
     height: int | None = None
     width: int | None = None
     codec: str | None = None
+    frame_labels: dict[str, np.ndarray] = field(default_factory=dict)  # more per-frame label sets, by name
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -175,10 +177,15 @@ class ShardWriter:
                   else np.asarray(rec.phase_labels, dtype=np.int64))
         if len(phases) != n:
             raise ValueError(f"{rec.video_id}: {len(phases)} phase labels for {n} frames")
+        frame_labels = {name: np.asarray(lab, dtype=np.int64).reshape(-1) for name, lab in rec.frame_labels.items()}
+        for name, lab in frame_labels.items():
+            if len(lab) != n:
+                raise ValueError(f"{rec.video_id}: {len(lab)} {name!r} frame labels for {n} frames")
         meta = {
             "video_id": rec.video_id, "dataset": self.dataset, "split": self.split,
             "fps": float(rec.fps), "num_frames": int(n), "height": int(h), "width": int(w),
             "action_label": int(rec.action_label), "phase_labels": phases.tolist(),
+            **({"frame_labels": {k: v.tolist() for k, v in frame_labels.items()}} if frame_labels else {}),
             "payload": self.payload,
             "codec": "jpeg" if self.payload == "jpeg" else (rec.codec or self.encode.codec),
             **rec.extra,
