@@ -8,6 +8,7 @@
 
 Writes runs/transfer/<dataset>/results.md and results.json (every metric, per action class where
 the protocol has them), the embeddings (.npz) and pictures per model (alignment, retrieval, phase timeline).
+A rerun reuses saved embeddings whose fingerprint (weights, shards, view) matches; --recompute forces it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shards", help="the dataset's shard directory (default: data/<dataset>)")
     p.add_argument("--out", default="runs/transfer")
     p.add_argument("--random-baseline", action="store_true", help="also evaluate the same flavor at random init")
+    p.add_argument("--recompute", action="store_true",
+                   help="re-embed even when the saved embeddings match the weights and shards")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="first fine-tune the checkpoint with SCL on the dataset's train split for this many steps")
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.random_baseline:
         torch.manual_seed(0)
         models = {"random_init": build_model(models["pretrained"].cfg).to(device).eval(), **models}
-    res = transfer_eval(a.dataset, models, shards=a.shards, out_dir=a.out, device=device)
+    res = transfer_eval(a.dataset, models, shards=a.shards, out_dir=a.out, device=device,
+                       reuse_embeddings=not a.recompute)
     print(f"checkpoint {ckpt}\n\n{res['table']}\n\nwritten to {res['out_dir']}/")
     return res
 

@@ -47,3 +47,25 @@ def test_nearest_frames_gives_one_hit_per_video_nearest_first():
     q = np.zeros(2)
     videos = [np.array([[5.0, 0], [4, 0]]), np.array([[1.0, 0], [0.5, 0], [2, 0]]), np.array([[3.0, 0]])]
     assert nearest_frames(q, videos, k=2) == [(1, 1, 0.5), (2, 0, 3.0)]
+
+
+def test_saved_embeddings_are_reused_only_for_the_same_weights(vp9_shards, tmp_path, monkeypatch):
+    from carl_scale.eval import embed
+
+    torch.manual_seed(0)
+    model = build_model(model_config("debug", image_size=32, train_frames=8)).eval()
+    npz = tmp_path / "val.npz"
+    first = embed.extract_embeddings(model, vp9_shards, "val", cache=npz, progress=False)
+    calls = []
+    real = embed.embed_frames
+    monkeypatch.setattr(embed, "embed_frames", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = embed.extract_embeddings(model, vp9_shards, "val", cache=npz, progress=False)
+    assert not calls and again.fingerprint == first.fingerprint and again.video_ids == first.video_ids
+    assert all(np.array_equal(a, b) for a, b in zip(first.embeddings, again.embeddings))
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)  # another model: never served the old embeddings
+    changed = embed.extract_embeddings(model, vp9_shards, "val", cache=npz, progress=False)
+    assert calls and changed.fingerprint != first.fingerprint
+    assert embed.VideoEmbeddings.load(npz).fingerprint == changed.fingerprint
+    npz.write_bytes(b"truncated")  # a save cut short by a crash: recomputed, not fatal
+    assert embed.extract_embeddings(model, vp9_shards, "val", cache=npz, progress=False).fingerprint == changed.fingerprint

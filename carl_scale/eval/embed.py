@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from carl_scale.config import SpatialConfig
 from carl_scale.data.decoders import make_decoder
 from carl_scale.data.reader import manifest_codec, resolve_shards
 from carl_scale.data.spatial import eval_geometric, eval_photometric, to_tchw
 from carl_scale.data.whole_video import iter_whole_videos
+
+log = logging.getLogger("carl_scale.eval")
+EMBEDDINGS_FORMAT = 2  # bump when what extract_embeddings computes changes, to retire old .npz files
 
 
 @dataclass
@@ -20,10 +30,24 @@ class VideoEmbeddings:
     embeddings: list[np.ndarray]  # (S_i, D) L2-normalised
     phase_labels: list[np.ndarray]
     action_labels: np.ndarray
+    # more per-frame label sets of the shards (meta["frame_labels"]), e.g. {"gym288": [...]}
+    frame_labels: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    fingerprint: str = ""  # what made them (see :func:`embedding_fingerprint`); "" = unknown
+
+    def labels(self, name: str = "phase") -> list[np.ndarray]:
+        """A per-frame label set by name: ``"phase"`` or one of :attr:`frame_labels`."""
+        if name == "phase":
+            return self.phase_labels
+        if name not in self.frame_labels:
+            raise KeyError(f"no per-frame label set {name!r} in these embeddings (have: phase"
+                           f"{''.join(', ' + k for k in self.frame_labels)}); write the shards with "
+                           f"--extra-frame-labels {name}=DIR")
+        return self.frame_labels[name]
 
     def subset(self, idx: list[int]) -> "VideoEmbeddings":
         return VideoEmbeddings([self.video_ids[i] for i in idx], [self.embeddings[i] for i in idx],
-                               [self.phase_labels[i] for i in idx], self.action_labels[list(idx)])
+                               [self.phase_labels[i] for i in idx], self.action_labels[list(idx)],
+                               {k: [v[i] for i in idx] for k, v in self.frame_labels.items()}, self.fingerprint)
 
     def by_action(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
@@ -31,17 +55,44 @@ class VideoEmbeddings:
             out.setdefault(a, []).append(k)
         return out
 
-    def save(self, path: str) -> None:
-        np.savez_compressed(path, video_ids=np.array(self.video_ids), action_labels=self.action_labels,
+    def save(self, path: str | Path) -> None:
+        """One ``.npz``, written to a temporary name first so an interrupted save never looks whole."""
+        names = sorted(self.frame_labels)
+        tmp = Path(str(path) + ".partial.npz")
+        np.savez_compressed(tmp, video_ids=np.array(self.video_ids), action_labels=self.action_labels,
+                            fingerprint=np.array(self.fingerprint), frame_label_names=np.array(names, dtype=str),
                             **{f"emb_{k}": e for k, e in enumerate(self.embeddings)},
-                            **{f"phase_{k}": p for k, p in enumerate(self.phase_labels)})
+                            **{f"phase_{k}": p for k, p in enumerate(self.phase_labels)},
+                            **{f"lab{j}_{k}": lab for j, n in enumerate(names)
+                               for k, lab in enumerate(self.frame_labels[n])})
+        os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str) -> "VideoEmbeddings":
-        z = np.load(path)
-        n = len(z["video_ids"])
-        return cls(z["video_ids"].tolist(), [z[f"emb_{k}"] for k in range(n)], [z[f"phase_{k}"] for k in range(n)],
-                   z["action_labels"])
+    def load(cls, path: str | Path) -> "VideoEmbeddings":
+        with np.load(path) as z:
+            n = len(z["video_ids"])
+            names = z["frame_label_names"].tolist() if "frame_label_names" in z else []
+            return cls(z["video_ids"].tolist(), [z[f"emb_{k}"] for k in range(n)],
+                       [z[f"phase_{k}"] for k in range(n)], z["action_labels"],
+                       {name: [z[f"lab{j}_{k}"] for k in range(n)] for j, name in enumerate(names)},
+                       str(z["fingerprint"]) if "fingerprint" in z else "")
+
+
+def embedding_fingerprint(model, shards, split: str, *, image_size: int | None, spatial: SpatialConfig,
+                          limit: int | None) -> str:
+    """A hash of everything the embeddings depend on: every weight of the model, its config, the
+    shard split as ``shards.json`` lists it (files, sizes, write time), the evaluation view and
+    ``limit``. Equal fingerprints mean a saved ``.npz`` can stand in for re-embedding."""
+    h = hashlib.sha1(usedforsecurity=False)
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    urls, manifest = resolve_shards(shards, split)
+    data = (manifest or {}).get("splits", {}).get(split) or [(Path(u).name, Path(u).stat().st_size) for u in urls]
+    h.update(json.dumps([EMBEDDINGS_FORMAT, repr(getattr(model, "cfg", None)), data,
+                         image_size or model.cfg.image_size, dataclasses.asdict(spatial), limit],
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def default_device(device: str | None = None) -> str:
@@ -61,24 +112,47 @@ def embed_frames(model, frames, *, image_size: int | None = None, spatial: Spati
 @torch.no_grad()
 def extract_embeddings(model, shards, split: str = "val", *, image_size: int | None = None,
                        spatial: SpatialConfig | None = None, device: str = "cpu", decoder: str = "auto",
-                       limit: int | None = None, cache: str | None = None) -> VideoEmbeddings:
-    """Embed every frame of every video of ``split``; optionally saved to ``cache`` (.npz, see
-    :meth:`VideoEmbeddings.load`)."""
+                       limit: int | None = None, cache: str | Path | None = None, progress: bool = True) -> VideoEmbeddings:
+    """Embed every frame of every video of ``split`` (with every per-frame label set the shards
+    carry). With ``cache``: a ``.npz`` there whose fingerprint matches (same weights, shards and
+    view; :func:`embedding_fingerprint`) is loaded instead, otherwise the embeddings are computed
+    and saved there — so metrics re-run without the model, and a changed model is never mixed up."""
+    spatial = spatial or SpatialConfig()
+    fp = embedding_fingerprint(model, shards, split, image_size=image_size, spatial=spatial, limit=limit)
+    if cache is not None and Path(cache).exists():
+        try:
+            saved = VideoEmbeddings.load(cache)
+        except Exception as exn:  # unreadable (e.g. truncated by a crash): recompute
+            log.warning("ignoring unreadable %s (%s)", cache, exn)
+        else:
+            if saved.fingerprint == fp:
+                log.info("reusing embeddings %s (same weights, shards and view)", cache)
+                return saved
+            log.info("%s was made by another model, shard set or view: re-embedding", cache)
     _, manifest = resolve_shards(shards, split)
     # evaluation decodes whole videos on the CPU, whatever the training device
     dec = make_decoder(decoder, codec=manifest_codec(manifest), device="cpu")
+    total = ((manifest or {}).get("splits", {}).get(split) or {}).get("samples")
     was_training = model.training
     model.eval()
-    ids, embs, phases, actions = [], [], [], []
+    ids, embs, phases, actions, extra = [], [], [], [], []
+    bar = tqdm(total=min(total, limit) if total and limit else total, desc=f"embed {split}", unit="video",
+               disable=not progress, leave=False)
     for meta, frames in iter_whole_videos(shards, dec, split):
         embs.append(embed_frames(model, frames, image_size=image_size, spatial=spatial, device=device))
         ids.append(meta["video_id"])
         phases.append(np.asarray(meta["phase_labels"], dtype=np.int64))
         actions.append(int(meta["action_label"]))
+        extra.append({k: np.asarray(v, dtype=np.int64) for k, v in meta.get("frame_labels", {}).items()})
+        bar.update()
         if limit and len(ids) >= limit:
             break
+    bar.close()
     model.train(was_training)
-    out = VideoEmbeddings(ids, embs, phases, np.asarray(actions, dtype=np.int64))
-    if cache:
+    # a label set some videos lack (shards written in parts) is all -1 for them
+    names = sorted({k for e in extra for k in e})
+    frame_labels = {k: [e.get(k, np.full(len(p), -1, np.int64)) for e, p in zip(extra, phases)] for k in names}
+    out = VideoEmbeddings(ids, embs, phases, np.asarray(actions, dtype=np.int64), frame_labels, fp)
+    if cache is not None:
         out.save(cache)
     return out

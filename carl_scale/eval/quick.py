@@ -5,6 +5,8 @@ The full protocol lives in its own entry point."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from carl_scale.eval.embed import VideoEmbeddings, extract_embeddings
@@ -18,7 +20,7 @@ def position_embeddings(ve: VideoEmbeddings, dim: int = 16) -> VideoEmbeddings:
     f = np.arange(1, dim // 2 + 1)
     embs = [np.concatenate([np.sin(np.linspace(0, 1, len(e))[:, None] * f * np.pi),
                             np.cos(np.linspace(0, 1, len(e))[:, None] * f * np.pi)], axis=1) for e in ve.embeddings]
-    return VideoEmbeddings(ve.video_ids, embs, ve.phase_labels, ve.action_labels)
+    return dataclasses.replace(ve, embeddings=embs, fingerprint="")
 
 
 def quick_eval(models: dict, shards, spatial, device, *, max_train_videos: int | None = None) -> dict[str, dict]:

@@ -27,14 +27,16 @@ class Protocol:
     per_action: bool  # PennAction: every metric per action class, then averaged over classes
     tau_stride: int = 1
     fractions: tuple[float, ...] = (0.1, 0.5, 1.0)
-    linear_probe: bool = False  # FineGym: a linear layer on frames instead of phase metrics
+    # FineGym: a linear layer on frames instead of the phase metrics, one per (column, label set)
+    linear_probe: tuple[tuple[str, str], ...] = ()
 
 
 PROTOCOLS = {
     "pennaction": Protocol("data/pennaction", "python -m shards.folder --src PennAction/videos --out data/pennaction "
                            "--labels labels.csv --frame-labels phases/", per_action=True, tau_stride=2),
-    "finegym": Protocol("data/finegym", "python -m shards.folder --src finegym/clips --out data/finegym "
-                        "--labels labels.csv --frame-labels gym99/", per_action=False, linear_probe=True),
+    "finegym": Protocol("data/finegym", "python -m shards.finegym --videos finegym/videos --annotations "
+                        "finegym/annotations --out data/finegym", per_action=False,
+                        linear_probe=(("FineGym99", "phase"), ("FineGym288", "gym288"))),
     "pouring": Protocol("data/pouring", "python -m shards.folder --src pouring/videos --out data/pouring "
                         "--labels labels.csv --frame-labels phases/", per_action=False, tau_stride=5),
     "synthetic": Protocol("data/synthetic", "python -m shards.synthetic --out data/synthetic", per_action=True),
@@ -84,9 +86,12 @@ def _phase_metrics(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, de
 def run_protocol(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, device: str = "cpu") -> dict:
     """{"mean": {metric: value}, "per_action": {action: {metric: value}}} for one model."""
     if p.linear_probe:
-        res = linear_probe_frame_classification(train.embeddings, train.phase_labels, val.embeddings,
-                                                val.phase_labels, device=device)
-        return {"mean": res, "per_action": {}}
+        mean = {}
+        for column, labels in p.linear_probe:
+            res = linear_probe_frame_classification(train.embeddings, train.labels(labels), val.embeddings,
+                                                    val.labels(labels), device=device)
+            mean.update({column: res["accuracy"], f"{column} mean class": res["mean_class_accuracy"]})
+        return {"mean": mean, "per_action": {}}
     if not p.per_action:
         return {"mean": _phase_metrics(train, val, p, device), "per_action": {}}
     per_action = {}
@@ -166,10 +171,11 @@ def save_pictures(name: str, train: VideoEmbeddings, val: VideoEmbeddings, shard
 
 
 def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: str | None = None,
-                  out_dir: str | Path = "runs/transfer", device: str = "cpu", image_size: int | None = None) -> dict:
-    """Embed the train and val splits with each model (saved as ``.npz`` under ``out_dir``, to
-    re-run metrics with :meth:`VideoEmbeddings.load`; always re-embedded here), run the
-    dataset's protocol, write ``results.md`` / ``results.json`` and the pictures of
+                  out_dir: str | Path = "runs/transfer", device: str = "cpu", image_size: int | None = None,
+                  reuse_embeddings: bool = True) -> dict:
+    """Embed the train and val splits with each model (saved as ``.npz`` under ``out_dir``; a
+    rerun with the same weights and shards loads them instead, unless ``reuse_embeddings`` is
+    off), run the dataset's protocol, write ``results.md`` / ``results.json`` and the pictures of
     :func:`save_pictures` for each model."""
     if dataset not in PROTOCOLS:
         raise KeyError(f"unknown dataset {dataset!r}; choose one of {sorted(PROTOCOLS)}")
@@ -182,8 +188,12 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
     out.mkdir(parents=True, exist_ok=True)
     results, frame_cache, t0 = {}, {}, time.time()
     for name, model in models.items():
-        embs = {split: extract_embeddings(model, shards, split, image_size=image_size, device=device,
-                                          cache=str(out / f"{name}_{split}.npz")) for split in ("train", "val")}
+        embs = {}
+        for split in ("train", "val"):
+            npz = out / f"{name}_{split}.npz"
+            if not reuse_embeddings and npz.exists():
+                npz.unlink()
+            embs[split] = extract_embeddings(model, shards, split, image_size=image_size, device=device, cache=npz)
         results[name] = run_protocol(embs["train"], embs["val"], p, device=device)
         save_pictures(name, embs["train"], embs["val"], shards, out, frame_cache)
     table = markdown_table(results)

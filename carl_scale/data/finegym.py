@@ -1,0 +1,206 @@
+"""FineGym -> shards: one sample per event, every frame labelled with its Gym99 element class
+(``phase_labels``) and its Gym288 class (``frame_labels["gym288"]``), so one shard set serves
+both of the paper's FineGym columns (Table 3).
+
+What the official annotation files hold (FineGym project page, "download"):
+
+* ``finegym_annotation_info_<version>.json``: ``{youtube_id: {"E_XXXXXX_YYYYYY": event}}``, the
+  event key holding its start and end in whole seconds; ``event["event"]`` is the event class,
+  ``event["timestamps"] = [[start, end]]`` in seconds of the YouTube video, and
+  ``event["segments"]`` (null for men's events) ``{"A_ZZZZ_WWWW": {"stages": n, "timestamps":
+  [[s, e], ...]}}``, one pair per stage (vault has 3), in seconds from the event's start;
+* ``gym{99,288}_{train_element_<version>,val_element}.txt``: lines
+  ``<youtube_id>_E_XXXXXX_YYYYYY_A_ZZZZ_WWWW <class>``.
+
+What a sample is, as the CARL code prepares FineGym (so numbers compare with the paper's):
+events with at least one element labelled in the split's file (of either class set), resampled
+to 25 fps; an element's class covers frames ``int(s * fps) .. int(e * fps)`` of its *last* stage
+(only a vault's third stage is labelled), a later element overwrites an overlapping earlier one,
+every other frame is -1. One difference: the CARL code cuts events with ``ffmpeg -ss`` and stream
+copy, which starts at the keyframe before the event; here the cut starts at the event's start.
+
+Videos: ``<youtube_id>_E_XXXXXX_YYYYYY.<ext>`` (an event already cut out, time 0 = its start)
+or ``<youtube_id>.<ext>`` (the whole YouTube video; the event is cut out of it), anywhere
+under ``videos``. An event with neither, or an unreadable file, is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+from tqdm.auto import tqdm
+
+from carl_scale.data.codec import EncodeOptions
+from carl_scale.data.datasets import VIDEO_EXTENSIONS
+from carl_scale.data.shard_writer import ShardWriter, VideoRecord, read_manifest
+
+log = logging.getLogger("carl_scale.data")
+
+CLASS_SETS = ("gym99", "gym288")
+# event classes 1-4 are the women's apparatus (1 = vault: the only 3-stage event); the men's
+# events (5-10) have no element annotations, so they never become samples
+EVENT_NAMES = ["VT", "FX", "BB", "UB", "men_5", "men_6", "men_7", "men_8", "men_9", "men_10"]
+DOWNLOAD = "https://sdolivia.github.io/FineGym/ (section 'Download')"
+_ELEMENT_ID = re.compile(r"^(?P<yt>.+)_(?P<event>E_\d{6}_\d{6})_(?P<seg>A_\d{4}_\d{4})$")
+
+
+@dataclass
+class FineGymOptions:
+    version: str = "v1.1"  # of the annotation JSON and the train split files (CARL used v1.0)
+    fps: float = 25.0
+    short_side: int | None = 360  # the CARL code's 640x360; None keeps the source size
+    limit: int | None = None  # at most this many events per split (a quick look)
+
+
+def split_files(annotations: Path, version: str) -> dict[str, dict[str, Path]]:
+    return {split: {cs: annotations / (f"{cs}_train_element_{version}.txt" if split == "train"
+                                       else f"{cs}_val_element.txt") for cs in CLASS_SETS}
+            for split in ("train", "val")}
+
+
+def read_element_labels(path: Path) -> dict[tuple[str, str, str], int]:
+    """``{(youtube_id, event_key, segment_key): class}`` from one split file."""
+    out = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        m = _ELEMENT_ID.match(parts[0]) if len(parts) == 2 else None
+        if m is None:
+            raise ValueError(f"{path}:{n}: expected '<youtube_id>_E_XXXXXX_YYYYYY_A_ZZZZ_WWWW <class>', got {line!r}")
+        out[(m["yt"], m["event"], m["seg"])] = int(parts[1])
+    return out
+
+
+def event_frame_labels(event: dict, labels: dict[str, int], num_frames: int, fps: float) -> np.ndarray:
+    """Per-frame classes of one event: ``labels`` maps its segment keys to classes."""
+    out = np.full(num_frames, -1, np.int64)
+    for seg_key, seg in (event.get("segments") or {}).items():  # JSON order: later ones overwrite
+        if seg_key in labels:
+            s, e = seg["timestamps"][-1]  # the last stage only
+            out[int(s * fps): int(e * fps) + 1] = labels[seg_key]
+    return out
+
+
+def _rgb(frame: av.VideoFrame, short_side: int | None) -> np.ndarray:
+    if short_side:
+        sc = short_side / min(frame.width, frame.height)
+        frame = frame.reformat(width=2 * round(frame.width * sc / 2), height=2 * round(frame.height * sc / 2))
+    return frame.to_ndarray(format="rgb24")
+
+
+def decode_span(path: Path, start: float | None, end: float | None, fps: float,
+                short_side: int | None) -> np.ndarray:
+    """Frames of ``path`` from ``start`` to ``end`` seconds (None: from the first / to the last
+    frame) resampled to ``fps``: output frame k is the source frame on screen at ``start + k/fps``.
+    Seeks to the keyframe before ``start``, so cutting an event out of an hour-long video decodes
+    only a little more than the event."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        base = stream.start_time or 0
+        # FFmpeg's AVI demuxer labels the frames after a seek one frame late: decode AVIs from the start
+        if start and "avi" not in container.format.name.split(","):
+            container.seek(base + int(start / stream.time_base), stream=stream)
+        t0, step = start or 0.0, 1.0 / fps
+        src_step = 1.0 / float(stream.average_rate or stream.guessed_rate or fps)
+        out, k, cur, cur_rgb, t_last = [], 0, None, None, None
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            t = float((frame.pts - base) * stream.time_base)
+            while t0 + k * step < t and (end is None or t0 + k * step < end):
+                if cur is None:  # nothing on screen yet at the first output time: show this frame
+                    cur, cur_rgb = frame, None
+                if cur_rgb is None:  # convert a source frame once, however many outputs show it
+                    cur_rgb = _rgb(cur, short_side)
+                out.append(cur_rgb)
+                k += 1
+            if end is not None and t0 + k * step >= end:
+                break
+            if cur is not frame:
+                cur, cur_rgb = frame, None
+            t_last = t
+        # the last source frame stays on screen for one source frame period (or to ``end``)
+        stop = -1.0 if t_last is None else t_last + src_step
+        while cur is not None and t0 + k * step < (stop if end is None else min(stop, end)):
+            cur_rgb = _rgb(cur, short_side) if cur_rgb is None else cur_rgb
+            out.append(cur_rgb)
+            k += 1
+    if not out:
+        raise ValueError(f"no frames between {start} and {end} s (the video is {t_last} s long)")
+    return np.stack(out)
+
+
+def _find_videos(videos: Path) -> dict[str, Path]:
+    found = {}
+    for p in sorted(videos.rglob("*")):
+        if p.suffix.lower() in VIDEO_EXTENSIONS:
+            found.setdefault(p.stem, p)
+    return found
+
+
+def write_finegym_shards(videos: str | Path, annotations: str | Path, out_dir: str | Path,
+                         opts: FineGymOptions | None = None, *, payload: str = "video",
+                         encode: EncodeOptions | None = None, max_samples: int | None = None,
+                         max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True) -> dict:
+    """Write the train and val events (see the module docstring); returns the manifest."""
+    opts = opts or FineGymOptions()
+    videos, annotations = Path(videos), Path(annotations)
+    info_path = annotations / f"finegym_annotation_info_{opts.version}.json"
+    files = split_files(annotations, opts.version)
+    for path in [info_path] + [p for s in files.values() for p in s.values()]:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: download FineGym's annotations ({opts.version}) from "
+                                    f"{DOWNLOAD} into {annotations}, or pass --version to match the files you have")
+    if not videos.is_dir():
+        raise FileNotFoundError(f"--videos {videos} is not a directory of FineGym videos (<youtube_id>.mp4 or "
+                                f"event clips <youtube_id>_E_XXXXXX_YYYYYY.mp4)")
+    info = json.loads(info_path.read_text())
+    found = _find_videos(videos)
+    label_names = {"actions": EVENT_NAMES, "phase_labels": "Gym99 element classes (0-98)",
+                   "frame_labels": {"gym288": "Gym288 element classes (0-287)"}}
+    for split, paths in files.items():
+        by_event: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
+        for cs, path in paths.items():
+            for (yt, ev, seg), cls in read_element_labels(path).items():
+                by_event.setdefault((yt, ev), {c: {} for c in CLASS_SETS})[cs][seg] = cls
+        events = sorted(by_event)[: opts.limit]
+        writer = ShardWriter(out_dir, split, dataset="finegym", payload=payload, encode=encode,
+                             max_samples=max_samples or 64, max_bytes=max_bytes, label_names=label_names,
+                             overwrite=overwrite)
+        with writer:
+            for yt, ev in tqdm(events, disable=not progress, desc=f"finegym {split}", unit="event"):
+                event_id = f"{yt}_{ev}"
+                event = info.get(yt, {}).get(ev)
+                if event is None:
+                    writer.skip(event_id, f"not in {info_path.name}")
+                    continue
+                if event_id in found:
+                    path, start, end = found[event_id], None, None
+                elif yt in found:
+                    path, (start, end) = found[yt], event["timestamps"][0]
+                else:
+                    writer.skip(event_id, f"no video {event_id}.* or {yt}.* under {videos}")
+                    continue
+                try:
+                    frames = decode_span(path, start, end, opts.fps, opts.short_side)
+                except Exception as exn:  # corrupt / unreadable / too short: skip and count
+                    log.warning("skipping %s (%s): %s", event_id, path, exn)
+                    writer.skip(event_id, f"{type(exn).__name__}: {exn}")
+                    continue
+                labels = {cs: event_frame_labels(event, by_event[(yt, ev)][cs], len(frames), opts.fps)
+                          for cs in CLASS_SETS}
+                writer.write(VideoRecord(event_id, frames, opts.fps, int(event["event"]) - 1, labels["gym99"],
+                                         frame_labels={"gym288": labels["gym288"]},
+                                         extra={"source": str(path.relative_to(videos)), "event_start": start}))
+        if writer.skipped:
+            log.warning("finegym %s: skipped %d of %d events (listed in shards.json)", split, len(writer.skipped),
+                        len(events))
+    return read_manifest(out_dir)

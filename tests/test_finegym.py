@@ -1,0 +1,129 @@
+"""FineGym -> shards from files shaped like the official annotations, then the FineGym protocol
+(linear probes on Gym99 and Gym288 from one shard set) end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from carl_scale.data.codec import EncodeOptions, encode_video
+from carl_scale.data.decoders import PyAVDecoder
+from carl_scale.data.whole_video import iter_whole_videos
+from carl_scale.eval.embed import VideoEmbeddings
+from carl_scale.eval.transfer import transfer_eval
+from carl_scale.models import build_model, model_config
+from shards import finegym
+
+A, B, V = "a_b-cdEfgh1", "Bclip000002", "valvideo001"  # YouTube ids (they may hold '_' and 'E')
+
+
+def _numbered(n: int) -> np.ndarray:
+    """Flat frames whose colour spells their index, robust to lossy coding: which source frame an
+    output frame shows is readable with :func:`_index`."""
+    i = np.arange(n)
+    rgb = np.stack([(i % 25) * 10, (i // 25) * 30, np.zeros(n)], axis=1).astype(np.uint8)
+    return np.broadcast_to(rgb[:, None, None, :], (n, 48, 64, 3)).copy()
+
+
+def _index(frames: np.ndarray) -> np.ndarray:
+    px = frames[:, 24, 32].astype(float)
+    return np.round(px[:, 0] / 10).astype(int) + 25 * np.round(px[:, 1] / 30).astype(int)
+
+
+def _seg(*stages):
+    return {"stages": len(stages), "timestamps": [list(s) for s in stages]}
+
+
+@pytest.fixture(scope="module")
+def finegym_raw(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finegym")
+    videos, ann = root / "videos", root / "annotations"
+    (videos / "nested").mkdir(parents=True)
+    ann.mkdir()
+    mjpeg = EncodeOptions(codec="mjpeg")
+    # a whole 20 s "YouTube video" (webm: the cut seeks, as in real ones)
+    (videos / f"{A}.webm").write_bytes(encode_video(_numbered(200), 10.0, EncodeOptions(codec="vp9", gop=30)))
+    (videos / "nested" / f"{B}_E_000100_000104.avi").write_bytes(encode_video(_numbered(40), 10.0, mjpeg))  # an event clip
+    (videos / f"{V}.avi").write_bytes(encode_video(_numbered(100), 10.0, mjpeg))
+    info = {
+        A: {"E_000002_000008": {"event": 2, "timestamps": [[2.5, 8.5]],
+                                "segments": {"A_0001_0002": _seg((1.0, 2.0)), "A_0003_0005": _seg((3.2, 5.0))}},
+            "E_000010_000016": {"event": 1, "timestamps": [[10.0, 16.0]],  # vault: three stages
+                                "segments": {"A_0000_0004": _seg((0.2, 1.0), (1.0, 2.0), (2.0, 4.0))}}},
+        B: {"E_000100_000104": {"event": 3, "timestamps": [[100.0, 104.0]], "segments": {"A_0001_0003": _seg((1.0, 3.0))}}},
+        V: {"E_000001_000007": {"event": 2, "timestamps": [[1.0, 7.0]],
+                                "segments": {"A_0000_0002": _seg((0.5, 2.0)), "A_0003_0005": _seg((3.0, 5.0))}}},
+        "missingvid1": {"E_000001_000003": {"event": 4, "timestamps": [[1.0, 3.0]], "segments": {"A_0000_0001": _seg((0, 1))}}},
+        "men00000001": {"E_000001_000003": {"event": 7, "timestamps": [[1.0, 3.0]], "segments": None}},
+    }
+    (ann / "finegym_annotation_info_v1.1.json").write_text(json.dumps(info))
+    lines = {
+        "gym99_train_element_v1.1.txt": [f"{A}_E_000002_000008_A_0001_0002 5", f"{A}_E_000002_000008_A_0003_0005 7",
+                                         f"{A}_E_000010_000016_A_0000_0004 1", "missingvid1_E_000001_000003_A_0000_0001 2"],
+        "gym288_train_element_v1.1.txt": [f"{A}_E_000002_000008_A_0001_0002 50", f"{B}_E_000100_000104_A_0001_0003 200"],
+        "gym99_val_element.txt": [f"{V}_E_000001_000007_A_0000_0002 5", f"{V}_E_000001_000007_A_0003_0005 7"],
+        "gym288_val_element.txt": [f"{V}_E_000001_000007_A_0000_0002 50", f"{V}_E_000001_000007_A_0003_0005 70"],
+    }
+    for name, ls in lines.items():
+        (ann / name).write_text("\n".join(ls) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def finegym_shards(finegym_raw, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finegym_shards")
+    finegym.main(["--videos", str(finegym_raw / "videos"), "--annotations", str(finegym_raw / "annotations"),
+                  "--out", str(out), "--fps", "5", "--short-side", "0", "--codec", "mjpeg", "--no-progress"])
+    return out
+
+
+def test_events_are_cut_resampled_and_labelled_with_both_class_sets(finegym_shards):
+    m = json.loads((finegym_shards / "shards.json").read_text())
+    train = m["splits"]["train"]
+    assert train["samples"] == 3 and [s["source"] for s in train["skipped"]] == ["missingvid1_E_000001_000003"]
+    got = {meta["video_id"]: (meta, f) for meta, f in iter_whole_videos(finegym_shards, PyAVDecoder(), "train")}
+    meta, frames = got[f"{A}_E_000002_000008"]
+    # 6 s at 5 fps, cut out of the 10 fps video from 2.5 s: output frame k shows source frame 25 + 2k
+    assert len(frames) == 30 and meta["action_label"] == 1 and meta["fps"] == 5.0
+    assert _index(frames).tolist() == (25 + 2 * np.arange(30)).tolist()
+    gym99, gym288 = np.full(30, -1), np.full(30, -1)
+    gym99[5:11], gym99[16:26], gym288[5:11] = 5, 7, 50  # frames int(s*fps) .. int(e*fps), ends included
+    assert meta["phase_labels"] == gym99.tolist() and meta["frame_labels"]["gym288"] == gym288.tolist()
+    vault = got[f"{A}_E_000010_000016"][0]
+    assert vault["action_label"] == 0 and np.flatnonzero(np.array(vault["phase_labels"]) == 1).tolist() == list(range(10, 21))
+    clip_meta, clip = got[f"{B}_E_000100_000104"]  # an event clip: time 0 is the event's start
+    assert len(clip) == 20 and _index(clip).tolist() == (2 * np.arange(20)).tolist()
+    assert set(clip_meta["phase_labels"]) == {-1}  # labelled in Gym288 only
+    assert np.flatnonzero(np.array(clip_meta["frame_labels"]["gym288"]) == 200).tolist() == list(range(5, 16))
+
+
+def test_finegym_protocol_probes_gym99_and_gym288(finegym_shards, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(model_config("debug", image_size=32, train_frames=8)).eval()
+    res = transfer_eval("finegym", {"random_init": model}, shards=str(finegym_shards), out_dir=tmp_path)
+    mean = res["results"]["random_init"]["mean"]
+    assert set(mean) == {"FineGym99", "FineGym99 mean class", "FineGym288", "FineGym288 mean class"}
+    assert all(0.0 <= v <= 1.0 for v in mean.values())
+    assert "| random_init |" in (tmp_path / "finegym" / "results.md").read_text()
+    val = VideoEmbeddings.load(tmp_path / "finegym" / "random_init_val.npz")  # both label sets saved
+    expected = np.full(30, -1)
+    expected[2:11], expected[15:26] = 50, 70
+    assert val.labels("gym288")[0].tolist() == expected.tolist() and val.labels("phase")[0].max() == 7
+    with pytest.raises(KeyError, match="--extra-frame-labels gym999"):
+        val.labels("gym999")
+
+
+def test_missing_annotations_name_the_file_and_where_to_get_it(finegym_raw, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"finegym_annotation_info_v1.0.json is missing.*sdolivia"):
+        finegym.main(["--videos", str(finegym_raw / "videos"), "--annotations", str(finegym_raw / "annotations"),
+                      "--out", str(tmp_path / "o"), "--version", "v1.0"])
+    bad = tmp_path / "ann"
+    bad.mkdir()
+    for f in (finegym_raw / "annotations").iterdir():
+        (bad / f.name).write_text(f.read_text())
+    (bad / "gym99_val_element.txt").write_text("not_an_element_id 3\n")
+    with pytest.raises(ValueError, match="gym99_val_element.txt:1"):
+        finegym.main(["--videos", str(finegym_raw / "videos"), "--annotations", str(bad), "--out", str(tmp_path / "p")])
