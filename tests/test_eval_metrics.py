@@ -23,6 +23,21 @@ def test_kendall_tau_aligned_and_reversed():
     assert res["tau"] < -0.99 and res["pairs"] == 2
 
 
+def test_kendall_tau_matches_a_naive_pair_loop_whatever_the_batching():
+    rng = np.random.default_rng(1)
+    vids = [rng.normal(size=(int(n), 4)) for n in rng.integers(2, 30, size=7)]
+    taus = []
+    for i, a in enumerate(vids):
+        for j, b in enumerate(vids):
+            if i != j:
+                nn = [int(np.argmin([np.sum((f - g) ** 2) for g in b[::2]])) for f in a[::2]]
+                t = kendalltau(np.arange(len(nn)), nn).statistic if len(nn) > 1 else math.nan
+                taus += [] if math.isnan(t) else [t]
+    for budget in (1 << 26, 40, 1):  # one cdist per source video, a few, one per pair
+        res = kendalls_tau(vids, stride=2, device="cpu", budget=budget)
+        assert res["tau"] == pytest.approx(np.mean(taus), abs=1e-12) and res["pairs"] == len(taus)
+
+
 def test_kendall_tau_b_matches_scipy_with_ties():
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -85,8 +100,9 @@ def test_precision_at_k_matches_naive_loop_and_perfect_case():
     labels = [lab.copy() for lab in labels]
     labels[1][:4] = -1  # unlabelled frames neither query nor answer
     actions = np.array([0, 0, 0, 1, 1, 1])
-    ours = average_precision_at_k(list(embs), labels, actions, ks=(5, 10), device="cpu")
-    for k in (5, 10):
+    # K = 55 is more than some videos have candidates (the two others of their action), not all
+    ours = average_precision_at_k(list(embs), labels, actions, ks=(5, 10, 55), device="cpu")
+    for k in (5, 10, 55):
         assert ours[k] == pytest.approx(_naive_precision_at_k(embs, labels, actions, k), abs=1e-6)
     clean = [_phased(30, 3, rng) for _ in range(3)]
     assert average_precision_at_k([e for e, _ in clean], [lab for _, lab in clean], [0, 0, 0], ks=(1,))[1] == 1.0

@@ -63,25 +63,60 @@ def _kendall_tau_b(y: np.ndarray) -> float:
     return float(s / denom) if denom > 0 else float("nan")
 
 
-def kendalls_tau(embs: Sequence[np.ndarray], *, stride: int = 1, device: str | None = None) -> dict[str, float]:
+def _ranking_distances(q: torch.Tensor, cand: torch.Tensor, cand_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """``|c|^2 - 2 q.c`` for every query row and candidate: the squared Euclidean distance less
+    the row's constant ``|q|^2``, so it orders each row's candidates exactly as the distance does,
+    in one BLAS call (no norms of q, no square root): ~20% faster than ``cdist`` + the same ``topk``."""
+    cand_sq = (cand * cand).sum(1) if cand_sq is None else cand_sq
+    return torch.addmm(cand_sq, q, cand.T, alpha=-2)
+
+
+def _video_groups(lengths: Sequence[int], max_frames: int) -> list[tuple[int, int]]:
+    """Consecutive runs ``[start, end)`` of videos with at most ``max_frames`` frames in all (or one video)."""
+    groups, start, total = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and total + n > max_frames:
+            groups.append((start, i))
+            start, total = i, 0
+        total += n
+    if start < len(lengths):
+        groups.append((start, len(lengths)))
+    return groups
+
+
+def kendalls_tau(embs: Sequence[np.ndarray], *, stride: int = 1, device: str | None = None,
+                 budget: int = 1 << 26) -> dict[str, float]:
     """For every ordered pair (i, j) of distinct videos, match each frame of i (every ``stride``-th)
     to its nearest frame of j (squared Euclidean) and take Kendall's tau between frame order and
-    matched indices; mean over pairs. NaN pairs (a constant match) are dropped and counted."""
+    matched indices; mean over pairs. NaN pairs (a constant match) are dropped and counted.
+
+    Each video's distances to many others come from one ``cdist`` (at most ``budget`` distances at
+    a time) instead of one small call per pair: what makes all pairs of FineGym's test set
+    tractable (``python -m carl_scale.bench.eval_metrics``)."""
     dev = _device(device)
-    vids = [torch.as_tensor(np.asarray(e)[::stride], dtype=torch.float32, device=dev) for e in embs]
+    vids = [torch.as_tensor(np.asarray(e)[::stride], dtype=torch.float32) for e in embs]
+    lengths = [len(v) for v in vids]
+    ends = np.cumsum(lengths)
+    every = torch.cat(vids).to(dev) if vids else torch.zeros(0, 1)
+    every_sq = (every * every).sum(1)
     taus, dropped = [], 0
     for i, a in enumerate(vids):
-        for j, b in enumerate(vids):
-            if i == j:
-                continue
-            nn_idx = torch.cdist(a, b).argmin(dim=1).cpu().numpy()
-            # scipy's tau-b is O(n log n); ours (_kendall_tau_b, kept as the tested reference) is
-            # O(n^2) memory and time, too slow for FineGym's 5000-frame videos
-            t = float(kendalltau(np.arange(len(nn_idx)), nn_idx).statistic) if len(nn_idx) > 1 else float("nan")
-            if math.isnan(t):
-                dropped += 1
-            else:
-                taus.append(t)
+        if not len(a):
+            continue
+        a = every[ends[i] - len(a): ends[i]]
+        for g0, g1 in _video_groups(lengths, max(1, budget // len(a))):
+            c0 = int(ends[g0] - lengths[g0])
+            d = _ranking_distances(a, every[c0: int(ends[g1 - 1])], every_sq[c0: int(ends[g1 - 1])])
+            nn = [d[:, int(ends[j] - lengths[j]) - c0: int(ends[j]) - c0].argmin(dim=1)
+                  for j in range(g0, g1) if j != i and lengths[j]]
+            for nn_idx in (torch.stack(nn).cpu().numpy() if nn else []):
+                # scipy's tau-b is O(n log n); ours (_kendall_tau_b, kept as the tested reference) is
+                # O(n^2) memory and time, too slow for FineGym's 5000-frame videos
+                t = float(kendalltau(np.arange(len(nn_idx)), nn_idx).statistic) if len(nn_idx) > 1 else float("nan")
+                if math.isnan(t):
+                    dropped += 1
+                else:
+                    taus.append(t)
     return {"tau": float(np.mean(taus)) if taus else float("nan"), "pairs": len(taus), "nan_pairs": dropped}
 
 
@@ -132,31 +167,49 @@ def phase_progression(train_embs, train_labels, val_embs, val_labels) -> dict[st
     return {"r2": float(np.mean(scores)) if scores else float("nan"), "boundaries": len(scores)}
 
 
+def _k_nearest(queries: torch.Tensor, cand: torch.Tensor, k: int, *, exclude: tuple[int, int] | None = None,
+               budget: int = 1 << 26) -> torch.Tensor:
+    """Indices ``(n_q, k)`` of each query's ``k`` nearest candidates (Euclidean, nearest first),
+    never the candidates ``exclude = (start, end)``. Queries go in chunks of at most ``budget``
+    distances (256 MiB of float32), so 5000-frame queries against a million candidate frames fit
+    on a GPU and in a laptop's memory alike."""
+    out, cand_sq = [], (cand * cand).sum(1)
+    for q in queries.split(max(1, budget // max(1, len(cand)))):
+        d = _ranking_distances(q, cand, cand_sq)
+        if exclude is not None:
+            d[:, exclude[0]:exclude[1]] = float("inf")
+        out.append(d.topk(k, dim=1, largest=False).indices)
+    return torch.cat(out)
+
+
 def average_precision_at_k(embs, phase_labels, action_labels, ks: Sequence[int] = (5, 10, 15), *,
                            stride: int = 1, device: str | None = None) -> dict[int, float]:
     """Fine-grained retrieval (paper §4.2.4, "AP@K", really precision@K): every labelled frame of
     a video (at ``stride``) queries the labelled frames (same stride) of all *other* videos of the
     same action; its score is the fraction of its K nearest (Euclidean) with its phase label. Mean
     over a video's frames, then over all videos. With fewer than K candidates, all of them count
-    (the fraction is over the candidates). Queries go in chunks, so long videos fit in memory."""
+    (the fraction is over the candidates). Each action's candidate frames are gathered once; a
+    query video's own frames are masked out of them."""
     dev = _device(device)
-    x = [torch.as_tensor(np.asarray(e)[::stride], dtype=torch.float32, device=dev) for e in embs]
-    y = [torch.as_tensor(np.asarray(p)[::stride], device=dev) for p in phase_labels]
-    keep = [lab >= 0 for lab in y]
-    x, y = [a[m] for a, m in zip(x, keep)], [b[m] for b, m in zip(y, keep)]
+    x = [torch.as_tensor(np.asarray(e)[::stride], dtype=torch.float32) for e in embs]
+    y = [torch.as_tensor(np.asarray(p)[::stride]) for p in phase_labels]
+    x, y = [a[b >= 0] for a, b in zip(x, y)], [b[b >= 0] for b in y]
     actions = np.asarray(action_labels)
     per_video: dict[int, list[float]] = {k: [] for k in ks}
-    for i in range(len(x)):
-        others = [j for j in range(len(x)) if j != i and actions[j] == actions[i] and len(x[j])]
-        if not len(x[i]) or not others:
+    for a in np.unique(actions):
+        members = [i for i in np.flatnonzero(actions == a) if len(x[i])]
+        if len(members) < 2:
             continue
-        cand_x, cand_y = torch.cat([x[j] for j in others]), torch.cat([y[j] for j in others])
-        kmax = min(max(ks), len(cand_x))
-        nn_idx = torch.cat([torch.cdist(q, cand_x).topk(kmax, dim=1, largest=False).indices  # nearest first
-                            for q in x[i].split(1024)])
-        hits = (cand_y[nn_idx] == y[i][:, None]).float()
-        for k in ks:
-            per_video[k].append(hits[:, :min(k, kmax)].mean().item())
+        cand_x = torch.cat([x[i] for i in members]).to(dev)
+        cand_y = torch.cat([y[i] for i in members]).to(dev)
+        ends = np.cumsum([len(x[i]) for i in members])
+        for m, i in enumerate(members):
+            s, e = int(ends[m]) - len(x[i]), int(ends[m])
+            n_cand = len(cand_x) - (e - s)  # the other videos' frames
+            nn_idx = _k_nearest(cand_x[s:e], cand_x, min(max(ks), n_cand), exclude=(s, e))
+            hits = (cand_y[nn_idx] == cand_y[s:e, None]).float()
+            for k in ks:
+                per_video[k].append(hits[:, :min(k, n_cand)].mean().item())
     return {k: float(np.mean(v)) if v else float("nan") for k, v in per_video.items()}
 
 
@@ -185,7 +238,7 @@ def one_shot_phase_classification(train_embs, train_labels, train_actions, val_e
                 if not mv.any():
                     continue
                 q = torch.as_tensor(np.asarray(val_embs[v])[mv], dtype=torch.float32, device=dev)
-                pred = ref_y[torch.cdist(q, ref_x).argmin(dim=1)].cpu().numpy()
+                pred = ref_y[_ranking_distances(q, ref_x).argmin(dim=1)].cpu().numpy()
                 correct += int(np.sum(pred == np.asarray(val_labels[v])[mv]))
                 total += int(mv.sum())
         if total:
