@@ -25,13 +25,14 @@ def _model(args):
     return load_pretrained(ckpt, device), device
 
 
-def read_video(path: str) -> np.ndarray:
-    """Every frame of a plain video file, ``(S, H, W, 3)`` uint8."""
+def read_video(path: str, short_side: int | None = None) -> np.ndarray:
+    """Every frame of a plain video file, ``(S, H, W, 3)`` uint8, downscaled to ``short_side``
+    while decoding (the model sees a centre crop of ``image_size`` anyway)."""
     from carl_scale.data.codec import iter_video_frames
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"video {path} not found")
-    frames = list(iter_video_frames(path))
+    frames = list(iter_video_frames(path, short_side))
     if not frames:
         raise ValueError(f"{path}: no frames could be decoded")
     return np.stack(frames)
@@ -50,7 +51,7 @@ def cmd_embed(args) -> None:
     if len(set(stems)) < len(stems):
         raise SystemExit(f"two inputs share a file name ({stems}); their .npy files would overwrite each other")
     for video in args.videos:
-        emb = embed_frames(model, read_video(video), device=device)
+        emb = embed_frames(model, read_video(video, model.cfg.image_size), device=device)
         np.save(out / f"{Path(video).stem}.npy", emb)
         print(f"{video}: {emb.shape[0]} frames x {emb.shape[1]} -> {out / (Path(video).stem + '.npy')}")
 
@@ -61,7 +62,7 @@ def cmd_align(args) -> None:
     from carl_scale.eval.pictures import thumbnails
 
     model, device = _model(args)
-    fa, fb = read_video(args.a), read_video(args.b)
+    fa, fb = read_video(args.a, model.cfg.image_size), read_video(args.b, model.cfg.image_size)
     ea, eb = embed_frames(model, fa, device=device), embed_frames(model, fb, device=device)
     out = save_alignment_figure(ea, eb, args.out, frames_a=thumbnails(fa), frames_b=thumbnails(fb),
                                 names=(Path(args.a).name, Path(args.b).name))

@@ -49,6 +49,26 @@ def test_checkpoint_round_trip(checkpoint):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
+def test_a_checkpoint_from_another_architecture_says_so(checkpoint, tmp_path):
+    path, _ = checkpoint
+    old = tmp_path / "step_000001"
+    old.mkdir()
+    state = torch.load(path / "mp_rank_00_model_states.pt", weights_only=False)
+    state["module"] = {k: v for k, v in state["module"].items() if "backbone" not in k}  # another backbone's keys
+    state["module"]["model.backbone.conv_old.weight"] = torch.zeros(3)
+    torch.save(state, old / "mp_rank_00_model_states.pt")
+    (old / "meta.json").write_text((path / "meta.json").read_text())
+    with pytest.raises(RuntimeError, match="older carl_scale.*retrain it"):
+        load_pretrained(old)
+
+
+def test_plain_videos_are_downscaled_while_decoding(videos):
+    from carl_scale.cli import read_video
+
+    full, small = read_video(str(videos[0])), read_video(str(videos[0]), short_side=24)
+    assert full.shape[1:] == (48, 48, 3) and small.shape == (len(full), 24, 24, 3)
+
+
 def test_embed_files_and_shards(checkpoint, videos, vp9_shards, tmp_path):
     path, _ = checkpoint
     main(["embed", *map(str, videos), "--checkpoint", str(path), "--out", str(tmp_path), "--device", "cpu"])

@@ -136,11 +136,22 @@ def split_jpeg_blob(blob: bytes, offsets: np.ndarray, indices: np.ndarray | None
     return out
 
 
-def iter_video_frames(data: bytes | str) -> Iterator[np.ndarray]:
-    """Decode every frame of an encoded video (bytes or a path) as RGB uint8, in display order."""
+def resize_frame(frame: av.VideoFrame, short_side: int | None) -> av.VideoFrame:
+    """``frame`` scaled (by FFmpeg, before any RGB conversion) so its short side is ``short_side``,
+    sizes rounded to even numbers for 4:2:0 chroma; as it is for None."""
+    if not short_side:
+        return frame
+    s = short_side / min(frame.width, frame.height)
+    return frame.reformat(width=2 * round(frame.width * s / 2), height=2 * round(frame.height * s / 2))
+
+
+def iter_video_frames(data: bytes | str, short_side: int | None = None) -> Iterator[np.ndarray]:
+    """Decode every frame of an encoded video (bytes or a path) as RGB uint8, in display order;
+    with ``short_side``, each frame is downscaled as it is decoded (a long 1080p file never sits
+    in memory at full size)."""
     src = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     with av.open(src) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for frame in container.decode(stream):
-            yield frame_to_rgb(frame)
+            yield frame_to_rgb(resize_frame(frame, short_side))

@@ -36,7 +36,7 @@ import av
 import numpy as np
 from tqdm.auto import tqdm
 
-from carl_scale.data.codec import EncodeOptions
+from carl_scale.data.codec import EncodeOptions, resize_frame
 from carl_scale.data.datasets import VIDEO_EXTENSIONS
 from carl_scale.data.shard_writer import ShardWriter, VideoRecord, read_manifest
 
@@ -89,10 +89,7 @@ def event_frame_labels(event: dict, labels: dict[str, int], num_frames: int, fps
 
 
 def _rgb(frame: av.VideoFrame, short_side: int | None) -> np.ndarray:
-    if short_side:
-        sc = short_side / min(frame.width, frame.height)
-        frame = frame.reformat(width=2 * round(frame.width * sc / 2), height=2 * round(frame.height * sc / 2))
-    return frame.to_ndarray(format="rgb24")
+    return resize_frame(frame, short_side).to_ndarray(format="rgb24")
 
 
 def decode_span(path: Path, start: float | None, end: float | None, fps: float,

@@ -103,9 +103,11 @@ def default_device(device: str | None = None) -> str:
 def embed_frames(model, frames, *, image_size: int | None = None, spatial: SpatialConfig | None = None,
                  device: str = "cpu") -> np.ndarray:
     """One whole video ``(S, H, W, 3)`` uint8 -> L2-normalised ``(S, D)``: the evaluation view
-    (centre crop, resize, normalise; no augmentation) through ``model.embed_video``."""
-    x = eval_photometric(eval_geometric(to_tchw(frames), image_size or model.cfg.image_size),
-                         spatial or SpatialConfig()).to(device)
+    (centre crop, resize, normalise; no augmentation) through ``model.embed_video``. The view is
+    made 256 frames at a time: resizing a 5000-frame event at once would hold it as float."""
+    size, spatial = image_size or model.cfg.image_size, spatial or SpatialConfig()
+    x = torch.cat([eval_photometric(eval_geometric(to_tchw(frames[i:i + 256]), size), spatial)
+                   for i in range(0, len(frames), 256)]).to(device)
     return model.embed_video(x.to(next(model.parameters()).dtype)).float().cpu().numpy()
 
 

@@ -56,11 +56,11 @@ def load_pretrained(checkpoint: str | Path, device: str = "cpu") -> torch.nn.Mod
     """The FVE of a pretraining checkpoint directory (model config from its meta.json)."""
     from carl_scale.models import build_model
     from carl_scale.models.flavors import model_config_from_dict
-    from carl_scale.train.checkpoint import model_state
+    from carl_scale.train.checkpoint import load_model_weights, model_state
 
-    state, cfg = model_state(checkpoint)
+    _, cfg = model_state(checkpoint)
     model = build_model(model_config_from_dict(cfg, pretrained=None))  # the checkpoint holds every weight
-    model.load_state_dict(state)
+    load_model_weights(model, checkpoint)
     return model.to(device).eval()
 
 

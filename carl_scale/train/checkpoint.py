@@ -123,3 +123,16 @@ def model_state(path: str | Path) -> tuple[dict, dict]:
     cfg = json.loads((path / "meta.json").read_text())["config"]["model"]
     state = torch.load(weights, map_location="cpu", weights_only=False)["module"]
     return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}, cfg
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Put a checkpoint's FVE weights into ``model``, or say plainly why they do not fit."""
+    state, _ = model_state(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exn:
+        raise RuntimeError(
+            f"{path}: the checkpoint's weights do not fit the model its meta.json describes. It was most "
+            f"likely written by an older carl_scale whose architecture for this flavor differed (the 'debug' "
+            f"backbone became a narrow ResNet-18 in November 2026): retrain it, or evaluate it with the "
+            f"carl_scale version that wrote it.\n{str(exn)[:1500]}") from exn

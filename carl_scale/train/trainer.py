@@ -131,7 +131,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model)
         if cfg.init_from:  # fine-tuning: weights only; optimizer, schedule and step start afresh
-            self.model.load_state_dict(ckpt.model_state(cfg.init_from)[0])
+            ckpt.load_model_weights(self.model, cfg.init_from)
         module = PretrainModule(self.model, cfg.loss.tau, cfg.loss.sigma2)
         params = [p for p in module.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
