@@ -250,6 +250,10 @@ class Trainer:
         except BaseException:
             log.close()
             raise
+        finally:
+            # stop the DataLoader workers now (the generator's loader iterator shuts them down),
+            # not whenever it is collected: they hold prefetched batches through the evaluation
+            batches.close()
         log.end_progress()
         elapsed = time.perf_counter() - t_start
         summary = {"steps": self.step, "resumed_from": self.start_step, "seconds": elapsed,
@@ -306,7 +310,7 @@ def shutdown() -> None:
 def run(cfg: RunConfig) -> dict:
     trainer = Trainer(cfg)
     result = trainer.fit()  # on an error, no barrier: the other ranks may never reach it
-    del trainer  # stop the loader's workers before the group goes
+    del trainer  # fit() stopped the loader's workers; drop the engine before the group goes
     shutdown()
     return result
 
