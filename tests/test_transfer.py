@@ -24,7 +24,13 @@ def test_transfer_eval_writes_the_table_json_and_picture(vp9_shards, tmp_path):
     for k in ("classification@1", "AP@5", "one_shot", "clustering_rand_index"):
         assert 0.0 <= saved["mean"][k] <= 1.0
     assert -1.0 <= saved["mean"]["kendall_tau"] <= 1.0 and np.isfinite(saved["mean"]["progression"])
-    assert "| random_init |" in (out / "results.md").read_text() and res["table"].startswith("| model |")
+    md = (out / "results.md").read_text()
+    assert res["table"] in md and md.count("| random_init |") == 3  # Tables 1, 2 and 3 of the paper
+    assert "| Classification 10% | Classification 50% | Classification 100% | Progress | τ |" in md
+    names = json.loads((vp9_shards / "shards.json").read_text())["label_names"]["actions"]
+    assert all(f"| {n} |" in md for n in names[:3])  # the per-action table names the actions
+    pct = saved["mean"]["AP@5"] * 100
+    assert f"{pct:.2f}" in md  # percentages where the paper prints them
     assert (out / "random_init_val.npz").exists()
     for picture in ("alignment", "retrieval", "phases"):
         assert (out / f"random_init_{picture}.png").stat().st_size > 5000

@@ -104,13 +104,45 @@ def run_protocol(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, devi
     return {"mean": mean, "per_action": per_action}
 
 
-def markdown_table(results: dict[str, dict]) -> str:
-    """Rows: models; columns: metrics (the mean over action classes where the protocol has them)."""
-    keys = list(next(iter(results.values()))["mean"])
-    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r['mean'][k]:.3f}" for k in keys) + " |")
+# The paper's tables, as (title, [(column, metric key, scale)]): scale 100 for the numbers the
+# paper prints as percentages. Columns whose metric a protocol does not produce are left out.
+_FR = [(f"Classification {f:.0%}", f"classification@{f:g}", 100) for f in (0.1, 0.5, 1.0)]
+PAPER_TABLES = [
+    ("Phase classification, progression, Kendall's τ (Tables 1, 6, 14)",
+     _FR + [("Progress", "progression", 1), ("τ", "kendall_tau", 1)]),
+    ("Fine-grained frame retrieval (Table 2)", [(f"AP@{k}", f"AP@{k}", 100) for k in (5, 10, 15)]),
+    ("One-shot classification and clustering (Table 3)",
+     [("One-shot Acc", "one_shot", 100), ("Rand Index", "clustering_rand_index", 1)]),
+    ("Fine-grained action classification (Table 5)",
+     [(c, c, 100) for c in ("FineGym99", "FineGym288", "FineGym99 mean class", "FineGym288 mean class")]),
+]
+
+
+def _table(rows: dict[str, dict[str, float]], columns: list[tuple[str, str, int]], first: str = "model") -> str:
+    lines = [f"| {first} | " + " | ".join(c for c, _, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, r in rows.items():
+        cells = [f"{r[k] * sc:.2f}" if sc != 1 else f"{r[k]:.3f}" for _, k, sc in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def markdown_tables(results: dict[str, dict], action_names: list[str] | None = None) -> str:
+    """The results as the paper prints them (percentages where it uses them), one table per paper
+    table the protocol fills, then, for per-action protocols, every metric per action class."""
+    keys = set(next(iter(results.values()))["mean"])
+    parts = []
+    for title, columns in PAPER_TABLES:
+        cols = [c for c in columns if c[1] in keys]
+        if cols:
+            parts.append(f"### {title}\n\n" + _table({n: r["mean"] for n, r in results.items()}, cols))
+    per_action_cols = [c for _, columns in PAPER_TABLES for c in columns if c[1] in keys]
+    for name, r in results.items():
+        if r["per_action"]:
+            rows = {(action_names[int(a)] if action_names and int(a) < len(action_names) else str(a)): v
+                    for a, v in r["per_action"].items()}
+            parts.append(f"### {name}: per action class (the rows above average these)\n\n"
+                         + _table(rows, per_action_cols, first="action"))
+    return "\n\n".join(parts)
 
 
 def _video_thumbnails(shards: str, split: str, ids: set[str], cache: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -196,7 +228,9 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
             embs[split] = extract_embeddings(model, shards, split, image_size=image_size, device=device, cache=npz)
         results[name] = run_protocol(embs["train"], embs["val"], p, device=device)
         save_pictures(name, embs["train"], embs["val"], shards, out, frame_cache)
-    table = markdown_table(results)
+    manifest = json.loads((Path(shards) / "shards.json").read_text())
+    actions = (manifest.get("label_names") or {}).get("actions")
+    table = markdown_tables(results, actions if isinstance(actions, list) else None)
     (out / "results.md").write_text(f"# Transfer evaluation: {dataset} ({shards})\n\n{table}\n")
     (out / "results.json").write_text(json.dumps({"dataset": dataset, "shards": str(shards), "results": results,
                                                   "seconds": time.time() - t0}, indent=2))
