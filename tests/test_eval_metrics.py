@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from scipy.stats import kendalltau
 
 from carl_scale.eval.metrics import _kendall_tau_b, kendalls_tau, phase_classification
@@ -34,8 +35,21 @@ def test_kendall_tau_matches_a_naive_pair_loop_whatever_the_batching():
                 t = kendalltau(np.arange(len(nn)), nn).statistic if len(nn) > 1 else math.nan
                 taus += [] if math.isnan(t) else [t]
     for budget in (1 << 26, 40, 1):  # one cdist per source video, a few, one per pair
-        res = kendalls_tau(vids, stride=2, device="cpu", budget=budget)
-        assert res["tau"] == pytest.approx(np.mean(taus), abs=1e-12) and res["pairs"] == len(taus)
+        for on_device in (False, True):  # SciPy per pair, or the batched torch tau-b of GPUs
+            res = kendalls_tau(vids, stride=2, device="cpu", budget=budget, tau_on_device=on_device)
+            assert res["tau"] == pytest.approx(np.mean(taus), abs=1e-12) and res["pairs"] == len(taus)
+
+
+def test_batched_tau_b_rows_match_scipy_with_ties_and_constant_rows():
+    from carl_scale.eval.metrics import kendall_tau_b_rows
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 7, size=(9, 31))
+    y[3] = 4  # constant: NaN
+    got = kendall_tau_b_rows(torch.as_tensor(y), budget=100).numpy()
+    for row, t in zip(y, got):
+        ref = kendalltau(np.arange(31), row).statistic
+        assert (math.isnan(ref) and math.isnan(t)) or abs(ref - t) < 1e-12
 
 
 def test_kendall_tau_b_matches_scipy_with_ties():
