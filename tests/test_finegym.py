@@ -11,6 +11,7 @@ import torch
 
 from carl_scale.data.codec import EncodeOptions, encode_video
 from carl_scale.data.decoders import PyAVDecoder
+from carl_scale.data.finegym import decode_span
 from carl_scale.data.whole_video import iter_whole_videos
 from carl_scale.eval.embed import VideoEmbeddings
 from carl_scale.eval.transfer import transfer_eval
@@ -78,6 +79,19 @@ def finegym_shards(finegym_raw, tmp_path_factory):
     finegym.main(["--videos", str(finegym_raw / "videos"), "--annotations", str(finegym_raw / "annotations"),
                   "--out", str(out), "--fps", "5", "--short-side", "0", "--codec", "mjpeg", "--no-progress"])
     return out
+
+
+@pytest.mark.parametrize("codec,ext", [("h264", "mp4"), ("vp9", "webm")])
+def test_decode_span_keeps_every_frame_once_at_the_source_rate(codec, ext, tmp_path):
+    path = tmp_path / f"v.{ext}"
+    path.write_bytes(encode_video(_numbered(200), 25.0, EncodeOptions(codec=codec, gop=25)))
+    for start in (1.0, 1.16, 4.12):  # t0 + k/fps lands on frame times up to float error
+        frames = decode_span(path, start, start + 2.0, 25.0, None)
+        first = round(start * 25)
+        assert _index(frames).tolist() == list(range(first, first + 50))
+    whole = decode_span(path, None, None, 25.0, None)
+    assert _index(whole).tolist() == list(range(200))
+    assert _index(decode_span(path, 7.0, 9.0, 25.0, None)).tolist() == list(range(175, 200))  # ends with the video
 
 
 def test_events_are_cut_resampled_and_labelled_with_both_class_sets(finegym_shards):

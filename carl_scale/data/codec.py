@@ -145,6 +145,13 @@ def resize_frame(frame: av.VideoFrame, short_side: int | None) -> av.VideoFrame:
     return frame.reformat(width=2 * round(frame.width * s / 2), height=2 * round(frame.height * s / 2))
 
 
+def decode_rgb(frame: av.VideoFrame, short_side: int | None = None) -> np.ndarray:
+    """A source frame as RGB uint8 for *writing* shards: FFmpeg's own conversion, 12x faster at
+    360p than :func:`frame_to_rgb`, whose DALI-matching chroma upsampling only matters where a
+    model reads frames (decoders, evaluation)."""
+    return resize_frame(frame, short_side).to_ndarray(format="rgb24")
+
+
 def iter_video_frames(data: bytes | str, short_side: int | None = None) -> Iterator[np.ndarray]:
     """Decode every frame of an encoded video (bytes or a path) as RGB uint8, in display order;
     with ``short_side``, each frame is downscaled as it is decoded (a long 1080p file never sits

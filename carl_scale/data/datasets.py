@@ -16,7 +16,7 @@ import av
 import numpy as np
 from tqdm.auto import tqdm
 
-from carl_scale.data.codec import EncodeOptions, resize_frame
+from carl_scale.data.codec import EncodeOptions, decode_rgb
 from carl_scale.data.shard_writer import ShardWriter, VideoRecord, read_manifest, write_manifest
 from carl_scale.data.synthetic import SyntheticConfig, iter_videos, num_videos
 
@@ -108,7 +108,7 @@ def _decode_file(path: Path, short_side: int | None) -> tuple[np.ndarray, float,
         fps = float(stream.average_rate or stream.guessed_rate or 30.0)
         frames = []
         for frame in container.decode(stream):
-            frames.append(resize_frame(frame, short_side).to_ndarray(format="rgb24"))
+            frames.append(decode_rgb(frame, short_side))
         codec = stream.codec_context.name
     if not frames:
         raise ValueError("no decodable frames")

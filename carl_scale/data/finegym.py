@@ -36,7 +36,7 @@ import av
 import numpy as np
 from tqdm.auto import tqdm
 
-from carl_scale.data.codec import EncodeOptions, resize_frame
+from carl_scale.data.codec import EncodeOptions, decode_rgb
 from carl_scale.data.datasets import VIDEO_EXTENSIONS
 from carl_scale.data.shard_writer import ShardWriter, VideoRecord, read_manifest
 
@@ -88,16 +88,16 @@ def event_frame_labels(event: dict, labels: dict[str, int], num_frames: int, fps
     return out
 
 
-def _rgb(frame: av.VideoFrame, short_side: int | None) -> np.ndarray:
-    return resize_frame(frame, short_side).to_ndarray(format="rgb24")
+_EPS = 1e-6  # seconds: far below any time base, far above float error in t0 + k / fps
 
 
 def decode_span(path: Path, start: float | None, end: float | None, fps: float,
                 short_side: int | None) -> np.ndarray:
     """Frames of ``path`` from ``start`` to ``end`` seconds (None: from the first / to the last
-    frame) resampled to ``fps``: output frame k is the source frame on screen at ``start + k/fps``.
-    Seeks to the keyframe before ``start``, so cutting an event out of an hour-long video decodes
-    only a little more than the event."""
+    frame) resampled to ``fps``: output frame k is the source frame on screen at ``start + k/fps``
+    (times within a microsecond count as equal, so 25 -> 25 fps keeps every frame once). Seeks to
+    the keyframe before ``start``, so cutting an event out of an hour-long video decodes only a
+    little more than the event; with ``end`` the output is allocated once, not stacked."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -107,32 +107,42 @@ def decode_span(path: Path, start: float | None, end: float | None, fps: float,
             container.seek(base + int(start / stream.time_base), stream=stream)
         t0, step = start or 0.0, 1.0 / fps
         src_step = 1.0 / float(stream.average_rate or stream.guessed_rate or fps)
-        out, k, cur, cur_rgb, t_last = [], 0, None, None, None
+        limit = float("inf") if end is None else end - _EPS  # output times must lie before this
+        out: list[np.ndarray] | np.ndarray = []
+        k, cur, cur_rgb, t_last = 0, None, None, None
+
+        def emit() -> None:
+            nonlocal out, cur_rgb, k
+            if cur_rgb is None:  # convert a source frame once, however many outputs show it
+                cur_rgb = decode_rgb(cur, short_side)
+            if isinstance(out, list) and end is not None:  # the size is known from the first frame on
+                out = np.empty((int(np.ceil((end - t0) * fps)) + 1, *cur_rgb.shape), np.uint8)  # + 1: float slack
+            if isinstance(out, list):
+                out.append(cur_rgb)
+            else:
+                out[k] = cur_rgb
+            k += 1
+
         for frame in container.decode(stream):
             if frame.pts is None:
                 continue
             t = float((frame.pts - base) * stream.time_base)
-            while t0 + k * step < t and (end is None or t0 + k * step < end):
+            while t0 + k * step < t - _EPS and t0 + k * step < limit:  # output k comes before this frame
                 if cur is None:  # nothing on screen yet at the first output time: show this frame
                     cur, cur_rgb = frame, None
-                if cur_rgb is None:  # convert a source frame once, however many outputs show it
-                    cur_rgb = _rgb(cur, short_side)
-                out.append(cur_rgb)
-                k += 1
-            if end is not None and t0 + k * step >= end:
+                emit()
+            if t0 + k * step >= limit:
                 break
             if cur is not frame:
                 cur, cur_rgb = frame, None
             t_last = t
         # the last source frame stays on screen for one source frame period (or to ``end``)
-        stop = -1.0 if t_last is None else t_last + src_step
-        while cur is not None and t0 + k * step < (stop if end is None else min(stop, end)):
-            cur_rgb = _rgb(cur, short_side) if cur_rgb is None else cur_rgb
-            out.append(cur_rgb)
-            k += 1
-    if not out:
+        stop = -1.0 if t_last is None else min(t_last + src_step - _EPS, limit)
+        while cur is not None and t0 + k * step < stop:
+            emit()
+    if k == 0:
         raise ValueError(f"no frames between {start} and {end} s (the video is {t_last} s long)")
-    return np.stack(out)
+    return out[:k] if isinstance(out, np.ndarray) else np.stack(out)
 
 
 def _find_videos(videos: Path) -> dict[str, Path]:
