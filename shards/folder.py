@@ -37,9 +37,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--transcode", action="store_true", help="re-encode with --codec/--gop/--crf")
     p.add_argument("--short-side", type=int, help="resize to this short side (implies --transcode)")
     a = p.parse_args(argv)
-    extra = dict(item.split("=", 1) for item in a.extra_frame_labels if "=" in item)
-    if len(extra) != len(a.extra_frame_labels):
+    if not all("=" in item for item in a.extra_frame_labels):
         p.error("--extra-frame-labels takes NAME=DIR, e.g. --extra-frame-labels gym288=gym288_labels/")
+    extra = dict(item.split("=", 1) for item in a.extra_frame_labels)
+    if len(extra) != len(a.extra_frame_labels) or "phase" in extra:
+        p.error("--extra-frame-labels: each NAME once, and not 'phase' (that is --frame-labels)")
     opts = FolderOptions(labels_csv=a.labels, frame_labels=a.frame_labels, extra_frame_labels=extra, split=a.split,
                          val_fraction=a.val_fraction, transcode=a.transcode, short_side=a.short_side)
     manifest = write_folder_shards(a.src, a.out, opts, **writer_kwargs(a))

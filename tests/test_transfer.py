@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -73,5 +74,17 @@ def test_saved_embeddings_are_reused_only_for_the_same_weights(vp9_shards, tmp_p
     changed = embed.extract_embeddings(model, vp9_shards, "val", cache=npz, progress=False)
     assert calls and changed.fingerprint != first.fingerprint
     assert embed.VideoEmbeddings.load(npz).fingerprint == changed.fingerprint
+    calls.clear()
+    embed.extract_embeddings(model, vp9_shards, "val", cache=npz, progress=False, limit=2)  # another subset
+    assert len(calls) == 2
+    copy = tmp_path / "shards"
+    shutil.copytree(vp9_shards, copy)
+    first_copy = embed.extract_embeddings(model, copy, "val", cache=npz, progress=False).fingerprint
+    manifest = json.loads((copy / "shards.json").read_text())
+    manifest["splits"]["val"]["written_at"] = "rewritten"  # what rewriting the split changes
+    (copy / "shards.json").write_text(json.dumps(manifest))
+    calls.clear()
+    assert embed.extract_embeddings(model, copy, "val", cache=npz, progress=False).fingerprint != first_copy
+    assert calls
     npz.write_bytes(b"truncated")  # a save cut short by a crash: recomputed, not fatal
     assert embed.extract_embeddings(model, vp9_shards, "val", cache=npz, progress=False).fingerprint == changed.fingerprint

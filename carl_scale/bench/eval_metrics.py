@@ -7,8 +7,9 @@
 (a) reference, as TCC's and CARL's evaluation code computes them: ``scipy.spatial.distance.cdist``
     per pair of videos (Kendall's τ), per query video against its freshly gathered candidates with
     a full ``argsort`` (AP@K), per validation video (one-shot);
-(b) ours, :mod:`carl_scale.eval.metrics`: torch ``cdist`` + ``topk`` (on the GPU when there is one),
-    each action's candidates gathered once, queries chunked by a memory budget.
+(b) ours, :mod:`carl_scale.eval.metrics`: distances as one matrix product per source video +
+    ``topk``/``argmin`` (on the GPU when there is one, with τ itself batched there too), each
+    action's candidates gathered once, queries chunked by a memory budget.
 
 Both run on the same FineGym-shaped embeddings (``--ref-videos`` of them, so the reference ends
 in minutes) and must agree; the ratio is (a)/(b) in seconds. Then (b) alone runs on ``--videos``
@@ -129,7 +130,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     a = p.parse_args(argv)
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(f"device {dev}" + (f" ({torch.cuda.get_device_name()})" if dev == "cuda" else f", {torch.get_num_threads()} threads"))
 
     # (a) vs (b), same inputs, results must agree

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -81,16 +80,18 @@ class VideoEmbeddings:
 def embedding_fingerprint(model, shards, split: str, *, image_size: int | None, spatial: SpatialConfig,
                           limit: int | None) -> str:
     """A hash of everything the embeddings depend on: every weight of the model, its config, the
-    shard split as ``shards.json`` lists it (files, sizes, write time), the evaluation view and
-    ``limit``. Equal fingerprints mean a saved ``.npz`` can stand in for re-embedding."""
+    shard split as ``shards.json`` lists it (files, sizes, write time), the evaluation view (size,
+    normalisation) and ``limit``. Equal fingerprints mean a saved ``.npz`` can stand in for re-embedding."""
     h = hashlib.sha1(usedforsecurity=False)
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     urls, manifest = resolve_shards(shards, split)
-    data = (manifest or {}).get("splits", {}).get(split) or [(Path(u).name, Path(u).stat().st_size) for u in urls]
+    data = (manifest or {}).get("splits", {}).get(split) or [  # no manifest: the files themselves
+        u if "://" in u or u.startswith("pipe:") else (Path(u).name, Path(u).stat().st_size, Path(u).stat().st_mtime_ns)
+        for u in urls]
     h.update(json.dumps([EMBEDDINGS_FORMAT, repr(getattr(model, "cfg", None)), data,
-                         image_size or model.cfg.image_size, dataclasses.asdict(spatial), limit],
+                         image_size or model.cfg.image_size, list(spatial.mean), list(spatial.std), limit],
                         sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -106,9 +107,10 @@ def embed_frames(model, frames, *, image_size: int | None = None, spatial: Spati
     (centre crop, resize, normalise; no augmentation) through ``model.embed_video``. The view is
     made 256 frames at a time: resizing a 5000-frame event at once would hold it as float."""
     size, spatial = image_size or model.cfg.image_size, spatial or SpatialConfig()
-    x = torch.cat([eval_photometric(eval_geometric(to_tchw(frames[i:i + 256]), size), spatial)
-                   for i in range(0, len(frames), 256)]).to(device)
-    return model.embed_video(x.to(next(model.parameters()).dtype)).float().cpu().numpy()
+    x = torch.empty((len(frames), 3, size, size), dtype=next(model.parameters()).dtype, device=device)
+    for i in range(0, len(frames), 256):  # filled in place: one copy of the video as floats, where it runs
+        x[i:i + 256] = eval_photometric(eval_geometric(to_tchw(frames[i:i + 256]), size), spatial)
+    return model.embed_video(x).float().cpu().numpy()
 
 
 @torch.no_grad()
@@ -120,7 +122,8 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
     view; :func:`embedding_fingerprint`) is loaded instead, otherwise the embeddings are computed
     and saved there — so metrics re-run without the model, and a changed model is never mixed up."""
     spatial = spatial or SpatialConfig()
-    fp = embedding_fingerprint(model, shards, split, image_size=image_size, spatial=spatial, limit=limit)
+    fp = "" if cache is None else embedding_fingerprint(model, shards, split, image_size=image_size,
+                                                        spatial=spatial, limit=limit)
     if cache is not None and Path(cache).exists():
         try:
             saved = VideoEmbeddings.load(cache)

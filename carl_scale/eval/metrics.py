@@ -50,19 +50,6 @@ def phase_classification(train_embs, train_labels, val_embs, val_labels, *,
     return out
 
 
-def _kendall_tau_b(y: np.ndarray) -> float:
-    """Kendall's tau-b between 0..n-1 and ``y`` (ties in y only), NaN if y is constant."""
-    n = len(y)
-    if n < 2:
-        return float("nan")
-    d = np.sign(y[None, :] - y[:, None])[np.triu_indices(n, 1)]
-    s = d.sum()
-    pairs = n * (n - 1) / 2
-    ties = np.count_nonzero(d == 0)
-    denom = math.sqrt(pairs * (pairs - ties))
-    return float(s / denom) if denom > 0 else float("nan")
-
-
 def kendall_tau_b_rows(y: torch.Tensor, budget: int = 1 << 26) -> torch.Tensor:
     """Kendall's tau-b between ``0..n-1`` and every row of ``y`` ``(P, n)`` (ties in y only; NaN for
     a constant row), where ``y`` lives: O(n^2) comparisons per row, all rows at once in blocks of
@@ -70,19 +57,19 @@ def kendall_tau_b_rows(y: torch.Tensor, budget: int = 1 << 26) -> torch.Tensor:
     where SciPy's O(n log n) one row at a time would take minutes. On the CPU SciPy is faster."""
     p, n = y.shape
     y = y.to(torch.int32)
-    concordant = torch.zeros(p, dtype=torch.float64, device=y.device)
-    ties = torch.zeros_like(concordant)
+    net = torch.zeros(p, dtype=torch.float64, device=y.device)  # concordant minus discordant pairs
+    ties = torch.zeros_like(net)
     cols = torch.arange(n, device=y.device)
     step = max(1, budget // max(1, p * n))
     for i0 in range(0, n, step):
         rows = torch.arange(i0, min(n, i0 + step), device=y.device)
         later = cols[None, :] > rows[:, None]  # pairs (i, j) with i < j, each once
         sign = torch.sign(y[:, None, :] - y[:, rows, None]) * later
-        concordant += sign.sum((1, 2), dtype=torch.float64)
+        net += sign.sum((1, 2), dtype=torch.float64)
         ties += ((sign == 0) & later).sum((1, 2), dtype=torch.float64)
     pairs = n * (n - 1) / 2
     denom = torch.sqrt(pairs * (pairs - ties))
-    return torch.where(denom > 0, concordant / denom.clamp_min(1e-300), torch.full_like(denom, float("nan")))
+    return torch.where(denom > 0, net / denom.clamp_min(1e-300), torch.full_like(denom, float("nan")))
 
 
 def _ranking_distances(q: torch.Tensor, cand: torch.Tensor, cand_sq: torch.Tensor | None = None) -> torch.Tensor:
@@ -112,12 +99,12 @@ def kendalls_tau(embs: Sequence[np.ndarray], *, stride: int = 1, device: str | N
     to its nearest frame of j (squared Euclidean) and take Kendall's tau between frame order and
     matched indices; mean over pairs. NaN pairs (a constant match) are dropped and counted.
 
-    Each video's distances to many others come from one ``cdist`` (at most ``budget`` distances at
-    a time) instead of one small call per pair: what makes all pairs of FineGym's test set
-    tractable (``python -m carl_scale.bench.eval_metrics``). The τ of the matches is computed on
-    the device too when it is a GPU (``tau_on_device``; :func:`kendall_tau_b_rows`), else by SciPy."""
+    Each video's distances to many others come from one matrix product (at most ``budget``
+    distances at a time, :func:`_ranking_distances`) instead of one small call per pair
+    (``python -m carl_scale.bench.eval_metrics`` measures both). The τ of the matches is computed on
+    the device too when it is a CUDA GPU (``tau_on_device``; :func:`kendall_tau_b_rows`), else by SciPy."""
     dev = _device(device)
-    tau_on_device = dev != "cpu" if tau_on_device is None else tau_on_device
+    tau_on_device = dev.startswith("cuda") if tau_on_device is None else tau_on_device
     vids = [torch.as_tensor(np.asarray(e)[::stride], dtype=torch.float32) for e in embs]
     lengths = [len(v) for v in vids]
     ends = np.cumsum(lengths)
@@ -208,7 +195,7 @@ def _k_nearest(queries: torch.Tensor, cand: torch.Tensor, k: int, *, exclude: tu
 
 
 def average_precision_at_k(embs, phase_labels, action_labels, ks: Sequence[int] = (5, 10, 15), *,
-                           stride: int = 1, device: str | None = None) -> dict[int, float]:
+                           stride: int = 1, device: str | None = None, budget: int = 1 << 26) -> dict[int, float]:
     """Fine-grained retrieval (paper §4.2.4, "AP@K", really precision@K): every labelled frame of
     a video (at ``stride``) queries the labelled frames (same stride) of all *other* videos of the
     same action; its score is the fraction of its K nearest (Euclidean) with its phase label. Mean
@@ -231,7 +218,7 @@ def average_precision_at_k(embs, phase_labels, action_labels, ks: Sequence[int] 
         for m, i in enumerate(members):
             s, e = int(ends[m]) - len(x[i]), int(ends[m])
             n_cand = len(cand_x) - (e - s)  # the other videos' frames
-            nn_idx = _k_nearest(cand_x[s:e], cand_x, min(max(ks), n_cand), exclude=(s, e))
+            nn_idx = _k_nearest(cand_x[s:e], cand_x, min(max(ks), n_cand), exclude=(s, e), budget=budget)
             hits = (cand_y[nn_idx] == cand_y[s:e, None]).float()
             for k in ks:
                 per_video[k].append(hits[:, :min(k, n_cand)].mean().item())

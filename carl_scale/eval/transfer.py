@@ -58,9 +58,9 @@ def load_pretrained(checkpoint: str | Path, device: str = "cpu") -> torch.nn.Mod
     from carl_scale.models.flavors import model_config_from_dict
     from carl_scale.train.checkpoint import load_model_weights, model_state
 
-    _, cfg = model_state(checkpoint)
+    state, cfg = model_state(checkpoint)
     model = build_model(model_config_from_dict(cfg, pretrained=None))  # the checkpoint holds every weight
-    load_model_weights(model, checkpoint)
+    load_model_weights(model, checkpoint, state)
     return model.to(device).eval()
 
 

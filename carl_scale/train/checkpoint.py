@@ -125,14 +125,18 @@ def model_state(path: str | Path) -> tuple[dict, dict]:
     return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}, cfg
 
 
-def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Put a checkpoint's FVE weights into ``model``, or say plainly why they do not fit."""
-    state, _ = model_state(path)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exn:
+def load_model_weights(model: torch.nn.Module, path: str | Path, state: dict | None = None) -> None:
+    """Put a checkpoint's FVE weights (``state``, or read from ``path``) into ``model``, or say
+    plainly why they do not fit."""
+    state = model_state(path)[0] if state is None else state
+    ours = model.state_dict()
+    missing, unexpected = sorted(ours.keys() - state.keys()), sorted(state.keys() - ours.keys())
+    reshaped = sorted(k for k in ours.keys() & state.keys() if ours[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
         raise RuntimeError(
-            f"{path}: the checkpoint's weights do not fit the model its meta.json describes. It was most "
-            f"likely written by an older carl_scale whose architecture for this flavor differed (the 'debug' "
-            f"backbone became a narrow ResNet-18 in November 2026): retrain it, or evaluate it with the "
-            f"carl_scale version that wrote it.\n{str(exn)[:1500]}") from exn
+            f"{path}: the checkpoint's weights do not fit the model its meta.json describes ({len(missing)} "
+            f"missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape; e.g. "
+            f"{(missing + unexpected + reshaped)[:3]}). The usual cause: an older carl_scale wrote it with "
+            f"another architecture for this flavor (the 'debug' backbone became a narrow ResNet-18 in "
+            f"November 2026). Retrain it, or evaluate it with the carl_scale version that wrote it.")
+    model.load_state_dict(state)
