@@ -38,8 +38,9 @@ def test_transfer_eval_writes_the_table_json_and_picture(vp9_shards, tmp_path):
 
 
 def test_missing_shards_and_checkpoints_say_what_to_run(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m shards.folder"):
-        transfer_eval("pennaction", {}, shards=str(tmp_path / "nope"), out_dir=tmp_path)
+    for dataset in ("pennaction", "finegym", "pouring"):  # each names its own converter
+        with pytest.raises(FileNotFoundError, match=f"python -m shards.{dataset} "):
+            transfer_eval(dataset, {}, shards=str(tmp_path / "nope"), out_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="deepspeed launch/pretrain_k400.py"):
         latest_checkpoint(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="not a complete pretraining checkpoint"):

@@ -32,13 +32,13 @@ class Protocol:
 
 
 PROTOCOLS = {
-    "pennaction": Protocol("data/pennaction", "python -m shards.folder --src PennAction/videos --out data/pennaction "
-                           "--labels labels.csv --frame-labels phases/", per_action=True, tau_stride=2),
+    "pennaction": Protocol("data/pennaction", "python -m shards.pennaction --root Penn_Action --phase-labels "
+                           "penn_action_labels --out data/pennaction", per_action=True, tau_stride=2),
     "finegym": Protocol("data/finegym", "python -m shards.finegym --videos finegym/videos --annotations "
                         "finegym/annotations --out data/finegym", per_action=False,
                         linear_probe=(("FineGym99", "phase"), ("FineGym288", "gym288"))),
-    "pouring": Protocol("data/pouring", "python -m shards.folder --src pouring/videos --out data/pouring "
-                        "--labels labels.csv --frame-labels phases/", per_action=False, tau_stride=5),
+    "pouring": Protocol("data/pouring", "python -m shards.pouring --src pouring_tfrecords --out data/pouring",
+                        per_action=False, tau_stride=5),
     "synthetic": Protocol("data/synthetic", "python -m shards.synthetic --out data/synthetic", per_action=True),
 }
 

@@ -1,0 +1,127 @@
+"""PennAction -> shards, as the CARL code prepares it (so numbers compare with the paper's).
+
+What the download holds: ``Penn_Action/frames/NNNN/NNNNNN.jpg`` (every frame of sequence NNNN)
+and ``Penn_Action/labels/NNNN.mat`` (``action``, ``nframes``, ``train``, poses, boxes). Phase labels
+are not part of it: the CARL code reads per-frame phase labels from a separate folder,
+``<split>/<action>/<NNNN>.npy`` (one int per frame; split ``train`` or ``val``), which also decides
+the split — not the ``.mat`` train flag. This module follows it:
+
+* the 13 actions without repetition (``strum_guitar`` and ``jump_rope`` are left out), action
+  label = index in :data:`ACTIONS`, taken from the ``.mat`` (or the label folder's name);
+* a sequence without a label file is not part of the benchmark and is not written;
+* when frame and label counts differ, the longer one is resampled to the shorter's length at
+  ``floor(j * long / short)`` (as the CARL code does);
+* video ids ``NNNN_<action>`` (e.g. ``0001_baseball_pitch``).
+
+The CARL code's split has 1140 train / 966 val videos; a different count is reported, not fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from carl_scale.data.codec import EncodeOptions
+from carl_scale.data.shard_writer import ShardWriter, VideoRecord, read_manifest
+
+log = logging.getLogger("carl_scale.data")
+
+ACTIONS = ["baseball_pitch", "baseball_swing", "bench_press", "bowl", "clean_and_jerk", "golf_swing",
+           "jumping_jacks", "pushup", "pullup", "situp", "squat", "tennis_forehand", "tennis_serve"]
+# the label folders may use TCC's spellings
+_ALIASES = {"bowling": "bowl", "pushups": "pushup", "pullups": "pullup", "squats": "squat", "situps": "situp"}
+EXPECTED = {"train": 1140, "val": 966}
+DOWNLOAD = ("PennAction from its project page (Penn_Action/frames, Penn_Action/labels); the phase labels are the "
+            "per-frame label files the CARL code's README links (<split>/<action>/<NNNN>.npy)")
+
+
+@dataclass
+class PennActionOptions:
+    fps: float = 30.0  # metadata only: the protocol works on frame indices
+    short_side: int | None = None  # resize frames (None: as downloaded, up to 640x480)
+    limit: int | None = None  # at most this many videos per split (a quick look)
+
+
+def read_phase_labels(path: Path) -> np.ndarray:
+    return (np.load(path) if path.suffix == ".npy" else np.loadtxt(path, ndmin=1)).astype(np.int64).reshape(-1)
+
+
+def match_lengths(frames: list[Path], labels: np.ndarray) -> tuple[list[Path], np.ndarray]:
+    """The CARL code's fix for a frame/label count mismatch: resample the longer to the shorter."""
+    n, m = len(frames), len(labels)
+    if n > m:
+        frames = [frames[j * n // m] for j in range(m)]
+    elif m > n:
+        labels = labels[[j * m // n for j in range(n)]]
+    return frames, labels
+
+
+def _action_of(root: Path, seq: str, folder: str) -> str | None:
+    mat = root / "labels" / f"{seq}.mat"
+    if mat.exists():
+        from scipy.io import loadmat
+
+        return str(loadmat(mat)["action"][0])
+    return _ALIASES.get(folder, folder)
+
+
+def _load_frames(paths: list[Path], short_side: int | None) -> np.ndarray:
+    frames = []
+    for p in paths:
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            if short_side:
+                s = short_side / min(im.size)
+                im = im.resize((2 * round(im.width * s / 2), 2 * round(im.height * s / 2)), Image.BILINEAR)
+            frames.append(np.asarray(im))
+    return np.stack(frames)
+
+
+def write_pennaction_shards(root: str | Path, phase_labels: str | Path, out_dir: str | Path,
+                            opts: PennActionOptions | None = None, *, payload: str = "video",
+                            encode: EncodeOptions | None = None, max_samples: int | None = None,
+                            max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True) -> dict:
+    """Write the train and val splits (see the module docstring); returns the manifest."""
+    opts = opts or PennActionOptions()
+    root, phase_labels = Path(root), Path(phase_labels)
+    if not (root / "frames").is_dir():
+        raise FileNotFoundError(f"{root / 'frames'} is missing: --root must be the Penn_Action folder of the "
+                                f"download (frames/NNNN/*.jpg, labels/NNNN.mat). Get {DOWNLOAD}.")
+    splits = [d.name for d in sorted(phase_labels.iterdir()) if d.is_dir()] if phase_labels.is_dir() else []
+    if not {"train", "val"} <= set(splits):
+        raise FileNotFoundError(f"{phase_labels} needs train/ and val/ folders of <action>/<NNNN>.npy phase label "
+                                f"files (found: {splits or 'nothing'}). Get {DOWNLOAD}.")
+    for split in ("train", "val"):
+        files = sorted(p for p in (phase_labels / split).rglob("*") if p.suffix in (".npy", ".txt"))[: opts.limit]
+        writer = ShardWriter(out_dir, split, dataset="pennaction", payload=payload, encode=encode,
+                             max_samples=max_samples or 64, max_bytes=max_bytes, label_names={"actions": ACTIONS},
+                             overwrite=overwrite)
+        with writer:
+            for f in tqdm(files, disable=not progress, desc=f"pennaction {split}", unit="video"):
+                seq = f.stem[:4]
+                action = _action_of(root, seq, f.parent.name)
+                if action not in ACTIONS:
+                    writer.skip(str(f), f"action {action!r} is not one of the 13 evaluated")
+                    continue
+                frame_paths = sorted((root / "frames" / seq).glob("*.jpg"))
+                try:
+                    if not frame_paths:
+                        raise FileNotFoundError(f"no frames in {root / 'frames' / seq}")
+                    frame_paths, labels = match_lengths(frame_paths, read_phase_labels(f))
+                    frames = _load_frames(frame_paths, opts.short_side)
+                except Exception as exn:  # missing / corrupt frames or labels: skip and count
+                    log.warning("skipping %s: %s", seq, exn)
+                    writer.skip(str(f), f"{type(exn).__name__}: {exn}")
+                    continue
+                writer.write(VideoRecord(f"{seq}_{action}", frames, opts.fps, ACTIONS.index(action), labels,
+                                         extra={"source": f"frames/{seq}"}))
+        written = read_manifest(out_dir)["splits"][split]["samples"]
+        if written != EXPECTED[split]:
+            log.warning("pennaction %s: %d videos written; the CARL code's split has %d (%d skipped, listed in "
+                        "shards.json)", split, written, EXPECTED[split], len(writer.skipped))
+    return read_manifest(out_dir)

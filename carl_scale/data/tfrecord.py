@@ -1,0 +1,200 @@
+"""TCC's TFRecords -> shards, without TensorFlow: the Pouring set (and any dataset TCC ships the
+same way) comes only as ``tf.train.SequenceExample`` records.
+
+A TFRecord file is a run of records: ``uint64 length``, ``uint32 masked CRC-32C of the length``,
+``data``, ``uint32 masked CRC-32C of the data`` (little endian). The length's checksum is
+verified (a truncated or misaligned file stops with its offset named); the data's is not (pure
+Python CRC-32C runs at a few MB/s), so a damaged record shows up as a parse or JPEG error and is
+skipped and counted. The record is a protobuf ``SequenceExample``, read here from the wire format:
+``context`` (field 1, a ``Features`` map) and ``feature_lists`` (field 2, a ``FeatureLists``
+map); a ``Feature`` holds a ``bytes_list`` (1), ``float_list`` (2) or ``int64_list`` (3).
+
+TCC's layout (its ``dataset_preparation`` code): context ``name`` (bytes), ``len``, ``label``
+(int64); sequence ``video`` (one JPEG per frame) and ``frame_labels`` (one int64 per frame).
+Files are ``<dataset>_<split>-K-of-N.tfrecord``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from carl_scale.data.codec import EncodeOptions
+from carl_scale.data.shard_writer import ShardWriter, VideoRecord, read_manifest
+
+log = logging.getLogger("carl_scale.data")
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_TABLE = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+    c = crc32c(data)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def iter_records(path: str | Path) -> Iterator[bytes]:
+    """The records of one TFRecord file."""
+    with open(path, "rb") as f:
+        while header := f.read(12):
+            if len(header) < 12:
+                raise ValueError(f"{path}: truncated record header at byte {f.tell() - len(header)}")
+            length, crc = struct.unpack("<QI", header)
+            if masked_crc32c(header[:8]) != crc:
+                raise ValueError(f"{path}: bad length checksum at byte {f.tell() - 12} (not a TFRecord file, "
+                                 f"or damaged)")
+            data = f.read(length)
+            if len(data) < length or len(f.read(4)) < 4:
+                raise ValueError(f"{path}: truncated record at byte {f.tell() - len(data) - 12}")
+            yield data
+
+
+# -- protobuf wire format ------------------------------------------------------------------------
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    out = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        out |= (b & 0x7F) << shift
+        if b < 0x80:
+            return out, i
+        shift += 7
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+    """(field number, wire type, value) of a serialized message, in order."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = buf[i:i + n], i + n
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield number, wire, value
+
+
+def _signed64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def parse_feature(buf: bytes) -> list:
+    """A ``tf.train.Feature``: its list of bytes, floats or ints (packed or not)."""
+    out: list = []
+    for kind, _, lst in _fields(buf):
+        for _, wire, v in _fields(lst):
+            if kind == 1:
+                out.append(bytes(v))
+            elif kind == 2:
+                out.extend(struct.unpack(f"<{len(v) // 4}f", v) if wire == 2 else struct.unpack("<f", v))
+            elif kind == 3:
+                if wire == 2:  # packed
+                    i = 0
+                    while i < len(v):
+                        x, i = _varint(v, i)
+                        out.append(_signed64(x))
+                else:
+                    out.append(_signed64(v))
+    return out
+
+
+def _map_entries(buf: bytes) -> Iterator[tuple[str, bytes]]:
+    for _, _, entry in _fields(buf):  # field 1: map<string, value> entries
+        key, value = "", b""
+        for number, _, v in _fields(entry):
+            if number == 1:
+                key = bytes(v).decode()
+            elif number == 2:
+                value = v
+        yield key, value
+
+
+def parse_sequence_example(buf: bytes) -> tuple[dict[str, list], dict[str, list[list]]]:
+    """``(context, feature_lists)`` of a serialized ``tf.train.SequenceExample``."""
+    context, lists = {}, {}
+    for number, _, v in _fields(buf):
+        if number == 1:
+            context.update({k: parse_feature(f) for k, f in _map_entries(v)})
+        elif number == 2:
+            for k, fl in _map_entries(v):
+                lists[k] = [parse_feature(f) for _, _, f in _fields(fl)]
+    return context, lists
+
+
+# -- shards --------------------------------------------------------------------------------------
+_SPLIT = re.compile(r"_(train|val|test)(?:-\d+-of-\d+)?\.tfrecords?$")
+
+
+def write_tfrecord_shards(src: str | Path, out_dir: str | Path, dataset: str, *, fps: float = 25.0,
+                          payload: str = "video", encode: EncodeOptions | None = None, max_samples: int | None = None,
+                          max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True) -> dict:
+    """Every ``<dataset>_<split>-K-of-N.tfrecord`` under ``src`` into one split each of shards."""
+    src = Path(src)
+    files: dict[str, list[Path]] = {}
+    for p in sorted(src.rglob(f"{dataset}_*.tfrecord*")):
+        if m := _SPLIT.search(p.name):
+            files.setdefault(m[1], []).append(p)
+    if not files:
+        raise FileNotFoundError(f"no {dataset}_<train|val|test>-K-of-N.tfrecord files under {src}")
+    for split, paths in sorted(files.items()):
+        writer = ShardWriter(out_dir, split, dataset=dataset, payload=payload, encode=encode,
+                             max_samples=max_samples or 64, max_bytes=max_bytes, overwrite=overwrite)
+        with writer, tqdm(disable=not progress, desc=f"{dataset} {split}", unit="video") as bar:
+            for path in paths:
+                records, n = iter_records(path), -1
+                while True:
+                    try:
+                        record, n = next(records), n + 1
+                    except StopIteration:
+                        break
+                    except ValueError as exn:  # the file is cut short or not a TFRecord: keep what was read
+                        log.warning("stopping at %s", exn)
+                        writer.skip(path.name, str(exn))
+                        break
+                    where = f"{path.name}#{n}"
+                    try:
+                        ctx, lists = parse_sequence_example(record)
+                        frames = np.stack([np.asarray(Image.open(io.BytesIO(f[0])).convert("RGB"))
+                                           for f in lists["video"]])
+                        labels = (np.array([f[0] for f in lists["frame_labels"]], np.int64)
+                                  if "frame_labels" in lists else None)
+                    except Exception as exn:  # a damaged record: skip and count
+                        log.warning("skipping %s: %s", where, exn)
+                        writer.skip(where, f"{type(exn).__name__}: {exn}")
+                        continue
+                    name = ctx["name"][0].decode() if ctx.get("name") else where
+                    label = int(ctx["label"][0]) if ctx.get("label") else -1
+                    writer.write(VideoRecord(name, frames, fps, label, labels, extra={"source": where}))
+                    bar.update()
+    return read_manifest(out_dir)

@@ -1,0 +1,40 @@
+"""Write PennAction (13 actions, per-frame phase labels) as WebDataset shards, as the CARL code
+prepares it.
+
+    python -m shards.pennaction --root Penn_Action --phase-labels penn_action_labels --out data/pennaction
+    python -m shards.pennaction --root Penn_Action --phase-labels penn_action_labels --out data/pennaction \
+        --short-side 256 --payload jpeg
+    python -m shards.pennaction ... --limit 20 --out /tmp/penn_peek     # a quick look first
+
+``--root``: the Penn_Action folder of the download (``frames/NNNN/*.jpg``, ``labels/NNNN.mat``).
+``--phase-labels``: ``train/`` and ``val/`` folders of ``<action>/<NNNN>.npy`` per-frame phase
+labels (the label files the CARL code's README links); they decide the split. See
+``carl_scale/data/pennaction.py`` for the details; skipped sequences are listed in shards.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from carl_scale.data.pennaction import PennActionOptions, write_pennaction_shards
+from shards.common import add_writer_args, print_summary, writer_kwargs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", required=True, help="the Penn_Action folder (frames/, labels/)")
+    p.add_argument("--phase-labels", required=True, help="folder of train/ and val/ <action>/<NNNN>.npy label files")
+    add_writer_args(p)
+    d = PennActionOptions()
+    p.add_argument("--fps", type=float, default=d.fps, help="frame rate written to the metadata")
+    p.add_argument("--short-side", type=int, default=None, help="resize frames to this short side")
+    p.add_argument("--limit", type=int, default=None, help="at most this many videos per split")
+    a = p.parse_args(argv)
+    opts = PennActionOptions(fps=a.fps, short_side=a.short_side, limit=a.limit)
+    manifest = write_pennaction_shards(a.root, a.phase_labels, a.out, opts, **writer_kwargs(a))
+    print_summary(manifest, a.out)
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

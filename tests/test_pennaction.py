@@ -1,0 +1,74 @@
+"""PennAction -> shards from a folder laid out like the download plus CARL's phase label files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.io import savemat
+
+from carl_scale.data.decoders import PyAVDecoder
+from carl_scale.data.pennaction import ACTIONS, match_lengths
+from carl_scale.data.whole_video import iter_whole_videos
+from shards import pennaction
+
+
+def _frames(root, seq: str, n: int) -> None:
+    d = root / "frames" / seq
+    d.mkdir(parents=True)
+    for i in range(n):  # grey level 8 * frame index: which frame a sample holds is readable
+        Image.fromarray(np.full((32, 48, 3), 8 * i, np.uint8)).save(d / f"{i + 1:06d}.jpg", quality=95)
+
+
+@pytest.fixture(scope="module")
+def penn(tmp_path_factory):
+    root = tmp_path_factory.mktemp("penn")
+    raw, lab = root / "Penn_Action", root / "labels"
+    (raw / "labels").mkdir(parents=True)
+    videos = {  # seq: (action in the .mat, label folder, split, frames, label count)
+        "0001": ("baseball_pitch", "baseball_pitch", "train", 12, 12),
+        "0002": ("bowl", "bowling", "train", 20, 10),  # more frames than labels: frames resampled
+        "0003": ("squat", "squats", "val", 10, 20),  # more labels than frames: labels resampled
+        "0004": ("strum_guitar", "strum_guitar", "train", 6, 6),  # not one of the 13
+        "0005": ("situp", "situp", "val", 0, 8),  # no frames: skipped and counted
+    }
+    for seq, (action, folder, split, n, m) in videos.items():
+        if n:
+            _frames(raw, seq, n)
+        savemat(raw / "labels" / f"{seq}.mat", {"action": action, "nframes": n, "train": int(split == "train")})
+        (lab / split / folder).mkdir(parents=True, exist_ok=True)
+        np.save(lab / split / folder / f"{seq}.npy", np.arange(m) % 3)
+    return raw, lab
+
+
+def test_pennaction_shards_follow_carls_preparation(penn, tmp_path):
+    raw, lab = penn
+    m = pennaction.main(["--root", str(raw), "--phase-labels", str(lab), "--out", str(tmp_path), "--codec", "mjpeg",
+                         "--no-progress"])
+    assert m["label_names"]["actions"] == ACTIONS and len(ACTIONS) == 13
+    assert sorted(s["reason"].split(" ")[0] for s in m["splits"]["train"]["skipped"]) == ["action"]
+    assert "no frames" in m["splits"]["val"]["skipped"][0]["reason"]
+    train = {meta["video_id"]: (meta, f) for meta, f in iter_whole_videos(tmp_path, PyAVDecoder(), "train")}
+    assert set(train) == {"0001_baseball_pitch", "0002_bowl"}
+    meta, frames = train["0002_bowl"]
+    assert meta["action_label"] == ACTIONS.index("bowl") and len(frames) == 10
+    assert np.round(frames[:, 16, 24, 0] / 8).astype(int).tolist() == list(range(0, 20, 2))  # frames j*20//10
+    (vmeta, vframes), = iter_whole_videos(tmp_path, PyAVDecoder(), "val")
+    assert vmeta["video_id"] == "0003_squat" and len(vframes) == 10
+    assert vmeta["phase_labels"] == (np.arange(20) % 3)[::2].tolist()  # labels j*20//10
+    assert json.loads((tmp_path / "shards.json").read_text())["dataset"] == "pennaction"
+
+
+def test_match_lengths_is_the_identity_when_counts_agree():
+    frames, labels = match_lengths(list("abcd"), np.arange(4))
+    assert frames == list("abcd") and labels.tolist() == [0, 1, 2, 3]
+
+
+def test_missing_inputs_say_what_to_get(penn, tmp_path):
+    raw, lab = penn
+    with pytest.raises(FileNotFoundError, match="Penn_Action folder of the download"):
+        pennaction.main(["--root", str(tmp_path), "--phase-labels", str(lab), "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="needs train/ and val/"):
+        pennaction.main(["--root", str(raw), "--phase-labels", str(tmp_path), "--out", str(tmp_path / "o")])

@@ -1,0 +1,103 @@
+"""TCC-style TFRecords (Pouring) -> shards, read without TensorFlow. The records are written here
+by a small encoder that follows the TFRecord and protobuf specifications, not by our reader."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from carl_scale.data.decoders import PyAVDecoder
+from carl_scale.data.tfrecord import crc32c, masked_crc32c, parse_sequence_example
+from carl_scale.data.whole_video import iter_whole_videos
+from shards import pouring
+
+
+def _varint(v: int) -> bytes:
+    v &= (1 << 64) - 1  # negative int64: ten bytes of two's complement
+    out = bytearray()
+    while True:
+        b, v = v & 0x7F, v >> 7
+        out.append(b | (0x80 if v else 0))
+        if not v:
+            return bytes(out)
+
+
+def _ld(number: int, payload: bytes) -> bytes:  # a length-delimited field
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _bytes_feature(*values: bytes) -> bytes:
+    return _ld(1, b"".join(_ld(1, v) for v in values))
+
+
+def _int64_feature(*values: int) -> bytes:
+    return _ld(3, _ld(1, b"".join(_varint(v) for v in values)))  # packed, as TensorFlow writes it
+
+
+def _sequence_example(context: dict[str, bytes], lists: dict[str, list[bytes]]) -> bytes:
+    ctx = b"".join(_ld(1, _ld(1, k.encode()) + _ld(2, f)) for k, f in context.items())
+    fls = b"".join(_ld(1, _ld(1, k.encode()) + _ld(2, b"".join(_ld(1, f) for f in fl))) for k, fl in lists.items())
+    return _ld(1, ctx) + _ld(2, fls)
+
+
+def _record(data: bytes) -> bytes:
+    length = struct.pack("<Q", len(data))
+    return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
+
+
+def _video(name: str, n: int, corrupt: bool = False) -> bytes:
+    jpegs = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((24, 32, 3), 10 * i, np.uint8)).save(buf, format="JPEG", quality=95)
+        jpegs.append(buf.getvalue()[:40] if corrupt and i == 2 else buf.getvalue())
+    labels = [-1] + [min(4, i // 2) for i in range(1, n)]
+    return _sequence_example({"name": _bytes_feature(name.encode()), "len": _int64_feature(n),
+                              "label": _int64_feature(0)},
+                             {"video": [_bytes_feature(j) for j in jpegs], "frame_labels": [_int64_feature(v) for v in labels]})
+
+
+def test_crc32c_known_answer():
+    assert crc32c(b"123456789") == 0xE3069283  # the standard check value of CRC-32C (Castagnoli)
+
+
+def test_sequence_example_round_trip():
+    ctx, lists = parse_sequence_example(_video("x", 3))
+    assert ctx["name"] == [b"x"] and ctx["len"] == [3] and ctx["label"] == [0]
+    assert len(lists["video"]) == 3 and [f[0] for f in lists["frame_labels"]] == [-1, 0, 1]
+
+
+@pytest.fixture(scope="module")
+def tfrecords(tmp_path_factory):
+    src = tmp_path_factory.mktemp("pouring_tfrecords")
+    (src / "pouring_train-0-of-2.tfrecord").write_bytes(_record(_video("pour_a", 12)) + _record(_video("pour_b", 9)))
+    (src / "pouring_train-1-of-2.tfrecord").write_bytes(
+        _record(_video("pour_c", 10)) + _record(_video("broken", 8, corrupt=True)) + _record(_video("cut", 8))[:-30])
+    (src / "pouring_val-0-of-1.tfrecord").write_bytes(_record(_video("pour_v", 11)))
+    return src
+
+
+def test_pouring_shards_from_tfrecords(tfrecords, tmp_path):
+    m = pouring.main(["--src", str(tfrecords), "--out", str(tmp_path), "--codec", "mjpeg", "--no-progress"])
+    train = m["splits"]["train"]
+    assert train["samples"] == 3 and m["splits"]["val"]["samples"] == 1
+    reasons = " ".join(s["source"] + ": " + s["reason"] for s in train["skipped"])
+    assert "pouring_train-1-of-2.tfrecord#1" in reasons and "truncated record" in reasons  # counted, not fatal
+    got = {meta["video_id"]: (meta, f) for meta, f in iter_whole_videos(tmp_path, PyAVDecoder(), "train")}
+    assert set(got) == {"pour_a", "pour_b", "pour_c"}
+    meta, frames = got["pour_a"]
+    assert len(frames) == 12 and meta["phase_labels"] == [-1] + [min(4, i // 2) for i in range(1, 12)]
+    assert np.abs(frames[:, 12, 16, 0].astype(int) - 10 * np.arange(12)).max() <= 3
+    assert meta["action_label"] == 0 and meta["dataset"] == "pouring"
+
+
+def test_not_a_tfrecord_and_no_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pouring_<train|val|test>"):
+        pouring.main(["--src", str(tmp_path), "--out", str(tmp_path / "o")])
+    (tmp_path / "pouring_val-0-of-1.tfrecord").write_bytes(b"this is not a tfrecord file at all")
+    m = pouring.main(["--src", str(tmp_path), "--out", str(tmp_path / "p"), "--no-progress"])
+    assert m["splits"]["val"]["samples"] == 0 and "bad length checksum" in m["splits"]["val"]["skipped"][0]["reason"]
