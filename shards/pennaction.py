@@ -3,7 +3,7 @@ prepares it.
 
     python -m shards.pennaction --root Penn_Action --phase-labels penn_action_labels --out data/pennaction
     python -m shards.pennaction --root Penn_Action --phase-labels penn_action_labels --out data/pennaction \
-        --short-side 256 --payload jpeg
+        --square 0 --short-side 256 --payload jpeg          # keep the aspect instead of CARL's 224x224
     python -m shards.pennaction ... --limit 20 --out /tmp/penn_peek     # a quick look first
 
 ``--root``: the Penn_Action folder of the download (``frames/NNNN/*.jpg``, ``labels/NNNN.mat``).
@@ -27,10 +27,12 @@ def main(argv: list[str] | None = None) -> dict:
     add_writer_args(p)
     d = PennActionOptions()
     p.add_argument("--fps", type=float, default=d.fps, help="frame rate written to the metadata")
-    p.add_argument("--short-side", type=int, default=None, help="resize frames to this short side")
+    p.add_argument("--square", type=int, default=d.square,
+                   help="squash frames to SIZE x SIZE as the CARL code does (0: keep the aspect)")
+    p.add_argument("--short-side", type=int, default=None, help="with --square 0: resize to this short side")
     p.add_argument("--limit", type=int, default=None, help="at most this many videos per split")
     a = p.parse_args(argv)
-    opts = PennActionOptions(fps=a.fps, short_side=a.short_side, limit=a.limit)
+    opts = PennActionOptions(fps=a.fps, square=a.square or None, short_side=a.short_side, limit=a.limit)
     manifest = write_pennaction_shards(a.root, a.phase_labels, a.out, opts, **writer_kwargs(a))
     print_summary(manifest, a.out)
     return manifest

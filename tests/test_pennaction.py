@@ -33,13 +33,18 @@ def penn(tmp_path_factory):
         "0003": ("squat", "squats", "val", 10, 20),  # more labels than frames: labels resampled
         "0004": ("strum_guitar", "strum_guitar", "train", 6, 6),  # not one of the 13
         "0005": ("situp", "situp", "val", 0, 8),  # no frames: skipped and counted
+        "0006": (None, "pushups", "val", 7, 7),  # no .mat: the label folder's (TCC) name says pushup
     }
     for seq, (action, folder, split, n, m) in videos.items():
         if n:
             _frames(raw, seq, n)
-        savemat(raw / "labels" / f"{seq}.mat", {"action": action, "nframes": n, "train": int(split == "train")})
+        if action:
+            savemat(raw / "labels" / f"{seq}.mat", {"action": action, "nframes": n, "train": int(split == "train")})
         (lab / split / folder).mkdir(parents=True, exist_ok=True)
         np.save(lab / split / folder / f"{seq}.npy", np.arange(m) % 3)
+    (lab / "val" / "baseball_pitch").mkdir()
+    np.save(lab / "val" / "baseball_pitch" / "0001.npy", np.zeros(12))  # 0001 labelled twice: written once
+    (lab / "train" / "README.txt").write_text("not a label file")  # stray files are not sequences
     return raw, lab
 
 
@@ -48,16 +53,22 @@ def test_pennaction_shards_follow_carls_preparation(penn, tmp_path):
     m = pennaction.main(["--root", str(raw), "--phase-labels", str(lab), "--out", str(tmp_path), "--codec", "mjpeg",
                          "--no-progress"])
     assert m["label_names"]["actions"] == ACTIONS and len(ACTIONS) == 13
-    assert sorted(s["reason"].split(" ")[0] for s in m["splits"]["train"]["skipped"]) == ["action"]
-    assert "no frames" in m["splits"]["val"]["skipped"][0]["reason"]
+    train_skips = {s["source"]: s["reason"] for s in m["splits"]["train"]["skipped"]}
+    assert list(train_skips) == ["train/strum_guitar/0004.npy"]  # README.txt is no sequence
+    assert "not one of the 13" in train_skips["train/strum_guitar/0004.npy"]
+    val_skips = {s["source"]: s["reason"] for s in m["splits"]["val"]["skipped"]}
+    assert "also labelled by" in val_skips["val/baseball_pitch/0001.npy"]
+    assert "no frames" in val_skips["val/situp/0005.npy"]
     train = {meta["video_id"]: (meta, f) for meta, f in iter_whole_videos(tmp_path, PyAVDecoder(), "train")}
     assert set(train) == {"0001_baseball_pitch", "0002_bowl"}
     meta, frames = train["0002_bowl"]
-    assert meta["action_label"] == ACTIONS.index("bowl") and len(frames) == 10
+    assert meta["action_label"] == ACTIONS.index("bowl") and frames.shape == (10, 224, 224, 3)  # CARL's squash
     assert np.round(frames[:, 16, 24, 0] / 8).astype(int).tolist() == list(range(0, 20, 2))  # frames j*20//10
-    (vmeta, vframes), = iter_whole_videos(tmp_path, PyAVDecoder(), "val")
-    assert vmeta["video_id"] == "0003_squat" and len(vframes) == 10
-    assert vmeta["phase_labels"] == (np.arange(20) % 3)[::2].tolist()  # labels j*20//10
+    val = {meta["video_id"]: (meta, f) for meta, f in iter_whole_videos(tmp_path, PyAVDecoder(), "val")}
+    assert set(val) == {"0003_squat", "0006_pushup"}
+    vmeta, vframes = val["0003_squat"]
+    assert len(vframes) == 10 and vmeta["phase_labels"] == (np.arange(20) % 3)[::2].tolist()  # labels j*20//10
+    assert val["0006_pushup"][0]["action_label"] == ACTIONS.index("pushup")
     assert json.loads((tmp_path / "shards.json").read_text())["dataset"] == "pennaction"
 
 

@@ -49,16 +49,21 @@ def _record(data: bytes) -> bytes:
     return length + struct.pack("<I", masked_crc32c(length)) + data + struct.pack("<I", masked_crc32c(data))
 
 
-def _video(name: str, n: int, corrupt: bool = False) -> bytes:
+def _unpacked_int64_feature(*values: int) -> bytes:  # also valid protobuf: one field per value
+    return _ld(3, b"".join(_varint(1 << 3 | 0) + _varint(v) for v in values))
+
+
+def _video(name: str, n: int, corrupt: bool = False, labels: int | None = None, packed: bool = True) -> bytes:
     jpegs = []
     for i in range(n):
         buf = io.BytesIO()
         Image.fromarray(np.full((24, 32, 3), 10 * i, np.uint8)).save(buf, format="JPEG", quality=95)
         jpegs.append(buf.getvalue()[:40] if corrupt and i == 2 else buf.getvalue())
-    labels = [-1] + [min(4, i // 2) for i in range(1, n)]
+    labels = ([-1] + [min(4, i // 2) for i in range(1, n)])[: labels]
+    feature = _int64_feature if packed else _unpacked_int64_feature
     return _sequence_example({"name": _bytes_feature(name.encode()), "len": _int64_feature(n),
                               "label": _int64_feature(0)},
-                             {"video": [_bytes_feature(j) for j in jpegs], "frame_labels": [_int64_feature(v) for v in labels]})
+                             {"video": [_bytes_feature(j) for j in jpegs], "frame_labels": [feature(v) for v in labels]})
 
 
 def test_crc32c_known_answer():
@@ -77,7 +82,10 @@ def tfrecords(tmp_path_factory):
     (src / "pouring_train-0-of-2.tfrecord").write_bytes(_record(_video("pour_a", 12)) + _record(_video("pour_b", 9)))
     (src / "pouring_train-1-of-2.tfrecord").write_bytes(
         _record(_video("pour_c", 10)) + _record(_video("broken", 8, corrupt=True)) + _record(_video("cut", 8))[:-30])
-    (src / "pouring_val-0-of-1.tfrecord").write_bytes(_record(_video("pour_v", 11)))
+    (src / "pouring_val-0-of-1.tfrecord").write_bytes(
+        _record(_video("pour_v", 11, packed=False)) + _record(_video("short_labels", 6, labels=4))
+        + _record(_video("pour_v", 5)))  # the last two: a label count mismatch, a name seen before
+    (src / "other_train-0-of-1.tfrecord").write_bytes(b"another dataset's file: never read")
     return src
 
 
@@ -91,6 +99,10 @@ def test_pouring_shards_from_tfrecords(tfrecords, tmp_path):
     assert set(got) == {"pour_a", "pour_b", "pour_c"}
     meta, frames = got["pour_a"]
     assert len(frames) == 12 and meta["phase_labels"] == [-1] + [min(4, i // 2) for i in range(1, 12)]
+    val_skips = " ".join(s["reason"] for s in m["splits"]["val"]["skipped"])
+    assert "4 phase labels for 6 frames" in val_skips and "duplicate video_id 'pour_v'" in val_skips
+    (vmeta, _), = iter_whole_videos(tmp_path, PyAVDecoder(), "val")  # unpacked int64 labels read alike
+    assert vmeta["phase_labels"] == [-1] + [min(4, i // 2) for i in range(1, 11)]
     assert np.abs(frames[:, 12, 16, 0].astype(int) - 10 * np.arange(12)).max() <= 3
     assert meta["action_label"] == 0 and meta["dataset"] == "pouring"
 

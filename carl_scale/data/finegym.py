@@ -107,6 +107,7 @@ def decode_span(path: Path, start: float | None, end: float | None, fps: float,
             container.seek(base + int(start / stream.time_base), stream=stream)
         t0, step = start or 0.0, 1.0 / fps
         src_step = 1.0 / float(stream.average_rate or stream.guessed_rate or fps)
+        duration = float(stream.duration * stream.time_base) if stream.duration else None
         limit = float("inf") if end is None else end - _EPS  # output times must lie before this
         out: list[np.ndarray] | np.ndarray = []
         k, cur, cur_rgb, t_last = 0, None, None, None
@@ -116,10 +117,13 @@ def decode_span(path: Path, start: float | None, end: float | None, fps: float,
             if cur_rgb is None:  # convert a source frame once, however many outputs show it
                 cur_rgb = decode_rgb(cur, short_side)
             if isinstance(out, list) and end is not None:  # the size is known from the first frame on
-                out = np.empty((int(np.ceil((end - t0) * fps)) + 1, *cur_rgb.shape), np.uint8)  # + 1: float slack
+                last = end if duration is None else min(end, duration + src_step)  # a bad ``end`` can't blow it up
+                out = np.empty((max(1, int(np.ceil((last - t0) * fps)) + 1), *cur_rgb.shape), np.uint8)  # + 1: float slack
             if isinstance(out, list):
                 out.append(cur_rgb)
             else:
+                if k == len(out):  # the container's duration was short of the truth: grow
+                    out = np.concatenate([out, np.empty_like(out[: max(1, len(out) // 2)])])
                 out[k] = cur_rgb
             k += 1
 
@@ -142,7 +146,9 @@ def decode_span(path: Path, start: float | None, end: float | None, fps: float,
             emit()
     if k == 0:
         raise ValueError(f"no frames between {start} and {end} s (the video is {t_last} s long)")
-    return out[:k] if isinstance(out, np.ndarray) else np.stack(out)
+    if isinstance(out, np.ndarray):  # a copy when the video ended well before ``end``: free the rest
+        return out[:k] if k > len(out) // 2 else out[:k].copy()
+    return np.stack(out)
 
 
 def _find_videos(videos: Path) -> dict[str, Path]:

@@ -11,7 +11,9 @@ the split — not the ``.mat`` train flag. This module follows it:
 * a sequence without a label file is not part of the benchmark and is not written;
 * when frame and label counts differ, the longer one is resampled to the shorter's length at
   ``floor(j * long / short)`` (as the CARL code does);
-* video ids ``NNNN_<action>`` (e.g. ``0001_baseball_pitch``).
+* frames squashed to 224x224 (aspect not kept), as the CARL code stores them;
+* video ids ``NNNN_<action>`` (e.g. ``0001_baseball_pitch``); a sequence labelled twice is
+  written once (the first label file, train before val) and the clash listed.
 
 The CARL code's split has 1140 train / 966 val videos; a different count is reported, not fatal.
 """
@@ -19,6 +21,7 @@ The CARL code's split has 1140 train / 966 val videos; a different count is repo
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,12 +46,15 @@ DOWNLOAD = ("PennAction from its project page (Penn_Action/frames, Penn_Action/l
 @dataclass
 class PennActionOptions:
     fps: float = 30.0  # metadata only: the protocol works on frame indices
-    short_side: int | None = None  # resize frames (None: as downloaded, up to 640x480)
+    # the CARL code squashes every frame to 224x224 (aspect not kept): the default, for numbers
+    # that compare with the paper's; None keeps the aspect (then ``short_side``, or as downloaded)
+    square: int | None = 224
+    short_side: int | None = None
     limit: int | None = None  # at most this many videos per split (a quick look)
 
 
 def read_phase_labels(path: Path) -> np.ndarray:
-    return (np.load(path) if path.suffix == ".npy" else np.loadtxt(path, ndmin=1)).astype(np.int64).reshape(-1)
+    return np.load(path).astype(np.int64).reshape(-1)
 
 
 def match_lengths(frames: list[Path], labels: np.ndarray) -> tuple[list[Path], np.ndarray]:
@@ -61,21 +67,24 @@ def match_lengths(frames: list[Path], labels: np.ndarray) -> tuple[list[Path], n
     return frames, labels
 
 
-def _action_of(root: Path, seq: str, folder: str) -> str | None:
+def _action_of(root: Path, seq: str, folder: str) -> str:
+    """The sequence's action as the CARL code names it: from its ``.mat``, else the label folder."""
     mat = root / "labels" / f"{seq}.mat"
     if mat.exists():
         from scipy.io import loadmat
 
-        return str(loadmat(mat)["action"][0])
+        folder = str(loadmat(mat, variable_names=["action"])["action"][0])
     return _ALIASES.get(folder, folder)
 
 
-def _load_frames(paths: list[Path], short_side: int | None) -> np.ndarray:
+def _load_frames(paths: list[Path], square: int | None, short_side: int | None) -> np.ndarray:
     frames = []
     for p in paths:
         with Image.open(p) as im:
             im = im.convert("RGB")
-            if short_side:
+            if square:  # the CARL code's preparation: every frame squashed to square x square
+                im = im.resize((square, square), Image.BILINEAR)
+            elif short_side:
                 s = short_side / min(im.size)
                 im = im.resize((2 * round(im.width * s / 2), 2 * round(im.height * s / 2)), Image.BILINEAR)
             frames.append(np.asarray(im))
@@ -96,32 +105,43 @@ def write_pennaction_shards(root: str | Path, phase_labels: str | Path, out_dir:
     if not {"train", "val"} <= set(splits):
         raise FileNotFoundError(f"{phase_labels} needs train/ and val/ folders of <action>/<NNNN>.npy phase label "
                                 f"files (found: {splits or 'nothing'}). Get {DOWNLOAD}.")
+    # one label file per sequence: <split>/<action>/<NNNN>.npy; a sequence labelled twice (two
+    # splits, two action folders) is written once, from the first file, and the clash reported
+    first: dict[str, Path] = {}
+    listed: dict[str, list[tuple[Path, str | None]]] = {"train": [], "val": []}
     for split in ("train", "val"):
-        files = sorted(p for p in (phase_labels / split).rglob("*") if p.suffix in (".npy", ".txt"))[: opts.limit]
+        for f in sorted((phase_labels / split).rglob("*.npy")):
+            if not re.fullmatch(r"\d{4}", f.stem[:4]):
+                continue
+            clash = f"{f.stem[:4]} is also labelled by {first[f.stem[:4]]}" if f.stem[:4] in first else None
+            first.setdefault(f.stem[:4], f)
+            listed[split].append((f, clash))
+    for split in ("train", "val"):
         writer = ShardWriter(out_dir, split, dataset="pennaction", payload=payload, encode=encode,
                              max_samples=max_samples or 64, max_bytes=max_bytes, label_names={"actions": ACTIONS},
                              overwrite=overwrite)
         with writer:
-            for f in tqdm(files, disable=not progress, desc=f"pennaction {split}", unit="video"):
+            for f, clash in tqdm(listed[split][: opts.limit], disable=not progress, desc=f"pennaction {split}",
+                                 unit="video"):
                 seq = f.stem[:4]
-                action = _action_of(root, seq, f.parent.name)
-                if action not in ACTIONS:
-                    writer.skip(str(f), f"action {action!r} is not one of the 13 evaluated")
-                    continue
-                frame_paths = sorted((root / "frames" / seq).glob("*.jpg"))
-                try:
+                try:  # anything wrong with one sequence skips it, counted; it never stops the others
+                    if clash:
+                        raise ValueError(clash)
+                    action = _action_of(root, seq, f.parent.name)
+                    if action not in ACTIONS:
+                        raise ValueError(f"action {action!r} is not one of the 13 evaluated")
+                    frame_paths = sorted((root / "frames" / seq).glob("*.jpg"))
                     if not frame_paths:
                         raise FileNotFoundError(f"no frames in {root / 'frames' / seq}")
                     frame_paths, labels = match_lengths(frame_paths, read_phase_labels(f))
-                    frames = _load_frames(frame_paths, opts.short_side)
-                except Exception as exn:  # missing / corrupt frames or labels: skip and count
-                    log.warning("skipping %s: %s", seq, exn)
-                    writer.skip(str(f), f"{type(exn).__name__}: {exn}")
-                    continue
-                writer.write(VideoRecord(f"{seq}_{action}", frames, opts.fps, ACTIONS.index(action), labels,
-                                         extra={"source": f"frames/{seq}"}))
+                    frames = _load_frames(frame_paths, opts.square, opts.short_side)
+                    writer.write(VideoRecord(f"{seq}_{action}", frames, opts.fps, ACTIONS.index(action), labels,
+                                             extra={"source": f"frames/{seq}"}))
+                except Exception as exn:
+                    log.warning("skipping %s: %s", f, exn)
+                    writer.skip(str(f.relative_to(phase_labels)), f"{type(exn).__name__}: {exn}")
         written = read_manifest(out_dir)["splits"][split]["samples"]
-        if written != EXPECTED[split]:
+        if written != EXPECTED[split] and opts.limit is None:
             log.warning("pennaction %s: %d videos written; the CARL code's split has %d (%d skipped, listed in "
                         "shards.json)", split, written, EXPECTED[split], len(writer.skipped))
     return read_manifest(out_dir)

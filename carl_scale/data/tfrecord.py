@@ -3,9 +3,10 @@ same way) comes only as ``tf.train.SequenceExample`` records.
 
 A TFRecord file is a run of records: ``uint64 length``, ``uint32 masked CRC-32C of the length``,
 ``data``, ``uint32 masked CRC-32C of the data`` (little endian). The length's checksum is
-verified (a truncated or misaligned file stops with its offset named); the data's is not (pure
-Python CRC-32C runs at a few MB/s), so a damaged record shows up as a parse or JPEG error and is
-skipped and counted. The record is a protobuf ``SequenceExample``, read here from the wire format:
+verified (a truncated or misaligned file stops with its offset named, keeping the records
+before); the data's is not (pure Python CRC-32C runs at ~10 MB/s): damage that breaks the
+protobuf, a JPEG or the frame/label count skips that record, counted, but damage inside JPEG
+data that still decodes would go unnoticed. The record is a protobuf ``SequenceExample``, read here from the wire format:
 ``context`` (field 1, a ``Features`` map) and ``feature_lists`` (field 2, a ``FeatureLists``
 map); a ``Feature`` holds a ``bytes_list`` (1), ``float_list`` (2) or ``int64_list`` (3).
 
@@ -62,15 +63,15 @@ def iter_records(path: str | Path) -> Iterator[bytes]:
     """The records of one TFRecord file."""
     with open(path, "rb") as f:
         while header := f.read(12):
+            start = f.tell() - len(header)
             if len(header) < 12:
-                raise ValueError(f"{path}: truncated record header at byte {f.tell() - len(header)}")
+                raise ValueError(f"{path}: truncated record header at byte {start}")
             length, crc = struct.unpack("<QI", header)
             if masked_crc32c(header[:8]) != crc:
-                raise ValueError(f"{path}: bad length checksum at byte {f.tell() - 12} (not a TFRecord file, "
-                                 f"or damaged)")
+                raise ValueError(f"{path}: bad length checksum at byte {start} (not a TFRecord file, or damaged)")
             data = f.read(length)
             if len(data) < length or len(f.read(4)) < 4:
-                raise ValueError(f"{path}: truncated record at byte {f.tell() - len(data) - 12}")
+                raise ValueError(f"{path}: truncated record at byte {start}")
             yield data
 
 
@@ -153,7 +154,6 @@ def parse_sequence_example(buf: bytes) -> tuple[dict[str, list], dict[str, list[
 
 
 # -- shards --------------------------------------------------------------------------------------
-_SPLIT = re.compile(r"_(train|val|test)(?:-\d+-of-\d+)?\.tfrecords?$")
 
 
 def write_tfrecord_shards(src: str | Path, out_dir: str | Path, dataset: str, *, fps: float = 25.0,
@@ -161,9 +161,10 @@ def write_tfrecord_shards(src: str | Path, out_dir: str | Path, dataset: str, *,
                           max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True) -> dict:
     """Every ``<dataset>_<split>-K-of-N.tfrecord`` under ``src`` into one split each of shards."""
     src = Path(src)
+    pattern = re.compile(rf"{re.escape(dataset)}_(train|val|test)(?:-\d+-of-\d+)?\.tfrecords?")
     files: dict[str, list[Path]] = {}
-    for p in sorted(src.rglob(f"{dataset}_*.tfrecord*")):
-        if m := _SPLIT.search(p.name):
+    for p in sorted(src.iterdir()) if src.is_dir() else []:
+        if m := pattern.fullmatch(p.name):
             files.setdefault(m[1], []).append(p)
     if not files:
         raise FileNotFoundError(f"no {dataset}_<train|val|test>-K-of-N.tfrecord files under {src}")
@@ -183,18 +184,20 @@ def write_tfrecord_shards(src: str | Path, out_dir: str | Path, dataset: str, *,
                         writer.skip(path.name, str(exn))
                         break
                     where = f"{path.name}#{n}"
-                    try:
+                    try:  # anything wrong with one record skips it, counted; it never stops the others
                         ctx, lists = parse_sequence_example(record)
+                        if not lists.get("video"):
+                            raise ValueError("no frames ('video' feature list empty or missing)")
                         frames = np.stack([np.asarray(Image.open(io.BytesIO(f[0])).convert("RGB"))
                                            for f in lists["video"]])
-                        labels = (np.array([f[0] for f in lists["frame_labels"]], np.int64)
+                        labels = (np.array([f[0] if f else -1 for f in lists["frame_labels"]], np.int64)
                                   if "frame_labels" in lists else None)
-                    except Exception as exn:  # a damaged record: skip and count
+                        name = ctx["name"][0].decode() if ctx.get("name") else where
+                        label = int(ctx["label"][0]) if ctx.get("label") else -1
+                        writer.write(VideoRecord(name, frames, fps, label, labels, extra={"source": where}))
+                    except Exception as exn:
                         log.warning("skipping %s: %s", where, exn)
                         writer.skip(where, f"{type(exn).__name__}: {exn}")
                         continue
-                    name = ctx["name"][0].decode() if ctx.get("name") else where
-                    label = int(ctx["label"][0]) if ctx.get("label") else -1
-                    writer.write(VideoRecord(name, frames, fps, label, labels, extra={"source": where}))
                     bar.update()
     return read_manifest(out_dir)
