@@ -159,7 +159,8 @@ def parse_sequence_example(buf: bytes) -> tuple[dict[str, list], dict[str, list[
 def write_tfrecord_shards(src: str | Path, out_dir: str | Path, dataset: str, *, fps: float = 25.0,
                           payload: str = "video", encode: EncodeOptions | None = None, max_samples: int | None = None,
                           max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True) -> dict:
-    """Every ``<dataset>_<split>-K-of-N.tfrecord`` under ``src`` into one split each of shards."""
+    """Every ``<dataset>_<split>-K-of-N.tfrecord`` file in the folder ``src`` (not its subfolders)
+    into one split each of shards."""
     src = Path(src)
     pattern = re.compile(rf"{re.escape(dataset)}_(train|val|test)(?:-\d+-of-\d+)?\.tfrecords?")
     files: dict[str, list[Path]] = {}
@@ -167,7 +168,7 @@ def write_tfrecord_shards(src: str | Path, out_dir: str | Path, dataset: str, *,
         if m := pattern.fullmatch(p.name):
             files.setdefault(m[1], []).append(p)
     if not files:
-        raise FileNotFoundError(f"no {dataset}_<train|val|test>-K-of-N.tfrecord files under {src}")
+        raise FileNotFoundError(f"no {dataset}_<train|val|test>-K-of-N.tfrecord files in {src}")
     for split, paths in sorted(files.items()):
         writer = ShardWriter(out_dir, split, dataset=dataset, payload=payload, encode=encode,
                              max_samples=max_samples or 64, max_bytes=max_bytes, overwrite=overwrite)
