@@ -163,30 +163,31 @@ def main(argv: list[str] | None = None) -> dict:
     fg_lengths = rng.integers(FINEGYM_TEST["min_frames"], FINEGYM_TEST["max_frames"] + 1, FINEGYM_TEST["videos"])
     fg_actions = rng.integers(FINEGYM_TEST["actions"], size=FINEGYM_TEST["videos"])
     half = a.videos // 2
-    runs = {
-        "kendall_tau": (lambda: kendalls_tau(embs[:16], stride=a.stride, device=dev), lengths[:16], a.stride),
-        "AP@K": (lambda: average_precision_at_k(embs, labels, actions, device=dev), lengths, 1),
-        "one_shot": (lambda: one_shot_phase_classification(embs[:half], labels[:half], actions[:half], embs[half:],
-                                                           labels[half:], actions[half:], trials=1, device=dev),
-                     lengths[half:], 1),
-    }
     # AP@K and one-shot compare labelled frames only: count those, here and (at the same
     # labelled fraction) for FineGym
     labelled = np.array([int((lab >= 0).sum()) for lab in labels])
     frac = labelled.sum() / lengths.sum()
+    # metric: (run, frames it compares per video, their actions, stride, FineGym frames counted)
+    runs = {
+        "kendall_tau": (lambda: kendalls_tau(embs[:16], stride=a.stride, device=dev), lengths[:16], actions[:16],
+                        a.stride, fg_lengths),
+        "AP@K": (lambda: average_precision_at_k(embs, labels, actions, device=dev), labelled, actions, 1,
+                 fg_lengths * frac),
+        "one_shot": (lambda: one_shot_phase_classification(embs[:half], labels[:half], actions[:half], embs[half:],
+                                                           labels[half:], actions[half:], trials=1, device=dev),
+                     labelled[half:], actions[half:], 1, fg_lengths * frac),
+    }
     print(f"\n(b) ours at scale: {a.videos} videos of {a.min_frames}-{a.max_frames} frames ({lengths.sum()} frames); "
           f"FineGym test set = {FINEGYM_TEST['videos']} videos")
     print(f"{'metric':<14}{'videos':>8}{'s':>10}{'Mdist/s':>10}{'FineGym est. s':>16}"
           f"   ({frac:.0%} of frames labelled)")
     out = {"ratio": {n: tr / to for n, tr, to in rows}, "at_scale": {}}
-    for name, (fn, lens, stride) in runs.items():
-        acts = actions[: len(lens)] if name != "one_shot" else actions[half:]
-        used = lens if name == "kendall_tau" else labelled[-len(lens):] if name == "one_shot" else labelled
+    for name, (fn, used, acts, stride, fg_used) in runs.items():
         _, t = _timed(fn)
         rate = distances(name, used, acts, stride) / t
-        est = distances(name, fg_lengths * (1 if name == "kendall_tau" else frac), fg_actions, stride) / rate
+        est = distances(name, fg_used, fg_actions, stride) / rate
         out["at_scale"][name] = {"seconds": t, "finegym_estimate_s": est}
-        print(f"{name:<14}{len(lens):>8}{t:>10.2f}{rate / 1e6:>10.0f}{est:>16.0f}")
+        print(f"{name:<14}{len(used):>8}{t:>10.2f}{rate / 1e6:>10.0f}{est:>16.0f}")
     _, t = _timed(lambda: linear_probe_frame_classification(embs[:half], labels[:half], embs[half:], labels[half:],
                                                             num_classes=99, device=dev))
     n_train = sum(int((lab >= 0).sum()) for lab in labels[:half])

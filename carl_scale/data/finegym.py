@@ -97,7 +97,7 @@ def decode_span(path: Path, start: float | None, end: float | None, fps: float,
     frame) resampled to ``fps``: output frame k is the source frame on screen at ``start + k/fps``
     (times within a microsecond count as equal, so 25 -> 25 fps keeps every frame once). Seeks to
     the keyframe before ``start``, so cutting an event out of an hour-long video decodes only a
-    little more than the event; with ``end`` the output is allocated once, not stacked."""
+    little more than the event."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -107,24 +107,24 @@ def decode_span(path: Path, start: float | None, end: float | None, fps: float,
             container.seek(base + int(start / stream.time_base), stream=stream)
         t0, step = start or 0.0, 1.0 / fps
         src_step = 1.0 / float(stream.average_rate or stream.guessed_rate or fps)
-        duration = float(stream.duration * stream.time_base) if stream.duration else None
+        duration = float(stream.duration * stream.time_base) + src_step if stream.duration else None
         limit = float("inf") if end is None else end - _EPS  # output times must lie before this
-        out: list[np.ndarray] | np.ndarray = []
+        # one buffer, sized by the span (capped by the stream, so a bad ``end`` can't blow it up),
+        # doubled if that was short: no list of frames plus a stacked copy
+        known = [x for x in (end, duration) if x is not None]
+        size = max(1, int(np.ceil((min(known) - t0) * fps)) + 1) if known else 256
+        out: np.ndarray | None = None
         k, cur, cur_rgb, t_last = 0, None, None, None
 
         def emit() -> None:
             nonlocal out, cur_rgb, k
             if cur_rgb is None:  # convert a source frame once, however many outputs show it
                 cur_rgb = decode_rgb(cur, short_side)
-            if isinstance(out, list) and end is not None:  # the size is known from the first frame on
-                last = end if duration is None else min(end, duration + src_step)  # a bad ``end`` can't blow it up
-                out = np.empty((max(1, int(np.ceil((last - t0) * fps)) + 1), *cur_rgb.shape), np.uint8)  # + 1: float slack
-            if isinstance(out, list):
-                out.append(cur_rgb)
-            else:
-                if k == len(out):  # the container's duration was short of the truth: grow
-                    out = np.concatenate([out, np.empty_like(out[: max(1, len(out) // 2)])])
-                out[k] = cur_rgb
+            if out is None:
+                out = np.empty((size, *cur_rgb.shape), np.uint8)
+            elif k == len(out):
+                out = np.concatenate([out, np.empty_like(out)])
+            out[k] = cur_rgb
             k += 1
 
         for frame in container.decode(stream):
@@ -146,9 +146,7 @@ def decode_span(path: Path, start: float | None, end: float | None, fps: float,
             emit()
     if k == 0:
         raise ValueError(f"no frames between {start} and {end} s (the video is {t_last} s long)")
-    if isinstance(out, np.ndarray):  # a copy when the video ended well before ``end``: free the rest
-        return out[:k] if k > len(out) // 2 else out[:k].copy()
-    return np.stack(out)
+    return out[:k] if k > len(out) // 2 else out[:k].copy()  # a copy frees a mostly unused buffer
 
 
 def _find_videos(videos: Path) -> dict[str, Path]:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from carl_scale.config import SpatialConfig
 from carl_scale.data.decoders import make_decoder
-from carl_scale.data.reader import manifest_codec, resolve_shards
+from carl_scale.data.reader import manifest_codec, manifest_samples, resolve_shards
 from carl_scale.data.spatial import eval_geometric, eval_photometric, to_tchw
 from carl_scale.data.whole_video import iter_whole_videos
 
@@ -134,10 +134,10 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
                 log.info("reusing embeddings %s (same weights, shards and view)", cache)
                 return saved
             log.info("%s was made by another model, shard set or view: re-embedding", cache)
-    _, manifest = resolve_shards(shards, split)
+    urls, manifest = resolve_shards(shards, split)
     # evaluation decodes whole videos on the CPU, whatever the training device
     dec = make_decoder(decoder, codec=manifest_codec(manifest), device="cpu")
-    total = ((manifest or {}).get("splits", {}).get(split) or {}).get("samples")
+    total = manifest_samples(manifest, urls, split)
     was_training = model.training
     model.eval()
     ids, embs, phases, actions, extra = [], [], [], [], []

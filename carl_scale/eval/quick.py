@@ -37,14 +37,12 @@ def quick_eval(models: dict, shards, spatial, device, *, max_train_videos: int |
         accs, taus = [], []
         train_by, val_by = train.by_action(), val.by_action()
         for action, vidx in sorted(val_by.items()):
-            tidx = train_by.get(action, [])
-            if tidx:
-                acc = phase_classification([train.embeddings[i] for i in tidx], [train.phase_labels[i] for i in tidx],
-                                           [val.embeddings[i] for i in vidx], [val.phase_labels[i] for i in vidx],
-                                           classifier="logistic", fractions=(1.0,))
-                accs.append(acc[1.0])
+            t, v = train.subset(train_by.get(action, [])), val.subset(vidx)
+            if t.video_ids:
+                accs.append(phase_classification(t.embeddings, t.phase_labels, v.embeddings, v.phase_labels,
+                                                 classifier="logistic", fractions=(1.0,))[1.0])
             if len(vidx) > 1:
-                taus.append(kendalls_tau([val.embeddings[i] for i in vidx])["tau"])
+                taus.append(kendalls_tau(v.embeddings)["tau"])
         out[name] = {"phase_acc": float(np.mean(accs)) if accs else float("nan"),
                      "kendall_tau": float(np.nanmean(taus)) if taus else float("nan")}
     return out
