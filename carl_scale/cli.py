@@ -18,11 +18,12 @@ import numpy as np
 
 def _model(args):
     from carl_scale.eval.embed import default_device
-    from carl_scale.eval.transfer import latest_checkpoint, load_pretrained
+    from carl_scale.eval.transfer import latest_checkpoint
+    from carl_scale.models.weights import load_model
 
     device = default_device(args.device)
     ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(args.run_dir)
-    return load_pretrained(ckpt, device), device
+    return load_model(ckpt, device), device
 
 
 def read_video(path: str, short_side: int | None = None) -> np.ndarray:

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from carl_scale.eval.embed import default_device
-    from carl_scale.eval.transfer import latest_checkpoint, load_pretrained, transfer_eval
+    from carl_scale.eval.transfer import latest_checkpoint, transfer_eval
+    from carl_scale.models.weights import load_model
     from carl_scale.models import build_model
 
     device = default_device(a.device)
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         key = hashlib.sha1(f"{ckpt.resolve()}|{a.finetune_steps}|{a.finetune_args}".encode()).hexdigest()[:10]
         ckpt = finetune(ckpt, a.shards or PROTOCOLS[a.dataset].shards, Path(a.out) / a.dataset / f"finetune_{key}",
                         a.finetune_steps, shlex.split(a.finetune_args))
-    models = {"pretrained": load_pretrained(ckpt, device)}
+    models = {"pretrained": load_model(ckpt, device)}
     if a.random_baseline:
         torch.manual_seed(0)
         models = {"random_init": build_model(models["pretrained"].cfg).to(device).eval(), **models}

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from carl_scale.data.codec import CODECS, EncodeOptions
+from carl_scale.datasets.encode import CODECS, EncodeOptions
 
 
 def add_writer_args(p: argparse.ArgumentParser) -> None:

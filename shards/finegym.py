@@ -10,7 +10,7 @@ event clips ``<youtube_id>_E_XXXXXX_YYYYYY.mp4``, in any folder layout. ``--anno
 files of FineGym's download page, ``finegym_annotation_info_<version>.json`` and
 ``gym{99,288}_train_element_<version>.txt`` / ``gym{99,288}_val_element.txt``. Events are
 resampled to --fps (25) and --short-side (360) as in the CARL code; see
-``carl_scale/data/finegym.py`` for how frames get labels. Missing or unreadable videos are
+``carl_scale/datasets/finegym.py`` for how frames get labels. Missing or unreadable videos are
 skipped and listed in shards.json.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from carl_scale.data.finegym import FineGymOptions, write_finegym_shards
+from carl_scale.datasets.finegym import FineGymOptions, write_finegym_shards
 from shards.common import add_writer_args, print_summary, writer_kwargs
 
 

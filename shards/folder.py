@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from carl_scale.data.datasets import FolderOptions, write_folder_shards
+from carl_scale.datasets.folder import FolderOptions, write_folder_shards
 from shards.common import add_writer_args, print_summary, writer_kwargs
 
 

@@ -9,14 +9,14 @@ prepares it.
 ``--root``: the Penn_Action folder of the download (``frames/NNNN/*.jpg``, ``labels/NNNN.mat``).
 ``--phase-labels``: ``train/`` and ``val/`` folders of ``<action>/<NNNN>.npy`` per-frame phase
 labels (the label files the CARL code's README links); they decide the split. See
-``carl_scale/data/pennaction.py`` for the details; skipped sequences are listed in shards.json.
+``carl_scale/datasets/pennaction.py`` for the details; skipped sequences are listed in shards.json.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from carl_scale.data.pennaction import PennActionOptions, write_pennaction_shards
+from carl_scale.datasets.pennaction import PennActionOptions, write_pennaction_shards
 from shards.common import add_writer_args, print_summary, writer_kwargs
 
 

@@ -5,7 +5,7 @@
 
 ``--src``: a folder holding ``pouring_train-0-of-2.tfrecord``, ``pouring_train-1-of-2.tfrecord``,
 ``pouring_val-0-of-1.tfrecord`` (TCC's download; a ``test`` file too if you have it). Read
-without TensorFlow (``carl_scale/data/tfrecord.py``); damaged records are skipped and listed in
+without TensorFlow (``carl_scale/datasets/tfrecord.py``); damaged records are skipped and listed in
 shards.json. ``--dataset`` reads another TCC TFRecord set the same way (``<dataset>_<split>-K-of-N``).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from carl_scale.data.tfrecord import write_tfrecord_shards
+from carl_scale.datasets.tfrecord import write_tfrecord_shards
 from shards.common import add_writer_args, print_summary, writer_kwargs
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from carl_scale.data.datasets import write_synthetic_shards
-from carl_scale.data.synthetic import SyntheticConfig
+from carl_scale.data.config import SyntheticConfig
+from carl_scale.datasets.synthetic import write_synthetic_shards
 from shards.common import add_writer_args, print_summary, writer_kwargs
 
 

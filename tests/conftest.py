@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the shards/ and launch/ entry points live at the repo root
 os.environ.setdefault("CARL_SCALE_NO_PROGRESS", "1")
 
-from carl_scale.data.codec import EncodeOptions  # noqa: E402
-from carl_scale.data.datasets import write_synthetic_shards  # noqa: E402
-from carl_scale.data.synthetic import SyntheticConfig  # noqa: E402
+from carl_scale.data.config import SyntheticConfig  # noqa: E402
+from carl_scale.datasets.encode import EncodeOptions  # noqa: E402
+from carl_scale.datasets.synthetic import write_synthetic_shards  # noqa: E402
 
 TINY = SyntheticConfig(num_actions=3, train_videos=8, val_videos=4, min_frames=40, max_frames=100,
                        height=64, width=64, seed=7)

@@ -18,15 +18,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from carl_scale.train.trainer import Trainer, shutdown  # noqa: E402
+from carl_scale.train.trainer import Trainer, process_group, rng_scope  # noqa: E402
 from launch.pretrain_k400 import parse  # noqa: E402
 
 
 class RecordingTrainer(Trainer):
     nan_at: int | None = None
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, **kw):
+        super().__init__(cfg, **kw)
         self.seen: list[str] = []
 
     def train_step(self, batch):
@@ -44,28 +44,31 @@ def main() -> None:
     opts, flags = args[1:sep], args[sep + 1:]
     if "--nan-at" in opts:
         RecordingTrainer.nan_at = int(opts[opts.index("--nan-at") + 1])
-    trainer = RecordingTrainer(parse(flags))
-    error = None
-    try:
-        trainer.fit()
-    except FloatingPointError as exn:
-        error = str(exn)
-    def digest(tensors) -> str:
-        h = hashlib.sha256()
-        for name, t in sorted(tensors):
-            h.update(name.encode())
-            h.update(t.detach().float().cpu().numpy().tobytes())
-        return h.hexdigest()
+    cfg, _ = parse(flags)
+    with process_group() as (rank, world, device), rng_scope(cfg.seed):
+        trainer = RecordingTrainer(cfg, rank=rank, world=world, device=device)
+        error = None
+        try:
+            trainer.fit()
+        except FloatingPointError as exn:
+            error = str(exn)
 
-    module = trainer.engine.module
-    mine = {"rank": trainer.rank, "seen": trainer.seen, "params": digest(module.named_parameters()),
-            "buffers": digest(module.named_buffers()), "error": error, "step": trainer.step}
-    gathered = [None] * trainer.world
-    dist.all_gather_object(gathered, mine)
-    if trainer.rank == 0:
-        Path(out).write_text(json.dumps(gathered))
-    del trainer
-    shutdown()
+        def digest(tensors) -> str:
+            h = hashlib.sha256()
+            for name, t in sorted(tensors):
+                h.update(name.encode())
+                h.update(t.detach().float().cpu().numpy().tobytes())
+            return h.hexdigest()
+
+        module = trainer.engine.module
+        mine = {"rank": trainer.rank, "seen": trainer.seen, "params": digest(module.named_parameters()),
+                "buffers": digest(module.named_buffers()), "error": error, "step": trainer.step,
+                "skipped_summed": trainer.skipped_samples(), "skipped_mine": trainer.loader.skipped}
+        gathered = [None] * trainer.world
+        dist.all_gather_object(gathered, mine)
+        if trainer.rank == 0:
+            Path(out).write_text(json.dumps(gathered))
+        del trainer
 
 
 if __name__ == "__main__":

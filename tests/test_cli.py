@@ -10,10 +10,11 @@ import torch
 from PIL import Image
 
 from carl_scale.cli import main
-from carl_scale.config import config_to_dict
-from carl_scale.data.codec import EncodeOptions, encode_video
-from carl_scale.data.synthetic import SyntheticConfig, render_video
-from carl_scale.eval.transfer import load_pretrained
+from carl_scale.config import to_dict
+from carl_scale.datasets.encode import EncodeOptions, encode_video
+from carl_scale.data.config import SyntheticConfig
+from carl_scale.datasets.synthetic import render_video
+from carl_scale.models.weights import load_model
 from carl_scale.models import build_model, model_config
 
 
@@ -26,7 +27,7 @@ def checkpoint(tmp_path_factory):
     model = build_model(model_config("debug", image_size=32, train_frames=8))
     torch.save({"module": {f"model.{k}": v for k, v in model.state_dict().items()}},
                path / "mp_rank_00_model_states.pt")
-    (path / "meta.json").write_text(json.dumps({"step": 1, "config": {"model": config_to_dict(model.cfg)}}))
+    (path / "meta.json").write_text(json.dumps({"step": 1, "config": {"model": to_dict(model.cfg)}}))
     (path.parent / "latest").write_text("step_000001")
     return path, model
 
@@ -45,7 +46,7 @@ def videos(tmp_path_factory):
 
 def test_checkpoint_round_trip(checkpoint):
     path, model = checkpoint
-    loaded = load_pretrained(path)
+    loaded = load_model(path)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
 
@@ -60,7 +61,7 @@ def test_a_checkpoint_from_another_architecture_says_so(checkpoint, tmp_path):
     (old / "meta.json").write_text((path / "meta.json").read_text())
     n_missing = sum(k.startswith("backbone.") for k in model.state_dict())
     with pytest.raises(RuntimeError, match=rf"{n_missing} missing, 1 unexpected.*older carl_scale.*Retrain it"):
-        load_pretrained(old)
+        load_model(old)
 
 
 def test_plain_videos_are_downscaled_while_decoding(videos):

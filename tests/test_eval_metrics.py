@@ -76,6 +76,21 @@ def test_phase_classification_separable_and_fractions():
         assert acc[1.0] == 1.0 and acc[0.1] == 1.0
 
 
+def test_training_fraction_is_the_published_rule_by_default():
+    from carl_scale.eval.metrics import training_subset
+
+    # the published evaluation: the first max(1, int(f * N)) videos in dataset order
+    assert training_subset(25, 0.1) == [0, 1] and training_subset(9, 0.1) == [0] and training_subset(7, 1.0) == list(range(7))
+    assert training_subset(25, 0.5) == list(range(12))
+    drawn = training_subset(25, 0.1, pick="random", seed=3)  # the random draw: ceil(f * N), seeded
+    assert len(drawn) == 3 and drawn == training_subset(25, 0.1, pick="random", seed=3) and drawn != [0, 1, 2]
+    # which videos the 10% classifier sees decides the score: the first video alone carries phase 0
+    lab = np.array([0, 0, 1, 1])
+    train = [np.eye(2)[lab]] + [np.eye(2)[np.array([1, 1, 1, 1])]] * 9
+    acc = phase_classification(train, [lab] + [np.ones(4, int)] * 9, [np.eye(2)[lab]], [lab], fractions=(0.1,))
+    assert acc[0.1] == 1.0
+
+
 # -- the rest of the protocol, each against a naive loop written from its definition ------------
 from carl_scale.eval.metrics import (average_precision_at_k, linear_probe_frame_classification,  # noqa: E402
                                      one_shot_phase_classification, phase_progression,

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from carl_scale.data.codec import EncodeOptions, encode_video, iter_video_frames
+from carl_scale.data.codec import iter_video_frames
 from carl_scale.data.decoders import DaliDecoder, PyAVDecoder
-from carl_scale.data.synthetic import SyntheticConfig, render_video
+from carl_scale.data.config import SyntheticConfig
+from carl_scale.datasets.encode import EncodeOptions, encode_video
+from carl_scale.datasets.synthetic import render_video
 from carl_scale.data.whole_video import iter_whole_videos
 from shards import folder
 

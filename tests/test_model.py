@@ -38,6 +38,34 @@ def test_shapes_masks_and_class_token():
     torch.testing.assert_close(m(x2, mask)["embeddings"][1, :7], a, atol=1e-5, rtol=1e-5)
 
 
+def test_padded_frames_never_enter_batchnorm_statistics():
+    """Training mode: what a padded slot holds changes neither the BatchNorm running statistics of
+    the backbone, frame head and projection head, nor the batch statistics valid frames see."""
+    x = torch.randn(2, 6, 3, 32, 32)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+
+    def step(frames):
+        torch.manual_seed(0)
+        m = build_model(model_config("debug", image_size=32, dropout=0.0)).train()
+        out = m(frames, mask)
+        z = m.project(out["embeddings"], mask)
+        stats = {k: v.clone() for k, v in m.state_dict().items() if "running" in k}
+        return stats, z[mask], out["embeddings"][mask]
+
+    garbage = x.clone()
+    garbage[0, 4:] = 1e3
+    (s1, z1, e1), (s2, z2, e2) = step(x), step(garbage)
+    assert len(s1) > 10 and all(torch.equal(s1[k], s2[k]) for k in s1)
+    torch.testing.assert_close(z1, z2)
+    torch.testing.assert_close(e1, e2)
+    # and the statistics are those of the valid frames alone
+    torch.manual_seed(0)
+    m = build_model(model_config("debug", image_size=32, dropout=0.0)).train()
+    m(torch.cat([x[0, :4], x[1]])[None])
+    assert all(torch.allclose(m.state_dict()[k], s1[k]) for k in s1 if "frame_head" in k or "backbone" in k)
+
+
 def test_frozen_stages_get_no_grad_and_keep_bn_statistics():
     torch.manual_seed(0)
     m = build_model(model_config("debug", train_last_stages=1))

@@ -10,7 +10,7 @@ from PIL import Image
 from scipy.io import savemat
 
 from carl_scale.data.decoders import PyAVDecoder
-from carl_scale.data.pennaction import ACTIONS, match_lengths
+from carl_scale.datasets.pennaction import ACTIONS, match_lengths
 from carl_scale.data.whole_video import iter_whole_videos
 from shards import pennaction
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from carl_scale.data.decoders import PyAVDecoder
-from carl_scale.data.tfrecord import crc32c, masked_crc32c, parse_sequence_example
+from carl_scale.datasets.tfrecord import crc32c, masked_crc32c, parse_sequence_example
 from carl_scale.data.whole_video import iter_whole_videos
 from shards import pouring
 

@@ -11,10 +11,10 @@ import tarfile
 import pytest
 import torch
 
-from carl_scale.config import LoaderConfig, SpatialConfig, TemporalConfig
-from carl_scale.data.reader import VideoLoader, resolve_shards
-from carl_scale.data.shard_writer import read_manifest
-from carl_scale.data.synthetic import render_video
+from carl_scale.data.config import LoaderConfig, SpatialConfig, TemporalConfig
+from carl_scale.data.manifest import read_manifest, resolve_shards
+from carl_scale.data.reader import VideoLoader
+from carl_scale.datasets.synthetic import render_video
 
 
 def _cfg(shards, **kw) -> LoaderConfig:
@@ -64,7 +64,7 @@ def test_batch_contents(vp9_shards, tiny_cfg):
 
 def test_deterministic_by_seed_and_epoch(vp9_shards):
     def first_batches(seed, epoch, workers):
-        loader = VideoLoader(_cfg(vp9_shards, seed=seed, num_workers=workers))
+        loader = VideoLoader(_cfg(vp9_shards, num_workers=workers), seed=seed)
         loader.set_epoch(epoch)
         return list(loader)
 

@@ -8,11 +8,13 @@ import tarfile
 import numpy as np
 import pytest
 
-from carl_scale.data.codec import EncodeOptions, encode_video, iter_video_frames
+from carl_scale.data.codec import iter_video_frames
+from carl_scale.data.config import SyntheticConfig
 from carl_scale.data.decoders import DaliDecoder, EncodedVideo, PyAVDecoder, make_decoder
-from carl_scale.data.datasets import ensure_synthetic_shards, write_synthetic_shards
-from carl_scale.data.shard_writer import ShardWriter, VideoRecord, read_manifest
-from carl_scale.data.synthetic import SyntheticConfig, render_video
+from carl_scale.data.manifest import read_manifest
+from carl_scale.datasets.encode import EncodeOptions, encode_video
+from carl_scale.datasets.synthetic import ensure_synthetic_shards, render_video, write_synthetic_shards
+from carl_scale.datasets.writer import ShardWriter, VideoRecord
 from carl_scale.data.whole_video import iter_whole_videos, iter_whole_videos_dali
 
 # Lossy codecs on noisy, textured 64x64 frames: the decoded video must stay close to what was

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from carl_scale.config import SpatialConfig
+from carl_scale.data.config import SpatialConfig
 from carl_scale.data.spatial import (apply_geometric, apply_photometric, draw_view_params, eval_geometric,
                                      eval_photometric, to_tchw)
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from carl_scale.config import TemporalConfig
+from carl_scale.data.config import TemporalConfig
 from carl_scale.data.temporal import sample_clips, sample_temporal_views
 
 configs = st.builds(

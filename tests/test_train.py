@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from carl_scale.config import ConfigError
 from carl_scale.train.config import ParallelConfig, RunConfig
+from carl_scale.train.recipes import configure
 from carl_scale.train.trainer import deepspeed_config, lr_lambda
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +40,16 @@ def _pretrain(flags: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def _weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=True)
+
+
+def _in_process(out: Path, *runs: list[str]) -> list[dict]:
+    cmd = [sys.executable, str(ROOT / "tests/run_in_process.py"), str(out)]
+    for flags in runs:
+        cmd += ["--", *flags]
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 def test_lr_schedule_is_warmup_then_cosine():
@@ -52,26 +63,14 @@ def test_lr_schedule_is_warmup_then_cosine():
 
 def test_global_batch_size_is_checked_with_a_clear_error():
     cfg = RunConfig(parallel=ParallelConfig(grad_accum=2, global_batch_size=16))
-    cfg.data.batch_size = 4
-    with pytest.raises(ValueError, match=r"4 x gradient accumulation 2 x world size 3 = 24"):
-        deepspeed_config(cfg, world=3, cuda=False)
-    assert deepspeed_config(cfg, world=2, cuda=False)["train_batch_size"] == 16
-    with pytest.raises(ValueError, match="bf16 needs a GPU"):
-        deepspeed_config(RunConfig(parallel=ParallelConfig(precision="bf16")), world=1, cuda=False)
-
-
-def test_debug_and_r50_defaults_differ_where_the_closing_note_says():
-    """The embedded default trains the debug flavor with the settings measured to learn from
-    scratch on a CPU; r50 keeps the paper's."""
-    sys.path.insert(0, str(ROOT / "launch"))
-    from pretrain_k400 import parse
-
-    dbg, r50 = parse([]), parse(["--flavor", "r50", "--shards", "x"])
-    assert (dbg.data.temporal.num_frames, dbg.data.temporal.alpha, dbg.data.batch_size) == (8, 50.0, 16)
-    assert dbg.data.spatial.grayscale_p == 0.0 and dbg.optim.lr == 3e-4 and dbg.synthetic is not None
-    assert (r50.data.temporal.num_frames, r50.data.temporal.alpha, r50.data.batch_size) == (80, 1.5, 4)
-    assert r50.data.spatial.grayscale_p == 0.2 and r50.data.spatial.blur_p == 0.5 and r50.optim.lr == 1e-4
-    assert parse(["--augment", "paper", "--no-blur"]).data.spatial.blur_p == 0.0
+    cfg = configure(cfg, {"data.batch_size": 4})
+    with pytest.raises(ValueError, match=r"--batch-size 4 x --grad-accum 2 x world size 3 = 24"):
+        deepspeed_config(cfg, world=3)
+    assert deepspeed_config(cfg, world=2)["train_batch_size"] == 16
+    with pytest.raises(ConfigError, match=r"--global-batch-size \(12\) must be a multiple of --batch-size"):
+        configure(cfg, {"parallel.global_batch_size": 12})
+    # bf16 is autocast around fp32 weights: the engine itself never holds low-precision weights
+    assert deepspeed_config(configure(cfg, {"parallel.precision": "bf16"}), world=2)["bf16"] == {"enabled": False}
 
 
 def test_two_process_deepspeed_on_cpu(vp9_shards, tmp_path):
@@ -89,6 +88,7 @@ def test_two_process_deepspeed_on_cpu(vp9_shards, tmp_path):
     assert not first0 & first1 and len(first0 | first1) == 8  # epoch 0: a partition of the 8 videos
     assert r0["params"] == r1["params"]  # data parallel: identical parameters
     assert r0["buffers"] == r1["buffers"]  # BatchNorm statistics averaged at the checkpoint
+    assert r0["skipped_summed"] == r1["skipped_summed"] == r0["skipped_mine"] + r1["skipped_mine"]
     meta = json.loads((tmp_path / "run/checkpoints/step_000003/meta.json").read_text())
     assert meta["world_size"] == 2 and meta["config"]["parallel"]["zero_stage"] == 1 and meta["git_revision"]
 
@@ -141,7 +141,7 @@ def test_readme_main_command_scaled_down(tmp_path):
     evaluates trained vs random init, prints the summary tables."""
     data = tmp_path / "synthetic"
     res = _pretrain(["--run-dir", str(tmp_path / "run"), "--data-dir", str(data), "--steps", "3",
-                     "--synthetic-videos", "10", "--frames", "8", "--batch-size", "2", "--workers", "1",
+                     "--synthetic-videos", "20", "--frames", "8", "--batch-size", "2", "--workers", "1",
                      "--image-size", "32"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert (data / "shards.json").exists()
@@ -150,13 +150,14 @@ def test_readme_main_command_scaled_down(tmp_path):
     for name in ("random_init", "trained"):
         assert 0.0 <= summary["eval"][name]["phase_acc"] <= 1.0
     assert "phase_acc" in res.stdout and "kendall_tau" in res.stdout and "samples/s" in res.stdout
+    assert "cross-validation" in res.stdout  # scored on validation videos only
     assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
     cfg = json.loads((tmp_path / "run/config.json").read_text())
     assert cfg["config"]["model"]["flavor"] == "debug"
     # a second run reuses the shards (no rewrite)
     mtime = (data / "shards.json").stat().st_mtime_ns
     res = _pretrain(["--run-dir", str(tmp_path / "run2"), "--data-dir", str(data), "--steps", "1",
-                     "--synthetic-videos", "10", "--frames", "8", "--batch-size", "2", "--workers", "1",
+                     "--synthetic-videos", "20", "--frames", "8", "--batch-size", "2", "--workers", "1",
                      "--image-size", "32", "--no-eval"])
     assert res.returncode == 0 and (data / "shards.json").stat().st_mtime_ns == mtime
     # and the transfer evaluation reads that run's newest checkpoint
@@ -170,3 +171,42 @@ def test_readme_main_command_scaled_down(tmp_path):
     (tuned,) = (tmp_path / "transfer/synthetic").glob("finetune_*/checkpoints")
     assert (tuned / "latest").read_text().strip() == "step_000002" and "fine-tuning" in res.stdout
     shutil.rmtree(tmp_path / "run2")
+
+
+def test_every_recipe_runs_a_step_and_run_twice_in_one_process_equals_fresh_processes(vp9_shards, tmp_path):
+    """Each recipe's config, scaled down (the r50 recipes at 32 px, 4 frames, one video), through
+    one real step; all of them and two debug runs in *one* process, as a reused sweep worker calls
+    ``run``; the debug runs (one fp32, one bf16 autocast) then again in fresh processes."""
+    small = ["--shards", str(vp9_shards), "--steps", "1", "--frames", "4", "--batch-size", "1", "--workers", "0",
+             "--image-size", "32", "--no-eval", "--checkpoint-every", "1"]
+    recipes = ["pennaction", "finegym", "pouring", "k400", "debug"]
+    a = _flags(vp9_shards, tmp_path / "a", 3, seed=1)
+    b = _flags(vp9_shards, tmp_path / "b", 2, seed=2, precision="bf16", frames=6)
+    runs = [a, *(["--recipe", r, "--run-dir", str(tmp_path / r), *small] for r in recipes), b]
+    results = _in_process(tmp_path / "in_process.json", *runs)
+    for r in results:
+        assert r["config_unchanged"] and r["env_restored"] and r["rng_restored"] and r["group_destroyed"], r
+    for name, r in zip(recipes, results[1:-1]):
+        meta = json.loads((tmp_path / name / "checkpoints/step_000001/meta.json").read_text())
+        assert r["summary"]["steps"] == 1 and meta["config"]["data"]["temporal"]["num_frames"] == 4
+        assert meta["config"]["model"]["train_frames"] == 4  # the T it trained with, for evaluation
+    assert json.loads((tmp_path / "pouring/checkpoints/step_000001/meta.json").read_text()
+                      )["config"]["model"]["num_layers"] == 2
+    # the same configs in fresh processes: bit-identical weights
+    for flags, r, name in ((a, results[0], "a"), (b, results[-1], "b")):
+        fresh = _pretrain([*flags[:flags.index("--run-dir") + 1], str(tmp_path / f"fresh_{name}"),
+                           *flags[flags.index("--run-dir") + 2:]])
+        assert fresh.returncode == 0, fresh.stderr[-3000:]
+        step = r["summary"]["steps"]
+        mine, ref = _weights(tmp_path / name / f"checkpoints/step_{step:06d}"), \
+            _weights(tmp_path / f"fresh_{name}/checkpoints/step_{step:06d}")
+        assert all(v.dtype != torch.bfloat16 for v in mine.values())  # bf16 autocast, fp32 weights
+        assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in mine), name
+
+
+def test_importing_the_trainer_loads_no_evaluation_and_no_renderer():
+    code = ("import sys, carl_scale.train.trainer; print([m for m in sys.modules if m.startswith("
+            "('carl_scale.eval', 'carl_scale.datasets'))])")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]"

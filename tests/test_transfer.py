@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from carl_scale.eval.transfer import latest_checkpoint, load_pretrained, transfer_eval
+from carl_scale.eval.transfer import latest_checkpoint, transfer_eval
+from carl_scale.models.weights import load_model
 from carl_scale.models import build_model, model_config
 
 
@@ -43,8 +44,8 @@ def test_missing_shards_and_checkpoints_say_what_to_run(tmp_path):
             transfer_eval(dataset, {}, shards=str(tmp_path / "nope"), out_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="deepspeed launch/pretrain_k400.py"):
         latest_checkpoint(tmp_path / "run")
-    with pytest.raises(FileNotFoundError, match="not a complete pretraining checkpoint"):
-        load_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint directory"):
+        load_model(tmp_path)
     with pytest.raises(KeyError, match="unknown dataset"):
         transfer_eval("ucf101", {}, out_dir=tmp_path)
 
@@ -89,3 +90,39 @@ def test_saved_embeddings_are_reused_only_for_the_same_weights(vp9_shards, tmp_p
     assert calls
     npz.write_bytes(b"truncated")  # a save cut short by a crash: recomputed, not fatal
     assert embed.extract_embeddings(model, vp9_shards, "val", cache=npz, progress=False).fingerprint == changed.fingerprint
+
+
+def test_end_of_run_evaluation_reads_validation_videos_only(vp9_shards, tmp_path, monkeypatch):
+    from carl_scale.data.config import SpatialConfig
+    from carl_scale.eval import quick
+
+    assert quick.end_of_run_shards(str(vp9_shards), None, None) == (str(vp9_shards), "")
+    pattern = str(vp9_shards / "train-{000000..000003}.tar")  # a pattern has no splits: never guessed
+    shards, why = quick.end_of_run_shards(pattern, None, None)
+    assert shards is None and "--val-shards" in why
+    assert quick.end_of_run_shards(pattern, str(vp9_shards), None) == (str(vp9_shards), "")
+    assert quick.end_of_run_shards(pattern, str(tmp_path / "nope"), None) == (None, f"--val-shards {tmp_path / 'nope'} does not exist")
+    assert quick.end_of_run_shards("data/synthetic", None, 0)[0] is None
+    splits = []
+    real = quick.extract_embeddings
+    monkeypatch.setattr(quick, "extract_embeddings", lambda m, s, split, **kw: splits.append(split) or real(m, s, split, **kw))
+    torch.manual_seed(0)
+    model = build_model(model_config("debug", image_size=32, train_frames=8)).eval()
+    res = quick.quick_eval({"random_init": model}, str(vp9_shards), SpatialConfig(image_size=32), "cpu")
+    assert splits == ["val"] and set(res) == {"position_only", "random_init"}
+    assert all(0 <= r["phase_acc"] <= 1 for r in res.values())
+
+
+def test_cross_validated_phase_accuracy_holds_each_video_out():
+    from carl_scale.eval.embed import VideoEmbeddings
+    from carl_scale.eval.quick import cross_validated_phase_accuracy
+
+    rng = np.random.default_rng(0)
+    lab = np.repeat([0, 1, 2], 10)
+    def ve(embs):
+        return VideoEmbeddings([str(i) for i in range(len(embs))], embs, [lab] * len(embs), np.zeros(len(embs), int))
+    separable = ve([np.eye(3)[lab] + 0.05 * rng.normal(size=(30, 3)) for _ in range(5)])
+    assert cross_validated_phase_accuracy(separable, folds=4) == 1.0
+    noise = ve([rng.normal(size=(30, 3)) for _ in range(8)])
+    assert cross_validated_phase_accuracy(noise, folds=4) < 0.6
+    assert np.isnan(cross_validated_phase_accuracy(ve([np.eye(3)[lab]]), folds=4))

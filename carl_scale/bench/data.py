@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from carl_scale.config import LoaderConfig, SpatialConfig, TemporalConfig
-from carl_scale.data.datasets import ensure_synthetic_shards
+from carl_scale.data.config import LoaderConfig, SpatialConfig, SyntheticConfig, TemporalConfig
 from carl_scale.data.decoders import DaliDecoder, EncodedVideo, PyAVDecoder, cuda_available
-from carl_scale.data.reader import VideoLoader, parse_meta, resolve_shards
-from carl_scale.data.synthetic import SyntheticConfig
+from carl_scale.data.manifest import resolve_shards
+from carl_scale.data.reader import VideoLoader, parse_meta
+from carl_scale.datasets.synthetic import ensure_synthetic_shards
 from carl_scale.data.temporal import sample_temporal_views
 
 

@@ -37,62 +37,14 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from carl_scale.config import LoaderConfig
+from carl_scale.data.config import LoaderConfig
 from carl_scale.data.decoders import EncodedVideo, FrameDecoder, make_decoder
-from carl_scale.data.shard_writer import MANIFEST, read_manifest
+from carl_scale.data.manifest import manifest_codec, manifest_samples, resolve_shards
 from carl_scale.data.spatial import (ViewParams, apply_geometric, apply_photometric, draw_view_params,
                                      to_tchw)
 from carl_scale.data.temporal import sample_temporal_views
 
 log = logging.getLogger("carl_scale.data")
-
-
-# -- shard lists ------------------------------------------------------------------------------
-def resolve_shards(spec: str | list[str], split: str = "train") -> tuple[list[str], dict | None]:
-    """Shard paths and the manifest (if any) from a directory with ``shards.json``, a brace
-    pattern (``k400/train-{000000..000999}.tar``), a ``.txt`` list, or a list of paths.
-    Every local path must exist: a missing one is an error naming it and the fix."""
-    manifest = None
-    if isinstance(spec, (list, tuple)):
-        urls = [str(u) for u in spec]
-    elif Path(spec).is_dir():
-        manifest = read_manifest(spec)
-        if manifest is None:
-            raise FileNotFoundError(
-                f"{Path(spec) / MANIFEST} not found: {spec} is not a shard directory. Write shards with "
-                f"'python -m shards.synthetic --out {spec}' or 'python -m shards.folder --src VIDEOS --out {spec}'.")
-        if split not in manifest["splits"]:
-            raise KeyError(f"{spec} has no split {split!r} (it has {sorted(manifest['splits'])})")
-        urls = [str(Path(spec) / s["path"]) for s in manifest["splits"][split]["shards"]]
-    elif spec.endswith(".txt") and Path(spec).is_file():
-        urls = [ln.strip() for ln in Path(spec).read_text().splitlines() if ln.strip()]
-    else:
-        urls = wds.shardlists.expand_urls(spec)
-        parent = Path(urls[0]).parent if urls else None
-        if parent is not None and (parent / MANIFEST).exists():
-            manifest = read_manifest(parent)
-    if not urls:
-        raise FileNotFoundError(f"no shards in {spec!r}")
-    for u in urls:
-        if "://" not in u and not u.startswith("pipe:") and not Path(u).exists():
-            raise FileNotFoundError(
-                f"shard {u} does not exist. Check --shards (given: {spec!r}); shards are written by "
-                f"'python -m shards.synthetic' or 'python -m shards.folder'.")
-    return urls, manifest
-
-
-def manifest_codec(manifest: dict | None) -> str:
-    """What a decoder must read: "jpeg" for jpeg payloads, else the video codec ("" if unknown)."""
-    manifest = manifest or {}
-    return "jpeg" if manifest.get("payload") == "jpeg" else manifest.get("codec", "")
-
-
-def manifest_samples(manifest: dict | None, urls: list[str], split: str) -> int | None:
-    if manifest is None or split not in manifest["splits"]:
-        return None
-    counts = {Path(s["path"]).name: s["samples"] for s in manifest["splits"][split]["shards"]}
-    names = [Path(u).name for u in urls]
-    return sum(counts[n] for n in names) if all(n in counts for n in names) else None
 
 
 # -- skip counting ----------------------------------------------------------------------------
@@ -142,12 +94,13 @@ class PreparedSample:
     encoded: EncodedVideo | None = None  # when decoding happens in the main process
 
 
-def prepare_sample(sample: dict, cfg: LoaderConfig, epoch: int, pass_: int,
-                   decoder: FrameDecoder | None) -> PreparedSample:
-    """Draw both views of one video and (with a decoder) decode and crop their frames."""
+def prepare_sample(sample: dict, cfg: LoaderConfig, epoch: int, pass_: int, decoder: FrameDecoder | None, *,
+                   seed: int = 0, photometric: bool = True) -> PreparedSample:
+    """Draw both views of one video and (with a decoder) decode and crop their frames, and with
+    ``photometric`` colour-augment them too (a CPU run: the workers do all of the augmentation)."""
     meta = parse_meta(sample)
     enc = EncodedVideo.from_sample(sample, meta)
-    rng = np.random.default_rng(_seed_of(cfg.seed, epoch, sample["__key__"], pass_))
+    rng = np.random.default_rng(_seed_of(seed, epoch, sample["__key__"], pass_))
     tv = sample_temporal_views(enc.num_frames, cfg.temporal, rng)
     h, w = int(meta["height"]), int(meta["width"])
     params = (draw_view_params(h, w, cfg.spatial, rng), draw_view_params(h, w, cfg.spatial, rng))
@@ -160,7 +113,7 @@ def prepare_sample(sample: dict, cfg: LoaderConfig, epoch: int, pass_: int,
     if frames.shape[-2:] != (h, w):
         raise ValueError(f"decoded frames are {tuple(frames.shape[-2:])}, metadata says {(h, w)}")
     views = [apply_geometric(frames[v], params[v], cfg.spatial.image_size) for v in range(2)]
-    if str(cfg.device) == "cpu":  # training on the CPU: the workers do all of the augmentation
+    if photometric:
         views = [apply_photometric(x, params[v], cfg.spatial) for v, x in enumerate(views)]
     out.views = torch.stack(views)
     return out
@@ -171,8 +124,9 @@ class ShardedVideoDataset(IterableDataset):
     """Yields lists of ``batch_size`` :class:`PreparedSample`, a fixed number per worker."""
 
     def __init__(self, urls: list[str], cfg: LoaderConfig, *, rank: int, world_size: int,
-                 batches_per_epoch: int, decoder: FrameDecoder | None, counter: SkipCounter):
-        self.urls, self.cfg = urls, cfg
+                 batches_per_epoch: int, decoder: FrameDecoder | None, counter: SkipCounter, seed: int,
+                 photometric: bool):
+        self.urls, self.cfg, self.seed, self.photometric = urls, cfg, seed, photometric
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = batches_per_epoch
         self.decoder, self.counter = decoder, counter
@@ -196,13 +150,13 @@ class ShardedVideoDataset(IterableDataset):
         consumers = self.world_size * num_workers
         me = self.rank * num_workers + worker
         if cfg.resampled:
-            rng = random.Random(str(_seed_of(cfg.seed, self.epoch, self.rank, worker)))
+            rng = random.Random(str(_seed_of(self.seed, self.epoch, self.rank, worker)))
             while True:
                 yield [rng.choice(self.urls) for _ in range(len(self.urls))], 1, 0
         for pass_ in range(1 << 30):
             order = list(self.urls)
             # Same permutation on every rank and worker, so the split below is a partition.
-            random.Random(str(_seed_of(cfg.seed, self.epoch, pass_))).shuffle(order)
+            random.Random(str(_seed_of(self.seed, self.epoch, pass_))).shuffle(order)
             if len(order) >= consumers:
                 yield list(islice(islice(order, self.rank, None, self.world_size), worker, None, num_workers)), 1, 0
             else:
@@ -212,7 +166,7 @@ class ShardedVideoDataset(IterableDataset):
         """(sample, pass) pairs. The shuffle buffer is flushed at the end of each pass, so a
         sample never meets its own next-pass copy in the buffer."""
         cfg = self.cfg
-        rng = random.Random(str(_seed_of(cfg.seed, self.epoch, self.rank, worker)))
+        rng = random.Random(str(_seed_of(self.seed, self.epoch, self.rank, worker)))
         for pass_, (urls, stride, offset) in enumerate(self._passes(worker, num_workers)):
             samples = wds.tarfile_to_samples(handler=self.counter.handler)([dict(url=u) for u in urls])
             if stride > 1:
@@ -251,7 +205,8 @@ class ShardedVideoDataset(IterableDataset):
                 usable += 1
                 continue
             try:
-                batch.append(prepare_sample(sample, cfg, self.epoch, pass_, self.decoder))
+                batch.append(prepare_sample(sample, cfg, self.epoch, pass_, self.decoder, seed=self.seed,
+                                             photometric=self.photometric))
                 usable += 1
             except Exception as exn:  # corrupt or undecodable: counted, never fatal, never silent
                 self.counter.add(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
@@ -314,27 +269,31 @@ class VideoLoader:
     original would have yielded next.
     """
 
-    def __init__(self, cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1, split: str = "train"):
-        self.cfg = cfg
+    def __init__(self, cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1, split: str = "train",
+                 seed: int = 0, device: str = "cpu"):
+        """``seed`` fixes the shard order, shuffle and views of every epoch; ``device`` is where
+        batches are finished (colour augmentation, and GPU decoding with DALI ``mixed``)."""
+        self.cfg, self.seed, self.device = cfg, seed, str(device)
         self.urls, self.manifest = resolve_shards(cfg.shards, split)
         total = manifest_samples(self.manifest, self.urls, split)
         per_rank = cfg.epoch_samples
         if per_rank is None:
             if total is None:
-                raise ValueError("shards without a shards.json manifest need LoaderConfig.epoch_samples "
-                                 "(samples per rank per epoch)")
+                raise ValueError("shards without a shards.json manifest need --epoch-samples (samples per "
+                                 "rank per epoch)")
             per_rank = total // world_size
         self.batches_per_epoch = per_rank // cfg.batch_size
         if self.batches_per_epoch < 1:
             raise ValueError(f"{per_rank} samples per rank make no batch of {cfg.batch_size}; lower the "
                              f"batch size or use more data")
-        self.decoder = make_decoder(cfg.decoder, codec=manifest_codec(self.manifest), device=cfg.device)
+        self.decoder = make_decoder(cfg.decoder, codec=manifest_codec(self.manifest), device=self.device)
         # CPU decoders run in the DataLoader workers; a GPU decoder runs here, batched.
         worker_decoder = self.decoder if self.decoder.device == "cpu" else None
         self.counter = SkipCounter()
         self.dataset = ShardedVideoDataset(self.urls, cfg, rank=rank, world_size=world_size,
                                            batches_per_epoch=self.batches_per_epoch,
-                                           decoder=worker_decoder, counter=self.counter)
+                                           decoder=worker_decoder, counter=self.counter, seed=seed,
+                                           photometric=self.device == "cpu")
         self.epoch, self.next_batch = 0, 0
 
     def __len__(self) -> int:
@@ -359,11 +318,11 @@ class VideoLoader:
         # Its own generator: a DataLoader iterator otherwise draws its base seed from the global
         # torch RNG, so a resumed run (new iterator mid-epoch) would shift every later dropout mask.
         dl = DataLoader(self.dataset, batch_size=None, num_workers=workers,
-                        generator=torch.Generator().manual_seed(self.cfg.seed + self.epoch),
+                        generator=torch.Generator().manual_seed(self.seed + self.epoch),
                         multiprocessing_context="fork" if workers > 0 else None,
                         prefetch_factor=2 if workers > 0 else None)
         for raw in dl:
-            batch = collate(raw, self.cfg, self.decoder, self.cfg.device)
+            batch = collate(raw, self.cfg, self.decoder, self.device)
             self.next_batch += 1
             yield batch
         self.epoch, self.next_batch = self.epoch + 1, 0

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from carl_scale.config import SpatialConfig
+from carl_scale.data.config import SpatialConfig
 
 
 @dataclass

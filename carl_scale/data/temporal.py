@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from carl_scale.config import TemporalConfig
+from carl_scale.data.config import TemporalConfig
 
 
 @dataclass

@@ -17,7 +17,8 @@ import numpy as np
 import webdataset as wds
 
 from carl_scale.data.decoders import DALI_CPU_CODECS, EncodedVideo, FrameDecoder
-from carl_scale.data.reader import parse_meta, resolve_shards
+from carl_scale.data.manifest import resolve_shards
+from carl_scale.data.reader import parse_meta
 
 
 def iter_whole_videos(spec, decoder: FrameDecoder, split: str = "train", on_error=None,

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from carl_scale.config import SpatialConfig
+from carl_scale.data.config import SpatialConfig
 from carl_scale.data.decoders import make_decoder
-from carl_scale.data.reader import manifest_codec, manifest_samples, resolve_shards
+from carl_scale.data.manifest import manifest_codec, manifest_samples, resolve_shards
 from carl_scale.data.spatial import eval_geometric, eval_photometric, to_tchw
 from carl_scale.data.whole_video import iter_whole_videos
 

@@ -24,22 +24,31 @@ def _labelled(embs: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> tuple
     return x, y
 
 
+def training_subset(n: int, fraction: float, *, pick: Literal["first", "random"] = "first",
+                    seed: int = 0) -> list[int]:
+    """The training videos that make ``fraction`` of ``n``. ``"first"`` (the default): the first
+    max(1, ⌊f·N⌋) in dataset order, as the published evaluation takes them, so that numbers compare
+    with the paper's; ``"random"``: a seeded random draw of max(1, ⌈f·N⌉)."""
+    if pick == "first":
+        return list(range(min(n, max(1, int(fraction * n)))))
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(order[: min(n, max(1, int(math.ceil(fraction * n))))].tolist())
+
+
 def phase_classification(train_embs, train_labels, val_embs, val_labels, *,
                          classifier: Literal["svm", "logistic"] = "svm",
-                         fractions: Sequence[float] = (0.1, 0.5, 1.0), seed: int = 0) -> dict[float, float]:
+                         fractions: Sequence[float] = (0.1, 0.5, 1.0), subset: Literal["first", "random"] = "first",
+                         seed: int = 0) -> dict[float, float]:
     """Per-frame phase accuracy on the validation videos of a classifier trained on frozen
-    embeddings of a fraction of the training videos (sklearn SVC defaults as TCC, or logistic
-    regression as the CARL code). Returns {fraction: accuracy}."""
+    embeddings of a fraction of the training videos (:func:`training_subset`; sklearn SVC defaults
+    as TCC, or logistic regression as the CARL code). Returns {fraction: accuracy}."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import SVC
 
     xv, yv = _labelled(val_embs, val_labels)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(train_embs))
     out = {}
     for f in fractions:
-        k = max(1, int(math.ceil(f * len(train_embs))))
-        pick = order[:k]
+        pick = training_subset(len(train_embs), f, pick=subset, seed=seed)
         x, y = _labelled([train_embs[i] for i in pick], [train_labels[i] for i in pick])
         if len(np.unique(y)) < 2:  # one class seen: predicting it is all a classifier can do
             out[f] = float(np.mean(yv == y[0])) if len(y) else float("nan")

@@ -1,16 +1,26 @@
-"""The short evaluation printed at the end of pretraining: per action class (PennAction-style),
-phase classification accuracy (logistic regression on all training videos) and Kendall's tau on
-the validation videos, averaged over classes, for each model given and for position-only features.
-The full protocol lives in its own entry point."""
+"""The short evaluation printed at the end of pretraining, on validation videos only.
+
+Per action class (PennAction-style): phase classification accuracy of a logistic regression on
+frozen embeddings, scored by k-fold cross-validation over the class's validation videos (fitted on
+the other folds' videos, so no training video is read), and Kendall's τ over the validation
+videos; averaged over classes; for each model given and for position-only features. The full
+protocol (classifiers fitted on the training split) is ``launch/transfer_eval.sh``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
+from carl_scale.data.config import SpatialConfig
 from carl_scale.eval.embed import VideoEmbeddings, extract_embeddings
 from carl_scale.eval.metrics import kendalls_tau, phase_classification
+from carl_scale.models import ModelConfig, build_model
+from carl_scale.tables import table
 
 
 def position_embeddings(ve: VideoEmbeddings, dim: int = 16) -> VideoEmbeddings:
@@ -23,26 +33,101 @@ def position_embeddings(ve: VideoEmbeddings, dim: int = 16) -> VideoEmbeddings:
     return dataclasses.replace(ve, embeddings=embs, fingerprint="")
 
 
-def quick_eval(models: dict, shards, spatial, device, *, max_train_videos: int | None = None) -> dict[str, dict]:
+def cross_validated_phase_accuracy(ve: VideoEmbeddings, folds: int = 4) -> float:
+    """Frame accuracy of logistic regression over ``ve``'s labelled frames, each video predicted
+    by a classifier fitted on the other folds' videos (videos dealt round-robin into ``folds``).
+    NaN with fewer than two videos."""
+    n = len(ve.video_ids)
+    if n < 2:
+        return float("nan")
+    k = min(folds, n)
+    correct = total = 0.0
+    for j in range(k):
+        test = list(range(j, n, k))
+        fit = [i for i in range(n) if i % k != j]
+        held = ve.subset(test)
+        frames = sum(int((p >= 0).sum()) for p in held.phase_labels)
+        if not frames:
+            continue
+        train = ve.subset(fit)
+        acc = phase_classification(train.embeddings, train.phase_labels, held.embeddings, held.phase_labels,
+                                   classifier="logistic", fractions=(1.0,))[1.0]
+        if not np.isnan(acc):
+            correct += acc * frames
+            total += frames
+    return correct / total if total else float("nan")
+
+
+def quick_eval(models: dict, shards, spatial: SpatialConfig, device, *, folds: int = 4) -> dict[str, dict]:
+    """{model name: {"phase_acc", "kendall_tau"}} on the validation videos of ``shards`` (the
+    ``val`` split of a shard directory, or every video of a shard pattern or list), with
+    ``position_only`` features as the first row."""
+    embedded = {name: extract_embeddings(model, shards, "val", spatial=spatial, device=str(device))
+                for name, model in models.items()}
+    embedded = {"position_only": position_embeddings(next(iter(embedded.values()))), **embedded}
     out = {}
-    cached: dict[str, tuple[VideoEmbeddings, VideoEmbeddings]] = {}
-    for name, model in models.items():
-        train = extract_embeddings(model, shards, "train", spatial=spatial, device=str(device),
-                                   limit=max_train_videos)
-        val = extract_embeddings(model, shards, "val", spatial=spatial, device=str(device))
-        cached[name] = (train, val)
-    first = next(iter(cached.values()))
-    cached = {"position_only": (position_embeddings(first[0]), position_embeddings(first[1])), **cached}
-    for name, (train, val) in cached.items():
+    for name, ve in embedded.items():
         accs, taus = [], []
-        train_by, val_by = train.by_action(), val.by_action()
-        for action, vidx in sorted(val_by.items()):
-            t, v = train.subset(train_by.get(action, [])), val.subset(vidx)
-            if t.video_ids:
-                accs.append(phase_classification(t.embeddings, t.phase_labels, v.embeddings, v.phase_labels,
-                                                 classifier="logistic", fractions=(1.0,))[1.0])
+        for action, vidx in sorted(ve.by_action().items()):
+            group = ve.subset(vidx)
+            accs.append(cross_validated_phase_accuracy(group, folds))
             if len(vidx) > 1:
-                taus.append(kendalls_tau(v.embeddings)["tau"])
-        out[name] = {"phase_acc": float(np.mean(accs)) if accs else float("nan"),
+                taus.append(kendalls_tau(group.embeddings)["tau"])
+        out[name] = {"phase_acc": float(np.nanmean(accs)) if not np.all(np.isnan(accs)) else float("nan"),
                      "kendall_tau": float(np.nanmean(taus)) if taus else float("nan")}
     return out
+
+
+def end_of_run_shards(train_shards, val_shards: str | None, synthetic_val_videos: int | None
+                      ) -> tuple[str | None, str]:
+    """Where the end-of-run evaluation finds validation videos, never in the training stream:
+    ``val_shards`` if given, else the ``val`` split of the training shard directory. Returns
+    (shards or None, why it is skipped)."""
+    from carl_scale.data.manifest import read_manifest
+
+    if val_shards is not None:
+        if "{" not in val_shards and not Path(val_shards).exists():
+            return None, f"--val-shards {val_shards} does not exist"
+        return val_shards, ""
+    if synthetic_val_videos is not None:  # the synthetic set, written before training starts
+        return (train_shards, "") if synthetic_val_videos > 0 else (None, "the synthetic set has no val videos")
+    if not isinstance(train_shards, str) or not Path(train_shards).is_dir():
+        return None, ("--shards is a shard pattern or list, not a directory with a val split; pass --val-shards "
+                      "DIR to evaluate")
+    manifest = read_manifest(train_shards)
+    if manifest is None or "val" not in manifest.get("splits", {}):
+        return None, f"{train_shards} has no val split; pass --val-shards DIR to evaluate"
+    return train_shards, ""
+
+
+class EndOfRunEvaluation:
+    """A trainer hook (:class:`carl_scale.train.hooks.Hook`, by its methods: evaluation does not
+    import training): after the last step, rank 0 evaluates the trained encoder against the same
+    flavor at its random initial weights (``seed``) on ``shards``' validation videos, prints the
+    table and returns it as ``{"eval": ...}``; the other ranks wait."""
+
+    every = 0
+
+    def __init__(self, shards, model_cfg: ModelConfig, spatial: SpatialConfig, seed: int, folds: int = 4):
+        self.shards, self.model_cfg, self.spatial, self.seed, self.folds = shards, model_cfg, spatial, seed, folds
+
+    def on_start(self, rank: int, world_size: int) -> None:
+        return None
+
+    def on_interval(self, ctx) -> None:
+        return None
+
+    def on_end(self, ctx) -> dict:
+        result = {}
+        if ctx.rank == 0:
+            torch.manual_seed(self.seed)
+            random_init = build_model(self.model_cfg).to(ctx.device)
+            result = quick_eval({"random_init": random_init, "trained": ctx.model}, self.shards, self.spatial,
+                                ctx.device, folds=self.folds)
+            keys = list(next(iter(result.values())).keys())
+            print(f"\nvalidation videos of {self.shards} (phase accuracy: {self.folds}-fold cross-validation per action)\n"
+                  + table([(name, *(f"{v[k]:.4f}" for k in keys)) for name, v in result.items()], ("model", *keys)),
+                  flush=True)
+        if dist.is_initialized():
+            dist.barrier()
+        return {"eval": result}

@@ -1,4 +1,4 @@
-"""Losses, one per file."""
+"""Losses, one per file, and the training objectives built from them (:mod:`.objective`)."""
 
 from carl_scale.losses.scl import sequence_contrastive_loss
 

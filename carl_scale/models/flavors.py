@@ -1,35 +1,16 @@
-"""Model configuration and the registry of named flavors.
+"""The registry of named model flavors, and :func:`build_model`.
 
-A flavor is a function returning a :class:`ModelConfig`; variants derive from a base with
-``dataclasses.replace``. Tests and the CPU demo use ``debug``.
+A flavor is a function returning a :class:`~carl_scale.models.config.ModelConfig`; variants
+derive from a base with ``dataclasses.replace``. Tests and the CPU demo use ``debug``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable
 
-
-@dataclass
-class ModelConfig:
-    flavor: str = "debug"
-    backbone: Literal["resnet50", "debug_cnn"] = "debug_cnn"
-    pretrained: str | None = None  # local file: torchvision ResNet-50 state dict or BYOL checkpoint
-    train_last_stages: int = 4  # backbone stages trained, counted from the top (r50: 1 = layer4)
-    image_size: int = 64
-    head_width: int = 128  # per-frame head: 2 x [Dropout, Linear, BN, ReLU]
-    width: int = 64  # transformer width (the paper's 256)
-    num_layers: int = 2
-    num_heads: int = 4
-    ffn_width: int = 128
-    dropout: float = 0.1
-    embed_dim: int = 64  # frame embedding used by evaluation (the paper's 128)
-    proj_dim: int = 64  # projection head output, used by the loss only
-    train_frames: int = 32  # T: evaluation stretches positions of longer videos onto [0, T)
-    backbone_chunk: int = 64  # frames per chunk through the backbone at evaluation
-    class_token: bool = False  # weak supervision: a class token and a video-level classifier
-    num_classes: int = 0
+from carl_scale.models.config import ModelConfig
+from carl_scale.models.fve import FrameVideoEncoder
 
 
 def r50() -> ModelConfig:
@@ -65,7 +46,5 @@ def model_config_from_dict(saved: dict, **overrides) -> ModelConfig:
     return dataclasses.replace(ModelConfig(**known), **overrides)
 
 
-def build_model(cfg: ModelConfig):
-    from carl_scale.models.fve import FrameVideoEncoder
-
+def build_model(cfg: ModelConfig) -> FrameVideoEncoder:
     return FrameVideoEncoder(cfg)

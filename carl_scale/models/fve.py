@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from carl_scale.models.backbones import Backbone
-from carl_scale.models.flavors import ModelConfig
+from carl_scale.models.config import ModelConfig
 
 
 def sincos_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -69,12 +69,24 @@ class FrameVideoEncoder(nn.Module):
             torch.linspace(0, t - 1, length, device=device)
         return pos.expand(batch, length)
 
+    def _valid_frames(self, fn, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """``fn`` over the rows of ``x`` that ``valid`` marks (all of them without a mask); padded
+        rows get zeros. Padding never reaches a BatchNorm: its statistics follow real frames only."""
+        if valid is None or bool(valid.all()):
+            return fn(x)
+        out = fn(x[valid])
+        full = out.new_zeros((x.shape[0], *out.shape[1:]))
+        full[valid] = out
+        return full
+
     def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 chunk: int | None = None) -> dict[str, torch.Tensor]:
         """frames ``(B, T, 3, H, W)``, mask ``(B, T)`` True = valid. Returns ``embeddings``
-        ``(B, T, embed_dim)`` (not normalised) and, with a class token, ``logits`` ``(B, C)``."""
+        ``(B, T, embed_dim)`` (not normalised; a padded slot's frame feature is zero and the
+        transformer ignores it) and, with a class token, ``logits`` ``(B, C)``."""
         b, t = frames.shape[:2]
-        feats = self.frame_features(frames.flatten(0, 1), chunk).view(b, t, -1)
+        valid = None if mask is None else mask.reshape(-1).bool()
+        feats = self._valid_frames(lambda x: self.frame_features(x, chunk), frames.flatten(0, 1), valid).view(b, t, -1)
         if positions is None:
             positions = self.default_positions(b, t, frames.device)
         x = feats + sincos_encoding(positions, self.cfg.width).to(feats.dtype)
@@ -91,10 +103,12 @@ class FrameVideoEncoder(nn.Module):
         out["embeddings"] = self.embed(x)
         return out
 
-    def project(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """g(H): (B, T, embed_dim) -> (B, T, proj_dim), for the loss."""
+    def project(self, embeddings: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """g(H): (B, T, embed_dim) -> (B, T, proj_dim), for the loss; padded slots (``mask``
+        False) are left out of the projection's BatchNorm and come back as zeros."""
         b, t, d = embeddings.shape
-        return self.projection(embeddings.reshape(b * t, d)).view(b, t, -1)
+        valid = None if mask is None else mask.reshape(-1).bool()
+        return self._valid_frames(self.projection, embeddings.reshape(b * t, d), valid).view(b, t, -1)
 
     @torch.no_grad()
     def embed_video(self, frames: torch.Tensor) -> torch.Tensor:

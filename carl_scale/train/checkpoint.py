@@ -1,14 +1,21 @@
-"""Checkpoints: ``<run>/checkpoints/step_000500/`` with DeepSpeed's model/optimizer/scheduler
-state, a per-rank ``client_rank{r}.pt`` (RNG and data-pipeline state) and ``meta.json`` (step,
-resolved config, git revision). Written under ``step_000500.partial`` and renamed when every
-rank is done, then ``latest`` is replaced atomically: a crash mid-save leaves the previous
-checkpoint as the newest complete one."""
+"""Training checkpoints: ``<run>/checkpoints/step_000500/`` with DeepSpeed's model/optimizer/scheduler
+state, the encoder's float32 weights (``model.pt``, :mod:`carl_scale.models.weights`, what
+evaluation and ``--init-from`` read), a per-rank ``client_rank{r}.pt`` (RNG and data-pipeline
+state) and ``meta.json`` (step, resolved config, git revision).
+
+Written under ``step_000500.partial`` and renamed when every rank is done, then ``latest`` is
+replaced atomically: a crash mid-save leaves the previous checkpoint as the newest complete one.
+Nothing a user may need is deleted: pruning removes only older checkpoints of the run's own past
+(never the one ``latest`` names), and resuming from an older step moves the newer checkpoints
+aside into ``abandoned_after_step_NNNNNN/`` instead of overwriting them.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from carl_scale.models.weights import META_FILE, save_weights
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def git_revision() -> str:
@@ -49,13 +60,60 @@ def tag(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def checkpoints(root: Path) -> dict[int, Path]:
+    """{step: directory} of the complete checkpoints directly under ``root``."""
+    out = {}
+    for p in root.glob("step_*") if root.is_dir() else []:
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / META_FILE).exists():
+            out[int(m.group(1))] = p
+    return out
+
+
+def latest_name(root: Path) -> str | None:
+    latest = root / "latest"
+    return latest.read_text().strip() if latest.exists() else None
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
-def save(engine, root: Path, step: int, client: dict, meta: dict, keep: int) -> Path:
-    """Save on every rank (DeepSpeed shards optimizer state under ZeRO)."""
+def prune(root: Path, keep: int) -> list[Path]:
+    """Remove all but the ``keep`` newest checkpoints (by step; 0 keeps all), never the one
+    ``latest`` names. Returns what was removed."""
+    if keep <= 0:
+        return []
+    protected = latest_name(root)
+    found = checkpoints(root)
+    gone = [found[s] for s in sorted(found)[:-keep] if found[s].name != protected]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+def set_aside_newer(root: Path, step: int) -> Path | None:
+    """Resuming at ``step`` abandons the checkpoints after it (they belong to a future this run
+    will rewrite): move them into ``abandoned_after_step_NNNNNN/`` (never deleted, never pruned,
+    never overwritten by the new ones). Returns that folder, or None if nothing was newer."""
+    newer = [p for s, p in sorted(checkpoints(root).items()) if s > step]
+    if not newer:
+        return None
+    dest = root / f"abandoned_after_{tag(step)}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = root / f"abandoned_after_{tag(step)}_{n}"
+    dest.mkdir()
+    for p in newer:
+        os.replace(p, dest / p.name)
+    return dest
+
+
+def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, meta: dict, keep: int) -> Path:
+    """Save on every rank (DeepSpeed shards optimizer state under ZeRO); rank 0 adds the float32
+    weights and meta.json, publishes the directory, points ``latest`` at it and prunes."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     partial = tag(step) + ".partial"
     if rank == 0 and (root / partial).exists():
@@ -66,16 +124,15 @@ def save(engine, root: Path, step: int, client: dict, meta: dict, keep: int) -> 
     _barrier()
     final = root / tag(step)
     if rank == 0:
-        (root / partial / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        if final.exists():
+        save_weights(model, root / partial)
+        (root / partial / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if final.exists():  # the same step again (a rerun of the last step): the new one replaces it
             shutil.rmtree(final)
         os.replace(root / partial, final)
         tmp = root / "latest.partial"
         tmp.write_text(tag(step) + "\n")
         os.replace(tmp, root / "latest")
-        old = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
-        for p in old[:-keep] if keep > 0 else []:
-            shutil.rmtree(p, ignore_errors=True)
+        prune(root, keep)
     _barrier()
     return final
 
@@ -83,16 +140,16 @@ def save(engine, root: Path, step: int, client: dict, meta: dict, keep: int) -> 
 def find(root: Path, resume: str) -> Path | None:
     """The checkpoint directory ``resume`` names: "latest" (None if there is none yet) or a path."""
     if resume == "latest":
-        latest = root / "latest"
-        if not latest.exists():
+        name = latest_name(root)
+        if name is None:
             return None
-        path = root / latest.read_text().strip()
+        path = root / name
     else:
         path = Path(resume)
         if not path.is_absolute() and not path.exists():
             path = root / resume
-    if not (path / "meta.json").exists():
-        raise FileNotFoundError(f"no complete checkpoint at {path} (expected {path / 'meta.json'}); "
+    if not (path / META_FILE).exists():
+        raise FileNotFoundError(f"no complete checkpoint at {path} (expected {path / META_FILE}); "
                                 f"use --resume latest or a step_NNNNNN directory under {root}")
     return path
 
@@ -108,35 +165,5 @@ def load(engine, path: Path) -> tuple[dict, dict]:
     if not client_file.exists():
         raise FileNotFoundError(f"{client_file} is missing: was the checkpoint written with another world size?")
     client = torch.load(client_file, map_location="cpu", weights_only=False)
-    meta = json.loads((path / "meta.json").read_text())
+    meta = json.loads((path / META_FILE).read_text())
     return client, meta
-
-
-def model_state(path: str | Path) -> tuple[dict, dict]:
-    """(FVE state dict, model config dict) of a checkpoint directory, for evaluation or for
-    starting another run from its weights (``--init-from``): no optimizer, step or data state."""
-    path = Path(path)
-    weights = path / "mp_rank_00_model_states.pt"
-    if not (path / "meta.json").exists() or not weights.exists():
-        raise FileNotFoundError(f"{path} is not a complete pretraining checkpoint (needs meta.json and "
-                                f"mp_rank_00_model_states.pt); see runs/<name>/checkpoints/")
-    cfg = json.loads((path / "meta.json").read_text())["config"]["model"]
-    state = torch.load(weights, map_location="cpu", weights_only=False)["module"]
-    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}, cfg
-
-
-def load_model_weights(model: torch.nn.Module, path: str | Path, state: dict | None = None) -> None:
-    """Put a checkpoint's FVE weights (``state``, or read from ``path``) into ``model``, or say
-    plainly why they do not fit."""
-    state = model_state(path)[0] if state is None else state
-    ours = model.state_dict()
-    missing, unexpected = sorted(ours.keys() - state.keys()), sorted(state.keys() - ours.keys())
-    reshaped = sorted(k for k in ours.keys() & state.keys() if ours[k].shape != state[k].shape)
-    if missing or unexpected or reshaped:
-        raise RuntimeError(
-            f"{path}: the checkpoint's weights do not fit the model its meta.json describes ({len(missing)} "
-            f"missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape; e.g. "
-            f"{(missing + unexpected + reshaped)[:3]}). The usual cause: an older carl_scale wrote it with "
-            f"another architecture for this flavor (the 'debug' backbone became a narrow ResNet-18 in "
-            f"November 2026). Retrain it, or evaluate it with the carl_scale version that wrote it.")
-    model.load_state_dict(state)

@@ -1,60 +1,97 @@
-"""The run config: one dataclass per component, saved as JSON with every run and checkpoint."""
+"""The run config: one frozen dataclass per component, validated when built, saved as JSON with
+every run and checkpoint (``meta.json`` under ``"config"``). Named, complete configs (the paper's
+per-dataset settings) are in :mod:`carl_scale.train.recipes`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Literal
 
-from carl_scale.config import LoaderConfig
-from carl_scale.data.synthetic import SyntheticConfig
-from carl_scale.models.flavors import ModelConfig
+from carl_scale.config import Config, param, refuse
+from carl_scale.data.config import LoaderConfig, SyntheticConfig
+from carl_scale.losses.config import LossConfig
+from carl_scale.models.config import ModelConfig
 
 
-@dataclass
-class LossConfig:
-    tau: float = 0.1
-    sigma2: float = 10.0  # variance of the timestamp prior, in frames^2
-
-
-@dataclass
-class OptimConfig:
-    name: Literal["adam", "adamw"] = "adam"  # the paper: Adam, lr 1e-4, weight decay 1e-5
-    lr: float = 1e-4
-    weight_decay: float = 1e-5
+@dataclass(frozen=True)
+class OptimConfig(Config):
+    name: Literal["adam", "adamw"] = param("adam", flag="--optimizer", help="the paper: Adam")
+    lr: float = param(1e-4, flag="--lr", gt=0, help="peak learning rate")
+    weight_decay: float = param(1e-5, flag="--weight-decay", ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0  # cosine decay to lr * min_lr_ratio at the last step
-    grad_clip: float = 10.0
+    warmup_steps: int = param(0, flag="--warmup-steps", ge=0, help="linear warmup steps before the cosine decay")
+    min_lr_ratio: float = param(0.0, flag="--min-lr-ratio", ge=0, le=1,
+                                help="the cosine decay ends at lr x this at the last step")
+    grad_clip: float = param(10.0, flag="--grad-clip", ge=0, help="clip the global gradient norm here (0: no clipping)")
+
+    def check(self) -> None:
+        if not all(0 <= b < 1 for b in self.betas):
+            refuse("OptimConfig.betas", f"must be two numbers in [0, 1), got {self.betas}")
 
 
-@dataclass
-class ParallelConfig:
-    zero_stage: int = 0  # 0, 1 or 2
-    grad_accum: int = 1
-    global_batch_size: int | None = None  # if given, must equal micro x grad_accum x world size
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on a GPU, fp32 on the CPU
+@dataclass(frozen=True)
+class ParallelConfig(Config):
+    zero_stage: Literal[0, 1, 2] = param(0, flag="--zero-stage", help="DeepSpeed ZeRO stage")
+    grad_accum: int = param(1, flag="--grad-accum", ge=1, help="micro steps per optimizer step")
+    global_batch_size: int | None = param(None, flag="--global-batch-size", ge=1,
+                                          help="checked against batch x accumulation x world size")
+    # bf16 is autocast: weights, gradients, optimizer state and checkpoints stay float32
+    precision: Literal["auto", "bf16", "fp32"] = param(
+        "auto", flag="--precision", help="auto: bf16 autocast on a GPU, fp32 on the CPU (weights stay fp32)")
 
 
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 200
-    keep: int = 3
-    resume: str | None = None  # "latest", a step_NNNNNN directory, or None
+@dataclass(frozen=True)
+class CheckpointConfig(Config):
+    every_steps: int = param(200, flag="--checkpoint-every", ge=1, help="steps between checkpoints")
+    keep: int = param(3, flag="--keep", ge=0, help="checkpoints kept (0: all); the one 'latest' names never goes")
+    resume: str | None = param(None, flag="--resume", help="'latest' or a step_NNNNNN directory")
 
 
-@dataclass
-class RunConfig:
-    run_dir: str = "runs/pretrain"
-    steps: int = 600  # optimizer steps
-    seed: int = 0
-    log_every: int = 10
-    evaluate: bool = True  # embed the validation split at the end, trained vs random init
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: LoaderConfig = field(default_factory=LoaderConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    synthetic: SyntheticConfig | None = None  # set: the embedded default data, made if absent
-    synthetic_dir: str = "data/synthetic"
-    init_from: str | None = None  # a checkpoint directory whose model weights start this run (fine-tuning)
+@dataclass(frozen=True)
+class EvalConfig(Config):
+    """The end-of-run evaluation: phase accuracy and Kendall's τ on validation videos, trained vs
+    random init. The entry point runs it as a trainer hook; the trainer itself knows nothing of it."""
+
+    enabled: bool = param(True, flag="--eval", help="evaluate on validation videos at the end (--no-eval: skip)")
+    shards: str | None = param(None, flag="--val-shards",
+                               help="validation shards (default: the val split of the --shards directory)")
+
+
+@dataclass(frozen=True)
+class RunConfig(Config):
+    """A whole run. Two fields are derived, not set: ``model.train_frames`` is T
+    (``data.temporal.num_frames``) and ``data.spatial.image_size`` is ``model.image_size``."""
+
+    run_dir: str = param("runs/pretrain", flag="--run-dir", help="checkpoints, TensorBoard, config and summary")
+    steps: int | None = param(600, flag="--steps", ge=1, help="optimizer steps (or --epochs)")
+    epochs: float | None = param(None, flag="--epochs", gt=0, help="passes over the data (or --steps)")
+    seed: int = param(0, flag="--seed", ge=0, help="initial weights, data order and views")
+    log_every: int = param(10, flag="--log-every", ge=1, help="steps between progress/TensorBoard updates")
+    init_from: str | None = param(None, flag="--init-from",
+                                  help="a step_NNNNNN checkpoint whose model (config and weights) starts this run")
+    model: ModelConfig = param(default_factory=ModelConfig)
+    data: LoaderConfig = param(default_factory=LoaderConfig)
+    loss: LossConfig = param(default_factory=LossConfig)
+    optim: OptimConfig = param(default_factory=OptimConfig)
+    parallel: ParallelConfig = param(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = param(default_factory=CheckpointConfig)
+    eval: EvalConfig = param(default_factory=EvalConfig)
+    synthetic: SyntheticConfig | None = None  # the embedded data: the entry point renders it into data.shards
+
+    def __post_init__(self) -> None:
+        t = self.data.temporal.num_frames
+        if self.model.train_frames != t:
+            object.__setattr__(self, "model", dataclasses.replace(self.model, train_frames=t))
+        if self.data.spatial.image_size != self.model.image_size:
+            spatial = dataclasses.replace(self.data.spatial, image_size=self.model.image_size)
+            object.__setattr__(self, "data", dataclasses.replace(self.data, spatial=spatial))
+        super().__post_init__()
+
+    def check(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            refuse("--steps/--epochs", f"give exactly one of them (got steps={self.steps}, epochs={self.epochs})")
+        p = self.parallel
+        if p.global_batch_size is not None and p.global_batch_size % (self.data.batch_size * p.grad_accum):
+            refuse("--global-batch-size", f"({p.global_batch_size}) must be a multiple of --batch-size "
+                   f"({self.data.batch_size}) x --grad-accum ({p.grad_accum})")

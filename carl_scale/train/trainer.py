@@ -1,33 +1,45 @@
-"""CARL pretraining with DeepSpeed data parallelism.
+"""CARL pretraining with DeepSpeed data parallelism: ``run(cfg, hooks)``.
 
-The model file knows nothing of parallelism: :class:`Trainer` wraps a plain
-:class:`~carl_scale.models.FrameVideoEncoder` in a DeepSpeed engine (ZeRO 0/1/2, bf16 on a GPU,
-fp32 with gloo on the CPU, gradient accumulation and clipping, a torch Adam/AdamW with a
-per-step warmup + cosine schedule) and runs ``train_step`` until ``cfg.steps`` optimizer steps.
+The model file knows nothing of parallelism and the trainer nothing of the objective or of
+evaluation: :class:`Trainer` wraps the objective chosen by ``cfg.loss`` (an ``nn.Module`` that
+holds the encoder and takes whole batches, :mod:`carl_scale.losses.objective`) in a DeepSpeed
+engine (ZeRO 0/1/2, fp32 weights with bf16 autocast on a GPU, gloo on the CPU, gradient
+accumulation and clipping, a torch Adam/AdamW with a per-step warmup + cosine schedule) and runs
+it for the configured steps, calling the caller's hooks (:mod:`carl_scale.train.hooks`).
+
+``run`` can be called again and again in one process (a sweep worker does): it never changes the
+config, sets up and tears down its own process group and port when no launcher made one, and
+gives the RNGs back as it found them, so each call trains as a fresh process would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import random
 import socket
 import time
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
-from carl_scale.config import config_to_dict
-from carl_scale.data.datasets import ensure_synthetic_shards
+from carl_scale.config import to_dict
 from carl_scale.data.reader import VideoBatch, VideoLoader
-from carl_scale.losses import sequence_contrastive_loss
+from carl_scale.losses.objective import build_objective
 from carl_scale.models import build_model
+from carl_scale.models.weights import load_weights, read_weights
+from carl_scale.tables import table
 from carl_scale.train import checkpoint as ckpt
 from carl_scale.train.config import RunConfig
-from carl_scale.train.logger import RunLogger, table
+from carl_scale.train.hooks import Hook, HookContext
+from carl_scale.train.logger import RunLogger
+
+_LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _free_port() -> int:
@@ -36,39 +48,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Join the process group the launcher describes, or make a one-process group when started
-    as plain ``python`` (DeepSpeed needs one either way)."""
+@contextlib.contextmanager
+def process_group() -> Iterator[tuple[int, int, torch.device]]:
+    """(rank, world size, device) inside the process group the launcher describes, or inside a
+    one-process group on a fresh port made for this block only when started as plain ``python``
+    (DeepSpeed needs one either way). A group this block made is destroyed and the environment
+    restored when it ends; one that was there before is left as it was."""
     import deepspeed
 
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+    made_env = "RANK" not in os.environ or "WORLD_SIZE" not in os.environ
+    saved = {k: os.environ.get(k) for k in _LAUNCH_ENV}
+    if made_env:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+    made_group = not dist.is_initialized()
+    try:
+        if made_group:
+            deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        else:
+            device = torch.device("cpu")
+        yield rank, world, device
+        if made_group:  # leave cleanly: a gloo group alive at exit can abort the process after success
+            dist.barrier()
+    finally:  # on an error, no barrier: the other ranks may never reach it
+        if made_group and dist.is_initialized():
+            # DeepSpeed's own teardown: it also drops the group handles DeepSpeed caches, which
+            # the next run's engine would otherwise find pointing at this destroyed group
+            deepspeed.comm.destroy_process_group()
+        if made_env:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
-class PretrainModule(nn.Module):
-    """FVE + SCL: what the DeepSpeed engine wraps. ``forward(batch) -> loss``."""
-
-    def __init__(self, model: nn.Module, tau: float, sigma2: float):
-        super().__init__()
-        self.model, self.tau, self.sigma2 = model, tau, sigma2
-
-    def forward(self, views: torch.Tensor, timestamps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        b, _, t = views.shape[:3]
-        dtype = next(self.model.parameters()).dtype
-        out = self.model(views.flatten(0, 1).to(dtype), mask.flatten(0, 1))  # (2B, T, ...)
-        z = self.model.project(out["embeddings"]).view(b, 2, t, -1)
-        return sequence_contrastive_loss(z[:, 0], z[:, 1], timestamps[:, 0], timestamps[:, 1], tau=self.tau,
-                                         sigma2=self.sigma2, mask1=mask[:, 0], mask2=mask[:, 1])
+@contextlib.contextmanager
+def rng_scope(seed: int) -> Iterator[None]:
+    """Seed Python, NumPy and torch for a run and give the caller's RNG states back after it."""
+    saved = ckpt.rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        ckpt.set_rng_state(saved)
 
 
 def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -79,75 +110,69 @@ def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def deepspeed_config(cfg: RunConfig, world: int, cuda: bool) -> dict:
+def deepspeed_config(cfg: RunConfig, world: int) -> dict:
     micro, accum = cfg.data.batch_size, cfg.parallel.grad_accum
     global_batch = micro * accum * world
     if cfg.parallel.global_batch_size is not None and cfg.parallel.global_batch_size != global_batch:
         raise ValueError(
-            f"global batch size {cfg.parallel.global_batch_size} != micro batch {micro} x gradient accumulation "
+            f"--global-batch-size {cfg.parallel.global_batch_size} != --batch-size {micro} x --grad-accum "
             f"{accum} x world size {world} = {global_batch}; change --batch-size or --grad-accum, or drop "
             f"--global-batch-size")
-    if cfg.parallel.zero_stage not in (0, 1, 2):
-        raise ValueError(f"zero_stage must be 0, 1 or 2, got {cfg.parallel.zero_stage}")
-    bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and cuda)
-    if bf16 and not cuda:
-        raise ValueError("bf16 needs a GPU here; use --precision fp32 (the CPU default)")
     return {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": bf16},
+        # bf16 is autocast around the forward (Trainer.train_step): the engine keeps fp32 weights,
+        # so checkpoints and evaluation see full precision and BatchNorm runs in fp32
+        "bf16": {"enabled": False},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
+    """One run: the engine, the loader and the loop. Build it inside :func:`process_group`."""
+
+    def __init__(self, cfg: RunConfig, hooks: Sequence[Hook] = (), *, rank: int = 0, world: int = 1,
+                 device: torch.device = torch.device("cpu")):
         import deepspeed
 
-        self.cfg = cfg
-        self.rank, self.world, self.device = init_distributed()
-        cfg.data.device = self.device.type
+        if not cfg.data.shards:
+            raise ValueError("no training data: pass --shards (a shard directory or brace pattern) or use a recipe "
+                             "with the embedded synthetic set (--recipe debug)")
+        self.cfg, self.hooks = cfg, list(hooks)
+        self.rank, self.world, self.device = rank, world, device
+        self.bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and device.type == "cuda")
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         if self.rank == 0:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
-        if cfg.synthetic is not None and not cfg.data.shards:
-            if self.rank == 0:
-                ensure_synthetic_shards(cfg.synthetic_dir, cfg.synthetic,
-                                        progress=not os.environ.get("CARL_SCALE_NO_PROGRESS"))
-            self._barrier()
-            cfg.data.shards = cfg.synthetic_dir
-        if not cfg.data.shards:
-            raise ValueError("no training data: pass --shards (a shard directory or brace pattern) or use the "
-                             "embedded synthetic default")
-        cfg.model.train_frames = cfg.data.temporal.num_frames
-        cfg.data.spatial.image_size = cfg.model.image_size
-        self.loader = VideoLoader(cfg.data, rank=self.rank, world_size=self.world)
+        self.loader = VideoLoader(cfg.data, rank=rank, world_size=world, seed=cfg.seed, device=device.type)
+        self.total_steps = cfg.steps if cfg.steps is not None else \
+            max(1, math.ceil(cfg.epochs * len(self.loader) / cfg.parallel.grad_accum))
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model)
         if cfg.init_from:  # fine-tuning: weights only; optimizer, schedule and step start afresh
-            ckpt.load_model_weights(self.model, cfg.init_from)
-        module = PretrainModule(self.model, cfg.loss.tau, cfg.loss.sigma2)
-        params = [p for p in module.parameters() if p.requires_grad]
+            load_weights(self.model, read_weights(cfg.init_from)[0], cfg.init_from)
+        objective = build_objective(self.model, cfg.loss)
+        params = [p for p in objective.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
         # A torch optimizer, not a DeepSpeed-config one: no CPU-kernel JIT build on CPU machines.
         optimizer = opt_cls(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
+        o = cfg.optim
         sched = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_lambda(s, cfg.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio))
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=module, optimizer=optimizer, lr_scheduler=sched,
-            config=deepspeed_config(cfg, self.world, self.device.type == "cuda"))
-        self.step = 0
-        self.start_step = 0
+            optimizer, lambda s: lr_lambda(s, self.total_steps, o.warmup_steps, o.min_lr_ratio))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=objective, optimizer=optimizer,
+                                                                 lr_scheduler=sched,
+                                                                 config=deepspeed_config(cfg, world))
+        self.step = self.start_step = 0
         self.history: list[float] = []
         self._resume()
 
-    # -- helpers ---------------------------------------------------------------------------------
+    # -- state -----------------------------------------------------------------------------------
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
@@ -166,12 +191,17 @@ class Trainer:
         ckpt.set_rng_state(client["rng"])
         self.history = list(client.get("history", []))
         if self.rank == 0:
+            aside = ckpt.set_aside_newer(self.ckpt_root, self.step)
+            if aside is not None:
+                print(f"checkpoints after step {self.step} moved to {aside} (this run rewrites that part)")
             print(f"resumed from {path} at step {self.step} (epoch {client['data']['epoch']}, "
                   f"batch {client['data']['next_batch']})")
+        self._barrier()
 
     def _meta(self) -> dict:
-        return {"step": self.step, "world_size": self.world, "git_revision": ckpt.git_revision(),
-                "config": config_to_dict(self.cfg), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        return {"step": self.step, "total_steps": self.total_steps, "world_size": self.world,
+                "git_revision": ckpt.git_revision(), "config": to_dict(self.cfg),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def sync_buffers(self) -> None:
         """Average floating-point buffers (BatchNorm running statistics) over ranks. Data
@@ -187,66 +217,91 @@ class Trainer:
     def save(self) -> Path:
         self.sync_buffers()
         client = {"data": self.loader.state_dict(), "rng": ckpt.rng_state(), "history": self.history}
-        return ckpt.save(self.engine, self.ckpt_root, self.step, client, self._meta(), self.cfg.checkpoint.keep)
+        return ckpt.save(self.engine, self.model, self.ckpt_root, self.step, client, self._meta(),
+                         self.cfg.checkpoint.keep)
 
+    def skipped_samples(self) -> int:
+        """Samples skipped as unreadable, summed over ranks (a collective)."""
+        n = torch.tensor([self.loader.skipped], dtype=torch.int64, device=self.device)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(n)
+        return int(n.item())
+
+    # -- steps -----------------------------------------------------------------------------------
     def _batches(self):
         while True:  # epochs; the loader advances its own epoch counter
             yield from self.loader
 
-    def train_step(self, batch: VideoBatch) -> float:
-        """One micro-step; returns the loss. Raises on a non-finite loss on any rank, before the
-        optimizer sees it, so the last checkpoint stays the last good state."""
+    def train_step(self, batch: VideoBatch) -> dict[str, float]:
+        """One micro-step; returns the objective's outputs. Raises on a non-finite loss on any
+        rank, before the optimizer sees it, so the last checkpoint stays the last good state."""
         batch = batch.to(self.device)
-        loss = self.engine(batch.views, batch.timestamps, batch.mask)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.engine(batch)
+        loss = out["loss"]
         bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() > 0:
-            latest = self.ckpt_root / "latest"
-            where = latest.read_text().strip() if latest.exists() else "none yet"
+            where = ckpt.latest_name(self.ckpt_root) or "none yet"
             raise FloatingPointError(
                 f"non-finite loss ({loss.item()}) at step {self.step} (videos {batch.video_ids}); stopped before "
                 f"the update. Last good checkpoint: {where} in {self.ckpt_root}. Lower --lr, use --precision fp32, "
                 f"or check the data, then --resume latest.")
         self.engine.backward(loss)
         self.engine.step()
-        return float(loss.detach())
+        return {k: float(v.detach()) for k, v in out.items()}
+
+    def _context(self, metrics: dict[str, float]) -> HookContext:
+        return HookContext(step=self.step, total_steps=self.total_steps, metrics=metrics, model=self.model,
+                           device=self.device, rank=self.rank, world_size=self.world, run_dir=self.run_dir,
+                           save_checkpoint=self.save)
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg = self.cfg
+        cfg, total = self.cfg, self.total_steps
         if self.rank == 0:
             (self.run_dir / "config.json").write_text(json.dumps(self._meta(), indent=2, default=str) + "\n")
-        log = RunLogger(self.run_dir, cfg.steps, self.step, enabled=self.rank == 0)
+        log = RunLogger(self.run_dir, total, self.step, enabled=self.rank == 0)
         batches = self._batches()
         t_start, samples, wait = time.perf_counter(), 0, 0.0
         t_window, samples_window, wait_window = t_start, 0, 0.0
+        since_hook: dict[Hook, list[dict[str, float]]] = {h: [] for h in self.hooks}
         try:
-            while self.step < cfg.steps:
-                losses = []
+            while self.step < total:
+                outs = []
                 for _ in range(cfg.parallel.grad_accum):
                     t0 = time.perf_counter()
                     batch = next(batches)
                     dt = time.perf_counter() - t0
                     wait += dt
                     wait_window += dt
-                    losses.append(self.train_step(batch))
+                    outs.append(self.train_step(batch))
                     n = len(batch.video_ids) * self.world
                     samples += n
                     samples_window += n
                 self.step += 1
-                loss = float(np.mean(losses))
-                self.history.append(loss)
-                show = self.step % cfg.log_every == 0 or self.step == cfg.steps
+                step_metrics = {k: float(np.mean([o[k] for o in outs])) for k in outs[0]}
+                self.history.append(step_metrics["loss"])
+                show = self.step % cfg.log_every == 0 or self.step == total
                 now = time.perf_counter()
-                scalars = {"loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                scalars = {**step_metrics, "lr": self.scheduler.get_last_lr()[0],
                            "samples_per_s": samples_window / max(1e-9, now - t_window),
                            "data_wait": wait_window / max(1e-9, now - t_window)}
                 log.step(self.step, scalars, show)
                 if show:
                     t_window, samples_window, wait_window = now, 0, 0.0
-                if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.steps:
+                if self.step % cfg.checkpoint.every_steps == 0 or self.step == total:
                     self.save()
+                for hook in self.hooks:
+                    since_hook[hook].append(scalars)
+                    if hook.every and (self.step % hook.every == 0 or self.step == total):
+                        window = since_hook[hook]
+                        mean = {k: float(np.mean([s[k] for s in window])) for k in window[0]}
+                        since_hook[hook] = []
+                        extra = hook.on_interval(self._context(mean))
+                        if extra:
+                            log.scalars(f"hooks/{type(hook).__name__}", extra, self.step)
         except BaseException:
             log.close()
             raise
@@ -256,61 +311,42 @@ class Trainer:
             batches.close()
         log.end_progress()
         elapsed = time.perf_counter() - t_start
-        summary = {"steps": self.step, "resumed_from": self.start_step, "seconds": elapsed,
+        summary = {"steps": self.step, "total_steps": total, "resumed_from": self.start_step, "seconds": elapsed,
                    "samples_per_s": samples / max(1e-9, elapsed), "data_wait": wait / max(1e-9, elapsed),
                    "final_loss": float(np.mean(self.history[-10:])) if self.history else float("nan"),
-                   "skipped_samples": self.loader.skipped, "world_size": self.world}
-        if cfg.evaluate:
-            summary["eval"] = self.evaluate()
+                   "skipped_samples": self.skipped_samples(), "world_size": self.world}
         if self.rank == 0:
-            log_eval = summary.get("eval", {})
-            self._print_summary(summary, log_eval)
+            self._print_summary(summary)
+        for hook in self.hooks:
+            extra = hook.on_end(self._context(dict(summary)))
+            if extra:
+                summary.update(extra)
+        if self.rank == 0:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-            for name, vals in log_eval.items():
+            for name, vals in summary.get("eval", {}).items():
                 log.scalars(f"eval_{name}", vals, self.step)
         log.close()
         self._barrier()
         return summary
 
-    def evaluate(self) -> dict:
-        """Phase classification and Kendall's tau on the validation split, for the trained model,
-        the same flavor at its random initial weights, and position-only features (rank 0; the
-        others wait)."""
-        from carl_scale.eval.quick import quick_eval
-
-        result = {}
-        if self.rank == 0:
-            torch.manual_seed(self.cfg.seed)
-            random_init = build_model(self.cfg.model).to(self.device)
-            trained = self.engine.module.model
-            result = quick_eval({"random_init": random_init, "trained": trained}, self.cfg.data.shards,
-                                self.cfg.data.spatial, self.device)
-        self._barrier()
-        return result
-
-    def _print_summary(self, s: dict, ev: dict) -> None:
+    def _print_summary(self, s: dict) -> None:
         rows = [("steps", f"{s['steps']} (from {s['resumed_from']})"), ("world size", s["world_size"]),
                 ("wall time", f"{s['seconds']:.0f} s"), ("samples/s", f"{s['samples_per_s']:.2f}"),
                 ("data wait", f"{100 * s['data_wait']:.0f}%"), ("final loss", f"{s['final_loss']:.4f}"),
                 ("skipped samples", s["skipped_samples"])]
-        print("\n" + table(rows, ("run", str(self.run_dir))))
-        if ev:
-            keys = list(next(iter(ev.values())).keys())
-            print("\n" + table([(name, *(f"{v[k]:.4f}" for k in keys)) for name, v in ev.items()], ("model", *keys)))
+        print("\n" + table(rows, ("run", str(self.run_dir))), flush=True)
 
 
-def shutdown() -> None:
-    """Leave the process group cleanly: a gloo group still alive at interpreter exit can abort
-    the process ("terminate called without an active exception") after a successful run."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def run(cfg: RunConfig) -> dict:
-    trainer = Trainer(cfg)
-    result = trainer.fit()  # on an error, no barrier: the other ranks may never reach it
-    del trainer  # fit() stopped the loader's workers; drop the engine before the group goes
-    shutdown()
-    return result
-
+def run(cfg: RunConfig, hooks: Sequence[Hook] = ()) -> dict:
+    """Train ``cfg`` to its last step (resuming if ``cfg.checkpoint.resume`` says so) and return the
+    summary (plus what the hooks' ``on_end`` add). ``cfg`` is not changed."""
+    with process_group() as (rank, world, device), rng_scope(cfg.seed):
+        for hook in hooks:
+            hook.on_start(rank, world)
+        if dist.is_initialized():
+            dist.barrier()
+        trainer = Trainer(cfg, hooks, rank=rank, world=world, device=device)
+        try:
+            return trainer.fit()
+        finally:
+            del trainer  # fit() stopped the loader's workers; drop the engine before the group goes

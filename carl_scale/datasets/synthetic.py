@@ -14,12 +14,20 @@ pixels on every machine.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from carl_scale.data.config import SYNTHETIC_ACTIONS, SyntheticConfig
+from carl_scale.data.manifest import read_manifest
+from carl_scale.datasets.encode import EncodeOptions
+from carl_scale.datasets.writer import ShardWriter, VideoRecord, write_manifest
 
 # Joint angles, radians. Shoulders/hips: 0 = limb straight down, pi = straight up, measured
 # outwards from the body. Elbows/knees: bend relative to the parent limb. ``lean``: torso
@@ -49,63 +57,24 @@ _UP = _pose(l_sh=3.0, r_sh=3.0)
 _LOW = _pose(drop=0.45, l_hip=0.9, r_hip=0.9, l_kn=-1.6, r_kn=-1.6, l_sh=1.5, r_sh=1.5)
 _KICK = dict(r_hip=1.4, r_kn=-2.2, l_sh=0.9, r_sh=0.9)
 _BEND = _pose(drop=0.25, l_sh=0.2, r_sh=0.2, l_hip=0.3, r_hip=0.3, l_kn=-0.6, r_kn=-0.6)
-# name -> (phase names, key poses (K+1), index of a phase that "holds" with a wiggle or -1,
-#          {phase: joint-angle bump added along the phase, peaking mid-way}).
+# name -> (key poses (K+1), index of a phase that "holds" with a wiggle or -1,
+#          {phase: joint-angle bump added along the phase, peaking mid-way}); the phase names
+# are the config's (SYNTHETIC_ACTIONS), K of them per action.
 # The bumps make a phase's path differ from the reverse of another's (raising straight-armed,
 # lowering with bent elbows), so that, as in real actions, most phases are told apart by pose
 # and not only by when they happen.
-ACTIONS: dict[str, tuple[tuple[str, ...], tuple[np.ndarray, ...], int, dict[int, np.ndarray]]] = {
-    "arm_raise": (("raise", "hold_up", "lower"), (N, _UP, _UP, N), 1, {2: _bump(l_el=1.8, r_el=1.8)}),
-    "squat": (("go_down", "hold_low", "stand_up"), (N, _LOW, _LOW, N), 1, {2: _bump(l_sh=1.4, r_sh=1.4)}),
-    "side_bend": (("lean_left", "swing_right", "return"),
-                  (N, _pose(lean=0.5, l_sh=0.6, r_sh=2.6), _pose(lean=-0.5, l_sh=2.6, r_sh=0.6), N), -1,
+ACTIONS: dict[str, tuple[tuple[np.ndarray, ...], int, dict[int, np.ndarray]]] = {
+    "arm_raise": ((N, _UP, _UP, N), 1, {2: _bump(l_el=1.8, r_el=1.8)}),
+    "squat": ((N, _LOW, _LOW, N), 1, {2: _bump(l_sh=1.4, r_sh=1.4)}),
+    "side_bend": ((N, _pose(lean=0.5, l_sh=0.6, r_sh=2.6), _pose(lean=-0.5, l_sh=2.6, r_sh=0.6), N), -1,
                   {0: _bump(l_el=1.2, r_el=1.2), 2: _bump(l_kn=-0.7, r_kn=-0.7, drop=0.15)}),
-    "kick": (("chamber", "extend", "retract", "put_down"),
-             (N, _pose(**_KICK), _pose(**{**_KICK, "r_hip": 1.5, "r_kn": 0.0}), _pose(**_KICK), N), -1,
+    "kick": ((N, _pose(**_KICK), _pose(**{**_KICK, "r_hip": 1.5, "r_kn": 0.0}), _pose(**_KICK), N), -1,
              {2: _bump(l_sh=1.2, r_sh=1.2), 3: _bump(l_el=1.5, r_el=1.5)}),
-    "wave": (("raise_arm", "wave", "lower_arm"), (N, _pose(r_sh=2.4, r_el=1.0), _pose(r_sh=2.4, r_el=1.0), N), 1,
+    "wave": ((N, _pose(r_sh=2.4, r_el=1.0), _pose(r_sh=2.4, r_el=1.0), N), 1,
              {2: _bump(l_sh=1.2, l_el=1.0)}),
-    "toe_touch": (("arms_up", "bend_down", "rise", "arms_down"), (N, _UP, _BEND, _UP, N), -1,
+    "toe_touch": ((N, _UP, _BEND, _UP, N), -1,
                   {2: _bump(l_kn=-0.8, r_kn=-0.8, drop=0.2), 3: _bump(l_el=1.6, r_el=1.6)}),
 }
-ACTION_NAMES = tuple(ACTIONS)
-
-
-@dataclass
-class SyntheticConfig:
-    """What the synthetic set looks like. Defaults: 5 actions, 3-4 phases, 60-400 frames."""
-
-    num_actions: int = 5
-    train_videos: int = 120
-    val_videos: int = 40
-    min_frames: int = 60
-    max_frames: int = 400
-    height: int = 128
-    width: int = 128
-    fps: float = 30.0
-    max_idle: float = 0.25  # idle (unlabelled) lead-in and tail, each up to this fraction of the video
-    # "low": one grey figure on a dark flat background, fixed size and place (what the debug model
-    # learns from scratch in minutes on a CPU); "high": every video draws its own background,
-    # colours, size, position, mirroring, shake and noise (a harder set for bigger models).
-    nuisance: Literal["low", "high"] = "low"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.num_actions <= len(ACTIONS):
-            raise ValueError(f"num_actions must be in 1..{len(ACTIONS)}, got {self.num_actions}")
-        if not 8 <= self.min_frames <= self.max_frames:
-            raise ValueError(f"need 8 <= min_frames <= max_frames, got {self.min_frames}, {self.max_frames}")
-        if self.nuisance not in ("low", "high"):
-            raise ValueError(f"nuisance must be 'low' or 'high', got {self.nuisance!r}")
-        if self.height < 32 or self.width < 32:
-            raise ValueError("synthetic frames must be at least 32x32")
-
-    @property
-    def action_names(self) -> tuple[str, ...]:
-        return ACTION_NAMES[: self.num_actions]
-
-    def phase_names(self) -> dict[str, list[str]]:
-        return {a: list(ACTIONS[a][0]) for a in self.action_names}
 
 
 @dataclass
@@ -143,7 +112,7 @@ def _smoothstep(t: np.ndarray) -> np.ndarray:
 
 def _pose_track(rng: np.random.Generator, action: str, durations: np.ndarray) -> np.ndarray:
     """(S, n_joints) joint angles over time, with per-video speed profile inside each phase."""
-    _, keys, hold, bumps = ACTIONS[action]
+    keys, hold, bumps = ACTIONS[action]
     out = []
     for k, d in enumerate(durations):
         t = (np.arange(d) + 0.5) / d
@@ -242,7 +211,7 @@ def render_video(cfg: SyntheticConfig, split: str, index: int) -> SyntheticVideo
     h, w = cfg.height, cfg.width
     action_label = index % cfg.num_actions
     action = cfg.action_names[action_label]
-    phase_names = ACTIONS[action][0]
+    phase_names = SYNTHETIC_ACTIONS[action]
     total = int(rng.integers(cfg.min_frames, cfg.max_frames + 1))
     # Idle standing before and after the action (unlabelled, -1), so that a frame's position in
     # the video says little about its phase: only the pose does.
@@ -304,3 +273,39 @@ def render_video(cfg: SyntheticConfig, split: str, index: int) -> SyntheticVideo
         phase_labels=phase_labels.astype(np.int64),
         fps=cfg.fps,
     )
+
+
+# -- shards -------------------------------------------------------------------------------------
+def write_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = None, *, payload: str = "video",
+                           encode: EncodeOptions | None = None, max_samples: int | None = None,
+                           max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True) -> dict:
+    """Render and write the train and val splits; returns the manifest. By default each split
+    gets ~16 shards, so that 16 ranks x workers can split it by shard."""
+    cfg = cfg or SyntheticConfig()
+    labels = {"actions": list(cfg.action_names), "phases": cfg.phase_names()}
+    for split in ("train", "val"):
+        per_shard = max_samples or max(1, -(-num_videos(cfg, split) // 16))
+        writer = ShardWriter(out_dir, split, dataset="synthetic", payload=payload, encode=encode,
+                             max_samples=per_shard, max_bytes=max_bytes, label_names=labels, overwrite=overwrite)
+        with writer:
+            for v in tqdm(iter_videos(cfg, split), total=num_videos(cfg, split), disable=not progress,
+                          desc=f"synthetic {split}", unit="video"):
+                writer.write(VideoRecord(v.video_id, v.frames, v.fps, v.action_label, v.phase_labels))
+    manifest = read_manifest(out_dir)
+    manifest["synthetic_config"] = dataclasses.asdict(cfg)
+    write_manifest(Path(out_dir), manifest)
+    return manifest
+
+
+def ensure_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = None, **kw) -> dict:
+    """The embedded default: write the synthetic shards once; reuse them when the manifest says
+    they were made from the same config. A different config is an error, not an overwrite."""
+    cfg = cfg or SyntheticConfig()
+    manifest = read_manifest(out_dir)
+    if manifest is not None and {"train", "val"} <= set(manifest.get("splits", {})):
+        if manifest.get("synthetic_config") == dataclasses.asdict(cfg):
+            return manifest
+        raise FileExistsError(f"{out_dir} holds shards of another dataset or synthetic config (other flags, or "
+                              f"an older carl_scale: the default set changed to nuisance='low'); remove it "
+                              f"(rm -r {out_dir}) or choose another --data-dir")
+    return write_synthetic_shards(out_dir, cfg, overwrite=manifest is None, **kw)

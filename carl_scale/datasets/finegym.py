@@ -36,9 +36,11 @@ import av
 import numpy as np
 from tqdm.auto import tqdm
 
-from carl_scale.data.codec import EncodeOptions, decode_rgb
-from carl_scale.data.datasets import VIDEO_EXTENSIONS
-from carl_scale.data.shard_writer import ShardWriter, VideoRecord, read_manifest
+from carl_scale.data.codec import decode_rgb
+from carl_scale.data.manifest import read_manifest
+from carl_scale.datasets.encode import EncodeOptions
+from carl_scale.datasets.folder import VIDEO_EXTENSIONS
+from carl_scale.datasets.writer import ShardWriter, VideoRecord
 
 log = logging.getLogger("carl_scale.data")
 

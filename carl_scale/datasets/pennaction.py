@@ -29,8 +29,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from carl_scale.data.codec import EncodeOptions
-from carl_scale.data.shard_writer import ShardWriter, VideoRecord, read_manifest
+from carl_scale.data.manifest import read_manifest
+from carl_scale.datasets.encode import EncodeOptions
+from carl_scale.datasets.writer import ShardWriter, VideoRecord
 
 log = logging.getLogger("carl_scale.data")
 

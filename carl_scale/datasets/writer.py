@@ -30,9 +30,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from carl_scale.data.codec import EncodeOptions, encode_jpeg_frames, encode_video
+from carl_scale.data.manifest import MANIFEST, read_manifest
+from carl_scale.datasets.encode import EncodeOptions, encode_jpeg_frames, encode_video
 
-MANIFEST = "shards.json"
 Payload = Literal["video", "jpeg"]
 
 
@@ -57,11 +57,6 @@ class VideoRecord:
 def sample_key(video_id: str) -> str:
     """A tar-safe key: webdataset splits a name at its first dot, so dots must go."""
     return re.sub(r"[^A-Za-z0-9_\-]", "_", video_id)
-
-
-def read_manifest(out_dir: str | Path) -> dict | None:
-    path = Path(out_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:

@@ -1,12 +1,9 @@
-"""Dataset -> shards: the synthetic phase-video set and a folder of the user's own videos.
-
-Both go through :class:`~carl_scale.data.shard_writer.ShardWriter`, like every real dataset.
-"""
+"""A folder of the user's own videos -> shards, through :class:`~carl_scale.datasets.writer.ShardWriter`
+like every dataset."""
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import logging
 import zlib
 from dataclasses import dataclass, field
@@ -16,52 +13,16 @@ import av
 import numpy as np
 from tqdm.auto import tqdm
 
-from carl_scale.data.codec import EncodeOptions, decode_rgb
-from carl_scale.data.shard_writer import ShardWriter, VideoRecord, read_manifest, write_manifest
-from carl_scale.data.synthetic import SyntheticConfig, iter_videos, num_videos
+from carl_scale.data.codec import decode_rgb
+from carl_scale.data.manifest import read_manifest
+from carl_scale.datasets.encode import EncodeOptions
+from carl_scale.datasets.writer import ShardWriter, VideoRecord
 
 log = logging.getLogger("carl_scale.data")
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".gif"}
 
 
-# -- synthetic ---------------------------------------------------------------------------------
-def write_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = None, *, payload: str = "video",
-                           encode: EncodeOptions | None = None, max_samples: int | None = None,
-                           max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True) -> dict:
-    """Render and write the train and val splits; returns the manifest. By default each split
-    gets ~16 shards, so that 16 ranks x workers can split it by shard."""
-    cfg = cfg or SyntheticConfig()
-    labels = {"actions": list(cfg.action_names), "phases": cfg.phase_names()}
-    for split in ("train", "val"):
-        per_shard = max_samples or max(1, -(-num_videos(cfg, split) // 16))
-        writer = ShardWriter(out_dir, split, dataset="synthetic", payload=payload, encode=encode,
-                             max_samples=per_shard, max_bytes=max_bytes, label_names=labels, overwrite=overwrite)
-        with writer:
-            for v in tqdm(iter_videos(cfg, split), total=num_videos(cfg, split), disable=not progress,
-                          desc=f"synthetic {split}", unit="video"):
-                writer.write(VideoRecord(v.video_id, v.frames, v.fps, v.action_label, v.phase_labels))
-    manifest = read_manifest(out_dir)
-    manifest["synthetic_config"] = dataclasses.asdict(cfg)
-    write_manifest(Path(out_dir), manifest)
-    return manifest
-
-
-def ensure_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = None, **kw) -> dict:
-    """The embedded default: write the synthetic shards once; reuse them when the manifest says
-    they were made from the same config. A different config is an error, not an overwrite."""
-    cfg = cfg or SyntheticConfig()
-    manifest = read_manifest(out_dir)
-    if manifest is not None and {"train", "val"} <= set(manifest.get("splits", {})):
-        if manifest.get("synthetic_config") == dataclasses.asdict(cfg):
-            return manifest
-        raise FileExistsError(f"{out_dir} holds shards of another dataset or synthetic config (other flags, or "
-                              f"an older carl_scale: the default set changed to nuisance='low'); remove it "
-                              f"(rm -r {out_dir}) or choose another --data-dir")
-    return write_synthetic_shards(out_dir, cfg, overwrite=manifest is None, **kw)
-
-
-# -- a folder of the user's videos ---------------------------------------------------------------
 @dataclass
 class FolderOptions:
     labels_csv: str | None = None  # columns: video (path relative to src, or stem), label[, split]

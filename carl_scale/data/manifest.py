@@ -1,0 +1,64 @@
+"""Where a split's shards are, and what ``shards.json`` says about them (the manifest every
+writer in :mod:`carl_scale.datasets` leaves beside its shards)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import webdataset as wds
+
+MANIFEST = "shards.json"
+
+
+def read_manifest(out_dir: str | Path) -> dict | None:
+    path = Path(out_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+
+def resolve_shards(spec: str | list[str], split: str = "train") -> tuple[list[str], dict | None]:
+    """Shard paths and the manifest (if any) from a directory with ``shards.json``, a brace
+    pattern (``k400/train-{000000..000999}.tar``), a ``.txt`` list, or a list of paths.
+    Every local path must exist: a missing one is an error naming it and the fix."""
+    manifest = None
+    if isinstance(spec, (list, tuple)):
+        urls = [str(u) for u in spec]
+    elif Path(spec).is_dir():
+        manifest = read_manifest(spec)
+        if manifest is None:
+            raise FileNotFoundError(
+                f"{Path(spec) / MANIFEST} not found: {spec} is not a shard directory. Write shards with "
+                f"'python -m shards.synthetic --out {spec}' or 'python -m shards.folder --src VIDEOS --out {spec}'.")
+        if split not in manifest["splits"]:
+            raise KeyError(f"{spec} has no split {split!r} (it has {sorted(manifest['splits'])})")
+        urls = [str(Path(spec) / s["path"]) for s in manifest["splits"][split]["shards"]]
+    elif spec.endswith(".txt") and Path(spec).is_file():
+        urls = [ln.strip() for ln in Path(spec).read_text().splitlines() if ln.strip()]
+    else:
+        urls = wds.shardlists.expand_urls(spec)
+        parent = Path(urls[0]).parent if urls else None
+        if parent is not None and (parent / MANIFEST).exists():
+            manifest = read_manifest(parent)
+    if not urls:
+        raise FileNotFoundError(f"no shards in {spec!r}")
+    for u in urls:
+        if "://" not in u and not u.startswith("pipe:") and not Path(u).exists():
+            raise FileNotFoundError(
+                f"shard {u} does not exist. Check --shards (given: {spec!r}); shards are written by "
+                f"'python -m shards.synthetic' or 'python -m shards.folder'.")
+    return urls, manifest
+
+
+def manifest_codec(manifest: dict | None) -> str:
+    """What a decoder must read: "jpeg" for jpeg payloads, else the video codec ("" if unknown)."""
+    manifest = manifest or {}
+    return "jpeg" if manifest.get("payload") == "jpeg" else manifest.get("codec", "")
+
+
+def manifest_samples(manifest: dict | None, urls: list[str], split: str) -> int | None:
+    if manifest is None or split not in manifest["splits"]:
+        return None
+    counts = {Path(s["path"]).name: s["samples"] for s in manifest["splits"][split]["shards"]}
+    names = [Path(u).name for u in urls]
+    return sum(counts[n] for n in names) if all(n in counts for n in names) else None

@@ -1,0 +1,78 @@
+"""Encoding video payloads (PyAV) and packing frames as JPEG, for the shard writers.
+
+A shard sample's payload is either an encoded video in a container (``video``) or every frame as
+its own JPEG, concatenated, with an offset table (``jpeg``). The JPEG kind is ~15x larger but any
+frame decodes on its own, which is what lets nvJPEG decode only the sampled frames in big batches.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import av
+import numpy as np
+from PIL import Image
+
+# user-facing codec name -> (PyAV encoder, container format, pixel format)
+CODECS: dict[str, tuple[str, str, str]] = {
+    "vp9": ("libvpx-vp9", "webm", "yuv420p"),
+    "h264": ("libx264", "mp4", "yuv420p"),
+    "mjpeg": ("mjpeg", "avi", "yuvj420p"),
+}
+
+
+@dataclass
+class EncodeOptions:
+    codec: str = "vp9"
+    gop: int = 30  # keyframe interval, frames: bounds the cost of seeking to a sampled frame
+    crf: int = 30  # quality for vp9/h264 (lower is better)
+    jpeg_quality: int = 90  # for mjpeg video and for the jpeg payload
+
+    def __post_init__(self) -> None:
+        if self.codec not in CODECS:
+            raise ValueError(f"unknown codec {self.codec!r}; choose one of {sorted(CODECS)}")
+
+
+def encode_video(frames: np.ndarray, fps: float, opts: EncodeOptions | None = None) -> bytes:
+    """Encode ``(S, H, W, 3)`` uint8 RGB frames into an in-memory container."""
+    opts = opts or EncodeOptions()
+    encoder, container, pix_fmt = CODECS[opts.codec]
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected (S, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
+    h, w = frames.shape[1:3]
+    if opts.codec != "mjpeg" and (h % 2 or w % 2):
+        raise ValueError(f"{opts.codec} with 4:2:0 chroma needs even frame sizes, got {w}x{h}")
+    buf = io.BytesIO()
+    # Exact integer-ish rates keep frame index = round(pts * fps) for every container.
+    rate = round(fps) if abs(fps - round(fps)) < 1e-6 else av.utils.Fraction(fps).limit_denominator(1001)
+    with av.open(buf, "w", format=container) as out:
+        stream = out.add_stream(encoder, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        stream.gop_size = opts.gop
+        if opts.codec == "vp9":
+            stream.options = {"deadline": "realtime", "cpu-used": "8", "crf": str(opts.crf), "b": "0",
+                              "row-mt": "1", "g": str(opts.gop)}
+        elif opts.codec == "h264":
+            stream.options = {"preset": "veryfast", "crf": str(opts.crf), "g": str(opts.gop),
+                              "bf": "0"}  # no B-frames: decode order = display order
+        else:
+            stream.options = {"q:v": "3"}
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+
+def encode_jpeg_frames(frames: np.ndarray, quality: int = 90) -> tuple[bytes, np.ndarray]:
+    """Every frame as a JPEG, concatenated; returns (blob, int64 offsets of length S+1)."""
+    parts, offsets = [], [0]
+    for f in frames:
+        b = io.BytesIO()
+        Image.fromarray(f).save(b, format="JPEG", quality=quality)
+        parts.append(b.getvalue())
+        offsets.append(offsets[-1] + len(parts[-1]))
+    return b"".join(parts), np.asarray(offsets, dtype=np.int64)

@@ -1,0 +1,41 @@
+"""The model's config: what a checkpoint's ``meta.json`` stores under ``config.model``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from carl_scale.config import Config, param, refuse
+
+
+@dataclass(frozen=True)
+class ModelConfig(Config):
+    flavor: str = "debug"  # the named flavor it started from (carl_scale.models.flavors)
+    backbone: Literal["resnet50", "debug_cnn"] = "debug_cnn"
+    pretrained: str | None = param(None, flag="--pretrained",
+                                   help="local ResNet-50 weights (torchvision state dict or BYOL checkpoint)")
+    train_last_stages: int = param(4, flag="--train-stages", ge=0, le=5,
+                                   help="backbone stages trained, counted from the top (r50: 1 = layer4)")
+    image_size: int = param(64, flag="--image-size", ge=16, help="frame size the model sees (pixels, square)")
+    head_width: int = param(128, ge=1)  # per-frame head: 2 x [Dropout, Linear, BN, ReLU]
+    width: int = param(64, ge=2)  # transformer width (the paper's 256)
+    num_layers: int = param(2, flag="--layers", ge=1, help="transformer layers")
+    num_heads: int = param(4, ge=1)
+    ffn_width: int = param(128, ge=1)
+    dropout: float = param(0.1, ge=0, lt=1)
+    embed_dim: int = param(64, ge=1)  # frame embedding used by evaluation (the paper's 128)
+    proj_dim: int = param(64, ge=1)  # projection head output, used by the loss only
+    # T of training: evaluation stretches the positions of longer videos onto [0, T). Set from
+    # the run's --frames (a run config derives it), so it is always the T the model trained with.
+    train_frames: int = param(32, ge=1)
+    backbone_chunk: int = param(64, ge=1)  # frames per chunk through the backbone at evaluation
+    class_token: bool = False  # weak supervision: a class token and a video-level classifier
+    num_classes: int = param(0, ge=0)
+
+    def check(self) -> None:
+        if self.width % 2 or self.width % self.num_heads:
+            refuse("ModelConfig.width", f"({self.width}) must be even and divisible by num_heads ({self.num_heads})")
+        if self.class_token and self.num_classes < 1:
+            refuse("ModelConfig.num_classes", "must be >= 1 with class_token=True")
+        if self.pretrained is not None and self.backbone != "resnet50":
+            refuse("--pretrained", f"loads ResNet-50 weights; the {self.flavor!r} flavor has a {self.backbone} backbone")

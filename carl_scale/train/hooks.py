@@ -1,0 +1,65 @@
+"""Hooks: how a caller takes part in a run without the trainer knowing what it does.
+
+The entry point passes the end-of-run evaluation as a hook; the sweep passes one that reports a
+validation metric and a checkpoint to Ray Tune every few steps. A hook overrides what it needs::
+
+    class EveryHundred(Hook):
+        every = 100
+        def on_interval(self, ctx):
+            with evaluating(ctx.model):
+                return {"val_acc": my_metric(ctx.model)}   # logged to TensorBoard under hooks/
+
+Every method runs on every rank, in step order; a hook that only rank 0 should run checks
+``ctx.rank``. ``ctx.save_checkpoint()`` is a collective: all ranks call it or none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class HookContext:
+    step: int  # optimizer steps done
+    total_steps: int
+    metrics: dict[str, float]  # on_interval: means over the steps since the last call; on_end: the run summary
+    model: nn.Module  # the encoder being trained (not the DeepSpeed engine), on ``device``, in train mode
+    device: torch.device
+    rank: int
+    world_size: int
+    run_dir: Path
+    save_checkpoint: Callable[[], Path] = field(repr=False)  # write one now (collective); returns its directory
+
+
+class Hook:
+    every: int = 0  # call on_interval every this many steps and at the last one (0: never)
+
+    def on_start(self, rank: int, world_size: int) -> None:
+        """Inside the process group, before the trainer reads anything (e.g. write the data it will
+        read on rank 0); every rank waits at a barrier after it."""
+
+    def on_interval(self, ctx: HookContext) -> dict[str, float] | None:
+        """Metrics returned here go to TensorBoard (``hooks/<name>``) and the run's history."""
+        return None
+
+    def on_end(self, ctx: HookContext) -> dict | None:
+        """After the last step and the run's summary table; what it returns joins ``summary.json``."""
+        return None
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode without gradients for the block, then back in the mode it was in."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was)
