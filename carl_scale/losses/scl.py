@@ -7,6 +7,14 @@ the cross-entropy between the two; L^2 swaps the views; SCL = L^1 + L^2, average
 
 The loss is per video (negatives are the other view's frames of the same video), so it needs no
 collective: it is the same at world size 1 and N, and data parallelism averages its gradients.
+
+Scale, against the published code (REFERENCE_NOTES, "The published SCL step"): it sums the KL over
+valid frames of *both* views and divides by their number, so it is about (L^1 + L^2) / 2 and
+weighs videos by their valid frames, where this is L^1 + L^2 per video, averaged over videos
+(a short, padded video counts as much as a full one). Adam's update does not change when the
+loss is scaled, so the factor 2 shows in two places only: the logged loss (twice the published
+numbers) and gradient clipping: clipping the norm at 10 here bites where the published code's
+gradient norm reaches 5, i.e. twice as early (Adam's epsilon, 1e-8, is negligible either way).
 """
 
 from __future__ import annotations
