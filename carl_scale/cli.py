@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     common.add_argument("--checkpoint", help="a step_NNNNNN directory (default: newest under --run-dir)")
     common.add_argument("--run-dir", default="runs/pretrain")
     common.add_argument("--device", default=None)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
     e = sub.add_parser("embed", parents=[common], help="frame embeddings of videos or shards")
     e.add_argument("videos", nargs="*")
     e.add_argument("--shards", help="a shard directory instead of (or as well as) video files")
@@ -95,5 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     args.func(args)
 
 
+def entry() -> None:
+    """The ``carl-scale`` console script: :func:`main` with expected failures as one line."""
+    from carl_scale.errors import run_cli
+
+    run_cli("carl-scale", main)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -41,8 +41,11 @@ class Bounds:
                 and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
 
     def text(self) -> str:
-        lo = f"({self.gt:g}" if self.gt is not None else f"[{self.ge:g}" if self.ge is not None else None
-        hi = f"{self.lt:g})" if self.lt is not None else f"{self.le:g}]" if self.le is not None else None
+        def num(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+        lo = f"({num(self.gt)}" if self.gt is not None else f"[{num(self.ge)}" if self.ge is not None else None
+        hi = f"{num(self.lt)})" if self.lt is not None else f"{num(self.le)}]" if self.le is not None else None
         if lo and hi:
             return f"in {lo}, {hi}"
         if lo:
@@ -54,11 +57,12 @@ class Bounds:
 
 
 def param(default: Any = MISSING, *, flag: str | None = None, help: str = "", gt: float | None = None,
-          ge: float | None = None, lt: float | None = None, le: float | None = None,
+          ge: float | None = None, lt: float | None = None, le: float | None = None, empty: bool = False,
           default_factory: Any = MISSING) -> Any:
     """A dataclass field with its flag (``--frames``), help and valid range (numbers: ``gt``/``ge``/
-    ``lt``/``le``; ``Literal`` choices come from the type). ``None`` is valid only where the type allows it."""
-    meta = {"flag": flag, "help": help, "bounds": Bounds(gt, ge, lt, le)}
+    ``lt``/``le``; ``Literal`` choices come from the type). ``None`` is valid only where the type
+    allows it, and an empty string only with ``empty=True`` ("" is never a quiet "unset")."""
+    meta = {"flag": flag, "help": help, "bounds": Bounds(gt, ge, lt, le), "empty": empty}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -89,6 +93,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         return f"a list of {len(typing.get_args(tp))} numbers"
+    if dataclasses.is_dataclass(tp):
+        return f"a {tp.__name__} section"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
@@ -142,6 +148,8 @@ def validate(cfg: Any, path: str = "") -> None:
         bounds: Bounds = f.metadata.get("bounds", Bounds())
         if bounds and isinstance(v, (int, float)) and not bounds.ok(v):
             refuse(where, f"must be {bounds.text()}, got {v!r}")
+        if v == "" and not f.metadata.get("empty", False):
+            refuse(where, "is empty: give a value, or leave the flag out")
     check = getattr(cfg, "check", None)
     if check is not None:
         check()
@@ -161,10 +169,6 @@ class Config:
 def to_dict(cfg: Any) -> dict:
     """A JSON-ready dict of a (nested) dataclass config."""
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
 
 
 def _convert(v: Any, tp: Any, key: str) -> Any:
@@ -194,15 +198,6 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     hints = _hints(cls)
     kwargs = {k: _convert(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
     return cls(**kwargs)
-
-
-def replace_path(cfg: Any, path: str, value: Any) -> Any:
-    """A copy of ``cfg`` with the field at the dotted ``path`` set (every config on the way rebuilt,
-    hence validated); ``cfg`` itself is not changed."""
-    head, _, rest = path.partition(".")
-    if not rest:
-        return dataclasses.replace(cfg, **{head: value})
-    return dataclasses.replace(cfg, **{head: replace_path(getattr(cfg, head), rest, value)})
 
 
 # -- command-line flags ------------------------------------------------------------------------

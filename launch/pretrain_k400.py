@@ -33,13 +33,15 @@ import argparse
 import json
 import os
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from carl_scale.config import ConfigError, add_flags, given_flags, to_dict  # noqa: E402
+from carl_scale.errors import run_cli  # noqa: E402
+from carl_scale.hooks import Hook  # noqa: E402
 from carl_scale.models.flavors import FLAVORS  # noqa: E402
+from carl_scale.models.weights import read_meta  # noqa: E402
 from carl_scale.train.config import RunConfig  # noqa: E402
 from carl_scale.train.recipes import RECIPES, configure, load_run_config, recipe  # noqa: E402
 
@@ -70,12 +72,21 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
     args = parser().parse_args(argv)
     if args.recipe and args.config:
         raise ConfigError("--recipe and --config both name a starting config; give one")
-    if args.flavor not in (None, "debug") and not (args.recipe or args.config):
+    if args.flavor not in (None, "debug") and args.recipe is None and args.config is None:
         raise ConfigError(f"--flavor {args.flavor} without --recipe would train it with the debug recipe's "
                           f"settings (T 8, α 50, lr 3e-4); name the recipe: --recipe "
                           f"{'|'.join(r for r in RECIPES if r != 'debug')}")
-    base = load_run_config(args.config) if args.config else recipe(args.recipe or "debug")
+    base = load_run_config(args.config) if args.config else recipe("debug" if args.recipe is None else args.recipe)
     overrides = given_flags(args, RunConfig)
+    if overrides.get("init_from") and args.recipe is None and args.config is None:
+        try:
+            flavor = read_meta(overrides["init_from"])["config"]["model"].get("flavor")
+        except (OSError, ValueError) as exn:
+            raise ConfigError(f"--init-from: {exn}") from None
+        if flavor != "debug":
+            raise ConfigError(f"--init-from a {flavor} checkpoint without --recipe or --config would train it with "
+                              f"the debug recipe's settings; add --config {Path(overrides['init_from']) / 'meta.json'} "
+                              f"(its own) or --recipe NAME")
     if args.no_blur:
         overrides["data.spatial.blur_p"] = 0.0
     cfg = configure(base, overrides, flavor=args.flavor, augment=args.augment,
@@ -83,11 +94,9 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
     return cfg, args
 
 
-class WriteSyntheticShards:
-    """A trainer hook: rank 0 writes the synthetic shards once (reused while the config matches)
-    before anyone reads them."""
-
-    every = 0
+class WriteSyntheticShards(Hook):
+    """Rank 0 writes the synthetic shards once (reused while the config matches) before anyone
+    reads them."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -98,12 +107,6 @@ class WriteSyntheticShards:
         if rank == 0:
             ensure_synthetic_shards(self.cfg.data.shards, self.cfg.synthetic,
                                     progress=not os.environ.get("CARL_SCALE_NO_PROGRESS"))
-
-    def on_interval(self, ctx) -> None:
-        return None
-
-    def on_end(self, ctx) -> None:
-        return None
 
 
 def hooks_for(cfg: RunConfig) -> list:
@@ -116,30 +119,22 @@ def hooks_for(cfg: RunConfig) -> list:
         shards, why = end_of_run_shards(cfg.data.shards, cfg.eval.shards,
                                         cfg.synthetic.val_videos if cfg.synthetic else None)
         if shards is None:
-            print(f"end-of-run evaluation skipped: {why}", flush=True)
+            if os.environ.get("RANK", "0") == "0":  # one line, not one per rank
+                print(f"end-of-run evaluation skipped: {why}", flush=True)
         else:
             hooks.append(EndOfRunEvaluation(shards, cfg.model, cfg.data.spatial, cfg.seed))
     return hooks
 
 
-EXPECTED = (ConfigError, FileNotFoundError, FileExistsError, FloatingPointError)
-
-
 def main(argv: list[str] | None = None) -> dict | None:
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    try:
-        cfg, args = parse(argv)
-        if args.print_config:
-            print(json.dumps(to_dict(cfg), indent=2, sort_keys=True))
-            return None
-        from carl_scale.train.trainer import run
+    cfg, args = parse(argv)
+    if args.print_config:
+        print(json.dumps(to_dict(cfg), indent=2, sort_keys=True))
+        return None
+    from carl_scale.train.trainer import run
 
-        return run(cfg, hooks_for(cfg))
-    except EXPECTED as exn:
-        if debug:
-            traceback.print_exc()
-        sys.exit(f"pretrain_k400.py: error: {exn}")
+    return run(cfg, hooks_for(cfg))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli("pretrain_k400.py", main)

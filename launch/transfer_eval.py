@@ -23,15 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 
 def finetune(ckpt: Path, shards: str, run_dir: Path, steps: int, extra: list[str]) -> Path:
-    """SCL on the target's training shards from ``ckpt``'s weights (a fresh optimizer and
-    schedule, the pretraining entry point in its own process); returns the new checkpoint.
+    """SCL on the target's training shards from ``ckpt``'s weights with the settings it was trained
+    with (its meta.json; ``extra`` flags change them), a fresh optimizer and schedule, the
+    pretraining entry point in its own process; returns the new checkpoint.
     Rerunning resumes an interrupted fine-tuning instead of starting over."""
     import subprocess
 
     from carl_scale.eval.transfer import latest_checkpoint
 
-    cmd = [sys.executable, str(Path(__file__).with_name("pretrain_k400.py")), "--shards", shards, "--init-from",
-           str(ckpt), "--steps", str(steps), "--run-dir", str(run_dir), "--resume", "latest", "--no-eval", *extra]
+    # the checkpoint's own recipe (its saved config), on the target's data, from its weights
+    cmd = [sys.executable, str(Path(__file__).with_name("pretrain_k400.py")), "--config", str(ckpt / "meta.json"),
+           "--shards", shards, "--init-from", str(ckpt), "--steps", str(steps), "--run-dir", str(run_dir),
+           "--resume", "latest", "--no-eval", *extra]
     print("fine-tuning:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return latest_checkpoint(run_dir)
@@ -50,6 +53,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--recompute", action="store_true",
                    help="re-embed even when the saved embeddings match the weights and shards")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    p.add_argument("--subset", choices=["first", "random"], default="first",
+                   help="which 10%%/50%% of the training videos the classifiers see: the first ones, as the "
+                        "published evaluation (comparable with the paper), or a seeded random draw")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="first fine-tune the checkpoint with SCL on the dataset's train split for this many steps")
     p.add_argument("--finetune-args", default="", help="more flags for launch/pretrain_k400.py, e.g. '--lr 1e-5'")
@@ -68,17 +75,19 @@ def main(argv: list[str] | None = None) -> dict:
         # one fine-tuning run per (source checkpoint, steps, flags): a rerun resumes it, another
         # checkpoint or setting never picks it up by mistake
         key = hashlib.sha1(f"{ckpt.resolve()}|{a.finetune_steps}|{a.finetune_args}".encode()).hexdigest()[:10]
-        ckpt = finetune(ckpt, a.shards or PROTOCOLS[a.dataset].shards, Path(a.out) / a.dataset / f"finetune_{key}",
+        ckpt = finetune(ckpt, PROTOCOLS[a.dataset].shards if a.shards is None else a.shards, Path(a.out) / a.dataset / f"finetune_{key}",
                         a.finetune_steps, shlex.split(a.finetune_args))
     models = {"pretrained": load_model(ckpt, device)}
     if a.random_baseline:
         torch.manual_seed(0)
         models = {"random_init": build_model(models["pretrained"].cfg).to(device).eval(), **models}
     res = transfer_eval(a.dataset, models, shards=a.shards, out_dir=a.out, device=device,
-                       reuse_embeddings=not a.recompute)
+                       reuse_embeddings=not a.recompute, subset=a.subset)
     print(f"checkpoint {ckpt}\n\n{res['table']}\n\nwritten to {res['out_dir']}/")
     return res
 
 
 if __name__ == "__main__":
-    main()
+    from carl_scale.errors import run_cli
+
+    run_cli("transfer_eval", main)

@@ -23,10 +23,16 @@ def add_writer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bytes", type=int, default=1 << 30, help="bytes per shard at most")
     p.add_argument("--overwrite", action="store_true", help="replace splits that --out already holds")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
 
 
 def writer_kwargs(args: argparse.Namespace) -> dict:
-    """The keyword arguments every ``write_*_shards`` function takes, from the shared flags."""
+    """The keyword arguments every ``write_*_shards`` function takes, from the shared flags (a value
+    outside its range is refused before anything is written)."""
+    for flag, value, lo, hi in (("--max-samples", args.max_samples, 1, None), ("--max-bytes", args.max_bytes, 1, None),
+                                ("--gop", args.gop, 1, None), ("--crf", args.crf, 0, 63)):
+        if value is not None and (value < lo or (hi is not None and value > hi)):
+            raise ValueError(f"{flag} must be {'>= ' + str(lo) if hi is None else f'in [{lo}, {hi}]'}, got {value}")
     return dict(payload=args.payload, encode=EncodeOptions(codec=args.codec, gop=args.gop, crf=args.crf),
                 max_samples=args.max_samples, max_bytes=args.max_bytes, overwrite=args.overwrite,
                 progress=not args.no_progress)
@@ -42,3 +48,5 @@ def print_summary(manifest: dict, out: str) -> None:
     for name, s in manifest["splits"].items():
         for sk in s["skipped"][:10]:
             print(f"  skipped ({name}): {json.dumps(sk)}")
+    for w in manifest.get("label_warnings", [])[:10]:
+        print(f"  warning: {w}")

@@ -45,3 +45,32 @@ def mjpeg_shards(tmp_path_factory) -> Path:
     write_synthetic_shards(out, TINY, payload="video", encode=EncodeOptions(codec="mjpeg"), max_samples=4,
                            progress=False)
     return out
+
+
+def damaged_copy(src: Path, dst: Path, *, split: str, flip_in_shard: int | None = None,
+                 truncate_shard: int | None = None) -> list[str]:
+    """A copy of a shard directory in which the first sample of ``split``'s shard ``flip_in_shard``
+    has one byte of its metadata changed (its JSON no longer parses) and shard ``truncate_shard`` is
+    cut off mid-member, as a bad disk or an interrupted copy leaves them. Returns the ids of the
+    damaged samples."""
+    import json
+    import shutil
+    import tarfile
+
+    shutil.copytree(src, dst)
+    shards = json.loads((dst / "shards.json").read_text())["splits"][split]["shards"]
+    damaged = []
+    if flip_in_shard is not None:
+        path = dst / shards[flip_in_shard]["path"]
+        with tarfile.open(path) as tf:
+            first_json = next(m for m in tf.getmembers() if m.name.endswith(".json"))
+            offset = first_json.offset_data
+            damaged.append(json.loads(tf.extractfile(first_json).read())["video_id"])
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 0x40  # '{' -> ';': one flipped bit
+        path.write_bytes(bytes(data))
+    if truncate_shard is not None:
+        path = dst / shards[truncate_shard]["path"]
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2 + 100])
+    return damaged

@@ -87,6 +87,10 @@ def test_print_config_is_the_saved_config_and_comes_back_through_config(tmp_path
     (["--keep", "-1"], "--keep must be >= 0"),
     (["--global-batch-size", "10"], "--global-batch-size (10) must be a multiple of --batch-size (16)"),
     (["--synthetic-videos", "0"], "--synthetic-videos must be >= 1"),
+    (["--steps", "5", "--epochs", "2"], "--steps/--epochs are both given"),
+    (["--seed", str(2**40)], "--seed must be in [0, 4294967295]"),
+    (["--resume", ""], "--resume is empty"),
+    (["--val-shards", ""], "--val-shards is empty"),
     (["--shards", "x", "--synthetic-videos", "4"], "--synthetic-videos sizes the synthetic set"),
     (["--recipe", "k400", "--data-dir", "d"], "--data-dir is where the synthetic set is written"),
     (["--flavor", "r50"], "--flavor r50 without --recipe"),
@@ -123,6 +127,8 @@ def test_saved_configs_are_read_strictly(tmp_path):
     bad["data"]["temporal"]["num_frames"] = "8"
     with pytest.raises(ConfigError, match="--frames must be an integer, got '8'"):
         from_dict(RunConfig, bad)
+    with pytest.raises(ConfigError, match="RunConfig.data needs a value"):
+        from_dict(RunConfig, {**good, "data": None})
     (tmp_path / "c.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_run_config(tmp_path / "c.json")

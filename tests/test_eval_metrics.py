@@ -82,8 +82,10 @@ def test_training_fraction_is_the_published_rule_by_default():
     # the published evaluation: the first max(1, int(f * N)) videos in dataset order
     assert training_subset(25, 0.1) == [0, 1] and training_subset(9, 0.1) == [0] and training_subset(7, 1.0) == list(range(7))
     assert training_subset(25, 0.5) == list(range(12))
-    drawn = training_subset(25, 0.1, pick="random", seed=3)  # the random draw: ceil(f * N), seeded
-    assert len(drawn) == 3 and drawn == training_subset(25, 0.1, pick="random", seed=3) and drawn != [0, 1, 2]
+    drawn = training_subset(25, 0.1, pick="random", seed=3)  # the random draw: as many, seeded
+    assert len(drawn) == 2 and drawn == training_subset(25, 0.1, pick="random", seed=3) and drawn != [0, 1]
+    with pytest.raises(ValueError, match="subset must be"):
+        training_subset(25, 0.1, pick="last")
     # which videos the 10% classifier sees decides the score: the first video alone carries phase 0
     lab = np.array([0, 0, 1, 1])
     train = [np.eye(2)[lab]] + [np.eye(2)[np.array([1, 1, 1, 1])]] * 9

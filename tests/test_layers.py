@@ -10,7 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "carl_scale"
 
-# what each layer may import besides itself; the top-level helpers (config, tables) are open to all
+# what each layer may import besides itself; the top-level modules (configs, tables, the hook
+# interface between training and its callers, entry-point errors) are open to all
 ALLOWED = {
     "data": set(),
     "datasets": {"data"},
@@ -19,7 +20,7 @@ ALLOWED = {
     "train": {"data", "models", "losses"},
     "eval": {"data", "models"},
 }
-SHARED = {"config", "tables"}
+SHARED = {"config", "tables", "hooks", "errors"}
 
 
 def _module_name(path: Path) -> str:

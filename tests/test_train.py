@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -175,25 +176,27 @@ def test_readme_main_command_scaled_down(tmp_path):
 
 def test_every_recipe_runs_a_step_and_run_twice_in_one_process_equals_fresh_processes(vp9_shards, tmp_path):
     """Each recipe's config, scaled down (the r50 recipes at 32 px, 4 frames, one video), through
-    one real step; all of them and two debug runs in *one* process, as a reused sweep worker calls
-    ``run``; the debug runs (one fp32, one bf16 autocast) then again in fresh processes."""
+    one real step, all in *one* process as a reused sweep worker calls ``run``; then two debug runs
+    in the same process (one ZeRO-2 with gradient accumulation for one epoch, one bf16 autocast),
+    again in fresh processes: bit-identical weights."""
     small = ["--shards", str(vp9_shards), "--steps", "1", "--frames", "4", "--batch-size", "1", "--workers", "0",
              "--image-size", "32", "--no-eval", "--checkpoint-every", "1"]
     recipes = ["pennaction", "finegym", "pouring", "k400", "debug"]
-    a = _flags(vp9_shards, tmp_path / "a", 3, seed=1)
+    a = _flags(vp9_shards, tmp_path / "a", 1, seed=1, zero_stage=2, grad_accum=2)
+    a[a.index("--steps"):a.index("--steps") + 2] = ["--epochs", "1"]
     b = _flags(vp9_shards, tmp_path / "b", 2, seed=2, precision="bf16", frames=6)
-    runs = [a, *(["--recipe", r, "--run-dir", str(tmp_path / r), *small] for r in recipes), b]
+    runs = [*(["--recipe", r, "--run-dir", str(tmp_path / r), *small] for r in recipes), a, b]
     results = _in_process(tmp_path / "in_process.json", *runs)
     for r in results:
-        assert r["config_unchanged"] and r["env_restored"] and r["rng_restored"] and r["group_destroyed"], r
-    for name, r in zip(recipes, results[1:-1]):
+        assert r["env_restored"] and r["rng_restored"] and r["group_destroyed"], r
+    for name, r in zip(recipes, results):
         meta = json.loads((tmp_path / name / "checkpoints/step_000001/meta.json").read_text())
         assert r["summary"]["steps"] == 1 and meta["config"]["data"]["temporal"]["num_frames"] == 4
         assert meta["config"]["model"]["train_frames"] == 4  # the T it trained with, for evaluation
     assert json.loads((tmp_path / "pouring/checkpoints/step_000001/meta.json").read_text()
                       )["config"]["model"]["num_layers"] == 2
-    # the same configs in fresh processes: bit-identical weights
-    for flags, r, name in ((a, results[0], "a"), (b, results[-1], "b")):
+    assert results[-2]["summary"]["steps"] == 2  # one epoch: 8 videos / (batch 2 x 2 micro steps)
+    for flags, r, name in ((a, results[-2], "a"), (b, results[-1], "b")):
         fresh = _pretrain([*flags[:flags.index("--run-dir") + 1], str(tmp_path / f"fresh_{name}"),
                            *flags[flags.index("--run-dir") + 2:]])
         assert fresh.returncode == 0, fresh.stderr[-3000:]
@@ -202,6 +205,40 @@ def test_every_recipe_runs_a_step_and_run_twice_in_one_process_equals_fresh_proc
             _weights(tmp_path / f"fresh_{name}/checkpoints/step_{step:06d}")
         assert all(v.dtype != torch.bfloat16 for v in mine.values())  # bf16 autocast, fp32 weights
         assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) for k in mine), name
+
+
+def test_bf16_autocast_reaches_the_model_inside_the_engine_and_hooks_see_each_interval(vp9_shards, tmp_path):
+    """In this process: bf16 is computed inside the DeepSpeed engine's forward (DeepSpeed turns off
+    an autocast around it), the weights stay fp32; a hook every 2 steps gets the mean metrics and
+    the checkpoint of its step."""
+    from carl_scale.hooks import Hook
+    from carl_scale.train.trainer import Trainer, process_group, run
+    from launch.pretrain_k400 import parse
+
+    cfg, _ = parse(_flags(vp9_shards, tmp_path / "bf16", 1, precision="bf16", workers=0))
+    dtypes = []
+    with process_group() as (rank, world, device):
+        trainer = Trainer(cfg, rank=rank, world=world, device=device)
+        trainer.model.embed.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        trainer.train_step(next(iter(trainer.loader)))
+        assert all(p.dtype == torch.float32 for p in trainer.engine.module.parameters())
+        del trainer
+    assert dtypes == [torch.bfloat16]
+
+    class Every2(Hook):
+        every = 2
+        calls: list = []
+
+        def on_interval(self, ctx):
+            self.calls.append((ctx.step, ctx.metrics["loss"], ctx.save_checkpoint().name))
+            return {"seen": float(ctx.step)}
+
+    hook = Every2()
+    cfg, _ = parse(_flags(vp9_shards, tmp_path / "hooked", 3, workers=0))
+    summary = run(cfg, [hook])
+    assert [(s, name) for s, _, name in hook.calls] == [(2, "step_000002"), (3, "step_000003")]
+    history = summary["final_loss"]  # the mean of the last losses; the hook saw window means
+    assert all(np.isfinite(loss) for _, loss, _ in hook.calls) and np.isfinite(history)
 
 
 def test_importing_the_trainer_loads_no_evaluation_and_no_renderer():

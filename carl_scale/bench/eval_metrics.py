@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stride", type=int, default=2, help="frame stride of Kendall's tau (PennAction: 2)")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
     a = p.parse_args(argv)
-    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if a.device is None else a.device
     print(f"device {dev}" + (f" ({torch.cuda.get_device_name()})" if dev == "cuda" else f", {torch.get_num_threads()} threads"))
 
     # (a) vs (b), same inputs, results must agree

@@ -79,7 +79,7 @@ class LoaderConfig(Config):
     """Where the training shards are and how they are streamed. The seed comes from the run
     (:class:`~carl_scale.data.reader.VideoLoader` takes it), the device from where it runs."""
 
-    shards: str | list[str] = param("", flag="--shards",
+    shards: str | list[str] = param("", flag="--shards", empty=True,  # "": none yet (a run refuses it)
                                     help="shard directory (with shards.json), brace pattern or .txt list")
     batch_size: int = param(4, flag="--batch-size", ge=1, help="videos per rank per micro step")
     num_workers: int = param(2, flag="--workers", ge=0, help="DataLoader worker processes per rank")

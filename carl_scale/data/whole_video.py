@@ -24,18 +24,29 @@ from carl_scale.data.reader import parse_meta
 def iter_whole_videos(spec, decoder: FrameDecoder, split: str = "train", on_error=None,
                       only: set[str] | None = None) -> Iterator[tuple[dict, np.ndarray]]:
     """Every video of the shards (or those whose ``video_id`` is in ``only``: the others are not
-    decoded), decoded whole. ``on_error(key, exn)`` skips a bad sample (default: raise)."""
+    decoded), decoded whole. ``on_error(what, exn)`` is called for a sample that cannot be read,
+    parsed or decoded (or decodes to another frame count than its metadata says) and for unreadable
+    shard data (a truncated tar), which are then skipped; without it they raise."""
     urls, _ = resolve_shards(spec, split)
-    for sample in wds.tarfile_to_samples()([dict(url=u) for u in urls]):
+
+    def bad_shard_data(exn: BaseException) -> bool:  # webdataset's handler protocol: True = go on
+        if on_error is None:
+            raise exn
+        on_error("unreadable shard data", exn)
+        return True
+
+    for sample in wds.tarfile_to_samples(handler=bad_shard_data)([dict(url=u) for u in urls]):
         try:
             meta = parse_meta(sample)
             if only is not None and meta["video_id"] not in only:
                 continue
             frames = decoder.decode_all(EncodedVideo.from_sample(sample, meta))
+            if len(frames) != int(meta["num_frames"]):
+                raise ValueError(f"decoded {len(frames)} frames, the metadata says {meta['num_frames']}")
         except Exception as exn:
             if on_error is None:
                 raise
-            on_error(sample.get("__key__"), exn)
+            on_error(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
             continue
         yield meta, frames
 

@@ -186,7 +186,7 @@ def write_finegym_shards(videos: str | Path, annotations: str | Path, out_dir: s
                 by_event.setdefault((yt, ev), {c: {} for c in CLASS_SETS})[cs][seg] = cls
         events = sorted(by_event)[: opts.limit]
         writer = ShardWriter(out_dir, split, dataset="finegym", payload=payload, encode=encode,
-                             max_samples=max_samples or 64, max_bytes=max_bytes, label_names=label_names,
+                             max_samples=64 if max_samples is None else max_samples, max_bytes=max_bytes, label_names=label_names,
                              overwrite=overwrite)
         with writer:
             for yt, ev in tqdm(events, disable=not progress, desc=f"finegym {split}", unit="event"):

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from carl_scale.data.codec import decode_rgb
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.encode import EncodeOptions
-from carl_scale.datasets.writer import ShardWriter, VideoRecord
+from carl_scale.datasets.writer import ShardWriter, VideoRecord, sample_key, write_manifest
 
 log = logging.getLogger("carl_scale.data")
 
@@ -37,18 +37,30 @@ class FolderOptions:
 
 
 def _read_labels_csv(path: str) -> tuple[dict[str, tuple[str, str | None]], list[str]]:
+    """{video: (label, split or None)} and, per row that is overridden, a warning; a later row for
+    the same video wins (and is reported)."""
     rows: dict[str, tuple[str, str | None]] = {}
+    warnings: list[str] = []
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"video", "label"} <= set(reader.fieldnames):
             raise ValueError(f"{path}: needs a header with columns 'video' and 'label' (optional 'split'), "
                              f"got {reader.fieldnames}")
-        for r in reader:
-            rows[r["video"].strip()] = (r["label"].strip(), (r.get("split") or "").strip() or None)
-    names = sorted({lab for lab, _ in rows.values()})
-    if all(n.lstrip("-").isdigit() for n in names):
-        names = []  # integer labels are used as they are
-    return rows, names
+        for line, r in enumerate(reader, start=2):
+            video = (r["video"] or "").strip()
+            row = ((r["label"] or "").strip(), (r.get("split") or "").strip() or None)
+            if video in rows and rows[video] != row:
+                warnings.append(f"{path}:{line}: {video!r} is listed again; this row ({row[0]}) replaces the "
+                                f"earlier one ({rows[video][0]})")
+            rows[video] = row
+    return rows, warnings
+
+
+def _class_names(used: list[str]) -> list[str]:
+    """Sorted class names of the labels videos actually have; [] when they are all integers
+    (used as they are)."""
+    names = sorted(set(used))
+    return [] if all(n.lstrip("-").isdigit() for n in names) else names
 
 
 def _frame_labels(directory: str | None, stem: str) -> np.ndarray | None:
@@ -56,9 +68,13 @@ def _frame_labels(directory: str | None, stem: str) -> np.ndarray | None:
         return None
     d = Path(directory)
     if (d / f"{stem}.npy").exists():
-        return np.load(d / f"{stem}.npy").astype(np.int64).reshape(-1)
+        return np.load(d / f"{stem}.npy", allow_pickle=False).astype(np.int64).reshape(-1)
     if (d / f"{stem}.txt").exists():
-        return np.array((d / f"{stem}.txt").read_text().split(), dtype=np.int64)
+        tokens = (d / f"{stem}.txt").read_text().split()
+        bad = [t for t in tokens if not t.lstrip("-").isdigit()]
+        if bad:
+            raise ValueError(f"{d / (stem + '.txt')} has a token that is not an integer: {bad[0]!r}")
+        return np.array(tokens, dtype=np.int64)
     return None
 
 
@@ -67,20 +83,30 @@ def _decode_file(path: Path, short_side: int | None) -> tuple[np.ndarray, float,
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         fps = float(stream.average_rate or stream.guessed_rate or 30.0)
+        listed = int(stream.frames or 0)  # what the container's index says (0: it does not say)
         frames = []
         for frame in container.decode(stream):
             frames.append(decode_rgb(frame, short_side))
         codec = stream.codec_context.name
     if not frames:
         raise ValueError("no decodable frames")
+    if listed and len(frames) < listed:  # e.g. a truncated fast-start MP4 decodes its head without an error
+        raise ValueError(f"decoded {len(frames)} of the {listed} frames its container lists (truncated?)")
     return np.stack(frames), fps, codec
+
+
+def _video_id(rel: str) -> str:
+    return rel.rsplit(".", 1)[0].replace("/", "__")
 
 
 def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOptions | None = None, *,
                         payload: str = "video", encode: EncodeOptions | None = None, max_samples: int | None = None,
                         max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True) -> dict:
-    """Every video file under ``src`` (any codec PyAV reads) into shards. Unreadable videos and
-    mismatched label files are skipped and listed in the manifest, never fatal."""
+    """Every video file under ``src`` (any codec PyAV reads) into shards. Unreadable videos (and
+    those that decode to fewer frames than their container lists), label files that do not fit,
+    and a second file whose name makes the same video id are skipped and listed in the manifest,
+    never fatal. Label-CSV rows that replace another, match no video or match two files are
+    warned about and listed under ``label_warnings``; the class list holds the labels in use."""
     opts = opts or FolderOptions()
     src = Path(src)
     if not src.is_dir():
@@ -88,11 +114,28 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
     files = sorted(p for p in src.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {src}")
-    rows, names = _read_labels_csv(opts.labels_csv) if opts.labels_csv else ({}, [])
+    rows, warnings = _read_labels_csv(opts.labels_csv) if opts.labels_csv else ({}, [])
+    by_stem: dict[str, list[str]] = {}
+    for p in files:
+        by_stem.setdefault(p.stem, []).append(str(p.relative_to(src)))
+    matched: dict[Path, str] = {}  # file -> the CSV row key that labels it
+    for p in files:
+        rel = str(p.relative_to(src))
+        key = rel if rel in rows else p.stem if p.stem in rows else None
+        if key is not None:
+            matched[p] = key
+    for key in sorted(set(rows) - set(matched.values())):
+        warnings.append(f"{opts.labels_csv}: {key!r} matches no video under {src}; its label is not used")
+    for key in sorted(k for k in set(matched.values()) if k in by_stem and len(by_stem[k]) > 1):
+        warnings.append(f"{opts.labels_csv}: {key!r} matches {len(by_stem[key])} files ({', '.join(by_stem[key])}); "
+                        f"each gets its label {rows[key][0]!r}")
+    for w in warnings:
+        log.warning("%s", w)
+    names = _class_names([rows[k][0] for k in matched.values()])
     by_split: dict[str, list[Path]] = {}
     for p in files:
         rel = str(p.relative_to(src))
-        row = rows.get(rel) or rows.get(p.stem)
+        row = rows[matched[p]] if p in matched else None
         split = row[1] if row and row[1] else opts.split
         if not (row and row[1]) and opts.val_fraction > 0 and zlib.crc32(rel.encode()) % 1000 < opts.val_fraction * 1000:
             split = "val"
@@ -101,21 +144,27 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
     label_names = {"actions": names} if names else {}
     for split, paths in sorted(by_split.items()):
         writer = ShardWriter(out_dir, split, dataset=src.name, payload=payload, encode=encode,
-                             max_samples=max_samples or 64, max_bytes=max_bytes, label_names=label_names,
-                             overwrite=overwrite)
+                             max_samples=64 if max_samples is None else max_samples, max_bytes=max_bytes,
+                             label_names=label_names, overwrite=overwrite)
+        taken: dict[str, str] = {}  # sample key -> the file that has it
         with writer:
             for p in tqdm(paths, disable=not progress, desc=f"{src.name} {split}", unit="video"):
                 rel = str(p.relative_to(src))
-                row = rows.get(rel) or rows.get(p.stem)
+                vid = _video_id(rel)
+                if sample_key(vid) in taken:
+                    writer.skip(rel, f"its video id {sample_key(vid)!r} is already {taken[sample_key(vid)]!r}'s; "
+                                     f"rename one of the two files")
+                    continue
+                row = rows[matched[p]] if p in matched else None
                 label = -1 if row is None else (names.index(row[0]) if names else int(row[0]))
                 try:
                     frames, fps, codec = _decode_file(p, opts.short_side)
-                except Exception as exn:  # corrupt / unreadable: skip and count
+                    phases = _frame_labels(opts.frame_labels, p.stem)
+                    extra = {name: _frame_labels(d, p.stem) for name, d in opts.extra_frame_labels.items()}
+                except Exception as exn:  # corrupt / unreadable video or label file: skip and count
                     log.warning("skipping %s: %s", p, exn)
                     writer.skip(rel, f"{type(exn).__name__}: {exn}")
                     continue
-                phases = _frame_labels(opts.frame_labels, p.stem)
-                extra = {name: _frame_labels(d, p.stem) for name, d in opts.extra_frame_labels.items()}
                 bad = [f"{len(lab)} {name} frame labels" for name, lab in [("phase", phases), *extra.items()]
                        if lab is not None and len(lab) != len(frames)]
                 if bad:
@@ -123,14 +172,22 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
                     continue
                 # every video carries every named set, so readers never guess
                 extra = {name: np.full(len(frames), -1) if lab is None else lab for name, lab in extra.items()}
-                vid = rel.rsplit(".", 1)[0].replace("/", "__")
                 if transcode:
                     rec = VideoRecord(vid, frames, fps, label, phases, frame_labels=extra)
                 else:
                     rec = VideoRecord(vid, None, fps, label, phases, encoded=p.read_bytes(),
                                       num_frames=len(frames), height=frames.shape[1], width=frames.shape[2],
                                       codec=codec, frame_labels=extra, extra={"source": rel})
-                writer.write(rec)
+                try:  # encoding fails before anything of the sample is in the shard
+                    writer.write(rec)
+                except ValueError as exn:  # e.g. odd frame sizes for a 4:2:0 codec
+                    writer.skip(rel, f"ValueError: {exn}")
+                    continue
+                taken[sample_key(vid)] = rel
         if writer.skipped:
             log.warning("%s: skipped %d of %d videos (listed in shards.json)", split, len(writer.skipped), len(paths))
-    return read_manifest(out_dir)
+    manifest = read_manifest(out_dir)
+    if warnings:
+        manifest["label_warnings"] = warnings
+        write_manifest(Path(out_dir), manifest)
+    return manifest

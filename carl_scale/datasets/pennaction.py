@@ -119,7 +119,7 @@ def write_pennaction_shards(root: str | Path, phase_labels: str | Path, out_dir:
             listed[split].append((f, clash))
     for split in ("train", "val"):
         writer = ShardWriter(out_dir, split, dataset="pennaction", payload=payload, encode=encode,
-                             max_samples=max_samples or 64, max_bytes=max_bytes, label_names={"actions": ACTIONS},
+                             max_samples=64 if max_samples is None else max_samples, max_bytes=max_bytes, label_names={"actions": ACTIONS},
                              overwrite=overwrite)
         with writer:
             for f, clash in tqdm(listed[split][: opts.limit], disable=not progress, desc=f"pennaction {split}",

@@ -172,7 +172,7 @@ def write_tfrecord_shards(src: str | Path, out_dir: str | Path, dataset: str, *,
         raise FileNotFoundError(f"no {dataset}_<train|val|test>-K-of-N.tfrecord files in {src}")
     for split, paths in sorted(files.items()):
         writer = ShardWriter(out_dir, split, dataset=dataset, payload=payload, encode=encode,
-                             max_samples=max_samples or 64, max_bytes=max_bytes, overwrite=overwrite)
+                             max_samples=64 if max_samples is None else max_samples, max_bytes=max_bytes, overwrite=overwrite)
         with writer, tqdm(disable=not progress, desc=f"{dataset} {split}", unit="video") as bar:
             for path in paths:
                 records, n = iter_records(path), -1

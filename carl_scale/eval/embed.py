@@ -32,6 +32,7 @@ class VideoEmbeddings:
     # more per-frame label sets of the shards (meta["frame_labels"]), e.g. {"gym288": [...]}
     frame_labels: dict[str, list[np.ndarray]] = field(default_factory=dict)
     fingerprint: str = ""  # what made them (see :func:`embedding_fingerprint`); "" = unknown
+    skipped: list[str] = field(default_factory=list)  # samples that could not be read: "what: why"
 
     def labels(self, name: str = "phase") -> list[np.ndarray]:
         """A per-frame label set by name: ``"phase"`` or one of :attr:`frame_labels`."""
@@ -46,7 +47,8 @@ class VideoEmbeddings:
     def subset(self, idx: list[int]) -> "VideoEmbeddings":
         return VideoEmbeddings([self.video_ids[i] for i in idx], [self.embeddings[i] for i in idx],
                                [self.phase_labels[i] for i in idx], self.action_labels[list(idx)],
-                               {k: [v[i] for i in idx] for k, v in self.frame_labels.items()}, self.fingerprint)
+                               {k: [v[i] for i in idx] for k, v in self.frame_labels.items()}, self.fingerprint,
+                               self.skipped)
 
     def by_action(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
@@ -60,6 +62,7 @@ class VideoEmbeddings:
         tmp = Path(str(path) + ".partial.npz")
         np.savez_compressed(tmp, video_ids=np.array(self.video_ids), action_labels=self.action_labels,
                             fingerprint=np.array(self.fingerprint), frame_label_names=np.array(names, dtype=str),
+                            skipped=np.array(self.skipped, dtype=str),
                             **{f"emb_{k}": e for k, e in enumerate(self.embeddings)},
                             **{f"phase_{k}": p for k, p in enumerate(self.phase_labels)},
                             **{f"lab{j}_{k}": lab for j, n in enumerate(names)
@@ -74,7 +77,8 @@ class VideoEmbeddings:
             return cls(z["video_ids"].tolist(), [z[f"emb_{k}"] for k in range(n)],
                        [z[f"phase_{k}"] for k in range(n)], z["action_labels"],
                        {name: [z[f"lab{j}_{k}"] for k in range(n)] for j, name in enumerate(names)},
-                       str(z["fingerprint"]) if "fingerprint" in z else "")
+                       str(z["fingerprint"]) if "fingerprint" in z else "",
+                       z["skipped"].tolist() if "skipped" in z else [])
 
 
 def embedding_fingerprint(model, shards, split: str, *, image_size: int | None, spatial: SpatialConfig,
@@ -120,7 +124,8 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
     """Embed every frame of every video of ``split`` (with every per-frame label set the shards
     carry). With ``cache``: a ``.npz`` there whose fingerprint matches (same weights, shards and
     view; :func:`embedding_fingerprint`) is loaded instead, otherwise the embeddings are computed
-    and saved there — so metrics re-run without the model, and a changed model is never mixed up."""
+    and saved there — so metrics re-run without the model, and a changed model is never mixed up.
+    A sample that cannot be read or decoded is skipped with a warning and listed in ``.skipped``."""
     spatial = spatial or SpatialConfig()
     fp = "" if cache is None else embedding_fingerprint(model, shards, split, image_size=image_size,
                                                         spatial=spatial, limit=limit)
@@ -143,7 +148,13 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
     ids, embs, phases, actions, extra = [], [], [], [], []
     bar = tqdm(total=min(total, limit) if total and limit else total, desc=f"embed {split}", unit="video",
                disable=not progress, leave=False)
-    for meta, frames in iter_whole_videos(shards, dec, split):
+    skipped: list[str] = []
+
+    def skip(what: str, exn: BaseException) -> None:  # a damaged sample: counted and listed, never fatal
+        skipped.append(f"{what}: {type(exn).__name__}: {exn}")
+        log.warning("skipping %s: %s: %s", what, type(exn).__name__, exn)
+
+    for meta, frames in iter_whole_videos(shards, dec, split, on_error=skip):
         embs.append(embed_frames(model, frames, image_size=image_size, spatial=spatial, device=device))
         ids.append(meta["video_id"])
         phases.append(np.asarray(meta["phase_labels"], dtype=np.int64))
@@ -157,7 +168,7 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
     # a label set some videos lack (shards written in parts) is all -1 for them
     names = sorted({k for e in extra for k in e})
     frame_labels = {k: [e.get(k, np.full(len(p), -1, np.int64)) for e, p in zip(extra, phases)] for k in names}
-    out = VideoEmbeddings(ids, embs, phases, np.asarray(actions, dtype=np.int64), frame_labels, fp)
+    out = VideoEmbeddings(ids, embs, phases, np.asarray(actions, dtype=np.int64), frame_labels, fp, skipped)
     if cache is not None:
         out.save(cache)
     return out

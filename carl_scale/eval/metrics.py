@@ -26,13 +26,15 @@ def _labelled(embs: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> tuple
 
 def training_subset(n: int, fraction: float, *, pick: Literal["first", "random"] = "first",
                     seed: int = 0) -> list[int]:
-    """The training videos that make ``fraction`` of ``n``. ``"first"`` (the default): the first
-    max(1, ⌊f·N⌋) in dataset order, as the published evaluation takes them, so that numbers compare
-    with the paper's; ``"random"``: a seeded random draw of max(1, ⌈f·N⌉)."""
+    """The max(1, ⌊f·N⌋) training videos that make ``fraction`` of ``n``, as the published
+    evaluation counts them: with ``"first"`` (the default) the first ones in dataset order, as it
+    takes them, so that numbers compare with the paper's; with ``"random"`` a seeded random draw."""
+    k = min(n, max(1, int(fraction * n)))
     if pick == "first":
-        return list(range(min(n, max(1, int(fraction * n)))))
-    order = np.random.default_rng(seed).permutation(n)
-    return sorted(order[: min(n, max(1, int(math.ceil(fraction * n))))].tolist())
+        return list(range(k))
+    if pick != "random":
+        raise ValueError(f"subset must be 'first' or 'random', got {pick!r}")
+    return sorted(np.random.default_rng(seed).permutation(n)[:k].tolist())
 
 
 def phase_classification(train_embs, train_labels, val_embs, val_labels, *,

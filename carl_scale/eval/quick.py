@@ -19,6 +19,7 @@ import torch.distributed as dist
 from carl_scale.data.config import SpatialConfig
 from carl_scale.eval.embed import VideoEmbeddings, extract_embeddings
 from carl_scale.eval.metrics import kendalls_tau, phase_classification
+from carl_scale.hooks import Hook
 from carl_scale.models import ModelConfig, build_model
 from carl_scale.tables import table
 
@@ -58,12 +59,16 @@ def cross_validated_phase_accuracy(ve: VideoEmbeddings, folds: int = 4) -> float
     return correct / total if total else float("nan")
 
 
-def quick_eval(models: dict, shards, spatial: SpatialConfig, device, *, folds: int = 4) -> dict[str, dict]:
+def quick_eval(models: dict, shards, spatial: SpatialConfig, device, *, folds: int = 4,
+               skipped: list[str] | None = None) -> dict[str, dict]:
     """{model name: {"phase_acc", "kendall_tau"}} on the validation videos of ``shards`` (the
     ``val`` split of a shard directory, or every video of a shard pattern or list), with
-    ``position_only`` features as the first row."""
+    ``position_only`` features as the first row. Unreadable samples are left out and added to
+    ``skipped``."""
     embedded = {name: extract_embeddings(model, shards, "val", spatial=spatial, device=str(device))
                 for name, model in models.items()}
+    if skipped is not None:
+        skipped += next(iter(embedded.values())).skipped
     embedded = {"position_only": position_embeddings(next(iter(embedded.values()))), **embedded}
     out = {}
     for name, ve in embedded.items():
@@ -88,6 +93,8 @@ def end_of_run_shards(train_shards, val_shards: str | None, synthetic_val_videos
     if val_shards is not None:
         if "{" not in val_shards and not Path(val_shards).exists():
             return None, f"--val-shards {val_shards} does not exist"
+        if Path(val_shards).is_dir() and "val" not in (read_manifest(val_shards) or {}).get("splits", {}):
+            return None, f"--val-shards {val_shards} is not a shard directory with a val split (shards.json)"
         return val_shards, ""
     if synthetic_val_videos is not None:  # the synthetic set, written before training starts
         return (train_shards, "") if synthetic_val_videos > 0 else (None, "the synthetic set has no val videos")
@@ -100,34 +107,27 @@ def end_of_run_shards(train_shards, val_shards: str | None, synthetic_val_videos
     return train_shards, ""
 
 
-class EndOfRunEvaluation:
-    """A trainer hook (:class:`carl_scale.train.hooks.Hook`, by its methods: evaluation does not
-    import training): after the last step, rank 0 evaluates the trained encoder against the same
-    flavor at its random initial weights (``seed``) on ``shards``' validation videos, prints the
-    table and returns it as ``{"eval": ...}``; the other ranks wait."""
-
-    every = 0
+class EndOfRunEvaluation(Hook):
+    """After the last step, rank 0 evaluates the trained encoder against the same flavor at its
+    random initial weights (``seed``) on ``shards``' validation videos, prints the table and
+    returns it as ``{"eval": ...}``; the other ranks wait."""
 
     def __init__(self, shards, model_cfg: ModelConfig, spatial: SpatialConfig, seed: int, folds: int = 4):
         self.shards, self.model_cfg, self.spatial, self.seed, self.folds = shards, model_cfg, spatial, seed, folds
 
-    def on_start(self, rank: int, world_size: int) -> None:
-        return None
-
-    def on_interval(self, ctx) -> None:
-        return None
-
     def on_end(self, ctx) -> dict:
-        result = {}
+        result, skipped = {}, []
         if ctx.rank == 0:
             torch.manual_seed(self.seed)
             random_init = build_model(self.model_cfg).to(ctx.device)
             result = quick_eval({"random_init": random_init, "trained": ctx.model}, self.shards, self.spatial,
-                                ctx.device, folds=self.folds)
+                                ctx.device, folds=self.folds, skipped=skipped)
             keys = list(next(iter(result.values())).keys())
             print(f"\nvalidation videos of {self.shards} (phase accuracy: {self.folds}-fold cross-validation per action)\n"
                   + table([(name, *(f"{v[k]:.4f}" for k in keys)) for name, v in result.items()], ("model", *keys)),
                   flush=True)
+            if skipped:
+                print(f"skipped {len(skipped)} unreadable validation sample(s): {skipped[:3]}", flush=True)
         if dist.is_initialized():
             dist.barrier()
-        return {"eval": result}
+        return {"eval": result, "eval_skipped_samples": len(skipped)}

@@ -6,6 +6,7 @@ Library code: the entry point is ``launch/transfer_eval.sh <dataset> [checkpoint
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ class Protocol:
     make: str  # the command that writes those shards
     per_action: bool  # PennAction: every metric per action class, then averaged over classes
     tau_stride: int = 1
-    # fractions of the training videos the classifiers see: the published rule (the first
-    # max(1, ⌊f·N⌋) videos) unless subset="random" (metrics.training_subset)
+    # fractions of the training videos the classifiers see: max(1, ⌊f·N⌋) of them, the first ones
+    # as the published evaluation takes them, or a seeded random draw (metrics.training_subset)
     fractions: tuple[float, ...] = (0.1, 0.5, 1.0)
     subset: str = "first"
     # FineGym: a linear layer on frames instead of the phase metrics, one per (column, label set),
@@ -76,6 +77,12 @@ def _phase_metrics(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, de
     return out
 
 
+def _nanmean(values: list[float]) -> float:
+    """Mean over the classes that have the metric (NaN where none has it, without a warning)."""
+    kept = [v for v in values if not np.isnan(v)]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
 def run_protocol(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, device: str = "cpu") -> dict:
     """{"mean": {metric: value}, "per_action": {action: {metric: value}}} for one model."""
     if p.linear_probe:
@@ -96,7 +103,7 @@ def run_protocol(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, devi
         if a in tb:
             per_action[int(a)] = _phase_metrics(train.subset(tb[a]), val.subset(vidx), p, device)
     keys = next(iter(per_action.values())).keys() if per_action else []
-    mean = {k: float(np.nanmean([r[k] for r in per_action.values()])) for k in keys}
+    mean = {k: _nanmean([r[k] for r in per_action.values()]) for k in keys}
     return {"mean": mean, "per_action": per_action}
 
 
@@ -202,15 +209,17 @@ def save_pictures(name: str, train: VideoEmbeddings, val: VideoEmbeddings, shard
 
 def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: str | None = None,
                   out_dir: str | Path = "runs/transfer", device: str = "cpu", image_size: int | None = None,
-                  reuse_embeddings: bool = True) -> dict:
+                  reuse_embeddings: bool = True, subset: str = "first") -> dict:
     """Embed the train and val splits with each model (saved as ``.npz`` under ``out_dir``; a
     rerun with the same weights and shards loads them instead, unless ``reuse_embeddings`` is
     off), run the dataset's protocol, write ``results.md`` / ``results.json`` and the pictures of
     :func:`save_pictures` for each model."""
     if dataset not in PROTOCOLS:
         raise KeyError(f"unknown dataset {dataset!r}; choose one of {sorted(PROTOCOLS)}")
-    p = PROTOCOLS[dataset]
-    shards = shards or p.shards
+    if subset not in ("first", "random"):
+        raise ValueError(f"--subset must be 'first' (the published evaluation's) or 'random', got {subset!r}")
+    p = dataclasses.replace(PROTOCOLS[dataset], subset=subset)
+    shards = p.shards if shards is None else shards
     if not (Path(shards) / "shards.json").exists():
         raise FileNotFoundError(f"no {dataset} shards at {shards} (no shards.json). Make them with:\n  {p.make}\n"
                                 f"or pass --shards DIR")
@@ -229,7 +238,12 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
     manifest = json.loads((Path(shards) / "shards.json").read_text())
     actions = (manifest.get("label_names") or {}).get("actions")
     table = markdown_tables(results, actions if isinstance(actions, list) else None)
+    skipped = {split: e.skipped for split, e in embs.items()} if models else {}
+    if any(skipped.values()):  # damaged samples were left out: say so beside the numbers
+        table += ("\n\nSkipped as unreadable (listed in results.json): "
+                  + ", ".join(f"{len(v)} {split}" for split, v in skipped.items()) + " sample(s).")
     (out / "results.md").write_text(f"# Transfer evaluation: {dataset} ({shards})\n\n{table}\n")
     (out / "results.json").write_text(json.dumps({"dataset": dataset, "shards": str(shards), "results": results,
+                                                  "skipped": skipped, "subset": p.subset,
                                                   "seconds": time.time() - t0}, indent=2))
     return {"table": table, "results": results, "out_dir": str(out)}

@@ -7,6 +7,7 @@ not move) whatever mode the model is in. They run under ``no_grad`` in chunks of
 from __future__ import annotations
 
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -65,10 +66,23 @@ def _resnet_state_dict(path: str) -> dict[str, torch.Tensor]:
             f"pretrained weights {path} not found. Pass --pretrained with a local file: a torchvision "
             f"ResNet-50 state dict (torch.save(model.state_dict(), 'r50.pth')) or a BYOL checkpoint; "
             f"or leave it out to start from random weights. Nothing is downloaded.")
-    sd = torch.load(p, map_location="cpu", weights_only=True)
+    head = p.read_bytes()[:64]
+    if not zipfile.is_zipfile(p) and head[:1] != b"\x80":  # neither torch's zip format nor a pickle
+        text = head and all(32 <= c < 127 or c in (9, 10, 13) for c in head)
+        raise ValueError(f"--pretrained {path} is {'a text file' if text else 'not a torch file'}, not weights: pass "
+                         f"a torch.save'd ResNet-50 state dict or BYOL checkpoint")
+    try:
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exn:  # a text file, a truncated download, pickled code: never loaded
+        raise ValueError(f"--pretrained {path} is not a weights file torch can read safely ({type(exn).__name__}: "
+                         f"{str(exn).strip().splitlines()[0][:120] if str(exn).strip() else ''}); it must be a "
+                         f"torch.save'd ResNet-50 state dict or BYOL checkpoint (tensors only)") from None
     for key in ("state_dict", "model", "online_network_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"--pretrained {path} holds {type(sd).__name__}, not a state dict of tensors "
+                         f"(a ResNet-50 state dict or a BYOL checkpoint)")
     out = {}
     for k, v in sd.items():
         for pre in _PREFIXES:

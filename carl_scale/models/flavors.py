@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from carl_scale.config import from_dict
 from carl_scale.models.config import ModelConfig
 from carl_scale.models.fve import FrameVideoEncoder
 
@@ -40,10 +41,10 @@ def model_config(flavor: str, **overrides) -> ModelConfig:
 
 
 def model_config_from_dict(saved: dict, **overrides) -> ModelConfig:
-    """The ModelConfig a run saved (config.json / checkpoint meta.json), keys it does not know
-    ignored, then ``overrides``."""
-    known = {f.name: saved[f.name] for f in dataclasses.fields(ModelConfig) if f.name in saved}
-    return dataclasses.replace(ModelConfig(**known), **overrides)
+    """The ModelConfig a run saved (config.json / checkpoint meta.json), then ``overrides``. A key
+    this version does not know is refused (a ConfigError naming it): building the model without
+    that setting would be another architecture than the one that was trained."""
+    return from_dict(ModelConfig, {**saved, **overrides}, "model")
 
 
 def build_model(cfg: ModelConfig) -> FrameVideoEncoder:

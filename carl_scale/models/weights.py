@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,7 +71,12 @@ def read_weights(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]
         return _load_tensors(checkpoint / MODEL_FILE), cfg
     if (checkpoint / DEEPSPEED_MODEL_FILE).is_file():  # written before model.pt existed
         module = _load_tensors(checkpoint / DEEPSPEED_MODEL_FILE).get("module", {})
-        return {k[len(PREFIX):]: v for k, v in module.items() if k.startswith(PREFIX)}, cfg
+        state = {k[len(PREFIX):]: v for k, v in module.items() if k.startswith(PREFIX)}
+        low = sorted({str(v.dtype) for v in state.values() if v.dtype in (torch.bfloat16, torch.float16)})
+        if low:  # DeepSpeed kept the module in bf16 then; its fp32 master weights are not in this file
+            warnings.warn(f"{checkpoint} was written by an older carl_scale with {'/'.join(low)} weights (no "
+                          f"{MODEL_FILE}); it is evaluated at that precision", stacklevel=2)
+        return state, cfg
     raise FileNotFoundError(f"{checkpoint} has no weights ({MODEL_FILE}); the checkpoint is incomplete, use an "
                             f"earlier step_NNNNNN beside it")
 

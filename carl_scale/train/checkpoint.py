@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,10 @@ def git_revision() -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain Python values, so that it loads with ``weights_only``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -50,10 +54,52 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and what to do."""
+
+
+def _deepspeed_globals() -> list:
+    """The only non-tensor objects DeepSpeed's checkpoint files hold (ZeRO optimizer states): plain
+    records, allowed by name. Anything else in a file (a function, a class with a reducer) is refused."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str | Path, map_location=None):
+    """``torch.load`` with ``weights_only=True`` (tensors, plain data and the DeepSpeed records
+    above): a checkpoint from someone else can never run code here. A damaged or refused file is a
+    :class:`CheckpointError` naming it."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exn:
+        first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
+        raise CheckpointError(f"{path} cannot be loaded ({type(exn).__name__}: {first[:200]}): it is damaged, or "
+                              f"holds objects other than weights and training state, which are never run") from None
+
+
+class WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine with every load through :func:`safe_load` (DeepSpeed's own
+    loads with ``weights_only=False``); saving is untouched."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def load(self, path, map_location=None):
+        return safe_load(path, map_location)
 
 
 def tag(step: int) -> str:
@@ -81,13 +127,16 @@ def _barrier() -> None:
 
 
 def prune(root: Path, keep: int) -> list[Path]:
-    """Remove all but the ``keep`` newest checkpoints (by step; 0 keeps all), never the one
-    ``latest`` names. Returns what was removed."""
-    if keep <= 0:
-        return []
-    protected = latest_name(root)
+    """Keep the checkpoint ``latest`` names and the ``keep - 1`` newest before it (0 keeps all);
+    remove the older ones. Checkpoints after ``latest`` are never touched (they are not this
+    run's past; resuming moves them aside first). Returns what was removed."""
     found = checkpoints(root)
-    gone = [found[s] for s in sorted(found)[:-keep] if found[s].name != protected]
+    name = latest_name(root)
+    latest = _step_of(root / name) if name else max(found, default=None)
+    if keep <= 0 or latest is None:
+        return []
+    older = sorted(s for s in found if s < latest)
+    gone = [found[s] for s in older[: max(0, len(older) - (keep - 1))]]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     return gone
@@ -126,8 +175,8 @@ def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, me
     if rank == 0:
         save_weights(model, root / partial)
         (root / partial / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        if final.exists():  # the same step again (a rerun of the last step): the new one replaces it
-            shutil.rmtree(final)
+        if final.exists():  # never replaced: the trainer refuses runs that could get here
+            raise CheckpointError(f"{final} already exists; refusing to replace it")
         os.replace(root / partial, final)
         tmp = root / "latest.partial"
         tmp.write_text(tag(step) + "\n")
@@ -149,21 +198,105 @@ def find(root: Path, resume: str) -> Path | None:
         if not path.is_absolute() and not path.exists():
             path = root / resume
     if not (path / META_FILE).exists():
-        raise FileNotFoundError(f"no complete checkpoint at {path} (expected {path / META_FILE}); "
-                                f"use --resume latest or a step_NNNNNN directory under {root}")
+        raise CheckpointError(f"no complete checkpoint at {path} (expected {path / META_FILE}); use --resume "
+                              f"latest or a step_NNNNNN directory under {root}{_intact_hint(root, None)}")
     return path
 
 
+def _file_is_whole(path: Path) -> bool:
+    """A torch file (a zip archive) whose every member's CRC checks out; JSON that parses."""
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+            return True
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
+
+
+def intact_before(root: Path, step: int | None) -> Path | None:
+    """The newest checkpoint under ``root`` older than ``step`` (any if None) whose files are whole."""
+    for s, path in sorted(checkpoints(root).items(), reverse=True):
+        if (step is None or s < step) and all(_file_is_whole(f) for f in path.iterdir()
+                                              if f.suffix in (".pt", ".json")):
+            return path
+    return None
+
+
+def _intact_hint(root: Path, step: int | None) -> str:
+    ok = intact_before(root, step)
+    return f". The newest intact checkpoint before it: {ok} (--resume {ok})" if ok else ""
+
+
+def read_checkpoint_meta(path: Path) -> dict:
+    try:
+        return json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError) as exn:
+        raise CheckpointError(f"{path / META_FILE} is damaged ({type(exn).__name__}: {exn})"
+                              f"{_intact_hint(path.parent, _step_of(path))}") from None
+
+
+def _step_of(path: Path) -> int | None:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+# Settings a resumed run must share with the checkpoint: they define where the data stream stands,
+# what the optimizer state and schedule mean, and the model's shape (a flag given on resume that
+# changes one is refused, never silently ignored or half applied).
+RESUME_FIXED = ("seed", "data.shards", "data.batch_size", "data.num_workers", "data.shuffle_buffer", "data.resampled",
+                "data.epoch_samples", "data.temporal", "model", "loss.name", "optim", "parallel.zero_stage",
+                "parallel.grad_accum")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume(path: Path, meta: dict, config: dict, world_size: int) -> None:
+    """Refuse to resume ``path`` with settings that would not continue it (:data:`RESUME_FIXED`, and
+    the world size), naming each flag with both values."""
+    from carl_scale.config import ConfigError, iter_flags
+    from carl_scale.train.config import RunConfig
+
+    flags = {f.path: f.flag for f in iter_flags(RunConfig)}
+    then, now = _flatten(meta.get("config", {})), _flatten(config)
+    differ = [k for k in sorted(now) if k.startswith(RESUME_FIXED) and k in then and then[k] != now[k]
+              and k != "model.pretrained"]  # the backbone's start weights are in the checkpoint anyway
+    parts = [f"{flags.get(k, k)} {then[k]} (now {now[k]})" for k in differ[:4]]
+    if int(meta.get("world_size", world_size)) != world_size:
+        parts.append(f"world size {meta['world_size']} (now {world_size})")
+    if parts:
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise ConfigError(
+            f"--resume {path}: it was trained with {', '.join(parts)}{more}; its data position, optimizer state "
+            f"and schedule only continue with the same settings. Resume with them (--config {path / META_FILE} "
+            f"--resume {path}), or start a new run from its weights: --init-from {path} --run-dir NEW_DIR")
+
+
 def load(engine, path: Path) -> tuple[dict, dict]:
-    """Restore model, optimizer and scheduler into ``engine``; returns (client state, meta)."""
+    """Restore model, optimizer and scheduler into ``engine`` (loads restricted as
+    :func:`safe_load`); returns (client state, meta)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
-    if loaded is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+    meta = read_checkpoint_meta(path)
     client_file = path / f"client_rank{rank}.pt"
     if not client_file.exists():
-        raise FileNotFoundError(f"{client_file} is missing: was the checkpoint written with another world size?")
-    client = torch.load(client_file, map_location="cpu", weights_only=False)
-    meta = json.loads((path / META_FILE).read_text())
+        raise CheckpointError(f"{client_file} is missing: was the checkpoint written with another world size?")
+    try:
+        if not isinstance(engine.checkpoint_engine, WeightsOnlyLoads):
+            engine.checkpoint_engine = WeightsOnlyLoads(engine.checkpoint_engine)
+        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed found no model states in {path}")
+        client = safe_load(client_file, map_location="cpu")
+    except CheckpointError as exn:
+        raise CheckpointError(f"{exn}{_intact_hint(path.parent, _step_of(path))}") from None
     return client, meta

@@ -66,7 +66,7 @@ class RunConfig(Config):
     run_dir: str = param("runs/pretrain", flag="--run-dir", help="checkpoints, TensorBoard, config and summary")
     steps: int | None = param(600, flag="--steps", ge=1, help="optimizer steps (or --epochs)")
     epochs: float | None = param(None, flag="--epochs", gt=0, help="passes over the data (or --steps)")
-    seed: int = param(0, flag="--seed", ge=0, help="initial weights, data order and views")
+    seed: int = param(0, flag="--seed", ge=0, le=2**32 - 1, help="initial weights, data order and views")
     log_every: int = param(10, flag="--log-every", ge=1, help="steps between progress/TensorBoard updates")
     init_from: str | None = param(None, flag="--init-from",
                                   help="a step_NNNNNN checkpoint whose model (config and weights) starts this run")
@@ -80,6 +80,8 @@ class RunConfig(Config):
     synthetic: SyntheticConfig | None = None  # the embedded data: the entry point renders it into data.shards
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.model, ModelConfig) and isinstance(self.data, LoaderConfig)):
+            super().__post_init__()  # refuses the missing section by name
         t = self.data.temporal.num_frames
         if self.model.train_frames != t:
             object.__setattr__(self, "model", dataclasses.replace(self.model, train_frames=t))

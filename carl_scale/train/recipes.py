@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 from carl_scale.config import ConfigError, from_dict, refuse, to_dict
 from carl_scale.data.config import LoaderConfig, SpatialConfig, SyntheticConfig, TemporalConfig
 from carl_scale.losses.config import LossConfig
-from carl_scale.models.flavors import model_config
+from carl_scale.models.flavors import model_config, model_config_from_dict
 from carl_scale.train.config import CheckpointConfig, EvalConfig, OptimConfig, RunConfig
 
 
@@ -139,9 +139,9 @@ def configure(base: RunConfig, overrides: Mapping[str, Any] | None = None, *, fl
 
         try:
             saved = read_meta(overrides["init_from"])["config"]["model"]
+            d["model"] = to_dict(model_config_from_dict(saved, pretrained=None))  # every weight is in it
         except (OSError, ValueError) as exn:
             raise ConfigError(f"--init-from: {exn}") from None
-        d["model"] = {**saved, "pretrained": None}
     if augment is not None:
         presets = {"paper": SpatialConfig, "light": SpatialConfig.light}
         if augment not in presets:
@@ -162,6 +162,8 @@ def configure(base: RunConfig, overrides: Mapping[str, Any] | None = None, *, fl
             refuse("--synthetic-videos", f"must be >= 1, got {synthetic_videos}")
         n_actions = d["synthetic"]["num_actions"]
         d["synthetic"].update(train_videos=synthetic_videos, val_videos=max(n_actions, synthetic_videos // 3))
+    if "steps" in overrides and "epochs" in overrides:
+        refuse("--steps/--epochs", "are both given: a run's length is one of them")
     if "steps" in overrides:
         d["epochs"] = None
     if "epochs" in overrides:

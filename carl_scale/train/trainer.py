@@ -5,7 +5,7 @@ evaluation: :class:`Trainer` wraps the objective chosen by ``cfg.loss`` (an ``nn
 holds the encoder and takes whole batches, :mod:`carl_scale.losses.objective`) in a DeepSpeed
 engine (ZeRO 0/1/2, fp32 weights with bf16 autocast on a GPU, gloo on the CPU, gradient
 accumulation and clipping, a torch Adam/AdamW with a per-step warmup + cosine schedule) and runs
-it for the configured steps, calling the caller's hooks (:mod:`carl_scale.train.hooks`).
+it for the configured steps, calling the caller's hooks (:mod:`carl_scale.hooks`).
 
 ``run`` can be called again and again in one process (a sweep worker does): it never changes the
 config, sets up and tears down its own process group and port when no launcher made one, and
@@ -36,7 +36,7 @@ from carl_scale.models.weights import load_weights, read_weights
 from carl_scale.tables import table
 from carl_scale.train import checkpoint as ckpt
 from carl_scale.train.config import RunConfig
-from carl_scale.train.hooks import Hook, HookContext
+from carl_scale.hooks import Hook, HookContext
 from carl_scale.train.logger import RunLogger
 
 _LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -124,8 +124,8 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict:
         "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        # bf16 is autocast around the forward (Trainer.train_step): the engine keeps fp32 weights,
-        # so checkpoints and evaluation see full precision and BatchNorm runs in fp32
+        # bf16 is autocast inside the objective's forward (losses.objective.Objective): the engine
+        # keeps fp32 weights, so checkpoints and evaluation see full precision, BatchNorm runs in fp32
         "bf16": {"enabled": False},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -149,6 +149,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         if self.rank == 0:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
+        resume_from = self._find_resume()  # refuses settings that would not continue it, before any work
         self.loader = VideoLoader(cfg.data, rank=rank, world_size=world, seed=cfg.seed, device=device.type)
         self.total_steps = cfg.steps if cfg.steps is not None else \
             max(1, math.ceil(cfg.epochs * len(self.loader) / cfg.parallel.grad_accum))
@@ -157,7 +158,7 @@ class Trainer:
         self.model = build_model(cfg.model)
         if cfg.init_from:  # fine-tuning: weights only; optimizer, schedule and step start afresh
             load_weights(self.model, read_weights(cfg.init_from)[0], cfg.init_from)
-        objective = build_objective(self.model, cfg.loss)
+        objective = build_objective(self.model, cfg.loss, autocast=torch.bfloat16 if self.bf16 else None)
         params = [p for p in objective.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
         # A torch optimizer, not a DeepSpeed-config one: no CPU-kernel JIT build on CPU machines.
@@ -168,23 +169,38 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=objective, optimizer=optimizer,
                                                                  lr_scheduler=sched,
                                                                  config=deepspeed_config(cfg, world))
+        self.engine.checkpoint_engine = ckpt.WeightsOnlyLoads(self.engine.checkpoint_engine)
         self.step = self.start_step = 0
         self.history: list[float] = []
-        self._resume()
+        self._saved: tuple[int, Path] | None = None
+        if resume_from is not None:
+            self._resume(resume_from)
 
     # -- state -----------------------------------------------------------------------------------
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
 
-    def _resume(self) -> None:
-        if not self.cfg.checkpoint.resume:
-            return
+    def _find_resume(self) -> Path | None:
+        """The checkpoint to resume, checked against this config; a fresh run is refused in a
+        run directory that holds another run's checkpoints (saving would replace them)."""
+        if self.cfg.checkpoint.resume is None:
+            held = sorted(ckpt.checkpoints(self.ckpt_root))
+            if held:
+                raise ckpt.CheckpointError(
+                    f"{self.ckpt_root} already holds another run's checkpoints (steps {held[0]}..{held[-1]}), which "
+                    f"this run would replace: continue that run with --resume latest, or give this one another "
+                    f"--run-dir (or remove {self.run_dir} yourself to start over)")
+            return None
         path = ckpt.find(self.ckpt_root, self.cfg.checkpoint.resume)
         if path is None:
             if self.rank == 0:
                 print(f"--resume latest: no checkpoint under {self.ckpt_root} yet, starting from step 0")
-            return
+            return None
+        ckpt.check_resume(path, ckpt.read_checkpoint_meta(path), to_dict(self.cfg), self.world)
+        return path
+
+    def _resume(self, path: Path) -> None:
         client, meta = ckpt.load(self.engine, path)
         self.step = self.start_step = int(meta["step"])
         self.loader.load_state_dict(client["data"])
@@ -215,10 +231,15 @@ class Trainer:
                 buf.div_(self.world)
 
     def save(self) -> Path:
+        """This step's checkpoint (written once: a second call at the same step returns it)."""
+        if self._saved is not None and self._saved[0] == self.step:
+            return self._saved[1]
         self.sync_buffers()
         client = {"data": self.loader.state_dict(), "rng": ckpt.rng_state(), "history": self.history}
-        return ckpt.save(self.engine, self.model, self.ckpt_root, self.step, client, self._meta(),
+        path = ckpt.save(self.engine, self.model, self.ckpt_root, self.step, client, self._meta(),
                          self.cfg.checkpoint.keep)
+        self._saved = (self.step, path)
+        return path
 
     def skipped_samples(self) -> int:
         """Samples skipped as unreadable, summed over ranks (a collective)."""
@@ -236,8 +257,7 @@ class Trainer:
         """One micro-step; returns the objective's outputs. Raises on a non-finite loss on any
         rank, before the optimizer sees it, so the last checkpoint stays the last good state."""
         batch = batch.to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            out = self.engine(batch)
+        out = self.engine(batch)  # bf16 autocast, when on, is inside (Objective.forward)
         loss = out["loss"]
         bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
         if dist.is_initialized():
@@ -266,7 +286,8 @@ class Trainer:
         batches = self._batches()
         t_start, samples, wait = time.perf_counter(), 0, 0.0
         t_window, samples_window, wait_window = t_start, 0, 0.0
-        since_hook: dict[Hook, list[dict[str, float]]] = {h: [] for h in self.hooks}
+        timed = [h for h in self.hooks if h.every]  # the hooks called during the run
+        since_hook: list[list[dict[str, float]]] = [[] for _ in timed]  # scalars since each one's last call
         try:
             while self.step < total:
                 outs = []
@@ -293,12 +314,12 @@ class Trainer:
                     t_window, samples_window, wait_window = now, 0, 0.0
                 if self.step % cfg.checkpoint.every_steps == 0 or self.step == total:
                     self.save()
-                for hook in self.hooks:
-                    since_hook[hook].append(scalars)
-                    if hook.every and (self.step % hook.every == 0 or self.step == total):
-                        window = since_hook[hook]
+                for i, hook in enumerate(timed):
+                    since_hook[i].append(scalars)
+                    if self.step % hook.every == 0 or self.step == total:
+                        window, since_hook[i] = since_hook[i], []
                         mean = {k: float(np.mean([s[k] for s in window])) for k in window[0]}
-                        since_hook[hook] = []
+                        self.sync_buffers()  # running statistics only shape evaluation: all ranks' data
                         extra = hook.on_interval(self._context(mean))
                         if extra:
                             log.scalars(f"hooks/{type(hook).__name__}", extra, self.step)

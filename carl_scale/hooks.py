@@ -1,4 +1,5 @@
-"""Hooks: how a caller takes part in a run without the trainer knowing what it does.
+"""Hooks: how a caller takes part in a training run without the trainer knowing what it does
+(the interface between :mod:`carl_scale.train` and its callers, so it lives beside neither).
 
 The entry point passes the end-of-run evaluation as a hook; the sweep passes one that reports a
 validation metric and a checkpoint to Ray Tune every few steps. A hook overrides what it needs::
@@ -10,7 +11,9 @@ validation metric and a checkpoint to Ray Tune every few steps. A hook overrides
                 return {"val_acc": my_metric(ctx.model)}   # logged to TensorBoard under hooks/
 
 Every method runs on every rank, in step order; a hook that only rank 0 should run checks
-``ctx.rank``. ``ctx.save_checkpoint()`` is a collective: all ranks call it or none.
+``ctx.rank``. ``ctx.save_checkpoint()`` is a collective: all ranks call it or none (at a step that
+already has its checkpoint it returns that one). BatchNorm statistics are averaged over ranks
+before ``on_interval``, so a validation metric sees all of the data.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class Hook:
         read on rank 0); every rank waits at a barrier after it."""
 
     def on_interval(self, ctx: HookContext) -> dict[str, float] | None:
-        """Metrics returned here go to TensorBoard (``hooks/<name>``) and the run's history."""
+        """Metrics returned here go to TensorBoard (``hooks/<class name>/<metric>``)."""
         return None
 
     def on_end(self, ctx: HookContext) -> dict | None:

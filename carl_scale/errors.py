@@ -1,0 +1,24 @@
+"""How command-line entry points end on an expected failure (a bad flag, a missing file, a damaged
+checkpoint): one line that names the problem and what to do, exit status 1, no traceback. Every
+entry point takes ``--debug`` to show the traceback as well."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Callable
+
+# What the library raises for bad input; its messages are written for the person at the terminal.
+# Anything else (a bug) keeps its traceback.
+EXPECTED = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
+
+
+def run_cli(prog: str, main: Callable, argv: list[str] | None = None):
+    """``main(argv)``, with an expected failure turned into ``prog: error: ...`` and exit status 1."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return main(argv)
+    except EXPECTED as exn:
+        if "--debug" in argv:
+            traceback.print_exc()
+        sys.exit(f"{prog}: error: {exn}")

@@ -1,0 +1,174 @@
+"""Hardening: nothing is lost, nothing a checkpoint holds is run, damaged data is skipped and
+counted, and expected failures end in one line. Each case reproduces a report and checks the fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from carl_scale.config import ConfigError
+from carl_scale.models import build_model, model_config
+from carl_scale.models.weights import load_model, save_weights
+from carl_scale.train import checkpoint as ckpt
+from conftest import damaged_copy
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "CARL_SCALE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+MARK = "carl_scale_pwned"
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command, as a crafted checkpoint would."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _craft(path: Path, marker: Path, wrap=lambda x: x) -> None:
+    torch.save(wrap(_RunsCode(marker)), path)
+
+
+def _pretrain(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch/pretrain_k400.py"), *flags], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+
+
+# -- security ----------------------------------------------------------------------------------
+def test_weights_files_that_hold_code_are_refused_never_run(tmp_path):
+    marker = tmp_path / MARK
+    torch.manual_seed(0)
+    model = build_model(model_config("debug", image_size=32))
+    good = tmp_path / "step_000001"
+    good.mkdir()
+    save_weights(model, good)
+    (good / "meta.json").write_text(json.dumps({"step": 1, "config": {"model": {**vars(model.cfg)}}}))
+    assert all(torch.equal(a, b) for a, b in zip(load_model(good).state_dict().values(), model.state_dict().values()))
+    for name in ("model.pt", "mp_rank_00_model_states.pt"):  # ours, and the DeepSpeed file of older runs
+        bad = tmp_path / f"bad_{name}"
+        bad.mkdir()
+        (bad / "meta.json").write_text((good / "meta.json").read_text())
+        wrap = (lambda x: {"module": {"model.x": x}}) if name.startswith("mp") else (lambda x: x)
+        _craft(bad / name, marker, wrap)
+        with pytest.raises(ValueError, match=rf"{name} cannot be read as weights.*never code"):
+            load_model(bad)
+    for f in ("client_rank0.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):  # training state: same loader
+        _craft(tmp_path / f, marker)
+        with pytest.raises(ckpt.CheckpointError, match="never run"):
+            ckpt.safe_load(tmp_path / f)
+    assert not marker.exists()
+
+
+def test_a_text_file_as_pretrained_weights_says_so(tmp_path):
+    from carl_scale.models.backbones import _resnet_state_dict
+
+    (tmp_path / "r50.pth").write_text("these are not weights\n")
+    with pytest.raises(ValueError, match="is a text file, not weights"):
+        _resnet_state_dict(str(tmp_path / "r50.pth"))
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="holds list, not a state dict"):
+        _resnet_state_dict(str(tmp_path / "list.pth"))
+
+
+# -- checkpoints: resume, prune, refuse, damage ------------------------------------------------
+def test_resume_rules_name_what_differs():
+    meta = {"world_size": 1, "config": {"seed": 0, "data": {"batch_size": 16, "shards": "d", "temporal": {
+        "num_frames": 8}}, "optim": {"lr": 3e-4}, "loss": {"tau": 0.1}}}
+    same = json.loads(json.dumps(meta["config"]))
+    same["loss"]["tau"] = 0.2  # the objective's temperature may change on a resume
+    ckpt.check_resume(Path("c"), meta, same, world_size=1)
+    other = json.loads(json.dumps(meta["config"]))
+    other["data"]["batch_size"], other["data"]["temporal"]["num_frames"], other["seed"] = 4, 12, 3
+    with pytest.raises(ConfigError, match=r"--batch-size 16 \(now 4\).*--frames 8 \(now 12\).*--seed 0 \(now 3\).*"
+                                          r"--init-from c"):
+        ckpt.check_resume(Path("c"), meta, other, world_size=1)
+    with pytest.raises(ConfigError, match=r"world size 1 \(now 2\)"):
+        ckpt.check_resume(Path("c"), meta, same, world_size=2)
+
+
+def test_pruning_and_resuming_never_lose_a_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    for s in (2, 4, 6, 8):
+        (root / ckpt.tag(s)).mkdir(parents=True)
+        (root / ckpt.tag(s) / "meta.json").write_text("{}")
+    (root / "latest").write_text("step_000004\n")  # e.g. a resume from 4 whose first save is 4 again
+    assert ckpt.prune(root, keep=1) == [root / "step_000002"]  # the newest by step, and latest, stay
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_000004", "step_000006", "step_000008"]
+    aside = ckpt.set_aside_newer(root, 4)
+    assert aside.name == "abandoned_after_step_000004" and sorted(p.name for p in aside.iterdir()) == \
+        ["step_000006", "step_000008"]
+    assert ckpt.prune(root, keep=1) == [] and ckpt.checkpoints(root).keys() == {4}
+
+
+@pytest.mark.slow
+def test_resume_from_an_older_checkpoint_refusals_and_damage(vp9_shards, tmp_path):
+    run = tmp_path / "run"
+    flags = ["--shards", str(vp9_shards), "--run-dir", str(run), "--frames", "8", "--batch-size", "2", "--workers",
+             "1", "--image-size", "32", "--checkpoint-every", "2", "--keep", "3", "--no-eval", "--steps", "12"]
+    first = _pretrain(*flags)
+    assert first.returncode == 0, first.stderr[-3000:]
+    root = run / "checkpoints"
+    assert sorted(ckpt.checkpoints(root)) == [8, 10, 12]
+    original = torch.load(root / "step_000012/model.pt", weights_only=True)
+    # resuming at 8 moves 10 and 12 aside (never deleted), rewrites them, and latest stays whole
+    again = _pretrain(*flags, "--resume", str(root / "step_000008"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "moved to" in again.stdout and (root / "abandoned_after_step_000008/step_000012/model.pt").exists()
+    assert sorted(ckpt.checkpoints(root)) == [8, 10, 12] and ckpt.latest_name(root) == "step_000012"
+    resumed = torch.load(root / "step_000012/model.pt", weights_only=True)
+    assert all(torch.equal(original[k], resumed[k]) for k in original)  # the same continuation, bit for bit
+    # other settings than the checkpoint's: refused in one line before any work
+    res = _pretrain(*flags, "--resume", "latest", "--batch-size", "4", "--steps", "14")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "--batch-size 2 (now 4)" in res.stderr and "--init-from" in res.stderr
+    # a checkpoint that holds code: refused, nothing runs; the newest intact one is named
+    marker = tmp_path / MARK
+    _craft(root / "step_000012/client_rank0.pt", marker)
+    res = _pretrain(*flags, "--resume", "latest", "--steps", "14")
+    assert res.returncode == 1 and not marker.exists() and "Traceback" not in res.stderr
+    assert "client_rank0.pt cannot be loaded" in res.stderr and "step_000010 (--resume" in res.stderr
+    # a truncated model-states file, and a meta.json that is not JSON: the file is named, and the intact one
+    states = root / "step_000010/mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])
+    res = _pretrain(*flags, "--resume", str(root / "step_000010"), "--steps", "14")
+    assert res.returncode == 1 and "mp_rank_00_model_states.pt cannot be loaded" in res.stderr
+    assert "step_000008 (--resume" in res.stderr
+    (root / "step_000008/meta.json").write_text("{truncated")
+    res = _pretrain(*flags, "--resume", str(root / "step_000008"), "--steps", "14")
+    assert res.returncode == 1 and "meta.json is damaged" in res.stderr and "Traceback" not in res.stderr
+
+
+# -- data ----------------------------------------------------------------------------------------
+def test_evaluation_skips_and_reports_damaged_validation_data(vp9_shards, tmp_path):
+    from carl_scale.eval.transfer import transfer_eval
+
+    shards = tmp_path / "shards"
+    damaged = damaged_copy(vp9_shards, shards, split="val", flip_in_shard=0, truncate_shard=1)
+    torch.manual_seed(0)
+    model = build_model(model_config("debug", image_size=32, train_frames=8)).eval()
+    res = transfer_eval("synthetic", {"random_init": model}, shards=str(shards), out_dir=tmp_path / "out")
+    out = json.loads((tmp_path / "out/synthetic/results.json").read_text())
+    assert len(out["skipped"]["val"]) >= 2 and not out["skipped"]["train"]
+    assert any(damaged[0].replace("_", "") in s.replace("_", "") or "JSONDecodeError" in s
+               for s in out["skipped"]["val"])
+    assert "unreadable shard data" in " ".join(out["skipped"]["val"])
+    assert "Skipped as unreadable" in res["table"] and "2 val" in res["table"]
+    assert 0 <= res["results"]["random_init"]["mean"]["classification@1"] <= 1  # the rest was evaluated
+
+
+def test_the_evaluation_entry_points_end_in_one_line(tmp_path):
+    for cmd in ([str(ROOT / "launch/transfer_eval.sh"), "synthetic", str(tmp_path / "nope")],
+                [sys.executable, "-m", "carl_scale.cli", "embed", "x.mp4", "--checkpoint", str(tmp_path / "nope")],
+                [sys.executable, "-m", "shards.folder", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]):
+        res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert "error:" in res.stderr and "nope" in res.stderr
