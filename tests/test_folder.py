@@ -96,3 +96,50 @@ def test_folder_errors_name_the_problem(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no video files"):
         folder.main(["--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+
+
+def _faststart_mp4(path, frames, fps: float) -> None:
+    """H.264 in an MP4 whose index (moov) comes first, as web videos are made: a truncated copy
+    still opens and decodes its first frames without an error."""
+    import av
+
+    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as out:
+        s = out.add_stream("libx264", rate=int(fps))
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            for packet in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in s.encode():
+            out.mux(packet)
+
+
+def test_folder_skips_bad_inputs_and_warns_about_labels_without_losing_the_split(tmp_path):
+    """Each of these used to abort the split (leaving a .partial shard that blocked a rerun) or
+    apply labels silently."""
+    src = tmp_path / "src"
+    (src / "labels").mkdir(parents=True)
+    for i, name in enumerate(["x y.webm", "x_y.webm", "ok.webm", "badlabels.webm", "twin.webm", "twin.mkv"]):
+        v = render_video(CFG, "train", i)
+        (src / name).write_bytes(encode_video(v.frames, v.fps, EncodeOptions(codec="vp9")))
+        np.savetxt(src / "labels" / f"{name.rsplit('.', 1)[0]}.txt", v.phase_labels, fmt="%d")
+    (src / "labels/badlabels.txt").write_text("0 1 two 3\n")  # one non-integer token
+    v = render_video(CFG, "train", 9)
+    _faststart_mp4(tmp_path / "whole.mp4", v.frames, v.fps)
+    whole = (tmp_path / "whole.mp4").read_bytes()
+    (src / "cut.mp4").write_bytes(whole[: len(whole) * 2 // 3])  # index intact, tail of the data gone
+    (src / "labels.csv").write_text("video,label\nok,squat\nok,wave\nghost,jump\ntwin,squat\n")
+    m = folder.main(["--src", str(src), "--out", str(tmp_path / "o"), "--labels", str(src / "labels.csv"),
+                     "--frame-labels", str(src / "labels"), "--no-progress"])
+    split = m["splits"]["train"]
+    reasons = {s["source"]: s["reason"] for s in split["skipped"]}
+    assert set(reasons) == {"x_y.webm", "twin.webm", "badlabels.webm", "cut.mp4"}, reasons
+    assert "already 'x y.webm'" in reasons["x_y.webm"] and "already 'twin.mkv'" in reasons["twin.webm"]
+    assert "not an integer: 'two'" in reasons["badlabels.webm"]
+    assert "frames its container lists" in reasons["cut.mp4"]
+    assert split["samples"] == 3 and not list((tmp_path / "o").glob("*.partial"))
+    warnings = " | ".join(m["label_warnings"])
+    assert "'ok' is listed again" in warnings and "'ghost' matches no video" in warnings
+    assert "'twin' matches 2 files" in warnings
+    assert m["label_names"]["actions"] == ["squat", "wave"]  # 'jump' labels no video: not a class
+    ids = {meta["video_id"]: meta["action_label"] for meta, _ in iter_whole_videos(tmp_path / "o", PyAVDecoder(), "train")}
+    assert ids == {"x y": -1, "ok": 1, "twin": 0}  # the later 'ok' row won; the first twin kept its label

@@ -75,21 +75,28 @@ def test_global_batch_size_is_checked_with_a_clear_error():
 
 
 def test_two_process_deepspeed_on_cpu(vp9_shards, tmp_path):
-    """The real launcher, 2 ranks with gloo, ZeRO-1: ranks see different videos, same weights."""
+    """The real launcher, 2 ranks with gloo, ZeRO-1: ranks see different videos, same weights; one
+    damaged video is skipped by the rank that reads it and counted in the summary of both."""
+    from conftest import damaged_copy
+
+    shards = tmp_path / "shards"
+    (bad,) = damaged_copy(vp9_shards, shards, split="train", flip_in_shard=0)
     out = tmp_path / "ranks.json"
     port = str(29500 + os.getpid() % 1000)
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", port, str(ROOT / "tests/dist_check.py"), str(out), "--",
-           *_flags(vp9_shards, tmp_path / "run", 3, zero_stage=1)]
+           *_flags(shards, tmp_path / "run", 3, zero_stage=1)]
     res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     r0, r1 = json.loads(out.read_text())
     assert (r0["rank"], r1["rank"]) == (0, 1) and r0["step"] == r1["step"] == 3
     assert len(r0["seen"]) == len(r1["seen"]) == 6  # 3 steps x 2 videos; an epoch is 2 steps per rank
-    first0, first1 = set(r0["seen"][:4]), set(r1["seen"][:4])
-    assert not first0 & first1 and len(first0 | first1) == 8  # epoch 0: a partition of the 8 videos
+    # pass 0 of epoch 0 partitions the videos (4 each, 3 readable for the rank holding the damaged
+    # one, which then starts its next pass: the shards are shuffled anew for it)
+    first0, first1 = set(r0["seen"][:3]), set(r1["seen"][:3])
+    assert not first0 & first1 and len(first0 | first1) == 6 and bad not in set(r0["seen"]) | set(r1["seen"])
     assert r0["params"] == r1["params"]  # data parallel: identical parameters
     assert r0["buffers"] == r1["buffers"]  # BatchNorm statistics averaged at the checkpoint
-    assert r0["skipped_summed"] == r1["skipped_summed"] == r0["skipped_mine"] + r1["skipped_mine"]
+    assert r0["skipped_summed"] == r1["skipped_summed"] == r0["skipped_mine"] + r1["skipped_mine"] >= 1
     meta = json.loads((tmp_path / "run/checkpoints/step_000003/meta.json").read_text())
     assert meta["world_size"] == 2 and meta["config"]["parallel"]["zero_stage"] == 1 and meta["git_revision"]
 
