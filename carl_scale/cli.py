@@ -19,7 +19,7 @@ import numpy as np
 def _model(args):
     from carl_scale.eval.embed import default_device
     from carl_scale.eval.transfer import latest_checkpoint
-    from carl_scale.models.weights import load_model
+    from carl_scale.models import load_model
 
     device = default_device(args.device)
     ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(args.run_dir)

@@ -36,7 +36,9 @@ def finetune(ckpt: Path, shards: str, run_dir: Path, steps: int, extra: list[str
            "--shards", shards, "--init-from", str(ckpt), "--steps", str(steps), "--run-dir", str(run_dir),
            "--resume", "latest", "--no-eval", *extra]
     print("fine-tuning:", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    if subprocess.run(cmd).returncode != 0:  # it said why, in one line, above
+        raise ValueError(f"fine-tuning {ckpt} stopped (its message is above); fix that, then rerun this command: "
+                         f"it continues from the last fine-tuning checkpoint in {run_dir}")
     return latest_checkpoint(run_dir)
 
 
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from carl_scale.eval.embed import default_device
     from carl_scale.eval.transfer import latest_checkpoint, transfer_eval
-    from carl_scale.models.weights import load_model
+    from carl_scale.models import load_model
     from carl_scale.models import build_model
 
     device = default_device(a.device)

@@ -127,7 +127,8 @@ def test_folder_skips_bad_inputs_and_warns_about_labels_without_losing_the_split
     _faststart_mp4(tmp_path / "whole.mp4", v.frames, v.fps)
     whole = (tmp_path / "whole.mp4").read_bytes()
     (src / "cut.mp4").write_bytes(whole[: len(whole) * 2 // 3])  # index intact, tail of the data gone
-    (src / "labels.csv").write_text("video,label\nok,squat\nok,wave\nghost,jump\ntwin,squat\n")
+    (src / "labels.csv").write_text("video,label,split\nok,squat,\nok,wave,\nghost,jump,\ntwin,squat,\n"
+                                    "x y.webm,wave,val\n")  # x y goes to val: its id clash with x_y is caught anyway
     m = folder.main(["--src", str(src), "--out", str(tmp_path / "o"), "--labels", str(src / "labels.csv"),
                      "--frame-labels", str(src / "labels"), "--no-progress"])
     split = m["splits"]["train"]
@@ -136,10 +137,11 @@ def test_folder_skips_bad_inputs_and_warns_about_labels_without_losing_the_split
     assert "already 'x y.webm'" in reasons["x_y.webm"] and "already 'twin.mkv'" in reasons["twin.webm"]
     assert "not an integer: 'two'" in reasons["badlabels.webm"]
     assert "frames its container lists" in reasons["cut.mp4"]
-    assert split["samples"] == 3 and not list((tmp_path / "o").glob("*.partial"))
+    assert split["samples"] == 2 and m["splits"]["val"]["samples"] == 1 and not list((tmp_path / "o").glob("*.partial"))
     warnings = " | ".join(m["label_warnings"])
     assert "'ok' is listed again" in warnings and "'ghost' matches no video" in warnings
-    assert "'twin' matches 2 files" in warnings
+    assert "'twin' matches 2 files" in warnings and "share the stem 'twin'" in warnings
     assert m["label_names"]["actions"] == ["squat", "wave"]  # 'jump' labels no video: not a class
-    ids = {meta["video_id"]: meta["action_label"] for meta, _ in iter_whole_videos(tmp_path / "o", PyAVDecoder(), "train")}
-    assert ids == {"x y": -1, "ok": 1, "twin": 0}  # the later 'ok' row won; the first twin kept its label
+    ids = {meta["video_id"]: meta["action_label"] for split in ("train", "val")
+           for meta, _ in iter_whole_videos(tmp_path / "o", PyAVDecoder(), split)}
+    assert ids == {"x y": 1, "ok": 1, "twin": 0}  # the later 'ok' row won; the first twin kept its label

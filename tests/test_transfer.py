@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from carl_scale.eval.transfer import latest_checkpoint, transfer_eval
-from carl_scale.models.weights import load_model
+from carl_scale.models import load_model
 from carl_scale.models import build_model, model_config
 
 

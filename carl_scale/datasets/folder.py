@@ -90,7 +90,9 @@ def _decode_file(path: Path, short_side: int | None) -> tuple[np.ndarray, float,
         codec = stream.codec_context.name
     if not frames:
         raise ValueError("no decodable frames")
-    if listed and len(frames) < listed:  # e.g. a truncated fast-start MP4 decodes its head without an error
+    # a truncated fast-start MP4 decodes its head without an error; a whole file may decode a frame
+    # or two fewer than its container lists (edit lists, encoder priming), which is no loss
+    if listed and len(frames) < listed - max(2, listed // 100):
         raise ValueError(f"decoded {len(frames)} of the {listed} frames its container lists (truncated?)")
     return np.stack(frames), fps, codec
 
@@ -129,6 +131,10 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
     for key in sorted(k for k in set(matched.values()) if k in by_stem and len(by_stem[k]) > 1):
         warnings.append(f"{opts.labels_csv}: {key!r} matches {len(by_stem[key])} files ({', '.join(by_stem[key])}); "
                         f"each gets its label {rows[key][0]!r}")
+    if opts.frame_labels is not None or opts.extra_frame_labels:
+        for stem, rels in sorted(by_stem.items()):
+            if len(rels) > 1:
+                warnings.append(f"{', '.join(rels)} share the stem {stem!r}, so they share its per-frame label files")
     for w in warnings:
         log.warning("%s", w)
     names = _class_names([rows[k][0] for k in matched.values()])
@@ -140,19 +146,22 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
         if not (row and row[1]) and opts.val_fraction > 0 and zlib.crc32(rel.encode()) % 1000 < opts.val_fraction * 1000:
             split = "val"
         by_split.setdefault(split, []).append(p)
+    # one video id per file across every split: a second file whose name gives the same id is skipped
+    owner: dict[str, str] = {}
+    for p in files:
+        owner.setdefault(sample_key(_video_id(str(p.relative_to(src)))), str(p.relative_to(src)))
     transcode = opts.transcode or opts.short_side is not None or payload == "jpeg"
     label_names = {"actions": names} if names else {}
     for split, paths in sorted(by_split.items()):
         writer = ShardWriter(out_dir, split, dataset=src.name, payload=payload, encode=encode,
                              max_samples=64 if max_samples is None else max_samples, max_bytes=max_bytes,
                              label_names=label_names, overwrite=overwrite)
-        taken: dict[str, str] = {}  # sample key -> the file that has it
         with writer:
             for p in tqdm(paths, disable=not progress, desc=f"{src.name} {split}", unit="video"):
                 rel = str(p.relative_to(src))
                 vid = _video_id(rel)
-                if sample_key(vid) in taken:
-                    writer.skip(rel, f"its video id {sample_key(vid)!r} is already {taken[sample_key(vid)]!r}'s; "
+                if owner[sample_key(vid)] != rel:
+                    writer.skip(rel, f"its video id {sample_key(vid)!r} is already {owner[sample_key(vid)]!r}'s; "
                                      f"rename one of the two files")
                     continue
                 row = rows[matched[p]] if p in matched else None
@@ -182,8 +191,6 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
                     writer.write(rec)
                 except ValueError as exn:  # e.g. odd frame sizes for a 4:2:0 codec
                     writer.skip(rel, f"ValueError: {exn}")
-                    continue
-                taken[sample_key(vid)] = rel
         if writer.skipped:
             log.warning("%s: skipped %d of %d videos (listed in shards.json)", split, len(writer.skipped), len(paths))
     manifest = read_manifest(out_dir)

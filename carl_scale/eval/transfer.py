@@ -162,7 +162,8 @@ def _video_thumbnails(shards: str, split: str, ids: set[str], cache: dict[str, n
     if missing:
         _, manifest = resolve_shards(shards, split)
         dec = make_decoder("auto", codec=manifest_codec(manifest), device="cpu")  # numpy frames for matplotlib
-        for meta, frames in iter_whole_videos(shards, dec, split, only=missing):
+        # damaged samples were skipped (and reported) when embedding: pass over them here too
+        for meta, frames in iter_whole_videos(shards, dec, split, only=missing, on_error=lambda what, exn: None):
             cache[meta["video_id"]] = thumbnails(np.asarray(frames))
             missing.discard(meta["video_id"])
             if not missing:

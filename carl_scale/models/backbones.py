@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from carl_scale.models.weights import CheckpointError, load_tensors
+
 
 def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
@@ -66,17 +68,16 @@ def _resnet_state_dict(path: str) -> dict[str, torch.Tensor]:
             f"pretrained weights {path} not found. Pass --pretrained with a local file: a torchvision "
             f"ResNet-50 state dict (torch.save(model.state_dict(), 'r50.pth')) or a BYOL checkpoint; "
             f"or leave it out to start from random weights. Nothing is downloaded.")
-    head = p.read_bytes()[:64]
+    with open(p, "rb") as f:
+        head = f.read(64)
     if not zipfile.is_zipfile(p) and head[:1] != b"\x80":  # neither torch's zip format nor a pickle
         text = head and all(32 <= c < 127 or c in (9, 10, 13) for c in head)
         raise ValueError(f"--pretrained {path} is {'a text file' if text else 'not a torch file'}, not weights: pass "
                          f"a torch.save'd ResNet-50 state dict or BYOL checkpoint")
     try:
-        sd = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exn:  # a text file, a truncated download, pickled code: never loaded
-        raise ValueError(f"--pretrained {path} is not a weights file torch can read safely ({type(exn).__name__}: "
-                         f"{str(exn).strip().splitlines()[0][:120] if str(exn).strip() else ''}); it must be a "
-                         f"torch.save'd ResNet-50 state dict or BYOL checkpoint (tensors only)") from None
+        sd = load_tensors(p)  # weights_only: a download can hold tensors, never code
+    except CheckpointError as exn:
+        raise ValueError(f"--pretrained: {exn}") from None
     for key in ("state_dict", "model", "online_network_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -1,4 +1,4 @@
-"""The registry of named model flavors, and :func:`build_model`.
+"""The registry of named model flavors, :func:`build_model` and :func:`load_model`.
 
 A flavor is a function returning a :class:`~carl_scale.models.config.ModelConfig`; variants
 derive from a base with ``dataclasses.replace``. Tests and the CPU demo use ``debug``.
@@ -7,11 +7,15 @@ derive from a base with ``dataclasses.replace``. Tests and the CPU demo use ``de
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Callable
+
+import torch
 
 from carl_scale.config import from_dict
 from carl_scale.models.config import ModelConfig
 from carl_scale.models.fve import FrameVideoEncoder
+from carl_scale.models.weights import load_weights, read_weights
 
 
 def r50() -> ModelConfig:
@@ -49,3 +53,13 @@ def model_config_from_dict(saved: dict, **overrides) -> ModelConfig:
 
 def build_model(cfg: ModelConfig) -> FrameVideoEncoder:
     return FrameVideoEncoder(cfg)
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> FrameVideoEncoder:
+    """The evaluation-ready encoder of a checkpoint directory (or of a run directory's, or its
+    ``checkpoints/latest``): built from its meta.json's model config, its float32 weights loaded
+    (:mod:`carl_scale.models.weights`), in eval mode on ``device``."""
+    state, cfg = read_weights(checkpoint)
+    model = build_model(model_config_from_dict(cfg, pretrained=None))  # the checkpoint holds every weight
+    load_weights(model, state, checkpoint)
+    return model.to(device).eval()

@@ -1,31 +1,132 @@
-"""Model weights in checkpoint directories: written by training, read by training (``--init-from``)
-and by evaluation through this one module, with one safe loader.
+"""Weights and checkpoint files: the one place that reads them, for training (``--resume``,
+``--init-from``, ``--pretrained``) and evaluation alike, and never runs what a file holds.
 
 A checkpoint directory (``runs/<name>/checkpoints/step_NNNNNN/``) holds ``meta.json`` (step,
-resolved run config, git revision) and ``model.pt``: the frame-level video encoder's state dict in
-float32 whatever precision trained it, read with ``torch.load(weights_only=True)``: a file from
-someone else can hold tensors, never code. Checkpoints written before ``model.pt`` existed are
-read from DeepSpeed's ``mp_rank_00_model_states.pt``, with ``weights_only=True`` too.
+resolved run config, git revision), ``model.pt`` (the frame-level video encoder's state dict in
+float32, whatever precision trained it) and the training state (DeepSpeed's files, per-rank
+``client_rank{r}.pt``). Every torch file is read by :func:`load_tensors`: ``weights_only=True``,
+so a file from someone else may hold tensors and plain data, never code. Checkpoints written
+before ``model.pt`` existed are read from DeepSpeed's ``mp_rank_00_model_states.pt``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 
-from carl_scale.models.flavors import build_model, model_config_from_dict
-from carl_scale.models.fve import FrameVideoEncoder
-
 META_FILE = "meta.json"
 MODEL_FILE = "model.pt"
 DEEPSPEED_MODEL_FILE = "mp_rank_00_model_states.pt"
-PREFIX = "model."  # the encoder's keys inside DeepSpeed's module (the objective wraps it as .model)
+PREFIX = "model."  # the encoder's keys inside DeepSpeed's module (the objective holds it as .model)
+_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be used; the message names the file and what to do."""
+
+
+# -- reading torch files -------------------------------------------------------------------------
+def _refused_because(exn: Exception) -> str:
+    """The line of a load error that says what is wrong (for a refused object: which one)."""
+    lines = [ln.strip() for ln in str(exn).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "GLOBAL" in ln]
+    return (named or lines or [type(exn).__name__])[0][:240]
+
+
+def load_tensors(path: str | Path, *, allow: list | tuple = (), map_location="cpu"):
+    """``torch.load(path, weights_only=True)`` with the classes in ``allow`` (plain records some
+    files hold) as the only objects besides tensors and plain data; a damaged file, or one that
+    holds anything else, is a :class:`CheckpointError` naming the file and the reason."""
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exn:
+        raise CheckpointError(f"{path} cannot be loaded ({type(exn).__name__}: {_refused_because(exn)}): it is "
+                              f"damaged, or holds objects other than weights and training state, which are never "
+                              f"run") from None
+
+
+# -- checkpoint directories ----------------------------------------------------------------------
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, also when named by its run's ``checkpoints/latest`` pointer file or
+    by the run directory itself."""
+    p = Path(path)
+    if p.is_file() and p.name == "latest":
+        return p.parent / p.read_text().strip()
+    if (p / "checkpoints" / "latest").is_file():
+        return p / "checkpoints" / (p / "checkpoints" / "latest").read_text().strip()
+    return p
+
+
+def step_of(path: Path) -> int | None:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoints(root: Path) -> dict[int, Path]:
+    """{step: directory} of the complete checkpoints directly under ``root``."""
+    out = {}
+    for p in root.glob("step_*") if root.is_dir() else []:
+        s = step_of(p)
+        if s is not None and p.is_dir() and (p / META_FILE).exists():
+            out[s] = p
+    return out
+
+
+def _is_intact(path: Path) -> bool:
+    """meta.json parses, every rank's client file is there, and every torch file's archive checks
+    out (a CRC over every member; nothing is unpickled)."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        world = int(meta.get("world_size", 1))
+        if not all((path / f"client_rank{r}.pt").is_file() for r in range(world)):
+            return False
+        for f in path.glob("*.pt"):
+            with zipfile.ZipFile(f) as z:
+                if z.testzip() is not None:
+                    return False
+        return True
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
+
+
+def intact_before(root: Path, step: int | None) -> Path | None:
+    """The newest checkpoint under ``root`` before ``step`` (any, if None) whose files are whole."""
+    for s, path in sorted(checkpoints(root).items(), reverse=True):
+        if (step is None or s < step) and _is_intact(path):
+            return path
+    return None
+
+
+def intact_hint(checkpoint: Path) -> str:
+    """", the newest intact checkpoint before it: ..." for an error about ``checkpoint``."""
+    ok = intact_before(checkpoint.parent, step_of(checkpoint))
+    return f". The newest intact checkpoint before it: {ok} (--resume {ok})" if ok else ""
+
+
+def read_meta(checkpoint: str | Path) -> dict:
+    """A checkpoint directory's ``meta.json``, or an error that names the file and what to do."""
+    checkpoint = resolve_checkpoint(checkpoint)
+    path = checkpoint / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a checkpoint directory: {path} is missing. Name a "
+                                f"runs/<name>/checkpoints/step_NNNNNN directory")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exn:
+        raise CheckpointError(f"{path} is damaged (not JSON: {exn}){intact_hint(checkpoint)}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}).get("model"), dict):
+        raise CheckpointError(f"{path} has no config.model: not a carl_scale checkpoint")
+    return meta
+
+
+# -- the encoder's weights -----------------------------------------------------------------------
 def save_weights(model: torch.nn.Module, directory: str | Path) -> Path:
     """``model``'s state dict as float32 CPU tensors in ``directory/model.pt`` (written to a
     temporary name first, so the file is whole or absent)."""
@@ -38,68 +139,41 @@ def save_weights(model: torch.nn.Module, directory: str | Path) -> Path:
     return path
 
 
-def read_meta(checkpoint: str | Path) -> dict:
-    """A checkpoint directory's ``meta.json``, or an error that names the file and what to do."""
-    path = Path(checkpoint) / META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a checkpoint directory: {path} is missing. Name a "
-                                f"runs/<name>/checkpoints/step_NNNNNN directory")
-    try:
-        meta = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exn:
-        raise ValueError(f"{path} is not valid JSON ({exn}): the checkpoint is damaged; use an earlier "
-                         f"step_NNNNNN beside it") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}).get("model"), dict):
-        raise ValueError(f"{path} has no config.model: not a carl_scale checkpoint")
-    return meta
-
-
-def _load_tensors(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exn:  # truncated, not a torch file, or objects that are not plain tensors
-        raise ValueError(f"{path} cannot be read as weights ({type(exn).__name__}: {str(exn).splitlines()[0]}). "
-                         f"It is damaged, or holds more than tensors (only weights are loaded, never code); "
-                         f"use an earlier step_NNNNNN beside it") from None
-
-
 def read_weights(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(the encoder's state dict, its model config dict) of a checkpoint directory."""
-    checkpoint = Path(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint)
     cfg = read_meta(checkpoint)["config"]["model"]
-    if (checkpoint / MODEL_FILE).is_file():
-        return _load_tensors(checkpoint / MODEL_FILE), cfg
-    if (checkpoint / DEEPSPEED_MODEL_FILE).is_file():  # written before model.pt existed
-        module = _load_tensors(checkpoint / DEEPSPEED_MODEL_FILE).get("module", {})
-        state = {k[len(PREFIX):]: v for k, v in module.items() if k.startswith(PREFIX)}
-        low = sorted({str(v.dtype) for v in state.values() if v.dtype in (torch.bfloat16, torch.float16)})
-        if low:  # DeepSpeed kept the module in bf16 then; its fp32 master weights are not in this file
-            warnings.warn(f"{checkpoint} was written by an older carl_scale with {'/'.join(low)} weights (no "
-                          f"{MODEL_FILE}); it is evaluated at that precision", stacklevel=2)
-        return state, cfg
-    raise FileNotFoundError(f"{checkpoint} has no weights ({MODEL_FILE}); the checkpoint is incomplete, use an "
-                            f"earlier step_NNNNNN beside it")
+    try:
+        if (checkpoint / MODEL_FILE).is_file():
+            return load_tensors(checkpoint / MODEL_FILE), cfg
+        if not (checkpoint / DEEPSPEED_MODEL_FILE).is_file():
+            raise CheckpointError(f"{checkpoint} has no weights ({MODEL_FILE}): the checkpoint is incomplete")
+        # written before model.pt existed
+        module = load_tensors(checkpoint / DEEPSPEED_MODEL_FILE).get("module", {})
+    except CheckpointError as exn:
+        raise CheckpointError(f"{exn}{intact_hint(checkpoint)}") from None
+    state = {k[len(PREFIX):]: v for k, v in module.items() if k.startswith(PREFIX)}
+    low = sorted({str(v.dtype) for v in state.values() if v.dtype in (torch.bfloat16, torch.float16)})
+    if low:  # DeepSpeed kept the module in bf16 then; its fp32 master weights are not in this file
+        warnings.warn(f"{checkpoint} was written by an older carl_scale with {'/'.join(low)} weights (no "
+                      f"{MODEL_FILE}); it is evaluated at that precision", stacklevel=2)
+    return state, cfg
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Put ``state`` into ``model``, or say plainly why it does not fit (nothing is loaded then)."""
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path, *,
+                 new: tuple[str, ...] = ()) -> None:
+    """Put ``state`` into ``model``, or say plainly why it does not fit (nothing is loaded then).
+    Parameters whose names start with one of ``new`` may be missing from ``state`` (a part this
+    run adds, e.g. the weakly supervised class token); they keep their initial values."""
     ours = model.state_dict()
-    missing, unexpected = sorted(ours.keys() - state.keys()), sorted(state.keys() - ours.keys())
+    missing = sorted(k for k in ours.keys() - state.keys() if not k.startswith(new or ("\0",)))
+    unexpected = sorted(state.keys() - ours.keys())
     reshaped = sorted(k for k in ours.keys() & state.keys() if ours[k].shape != state[k].shape)
     if missing or unexpected or reshaped:
-        raise RuntimeError(
+        raise CheckpointError(
             f"{source}: the checkpoint's weights do not fit the model its meta.json describes ({len(missing)} "
             f"missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape; e.g. "
             f"{(missing + unexpected + reshaped)[:3]}). The usual cause: an older carl_scale wrote it with "
             f"another architecture for this flavor (the 'debug' backbone became a narrow ResNet-18 in "
             f"November 2026). Retrain it, or evaluate it with the carl_scale version that wrote it.")
-    model.load_state_dict(state)
-
-
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> FrameVideoEncoder:
-    """The evaluation-ready encoder of a checkpoint directory: built from its meta.json's model
-    config, its float32 weights loaded, in eval mode on ``device``."""
-    state, cfg = read_weights(checkpoint)
-    model = build_model(model_config_from_dict(cfg, pretrained=None))  # the checkpoint holds every weight
-    load_weights(model, state, checkpoint)
-    return model.to(device).eval()
+    model.load_state_dict(state, strict=not new)

@@ -15,19 +15,16 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from carl_scale.models.weights import META_FILE, save_weights
-
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+from carl_scale.models.weights import (META_FILE, CheckpointError, checkpoints, intact_hint, load_tensors,
+                                      save_weights, step_of)
 
 
 def git_revision() -> str:
@@ -61,31 +58,28 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and what to do."""
-
-
-def _deepspeed_globals() -> list:
-    """The only non-tensor objects DeepSpeed's checkpoint files hold (ZeRO optimizer states): plain
-    records, allowed by name. Anything else in a file (a function, a class with a reducer) is refused."""
+def _allowed_records() -> list:
+    """The only objects besides tensors and plain data that training-state files hold: DeepSpeed's
+    ZeRO optimizer states carry four plain records, and client files written before the RNG
+    state was stored as plain values carry NumPy arrays. Allowed by name; anything else (a function,
+    a class with a reducer) is refused."""
+    import numpy.dtypes
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, _reconstruct, np.ndarray, np.dtype,
+            numpy.dtypes.UInt32DType]
 
 
 def safe_load(path: str | Path, map_location=None):
-    """``torch.load`` with ``weights_only=True`` (tensors, plain data and the DeepSpeed records
-    above): a checkpoint from someone else can never run code here. A damaged or refused file is a
-    :class:`CheckpointError` naming it."""
-    try:
-        with torch.serialization.safe_globals(_deepspeed_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exn:
-        first = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
-        raise CheckpointError(f"{path} cannot be loaded ({type(exn).__name__}: {first[:200]}): it is damaged, or "
-                              f"holds objects other than weights and training state, which are never run") from None
+    """A training-state file through :func:`carl_scale.models.weights.load_tensors` (never
+    ``weights_only=False``): tensors, plain data and :func:`_allowed_records` only."""
+    return load_tensors(path, allow=_allowed_records(), map_location=map_location)
 
 
 class WeightsOnlyLoads:
@@ -106,16 +100,6 @@ def tag(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def checkpoints(root: Path) -> dict[int, Path]:
-    """{step: directory} of the complete checkpoints directly under ``root``."""
-    out = {}
-    for p in root.glob("step_*") if root.is_dir() else []:
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / META_FILE).exists():
-            out[int(m.group(1))] = p
-    return out
-
-
 def latest_name(root: Path) -> str | None:
     latest = root / "latest"
     return latest.read_text().strip() if latest.exists() else None
@@ -132,7 +116,7 @@ def prune(root: Path, keep: int) -> list[Path]:
     run's past; resuming moves them aside first). Returns what was removed."""
     found = checkpoints(root)
     name = latest_name(root)
-    latest = _step_of(root / name) if name else max(found, default=None)
+    latest = step_of(root / name) if name else max(found, default=None)
     if keep <= 0 or latest is None:
         return []
     older = sorted(s for s in found if s < latest)
@@ -157,30 +141,34 @@ def set_aside_newer(root: Path, step: int) -> Path | None:
     dest.mkdir()
     for p in newer:
         os.replace(p, dest / p.name)
+    _point_latest(root, step)  # it may have named one of them: it names a complete checkpoint again
     return dest
+
+
+def _point_latest(root: Path, step: int) -> None:
+    tmp = root / "latest.partial"
+    tmp.write_text(tag(step) + "\n")
+    os.replace(tmp, root / "latest")
 
 
 def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, meta: dict, keep: int) -> Path:
     """Save on every rank (DeepSpeed shards optimizer state under ZeRO); rank 0 adds the float32
     weights and meta.json, publishes the directory, points ``latest`` at it and prunes."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    partial = tag(step) + ".partial"
+    partial, final = tag(step) + ".partial", root / tag(step)
+    if final.exists():  # never replaced (the trainer refuses runs that could get here): on every rank
+        raise CheckpointError(f"{final} already exists; refusing to replace it")
     if rank == 0 and (root / partial).exists():
         shutil.rmtree(root / partial)
     _barrier()
     engine.save_checkpoint(str(root), tag=partial, save_latest=False)
     torch.save(client, root / partial / f"client_rank{rank}.pt")
     _barrier()
-    final = root / tag(step)
     if rank == 0:
         save_weights(model, root / partial)
         (root / partial / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        if final.exists():  # never replaced: the trainer refuses runs that could get here
-            raise CheckpointError(f"{final} already exists; refusing to replace it")
         os.replace(root / partial, final)
-        tmp = root / "latest.partial"
-        tmp.write_text(tag(step) + "\n")
-        os.replace(tmp, root / "latest")
+        _point_latest(root, step)
         prune(root, keep)
     _barrier()
     return final
@@ -199,47 +187,8 @@ def find(root: Path, resume: str) -> Path | None:
             path = root / resume
     if not (path / META_FILE).exists():
         raise CheckpointError(f"no complete checkpoint at {path} (expected {path / META_FILE}); use --resume "
-                              f"latest or a step_NNNNNN directory under {root}{_intact_hint(root, None)}")
+                              f"latest or a step_NNNNNN directory under {root}{intact_hint(path)}")
     return path
-
-
-def _file_is_whole(path: Path) -> bool:
-    """A torch file (a zip archive) whose every member's CRC checks out; JSON that parses."""
-    try:
-        if path.suffix == ".json":
-            json.loads(path.read_text())
-            return True
-        with zipfile.ZipFile(path) as z:
-            return z.testzip() is None
-    except (OSError, ValueError, zipfile.BadZipFile):
-        return False
-
-
-def intact_before(root: Path, step: int | None) -> Path | None:
-    """The newest checkpoint under ``root`` older than ``step`` (any if None) whose files are whole."""
-    for s, path in sorted(checkpoints(root).items(), reverse=True):
-        if (step is None or s < step) and all(_file_is_whole(f) for f in path.iterdir()
-                                              if f.suffix in (".pt", ".json")):
-            return path
-    return None
-
-
-def _intact_hint(root: Path, step: int | None) -> str:
-    ok = intact_before(root, step)
-    return f". The newest intact checkpoint before it: {ok} (--resume {ok})" if ok else ""
-
-
-def read_checkpoint_meta(path: Path) -> dict:
-    try:
-        return json.loads((path / META_FILE).read_text())
-    except (OSError, ValueError) as exn:
-        raise CheckpointError(f"{path / META_FILE} is damaged ({type(exn).__name__}: {exn})"
-                              f"{_intact_hint(path.parent, _step_of(path))}") from None
-
-
-def _step_of(path: Path) -> int | None:
-    m = _STEP_DIR.match(path.name)
-    return int(m.group(1)) if m else None
 
 
 # Settings a resumed run must share with the checkpoint: they define where the data stream stands,
@@ -281,22 +230,29 @@ def check_resume(path: Path, meta: dict, config: dict, world_size: int) -> None:
             f"--resume {path}), or start a new run from its weights: --init-from {path} --run-dir NEW_DIR")
 
 
-def load(engine, path: Path) -> tuple[dict, dict]:
-    """Restore model, optimizer and scheduler into ``engine`` (loads restricted as
-    :func:`safe_load`); returns (client state, meta)."""
+def load(engine, path: Path, meta: dict) -> dict:
+    """Restore model, optimizer and scheduler into ``engine`` (whose checkpoint engine loads
+    through :func:`safe_load`) and return this rank's client state. A file any rank cannot load
+    stops every rank with the file named and the newest intact checkpoint before it."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    meta = read_checkpoint_meta(path)
-    client_file = path / f"client_rank{rank}.pt"
-    if not client_file.exists():
-        raise CheckpointError(f"{client_file} is missing: was the checkpoint written with another world size?")
+    error, client = None, None
     try:
-        if not isinstance(engine.checkpoint_engine, WeightsOnlyLoads):
-            engine.checkpoint_engine = WeightsOnlyLoads(engine.checkpoint_engine)
+        if not (path / "mp_rank_00_model_states.pt").is_file():
+            raise CheckpointError(f"{path / 'mp_rank_00_model_states.pt'} is missing")
+        client_file = path / f"client_rank{rank}.pt"
+        if not client_file.exists():
+            raise CheckpointError(f"{client_file} is missing (written with world size {meta.get('world_size')}?)")
         loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
         if loaded is None:
             raise CheckpointError(f"DeepSpeed found no model states in {path}")
         client = safe_load(client_file, map_location="cpu")
     except CheckpointError as exn:
-        raise CheckpointError(f"{exn}{_intact_hint(path.parent, _step_of(path))}") from None
-    return client, meta
+        error = exn
+    failed = torch.tensor([float(error is not None)], device=next(engine.module.parameters()).device)
+    if dist.is_initialized():
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        raise CheckpointError(f"{error if error is not None else f'another rank could not load {path}'}"
+                              f"{intact_hint(path)}")
+    return client

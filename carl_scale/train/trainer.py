@@ -32,7 +32,7 @@ from carl_scale.config import to_dict
 from carl_scale.data.reader import VideoBatch, VideoLoader
 from carl_scale.losses.objective import build_objective
 from carl_scale.models import build_model
-from carl_scale.models.weights import load_weights, read_weights
+from carl_scale.models.weights import CheckpointError, load_weights, read_meta, read_weights
 from carl_scale.tables import table
 from carl_scale.train import checkpoint as ckpt
 from carl_scale.train.config import RunConfig
@@ -174,20 +174,20 @@ class Trainer:
         self.history: list[float] = []
         self._saved: tuple[int, Path] | None = None
         if resume_from is not None:
-            self._resume(resume_from)
+            self._resume(*resume_from)
 
     # -- state -----------------------------------------------------------------------------------
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
 
-    def _find_resume(self) -> Path | None:
-        """The checkpoint to resume, checked against this config; a fresh run is refused in a
-        run directory that holds another run's checkpoints (saving would replace them)."""
+    def _find_resume(self) -> tuple[Path, dict] | None:
+        """The checkpoint to resume and its meta, checked against this config; a fresh run is
+        refused in a run directory that holds another run's checkpoints (saving would replace them)."""
         if self.cfg.checkpoint.resume is None:
             held = sorted(ckpt.checkpoints(self.ckpt_root))
             if held:
-                raise ckpt.CheckpointError(
+                raise CheckpointError(
                     f"{self.ckpt_root} already holds another run's checkpoints (steps {held[0]}..{held[-1]}), which "
                     f"this run would replace: continue that run with --resume latest, or give this one another "
                     f"--run-dir (or remove {self.run_dir} yourself to start over)")
@@ -197,12 +197,14 @@ class Trainer:
             if self.rank == 0:
                 print(f"--resume latest: no checkpoint under {self.ckpt_root} yet, starting from step 0")
             return None
-        ckpt.check_resume(path, ckpt.read_checkpoint_meta(path), to_dict(self.cfg), self.world)
-        return path
+        meta = read_meta(path)
+        ckpt.check_resume(path, meta, to_dict(self.cfg), self.world)
+        return path, meta
 
-    def _resume(self, path: Path) -> None:
-        client, meta = ckpt.load(self.engine, path)
+    def _resume(self, path: Path, meta: dict) -> None:
+        client = ckpt.load(self.engine, path, meta)  # every rank loaded, or every rank raises
         self.step = self.start_step = int(meta["step"])
+        self._saved = (self.step, path)
         self.loader.load_state_dict(client["data"])
         ckpt.set_rng_state(client["rng"])
         self.history = list(client.get("history", []))
@@ -212,6 +214,10 @@ class Trainer:
                 print(f"checkpoints after step {self.step} moved to {aside} (this run rewrites that part)")
             print(f"resumed from {path} at step {self.step} (epoch {client['data']['epoch']}, "
                   f"batch {client['data']['next_batch']})")
+            before = meta.get("total_steps")
+            if before is not None and int(before) != self.total_steps:
+                print(f"the run's length changed from {before} to {self.total_steps} steps: the learning-rate "
+                      f"schedule is stretched from here on")
         self._barrier()
 
     def _meta(self) -> dict:
@@ -342,7 +348,8 @@ class Trainer:
             extra = hook.on_end(self._context(dict(summary)))
             if extra:
                 summary.update(extra)
-        if self.rank == 0:
+        ran = self.step > self.start_step
+        if self.rank == 0 and (ran or not (self.run_dir / "summary.json").exists()):  # a finished run resumed: kept
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
             for name, vals in summary.get("eval", {}).items():
                 log.scalars(f"eval_{name}", vals, self.step)
