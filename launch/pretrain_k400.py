@@ -24,6 +24,11 @@ A tiny smoke run::
 
     python launch/pretrain_k400.py --steps 4 --synthetic-videos 8 --frames 8 --batch-size 2 --no-eval
 
+Weak supervision with the video labels, from the self-supervised run (paper §3.5; run dir
+runs/pretrain_weak)::
+
+    deepspeed launch/pretrain_k400.py --init-from runs/pretrain/checkpoints/latest --weak
+
 Resume an interrupted run: add ``--resume latest`` (same --run-dir).
 """
 
@@ -62,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--no-blur", action="store_true", help="no Gaussian blur (--blur-p 0; the FineGym setting)")
     g.add_argument("--data-dir", help="where the synthetic set is written (default: data/synthetic)")
     g.add_argument("--synthetic-videos", type=int, help="train videos of the synthetic set (val: a third)")
+    g.add_argument("--weak", action="store_true",
+                   help="weak supervision with the video labels (paper §3.5): --loss weak, a class token, "
+                        "--per-label 2, run dir <run_dir>_weak; start it from a self-supervised --init-from")
     add_flags(p, RunConfig, _GROUPS)
     return p
 
@@ -90,7 +98,7 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
     if args.no_blur:
         overrides["data.spatial.blur_p"] = 0.0
     cfg = configure(base, overrides, flavor=args.flavor, augment=args.augment,
-                    synthetic_videos=args.synthetic_videos, data_dir=args.data_dir)
+                    synthetic_videos=args.synthetic_videos, data_dir=args.data_dir, weak=args.weak)
     return cfg, args
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from carl_scale.eval.alignment import align, dtw, save_alignment_figure
+from carl_scale.eval.alignment import align, save_alignment_figure
+from carl_scale.ops import dtw
 
 
 def _naive_dtw_cost(c: np.ndarray) -> float:

@@ -16,9 +16,10 @@ ALLOWED = {
     "data": set(),
     "datasets": {"data"},
     "models": set(),
-    "losses": {"data", "models"},
+    "ops": set(),
+    "losses": {"data", "models", "ops"},
     "train": {"data", "models", "losses"},
-    "eval": {"data", "models"},
+    "eval": {"data", "models", "ops"},
 }
 SHARED = {"config", "tables", "hooks", "errors"}
 

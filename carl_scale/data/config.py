@@ -88,8 +88,15 @@ class LoaderConfig(Config):
     epoch_samples: int | None = param(None, flag="--epoch-samples", ge=1,
                                       help="samples per rank per epoch (needed without shards.json)")
     decoder: Literal["auto", "dali", "pyav"] = param("auto", flag="--decoder", help="video decoder")
+    per_label: int = param(0, flag="--per-label", ge=0,
+                           help="batches of groups of this many videos of one label (weak supervision; 0: off)")
     temporal: TemporalConfig = param(default_factory=TemporalConfig)
     spatial: SpatialConfig = param(default_factory=SpatialConfig)
+
+    def check(self) -> None:
+        if self.per_label == 1 or (self.per_label and self.batch_size % self.per_label):
+            refuse("--per-label", f"must be 0 (off) or >= 2 and divide --batch-size ({self.batch_size}), "
+                                  f"got {self.per_label}")
 
 
 # The synthetic set's actions and their phases, in label order (the renderer draws them).

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from carl_scale.data.config import LoaderConfig
 from carl_scale.data.decoders import EncodedVideo, FrameDecoder, make_decoder
+from carl_scale.data.grouping import LabelGrouper
 from carl_scale.data.manifest import manifest_codec, manifest_samples, resolve_shards
 from carl_scale.data.spatial import (ViewParams, apply_geometric, apply_photometric, draw_view_params,
                                      to_tchw)
@@ -177,6 +178,35 @@ class ShardedVideoDataset(IterableDataset):
                 yield s, pass_
             yield None, pass_  # end of pass marker: lets the consumer notice a pass with nothing usable
 
+    def _dealt(self, stream: Iterator[tuple[dict | None, int]]) -> Iterator[list[tuple[dict, int]] | int]:
+        """Raw batches of (sample, pass) in stream order, and at the end of each pass the number of
+        samples it gave (an int): consecutive
+        samples, or with ``per_label`` the groups of :class:`~carl_scale.data.grouping.LabelGrouper`
+        (labels read from the metadata only, so a resumed run deals the same batches undecoded)."""
+        cfg = self.cfg
+        grouper = LabelGrouper(cfg.batch_size, cfg.per_label, held=max(cfg.shuffle_buffer, 4 * cfg.batch_size)) \
+            if cfg.per_label else None
+        raw: list[tuple[dict, int]] = []
+        entered = 0
+        for sample, pass_ in stream:
+            if sample is None:
+                yield entered
+                entered = 0
+            elif grouper is None:
+                entered += 1
+                raw.append((sample, pass_))
+                if len(raw) == cfg.batch_size:
+                    yield raw
+                    raw = []
+            else:
+                try:
+                    label = int(parse_meta(sample).get("action_label", -1))
+                except Exception as exn:  # corrupt metadata: counted, never fatal
+                    self.counter.add(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
+                    continue
+                entered += 1
+                yield from grouper.add((sample, pass_), label)
+
     def __iter__(self) -> Iterator[list[PreparedSample]]:
         worker, num_workers = self._worker()
         cfg = self.cfg
@@ -186,35 +216,35 @@ class ShardedVideoDataset(IterableDataset):
         done = max(0, math.ceil((self.start_batch - worker) / num_workers))
         if done >= quota:
             return
-        stream = self._samples(worker, num_workers)
-        skip = done * cfg.batch_size  # consumed without decoding
-        batch: list[PreparedSample] = []
-        usable = 0  # samples prepared in the current pass
-        for sample, pass_ in stream:
-            if done >= quota:
-                return
-            if sample is None:
-                if usable == 0:
+        skip = done  # raw batches consumed without decoding
+        ready: list[PreparedSample] = []  # prepared, in stream order: a failed sample's place is taken by the next
+        tried = prepared = 0  # since the last pass ended
+        for raw in self._dealt(self._samples(worker, num_workers)):
+            if isinstance(raw, int):  # a whole pass of nothing usable would spin forever: say so instead
+                if raw == 0 or (tried and not prepared):
                     raise RuntimeError(
                         f"rank {self.rank} worker {worker}: a whole pass over its shards gave no usable sample "
                         f"({self.counter.count} skipped so far): are the shards corrupt or empty?")
-                usable = 0
+                tried = prepared = 0
                 continue
             if skip:
                 skip -= 1
-                usable += 1
+                prepared += len(raw)
                 continue
-            try:
-                batch.append(prepare_sample(sample, cfg, self.epoch, pass_, self.decoder, seed=self.seed,
-                                             photometric=self.photometric))
-                usable += 1
-            except Exception as exn:  # corrupt or undecodable: counted, never fatal, never silent
-                self.counter.add(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
-                continue
-            if len(batch) == cfg.batch_size:
-                yield batch
-                batch = []
+            for sample, pass_ in raw:
+                tried += 1
+                try:
+                    ready.append(prepare_sample(sample, cfg, self.epoch, pass_, self.decoder, seed=self.seed,
+                                                photometric=self.photometric))
+                    prepared += 1
+                except Exception as exn:  # corrupt or undecodable: counted, never fatal, never silent
+                    self.counter.add(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
+            while len(ready) >= cfg.batch_size:
+                yield ready[: cfg.batch_size]
+                ready = ready[cfg.batch_size:]
                 done += 1
+                if done >= quota:
+                    return
 
 
 # -- batches -----------------------------------------------------------------------------------

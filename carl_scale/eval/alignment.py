@@ -1,8 +1,7 @@
 """Video alignment by dynamic time warping on frame embeddings (paper §4.6.2), and its picture.
 
-``dtw(cost)`` is vectorised over anti-diagonals (every cell of one anti-diagonal depends only on
-the two before it), so a 1000 x 1000 alignment is a thousand numpy steps, not a million Python
-ones. ``save_alignment_figure`` draws what a person wants to see: the cosine-similarity heatmap
+DTW is :func:`carl_scale.ops.dtw` (exact, a few vector operations per row), shared with the paired
+contrastive loss. ``save_alignment_figure`` draws what a person wants to see: the cosine-similarity heatmap
 of two videos with the DTW path on it and, given the frames, a strip of aligned frame pairs.
 """
 
@@ -12,42 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from carl_scale.ops import dtw
+
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
     b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
     return a @ b.T
-
-
-def dtw(cost: np.ndarray) -> tuple[float, np.ndarray]:
-    """Minimum-cost monotone path from (0, 0) to (n-1, m-1) with steps (1,0), (0,1), (1,1).
-
-    Returns the total cost and the path as an ``(L, 2)`` int array of (i, j) pairs."""
-    cost = np.asarray(cost, dtype=np.float64)
-    n, m = cost.shape
-    acc = np.full((n, m), np.inf)
-    for d in range(n + m - 1):  # cells with i + j = d
-        i = np.arange(max(0, d - m + 1), min(n, d + 1))
-        j = d - i
-        if d == 0:
-            acc[0, 0] = cost[0, 0]
-            continue
-        best = np.full(len(i), np.inf)
-        ok = i > 0
-        best[ok] = acc[i[ok] - 1, j[ok]]
-        ok = j > 0
-        best[ok] = np.minimum(best[ok], acc[i[ok], j[ok] - 1])
-        ok = (i > 0) & (j > 0)
-        best[ok] = np.minimum(best[ok], acc[i[ok] - 1, j[ok] - 1])
-        acc[i, j] = cost[i, j] + best
-    # Backtrack, preferring the diagonal on ties.
-    path = [(n - 1, m - 1)]
-    i, j = n - 1, m - 1
-    while i > 0 or j > 0:
-        steps = [(i - 1, j - 1), (i - 1, j), (i, j - 1)]
-        i, j = min((s for s in steps if s[0] >= 0 and s[1] >= 0), key=lambda s: acc[s])
-        path.append((i, j))
-    return float(acc[-1, -1]), np.array(path[::-1], dtype=np.int64)
 
 
 def align(emb_a: np.ndarray, emb_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -6,11 +6,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from carl_scale.config import Config, param
+from carl_scale.config import Config, param, refuse
 
 
 @dataclass(frozen=True)
 class LossConfig(Config):
-    name: Literal["scl"] = param("scl", flag="--loss", help="training objective (scl: self-supervised, paper Eq. 1-2)")
+    name: Literal["scl", "weak"] = param(
+        "scl", flag="--loss", help="training objective: scl (self-supervised, paper Eq. 1-2) or weak (video labels: "
+                                   "SCL with other classes as negatives + PCL + class token, Eq. 3-6)")
     tau: float = param(0.1, flag="--tau", gt=0, help="softmax temperature τ")
     sigma2: float = param(10.0, flag="--sigma2", gt=0, help="variance σ² of the timestamp prior, in frames²")
+    # weak supervision (paper §3.5, Table 12); unused by scl
+    pcl_weight: float = param(0.3, flag="--lambda", ge=0, help="λ: weight of the paired contrastive loss")
+    eps1: float = param(5.0, flag="--eps1", gt=0, le=100,
+                        help="ε1: positives are path cells below the mean of this percent of the smallest costs")
+    eps2: float = param(10.0, flag="--eps2", gt=0, le=100,
+                        help="ε2: negatives are cells above the mean of this percent of the smallest costs")
+    ce_weight: float = param(1.0, flag="--ce-weight", ge=0, help="weight of the class token's cross-entropy")
+    view_ensemble: bool = param(True, flag="--view-ensemble",
+                                help="DTW on the mean cost of all four view pairs (--no-view-ensemble: one pair)")
+    pcl_grid: Literal["views", "full"] = param(
+        "views", flag="--pcl-grid", help="restore costs on the frames the views sampled, or every original frame")
+    gather_negatives: bool = param(True, flag="--gather-negatives",
+                                   help="other classes' frames from every data-parallel rank as negatives")
+
+    def check(self) -> None:
+        if self.eps1 > self.eps2:
+            refuse("--eps1", f"({self.eps1}) must be <= --eps2 ({self.eps2}): a positive is never a negative")

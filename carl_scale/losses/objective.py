@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from carl_scale.data.reader import VideoBatch
 from carl_scale.losses.config import LossConfig
+from carl_scale.losses.pcl import paired_contrastive_loss
 from carl_scale.losses.scl import sequence_contrastive_loss
+from carl_scale.losses.weak_scl import weak_sequence_contrastive_loss
 
 
 class Objective(nn.Module):
@@ -37,6 +40,14 @@ class Objective(nn.Module):
     def compute(self, batch: VideoBatch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def encode(self, batch: VideoBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The encoder on both views of every video: its outputs (for ``2B`` sequences) and the
+        projections ``(B, 2, T, P)``; padded frames stay out of every BatchNorm."""
+        b, _, t = batch.views.shape[:3]
+        mask = batch.mask.flatten(0, 1)
+        out = self.model(batch.views.flatten(0, 1), mask)  # (2B, T, ...)
+        return out, self.model.project(out["embeddings"], mask).view(b, 2, t, -1)
+
 
 class SequenceContrastiveObjective(Objective):
     """SCL between the two views of each video (paper §3.4). Padded frames are masked out of the
@@ -47,17 +58,46 @@ class SequenceContrastiveObjective(Objective):
         self.tau, self.sigma2 = cfg.tau, cfg.sigma2
 
     def compute(self, batch: VideoBatch) -> dict[str, torch.Tensor]:
-        b, _, t = batch.views.shape[:3]
-        mask = batch.mask.flatten(0, 1)
-        out = self.model(batch.views.flatten(0, 1), mask)  # (2B, T, ...)
-        z = self.model.project(out["embeddings"], mask).view(b, 2, t, -1)
+        _, z = self.encode(batch)
         loss = sequence_contrastive_loss(z[:, 0], z[:, 1], batch.timestamps[:, 0], batch.timestamps[:, 1],
                                          tau=self.tau, sigma2=self.sigma2, mask1=batch.mask[:, 0],
                                          mask2=batch.mask[:, 1])
         return {"loss": loss}
 
 
-OBJECTIVES: dict[str, type[Objective]] = {"scl": SequenceContrastiveObjective}
+class WeakObjective(Objective):
+    """Weak supervision with video-level labels (paper §3.5, Eq. 6): SCL whose denominators also
+    hold the frames of other-class videos of every rank (Eq. 3), λ x the paired contrastive loss
+    between same-class videos of the rank's batch (Eq. 4-5), and the class token's cross-entropy
+    on both views. Logged besides the loss: each term, and the same-class pairs per batch."""
+
+    def __init__(self, model: nn.Module, cfg: LossConfig):
+        super().__init__(model)
+        self.cfg = cfg
+
+    def compute(self, batch: VideoBatch) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        out, z = self.encode(batch)
+        labels = batch.action_labels
+        scl = weak_sequence_contrastive_loss(z[:, 0], z[:, 1], batch.timestamps[:, 0], batch.timestamps[:, 1], labels,
+                                             tau=c.tau, sigma2=c.sigma2, mask1=batch.mask[:, 0],
+                                             mask2=batch.mask[:, 1], gather=c.gather_negatives)
+        pcl, stats = paired_contrastive_loss(z, batch.timestamps, batch.mask, labels, batch.num_frames, tau=c.tau,
+                                             positive_pct=c.eps1, protect_pct=c.eps2,
+                                             view_ensemble=c.view_ensemble, grid=c.pcl_grid)
+        loss = scl + c.pcl_weight * pcl.mean()
+        ce = scl.new_zeros(())
+        if c.ce_weight > 0 and "logits" in out:
+            both = labels.repeat_interleave(2)  # the two views of a video are sequences 2b and 2b+1
+            known = both >= 0
+            if known.any():
+                ce = F.cross_entropy(out["logits"][known].float(), both[known])
+            loss = loss + c.ce_weight * ce
+        return {"loss": loss, "scl": scl.detach(), "pcl": pcl.mean().detach(), "ce": ce.detach(),
+                "pairs": torch.tensor(stats["pairs"])}
+
+
+OBJECTIVES: dict[str, type[Objective]] = {"scl": SequenceContrastiveObjective, "weak": WeakObjective}
 
 
 def build_objective(model: nn.Module, cfg: LossConfig, autocast: torch.dtype | None = None) -> Objective:

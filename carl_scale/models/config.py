@@ -30,12 +30,12 @@ class ModelConfig(Config):
     train_frames: int = param(32, ge=1)
     backbone_chunk: int = param(64, ge=1)  # frames per chunk through the backbone at evaluation
     class_token: bool = False  # weak supervision: a class token and a video-level classifier
-    num_classes: int = param(0, ge=0)
+    num_classes: int = param(0, flag="--num-classes", ge=0, help="video classes of the class token's classifier")
 
     def check(self) -> None:
         if self.width % 2 or self.width % self.num_heads:
             refuse("ModelConfig.width", f"({self.width}) must be even and divisible by num_heads ({self.num_heads})")
         if self.class_token and self.num_classes < 1:
-            refuse("ModelConfig.num_classes", "must be >= 1 with class_token=True")
+            refuse("--num-classes", "must be >= 1 for the class token's video classifier")
         if self.pretrained is not None and self.backbone != "resnet50":
             refuse("--pretrained", f"loads ResNet-50 weights; the {self.flavor!r} flavor has a {self.backbone} backbone")

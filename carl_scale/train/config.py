@@ -93,6 +93,8 @@ class RunConfig(Config):
     def check(self) -> None:
         if (self.steps is None) == (self.epochs is None):
             refuse("--steps/--epochs", f"give exactly one of them (got steps={self.steps}, epochs={self.epochs})")
+        if self.loss.name == "weak" and self.loss.ce_weight > 0 and not self.model.class_token:
+            refuse("--ce-weight", "needs the class token (--weak adds it; or --ce-weight 0)")
         p = self.parallel
         if p.global_batch_size is not None and p.global_batch_size % (self.data.batch_size * p.grad_accum):
             refuse("--global-batch-size", f"({p.global_batch_size}) must be a multiple of --batch-size "

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 
 from carl_scale.config import ConfigError, from_dict, refuse, to_dict
 from carl_scale.data.config import LoaderConfig, SpatialConfig, SyntheticConfig, TemporalConfig
+from carl_scale.data.manifest import read_manifest
 from carl_scale.losses.config import LossConfig
 from carl_scale.models.flavors import model_config, model_config_from_dict
 from carl_scale.train.config import CheckpointConfig, EvalConfig, OptimConfig, RunConfig
@@ -120,24 +121,39 @@ def _set(d: dict, path: str, value: Any) -> None:
     d[leaf] = value
 
 
+def _video_classes(d: dict) -> int | None:
+    """How many video-level classes the run's data has: the synthetic set's actions, or the
+    action names a shard directory's shards.json lists; None when the data does not say."""
+    if d["synthetic"] is not None:
+        return int(d["synthetic"]["num_actions"])
+    shards = d["data"]["shards"]
+    if isinstance(shards, str) and Path(shards).is_dir():
+        names = ((read_manifest(shards) or {}).get("label_names") or {}).get("actions")
+        if names:
+            return len(names)
+    return None
+
+
 def configure(base: RunConfig, overrides: Mapping[str, Any] | None = None, *, flavor: str | None = None,
               augment: str | None = None, synthetic_videos: int | None = None,
-              data_dir: str | None = None) -> RunConfig:
+              data_dir: str | None = None, weak: bool = False) -> RunConfig:
     """``base`` changed as a command line asks, returning a new, validated config (``base`` is not
     changed). In this order: ``flavor`` replaces the model, or the model of the checkpoint that
     ``overrides["init_from"]`` names (its config, without --pretrained: the checkpoint has every
     weight); ``augment`` ("paper"/"light") the augmentation strengths; ``data_dir`` moves the
-    synthetic set; ``synthetic_videos`` sizes it (val: a third, at least one per action); then each
-    dotted-path override. Giving ``data.shards`` drops the synthetic set; ``steps`` and ``epochs``
-    replace each other."""
+    synthetic set; ``synthetic_videos`` sizes it (val: a third, at least one per action); ``weak``
+    turns on weak supervision (paper §3.5: the weak objective, a class token for the data's video
+    classes, batches of same-label pairs, and ``<run_dir>_weak``); then each dotted-path override.
+    Giving ``data.shards`` drops the synthetic set; ``steps`` and ``epochs`` replace each other."""
     overrides = dict(overrides or {})
     d = to_dict(base)
     if flavor is not None:
         d["model"] = to_dict(model_config(flavor))
     if overrides.get("init_from"):
-        from carl_scale.models.weights import read_meta
+        from carl_scale.models.weights import read_meta, resolve_checkpoint
 
-        try:
+        try:  # the checkpoint itself, not a pointer that moves ('checkpoints/latest', a run directory)
+            overrides["init_from"] = str(resolve_checkpoint(overrides["init_from"]))
             saved = read_meta(overrides["init_from"])["config"]["model"]
             d["model"] = to_dict(model_config_from_dict(saved, pretrained=None))  # every weight is in it
         except (OSError, ValueError) as exn:
@@ -162,6 +178,13 @@ def configure(base: RunConfig, overrides: Mapping[str, Any] | None = None, *, fl
             refuse("--synthetic-videos", f"must be >= 1, got {synthetic_videos}")
         n_actions = d["synthetic"]["num_actions"]
         d["synthetic"].update(train_videos=synthetic_videos, val_videos=max(n_actions, synthetic_videos // 3))
+    if weak:
+        d["loss"]["name"] = "weak"
+        d["model"]["class_token"] = True
+        if not d["data"]["per_label"]:
+            d["data"]["per_label"] = 2
+        if "run_dir" not in overrides:
+            d["run_dir"] = d["run_dir"] + "_weak"  # beside the self-supervised run it usually starts from
     if "steps" in overrides and "epochs" in overrides:
         refuse("--steps/--epochs", "are both given: a run's length is one of them")
     if "steps" in overrides:
@@ -170,4 +193,11 @@ def configure(base: RunConfig, overrides: Mapping[str, Any] | None = None, *, fl
         d["steps"] = None
     for path, value in overrides.items():
         _set(d, path, value)
+    if weak and "model.num_classes" not in overrides:  # the classes of the data this run reads
+        classes = _video_classes(d)
+        if classes is None:
+            refuse("--weak", f"needs video-level labels, and {d['data']['shards']} does not say which classes it has "
+                             f"(no label_names in shards.json): write the shards with --labels, or give "
+                             f"--num-classes N")
+        d["model"]["num_classes"] = classes
     return from_dict(RunConfig, d)

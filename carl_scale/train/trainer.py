@@ -157,7 +157,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model)
         if cfg.init_from:  # fine-tuning: weights only; optimizer, schedule and step start afresh
-            load_weights(self.model, read_weights(cfg.init_from)[0], cfg.init_from)
+            # a class token this run adds (weak supervision from a self-supervised start) starts fresh
+            new = ("cls_token", "classifier.") if cfg.model.class_token else ()
+            load_weights(self.model, read_weights(cfg.init_from)[0], cfg.init_from, new=new)
         objective = build_objective(self.model, cfg.loss, autocast=torch.bfloat16 if self.bf16 else None)
         params = [p for p in objective.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
