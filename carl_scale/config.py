@@ -223,6 +223,20 @@ def iter_flags(cls: type, prefix: str = "") -> list[Flag]:
     return out
 
 
+def _pair(flag: str):
+    """An argparse type for ``LO:HI`` (or one number, LO = HI): two floats, in one line if not."""
+    def parse(text: str) -> tuple[float, float]:
+        parts = text.split(":")
+        try:
+            values = [float(x) for x in parts]
+        except ValueError:
+            values = []
+        if len(values) not in (1, 2):
+            raise argparse.ArgumentTypeError(f"{flag} takes LO:HI (two numbers) or one number, got {text!r}")
+        return (values[0], values[-1])
+    return parse
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type, groups: dict[str, str] | None = None) -> None:
     """Add every flag of the config tree under ``cls`` to ``parser``; a flag the user does not
     give is absent from the parsed namespace (``argparse.SUPPRESS``), so only given flags
@@ -242,6 +256,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, groups: dict[str, str]
             kw.update(type=type(choices[0]), choices=choices)
         elif fl.type in (int, float, str):
             kw.update(type=fl.type, metavar=fl.path.rsplit(".", 1)[-1].upper())
+        elif typing.get_origin(fl.type) is tuple and typing.get_args(fl.type) == (float, float):
+            kw.update(type=_pair(fl.flag), metavar="LO:HI")
         else:  # e.g. str | list[str]: given as one string on the command line
             kw.update(type=str, metavar=fl.path.rsplit(".", 1)[-1].upper())
         target.add_argument(fl.flag, **kw)

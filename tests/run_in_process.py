@@ -10,10 +10,12 @@ were the same after the run as before it, and the process group gone (the config
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +33,19 @@ ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR
 def rng_fingerprint() -> str:
     return hashlib.sha256(repr((random.getstate(), np.random.get_state()[1].tolist(),
                                 torch.get_rng_state().tolist())).encode()).hexdigest()
+
+
+def fork_collects() -> bool:
+    """Whether a process forked now (as the next run's DataLoader workers are) can run the garbage
+    collector: a process group left for the collector would be freed in the child, where gloo
+    waits forever for threads that were not forked."""
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(30)  # a hang ends as SIGALRM
+        gc.collect()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 def main() -> None:
@@ -51,7 +66,7 @@ def main() -> None:
         after = ({k: os.environ.get(k) for k in ENV_KEYS}, rng_fingerprint())
         results.append({"flags": flags, "summary": summary, "env_restored": before[0] == after[0],
                         "rng_restored": before[1] == after[1],
-                        "group_destroyed": not torch.distributed.is_initialized()})
+                        "group_destroyed": not torch.distributed.is_initialized(), "fork_safe": fork_collects()})
     Path(out).write_text(json.dumps(results, default=str))
 
 

@@ -195,7 +195,7 @@ def test_every_recipe_runs_a_step_and_run_twice_in_one_process_equals_fresh_proc
     runs = [*(["--recipe", r, "--run-dir", str(tmp_path / r), *small] for r in recipes), a, b]
     results = _in_process(tmp_path / "in_process.json", *runs)
     for r in results:
-        assert r["env_restored"] and r["rng_restored"] and r["group_destroyed"], r
+        assert r["env_restored"] and r["rng_restored"] and r["group_destroyed"] and r["fork_safe"], r
     for name, r in zip(recipes, results):
         meta = json.loads((tmp_path / name / "checkpoints/step_000001/meta.json").read_text())
         assert r["summary"]["steps"] == 1 and meta["config"]["data"]["temporal"]["num_frames"] == 4

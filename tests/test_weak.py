@@ -238,3 +238,31 @@ def test_the_weak_objective_trains_every_part_it_adds():
     out["loss"].backward()
     assert model.cls_token.grad.abs().sum() > 0 and model.classifier.weight.grad.abs().sum() > 0
     assert model.embed.weight.grad.abs().sum() > 0
+
+
+def test_losses_stay_full_precision_under_bf16_autocast_and_the_weak_objective_runs_in_it():
+    """bf16 training runs the objective under autocast: the losses must not compute their
+    similarities in bf16, and the DTW must get costs it can read."""
+    from carl_scale.data.reader import VideoBatch
+    from carl_scale.losses.config import LossConfig
+    from carl_scale.losses.objective import build_objective
+    from carl_scale.models import build_model, model_config
+
+    z1, z2, s1, s2, m1, m2 = _batch()
+    labels = torch.tensor([0, 1, 0, 2])
+    plain = (sequence_contrastive_loss(z1, z2, s1, s2), weak_sequence_contrastive_loss(z1, z2, s1, s2, labels))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = (sequence_contrastive_loss(z1, z2, s1, s2), weak_sequence_contrastive_loss(z1, z2, s1, s2, labels))
+    for a, b in zip(plain, cast):
+        assert b.dtype == torch.float32 and torch.equal(a, b)
+    torch.manual_seed(0)
+    model = build_model(model_config("debug", image_size=32, class_token=True, num_classes=3, train_frames=6))
+    objective = build_objective(model, LossConfig(name="weak"), autocast=torch.bfloat16)
+    b, t = 4, 6
+    batch = VideoBatch(views=torch.randn(b, 2, t, 3, 32, 32), timestamps=torch.sort(torch.randint(0, 40, (b, 2, t)),
+                                                                                  dim=-1).values,
+                       mask=torch.ones(b, 2, t, dtype=torch.bool), action_labels=torch.tensor([0, 0, 2, 2]),
+                       phase_labels=torch.full((b, 2, t), -1), num_frames=torch.full((b,), 40),
+                       video_ids=[str(i) for i in range(b)])
+    out = objective(batch)
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"]) and out["pairs"] == 2

@@ -2,6 +2,7 @@
 
     pip install -e '.[bench]'          # tslearn, a reference of the table
     python -m carl_scale.bench.dtw
+    python -m carl_scale.bench.dtw --device cuda    # the loss terms on a GPU (DTW stays on the CPU)
 
 (a) references: a plain Python loop of Eq. 5 (at 240² and 1000²; 5000² would take minutes) and
     tslearn's numba DTW (``dtw_path_from_metric(cost, metric="precomputed")``); (b) ours:
@@ -126,30 +127,34 @@ def correspondence_table(repeats: int) -> list[tuple[str, ...]]:
     return rows
 
 
-def loss_overhead(repeats: int) -> list[tuple[str, ...]]:
+def loss_overhead(repeats: int, device: str) -> list[tuple[str, ...]]:
     """Forward + backward of the loss terms on projections of the paper's FineGym step (4 videos
-    of 5000 frames, two T = 240 views, 128-d, two same-class pairs), on the CPU: what weak
-    supervision adds to SCL, against the 0.14 s an r50 step at T = 240 takes on one H200."""
+    of 5000 frames, two T = 240 views, 128-d, two same-class pairs) on ``device`` (DTW itself runs
+    on the CPU): what weak supervision adds to SCL, against the 0.14 s an r50 step at T = 240
+    takes on one H200 (the GPU-throughput issue's measurement)."""
     from carl_scale.data.config import TemporalConfig
     from carl_scale.data.temporal import sample_temporal_views
     from carl_scale.losses import paired_contrastive_loss, sequence_contrastive_loss, weak_sequence_contrastive_loss
 
     rng = np.random.default_rng(2)
     views = [sample_temporal_views(5000, TemporalConfig(num_frames=240), rng) for _ in range(4)]
-    ts = torch.from_numpy(np.stack([v.timestamps for v in views]))
-    mask = torch.ones(4, 2, 240, dtype=torch.bool)
-    labels, n = torch.tensor([0, 0, 1, 1]), torch.full((4,), 5000)
-    z0 = torch.randn(4, 2, 240, 128, generator=torch.Generator().manual_seed(0))
+    ts = torch.from_numpy(np.stack([v.timestamps for v in views])).to(device)
+    mask = torch.ones(4, 2, 240, dtype=torch.bool, device=device)
+    labels, n = torch.tensor([0, 0, 1, 1], device=device), torch.full((4,), 5000, device=device)
+    z0 = torch.randn(4, 2, 240, 128, generator=torch.Generator().manual_seed(0)).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def scl():
         z = z0.clone().requires_grad_(True)
         sequence_contrastive_loss(z[:, 0], z[:, 1], ts[:, 0], ts[:, 1]).backward()
+        sync()
 
     def weak():
         z = z0.clone().requires_grad_(True)
         loss = weak_sequence_contrastive_loss(z[:, 0], z[:, 1], ts[:, 0], ts[:, 1], labels)
         loss = loss + 0.3 * paired_contrastive_loss(z, ts, mask, labels, n)[0].mean()
         loss.backward()
+        sync()
 
     weak()  # compile DTW
     t_scl, _ = _best(scl, repeats)
@@ -163,13 +168,14 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="where the loss terms run (DTW runs on the CPU): cpu or cuda")
     a = p.parse_args(argv)
     torch.manual_seed(0)
     header = ["size", "(b) ours ms", "(a) tslearn ms", "tslearn/ours", "(a) loop ms", "loop/ours"]
     print(f"DTW with path, {torch.get_num_threads()} CPU threads\n" + table(speed_table(a.repeats),
                                                                           tuple(header)))
-    print("\nLoss terms, forward + backward, 4 FineGym-length videos, T = 240, 2 same-class pairs (CPU):\n"
-          + table(loss_overhead(a.repeats), ("loss", "ms", "added to a 0.14 s H200 step")))
+    print(f"\nLoss terms, forward + backward, 4 FineGym-length videos, T = 240, 2 same-class pairs ({a.device}):\n"
+          + table(loss_overhead(a.repeats, a.device), ("loss", "ms", "added to a 0.14 s H200 step")))
     print("\nPCL correspondences, a 5000-frame video and a 4000-frame time-warped copy (T = 240 views):\n"
           + table(correspondence_table(a.repeats), ("grid", "ms per pair", "positives (sampled)",
                                                     "median |error| frames", "p90 |error|", "share <= 2 frames")))

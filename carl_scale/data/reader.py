@@ -221,7 +221,7 @@ class ShardedVideoDataset(IterableDataset):
         tried = prepared = 0  # since the last pass ended
         for raw in self._dealt(self._samples(worker, num_workers)):
             if isinstance(raw, int):  # a whole pass of nothing usable would spin forever: say so instead
-                if raw == 0 or (tried and not prepared):
+                if raw == 0 or (tried >= raw and not prepared):
                     raise RuntimeError(
                         f"rank {self.rank} worker {worker}: a whole pass over its shards gave no usable sample "
                         f"({self.counter.count} skipped so far): are the shards corrupt or empty?")
@@ -231,14 +231,19 @@ class ShardedVideoDataset(IterableDataset):
                 skip -= 1
                 prepared += len(raw)
                 continue
-            for sample, pass_ in raw:
-                tried += 1
-                try:
-                    ready.append(prepare_sample(sample, cfg, self.epoch, pass_, self.decoder, seed=self.seed,
-                                                photometric=self.photometric))
-                    prepared += 1
-                except Exception as exn:  # corrupt or undecodable: counted, never fatal, never silent
-                    self.counter.add(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
+            group = cfg.per_label or 1  # a label group stays whole: a failed member drops its group
+            for g in range(0, len(raw), group):
+                members = []
+                for sample, pass_ in raw[g: g + group]:
+                    tried += 1
+                    try:
+                        members.append(prepare_sample(sample, cfg, self.epoch, pass_, self.decoder, seed=self.seed,
+                                                      photometric=self.photometric))
+                        prepared += 1
+                    except Exception as exn:  # corrupt or undecodable: counted, never fatal, never silent
+                        self.counter.add(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
+                if len(members) == min(group, len(raw) - g):
+                    ready += members
             while len(ready) >= cfg.batch_size:
                 yield ready[: cfg.batch_size]
                 ready = ready[cfg.batch_size:]

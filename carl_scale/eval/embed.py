@@ -120,7 +120,8 @@ def embed_frames(model, frames, *, image_size: int | None = None, spatial: Spati
 @torch.no_grad()
 def extract_embeddings(model, shards, split: str = "val", *, image_size: int | None = None,
                        spatial: SpatialConfig | None = None, device: str = "cpu", decoder: str = "auto",
-                       limit: int | None = None, cache: str | Path | None = None, progress: bool = True) -> VideoEmbeddings:
+                       limit: int | None = None, cache: str | Path | None = None,
+                       progress: bool | None = None) -> VideoEmbeddings:
     """Embed every frame of every video of ``split`` (with every per-frame label set the shards
     carry). With ``cache``: a ``.npz`` there whose fingerprint matches (same weights, shards and
     view; :func:`embedding_fingerprint`) is loaded instead, otherwise the embeddings are computed
@@ -146,6 +147,8 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
     was_training = model.training
     model.eval()
     ids, embs, phases, actions, extra = [], [], [], [], []
+    if progress is None:  # a bar unless the environment asks for none (tests, sweeps, logs)
+        progress = not os.environ.get("CARL_SCALE_NO_PROGRESS")
     bar = tqdm(total=min(total, limit) if total and limit else total, desc=f"embed {split}", unit="video",
                disable=not progress, leave=False)
     skipped: list[str] = []

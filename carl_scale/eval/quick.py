@@ -83,6 +83,38 @@ def quick_eval(models: dict, shards, spatial: SpatialConfig, device, *, folds: i
     return out
 
 
+OBJECTIVES = ("phase_acc", "kendall_tau", "one_shot")
+
+
+def validation_objective(model, shards, spatial: SpatialConfig, device, objective: str = "phase_acc", *,
+                         limit: int | None = None, folds: int = 4) -> float:
+    """One number for a sweep, from validation videos only (the first ``limit`` of the val split),
+    per action class and averaged: ``phase_acc`` (cross-validated, as :func:`quick_eval`),
+    ``kendall_tau``, or ``one_shot`` (each action's even-numbered videos are the labelled pool,
+    the odd ones are classified; :func:`one_shot_phase_classification`)."""
+    from carl_scale.eval.metrics import one_shot_phase_classification
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    ve = extract_embeddings(model, shards, "val", spatial=spatial, device=str(device), limit=limit)
+    scores = []
+    for _, vidx in sorted(ve.by_action().items()):
+        group = ve.subset(vidx)
+        if objective == "phase_acc":
+            scores.append(cross_validated_phase_accuracy(group, folds))
+        elif len(vidx) < 2:
+            continue
+        elif objective == "kendall_tau":
+            scores.append(kendalls_tau(group.embeddings)["tau"])
+        else:
+            pool, query = group.subset(list(range(0, len(vidx), 2))), group.subset(list(range(1, len(vidx), 2)))
+            scores.append(one_shot_phase_classification(pool.embeddings, pool.phase_labels, pool.action_labels,
+                                                        query.embeddings, query.phase_labels, query.action_labels,
+                                                        device=str(device))["accuracy"])
+    kept = [x for x in scores if not np.isnan(x)]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
 def end_of_run_shards(train_shards, val_shards: str | None, synthetic_val_videos: int | None
                       ) -> tuple[str | None, str]:
     """Where the end-of-run evaluation finds validation videos, never in the training stream:

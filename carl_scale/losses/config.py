@@ -27,6 +27,9 @@ class LossConfig(Config):
                                 help="DTW on the mean cost of all four view pairs (--no-view-ensemble: one pair)")
     pcl_grid: Literal["views", "full"] = param(
         "views", flag="--pcl-grid", help="restore costs on the frames the views sampled, or every original frame")
+    class_negatives: bool = param(True, flag="--class-negatives",
+                                  help="Eq. 3: frames of other-class videos join the denominators "
+                                       "(--no-class-negatives: SCL's, for data whose classes share frames)")
     gather_negatives: bool = param(True, flag="--gather-negatives",
                                    help="other classes' frames from every data-parallel rank as negatives")
 

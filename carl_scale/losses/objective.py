@@ -79,9 +79,13 @@ class WeakObjective(Objective):
         c = self.cfg
         out, z = self.encode(batch)
         labels = batch.action_labels
-        scl = weak_sequence_contrastive_loss(z[:, 0], z[:, 1], batch.timestamps[:, 0], batch.timestamps[:, 1], labels,
-                                             tau=c.tau, sigma2=c.sigma2, mask1=batch.mask[:, 0],
-                                             mask2=batch.mask[:, 1], gather=c.gather_negatives)
+        views = (z[:, 0], z[:, 1], batch.timestamps[:, 0], batch.timestamps[:, 1])
+        masks = dict(mask1=batch.mask[:, 0], mask2=batch.mask[:, 1])
+        if c.class_negatives:
+            scl = weak_sequence_contrastive_loss(*views, labels, tau=c.tau, sigma2=c.sigma2, **masks,
+                                                 gather=c.gather_negatives)
+        else:
+            scl = sequence_contrastive_loss(*views, tau=c.tau, sigma2=c.sigma2, **masks)
         pcl, stats = paired_contrastive_loss(z, batch.timestamps, batch.mask, labels, batch.num_frames, tau=c.tau,
                                              positive_pct=c.eps1, protect_pct=c.eps2,
                                              view_ensemble=c.view_ensemble, grid=c.pcl_grid)

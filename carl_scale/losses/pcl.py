@@ -21,7 +21,9 @@ far from the correspondence). The grid the cost is restored on is chosen by ``gr
 ``python -m carl_scale.bench.dtw`` measures both, and how well each finds the true correspondence
 of a video and a time-warped copy of itself. DTW runs once per unordered pair; (b, a) uses the
 transposed correspondences. A video's PCL is the sum over its two views of the mean over its valid
-frames of PCL_i, summed over its partners (0 without one), like SCL's L^1 + L^2.
+frames of PCL_i, summed over its partners (0 without one), like SCL's L^1 + L^2; the objective
+averages it over all the batch's videos (with ``--per-label`` nearly every video has a partner).
+A frame that both views of b sampled is one candidate per view, as the loss sees the views.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from carl_scale.losses.scl import full_precision
 from carl_scale.ops import dtw_batch, dtw_correspondences, view_ensemble_cost
 
 
@@ -64,6 +67,7 @@ def _pair_term(z_a: torch.Tensor, ts_a: torch.Tensor, m_a: torch.Tensor, z_b: to
 
 
 @torch.no_grad()
+@full_precision
 def pair_correspondences(z: torch.Tensor, ts: torch.Tensor, mask: torch.Tensor, grids: list[torch.Tensor],
                          pairs: list[tuple[int, int]], *, positive_pct: float = 5.0, protect_pct: float = 10.0,
                          view_ensemble: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -71,7 +75,7 @@ def pair_correspondences(z: torch.Tensor, ts: torch.Tensor, mask: torch.Tensor, 
     frames), from DTW on the view-ensemble cost of the L2-normalised ``z`` (B, 2, T, D); all pairs'
     DTW in one batch. Computed without gradient."""
     views = (0, 1) if view_ensemble else (0,)
-    det = z.detach()
+    det = z.detach().double()  # the costs in float64, as the DTW takes them
     costs = [view_ensemble_cost([det[a, v][mask[a, v]] for v in views], [ts[a, v][mask[a, v]] for v in views],
                                 [det[c, v][mask[c, v]] for v in views], [ts[c, v][mask[c, v]] for v in views],
                                 grids[a], grids[c]) for a, c in pairs]
@@ -82,6 +86,7 @@ def pair_correspondences(z: torch.Tensor, ts: torch.Tensor, mask: torch.Tensor, 
     return out
 
 
+@full_precision
 def paired_contrastive_loss(z: torch.Tensor, ts: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
                             num_frames: torch.Tensor, *, tau: float = 0.1, positive_pct: float = 5.0,
                             protect_pct: float = 10.0, view_ensemble: bool = True,

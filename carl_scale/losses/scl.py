@@ -19,6 +19,8 @@ gradient norm reaches 5, i.e. twice as early (Adam's epsilon, 1e-8, is negligibl
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +42,19 @@ def _one_direction(z_a: torch.Tensor, z_b: torch.Tensor, s_a: torch.Tensor, s_b:
     return per_video, n > 0
 
 
+def full_precision(fn):
+    """Run a loss with autocast off: an autocast around the model (bf16 training) would otherwise
+    compute its similarities in bf16, whose 8 bits of mantissa lose the differences (divided by a
+    τ of 0.1) that the loss is made of. Its inputs are cast up inside."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next(a.device.type for a in args if torch.is_tensor(a))
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@full_precision
 def sequence_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, *,
                               tau: float = 0.1, sigma2: float = 10.0, mask1: torch.Tensor | None = None,
                               mask2: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,7 +74,7 @@ def sequence_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, s1: torch.Tens
     if s1.shape != z1.shape[:2] or s2.shape != z2.shape[:2]:
         raise ValueError(f"timestamps {tuple(s1.shape)}, {tuple(s2.shape)} do not match views "
                          f"{tuple(z1.shape[:2])}, {tuple(z2.shape[:2])}")
-    # Compute in float32 at least: bf16 logits / tau lose the small differences SCL is about.
+    # float32 at least (full_precision keeps autocast from casting it back down)
     dtype = torch.promote_types(z1.dtype, torch.float32)
     z1 = F.normalize(z1.to(dtype), dim=-1)
     z2 = F.normalize(z2.to(dtype), dim=-1)

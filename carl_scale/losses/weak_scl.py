@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from carl_scale.losses.gather import all_gather_no_grad, all_gather_with_grad
+from carl_scale.losses.scl import full_precision
 
 
 def _one_direction(z_a, z_b_all, s_a, s_b, m_a, m_b_all, labels, labels_all, offset, tau, sigma2):
@@ -43,6 +44,7 @@ def _one_direction(z_a, z_b_all, s_a, s_b, m_a, m_b_all, labels, labels_all, off
     return (ce * rows).sum(-1) / n.clamp(min=1), n > 0
 
 
+@full_precision
 def weak_sequence_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor,
                                    labels: torch.Tensor, *, tau: float = 0.1, sigma2: float = 10.0,
                                    mask1: torch.Tensor | None = None, mask2: torch.Tensor | None = None,
@@ -67,6 +69,6 @@ def weak_sequence_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, s1: torch
     l1, ok1 = _one_direction(z1, z2_all, s1, s2, mask1, m2_all, labels, labels_all, offset, tau, sigma2)
     l2, ok2 = _one_direction(z2, z1_all, s2, s1, mask2, m1_all, labels, labels_all, offset, tau, sigma2)
     ok = ok1 & ok2
-    if not ok.any():
-        return (z1.sum() + z2.sum()) * 0.0
+    if not ok.any():  # through the gathered views: every rank's backward joins the gather's all_reduce
+        return (z1_all.sum() + z2_all.sum()) * 0.0
     return ((l1 + l2) * ok).sum() / ok.sum()

@@ -90,7 +90,7 @@ def dtw_correspondences(cost, *, positive_pct: float = 5.0, protect_pct: float =
     cells on the optimal DTW path with ``c <= ε1``, negative = cells with ``c > ε2``, the rest are
     protected (neither); ε from ``positive_pct`` / ``protect_pct`` by :func:`mean_of_smallest`.
     ``path`` (from :func:`carl_scale.ops.dtw`) is computed when not given."""
-    c = cost.detach().cpu().numpy() if torch.is_tensor(cost) else np.asarray(cost, dtype=np.float64)
+    c = cost.detach().cpu().double().numpy() if torch.is_tensor(cost) else np.asarray(cost, dtype=np.float64)
     if not 0 < positive_pct <= 100 or not 0 < protect_pct <= 100:
         raise ValueError(f"positive_pct and protect_pct must be in (0, 100], got {positive_pct}, {protect_pct}")
     if path is None:

@@ -58,7 +58,7 @@ def _align(c: np.ndarray, d: np.ndarray, path: np.ndarray) -> int:
 
 
 def _as_cost(c) -> np.ndarray:
-    a = c.detach().cpu().numpy() if torch.is_tensor(c) else np.asarray(c)
+    a = c.detach().cpu().double().numpy() if torch.is_tensor(c) else np.asarray(c)
     a = np.ascontiguousarray(a, dtype=np.float64)
     if a.ndim != 2 or min(a.shape) < 1:
         raise ValueError(f"a cost matrix must be 2-D and non-empty, got shape {a.shape}")

@@ -15,6 +15,7 @@ gives the RNGs back as it found them, so each call trains as a fresh process wou
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -81,6 +82,11 @@ def process_group() -> Iterator[tuple[int, int, torch.device]]:
             # DeepSpeed's own teardown: it also drops the group handles DeepSpeed caches, which
             # the next run's engine would otherwise find pointing at this destroyed group
             deepspeed.comm.destroy_process_group()
+        if made_group:
+            # Collect the destroyed group's objects here, where its threads live: left to the garbage
+            # collector, they can be freed inside a DataLoader worker forked by the next run in this
+            # process, whose copy of gloo then waits forever for threads that were not forked.
+            gc.collect()
         if made_env:
             for k, v in saved.items():
                 if v is None:

@@ -1,0 +1,202 @@
+"""A Ray Tune sweep of σ², τ (and with weak supervision ε₁ and λ) before transfer evaluation.
+
+:func:`run_sweep` validates everything, writes the synthetic shards once if the recipe uses them
+(before Ray starts, so no two trials race for them), then runs a ``Tuner`` of :func:`trial`s under
+ASHA (trials report every ``report_every`` steps; the weaker half is stopped at each rung) with
+random draws from the ranges, retrying a failed trial from its last checkpoint. An interrupted
+sweep continues with ``resume=True`` (``Tuner.restore``): finished trials are kept, unfinished ones
+resume from their checkpoints. At the end it writes into the sweep's directory ``results.csv`` (one
+row per trial), ``results.md``, ``objective.png`` (the objective against each hyper-parameter) and
+``best_config.json``: the recipe with the best trial's values, which ``launch/pretrain_k400.py
+--config`` takes.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+from carl_scale.config import ConfigError, from_dict, to_dict
+from carl_scale.tables import table
+from carl_scale.train.config import RunConfig
+from carl_scale.train.recipes import configure, load_run_config, recipe
+from carl_scale.tuning.config import LOG_SCALE, SweepConfig, overrides_of
+from carl_scale.tuning.trial import trial
+
+# the transfer evaluation that follows a recipe's pretraining (its protocol in carl_scale.eval.transfer)
+TRANSFER_DATASET = {"debug": "synthetic", "pennaction": "pennaction", "finegym": "finegym", "pouring": "pouring",
+                    "k400": "pennaction"}
+PAPER = {"sigma2": 10.0, "tau": 0.1, "eps1": 5.0, "lam": 0.3}
+LABEL = {"sigma2": "σ²", "tau": "τ", "eps1": "ε₁ (%)", "lam": "λ"}
+
+
+def prepare(cfg: SweepConfig) -> tuple[RunConfig, str]:
+    """(the run config every trial starts from, the validation shards); refuses what would fail
+    later (a bad recipe, --weak on data without video labels, no validation videos)."""
+    from carl_scale.eval.quick import end_of_run_shards
+
+    overrides = {}
+    if cfg.shards is not None:
+        overrides["data.shards"] = cfg.shards
+    if cfg.init_from is not None:
+        overrides["init_from"] = cfg.init_from
+    start = load_run_config(cfg.config) if cfg.config is not None else recipe(cfg.recipe)
+    base = configure(start, overrides, weak=cfg.weak)
+    shards = base.data.shards
+    if isinstance(shards, str) and "://" not in shards:  # Ray's workers run elsewhere: absolute paths
+        base = configure(base, {"data.shards": str(Path(shards).resolve())})
+    val, why = end_of_run_shards(base.data.shards, base.eval.shards,
+                                 base.synthetic.val_videos if base.synthetic is not None else None)
+    if val is None:
+        raise ConfigError(f"the sweep scores trials on validation videos, and there are none: {why}")
+    return base, val
+
+
+def _space(cfg: SweepConfig) -> dict:
+    from ray import tune
+
+    space = {}
+    for name in cfg.swept():
+        lo, hi = getattr(cfg, name)
+        space[name] = lo if lo == hi else (tune.loguniform(lo, hi) if LOG_SCALE[name] else tune.uniform(lo, hi))
+    return space
+
+
+def _cpus() -> int:
+    """The CPUs this process may use (a container reports the host's count otherwise)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _tune(cfg: SweepConfig, base: RunConfig, val: str):
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    out = cfg.directory
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, base=to_dict(base), directory=str(out), steps=cfg.steps,
+                             report_every=cfg.report_every, val_shards=str(Path(val).resolve()),
+                             objective=cfg.objective, val_videos=cfg.val_videos),
+        {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+    if os.environ.get("RAY_ADDRESS"):  # a Ray cluster: its own resources
+        ray.init(address=os.environ["RAY_ADDRESS"])
+    else:  # this machine: the CPUs this process may use (a container reports the host's otherwise)
+        ray.init(num_cpus=max(_cpus(), math.ceil(cfg.cpus_per_trial)), include_dashboard=False,
+                 object_store_memory=200 * 2**20, configure_logging=False)
+    try:
+        if cfg.resume:
+            tuner = tune.Tuner.restore(str(out / "ray"), trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            scheduler = ASHAScheduler(time_attr="step", max_t=cfg.steps, grace_period=cfg.report_every,
+                                      reduction_factor=2)
+            tuner = tune.Tuner(
+                trainable, param_space=_space(cfg),
+                tune_config=tune.TuneConfig(metric="objective", mode="max", scheduler=scheduler,
+                                            num_samples=cfg.trials, reuse_actors=True,
+                                            search_alg=BasicVariantGenerator(random_state=cfg.seed)),
+                run_config=tune.RunConfig(name="ray", storage_path=str(out),
+                                          failure_config=tune.FailureConfig(max_failures=2),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+        return tuner.fit()
+    finally:
+        ray.shutdown()
+
+
+def _rows(grid, cfg: SweepConfig) -> list[dict]:
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        step = int(metrics.get("step", 0) or 0)
+        status = "error" if result.error is not None else ("finished" if step >= cfg.steps else "stopped early")
+        rows.append({"trial": Path(result.path).name, **{k: result.config.get(k) for k in cfg.swept()},
+                     "objective": metrics.get("objective", float("nan")), "steps": step, "status": status})
+    return sorted(rows, key=lambda r: -r["objective"] if r["objective"] == r["objective"] else math.inf)
+
+
+def _plot(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = cfg.swept()
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
+    colour = {"finished": "tab:blue", "stopped early": "tab:orange", "error": "tab:red"}
+    for ax, name in zip(axes[0], names):
+        for status, c in colour.items():
+            pts = [(r[name], r["objective"]) for r in rows if r["status"] == status and r["objective"] == r["objective"]]
+            if pts:
+                ax.scatter(*zip(*pts), c=c, label=status, s=30)
+        if rows and rows[0]["objective"] == rows[0]["objective"]:
+            ax.scatter([rows[0][name]], [rows[0]["objective"]], marker="*", s=220, c="gold", edgecolors="k",
+                       label="best", zorder=3)
+        ax.axvline(PAPER[name], color="grey", ls="--", lw=1, label="paper")
+        if LOG_SCALE[name]:
+            ax.set_xscale("log")
+        ax.set_xlabel(LABEL[name])
+        ax.set_ylabel(cfg.objective)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"sweep {cfg.name}: {cfg.objective} on validation videos, {len(rows)} trials")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(rows: list[dict], cfg: SweepConfig, base: RunConfig) -> dict:
+    """results.csv / .md, objective.png and best_config.json in the sweep's directory."""
+    out = cfg.directory
+    keys = ["trial", *cfg.swept(), "objective", "steps", "status"]
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    text = table([tuple(fmt(r[k]) for k in keys) for r in rows], tuple(keys))
+    md = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)] + \
+         ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+    (out / "results.md").write_text(f"# Sweep {cfg.name}: {cfg.objective} on validation videos, "
+                                    f"{cfg.steps} steps per trial\n\n" + "\n".join(md) + "\n")
+    _plot(rows, cfg, out / "objective.png")
+    summary = {"table": text, "rows": rows}
+    scored = [r for r in rows if r["objective"] == r["objective"]]
+    if scored:
+        best = scored[0]
+        run_dir = str(out / "best_run")
+        best_cfg = configure(base, {**overrides_of({k: best[k] for k in cfg.swept()}), "run_dir": run_dir})
+        (out / "best_config.json").write_text(json.dumps(to_dict(best_cfg), indent=2, sort_keys=True) + "\n")
+        # the evaluation that follows: the recipe's dataset, or this data with the generic protocol
+        dataset = TRANSFER_DATASET[cfg.recipe] if cfg.config is None else f"synthetic --shards {base.data.shards}"
+        summary.update(best=best, pretrain=f"python launch/pretrain_k400.py --config {out / 'best_config.json'}",
+                       transfer=f"launch/transfer_eval.sh {dataset} --run-dir {run_dir}")
+    return summary
+
+
+def run_sweep(cfg: SweepConfig) -> dict:
+    """The whole sweep; returns the summary (table, rows, best trial, the two next commands)."""
+    from ray import tune
+
+    out = cfg.directory
+    experiment = out / "ray"
+    if cfg.resume:  # the sweep as it was started; only where it is comes from this call
+        if not (out / "sweep.json").is_file() or not tune.Tuner.can_restore(str(experiment)):
+            raise ConfigError(f"--resume: there is no sweep to continue in {out}")
+        cfg = dataclasses.replace(from_dict(SweepConfig, json.loads((out / "sweep.json").read_text())),
+                                  out=str(out), resume=True)
+    base, val = prepare(cfg)
+    if not cfg.resume and experiment.exists():
+        raise ConfigError(f"{out} holds a sweep already: continue it with --resume, or give another --name/--out")
+    if base.synthetic is not None:  # once, here: trials never race to write the shards
+        from carl_scale.datasets.synthetic import ensure_synthetic_shards
+
+        ensure_synthetic_shards(base.data.shards, base.synthetic, progress=not os.environ.get("CARL_SCALE_NO_PROGRESS"))
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        (out / "sweep.json").write_text(json.dumps(to_dict(dataclasses.replace(cfg, out=str(out))), indent=2,
+                                                   sort_keys=True) + "\n")
+    grid = _tune(cfg, base, val)
+    return write_results(_rows(grid, cfg), cfg, base)

@@ -1,0 +1,96 @@
+"""`python tuning/sweep.py`: a real Ray Tune sweep (real training, real validation metric) on the
+tiny shards, its outputs, refusals before Ray starts, and an interrupted sweep resumed."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from carl_scale.config import ConfigError, to_dict
+from carl_scale.train.recipes import configure, recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "CARL_SCALE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+       "RAY_DEDUP_LOGS": "0"}
+pytestmark = pytest.mark.slow
+
+
+def _small_config(shards: Path, path: Path) -> Path:
+    cfg = configure(recipe("debug"), {"data.shards": str(shards), "data.batch_size": 2, "data.num_workers": 0,
+                                      "data.temporal.num_frames": 4, "model.image_size": 32})
+    path.write_text(json.dumps(to_dict(cfg)))
+    return path
+
+
+def _sweep(*flags: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tuning/sweep.py"), *flags], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_bad_ranges_and_data_without_labels_are_refused_before_ray_starts(tmp_path):
+    from tuning.sweep import parse
+
+    for flags, message in ((["--tau=-1:2"], "--tau must be > 0"), (["--sigma2", "0:5"], "--sigma2 must be > 0"),
+                           (["--eps1", "0:5"], "--eps1 must be in (0, 100]"), (["--eps1", "5:200"], "(0, 100]"),
+                           (["--lambda=-0.1:1"], "--lambda must be >= 0"), (["--tau", "0.5:0.1"], "LO must be <= HI"),
+                           (["--trials", "0"], "--trials must be >= 1"), (["--steps", "10", "--report-every", "20"],
+                                                                          "--report-every (20) must be <= --steps")):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+            parse(flags)
+    from carl_scale.tuning.sweep import prepare
+
+    with pytest.raises(ConfigError, match="--weak needs video-level labels"):
+        prepare(parse(["--weak", "--shards", str(tmp_path)]))
+    res = _sweep("--tau", "0.5:0.1", "--out", str(tmp_path / "s"))
+    assert res.returncode == 1 and "Traceback" not in res.stderr and not (tmp_path / "s").exists()
+
+
+def test_a_two_trial_sweep_writes_its_table_plot_and_best_config(vp9_shards, tmp_path):
+    out = tmp_path / "sweep"
+    res = _sweep("--config", str(_small_config(vp9_shards, tmp_path / "small.json")), "--out", str(out),
+                 "--trials", "2", "--steps", "4", "--report-every", "2", "--val-videos", "4",
+                 "--cpus-per-trial", "1")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 and {r["status"] for r in rows} <= {"finished", "stopped early"}
+    assert all(0 <= float(r["objective"]) <= 1 for r in rows)  # cross-validated phase accuracy
+    assert rows[0]["objective"] >= rows[1]["objective"] and "| trial |" in (out / "results.md").read_text()
+    assert (out / "objective.png").stat().st_size > 10_000
+    best = json.loads((out / "best_config.json").read_text())
+    assert best["loss"]["tau"] == pytest.approx(float(rows[0]["tau"])) and best["data"]["batch_size"] == 2
+    assert "launch/pretrain_k400.py --config" in res.stdout and "launch/transfer_eval.sh" in res.stdout
+    from launch.pretrain_k400 import parse  # the best config is one the entry point takes
+
+    cfg, _ = parse(["--config", str(out / "best_config.json"), "--steps", "1"])
+    assert cfg.loss.sigma2 == pytest.approx(float(rows[0]["sigma2"]))
+
+
+def test_an_interrupted_sweep_resumes_and_keeps_its_finished_trials(vp9_shards, tmp_path):
+    out = tmp_path / "sweep"
+    flags = ["--config", str(_small_config(vp9_shards, tmp_path / "small.json")), "--out", str(out), "--trials", "2",
+             "--steps", "4", "--report-every", "2", "--val-videos", "4", "--cpus-per-trial", "1"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tuning/sweep.py"), *flags], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not list((out / "trials").glob("*/summary.json")):  # a trial trained to its end
+        assert proc.poll() is None and time.time() < deadline, "the sweep ended before it could be interrupted"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and Ray with it
+    proc.wait()
+    first = next((out / "trials").glob("*/summary.json"))
+    stamp = first.stat().st_mtime_ns
+    subprocess.run(["ray", "stop", "--force"], env=ENV, capture_output=True, timeout=120)
+    res = _sweep("--out", str(out), "--resume")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 and all(r["objective"] not in ("", "nan") for r in rows)
+    assert first.stat().st_mtime_ns == stamp  # the finished trial was kept, not trained again

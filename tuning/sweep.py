@@ -1,0 +1,54 @@
+"""Ray Tune sweep of σ² and τ (with --weak also ε₁ and λ) on validation videos, before transfer evaluation.
+
+    python tuning/sweep.py                              # the embedded synthetic set, debug recipe, ~10 min on 2 CPUs
+    python tuning/sweep.py --trials 12 --steps 200 --tau 0.05:0.3
+    python tuning/sweep.py --weak --init-from runs/pretrain/checkpoints/latest    # σ², τ, ε₁, λ of weak supervision
+    python tuning/sweep.py --recipe pennaction --shards data/pennaction --gpus-per-trial 1 --cpus-per-trial 8
+    python tuning/sweep.py --resume                     # continue an interrupted sweep (same --name/--out)
+
+Writes runs/sweep/<name>/: results.csv, results.md, objective.png, best_config.json (for
+``launch/pretrain_k400.py --config``), and prints the table, the best values and the two commands
+that follow: pretraining with them and its transfer evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from carl_scale.config import add_flags, from_dict, given_flags  # noqa: E402
+from carl_scale.errors import run_cli  # noqa: E402
+from carl_scale.tuning.config import SweepConfig  # noqa: E402
+
+
+def parse(argv: list[str] | None = None) -> SweepConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
+    add_flags(p, SweepConfig)
+    return from_dict(SweepConfig, {k: v for k, v in given_flags(p.parse_args(argv), SweepConfig).items()})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse(argv)
+    # Ray's workers start fresh interpreters: they find carl_scale from here, and draw no progress bars
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    os.environ.setdefault("CARL_SCALE_NO_PROGRESS", "1")
+    from carl_scale.tuning.sweep import run_sweep
+
+    summary = run_sweep(cfg)
+    print(f"\nsweep {cfg.name}: {cfg.objective} on validation videos, best first\n{summary['table']}")
+    if "best" in summary:
+        b = summary["best"]
+        values = ", ".join(f"{k}={b[k]:.4g}" for k in ("sigma2", "tau", "eps1", "lam") if k in b)
+        print(f"\nbest: {values} ({cfg.objective} {b['objective']:.4f}, {b['trial']})")
+        print(f"next: {summary['pretrain']}\n      {summary['transfer']}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli("sweep.py", main)
