@@ -80,13 +80,13 @@ def test_an_interrupted_sweep_resumes_and_keeps_its_finished_trials(vp9_shards, 
     proc = subprocess.Popen([sys.executable, str(ROOT / "tuning/sweep.py"), *flags], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while not list((out / "trials").glob("*/summary.json")):  # a trial trained to its end
+    while not list((out / "trials").glob("*/checkpoints/step_000004")):  # a trial trained to its last step
         assert proc.poll() is None and time.time() < deadline, "the sweep ended before it could be interrupted"
-        time.sleep(0.2)
-    time.sleep(1.0)
+        time.sleep(0.1)
+    time.sleep(2.0)  # its report reaches Ray
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and Ray with it
     proc.wait()
-    first = next((out / "trials").glob("*/summary.json"))
+    first = next((out / "trials").glob("*/checkpoints/step_000004/model.pt"))
     stamp = first.stat().st_mtime_ns
     subprocess.run(["ray", "stop", "--force"], env=ENV, capture_output=True, timeout=120)
     res = _sweep("--out", str(out), "--resume")

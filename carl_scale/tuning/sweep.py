@@ -113,9 +113,12 @@ def _rows(grid, cfg: SweepConfig) -> list[dict]:
         metrics = result.metrics or {}
         step = int(metrics.get("step", 0) or 0)
         status = "error" if result.error is not None else ("finished" if step >= cfg.steps else "stopped early")
-        rows.append({"trial": Path(result.path).name, **{k: result.config.get(k) for k in cfg.swept()},
+        name = f"trial_{metrics['trial_id']}" if "trial_id" in metrics else Path(result.path).name
+        rows.append({"trial": name, **{k: result.config.get(k) for k in cfg.swept()},
                      "objective": metrics.get("objective", float("nan")), "steps": step, "status": status})
-    return sorted(rows, key=lambda r: -r["objective"] if r["objective"] == r["objective"] else math.inf)
+    # finished trials first (one ASHA stopped scored lower at a rung), best objective first
+    return sorted(rows, key=lambda r: (r["status"] != "finished",
+                                       -r["objective"] if r["objective"] == r["objective"] else math.inf))
 
 
 def _plot(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
