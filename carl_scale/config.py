@@ -21,7 +21,6 @@ import math
 import types
 import typing
 from dataclasses import MISSING, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 

@@ -21,7 +21,11 @@ def add_writer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crf", type=int, default=30, help="vp9/h264 quality (lower is better)")
     p.add_argument("--max-samples", type=int, default=None, help="videos per shard at most (default: 64; synthetic: ~16 shards per split)")
     p.add_argument("--max-bytes", type=int, default=1 << 30, help="bytes per shard at most")
-    p.add_argument("--overwrite", action="store_true", help="replace splits that --out already holds")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes writing shards side by side (the shards are the same for any number)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace splits that --out already holds (without it, rerunning an interrupted command "
+                        "finishes it, keeping the shards it had finished)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
 
@@ -30,12 +34,13 @@ def writer_kwargs(args: argparse.Namespace) -> dict:
     """The keyword arguments every ``write_*_shards`` function takes, from the shared flags (a value
     outside its range is refused before anything is written)."""
     for flag, value, lo, hi in (("--max-samples", args.max_samples, 1, None), ("--max-bytes", args.max_bytes, 1, None),
-                                ("--gop", args.gop, 1, None), ("--crf", args.crf, 0, 63)):
+                                ("--gop", args.gop, 1, None), ("--crf", args.crf, 0, 63),
+                                ("--workers", args.workers, 1, None)):
         if value is not None and (value < lo or (hi is not None and value > hi)):
             raise ValueError(f"{flag} must be {'>= ' + str(lo) if hi is None else f'in [{lo}, {hi}]'}, got {value}")
     return dict(payload=args.payload, encode=EncodeOptions(codec=args.codec, gop=args.gop, crf=args.crf),
                 max_samples=args.max_samples, max_bytes=args.max_bytes, overwrite=args.overwrite,
-                progress=not args.no_progress)
+                progress=not args.no_progress, workers=args.workers)
 
 
 def print_summary(manifest: dict, out: str) -> None:

@@ -228,3 +228,31 @@ def test_label_grouper_deals_groups_in_stream_order_and_never_stalls():
     # a run of labels seen once: held up to 8, then the oldest are dealt into mixed groups
     assert len(out) == 4 and {x for b in out for x in b} >= {(8, 4), (9, -1), (10, 5)}
     assert all(len(b) == 4 for b in out)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_exact_when_failed_samples_came_before_the_checkpoint(vp9_shards, tmp_path, workers):
+    """A worker that skipped failed samples has read more of its stream than it yielded: the
+    loader's state keeps each worker's position, so the resumed batches are the uninterrupted
+    run's, bit for bit, wherever the interruption falls."""
+    shards = [str(vp9_shards / s["path"]) for s in read_manifest(vp9_shards)["splits"]["train"]["shards"]]
+    _corrupt_shard(shards[0], tmp_path / "bad-000000.tar")
+    cfg = _cfg([str(tmp_path / "bad-000000.tar"), *shards[1:]], batch_size=1, num_workers=workers,
+               epoch_samples=10)
+    full = list(VideoLoader(cfg))
+    exercised = 0
+    for k in range(1, len(full)):
+        loader = VideoLoader(cfg)
+        it = iter(loader)
+        for _ in range(k):
+            next(it)
+        state = loader.state_dict()
+        consumed = sum(state["positions"].values())
+        del it
+        exercised += consumed > k  # the workers read more samples than the k batches they gave
+        resumed = VideoLoader(cfg)
+        resumed.load_state_dict(state)
+        rest = list(resumed)
+        assert [b.video_ids for b in rest] == [b.video_ids for b in full[k:]], k
+        assert all(torch.equal(x.views, y.views) for x, y in zip(rest, full[k:]))
+    assert exercised >= 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import tarfile
 
@@ -14,7 +16,8 @@ from carl_scale.data.decoders import DaliDecoder, EncodedVideo, PyAVDecoder, mak
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.encode import EncodeOptions, encode_video
 from carl_scale.datasets.synthetic import ensure_synthetic_shards, render_video, write_synthetic_shards
-from carl_scale.datasets.writer import ShardWriter, VideoRecord
+from carl_scale.datasets.parallel import WriteOptions, write_split
+from carl_scale.datasets.writer import VideoRecord
 from carl_scale.data.whole_video import iter_whole_videos, iter_whole_videos_dali
 
 # Lossy codecs on noisy, textured 64x64 frames: the decoded video must stay close to what was
@@ -129,29 +132,43 @@ def test_h264_through_pyav_and_clear_error_from_dali_on_cpu(tmp_path):
     assert make_decoder("auto", codec="mixed", device="cpu").name == "pyav"
 
 
-def test_writer_refuses_to_overwrite_and_is_atomic(tmp_path):
+def test_writer_refuses_other_inputs_and_finishes_an_interrupted_split(tmp_path):
     cfg = SyntheticConfig(num_actions=1, train_videos=1, val_videos=1, min_frames=20, max_frames=20,
                           height=32, width=32)
     write_synthetic_shards(tmp_path, cfg, progress=False)
+    stamp = (tmp_path / "train-000000.tar").stat().st_mtime_ns
+    write_synthetic_shards(tmp_path, cfg, progress=False)  # the same command again: complete, nothing changes
+    assert (tmp_path / "train-000000.tar").stat().st_mtime_ns == stamp
     with pytest.raises(FileExistsError, match="--overwrite"):
-        write_synthetic_shards(tmp_path, cfg, progress=False)
-    before = read_manifest(tmp_path)
-    write_synthetic_shards(tmp_path, cfg, overwrite=True, progress=False)
-    assert read_manifest(tmp_path)["splits"]["train"]["samples"] == before["splits"]["train"]["samples"]
+        write_synthetic_shards(tmp_path, dataclasses.replace(cfg, seed=1), progress=False)
+    write_synthetic_shards(tmp_path, dataclasses.replace(cfg, seed=1), overwrite=True, progress=False)
+    assert read_manifest(tmp_path)["synthetic_config"]["seed"] == 1
 
-    # An interrupted run leaves only a .partial shard and no manifest entry: refused, not reused.
-    out = tmp_path / "interrupted"
-    v = render_video(cfg, "train", 0)
-    with pytest.raises(RuntimeError):
-        with ShardWriter(out, "train", dataset="x", max_samples=1) as w:
-            w.write(VideoRecord(v.video_id, v.frames, v.fps))
-            w.write(VideoRecord("second", v.frames, v.fps))  # opens a second shard
-            raise RuntimeError("killed")
-    assert (out / "train-000000.tar").exists()  # finished shard renamed
-    assert (out / "train-000001.tar.partial").exists() and not (out / "train-000001.tar").exists()
+    # Interrupted in the third of four slots: two finished shards and a .partial stay; the rerun
+    # keeps the finished ones and gives what an uninterrupted write gives.
+    videos = [render_video(cfg, "train", 0)] * 8
+
+    def load(i, fail_at=None):
+        if i == fail_at:
+            raise KeyboardInterrupt
+        return VideoRecord(f"v{i}", videos[i].frames, videos[i].fps, action_label=i % 2)
+
+    out, ref = tmp_path / "interrupted", tmp_path / "uninterrupted"
+    opts = WriteOptions(max_samples=2, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        write_split(out, "train", range(8), functools.partial(load, fail_at=5), dataset="x", opts=opts)
+    assert (out / "train-000001.tar").exists() and (out / "train-000002.tar.partial").exists()
     assert read_manifest(out) is None
-    with pytest.raises(FileExistsError, match="unfinished"):
-        ShardWriter(out, "train", dataset="x")
+    stamp = (out / "train-000000.tar").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="other inputs"):
+        write_split(out, "train", range(7), load, dataset="x", opts=opts)
+    write_split(out, "train", range(8), load, dataset="x", opts=opts)
+    write_split(ref, "train", range(8), load, dataset="x", opts=dataclasses.replace(opts, workers=2))
+    assert (out / "train-000000.tar").stat().st_mtime_ns == stamp  # kept, not rewritten
+    names = sorted(p.name for p in ref.glob("train-*"))
+    assert names == sorted(p.name for p in out.glob("train-*")) and len(names) == 8
+    assert all((out / n).read_bytes() == (ref / n).read_bytes() for n in names)
+    assert read_manifest(out)["splits"]["train"]["samples"] == 8
 
 
 def test_ensure_synthetic_shards_reuses_and_refuses_other_configs(tmp_path):

@@ -29,7 +29,6 @@ import random
 import zlib
 from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -133,6 +132,7 @@ class ShardedVideoDataset(IterableDataset):
         self.decoder, self.counter = decoder, counter
         self.epoch = 0
         self.start_batch = 0  # global batch index to resume from within the epoch
+        self.resume_at: dict[int, int] = {}  # logical worker -> its stream position at start_batch
 
     def _worker(self) -> tuple[int, int]:
         """(logical worker, number of workers). The DataLoader takes batches from its workers
@@ -207,7 +207,7 @@ class ShardedVideoDataset(IterableDataset):
                 entered += 1
                 yield from grouper.add((sample, pass_), label)
 
-    def __iter__(self) -> Iterator[list[PreparedSample]]:
+    def __iter__(self) -> Iterator["WorkerBatch"]:
         worker, num_workers = self._worker()
         cfg = self.cfg
         nb = self.batches_per_epoch
@@ -216,8 +216,13 @@ class ShardedVideoDataset(IterableDataset):
         done = max(0, math.ceil((self.start_batch - worker) / num_workers))
         if done >= quota:
             return
-        skip = done  # raw batches consumed without decoding
-        ready: list[PreparedSample] = []  # prepared, in stream order: a failed sample's place is taken by the next
+        # Where this worker's stream resumes, counted in dealt samples: the position its last
+        # consumed batch reported (exact even when failed samples made it read more than it
+        # yielded), or for a state without positions, done whole raw batches.
+        target = self.resume_at.get(worker, done * cfg.batch_size)
+        pos = 0  # dealt samples consumed so far: prepared, failed or skipped undecoded
+        # prepared, in stream order, each with its position: a failed sample's place is taken by the next
+        ready: list[tuple[int, PreparedSample]] = []
         tried = prepared = 0  # since the last pass ended
         for raw in self._dealt(self._samples(worker, num_workers)):
             if isinstance(raw, int):  # a whole pass of nothing usable would spin forever: say so instead
@@ -227,29 +232,38 @@ class ShardedVideoDataset(IterableDataset):
                         f"({self.counter.count} skipped so far): are the shards corrupt or empty?")
                 tried = prepared = 0
                 continue
-            if skip:
-                skip -= 1
-                prepared += len(raw)
-                continue
+            start, pos = pos, pos + len(raw)
+            first = min(len(raw), max(0, target - start))  # consumed before the resume point: not decoded
+            prepared += first
             group = cfg.per_label or 1  # a label group stays whole: a failed member drops its group
-            for g in range(0, len(raw), group):
+            for g in range(first, len(raw), group):
                 members = []
-                for sample, pass_ in raw[g: g + group]:
+                for i, (sample, pass_) in enumerate(raw[g: g + group]):
                     tried += 1
                     try:
-                        members.append(prepare_sample(sample, cfg, self.epoch, pass_, self.decoder, seed=self.seed,
-                                                      photometric=self.photometric))
+                        members.append((start + g + i, prepare_sample(sample, cfg, self.epoch, pass_, self.decoder,
+                                                                      seed=self.seed, photometric=self.photometric)))
                         prepared += 1
                     except Exception as exn:  # corrupt or undecodable: counted, never fatal, never silent
                         self.counter.add(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
                 if len(members) == min(group, len(raw) - g):
                     ready += members
             while len(ready) >= cfg.batch_size:
-                yield ready[: cfg.batch_size]
-                ready = ready[cfg.batch_size:]
+                batch, ready = ready[: cfg.batch_size], ready[cfg.batch_size:]
                 done += 1
+                # leftovers are whole groups, so ready[0] starts one: the next batch is rebuilt from there
+                yield WorkerBatch([s for _, s in batch], worker, ready[0][0] if ready else pos)
                 if done >= quota:
                     return
+
+
+@dataclass
+class WorkerBatch:
+    """A worker's batch and where its stream resumes after it (see ``VideoLoader.state_dict``)."""
+
+    samples: list[PreparedSample]
+    worker: int  # logical worker id
+    resume_at: int  # dealt samples of the worker's epoch stream that come before its next batch
 
 
 # -- batches -----------------------------------------------------------------------------------
@@ -330,6 +344,7 @@ class VideoLoader:
                                            decoder=worker_decoder, counter=self.counter, seed=seed,
                                            photometric=self.device == "cpu")
         self.epoch, self.next_batch = 0, 0
+        self.positions: dict[int, int] = {}  # logical worker -> stream position after its last batch taken
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -339,16 +354,23 @@ class VideoLoader:
         return self.counter.count
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.next_batch = epoch, 0
+        self.epoch, self.next_batch, self.positions = epoch, 0, {}
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "next_batch": self.next_batch, "skipped": self.skipped}
+        """Where the next batch comes from: the epoch, the batch index, and per worker how many
+        samples of its stream are behind it. Failed samples make a worker read more samples than
+        it yields, so the positions (not ``next_batch x batch_size``) make a resume exact."""
+        return {"epoch": self.epoch, "next_batch": self.next_batch, "skipped": self.skipped,
+                "positions": dict(self.positions)}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
+        # a state from before positions were kept resumes as it was written: whole batches
+        self.positions = {int(w): int(p) for w, p in state.get("positions", {}).items()}
 
     def __iter__(self) -> Iterator[VideoBatch]:
         self.dataset.epoch, self.dataset.start_batch = self.epoch, self.next_batch
+        self.dataset.resume_at = dict(self.positions)
         workers = self.cfg.num_workers  # fixed: the shard split depends on it
         # Its own generator: a DataLoader iterator otherwise draws its base seed from the global
         # torch RNG, so a resumed run (new iterator mid-epoch) would shift every later dropout mask.
@@ -356,8 +378,9 @@ class VideoLoader:
                         generator=torch.Generator().manual_seed(self.seed + self.epoch),
                         multiprocessing_context="fork" if workers > 0 else None,
                         prefetch_factor=2 if workers > 0 else None)
-        for raw in dl:
-            batch = collate(raw, self.cfg, self.decoder, self.device)
+        for wb in dl:
+            batch = collate(wb.samples, self.cfg, self.decoder, self.device)
             self.next_batch += 1
+            self.positions[wb.worker] = wb.resume_at
             yield batch
-        self.epoch, self.next_batch = self.epoch + 1, 0
+        self.epoch, self.next_batch, self.positions = self.epoch + 1, 0, {}

@@ -46,7 +46,9 @@ def encode_video(frames: np.ndarray, fps: float, opts: EncodeOptions | None = No
     buf = io.BytesIO()
     # Exact integer-ish rates keep frame index = round(pts * fps) for every container.
     rate = round(fps) if abs(fps - round(fps)) < 1e-6 else av.utils.Fraction(fps).limit_denominator(1001)
-    with av.open(buf, "w", format=container) as out:
+    # bitexact: no random segment UID or muxer date, so the same frames give the same bytes (a
+    # resumed or re-run write reproduces its shards)
+    with av.open(buf, "w", format=container, container_options={"fflags": "+bitexact"}) as out:
         stream = out.add_stream(encoder, rate=rate)
         stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
         stream.gop_size = opts.gop

@@ -29,18 +29,17 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import av
 import numpy as np
-from tqdm.auto import tqdm
 
 from carl_scale.data.codec import decode_rgb
 from carl_scale.data.manifest import read_manifest
-from carl_scale.datasets.encode import EncodeOptions
 from carl_scale.datasets.folder import VIDEO_EXTENSIONS
-from carl_scale.datasets.writer import ShardWriter, VideoRecord
+from carl_scale.datasets.parallel import SkipInput, write_options, write_split
+from carl_scale.datasets.writer import VideoRecord
 
 log = logging.getLogger("carl_scale.data")
 
@@ -160,9 +159,7 @@ def _find_videos(videos: Path) -> dict[str, Path]:
 
 
 def write_finegym_shards(videos: str | Path, annotations: str | Path, out_dir: str | Path,
-                         opts: FineGymOptions | None = None, *, payload: str = "video",
-                         encode: EncodeOptions | None = None, max_samples: int | None = None,
-                         max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True) -> dict:
+                         opts: FineGymOptions | None = None, **write) -> dict:
     """Write the train and val events (see the module docstring); returns the manifest."""
     opts = opts or FineGymOptions()
     videos, annotations = Path(videos), Path(annotations)
@@ -185,35 +182,30 @@ def write_finegym_shards(videos: str | Path, annotations: str | Path, out_dir: s
             for (yt, ev, seg), cls in read_element_labels(path).items():
                 by_event.setdefault((yt, ev), {c: {} for c in CLASS_SETS})[cs][seg] = cls
         events = sorted(by_event)[: opts.limit]
-        writer = ShardWriter(out_dir, split, dataset="finegym", payload=payload, encode=encode,
-                             max_samples=64 if max_samples is None else max_samples, max_bytes=max_bytes, label_names=label_names,
-                             overwrite=overwrite)
-        with writer:
-            for yt, ev in tqdm(events, disable=not progress, desc=f"finegym {split}", unit="event"):
-                event_id = f"{yt}_{ev}"
-                event = info.get(yt, {}).get(ev)
-                if event is None:
-                    writer.skip(event_id, f"not in {info_path.name}")
-                    continue
-                if event_id in found:
-                    path, start, end = found[event_id], None, None
-                elif yt in found:
-                    path, (start, end) = found[yt], event["timestamps"][0]
-                else:
-                    writer.skip(event_id, f"no video {event_id}.* or {yt}.* under {videos}")
-                    continue
-                try:
-                    frames = decode_span(path, start, end, opts.fps, opts.short_side)
-                except Exception as exn:  # corrupt / unreadable / too short: skip and count
-                    log.warning("skipping %s (%s): %s", event_id, path, exn)
-                    writer.skip(event_id, f"{type(exn).__name__}: {exn}")
-                    continue
-                labels = {cs: event_frame_labels(event, by_event[(yt, ev)][cs], len(frames), opts.fps)
-                          for cs in CLASS_SETS}
-                writer.write(VideoRecord(event_id, frames, opts.fps, int(event["event"]) - 1, labels["gym99"],
-                                         frame_labels={"gym288": labels["gym288"]},
-                                         extra={"source": str(path.relative_to(videos)), "event_start": start}))
-        if writer.skipped:
-            log.warning("finegym %s: skipped %d of %d events (listed in shards.json)", split, len(writer.skipped),
+
+        def load(key: tuple[str, str], by_event=by_event) -> VideoRecord:
+            yt, ev = key
+            event_id = f"{yt}_{ev}"
+            event = info.get(yt, {}).get(ev)
+            if event is None:
+                raise SkipInput(f"not in {info_path.name}")
+            if event_id in found:
+                path, start, end = found[event_id], None, None
+            elif yt in found:
+                path, (start, end) = found[yt], event["timestamps"][0]
+            else:
+                raise SkipInput(f"no video {event_id}.* or {yt}.* under {videos}")
+            frames = decode_span(path, start, end, opts.fps, opts.short_side)
+            labels = {cs: event_frame_labels(event, by_event[(yt, ev)][cs], len(frames), opts.fps)
+                      for cs in CLASS_SETS}
+            return VideoRecord(event_id, frames, opts.fps, int(event["event"]) - 1, labels["gym99"],
+                               frame_labels={"gym288": labels["gym288"]},
+                               extra={"source": str(path.relative_to(videos)), "event_start": start})
+
+        entry = write_split(out_dir, split, events, load, dataset="finegym", opts=write_options(**write),
+                            label_names=label_names, describe=lambda key: f"{key[0]}_{key[1]}",
+                            settings=asdict(opts))
+        if entry["skipped"]:
+            log.warning("finegym %s: skipped %d of %d events (listed in shards.json)", split, len(entry["skipped"]),
                         len(events))
     return read_manifest(out_dir)

@@ -1,4 +1,4 @@
-"""A folder of the user's own videos -> shards, through :class:`~carl_scale.datasets.writer.ShardWriter`
+"""A folder of the user's own videos -> shards, through :func:`~carl_scale.datasets.parallel.write_split`
 like every dataset."""
 
 from __future__ import annotations
@@ -6,17 +6,16 @@ from __future__ import annotations
 import csv
 import logging
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import av
 import numpy as np
-from tqdm.auto import tqdm
 
 from carl_scale.data.codec import decode_rgb
 from carl_scale.data.manifest import read_manifest
-from carl_scale.datasets.encode import EncodeOptions
-from carl_scale.datasets.writer import ShardWriter, VideoRecord, sample_key, write_manifest
+from carl_scale.datasets.parallel import SkipInput, write_options, write_split
+from carl_scale.datasets.writer import VideoRecord, sample_key, write_manifest
 
 log = logging.getLogger("carl_scale.data")
 
@@ -101,10 +100,9 @@ def _video_id(rel: str) -> str:
     return rel.rsplit(".", 1)[0].replace("/", "__")
 
 
-def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOptions | None = None, *,
-                        payload: str = "video", encode: EncodeOptions | None = None, max_samples: int | None = None,
-                        max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True) -> dict:
-    """Every video file under ``src`` (any codec PyAV reads) into shards. Unreadable videos (and
+def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOptions | None = None, **write) -> dict:
+    """Every video file under ``src`` (any codec PyAV reads) into shards (``write``: the keyword
+    arguments of :func:`~carl_scale.datasets.parallel.write_options`). Unreadable videos (and
     those that decode to fewer frames than their container lists), label files that do not fit,
     and a second file whose name makes the same video id are skipped and listed in the manifest,
     never fatal. Label-CSV rows that replace another, match no video or match two files are
@@ -150,49 +148,39 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
     owner: dict[str, str] = {}
     for p in files:
         owner.setdefault(sample_key(_video_id(str(p.relative_to(src)))), str(p.relative_to(src)))
-    transcode = opts.transcode or opts.short_side is not None or payload == "jpeg"
+    wopts = write_options(**write)
+    transcode = opts.transcode or opts.short_side is not None or wopts.payload == "jpeg"
     label_names = {"actions": names} if names else {}
+
+    def load(p: Path) -> VideoRecord:
+        rel = str(p.relative_to(src))
+        vid = _video_id(rel)
+        if owner[sample_key(vid)] != rel:
+            raise SkipInput(f"its video id {sample_key(vid)!r} is already {owner[sample_key(vid)]!r}'s; "
+                            f"rename one of the two files")
+        row = rows[matched[p]] if p in matched else None
+        label = -1 if row is None else (names.index(row[0]) if names else int(row[0]))
+        frames, fps, codec = _decode_file(p, opts.short_side)
+        phases = _frame_labels(opts.frame_labels, p.stem)
+        extra = {name: _frame_labels(d, p.stem) for name, d in opts.extra_frame_labels.items()}
+        bad = [f"{len(lab)} {name} frame labels" for name, lab in [("phase", phases), *extra.items()]
+               if lab is not None and len(lab) != len(frames)]
+        if bad:
+            raise SkipInput(f"{', '.join(bad)} for {len(frames)} frames")
+        # every video carries every named set, so readers never guess
+        extra = {name: np.full(len(frames), -1) if lab is None else lab for name, lab in extra.items()}
+        if transcode:
+            return VideoRecord(vid, frames, fps, label, phases, frame_labels=extra)
+        return VideoRecord(vid, None, fps, label, phases, encoded=p.read_bytes(), num_frames=len(frames),
+                           height=frames.shape[1], width=frames.shape[2], codec=codec, frame_labels=extra,
+                           extra={"source": rel})
+
     for split, paths in sorted(by_split.items()):
-        writer = ShardWriter(out_dir, split, dataset=src.name, payload=payload, encode=encode,
-                             max_samples=64 if max_samples is None else max_samples, max_bytes=max_bytes,
-                             label_names=label_names, overwrite=overwrite)
-        with writer:
-            for p in tqdm(paths, disable=not progress, desc=f"{src.name} {split}", unit="video"):
-                rel = str(p.relative_to(src))
-                vid = _video_id(rel)
-                if owner[sample_key(vid)] != rel:
-                    writer.skip(rel, f"its video id {sample_key(vid)!r} is already {owner[sample_key(vid)]!r}'s; "
-                                     f"rename one of the two files")
-                    continue
-                row = rows[matched[p]] if p in matched else None
-                label = -1 if row is None else (names.index(row[0]) if names else int(row[0]))
-                try:
-                    frames, fps, codec = _decode_file(p, opts.short_side)
-                    phases = _frame_labels(opts.frame_labels, p.stem)
-                    extra = {name: _frame_labels(d, p.stem) for name, d in opts.extra_frame_labels.items()}
-                except Exception as exn:  # corrupt / unreadable video or label file: skip and count
-                    log.warning("skipping %s: %s", p, exn)
-                    writer.skip(rel, f"{type(exn).__name__}: {exn}")
-                    continue
-                bad = [f"{len(lab)} {name} frame labels" for name, lab in [("phase", phases), *extra.items()]
-                       if lab is not None and len(lab) != len(frames)]
-                if bad:
-                    writer.skip(rel, f"{', '.join(bad)} for {len(frames)} frames")
-                    continue
-                # every video carries every named set, so readers never guess
-                extra = {name: np.full(len(frames), -1) if lab is None else lab for name, lab in extra.items()}
-                if transcode:
-                    rec = VideoRecord(vid, frames, fps, label, phases, frame_labels=extra)
-                else:
-                    rec = VideoRecord(vid, None, fps, label, phases, encoded=p.read_bytes(),
-                                      num_frames=len(frames), height=frames.shape[1], width=frames.shape[2],
-                                      codec=codec, frame_labels=extra, extra={"source": rel})
-                try:  # encoding fails before anything of the sample is in the shard
-                    writer.write(rec)
-                except ValueError as exn:  # e.g. odd frame sizes for a 4:2:0 codec
-                    writer.skip(rel, f"ValueError: {exn}")
-        if writer.skipped:
-            log.warning("%s: skipped %d of %d videos (listed in shards.json)", split, len(writer.skipped), len(paths))
+        entry = write_split(out_dir, split, paths, load, dataset=src.name, opts=wopts, label_names=label_names,
+                            describe=lambda p: str(p.relative_to(src)),
+                            settings={**asdict(opts), "labels": label_names})
+        if entry["skipped"]:
+            log.warning("%s: skipped %d of %d videos (listed in shards.json)", split, len(entry["skipped"]), len(paths))
     manifest = read_manifest(out_dir)
     if warnings:
         manifest["label_warnings"] = warnings

@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from carl_scale.data.manifest import read_manifest
-from carl_scale.datasets.encode import EncodeOptions
-from carl_scale.datasets.writer import ShardWriter, VideoRecord
+from carl_scale.datasets.parallel import SkipInput, write_options, write_split
+from carl_scale.datasets.writer import VideoRecord
 
 log = logging.getLogger("carl_scale.data")
 
@@ -93,9 +92,7 @@ def _load_frames(paths: list[Path], square: int | None, short_side: int | None) 
 
 
 def write_pennaction_shards(root: str | Path, phase_labels: str | Path, out_dir: str | Path,
-                            opts: PennActionOptions | None = None, *, payload: str = "video",
-                            encode: EncodeOptions | None = None, max_samples: int | None = None,
-                            max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True) -> dict:
+                            opts: PennActionOptions | None = None, **write) -> dict:
     """Write the train and val splits (see the module docstring); returns the manifest."""
     opts = opts or PennActionOptions()
     root, phase_labels = Path(root), Path(phase_labels)
@@ -117,32 +114,27 @@ def write_pennaction_shards(root: str | Path, phase_labels: str | Path, out_dir:
             clash = f"{f.stem[:4]} is also labelled by {first[f.stem[:4]]}" if f.stem[:4] in first else None
             first.setdefault(f.stem[:4], f)
             listed[split].append((f, clash))
+    def load(item: tuple[Path, str | None]) -> VideoRecord:
+        f, clash = item
+        seq = f.stem[:4]
+        if clash:
+            raise SkipInput(clash)
+        action = _action_of(root, seq, f.parent.name)
+        if action not in ACTIONS:
+            raise SkipInput(f"action {action!r} is not one of the 13 evaluated")
+        frame_paths = sorted((root / "frames" / seq).glob("*.jpg"))
+        if not frame_paths:
+            raise SkipInput(f"no frames in {root / 'frames' / seq}")
+        frame_paths, labels = match_lengths(frame_paths, read_phase_labels(f))
+        frames = _load_frames(frame_paths, opts.square, opts.short_side)
+        return VideoRecord(f"{seq}_{action}", frames, opts.fps, ACTIONS.index(action), labels,
+                           extra={"source": f"frames/{seq}"})
+
     for split in ("train", "val"):
-        writer = ShardWriter(out_dir, split, dataset="pennaction", payload=payload, encode=encode,
-                             max_samples=64 if max_samples is None else max_samples, max_bytes=max_bytes, label_names={"actions": ACTIONS},
-                             overwrite=overwrite)
-        with writer:
-            for f, clash in tqdm(listed[split][: opts.limit], disable=not progress, desc=f"pennaction {split}",
-                                 unit="video"):
-                seq = f.stem[:4]
-                try:  # anything wrong with one sequence skips it, counted; it never stops the others
-                    if clash:
-                        raise ValueError(clash)
-                    action = _action_of(root, seq, f.parent.name)
-                    if action not in ACTIONS:
-                        raise ValueError(f"action {action!r} is not one of the 13 evaluated")
-                    frame_paths = sorted((root / "frames" / seq).glob("*.jpg"))
-                    if not frame_paths:
-                        raise FileNotFoundError(f"no frames in {root / 'frames' / seq}")
-                    frame_paths, labels = match_lengths(frame_paths, read_phase_labels(f))
-                    frames = _load_frames(frame_paths, opts.square, opts.short_side)
-                    writer.write(VideoRecord(f"{seq}_{action}", frames, opts.fps, ACTIONS.index(action), labels,
-                                             extra={"source": f"frames/{seq}"}))
-                except Exception as exn:
-                    log.warning("skipping %s: %s", f, exn)
-                    writer.skip(str(f.relative_to(phase_labels)), f"{type(exn).__name__}: {exn}")
-        written = read_manifest(out_dir)["splits"][split]["samples"]
-        if written != EXPECTED[split] and opts.limit is None:
+        entry = write_split(out_dir, split, listed[split][: opts.limit], load, dataset="pennaction",
+                            opts=write_options(**write), label_names={"actions": ACTIONS},
+                            describe=lambda item: str(item[0].relative_to(phase_labels)), settings=asdict(opts))
+        if entry["samples"] != EXPECTED[split] and opts.limit is None:
             log.warning("pennaction %s: %d videos written; the CARL code's split has %d (%d skipped, listed in "
-                        "shards.json)", split, written, EXPECTED[split], len(writer.skipped))
+                        "shards.json)", split, entry["samples"], EXPECTED[split], len(entry["skipped"]))
     return read_manifest(out_dir)

@@ -22,12 +22,11 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
 from carl_scale.data.config import SYNTHETIC_ACTIONS, SyntheticConfig
 from carl_scale.data.manifest import read_manifest
-from carl_scale.datasets.encode import EncodeOptions
-from carl_scale.datasets.writer import ShardWriter, VideoRecord, write_manifest
+from carl_scale.datasets.parallel import PROGRESS_DIR, write_options, write_split
+from carl_scale.datasets.writer import VideoRecord
 
 # Joint angles, radians. Shoulders/hips: 0 = limb straight down, pi = straight up, measured
 # outwards from the body. Elbows/knees: bend relative to the parent limb. ``lean``: torso
@@ -276,25 +275,23 @@ def render_video(cfg: SyntheticConfig, split: str, index: int) -> SyntheticVideo
 
 
 # -- shards -------------------------------------------------------------------------------------
-def write_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = None, *, payload: str = "video",
-                           encode: EncodeOptions | None = None, max_samples: int | None = None,
-                           max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True) -> dict:
-    """Render and write the train and val splits; returns the manifest. By default each split
-    gets ~16 shards, so that 16 ranks x workers can split it by shard."""
+def write_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = None, **write) -> dict:
+    """Render and write the train and val splits; returns the manifest. ``write``: the keyword
+    arguments of :func:`~carl_scale.datasets.parallel.write_options`. By default each split gets
+    ~16 shards, so that 16 ranks x workers can split it by shard."""
     cfg = cfg or SyntheticConfig()
     labels = {"actions": list(cfg.action_names), "phases": cfg.phase_names()}
     for split in ("train", "val"):
-        per_shard = max_samples or max(1, -(-num_videos(cfg, split) // 16))
-        writer = ShardWriter(out_dir, split, dataset="synthetic", payload=payload, encode=encode,
-                             max_samples=per_shard, max_bytes=max_bytes, label_names=labels, overwrite=overwrite)
-        with writer:
-            for v in tqdm(iter_videos(cfg, split), total=num_videos(cfg, split), disable=not progress,
-                          desc=f"synthetic {split}", unit="video"):
-                writer.write(VideoRecord(v.video_id, v.frames, v.fps, v.action_label, v.phase_labels))
-    manifest = read_manifest(out_dir)
-    manifest["synthetic_config"] = dataclasses.asdict(cfg)
-    write_manifest(Path(out_dir), manifest)
-    return manifest
+        opts = write_options(**write, default_max_samples=max(1, -(-num_videos(cfg, split) // 16)))
+
+        def load(index: int, split: str = split) -> VideoRecord:
+            v = render_video(cfg, split, index)
+            return VideoRecord(v.video_id, v.frames, v.fps, v.action_label, v.phase_labels)
+
+        write_split(out_dir, split, range(num_videos(cfg, split)), load, dataset="synthetic", opts=opts,
+                    label_names=labels, describe=lambda i, split=split: f"{split}/{i}",
+                    extra={"synthetic_config": dataclasses.asdict(cfg)})
+    return read_manifest(out_dir)
 
 
 def ensure_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = None, **kw) -> dict:
@@ -308,4 +305,6 @@ def ensure_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = N
         raise FileExistsError(f"{out_dir} holds shards of another dataset or synthetic config (other flags, or "
                               f"an older carl_scale: the default set changed to nuisance='low'); remove it "
                               f"(rm -r {out_dir}) or choose another --data-dir")
-    return write_synthetic_shards(out_dir, cfg, overwrite=manifest is None, **kw)
+    # a default set interrupted while it was written resumes; leftovers of anything else are replaced
+    fresh = manifest is None and not (Path(out_dir) / PROGRESS_DIR).is_dir()
+    return write_synthetic_shards(out_dir, cfg, overwrite=fresh, **kw)

@@ -26,11 +26,10 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from carl_scale.data.manifest import read_manifest
-from carl_scale.datasets.encode import EncodeOptions
-from carl_scale.datasets.writer import ShardWriter, VideoRecord
+from carl_scale.datasets.parallel import SkipInput, write_options, write_split
+from carl_scale.datasets.writer import VideoRecord
 
 log = logging.getLogger("carl_scale.data")
 
@@ -60,20 +59,39 @@ def masked_crc32c(data: bytes) -> int:
     return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def iter_records(path: str | Path) -> Iterator[bytes]:
-    """The records of one TFRecord file."""
+def record_spans(path: str | Path) -> tuple[list[tuple[int, int]], str | None]:
+    """``(offset, length)`` of each record's data in one TFRecord file, read from the headers
+    alone (seeking over the data), and the error that stopped the scan (None: the whole file)."""
+    spans: list[tuple[int, int]] = []
+    size = Path(path).stat().st_size
     with open(path, "rb") as f:
         while header := f.read(12):
             start = f.tell() - len(header)
             if len(header) < 12:
-                raise ValueError(f"{path}: truncated record header at byte {start}")
+                return spans, f"{path}: truncated record header at byte {start}"
             length, crc = struct.unpack("<QI", header)
             if masked_crc32c(header[:8]) != crc:
-                raise ValueError(f"{path}: bad length checksum at byte {start} (not a TFRecord file, or damaged)")
-            data = f.read(length)
-            if len(data) < length or len(f.read(4)) < 4:
-                raise ValueError(f"{path}: truncated record at byte {start}")
-            yield data
+                return spans, f"{path}: bad length checksum at byte {start} (not a TFRecord file, or damaged)"
+            if start + 12 + length + 4 > size:
+                return spans, f"{path}: truncated record at byte {start}"
+            spans.append((start + 12, length))
+            f.seek(length + 4, 1)
+    return spans, None
+
+
+def read_record(path: str | Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def iter_records(path: str | Path) -> Iterator[bytes]:
+    """The records of one TFRecord file (a damaged one raises after the records before it)."""
+    spans, error = record_spans(path)
+    for offset, length in spans:
+        yield read_record(path, offset, length)
+    if error is not None:
+        raise ValueError(error)
 
 
 # -- protobuf wire format ------------------------------------------------------------------------
@@ -157,11 +175,24 @@ def parse_sequence_example(buf: bytes) -> tuple[dict[str, list], dict[str, list[
 # -- shards --------------------------------------------------------------------------------------
 
 
-def write_tfrecord_shards(src: str | Path, out_dir: str | Path, dataset: str, *, fps: float = 25.0,
-                          payload: str = "video", encode: EncodeOptions | None = None, max_samples: int | None = None,
-                          max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True) -> dict:
+def _record_to_video(path: Path, offset: int, length: int, where: str, fps: float) -> VideoRecord:
+    ctx, lists = parse_sequence_example(read_record(path, offset, length))
+    if not lists.get("video"):
+        raise ValueError("no frames ('video' feature list empty or missing)")
+    frames = np.stack([np.asarray(Image.open(io.BytesIO(f[0])).convert("RGB")) for f in lists["video"]])
+    labels = (np.array([f[0] if f else -1 for f in lists["frame_labels"]], np.int64)
+              if "frame_labels" in lists else None)
+    name = ctx["name"][0].decode() if ctx.get("name") else where
+    label = int(ctx["label"][0]) if ctx.get("label") else -1
+    return VideoRecord(name, frames, fps, label, labels, extra={"source": where})
+
+
+def write_tfrecord_shards(src: str | Path, out_dir: str | Path, dataset: str, *, fps: float = 25.0, **write) -> dict:
     """Every ``<dataset>_<split>-K-of-N.tfrecord`` file in the folder ``src`` (not its subfolders)
-    into one split each of shards."""
+    into one split each of shards (``write``: the keyword arguments of
+    :func:`~carl_scale.datasets.parallel.write_options`). One input per record, found by scanning
+    the record headers; a file cut short keeps the records before the damage and lists the rest
+    as one skipped input."""
     src = Path(src)
     pattern = re.compile(rf"{re.escape(dataset)}_(train|val|test)(?:-\d+-of-\d+)?\.tfrecords?")
     files: dict[str, list[Path]] = {}
@@ -170,36 +201,21 @@ def write_tfrecord_shards(src: str | Path, out_dir: str | Path, dataset: str, *,
             files.setdefault(m[1], []).append(p)
     if not files:
         raise FileNotFoundError(f"no {dataset}_<train|val|test>-K-of-N.tfrecord files in {src}")
+
+    def load(item: tuple) -> VideoRecord:
+        path, offset, length, where = item
+        if offset < 0:  # the damage a scan stopped at
+            raise SkipInput(where)
+        return _record_to_video(path, offset, length, where, fps)
+
     for split, paths in sorted(files.items()):
-        writer = ShardWriter(out_dir, split, dataset=dataset, payload=payload, encode=encode,
-                             max_samples=64 if max_samples is None else max_samples, max_bytes=max_bytes, overwrite=overwrite)
-        with writer, tqdm(disable=not progress, desc=f"{dataset} {split}", unit="video") as bar:
-            for path in paths:
-                records, n = iter_records(path), -1
-                while True:
-                    try:
-                        record, n = next(records), n + 1
-                    except StopIteration:
-                        break
-                    except ValueError as exn:  # the file is cut short or not a TFRecord: keep what was read
-                        log.warning("stopping at %s", exn)
-                        writer.skip(path.name, str(exn))
-                        break
-                    where = f"{path.name}#{n}"
-                    try:  # anything wrong with one record skips it, counted; it never stops the others
-                        ctx, lists = parse_sequence_example(record)
-                        if not lists.get("video"):
-                            raise ValueError("no frames ('video' feature list empty or missing)")
-                        frames = np.stack([np.asarray(Image.open(io.BytesIO(f[0])).convert("RGB"))
-                                           for f in lists["video"]])
-                        labels = (np.array([f[0] if f else -1 for f in lists["frame_labels"]], np.int64)
-                                  if "frame_labels" in lists else None)
-                        name = ctx["name"][0].decode() if ctx.get("name") else where
-                        label = int(ctx["label"][0]) if ctx.get("label") else -1
-                        writer.write(VideoRecord(name, frames, fps, label, labels, extra={"source": where}))
-                    except Exception as exn:
-                        log.warning("skipping %s: %s", where, exn)
-                        writer.skip(where, f"{type(exn).__name__}: {exn}")
-                        continue
-                    bar.update()
+        items = []
+        for path in paths:
+            spans, error = record_spans(path)
+            items += [(path, off, n, f"{path.name}#{i}") for i, (off, n) in enumerate(spans)]
+            if error is not None:
+                log.warning("stopping at %s", error)
+                items.append((path, -1, 0, error))
+        write_split(out_dir, split, items, load, dataset=dataset, opts=write_options(**write),
+                    describe=lambda item: item[3] if item[1] >= 0 else item[0].name, settings={"fps": fps})
     return read_manifest(out_dir)

@@ -23,14 +23,13 @@ import json
 import os
 import re
 import tarfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from carl_scale.data.manifest import MANIFEST, read_manifest
+from carl_scale.data.manifest import MANIFEST
 from carl_scale.datasets.encode import EncodeOptions, encode_jpeg_frames, encode_video
 
 Payload = Literal["video", "jpeg"]
@@ -75,68 +74,35 @@ def build_dali_index(tar_path: str | Path, idx_path: str | Path) -> None:
     os.replace(tmp, idx_path)
 
 
-class ShardWriter:
-    """Writes one split of a dataset into size-bounded WebDataset shards.
+class SlotWriter:
+    """Writes one slot of a split: the videos of inputs ``[slot * max_samples, (slot + 1) *
+    max_samples)`` into ``<split>-<slot:06d>.tar``, continued in ``<split>-<slot:06d>_<part:02d>.tar``
+    when ``max_bytes`` fills a shard. A slot's shards depend only on its inputs, so the same inputs
+    give the same shards whichever worker writes them (see :mod:`carl_scale.datasets.parallel`)."""
 
-    Refuses to write a split that the output directory already holds (finished or left over from
-    an interrupted run) unless ``overwrite=True``; nothing is ever replaced silently.
-    """
-
-    def __init__(
-        self,
-        out_dir: str | Path,
-        split: str,
-        *,
-        dataset: str,
-        payload: Payload = "video",
-        encode: EncodeOptions | None = None,
-        max_samples: int = 256,
-        max_bytes: int = 1 << 30,
-        label_names: dict[str, Any] | None = None,
-        overwrite: bool = False,
-    ) -> None:
+    def __init__(self, out_dir: str | Path, split: str, slot: int, *, dataset: str, payload: Payload = "video",
+                 encode: EncodeOptions | None = None, max_bytes: int = 1 << 30) -> None:
         if payload not in ("video", "jpeg"):
             raise ValueError(f"payload must be 'video' or 'jpeg', got {payload!r}")
         if not re.fullmatch(r"[A-Za-z0-9_]+", split):
             raise ValueError(f"split name must be alphanumeric/underscore, got {split!r}")
         self.out_dir = Path(out_dir)
-        self.split, self.dataset, self.payload = split, dataset, payload
+        self.split, self.slot, self.dataset, self.payload = split, slot, dataset, payload
         self.encode = encode or EncodeOptions()
-        self.max_samples, self.max_bytes = max_samples, max_bytes
-        self.label_names = label_names or {}
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._claim_split(overwrite)
+        self.max_bytes = max_bytes
         self._shards: list[dict] = []
         self._tar: tarfile.TarFile | None = None
         self._tar_path: Path | None = None
         self._count = self._bytes = 0
-        self._keys: set[str] = set()
-        self._codecs: set[str] = set()
+        self.keys: list[str] = []
+        self.frames = 0
+        self.codecs: set[str] = set()
         self.skipped: list[dict] = []
-
-    # -- output-directory safety -------------------------------------------------------------
-    def _claim_split(self, overwrite: bool) -> None:
-        manifest = read_manifest(self.out_dir)
-        existing = sorted(self.out_dir.glob(f"{self.split}-*.tar")) + sorted(
-            self.out_dir.glob(f"{self.split}-*.tar.partial"))
-        in_manifest = manifest is not None and self.split in manifest.get("splits", {})
-        if (in_manifest or existing) and not overwrite:
-            what = "a finished" if in_manifest else "an unfinished (interrupted) run's"
-            raise FileExistsError(
-                f"{self.out_dir} already holds {what} split {self.split!r} ({len(existing)} shard files). "
-                f"Choose another --out, or pass --overwrite to replace it.")
-        for p in existing:
-            p.unlink()
-            idx = p.with_suffix(".idx")
-            if idx.exists():
-                idx.unlink()
-        if in_manifest:
-            del manifest["splits"][self.split]
-            write_manifest(self.out_dir, manifest)
 
     # -- writing -------------------------------------------------------------------------------
     def _open_shard(self) -> None:
-        name = f"{self.split}-{len(self._shards):06d}.tar"
+        part = len(self._shards)
+        name = f"{self.split}-{self.slot:06d}" + (f"_{part:02d}" if part else "") + ".tar"
         self._tar_path = self.out_dir / (name + ".partial")
         self._tar = tarfile.open(self._tar_path, "w", format=tarfile.USTAR_FORMAT)
         self._count = self._bytes = 0
@@ -162,7 +128,7 @@ class ShardWriter:
     def write(self, rec: VideoRecord) -> None:
         """Encode (if needed) and append one video."""
         key = sample_key(rec.video_id)
-        if key in self._keys:
+        if key in self.keys:
             raise ValueError(f"duplicate video_id {rec.video_id!r} (key {key!r}) in split {self.split!r}")
         fields = self._payload_fields(rec)
         n = rec.num_frames if rec.frames is None else len(rec.frames)
@@ -185,17 +151,18 @@ class ShardWriter:
             "codec": "jpeg" if self.payload == "jpeg" else (rec.codec or self.encode.codec),
             **rec.extra,
         }
-        self._codecs.add(meta["codec"])
+        self.codecs.add(meta["codec"])
         fields["json"] = json.dumps(meta).encode()
         fields["nframes"] = np.int32(n).tobytes()
         size = sum(len(v) for v in fields.values())
-        if self._tar is not None and (self._count >= self.max_samples or self._bytes + size > self.max_bytes):
+        if self._tar is not None and self._bytes + size > self.max_bytes:
             self._close_shard()
         if self._tar is None:
             self._open_shard()
         for ext, data in fields.items():
             self._add_member(f"{key}.{ext}", data)
-        self._keys.add(key)
+        self.keys.append(key)
+        self.frames += int(n)
         self._count += 1
         self._bytes += size
 
@@ -216,29 +183,13 @@ class ShardWriter:
         self.skipped.append({"source": source, "reason": reason})
 
     def close(self) -> dict:
-        """Finish the last shard and record the split in ``shards.json``; returns the split entry."""
+        """Finish the last shard; returns the slot's record (its shards, skipped inputs, keys, frames)."""
         self._close_shard()
-        manifest = read_manifest(self.out_dir) or {"version": 1, "splits": {}}
-        if manifest.get("payload", self.payload) != self.payload:
-            raise ValueError(f"{self.out_dir} holds {manifest['payload']} shards; cannot add {self.payload} ones")
-        manifest.update(dataset=self.dataset, payload=self.payload)
-        # One codec for the whole directory lets readers pick a decoder up front ("mixed" when
-        # a folder of original files was stored without transcoding).
-        codecs = self._codecs | ({manifest["codec"]} if "codec" in manifest else set())
-        manifest["codec"] = codecs.pop() if len(codecs) == 1 else ("mixed" if codecs else self.encode.codec)
-        if self.label_names:
-            manifest["label_names"] = self.label_names
-        entry = {"shards": self._shards, "samples": sum(s["samples"] for s in self._shards),
-                 "skipped": self.skipped, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        manifest["splits"][self.split] = entry
-        write_manifest(self.out_dir, manifest)
-        return entry
+        return {"shards": self._shards, "skipped": self.skipped, "keys": self.keys, "frames": self.frames,
+                "codecs": sorted(self.codecs)}
 
-    def __enter__(self) -> "ShardWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        elif self._tar is not None:  # leave no half-written shard that looks finished
+    def abort(self) -> None:
+        """Stop without finishing: the open shard stays ``.partial``, which nothing reads."""
+        if self._tar is not None:
             self._tar.close()
+            self._tar = None

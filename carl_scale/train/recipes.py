@@ -23,7 +23,7 @@ from carl_scale.data.config import LoaderConfig, SpatialConfig, SyntheticConfig,
 from carl_scale.data.manifest import read_manifest
 from carl_scale.losses.config import LossConfig
 from carl_scale.models.flavors import model_config, model_config_from_dict
-from carl_scale.train.config import CheckpointConfig, EvalConfig, OptimConfig, RunConfig
+from carl_scale.train.config import CheckpointConfig, OptimConfig, RunConfig
 
 
 def debug() -> RunConfig:

@@ -1,0 +1,240 @@
+"""Kinetics-400 as it is distributed -> shards.
+
+Input: the official annotation CSVs (columns ``label, youtube_id, time_start, time_end, split``,
+sometimes ``is_cc``; a CSV without a ``split`` column takes it from its file name: ``train.csv``,
+``validate.csv``/``val.csv``, ``test.csv``) and a directory holding the clips, named
+``<youtube_id>_<start:06d>_<end:06d>.<ext>``, found wherever they are below it (``<split>/<class
+name>/`` folders, renamed folders, or flat).
+
+* Class index = the label's position in the sorted list of every label in the annotations (the
+  usual K400 order), so indices never depend on which clips are present; the names go to the
+  manifest's ``label_names["actions"]``. Each split of the CSVs becomes a split of the output.
+* A few percent of K400 is always missing or broken. Missing clips and clips that cannot be read
+  (zero bytes, no moov atom, cut short, no video stream) are skipped and listed in the manifest
+  with their reason; :func:`summary_rows` counts them per split and reason.
+* Default: the original bytes are stored (H.264 for GPU decoding); the frame count comes from the
+  container's packets (demuxing, no decoding to RGB, ~100x cheaper). ``transcode`` re-encodes
+  (short side, codec, GOP) for CPU-decodable or faster-seeking shards.
+* Variable frame rate: a stored clip's frames are found by ``pts x rate``, which is only right at a
+  constant rate, so a VFR clip is refused (reason ``variable frame rate``) when stored as is, and
+  resampled to its nominal rate (that of its median frame interval; each output frame is the last
+  source frame shown at its time, so no frame is dropped where the clip runs at that rate and
+  frames repeat where it runs slower) when transcoded.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import av
+import numpy as np
+
+from carl_scale.data.codec import decode_rgb
+from carl_scale.data.manifest import read_manifest
+from carl_scale.datasets.parallel import SkipInput, write_options, write_split
+from carl_scale.datasets.writer import VideoRecord, write_manifest
+
+log = logging.getLogger("carl_scale.data")
+
+SPLITS = {"train": "train", "val": "val", "valid": "val", "validate": "val", "validation": "val", "test": "test"}
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+SKIP_KINDS = ("missing", "unreadable", "variable frame rate")  # the reasons' first words
+
+
+class Clip(NamedTuple):
+    """One annotation row: what a clip should be (its file is looked up when it is written)."""
+
+    clip_id: str  # <youtube_id>_<start:06d>_<end:06d>
+    label: str  # class name ("" for an unlabelled test row)
+    split: str
+
+
+@dataclass(frozen=True)
+class Kinetics400Options:
+    transcode: bool = False  # re-encode with the writer's codec/GOP (always done for payload=jpeg)
+    short_side: int | None = None  # resize so the short side is this (implies transcode)
+    limit: int | None = None  # at most this many clips per split (a trial run)
+
+
+def clip_id(youtube_id: str, start: float, end: float) -> str:
+    return f"{youtube_id}_{int(float(start)):06d}_{int(float(end)):06d}"
+
+
+def read_annotations(paths: list[str | Path]) -> tuple[list[Clip], list[str], list[str]]:
+    """The clips of every CSV (a clip listed twice is kept once), the sorted class names, and
+    warnings about repeated or unsplit rows."""
+    clips: dict[tuple[str, str], Clip] = {}
+    warnings: list[str] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise FileNotFoundError(f"--annotations {path} does not exist: give the Kinetics-400 CSVs "
+                                    f"(train.csv, validate.csv, test.csv)")
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            cols = set(reader.fieldnames or [])
+            if not {"youtube_id", "time_start", "time_end"} <= cols:
+                raise ValueError(f"{path}: needs the columns youtube_id, time_start, time_end (and label, split); "
+                                 f"got {sorted(cols)}")
+            default = SPLITS.get(path.stem.lower().split("_")[-1]) or SPLITS.get(path.stem.lower())
+            if "split" not in cols and default is None:
+                raise ValueError(f"{path}: no 'split' column, and its name does not say the split (train.csv, "
+                                 f"validate.csv, test.csv)")
+            for line, row in enumerate(reader, start=2):
+                split = SPLITS.get((row.get("split") or "").strip().lower(), default)
+                if split is None:
+                    raise ValueError(f"{path}:{line}: unknown split {row.get('split')!r} (expected one of "
+                                     f"{sorted(set(SPLITS))})")
+                try:
+                    cid = clip_id(row["youtube_id"].strip(), row["time_start"], row["time_end"])
+                except ValueError:
+                    raise ValueError(f"{path}:{line}: time_start/time_end are not numbers: {row}") from None
+                clip = Clip(cid, (row.get("label") or "").strip(), split)
+                if (cid, split) in clips and clips[(cid, split)] != clip:
+                    warnings.append(f"{path}:{line}: {cid} is listed again with label {clip.label!r}; kept "
+                                    f"{clips[(cid, split)].label!r}")
+                clips.setdefault((cid, split), clip)
+    names = sorted({c.label for c in clips.values() if c.label})
+    return list(clips.values()), names, warnings
+
+
+def find_clips(videos: str | Path) -> tuple[dict[str, Path], list[str]]:
+    """Clip id -> file, wherever it is below ``videos``; a second file with the same id is
+    reported and not used."""
+    videos = Path(videos)
+    if not videos.is_dir():
+        raise FileNotFoundError(f"--videos {videos} is not a directory of Kinetics-400 clips")
+    found: dict[str, Path] = {}
+    warnings: list[str] = []
+    for p in sorted(videos.rglob("*")):
+        if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file():
+            if p.stem in found:
+                warnings.append(f"{p} has the same clip id as {found[p.stem]}; using the latter")
+                continue
+            found[p.stem] = p
+    return found, warnings
+
+
+class ProbeResult(NamedTuple):
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+    codec: str
+    variable_rate: bool
+
+
+def probe(path: Path) -> ProbeResult:
+    """What a clip holds, from its container and packets (no decoding beyond the first frame);
+    raises for a clip that cannot be read or is cut short."""
+    if path.stat().st_size == 0:
+        raise ValueError("zero bytes")
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream")
+        stream = container.streams.video[0]
+        listed = int(stream.frames or 0)
+        pts = [p.pts for p in container.demux(stream) if p.size > 0 and p.pts is not None]
+        rate = float(stream.average_rate or stream.guessed_rate or 0)
+        tb = float(stream.time_base)
+        codec, height, width = stream.codec_context.name, stream.codec_context.height, stream.codec_context.width
+    if not pts:
+        raise ValueError("no video packets")
+    if listed and len(pts) < listed - max(2, listed // 100):
+        raise ValueError(f"{len(pts)} of the {listed} frames its container lists (cut short)")
+    with av.open(str(path)) as container:  # the first frame decodes: the codec is one we can read
+        next(container.decode(video=0))
+    deltas = np.diff(np.sort(np.asarray(pts, dtype=np.int64)))
+    if not len(deltas):
+        return ProbeResult(len(pts), rate or 25.0, height, width, codec, False)
+    step = float(np.median(deltas))  # ticks per frame at the nominal rate
+    vfr = bool(np.any(np.abs(deltas - step) > max(2.0, 0.1 * step)))
+    if vfr or rate <= 0:  # the nominal rate: a VFR clip is resampled to it, no frame of it dropped
+        rate = 1.0 / (step * tb)
+    return ProbeResult(len(pts), rate, height, width, codec, vfr)
+
+
+def decode_constant_rate(path: Path, fps: float, short_side: int | None) -> np.ndarray:
+    """Every frame, resampled to a constant ``fps``: output frame k is the last source frame
+    shown at time k / fps (for a constant-rate clip, each source frame once)."""
+    times, frames = [], []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                continue
+            times.append(float(frame.pts * stream.time_base))
+            frames.append(decode_rgb(frame, short_side))
+    if not frames:
+        raise ValueError("no decodable frames")
+    order = np.argsort(times, kind="stable")
+    t = np.asarray(times)[order] - min(times)
+    n = max(1, int(round((t[-1] + 1.0 / fps) * fps)))
+    pick = np.searchsorted(t, np.arange(n) / fps + 0.5 / fps, side="right") - 1
+    return np.stack([frames[order[max(0, i)]] for i in pick])
+
+
+def write_kinetics400_shards(annotations: list[str | Path], videos: str | Path, out_dir: str | Path,
+                             opts: Kinetics400Options | None = None, **write) -> dict:
+    """Write every split of the annotations (see the module docstring); returns the manifest.
+    ``write``: the keyword arguments of :func:`~carl_scale.datasets.parallel.write_options`."""
+    opts = opts or Kinetics400Options()
+    clips, names, warnings = read_annotations(annotations)
+    found, more = find_clips(videos)
+    for w in warnings + more:
+        log.warning("%s", w)
+    wopts = write_options(**write)
+    transcode = opts.transcode or opts.short_side is not None or wopts.payload == "jpeg"
+    index = {name: i for i, name in enumerate(names)}
+    videos = Path(videos)
+
+    def load(clip: Clip) -> VideoRecord:
+        path = found.get(clip.clip_id)
+        if path is None:
+            raise SkipInput(f"missing: no file {clip.clip_id}.* under {videos}")
+        try:
+            info = probe(path)
+        except Exception as exn:
+            raise SkipInput(f"unreadable: {type(exn).__name__}: {exn}") from None
+        label = index.get(clip.label, -1)
+        extra = {"source": str(path.relative_to(videos)), "label_name": clip.label}
+        if not transcode:
+            if info.variable_rate:
+                raise SkipInput("variable frame rate: its frames cannot be found by timestamp when stored as is; "
+                                "rerun with --transcode to resample it to a constant rate")
+            return VideoRecord(clip.clip_id, None, info.fps, label, encoded=path.read_bytes(),
+                               num_frames=info.num_frames, height=info.height, width=info.width, codec=info.codec,
+                               extra=extra)
+        try:
+            frames = decode_constant_rate(path, info.fps, opts.short_side)
+        except Exception as exn:
+            raise SkipInput(f"unreadable: {type(exn).__name__}: {exn}") from None
+        return VideoRecord(clip.clip_id, frames, info.fps, label,
+                           extra={**extra, "resampled_from_variable_rate": info.variable_rate})
+
+    by_split: dict[str, list[Clip]] = {}
+    for clip in clips:
+        by_split.setdefault(clip.split, []).append(clip)
+    for split, items in sorted(by_split.items()):
+        items = sorted(items)[: opts.limit]
+        write_split(out_dir, split, items, load, dataset="kinetics400", opts=wopts, label_names={"actions": names},
+                    describe=lambda c: c.clip_id, settings={**asdict(opts), "labels": names})
+    manifest = read_manifest(out_dir)
+    if warnings + more:
+        manifest["label_warnings"] = warnings + more
+        write_manifest(Path(out_dir), manifest)
+    return manifest
+
+
+def summary_rows(manifest: dict) -> list[dict]:
+    """Per split: videos written, missing, unreadable, other skips, frames and bytes."""
+    rows = []
+    for name, s in sorted(manifest["splits"].items()):
+        kinds = [next((k for k in SKIP_KINDS if sk["reason"].startswith(k)), "other") for sk in s["skipped"]]
+        rows.append({"split": name, "written": s["samples"], **{k: kinds.count(k) for k in (*SKIP_KINDS, "other")},
+                     "frames": s.get("frames", 0), "GiB": sum(x["bytes"] for x in s["shards"]) / 2**30})
+    return rows

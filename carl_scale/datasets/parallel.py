@@ -1,0 +1,274 @@
+"""Writing a split in parallel, resumably: the driver every converter hands its inputs to.
+
+A converter lists a split's inputs (file paths, annotation rows: small picklable values) and a
+``load(input) -> VideoRecord`` function. The inputs are cut into fixed slots of ``max_samples``;
+slot ``j`` becomes ``<split>-<j:06d>.tar`` (see :class:`~carl_scale.datasets.writer.SlotWriter`), so
+the same inputs give the same shards whatever the number of workers. ``workers`` forked processes
+take the slots round-robin.
+
+Resuming: the plan (a fingerprint of the inputs and options) goes to ``.progress/<split>.plan.json``
+before anything is written, and each finished slot leaves ``.progress/<split>-<j:06d>.json`` (its
+shards, skipped inputs, keys and frame count) after its shards are renamed and indexed. Rerunning
+the same command after an interruption (Ctrl-C, kill -9, a lost node) keeps every finished slot,
+rewrites the unfinished ones from scratch and merges ``shards.json`` from the records; rerunning on
+a finished split says so and changes nothing. Other inputs or options on an existing split are
+refused unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from carl_scale.data.manifest import read_manifest
+from carl_scale.datasets.encode import EncodeOptions
+from carl_scale.datasets.writer import Payload, SlotWriter, VideoRecord, write_manifest
+
+log = logging.getLogger("carl_scale.data")
+
+PROGRESS_DIR = ".progress"
+
+
+class SkipInput(Exception):
+    """Raised by a converter's ``load`` for an input that cannot become a video (missing file,
+    label mismatch): the input is skipped and listed in the manifest with this message."""
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How a split is written; the shared ``shards`` flags (see ``shards/common.py``)."""
+
+    payload: Payload = "video"
+    encode: EncodeOptions = field(default_factory=EncodeOptions)
+    max_samples: int = 64  # inputs per slot, so videos per shard at most
+    max_bytes: int = 1 << 30  # a slot's shard that would grow past this continues in another part
+    workers: int = 1
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, lo in (("max_samples", 1), ("max_bytes", 1), ("workers", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(self, name)}")
+
+
+def _fingerprint(dataset: str, items: Sequence[Any], opts: WriteOptions, describe: Callable[[Any], str],
+                 settings: dict) -> str:
+    h = hashlib.sha256(json.dumps({"dataset": dataset, "payload": opts.payload, "encode": asdict(opts.encode),
+                                   "max_samples": opts.max_samples, "max_bytes": opts.max_bytes,
+                                   "settings": settings}, sort_keys=True, default=str).encode())
+    for item in items:
+        h.update(describe(item).encode() + b"\0")
+    return h.hexdigest()[:20]
+
+
+def _slot_files(out_dir: Path, split: str, slot: int | None = None) -> list[Path]:
+    stem = f"{split}-" + ("*" if slot is None else f"{slot:06d}")
+    return sorted({p for pat in (f"{stem}.tar*", f"{stem}_*.tar*", f"{stem}.idx*", f"{stem}_*.idx*")
+                   for p in out_dir.glob(pat)})
+
+
+def _record_path(out_dir: Path, split: str, slot: int) -> Path:
+    return out_dir / PROGRESS_DIR / f"{split}-{slot:06d}.json"
+
+
+def _read_record(out_dir: Path, split: str, slot: int, plan: str) -> dict | None:
+    """A finished slot's record, if it belongs to this plan and its shards are on disk whole."""
+    path = _record_path(out_dir, split, slot)
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    whole = all((out_dir / s["path"]).is_file() and (out_dir / s["path"]).stat().st_size == s["bytes"]
+                and (out_dir / s["index"]).is_file() for s in rec.get("shards", []))
+    return rec if rec.get("plan") == plan and whole else None
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _remove_split(out_dir: Path, split: str, manifest: dict | None) -> None:
+    for p in _slot_files(out_dir, split):
+        p.unlink()
+    for p in (out_dir / PROGRESS_DIR).glob(f"{split}[-.]*"):
+        p.unlink()
+    if manifest is not None and split in manifest.get("splits", {}):
+        del manifest["splits"][split]
+        write_manifest(out_dir, manifest)
+
+
+def _claim(out_dir: Path, split: str, plan: str, opts: WriteOptions) -> dict | None:
+    """The finished split entry when this exact split is already written (nothing to do), else
+    None after making the output ready to (re)start or resume; refuses other inputs or options."""
+    manifest = read_manifest(out_dir)
+    entry = (manifest or {}).get("splits", {}).get(split)
+    plan_path = out_dir / PROGRESS_DIR / f"{split}.plan.json"
+    old = json.loads(plan_path.read_text())["fingerprint"] if plan_path.is_file() else None
+    if opts.overwrite:
+        _remove_split(out_dir, split, manifest)
+        return None
+    if entry is not None:
+        if entry.get("plan") == plan:
+            return entry
+        raise FileExistsError(f"{out_dir} already holds a finished split {split!r} written from other inputs or "
+                              f"options. Choose another --out, or pass --overwrite to replace it.")
+    if old is not None and old != plan:
+        raise FileExistsError(f"{out_dir} holds an unfinished write of split {split!r} from other inputs or options: "
+                              f"rerun that command to finish it, or pass --overwrite to start this one instead.")
+    if old is None and _slot_files(out_dir, split):
+        raise FileExistsError(f"{out_dir} already holds {split!r} shards that no resumable write planned. Choose "
+                              f"another --out, or pass --overwrite to replace them.")
+    return None
+
+
+def _write_slot(out_dir: Path, split: str, slot: int, items: Sequence[Any], load: Callable[[Any], VideoRecord],
+                dataset: str, opts: WriteOptions, plan: str, describe: Callable[[Any], str], done, parent: int) -> None:
+    for p in _slot_files(out_dir, split, slot):  # what an interrupted attempt at this slot left
+        p.unlink()
+    writer = SlotWriter(out_dir, split, slot, dataset=dataset, payload=opts.payload, encode=opts.encode,
+                        max_bytes=opts.max_bytes)
+    try:
+        for item in items:
+            if os.getppid() != parent:  # the driver is gone (killed): stop rather than write on unseen
+                os._exit(1)
+            try:
+                writer.write(load(item))
+            except SkipInput as exn:
+                writer.skip(describe(item), str(exn))
+            except Exception as exn:  # a corrupt or unreadable input: skipped and listed, never fatal
+                log.warning("skipping %s: %s: %s", describe(item), type(exn).__name__, exn)
+                writer.skip(describe(item), f"{type(exn).__name__}: {exn}")
+            with done.get_lock():
+                done.value += 1
+    except BaseException:
+        writer.abort()
+        raise
+    _atomic_json(_record_path(out_dir, split, slot), {"plan": plan, "inputs": len(items), **writer.close()})
+
+
+def _worker(slots, args, errors, index: int) -> None:
+    try:
+        for slot, items in slots:
+            _write_slot(args[0], args[1], slot, items, *args[2:])
+    except BaseException as exn:  # reported to the driver, which names it and stops
+        errors.put((index, f"{type(exn).__name__}: {exn}", traceback.format_exc()))
+        raise SystemExit(1)
+
+
+def write_split(out_dir: str | Path, split: str, items: Sequence[Any], load: Callable[[Any], VideoRecord], *,
+                dataset: str, opts: WriteOptions = WriteOptions(), label_names: dict | None = None,
+                describe: Callable[[Any], str] = str, settings: dict | None = None, extra: dict | None = None) -> dict:
+    """Write ``items`` as ``split`` of ``out_dir`` (see the module docstring); returns the split's
+    entry in ``shards.json``. ``describe(item)`` names an input in the skipped list and the plan;
+    ``settings`` (the converter's own options) are part of the plan, so a rerun with others is
+    refused instead of mixed in; ``extra`` goes into the manifest's top level."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / PROGRESS_DIR).mkdir(exist_ok=True)
+    plan = _fingerprint(dataset, items, opts, describe, {**(settings or {}), **(extra or {})})
+    finished = _claim(out_dir, split, plan, opts)
+    if finished is not None:
+        print(f"{out_dir}: split {split!r} is already complete ({finished['samples']} videos); nothing to do")
+        return finished
+    _atomic_json(out_dir / PROGRESS_DIR / f"{split}.plan.json", {"fingerprint": plan, "inputs": len(items)})
+    n = opts.max_samples
+    slots = [(j, list(items[j * n: (j + 1) * n])) for j in range(-(-len(items) // n))]
+    records = {j: _read_record(out_dir, split, j, plan) for j, _ in slots}
+    todo = [(j, chunk) for j, chunk in slots if records[j] is None]
+    if len(todo) < len(slots):
+        print(f"{out_dir}: resuming split {split!r}: {len(slots) - len(todo)} of {len(slots)} shards were finished")
+    ctx = mp.get_context("fork")
+    done = ctx.Value("q", 0)
+    workers = min(opts.workers, len(todo))
+    args = (out_dir, split, load, dataset, opts, plan, describe, done, os.getpid())
+    before = len(items) - sum(len(c) for _, c in todo)  # inputs of finished slots
+    bar = tqdm(total=len(items), initial=before, disable=not opts.progress, desc=f"{dataset} {split}", unit="video",
+               smoothing=0.05)
+
+    def show() -> None:
+        bar.n = before + done.value
+        bar.refresh()
+
+    with bar:
+        if workers <= 1:
+            for j, chunk in todo:
+                _write_slot(out_dir, split, j, chunk, *args[2:-1], parent=os.getppid())
+                show()
+        else:
+            errors = ctx.Queue()
+            procs = [ctx.Process(target=_worker, args=(todo[w::workers], args, errors, w), daemon=False)
+                     for w in range(workers)]
+            for p in procs:
+                p.start()
+            try:
+                while any(p.is_alive() for p in procs):
+                    time.sleep(0.2)
+                    show()
+            finally:
+                for p in procs:  # on Ctrl-C, the workers stop too; finished slots stay
+                    if p.is_alive():
+                        p.terminate()
+                    p.join()
+            failed = [p for p in procs if p.exitcode != 0]
+            if failed:
+                msg = errors.get(timeout=5) if not errors.empty() else (None, f"exit code {failed[0].exitcode}", "")
+                log.debug("%s", msg[2])
+                raise RuntimeError(f"writer worker {msg[0]} failed: {msg[1]}. Finished shards are kept: rerun the "
+                                   f"same command to write the rest.")
+        show()
+    return _merge(out_dir, split, [(j, _read_record(out_dir, split, j, plan)) for j, _ in slots], plan,
+                  dataset=dataset, opts=opts, label_names=label_names, extra=extra)
+
+
+def _merge(out_dir: Path, split: str, records: list[tuple[int, dict | None]], plan: str, *, dataset: str,
+           opts: WriteOptions, label_names: dict | None, extra: dict | None) -> dict:
+    """``shards.json``'s entry for ``split``, from the slots' records."""
+    missing = [j for j, r in records if r is None]
+    if missing:
+        raise RuntimeError(f"{out_dir}: slots {missing[:5]} of split {split!r} have no record after writing; rerun")
+    seen: dict[str, int] = {}
+    for j, rec in records:
+        for key in rec["keys"]:
+            if key in seen:
+                raise ValueError(f"duplicate video key {key!r} in split {split!r} (slots {seen[key]} and {j})")
+            seen[key] = j
+    manifest = read_manifest(out_dir) or {"version": 1, "splits": {}}
+    if manifest.get("payload", opts.payload) != opts.payload:
+        raise ValueError(f"{out_dir} holds {manifest['payload']} shards; cannot add {opts.payload} ones")
+    manifest.update(dataset=dataset, payload=opts.payload, **(extra or {}))
+    # One codec for the whole directory lets readers pick a decoder up front ("mixed" when
+    # a folder of original files was stored without transcoding).
+    codecs = {c for _, r in records for c in r["codecs"]} | ({manifest["codec"]} if "codec" in manifest else set())
+    manifest["codec"] = codecs.pop() if len(codecs) == 1 else ("mixed" if codecs else opts.encode.codec)
+    if label_names:
+        manifest["label_names"] = label_names
+    shards = [s for _, r in records for s in r["shards"]]
+    entry = {"shards": shards, "samples": sum(s["samples"] for s in shards),
+             "frames": sum(r["frames"] for _, r in records), "skipped": [s for _, r in records for s in r["skipped"]],
+             "plan": plan, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    manifest["splits"][split] = entry
+    write_manifest(out_dir, manifest)
+    return entry
+
+
+def write_options(*, payload: Payload = "video", encode: EncodeOptions | None = None, max_samples: int | None = None,
+                  max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True, workers: int = 1,
+                  default_max_samples: int = 64) -> WriteOptions:
+    """:class:`WriteOptions` from the keyword arguments every ``write_*_shards`` function takes
+    (``max_samples=None``: the converter's own default)."""
+    return WriteOptions(payload=payload, encode=encode or EncodeOptions(),
+                        max_samples=default_max_samples if max_samples is None else max_samples,
+                        max_bytes=max_bytes, workers=workers, overwrite=overwrite, progress=progress)
