@@ -101,6 +101,40 @@ def test_two_process_deepspeed_on_cpu(vp9_shards, tmp_path):
     assert meta["world_size"] == 2 and meta["config"]["parallel"]["zero_stage"] == 1 and meta["git_revision"]
 
 
+def _launch_two(out: Path, flags: list[str]) -> list[dict]:
+    port = str(29500 + (os.getpid() + len(str(out))) % 1000)
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", port, str(ROOT / "tests/dist_check.py"), str(out), "--",
+           *flags]
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_two_ranks_two_workers_three_shards_run_equal_steps_and_resume_exactly(vp9_shards, tmp_path):
+    """2 ranks x 2 workers over 3 shards (fewer shards than consumers, not a multiple of them): both
+    ranks run every step without a deadlock; with a damaged video read before the checkpoint,
+    resuming both ranks from it gives the uninterrupted run's batches and weights."""
+    from conftest import damaged_copy
+
+    shards = tmp_path / "shards"
+    damaged_copy(vp9_shards, shards, split="train", flip_in_shard=0)
+    spec = str(shards / "train-{000000..000002}.tar")
+    flags = _flags(spec, tmp_path / "run", 6, workers=2, epoch_samples=12)  # 6 steps an epoch: a resume mid-epoch
+    full = _launch_two(tmp_path / "full.json", flags)
+    assert [r["step"] for r in full] == [6, 6] and [len(r["seen"]) for r in full] == [12, 12]
+    assert full[0]["skipped_mine"] + full[1]["skipped_mine"] >= 1
+    # "interrupted" after step 2: a copy of the run holding only its step-2 checkpoint, resumed
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "run", part, symlinks=True)
+    resumed = _launch_two(tmp_path / "resumed.json", _flags(spec, part, 6, workers=2, epoch_samples=12) + [
+        "--resume", str(part / "checkpoints/step_000002")])
+    for r, f in zip(resumed, full):
+        assert r["seen"] == f["seen"][4:]  # each rank: the batches it would have had next
+    assert resumed[0]["params"] == full[0]["params"]
+    a, b = _weights(tmp_path / "run/checkpoints/step_000006"), _weights(part / "checkpoints/step_000006")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_killed_run_resumes_to_the_same_weights(vp9_shards, tmp_path):
     steps = 12
     ref = _pretrain(_flags(vp9_shards, tmp_path / "ref", steps, workers=2))

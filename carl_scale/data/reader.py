@@ -46,6 +46,8 @@ from carl_scale.data.temporal import sample_temporal_views
 
 log = logging.getLogger("carl_scale.data")
 
+BARREN_PASSES = 16  # passes in a row without a usable sample before a worker gives up
+
 
 # -- skip counting ----------------------------------------------------------------------------
 class SkipCounter:
@@ -224,12 +226,18 @@ class ShardedVideoDataset(IterableDataset):
         # prepared, in stream order, each with its position: a failed sample's place is taken by the next
         ready: list[tuple[int, PreparedSample]] = []
         tried = prepared = 0  # since the last pass ended
+        barren = 0  # consecutive passes that gave nothing usable
         for raw in self._dealt(self._samples(worker, num_workers)):
-            if isinstance(raw, int):  # a whole pass of nothing usable would spin forever: say so instead
-                if raw == 0 or (tried >= raw and not prepared):
+            if isinstance(raw, int):  # passes of nothing usable would spin forever: say so instead
+                barren = barren + 1 if raw == 0 or (tried >= raw and not prepared) else 0
+                # A share of a few samples (fewer shards than consumers) may hold only a damaged
+                # one in one pass and good ones in the next, whose order differs: only a share that
+                # is empty, or unusable pass after pass, is an error.
+                if raw == 0 or barren >= BARREN_PASSES:
                     raise RuntimeError(
-                        f"rank {self.rank} worker {worker}: a whole pass over its shards gave no usable sample "
-                        f"({self.counter.count} skipped so far): are the shards corrupt or empty?")
+                        f"rank {self.rank} worker {worker}: " + ("its share of the shards is empty (fewer samples "
+                        "than ranks x workers?)" if raw == 0 else f"{barren} passes over its shards in a row gave no "
+                        f"usable sample") + f" ({self.counter.count} skipped so far): are the shards corrupt or empty?")
                 tried = prepared = 0
                 continue
             start, pos = pos, pos + len(raw)
