@@ -229,7 +229,10 @@ class ShardedVideoDataset(IterableDataset):
         barren = 0  # consecutive passes that gave nothing usable
         for raw in self._dealt(self._samples(worker, num_workers)):
             if isinstance(raw, int):  # passes of nothing usable would spin forever: say so instead
-                barren = barren + 1 if raw == 0 or (tried >= raw and not prepared) else 0
+                if prepared:
+                    barren = 0
+                elif raw == 0 or tried >= raw:  # (a pass whose samples wait in a partial batch says nothing)
+                    barren += 1
                 # A share of a few samples (fewer shards than consumers) may hold only a damaged
                 # one in one pass and good ones in the next, whose order differs: only a share that
                 # is empty, or unusable pass after pass, is an error.
