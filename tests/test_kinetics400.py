@@ -199,3 +199,23 @@ def test_a_writer_killed_mid_write_finishes_on_rerun_with_the_same_shards(k400_s
     rerun = subprocess.run([sys.executable, "-m", "shards.kinetics400", *flags, "--out", str(out)], cwd=ROOT, env=env,
                            capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0 and "already complete" in rerun.stdout
+
+
+def test_folder_refuses_variable_frame_rate_as_is_and_resamples_it_when_transcoding(k400_src, tmp_path):
+    from shards import folder
+
+    root, expect = k400_src
+    src = tmp_path / "mine"
+    src.mkdir()
+    vfr = next(c for c, v in expect.items() if v[3] == "vfr")
+    (src / "vfr.mp4").write_bytes((root / "videos" / f"{vfr}.mp4").read_bytes())
+    ok = next(c for c, v in expect.items() if v[3] == "ok")
+    (src / "cfr.mp4").write_bytes(next((root / "videos").rglob(f"{ok}.mp4")).read_bytes())
+    m = folder.main(["--src", str(src), "--out", str(tmp_path / "as_is"), "--no-progress"])
+    (skipped,) = m["splits"]["train"]["skipped"]
+    assert skipped["source"] == "vfr.mp4" and skipped["reason"].startswith("variable frame rate")
+    m = folder.main(["--src", str(src), "--out", str(tmp_path / "t"), "--transcode", "--codec", "mjpeg",
+                     "--no-progress"])
+    metas = {meta["video_id"]: meta for meta, _ in iter_whole_videos(str(tmp_path / "t"), PyAVDecoder())}
+    assert metas["vfr"]["num_frames"] == 47 and metas["vfr"]["fps"] == pytest.approx(25.0)
+    assert metas["cfr"]["num_frames"] == expect[ok][2]

@@ -66,7 +66,6 @@ def run(videos: int, shards: int, out: Path) -> list[tuple[str, str]]:
     it = iter(loader)
     _timed(rows, "first batch (2 workers, 64-sample shuffle buffers)", lambda: next(it))
     _timed(rows, "next 50 batches", lambda: [next(it) for _ in range(50)])
-    del it
     size = (out / MANIFEST).stat().st_size
     rows.append(("shards.json size (MB)", f"{size / 1e6:.2f}"))
     return rows

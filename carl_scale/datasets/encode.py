@@ -78,3 +78,28 @@ def encode_jpeg_frames(frames: np.ndarray, quality: int = 90) -> tuple[bytes, np
         parts.append(b.getvalue())
         offsets.append(offsets[-1] + len(parts[-1]))
     return b"".join(parts), np.asarray(offsets, dtype=np.int64)
+
+
+# -- frame timing ---------------------------------------------------------------------------------
+def frame_timing(pts: list[int] | np.ndarray) -> tuple[float, bool]:
+    """(the nominal frame interval in ``pts`` ticks, whether the clip runs at a variable rate). A
+    stored video's frames are found by ``pts x rate``, which is only right at a constant rate; an
+    interval more than 10% (and 2 ticks) off the median one makes the clip variable-rate."""
+    deltas = np.diff(np.sort(np.asarray(pts, dtype=np.int64)))
+    if not len(deltas):
+        return 0.0, False
+    step = float(np.median(deltas))
+    return step, bool(np.any(np.abs(deltas - step) > max(2.0, 0.1 * step)))
+
+
+def constant_rate_picks(times: np.ndarray, fps: float) -> np.ndarray:
+    """Indices into ``times`` (seconds, display times of decoded frames) that resample the clip to
+    a constant ``fps``: output frame k is the last frame shown at time k / fps (half a frame of
+    slack), so no frame is dropped where the clip runs at ``fps`` and frames repeat where it is
+    slower."""
+    order = np.argsort(times, kind="stable")
+    t = np.asarray(times, dtype=np.float64)[order]
+    t = t - t[0]
+    n = max(1, int(round((t[-1] + 1.0 / fps) * fps)))
+    pick = np.searchsorted(t, np.arange(n) / fps + 0.5 / fps, side="right") - 1
+    return order[np.maximum(pick, 0)]

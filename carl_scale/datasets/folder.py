@@ -14,6 +14,7 @@ import numpy as np
 
 from carl_scale.data.codec import decode_rgb
 from carl_scale.data.manifest import read_manifest
+from carl_scale.datasets.encode import constant_rate_picks, frame_timing
 from carl_scale.datasets.parallel import SkipInput, write_options, write_split
 from carl_scale.datasets.writer import VideoRecord, sample_key, write_manifest
 
@@ -77,22 +78,33 @@ def _frame_labels(directory: str | None, stem: str) -> np.ndarray | None:
     return None
 
 
-def _decode_file(path: Path, short_side: int | None) -> tuple[np.ndarray, float, str]:
+def _decode_file(path: Path, short_side: int | None, transcode: bool) -> tuple[np.ndarray, float, str]:
+    """Every frame of a file as RGB, its rate and codec. A variable-frame-rate file is refused when
+    it is to be stored as is (its frames could not be found by timestamp) and resampled to its
+    nominal rate when it is transcoded."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         fps = float(stream.average_rate or stream.guessed_rate or 30.0)
         listed = int(stream.frames or 0)  # what the container's index says (0: it does not say)
-        frames = []
+        frames, pts = [], []
         for frame in container.decode(stream):
             frames.append(decode_rgb(frame, short_side))
-        codec = stream.codec_context.name
+            pts.append(frame.pts)
+        codec, tb = stream.codec_context.name, float(stream.time_base or 0)
     if not frames:
         raise ValueError("no decodable frames")
     # a truncated fast-start MP4 decodes its head without an error; a whole file may decode a frame
     # or two fewer than its container lists (edit lists, encoder priming), which is no loss
     if listed and len(frames) < listed - max(2, listed // 100):
         raise ValueError(f"decoded {len(frames)} of the {listed} frames its container lists (truncated?)")
+    step, vfr = frame_timing([p for p in pts if p is not None]) if None not in pts and tb else (0.0, False)
+    if vfr:
+        if not transcode:
+            raise SkipInput("variable frame rate: its frames cannot be found by timestamp when stored as is; "
+                            "rerun with --transcode to resample it to a constant rate")
+        fps = 1.0 / (step * tb)
+        frames = [frames[i] for i in constant_rate_picks(np.asarray(pts) * tb, fps)]
     return np.stack(frames), fps, codec
 
 
@@ -160,7 +172,7 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
                             f"rename one of the two files")
         row = rows[matched[p]] if p in matched else None
         label = -1 if row is None else (names.index(row[0]) if names else int(row[0]))
-        frames, fps, codec = _decode_file(p, opts.short_side)
+        frames, fps, codec = _decode_file(p, opts.short_side, transcode)
         phases = _frame_labels(opts.frame_labels, p.stem)
         extra = {name: _frame_labels(d, p.stem) for name, d in opts.extra_frame_labels.items()}
         bad = [f"{len(lab)} {name} frame labels" for name, lab in [("phase", phases), *extra.items()]

@@ -35,6 +35,7 @@ import numpy as np
 
 from carl_scale.data.codec import decode_rgb
 from carl_scale.data.manifest import read_manifest
+from carl_scale.datasets.encode import constant_rate_picks, frame_timing
 from carl_scale.datasets.parallel import SkipInput, write_options, write_split
 from carl_scale.datasets.writer import VideoRecord, write_manifest
 
@@ -147,13 +148,9 @@ def probe(path: Path) -> ProbeResult:
         raise ValueError(f"{len(pts)} of the {listed} frames its container lists (cut short)")
     with av.open(str(path)) as container:  # the first frame decodes: the codec is one we can read
         next(container.decode(video=0))
-    deltas = np.diff(np.sort(np.asarray(pts, dtype=np.int64)))
-    if not len(deltas):
-        return ProbeResult(len(pts), rate or 25.0, height, width, codec, False)
-    step = float(np.median(deltas))  # ticks per frame at the nominal rate
-    vfr = bool(np.any(np.abs(deltas - step) > max(2.0, 0.1 * step)))
+    step, vfr = frame_timing(pts)
     if vfr or rate <= 0:  # the nominal rate: a VFR clip is resampled to it, no frame of it dropped
-        rate = 1.0 / (step * tb)
+        rate = 1.0 / (step * tb) if step else 25.0
     return ProbeResult(len(pts), rate, height, width, codec, vfr)
 
 
@@ -171,11 +168,7 @@ def decode_constant_rate(path: Path, fps: float, short_side: int | None) -> np.n
             frames.append(decode_rgb(frame, short_side))
     if not frames:
         raise ValueError("no decodable frames")
-    order = np.argsort(times, kind="stable")
-    t = np.asarray(times)[order] - min(times)
-    n = max(1, int(round((t[-1] + 1.0 / fps) * fps)))
-    pick = np.searchsorted(t, np.arange(n) / fps + 0.5 / fps, side="right") - 1
-    return np.stack([frames[order[max(0, i)]] for i in pick])
+    return np.stack([frames[i] for i in constant_rate_picks(np.asarray(times), fps)])
 
 
 def write_kinetics400_shards(annotations: list[str | Path], videos: str | Path, out_dir: str | Path,
