@@ -170,6 +170,15 @@ def test_writer_refuses_other_inputs_and_finishes_an_interrupted_split(tmp_path)
     assert all((out / n).read_bytes() == (ref / n).read_bytes() for n in names)
     assert read_manifest(out)["splits"]["train"]["samples"] == 8
 
+    # a worker that fails (not an input: the worker itself) stops the write with its error named;
+    # the rerun finishes it
+    out2 = tmp_path / "worker_failed"
+    with pytest.raises(RuntimeError, match="writer worker .* failed: KeyboardInterrupt.*rerun"):
+        write_split(out2, "train", range(8), functools.partial(load, fail_at=5), dataset="x",
+                    opts=dataclasses.replace(opts, workers=2))
+    write_split(out2, "train", range(8), load, dataset="x", opts=dataclasses.replace(opts, workers=2))
+    assert all((out2 / n).read_bytes() == (ref / n).read_bytes() for n in names)
+
 
 def test_ensure_synthetic_shards_reuses_and_refuses_other_configs(tmp_path):
     cfg = SyntheticConfig(num_actions=1, train_videos=1, val_videos=1, min_frames=20, max_frames=20,

@@ -32,16 +32,11 @@ from tqdm.auto import tqdm
 
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.encode import EncodeOptions
-from carl_scale.datasets.writer import Payload, SlotWriter, VideoRecord, write_manifest
+from carl_scale.datasets.writer import Payload, SkipInput, SlotWriter, VideoRecord, write_manifest
 
 log = logging.getLogger("carl_scale.data")
 
 PROGRESS_DIR = ".progress"
-
-
-class SkipInput(Exception):
-    """Raised by a converter's ``load`` for an input that cannot become a video (missing file,
-    label mismatch): the input is skipped and listed in the manifest with this message."""
 
 
 @dataclass(frozen=True)
@@ -145,12 +140,18 @@ def _write_slot(out_dir: Path, split: str, slot: int, items: Sequence[Any], load
             if os.getppid() != parent:  # the driver is gone (killed): stop rather than write on unseen
                 os._exit(1)
             try:
-                writer.write(load(item))
+                rec = load(item)
             except SkipInput as exn:
                 writer.skip(describe(item), str(exn))
             except Exception as exn:  # a corrupt or unreadable input: skipped and listed, never fatal
                 log.warning("skipping %s: %s: %s", describe(item), type(exn).__name__, exn)
                 writer.skip(describe(item), f"{type(exn).__name__}: {exn}")
+            else:
+                try:  # a record that cannot be encoded is skipped; a shard that cannot be written stops all
+                    writer.write(rec)
+                except SkipInput as exn:
+                    log.warning("skipping %s: %s", describe(item), exn)
+                    writer.skip(describe(item), str(exn))
             with done.get_lock():
                 done.value += 1
     except BaseException:
@@ -214,7 +215,8 @@ def write_split(out_dir: str | Path, split: str, items: Sequence[Any], load: Cal
             for p in procs:
                 p.start()
             try:
-                while any(p.is_alive() for p in procs):
+                # until all are done, or one failed (the others are stopped: a rerun finishes the job)
+                while any(p.is_alive() for p in procs) and not any(p.exitcode for p in procs):
                     time.sleep(0.2)
                     show()
             finally:

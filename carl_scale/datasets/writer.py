@@ -35,6 +35,12 @@ from carl_scale.datasets.encode import EncodeOptions, encode_jpeg_frames, encode
 Payload = Literal["video", "jpeg"]
 
 
+class SkipInput(Exception):
+    """An input that cannot become a video (missing file, label mismatch, frames that cannot be
+    encoded as asked): skipped and listed in the manifest with this message, never fatal. Raised by
+    a converter's ``load`` and by :meth:`SlotWriter.write`."""
+
+
 @dataclass
 class VideoRecord:
     """What a dataset hands the writer for one video."""
@@ -126,7 +132,29 @@ class SlotWriter:
         self._tar.addfile(info, io.BytesIO(data))
 
     def write(self, rec: VideoRecord) -> None:
-        """Encode (if needed) and append one video."""
+        """Encode (if needed) and append one video. A record that cannot be encoded or does not
+        add up (label counts, a repeated id) raises :class:`SkipInput` before anything of it is in
+        the shard; an error writing the shard itself propagates."""
+        try:
+            key, fields, n = self._sample(rec)
+        except SkipInput:
+            raise
+        except Exception as exn:
+            raise SkipInput(f"{type(exn).__name__}: {exn}") from exn
+        size = sum(len(v) for v in fields.values())
+        if self._tar is not None and self._bytes + size > self.max_bytes:
+            self._close_shard()
+        if self._tar is None:
+            self._open_shard()
+        for ext, data in fields.items():
+            self._add_member(f"{key}.{ext}", data)
+        self.keys.append(key)
+        self.frames += n
+        self._count += 1
+        self._bytes += size
+
+    def _sample(self, rec: VideoRecord) -> tuple[str, dict[str, bytes], int]:
+        """The tar members of one video: (key, {extension: bytes}, frame count)."""
         key = sample_key(rec.video_id)
         if key in self.keys:
             raise ValueError(f"duplicate video_id {rec.video_id!r} (key {key!r}) in split {self.split!r}")
@@ -151,20 +179,10 @@ class SlotWriter:
             "codec": "jpeg" if self.payload == "jpeg" else (rec.codec or self.encode.codec),
             **rec.extra,
         }
-        self.codecs.add(meta["codec"])
         fields["json"] = json.dumps(meta).encode()
         fields["nframes"] = np.int32(n).tobytes()
-        size = sum(len(v) for v in fields.values())
-        if self._tar is not None and self._bytes + size > self.max_bytes:
-            self._close_shard()
-        if self._tar is None:
-            self._open_shard()
-        for ext, data in fields.items():
-            self._add_member(f"{key}.{ext}", data)
-        self.keys.append(key)
-        self.frames += int(n)
-        self._count += 1
-        self._bytes += size
+        self.codecs.add(meta["codec"])
+        return key, fields, int(n)
 
     def _payload_fields(self, rec: VideoRecord) -> dict[str, bytes]:
         if self.payload == "video":
