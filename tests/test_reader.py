@@ -256,3 +256,32 @@ def test_resume_is_exact_when_failed_samples_came_before_the_checkpoint(vp9_shar
         assert [b.video_ids for b in rest] == [b.video_ids for b in full[k:]], k
         assert all(torch.equal(x.views, y.views) for x, y in zip(rest, full[k:]))
     assert exercised >= 2
+
+
+def test_workers_persist_across_epochs_and_each_epoch_is_its_own(vp9_shards):
+    """Workers are forked once (not re-forked after CUDA/NCCL are up every epoch); the second
+    epoch through them is the one a fresh loader set to epoch 1 gives."""
+    cfg = _cfg(vp9_shards, num_workers=2)
+    loader = VideoLoader(cfg)
+    list(loader)
+    pids = [w.pid for w in loader._dl._iterator._workers]
+    second = list(loader)
+    assert [w.pid for w in loader._dl._iterator._workers] == pids
+    fresh = VideoLoader(cfg)
+    fresh.set_epoch(1)
+    ref = list(fresh)
+    assert [b.video_ids for b in second] == [b.video_ids for b in ref]
+    assert all(torch.equal(x.views, y.views) for x, y in zip(second, ref))
+    loader.close()
+    assert loader._dl is None
+    fresh.close()
+
+
+def test_a_gpu_device_string_selects_that_gpu_for_dali():
+    from carl_scale.data.decoders import make_decoder, split_device
+
+    assert split_device("cpu") == ("cpu", 0) and split_device("cuda:3") == ("cuda", 3)
+    dec = make_decoder("auto", codec="h264", device="cuda:1")  # pipelines are built lazily: no GPU needed here
+    assert dec.name == "dali" and dec.device == "cuda" and dec.device_id == 1
+    with pytest.raises(ValueError, match="CPU or a CUDA GPU"):
+        split_device("mps")

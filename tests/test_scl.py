@@ -117,3 +117,28 @@ def test_shape_errors_are_clear():
     z = torch.randn(2, 5, 4)
     with pytest.raises(ValueError, match="timestamps"):
         sequence_contrastive_loss(z, z, torch.zeros(2, 4), torch.zeros(2, 5))
+
+
+def test_the_published_formulation_is_half_of_ours_less_the_target_entropy():
+    """The benchmark's reference step computes SCL as the published code does (one (2BT)^2 matrix,
+    KL to the targets): with every frame valid it equals ours / 2 minus the targets' mean entropy
+    (up to its 1e-6 inside the log), and its gradients are half of ours."""
+    from carl_scale.bench.published import published_scl
+
+    g = torch.Generator().manual_seed(3)
+    b, t, d, tau, sigma2 = 3, 8, 16, 0.1, 10.0
+    u = torch.randn(b, 2, t, d, dtype=torch.float64, generator=g, requires_grad=True)
+    steps = torch.sort(torch.randint(0, 40, (b, 2, t), generator=g), dim=-1).values
+    z = torch.nn.functional.normalize(u, dim=-1)
+    valid = torch.ones(b, 2, t, dtype=torch.bool)
+    pub = published_scl(z, steps, valid, tau=tau, sigma2=sigma2, eps=0.0)
+    (g_pub,) = torch.autograd.grad(pub, u, retain_graph=True)
+    ours = sequence_contrastive_loss(z[:, 0], z[:, 1], steps[:, 0], steps[:, 1], tau=tau, sigma2=sigma2)
+    (g_ours,) = torch.autograd.grad(ours, u, retain_graph=True)
+    d2 = (steps[:, :, :, None] - steps[:, [1, 0], None, :]).double() ** 2  # each frame against the other view
+    w = torch.softmax(-d2 / (2 * sigma2), dim=-1)
+    entropy = -(w * torch.log(w)).sum(-1).mean()
+    assert pub.item() == pytest.approx(ours.item() / 2 - entropy.item(), rel=1e-9)
+    assert (g_pub - g_ours / 2).abs().max() < 1e-9 * g_ours.abs().max(), (g_pub - g_ours / 2).abs().max()
+    # the published 1e-6 inside the log moves it by a few 1e-4 (p of far frames is ~1e-4)
+    assert published_scl(z, steps, valid, tau=tau, sigma2=sigma2).item() == pytest.approx(pub.item(), rel=1e-3)

@@ -288,3 +288,52 @@ def test_importing_the_trainer_loads_no_evaluation_and_no_renderer():
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "[]"
+
+
+def _dp_grads(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of the gradient-equality check: the real engine (build_engine), its share of a
+    fixed 4-video batch, eval mode (BatchNorm and dropout the same function on every rank)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from carl_scale.bench.step import synthetic_batch
+    from carl_scale.models import build_model
+    from carl_scale.train.recipes import recipe
+    from carl_scale.train.trainer import build_engine, process_group
+
+    per_rank = 4 // world
+    cfg = configure(recipe("debug"), {"data.batch_size": per_rank, "data.temporal.num_frames": 8,
+                                      "model.image_size": 32})
+    with process_group() as (rank, world, device):
+        torch.manual_seed(0)
+        engine, _ = build_engine(cfg, build_model(cfg.model), total_steps=1, world=world, bf16=False)
+        engine.eval()
+        batch = synthetic_batch(4, 8, 32, device)
+        part = slice(rank * per_rank, (rank + 1) * per_rank)
+        mine = type(batch)(**{k: (v[part] if torch.is_tensor(v) else v[part]) for k, v in batch.__dict__.items()})
+        loss = engine(mine)["loss"]
+        engine.backward(loss)
+        grads = {n: p.grad.detach().clone() for n, p in engine.module.named_parameters() if p.grad is not None}
+        if rank == 0:
+            torch.save({"loss": loss.detach(), "grads": grads}, out)
+
+
+def test_data_parallel_gradients_equal_one_process_on_the_whole_batch(tmp_path):
+    """2 gloo ranks through DeepSpeed (the trainer's engine), 2 videos each, give the gradients of
+    one process on all 4 videos: SCL is a mean over videos, and the engine averages over ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    def port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    mp.start_processes(_dp_grads, args=(2, port(), str(tmp_path / "two")), nprocs=2, start_method="spawn")
+    mp.start_processes(_dp_grads, args=(1, port(), str(tmp_path / "one")), nprocs=1, start_method="spawn")
+    two, one = (torch.load(tmp_path / n, weights_only=True)["grads"] for n in ("two", "one"))
+    assert two.keys() == one.keys() and len(one) > 10
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -1,48 +1,58 @@
-"""Training-step benchmark: our default path against the published code's, in one process.
+"""Training-step benchmark: the trainer's own step against the published code's, in one process.
 
-    python -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2        # on a GPU
-    python -m carl_scale.bench.step --flavor debug --frames 32 --batch 4      # on the CPU
+    python -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2         # on a GPU
+    python -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4
+    python -m carl_scale.bench.step --flavor debug --frames 16 --batch 4       # on the CPU
 
-(a) reference, as the published code runs: fp16 autocast with a GradScaler (fp32 on the CPU,
-    where fp16 autocast is not what anyone runs), eager, NCHW, the frozen trunk in 40-frame chunks;
-(b) ours: bf16 autocast on a GPU (fp32 on the CPU), channels_last, the whole trunk at once,
-    torch.compile when ``--compile`` (default on a GPU).
+(a) published: the published code's step on our weights (:mod:`carl_scale.bench.published`): the
+    whole trunk (frozen stages and the trained layer4) in 40-frame blocks, its SCL formulation,
+    fp16 autocast with a GradScaler on a GPU (fp32 on a CPU), eager, NCHW, Adam on the parameters;
+(b) ours: what ``launch/pretrain_k400.py`` runs: the engine :func:`~carl_scale.train.trainer.build_engine`
+    makes from a recipe config (DeepSpeed, fp32 weights, bf16 autocast inside the objective on a
+    GPU) and :func:`~carl_scale.train.trainer.engine_step` (forward, a finiteness check, backward,
+    step), with the same flavor, frames and batch.
 
-Both run the same model weights on the same synthetic batch (random pixels: speed does not
-depend on content) and print samples/s, peak memory and the ratio (b)/(a).
+Both start from the same weights and take the same synthetic batch (random pixels: the speed does
+not depend on content). Printed: samples/s, the peak GPU memory of each path (reset between them;
+not measured on a CPU), the ratio (b)/(a), and each path's loss on the first step (published ≈
+ours / 2 − the targets' entropy: ``tests/test_scl.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import resource
 import time
 
 import torch
 
-from carl_scale.losses import sequence_contrastive_loss
-from carl_scale.models import build_model, model_config
+from carl_scale.bench.published import published_forward, published_scl
+from carl_scale.config import to_dict
+from carl_scale.data.reader import VideoBatch
+from carl_scale.tables import table
+from carl_scale.train.recipes import configure, recipe
+from carl_scale.train.trainer import build_engine, engine_step, process_group
+from carl_scale.models import build_model
 
 
-def _batch(b: int, t: int, size: int, device):
+def synthetic_batch(b: int, t: int, size: int, device: torch.device) -> VideoBatch:
     g = torch.Generator().manual_seed(0)
-    views = torch.randn(b, 2, t, 3, size, size, generator=g).to(device)
-    ts = torch.sort(torch.randint(0, 4 * t, (b, 2, t), generator=g), dim=-1).values.to(device)
-    return views, ts
+    ts = torch.sort(torch.randint(0, 4 * t, (b, 2, t), generator=g), dim=-1).values
+    return VideoBatch(views=torch.randn(b, 2, t, 3, size, size, generator=g), timestamps=ts,
+                      mask=torch.ones(b, 2, t, dtype=torch.bool), action_labels=torch.zeros(b, dtype=torch.long),
+                      phase_labels=torch.full((b, 2, t), -1), num_frames=torch.full((b,), 4 * t),
+                      video_ids=[f"v{i}" for i in range(b)]).to(device)
 
 
-def _step_fn(model, opt, scaler, dtype, chunk, channels_last, device):
-    def step(views, ts):
-        b, _, t = views.shape[:3]
-        x = views.flatten(0, 1)
-        if channels_last:
-            x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).view_as(x)
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        with ctx:
-            h = model(x, chunk=chunk)["embeddings"]
-            z = model.project(h).view(b, 2, t, -1)
-        loss = sequence_contrastive_loss(z[:, 0].float(), z[:, 1].float(), ts[:, 0], ts[:, 1])
+def published_step(model, batch: VideoBatch, cuda: bool, tau: float, sigma2: float):
+    """A step function running the published code's way (see the module docstring)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-4, weight_decay=1e-5)
+    scaler = torch.amp.GradScaler("cuda") if cuda else None
+
+    def step() -> float:
+        with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+            z = published_forward(model, batch.views, batch.mask)
+            loss = published_scl(z, batch.timestamps, batch.mask, tau=tau, sigma2=sigma2)
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -51,69 +61,76 @@ def _step_fn(model, opt, scaler, dtype, chunk, channels_last, device):
         else:
             loss.backward()
             opt.step()
-        return loss
+        return loss.detach()
     return step
 
 
-def measure(step, views, ts, iters: int, warmup: int, device) -> tuple[float, float]:
-    for _ in range(warmup):
-        step(views, ts)
-    if device.type == "cuda":
+def measure(step, iters: int, warmup: int, batch: int, device: torch.device) -> tuple[float, float | None, float]:
+    """(samples/s, peak GPU GiB of this path or None on a CPU, the first step's loss)."""
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    first = float(step())
+    for _ in range(warmup - 1):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(iters):
-        step(views, ts)
-    if device.type == "cuda":
+        step()
+    if cuda:
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS, GiB
-    return views.shape[0] * iters / (time.perf_counter() - t0), peak
+    sps = batch * iters / (time.perf_counter() - t0)
+    return sps, (torch.cuda.max_memory_allocated() / 2**30 if cuda else None), first
+
+
+def run(flavor: str, frames: int, batch: int, iters: int, warmup: int) -> dict[str, tuple]:
+    with process_group() as (_, world, device):
+        cuda = device.type == "cuda"
+        cfg = configure(recipe("debug"), {"data.batch_size": batch, "data.temporal.num_frames": frames}, flavor=flavor)
+        data = synthetic_batch(batch, frames, cfg.model.image_size, device)
+        results = {}
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        results["published"] = measure(published_step(model.to(device).train(), data, cuda, cfg.loss.tau,
+                                                      cfg.loss.sigma2), iters, warmup, batch, device)
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+        model = build_model(cfg.model)
+        model.load_state_dict(start)
+        engine, _ = build_engine(cfg, model.to(device), total_steps=iters + warmup, world=world, bf16=cuda)
+        engine.train()
+
+        def ours() -> torch.Tensor:
+            out, _ = engine_step(engine, data, device)
+            return out["loss"].detach()
+
+        results["ours (trainer step)"] = measure(ours, iters, warmup, batch, device)
+        results["_config"] = (to_dict(cfg.model), torch.cuda.get_device_name() if cuda else "CPU")
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--flavor", default="debug")
-    p.add_argument("--frames", type=int, default=32)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--batch", type=int, default=2, help="videos per step (2 views each)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     a = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.type == "cuda"
-    use_compile = cuda if a.compile is None else a.compile
-    cfg = model_config(a.flavor, train_frames=a.frames)
-    views, ts = _batch(a.batch, a.frames, cfg.image_size, device)
-    results = {}
-    for name in ("reference", "ours"):
-        torch.manual_seed(0)
-        model = build_model(cfg).to(device).train()
-        if name == "ours":
-            model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.Adam([q for q in model.parameters() if q.requires_grad], lr=1e-4, weight_decay=1e-5)
-        if name == "reference":
-            dtype = torch.float16 if cuda else None
-            scaler = torch.amp.GradScaler("cuda") if cuda else None
-            step = _step_fn(model, opt, scaler, dtype, 40, False, device)
-        else:
-            dtype = torch.bfloat16 if cuda else None
-            fwd = torch.compile(model) if use_compile else model
-            step = _step_fn(fwd, opt, None, dtype, None, True, device)
-        results[name] = measure(step, views, ts, a.iters, a.warmup, device)
-        del model, opt
-        if cuda:
-            torch.cuda.empty_cache()
-    ref, ours = results["reference"], results["ours"]
-    mem = "peak GPU GiB" if cuda else "peak RSS GiB (process)"
-    print(f"\nstep benchmark on {torch.cuda.get_device_name() if cuda else 'CPU'}: flavor {a.flavor}, "
-          f"T={a.frames}, batch {a.batch} videos (2 views each), compile={use_compile}")
-    print(f"{'path':<11}{'samples/s':>11}{mem:>24}")
-    for name, (sps, peak) in results.items():
-        print(f"{name:<11}{sps:>11.2f}{peak:>24.2f}")
-    print(f"ratio ours/reference: {ours[0] / ref[0]:.2f}x")
-    return {k: {"samples_per_s": v[0], "peak_gib": v[1]} for k, v in results.items()}
+    if min(a.frames, a.batch, a.iters, a.warmup) < 1:
+        p.error("--frames, --batch, --iters and --warmup must be >= 1")
+    res = run(a.flavor, a.frames, a.batch, a.iters, a.warmup)
+    _, device = res.pop("_config")
+    ref = res["published"][0]
+    rows = [(name, f"{sps:.2f}", f"{sps / ref:.2f}x", "-" if peak is None else f"{peak:.2f}", f"{loss:.4f}")
+            for name, (sps, peak, loss) in res.items()]
+    print(f"\ntraining step on {device}: flavor {a.flavor}, T={a.frames}, {a.batch} videos (2 views each)")
+    print(table(rows, ("path", "samples/s", "vs published", "peak GPU GiB", "first loss")))
+    return {name: {"samples_per_s": v[0], "peak_gib": v[1], "first_loss": v[2]} for name, v in res.items()}
 
 
 if __name__ == "__main__":

@@ -270,12 +270,26 @@ def cuda_available() -> bool:
         return False
 
 
+def split_device(device: str | None) -> tuple[str, int]:
+    """("cpu" | "cuda", GPU index) of a device string: "cuda:1" -> ("cuda", 1); "cuda" -> the
+    current GPU (the rank's own, once the trainer has set it); None -> a GPU if there is one."""
+    import torch
+
+    dev = torch.device(device) if device else torch.device("cuda" if cuda_available() else "cpu")
+    if dev.type == "cpu":
+        return "cpu", 0
+    if dev.type != "cuda":
+        raise ValueError(f"decoding runs on the CPU or a CUDA GPU, not {device!r}")
+    return "cuda", dev.index if dev.index is not None else (torch.cuda.current_device() if cuda_available() else 0)
+
+
 def make_decoder(name: str = "auto", *, codec: str = "", device: str | None = None) -> FrameDecoder:
     """``auto``: DALI wherever it can decode the payload — always on a GPU; on the CPU for
     VP8/VP9/MJPEG video and JPEG frames (2.1x PyAV's sampled-frame rate for VP9 and 4.5x for
     JPEG on this project's 2-core machine, ``python -m carl_scale.bench.data``) — else PyAV.
-    ``dali`` on a CPU-only machine for H.264 is a clear error, not a silent fallback."""
-    device = device or ("cuda" if cuda_available() else "cpu")
+    ``dali`` on a CPU-only machine for H.264 is a clear error, not a silent fallback. ``device``
+    "cuda:N" decodes on GPU N (each rank its own: DALI pipelines are built for that GPU)."""
+    device, device_id = split_device(device)
     dali_ok = device == "cuda" or (bool(codec) and codec in DALI_CPU_CODECS)
     if name == "auto":
         name = "dali" if dali_ok else "pyav"
@@ -285,5 +299,5 @@ def make_decoder(name: str = "auto", *, codec: str = "", device: str | None = No
         if device == "cpu" and codec and codec not in DALI_CPU_CODECS:
             raise ValueError(f"decoder='dali' on the CPU cannot decode {codec} (DALI decodes only "
                              f"{sorted(DALI_CPU_CODECS)} without a GPU); use decoder='pyav' or 'auto'")
-        return DaliDecoder(device=device)
+        return DaliDecoder(device=device, device_id=device_id)
     raise ValueError(f"unknown decoder {name!r}; choose 'auto', 'dali' or 'pyav'")

@@ -127,14 +127,34 @@ class ShardedVideoDataset(IterableDataset):
 
     def __init__(self, urls: list[str], cfg: LoaderConfig, *, rank: int, world_size: int,
                  batches_per_epoch: int, decoder: FrameDecoder | None, counter: SkipCounter, seed: int,
-                 photometric: bool):
+                 photometric: bool, num_workers: int):
         self.urls, self.cfg, self.seed, self.photometric = urls, cfg, seed, photometric
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = batches_per_epoch
         self.decoder, self.counter = decoder, counter
-        self.epoch = 0
-        self.start_batch = 0  # global batch index to resume from within the epoch
-        self.resume_at: dict[int, int] = {}  # logical worker -> its stream position at start_batch
+        # What the next pass over the data starts from, in shared memory: persistent DataLoader
+        # workers (forked once) read it whenever a new epoch or a resume begins. [0] epoch, [1] the
+        # global batch index to resume from within it, [2 + w] logical worker w's stream position
+        # at that batch (-1: none recorded).
+        self._state = mp.get_context("fork").Array("q", [0, 0] + [-1] * max(1, num_workers), lock=False)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._state[0])
+
+    @property
+    def start_batch(self) -> int:
+        return int(self._state[1])
+
+    @property
+    def resume_at(self) -> dict[int, int]:
+        return {w: int(p) for w, p in enumerate(self._state[2:]) if p >= 0}
+
+    def set_start(self, epoch: int, start_batch: int, resume_at: dict[int, int]) -> None:
+        """Where the next ``iter()`` starts (call it in the main process before the iterator is made)."""
+        self._state[0], self._state[1] = epoch, start_batch
+        for w in range(len(self._state) - 2):
+            self._state[2 + w] = resume_at.get(w, -1)
 
     def _worker(self) -> tuple[int, int]:
         """(logical worker, number of workers). The DataLoader takes batches from its workers
@@ -353,7 +373,9 @@ class VideoLoader:
         self.dataset = ShardedVideoDataset(self.urls, cfg, rank=rank, world_size=world_size,
                                            batches_per_epoch=self.batches_per_epoch,
                                            decoder=worker_decoder, counter=self.counter, seed=seed,
-                                           photometric=self.device == "cpu")
+                                           photometric=torch.device(self.device).type == "cpu",
+                                           num_workers=cfg.num_workers)
+        self._dl: DataLoader | None = None  # made at the first iter(); its workers persist over epochs
         self.epoch, self.next_batch = 0, 0
         self.positions: dict[int, int] = {}  # logical worker -> stream position after its last batch taken
 
@@ -380,18 +402,29 @@ class VideoLoader:
         self.positions = {int(w): int(p) for w, p in state.get("positions", {}).items()}
 
     def __iter__(self) -> Iterator[VideoBatch]:
-        self.dataset.epoch, self.dataset.start_batch = self.epoch, self.next_batch
-        self.dataset.resume_at = dict(self.positions)
+        self.dataset.set_start(self.epoch, self.next_batch, self.positions)
         workers = self.cfg.num_workers  # fixed: the shard split depends on it
-        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global
-        # torch RNG, so a resumed run (new iterator mid-epoch) would shift every later dropout mask.
-        dl = DataLoader(self.dataset, batch_size=None, num_workers=workers,
-                        generator=torch.Generator().manual_seed(self.seed + self.epoch),
-                        multiprocessing_context="fork" if workers > 0 else None,
-                        prefetch_factor=2 if workers > 0 else None)
+        if self._dl is None:
+            # Workers are forked once and kept (persistent_workers): re-forking a training process
+            # every epoch, after CUDA and the process group are up, is slow and fragile. Its own
+            # generator: a DataLoader iterator otherwise draws its base seed from the global torch
+            # RNG, so a resumed run (new iterator mid-epoch) would shift every later dropout mask.
+            self._dl = DataLoader(self.dataset, batch_size=None, num_workers=workers,
+                                  generator=torch.Generator().manual_seed(self.seed),
+                                  multiprocessing_context="fork" if workers > 0 else None,
+                                  persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
+        dl = self._dl
         for wb in dl:
             batch = collate(wb.samples, self.cfg, self.decoder, self.device)
             self.next_batch += 1
             self.positions[wb.worker] = wb.resume_at
             yield batch
         self.epoch, self.next_batch, self.positions = self.epoch + 1, 0, {}
+
+    def close(self) -> None:
+        """Stop the worker processes now (they hold prefetched batches); the next ``iter()``
+        starts new ones."""
+        it = self._dl._iterator if self._dl is not None else None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        self._dl = None

@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import webdataset as wds
 
-from carl_scale.data.decoders import DALI_CPU_CODECS, EncodedVideo, FrameDecoder
+from carl_scale.data.decoders import DALI_CPU_CODECS, EncodedVideo, FrameDecoder, split_device
 from carl_scale.data.manifest import resolve_shards
 from carl_scale.data.reader import parse_meta
 
@@ -56,6 +56,7 @@ def iter_whole_videos_dali(spec, split: str = "train", *, device: str = "cpu", s
     """DALI end to end. ``shard_id``/``num_shards`` split the videos over ranks."""
     from nvidia.dali import fn, pipeline_def, types
 
+    device, device_id = split_device(device)  # "cuda:N": that GPU
     urls, manifest = resolve_shards(spec, split)
     if manifest is not None and manifest.get("payload") == "jpeg":
         raise ValueError("iter_whole_videos_dali reads 'video' payloads; for jpeg shards use "
@@ -68,7 +69,7 @@ def iter_whole_videos_dali(spec, split: str = "train", *, device: str = "cpu", s
         if not Path(ip).exists():
             raise FileNotFoundError(f"DALI index {ip} is missing; make it with 'wds2idx {ip[:-4]}.tar {ip}'")
 
-    @pipeline_def(batch_size=1, num_threads=num_threads, device_id=0 if device == "cuda" else None,
+    @pipeline_def(batch_size=1, num_threads=num_threads, device_id=device_id if device == "cuda" else None,
                   exec_dynamic=True)
     def pipe():
         video, meta, nframes = fn.readers.webdataset(

@@ -138,13 +138,46 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict:
     }
 
 
+def build_engine(cfg: RunConfig, model: torch.nn.Module, total_steps: int, world: int, bf16: bool):
+    """(DeepSpeed engine around the config's objective, learning-rate scheduler): what training
+    steps, built the one way the trainer and ``carl_scale.bench.step`` build it. Call it inside
+    :func:`process_group`."""
+    import deepspeed
+
+    objective = build_objective(model, cfg.loss, autocast=torch.bfloat16 if bf16 else None)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
+    # A torch optimizer, not a DeepSpeed-config one: no CPU-kernel JIT build on CPU machines.
+    optimizer = opt_cls(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
+    o = cfg.optim
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total_steps, o.warmup_steps,
+                                                                              o.min_lr_ratio))
+    engine, _, _, scheduler = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=sched,
+                                                   config=deepspeed_config(cfg, world))
+    engine.checkpoint_engine = ckpt.WeightsOnlyLoads(engine.checkpoint_engine)
+    return engine, scheduler
+
+
+def engine_step(engine, batch: VideoBatch, device: torch.device) -> tuple[dict[str, torch.Tensor], bool]:
+    """One micro-step as training runs it: the objective's forward, a finiteness check agreed by
+    every rank *before* the update, then backward and step. Returns (the objective's outputs,
+    whether the loss was finite); a non-finite loss leaves the weights untouched."""
+    out = engine(batch)  # bf16 autocast, when on, is inside (Objective.forward)
+    bad = torch.tensor([0.0 if torch.isfinite(out["loss"]) else 1.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() > 0:
+        return out, False
+    engine.backward(out["loss"])
+    engine.step()
+    return out, True
+
+
 class Trainer:
     """One run: the engine, the loader and the loop. Build it inside :func:`process_group`."""
 
     def __init__(self, cfg: RunConfig, hooks: Sequence[Hook] = (), *, rank: int = 0, world: int = 1,
                  device: torch.device = torch.device("cpu")):
-        import deepspeed
-
         if not cfg.data.shards:
             raise ValueError("no training data: pass --shards (a shard directory or brace pattern) or use a recipe "
                              "with the embedded synthetic set (--recipe debug)")
@@ -156,7 +189,8 @@ class Trainer:
         if self.rank == 0:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
         resume_from = self._find_resume()  # refuses settings that would not continue it, before any work
-        self.loader = VideoLoader(cfg.data, rank=rank, world_size=world, seed=cfg.seed, device=device.type)
+        # the full device ("cuda:3"): GPU decoding runs on this rank's own GPU
+        self.loader = VideoLoader(cfg.data, rank=rank, world_size=world, seed=cfg.seed, device=str(device))
         self.total_steps = cfg.steps if cfg.steps is not None else \
             max(1, math.ceil(cfg.epochs * len(self.loader) / cfg.parallel.grad_accum))
 
@@ -166,18 +200,7 @@ class Trainer:
             # a class token this run adds (weak supervision from a self-supervised start) starts fresh
             new = ("cls_token", "classifier.") if cfg.model.class_token else ()
             load_weights(self.model, read_weights(cfg.init_from)[0], cfg.init_from, new=new)
-        objective = build_objective(self.model, cfg.loss, autocast=torch.bfloat16 if self.bf16 else None)
-        params = [p for p in objective.parameters() if p.requires_grad]
-        opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
-        # A torch optimizer, not a DeepSpeed-config one: no CPU-kernel JIT build on CPU machines.
-        optimizer = opt_cls(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
-        o = cfg.optim
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_lambda(s, self.total_steps, o.warmup_steps, o.min_lr_ratio))
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=objective, optimizer=optimizer,
-                                                                 lr_scheduler=sched,
-                                                                 config=deepspeed_config(cfg, world))
-        self.engine.checkpoint_engine = ckpt.WeightsOnlyLoads(self.engine.checkpoint_engine)
+        self.engine, self.scheduler = build_engine(cfg, self.model, self.total_steps, world, self.bf16)
         self.step = self.start_step = 0
         self.history: list[float] = []
         self._saved: tuple[int, Path] | None = None
@@ -278,19 +301,13 @@ class Trainer:
         """One micro-step; returns the objective's outputs. Raises on a non-finite loss on any
         rank, before the optimizer sees it, so the last checkpoint stays the last good state."""
         batch = batch.to(self.device)
-        out = self.engine(batch)  # bf16 autocast, when on, is inside (Objective.forward)
-        loss = out["loss"]
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() > 0:
+        out, finite = engine_step(self.engine, batch, self.device)
+        if not finite:
             where = ckpt.latest_name(self.ckpt_root) or "none yet"
             raise FloatingPointError(
-                f"non-finite loss ({loss.item()}) at step {self.step} (videos {batch.video_ids}); stopped before "
-                f"the update. Last good checkpoint: {where} in {self.ckpt_root}. Lower --lr, use --precision fp32, "
-                f"or check the data, then --resume latest.")
-        self.engine.backward(loss)
-        self.engine.step()
+                f"non-finite loss ({out['loss'].item()}) at step {self.step} (videos {batch.video_ids}); stopped "
+                f"before the update. Last good checkpoint: {where} in {self.ckpt_root}. Lower --lr, use --precision "
+                f"fp32, or check the data, then --resume latest.")
         return {k: float(v.detach()) for k, v in out.items()}
 
     def _context(self, metrics: dict[str, float]) -> HookContext:
@@ -348,9 +365,10 @@ class Trainer:
             log.close()
             raise
         finally:
-            # stop the DataLoader workers now (the generator's loader iterator shuts them down),
-            # not whenever it is collected: they hold prefetched batches through the evaluation
+            # stop the DataLoader workers now, not whenever they are collected: they hold
+            # prefetched batches through the evaluation
             batches.close()
+            self.loader.close()
         log.end_progress()
         elapsed = time.perf_counter() - t_start
         summary = {"steps": self.step, "total_steps": total, "resumed_from": self.start_step, "seconds": elapsed,

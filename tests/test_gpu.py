@@ -1,0 +1,93 @@
+"""What only a GPU can check: DALI's GPU decoding against its CPU decoding, bf16 SCL against fp32,
+the trainer's step against the published step on the same inputs, and a short r50 run from shards.
+Skipped without CUDA (CI has none); ``scripts/device/gpu_check.sh`` runs them on a lent GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from carl_scale.config import to_dict
+from carl_scale.data.decoders import DaliDecoder, EncodedVideo
+from carl_scale.data.manifest import resolve_shards
+from carl_scale.data.reader import parse_meta
+from carl_scale.losses import sequence_contrastive_loss
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _videos(shards, n: int = 4) -> list[EncodedVideo]:
+    import webdataset as wds
+
+    urls, _ = resolve_shards(str(shards), "train")
+    out = []
+    for s in wds.tarfile_to_samples()([dict(url=u) for u in urls]):
+        out.append(EncodedVideo.from_sample(s, parse_meta(s)))
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("fixture", ["vp9_shards", "jpeg_shards"])
+def test_gpu_and_cpu_decoding_give_the_same_frames(request, fixture):
+    videos = _videos(request.getfixturevalue(fixture))
+    idx = [np.sort(np.random.default_rng(i).choice(v.num_frames, 12, replace=False)) for i, v in enumerate(videos)]
+    cpu = DaliDecoder("cpu").decode(videos, idx)
+    gpu = DaliDecoder("cuda", device_id=torch.cuda.current_device()).decode(videos, idx)
+    for c, g in zip(cpu, gpu):
+        g = g.cpu().numpy() if torch.is_tensor(g) else np.asarray(g)
+        diff = np.abs(np.asarray(c).astype(np.int16) - g.astype(np.int16))
+        assert diff.shape == np.asarray(c).shape and diff.mean() < 1.0 and np.percentile(diff, 99) <= 4
+
+
+def test_bf16_scl_matches_fp32_within_a_stated_tolerance():
+    """Projections rounded to bf16 (what the model's bf16 autocast hands the loss) change SCL by
+    less than 1%: the loss itself always runs in fp32 (losses.scl.full_precision)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    z1, z2 = (torch.randn(4, 80, 128, device="cuda", generator=g) for _ in range(2))
+    s = torch.sort(torch.randint(0, 300, (2, 4, 80), device="cuda", generator=g), dim=-1).values
+    ref = sequence_contrastive_loss(z1, z2, s[0], s[1])
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = sequence_contrastive_loss(z1.bfloat16(), z2.bfloat16(), s[0], s[1])
+    assert low.dtype == torch.float32 and abs(low.item() - ref.item()) < 0.01 * ref.item()
+
+
+def test_the_trainer_step_computes_the_published_steps_loss_on_the_same_inputs():
+    """Same weights, same batch: the trainer's objective (bf16 autocast) and the published step
+    (fp16 autocast, 40-frame trunk blocks, its SCL) agree on the loss up to the known relation
+    published = ours / 2 - entropy of the targets, within 2% (two low precisions)."""
+    from carl_scale.bench.published import published_forward, published_scl
+    from carl_scale.bench.step import synthetic_batch
+    from carl_scale.losses.objective import build_objective
+    from carl_scale.models import build_model
+    from carl_scale.train.recipes import configure, recipe
+
+    cfg = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 80}, flavor="r50")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).cuda().eval()  # eval: dropout off, BatchNorm fixed, so both see one function
+    batch = synthetic_batch(2, 80, cfg.model.image_size, torch.device("cuda"))
+    with torch.no_grad():
+        ours = build_objective(model, cfg.loss, autocast=torch.bfloat16)(batch)["loss"].item()
+        with torch.autocast("cuda", dtype=torch.float16):
+            z = published_forward(model, batch.views, batch.mask)
+        pub = published_scl(z.float(), batch.timestamps, batch.mask, tau=cfg.loss.tau, sigma2=cfg.loss.sigma2).item()
+    s = batch.timestamps.double()
+    d2 = (s[:, :, :, None] - s[:, [1, 0], None, :]) ** 2
+    w = torch.softmax(-d2 / (2 * cfg.loss.sigma2), dim=-1)
+    entropy = -(w * torch.log(w.clamp_min(1e-300))).sum(-1).mean().item()
+    assert pub == pytest.approx(ours / 2 - entropy, rel=0.02)
+
+
+@pytest.mark.slow
+def test_a_20_step_r50_run_from_shards_on_the_gpu(vp9_shards, tmp_path):
+    from carl_scale.train.recipes import configure, recipe
+    from carl_scale.train.trainer import run
+
+    cfg = configure(recipe("debug"), {"data.shards": str(vp9_shards), "run_dir": str(tmp_path / "run"),
+                                      "steps": 20, "data.batch_size": 2, "data.temporal.num_frames": 16,
+                                      "data.num_workers": 2, "eval.enabled": False}, flavor="r50")
+    summary = run(cfg)
+    assert summary["steps"] == 20 and np.isfinite(summary["final_loss"]) and summary["samples_per_s"] > 0
+    assert (tmp_path / "run/checkpoints/step_000020/model.pt").exists()
+    assert to_dict(cfg)["model"]["flavor"] == "r50"
