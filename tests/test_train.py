@@ -310,7 +310,7 @@ def _dp_grads(rank: int, world: int, port: int, out: str) -> None:
         engine.eval()
         batch = synthetic_batch(4, 8, 32, device)
         part = slice(rank * per_rank, (rank + 1) * per_rank)
-        mine = type(batch)(**{k: (v[part] if torch.is_tensor(v) else v[part]) for k, v in batch.__dict__.items()})
+        mine = type(batch)(**{k: v[part] for k, v in batch.__dict__.items()})
         loss = engine(mine)["loss"]
         engine.backward(loss)
         grads = {n: p.grad.detach().clone() for n, p in engine.module.named_parameters() if p.grad is not None}

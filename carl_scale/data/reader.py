@@ -256,7 +256,7 @@ class ShardedVideoDataset(IterableDataset):
                 # A share of a few samples (fewer shards than consumers) may hold only a damaged
                 # one in one pass and good ones in the next, whose order differs: only a share that
                 # is empty, or unusable pass after pass, is an error.
-                if raw == 0 or barren >= BARREN_PASSES:
+                if barren >= BARREN_PASSES:
                     raise RuntimeError(
                         f"rank {self.rank} worker {worker}: " + ("its share of the shards is empty (fewer samples "
                         "than ranks x workers?)" if raw == 0 else f"{barren} passes over its shards in a row gave no "
@@ -345,8 +345,8 @@ def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDeco
 class VideoLoader:
     """Batches of two augmented views per video for one rank; ``len()`` steps per epoch.
 
-    ``state_dict()`` holds (epoch, next batch); a loader restored from it yields the batches the
-    original would have yielded next.
+    ``state_dict()`` holds the epoch, the next batch and each worker's stream position; a loader
+    restored from it yields the batches the original would have yielded next.
     """
 
     def __init__(self, cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1, split: str = "train",

@@ -78,10 +78,12 @@ def _frame_labels(directory: str | None, stem: str) -> np.ndarray | None:
     return None
 
 
-def _decode_file(path: Path, short_side: int | None, transcode: bool) -> tuple[np.ndarray, float, str]:
-    """Every frame of a file as RGB, its rate and codec. A variable-frame-rate file is refused when
-    it is to be stored as is (its frames could not be found by timestamp) and resampled to its
-    nominal rate when it is transcoded."""
+def _decode_file(path: Path, short_side: int | None,
+                 transcode: bool) -> tuple[np.ndarray, float, str, np.ndarray | None, int]:
+    """Every frame of a file as RGB, its rate, its codec, for a resampled file which source frame
+    each output frame is (None: every frame once), and the number of source frames. A variable-frame-rate file is refused
+    when it is to be stored as is (its frames could not be found by timestamp) and resampled to
+    its nominal rate when it is transcoded; its per-frame labels are resampled alike."""
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -99,13 +101,16 @@ def _decode_file(path: Path, short_side: int | None, transcode: bool) -> tuple[n
     if listed and len(frames) < listed - max(2, listed // 100):
         raise ValueError(f"decoded {len(frames)} of the {listed} frames its container lists (truncated?)")
     step, vfr = frame_timing([p for p in pts if p is not None]) if None not in pts and tb else (0.0, False)
+    picks = None
     if vfr:
         if not transcode:
             raise SkipInput("variable frame rate: its frames cannot be found by timestamp when stored as is; "
                             "rerun with --transcode to resample it to a constant rate")
         fps = 1.0 / (step * tb)
-        frames = [frames[i] for i in constant_rate_picks(np.asarray(pts) * tb, fps)]
-    return np.stack(frames), fps, codec
+        picks = constant_rate_picks(np.asarray(pts) * tb, fps)
+        frames = [frames[i] for i in picks]
+    n_source = len(frames) if picks is None else len(pts)
+    return np.stack(frames), fps, codec, picks, n_source
 
 
 def _video_id(rel: str) -> str:
@@ -172,9 +177,13 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
                             f"rename one of the two files")
         row = rows[matched[p]] if p in matched else None
         label = -1 if row is None else (names.index(row[0]) if names else int(row[0]))
-        frames, fps, codec = _decode_file(p, opts.short_side, transcode)
+        frames, fps, codec, picks, source_frames = _decode_file(p, opts.short_side, transcode)
         phases = _frame_labels(opts.frame_labels, p.stem)
         extra = {name: _frame_labels(d, p.stem) for name, d in opts.extra_frame_labels.items()}
+        if picks is not None:  # labels name source frames: they follow the resampling (other lengths are refused below)
+            def follow(lab):
+                return lab[picks] if lab is not None and len(lab) == source_frames else lab
+            phases, extra = follow(phases), {k: follow(v) for k, v in extra.items()}
         bad = [f"{len(lab)} {name} frame labels" for name, lab in [("phase", phases), *extra.items()]
                if lab is not None and len(lab) != len(frames)]
         if bad:
@@ -190,7 +199,7 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
     for split, paths in sorted(by_split.items()):
         entry = write_split(out_dir, split, paths, load, dataset=src.name, opts=wopts, label_names=label_names,
                             describe=lambda p: str(p.relative_to(src)),
-                            settings={**asdict(opts), "labels": label_names})
+                            settings={**asdict(opts), "labels": label_names, "rows": rows})
         if entry["skipped"]:
             log.warning("%s: skipped %d of %d videos (listed in shards.json)", split, len(entry["skipped"]), len(paths))
     manifest = read_manifest(out_dir)

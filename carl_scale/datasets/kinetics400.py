@@ -215,7 +215,8 @@ def write_kinetics400_shards(annotations: list[str | Path], videos: str | Path, 
     for split, items in sorted(by_split.items()):
         items = sorted(items)[: opts.limit]
         write_split(out_dir, split, items, load, dataset="kinetics400", opts=wopts, label_names={"actions": names},
-                    describe=lambda c: c.clip_id, settings={**asdict(opts), "labels": names})
+                    describe=lambda c: c.clip_id,  # the plan covers each clip's label too: a fixed CSV is no resume
+                    settings={**asdict(opts), "labels": names, "clip_labels": [c.label for c in items]})
     manifest = read_manifest(out_dir)
     if warnings + more:
         manifest["label_warnings"] = warnings + more

@@ -17,6 +17,7 @@ refused unless ``overwrite``.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -98,7 +99,7 @@ def _atomic_json(path: Path, obj: dict) -> None:
 def _remove_split(out_dir: Path, split: str, manifest: dict | None) -> None:
     for p in _slot_files(out_dir, split):
         p.unlink()
-    for p in (out_dir / PROGRESS_DIR).glob(f"{split}[-.]*"):
+    for p in (out_dir / PROGRESS_DIR).glob(f"{split}[-.]*.json"):  # not the lock, which this write holds
         p.unlink()
     if manifest is not None and split in manifest.get("splits", {}):
         del manifest["splits"][split]
@@ -113,6 +114,8 @@ def _claim(out_dir: Path, split: str, plan: str, opts: WriteOptions) -> dict | N
     plan_path = out_dir / PROGRESS_DIR / f"{split}.plan.json"
     old = json.loads(plan_path.read_text())["fingerprint"] if plan_path.is_file() else None
     if opts.overwrite:
+        if entry is None and old == plan:  # this very command, interrupted: finish it, keep its shards
+            return None
         _remove_split(out_dir, split, manifest)
         return None
     if entry is not None:
@@ -130,15 +133,16 @@ def _claim(out_dir: Path, split: str, plan: str, opts: WriteOptions) -> dict | N
 
 
 def _write_slot(out_dir: Path, split: str, slot: int, items: Sequence[Any], load: Callable[[Any], VideoRecord],
-                dataset: str, opts: WriteOptions, plan: str, describe: Callable[[Any], str], done, parent: int) -> None:
+                dataset: str, opts: WriteOptions, plan: str, describe: Callable[[Any], str], done,
+                parent: int | None) -> None:
     for p in _slot_files(out_dir, split, slot):  # what an interrupted attempt at this slot left
         p.unlink()
     writer = SlotWriter(out_dir, split, slot, dataset=dataset, payload=opts.payload, encode=opts.encode,
                         max_bytes=opts.max_bytes)
     try:
         for item in items:
-            if os.getppid() != parent:  # the driver is gone (killed): stop rather than write on unseen
-                os._exit(1)
+            if parent is not None and os.getppid() != parent:  # a forked worker whose driver was killed
+                os._exit(1)  # stops rather than writing on unseen
             try:
                 rec = load(item)
             except SkipInput as exn:
@@ -164,8 +168,11 @@ def _worker(slots, args, errors, index: int) -> None:
     try:
         for slot, items in slots:
             _write_slot(args[0], args[1], slot, items, *args[2:])
-    except BaseException as exn:  # reported to the driver, which names it and stops
-        errors.put((index, f"{type(exn).__name__}: {exn}", traceback.format_exc()))
+    except BaseException as exn:  # reported to the driver, which logs it and raises it
+        try:
+            errors.put((index, exn, traceback.format_exc()))
+        except Exception:  # an exception that does not pickle: its text
+            errors.put((index, RuntimeError(f"{type(exn).__name__}: {exn}"), traceback.format_exc()))
         raise SystemExit(1)
 
 
@@ -179,6 +186,19 @@ def write_split(out_dir: str | Path, split: str, items: Sequence[Any], load: Cal
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / PROGRESS_DIR).mkdir(exist_ok=True)
+    with open(out_dir / PROGRESS_DIR / f"{split}.lock", "w") as lock:
+        try:  # forked workers inherit it: a rerun waits for orphans of a killed write to stop too
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"another write of split {split!r} into {out_dir} is running (or its workers are "
+                                  f"still stopping): wait for it to end, or stop it, then rerun") from None
+        return _write_split(out_dir, split, items, load, dataset=dataset, opts=opts, label_names=label_names,
+                            describe=describe, settings=settings, extra=extra)
+
+
+def _write_split(out_dir: Path, split: str, items: Sequence[Any], load: Callable[[Any], VideoRecord], *,
+                 dataset: str, opts: WriteOptions, label_names: dict | None, describe: Callable[[Any], str],
+                 settings: dict | None, extra: dict | None) -> dict:
     plan = _fingerprint(dataset, items, opts, describe, {**(settings or {}), **(extra or {})})
     finished = _claim(out_dir, split, plan, opts)
     if finished is not None:
@@ -206,7 +226,7 @@ def write_split(out_dir: str | Path, split: str, items: Sequence[Any], load: Cal
     with bar:
         if workers <= 1:
             for j, chunk in todo:
-                _write_slot(out_dir, split, j, chunk, *args[2:-1], parent=os.getppid())
+                _write_slot(out_dir, split, j, chunk, *args[2:-1], parent=None)
                 show()
         else:
             errors = ctx.Queue()
@@ -226,10 +246,12 @@ def write_split(out_dir: str | Path, split: str, items: Sequence[Any], load: Cal
                     p.join()
             failed = [p for p in procs if p.exitcode != 0]
             if failed:
-                msg = errors.get(timeout=5) if not errors.empty() else (None, f"exit code {failed[0].exitcode}", "")
-                log.debug("%s", msg[2])
-                raise RuntimeError(f"writer worker {msg[0]} failed: {msg[1]}. Finished shards are kept: rerun the "
-                                   f"same command to write the rest.")
+                index, exn, tb = errors.get(timeout=5) if not errors.empty() else \
+                    (None, RuntimeError(f"exit code {failed[0].exitcode}"), "")
+                log.error("writer worker %s failed:\n%s", index, tb)
+                print(f"writer worker {index} failed; the shards finished so far are kept: rerun the same "
+                      f"command to write the rest")
+                raise exn  # its own class: an expected error still ends in one line
         show()
     return _merge(out_dir, split, [(j, _read_record(out_dir, split, j, plan)) for j, _ in slots], plan,
                   dataset=dataset, opts=opts, label_names=label_names, extra=extra)
@@ -242,11 +264,15 @@ def _merge(out_dir: Path, split: str, records: list[tuple[int, dict | None]], pl
     if missing:
         raise RuntimeError(f"{out_dir}: slots {missing[:5]} of split {split!r} have no record after writing; rerun")
     seen: dict[str, int] = {}
+    repeated = []  # two inputs that named the same video (the converters rule it out where ids come from names)
     for j, rec in records:
         for key in rec["keys"]:
             if key in seen:
-                raise ValueError(f"duplicate video key {key!r} in split {split!r} (slots {seen[key]} and {j})")
+                repeated.append(f"{key} (shards {seen[key]} and {j})")
             seen[key] = j
+    if repeated:
+        log.warning("split %s: %d video keys occur twice, e.g. %s (listed in shards.json)", split, len(repeated),
+                    repeated[0])
     manifest = read_manifest(out_dir) or {"version": 1, "splits": {}}
     if manifest.get("payload", opts.payload) != opts.payload:
         raise ValueError(f"{out_dir} holds {manifest['payload']} shards; cannot add {opts.payload} ones")
@@ -260,7 +286,8 @@ def _merge(out_dir: Path, split: str, records: list[tuple[int, dict | None]], pl
     shards = [s for _, r in records for s in r["shards"]]
     entry = {"shards": shards, "samples": sum(s["samples"] for s in shards),
              "frames": sum(r["frames"] for _, r in records), "skipped": [s for _, r in records for s in r["skipped"]],
-             "plan": plan, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+             "plan": plan, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+             **({"repeated_keys": repeated} if repeated else {})}
     manifest["splits"][split] = entry
     write_manifest(out_dir, manifest)
     return entry

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from av.codec.codec import UnknownCodecError
 
 from carl_scale.data.manifest import MANIFEST
 from carl_scale.datasets.encode import EncodeOptions, encode_jpeg_frames, encode_video
@@ -132,14 +133,15 @@ class SlotWriter:
         self._tar.addfile(info, io.BytesIO(data))
 
     def write(self, rec: VideoRecord) -> None:
-        """Encode (if needed) and append one video. A record that cannot be encoded or does not
-        add up (label counts, a repeated id) raises :class:`SkipInput` before anything of it is in
-        the shard; an error writing the shard itself propagates."""
+        """Encode (if needed) and append one video. A record that cannot be encoded as asked or
+        does not add up (odd frame sizes for 4:2:0, label counts, a repeated id: a ValueError)
+        raises :class:`SkipInput` before anything of it is in the shard; anything else (a missing
+        encoder, a shard that cannot be written) propagates and stops the write."""
         try:
             key, fields, n = self._sample(rec)
-        except SkipInput:
+        except UnknownCodecError:  # the machine lacks the encoder: every input would fail, so stop
             raise
-        except Exception as exn:
+        except ValueError as exn:  # this input's frames, labels or id do not fit: skip it
             raise SkipInput(f"{type(exn).__name__}: {exn}") from exn
         size = sum(len(v) for v in fields.values())
         if self._tar is not None and self._bytes + size > self.max_bytes:

@@ -236,8 +236,7 @@ class Trainer:
         client = ckpt.load(self.engine, path, meta)  # every rank loaded, or every rank raises
         self.step = self.start_step = int(meta["step"])
         self._saved = (self.step, path)
-        data = client["data"]  # every rank's own position when there were several (see save)
-        self.loader.load_state_dict(data["ranks"][self.rank] if "ranks" in data else data)
+        self.loader.load_state_dict(client["data"])  # this rank's own (client_rank{r}.pt)
         ckpt.set_rng_state(client["rng"])
         self.history = list(client.get("history", []))
         if self.rank == 0:
@@ -273,13 +272,8 @@ class Trainer:
         if self._saved is not None and self._saved[0] == self.step:
             return self._saved[1]
         self.sync_buffers()
-        data = self.loader.state_dict()
-        if dist.is_initialized() and self.world > 1:
-            # only rank 0 writes the client state, but each rank's workers are at their own positions
-            ranks: list = [None] * self.world
-            dist.all_gather_object(ranks, data)
-            data = {**data, "ranks": ranks}
-        client = {"data": data, "rng": ckpt.rng_state(), "history": self.history}
+        # every rank writes its own client file: its loader's own positions resume it
+        client = {"data": self.loader.state_dict(), "rng": ckpt.rng_state(), "history": self.history}
         path = ckpt.save(self.engine, self.model, self.ckpt_root, self.step, client, self._meta(),
                          self.cfg.checkpoint.keep)
         self._saved = (self.step, path)

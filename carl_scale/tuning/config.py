@@ -24,7 +24,7 @@ class SweepConfig(Config):
     init_from: str | None = param(None, flag="--init-from",
                                   help="a checkpoint every trial starts from (the self-supervised warm start of --weak)")
     weak: bool = param(False, flag="--weak", help="sweep the weakly supervised objective: σ², τ, ε₁ and λ")
-    trials: int = param(6, flag="--trials", ge=1, help="hyper-parameter draws")
+    trials: int = param(5, flag="--trials", ge=1, help="hyper-parameter draws")
     steps: int = param(100, flag="--steps", ge=1, help="optimizer steps per trial")
     report_every: int = param(50, flag="--report-every", ge=1,
                               help="steps between validation reports (ASHA decides at these)")

@@ -20,7 +20,9 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CARL_SCALE_NO_PROGRESS=1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, nvidia.dali as d, deepspeed, av; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| dali', d.__version__, '| deepspeed', deepspeed.__version__, '| av', av.__version__)"
 } 2>&1 | tee "$out/versions.txt"
-timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt"
-timeout 120 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 2>&1 | tail -6 | tee "$out/step_T80.txt"
-timeout 120 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 2>&1 | tail -6 | tee "$out/step_T240.txt"
-timeout 120 python3 -m carl_scale.bench.data --device cuda 2>&1 | tail -15 | tee "$out/data.txt"
+rc=0
+timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt" || rc=1
+timeout 120 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 2>&1 | tail -6 | tee "$out/step_T80.txt" || rc=1
+timeout 120 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 2>&1 | tail -6 | tee "$out/step_T240.txt" || rc=1
+timeout 120 python3 -m carl_scale.bench.data --device cuda 2>&1 | tail -15 | tee "$out/data.txt" || rc=1
+exit $rc

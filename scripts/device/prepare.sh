@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run HERE (no GPU needed), once: download what the lent GPU machine lacks (its image has torch
 # 2.11+cu130, numpy, numba, matplotlib, tensorboard, pytest; not DALI, DeepSpeed, WebDataset, PyAV)
-# into .whl/ (git-ignored), and cut it into call-sized folders .whl/c1, .whl/c2, ... of at most
+# into .whl/ (in .gitignore), and cut it into call-sized folders .whl/c1, .whl/c2, ... of at most
 # 60 MiB each (a device call carries 64 MiB): DALI's wheel alone is ~250 MB.
 #
 #   bash scripts/device/prepare.sh
@@ -10,7 +10,6 @@
 #     run(carry=[".whl/cN"], command="bash scripts/device/gpu_check.sh")            # stage cN, install, run
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 rm -rf .whl && mkdir -p .whl/all
 plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
