@@ -214,8 +214,13 @@ def test_folder_refuses_variable_frame_rate_as_is_and_resamples_it_when_transcod
     m = folder.main(["--src", str(src), "--out", str(tmp_path / "as_is"), "--no-progress"])
     (skipped,) = m["splits"]["train"]["skipped"]
     assert skipped["source"] == "vfr.mp4" and skipped["reason"].startswith("variable frame rate")
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "vfr.txt").write_text("\n".join(str(i) for i in range(32)))  # one label per source frame
     m = folder.main(["--src", str(src), "--out", str(tmp_path / "t"), "--transcode", "--codec", "mjpeg",
-                     "--no-progress"])
+                     "--frame-labels", str(labels), "--no-progress"])
     metas = {meta["video_id"]: meta for meta, _ in iter_whole_videos(str(tmp_path / "t"), PyAVDecoder())}
     assert metas["vfr"]["num_frames"] == 47 and metas["vfr"]["fps"] == pytest.approx(25.0)
+    # the labels follow the frames: the source frame each output frame shows
+    assert metas["vfr"]["phase_labels"] == list(range(16)) + [16 + j // 2 for j in range(31)]
     assert metas["cfr"]["num_frames"] == expect[ok][2]
