@@ -175,7 +175,7 @@ def write_results(rows: list[dict], cfg: SweepConfig, base: RunConfig) -> dict:
         # the evaluation that follows: the recipe's dataset, or this data with the generic protocol
         dataset = TRANSFER_DATASET[cfg.recipe] if cfg.config is None else f"synthetic --shards {base.data.shards}"
         summary.update(best=best, pretrain=f"python launch/pretrain_k400.py --config {out / 'best_config.json'}",
-                       transfer=f"launch/transfer_eval.sh {dataset} --run-dir {run_dir}")
+                       transfer=f"launch/transfer_eval.sh {dataset} --run-dir {run_dir} --out {out / 'transfer'}")
     return summary
 
 
