@@ -53,6 +53,18 @@ def test_bad_ranges_and_data_without_labels_are_refused_before_ray_starts(tmp_pa
     assert res.returncode == 1 and "Traceback" not in res.stderr and not (tmp_path / "s").exists()
 
 
+def test_the_default_sweep_in_a_fresh_clone_keeps_its_synthetic_set(tmp_path, monkeypatch):
+    """No data yet (a fresh clone): the default sweep still trains on the embedded synthetic set,
+    written before Ray starts, and scores trials on its val split (absolute paths for Ray)."""
+    from carl_scale.tuning.sweep import prepare
+    from tuning.sweep import parse
+
+    monkeypatch.chdir(tmp_path)
+    base, val = prepare(parse([]))
+    assert base.synthetic is not None and base.data.shards == val == str(tmp_path / "data/synthetic")
+    assert not (tmp_path / "data").exists()  # nothing written before the sweep itself starts
+
+
 def test_a_two_trial_sweep_writes_its_table_plot_and_best_config(vp9_shards, tmp_path):
     out = tmp_path / "sweep"
     res = _sweep("--config", str(_small_config(vp9_shards, tmp_path / "small.json")), "--out", str(out),

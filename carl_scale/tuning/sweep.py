@@ -48,7 +48,10 @@ def prepare(cfg: SweepConfig) -> tuple[RunConfig, str]:
     base = configure(start, overrides, weak=cfg.weak)
     shards = base.data.shards
     if isinstance(shards, str) and "://" not in shards:  # Ray's workers run elsewhere: absolute paths
-        base = configure(base, {"data.shards": str(Path(shards).resolve())})
+        absolute = str(Path(shards).resolve())
+        # the synthetic set moves (it is written later, before Ray starts); other shards are the user's
+        base = configure(base, data_dir=absolute) if base.synthetic is not None else \
+            configure(base, {"data.shards": absolute})
     val, why = end_of_run_shards(base.data.shards, base.eval.shards,
                                  base.synthetic.val_videos if base.synthetic is not None else None)
     if val is None:
