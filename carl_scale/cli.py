@@ -1,8 +1,11 @@
-"""``carl-scale``: embed videos and align two of them with a pretrained checkpoint.
+"""``carl-scale``: embed videos and align two of them with a pretrained checkpoint; import the
+published CARL code's checkpoints.
 
     carl-scale embed a.mp4 b.webm --out embs/                 # one (S, D) .npy per video
     carl-scale embed --shards data/synthetic --split val --out embs/
     carl-scale align a.mp4 b.mp4 --out align.png              # heatmap + DTW path + aligned frames
+    carl-scale import-carl checkpoint_epoch_00299.pth --config scl_transformer_action_config.yml \
+        --out runs/carl_pennaction                            # then --checkpoint runs/carl_pennaction
 
 ``--checkpoint`` names a step_NNNNNN directory (default: the newest under runs/pretrain). Plain
 video files are decoded with PyAV (any codec FFmpeg reads), shards with the project's decoders.
@@ -70,6 +73,23 @@ def cmd_align(args) -> None:
     print(f"alignment of {args.a} ({len(fa)} frames) and {args.b} ({len(fb)} frames) -> {out}")
 
 
+def cmd_import_carl(args) -> None:
+    from carl_scale.carl_code import import_carl
+
+    r = import_carl(args.checkpoint_file, args.config, args.out, overwrite=args.overwrite)
+    m = r["model"]
+    print(f"{args.checkpoint_file} (epoch {r['epoch']}): {r['tensors']} tensors -> {r['out']}/model.pt")
+    print(f"  model: ResNet-50 ({m.train_last_stages} stage(s) trained), {m.num_layers}-layer {m.width}-wide "
+          f"transformer, {m.embed_dim}-d embeddings, T {m.train_frames}, {m.image_size} px; recipe {r['recipe']}")
+    for note in r["notes"]:
+        print(f"  note: {note}")
+    ds = "pennaction" if r["recipe"] in ("pennaction", "k400") else r["recipe"]
+    print(f"\nevaluate it:   launch/transfer_eval.sh {ds} {r['out']}\n"
+          f"embed videos:  carl-scale embed VIDEO.mp4 --checkpoint {r['out']}\n"
+          f"fine-tune it:  deepspeed launch/pretrain_k400.py --config {r['out']}/meta.json --init-from {r['out']} "
+          f"--shards DIR")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="carl-scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,6 +110,14 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("b")
     a.add_argument("--out", default="alignment.png")
     a.set_defaults(func=cmd_align)
+    i = sub.add_parser("import-carl", help="a published CARL checkpoint as a carl_scale checkpoint directory")
+    i.add_argument("checkpoint_file", metavar="CHECKPOINT", help="checkpoint_epoch_NNNNN.pth of the published code")
+    i.add_argument("--config", default=None,
+                   help="the YAML it was trained with (default: the config saved in the checkpoint)")
+    i.add_argument("--out", required=True, help="the checkpoint directory to write (meta.json, model.pt)")
+    i.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    i.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
+    i.set_defaults(func=cmd_import_carl)
     args = p.parse_args(argv)
     if args.command == "embed" and not args.videos and not args.shards:
         p.error("embed: give video files and/or --shards DIR")

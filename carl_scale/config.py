@@ -187,7 +187,10 @@ def _convert(v: Any, tp: Any, key: str) -> Any:
 
 def from_dict(cls: type, data: dict, path: str = "") -> Any:
     """Build ``cls`` from a dict (a saved config), sub-configs included. Missing keys take the
-    field's default; a key no field has is refused (a typo must not pass for a setting)."""
+    field's default; a key no field has is refused (a typo must not pass for a setting). A class
+    with an ``upgrade_saved(dict) -> dict`` static method first brings an older saved form up to date."""
+    if hasattr(cls, "upgrade_saved"):
+        data = cls.upgrade_saved(dict(data))
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:

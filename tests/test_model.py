@@ -95,7 +95,7 @@ def test_any_video_length_and_chunking_is_exact():
     torch.testing.assert_close(m.embed_video(video), whole, atol=1e-5, rtol=1e-5)
     # positions of a longer video are stretched onto the training range
     pos = m.default_positions(1, 91, "cpu")
-    assert pos[0, 0] == 0 and torch.isclose(pos[0, -1], torch.tensor(31.0))
+    assert pos[0, 0] == 0 and pos[0, -1] == 31.0
 
 
 def test_resnet50_weights_from_local_file(tmp_path):
@@ -120,3 +120,88 @@ def test_resnet50_weights_from_local_file(tmp_path):
     torch.save({"foo.weight": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="not a ResNet-50"):
         Backbone("resnet50", 1, str(tmp_path / "bad.pth"))
+
+
+def test_r50_has_the_published_parameter_count():
+    """27,388,608 = the published TransformerModel at its PennAction config (ResNet-50 with layer4
+    trained, 3 layers, projection head); 18,845,312 of them trained."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random ResNet-50 weights
+        m = build_model(model_config("r50"))
+    assert sum(p.numel() for p in m.parameters()) == 27_388_608
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == 18_845_312
+
+
+def test_checkpoints_of_the_nn_transformer_encoder_era_compute_what_they_did():
+    """Checkpoints written before the encoder became the published one (nn.TransformerEncoder,
+    sines/cosines in halves, a final LayerNorm) load by name, keep their parameter order (which
+    DeepSpeed's optimizer state follows) and compute the same as the old module."""
+    import math
+
+    from carl_scale.models.flavors import model_config_from_dict
+    from carl_scale.models.transformer import upgrade_legacy_keys
+    from carl_scale.config import to_dict
+
+    saved = to_dict(model_config("debug"))
+    del saved["pos_encoding"], saved["final_norm"]  # what an old meta.json holds
+    cfg = model_config_from_dict(saved)
+    assert (cfg.pos_encoding, cfg.final_norm) == ("halves", True)
+    torch.manual_seed(0)
+    old = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(cfg.width, cfg.num_heads, cfg.ffn_width, 0.0, batch_first=True,
+                                         norm_first=True),
+        cfg.num_layers, norm=torch.nn.LayerNorm(cfg.width), enable_nested_tensor=False).eval()
+    for p in old.parameters():  # not the default init, so that biases and norms matter too
+        torch.nn.init.normal_(p, std=0.2)
+    new = build_model(cfg).eval()
+    old_names = [f"transformer.{k}" for k, _ in old.named_parameters()]
+    renamed = list(upgrade_legacy_keys({k: 0 for k in old_names}))
+    assert renamed == [k for k, _ in new.named_parameters() if k.startswith("transformer.")]
+    state = new.state_dict()
+    state.update(upgrade_legacy_keys({f"transformer.{k}": v for k, v in old.state_dict().items()}))
+    new.load_state_dict(state)
+
+    feats = torch.randn(2, 9, cfg.width)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    pos = torch.arange(9.0)
+    half = cfg.width // 2
+    ang = pos[:, None] * torch.exp(-math.log(10000.0) * torch.arange(half) / half)
+    pe = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
+    want = old(feats + pe, src_key_padding_mask=~mask)
+    got = new.transformer(feats, pos.expand(2, 9), mask)
+    torch.testing.assert_close(got[mask], want[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_attention_equals_the_published_explicit_softmax():
+    """Our encoder (packed QKV through scaled_dot_product_attention) computes what the published
+    code's explicit per-head softmax over three Q/K/V linears computes, padded keys included."""
+    from carl_scale.bench.published import published_encoder
+
+    torch.manual_seed(0)
+    m = build_model(model_config("debug")).eval()
+    feats = torch.randn(2, 11, m.cfg.width)
+    keep = torch.ones(2, 11, dtype=torch.bool)
+    keep[0, 8:] = False
+    with torch.no_grad():
+        ours = m.encode_sequence(feats, keep)["embeddings"]
+        ref = published_encoder(m, feats, keep)
+    torch.testing.assert_close(ours[keep], ref[keep], atol=1e-5, rtol=1e-5)
+
+
+def test_resuming_an_old_run_with_todays_architecture_is_refused(tmp_path):
+    """An old run's meta.json has no pos_encoding/final_norm: resuming it with a config that builds
+    the published architecture would silently change what its weights compute, so it is refused
+    (its own --config meta.json restores the old architecture and resumes)."""
+    from carl_scale.config import ConfigError, to_dict
+    from carl_scale.train import checkpoint as ckpt
+    from carl_scale.train.recipes import load_run_config, recipe
+
+    now = to_dict(recipe("debug"))
+    old = {**now, "model": {k: v for k, v in now["model"].items() if k not in ("pos_encoding", "final_norm")}}
+    with pytest.raises(ConfigError, match="pos_encoding halves .now interleaved."):
+        ckpt.check_resume(tmp_path, {"config": old, "world_size": 1}, now, 1)
+    (tmp_path / "meta.json").write_text(__import__("json").dumps({"config": old}))
+    own = to_dict(load_run_config(str(tmp_path / "meta.json")))
+    ckpt.check_resume(tmp_path, {"config": old, "world_size": 1}, own, 1)  # its own config: accepted
+    assert (own["model"]["pos_encoding"], own["model"]["final_norm"]) == ("halves", True)

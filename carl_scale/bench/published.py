@@ -11,6 +11,8 @@ What it does differently from ours, all reproduced:
   view of the same video in each denominator ("single_noself") and 1e-6 of masked pairs; the
   target is the Gaussian of the timestamp distance normalised over the other view; the loss is
   ``KL(target || exp / sum + 1e-6)`` summed over valid pairs and divided by the valid frames;
+* its attention: three separate Q, K, V projections and an explicit masked softmax per head
+  (``QKt / sqrt(d_k)``, ``masked_fill(-inf)``, ``softmax``, ``@ V``), not a fused kernel;
 * fp16 autocast with a GradScaler on a GPU, eager, NCHW; the optimizer steps the parameters
   directly (no engine).
 
@@ -24,9 +26,43 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from carl_scale.models.fve import FrameVideoEncoder, sincos_encoding
+from carl_scale.models.fve import FrameVideoEncoder
 
 FRAMES_PER_BLOCK = 40  # the published configs' MODEL.BASE_MODEL.FRAMES_PER_BATCH
+
+
+def published_attention(attn, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Our :class:`~carl_scale.models.transformer.SelfAttention`'s weights computed the published
+    way: Q, K and V as three linears (the packed weight's row blocks), scores masked with -inf
+    for padded keys, softmax, then the output projection."""
+    b, s, d = x.shape
+    h = attn.heads
+    wq, wk, wv = attn.qkv.weight.chunk(3)
+    bq, bk, bv = attn.qkv.bias.chunk(3)
+    q, k, v = (F.linear(x, w, bias).view(b, s, h, d // h).transpose(1, 2)
+               for w, bias in ((wq, bq), (wk, bk), (wv, bv)))
+    scores = q @ k.transpose(-1, -2) / (d // h) ** 0.5
+    if keep is not None:
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v
+    return attn.proj(out.transpose(1, 2).reshape(b, s, d))
+
+
+def published_encoder(model: FrameVideoEncoder, feats: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """frame features ``(B, T, width)`` -> embeddings, the temporal part as the published code runs
+    it (its positional encoding, pre-norm blocks with :func:`published_attention`)."""
+    from carl_scale.models.transformer import sincos_encoding
+
+    enc = model.transformer
+    b, t = feats.shape[:2]
+    pos = model.default_positions(b, t, feats.device)
+    x = enc.pos_dropout(feats + sincos_encoding(pos, enc.width, enc.pos_encoding).to(feats.dtype))
+    for blk in enc.blocks:
+        x = x + blk.dropout(published_attention(blk.attn, blk.attn_norm(x), keep))
+        x = x + blk.dropout(blk.fc2(F.relu(blk.fc1(blk.ffn_norm(x)))))
+    if enc.final_norm is not None:
+        x = enc.final_norm(x)
+    return model.embed(x)
 
 
 def published_scl(z: torch.Tensor, steps: torch.Tensor, mask: torch.Tensor, *, tau: float = 0.1,
@@ -73,9 +109,5 @@ def published_forward(model: FrameVideoEncoder, views: torch.Tensor, mask: torch
         blocks.append(y.view(2 * b, k, *y.shape[1:]))
     feats = torch.cat(blocks, dim=1).flatten(0, 1)  # (2B*T, C, h, w)
     feats = model.frame_head(F.adaptive_max_pool2d(feats, 1).flatten(1)).view(2 * b, t, -1)
-    positions = model.default_positions(2 * b, t, views.device)
-    x = feats + sincos_encoding(positions, model.cfg.width).to(feats.dtype)
-    pad = None if mask is None else ~mask.flatten(0, 1).bool()
-    x = model.transformer(x, src_key_padding_mask=pad)
-    z = model.project(model.embed(x))
+    z = model.project(published_encoder(model, feats, None if mask is None else mask.flatten(0, 1).bool()))
     return F.normalize(z.float(), dim=-1).view(b, v, t, -1)

@@ -113,6 +113,40 @@ def _decode_file(path: Path, short_side: int | None,
     return np.stack(frames), fps, codec, picks, n_source
 
 
+def file_record(path: Path, video_id: str, label: int, phases: np.ndarray | None,
+                extra: dict[str, np.ndarray | None], *, short_side: int | None, transcode: bool, source: str,
+                label_slack: int = 0) -> VideoRecord:
+    """One video file and its labels as a :class:`VideoRecord`: decoded (to count its frames and
+    check it), then stored as is or re-encoded (``transcode``). Per-frame labels follow a
+    variable-rate file's resampling; label sets whose length differs from the decoded frame count
+    by at most ``label_slack`` are cut, or padded with -1 (a container's frame count and its
+    decode can differ by a frame or two), larger differences skip the video."""
+    frames, fps, codec, picks, source_frames = _decode_file(path, short_side, transcode)
+    if picks is not None:  # labels name source frames: they follow the resampling (other lengths are refused below)
+        def follow(lab):
+            return lab[picks] if lab is not None and len(lab) == source_frames else lab
+        phases, extra = follow(phases), {k: follow(v) for k, v in extra.items()}
+    n = len(frames)
+
+    def fit(lab):
+        if lab is None or len(lab) == n or abs(len(lab) - n) > label_slack:
+            return lab
+        return lab[:n] if len(lab) > n else np.concatenate([lab, np.full(n - len(lab), -1, lab.dtype)])
+    adjusted = {name: len(lab) for name, lab in [("phase", phases), *extra.items()] if lab is not None and len(lab) != n}
+    phases, extra = fit(phases), {k: fit(v) for k, v in extra.items()}
+    bad = [f"{len(lab)} {name} frame labels" for name, lab in [("phase", phases), *extra.items()]
+           if lab is not None and len(lab) != n]
+    if bad:
+        raise SkipInput(f"{', '.join(bad)} for {n} frames")
+    # every video carries every named set, so readers never guess
+    extra = {name: np.full(n, -1) if lab is None else lab for name, lab in extra.items()}
+    notes = {"source": source, **({"label_lengths_fitted": adjusted} if adjusted else {})}
+    if transcode:
+        return VideoRecord(video_id, frames, fps, label, phases, frame_labels=extra, extra=notes)
+    return VideoRecord(video_id, None, fps, label, phases, encoded=path.read_bytes(), num_frames=n,
+                       height=frames.shape[1], width=frames.shape[2], codec=codec, frame_labels=extra, extra=notes)
+
+
 def _video_id(rel: str) -> str:
     return rel.rsplit(".", 1)[0].replace("/", "__")
 
@@ -177,24 +211,9 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
                             f"rename one of the two files")
         row = rows[matched[p]] if p in matched else None
         label = -1 if row is None else (names.index(row[0]) if names else int(row[0]))
-        frames, fps, codec, picks, source_frames = _decode_file(p, opts.short_side, transcode)
         phases = _frame_labels(opts.frame_labels, p.stem)
         extra = {name: _frame_labels(d, p.stem) for name, d in opts.extra_frame_labels.items()}
-        if picks is not None:  # labels name source frames: they follow the resampling (other lengths are refused below)
-            def follow(lab):
-                return lab[picks] if lab is not None and len(lab) == source_frames else lab
-            phases, extra = follow(phases), {k: follow(v) for k, v in extra.items()}
-        bad = [f"{len(lab)} {name} frame labels" for name, lab in [("phase", phases), *extra.items()]
-               if lab is not None and len(lab) != len(frames)]
-        if bad:
-            raise SkipInput(f"{', '.join(bad)} for {len(frames)} frames")
-        # every video carries every named set, so readers never guess
-        extra = {name: np.full(len(frames), -1) if lab is None else lab for name, lab in extra.items()}
-        if transcode:
-            return VideoRecord(vid, frames, fps, label, phases, frame_labels=extra)
-        return VideoRecord(vid, None, fps, label, phases, encoded=p.read_bytes(), num_frames=len(frames),
-                           height=frames.shape[1], width=frames.shape[2], codec=codec, frame_labels=extra,
-                           extra={"source": rel})
+        return file_record(p, vid, label, phases, extra, short_side=opts.short_side, transcode=transcode, source=rel)
 
     for split, paths in sorted(by_split.items()):
         entry = write_split(out_dir, split, paths, load, dataset=src.name, opts=wopts, label_names=label_names,

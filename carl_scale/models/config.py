@@ -29,8 +29,20 @@ class ModelConfig(Config):
     # the run's --frames (a run config derives it), so it is always the T the model trained with.
     train_frames: int = param(32, ge=1)
     backbone_chunk: int = param(64, ge=1)  # frames per chunk through the backbone at evaluation
+    # the published architecture (off: what carl_scale checkpoints written before November 2026
+    # hold, see carl_scale/models/transformer.py; a saved config without these keys is one of those)
+    pos_encoding: Literal["interleaved", "halves"] = "interleaved"
+    final_norm: bool = False  # a LayerNorm after the last transformer block (the published model has none)
     class_token: bool = False  # weak supervision: a class token and a video-level classifier
     num_classes: int = param(0, flag="--num-classes", ge=0, help="video classes of the class token's classifier")
+
+    @staticmethod
+    def upgrade_saved(saved: dict) -> dict:
+        """A model config saved before ``pos_encoding``/``final_norm`` existed describes the
+        architecture carl_scale had then: sines and cosines in halves and a final LayerNorm."""
+        if "pos_encoding" in saved or "final_norm" in saved:
+            return saved
+        return {**saved, "pos_encoding": "halves", "final_norm": True}
 
     def check(self) -> None:
         if self.width % 2 or self.width % self.num_heads:

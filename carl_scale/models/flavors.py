@@ -7,6 +7,7 @@ derive from a base with ``dataclasses.replace``. Tests and the CPU demo use ``de
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -51,8 +52,14 @@ def model_config_from_dict(saved: dict, **overrides) -> ModelConfig:
     return from_dict(ModelConfig, {**saved, **overrides}, "model")
 
 
-def build_model(cfg: ModelConfig) -> FrameVideoEncoder:
-    return FrameVideoEncoder(cfg)
+def build_model(cfg: ModelConfig, *, weights_follow: bool = False) -> FrameVideoEncoder:
+    """The encoder of ``cfg``. ``weights_follow``: every weight is about to be loaded from a
+    checkpoint, so the ResNet-50's "starts from random weights" warning would mislead."""
+    if not weights_follow:
+        return FrameVideoEncoder(cfg)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="ResNet-50 backbone starts from random weights")
+        return FrameVideoEncoder(cfg)
 
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> FrameVideoEncoder:
@@ -60,6 +67,6 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> Fr
     ``checkpoints/latest``): built from its meta.json's model config, its float32 weights loaded
     (:mod:`carl_scale.models.weights`), in eval mode on ``device``."""
     state, cfg = read_weights(checkpoint)
-    model = build_model(model_config_from_dict(cfg, pretrained=None))  # the checkpoint holds every weight
+    model = build_model(model_config_from_dict(cfg, pretrained=None), weights_follow=True)  # the checkpoint has them all
     load_weights(model, state, checkpoint)
     return model.to(device).eval()

@@ -1,19 +1,19 @@
-"""The frame-level video encoder (paper §3.3, Fig. 2).
+"""The frame-level video encoder (paper §3.3, Fig. 2), parameter for parameter the published
+CARL model (``TransformerModel`` of github.com/minghchen/CARL_code) at the ``r50`` flavors.
 
 frames -> 2-D backbone (lower stages frozen) -> max pool -> 2 x [Dropout, Linear, BN, ReLU] ->
-Linear to ``width`` -> + sine-cosine positional encoding -> pre-LN transformer encoder ->
-Linear to ``embed_dim`` = the frame embeddings H. A 2-layer projection head g(H) = Z feeds the
-loss only. With ``class_token``, a learnable token joins the sequence and a linear classifier on
-its output predicts the video's class (weak supervision).
+Linear to ``width`` -> + sine-cosine positional encoding, dropout -> pre-LN transformer encoder
+(:mod:`carl_scale.models.transformer`) -> Linear to ``embed_dim`` = the frame embeddings H. A
+2-layer projection head g(H) = Z feeds the loss only. With ``class_token``, a learnable token
+joins the sequence and a linear classifier on its output predicts the video's class (weak
+supervision; not in the published code).
 
-Positions: a training view has T frames at positions 0..T-1. A longer (or shorter) video at
-evaluation has its positions stretched onto [0, T-1] (``linspace``), as the published code does,
-so the transformer sees the range of positions it was trained on.
+Positions: a training view has T frames at positions 0..T-1. A video of another length S at
+evaluation has its positions stretched onto [0, T-1] (``linspace(0, T - 1, S)``), as the published
+code does, so the transformer sees the range of positions it was trained on.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn as nn
@@ -21,15 +21,7 @@ import torch.nn.functional as F
 
 from carl_scale.models.backbones import Backbone
 from carl_scale.models.config import ModelConfig
-
-
-def sincos_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """(..., L) float positions -> (..., L, dim), the transformer paper's encoding, fractional
-    positions allowed."""
-    half = dim // 2
-    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device, dtype=torch.float32) / half)
-    ang = positions.float()[..., None] * freq
-    return torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
+from carl_scale.models.transformer import SequenceEncoder
 
 
 class FrameVideoEncoder(nn.Module):
@@ -43,10 +35,8 @@ class FrameVideoEncoder(nn.Module):
             nn.Dropout(cfg.dropout), nn.Linear(w, w), nn.BatchNorm1d(w), nn.ReLU(inplace=True),
             nn.Linear(w, cfg.width),
         )
-        layer = nn.TransformerEncoderLayer(cfg.width, cfg.num_heads, cfg.ffn_width, cfg.dropout,
-                                           batch_first=True, norm_first=True)
-        self.transformer = nn.TransformerEncoder(layer, cfg.num_layers, norm=nn.LayerNorm(cfg.width),
-                                                 enable_nested_tensor=False)
+        self.transformer = SequenceEncoder(cfg.width, cfg.num_layers, cfg.num_heads, cfg.ffn_width, cfg.dropout,
+                                           pos_encoding=cfg.pos_encoding, final_norm=cfg.final_norm)
         self.embed = nn.Linear(cfg.width, cfg.embed_dim)
         self.projection = nn.Sequential(nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.BatchNorm1d(cfg.embed_dim),
                                         nn.ReLU(inplace=True), nn.Linear(cfg.embed_dim, cfg.proj_dim))
@@ -64,9 +54,11 @@ class FrameVideoEncoder(nn.Module):
         return self.frame_head(x)
 
     def default_positions(self, batch: int, length: int, device) -> torch.Tensor:
+        """(batch, length) float64: 0..T-1 for a training-length sequence, else the published
+        stretch ``linspace(0, T - 1, length)``."""
         t = self.cfg.train_frames
-        pos = torch.arange(length, device=device, dtype=torch.float32) if length == t else \
-            torch.linspace(0, t - 1, length, device=device)
+        pos = torch.arange(length, device=device, dtype=torch.float64) if length == t else \
+            torch.linspace(0, t - 1, length, device=device, dtype=torch.float64)
         return pos.expand(batch, length)
 
     def _valid_frames(self, fn, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -87,15 +79,16 @@ class FrameVideoEncoder(nn.Module):
         b, t = frames.shape[:2]
         valid = None if mask is None else mask.reshape(-1).bool()
         feats = self._valid_frames(lambda x: self.frame_features(x, chunk), frames.flatten(0, 1), valid).view(b, t, -1)
+        return self.encode_sequence(feats, mask, positions)
+
+    def encode_sequence(self, feats: torch.Tensor, mask: torch.Tensor | None = None,
+                        positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Frame features ``(B, T, width)`` -> the forward's outputs (the part after the trunk)."""
+        b, t = feats.shape[:2]
         if positions is None:
-            positions = self.default_positions(b, t, frames.device)
-        x = feats + sincos_encoding(positions, self.cfg.width).to(feats.dtype)
-        pad = None if mask is None else ~mask.bool()
-        if self.cfg.class_token:
-            x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
-            if pad is not None:
-                pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=pad.device), pad], dim=1)
-        x = self.transformer(x, src_key_padding_mask=pad)
+            positions = self.default_positions(b, t, feats.device)
+        prefix = self.cls_token.expand(b, -1, -1) if self.cfg.class_token else None
+        x = self.transformer(feats, positions, None if mask is None else mask.bool(), prefix)
         out = {}
         if self.cfg.class_token:
             out["logits"] = self.classifier(x[:, 0])

@@ -165,6 +165,9 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
     """Put ``state`` into ``model``, or say plainly why it does not fit (nothing is loaded then).
     Parameters whose names start with one of ``new`` may be missing from ``state`` (a part this
     run adds, e.g. the weakly supervised class token); they keep their initial values."""
+    from carl_scale.models.transformer import upgrade_legacy_keys
+
+    state = upgrade_legacy_keys(state)  # written with nn.TransformerEncoder (before November 2026)
     ours = model.state_dict()
     missing = sorted(k for k in ours.keys() - state.keys() if not k.startswith(new or ("\0",)))
     unexpected = sorted(state.keys() - ours.keys())

@@ -93,7 +93,12 @@ class WeightsOnlyLoads:
         return getattr(self.inner, name)
 
     def load(self, path, map_location=None):
-        return safe_load(path, map_location)
+        from carl_scale.models.transformer import upgrade_legacy_keys
+
+        state = safe_load(path, map_location)
+        if isinstance(state, dict) and isinstance(state.get("module"), dict):  # the model states file
+            state["module"] = upgrade_legacy_keys(state["module"], prefix="model.")
+        return state
 
 
 def tag(step: int) -> str:
@@ -215,8 +220,13 @@ def check_resume(path: Path, meta: dict, config: dict, world_size: int) -> None:
     from carl_scale.config import ConfigError, iter_flags
     from carl_scale.train.config import RunConfig
 
+    from carl_scale.models.config import ModelConfig
+
     flags = {f.path: f.flag for f in iter_flags(RunConfig)}
-    then, now = _flatten(meta.get("config", {})), _flatten(config)
+    saved = dict(meta.get("config", {}))
+    if isinstance(saved.get("model"), dict):  # the architecture an older checkpoint's config means
+        saved["model"] = ModelConfig.upgrade_saved(saved["model"])
+    then, now = _flatten(saved), _flatten(config)
     differ = [k for k in sorted(now) if k.startswith(RESUME_FIXED) and k in then and then[k] != now[k]
               and k != "model.pretrained"]  # the backbone's start weights are in the checkpoint anyway
     parts = [f"{flags.get(k, k)} {then[k]} (now {now[k]})" for k in differ[:4]]

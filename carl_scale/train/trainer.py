@@ -195,7 +195,7 @@ class Trainer:
             max(1, math.ceil(cfg.epochs * len(self.loader) / cfg.parallel.grad_accum))
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = build_model(cfg.model)
+        self.model = build_model(cfg.model, weights_follow=bool(cfg.init_from))
         if cfg.init_from:  # fine-tuning: weights only; optimizer, schedule and step start afresh
             # a class token this run adds (weak supervision from a self-supervised start) starts fresh
             new = ("cls_token", "classifier.") if cfg.model.class_token else ()

@@ -1,0 +1,182 @@
+"""The published CARL code's pre-processed datasets -> shards, without preparing them again.
+
+What the published code (github.com/minghchen/CARL_code) keeps on disk, per dataset folder:
+
+* PennAction: ``train.pkl`` and ``val.pkl``, each a pair ``(videos, action_to_indices)``; Pouring:
+  ``train.pkl``, ``val.pkl`` (``test.pkl`` if made), each a list of videos. A video is a dict
+  ``{"id", "name", "video_file", "frame_label", "seq_len"}`` (PennAction adds ``action_label``,
+  an index into the 13 actions), ``video_file`` relative to the folder (``videos/<name>.mp4``,
+  25 fps H.264 written from TCC's TFRecords), ``frame_label`` a tensor of per-frame phases.
+* FineGym: ``gym99_train_<version>.pkl``, ``gym99_val.pkl``, ``gym288_train_<version>.pkl``
+  (``gym288_val.pkl`` if made), ``additional_<version>.pkl``: lists of events ``{"id", "name"
+  (the event id), "video_file" (``processed_videos/<event>.mp4``, 640x360 at 25 fps),
+  "seq_len", "frame_label" (float tensor, -1 = no element), "event_label" (1..10)}``.
+
+Here, as the other converters write them: PennAction with action labels and its 13 action names,
+FineGym with Gym99 labels as ``phase_labels`` and Gym288 as ``frame_labels["gym288"]`` (joined by
+event; an event one list lacks gets -1 there) and the event class (``event_label - 1``) as the
+action, the additional FineGym list as split ``additional`` (its labels as ``phase_labels``).
+Videos are stored as they are (no re-encode) unless ``transcode``/``short_side``/the jpeg payload
+asks for it. A label list whose length differs from the decoded frame count by at most
+max(2, 1%) frames is cut or padded with -1 (noted in the sample's metadata); beyond that, or
+with a missing video file, the video is skipped and listed in shards.json.
+
+Pickles are read by :func:`~carl_scale.datasets.safe_pickle.load_data_pickle`: data only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from carl_scale.data.manifest import read_manifest
+from carl_scale.datasets.finegym import EVENT_NAMES
+from carl_scale.datasets.folder import file_record
+from carl_scale.datasets.parallel import SkipInput, write_options, write_split
+from carl_scale.datasets.pennaction import ACTIONS
+from carl_scale.datasets.safe_pickle import load_data_pickle
+from carl_scale.datasets.writer import VideoRecord
+
+log = logging.getLogger("carl_scale.data")
+
+KINDS = ("pennaction", "pouring", "finegym")
+_GYM = re.compile(r"^gym(99|288)_(train|val)(?:_(v[\d.]+))?\.pkl$")
+_ADDITIONAL = re.compile(r"^additional(?:_v[\d.]+)?\.pkl$")
+LAYOUT = ("a folder of the published CARL code's pre-processed dataset: train.pkl and val.pkl next to the "
+          "videos/ they list (PennAction, Pouring), or gym99_train_<version>.pkl, gym99_val.pkl, ... next to "
+          "processed_videos/ (FineGym)")
+
+
+@dataclass
+class CarlDataOptions:
+    dataset: str | None = None  # pennaction | pouring | finegym; None: recognised from the files
+    transcode: bool = False
+    short_side: int | None = None
+    limit: int | None = None  # at most this many videos per split (a quick look)
+
+
+def _as_int_array(v: Any, what: str) -> np.ndarray:
+    if hasattr(v, "numpy"):  # a torch tensor
+        v = v.numpy()
+    arr = np.asarray(v)
+    if arr.dtype.kind not in "iuf" or arr.ndim != 1:
+        raise SkipInput(f"{what} is not a 1-D array of numbers ({arr.dtype}, {arr.ndim}-D)")
+    return arr.astype(np.int64)
+
+
+def _videos_of(data: Any, path: Path, kind: str) -> list[dict]:
+    """The list of video dicts a published pickle holds (PennAction's is the pair's first item)."""
+    if kind == "pennaction":
+        if not (isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], list)):
+            raise ValueError(f"{path} is not a PennAction list of the published layout: expected a pair (videos, "
+                             f"action_to_indices), got {type(data).__name__}")
+        videos, by_action = data
+        # older lists lack action_label: action_to_indices says it (entry i holds the ids of action i)
+        owner = {i: a for a, ids in enumerate(by_action or []) for i in ids}
+        return [{**v, "action_label": v.get("action_label", owner.get(v.get("id"), -1))}
+                if isinstance(v, dict) else v for v in videos]
+    if not isinstance(data, list):
+        raise ValueError(f"{path} is not a {kind} list of the published layout: expected a list of videos, got "
+                         f"{type(data).__name__}")
+    return data
+
+
+def detect(src: Path) -> str:
+    names = {p.name for p in src.iterdir()} if src.is_dir() else set()
+    if any(_GYM.match(n) for n in names):
+        return "finegym"
+    if "train.pkl" in names:
+        data = load_data_pickle(src / "train.pkl")
+        return "pennaction" if isinstance(data, tuple) else "pouring"
+    raise FileNotFoundError(f"{src} is not {LAYOUT}")
+
+
+def _entry(v: Any, where: str) -> dict:
+    """One video of a list, checked: video_file, name, frame labels."""
+    if not isinstance(v, dict):
+        raise SkipInput(f"{where}: a {type(v).__name__}, not a video dict")
+    missing = [k for k in ("video_file", "frame_label") if k not in v]
+    if missing:
+        raise SkipInput(f"{where}: no {', '.join(missing)}")
+    name = str(v.get("name") or Path(str(v["video_file"])).stem)
+    return {"video_file": str(v["video_file"]), "name": name, "seq_len": v.get("seq_len"),
+            "labels": _as_int_array(v["frame_label"], f"{where} frame_label")}
+
+
+def read_lists(src: Path, kind: str) -> dict[str, list[dict]]:
+    """{split: [{"video_file", "name", "action", "phases", "gym288"?, "where"}]} of a published folder."""
+    out: dict[str, list[dict]] = {}
+    if kind in ("pennaction", "pouring"):
+        for split in ("train", "val", "test"):
+            if (src / f"{split}.pkl").is_file():
+                raw = _videos_of(load_data_pickle(src / f"{split}.pkl"), src / f"{split}.pkl", kind)
+                out[split] = [{"raw": v, "where": f"{split}.pkl[{i}]",
+                               "action": int(v.get("action_label", -1)) if isinstance(v, dict) else -1}
+                              for i, v in enumerate(raw)]
+        if "train" not in out:
+            raise FileNotFoundError(f"{src / 'train.pkl'} is missing: --src must be {LAYOUT}")
+        return out
+    lists: dict[str, dict[str, list]] = {}
+    for p in sorted(src.iterdir()):
+        if m := _GYM.match(p.name):
+            lists.setdefault(m[2], {})[f"gym{m[1]}"] = (p.name, _videos_of(load_data_pickle(p), p, kind))
+        elif _ADDITIONAL.match(p.name):
+            lists.setdefault("additional", {})["gym99"] = (p.name, _videos_of(load_data_pickle(p), p, kind))
+    for split, sets in lists.items():
+        events: dict[str, dict] = {}
+        for cs in ("gym99", "gym288"):  # one entry per event, its labels of each class set
+            fname, videos = sets.get(cs, (None, []))
+            for i, v in enumerate(videos):
+                key = str(v.get("name") or v.get("video_file")) if isinstance(v, dict) else f"{fname}[{i}]"
+                e = events.setdefault(key, {"raw": v, "where": f"{fname}[{i}]", "sets": {},
+                                            "action": int(v.get("event_label", 0)) - 1 if isinstance(v, dict) else -1})
+                e["sets"][cs] = v
+        out[split] = list(events.values())
+    return out
+
+
+def write_carl_shards(src: str | Path, out_dir: str | Path, opts: CarlDataOptions | None = None, **write) -> dict:
+    """Every split of a published dataset folder into shards (``write``: the keyword arguments of
+    :func:`~carl_scale.datasets.parallel.write_options`); returns the manifest."""
+    opts = opts or CarlDataOptions()
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"--src {src} is not a directory: it must be {LAYOUT}")
+    kind = opts.dataset or detect(src)
+    if kind not in KINDS:
+        raise ValueError(f"--dataset must be one of {', '.join(KINDS)}, got {kind!r}")
+    splits = read_lists(src, kind)
+    wopts = write_options(**write)
+    transcode = opts.transcode or opts.short_side is not None or wopts.payload == "jpeg"
+    label_names = {"pennaction": {"actions": ACTIONS},
+                   "finegym": {"actions": EVENT_NAMES, "phase_labels": "Gym99 element classes (0-98)",
+                               "frame_labels": {"gym288": "Gym288 element classes (0-287)"}},
+                   "pouring": {}}[kind]
+
+    def load(item: dict) -> VideoRecord:
+        e = _entry(item["raw"], item["where"])
+        extra = {}
+        if kind == "finegym":
+            sets = {cs: _entry(v, item["where"])["labels"] for cs, v in item["sets"].items()}
+            e["labels"] = sets.get("gym99")
+            extra = {"gym288": sets.get("gym288")}
+        path = src / e["video_file"]
+        if not path.is_file():
+            raise SkipInput(f"{path} not found (video_file of {item['where']})")
+        n = max(len(x) for x in [e["labels"], *extra.values()] if x is not None)
+        return file_record(path, e["name"], item["action"], e["labels"], extra, short_side=opts.short_side,
+                           transcode=transcode, source=e["video_file"], label_slack=max(2, n // 100))
+
+    for split, items in sorted(splits.items()):
+        entry = write_split(out_dir, split, items[: opts.limit], load, dataset=kind, opts=wopts,
+                            label_names=label_names, describe=lambda item: item["where"],
+                            settings={**asdict(opts), "dataset": kind, "source": "carl_code"})
+        if entry["skipped"]:
+            log.warning("%s %s: skipped %d of %d videos (listed in shards.json)", kind, split, len(entry["skipped"]),
+                        len(items))
+    return read_manifest(out_dir)

@@ -1,0 +1,140 @@
+"""The published CARL code's dataset folders (pickled video lists next to the videos) into shards:
+`python -m shards.carl`, on real encoded videos, and pickles that would run code refused."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from carl_scale.data.config import SyntheticConfig
+from carl_scale.data.decoders import PyAVDecoder
+from carl_scale.data.whole_video import iter_whole_videos
+from carl_scale.datasets.encode import EncodeOptions, encode_video
+from carl_scale.datasets.safe_pickle import UnsafePickleError, load_data_pickle
+from carl_scale.datasets.synthetic import render_video
+from shards import carl
+
+CFG = SyntheticConfig(num_actions=2, train_videos=4, val_videos=2, min_frames=24, max_frames=40, height=48, width=64)
+
+
+def _video(split: str, i: int, folder, sub: str, name: str):
+    v = render_video(CFG, split, i)
+    (folder / sub).mkdir(exist_ok=True)
+    (folder / sub / f"{name}.mp4").write_bytes(encode_video(v.frames, 25.0, EncodeOptions(codec="h264")))
+    return v
+
+
+@pytest.fixture(scope="module")
+def penn(tmp_path_factory):
+    """A PennAction folder as the published preparation writes it: (videos, action_to_indices)
+    per split, frame labels as torch tensors, H.264 .mp4 files under videos/."""
+    root = tmp_path_factory.mktemp("penn_action")
+    truth = {}
+    for split, n in (("train", 3), ("val", 2)):
+        videos, by_action = [], [[] for _ in range(13)]
+        for i in range(n):
+            action = [0, 7, 12][i % 3]
+            name = f"{split[:1]}{i:03d}_{['baseball_pitch', 'pushup', 'tennis_serve'][i % 3]}"
+            v = _video(split, i, root, "videos", name)
+            labels = v.phase_labels[:-1] if i == 1 else v.phase_labels  # one frame short: fitted, not skipped
+            videos.append({"id": i, "name": name, "video_file": f"videos/{name}.mp4",
+                           "frame_label": torch.from_numpy(labels.copy()), "seq_len": len(labels),
+                           **({"action_label": action} if split == "train" else {})})
+            by_action[action].append(i)
+            truth[name] = (action, v.phase_labels, i == 1)
+        videos.append({"id": 99, "name": "gone", "video_file": "videos/gone.mp4",
+                       "frame_label": torch.zeros(5, dtype=torch.long), "seq_len": 5})
+        with open(root / f"{split}.pkl", "wb") as f:
+            pickle.dump((videos, by_action), f)
+    return root, truth
+
+
+def test_pennaction_folder_reads_back_with_its_labels(penn, tmp_path):
+    root, truth = penn
+    out = tmp_path / "shards"
+    m = carl.main(["--src", str(root), "--out", str(out), "--no-progress"])
+    assert m["dataset"] == "pennaction" and m["label_names"]["actions"][12] == "tennis_serve"
+    for split, n in (("train", 3), ("val", 2)):
+        s = m["splits"][split]
+        assert s["samples"] == n
+        assert [k["source"] for k in s["skipped"]] == [f"{split}.pkl[{n}]"]  # the missing video: counted
+        assert "gone.mp4 not found" in s["skipped"][0]["reason"]
+        got = {meta["video_id"]: (meta, frames) for meta, frames in iter_whole_videos(out, PyAVDecoder(), split)}
+        assert len(got) == n
+        for vid, (meta, frames) in got.items():
+            action, phases, short = truth[vid]
+            # val.pkl has no action_label: action_to_indices says it
+            assert meta["action_label"] == action and meta["codec"] == "h264"
+            want = np.concatenate([phases[:-1], [-1]]) if short else phases
+            assert np.array_equal(meta["phase_labels"], want) and len(frames) == len(phases)
+            assert ("label_lengths_fitted" in meta) == short
+
+
+def test_finegym_lists_join_gym99_and_gym288_by_event(tmp_path):
+    root = tmp_path / "finegym"
+    root.mkdir()
+    lists = {"gym99_train_v1.0.pkl": [], "gym288_train_v1.0.pkl": [], "gym99_val.pkl": []}
+    for i in range(2):
+        name = f"yt{i}_E_000010_000020"
+        v = _video("train", i, root, "processed_videos", name)
+        lab = torch.from_numpy(np.where(v.phase_labels >= 0, v.phase_labels, -1)).float()  # float, as published
+        item = {"id": i, "name": name, "video_file": f"processed_videos/{name}.mp4", "seq_len": len(lab),
+                "event_label": 4}
+        lists["gym99_train_v1.0.pkl"].append({**item, "frame_label": lab})
+        if i == 0:
+            lists["gym288_train_v1.0.pkl"].append({**item, "frame_label": lab + 100 * (lab >= 0)})
+    name = "yt9_E_000001_000002"
+    v = _video("val", 0, root, "processed_videos", name)
+    lists["gym99_val.pkl"].append({"id": 0, "name": name, "video_file": f"processed_videos/{name}.mp4",
+                                   "seq_len": len(v.phase_labels), "event_label": 1,
+                                   "frame_label": torch.from_numpy(v.phase_labels).float()})
+    for fname, data in lists.items():
+        with open(root / fname, "wb") as f:
+            pickle.dump(data, f)
+    out = tmp_path / "shards"
+    m = carl.main(["--src", str(root), "--out", str(out), "--no-progress"])
+    assert m["dataset"] == "finegym" and m["splits"]["train"]["samples"] == 2 and m["splits"]["val"]["samples"] == 1
+    got = {meta["video_id"]: meta for meta, _ in iter_whole_videos(out, PyAVDecoder(), "train")}
+    a, b = got["yt0_E_000010_000020"], got["yt1_E_000010_000020"]
+    assert a["action_label"] == 3  # event_label 4 (UB) -> 3
+    pa = np.asarray(a["phase_labels"])
+    assert np.array_equal(np.asarray(a["frame_labels"]["gym288"]), np.where(pa >= 0, pa + 100, -1))
+    assert set(np.asarray(b["frame_labels"]["gym288"]).tolist()) == {-1}  # not in the gym288 list
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run > pwned.txt",))
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "evil").mkdir()
+    with open(tmp_path / "evil" / "train.pkl", "wb") as f:
+        pickle.dump(([{"id": 0, "name": "x", "video_file": "videos/x.mp4", "frame_label": _RunsCode()}], [[0]]), f)
+    with pytest.raises(UnsafePickleError, match=r"posix.system|os.system"):
+        load_data_pickle(tmp_path / "evil" / "train.pkl")
+    from carl_scale.errors import run_cli
+
+    with pytest.raises(SystemExit) as exit_:
+        run_cli("shards.carl", carl.main, ["--src", str(tmp_path / "evil"), "--out", str(tmp_path / "out"),
+                                           "--no-progress"])
+    assert "refused" in str(exit_.value) and "system" in str(exit_.value)
+    assert not (tmp_path / "pwned.txt").exists() and not (tmp_path / "out").exists()
+
+
+def test_data_pickles_keep_numpy_tensors_and_plain_containers(tmp_path):
+    data = {"a": np.arange(4, dtype=np.int16), "t": torch.tensor([1.5, -1.0]), "s": {1, 2}, "n": np.float32(2.5),
+            "nested": [("x", b"bytes", None, 3.0)]}
+    for proto in (2, pickle.HIGHEST_PROTOCOL):
+        (tmp_path / "d.pkl").write_bytes(pickle.dumps(data, protocol=proto))
+        got = load_data_pickle(tmp_path / "d.pkl")
+        assert got["a"].dtype == np.int16 and np.array_equal(got["a"], data["a"])
+        assert torch.equal(got["t"], data["t"]) and got["s"] == {1, 2} and got["nested"] == data["nested"]
+    (tmp_path / "cut.pkl").write_bytes(pickle.dumps(data)[:20])
+    with pytest.raises(ValueError, match="cannot be read as a pickle"):
+        load_data_pickle(tmp_path / "cut.pkl")
