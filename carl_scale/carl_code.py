@@ -41,6 +41,7 @@ import re
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -207,11 +208,11 @@ def _our_name(key: str, cfg: ModelConfig, layer: int) -> str | None:
     return f"backbone.{where}.{rest}"
 
 
-def map_published_state(state: dict[str, torch.Tensor], cfg: ModelConfig, layer: int,
+def map_published_state(state: dict[str, torch.Tensor], model: torch.nn.Module, layer: int,
                         source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(our state dict, notes) from a published ``model_state``; every tensor placed, or a
-    CheckpointError listing what was not."""
-    ours = build_model(cfg, weights_follow=True).state_dict()
+    """(a state dict for ``model``, notes) from a published ``model_state``; every tensor placed,
+    or a CheckpointError listing what was not."""
+    cfg, ours = model.cfg, model.state_dict()
     out, unplaced, notes = {}, [], []
     qkv: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # block -> weight|bias -> Q|K|V
     dropped = sorted(k for k in state if k.startswith("classifier."))
@@ -256,20 +257,29 @@ def map_published_state(state: dict[str, torch.Tensor], cfg: ModelConfig, layer:
         [f"weights stored as {sorted(map(str, dtypes))[0]}: converted to float32"] if dtypes - {torch.float32} else [])
 
 
-def _run_config(pub: dict, model: ModelConfig):
-    """The carl_scale run config an imported checkpoint's meta.json holds: the recipe of the data
-    it was trained on, with its model, T, τ and σ²."""
+def _run_config(pub: dict, model: ModelConfig) -> tuple[Any, str, list[str]]:
+    """(the carl_scale run config an imported checkpoint's meta.json holds, its recipe, notes): the
+    recipe of the data it was trained on, with its model, T, τ and σ²."""
     from carl_scale.train.config import RunConfig
     from carl_scale.train.recipes import recipe
 
-    names = [str(d).lower() for d in [*(pub.get("DATASETS") or []), pub.get("PATH_TO_DATASET", "")]]
-    name = next((_RECIPE_OF[n] for n in names if n in _RECIPE_OF), "pennaction")
-    d = to_dict(recipe(name))
+    # the training script makes PATH_TO_DATASET absolute and drops kinetics400 from DATASETS before
+    # a checkpoint saves them: the folder's name is what is left to go by then
+    names = [str(d).lower() for d in pub.get("DATASETS") or []] + [Path(str(pub.get("PATH_TO_DATASET", ""))).name.lower()]
+    name = next((_RECIPE_OF[n] for n in names if n in _RECIPE_OF), None)
+    notes = [] if name is not None else [
+        f"its training data ({', '.join(n for n in names if n)}) is none carl_scale has a recipe for: meta.json "
+        f"records the pennaction recipe's training settings (they matter only to fine-tuning with --config)"]
+    d = to_dict(recipe(name or "pennaction"))
     d["model"] = to_dict(model)
     d["data"]["temporal"]["num_frames"] = model.train_frames
     d["loss"]["tau"] = float(pub["SCL"]["SOFTMAX_TEMPERATURE"])
     d["loss"]["sigma2"] = float(pub["SCL"]["LABEL_VARIENCE"])
-    return from_dict(RunConfig, d), name
+    return from_dict(RunConfig, d), name or "pennaction", notes
+
+
+_COMPARED = ("image_size", "train_last_stages", "head_width", "width", "num_layers", "num_heads", "ffn_width",
+             "embed_dim", "train_frames")
 
 
 def import_carl(checkpoint: str | Path, config: str | Path | None, out: str | Path, *,
@@ -285,18 +295,22 @@ def import_carl(checkpoint: str | Path, config: str | Path | None, out: str | Pa
     if config is not None and pub_ckpt["cfg"] is not None:  # both: they must describe one model
         saved = model_config_from_published(read_published_config(None, pub_ckpt["cfg"]))
         differ = [f"{k} {getattr(model_cfg, k)} (YAML) vs {getattr(saved, k)} (checkpoint)"
-                  for k in ("train_last_stages", "head_width", "width", "num_layers", "num_heads", "ffn_width",
-                            "embed_dim", "train_frames") if getattr(model_cfg, k) != getattr(saved, k)]
+                  for k in _COMPARED if getattr(model_cfg, k) != getattr(saved, k)]
         if differ:
             raise ConfigError(f"--config {config} describes another model than the one {checkpoint} was trained as: "
                               f"{'; '.join(differ)}. Give the YAML it was trained with, or leave --config out to use "
                               f"the config saved in the checkpoint")
-    layer = int(pub["MODEL"]["BASE_MODEL"]["LAYER"])
-    state, notes = map_published_state(pub_ckpt["model_state"], model_cfg, layer, str(checkpoint))
-    run_cfg, recipe_name = _run_config(pub, model_cfg)
     model = build_model(model_cfg, weights_follow=True)
+    state, notes = map_published_state(pub_ckpt["model_state"], model, int(pub["MODEL"]["BASE_MODEL"]["LAYER"]),
+                                       str(checkpoint))
+    run_cfg, recipe_name, more = _run_config(pub, model_cfg)
+    notes += more
+    if not pub["MODEL"]["L2_NORMALIZE"]:
+        notes.append("it was evaluated without L2-normalising its embeddings (MODEL.L2_NORMALIZE false); carl_scale's "
+                     "evaluation always normalises them")
     model.load_state_dict(state)
     out.mkdir(parents=True, exist_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)  # with --overwrite: no meta.json beside weights it does not describe
     save_weights(model, out)
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     meta = {"step": 0, "total_steps": 0, "world_size": 1, "config": to_dict(run_cfg),
@@ -306,6 +320,6 @@ def import_carl(checkpoint: str | Path, config: str | Path | None, out: str | Pa
             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     tmp = out / (META_FILE + ".partial")
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / META_FILE)
+    os.replace(tmp, out / META_FILE)  # last: the directory is a checkpoint once its weights are whole
     return {"out": out, "epoch": pub_ckpt["epoch"], "tensors": len(state), "recipe": recipe_name, "notes": notes,
             "model": model_cfg}

@@ -138,3 +138,37 @@ def test_data_pickles_keep_numpy_tensors_and_plain_containers(tmp_path):
     (tmp_path / "cut.pkl").write_bytes(pickle.dumps(data)[:20])
     with pytest.raises(ValueError, match="cannot be read as a pickle"):
         load_data_pickle(tmp_path / "cut.pkl")
+
+
+def test_pouring_folder_is_recognised_and_written(tmp_path):
+    root = tmp_path / "pouring"
+    root.mkdir()
+    for split in ("train", "val"):
+        v = _video(split, 0, root, "videos", f"{split}_0")
+        with open(root / f"{split}.pkl", "wb") as f:
+            pickle.dump([{"id": 0, "name": f"{split}_0", "video_file": f"videos/{split}_0.mp4",
+                          "frame_label": torch.from_numpy(v.phase_labels), "seq_len": len(v.phase_labels)}], f)
+    out = tmp_path / "shards"
+    m = carl.main(["--src", str(root), "--out", str(out), "--no-progress"])
+    assert m["dataset"] == "pouring" and {s: m["splits"][s]["samples"] for s in m["splits"]} == {"train": 1, "val": 1}
+    (meta, frames), = list(iter_whole_videos(out, PyAVDecoder(), "val"))
+    assert meta["video_id"] == "val_0" and meta["action_label"] == -1
+    assert np.array_equal(meta["phase_labels"], render_video(CFG, "val", 0).phase_labels)
+
+
+def test_list_entries_outside_the_folder_and_two_versions_of_a_list(tmp_path):
+    root = tmp_path / "pouring"
+    root.mkdir()
+    (tmp_path / "secret.mp4").write_bytes(b"not for us")
+    with open(root / "train.pkl", "wb") as f:
+        pickle.dump([{"name": "x", "video_file": "../secret.mp4", "frame_label": np.zeros(3), "seq_len": 3},
+                     {"name": "y", "video_file": "/etc/hostname", "frame_label": np.zeros(3), "seq_len": 3}], f)
+    m = carl.main(["--src", str(root), "--out", str(tmp_path / "out"), "--no-progress"])
+    reasons = [s["reason"] for s in m["splits"]["train"]["skipped"]]
+    assert len(reasons) == 2 and all("is outside" in r for r in reasons)
+    gym = tmp_path / "gym"
+    gym.mkdir()
+    for name in ("gym99_train_v1.0.pkl", "gym99_train_v1.1.pkl"):
+        (gym / name).write_bytes(pickle.dumps([]))
+    with pytest.raises(ValueError, match="two train lists of gym99"):
+        carl.main(["--src", str(gym), "--out", str(tmp_path / "out2"), "--no-progress"])

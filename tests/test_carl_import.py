@@ -45,7 +45,7 @@ SCL: {LABEL_VARIENCE: 10.0, SOFTMAX_TEMPERATURE: 0.1}
 LAYERS, WIDTH, HEADS, FFN, EMB = 3, 256, 8, 1024, 128
 
 
-def published_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+def published_state_dict(seed: int = 0, layer: int = 3, projection: bool = True) -> dict[str, torch.Tensor]:
     """The published TransformerModel's state dict at the YAML above: names and shapes as its code
     builds them (ResNet-50 children[:-3] as ``backbone``, layer4 as ``res_finetune``; ``embed``
     with fc_layers [Dropout, Linear, BN, ReLU] x 2, video_emb, video_encoder.enc_layers with
@@ -54,13 +54,16 @@ def published_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
     g = torch.Generator().manual_seed(seed)
     sd = {}
-    children = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"]
+    # LAYER 3: children[:-3] frozen, layer4 itself fine-tuned; LAYER 2: children[:-4] frozen,
+    # Sequential(layer3, layer4) fine-tuned
+    children = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"][: 7 if layer == 3 else 6]
+    tuned = ["layer4"] if layer == 3 else ["layer3", "layer4"]
     for k, v in resnet50(weights=None).state_dict().items():
         top, rest = k.split(".", 1)
         if top in children:
             sd[f"backbone.{children.index(top)}.{rest}"] = v
-        elif top == "layer4":
-            sd[f"res_finetune.{rest}"] = v
+        elif top in tuned:
+            sd[f"res_finetune.{rest}" if layer == 3 else f"res_finetune.{tuned.index(top)}.{rest}"] = v
 
     def rnd(*shape, scale=0.05):
         return torch.randn(*shape, generator=g) * scale
@@ -84,7 +87,9 @@ def published_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
             linear(f"{p}.self_att.{n}", WIDTH, WIDTH)
         linear(f"{p}.feed_forward.fc1", WIDTH, FFN), linear(f"{p}.feed_forward.fc2", FFN, WIDTH)
     linear("embed.embedding_layer", WIDTH, EMB)
-    linear("ssl_projection.net.0", EMB, 128), bn("ssl_projection.net.1", 128), linear("ssl_projection.net.3", 128, EMB)
+    if projection:
+        linear("ssl_projection.net.0", EMB, 128), bn("ssl_projection.net.1", 128)
+        linear("ssl_projection.net.3", 128, EMB)
     return sd
 
 
@@ -115,6 +120,7 @@ def save_published(path, state, yaml_text=YAML, with_cfg=True, extra=None):
     import yaml
 
     mod = _easydict_module()
+    before = sys.modules.get("easydict")
     sys.modules["easydict"] = mod
     try:
         cfg = mod.EasyDict(yaml.safe_load(yaml_text))
@@ -124,7 +130,10 @@ def save_published(path, state, yaml_text=YAML, with_cfg=True, extra=None):
         torch.save({"epoch": 299, "model_state": state, "optimizer_state": opt,
                     **({"cfg": cfg} if with_cfg else {}), **(extra or {})}, path)
     finally:
-        del sys.modules["easydict"]
+        if before is None:
+            del sys.modules["easydict"]
+        else:
+            sys.modules["easydict"] = before
 
 
 @pytest.fixture(scope="module")
@@ -343,3 +352,21 @@ def test_the_imported_directory_serves_embed_and_init_from(imported, tmp_path):
     cfg, _ = parse(["--config", str(root / "out" / "meta.json"), "--init-from", str(root / "out"), "--steps", "1"])
     assert to_dict(cfg.model) == to_dict(summary["model"]) and cfg.init_from == str(root / "out")
     assert (cfg.loss.tau, cfg.loss.sigma2, cfg.data.temporal.num_frames) == (0.1, 10.0, 80)
+
+
+def test_layer2_without_projection_saved_from_ddp(tmp_path):
+    """BASE_MODEL.LAYER 2 (layer3 and layer4 fine-tuned, res_finetune.0/.1), a model trained without
+    a projection head, keys saved with DDP's ``module.`` prefix: imported, every tensor in place,
+    the fresh projection head said so."""
+    from carl_scale import load_model
+
+    sd = published_state_dict(2, layer=2, projection=False)
+    save_published(tmp_path / "c.pth", {f"module.{k}": v for k, v in sd.items()},
+                   YAML.replace("LAYER: 3", "LAYER: 2").replace("PROJECTION: true", "PROJECTION: false"))
+    summary = import_carl(tmp_path / "c.pth", None, tmp_path / "out")
+    assert summary["model"].train_last_stages == 2 and any("no projection head" in n for n in summary["notes"])
+    ours = load_model(tmp_path / "out").state_dict()
+    assert torch.equal(ours["backbone.trainable.0.0.conv1.weight"], sd["res_finetune.0.0.conv1.weight"])  # layer3
+    assert torch.equal(ours["backbone.trainable.1.2.bn3.running_var"], sd["res_finetune.1.2.bn3.running_var"])
+    assert torch.equal(ours["backbone.frozen.2.3.conv2.weight"], sd["backbone.5.3.conv2.weight"])  # layer2
+    assert torch.equal(ours["frame_head.8.bias"], sd["embed.video_emb.bias"])

@@ -107,3 +107,23 @@ def test_an_interrupted_sweep_resumes_and_keeps_its_finished_trials(vp9_shards, 
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 2 and all(r["objective"] not in ("", "nan") for r in rows)
     assert first.stat().st_mtime_ns == stamp  # the finished trial was kept, not trained again
+
+
+def test_a_resumed_sweep_keeps_the_architecture_it_started_with(tmp_path):
+    """Trials resumed and trials begun after --resume build one encoder: the one saved when the
+    sweep started, or, for a sweep from before base_config.json, the encoder carl_scale had then."""
+    import json as _json
+
+    from carl_scale.config import to_dict
+    from carl_scale.train.recipes import recipe
+    from carl_scale.tuning.sweep import as_started
+
+    base = recipe("debug")
+    assert as_started(tmp_path, base, resume=False) is base
+    old = as_started(tmp_path, base, resume=True)  # no base_config.json: started before it existed
+    assert (old.model.pos_encoding, old.model.final_norm) == ("halves", True)
+    saved = to_dict(base)
+    saved["loss"]["tau"] = 0.25
+    (tmp_path / "base_config.json").write_text(_json.dumps(saved))
+    again = as_started(tmp_path, base, resume=True)
+    assert to_dict(again) == saved and again.model.pos_encoding == "interleaved"

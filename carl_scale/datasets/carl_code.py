@@ -27,6 +27,7 @@ Pickles are read by :func:`~carl_scale.datasets.safe_pickle.load_data_pickle`: d
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,21 +122,24 @@ def read_lists(src: Path, kind: str) -> dict[str, list[dict]]:
         if "train" not in out:
             raise FileNotFoundError(f"{src / 'train.pkl'} is missing: --src must be {LAYOUT}")
         return out
-    lists: dict[str, dict[str, list]] = {}
+    lists: dict[str, dict[str, tuple[str, list]]] = {}
     for p in sorted(src.iterdir()):
-        if m := _GYM.match(p.name):
-            lists.setdefault(m[2], {})[f"gym{m[1]}"] = (p.name, _videos_of(load_data_pickle(p), p, kind))
-        elif _ADDITIONAL.match(p.name):
-            lists.setdefault("additional", {})["gym99"] = (p.name, _videos_of(load_data_pickle(p), p, kind))
+        m, extra = _GYM.match(p.name), _ADDITIONAL.match(p.name)
+        if not (m or extra):
+            continue
+        split, cs = (m[2], f"gym{m[1]}") if m else ("additional", "gym99")
+        if cs in lists.get(split, {}):
+            raise ValueError(f"{src} holds two {split} lists of {cs} ({lists[split][cs][0]} and {p.name}), e.g. two "
+                             f"annotation versions: keep the one to convert")
+        lists.setdefault(split, {})[cs] = (p.name, _videos_of(load_data_pickle(p), p, kind))
     for split, sets in lists.items():
         events: dict[str, dict] = {}
-        for cs in ("gym99", "gym288"):  # one entry per event, its labels of each class set
-            fname, videos = sets.get(cs, (None, []))
+        for cs, (fname, videos) in sets.items():  # one entry per event, its list item of each class set
             for i, v in enumerate(videos):
                 key = str(v.get("name") or v.get("video_file")) if isinstance(v, dict) else f"{fname}[{i}]"
                 e = events.setdefault(key, {"raw": v, "where": f"{fname}[{i}]", "sets": {},
                                             "action": int(v.get("event_label", 0)) - 1 if isinstance(v, dict) else -1})
-                e["sets"][cs] = v
+                e["sets"][cs] = (v, f"{fname}[{i}]")
         out[split] = list(events.values())
     return out
 
@@ -162,12 +166,15 @@ def write_carl_shards(src: str | Path, out_dir: str | Path, opts: CarlDataOption
         e = _entry(item["raw"], item["where"])
         extra = {}
         if kind == "finegym":
-            sets = {cs: _entry(v, item["where"])["labels"] for cs, v in item["sets"].items()}
+            sets = {cs: _entry(v, where)["labels"] for cs, (v, where) in item["sets"].items()}
             e["labels"] = sets.get("gym99")
             extra = {"gym288": sets.get("gym288")}
-        path = src / e["video_file"]
+        # a list names files of its own folder only (lexically: a videos/ symlink to another disk is fine)
+        path = Path(os.path.normpath(src / e["video_file"]))
+        if not path.is_relative_to(os.path.normpath(src)):
+            raise SkipInput(f"video_file {e['video_file']!r} of {item['where']} is outside {src}")
         if not path.is_file():
-            raise SkipInput(f"{path} not found (video_file of {item['where']})")
+            raise SkipInput(f"{src / e['video_file']} not found (video_file of {item['where']})")
         n = max(len(x) for x in [e["labels"], *extra.values()] if x is not None)
         return file_record(path, e["name"], item["action"], e["labels"], extra, short_side=opts.short_side,
                            transcode=transcode, source=e["video_file"], label_slack=max(2, n // 100))

@@ -38,9 +38,11 @@ class ModelConfig(Config):
 
     @staticmethod
     def upgrade_saved(saved: dict) -> dict:
-        """A model config saved before ``pos_encoding``/``final_norm`` existed describes the
-        architecture carl_scale had then: sines and cosines in halves and a final LayerNorm."""
-        if "pos_encoding" in saved or "final_norm" in saved:
+        """A model config that carl_scale saved (every field written, ``flavor`` and
+        ``train_frames`` among them) before ``pos_encoding``/``final_norm`` existed describes the
+        architecture carl_scale had then: sines and cosines in halves and a final LayerNorm. A
+        config written by hand with a few fields is not one of those and takes today's defaults."""
+        if "pos_encoding" in saved or "final_norm" in saved or not {"flavor", "train_frames", "dropout"} <= saved.keys():
             return saved
         return {**saved, "pos_encoding": "halves", "final_norm": True}
 

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PositionalLayout = str  # "interleaved" (the published code's) or "halves" (carl_scale before Nov 2026)
+PositionalLayout = Literal["interleaved", "halves"]  # the published code's; carl_scale's before November 2026
 
 
 def sincos_encoding(positions: torch.Tensor, dim: int, layout: PositionalLayout = "interleaved") -> torch.Tensor:
@@ -78,9 +79,10 @@ class EncoderBlock(nn.Module):
         self.attn_norm = nn.LayerNorm(width)
         self.ffn_norm = nn.LayerNorm(width)
         self.dropout = nn.Dropout(dropout)  # on each residual branch, as published
-        for p in self.parameters():  # the published initialisation
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        # the published initialisation: Xavier on each (out, in) matrix, Q, K and V each on its own
+        # (one bound for the packed 3w x w matrix would be sqrt(2) smaller)
+        for w in (*self.attn.qkv.weight.data.chunk(3), self.attn.proj.weight, self.fc1.weight, self.fc2.weight):
+            nn.init.xavier_uniform_(w)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), keep))

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 
 from carl_scale.config import ConfigError, from_dict, to_dict
+from carl_scale.models.config import ModelConfig
 from carl_scale.tables import table
 from carl_scale.train.config import RunConfig
 from carl_scale.train.recipes import configure, load_run_config, recipe
@@ -57,6 +58,22 @@ def prepare(cfg: SweepConfig) -> tuple[RunConfig, str]:
     if val is None:
         raise ConfigError(f"the sweep scores trials on validation videos, and there are none: {why}")
     return base, val
+
+
+def as_started(out: Path, base: RunConfig, resume: bool) -> RunConfig:
+    """The config trials start from. A sweep writes it to ``base_config.json`` when it starts and
+    reads it back on ``--resume``, so the trials it resumes and those it starts later build one
+    architecture even when carl_scale's defaults moved in between. A sweep started before that
+    file existed ran the encoder carl_scale had then (see :class:`ModelConfig.upgrade_saved`)."""
+    if not resume:
+        return base
+    saved = out / "base_config.json"
+    if saved.is_file():
+        return load_run_config(str(saved))
+    d = to_dict(base)
+    d["model"] = ModelConfig.upgrade_saved({k: v for k, v in d["model"].items()
+                                            if k not in ("pos_encoding", "final_norm")})
+    return from_dict(RunConfig, d)
 
 
 def _space(cfg: SweepConfig) -> dict:
@@ -194,6 +211,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         cfg = dataclasses.replace(from_dict(SweepConfig, json.loads((out / "sweep.json").read_text())),
                                   out=str(out), resume=True)
     base, val = prepare(cfg)
+    base = as_started(out, base, cfg.resume)
     if not cfg.resume and experiment.exists():
         raise ConfigError(f"{out} holds a sweep already: continue it with --resume, or give another --name/--out")
     if base.synthetic is not None:  # once, here: trials never race to write the shards
@@ -204,5 +222,6 @@ def run_sweep(cfg: SweepConfig) -> dict:
     if not cfg.resume:
         (out / "sweep.json").write_text(json.dumps(to_dict(dataclasses.replace(cfg, out=str(out))), indent=2,
                                                    sort_keys=True) + "\n")
+        (out / "base_config.json").write_text(json.dumps(to_dict(base), indent=2) + "\n")
     grid = _tune(cfg, base, val)
     return write_results(_rows(grid, cfg), cfg, base)
