@@ -87,12 +87,14 @@ def _videos_of(data: Any, path: Path, kind: str) -> list[dict]:
     return data
 
 
-def detect(src: Path) -> str:
+def detect(src: Path, train_list: Any = None) -> str:
+    """Which published dataset ``src`` holds: FineGym by its list names, else PennAction (its
+    train.pkl is a pair) or Pouring (a list); ``train_list``: train.pkl's data if already read."""
     names = {p.name for p in src.iterdir()} if src.is_dir() else set()
     if any(_GYM.match(n) for n in names):
         return "finegym"
     if "train.pkl" in names:
-        data = load_data_pickle(src / "train.pkl")
+        data = load_data_pickle(src / "train.pkl") if train_list is None else train_list
         return "pennaction" if isinstance(data, tuple) else "pouring"
     raise FileNotFoundError(f"{src} is not {LAYOUT}")
 
@@ -109,19 +111,24 @@ def _entry(v: Any, where: str) -> dict:
             "labels": _as_int_array(v["frame_label"], f"{where} frame_label")}
 
 
-def read_lists(src: Path, kind: str) -> dict[str, list[dict]]:
-    """{split: [{"video_file", "name", "action", "phases", "gym288"?, "where"}]} of a published folder."""
+def read_lists(src: Path, kind: str | None) -> tuple[str, dict[str, list[dict]]]:
+    """(the dataset, {split: [{"raw", "where", "action", "sets"?}]}) of a published folder; with
+    ``kind`` None the dataset is recognised from the files (each pickle is read once)."""
     out: dict[str, list[dict]] = {}
+    finegym = any(_GYM.match(p.name) for p in src.iterdir())
+    loaded = {} if finegym or kind == "finegym" else \
+        {split: load_data_pickle(src / f"{split}.pkl") for split in ("train", "val", "test")
+         if (src / f"{split}.pkl").is_file()}
+    kind = kind or detect(src, loaded.get("train"))
     if kind in ("pennaction", "pouring"):
-        for split in ("train", "val", "test"):
-            if (src / f"{split}.pkl").is_file():
-                raw = _videos_of(load_data_pickle(src / f"{split}.pkl"), src / f"{split}.pkl", kind)
-                out[split] = [{"raw": v, "where": f"{split}.pkl[{i}]",
-                               "action": int(v.get("action_label", -1)) if isinstance(v, dict) else -1}
-                              for i, v in enumerate(raw)]
+        for split, data in loaded.items():
+            raw = _videos_of(data, src / f"{split}.pkl", kind)
+            out[split] = [{"raw": v, "where": f"{split}.pkl[{i}]",
+                           "action": int(v.get("action_label", -1)) if isinstance(v, dict) else -1}
+                          for i, v in enumerate(raw)]
         if "train" not in out:
             raise FileNotFoundError(f"{src / 'train.pkl'} is missing: --src must be {LAYOUT}")
-        return out
+        return kind, out
     lists: dict[str, dict[str, tuple[str, list]]] = {}
     for p in sorted(src.iterdir()):
         m, extra = _GYM.match(p.name), _ADDITIONAL.match(p.name)
@@ -141,7 +148,7 @@ def read_lists(src: Path, kind: str) -> dict[str, list[dict]]:
                                             "action": int(v.get("event_label", 0)) - 1 if isinstance(v, dict) else -1})
                 e["sets"][cs] = (v, f"{fname}[{i}]")
         out[split] = list(events.values())
-    return out
+    return kind, out
 
 
 def write_carl_shards(src: str | Path, out_dir: str | Path, opts: CarlDataOptions | None = None, **write) -> dict:
@@ -151,10 +158,9 @@ def write_carl_shards(src: str | Path, out_dir: str | Path, opts: CarlDataOption
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"--src {src} is not a directory: it must be {LAYOUT}")
-    kind = opts.dataset or detect(src)
-    if kind not in KINDS:
-        raise ValueError(f"--dataset must be one of {', '.join(KINDS)}, got {kind!r}")
-    splits = read_lists(src, kind)
+    if opts.dataset is not None and opts.dataset not in KINDS:
+        raise ValueError(f"--dataset must be one of {', '.join(KINDS)}, got {opts.dataset!r}")
+    kind, splits = read_lists(src, opts.dataset)
     wopts = write_options(**write)
     transcode = opts.transcode or opts.short_side is not None or wopts.payload == "jpeg"
     label_names = {"pennaction": {"actions": ACTIONS},
