@@ -38,6 +38,36 @@ def test_shapes_masks_and_class_token():
     torch.testing.assert_close(m(x2, mask)["embeddings"][1, :7], a, atol=1e-5, rtol=1e-5)
 
 
+def test_a_readout_class_token_leaves_the_frame_embeddings_as_they_were():
+    """``class_token_attention="readout"`` (the default): the class token reads the frames and no
+    frame attends to it, so a warm start's frame embeddings are exactly preserved, padding
+    included, while the classifier's gradient still reaches the frame encoder. "both" (what a
+    saved class-token config without the field had) lets frames see the token."""
+    from carl_scale.config import to_dict
+    from carl_scale.models.flavors import model_config_from_dict
+
+    torch.manual_seed(0)
+    plain = build_model(model_config("debug", image_size=32)).eval()
+    x = torch.randn(2, 7, 3, 32, 32)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 5:] = False
+    want = plain(x, mask)["embeddings"]
+    for attention, same in (("both", False), ("readout", True)):
+        m = build_model(model_config("debug", image_size=32, class_token=True, num_classes=3,
+                                     class_token_attention=attention))
+        m.load_state_dict(plain.state_dict(), strict=False)
+        m.eval()
+        got = m(x, mask)["embeddings"]
+        assert torch.allclose(got[mask], want[mask], atol=1e-5) == same, attention
+    m.train()  # the readout one
+    torch.nn.functional.cross_entropy(m(x, mask)["logits"], torch.tensor([0, 2])).backward()
+    assert m.transformer.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    saved = to_dict(model_config("debug", class_token=True, num_classes=3))
+    del saved["class_token_attention"]
+    assert model_config_from_dict(saved).class_token_attention == "both"
+    assert model_config_from_dict(to_dict(model_config("debug"))).class_token_attention == "readout"
+
+
 def test_padded_frames_never_enter_batchnorm_statistics():
     """Training mode: what a padded slot holds changes neither the BatchNorm running statistics of
     the backbone, frame head and projection head, nor the batch statistics valid frames see."""

@@ -59,10 +59,11 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """x ``(B, S, D)``; ``keep`` ``(B, S)`` True for keys that may be attended to."""
+        """x ``(B, S, D)``; ``keep`` ``(B, S)`` True for keys that may be attended to, or
+        ``(B | 1, S, S)`` per query (row) and key (column)."""
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        mask = None if keep is None else keep[:, None, None, :]
+        mask = None if keep is None else keep[:, None, None, :] if keep.dim() == 2 else keep[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, s, d))
 
@@ -101,16 +102,24 @@ class SequenceEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(width) if final_norm else None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor | None = None,
-                prefix: torch.Tensor | None = None) -> torch.Tensor:
+                prefix: torch.Tensor | None = None, prefix_readout: bool = False) -> torch.Tensor:
         """x ``(B, S, D)`` frame features at ``positions`` ``(B, S)``; ``prefix`` ``(B, P, D)``
-        tokens without a position (the class token) go in front, always attended to."""
+        tokens without a position (the class token) go in front. With ``prefix_readout`` the
+        prefix reads the frames but no frame attends to the prefix, so the frames' outputs are
+        exactly what they would be without it."""
         x = self.pos_dropout(x + sincos_encoding(positions, self.width, self.pos_encoding).to(x.dtype))
         if prefix is not None:
+            p = prefix.shape[1]
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
             if keep is not None:
-                keep = torch.cat([keep.new_ones(keep.shape[0], prefix.shape[1]), keep], dim=1)
+                keep = torch.cat([keep.new_ones(keep.shape[0], p), keep], dim=1)
         if keep is not None and bool(keep.all()):
             keep = None  # no mask: the fused kernels' fast path
+        if prefix is not None and prefix_readout:
+            s = x.shape[1]
+            allowed = torch.ones(s, s, dtype=torch.bool, device=x.device)
+            allowed[p:, :p] = False  # frame queries never see the prefix keys
+            keep = allowed[None] if keep is None else allowed[None] & keep[:, None, :]  # (B | 1, S, S)
         for block in self.blocks:
             x = block(x, keep)
         return x if self.final_norm is None else self.final_norm(x)
