@@ -266,3 +266,57 @@ def test_losses_stay_full_precision_under_bf16_autocast_and_the_weak_objective_r
                        video_ids=[str(i) for i in range(b)])
     out = objective(batch)
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"]) and out["pairs"] == 2
+
+
+def test_joint_cost_runs_both_views_as_one_sequence_at_their_progress_and_leaves_the_model_as_it_was():
+    """``--pcl-cost joint``: each video's frame features of both views, sorted by timestamp (padding
+    last), through the temporal encoder and projection at s (T-1)/(n-1), in eval mode and without
+    gradient; the model comes back in training mode with its BatchNorm statistics untouched."""
+    from carl_scale.losses.pcl import joint_view_projections
+    from carl_scale.models import build_model, model_config
+
+    torch.manual_seed(0)
+    model = build_model(model_config("debug", image_size=32, train_frames=6)).train()
+    b, t, n = 2, 6, torch.tensor([40, 25])
+    ts = torch.stack([torch.randperm(int(k))[: 2 * t].view(2, t) for k in n])
+    mask = torch.ones(b, 2, t, dtype=torch.bool)
+    mask[1, 0, -2:] = False  # a short view: two padded slots
+    feats = torch.randn(2 * b, t, model.cfg.width, requires_grad=True)
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    z, jts, jm = joint_view_projections(model, feats, ts, mask, n)
+    assert model.training and all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
+    assert not z.requires_grad and z.shape == (b, 2 * t, model.cfg.proj_dim)
+    model.eval()
+    for v in range(b):
+        valid = mask[v].reshape(-1)
+        assert jm[v].sum() == valid.sum() and not jm[v, int(valid.sum()):].any()  # padding last
+        order = torch.argsort(ts[v].reshape(-1)[valid])
+        assert torch.equal(jts[v][jm[v]], ts[v].reshape(-1)[valid][order])
+        f = feats.detach().view(b, 2 * t, -1)[v][valid][order]
+        pos = jts[v][jm[v]].double() / (int(n[v]) - 1) * (t - 1)
+        ref = model.project(model.encode_sequence(f[None], None, pos[None])["embeddings"])[0]
+        torch.testing.assert_close(z[v][jm[v]], ref)
+
+
+def test_the_weak_objective_with_the_joint_cost_trains_and_refuses_one_view_pair():
+    from carl_scale.config import ConfigError
+    from carl_scale.data.reader import VideoBatch
+    from carl_scale.losses.config import LossConfig
+    from carl_scale.losses.objective import build_objective
+    from carl_scale.models import build_model, model_config
+
+    torch.manual_seed(0)
+    model = build_model(model_config("debug", image_size=32, class_token=True, num_classes=3, train_frames=6))
+    objective = build_objective(model, LossConfig(name="weak", pcl_cost="joint"))
+    b, t = 4, 6
+    batch = VideoBatch(views=torch.randn(b, 2, t, 3, 32, 32), timestamps=torch.sort(torch.randint(0, 40, (b, 2, t)),
+                                                                                  dim=-1).values,
+                       mask=torch.ones(b, 2, t, dtype=torch.bool), action_labels=torch.tensor([0, 0, 2, 2]),
+                       phase_labels=torch.full((b, 2, t), -1), num_frames=torch.full((b,), 40),
+                       video_ids=[str(i) for i in range(b)])
+    out = objective(batch)
+    assert torch.isfinite(out["loss"]) and out["pairs"] == 2 and out["pcl"] > 0
+    out["loss"].backward()
+    assert model.embed.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="--pcl-cost"):
+        LossConfig(name="weak", pcl_cost="joint", view_ensemble=False)

@@ -27,6 +27,10 @@ class LossConfig(Config):
                                 help="DTW on the mean cost of all four view pairs (--no-view-ensemble: one pair)")
     pcl_grid: Literal["views", "full"] = param(
         "views", flag="--pcl-grid", help="restore costs on the frames the views sampled, or every original frame")
+    pcl_cost: Literal["views", "joint"] = param(
+        "views", flag="--pcl-cost",
+        help="correspondence cost: views (the paper's four view pairs) or joint (both views as one sequence, "
+             "each frame at its progress through the video; no gradient, no second trunk pass)")
     class_negatives: bool = param(True, flag="--class-negatives",
                                   help="Eq. 3: frames of other-class videos join the denominators "
                                        "(--no-class-negatives: SCL's, for data whose classes share frames)")
@@ -36,3 +40,5 @@ class LossConfig(Config):
     def check(self) -> None:
         if self.eps1 > self.eps2:
             refuse("--eps1", f"({self.eps1}) must be <= --eps2 ({self.eps2}): a positive is never a negative")
+        if self.pcl_cost == "joint" and not self.view_ensemble:
+            refuse("--pcl-cost", "joint always uses both views; --no-view-ensemble is for --pcl-cost views")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from carl_scale.data.reader import VideoBatch
 from carl_scale.losses.config import LossConfig
-from carl_scale.losses.pcl import paired_contrastive_loss
+from carl_scale.losses.pcl import joint_view_projections, paired_contrastive_loss
 from carl_scale.losses.scl import sequence_contrastive_loss
 from carl_scale.losses.weak_scl import weak_sequence_contrastive_loss
 
@@ -86,9 +86,12 @@ class WeakObjective(Objective):
                                                  gather=c.gather_negatives)
         else:
             scl = sequence_contrastive_loss(*views, tau=c.tau, sigma2=c.sigma2, **masks)
+        joint = None
+        if c.pcl_cost == "joint" and c.pcl_weight > 0:
+            joint = joint_view_projections(self.model, out["features"], batch.timestamps, batch.mask, batch.num_frames)
         pcl, stats = paired_contrastive_loss(z, batch.timestamps, batch.mask, labels, batch.num_frames, tau=c.tau,
                                              positive_pct=c.eps1, protect_pct=c.eps2,
-                                             view_ensemble=c.view_ensemble, grid=c.pcl_grid)
+                                             view_ensemble=c.view_ensemble, grid=c.pcl_grid, joint=joint)
         loss = scl + c.pcl_weight * pcl.mean()
         ce = scl.new_zeros(())
         if c.ce_weight > 0 and "logits" in out:

@@ -75,11 +75,12 @@ class FrameVideoEncoder(nn.Module):
                 chunk: int | None = None) -> dict[str, torch.Tensor]:
         """frames ``(B, T, 3, H, W)``, mask ``(B, T)`` True = valid. Returns ``embeddings``
         ``(B, T, embed_dim)`` (not normalised; a padded slot's frame feature is zero and the
-        transformer ignores it) and, with a class token, ``logits`` ``(B, C)``."""
+        transformer ignores it), ``features`` ``(B, T, width)`` (the trunk's frame features, what
+        :meth:`encode_sequence` takes) and, with a class token, ``logits`` ``(B, C)``."""
         b, t = frames.shape[:2]
         valid = None if mask is None else mask.reshape(-1).bool()
         feats = self._valid_frames(lambda x: self.frame_features(x, chunk), frames.flatten(0, 1), valid).view(b, t, -1)
-        return self.encode_sequence(feats, mask, positions)
+        return {**self.encode_sequence(feats, mask, positions), "features": feats}
 
     def encode_sequence(self, feats: torch.Tensor, mask: torch.Tensor | None = None,
                         positions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -88,7 +89,8 @@ class FrameVideoEncoder(nn.Module):
         if positions is None:
             positions = self.default_positions(b, t, feats.device)
         prefix = self.cls_token.expand(b, -1, -1) if self.cfg.class_token else None
-        x = self.transformer(feats, positions, None if mask is None else mask.bool(), prefix)
+        x = self.transformer(feats, positions, None if mask is None else mask.bool(), prefix,
+                             prefix_readout=self.cfg.class_token_attention == "readout")
         out = {}
         if self.cfg.class_token:
             out["logits"] = self.classifier(x[:, 0])
