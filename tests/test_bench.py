@@ -24,3 +24,30 @@ def test_writer_and_startup_benchmarks_run(capsys):
     startup.main(["--videos", "40", "--shards", "4"])
     out = capsys.readouterr().out
     assert "hours for 240k" in out and "first batch" in out
+
+
+def test_pcl_quality_counts_correspondences_and_knows_the_true_pose_ceiling():
+    """The PCL-quality benchmark's parts: per-cost counts that are consistent on a real encoder's
+    batch, and the synthetic set's true-pose one-shot ceiling (near 1: the pose tells the phase)."""
+    import torch
+
+    from carl_scale.bench.pcl_quality import batch_counts, synthetic_one_shot_ceiling
+    from carl_scale.config import to_dict
+    from carl_scale.data.config import SyntheticConfig
+    from carl_scale.data.reader import VideoBatch
+    from carl_scale.models import build_model, model_config
+
+    ceiling = synthetic_one_shot_ceiling({"synthetic_config": to_dict(SyntheticConfig(num_actions=2, val_videos=8))})
+    assert ceiling["true pose"] > 0.9 and 0 < ceiling["true pose + progress"] <= 1
+    torch.manual_seed(0)
+    model = build_model(model_config("debug", image_size=32, train_frames=6)).eval()
+    b, t = 4, 6
+    ts = torch.sort(torch.randperm(60)[: b * 2 * t].view(b, 2, t), dim=-1).values
+    batch = VideoBatch(views=torch.randn(b, 2, t, 3, 32, 32), timestamps=ts, mask=torch.ones(b, 2, t, dtype=torch.bool),
+                       action_labels=torch.tensor([0, 0, 1, 1]), phase_labels=ts // 20,
+                       num_frames=torch.full((b,), 60), video_ids=[str(i) for i in range(b)])
+    counts = batch_counts(model, batch, [5.0, 30.0], 10.0)
+    assert set(counts) == {(c, e) for c in ("views", "joint") for e in (5.0, 30.0)}
+    for pos, right, rows, rows_pos, same, same_neg, guess_right, guesses in counts.values():  # 2 pairs x 2T rows
+        assert 0 < pos and right <= pos and 0 < rows_pos <= rows == 2 * 2 * t and same_neg <= same
+        assert guess_right <= guesses == rows

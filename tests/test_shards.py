@@ -15,7 +15,7 @@ from carl_scale.data.config import SyntheticConfig
 from carl_scale.data.decoders import DaliDecoder, EncodedVideo, PyAVDecoder, make_decoder
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.encode import EncodeOptions, encode_video
-from carl_scale.datasets.synthetic import ensure_synthetic_shards, render_video, write_synthetic_shards
+from carl_scale.datasets.synthetic import ensure_synthetic_shards, render_video, true_poses, write_synthetic_shards
 from carl_scale.datasets.parallel import WriteOptions, write_split
 from carl_scale.datasets.writer import VideoRecord
 from carl_scale.data.whole_video import iter_whole_videos, iter_whole_videos_dali
@@ -222,6 +222,8 @@ def test_synthetic_render_is_deterministic_and_varied():
         assert np.all(inner >= 0)
     val = render_video(cfg, "val", 3)
     assert not np.array_equal(val.frames[:20], a.frames[:20])
+    poses, phases, action = true_poses(cfg, "val", 3)  # the ground truth behind the pixels, unrendered
+    assert np.array_equal(phases, val.phase_labels) and action == val.action_label and len(poses) == len(val.frames)
 
 
 def test_synthetic_nuisance_levels():

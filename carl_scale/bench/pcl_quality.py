@@ -16,6 +16,11 @@ the same-label pairs' cells whose two frames both have a phase:
 Two references: a relative-position guess (frame s of n matched to the partner frame nearest
 s/n), and DTW on the *whole*, unaugmented validation videos embedded as the evaluation does (the
 path's phase precision: what the representation itself knows, without the views' sampling).
+
+On the synthetic set it also prints the one-shot phase accuracy (the split of
+:func:`carl_scale.eval.quick.validation_objective`) of the model and of the *true* joint angles,
+alone and with the frame's progress through the video appended: the ceiling a representation of
+one frame's pose reaches, and what mixing in "when" does to it.
 """
 
 from __future__ import annotations
@@ -98,8 +103,39 @@ def whole_video_precision(model, shards: str, spatial, limit: int | None = None)
     return right / max(1, total)
 
 
+def synthetic_one_shot_ceiling(manifest: dict) -> dict[str, float]:
+    """One-shot accuracy on the synthetic val set from the true poses, with the evaluation's split
+    (each action's even-numbered videos labelled, the odd ones classified)."""
+    from carl_scale.config import from_dict
+    from carl_scale.data.config import SyntheticConfig
+    from carl_scale.datasets.synthetic import true_poses
+    from carl_scale.eval.metrics import one_shot_phase_classification
+
+    cfg = from_dict(SyntheticConfig, manifest["synthetic_config"])
+    videos = [true_poses(cfg, "val", i) for i in range(cfg.val_videos)]
+    actions = np.array([v[2] for v in videos])
+    features = {"true pose": [v[0] for v in videos],
+                "true pose + progress": [np.concatenate([v[0], np.linspace(0, 3, len(v[0]))[:, None]], 1)
+                                         for v in videos]}
+    out = {}
+    for name, feats in features.items():
+        accs = []
+        for a in np.unique(actions):
+            idx = np.flatnonzero(actions == a)
+            if len(idx) < 2:
+                continue
+            pool, query = idx[0::2], idx[1::2]
+            accs.append(one_shot_phase_classification(
+                [feats[i] for i in pool], [videos[i][1] for i in pool], actions[pool],
+                [feats[i] for i in query], [videos[i][1] for i in query], actions[query], device="cpu")["accuracy"])
+        out[name] = float(np.mean(accs))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
+    from carl_scale.data.manifest import read_manifest
     from carl_scale.data.reader import VideoLoader
+    from carl_scale.eval.quick import validation_objective
     from carl_scale.models import load_model
     from carl_scale.models.weights import resolve_checkpoint
     from carl_scale.tables import table
@@ -145,6 +181,12 @@ def main(argv: list[str] | None = None) -> None:
           + table(rows, ("cost", "ε1 %", "positive precision", "rows with a positive", "same-phase cells negative")))
     print(f"\nreferences: relative-position guess {guess[6] / max(1, guess[7]):.3f}; DTW path on whole "
           f"unaugmented validation videos {whole:.3f}")
+    manifest = read_manifest(a.shards) or {}
+    if manifest.get("synthetic_config"):
+        ceiling = synthetic_one_shot_ceiling(manifest)
+        ours = validation_objective(model, a.shards, cfg.data.spatial, "cpu", "one_shot")
+        print("one-shot phase accuracy (validation split): this model {:.3f}; {}".format(
+            ours, "; ".join(f"{k} {v:.3f}" for k, v in ceiling.items())))
 
 
 if __name__ == "__main__":

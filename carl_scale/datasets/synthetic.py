@@ -202,14 +202,8 @@ def _figure_colour(rng: np.random.Generator, bg_mean: np.ndarray) -> tuple[int, 
     return tuple(int(v) for v in c)
 
 
-def render_video(cfg: SyntheticConfig, split: str, index: int) -> SyntheticVideo:
-    """Render video ``index`` of ``split``; a pure function of the config, split and index."""
-    if split not in _SPLITS:
-        raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
-    rng = np.random.default_rng([cfg.seed, _SPLITS[split], index])
-    h, w = cfg.height, cfg.width
-    action_label = index % cfg.num_actions
-    action = cfg.action_names[action_label]
+def _poses_and_phases(cfg: SyntheticConfig, rng: np.random.Generator, action: str) -> tuple[np.ndarray, np.ndarray]:
+    """A video's joint angles (S, n_joints) and phase labels (S,); the first draws from ``rng``."""
     phase_names = SYNTHETIC_ACTIONS[action]
     total = int(rng.integers(cfg.min_frames, cfg.max_frames + 1))
     # Idle standing before and after the action (unlabelled, -1), so that a frame's position in
@@ -222,6 +216,28 @@ def render_video(cfg: SyntheticConfig, split: str, index: int) -> SyntheticVideo
     poses = np.concatenate([idle[:lead], poses, idle[lead:]], axis=0)
     phase_labels = np.concatenate([np.full(lead, -1), np.repeat(np.arange(len(phase_names)), durations),
                                    np.full(trail, -1)])
+    return poses, phase_labels
+
+
+def true_poses(cfg: SyntheticConfig, split: str, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """What video ``index`` of ``split`` shows, without rendering it: its joint angles (S, n_joints),
+    phase labels (S,) and action label: the ground truth a frame representation can at best recover."""
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
+    rng = np.random.default_rng([cfg.seed, _SPLITS[split], index])
+    action_label = index % cfg.num_actions
+    return (*_poses_and_phases(cfg, rng, cfg.action_names[action_label]), action_label)
+
+
+def render_video(cfg: SyntheticConfig, split: str, index: int) -> SyntheticVideo:
+    """Render video ``index`` of ``split``; a pure function of the config, split and index."""
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
+    rng = np.random.default_rng([cfg.seed, _SPLITS[split], index])
+    h, w = cfg.height, cfg.width
+    action_label = index % cfg.num_actions
+    poses, phase_labels = _poses_and_phases(cfg, rng, cfg.action_names[action_label])
+    total = len(poses)
 
     margin = max(4, h // 16)
     bg, bg_mean = _background(rng, h + 2 * margin, w + 2 * margin)
