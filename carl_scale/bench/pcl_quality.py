@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -133,6 +134,7 @@ def synthetic_one_shot_ceiling(manifest: dict) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from carl_scale.config import ConfigError
     from carl_scale.data.manifest import read_manifest
     from carl_scale.data.reader import VideoLoader
     from carl_scale.eval.quick import validation_objective
@@ -156,9 +158,15 @@ def main(argv: list[str] | None = None) -> None:
     if not (ckpt / "meta.json").is_file():
         raise SystemExit(f"--checkpoint {a.checkpoint}: no meta.json in {ckpt} (a checkpoint directory or "
                          f"a run's checkpoints/latest)")
-    base = load_run_config(ckpt / "meta.json")
-    cfg = configure(base, {"init_from": str(ckpt), "data.shards": a.shards, "data.num_workers": 0,
-                           "eval.enabled": False, "run_dir": "/nonexistent/pcl_quality"}, weak=True)
+    if not Path(a.shards).is_dir():
+        raise SystemExit(f"--shards {a.shards}: no such directory (a shard directory with shards.json, "
+                         f"e.g. data/synthetic)")
+    try:
+        cfg = configure(load_run_config(ckpt / "meta.json"),
+                        {"init_from": str(ckpt), "data.shards": a.shards, "data.num_workers": 0,
+                         "eval.enabled": False, "run_dir": "/nonexistent/pcl_quality"}, weak=True)
+    except ConfigError as exn:
+        raise SystemExit(str(exn)) from None
     model = load_model(ckpt).eval()
     loader = VideoLoader(cfg.data, rank=0, world_size=1, seed=cfg.seed, device="cpu")
     total: dict = {}
