@@ -240,10 +240,20 @@ def test_the_weak_objective_trains_every_part_it_adds():
     assert model.embed.weight.grad.abs().sum() > 0
 
 
+def _encoder_batch(b: int = 4, t: int = 6):
+    """A batch for the debug encoder at 32 px: two same-class pairs (labels 0, 0, 2, 2)."""
+    from carl_scale.data.reader import VideoBatch
+
+    return VideoBatch(views=torch.randn(b, 2, t, 3, 32, 32),
+                      timestamps=torch.sort(torch.randint(0, 40, (b, 2, t)), dim=-1).values,
+                      mask=torch.ones(b, 2, t, dtype=torch.bool), action_labels=torch.tensor([0, 0, 2, 2]),
+                      phase_labels=torch.full((b, 2, t), -1), num_frames=torch.full((b,), 40),
+                      video_ids=[str(i) for i in range(b)])
+
+
 def test_losses_stay_full_precision_under_bf16_autocast_and_the_weak_objective_runs_in_it():
     """bf16 training runs the objective under autocast: the losses must not compute their
     similarities in bf16, and the DTW must get costs it can read."""
-    from carl_scale.data.reader import VideoBatch
     from carl_scale.losses.config import LossConfig
     from carl_scale.losses.objective import build_objective
     from carl_scale.models import build_model, model_config
@@ -258,12 +268,7 @@ def test_losses_stay_full_precision_under_bf16_autocast_and_the_weak_objective_r
     torch.manual_seed(0)
     model = build_model(model_config("debug", image_size=32, class_token=True, num_classes=3, train_frames=6))
     objective = build_objective(model, LossConfig(name="weak"), autocast=torch.bfloat16)
-    b, t = 4, 6
-    batch = VideoBatch(views=torch.randn(b, 2, t, 3, 32, 32), timestamps=torch.sort(torch.randint(0, 40, (b, 2, t)),
-                                                                                  dim=-1).values,
-                       mask=torch.ones(b, 2, t, dtype=torch.bool), action_labels=torch.tensor([0, 0, 2, 2]),
-                       phase_labels=torch.full((b, 2, t), -1), num_frames=torch.full((b,), 40),
-                       video_ids=[str(i) for i in range(b)])
+    batch = _encoder_batch()
     out = objective(batch)
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"]) and out["pairs"] == 2
 
@@ -300,7 +305,6 @@ def test_joint_cost_runs_both_views_as_one_sequence_at_their_progress_and_leaves
 
 def test_the_weak_objective_with_the_joint_cost_trains_and_refuses_one_view_pair():
     from carl_scale.config import ConfigError
-    from carl_scale.data.reader import VideoBatch
     from carl_scale.losses.config import LossConfig
     from carl_scale.losses.objective import build_objective
     from carl_scale.models import build_model, model_config
@@ -308,12 +312,7 @@ def test_the_weak_objective_with_the_joint_cost_trains_and_refuses_one_view_pair
     torch.manual_seed(0)
     model = build_model(model_config("debug", image_size=32, class_token=True, num_classes=3, train_frames=6))
     objective = build_objective(model, LossConfig(name="weak", pcl_cost="joint"))
-    b, t = 4, 6
-    batch = VideoBatch(views=torch.randn(b, 2, t, 3, 32, 32), timestamps=torch.sort(torch.randint(0, 40, (b, 2, t)),
-                                                                                  dim=-1).values,
-                       mask=torch.ones(b, 2, t, dtype=torch.bool), action_labels=torch.tensor([0, 0, 2, 2]),
-                       phase_labels=torch.full((b, 2, t), -1), num_frames=torch.full((b,), 40),
-                       video_ids=[str(i) for i in range(b)])
+    batch = _encoder_batch()
     out = objective(batch)
     assert torch.isfinite(out["loss"]) and out["pairs"] == 2 and out["pcl"] > 0
     out["loss"].backward()
