@@ -62,6 +62,7 @@ def test_a_readout_class_token_leaves_the_frame_embeddings_as_they_were():
     m.train()  # the readout one
     torch.nn.functional.cross_entropy(m(x, mask)["logits"], torch.tensor([0, 2])).backward()
     assert m.transformer.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert sum(float(q.grad.abs().sum()) for q in m.frame_head.parameters() if q.grad is not None) > 0  # the frames
     saved = to_dict(model_config("debug", class_token=True, num_classes=3))
     del saved["class_token_attention"]
     assert model_config_from_dict(saved).class_token_attention == "both"

@@ -303,18 +303,32 @@ def test_joint_cost_runs_both_views_as_one_sequence_at_their_progress_and_leaves
         torch.testing.assert_close(z[v][jm[v]], ref)
 
 
-def test_the_weak_objective_with_the_joint_cost_trains_and_refuses_one_view_pair():
+def test_the_weak_objective_with_the_joint_cost_trains_and_refuses_one_view_pair(monkeypatch):
     from carl_scale.config import ConfigError
+    from carl_scale.losses import objective as objective_module
     from carl_scale.losses.config import LossConfig
     from carl_scale.losses.objective import build_objective
     from carl_scale.models import build_model, model_config
 
+    calls = []
+
+    def recorded(*args, **kw):
+        calls.append(args[0])
+        return joint_view_projections(*args, **kw)
+
+    from carl_scale.losses.pcl import joint_view_projections
+    monkeypatch.setattr(objective_module, "joint_view_projections", recorded)
     torch.manual_seed(0)
     model = build_model(model_config("debug", image_size=32, class_token=True, num_classes=3, train_frames=6))
-    objective = build_objective(model, LossConfig(name="weak", pcl_cost="joint"))
     batch = _encoder_batch()
-    out = objective(batch)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    views = build_objective(model, LossConfig(name="weak"))(batch)
+    model.load_state_dict(state)  # the same weights and BatchNorm statistics for the joint run
+    assert calls == []
+    out = build_objective(model, LossConfig(name="weak", pcl_cost="joint"))(batch)
+    assert calls == [model]  # the correspondences came from the joint sequence...
     assert torch.isfinite(out["loss"]) and out["pairs"] == 2 and out["pcl"] > 0
+    assert not torch.allclose(out["pcl"], views["pcl"])  # ...and they are not the view pairs' ones
     out["loss"].backward()
     assert model.embed.weight.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="--pcl-cost"):

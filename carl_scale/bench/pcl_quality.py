@@ -4,7 +4,7 @@
 
 A checkpoint and shards with phase labels (synthetic, PennAction, Pouring, FineGym): the
 checkpoint's own recipe draws ``--batches`` weak-supervision batches (same-label pairs, both
-augmented views, the run's T), the model embeds them as training would (eval mode, no gradient),
+augmented views, the run's T), the model embeds them (in eval mode, without gradient),
 and for each correspondence cost (``views``: the paper's four view pairs; ``joint``: both views as
 one sequence, :func:`carl_scale.losses.pcl.joint_view_projections`) and each ε1 it reports, over
 the same-label pairs' cells whose two frames both have a phase:
@@ -19,7 +19,8 @@ path's phase precision: what the representation itself knows, without the views'
 
 On the synthetic set it also prints the one-shot phase accuracy (the split of
 :func:`carl_scale.eval.quick.validation_objective`) of the model and of the *true* joint angles,
-alone and with the frame's progress through the video appended: the ceiling a representation of
+alone and with the frame's progress through the video appended (scaled to 0..3, about the spread
+of one joint angle, so that neither part dominates the distance): the ceiling a representation of
 one frame's pose reaches, and what mixing in "when" does to it.
 """
 
@@ -31,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+PROGRESS_SCALE = 3.0  # progress 0..1 stretched to about one joint angle's range (radians)
 
 
 def _phase_grid(batch, grids, v: int) -> np.ndarray:
@@ -85,8 +87,8 @@ def batch_counts(model, batch, eps1_list, eps2: float, grid: str = "views") -> d
 def whole_video_precision(model, shards: str, spatial, limit: int | None = None) -> float:
     """Phase precision of the DTW path between every two validation videos of an action, on
     whole unaugmented videos embedded as the evaluation does."""
+    from carl_scale.eval.alignment import align
     from carl_scale.eval.quick import extract_embeddings
-    from carl_scale.ops import dtw
 
     ve = extract_embeddings(model, shards, "val", spatial=spatial, device="cpu", limit=limit)
     right = total = 0
@@ -94,9 +96,7 @@ def whole_video_precision(model, shards: str, spatial, limit: int | None = None)
         g = ve.subset(idx)
         for i in range(len(idx)):
             for j in range(i + 1, len(idx)):
-                a, b = (F.normalize(torch.as_tensor(np.asarray(g.embeddings[k]), dtype=torch.float64), dim=-1)
-                        for k in (i, j))
-                _, path = dtw((1.0 - a @ b.T).numpy())
+                _, path = align(g.embeddings[i], g.embeddings[j])
                 la, lb = np.asarray(g.phase_labels[i])[path[:, 0]], np.asarray(g.phase_labels[j])[path[:, 1]]
                 known = (la >= 0) & (lb >= 0)
                 right += int((la == lb)[known].sum())
@@ -116,7 +116,7 @@ def synthetic_one_shot_ceiling(manifest: dict) -> dict[str, float]:
     videos = [true_poses(cfg, "val", i) for i in range(cfg.val_videos)]
     actions = np.array([v[2] for v in videos])
     features = {"true pose": [v[0] for v in videos],
-                "true pose + progress": [np.concatenate([v[0], np.linspace(0, 3, len(v[0]))[:, None]], 1)
+                "true pose + progress": [np.concatenate([v[0], PROGRESS_SCALE * np.linspace(0, 1, len(v[0]))[:, None]], 1)
                                          for v in videos]}
     out = {}
     for name, feats in features.items():
@@ -129,7 +129,8 @@ def synthetic_one_shot_ceiling(manifest: dict) -> dict[str, float]:
             accs.append(one_shot_phase_classification(
                 [feats[i] for i in pool], [videos[i][1] for i in pool], actions[pool],
                 [feats[i] for i in query], [videos[i][1] for i in query], actions[query], device="cpu")["accuracy"])
-        out[name] = float(np.mean(accs))
+        kept = [x for x in accs if not np.isnan(x)]  # as validation_objective: actions it cannot score drop out
+        out[name] = float(np.mean(kept)) if kept else float("nan")
     return out
 
 
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     from carl_scale.data.manifest import read_manifest
     from carl_scale.data.reader import VideoLoader
     from carl_scale.eval.quick import validation_objective
+    from carl_scale.models.weights import CheckpointError
     from carl_scale.models import load_model
     from carl_scale.models.weights import resolve_checkpoint
     from carl_scale.tables import table
@@ -152,23 +154,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-videos", type=int, default=None, help="validation videos for the whole-video reference")
     a = p.parse_args(argv)
     if a.batches < 1:
-        raise SystemExit("--batches must be >= 1")
+        raise SystemExit(f"--batches must be >= 1, got {a.batches}")
+    for flag, values in (("--eps1", a.eps1), ("--eps2", [a.eps2])):
+        if not all(0 < v <= 100 for v in values):
+            raise SystemExit(f"{flag} must be in (0, 100], got {' '.join(f'{v:g}' for v in values)}")
     os.environ.setdefault("CARL_SCALE_NO_PROGRESS", "1")
     ckpt = resolve_checkpoint(a.checkpoint)
     if not (ckpt / "meta.json").is_file():
         raise SystemExit(f"--checkpoint {a.checkpoint}: no meta.json in {ckpt} (a checkpoint directory or "
                          f"a run's checkpoints/latest)")
-    if not Path(a.shards).is_dir():
-        raise SystemExit(f"--shards {a.shards}: no such directory (a shard directory with shards.json, "
-                         f"e.g. data/synthetic)")
+    manifest = read_manifest(a.shards) if Path(a.shards).is_dir() else None
+    if manifest is None:
+        raise SystemExit(f"--shards {a.shards}: not a shard directory with shards.json (e.g. data/synthetic)")
+    if not {"train", "val"} <= set(manifest.get("splits", {})):
+        raise SystemExit(f"--shards {a.shards}: needs a train and a val split, has {sorted(manifest.get('splits', {}))}")
     try:
         cfg = configure(load_run_config(ckpt / "meta.json"),
                         {"init_from": str(ckpt), "data.shards": a.shards, "data.num_workers": 0,
                          "eval.enabled": False, "run_dir": "/nonexistent/pcl_quality"}, weak=True)
     except ConfigError as exn:
         raise SystemExit(str(exn)) from None
-    model = load_model(ckpt).eval()
-    loader = VideoLoader(cfg.data, rank=0, world_size=1, seed=cfg.seed, device="cpu")
+    try:
+        model = load_model(ckpt).eval()
+        loader = VideoLoader(cfg.data, rank=0, world_size=1, seed=cfg.seed, device="cpu")
+    except (CheckpointError, ValueError) as exn:
+        raise SystemExit(str(exn)) from None
     total: dict = {}
     try:
         for i, batch in enumerate(loader):
@@ -178,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
                 total[k] = total.get(k, 0) + c
     finally:
         loader.close()
+    if not total or next(iter(total.values()))[2] == 0:
+        raise SystemExit(f"--shards {a.shards}: no same-label pair with phase-labelled frames in {a.batches} "
+                         f"batches; the benchmark needs videos with action and phase labels")
     rows = []
     for (cost, eps1), c in sorted(total.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         rows.append((cost, f"{eps1:g}", f"{c[1] / max(1, c[0]):.3f}", f"{c[3] / max(1, c[2]):.3f}",
@@ -189,7 +202,6 @@ def main(argv: list[str] | None = None) -> None:
           + table(rows, ("cost", "ε1 %", "positive precision", "rows with a positive", "same-phase cells negative")))
     print(f"\nreferences: relative-position guess {guess[6] / max(1, guess[7]):.3f}; DTW path on whole "
           f"unaugmented validation videos {whole:.3f}")
-    manifest = read_manifest(a.shards) or {}
     if manifest.get("synthetic_config"):
         ceiling = synthetic_one_shot_ceiling(manifest)
         ours = validation_objective(model, a.shards, cfg.data.spatial, "cpu", "one_shot")

@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from carl_scale.hooks import evaluating
 from carl_scale.losses.scl import full_precision
 from carl_scale.ops import dtw_batch, dtw_correspondences, view_ensemble_cost
 
@@ -77,10 +78,9 @@ def joint_view_projections(model, features: torch.Tensor, ts: torch.Tensor, mask
     video) instead of its place in its clip. Returns projections (B, 2T, P), timestamps and mask.
 
     Why: a training view's frames are positioned by their index in a random clip, so the same
-    index means a different moment in each view and each video, and that leaks into the
-    cost. Measured on the synthetic set (warm start of the default run, T = 8): the phase of 54% of
-    the view-ensemble positives matches (a relative-position guess: 55%), 74% with the joint
-    sequence; whole unaugmented videos reach 80% on the DTW path."""
+    index means a different moment in each view and each video, and that leaks into the cost.
+    ``python -m carl_scale.bench.pcl_quality`` measures how often each cost's positives are right
+    (README, Status: weak supervision)."""
     b, _, t = ts.shape
     feats = features.detach().reshape(b, 2 * t, -1)
     tsf, mf = ts.reshape(b, 2 * t), mask.reshape(b, 2 * t).bool()
@@ -89,12 +89,8 @@ def joint_view_projections(model, features: torch.Tensor, ts: torch.Tensor, mask
     tsf, mf = torch.gather(tsf, 1, order), torch.gather(mf, 1, order)
     span = model.cfg.train_frames - 1
     positions = tsf.double() / (num_frames.to(tsf.device).double()[:, None] - 1).clamp(min=1) * span
-    was_training = model.training
-    model.eval()  # no dropout, and BatchNorm's running statistics stay untouched
-    try:
+    with evaluating(model):  # no dropout, and BatchNorm's running statistics stay untouched
         z = model.project(model.encode_sequence(feats, mf, positions)["embeddings"], mf)
-    finally:
-        model.train(was_training)
     return z, tsf, mf
 
 

@@ -48,11 +48,16 @@ class ModelConfig(Config):
         """A model config that carl_scale saved (every field written, ``flavor`` and
         ``train_frames`` among them) before ``pos_encoding``/``final_norm`` existed describes the
         architecture carl_scale had then: sines and cosines in halves and a final LayerNorm. A
-        config written by hand with a few fields is not one of those and takes today's defaults
-        (a saved class token without ``class_token_attention`` is "both", the default)."""
-        if "pos_encoding" in saved or "final_norm" in saved or not {"flavor", "train_frames", "dropout"} <= saved.keys():
+        config written by hand with a few fields is not one of those and takes today's defaults. A
+        saved class token without ``class_token_attention`` attended both ways ("both")."""
+        if not {"flavor", "train_frames", "dropout"} <= saved.keys():
             return saved
-        return {**saved, "pos_encoding": "halves", "final_norm": True}
+        out = dict(saved)
+        if "pos_encoding" not in saved and "final_norm" not in saved:
+            out.update(pos_encoding="halves", final_norm=True)
+        if saved.get("class_token") and "class_token_attention" not in saved:
+            out["class_token_attention"] = "both"  # written out, so that resuming it as "readout" is refused
+        return out
 
     def check(self) -> None:
         if self.width % 2 or self.width % self.num_heads:
