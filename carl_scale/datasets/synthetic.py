@@ -202,6 +202,13 @@ def _figure_colour(rng: np.random.Generator, bg_mean: np.ndarray) -> tuple[int, 
     return tuple(int(v) for v in c)
 
 
+def _video_rng(cfg: SyntheticConfig, split: str, index: int) -> np.random.Generator:
+    """The generator every draw of video ``index`` of ``split`` comes from."""
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
+    return np.random.default_rng([cfg.seed, _SPLITS[split], index])
+
+
 def _poses_and_phases(cfg: SyntheticConfig, rng: np.random.Generator, action: str) -> tuple[np.ndarray, np.ndarray]:
     """A video's joint angles (S, n_joints) and phase labels (S,); the first draws from ``rng``."""
     phase_names = SYNTHETIC_ACTIONS[action]
@@ -222,18 +229,14 @@ def _poses_and_phases(cfg: SyntheticConfig, rng: np.random.Generator, action: st
 def true_poses(cfg: SyntheticConfig, split: str, index: int) -> tuple[np.ndarray, np.ndarray, int]:
     """What video ``index`` of ``split`` shows, without rendering it: its joint angles (S, n_joints),
     phase labels (S,) and action label: the ground truth a frame representation can at best recover."""
-    if split not in _SPLITS:
-        raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
-    rng = np.random.default_rng([cfg.seed, _SPLITS[split], index])
+    rng = _video_rng(cfg, split, index)
     action_label = index % cfg.num_actions
     return (*_poses_and_phases(cfg, rng, cfg.action_names[action_label]), action_label)
 
 
 def render_video(cfg: SyntheticConfig, split: str, index: int) -> SyntheticVideo:
     """Render video ``index`` of ``split``; a pure function of the config, split and index."""
-    if split not in _SPLITS:
-        raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
-    rng = np.random.default_rng([cfg.seed, _SPLITS[split], index])
+    rng = _video_rng(cfg, split, index)
     h, w = cfg.height, cfg.width
     action_label = index % cfg.num_actions
     poses, phase_labels = _poses_and_phases(cfg, rng, cfg.action_names[action_label])
