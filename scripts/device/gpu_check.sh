@@ -1,28 +1,50 @@
 #!/usr/bin/env bash
-# Run ON THE LENT GPU MACHINE (see prepare.sh): stage the carried wheel parts under /tmp (they stay
-# while the machine is warm), and without --stage reassemble and install them into /tmp/site, then
-# run the GPU tests and the benchmarks, writing every table under $OUT. Well inside 10 minutes.
+# Run ON THE LENT GPU MACHINE (see prepare.sh). With --stage: copy this call's parts under /tmp
+# (they stay while the machine is warm) and stop. Without: stage, assemble and unpack the tree into
+# /tmp/site, then run the benchmarks and the GPU tests, each under its own time limit (at most
+# 8 minutes in all), writing every table under $OUT. Most important first: a call cut short still
+# returns what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-mkdir -p /tmp/carl_parts /tmp/carl_wheels
+mkdir -p /tmp/carl_parts
 cp .whl/c*/* /tmp/carl_parts/ 2>/dev/null
-echo "staged: $(ls /tmp/carl_parts | wc -l) parts"
+echo "staged: $(ls /tmp/carl_parts | tr '\n' ' ')"
 [[ "${1:-}" == "--stage" ]] && exit 0
 out=${OUT:-/tmp/carl_out}; mkdir -p "$out"
-for first in /tmp/carl_parts/*.part00; do
-  name=$(basename "${first%.part00}"); cat /tmp/carl_parts/"$name".part* > /tmp/carl_wheels/"$name"
-done
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  /tmp/carl_wheels/*.whl || exit 1
-DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site \
-  /tmp/carl_wheels/deepspeed-*.tar.gz || exit 1
+t0=$SECONDS
+if [[ ! -d /tmp/site/nvidia/dali ]]; then
+  cat /tmp/carl_parts/bundle.tar.xz.part* > /tmp/bundle.tar.xz && mkdir -p /tmp/site || exit 1
+  tar -xJf /tmp/bundle.tar.xz -C /tmp/site 2>/dev/null ||
+    python3 -c "import tarfile; tarfile.open('/tmp/bundle.tar.xz').extractall('/tmp/site')" || exit 1
+fi
+# The image's own `nvidia` package: if it is a namespace package, ours must be one too to merge
+# with it; if it is a regular one, ours (first on the path) must stay regular for nvidia.dali.
+python3 -c "import nvidia, sys; sys.exit(getattr(nvidia, '__file__', None) is not None)" 2>/dev/null &&
+  rm -f /tmp/site/nvidia/__init__.py
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CARL_SCALE_NO_PROGRESS=1
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -c "import torch, nvidia.dali as d, deepspeed, av; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| dali', d.__version__, '| deepspeed', deepspeed.__version__, '| av', av.__version__)"
+export LD_LIBRARY_PATH=/tmp/site/nvidia/cu13/lib:/tmp/site/nvidia/nvimgcodec:${LD_LIBRARY_PATH:-}
+echo "unpacked in $((SECONDS - t0)) s"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; nproc
+  python3 -c "import torch, nvidia.dali as d, deepspeed, av, webdataset; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| dali', d.__version__, '| deepspeed', deepspeed.__version__, '| av', av.__version__)"
 } 2>&1 | tee "$out/versions.txt"
 rc=0
-timeout 240 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.txt" || rc=1
-timeout 120 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 2>&1 | tail -6 | tee "$out/step_T80.txt" || rc=1
-timeout 120 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 2>&1 | tail -6 | tee "$out/step_T240.txt" || rc=1
-timeout 120 python3 -m carl_scale.bench.data --device cuda 2>&1 | tail -15 | tee "$out/data.txt" || rc=1
+stage() {  # name, seconds, command...: its output to $out/name.txt, the table also to this log
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (limit $limit s, at $((SECONDS - t0)) s)"
+  timeout "$limit" "$@" > "$out/$name.txt" 2>&1 || { echo "!!! $name failed or timed out: rc $?"; rc=1; }
+  grep -v "^\[\|Warning\|warn(" "$out/$name.txt" | tail -"${TAIL:-12}"
+}
+stage step_T80 110 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
+  --extra parallel.channels_last=off parallel.compile=trunk
+stage step_T240 60 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 --warmup 2 \
+  --extra parallel.channels_last=off
+TAIL=25 stage gpu_tests 100 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+stage data 70 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 80 \
+  --image-size 224 --batch 2 --workers 8 --write-workers 16 --videos 16 --whole-videos 2 --batches 10 \
+  --paths jpeg/pyav jpeg/dali video/dali
+stage e2e_jpeg 60 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 10
+stage e2e_jpeg_pyav 60 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 10 --decoder pyav
+echo "done in $((SECONDS - t0)) s, rc $rc"
 exit $rc
