@@ -337,3 +337,68 @@ def test_data_parallel_gradients_equal_one_process_on_the_whole_batch(tmp_path):
     assert two.keys() == one.keys() and len(one) > 10
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("switch", [{"parallel.channels_last": "on"}, {"parallel.compile": "trunk"}])
+def test_speed_switches_change_neither_the_loss_nor_the_gradients_nor_the_state_dict(switch):
+    """--channels-last on and --compile trunk (a GPU run's levers) compute the step the default
+    CPU path computes: same loss and gradients to float32 rounding, same state-dict keys
+    (checkpoints stay interchangeable)."""
+    from carl_scale.bench.step import synthetic_batch
+    from carl_scale.models import build_model
+    from carl_scale.train.recipes import recipe
+    from carl_scale.train.trainer import build_engine, process_group
+
+    cfg = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 8, "model.image_size": 32})
+    fast = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 8, "model.image_size": 32,
+                                       **switch})
+    results = []
+    with process_group() as (_, world, device):
+        batch = synthetic_batch(2, 8, 32, device)
+        for c in (cfg, fast):
+            torch.manual_seed(0)
+            engine, _ = build_engine(c, build_model(c.model), total_steps=1, world=world, bf16=False)
+            engine.eval()
+            loss = engine(batch)["loss"]
+            engine.backward(loss)
+            grads = {n: p.grad.detach().clone() for n, p in engine.module.named_parameters() if p.grad is not None}
+            results.append((loss.detach(), grads, list(engine.module.model.state_dict())))
+    (l0, g0, k0), (l1, g1, k1) = results
+    assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-6) and k0 == k1 and g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-5), n
+
+
+def test_the_trainer_clips_the_global_gradient_norm_as_written():
+    """Without ZeRO, engine_step clips with torch's fused clip_grad_norm_ instead of DeepSpeed's:
+    the gradients the optimizer steps with are the hand-clipped ones, g x max_norm / (||g|| + 1e-6)."""
+    from carl_scale.bench.step import synthetic_batch
+    from carl_scale.losses.objective import build_objective
+    from carl_scale.models import build_model
+    from carl_scale.train.recipes import recipe
+    from carl_scale.train.trainer import build_engine, engine_step, process_group
+
+    cfg = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 8, "model.image_size": 32,
+                                      "optim.grad_clip": 0.01})
+    stepped = {}
+    with process_group() as (_, world, device):
+        batch = synthetic_batch(2, 8, 32, device)
+        torch.manual_seed(0)
+        ref = build_model(cfg.model).eval()
+        torch.manual_seed(0)
+        engine, _ = build_engine(cfg, build_model(cfg.model), total_steps=10, world=world, bf16=False)
+        engine.eval()
+        step = engine.step
+
+        def spy():
+            stepped.update({n: p.grad.clone() for n, p in engine.module.model.named_parameters() if p.grad is not None})
+            step()
+
+        engine.step = spy
+        engine_step(engine, batch, device)
+    build_objective(ref, cfg.loss)(batch)["loss"].backward()
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
+    assert norm > 10 * cfg.optim.grad_clip and stepped.keys() == grads.keys()
+    for n, g in grads.items():
+        assert torch.allclose(stepped[n], g * (cfg.optim.grad_clip / (norm + 1e-6)).float(), rtol=1e-4, atol=1e-9), n

@@ -21,6 +21,7 @@ ours / 2 − the targets' entropy: ``tests/test_scl.py``).
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 import torch
@@ -71,6 +72,7 @@ def measure(step, iters: int, warmup: int, batch: int, device: torch.device) -> 
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)  # the same dropout draws on every path's first step: comparable first losses
     first = float(step())
     for _ in range(warmup - 1):
         step()
@@ -85,31 +87,56 @@ def measure(step, iters: int, warmup: int, batch: int, device: torch.device) -> 
     return sps, (torch.cuda.max_memory_allocated() / 2**30 if cuda else None), first
 
 
-def run(flavor: str, frames: int, batch: int, iters: int, warmup: int) -> dict[str, tuple]:
+def _override(text: str) -> dict:
+    """``"parallel.compile=trunk,parallel.channels_last=off"`` -> the config overrides."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep or not key.startswith("parallel."):
+            raise SystemExit(f"--extra {text!r}: expected parallel.FIELD=VALUE[,parallel.FIELD=VALUE...]")
+        out[key] = value
+    return out
+
+
+def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: tuple[str, ...] = (),
+        report=None) -> dict[str, tuple]:
+    """Measure the published step, the trainer's step, and the trainer's step under each of
+    ``extras`` (config overrides, see :func:`_override`); ``report(name, result)`` is called after
+    each, so a run cut short still shows what it measured."""
     with process_group() as (_, world, device):
         cuda = device.type == "cuda"
-        cfg = configure(recipe("debug"), {"data.batch_size": batch, "data.temporal.num_frames": frames}, flavor=flavor)
+        base = {"data.batch_size": batch, "data.temporal.num_frames": frames}
+        cfg = configure(recipe("debug"), base, flavor=flavor)
         data = synthetic_batch(batch, frames, cfg.model.image_size, device)
-        results = {}
+        results = {"_config": (to_dict(cfg.model), torch.cuda.get_device_name() if cuda else "CPU")}
         torch.manual_seed(0)
         model = build_model(cfg.model)
         start = {k: v.clone() for k, v in model.state_dict().items()}
-        results["published"] = measure(published_step(model.to(device).train(), data, cuda, cfg.loss.tau,
-                                                      cfg.loss.sigma2), iters, warmup, batch, device)
-        del model
-        if cuda:
-            torch.cuda.empty_cache()
-        model = build_model(cfg.model)
-        model.load_state_dict(start)
-        engine, _ = build_engine(cfg, model.to(device), total_steps=iters + warmup, world=world, bf16=cuda)
-        engine.train()
 
-        def ours() -> torch.Tensor:
-            out, _ = engine_step(engine, data, device)
-            return out["loss"].detach()
+        def done(name, result):
+            results[name] = result
+            if report is not None:
+                report(name, result)
 
-        results["ours (trainer step)"] = measure(ours, iters, warmup, batch, device)
-        results["_config"] = (to_dict(cfg.model), torch.cuda.get_device_name() if cuda else "CPU")
+        done("published", measure(published_step(model.to(device).train(), data, cuda, cfg.loss.tau,
+                                                 cfg.loss.sigma2), iters, warmup, batch, device))
+        for extra in ("", *extras):
+            del model
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+            c = configure(recipe("debug"), {**base, **_override(extra)}, flavor=flavor)
+            model = build_model(c.model)
+            model.load_state_dict(start)
+            engine, _ = build_engine(c, model.to(device), total_steps=iters + warmup, world=world, bf16=cuda)
+            engine.train()
+
+            def ours(engine=engine) -> torch.Tensor:
+                out, _ = engine_step(engine, data, device)
+                return out["loss"].detach()
+
+            done("ours (trainer step)" + (f" {extra}" if extra else ""), measure(ours, iters, warmup, batch, device))
+            del engine, ours
     return results
 
 
@@ -120,13 +147,26 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=2, help="videos per step (2 views each)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--extra", nargs="*", default=[],
+                   help="more rows: the trainer's step with these overrides, e.g. parallel.compile=trunk "
+                        "parallel.channels_last=off (several fields joined by commas)")
     a = p.parse_args(argv)
     if min(a.frames, a.batch, a.iters, a.warmup) < 1:
         p.error("--frames, --batch, --iters and --warmup must be >= 1")
-    res = run(a.flavor, a.frames, a.batch, a.iters, a.warmup)
+    for e in a.extra:
+        _override(e)  # refuse a malformed one before any work
+    first: dict[str, float] = {}
+
+    def report(name, result):
+        sps, peak, loss = result
+        base = first.setdefault("published", sps)
+        print(f"measured {name}: {sps:.2f} samples/s ({sps / base:.2f}x), peak "
+              f"{'-' if peak is None else f'{peak:.2f} GiB'}, first loss {loss:.4f}", flush=True)
+
+    res = run(a.flavor, a.frames, a.batch, a.iters, a.warmup, tuple(a.extra), report)
     _, device = res.pop("_config")
-    ref = res["published"][0]
-    rows = [(name, f"{sps:.2f}", f"{sps / ref:.2f}x", "-" if peak is None else f"{peak:.2f}", f"{loss:.4f}")
+    ref_sps = res["published"][0]
+    rows = [(name, f"{sps:.2f}", f"{sps / ref_sps:.2f}x", "-" if peak is None else f"{peak:.2f}", f"{loss:.4f}")
             for name, (sps, peak, loss) in res.items()]
     print(f"\ntraining step on {device}: flavor {a.flavor}, T={a.frames}, {a.batch} videos (2 views each)")
     print(table(rows, ("path", "samples/s", "vs published", "peak GPU GiB", "first loss")))

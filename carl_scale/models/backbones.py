@@ -111,6 +111,14 @@ class Backbone(nn.Module):
         for p in self.frozen.parameters():
             p.requires_grad_(False)
         self.frozen.eval()
+        self.channels_last = False  # set by use_channels_last(); inputs then follow the weights
+
+    def use_channels_last(self) -> "Backbone":
+        """Weights and inputs in channels_last (NHWC) memory format: cuDNN's fast path for bf16
+        convolutions. The values, the state dict's keys and shapes are unchanged."""
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
 
     @staticmethod
     def _load(stages: list[nn.Module], pretrained: str | None) -> None:
@@ -144,6 +152,8 @@ class Backbone(nn.Module):
         stages (and of the trainable ones when no gradient is needed)."""
         n = frames.shape[0]
         step = n if not chunk else chunk
+        if self.channels_last:
+            frames = frames.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             x = torch.cat([self.frozen(frames[i : i + step]) for i in range(0, n, step)]) if len(self.frozen) \
                 else frames

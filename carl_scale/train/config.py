@@ -39,6 +39,14 @@ class ParallelConfig(Config):
     # bf16 is autocast: weights, gradients, optimizer state and checkpoints stay float32
     precision: Literal["auto", "bf16", "fp32"] = param(
         "auto", flag="--precision", help="auto: bf16 autocast on a GPU, fp32 on the CPU (weights stay fp32)")
+    # Speed only: neither changes what a step computes beyond rounding (tests/test_train.py,
+    # tests/test_gpu.py). Measured with ``python -m carl_scale.bench.step --extra ...`` (BENCHMARKS.md).
+    channels_last: Literal["auto", "on", "off"] = param(
+        "auto", flag="--channels-last", help="the ResNet trunk in channels_last memory format; auto: on a GPU")
+    cudnn_benchmark: bool = param(True, flag="--cudnn-benchmark",
+                                  help="let cuDNN time its convolution algorithms on the first steps (GPU)")
+    compile: Literal["off", "trunk"] = param(
+        "off", flag="--compile", help="trunk: torch.compile the ResNet trunk (the first steps compile)")
 
 
 @dataclass(frozen=True)

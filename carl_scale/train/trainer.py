@@ -128,7 +128,10 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict:
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        # Without ZeRO the engine's gradients are the parameters' own, and engine_step clips them
+        # with torch's fused clip_grad_norm_ (a few kernels, no host sync); DeepSpeed's own clipping
+        # takes a norm per parameter and a .item(). ZeRO shards them: DeepSpeed clips.
+        "gradient_clipping": cfg.optim.grad_clip if cfg.parallel.zero_stage > 0 else 0.0,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         # bf16 is autocast inside the objective's forward (losses.objective.Objective): the engine
         # keeps fp32 weights, so checkpoints and evaluation see full precision, BatchNorm runs in fp32
@@ -138,10 +141,33 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict:
     }
 
 
+def apply_speedups(model: torch.nn.Module, cfg: RunConfig) -> str:
+    """Put the model (already on its device) in the memory format and compiled form the config's
+    ``parallel`` fields ask for; returns what was done, for the log. Weights, state-dict keys and
+    what a step computes are unchanged (up to rounding)."""
+    model_device = next(model.parameters()).device
+    par = cfg.parallel
+    done = []
+    if model_device.type == "cuda":
+        # training shapes repeat step after step: cuDNN's timed choice pays back after a few steps
+        # (process-wide; the published code leaves it off)
+        torch.backends.cudnn.benchmark = par.cudnn_benchmark
+        done += ["cudnn.benchmark"] if par.cudnn_benchmark else []
+    if par.channels_last == "on" or (par.channels_last == "auto" and model_device.type == "cuda"):
+        model.backbone.use_channels_last()
+        done.append("channels_last trunk")
+    if par.compile == "trunk":
+        # each stage group on its own: the frozen one runs without gradients, the trained one with
+        model.backbone.frozen.compile()
+        model.backbone.trainable.compile()
+        done.append("compiled trunk")
+    return ", ".join(done) or "eager, contiguous"
+
+
 def build_engine(cfg: RunConfig, model: torch.nn.Module, total_steps: int, world: int, bf16: bool):
     """(DeepSpeed engine around the config's objective, learning-rate scheduler): what training
     steps, built the one way the trainer and ``carl_scale.bench.step`` build it. Call it inside
-    :func:`process_group`."""
+    :func:`process_group`, with the model on its device."""
     import deepspeed
 
     objective = build_objective(model, cfg.loss, autocast=torch.bfloat16 if bf16 else None)
@@ -155,6 +181,13 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, total_steps: int, world
     engine, _, _, scheduler = deepspeed.initialize(model=objective, optimizer=optimizer, lr_scheduler=sched,
                                                    config=deepspeed_config(cfg, world))
     engine.checkpoint_engine = ckpt.WeightsOnlyLoads(engine.checkpoint_engine)
+    engine.carl_clip = (cfg.optim.grad_clip, params) if cfg.parallel.zero_stage == 0 and cfg.optim.grad_clip > 0 \
+        else None  # see deepspeed_config
+    # after initialize: DeepSpeed broadcasts each parameter as a flat byte view, which a
+    # channels_last weight refuses. Converting in place keeps the optimizer's parameter objects.
+    speed = apply_speedups(model, cfg)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"step: {'bf16 autocast' if bf16 else 'fp32'}, {speed}", flush=True)
     return engine, scheduler
 
 
@@ -169,6 +202,9 @@ def engine_step(engine, batch: VideoBatch, device: torch.device) -> tuple[dict[s
     if bad.item() > 0:
         return out, False
     engine.backward(out["loss"])
+    clip = getattr(engine, "carl_clip", None)
+    if clip is not None and engine.is_gradient_accumulation_boundary():  # grads averaged over ranks by now
+        torch.nn.utils.clip_grad_norm_(clip[1], clip[0], foreach=True)
     engine.step()
     return out, True
 
@@ -191,6 +227,8 @@ class Trainer:
         resume_from = self._find_resume()  # refuses settings that would not continue it, before any work
         # the full device ("cuda:3"): GPU decoding runs on this rank's own GPU
         self.loader = VideoLoader(cfg.data, rank=rank, world_size=world, seed=cfg.seed, device=str(device))
+        if rank == 0:
+            print(f"data: {self.loader.describe()}", flush=True)
         self.total_steps = cfg.steps if cfg.steps is not None else \
             max(1, math.ceil(cfg.epochs * len(self.loader) / cfg.parallel.grad_accum))
 
@@ -200,7 +238,7 @@ class Trainer:
             # a class token this run adds (weak supervision from a self-supervised start) starts fresh
             new = ("cls_token", "classifier.") if cfg.model.class_token else ()
             load_weights(self.model, read_weights(cfg.init_from)[0], cfg.init_from, new=new)
-        self.engine, self.scheduler = build_engine(cfg, self.model, self.total_steps, world, self.bf16)
+        self.engine, self.scheduler = build_engine(cfg, self.model.to(device), self.total_steps, world, self.bf16)
         self.step = self.start_step = 0
         self.history: list[float] = []
         self._saved: tuple[int, Path] | None = None
