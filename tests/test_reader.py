@@ -285,3 +285,38 @@ def test_a_gpu_device_string_selects_that_gpu_for_dali():
     assert dec.name == "dali" and dec.device == "cuda" and dec.device_id == 1
     with pytest.raises(ValueError, match="CPU or a CUDA GPU"):
         split_device("mps")
+
+
+def test_finish_ahead_keeps_order_raises_the_threads_error_and_stops_when_closed():
+    """The GPU loader's finishing thread (here on the CPU, where it has no stream): results in
+    input order, at most ``depth`` ahead; an error in ``finish`` is raised to the consumer; a
+    consumer that stops early leaves no thread behind."""
+    import threading
+
+    from carl_scale.data.reader import finish_ahead
+
+    cpu = torch.device("cpu")
+    assert list(finish_ahead(range(20), lambda i: i * i, 2, cpu)) == [(i, i * i) for i in range(20)]
+
+    def bad(i):
+        if i == 3:
+            raise ValueError("frame 3 is broken")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="frame 3"):
+        for item, _ in finish_ahead(range(10), bad, 2, cpu):
+            got.append(item)
+    assert got == [0, 1, 2]
+
+    started = []
+
+    def slow(i):
+        started.append(i)
+        return i
+
+    gen = finish_ahead(range(1000), slow, 2, cpu)
+    assert next(gen) == (0, 0)
+    gen.close()
+    assert not any(t.name == "carl-scale-finish-ahead" for t in threading.enumerate())
+    assert len(started) <= 5  # one handed over, two queued, one waiting to be queued: not the whole input

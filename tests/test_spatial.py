@@ -77,8 +77,9 @@ def test_separable_blur_equals_torchvision():
     g = torch.Generator().manual_seed(0)
     for shape, k, sigma in [((4, 3, 40, 56), 5, 1.7), ((2, 3, 9, 7), 3, 0.4), ((1, 3, 112, 112), 11, 2.0)]:
         x = torch.rand(shape, generator=g)
-        torch.testing.assert_close(gaussian_blur_separable(x, k, sigma), TF.gaussian_blur(x, [k, k], [sigma, sigma]),
-                                   atol=1e-5, rtol=1e-5)
+        for method in ("shifts", "conv"):  # the CPU's way and the GPU's
+            torch.testing.assert_close(gaussian_blur_separable(x, k, sigma, method),
+                                       TF.gaussian_blur(x, [k, k], [sigma, sigma]), atol=1e-5, rtol=1e-5)
 
 
 def test_yiq_hue_shift_moves_hue_like_hsv():

@@ -1,16 +1,20 @@
 """Data-pipeline benchmark: decoded frames/s and training batches/s per decoder and payload.
 
-    python -m carl_scale.bench.data                       # synthetic shards, made if absent
-    python -m carl_scale.bench.data --frames 80 --image-size 224 --batch 4 --workers 8
-    python -m carl_scale.bench.data --shards data/synthetic --device cuda   # DALI mixed on a GPU
+    python -m carl_scale.bench.data                       # small synthetic shards, made if absent
+    python -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 80 \\
+        --image-size 224 --batch 2 --workers 8 --write-workers 16    # Kinetics-sized, on a GPU
 
 Every number is also printed as a ratio to the reference path (PyAV decoding the ``video``
-payload), measured in the same process on the same shards. Three measurements per path:
+payload on the CPU), measured in the same process on the same shards. Three measurements per path:
 
-* ``whole``: every frame of every validation video (what evaluation does), frames/s;
-* ``sampled``: the 2T frames the two training views need, per video, frames/s of *sampled*
-  frames (seek + partial decode for video, single-frame decode for jpeg);
-* ``loader``: the full training loader (workers, shuffle, views, augmentation), batches/s.
+* ``whole``: every frame of the first videos (what evaluation does), frames/s;
+* ``sampled``: the 2T frames the two training views need, per video, batched as the loader
+  batches them (seek + partial decode for video, single-frame decode for jpeg), frames/s;
+* ``loader``: the full training loader (workers, shuffle, views, crops, colour augmentation; on a
+  GPU the decoding and augmentation run in the main process, batched), batches/s, and the
+  sampled frames/s it delivers (batches/s x batch x 2T): what a training step can consume.
+
+On a GPU, timings end with a device synchronisation (DALI's outputs are CUDA tensors).
 """
 
 from __future__ import annotations
@@ -25,8 +29,15 @@ from carl_scale.data.config import LoaderConfig, SpatialConfig, SyntheticConfig,
 from carl_scale.data.decoders import DaliDecoder, EncodedVideo, PyAVDecoder, cuda_available
 from carl_scale.data.manifest import resolve_shards
 from carl_scale.data.reader import VideoLoader, parse_meta
-from carl_scale.datasets.synthetic import ensure_synthetic_shards
 from carl_scale.data.temporal import sample_temporal_views
+from carl_scale.tables import table
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def _samples(spec: str, split: str, limit: int) -> list[tuple[dict, EncodedVideo]]:
@@ -42,12 +53,16 @@ def _samples(spec: str, split: str, limit: int) -> list[tuple[dict, EncodedVideo
     return out
 
 
-def bench_decode(decoder, items, temporal: TemporalConfig, batch: int) -> tuple[float, float]:
-    """(whole-video frames/s, sampled frames/s)."""
+def bench_decode(decoder, items, temporal: TemporalConfig, batch: int, whole_videos: int) -> tuple[float, float]:
+    """(whole-video frames/s over the first ``whole_videos``, sampled frames/s over all)."""
+    device = decoder.device
+    decoder.decode([items[0][1]], [np.arange(min(8, items[0][1].num_frames))])  # build the pipelines first
+    _sync(device)
     t0 = time.perf_counter()
     n = 0
-    for _, enc in items:
+    for _, enc in items[:whole_videos]:
         n += len(decoder.decode_all(enc))
+    _sync(device)
     whole = n / (time.perf_counter() - t0)
     rng = np.random.default_rng(0)
     idx = [sample_temporal_views(enc.num_frames, temporal, rng).timestamps.reshape(-1) for _, enc in items]
@@ -57,19 +72,46 @@ def bench_decode(decoder, items, temporal: TemporalConfig, batch: int) -> tuple[
         chunk = items[s : s + batch]
         out = decoder.decode([e for _, e in chunk], idx[s : s + batch])
         n += sum(len(o) for o in out)
+    _sync(device)
     return whole, n / (time.perf_counter() - t0)
 
 
-def bench_loader(cfg: LoaderConfig, batches: int) -> float:
-    loader = VideoLoader(cfg)
-    it = iter(loader)
-    next(it)  # worker start-up and the first fill of the shuffle buffer are not steady state
+def bench_loader(cfg: LoaderConfig, batches: int, device: str) -> float:
+    """Batches/s of the training loader, after its first batch (worker start-up and the first
+    fill of the shuffle buffer are not steady state); over epochs if one is shorter."""
+    loader = VideoLoader(cfg, device=device)
+
+    def endless():
+        while True:
+            yield from loader
+
+    it = endless()
+    next(it)
+    _sync(device)
     t0 = time.perf_counter()
-    got = 0
-    for _ in range(min(batches, len(loader) - 1)):
+    for _ in range(batches):
         next(it)
-        got += 1
-    return got / (time.perf_counter() - t0)
+    _sync(device)
+    rate = batches / (time.perf_counter() - t0)
+    loader.close()
+    return rate
+
+
+def ensure_bench_shards(a) -> None:
+    """The synthetic shards this benchmark reads, both payloads, made once per size and GOP."""
+    from carl_scale.datasets.encode import EncodeOptions
+    from carl_scale.datasets.synthetic import ensure_synthetic_shards
+
+    syn = SyntheticConfig(train_videos=max(48, a.batch * (a.batches + 4)), val_videos=a.videos,
+                          height=a.height, width=a.width)
+    where = Path(a.data_dir) / f"{a.width}x{a.height}_gop{a.gop}"
+    kw = dict(max_samples=8, workers=a.write_workers, progress=False)
+    if a.shards is None:
+        a.shards = str(where / "video")
+        ensure_synthetic_shards(a.shards, syn, encode=EncodeOptions(gop=a.gop), **kw)
+    if a.jpeg_shards is None:
+        a.jpeg_shards = str(where / "jpeg")
+        ensure_synthetic_shards(a.jpeg_shards, syn, payload="jpeg", **kw)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -77,44 +119,53 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--shards", help="a video-payload shard directory (default: synthetic, made if absent)")
     p.add_argument("--jpeg-shards", help="the same videos as a jpeg payload (default: synthetic)")
     p.add_argument("--data-dir", default="data/bench", help="where the default synthetic shards go")
+    p.add_argument("--height", type=int, default=128, help="synthetic frame height")
+    p.add_argument("--width", type=int, default=128, help="synthetic frame width")
+    p.add_argument("--gop", type=int, default=30, help="keyframe interval of the synthetic video payload")
+    p.add_argument("--write-workers", type=int, default=1, help="processes rendering the synthetic shards")
     p.add_argument("--videos", type=int, default=24, help="videos decoded per measurement")
+    p.add_argument("--whole-videos", type=int, default=4, help="of those, videos decoded whole")
     p.add_argument("--frames", type=int, default=32, help="T, frames per view")
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batches", type=int, default=12)
     p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
+    p.add_argument("--paths", nargs="*", default=["video/pyav", "video/dali", "jpeg/pyav", "jpeg/dali"],
+                   help="payload/decoder pairs to measure; the first is the reference")
     a = p.parse_args(argv)
+    if min(a.videos, a.whole_videos, a.frames, a.batch, a.batches, a.image_size, a.write_workers) < 1 \
+            or a.workers < 0 or a.gop < 1:
+        p.error("every count must be >= 1 (--workers >= 0)")
+    paths = [tuple(x.split("/")) for x in a.paths]
+    if not paths or any(len(x) != 2 or x[0] not in ("video", "jpeg") or x[1] not in ("pyav", "dali") for x in paths):
+        p.error("--paths takes video|jpeg/pyav|dali pairs, e.g. video/pyav jpeg/dali")
 
-    if a.shards is None or a.jpeg_shards is None:
-        syn = SyntheticConfig(train_videos=max(48, a.batch * (a.batches + 2)), val_videos=a.videos)
-        if a.shards is None:
-            a.shards = str(Path(a.data_dir) / "video")
-            ensure_synthetic_shards(a.shards, syn, max_samples=8)
-        if a.jpeg_shards is None:
-            a.jpeg_shards = str(Path(a.data_dir) / "jpeg")
-            ensure_synthetic_shards(a.jpeg_shards, syn, payload="jpeg", max_samples=8)
-
+    ensure_bench_shards(a)
     temporal = TemporalConfig(num_frames=a.frames)
-    dali = DaliDecoder(device=a.device, num_threads=max(1, a.workers))
+    decoders = {"pyav": PyAVDecoder(), "dali": DaliDecoder(device="cuda" if a.device.startswith("cuda") else "cpu",
+                                                           num_threads=max(1, a.workers))}
     rows = []
-    for payload, spec in (("video", a.shards), ("jpeg", a.jpeg_shards)):
+    for payload, name in paths:
+        spec = a.shards if payload == "video" else a.jpeg_shards
         items = _samples(spec, "val", a.videos)
-        for name, dec in (("pyav", PyAVDecoder()), ("dali", dali)):
-            whole, sampled = bench_decode(dec, items, temporal, a.batch)
-            cfg = LoaderConfig(shards=spec, batch_size=a.batch, num_workers=a.workers, decoder=name,
-                               device=a.device, temporal=temporal, spatial=SpatialConfig(image_size=a.image_size))
-            rows.append(dict(payload=payload, decoder=name, whole=whole, sampled=sampled,
-                             loader=bench_loader(cfg, a.batches)))
+        whole, sampled = bench_decode(decoders[name], items, temporal, a.batch, a.whole_videos)
+        # the loader: DALI on the GPU when measuring the GPU; PyAV always in the CPU workers
+        cfg = LoaderConfig(shards=spec, batch_size=a.batch, num_workers=a.workers, decoder=name,
+                           temporal=temporal, spatial=SpatialConfig(image_size=a.image_size))
+        loader = bench_loader(cfg, a.batches, a.device)
+        rows.append(dict(payload=payload, decoder=name, whole=whole, sampled=sampled, loader=loader,
+                         loader_frames=loader * a.batch * 2 * a.frames))
+        print(f"measured {payload}/{name}: whole {whole:.0f} f/s, sampled {sampled:.0f} f/s, loader "
+              f"{loader:.2f} batches/s", flush=True)
     ref = rows[0]
-    print(f"\ndata pipeline on {a.device}: T={a.frames}, {a.image_size}px views, batch {a.batch}, "
-          f"{a.workers} workers; ratios are to pyav/video")
-    print(f"{'payload':<8}{'decoder':<8}{'whole f/s':>11}{'x':>6}{'sampled f/s':>13}{'x':>6}"
-          f"{'batches/s':>11}{'x':>6}{'videos/s':>10}")
-    for r in rows:
-        print(f"{r['payload']:<8}{r['decoder']:<8}{r['whole']:>11.0f}{r['whole'] / ref['whole']:>6.2f}"
-              f"{r['sampled']:>13.0f}{r['sampled'] / ref['sampled']:>6.2f}{r['loader']:>11.2f}"
-              f"{r['loader'] / ref['loader']:>6.2f}{r['loader'] * a.batch:>10.1f}")
+    print(f"\ndata pipeline on {a.device}: {a.width}x{a.height} videos, GOP {a.gop}, T={a.frames}, "
+          f"{a.image_size}px views, batch {a.batch}, {a.workers} workers; ratios are to {paths[0][0]}/{paths[0][1]}")
+    print(table([(r["payload"], r["decoder"], f"{r['whole']:.0f}", f"{r['whole'] / ref['whole']:.2f}",
+                  f"{r['sampled']:.0f}", f"{r['sampled'] / ref['sampled']:.2f}", f"{r['loader']:.2f}",
+                  f"{r['loader'] / ref['loader']:.2f}", f"{r['loader_frames']:.0f}") for r in rows],
+                ("payload", "decoder", "whole f/s", "x", "sampled f/s", "x", "loader batches/s", "x",
+                 "loader sampled f/s")))
     return rows
 
 

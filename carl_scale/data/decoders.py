@@ -15,6 +15,7 @@ DALI's video decoder takes the frame list itself; JPEG payloads decode the wante
 from __future__ import annotations
 
 import io
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -26,6 +27,8 @@ from PIL import Image
 from carl_scale.data.codec import frame_to_rgb, split_jpeg_blob
 
 DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg", "jpeg"}
+# NVDEC's smallest frame (measured on an H200: "Video is too small ... 64x64 vs supported:128x128")
+NVDEC_MIN_SIZE = 128
 
 
 @dataclass
@@ -35,15 +38,18 @@ class EncodedVideo:
     num_frames: int
     offsets: np.ndarray | None = None  # jpeg only: int64, num_frames + 1
     codec: str = ""
+    height: int = 0  # frame size from the metadata (0: not known)
+    width: int = 0
 
     @classmethod
     def from_sample(cls, sample: dict, meta: dict) -> "EncodedVideo":
         """From a webdataset sample dict (raw bytes per extension) and its parsed JSON."""
+        size = dict(height=int(meta.get("height", 0)), width=int(meta.get("width", 0)))
         if "video" in sample:
-            return cls("video", sample["video"], int(meta["num_frames"]), codec=meta.get("codec", ""))
+            return cls("video", sample["video"], int(meta["num_frames"]), codec=meta.get("codec", ""), **size)
         if "jpgs" in sample and "jpgofs" in sample:
             offs = np.frombuffer(sample["jpgofs"], dtype="<i8")
-            return cls("jpeg", sample["jpgs"], int(meta["num_frames"]), offs, "jpeg")
+            return cls("jpeg", sample["jpgs"], int(meta["num_frames"]), offs, "jpeg", **size)
         raise ValueError(f"sample {sample.get('__key__')!r} has neither a 'video' nor 'jpgs'+'jpgofs' payload "
                          f"(fields: {sorted(k for k in sample if not k.startswith('__'))})")
 
@@ -150,15 +156,19 @@ class DaliDecoder(FrameDecoder):
     """DALI decoding fed from Python: the wanted frames of a batch of videos in one pipeline run.
 
     Pipelines are built lazily (so a decoder can be created before DataLoader workers fork) and
-    reused; ``max_batch`` bounds the number of videos (or JPEG frames) per run.
+    reused; ``max_batch`` bounds the number of videos per run, ``image_batch`` the number of JPEG
+    frames (a training batch's sampled frames, B x 2T, are best decoded in one run: nvJPEG's
+    throughput grows with the batch).
     """
 
     name = "dali"
 
-    def __init__(self, device: str = "cpu", max_batch: int = 32, num_threads: int = 2, device_id: int = 0):
+    def __init__(self, device: str = "cpu", max_batch: int = 32, num_threads: int = 2, device_id: int = 0,
+                 image_batch: int = 256):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"DALI device must be 'cpu' or 'cuda', got {device!r}")
         self.device, self.max_batch, self.num_threads, self.device_id = device, max_batch, num_threads, device_id
+        self.image_batch = image_batch
         self._video_pipe = self._image_pipe = None
 
     def __getstate__(self):  # pipelines do not cross process boundaries; workers rebuild them
@@ -179,7 +189,7 @@ class DaliDecoder(FrameDecoder):
             frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
             return fn.decoders.video(enc, frames=frames, device=backend, pad_mode="none")
 
-        @pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads, device_id=dev_id,
+        @pipeline_def(batch_size=self.image_batch, num_threads=self.num_threads, device_id=dev_id,
                       exec_dynamic=True, prefetch_queue_depth=1)
         def image_pipe():
             enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1, no_copy=False)
@@ -218,8 +228,8 @@ class DaliDecoder(FrameDecoder):
         if self._image_pipe is None:
             self._image_pipe = self._build("image")
         out = []
-        for s in range(0, len(jpgs), self.max_batch):
-            self._image_pipe.feed_input("enc", jpgs[s : s + self.max_batch])
+        for s in range(0, len(jpgs), self.image_batch):
+            self._image_pipe.feed_input("enc", jpgs[s : s + self.image_batch])
             (tl,) = self._image_pipe.run()
             out += self._outputs(tl)
         return out
@@ -233,9 +243,17 @@ class DaliDecoder(FrameDecoder):
                 raise ValueError(f"DALI's CPU video decoder cannot decode {item.codec}; use the pyav decoder "
                                  f"or a GPU (DALI 'mixed'), or transcode the shards to vp9/mjpeg")
             uniq.append(_unique(idx))
-        vid = [k for k, it in enumerate(items) if it.kind == "video"]
-        jpg = [k for k, it in enumerate(items) if it.kind == "jpeg"]
         result: list = [None] * len(items)
+        small = [k for k, it in enumerate(items) if it.kind == "video" and self.device == "cuda"
+                 and 0 < min(it.height, it.width) < NVDEC_MIN_SIZE]
+        if small:  # NVDEC refuses them (and the pipeline is lost with them): decoded on the CPU
+            import torch
+
+            cpu = PyAVDecoder().decode([items[k] for k in small], [uniq[k][0] for k in small])
+            for k, frames in zip(small, cpu):
+                result[k] = torch.as_tensor(frames).to(f"cuda:{self.device_id}", non_blocking=True)
+        vid = [k for k, it in enumerate(items) if it.kind == "video" and result[k] is None]
+        jpg = [k for k, it in enumerate(items) if it.kind == "jpeg"]
         if vid:
             decoded = self._run_video([np.frombuffer(items[k].data, np.uint8) for k in vid],
                                       [uniq[k][0].astype(np.int32) for k in vid])
@@ -299,5 +317,9 @@ def make_decoder(name: str = "auto", *, codec: str = "", device: str | None = No
         if device == "cpu" and codec and codec not in DALI_CPU_CODECS:
             raise ValueError(f"decoder='dali' on the CPU cannot decode {codec} (DALI decodes only "
                              f"{sorted(DALI_CPU_CODECS)} without a GPU); use decoder='pyav' or 'auto'")
-        return DaliDecoder(device=device, device_id=device_id)
+        # On a GPU it decodes in the training process, whose host threads do the decoders' CPU
+        # stages (parsing, the Huffman decoding the hardware JPEG engine does not take); a quarter
+        # of the cores, the DataLoader workers keep the rest.
+        threads = 2 if device == "cpu" else max(2, min(8, (os.cpu_count() or 2) // 4))
+        return DaliDecoder(device=device, device_id=device_id, num_threads=threads)
     raise ValueError(f"unknown decoder {name!r}; choose 'auto', 'dali' or 'pyav'")

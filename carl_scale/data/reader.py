@@ -15,21 +15,27 @@ so every rank runs exactly ``len(loader)`` steps per epoch. Without resampling, 
 pass over each worker's shards; a worker whose shards run out before its quota wraps around for
 another pass (new views). With shards that divide evenly over ranks x workers, every sample is
 seen exactly once per epoch. With fewer shards than ranks x workers, the split falls back to
-samples (every consumer reads every shard and keeps its share). On a GPU run the main process finishes each batch on the device:
-colour augmentation, and with DALI ``mixed`` the decoding and cropping too.
+samples (every consumer reads every shard and keeps its share). On a GPU run the training
+process finishes each batch on the device (colour augmentation, and with DALI ``mixed`` the
+decoding and cropping too) in a background thread on its own CUDA stream, up to
+``GPU_PREFETCH_BATCHES`` ahead of the step (:func:`finish_ahead`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
 import multiprocessing as mp
+import queue
 import random
+import threading
 import zlib
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -342,6 +348,76 @@ def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDeco
     )
 
 
+def _collate_worker_batch(wb: WorkerBatch, *, cfg: LoaderConfig, decoder: FrameDecoder | None, device: str):
+    return collate(wb.samples, cfg, decoder, device)
+
+
+GPU_PREFETCH_BATCHES = 2  # finished batches waiting on the GPU: 2 x B x 2T x 3 x S^2 floats
+
+
+def finish_ahead(items: Iterable, finish: Callable, depth: int, device: torch.device) -> Iterator[tuple]:
+    """``(item, finish(item))`` for ``items`` in order, computed by a background thread up to
+    ``depth`` items ahead of the consumer. On a CUDA device the thread works on its own stream;
+    each result is handed over with an event the consumer's stream waits for, and its CUDA tensors
+    are recorded on that stream (the caching allocator must not reuse them early). An exception in
+    the thread is raised here; closing the generator stops and joins the thread."""
+    results: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    cuda = device.type == "cuda"
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            with contextlib.ExitStack() as ctx:
+                if cuda:
+                    stream = torch.cuda.Stream(device)
+                    ctx.enter_context(torch.cuda.device(device))
+                    ctx.enter_context(torch.cuda.stream(stream))
+                for item in items:
+                    out = finish(item)
+                    event = None
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                    if not put((item, out, event)):
+                        return
+            put(_END)
+        except BaseException as exn:  # handed to the consumer, raised there
+            put(exn)
+
+    thread = threading.Thread(target=work, name="carl-scale-finish-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            got = results.get()
+            if got is _END:
+                return
+            if isinstance(got, BaseException):
+                raise got
+            item, out, event = got
+            if event is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                for t in getattr(out, "__dict__", {}).values():
+                    if torch.is_tensor(t) and t.is_cuda:
+                        t.record_stream(current)
+            yield item, out
+    finally:
+        stop.set()
+        thread.join()
+
+
+_END = object()
+
+
 class VideoLoader:
     """Batches of two augmented views per video for one rank; ``len()`` steps per epoch.
 
@@ -376,11 +452,24 @@ class VideoLoader:
                                            photometric=torch.device(self.device).type == "cpu",
                                            num_workers=cfg.num_workers)
         self._dl: DataLoader | None = None  # made at the first iter(); its workers persist over epochs
+        self._ahead: Iterator | None = None  # a GPU run's finishing thread (finish_ahead), while one runs
         self.epoch, self.next_batch = 0, 0
         self.positions: dict[int, int] = {}  # logical worker -> stream position after its last batch taken
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+    def describe(self) -> str:
+        """The data path this loader chose, in one line (the trainer logs it)."""
+        what = manifest_codec(self.manifest) or "video of unknown codec"
+        dec = self.decoder
+        if dec.device == "cuda":
+            engine = "nvJPEG" if what == "jpeg" else "NVDEC"
+            return (f"{what} decoded by DALI on {self.device} ({engine}), crops and colour on the GPU in a background "
+                    f"thread, {GPU_PREFETCH_BATCHES} batches ahead; {self.cfg.num_workers} workers read and sample")
+        where = "the GPU" if torch.device(self.device).type == "cuda" else "the workers"
+        return (f"{what} decoded by {dec.name} ({dec.device}) in {self.cfg.num_workers} workers, crops there, "
+                f"colour in {where}")
 
     @property
     def skipped(self) -> int:
@@ -414,8 +503,13 @@ class VideoLoader:
                                   multiprocessing_context="fork" if workers > 0 else None,
                                   persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
         dl = self._dl
-        for wb in dl:
-            batch = collate(wb.samples, self.cfg, self.decoder, self.device)
+        finish = functools.partial(_collate_worker_batch, cfg=self.cfg, decoder=self.decoder, device=self.device)
+        if torch.device(self.device).type == "cuda":
+            # decoding and augmentation on the GPU overlap the step: a thread on its own CUDA stream
+            finished = self._ahead = finish_ahead(dl, finish, GPU_PREFETCH_BATCHES, torch.device(self.device))
+        else:  # the workers did the work; what is left here is a stack
+            finished = ((wb, finish(wb)) for wb in dl)
+        for wb, batch in finished:
             self.next_batch += 1
             self.positions[wb.worker] = wb.resume_at
             yield batch
@@ -424,6 +518,9 @@ class VideoLoader:
     def close(self) -> None:
         """Stop the worker processes now (they hold prefetched batches); the next ``iter()``
         starts new ones."""
+        if self._ahead is not None:  # stop the finishing thread first: it reads from the workers
+            self._ahead.close()
+            self._ahead = None
         it = self._dl._iterator if self._dl is not None else None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()

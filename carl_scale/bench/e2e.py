@@ -1,0 +1,115 @@
+"""End-to-end benchmark: the trainer's step fed by its data loader from shards, against the same
+step fed one batch already on the device, in one process.
+
+    python -m carl_scale.bench.e2e                                          # CPU, debug flavor
+    python -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \\
+        --height 256 --width 340 --payload jpeg --write-workers 16         # on a GPU
+    python -m carl_scale.bench.e2e ... --decoder pyav     # decoding in the CPU workers instead
+
+Both rows use one :class:`~carl_scale.train.trainer.Trainer` (the engine and the loader the
+training run builds; ``--decoder auto``: DALI on a GPU). ``from shards`` times
+``Trainer.train_step`` on the loader's batches, the wait for each batch included; ``resident``
+times it on one batch kept on the device. The ratio is what the data path costs the step: 1.0
+means the loader keeps the step fed. ``data wait`` is the share of the loader row spent waiting
+for the next batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from carl_scale.tables import table
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(a) -> dict:
+    from carl_scale.train.recipes import configure, recipe
+    from carl_scale.train.trainer import Trainer, process_group
+
+    with tempfile.TemporaryDirectory() as tmp, process_group() as (rank, world, device):
+        cfg = configure(recipe("debug"), {
+            "data.shards": a.shards, "run_dir": str(Path(tmp) / "run"), "steps": a.steps + a.warmup + 1,
+            "data.batch_size": a.batch, "data.temporal.num_frames": a.frames, "data.num_workers": a.workers,
+            "data.decoder": a.decoder, "eval.enabled": False}, flavor=a.flavor)
+        trainer = Trainer(cfg, rank=rank, world=world, device=device)
+
+        def endless():
+            while True:
+                yield from trainer.loader
+
+        batches = endless()
+        for _ in range(a.warmup):
+            trainer.train_step(next(batches))
+        _sync(device)
+        wait = 0.0
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            w = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - w
+            trainer.train_step(batch)
+        _sync(device)
+        fed = a.steps * a.batch / (time.perf_counter() - t0)
+        fed_wait = wait / (time.perf_counter() - t0)
+        resident_batch = next(batches).to(device)
+        trainer.train_step(resident_batch)
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            trainer.train_step(resident_batch)
+        _sync(device)
+        resident = a.steps * a.batch / (time.perf_counter() - t0)
+        trainer.loader.close()
+        name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+        return {"device": name, "decoder": trainer.loader.decoder.name + "/" + trainer.loader.decoder.device,
+                "from shards": fed, "resident": resident, "data wait": fed_wait}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", help="training shards (default: synthetic ones, made if absent)")
+    p.add_argument("--data-dir", default="data/bench", help="where the default synthetic shards go")
+    p.add_argument("--payload", choices=("video", "jpeg"), default="video", help="of the default synthetic shards")
+    p.add_argument("--height", type=int, default=128)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--write-workers", type=int, default=1)
+    p.add_argument("--decoder", choices=("auto", "dali", "pyav"), default="auto",
+                   help="the loader's decoder (pyav on a GPU machine: CPU decoding in the workers)")
+    p.add_argument("--flavor", default="debug")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    p.add_argument("--warmup", type=int, default=3)
+    a = p.parse_args(argv)
+    if min(a.height, a.width, a.write_workers, a.frames, a.batch, a.steps, a.warmup) < 1 or a.workers < 0:
+        p.error("every count must be >= 1 (--workers >= 0)")
+    if a.shards is None:
+        from carl_scale.data.config import SyntheticConfig
+        from carl_scale.datasets.synthetic import ensure_synthetic_shards
+
+        a.shards = str(Path(a.data_dir) / f"e2e_{a.width}x{a.height}" / a.payload)
+        syn = SyntheticConfig(train_videos=max(48, a.batch * (a.steps + a.warmup + 4)), val_videos=24,
+                              height=a.height, width=a.width)
+        ensure_synthetic_shards(a.shards, syn, payload=a.payload, max_samples=8, workers=a.write_workers,
+                                progress=False)
+    r = run(a)
+    print(f"\nend to end on {r['device']}: flavor {a.flavor}, T={a.frames}, {a.batch} videos, {a.workers} workers, "
+          f"decoder {r['decoder']}, shards {a.shards}")
+    print(table([("resident batch", f"{r['resident']:.2f}", "1.00", "-"),
+                 ("from shards", f"{r['from shards']:.2f}", f"{r['from shards'] / r['resident']:.2f}",
+                  f"{100 * r['data wait']:.0f}%")], ("step fed by", "samples/s", "x", "data wait")))
+    return r
+
+
+if __name__ == "__main__":
+    main()
