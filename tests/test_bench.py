@@ -17,6 +17,23 @@ def test_step_benchmark_runs_both_paths_on_the_same_inputs(capsys):
     assert "vs published" in capsys.readouterr().out
 
 
+def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
+    """bench.data (both payloads, both decoders) and bench.e2e (the trainer fed by its loader vs
+    a resident batch) on small synthetic shards they make themselves."""
+    from carl_scale.bench import data, e2e
+
+    rows = data.main(["--data-dir", str(tmp_path), "--videos", "4", "--whole-videos", "1", "--frames", "8",
+                      "--batches", "2", "--batch", "2", "--workers", "1", "--height", "64", "--width", "96"])
+    assert [(r["payload"], r["decoder"]) for r in rows] == [("video", "pyav"), ("video", "dali"), ("jpeg", "pyav"),
+                                                            ("jpeg", "dali")]
+    assert all(r["sampled"] > 0 and r["loader"] > 0 for r in rows)
+    r = e2e.main(["--data-dir", str(tmp_path), "--frames", "8", "--steps", "2", "--warmup", "1", "--height", "64",
+                  "--width", "96", "--workers", "1"])
+    assert r["from shards"] > 0 and r["resident"] > 0 and 0 <= r["data wait"] < 1
+    out = capsys.readouterr().out
+    assert "loader sampled f/s" in out and "step fed by" in out
+
+
 def test_writer_and_startup_benchmarks_run(capsys):
     from carl_scale.bench import startup, writer
 
