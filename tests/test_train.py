@@ -369,6 +369,16 @@ def test_speed_switches_change_neither_the_loss_nor_the_gradients_nor_the_state_
         assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-5), n
 
 
+def test_channels_last_with_zero_is_refused_when_the_config_is_built():
+    """ZeRO 1/2 keep weights as views of a flat buffer, which a channels_last copy would leave
+    (DeepSpeed then fails on the first backward: seen on the CPU)."""
+    from carl_scale.train.recipes import recipe
+
+    with pytest.raises(ConfigError, match="--channels-last"):
+        configure(recipe("debug"), {"parallel.channels_last": "on", "parallel.zero_stage": 1})
+    configure(recipe("debug"), {"parallel.channels_last": "on", "parallel.zero_stage": 0})
+
+
 def test_the_trainer_clips_the_global_gradient_norm_as_written():
     """Without ZeRO, engine_step clips with torch's fused clip_grad_norm_ instead of DeepSpeed's:
     the gradients the optimizer steps with are the hand-clipped ones, g x max_norm / (||g|| + 1e-6)."""

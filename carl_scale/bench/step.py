@@ -88,13 +88,19 @@ def measure(step, iters: int, warmup: int, batch: int, device: torch.device) -> 
 
 
 def _override(text: str) -> dict:
-    """``"parallel.compile=trunk,parallel.channels_last=off"`` -> the config overrides."""
+    """``"parallel.compile=trunk,parallel.zero_stage=1"`` -> the config overrides (values read as
+    JSON where they parse: numbers, true/false; else strings)."""
+    import json
+
     out = {}
     for part in filter(None, text.split(",")):
         key, sep, value = part.partition("=")
         if not sep or not key.startswith("parallel."):
             raise SystemExit(f"--extra {text!r}: expected parallel.FIELD=VALUE[,parallel.FIELD=VALUE...]")
-        out[key] = value
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
     return out
 
 
@@ -153,8 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if min(a.frames, a.batch, a.iters, a.warmup) < 1:
         p.error("--frames, --batch, --iters and --warmup must be >= 1")
-    for e in a.extra:
-        _override(e)  # refuse a malformed one before any work
+    for e in a.extra:  # refuse a malformed or invalid one before any work
+        try:
+            configure(recipe("debug"), _override(e), flavor=a.flavor)
+        except Exception as exn:
+            raise SystemExit(f"--extra {e!r}: {exn}")
     first: dict[str, float] = {}
 
     def report(name, result):

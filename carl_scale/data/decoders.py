@@ -27,8 +27,19 @@ from PIL import Image
 from carl_scale.data.codec import frame_to_rgb, split_jpeg_blob
 
 DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg", "jpeg"}
-# NVDEC's smallest frame (measured on an H200: "Video is too small ... 64x64 vs supported:128x128")
-NVDEC_MIN_SIZE = 128
+# NVDEC's smallest frame (height, width) per codec, from NVIDIA's decoder capability table; VP9's
+# was seen on an H200 ("Video is too small ... 64x64 vs supported:128x128"). Unknown codecs: 144.
+NVDEC_MIN_SIZE = {"h264": (16, 48), "vp8": (16, 48), "mjpeg": (16, 48), "vp9": (128, 128), "av1": (128, 128),
+                  "hevc": (144, 144), "h265": (144, 144)}
+NVDEC_MIN_UNKNOWN = (144, 144)
+
+
+def below_nvdec_minimum(item: "EncodedVideo") -> bool:
+    """A video (of known size) NVDEC cannot decode: smaller than its codec's minimum either way."""
+    if item.kind != "video" or item.height <= 0 or item.width <= 0:
+        return False
+    min_h, min_w = NVDEC_MIN_SIZE.get(item.codec, NVDEC_MIN_UNKNOWN)
+    return item.height < min_h or item.width < min_w
 
 
 @dataclass
@@ -244,8 +255,7 @@ class DaliDecoder(FrameDecoder):
                                  f"or a GPU (DALI 'mixed'), or transcode the shards to vp9/mjpeg")
             uniq.append(_unique(idx))
         result: list = [None] * len(items)
-        small = [k for k, it in enumerate(items) if it.kind == "video" and self.device == "cuda"
-                 and 0 < min(it.height, it.width) < NVDEC_MIN_SIZE]
+        small = [k for k, it in enumerate(items) if self.device == "cuda" and below_nvdec_minimum(it)]
         if small:  # NVDEC refuses them (and the pipeline is lost with them): decoded on the CPU
             import torch
 
@@ -301,7 +311,8 @@ def split_device(device: str | None) -> tuple[str, int]:
     return "cuda", dev.index if dev.index is not None else (torch.cuda.current_device() if cuda_available() else 0)
 
 
-def make_decoder(name: str = "auto", *, codec: str = "", device: str | None = None) -> FrameDecoder:
+def make_decoder(name: str = "auto", *, codec: str = "", device: str | None = None,
+                 image_batch: int = 256) -> FrameDecoder:
     """``auto``: DALI wherever it can decode the payload — always on a GPU; on the CPU for
     VP8/VP9/MJPEG video and JPEG frames (2.1x PyAV's sampled-frame rate for VP9 and 4.5x for
     JPEG on this project's 2-core machine, ``python -m carl_scale.bench.data``) — else PyAV.
@@ -318,8 +329,9 @@ def make_decoder(name: str = "auto", *, codec: str = "", device: str | None = No
             raise ValueError(f"decoder='dali' on the CPU cannot decode {codec} (DALI decodes only "
                              f"{sorted(DALI_CPU_CODECS)} without a GPU); use decoder='pyav' or 'auto'")
         # On a GPU it decodes in the training process, whose host threads do the decoders' CPU
-        # stages (parsing, the Huffman decoding the hardware JPEG engine does not take); a quarter
-        # of the cores, the DataLoader workers keep the rest.
-        threads = 2 if device == "cpu" else max(2, min(8, (os.cpu_count() or 2) // 4))
-        return DaliDecoder(device=device, device_id=device_id, num_threads=threads)
+        # stages (parsing, the Huffman decoding the hardware JPEG engine does not take): a quarter
+        # of this rank's share of the cores (2 to 8); its DataLoader workers have the rest.
+        cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # this rank's
+        threads = 2 if device == "cpu" else max(2, min(8, cores // 4))
+        return DaliDecoder(device=device, device_id=device_id, num_threads=threads, image_batch=image_batch)
     raise ValueError(f"unknown decoder {name!r}; choose 'auto', 'dali' or 'pyav'")

@@ -352,7 +352,9 @@ def _collate_worker_batch(wb: WorkerBatch, *, cfg: LoaderConfig, decoder: FrameD
     return collate(wb.samples, cfg, decoder, device)
 
 
-GPU_PREFETCH_BATCHES = 2  # finished batches waiting on the GPU: 2 x B x 2T x 3 x S^2 floats
+# finished batches queued on the GPU; with the one being made and the one handed over, up to
+# GPU_PREFETCH_BATCHES + 2 batches of B x 2T x 3 x S^2 floats are alive at once
+GPU_PREFETCH_BATCHES = 2
 
 
 def finish_ahead(items: Iterable, finish: Callable, depth: int, device: torch.device) -> Iterator[tuple]:
@@ -442,7 +444,9 @@ class VideoLoader:
         if self.batches_per_epoch < 1:
             raise ValueError(f"{per_rank} samples per rank make no batch of {cfg.batch_size}; lower the "
                              f"batch size or use more data")
-        self.decoder = make_decoder(cfg.decoder, codec=manifest_codec(self.manifest), device=self.device)
+        # a batch's sampled JPEG frames (B x 2T) in one nvJPEG run
+        self.decoder = make_decoder(cfg.decoder, codec=manifest_codec(self.manifest), device=self.device,
+                                    image_batch=cfg.batch_size * 2 * cfg.temporal.num_frames)
         # CPU decoders run in the DataLoader workers; a GPU decoder runs here, batched.
         worker_decoder = self.decoder if self.decoder.device == "cpu" else None
         self.counter = SkipCounter()
@@ -504,16 +508,29 @@ class VideoLoader:
                                   persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
         dl = self._dl
         finish = functools.partial(_collate_worker_batch, cfg=self.cfg, decoder=self.decoder, device=self.device)
+        ahead = None
         if torch.device(self.device).type == "cuda":
+            if self._ahead is not None:  # an earlier iterator's thread: one reader of the workers at a time
+                self._ahead.close()
             # decoding and augmentation on the GPU overlap the step: a thread on its own CUDA stream
-            finished = self._ahead = finish_ahead(dl, finish, GPU_PREFETCH_BATCHES, torch.device(self.device))
+            finished = ahead = self._ahead = finish_ahead(dl, finish, GPU_PREFETCH_BATCHES,
+                                                         torch.device(self.device))
         else:  # the workers did the work; what is left here is a stack
             finished = ((wb, finish(wb)) for wb in dl)
-        for wb, batch in finished:
-            self.next_batch += 1
-            self.positions[wb.worker] = wb.resume_at
-            yield batch
-        self.epoch, self.next_batch, self.positions = self.epoch + 1, 0, {}
+        try:
+            for wb, batch in finished:
+                self.next_batch += 1
+                self.positions[wb.worker] = wb.resume_at
+                yield batch
+            # unless close() (or a newer iterator) stopped the thread mid-epoch
+            ended = ahead is None or self._ahead is ahead
+        finally:  # also when the consumer stops early: no thread left holding batches on the GPU
+            if ahead is not None:
+                ahead.close()
+                if self._ahead is ahead:
+                    self._ahead = None
+        if ended:
+            self.epoch, self.next_batch, self.positions = self.epoch + 1, 0, {}
 
     def close(self) -> None:
         """Stop the worker processes now (they hold prefetched batches); the next ``iter()``

@@ -118,18 +118,19 @@ def gaussian_blur_separable(x: torch.Tensor, kernel: int, sigma: float, method: 
     h, w = x.shape[-2:]
     kernel = min(kernel, 2 * (min(h, w) - 1) + 1)  # reflect padding needs pad < size
     half = kernel // 2
-    t = torch.arange(-half, half + 1, dtype=torch.float64)
+    # made where the frames are: a host-to-device copy would wait for the (background) stream
+    t = torch.arange(-half, half + 1, dtype=torch.float64, device=x.device)
     wts = torch.exp(-0.5 * (t / sigma) ** 2)
-    wts = (wts / wts.sum()).tolist()
+    wts = wts / wts.sum()
     shape = x.shape
     y = x.reshape(-1, *shape[-2:])
     if (method or ("conv" if x.is_cuda else "shifts")) == "conv":
-        # on a GPU the shifted sums are memory-bound passes, most of the colour augmentation's time
-        k1 = torch.tensor(wts, dtype=x.dtype, device=x.device)
+        k1 = wts.to(x.dtype)
         y = torch.nn.functional.pad(y.unsqueeze(1), (half, half, half, half), mode="reflect")
         y = torch.nn.functional.conv2d(y, k1.view(1, 1, 1, kernel))
         y = torch.nn.functional.conv2d(y, k1.view(1, 1, kernel, 1))
         return y.reshape(shape)
+    wts = wts.tolist()
     for dim in (-1, -2):
         n = y.shape[dim]
         pad = (half, half, 0, 0) if dim == -1 else (0, 0, half, half)

@@ -42,11 +42,19 @@ class ParallelConfig(Config):
     # Speed only: neither changes what a step computes beyond rounding (tests/test_train.py,
     # tests/test_gpu.py). Measured with ``python -m carl_scale.bench.step --extra ...`` (BENCHMARKS.md).
     channels_last: Literal["auto", "on", "off"] = param(
-        "auto", flag="--channels-last", help="the ResNet trunk in channels_last memory format; auto: on a GPU")
+        "auto", flag="--channels-last", help="the ResNet trunk in channels_last memory format; auto: on a GPU "
+                                             "without ZeRO (ZeRO's flat buffers hold contiguous weights only)")
     cudnn_benchmark: bool = param(True, flag="--cudnn-benchmark",
                                   help="let cuDNN time its convolution algorithms on the first steps (GPU)")
     compile: Literal["off", "trunk"] = param(
         "off", flag="--compile", help="trunk: torch.compile the ResNet trunk (the first steps compile)")
+
+
+    def check(self) -> None:
+        # ZeRO 1/2 keep the weights as views of one flat buffer: a channels_last copy would leave it
+        # (the optimizer's updates would never reach the model), and DeepSpeed 0.19 fails on its grads
+        if self.channels_last == "on" and self.zero_stage > 0:
+            refuse("--channels-last", f"'on' needs --zero-stage 0 (got {self.zero_stage}); use auto or off")
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,8 @@ def apply_speedups(model: torch.nn.Module, cfg: RunConfig) -> str:
         # (process-wide; the published code leaves it off)
         torch.backends.cudnn.benchmark = par.cudnn_benchmark
         done += ["cudnn.benchmark"] if par.cudnn_benchmark else []
-    if par.channels_last == "on" or (par.channels_last == "auto" and model_device.type == "cuda"):
+    if par.channels_last == "on" or (par.channels_last == "auto" and model_device.type == "cuda"
+                                     and par.zero_stage == 0):  # see ParallelConfig.check
         model.backbone.use_channels_last()
         done.append("channels_last trunk")
     if par.compile == "trunk":

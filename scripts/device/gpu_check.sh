@@ -12,10 +12,13 @@ echo "staged: $(ls /tmp/carl_parts | tr '\n' ' ')"
 [[ "${1:-}" == "--stage" ]] && exit 0
 out=${OUT:-/tmp/carl_out}; mkdir -p "$out"
 t0=$SECONDS
-if [[ ! -d /tmp/site/nvidia/dali ]]; then
-  cat /tmp/carl_parts/bundle.tar.xz.part* > /tmp/bundle.tar.xz && mkdir -p /tmp/site || exit 1
-  tar -xJf /tmp/bundle.tar.xz -C /tmp/site 2>/dev/null ||
-    python3 -c "import tarfile; tarfile.open('/tmp/bundle.tar.xz').extractall('/tmp/site')" || exit 1
+if [[ ! -f /tmp/site/.complete ]]; then  # unpacked into a fresh folder, marked complete only at the end
+  rm -rf /tmp/site /tmp/site.partial && mkdir -p /tmp/site.partial
+  cat /tmp/carl_parts/bundle.tar.xz.part* > /tmp/bundle.tar.xz || exit 1
+  { tar -xJf /tmp/bundle.tar.xz -C /tmp/site.partial ||
+    python3 -c "import tarfile; tarfile.open('/tmp/bundle.tar.xz').extractall('/tmp/site.partial')"; } ||
+    { echo "unpacking failed: are all parts staged (ls /tmp/carl_parts)?"; exit 1; }
+  touch /tmp/site.partial/.complete && mv /tmp/site.partial /tmp/site
 fi
 # The image's own `nvidia` package: if it is a namespace package, ours must be one too to merge
 # with it; if it is a regular one, ours (first on the path) must stay regular for nvidia.dali.
