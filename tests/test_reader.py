@@ -320,3 +320,28 @@ def test_finish_ahead_keeps_order_raises_the_threads_error_and_stops_when_closed
     gen.close()
     assert not any(t.name == "carl-scale-finish-ahead" for t in threading.enumerate())
     assert len(started) <= 5  # one handed over, two queued, one waiting to be queued: not the whole input
+
+
+def test_the_finishing_thread_gives_the_same_batches_and_a_closed_epoch_resumes_exactly(vp9_shards):
+    """The GPU loader's thread path, forced on the CPU: the same batches as without it; closed
+    after 3 batches, the old iterator yields nothing more and does not end the epoch, and a loader
+    restored from the state resumes with batch 4."""
+    def loader(thread: bool) -> VideoLoader:
+        out = VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=2))
+        out.finish_in_thread = thread
+        return out
+
+    plain = list(loader(False))
+    threaded = loader(True)
+    got = list(threaded)
+    assert [b.video_ids for b in got] == [b.video_ids for b in plain] and threaded.epoch == 1
+    assert all(torch.equal(x.views, y.views) for x, y in zip(got, plain))
+    cut = loader(True)
+    it = iter(cut)
+    for _ in range(3):
+        next(it)
+    cut.close()
+    assert list(it) == [] and cut.state_dict()["epoch"] == 0 and cut.state_dict()["next_batch"] == 3
+    resumed = loader(True)
+    resumed.load_state_dict(cut.state_dict())
+    assert [b.video_ids for b in resumed] == [b.video_ids for b in plain[3:]]

@@ -423,6 +423,8 @@ _END = object()
 class VideoLoader:
     """Batches of two augmented views per video for one rank; ``len()`` steps per epoch.
 
+    ``finish_in_thread`` (None: on a GPU) finishes batches in :func:`finish_ahead`'s thread.
+
     ``state_dict()`` holds the epoch, the next batch and each worker's stream position; a loader
     restored from it yields the batches the original would have yielded next.
     """
@@ -457,6 +459,7 @@ class VideoLoader:
                                            num_workers=cfg.num_workers)
         self._dl: DataLoader | None = None  # made at the first iter(); its workers persist over epochs
         self._ahead: Iterator | None = None  # a GPU run's finishing thread (finish_ahead), while one runs
+        self.finish_in_thread: bool | None = None
         self.epoch, self.next_batch = 0, 0
         self.positions: dict[int, int] = {}  # logical worker -> stream position after its last batch taken
 
@@ -509,7 +512,9 @@ class VideoLoader:
         dl = self._dl
         finish = functools.partial(_collate_worker_batch, cfg=self.cfg, decoder=self.decoder, device=self.device)
         ahead = None
-        if torch.device(self.device).type == "cuda":
+        in_thread = self.finish_in_thread if self.finish_in_thread is not None else \
+            torch.device(self.device).type == "cuda"
+        if in_thread:
             if self._ahead is not None:  # an earlier iterator's thread: one reader of the workers at a time
                 self._ahead.close()
             # decoding and augmentation on the GPU overlap the step: a thread on its own CUDA stream
