@@ -168,8 +168,7 @@ class DaliDecoder(FrameDecoder):
 
     Pipelines are built lazily (so a decoder can be created before DataLoader workers fork) and
     reused; ``max_batch`` bounds the number of videos per run, ``image_batch`` the number of JPEG
-    frames (a training batch's sampled frames, B x 2T, are best decoded in one run: nvJPEG's
-    throughput grows with the batch).
+    frames (the loader asks for a training batch's sampled frames, B x 2T: one run per batch).
     """
 
     name = "dali"

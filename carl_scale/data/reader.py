@@ -24,7 +24,6 @@ decoding and cropping too) in a background thread on its own CUDA stream, up to
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -348,10 +347,6 @@ def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDeco
     )
 
 
-def _collate_worker_batch(wb: WorkerBatch, *, cfg: LoaderConfig, decoder: FrameDecoder | None, device: str):
-    return collate(wb.samples, cfg, decoder, device)
-
-
 # finished batches queued on the GPU; with the one being made and the one handed over, up to
 # GPU_PREFETCH_BATCHES + 2 batches of B x 2T x 3 x S^2 floats are alive at once
 GPU_PREFETCH_BATCHES = 2
@@ -510,7 +505,9 @@ class VideoLoader:
                                   multiprocessing_context="fork" if workers > 0 else None,
                                   persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
         dl = self._dl
-        finish = functools.partial(_collate_worker_batch, cfg=self.cfg, decoder=self.decoder, device=self.device)
+        def finish(wb: WorkerBatch) -> VideoBatch:
+            return collate(wb.samples, self.cfg, self.decoder, self.device)
+
         ahead = None
         in_thread = self.finish_in_thread if self.finish_in_thread is not None else \
             torch.device(self.device).type == "cuda"
