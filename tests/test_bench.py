@@ -34,13 +34,15 @@ def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
     assert "loader sampled f/s" in out and "step fed by" in out
 
 
-def test_writer_and_startup_benchmarks_run(capsys):
-    from carl_scale.bench import startup, writer
+def test_writer_startup_and_augment_benchmarks_run(capsys):
+    from carl_scale.bench import augment, startup, writer
 
     writer.main(["--clips", "2", "--workers", "1"])
     startup.main(["--videos", "40", "--shards", "4"])
+    res = augment.main(["--device", "cpu", "--batch", "1", "--frames", "2", "--size", "16", "--iters", "1"])
+    assert set(res) == {"per view", "batched"} and all(v > 0 for v in res.values())
     out = capsys.readouterr().out
-    assert "hours for 240k" in out and "first batch" in out
+    assert "hours for 240k" in out and "first batch" in out and "ms per batch" in out
 
 
 def test_pcl_quality_counts_correspondences_and_knows_the_true_pose_ceiling():

@@ -130,6 +130,30 @@ def test_the_compiled_channels_last_step_computes_the_eager_steps_loss():
     assert losses[1] == pytest.approx(losses[0], rel=0.01)
 
 
+def test_the_trainer_step_never_waits_for_the_gpu():
+    """CUDA's own detection (sync debug mode "error") around the trainer's r50 step with the GPU
+    defaults (bf16, channels_last, fused AdamW, no ZeRO): forward, flag, backward, clip, update
+    queue without one host-device synchronization after the first (warm-up) step."""
+    from carl_scale.bench.step import synthetic_batch
+    from carl_scale.models import build_model
+    from carl_scale.train.recipes import configure, recipe
+    from carl_scale.train.trainer import build_engine, engine_step, process_group
+
+    cfg = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 16}, flavor="r50")
+    with process_group() as (_, world, device):
+        engine, _ = build_engine(cfg, build_model(cfg.model).to(device), total_steps=10, world=world, bf16=True)
+        batch = synthetic_batch(2, 16, cfg.model.image_size, device)
+        engine_step(engine, batch, device)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(2):
+                engine_step(engine, batch, device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+
 @pytest.mark.slow
 def test_a_20_step_r50_run_from_shards_on_the_gpu(vp9_128_shards, tmp_path):
     from carl_scale.train.recipes import configure, recipe

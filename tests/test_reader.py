@@ -345,3 +345,19 @@ def test_the_finishing_thread_gives_the_same_batches_and_a_closed_epoch_resumes_
     resumed = loader(True)
     resumed.load_state_dict(cut.state_dict())
     assert [b.video_ids for b in resumed] == [b.video_ids for b in plain[3:]]
+
+
+def test_colour_in_the_collate_equals_colour_in_the_workers(vp9_shards):
+    """The GPU loader's split, run on the CPU: workers crop only and the collate colours the whole
+    batch (photometric_batch); the views equal the workers' per-view colour up to rounding. The
+    batch says on the host whether any frame is padding."""
+    def batches(in_workers: bool) -> list:
+        loader = VideoLoader(_cfg(vp9_shards, batch_size=2, num_workers=1))
+        loader.dataset.photometric = in_workers
+        return list(loader)
+
+    workers, collate = batches(True), batches(False)
+    assert [b.video_ids for b in workers] == [b.video_ids for b in collate]
+    for a, b in zip(workers, collate):
+        torch.testing.assert_close(b.views, a.views, rtol=0, atol=2e-5)
+        assert a.padded == b.padded == (not bool(a.mask.all()))

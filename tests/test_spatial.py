@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pytest
 import torch
 
 from carl_scale.data.config import SpatialConfig
 from carl_scale.data.spatial import (apply_geometric, apply_photometric, draw_view_params, eval_geometric,
-                                     eval_photometric, to_tchw)
+                                     eval_photometric, photometric_batch, to_tchw)
 
 CFG = SpatialConfig(image_size=48, blur_p=0.5)
 
@@ -98,3 +101,21 @@ def test_yiq_hue_shift_moves_hue_like_hsv():
 
         moved = torch.remainder(hue(out) - hue(prim) + 0.5, 1.0) - 0.5
         assert torch.all((moved - shift).abs() < 0.05), moved  # YIQ and HSV hue differ a little
+
+
+def test_the_batched_colour_augmentation_equals_the_per_view_one():
+    """photometric_batch (the GPU collate's path) against apply_photometric view by view: every
+    jitter order, none, grayscale, blur with different sigmas or none, in one batch."""
+    cfg = SpatialConfig(image_size=40, blur_p=0.5, grayscale_p=0.3)
+    rng = np.random.default_rng(0)
+    params = [draw_view_params(64, 80, cfg, rng) for _ in range(12)]
+    params[0] = dataclasses.replace(params[0], jitter_order=None, grayscale=False, blur_sigma=None)
+    params[1] = dataclasses.replace(params[1], jitter_order=(1, 0, 3, 2), grayscale=True, blur_sigma=2.0)
+    params[2] = dataclasses.replace(params[2], jitter_order=(3, 2, 1, 0), grayscale=False, blur_sigma=0.3)
+    assert {p.grayscale for p in params} == {True, False} and None in {p.blur_sigma for p in params}
+    frames = torch.from_numpy(rng.integers(0, 256, (12, 5, 3, 40, 40), dtype=np.uint8))
+    ref = torch.stack([apply_photometric(frames[i], p, cfg) for i, p in enumerate(params)])
+    torch.testing.assert_close(photometric_batch(frames, params, cfg), ref, rtol=0, atol=2e-5)
+    torch.testing.assert_close(photometric_batch(frames[:1], params[:1], cfg), ref[:1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="2 view parameters for 12 views"):
+        photometric_batch(frames, params[:2], cfg)

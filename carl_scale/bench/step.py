@@ -14,8 +14,9 @@
 
 Both start from the same weights and take the same synthetic batch (random pixels: the speed does
 not depend on content). Printed: samples/s, the peak GPU memory of each path (reset between them;
-not measured on a CPU), the ratio (b)/(a), and each path's loss on the first step (published ≈
-ours / 2 − the targets' entropy: ``tests/test_scl.py``).
+not measured on a CPU), the ratio (b)/(a), each path's loss on the first step (published ≈
+ours / 2 − the targets' entropy: ``tests/test_scl.py``), and the step's anatomy
+(:func:`step_anatomy`): the host's time to queue it, its host-device synchronisations, its aten ops.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from carl_scale.bench.published import published_forward, published_scl
 from carl_scale.config import to_dict
@@ -41,7 +44,7 @@ def synthetic_batch(b: int, t: int, size: int, device: torch.device) -> VideoBat
     return VideoBatch(views=torch.randn(b, 2, t, 3, size, size, generator=g), timestamps=ts,
                       mask=torch.ones(b, 2, t, dtype=torch.bool), action_labels=torch.zeros(b, dtype=torch.long),
                       phase_labels=torch.full((b, 2, t), -1), num_frames=torch.full((b,), 4 * t),
-                      video_ids=[f"v{i}" for i in range(b)]).to(device)
+                      video_ids=[f"v{i}" for i in range(b)], padded=False).to(device)
 
 
 def published_step(model, batch: VideoBatch, cuda: bool, tau: float, sigma2: float):
@@ -66,8 +69,56 @@ def published_step(model, batch: VideoBatch, cuda: bool, tau: float, sigma2: flo
     return step
 
 
-def measure(step, iters: int, warmup: int, batch: int, device: torch.device) -> tuple[float, float | None, float]:
-    """(samples/s, peak GPU GiB of this path or None on a CPU, the first step's loss)."""
+class _CountOps(TorchDispatchMode):
+    """Counts the aten operations dispatched (on a GPU, about one kernel launch each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def step_anatomy(step, device: torch.device, compiled: bool) -> dict[str, float | None]:
+    """What one step costs the host, measured on steps after the timed ones:
+
+    * ``host_ms``: how long the call takes to return; on a GPU that is the time to queue the step
+      (when it is below the step's time, the GPU is the bottleneck), on a CPU the whole step;
+    * ``syncs``: host-device synchronisations in one step (CUDA's sync debug mode; a GPU only);
+    * ``ops``: aten operations dispatched in one step (not counted for a compiled step)."""
+    cuda = device.type == "cuda"
+    host = []
+    for _ in range(3):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        host.append(time.perf_counter() - t0)
+    syncs = None
+    if cuda:
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+        torch.cuda.synchronize()
+    ops = None
+    if not compiled:
+        with _CountOps() as counter:
+            step()
+        ops = counter.count
+    return {"host_ms": 1000 * min(host), "syncs": syncs, "ops": ops}
+
+
+def measure(step, iters: int, warmup: int, batch: int, device: torch.device, compiled: bool = False) -> dict:
+    """samples/s, the peak GPU GiB of this path (None on a CPU), the first step's loss, and
+    :func:`step_anatomy`."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -84,7 +135,8 @@ def measure(step, iters: int, warmup: int, batch: int, device: torch.device) -> 
     if cuda:
         torch.cuda.synchronize()
     sps = batch * iters / (time.perf_counter() - t0)
-    return sps, (torch.cuda.max_memory_allocated() / 2**30 if cuda else None), first
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    return {"samples_per_s": sps, "peak_gib": peak, "first_loss": first, **step_anatomy(step, device, compiled)}
 
 
 def _override(text: str) -> dict:
@@ -141,7 +193,8 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
                 out, _ = engine_step(engine, data, device)
                 return out["loss"].detach()
 
-            done("ours (trainer step)" + (f" {extra}" if extra else ""), measure(ours, iters, warmup, batch, device))
+            done("ours (trainer step)" + (f" {extra}" if extra else ""),
+                 measure(ours, iters, warmup, batch, device, compiled=c.parallel.compile != "off"))
             del engine, ours
     return results
 
@@ -166,20 +219,25 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--extra {e!r}: {exn}")
     first: dict[str, float] = {}
 
-    def report(name, result):
-        sps, peak, loss = result
-        base = first.setdefault("published", sps)
-        print(f"measured {name}: {sps:.2f} samples/s ({sps / base:.2f}x), peak "
-              f"{'-' if peak is None else f'{peak:.2f} GiB'}, first loss {loss:.4f}", flush=True)
+    def cell(v, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    def report(name, r):
+        base = first.setdefault("published", r["samples_per_s"])
+        print(f"measured {name}: {r['samples_per_s']:.2f} samples/s ({r['samples_per_s'] / base:.2f}x), peak "
+              f"{cell(r['peak_gib'], '.2f')} GiB, first loss {r['first_loss']:.4f}, host {r['host_ms']:.1f} ms/step, "
+              f"{cell(r['syncs'], 'd')} syncs, {cell(r['ops'], 'd')} ops", flush=True)
 
     res = run(a.flavor, a.frames, a.batch, a.iters, a.warmup, tuple(a.extra), report)
     _, device = res.pop("_config")
-    ref_sps = res["published"][0]
-    rows = [(name, f"{sps:.2f}", f"{sps / ref_sps:.2f}x", "-" if peak is None else f"{peak:.2f}", f"{loss:.4f}")
-            for name, (sps, peak, loss) in res.items()]
+    ref_sps = res["published"]["samples_per_s"]
+    rows = [(name, f"{r['samples_per_s']:.2f}", f"{r['samples_per_s'] / ref_sps:.2f}x", cell(r["peak_gib"], ".2f"),
+             f"{r['first_loss']:.4f}", f"{r['host_ms']:.1f}", cell(r["syncs"], "d"), cell(r["ops"], "d"))
+            for name, r in res.items()]
     print(f"\ntraining step on {device}: flavor {a.flavor}, T={a.frames}, {a.batch} videos (2 views each)")
-    print(table(rows, ("path", "samples/s", "vs published", "peak GPU GiB", "first loss")))
-    return {name: {"samples_per_s": v[0], "peak_gib": v[1], "first_loss": v[2]} for name, v in res.items()}
+    print(table(rows, ("path", "samples/s", "vs published", "peak GPU GiB", "first loss", "host ms/step",
+                       "syncs/step", "ops/step")))
+    return res
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from carl_scale.data.decoders import EncodedVideo, FrameDecoder, make_decoder
 from carl_scale.data.grouping import LabelGrouper
 from carl_scale.data.manifest import manifest_codec, manifest_samples, resolve_shards
 from carl_scale.data.spatial import (ViewParams, apply_geometric, apply_photometric, draw_view_params,
-                                     to_tchw)
+                                     photometric_batch, to_tchw)
 from carl_scale.data.temporal import sample_temporal_views
 
 log = logging.getLogger("carl_scale.data")
@@ -312,6 +312,9 @@ class VideoBatch:
     phase_labels: torch.Tensor  # (B, 2, T) int64 labels of the sampled frames, -1 = none
     num_frames: torch.Tensor  # (B,) int64
     video_ids: list[str]
+    # whether any sampled frame is padding, known on the host (None: not known, the model checks the
+    # mask on the device). False lets the model and loss skip their masked paths without asking the GPU.
+    padded: bool | None = None
 
     def to(self, device) -> "VideoBatch":
         return VideoBatch(**{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
@@ -329,22 +332,27 @@ def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDeco
             s.views = torch.stack([apply_geometric(frames[v], s.params[v], cfg.spatial.image_size) for v in range(2)])
     if samples[0].views.is_floating_point():  # already augmented in the worker
         views = torch.stack([s.views for s in samples]).to(device)
-    else:
-        views = torch.stack([
-            torch.stack([apply_photometric(s.views[v].to(device, non_blocking=True), s.params[v], cfg.spatial)
-                         for v in range(2)]) for s in samples])
+    else:  # colour on the device, the whole batch at once
+        frames = torch.stack([s.views for s in samples]).to(device, non_blocking=True)  # (B, 2, T, 3, S, S)
+        views = photometric_batch(frames.flatten(0, 1), [p for s in samples for p in s.params],
+                                  cfg.spatial).view(frames.shape)
     ts = torch.from_numpy(np.stack([s.timestamps for s in samples]))
     phases = torch.from_numpy(np.stack([np.asarray(s.meta["phase_labels"], dtype=np.int64)[s.timestamps]
                                         for s in samples]))
     mask = torch.from_numpy(np.stack([s.mask for s in samples]))
     phases[~mask] = -1
-    return VideoBatch(
+    batch = VideoBatch(
         views=views, timestamps=ts, mask=mask,
         action_labels=torch.tensor([int(s.meta.get("action_label", -1)) for s in samples]),
         phase_labels=phases,
         num_frames=torch.tensor([int(s.meta["num_frames"]) for s in samples]),
         video_ids=[s.meta["video_id"] for s in samples],
+        padded=not bool(mask.all()),
     )
+    # The small tensors go to the device here too: on a GPU this runs on finish_ahead's own stream,
+    # where a copy from pageable memory waits for that stream only; made in the training step, each
+    # such copy would wait for the step's queued work first.
+    return batch.to(device) if torch.device(device).type != "cpu" else batch
 
 
 # finished batches queued on the GPU; with the one being made and the one handed over, up to

@@ -162,6 +162,77 @@ def apply_photometric(frames: torch.Tensor, p: ViewParams, cfg: SpatialConfig) -
     return TF.normalize(x, list(cfg.mean), list(cfg.std))
 
 
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def _jitter_matrix(p: ViewParams, op: int) -> tuple[torch.Tensor, float]:
+    """Colour-jitter op ``op`` (0 brightness, 1 contrast, 2 saturation, 3 hue) of one view as
+    (3x3 matrix on RGB, weight of the frame's mean grey): each of them is linear in RGB, contrast
+    plus a blend with the mean grey, followed by the clamp to [0, 1]."""
+    eye, gray = torch.eye(3, dtype=torch.float64), torch.tensor(_GRAY, dtype=torch.float64)
+    if op == 0:
+        return p.brightness * eye, 0.0
+    if op == 1:
+        return p.contrast * eye, 1.0 - p.contrast
+    if op == 2:
+        return p.saturation * eye + (1.0 - p.saturation) * gray.expand(3, 3), 0.0
+    a = 2 * math.pi * p.hue
+    c, s = math.cos(a), math.sin(a)
+    rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, s], [0.0, -s, c]], dtype=torch.float64)
+    return _YIQ2RGB.double() @ rot @ _RGB2YIQ.double(), 0.0
+
+
+def photometric_batch(frames: torch.Tensor, params: list[ViewParams], cfg: SpatialConfig) -> torch.Tensor:
+    """(V, T, 3, S, S) uint8 views with one ``ViewParams`` each -> normalised float32: what
+    :func:`apply_photometric` does to each view, for all of them at once (up to float rounding).
+
+    The GPU's choice: each jitter round is one batched 3x3 colour matrix per view (identity for a
+    view whose round does nothing), grayscale another, the blur one grouped depthwise convolution
+    per axis over the blurred views. A batch costs a fixed few dozen kernels whatever the views
+    drew, where the per-view path costs that per view, with a Python loop around each."""
+    v, t, _, h, w = frames.shape
+    if len(params) != v:
+        raise ValueError(f"{len(params)} view parameters for {v} views")
+    dev = frames.device
+    # (V, 3, T*S*S): the colour matrices are then plain batched matrix products
+    x = frames.permute(0, 2, 1, 3, 4).reshape(v, 3, -1).float().div_(255.0)
+    gray = torch.tensor(_GRAY, device=dev)
+    for r in range(4):
+        ops = [(_jitter_matrix(p, p.jitter_order[r]) if p.jitter_order is not None else None) for p in params]
+        if all(o is None for o in ops):
+            continue
+        m = torch.stack([torch.eye(3, dtype=torch.float64) if o is None else o[0] for o in ops])
+        x_new = torch.bmm(m.to(dev, torch.float32), x)
+        beta = [0.0 if o is None else o[1] for o in ops]
+        if any(beta):  # contrast: + (1 - c) x the mean grey of each frame
+            mean = torch.einsum("c,vcn->vn", gray, x).view(v, 1, t, -1).mean(-1, keepdim=True)
+            x_new = x_new.view(v, 3, t, -1).add_(torch.tensor(beta, device=dev).view(v, 1, 1, 1) * mean).view(v, 3, -1)
+        x = x_new.clamp_(0.0, 1.0)
+    if any(p.grayscale for p in params):
+        to_gray = torch.stack([gray.expand(3, 3) if p.grayscale else torch.eye(3, device=dev) for p in params])
+        x = torch.bmm(to_gray, x)
+    x = x.view(v, 3, t, h, w)
+    blurred = [i for i, p in enumerate(params) if p.blur_sigma is not None]
+    if blurred:
+        k = min(_blur_kernel(w), 2 * (min(h, w) - 1) + 1)  # reflect padding needs pad < size
+        half = k // 2
+        taps = torch.arange(-half, half + 1, dtype=torch.float64)
+        sig = torch.tensor([params[i].blur_sigma for i in blurred], dtype=torch.float64)
+        wts = torch.exp(-0.5 * (taps[None] / sig[:, None]) ** 2)
+        wts = (wts / wts.sum(-1, keepdim=True)).to(dev, torch.float32)  # (n, k)
+        n = len(blurred)
+        wts = wts.repeat_interleave(3 * t, dim=0)  # one filter per (view, channel, frame) plane
+        idx = torch.tensor(blurred, device=dev)
+        y = x.index_select(0, idx).reshape(1, n * 3 * t, h, w)
+        y = torch.nn.functional.pad(y, (half, half, half, half), mode="reflect")
+        y = torch.nn.functional.conv2d(y, wts.view(-1, 1, 1, k), groups=n * 3 * t)
+        y = torch.nn.functional.conv2d(y, wts.view(-1, 1, k, 1), groups=n * 3 * t)
+        x = x.index_copy(0, idx, y.view(n, 3, t, h, w))
+    mean = torch.tensor(cfg.mean, device=dev).view(1, 3, 1, 1, 1)
+    std = torch.tensor(cfg.std, device=dev).view(1, 3, 1, 1, 1)
+    return ((x - mean) / std).permute(0, 2, 1, 3, 4).contiguous()
+
+
 def eval_geometric(frames: torch.Tensor, size: int) -> torch.Tensor:
     """Evaluation: resize the short side to ``size``, centre crop; no augmentation."""
     out = TF.resize(frames, [size], antialias=True)

@@ -44,7 +44,7 @@ class Objective(nn.Module):
         """The encoder on both views of every video: its outputs (for ``2B`` sequences) and the
         projections ``(B, 2, T, P)``; padded frames stay out of every BatchNorm."""
         b, _, t = batch.views.shape[:3]
-        mask = batch.mask.flatten(0, 1)
+        mask = None if batch.padded is False else batch.mask.flatten(0, 1)
         out = self.model(batch.views.flatten(0, 1), mask)  # (2B, T, ...)
         return out, self.model.project(out["embeddings"], mask).view(b, 2, t, -1)
 
@@ -59,9 +59,11 @@ class SequenceContrastiveObjective(Objective):
 
     def compute(self, batch: VideoBatch) -> dict[str, torch.Tensor]:
         _, z = self.encode(batch)
+        # a batch the host knows to be unpadded takes the model's and the loss's unmasked paths: the
+        # step then never waits for the GPU to answer a question about the mask
+        masks = {} if batch.padded is False else dict(mask1=batch.mask[:, 0], mask2=batch.mask[:, 1])
         loss = sequence_contrastive_loss(z[:, 0], z[:, 1], batch.timestamps[:, 0], batch.timestamps[:, 1],
-                                         tau=self.tau, sigma2=self.sigma2, mask1=batch.mask[:, 0],
-                                         mask2=batch.mask[:, 1])
+                                         tau=self.tau, sigma2=self.sigma2, **masks)
         return {"loss": loss}
 
 

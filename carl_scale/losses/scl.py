@@ -84,6 +84,6 @@ def sequence_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, s1: torch.Tens
     l1, ok1 = _one_direction(z1, z2, s1, s2, mask1, mask2, tau, sigma2)
     l2, ok2 = _one_direction(z2, z1, s2, s1, mask2, mask1, tau, sigma2)
     ok = ok1 & ok2
-    if not ok.any():
-        return (z1.sum() + z2.sum()) * 0.0
-    return ((l1 + l2) * ok).sum() / ok.sum()
+    # no `if ok.any()`: a branch on a device value would make the host wait for the GPU every
+    # step. With no video defined this is 0 / 1 = 0, still carrying the graph (zero gradients).
+    return torch.where(ok, l1 + l2, 0.0).sum() / ok.sum().clamp(min=1)

@@ -46,8 +46,12 @@ class ParallelConfig(Config):
                                              "without ZeRO (ZeRO's flat buffers hold contiguous weights only)")
     cudnn_benchmark: bool = param(True, flag="--cudnn-benchmark",
                                   help="let cuDNN time its convolution algorithms on the first steps (GPU)")
-    compile: Literal["off", "trunk"] = param(
-        "off", flag="--compile", help="trunk: torch.compile the ResNet trunk (the first steps compile)")
+    compile: Literal["off", "trunk", "objective"] = param(
+        "off", flag="--compile", help="torch.compile (the first steps compile): trunk: the ResNet trunk; objective: "
+                                      "the whole forward (encoder, projection, loss) as one graph, and its backward")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = param(
+        "default", flag="--compile-mode", help="torch.compile's mode; reduce-overhead also replays the compiled "
+                                               "parts as CUDA graphs (a GPU, fixed shapes)")
 
 
     def check(self) -> None:
@@ -55,6 +59,8 @@ class ParallelConfig(Config):
         # (the optimizer's updates would never reach the model), and DeepSpeed 0.19 fails on its grads
         if self.channels_last == "on" and self.zero_stage > 0:
             refuse("--channels-last", f"'on' needs --zero-stage 0 (got {self.zero_stage}); use auto or off")
+        if self.compile_mode != "default" and self.compile == "off":
+            refuse("--compile-mode", f"{self.compile_mode!r} needs --compile trunk or objective (got off)")
 
 
 @dataclass(frozen=True)

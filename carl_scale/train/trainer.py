@@ -15,6 +15,7 @@ gives the RNGs back as it found them, so each call trains as a fresh process wou
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -138,13 +139,17 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict:
         "bf16": {"enabled": False},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and synchronizes the device at the start of
+        # every forward and the end of every step, only to log a samples/s we measure ourselves
+        "timers": {"throughput": {"enabled": False}},
     }
 
 
-def apply_speedups(model: torch.nn.Module, cfg: RunConfig) -> str:
+def apply_speedups(model: torch.nn.Module, cfg: RunConfig, objective: torch.nn.Module | None = None) -> str:
     """Put the model (already on its device) in the memory format and compiled form the config's
-    ``parallel`` fields ask for; returns what was done, for the log. Weights, state-dict keys and
-    what a step computes are unchanged (up to rounding)."""
+    ``parallel`` fields ask for (``--compile objective`` compiles ``objective``, which holds the
+    model); returns what was done, for the log. Weights, state-dict keys and what a step computes
+    are unchanged (up to rounding)."""
     model_device = next(model.parameters()).device
     par = cfg.parallel
     done = []
@@ -157,11 +162,20 @@ def apply_speedups(model: torch.nn.Module, cfg: RunConfig) -> str:
                                      and par.zero_stage == 0):  # see ParallelConfig.check
         model.backbone.use_channels_last()
         done.append("channels_last trunk")
+    mode = None if par.compile_mode == "default" else par.compile_mode
+    how = "compiled" + (f" ({mode})" if mode else "")
     if par.compile == "trunk":
         # each stage group on its own: the frozen one runs without gradients, the trained one with
-        model.backbone.frozen.compile()
-        model.backbone.trainable.compile()
-        done.append("compiled trunk")
+        model.backbone.frozen.compile(mode=mode)
+        model.backbone.trainable.compile(mode=mode)
+        done.append(f"{how} trunk")
+    elif par.compile == "objective":
+        if objective is None:
+            raise ValueError("--compile objective: apply_speedups needs the objective")
+        # forward and loss in one graph, so its backward is one graph too (AOTAutograd); an
+        # attribute on the instance: the module, its parameters and state dict stay as they are
+        objective.compute = torch.compile(objective.compute, mode=mode)
+        done.append(f"{how} objective")
     return ", ".join(done) or "eager, contiguous"
 
 
@@ -174,8 +188,10 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, total_steps: int, world
     objective = build_objective(model, cfg.loss, autocast=torch.bfloat16 if bf16 else None)
     params = [p for p in objective.parameters() if p.requires_grad]
     opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
-    # A torch optimizer, not a DeepSpeed-config one: no CPU-kernel JIT build on CPU machines.
-    optimizer = opt_cls(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
+    # A torch optimizer, not a DeepSpeed-config one: no CPU-kernel JIT build on CPU machines. Fused:
+    # one kernel for all parameters (CPU and CUDA), and it can skip a step on the device (found_inf).
+    optimizer = opt_cls(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas,
+                        fused=True)
     o = cfg.optim
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, total_steps, o.warmup_steps,
                                                                               o.min_lr_ratio))
@@ -184,30 +200,62 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, total_steps: int, world
     engine.checkpoint_engine = ckpt.WeightsOnlyLoads(engine.checkpoint_engine)
     engine.carl_clip = (cfg.optim.grad_clip, params) if cfg.parallel.zero_stage == 0 and cfg.optim.grad_clip > 0 \
         else None  # see deepspeed_config
+    # Without ZeRO the engine steps our fused optimizer itself, which skips a non-finite step on the
+    # device: see engine_step. ZeRO's optimizer wraps it (and reads its gradient norm on the host anyway).
+    engine.carl_skip_on_device = cfg.parallel.zero_stage == 0 and engine.optimizer is optimizer
+    engine.carl_bad = None  # non-finite flags of the micro-steps since the last update
     # after initialize: DeepSpeed broadcasts each parameter as a flat byte view, which a
     # channels_last weight refuses. Converting in place keeps the optimizer's parameter objects.
-    speed = apply_speedups(model, cfg)
+    speed = apply_speedups(model, cfg, engine.module)
+    # CUDA graphs replay into the same output memory: each step is marked as a new one (engine_step)
+    engine.carl_graphs = cfg.parallel.compile_mode == "reduce-overhead"
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"step: {'bf16 autocast' if bf16 else 'fp32'}, {speed}", flush=True)
     return engine, scheduler
 
 
-def engine_step(engine, batch: VideoBatch, device: torch.device) -> tuple[dict[str, torch.Tensor], bool]:
-    """One micro-step as training runs it: the objective's forward, a finiteness check agreed by
-    every rank *before* the update, then backward and step. Returns (the objective's outputs,
-    whether the loss was finite); a non-finite loss leaves the weights untouched."""
+def engine_step(engine, batch: VideoBatch, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One micro-step as training runs it: the objective's forward, a finiteness flag agreed by
+    every rank, backward and step. Returns (the objective's outputs, ``bad``: a one-element device
+    tensor, 1 when the loss was not finite on some rank). A non-finite step leaves the weights and
+    the optimizer's state untouched.
+
+    Nothing here waits for the GPU when ``engine.carl_skip_on_device`` (no ZeRO): the flag goes to
+    the fused optimizer as ``found_inf`` and the update is skipped on the device, so the host can
+    queue the next step while this one runs; the caller reads ``bad`` when it next reads the
+    outputs. With ZeRO the flag is read here, before backward, and a bad step ends without one."""
+    if getattr(engine, "carl_graphs", False):
+        torch.compiler.cudagraph_mark_step_begin()
     out = engine(batch)  # bf16 autocast, when on, is inside (Objective.forward)
-    bad = torch.tensor([0.0 if torch.isfinite(out["loss"]) else 1.0], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item() > 0:
-        return out, False
+    bad = (~torch.isfinite(out["loss"].detach())).float().reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # queued on the stream: no wait
+    on_device = getattr(engine, "carl_skip_on_device", False)
+    if not on_device and bad.item() > 0:
+        return out, bad
     engine.backward(out["loss"])
+    boundary = engine.is_gradient_accumulation_boundary()
+    if on_device:
+        engine.carl_bad = bad if engine.carl_bad is None else torch.maximum(engine.carl_bad, bad)
+        if boundary:
+            engine.optimizer.found_inf = engine.carl_bad.reshape(())  # a skipped step also keeps its count
     clip = getattr(engine, "carl_clip", None)
-    if clip is not None and engine.is_gradient_accumulation_boundary():  # grads averaged over ranks by now
+    if clip is not None and boundary:  # grads averaged over ranks by now
         torch.nn.utils.clip_grad_norm_(clip[1], clip[0], foreach=True)
     engine.step()
-    return out, True
+    if on_device and boundary:
+        engine.optimizer.found_inf, engine.carl_bad = None, None
+    return out, bad
+
+
+@dataclasses.dataclass
+class _Queued:
+    """A step whose work is queued on the device: its micro-steps' (outputs, non-finite flag)."""
+
+    step: int
+    lr: float
+    micro: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = dataclasses.field(default_factory=list)
+    video_ids: list[str] = dataclasses.field(default_factory=list)
 
 
 class Trainer:
@@ -330,18 +378,43 @@ class Trainer:
         while True:  # epochs; the loader advances its own epoch counter
             yield from self.loader
 
-    def train_step(self, batch: VideoBatch) -> dict[str, float]:
-        """One micro-step; returns the objective's outputs. Raises on a non-finite loss on any
-        rank, before the optimizer sees it, so the last checkpoint stays the last good state."""
+    def train_step(self, batch: VideoBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One micro-step, queued on the device: returns the objective's outputs (detached) and the
+        non-finite flag of :func:`engine_step`, both device tensors; :meth:`settle` reads them. With
+        ZeRO, a non-finite loss raises here, before the optimizer sees it."""
         batch = batch.to(self.device)
-        out, finite = engine_step(self.engine, batch, self.device)
-        if not finite:
-            where = ckpt.latest_name(self.ckpt_root) or "none yet"
-            raise FloatingPointError(
-                f"non-finite loss ({out['loss'].item()}) at step {self.step} (videos {batch.video_ids}); stopped "
-                f"before the update. Last good checkpoint: {where} in {self.ckpt_root}. Lower --lr, use --precision "
-                f"fp32, or check the data, then --resume latest.")
-        return {k: float(v.detach()) for k, v in out.items()}
+        out, bad = engine_step(self.engine, batch, self.device)
+        # copies: read back steps later, after CUDA graphs (--compile-mode reduce-overhead) reused the memory
+        out = {k: v.detach().clone() for k, v in out.items()}
+        if not self.engine.carl_skip_on_device and bad.item() > 0:
+            self._nonfinite(self.step + 1, float(out["loss"]), batch.video_ids, stopped=self.step + 1)
+        return out, bad
+
+    def _nonfinite(self, step: int, loss: float, video_ids: list[str], stopped: int) -> None:
+        self.step = step - 1  # the last step whose update was good
+        where = ckpt.latest_name(self.ckpt_root) or "none yet"
+        later = f"; its update was skipped and the run stopped at step {stopped}" if stopped > step else ""
+        raise FloatingPointError(
+            f"non-finite loss ({loss}) at step {step} (videos {video_ids}){later}; stopped before any checkpoint "
+            f"after it. Last good checkpoint: {where} in {self.ckpt_root}. Lower --lr, use --precision fp32, or "
+            f"check the data, then --resume latest.")
+
+    def settle(self, pending: list["_Queued"]) -> list[dict[str, float]]:
+        """Read the queued steps' outputs back from the device, in one transfer (the only time the
+        training loop waits for the GPU), and raise on the first non-finite one. Returns each
+        step's mean outputs over its micro-steps."""
+        if not pending:
+            return []
+        flat = [t.float().reshape(()) for q in pending for out, bad in q.micro for t in (*out.values(), bad)]
+        values = iter(torch.stack(flat).tolist())
+        settled = []
+        for q in pending:
+            micro = [({k: next(values) for k in out}, next(values)) for out, _ in q.micro]
+            for out, bad in micro:
+                if bad > 0:
+                    self._nonfinite(q.step, out["loss"], q.video_ids, stopped=pending[-1].step)
+            settled.append({k: float(np.mean([o[k] for o, _ in micro])) for k in micro[0][0]})
+        return settled
 
     def _context(self, metrics: dict[str, float]) -> HookContext:
         return HookContext(step=self.step, total_steps=self.total_steps, metrics=metrics, model=self.model,
@@ -359,35 +432,46 @@ class Trainer:
         t_window, samples_window, wait_window = t_start, 0, 0.0
         timed = [h for h in self.hooks if h.every]  # the hooks called during the run
         since_hook: list[list[dict[str, float]]] = [[] for _ in timed]  # scalars since each one's last call
+        queued: list[_Queued] = []  # steps run whose outputs are still on the device
         try:
             while self.step < total:
-                outs = []
+                step = _Queued(self.step + 1, self.scheduler.get_last_lr()[0])
                 for _ in range(cfg.parallel.grad_accum):
                     t0 = time.perf_counter()
                     batch = next(batches)
                     dt = time.perf_counter() - t0
                     wait += dt
                     wait_window += dt
-                    outs.append(self.train_step(batch))
+                    step.micro.append(self.train_step(batch))
+                    step.video_ids += batch.video_ids
                     n = len(batch.video_ids) * self.world
                     samples += n
                     samples_window += n
                 self.step += 1
-                step_metrics = {k: float(np.mean([o[k] for o in outs])) for k in outs[0]}
-                self.history.append(step_metrics["loss"])
+                queued.append(step)
                 show = self.step % cfg.log_every == 0 or self.step == total
+                save = self.step % cfg.checkpoint.every_steps == 0 or self.step == total
+                due = [self.step % hook.every == 0 or self.step == total for hook in timed]
+                if not (show or save or any(due)):
+                    log.step(self.step, {}, False)  # the progress bar only: nothing read back yet
+                    continue
+                # the outputs are read back here only: between these points the host never waits for the GPU
                 now = time.perf_counter()
-                scalars = {**step_metrics, "lr": self.scheduler.get_last_lr()[0],
-                           "samples_per_s": samples_window / max(1e-9, now - t_window),
-                           "data_wait": wait_window / max(1e-9, now - t_window)}
+                window = {"samples_per_s": samples_window / max(1e-9, now - t_window),
+                          "data_wait": wait_window / max(1e-9, now - t_window)}
+                for q, outs in zip(queued, self.settle(queued)):
+                    self.history.append(outs["loss"])
+                    scalars = {**outs, "lr": q.lr, **window}
+                    for i in range(len(timed)):
+                        since_hook[i].append(scalars)
+                queued = []
                 log.step(self.step, scalars, show)
                 if show:
                     t_window, samples_window, wait_window = now, 0, 0.0
-                if self.step % cfg.checkpoint.every_steps == 0 or self.step == total:
+                if save:
                     self.save()
                 for i, hook in enumerate(timed):
-                    since_hook[i].append(scalars)
-                    if self.step % hook.every == 0 or self.step == total:
+                    if due[i]:
                         window, since_hook[i] = since_hook[i], []
                         mean = {k: float(np.mean([s[k] for s in window])) for k in window[0]}
                         self.sync_buffers()  # running statistics only shape evaluation: all ranks' data

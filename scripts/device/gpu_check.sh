@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Run ON THE LENT GPU MACHINE (see prepare.sh). With --stage: copy this call's parts under /tmp
 # (they stay while the machine is warm) and stop. Without: stage, assemble and unpack the tree into
-# /tmp/site, then run the benchmarks and the GPU tests, each under its own time limit (at most
-# 8 minutes in all), writing every table under $OUT. Most important first: a call cut short still
-# returns what it measured.
+# /tmp/site, then run the benchmarks and the GPU tests, each under its own time limit, writing every
+# table under $OUT. Most important first: a call cut short still returns what it measured.
+# Stage names as arguments run only those: all of them take ~10.5 minutes, more than one call may
+# run, so a session runs them in two calls to the warm machine:
+#   bash scripts/device/gpu_check.sh step_T80 step_T80_graphs step_T240 gpu_tests     (~7 min)
+#   bash scripts/device/gpu_check.sh augment data e2e_jpeg e2e_jpeg_pyav               (~3.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p /tmp/carl_parts
 cp .whl/c*/* /tmp/carl_parts/ 2>/dev/null
 echo "staged: $(ls /tmp/carl_parts | tr '\n' ' ')"
 [[ "${1:-}" == "--stage" ]] && exit 0
+wanted=" $* "  # empty: every stage
 out=${OUT:-/tmp/carl_out}; mkdir -p "$out"
 t0=$SECONDS
 if [[ ! -f /tmp/site/.complete ]]; then  # unpacked into a fresh folder, marked complete only at the end
@@ -33,15 +37,19 @@ echo "unpacked in $((SECONDS - t0)) s"
 rc=0
 stage() {  # name, seconds, command...: its output to $out/name.txt, the table also to this log
   local name=$1 limit=$2; shift 2
+  [[ "$wanted" == "  " || "$wanted" == *" $name "* ]] || return 0
   echo "=== $name (limit $limit s, at $((SECONDS - t0)) s)"
   timeout "$limit" "$@" > "$out/$name.txt" 2>&1 || { echo "!!! $name failed or timed out: rc $?"; rc=1; }
   grep -v "^\[\|Warning\|warn(" "$out/$name.txt" | tail -"${TAIL:-12}"
 }
-stage step_T80 110 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
-  --extra parallel.channels_last=off parallel.compile=trunk
-stage step_T240 60 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 --warmup 2 \
-  --extra parallel.channels_last=off
+# the sync-free default step, then the compiled variants (each row compiles first: ~1 min)
+stage step_T80 170 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
+  --extra parallel.compile=trunk parallel.compile=objective
+stage step_T80_graphs 110 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
+  --extra parallel.compile=objective,parallel.compile_mode=reduce-overhead
+stage step_T240 70 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 --warmup 2
 TAIL=25 stage gpu_tests 100 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+stage augment 25 python3 -m carl_scale.bench.augment --device cuda --batch 2 --frames 80 --size 224 --iters 10
 stage data 70 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 80 \
   --image-size 224 --batch 2 --workers 8 --write-workers 16 --videos 16 --whole-videos 2 --batches 10 \
   --paths jpeg/pyav jpeg/dali video/dali
