@@ -9,8 +9,9 @@
     fp16 autocast with a GradScaler on a GPU (fp32 on a CPU), eager, NCHW, Adam on the parameters;
 (b) ours: what ``launch/pretrain_k400.py`` runs: the engine :func:`~carl_scale.train.trainer.build_engine`
     makes from a recipe config (DeepSpeed, fp32 weights, bf16 autocast inside the objective on a
-    GPU) and :func:`~carl_scale.train.trainer.engine_step` (forward, a finiteness check, backward,
-    step), with the same flavor, frames and batch.
+    GPU) and :func:`~carl_scale.train.trainer.engine_step` (forward, a finiteness flag, backward,
+    step), with the same flavor, frames and batch;
+(c) plain PyTorch: (b) without the DeepSpeed engine (:func:`plain_step`), to show what it costs.
 
 Both start from the same weights and take the same synthetic batch (random pixels: the speed does
 not depend on content). Printed: samples/s, the peak GPU memory of each path (reset between them;
@@ -32,10 +33,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from carl_scale.bench.published import published_forward, published_scl
 from carl_scale.config import to_dict
 from carl_scale.data.reader import VideoBatch
+from carl_scale.losses.objective import build_objective
+from carl_scale.models import build_model
 from carl_scale.tables import table
 from carl_scale.train.recipes import configure, recipe
-from carl_scale.train.trainer import build_engine, engine_step, process_group
-from carl_scale.models import build_model
+from carl_scale.train.trainer import apply_speedups, build_engine, engine_step, process_group
 
 
 def synthetic_batch(b: int, t: int, size: int, device: torch.device) -> VideoBatch:
@@ -79,6 +81,24 @@ class _CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
         return func(*args, **(kwargs or {}))
+
+
+def plain_step(model, cfg, batch: VideoBatch, cuda: bool):
+    """The trainer's step without the DeepSpeed engine, at world size 1: the same objective and
+    speedups, backward, torch's fused clipping and fused AdamW, no finiteness flag."""
+    objective = build_objective(model, cfg.loss, autocast=torch.bfloat16 if cuda else None).train()
+    apply_speedups(model, cfg, objective)
+    params = [p for p in objective.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True)
+
+    def step() -> torch.Tensor:
+        loss = objective(batch)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
 
 
 def step_anatomy(step, device: torch.device, compiled: bool) -> dict[str, float | None]:
@@ -196,6 +216,13 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
             done("ours (trainer step)" + (f" {extra}" if extra else ""),
                  measure(ours, iters, warmup, batch, device, compiled=c.parallel.compile != "off"))
             del engine, ours
+            if not extra:  # the same step without DeepSpeed: what the engine costs
+                del model
+                gc.collect()
+                model = build_model(c.model)
+                model.load_state_dict(start)
+                done("plain PyTorch (ours without DeepSpeed)",
+                     measure(plain_step(model.to(device), c, data, cuda), iters, warmup, batch, device))
     return results
 
 
