@@ -348,11 +348,11 @@ def test_data_parallel_gradients_equal_one_process_on_the_whole_batch(tmp_path):
 
 
 @pytest.mark.parametrize("switch", [{"parallel.channels_last": "on"}, {"parallel.compile": "trunk"},
-                                    {"parallel.compile": "objective"}])
+                                    {"parallel.compile": "objective"}, {"parallel.trunk_chunk": 5}])
 def test_speed_switches_change_neither_the_loss_nor_the_gradients_nor_the_state_dict(switch):
-    """--channels-last on and --compile trunk / objective (a GPU run's levers) compute the step the
-    default CPU path computes: same loss and gradients to float32 rounding, same state-dict keys
-    (checkpoints stay interchangeable)."""
+    """--channels-last on, --compile trunk / objective and --trunk-chunk (a GPU run's levers)
+    compute the step the default CPU path computes: same loss and gradients to float32 rounding,
+    same state-dict keys (checkpoints stay interchangeable)."""
     from carl_scale.bench.step import synthetic_batch
     from carl_scale.models import build_model
     from carl_scale.train.recipes import recipe

@@ -86,7 +86,8 @@ class _CountOps(TorchDispatchMode):
 def plain_step(model, cfg, batch: VideoBatch, cuda: bool):
     """The trainer's step without the DeepSpeed engine, at world size 1: the same objective and
     speedups, backward, torch's fused clipping and fused AdamW, no finiteness flag."""
-    objective = build_objective(model, cfg.loss, autocast=torch.bfloat16 if cuda else None).train()
+    objective = build_objective(model, cfg.loss, autocast=torch.bfloat16 if cuda else None,
+                                trunk_chunk=cfg.parallel.trunk_chunk).train()
     apply_speedups(model, cfg, objective)
     params = [p for p in objective.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True)

@@ -31,6 +31,9 @@ class Objective(nn.Module):
         super().__init__()
         self.model = model
         self.autocast: torch.dtype | None = None
+        # frames per call of the frozen trunk stages (None: all at once). They run without gradients
+        # and their BatchNorms are fixed, so this bounds transient memory and changes no value.
+        self.trunk_chunk: int | None = None
 
     def forward(self, batch: VideoBatch) -> dict[str, torch.Tensor]:
         with torch.autocast(batch.views.device.type, dtype=self.autocast or torch.bfloat16,
@@ -45,7 +48,7 @@ class Objective(nn.Module):
         projections ``(B, 2, T, P)``; padded frames stay out of every BatchNorm."""
         b, _, t = batch.views.shape[:3]
         mask = None if batch.padded is False else batch.mask.flatten(0, 1)
-        out = self.model(batch.views.flatten(0, 1), mask)  # (2B, T, ...)
+        out = self.model(batch.views.flatten(0, 1), mask, chunk=self.trunk_chunk)  # (2B, T, ...)
         return out, self.model.project(out["embeddings"], mask).view(b, 2, t, -1)
 
 
@@ -110,7 +113,8 @@ class WeakObjective(Objective):
 OBJECTIVES: dict[str, type[Objective]] = {"scl": SequenceContrastiveObjective, "weak": WeakObjective}
 
 
-def build_objective(model: nn.Module, cfg: LossConfig, autocast: torch.dtype | None = None) -> Objective:
+def build_objective(model: nn.Module, cfg: LossConfig, autocast: torch.dtype | None = None,
+                    trunk_chunk: int | None = None) -> Objective:
     objective = OBJECTIVES[cfg.name](model, cfg)
-    objective.autocast = autocast
+    objective.autocast, objective.trunk_chunk = autocast, trunk_chunk
     return objective

@@ -46,6 +46,9 @@ class ParallelConfig(Config):
                                              "without ZeRO (ZeRO's flat buffers hold contiguous weights only)")
     cudnn_benchmark: bool = param(True, flag="--cudnn-benchmark",
                                   help="let cuDNN time its convolution algorithms on the first steps (GPU)")
+    trunk_chunk: int | None = param(
+        None, flag="--trunk-chunk", ge=1, help="frames per call of the frozen ResNet stages in training (default: "
+                                               "all of a batch's frames at once); bounds their transient memory")
     compile: Literal["off", "trunk", "objective"] = param(
         "off", flag="--compile", help="torch.compile (the first steps compile): trunk: the ResNet trunk; objective: "
                                       "the whole forward (encoder, projection, loss) as one graph, and its backward")

@@ -185,7 +185,8 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, total_steps: int, world
     :func:`process_group`, with the model on its device."""
     import deepspeed
 
-    objective = build_objective(model, cfg.loss, autocast=torch.bfloat16 if bf16 else None)
+    objective = build_objective(model, cfg.loss, autocast=torch.bfloat16 if bf16 else None,
+                                trunk_chunk=cfg.parallel.trunk_chunk)
     params = [p for p in objective.parameters() if p.requires_grad]
     opt_cls = torch.optim.AdamW if cfg.optim.name == "adamw" else torch.optim.Adam
     # A torch optimizer, not a DeepSpeed-config one: no CPU-kernel JIT build on CPU machines. Fused:

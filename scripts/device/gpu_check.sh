@@ -5,7 +5,7 @@
 # table under $OUT. Most important first: a call cut short still returns what it measured.
 # Stage names as arguments run only those: all of them take ~10.5 minutes, more than one call may
 # run, so a session runs them in two calls to the warm machine:
-#   bash scripts/device/gpu_check.sh step_T80 step_T80_graphs step_T240 gpu_tests     (~7 min)
+#   bash scripts/device/gpu_check.sh step_T80 step_T80_graphs step_T240 gpu_tests     (~8 min)
 #   bash scripts/device/gpu_check.sh augment data e2e_jpeg e2e_jpeg_pyav               (~3.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -47,7 +47,8 @@ stage step_T80 170 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --b
   --extra parallel.compile=trunk parallel.compile=objective
 stage step_T80_graphs 110 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
   --extra parallel.compile=objective,parallel.compile_mode=reduce-overhead
-stage step_T240 70 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 --warmup 2
+stage step_T240 90 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 --warmup 2 \
+  --extra parallel.trunk_chunk=320
 TAIL=25 stage gpu_tests 100 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 stage augment 25 python3 -m carl_scale.bench.augment --device cuda --batch 2 --frames 80 --size 224 --iters 10
 stage data 70 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 80 \
