@@ -7,7 +7,8 @@ in a loop over the batch's views, what the collate ran before), in one process o
 
 The views' parameters are drawn as training draws them (the recipe's spatial config), so the mix
 of jitter orders, grayscale and blur is the real one. Printed: ms per batch of ``2 x batch`` views,
-and the speedup of the batched path; on a GPU each timing ends with a device synchronisation.
+the speedup of the batched path, and the aten operations each dispatches for one batch (on a GPU
+about one kernel launch each); on a GPU each timing ends with a device synchronisation.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from carl_scale.bench.step import CountOps
 from carl_scale.data.config import SpatialConfig
 from carl_scale.data.spatial import apply_photometric, draw_view_params, photometric_batch
 from carl_scale.tables import table
@@ -36,7 +38,7 @@ def _timed(fn, iters: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def run(batch: int, frames: int, size: int, iters: int, device: torch.device, seed: int = 0) -> dict[str, float]:
+def run(batch: int, frames: int, size: int, iters: int, device: torch.device, seed: int = 0) -> dict[str, dict]:
     cfg = SpatialConfig(image_size=size)
     rng = np.random.default_rng(seed)
     views = 2 * batch
@@ -55,10 +57,16 @@ def run(batch: int, frames: int, size: int, iters: int, device: torch.device, se
         k["batched"] += 1
         return photometric_batch(x, p, cfg)
 
-    return {"per view": _timed(per_view, iters, device), "batched": _timed(batched, iters, device)}
+    out = {}
+    for name, fn in (("per view", per_view), ("batched", batched)):
+        seconds = _timed(fn, iters, device)
+        with CountOps() as ops:
+            fn()
+        out[name] = {"seconds": seconds, "ops": ops.count}
+    return out
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None) -> dict[str, dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=2, help="videos per batch (2 views each)")
@@ -71,10 +79,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     device = torch.device(a.device)
     res = run(a.batch, a.frames, a.size, a.iters, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    ref = res["per view"]
+    ref = res["per view"]["seconds"]
     print(f"\ncolour augmentation on {name}: {2 * a.batch} views x {a.frames} frames x {a.size}^2")
-    print(table([(k, f"{1000 * v:.1f}", f"{ref / v:.2f}x") for k, v in res.items()],
-                ("path", "ms per batch", "speedup")))
+    print(table([(k, f"{1000 * v['seconds']:.1f}", f"{ref / v['seconds']:.2f}x", v["ops"]) for k, v in res.items()],
+                ("path", "ms per batch", "speedup", "aten ops per batch")))
     return res
 
 

@@ -71,7 +71,7 @@ def published_step(model, batch: VideoBatch, cuda: bool, tau: float, sigma2: flo
     return step
 
 
-class _CountOps(TorchDispatchMode):
+class CountOps(TorchDispatchMode):
     """Counts the aten operations dispatched (on a GPU, about one kernel launch each)."""
 
     def __init__(self):
@@ -131,7 +131,7 @@ def step_anatomy(step, device: torch.device, compiled: bool) -> dict[str, float 
         torch.cuda.synchronize()
     ops = None
     if not compiled:
-        with _CountOps() as counter:
+        with CountOps() as counter:
             step()
         ops = counter.count
     return {"host_ms": 1000 * min(host), "syncs": syncs, "ops": ops}

@@ -162,75 +162,87 @@ def apply_photometric(frames: torch.Tensor, p: ViewParams, cfg: SpatialConfig) -
     return TF.normalize(x, list(cfg.mean), list(cfg.std))
 
 
-_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+_GRAY = np.array([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale weights
 
 
-def _jitter_matrix(p: ViewParams, op: int) -> tuple[torch.Tensor, float]:
+def _jitter_matrix(p: ViewParams, op: int) -> tuple[np.ndarray, float]:
     """Colour-jitter op ``op`` (0 brightness, 1 contrast, 2 saturation, 3 hue) of one view as
     (3x3 matrix on RGB, weight of the frame's mean grey): each of them is linear in RGB, contrast
     plus a blend with the mean grey, followed by the clamp to [0, 1]."""
-    eye, gray = torch.eye(3, dtype=torch.float64), torch.tensor(_GRAY, dtype=torch.float64)
     if op == 0:
-        return p.brightness * eye, 0.0
+        return p.brightness * np.eye(3), 0.0
     if op == 1:
-        return p.contrast * eye, 1.0 - p.contrast
+        return p.contrast * np.eye(3), 1.0 - p.contrast
     if op == 2:
-        return p.saturation * eye + (1.0 - p.saturation) * gray.expand(3, 3), 0.0
+        return p.saturation * np.eye(3) + (1.0 - p.saturation) * np.broadcast_to(_GRAY, (3, 3)), 0.0
     a = 2 * math.pi * p.hue
     c, s = math.cos(a), math.sin(a)
-    rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, s], [0.0, -s, c]], dtype=torch.float64)
-    return _YIQ2RGB.double() @ rot @ _RGB2YIQ.double(), 0.0
+    rot = np.array([[1.0, 0.0, 0.0], [0.0, c, s], [0.0, -s, c]])
+    return _YIQ2RGB.double().numpy() @ rot @ _RGB2YIQ.double().numpy(), 0.0
+
+
+def _batch_plan(params: list[ViewParams], t: int, h: int, w: int) -> tuple[list, list[int], int, list[np.ndarray]]:
+    """The batch's colour parameters, made on the host with NumPy: (per jitter round that some
+    view uses, whether it has a contrast term; the blurred views; the blur kernel size; the arrays
+    to send to the device in one copy: each round's (V, 3, 3) matrices and (V,) grey weights, the
+    grayscale matrices, the blur filters (one per blurred view's plane))."""
+    rounds, arrays = [], []
+    for r in range(4 if any(p.jitter_order is not None for p in params) else 0):
+        ops = [(_jitter_matrix(p, p.jitter_order[r]) if p.jitter_order is not None else (np.eye(3), 0.0))
+               for p in params]
+        beta = np.array([b for _, b in ops])
+        rounds.append(bool(beta.any()))
+        arrays += [np.stack([m for m, _ in ops]), beta]
+    if any(p.grayscale for p in params):
+        arrays.append(np.stack([np.broadcast_to(_GRAY, (3, 3)) if p.grayscale else np.eye(3) for p in params]))
+    blurred = [i for i, p in enumerate(params) if p.blur_sigma is not None]
+    k = min(_blur_kernel(w), 2 * (min(h, w) - 1) + 1)  # reflect padding needs pad < size
+    if blurred:
+        taps = np.arange(-(k // 2), k // 2 + 1)
+        sig = np.array([params[i].blur_sigma for i in blurred])
+        wts = np.exp(-0.5 * (taps[None] / sig[:, None]) ** 2)
+        arrays += [np.repeat(wts / wts.sum(-1, keepdims=True), t * 3, axis=0),  # (n * T * 3, k)
+                   np.array(blurred, dtype=np.float64)]  # which views, as floats (exact for small ints)
+    return rounds, blurred, k, arrays
 
 
 def photometric_batch(frames: torch.Tensor, params: list[ViewParams], cfg: SpatialConfig) -> torch.Tensor:
     """(V, T, 3, S, S) uint8 views with one ``ViewParams`` each -> normalised float32: what
     :func:`apply_photometric` does to each view, for all of them at once (up to float rounding).
 
-    The GPU's choice: each jitter round is one batched 3x3 colour matrix per view (identity for a
-    view whose round does nothing), grayscale another, the blur one grouped depthwise convolution
-    per axis over the blurred views. A batch costs a fixed few dozen kernels whatever the views
-    drew, where the per-view path costs that per view, with a Python loop around each."""
+    The GPU's choice: each jitter round is one 3x3 colour matrix per view, applied by one
+    broadcast matmul (identity for a view whose round does nothing), grayscale another, the blur
+    one grouped depthwise convolution per axis over the blurred views; the parameters reach the
+    device in one copy. A batch costs a fixed ~25 kernels whatever the views drew, where the
+    per-view path costs about that per view."""
     v, t, _, h, w = frames.shape
     if len(params) != v:
         raise ValueError(f"{len(params)} view parameters for {v} views")
     dev = frames.device
-    # (V, 3, T*S*S): the colour matrices are then plain batched matrix products
-    x = frames.permute(0, 2, 1, 3, 4).reshape(v, 3, -1).float().div_(255.0)
-    gray = torch.tensor(_GRAY, device=dev)
-    for r in range(4):
-        ops = [(_jitter_matrix(p, p.jitter_order[r]) if p.jitter_order is not None else None) for p in params]
-        if all(o is None for o in ops):
-            continue
-        m = torch.stack([torch.eye(3, dtype=torch.float64) if o is None else o[0] for o in ops])
-        x_new = torch.bmm(m.to(dev, torch.float32), x)
-        beta = [0.0 if o is None else o[1] for o in ops]
-        if any(beta):  # contrast: + (1 - c) x the mean grey of each frame
-            mean = torch.einsum("c,vcn->vn", gray, x).view(v, 1, t, -1).mean(-1, keepdim=True)
-            x_new = x_new.view(v, 3, t, -1).add_(torch.tensor(beta, device=dev).view(v, 1, 1, 1) * mean).view(v, 3, -1)
-        x = x_new.clamp_(0.0, 1.0)
+    rounds, blurred, k, arrays = _batch_plan(params, t, h, w)
+    arrays = [_GRAY, np.asarray(cfg.mean), np.asarray(cfg.std), *arrays]
+    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(np.float32)).to(dev, non_blocking=True)
+    parts = iter(flat.split([a.size for a in arrays]))
+    gray, mean, std = next(parts).view(1, 1, 1, 3), next(parts).view(1, 1, 3, 1), next(parts).view(1, 1, 3, 1)
+    # (V, T, 3, S*S): a colour matrix per view is a matmul broadcast over the frames, in this layout
+    x = frames.reshape(v, t, 3, h * w).float().div_(255.0)
+    for contrast in rounds:
+        m, beta = next(parts).view(v, 1, 3, 3), next(parts)
+        y = torch.matmul(m, x)
+        if contrast:  # + (1 - c) x the mean grey of each frame
+            y.add_(torch.matmul(gray, x).mean(-1, keepdim=True) * beta.view(v, 1, 1, 1))
+        x = y.clamp_(0.0, 1.0)
     if any(p.grayscale for p in params):
-        to_gray = torch.stack([gray.expand(3, 3) if p.grayscale else torch.eye(3, device=dev) for p in params])
-        x = torch.bmm(to_gray, x)
-    x = x.view(v, 3, t, h, w)
-    blurred = [i for i, p in enumerate(params) if p.blur_sigma is not None]
+        x = torch.matmul(next(parts).view(v, 1, 3, 3), x)
     if blurred:
-        k = min(_blur_kernel(w), 2 * (min(h, w) - 1) + 1)  # reflect padding needs pad < size
-        half = k // 2
-        taps = torch.arange(-half, half + 1, dtype=torch.float64)
-        sig = torch.tensor([params[i].blur_sigma for i in blurred], dtype=torch.float64)
-        wts = torch.exp(-0.5 * (taps[None] / sig[:, None]) ** 2)
-        wts = (wts / wts.sum(-1, keepdim=True)).to(dev, torch.float32)  # (n, k)
-        n = len(blurred)
-        wts = wts.repeat_interleave(3 * t, dim=0)  # one filter per (view, channel, frame) plane
-        idx = torch.tensor(blurred, device=dev)
-        y = x.index_select(0, idx).reshape(1, n * 3 * t, h, w)
+        n, half = len(blurred), k // 2
+        wts, idx = next(parts).view(n * t * 3, 1, 1, k), next(parts).long()
+        y = x.index_select(0, idx).view(1, n * t * 3, h, w)
         y = torch.nn.functional.pad(y, (half, half, half, half), mode="reflect")
-        y = torch.nn.functional.conv2d(y, wts.view(-1, 1, 1, k), groups=n * 3 * t)
-        y = torch.nn.functional.conv2d(y, wts.view(-1, 1, k, 1), groups=n * 3 * t)
-        x = x.index_copy(0, idx, y.view(n, 3, t, h, w))
-    mean = torch.tensor(cfg.mean, device=dev).view(1, 3, 1, 1, 1)
-    std = torch.tensor(cfg.std, device=dev).view(1, 3, 1, 1, 1)
-    return ((x - mean) / std).permute(0, 2, 1, 3, 4).contiguous()
+        y = torch.nn.functional.conv2d(y, wts, groups=n * t * 3)
+        y = torch.nn.functional.conv2d(y, wts.view(n * t * 3, 1, k, 1), groups=n * t * 3)
+        x = x.index_copy(0, idx, y.view(n, t, 3, h * w))
+    return x.sub_(mean).div_(std).view(v, t, 3, h, w)
 
 
 def eval_geometric(frames: torch.Tensor, size: int) -> torch.Tensor:
