@@ -387,6 +387,8 @@ def test_channels_last_with_zero_is_refused_when_the_config_is_built():
         configure(recipe("debug"), {"parallel.channels_last": "on", "parallel.zero_stage": 1})
     with pytest.raises(ConfigError, match="--compile-mode.*needs --compile"):
         configure(recipe("debug"), {"parallel.compile_mode": "reduce-overhead"})
+    with pytest.raises(ConfigError, match="--compile-mode.*goes with --compile objective"):
+        configure(recipe("debug"), {"parallel.compile_mode": "reduce-overhead", "parallel.compile": "trunk"})
     configure(recipe("debug"), {"parallel.channels_last": "on", "parallel.zero_stage": 0})
 
 
@@ -505,3 +507,31 @@ def test_a_non_finite_step_is_skipped_on_the_device(accum):
         for _ in range(accum):
             engine_step(engine, good, device)
         assert not all(torch.equal(a, b) for a, b in zip(after, state(engine)))
+
+
+def test_a_checkpoint_of_a_non_fused_optimizer_resumes_fused():
+    """Loading an optimizer state replaces the groups' settings: a checkpoint from before the
+    optimizer was fused would make it refuse the device-side skip. keep_fused restores it, and the
+    loaded state trains on exactly as the non-fused optimizer would have."""
+    import copy
+
+    from carl_scale.train.trainer import keep_fused
+
+    torch.manual_seed(0)
+    w = torch.randn(5, 3)
+    old = torch.optim.AdamW([torch.nn.Parameter(w.clone())], lr=0.1)  # not fused: the format written before
+    for _ in range(2):
+        old.param_groups[0]["params"][0].grad = torch.randn(5, 3)
+        old.step()
+    p = torch.nn.Parameter(old.param_groups[0]["params"][0].detach().clone())
+    new = torch.optim.AdamW([p], lr=0.1, fused=True)
+    new.load_state_dict(copy.deepcopy(old.state_dict()))  # a copy: loading may share the state's tensors
+    keep_fused(new)
+    assert new.param_groups[0]["fused"] and new.state[p]["step"].dtype == torch.float32
+    grad = torch.randn(5, 3)
+    p.grad = grad.clone()
+    new.found_inf = torch.zeros(())
+    new.step()
+    old.param_groups[0]["params"][0].grad = grad.clone()
+    old.step()
+    torch.testing.assert_close(p.detach(), old.param_groups[0]["params"][0].detach())

@@ -107,7 +107,7 @@ class WeakObjective(Objective):
                 ce = F.cross_entropy(out["logits"][known].float(), both[known])
             loss = loss + c.ce_weight * ce
         return {"loss": loss, "scl": scl.detach(), "pcl": pcl.mean().detach(), "ce": ce.detach(),
-                "pairs": torch.tensor(stats["pairs"])}
+                "pairs": z.new_tensor(float(stats["pairs"]))}  # on the device, with the other outputs
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"scl": SequenceContrastiveObjective, "weak": WeakObjective}

@@ -64,6 +64,10 @@ class ParallelConfig(Config):
             refuse("--channels-last", f"'on' needs --zero-stage 0 (got {self.zero_stage}); use auto or off")
         if self.compile_mode != "default" and self.compile == "off":
             refuse("--compile-mode", f"{self.compile_mode!r} needs --compile trunk or objective (got off)")
+        # CUDA graphs of the trunk would also serve evaluation's forwards (other shapes, no step
+        # marks: each one recorded anew); the compiled objective is the training step's alone
+        if self.compile_mode == "reduce-overhead" and self.compile == "trunk":
+            refuse("--compile-mode", "'reduce-overhead' (CUDA graphs) goes with --compile objective, not trunk")
 
 
 @dataclass(frozen=True)

@@ -219,6 +219,18 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, total_steps: int, world
     return engine, scheduler
 
 
+def keep_fused(optimizer: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict``: the loaded groups' settings replace the optimizer's own, so a
+    checkpoint written before the optimizer was fused (or by a non-fused one) would turn it back
+    into the per-parameter path, which refuses ``found_inf``. Fused again, with each step count
+    where the fused kernel wants it (a float32 on its parameter's device)."""
+    for group in optimizer.param_groups:
+        group["fused"], group["foreach"] = True, None
+    for p, state in optimizer.state.items():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].to(p.device, torch.float32)
+
+
 def engine_step(engine, batch: VideoBatch, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One micro-step as training runs it: the objective's forward, a finiteness flag agreed by
     every rank, backward and step. Returns (the objective's outputs, ``bad``: a one-element device
@@ -259,8 +271,7 @@ class _Queued:
 
     step: int
     lr: float
-    micro: list[tuple[dict[str, torch.Tensor], torch.Tensor]] = dataclasses.field(default_factory=list)
-    video_ids: list[str] = dataclasses.field(default_factory=list)
+    micro: list[tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]] = dataclasses.field(default_factory=list)
 
 
 class Trainer:
@@ -326,6 +337,8 @@ class Trainer:
 
     def _resume(self, path: Path, meta: dict) -> None:
         client = ckpt.load(self.engine, path, meta)  # every rank loaded, or every rank raises
+        if self.engine.carl_skip_on_device:
+            keep_fused(self.engine.optimizer)
         self.step = self.start_step = int(meta["step"])
         self._saved = (self.step, path)
         self.loader.load_state_dict(client["data"])  # this rank's own (client_rank{r}.pt)
@@ -400,8 +413,8 @@ class Trainer:
         where = ckpt.latest_name(self.ckpt_root) or "none yet"
         later = f"; its update was skipped and the run stopped at step {stopped}" if stopped > step else ""
         raise FloatingPointError(
-            f"non-finite loss ({loss}) at step {step} (videos {video_ids}){later}; stopped before any checkpoint "
-            f"after it. Last good checkpoint: {where} in {self.ckpt_root}. Lower --lr, use --precision fp32, or "
+            f"non-finite loss ({loss}) at step {step} (videos {video_ids}){later}, before saving anything after step "
+            f"{step - 1}. Last good checkpoint: {where} in {self.ckpt_root}. Lower --lr, use --precision fp32, or "
             f"check the data, then --resume latest.")
 
     def settle(self, pending: list["_Queued"]) -> list[dict[str, float]]:
@@ -410,14 +423,15 @@ class Trainer:
         step's mean outputs over its micro-steps."""
         if not pending:
             return []
-        flat = [t.float().reshape(()) for q in pending for out, bad in q.micro for t in (*out.values(), bad)]
+        flat = [t.to(bad.device, torch.float32).reshape(()) for q in pending for out, bad, _ in q.micro
+                for t in (*out.values(), bad)]
         values = iter(torch.stack(flat).tolist())
         settled = []
         for q in pending:
-            micro = [({k: next(values) for k in out}, next(values)) for out, _ in q.micro]
-            for out, bad in micro:
+            micro = [({k: next(values) for k in out}, next(values)) for out, _, _ in q.micro]
+            for (out, bad), (_, _, ids) in zip(micro, q.micro):
                 if bad > 0:
-                    self._nonfinite(q.step, out["loss"], q.video_ids, stopped=pending[-1].step)
+                    self._nonfinite(q.step, out["loss"], ids, stopped=pending[-1].step)
             settled.append({k: float(np.mean([o[k] for o, _ in micro])) for k in micro[0][0]})
         return settled
 
@@ -447,8 +461,7 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     wait += dt
                     wait_window += dt
-                    step.micro.append(self.train_step(batch))
-                    step.video_ids += batch.video_ids
+                    step.micro.append((*self.train_step(batch), batch.video_ids))
                     n = len(batch.video_ids) * self.world
                     samples += n
                     samples_window += n
