@@ -109,8 +109,9 @@ def test_the_trainer_step_computes_the_published_steps_loss_on_the_same_inputs()
 
 
 def test_the_compiled_channels_last_step_computes_the_eager_steps_loss():
-    """--compile trunk with the GPU defaults (channels_last, cudnn.benchmark) against the eager,
-    contiguous step: same weights, same batch, eval mode; the loss within bf16 rounding (1%)."""
+    """--compile trunk and --compile objective with the GPU defaults (channels_last,
+    cudnn.benchmark) against the eager, contiguous step: same weights, same batch, eval mode; the
+    loss within bf16 rounding (1%)."""
     from carl_scale.bench.step import synthetic_batch
     from carl_scale.losses.objective import build_objective
     from carl_scale.models import build_model
@@ -120,14 +121,31 @@ def test_the_compiled_channels_last_step_computes_the_eager_steps_loss():
     over = {"data.batch_size": 2, "data.temporal.num_frames": 32}
     batch = synthetic_batch(2, 32, 224, torch.device("cuda"))
     losses = []
-    for extra in ({"parallel.channels_last": "off"}, {"parallel.compile": "trunk"}):
+    for extra in ({"parallel.channels_last": "off"}, {"parallel.compile": "trunk"}, {"parallel.compile": "objective"}):
         cfg = configure(recipe("debug"), {**over, **extra}, flavor="r50")
         torch.manual_seed(0)
         model = build_model(cfg.model).cuda().eval()
-        apply_speedups(model, cfg)
+        objective = build_objective(model, cfg.loss, autocast=torch.bfloat16)
+        apply_speedups(model, cfg, objective)
         with torch.no_grad():
-            losses.append(build_objective(model, cfg.loss, autocast=torch.bfloat16)(batch)["loss"].item())
-    assert losses[1] == pytest.approx(losses[0], rel=0.01)
+            losses.append(objective(batch)["loss"].item())
+    assert losses[1] == pytest.approx(losses[0], rel=0.01) and losses[2] == pytest.approx(losses[0], rel=0.01)
+
+
+def test_the_batched_colour_augmentation_on_the_gpu_equals_the_per_view_one_on_the_cpu():
+    """The GPU collate's photometric_batch against apply_photometric view by view on the CPU, at
+    the training size (4 views x 16 frames x 224 px): float rounding only (cuBLAS, cuDNN)."""
+    from carl_scale.data.config import SpatialConfig
+    from carl_scale.data.spatial import apply_photometric, draw_view_params, photometric_batch
+
+    cfg = SpatialConfig(image_size=224, blur_p=0.5, grayscale_p=0.3)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        params = [draw_view_params(256, 340, cfg, rng) for _ in range(4)]
+        frames = torch.from_numpy(rng.integers(0, 256, (4, 16, 3, 224, 224), dtype=np.uint8))
+        ref = torch.stack([apply_photometric(frames[i], p, cfg) for i, p in enumerate(params)])
+        got = photometric_batch(frames.cuda(), params, cfg).cpu()
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
 
 
 def test_the_trainer_step_never_waits_for_the_gpu():
