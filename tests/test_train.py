@@ -478,11 +478,11 @@ def test_a_training_step_without_zero_never_waits_for_the_device():
         assert not zero.carl_skip_on_device
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_a_non_finite_step_is_skipped_on_the_device(accum):
-    """A NaN loss (in any micro-step of an update) leaves the weights and the optimizer's state as
-    they were (the learning-rate schedule still advances: the run stops at its next read-back),
-    and the next finite update trains again."""
+@pytest.mark.parametrize("accum, where", [(1, "loss"), (2, "loss"), (1, "gradient")])
+def test_a_non_finite_step_is_skipped_on_the_device(accum, where):
+    """A NaN loss (in any micro-step of an update), or a finite loss whose gradient overflows,
+    leaves the weights and the optimizer's state as they were (the learning-rate schedule still
+    advances: the run stops at its next read-back), and the next finite update trains again."""
     import dataclasses
 
     from carl_scale.bench.step import synthetic_batch
@@ -500,8 +500,14 @@ def test_a_non_finite_step_is_skipped_on_the_device(accum):
         for _ in range(accum):
             engine_step(engine, good, device)
         before = state(engine)
-        flags = [engine_step(engine, b, device)[1] for b in ([bad] if accum == 1 else [good, bad])]
-        assert [float(f) for f in flags] == ([1.0] if accum == 1 else [0.0, 1.0])
+        if where == "gradient":
+            hook = engine.module.model.embed.weight.register_hook(lambda g: g * float("inf"))
+            out, flag = engine_step(engine, good, device)
+            hook.remove()
+            assert torch.isfinite(out["loss"]) and float(flag) == 1.0
+        else:
+            flags = [engine_step(engine, b, device)[1] for b in ([bad] if accum == 1 else [good, bad])]
+            assert [float(f) for f in flags] == ([1.0] if accum == 1 else [0.0, 1.0])
         after = state(engine)
         assert all(torch.equal(a, b) for a, b in zip(before, after))
         for _ in range(accum):

@@ -234,8 +234,8 @@ def keep_fused(optimizer: torch.optim.Optimizer) -> None:
 def engine_step(engine, batch: VideoBatch, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One micro-step as training runs it: the objective's forward, a finiteness flag agreed by
     every rank, backward and step. Returns (the objective's outputs, ``bad``: a one-element device
-    tensor, 1 when the loss was not finite on some rank). A non-finite step leaves the weights and
-    the optimizer's state untouched.
+    tensor, 1 when the loss was not finite on some rank or, at an update, the clipped gradients'
+    norm was not). A non-finite step leaves the weights and the optimizer's state untouched.
 
     Nothing here waits for the GPU when ``engine.carl_skip_on_device`` (no ZeRO): the flag goes to
     the fused optimizer as ``found_inf`` and the update is skipped on the device, so the host can
@@ -252,13 +252,16 @@ def engine_step(engine, batch: VideoBatch, device: torch.device) -> tuple[dict[s
         return out, bad
     engine.backward(out["loss"])
     boundary = engine.is_gradient_accumulation_boundary()
+    clip, norm = getattr(engine, "carl_clip", None), None
+    if clip is not None and boundary:  # grads averaged over ranks by now
+        norm = torch.nn.utils.clip_grad_norm_(clip[1], clip[0], foreach=True)
     if on_device:
         engine.carl_bad = bad if engine.carl_bad is None else torch.maximum(engine.carl_bad, bad)
+        if norm is not None:  # a finite loss can still overflow in backward: that update is skipped too
+            engine.carl_bad = torch.maximum(engine.carl_bad, (~torch.isfinite(norm)).float().reshape(1))
         if boundary:
-            engine.optimizer.found_inf = engine.carl_bad.reshape(())  # a skipped step also keeps its count
-    clip = getattr(engine, "carl_clip", None)
-    if clip is not None and boundary:  # grads averaged over ranks by now
-        torch.nn.utils.clip_grad_norm_(clip[1], clip[0], foreach=True)
+            bad = engine.carl_bad  # the update's flag, for the caller
+            engine.optimizer.found_inf = bad.reshape(())  # a skipped step also keeps its count
     engine.step()
     if on_device and boundary:
         engine.optimizer.found_inf, engine.carl_bad = None, None
@@ -412,8 +415,9 @@ class Trainer:
         self.step = step - 1  # the last step whose update was good
         where = ckpt.latest_name(self.ckpt_root) or "none yet"
         later = f"; its update was skipped and the run stopped at step {stopped}" if stopped > step else ""
+        what = f"loss ({loss})" if not math.isfinite(loss) else f"gradients (loss {loss})"
         raise FloatingPointError(
-            f"non-finite loss ({loss}) at step {step} (videos {video_ids}){later}, before saving anything after step "
+            f"non-finite {what} at step {step} (videos {video_ids}){later}, before saving anything after step "
             f"{step - 1}. Last good checkpoint: {where} in {self.ckpt_root}. Lower --lr, use --precision fp32, or "
             f"check the data, then --resume latest.")
 
