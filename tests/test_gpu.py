@@ -172,6 +172,28 @@ def test_the_trainer_step_never_waits_for_the_gpu():
         torch.cuda.synchronize()
 
 
+def test_the_gpu_loader_with_a_cpu_decoded_share_gives_the_batches_of_the_gpu_alone(jpeg_128_shards):
+    """--cpu-decode-share 0.5 on a GPU: half of the videos decoded by PyAV in the workers, half by
+    nvJPEG; the same videos and views as nvJPEG alone, up to the decoders' rounding."""
+    from carl_scale.data.config import LoaderConfig, SpatialConfig, TemporalConfig
+    from carl_scale.data.reader import VideoLoader
+
+    def batches(share: float) -> list:
+        cfg = LoaderConfig(shards=str(jpeg_128_shards), batch_size=2, num_workers=2, shuffle_buffer=4,
+                           cpu_decode_share=share, temporal=TemporalConfig(num_frames=8),
+                           spatial=SpatialConfig(image_size=64))
+        loader = VideoLoader(cfg, device="cuda:0")
+        assert (share > 0) == ("by PyAV in the workers" in loader.describe())
+        out = [b for _, b in zip(range(3), loader)]
+        loader.close()
+        return out
+
+    gpu, split = batches(0.0), batches(0.5)
+    assert [b.video_ids for b in gpu] == [b.video_ids for b in split]
+    for a, b in zip(gpu, split):
+        assert b.views.is_cuda and (b.views - a.views).abs().mean() < 0.05
+
+
 @pytest.mark.slow
 def test_a_20_step_r50_run_from_shards_on_the_gpu(vp9_128_shards, tmp_path):
     from carl_scale.train.recipes import configure, recipe

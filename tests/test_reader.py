@@ -361,3 +361,45 @@ def test_colour_in_the_collate_equals_colour_in_the_workers(vp9_shards):
     for a, b in zip(workers, collate):
         torch.testing.assert_close(b.views, a.views, rtol=0, atol=2e-5)
         assert a.padded == b.padded == (not bool(a.mask.all()))
+
+
+def test_a_share_of_the_videos_decoded_in_the_workers_changes_no_batch(jpeg_shards):
+    """--cpu-decode-share, run on the CPU with the collate in the GPU decoder's place: half of the
+    videos decoded by PyAV in the workers, the rest by the collate's decoder, give the batches of
+    the collate decoding all of them; the split follows stream positions, so a resumed loader
+    splits (and yields) as the original did. Without a decoder in the collate the flag is refused."""
+    from carl_scale.data.reader import cpu_decoded
+
+    assert [cpu_decoded(i, 0.5) for i in range(6)] == [False, True] * 3
+    assert sum(cpu_decoded(i, 0.25) for i in range(100)) == 25 and not any(cpu_decoded(i, 0.0) for i in range(9))
+
+    in_collate = []
+
+    def loader(share: float) -> VideoLoader:
+        out = VideoLoader(_cfg(jpeg_shards, num_workers=2, cpu_decode_share=share), decode_in_collate=True)
+        decode = out.decoder.decode
+        out.decoder.decode = lambda videos, *a, **k: (in_collate.append(len(videos)), decode(videos, *a, **k))[1]
+        return out
+
+    whole = list(loader(0.0))
+    n_whole, in_collate[:] = sum(in_collate), []
+    split = loader(0.5)
+    assert "50% of the videos decoded by pyav" in split.describe() and "50% by PyAV in the workers" in split.describe()
+    got = list(split)
+    assert [b.video_ids for b in got] == [b.video_ids for b in whole] and len(got) >= 3
+    assert n_whole == 2 * len(got) and sum(in_collate) == len(got)  # the other half decoded in the workers
+    for a, b in zip(whole, got):
+        torch.testing.assert_close(b.views, a.views, rtol=0, atol=2e-5)
+    cut = loader(0.5)
+    it = iter(cut)
+    next(it)
+    state = cut.state_dict()
+    cut.close()
+    resumed = loader(0.5)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert [b.video_ids for b in rest] == [b.video_ids for b in got[1:]]
+    for a, b in zip(got[1:], rest):
+        torch.testing.assert_close(b.views, a.views, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="--cpu-decode-share 0.5 splits decoding"):
+        VideoLoader(_cfg(jpeg_shards, cpu_decode_share=0.5))

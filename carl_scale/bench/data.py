@@ -13,6 +13,8 @@ payload on the CPU), measured in the same process on the same shards. Three meas
 * ``loader``: the full training loader (workers, shuffle, views, crops, colour augmentation; on a
   GPU the decoding and augmentation run in the main process, batched), batches/s, and the
   sampled frames/s it delivers (batches/s x batch x 2T): what a training step can consume.
+  With ``--cpu-shares`` on a GPU, each DALI path also gets loader rows with that share of the
+  videos decoded by PyAV in the workers (``--cpu-decode-share``: CPU and GPU decoding together).
 
 On a GPU, timings end with a device synchronisation (DALI's outputs are CUDA tensors).
 """
@@ -20,6 +22,7 @@ On a GPU, timings end with a device synchronisation (DALI's outputs are CUDA ten
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -133,7 +136,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
     p.add_argument("--paths", nargs="*", default=["video/pyav", "video/dali", "jpeg/pyav", "jpeg/dali"],
                    help="payload/decoder pairs to measure; the first is the reference")
+    p.add_argument("--cpu-shares", nargs="*", type=float, default=[],
+                   help="on a GPU, after each dali path: its loader with this share of the videos decoded by "
+                        "PyAV in the workers (--cpu-decode-share), e.g. 0.25 0.5")
     a = p.parse_args(argv)
+    if any(not 0 < x <= 1 for x in a.cpu_shares):
+        p.error("--cpu-shares must be in (0, 1]")
     if min(a.videos, a.whole_videos, a.frames, a.batch, a.batches, a.image_size, a.write_workers) < 1 \
             or a.workers < 0 or a.gop < 1:
         p.error("every count must be >= 1 (--workers >= 0)")
@@ -158,11 +166,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          loader_frames=loader * a.batch * 2 * a.frames))
         print(f"measured {payload}/{name}: whole {whole:.0f} f/s, sampled {sampled:.0f} f/s, loader "
               f"{loader:.2f} batches/s", flush=True)
+        for share in (a.cpu_shares if name == "dali" and a.device.startswith("cuda") else []):
+            loader = bench_loader(dataclasses.replace(cfg, cpu_decode_share=share), a.batches, a.device)
+            rows.append(dict(payload=payload, decoder=f"dali + {100 * share:.0f}% pyav", whole=None, sampled=None,
+                             loader=loader, loader_frames=loader * a.batch * 2 * a.frames))
+            print(f"measured {payload}/dali with {100 * share:.0f}% decoded by pyav in the workers: loader "
+                  f"{loader:.2f} batches/s", flush=True)
     ref = rows[0]
+
+    def rate(r, key: str) -> tuple[str, str]:
+        return ("-", "-") if r[key] is None else (f"{r[key]:.0f}", f"{r[key] / ref[key]:.2f}")
+
     print(f"\ndata pipeline on {a.device}: {a.width}x{a.height} videos, GOP {a.gop}, T={a.frames}, "
           f"{a.image_size}px views, batch {a.batch}, {a.workers} workers; ratios are to {paths[0][0]}/{paths[0][1]}")
-    print(table([(r["payload"], r["decoder"], f"{r['whole']:.0f}", f"{r['whole'] / ref['whole']:.2f}",
-                  f"{r['sampled']:.0f}", f"{r['sampled'] / ref['sampled']:.2f}", f"{r['loader']:.2f}",
+    print(table([(r["payload"], r["decoder"], *rate(r, "whole"), *rate(r, "sampled"), f"{r['loader']:.2f}",
                   f"{r['loader'] / ref['loader']:.2f}", f"{r['loader_frames']:.0f}") for r in rows],
                 ("payload", "decoder", "whole f/s", "x", "sampled f/s", "x", "loader batches/s", "x",
                  "loader sampled f/s")))

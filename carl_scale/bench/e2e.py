@@ -39,7 +39,8 @@ def run(a) -> dict:
         cfg = configure(recipe("debug"), {
             "data.shards": a.shards, "run_dir": str(Path(tmp) / "run"), "steps": a.steps + a.warmup + 1,
             "data.batch_size": a.batch, "data.temporal.num_frames": a.frames, "data.num_workers": a.workers,
-            "data.decoder": a.decoder, "eval.enabled": False}, flavor=a.flavor)
+            "data.decoder": a.decoder, "data.cpu_decode_share": a.cpu_decode_share, "eval.enabled": False},
+            flavor=a.flavor)
         trainer = Trainer(cfg, rank=rank, world=world, device=device)
 
         def endless():
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--write-workers", type=int, default=1)
     p.add_argument("--decoder", choices=("auto", "dali", "pyav"), default="auto",
                    help="the loader's decoder (pyav on a GPU machine: CPU decoding in the workers)")
+    p.add_argument("--cpu-decode-share", type=float, default=0.0,
+                   help="with the GPU decoder: the share of the videos decoded by PyAV in the workers")
     p.add_argument("--flavor", default="debug")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--batch", type=int, default=2)
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if min(a.height, a.width, a.write_workers, a.frames, a.batch, a.steps, a.warmup) < 1 or a.workers < 0:
         p.error("every count must be >= 1 (--workers >= 0)")
+    if not 0 <= a.cpu_decode_share <= 1:
+        p.error("--cpu-decode-share must be in [0, 1]")
     if a.shards is None:
         from carl_scale.data.config import SyntheticConfig
         from carl_scale.datasets.synthetic import ensure_synthetic_shards

@@ -88,6 +88,10 @@ class LoaderConfig(Config):
     epoch_samples: int | None = param(None, flag="--epoch-samples", ge=1,
                                       help="samples per rank per epoch (needed without shards.json)")
     decoder: Literal["auto", "dali", "pyav"] = param("auto", flag="--decoder", help="video decoder")
+    cpu_decode_share: float = param(
+        0.0, flag="--cpu-decode-share", ge=0, le=1,
+        help="with a GPU decoder: the share of the videos that the workers decode on the CPU (PyAV) while the "
+             "GPU decodes the rest, adding the CPU's frames/s to the GPU's (0: the GPU decodes all)")
     per_label: int = param(0, flag="--per-label", ge=0,
                            help="batches of groups of this many videos of one label (weak supervision; 0: off)")
     temporal: TemporalConfig = param(default_factory=TemporalConfig)

@@ -42,7 +42,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from carl_scale.data.config import LoaderConfig
-from carl_scale.data.decoders import EncodedVideo, FrameDecoder, make_decoder
+from carl_scale.data.decoders import EncodedVideo, FrameDecoder, PyAVDecoder, make_decoder
 from carl_scale.data.grouping import LabelGrouper
 from carl_scale.data.manifest import manifest_codec, manifest_samples, resolve_shards
 from carl_scale.data.spatial import (ViewParams, apply_geometric, apply_photometric, draw_view_params,
@@ -126,17 +126,26 @@ def prepare_sample(sample: dict, cfg: LoaderConfig, epoch: int, pass_: int, deco
     return out
 
 
+def cpu_decoded(position: int, share: float) -> bool:
+    """Whether the sample at this stream position is one of the ``share`` the workers decode on
+    the CPU (the rest decoded on the GPU): spread evenly, a function of the position alone, so a
+    resumed stream splits as the original did."""
+    return math.floor((position + 1) * share) > math.floor(position * share)
+
+
 # -- the iterable dataset ----------------------------------------------------------------------
 class ShardedVideoDataset(IterableDataset):
     """Yields lists of ``batch_size`` :class:`PreparedSample`, a fixed number per worker."""
 
     def __init__(self, urls: list[str], cfg: LoaderConfig, *, rank: int, world_size: int,
                  batches_per_epoch: int, decoder: FrameDecoder | None, counter: SkipCounter, seed: int,
-                 photometric: bool, num_workers: int):
+                 photometric: bool, num_workers: int, cpu_decoder: FrameDecoder | None = None):
+        """``decoder`` decodes every sample in the workers (None: the collate decodes them), except
+        the ``cfg.cpu_decode_share`` of them that ``cpu_decoder`` decodes here when given."""
         self.urls, self.cfg, self.seed, self.photometric = urls, cfg, seed, photometric
         self.rank, self.world_size = rank, world_size
         self.batches_per_epoch = batches_per_epoch
-        self.decoder, self.counter = decoder, counter
+        self.decoder, self.counter, self.cpu_decoder = decoder, counter, cpu_decoder
         # What the next pass over the data starts from, in shared memory: persistent DataLoader
         # workers (forked once) read it whenever a new epoch or a resume begins. [0] epoch, [1] the
         # global batch index to resume from within it, [2 + w] logical worker w's stream position
@@ -276,9 +285,12 @@ class ShardedVideoDataset(IterableDataset):
                 members = []
                 for i, (sample, pass_) in enumerate(raw[g: g + group]):
                     tried += 1
+                    at = start + g + i
+                    decoder = self.cpu_decoder if self.cpu_decoder is not None and \
+                        cpu_decoded(at, cfg.cpu_decode_share) else self.decoder
                     try:
-                        members.append((start + g + i, prepare_sample(sample, cfg, self.epoch, pass_, self.decoder,
-                                                                      seed=self.seed, photometric=self.photometric)))
+                        members.append((at, prepare_sample(sample, cfg, self.epoch, pass_, decoder,
+                                                           seed=self.seed, photometric=self.photometric)))
                         prepared += 1
                     except Exception as exn:  # corrupt or undecodable: counted, never fatal, never silent
                         self.counter.add(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
@@ -323,17 +335,19 @@ class VideoBatch:
 
 def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDecoder | None,
             device: str | torch.device = "cpu") -> VideoBatch:
-    """Finish a worker's batch on ``device``: decode/crop if the worker did not, then photometric."""
-    if samples[0].views is None:
-        flat = decoder.decode([s.encoded for s in samples], [s.timestamps.reshape(-1) for s in samples])
-        for s, f in zip(samples, flat):
+    """Finish a worker's batch on ``device``: decode and crop the samples the worker did not (all
+    of them, or those outside ``cpu_decode_share``), then colour them if the worker did not."""
+    todo = [s for s in samples if s.views is None]
+    if todo:
+        flat = decoder.decode([s.encoded for s in todo], [s.timestamps.reshape(-1) for s in todo])
+        for s, f in zip(todo, flat):
             f = torch.as_tensor(f, device=device) if not torch.is_tensor(f) else f
             frames = to_tchw(f).reshape(2, -1, 3, *f.shape[1:3])
             s.views = torch.stack([apply_geometric(frames[v], s.params[v], cfg.spatial.image_size) for v in range(2)])
     if samples[0].views.is_floating_point():  # already augmented in the worker
         views = torch.stack([s.views for s in samples]).to(device)
-    else:  # colour on the device, the whole batch at once
-        frames = torch.stack([s.views for s in samples]).to(device, non_blocking=True)  # (B, 2, T, 3, S, S)
+    else:  # colour on the device, the whole batch at once; (B, 2, T, 3, S, S)
+        frames = torch.stack([s.views.to(device, non_blocking=True) for s in samples])
         views = photometric_batch(frames.flatten(0, 1), [p for s in samples for p in s.params],
                                   cfg.spatial).view(frames.shape)
     ts = torch.from_numpy(np.stack([s.timestamps for s in samples]))
@@ -433,9 +447,12 @@ class VideoLoader:
     """
 
     def __init__(self, cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1, split: str = "train",
-                 seed: int = 0, device: str = "cpu"):
+                 seed: int = 0, device: str = "cpu", decode_in_collate: bool | None = None):
         """``seed`` fixes the shard order, shuffle and views of every epoch; ``device`` is where
-        batches are finished (colour augmentation, and GPU decoding with DALI ``mixed``)."""
+        batches are finished (colour augmentation, and GPU decoding with DALI ``mixed``).
+        ``decode_in_collate`` (None: when the decoder is on a GPU) decodes in the finishing step,
+        batched, instead of in the workers; ``cfg.cpu_decode_share`` of the videos then still go
+        to the workers' CPU decoder (PyAV)."""
         self.cfg, self.seed, self.device = cfg, seed, str(device)
         self.urls, self.manifest = resolve_shards(cfg.shards, split)
         total = manifest_samples(self.manifest, self.urls, split)
@@ -452,13 +469,20 @@ class VideoLoader:
         # a batch's sampled JPEG frames (B x 2T) in one nvJPEG run
         self.decoder = make_decoder(cfg.decoder, codec=manifest_codec(self.manifest), device=self.device,
                                     image_batch=cfg.batch_size * 2 * cfg.temporal.num_frames)
-        # CPU decoders run in the DataLoader workers; a GPU decoder runs here, batched.
-        worker_decoder = self.decoder if self.decoder.device == "cpu" else None
+        # CPU decoders run in the DataLoader workers; a GPU decoder runs here, batched, and then
+        # the workers may take a share on the CPU (PyAV: no CUDA or DALI state in forked workers)
+        self.in_collate = self.decoder.device == "cuda" if decode_in_collate is None else decode_in_collate
+        if cfg.cpu_decode_share > 0 and not self.in_collate:
+            raise ValueError(f"--cpu-decode-share {cfg.cpu_decode_share} splits decoding between the GPU and the "
+                             f"workers, but {self.decoder.name} decodes on the CPU here, in the workers already: "
+                             f"drop the flag (or run on a GPU)")
+        self.cpu_decoder = PyAVDecoder() if self.in_collate and cfg.cpu_decode_share > 0 else None
         self.counter = SkipCounter()
         self.dataset = ShardedVideoDataset(self.urls, cfg, rank=rank, world_size=world_size,
                                            batches_per_epoch=self.batches_per_epoch,
-                                           decoder=worker_decoder, counter=self.counter, seed=seed,
-                                           photometric=torch.device(self.device).type == "cpu",
+                                           decoder=None if self.in_collate else self.decoder, counter=self.counter,
+                                           seed=seed, cpu_decoder=self.cpu_decoder,
+                                           photometric=torch.device(self.device).type == "cpu" and not self.in_collate,
                                            num_workers=cfg.num_workers)
         self._dl: DataLoader | None = None  # made at the first iter(); its workers persist over epochs
         self._ahead: Iterator | None = None  # a GPU run's finishing thread (finish_ahead), while one runs
@@ -469,14 +493,21 @@ class VideoLoader:
     def __len__(self) -> int:
         return self.batches_per_epoch
 
+    def _in_thread(self) -> bool:
+        return self.finish_in_thread if self.finish_in_thread is not None else torch.device(self.device).type == "cuda"
+
     def describe(self) -> str:
         """The data path this loader chose, in one line (the trainer logs it)."""
         what = manifest_codec(self.manifest) or "video of unknown codec"
         dec = self.decoder
-        if dec.device == "cuda":
-            engine = "nvJPEG" if what == "jpeg" else "NVDEC"
-            return (f"{what} decoded by DALI on {self.device} ({engine}), crops and colour on the GPU in a background "
-                    f"thread, {GPU_PREFETCH_BATCHES} batches ahead; {self.cfg.num_workers} workers read and sample")
+        if self.in_collate:
+            engine = (" (nvJPEG)" if what == "jpeg" else " (NVDEC)") if dec.device == "cuda" else ""
+            share = self.cfg.cpu_decode_share
+            split = f"{100 * (1 - share):.0f}% of the videos " if share > 0 else ""
+            cpu = f", {100 * share:.0f}% by PyAV in the workers" if share > 0 else ""
+            ahead = f" in a background thread, {GPU_PREFETCH_BATCHES} batches ahead" if self._in_thread() else ""
+            return (f"{what}: {split}decoded by {dec.name} on {self.device}{engine}{cpu}, crops and colour on "
+                    f"{self.device}{ahead}; {self.cfg.num_workers} workers read and sample")
         where = "the GPU" if torch.device(self.device).type == "cuda" else "the workers"
         return (f"{what} decoded by {dec.name} ({dec.device}) in {self.cfg.num_workers} workers, crops there, "
                 f"colour in {where}")
@@ -517,9 +548,7 @@ class VideoLoader:
             return collate(wb.samples, self.cfg, self.decoder, self.device)
 
         ahead = None
-        in_thread = self.finish_in_thread if self.finish_in_thread is not None else \
-            torch.device(self.device).type == "cuda"
-        if in_thread:
+        if self._in_thread():
             if self._ahead is not None:  # an earlier iterator's thread: one reader of the workers at a time
                 self._ahead.close()
             # decoding and augmentation on the GPU overlap the step: a thread on its own CUDA stream

@@ -3,10 +3,10 @@
 # (they stay while the machine is warm) and stop. Without: stage, assemble and unpack the tree into
 # /tmp/site, then run the benchmarks and the GPU tests, each under its own time limit, writing every
 # table under $OUT. Most important first: a call cut short still returns what it measured.
-# Stage names as arguments run only those: all of them take ~12 minutes, more than one call may
+# Stage names as arguments run only those: all of them take ~13.5 minutes, more than one call may
 # run, so a session runs them in two calls to the warm machine:
 #   bash scripts/device/gpu_check.sh step_T80 step_T80_graphs step_T240 gpu_tests     (~9 min)
-#   bash scripts/device/gpu_check.sh augment data e2e_jpeg e2e_jpeg_pyav               (~3.5 min)
+#   bash scripts/device/gpu_check.sh augment data e2e_jpeg e2e_jpeg_pyav e2e_jpeg_hybrid   (~4.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p /tmp/carl_parts
@@ -50,13 +50,15 @@ stage step_T80_graphs 110 python3 -m carl_scale.bench.step --flavor r50 --frames
 stage step_T240 90 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 --warmup 2 \
   --extra parallel.trunk_chunk=320
 TAIL=25 stage gpu_tests 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
-stage augment 25 python3 -m carl_scale.bench.augment --device cuda --batch 2 --frames 80 --size 224 --iters 10
-stage data 70 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 80 \
+stage augment 20 python3 -m carl_scale.bench.augment --device cuda --batch 2 --frames 80 --size 224 --iters 10
+stage data 90 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 80 \
   --image-size 224 --batch 2 --workers 8 --write-workers 16 --videos 16 --whole-videos 2 --batches 10 \
-  --paths jpeg/pyav jpeg/dali video/dali
-stage e2e_jpeg 60 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --paths jpeg/pyav jpeg/dali video/dali --cpu-shares 0.25 0.5
+stage e2e_jpeg 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10
-stage e2e_jpeg_pyav 60 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+stage e2e_jpeg_pyav 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10 --decoder pyav
+stage e2e_jpeg_hybrid 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 10 --cpu-decode-share 0.25
 echo "done in $((SECONDS - t0)) s, rc $rc"
 exit $rc
