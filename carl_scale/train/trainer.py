@@ -478,12 +478,13 @@ class Trainer:
                     log.step(self.step, {}, False)  # the progress bar only: nothing read back yet
                     continue
                 # the outputs are read back here only: between these points the host never waits for the GPU
-                now = time.perf_counter()
-                window = {"samples_per_s": samples_window / max(1e-9, now - t_window),
-                          "data_wait": wait_window / max(1e-9, now - t_window)}
-                for q, outs in zip(queued, self.settle(queued)):
+                settled = self.settle(queued)
+                now = time.perf_counter()  # after the read-back: the GPU has caught up with the steps counted
+                rates = {"samples_per_s": samples_window / max(1e-9, now - t_window),
+                         "data_wait": wait_window / max(1e-9, now - t_window)}
+                for q, outs in zip(queued, settled):
                     self.history.append(outs["loss"])
-                    scalars = {**outs, "lr": q.lr, **window}
+                    scalars = {**outs, "lr": q.lr, **rates}
                     for i in range(len(timed)):
                         since_hook[i].append(scalars)
                 queued = []
