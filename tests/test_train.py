@@ -541,3 +541,15 @@ def test_a_checkpoint_of_a_non_fused_optimizer_resumes_fused():
     old.param_groups[0]["params"][0].grad = grad.clone()
     old.step()
     torch.testing.assert_close(p.detach(), old.param_groups[0]["params"][0].detach())
+
+
+def test_a_data_setting_this_machine_refuses_leaves_no_run_directory(vp9_shards, tmp_path):
+    """--cpu-decode-share on a CPU machine (the workers decode everything already) is refused in
+    one line before the run directory is made."""
+    from carl_scale.train.trainer import Trainer, process_group
+    from launch.pretrain_k400 import parse
+
+    cfg, _ = parse(_flags(vp9_shards, tmp_path / "run", 1, cpu_decode_share=0.5, workers=0))
+    with process_group() as (rank, world, device), pytest.raises(ValueError, match="--cpu-decode-share 0.5"):
+        Trainer(cfg, rank=rank, world=world, device=device)
+    assert not (tmp_path / "run").exists()

@@ -290,11 +290,12 @@ class Trainer:
         self.bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and device.type == "cuda")
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
+        resume_from = self._find_resume()  # refuses settings that would not continue it, before any work
+        # the full device ("cuda:3"): GPU decoding runs on this rank's own GPU. Before the run
+        # directory is made: a data setting this machine refuses leaves nothing behind.
+        self.loader = VideoLoader(cfg.data, rank=rank, world_size=world, seed=cfg.seed, device=str(device))
         if self.rank == 0:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
-        resume_from = self._find_resume()  # refuses settings that would not continue it, before any work
-        # the full device ("cuda:3"): GPU decoding runs on this rank's own GPU
-        self.loader = VideoLoader(cfg.data, rank=rank, world_size=world, seed=cfg.seed, device=str(device))
         if rank == 0:
             print(f"data: {self.loader.describe()}", flush=True)
         self.total_steps = cfg.steps if cfg.steps is not None else \
