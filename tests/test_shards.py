@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import tarfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from carl_scale.data.codec import iter_video_frames
 from carl_scale.data.config import SyntheticConfig
@@ -237,3 +239,26 @@ def test_synthetic_nuisance_levels():
     assert len(np.unique(v.frames[0].reshape(-1, 3), axis=0)) > 1  # the figure is drawn
     with pytest.raises(ValueError, match="nuisance"):
         SyntheticConfig(nuisance="medium")
+
+
+def test_jpeg_videos_of_different_sizes_decode_in_one_dali_run():
+    """nvJPEG/DALI decode a batch's frames in one run and copy them out in one piece, back to back
+    whatever their sizes: each video gets its own frames (repeats and order kept), as PyAV gives
+    them, with small runs (image_batch 4) splitting the batch too."""
+    def jpeg_video(h: int, w: int, seed: int) -> EncodedVideo:
+        frames = np.random.default_rng(seed).integers(0, 256, (6, h, w, 3), dtype=np.uint8)
+        blobs = []
+        for f in frames:
+            out = io.BytesIO()
+            Image.fromarray(f).save(out, format="JPEG", quality=95)
+            blobs.append(out.getvalue())
+        offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+        return EncodedVideo("jpeg", b"".join(blobs), len(frames), offsets, "jpeg", height=h, width=w)
+
+    items = [jpeg_video(24, 40, 0), jpeg_video(16, 16, 1), jpeg_video(24, 40, 2)]
+    idx = [np.array([5, 0, 0, 3]), np.array([1, 2]), np.array([4, 4, 1])]
+    want = PyAVDecoder().decode(items, idx)
+    for dec in (DaliDecoder(), DaliDecoder(image_batch=4)):
+        for got, ref, i in zip(dec.decode(items, idx), want, idx):
+            assert got.shape == ref.shape == (len(i), *ref.shape[1:])
+            _close(got, ref, DECODER_MEAN_TOL)

@@ -14,7 +14,9 @@ DALI's video decoder takes the frame list itself; JPEG payloads decode the wante
 
 from __future__ import annotations
 
+import ctypes
 import io
+import math
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -234,15 +236,44 @@ class DaliDecoder(FrameDecoder):
             out += self._outputs(tl)
         return out
 
-    def _run_images(self, jpgs: list[np.ndarray]) -> list:
+    def _flat(self, tl):
+        """A DALI TensorList copied out in one piece: (a flat uint8 buffer holding its samples back
+        to back, a NumPy array or a CUDA tensor; each sample's shape). One copy whatever the
+        samples' sizes, where a copy per sample costs a Python round trip each (hundreds a batch)."""
+        shapes = [tuple(int(d) for d in x) for x in tl.shape()]
+        total = sum(math.prod(x) for x in shapes)
+        if self.device == "cpu":
+            buf = np.empty(total, np.uint8)
+            if total:
+                tl.copy_to_external(ctypes.c_void_p(buf.ctypes.data))
+            return buf, shapes
+        import torch
+        from nvidia.dali import types
+
+        buf = torch.empty(total, dtype=torch.uint8, device=f"cuda:{self.device_id}")
+        if total:
+            stream = types._raw_cuda_stream_ptr(torch.cuda.current_stream(self.device_id))
+            tl.copy_to_external(ctypes.c_void_p(buf.data_ptr()), stream, non_blocking=True)
+        return buf, shapes
+
+    def _run_images(self, jpgs: list[np.ndarray]):
+        """Decoded frames of ``jpgs``, back to back in one flat buffer, and their shapes."""
         if self._image_pipe is None:
             self._image_pipe = self._build("image")
-        out = []
+        bufs, shapes = [], []
         for s in range(0, len(jpgs), self.image_batch):
             self._image_pipe.feed_input("enc", jpgs[s : s + self.image_batch])
             (tl,) = self._image_pipe.run()
-            out += self._outputs(tl)
-        return out
+            buf, sh = self._flat(tl)
+            bufs.append(buf)
+            shapes += sh
+        if len(bufs) == 1:
+            return bufs[0], shapes
+        if self.device == "cpu":
+            return np.concatenate(bufs), shapes
+        import torch
+
+        return torch.cat(bufs), shapes
 
     def decode(self, items, indices):
         uniq = []
@@ -272,20 +303,17 @@ class DaliDecoder(FrameDecoder):
             flat = []
             for k in jpg:
                 flat += [np.frombuffer(b, np.uint8) for b in split_jpeg_blob(items[k].data, items[k].offsets, uniq[k][0])]
-            decoded = self._run_images(flat)
-            pos = 0
-            for k in jpg:
+            buf, shapes = self._run_images(flat)
+            pos = start = 0
+            for k in jpg:  # a video's frames lie back to back in the buffer: one view of it each
                 n = len(uniq[k][0])
-                result[k] = self._stack(decoded[pos : pos + n])
-                pos += n
+                own = set(shapes[pos : pos + n])
+                if len(own) != 1:
+                    raise ValueError(f"the JPEG frames of one video decode to different sizes: {sorted(own)}")
+                size = n * math.prod(shapes[pos])
+                result[k] = buf[start : start + size].reshape(n, *shapes[pos])
+                pos, start = pos + n, start + size
         return [r[uniq[k][1]] for k, r in enumerate(result)]
-
-    def _stack(self, frames: list):
-        if self.device == "cpu":
-            return np.stack(frames)
-        import torch
-
-        return torch.stack(frames)
 
 
 def cuda_available() -> bool:
