@@ -235,3 +235,23 @@ def test_resuming_an_old_run_with_todays_architecture_is_refused(tmp_path):
     own = to_dict(load_run_config(str(tmp_path / "meta.json")))
     ckpt.check_resume(tmp_path, {"config": old, "world_size": 1}, own, 1)  # its own config: accepted
     assert (own["model"]["pos_encoding"], own["model"]["final_norm"]) == ("halves", True)
+
+
+def test_trunk_chunks_are_equal_calls_written_into_one_buffer():
+    """--trunk-chunk N: ceil(n / N) calls of the frozen stages of equal size (within one frame, so
+    no small remainder call), each written into one output buffer; the same values as one call,
+    also in channels_last."""
+    torch.manual_seed(0)
+    m = build_model(model_config("debug", train_last_stages=1)).train()
+    sizes = []
+    m.backbone.frozen.register_forward_hook(lambda mod, inp, out: sizes.append(inp[0].shape[0]))
+    frames = torch.randn(22, 3, 32, 32)
+    whole = m.backbone(frames)
+    for chunk, calls in ((22, [22]), (100, [22]), (8, [7, 7, 8]), (11, [11, 11]), (1, [1] * 22)):
+        sizes.clear()
+        torch.testing.assert_close(m.backbone(frames, chunk), whole, atol=1e-5, rtol=1e-5)
+        assert sizes == calls, (chunk, sizes)
+    m.backbone.use_channels_last()
+    out = m.backbone(frames, 8)
+    torch.testing.assert_close(out, whole, atol=1e-5, rtol=1e-5)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in m.backbone.parameters() if p.dim() == 4)

@@ -116,7 +116,11 @@ class Backbone(nn.Module):
     def use_channels_last(self) -> "Backbone":
         """Weights and inputs in channels_last (NHWC) memory format: cuDNN's fast path for bf16
         convolutions. The values, the state dict's keys and shapes are unchanged."""
-        self.to(memory_format=torch.channels_last)
+        # what Module.to(memory_format=...) does to plain tensors (set .data of the 4-D weights),
+        # written out so it also works on fake tensors (carl_scale.bench.memory), which it would swap
+        for p in self.parameters():
+            if p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
         self.channels_last = True
         return self
 
@@ -149,14 +153,28 @@ class Backbone(nn.Module):
 
     def forward(self, frames: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """(N, 3, H, W) -> (N, C, h, w). ``chunk`` bounds the frames per forward of the frozen
-        stages (and of the trainable ones when no gradient is needed)."""
+        stages (and of the trainable ones when no gradient is needed): the N frames go in
+        ``ceil(N / chunk)`` calls of equal size (within one frame), so no call is a small remainder."""
         n = frames.shape[0]
-        step = n if not chunk else chunk
-        if self.channels_last:
-            frames = frames.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            x = torch.cat([self.frozen(frames[i : i + step]) for i in range(0, n, step)]) if len(self.frozen) \
-                else frames
+        calls = 1 if not chunk else -(-n // chunk)
+        bounds = [n * i // calls for i in range(calls + 1)]
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        if not len(self.frozen):
+            x = frames.contiguous(memory_format=layout)
+        else:
+            with torch.no_grad():
+                # each call's frames converted on their own (not a copy of the whole input) and each
+                # output written into one buffer (not kept for a torch.cat: twice the stages' output)
+                x = None
+                for a, b in zip(bounds, bounds[1:]):
+                    y = self.frozen(frames[a:b].contiguous(memory_format=layout))
+                    if calls == 1:
+                        x = y
+                        break
+                    if x is None:
+                        x = torch.empty((n, *y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=layout)
+                    x[a:b] = y
+                    del y
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.trainable.parameters()):
             return self.trainable(x)
-        return torch.cat([self.trainable(x[i : i + step]) for i in range(0, n, step)])
+        return torch.cat([self.trainable(x[a:b]) for a, b in zip(bounds, bounds[1:])])

@@ -46,9 +46,12 @@ class ParallelConfig(Config):
                                              "without ZeRO (ZeRO's flat buffers hold contiguous weights only)")
     cudnn_benchmark: bool = param(True, flag="--cudnn-benchmark",
                                   help="let cuDNN time its convolution algorithms on the first steps (GPU)")
+    # 256: by simulation (python -m carl_scale.bench.memory) our r50 step's peak is then 0.73x the
+    # published step's at T = 80 x 2 videos and 0.89x at T = 240 x 4, against 1.10x and 1.48x with
+    # all frames in one call; calls of 160-240 frames still fill a GPU
     trunk_chunk: int | None = param(
-        None, flag="--trunk-chunk", ge=1, help="frames per call of the frozen ResNet stages in training (default: "
-                                               "all of a batch's frames at once); bounds their transient memory")
+        256, flag="--trunk-chunk", ge=1, help="at most this many frames per call of the frozen ResNet stages in "
+                                              "training, in calls of equal size (more than a batch's 2BT frames: one call); bounds their memory")
     compile: Literal["off", "trunk", "objective"] = param(
         "off", flag="--compile", help="torch.compile (the first steps compile): trunk: the ResNet trunk; objective: "
                                       "the whole forward (encoder, projection, loss) as one graph, and its backward")
