@@ -351,8 +351,8 @@ def test_colour_in_the_collate_equals_colour_in_the_workers(vp9_shards):
     """The GPU loader's split, run on the CPU: workers crop only and the collate colours the whole
     batch (photometric_batch); the views equal the workers' per-view colour up to rounding. The
     batch says on the host whether any frame is padding."""
-    def batches(in_workers: bool) -> list:
-        loader = VideoLoader(_cfg(vp9_shards, batch_size=2, num_workers=1))
+    def batches(in_workers: bool, dtype=torch.float32) -> list:
+        loader = VideoLoader(_cfg(vp9_shards, batch_size=2, num_workers=1), views_dtype=dtype)
         loader.dataset.photometric = in_workers
         return list(loader)
 
@@ -361,6 +361,10 @@ def test_colour_in_the_collate_equals_colour_in_the_workers(vp9_shards):
     for a, b in zip(workers, collate):
         torch.testing.assert_close(b.views, a.views, rtol=0, atol=2e-5)
         assert a.padded == b.padded == (not bool(a.mask.all()))
+    # a bf16 run's views: the float32 ones rounded once, wherever the colour was made
+    for in_workers, fp32 in ((True, workers), (False, collate)):
+        for a, b in zip(fp32, batches(in_workers, torch.bfloat16)):
+            assert b.views.dtype == torch.bfloat16 and torch.equal(b.views, a.views.to(torch.bfloat16))
 
 
 def test_a_share_of_the_videos_decoded_in_the_workers_changes_no_batch(jpeg_shards):

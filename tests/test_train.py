@@ -268,7 +268,9 @@ def test_bf16_autocast_reaches_the_model_inside_the_engine_and_hooks_see_each_in
     with process_group() as (rank, world, device):
         trainer = Trainer(cfg, rank=rank, world=world, device=device)
         trainer.model.embed.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
-        trainer.train_step(next(iter(trainer.loader)))
+        batch = next(iter(trainer.loader))
+        assert batch.views.dtype == torch.bfloat16 and "views in bfloat16" in trainer.loader.describe()
+        trainer.train_step(batch)
         assert all(p.dtype == torch.float32 for p in trainer.engine.module.parameters())
         del trainer
     assert dtypes == [torch.bfloat16]
@@ -376,6 +378,28 @@ def test_speed_switches_change_neither_the_loss_nor_the_gradients_nor_the_state_
     assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-6) and k0 == k1 and g0.keys() == g1.keys()
     for n in g0:
         assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-5), n
+
+
+def test_bf16_views_give_the_step_the_same_values_as_float32_views():
+    """A bf16 run's loader delivers bf16 views (half the memory): under bf16 autocast the trunk's
+    first convolution casts float32 views to exactly those values, so loss and gradients are
+    identical, bit for bit (here with the CPU's bf16 autocast)."""
+    from carl_scale.bench.step import synthetic_batch
+    from carl_scale.losses.objective import build_objective
+    from carl_scale.models import build_model
+    from carl_scale.train.recipes import recipe
+
+    cfg = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 8, "model.image_size": 32})
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        objective = build_objective(build_model(cfg.model), cfg.loss, autocast=torch.bfloat16, trunk_chunk=16).train()
+        loss = objective(synthetic_batch(2, 8, 32, torch.device("cpu"), views_dtype=dtype))["loss"]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in objective.parameters() if p.grad is not None]))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1) and len(g0) == len(g1) > 10
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
 
 
 def test_channels_last_with_zero_is_refused_when_the_config_is_built():

@@ -317,7 +317,7 @@ class WorkerBatch:
 # -- batches -----------------------------------------------------------------------------------
 @dataclass
 class VideoBatch:
-    views: torch.Tensor  # (B, 2, T, 3, S, S) float, normalised
+    views: torch.Tensor  # (B, 2, T, 3, S, S) float (the loader's views_dtype), normalised
     timestamps: torch.Tensor  # (B, 2, T) int64 original frame indices
     mask: torch.Tensor  # (B, 2, T) bool
     action_labels: torch.Tensor  # (B,) int64, -1 = none
@@ -334,9 +334,10 @@ class VideoBatch:
 
 
 def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDecoder | None,
-            device: str | torch.device = "cpu") -> VideoBatch:
+            device: str | torch.device = "cpu", views_dtype: torch.dtype = torch.float32) -> VideoBatch:
     """Finish a worker's batch on ``device``: decode and crop the samples the worker did not (all
-    of them, or those outside ``cpu_decode_share``), then colour them if the worker did not."""
+    of them, or those outside ``cpu_decode_share``), then colour them if the worker did not; the
+    views end in ``views_dtype`` (colour is computed in float32 either way)."""
     todo = [s for s in samples if s.views is None]
     if todo:
         flat = decoder.decode([s.encoded for s in todo], [s.timestamps.reshape(-1) for s in todo])
@@ -345,11 +346,11 @@ def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDeco
             frames = to_tchw(f).reshape(2, -1, 3, *f.shape[1:3])
             s.views = torch.stack([apply_geometric(frames[v], s.params[v], cfg.spatial.image_size) for v in range(2)])
     if samples[0].views.is_floating_point():  # already augmented in the worker
-        views = torch.stack([s.views for s in samples]).to(device)
+        views = torch.stack([s.views for s in samples]).to(device, views_dtype)
     else:  # colour on the device, the whole batch at once; (B, 2, T, 3, S, S)
         frames = torch.stack([s.views.to(device, non_blocking=True) for s in samples])
         views = photometric_batch(frames.flatten(0, 1), [p for s in samples for p in s.params],
-                                  cfg.spatial).view(frames.shape)
+                                  cfg.spatial).to(views_dtype).view(frames.shape)
     ts = torch.from_numpy(np.stack([s.timestamps for s in samples]))
     phases = torch.from_numpy(np.stack([np.asarray(s.meta["phase_labels"], dtype=np.int64)[s.timestamps]
                                         for s in samples]))
@@ -447,13 +448,16 @@ class VideoLoader:
     """
 
     def __init__(self, cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1, split: str = "train",
-                 seed: int = 0, device: str = "cpu", decode_in_collate: bool | None = None):
+                 seed: int = 0, device: str = "cpu", decode_in_collate: bool | None = None,
+                 views_dtype: torch.dtype = torch.float32):
         """``seed`` fixes the shard order, shuffle and views of every epoch; ``device`` is where
         batches are finished (colour augmentation, and GPU decoding with DALI ``mixed``).
+        ``views_dtype``: the batches' views, e.g. bf16 for a model that autocasts to bf16 (its
+        first convolution would cast them anyway: the same values in half the memory).
         ``decode_in_collate`` (None: when the decoder is on a GPU) decodes in the finishing step,
         batched, instead of in the workers; ``cfg.cpu_decode_share`` of the videos then still go
         to the workers' CPU decoder (PyAV)."""
-        self.cfg, self.seed, self.device = cfg, seed, str(device)
+        self.cfg, self.seed, self.device, self.views_dtype = cfg, seed, str(device), views_dtype
         self.urls, self.manifest = resolve_shards(cfg.shards, split)
         total = manifest_samples(self.manifest, self.urls, split)
         per_rank = cfg.epoch_samples
@@ -498,6 +502,10 @@ class VideoLoader:
 
     def describe(self) -> str:
         """The data path this loader chose, in one line (the trainer logs it)."""
+        views = "" if self.views_dtype == torch.float32 else f"; views in {str(self.views_dtype).split('.')[-1]}"
+        return self._describe_path() + views
+
+    def _describe_path(self) -> str:
         what = manifest_codec(self.manifest) or "video of unknown codec"
         dec = self.decoder
         if self.in_collate:
@@ -545,7 +553,7 @@ class VideoLoader:
                                   persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
         dl = self._dl
         def finish(wb: WorkerBatch) -> VideoBatch:
-            return collate(wb.samples, self.cfg, self.decoder, self.device)
+            return collate(wb.samples, self.cfg, self.decoder, self.device, self.views_dtype)
 
         ahead = None
         if self._in_thread():

@@ -293,7 +293,10 @@ class Trainer:
         resume_from = self._find_resume()  # refuses settings that would not continue it, before any work
         # the full device ("cuda:3"): GPU decoding runs on this rank's own GPU. Before the run
         # directory is made: a data setting this machine refuses leaves nothing behind.
-        self.loader = VideoLoader(cfg.data, rank=rank, world_size=world, seed=cfg.seed, device=str(device))
+        # bf16 views under bf16 autocast: the trunk's first convolution would cast them anyway, so the
+        # same values in half the memory (at T = 240 x 4 videos, 0.58 GiB less at the step's peak)
+        self.loader = VideoLoader(cfg.data, rank=rank, world_size=world, seed=cfg.seed, device=str(device),
+                                  views_dtype=torch.bfloat16 if self.bf16 else torch.float32)
         if self.rank == 0:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
         if rank == 0:
