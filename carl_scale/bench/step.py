@@ -10,14 +10,16 @@
 (b) ours: what ``launch/pretrain_k400.py`` runs: the engine :func:`~carl_scale.train.trainer.build_engine`
     makes from a recipe config (DeepSpeed, fp32 weights, bf16 autocast inside the objective on a
     GPU) and :func:`~carl_scale.train.trainer.engine_step` (forward, a finiteness flag, backward,
-    step), with the same flavor, frames and batch;
+    step), with the same flavor, frames and batch, on the views the trainer's loader gives it (bf16
+    on a GPU: the published step's autocast casts its float32 views at the first convolution);
 (c) plain PyTorch: (b) without the DeepSpeed engine (:func:`plain_step`), to show what it costs.
 
 Both start from the same weights and take the same synthetic batch (random pixels: the speed does
 not depend on content). Printed: samples/s, the peak GPU memory of each path (reset between them;
-not measured on a CPU), the ratio (b)/(a), each path's loss on the first step (published ≈
-ours / 2 − the targets' entropy: ``tests/test_scl.py``), and the step's anatomy
-(:func:`step_anatomy`): the host's time to queue it, its host-device synchronisations, its aten ops.
+not measured on a CPU: ``python -m carl_scale.bench.memory`` simulates it), the ratio (b)/(a),
+each path's loss on the first step (published ≈ ours / 2 − the targets' entropy:
+``tests/test_scl.py``), and the step's anatomy (:func:`step_anatomy`): the host's time to queue
+it, its host-device synchronisations, its aten ops.
 """
 
 from __future__ import annotations
@@ -40,23 +42,28 @@ from carl_scale.train.recipes import configure, recipe
 from carl_scale.train.trainer import apply_speedups, build_engine, engine_step, process_group
 
 
-def synthetic_batch(b: int, t: int, size: int, device: torch.device) -> VideoBatch:
+def synthetic_batch(b: int, t: int, size: int, device: torch.device,
+                    views_dtype: torch.dtype = torch.float32) -> VideoBatch:
+    """Random pixels (the speed does not depend on content); ``views_dtype`` as the loader that
+    feeds the path delivers them (the trainer's: :func:`carl_scale.data.reader.views_dtype`)."""
     g = torch.Generator().manual_seed(0)
     ts = torch.sort(torch.randint(0, 4 * t, (b, 2, t), generator=g), dim=-1).values
-    return VideoBatch(views=torch.randn(b, 2, t, 3, size, size, generator=g), timestamps=ts,
+    return VideoBatch(views=torch.randn(b, 2, t, 3, size, size, generator=g).to(views_dtype), timestamps=ts,
                       mask=torch.ones(b, 2, t, dtype=torch.bool), action_labels=torch.zeros(b, dtype=torch.long),
                       phase_labels=torch.full((b, 2, t), -1), num_frames=torch.full((b,), 4 * t),
                       video_ids=[f"v{i}" for i in range(b)], padded=False).to(device)
 
 
-def published_step(model, batch: VideoBatch, cuda: bool, tau: float, sigma2: float):
-    """A step function running the published code's way (see the module docstring)."""
+def published_step(model, batch: VideoBatch, amp: bool, tau: float, sigma2: float):
+    """A step function running the published code's way (see the module docstring); ``amp``: its
+    fp16 autocast (with a GradScaler on a GPU)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-4, weight_decay=1e-5)
-    scaler = torch.amp.GradScaler("cuda") if cuda else None
+    device = batch.views.device.type
+    scaler = torch.amp.GradScaler("cuda") if amp and device == "cuda" else None
 
     def step() -> float:
-        with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+        with torch.autocast(device, dtype=torch.float16, enabled=amp):
             z = published_forward(model, batch.views, batch.mask)
             loss = published_scl(z, batch.timestamps, batch.mask, tau=tau, sigma2=sigma2)
         opt.zero_grad(set_to_none=True)
@@ -83,10 +90,11 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def plain_step(model, cfg, batch: VideoBatch, cuda: bool):
+def plain_step(model, cfg, batch: VideoBatch, amp: bool):
     """The trainer's step without the DeepSpeed engine, at world size 1: the same objective and
-    speedups, backward, torch's fused clipping and fused AdamW, no finiteness flag."""
-    objective = build_objective(model, cfg.loss, autocast=torch.bfloat16 if cuda else None,
+    speedups, backward, torch's fused clipping and fused AdamW, no finiteness flag; ``amp``: the
+    bf16 autocast the trainer uses on a GPU."""
+    objective = build_objective(model, cfg.loss, autocast=torch.bfloat16 if amp else None,
                                 trunk_chunk=cfg.parallel.trunk_chunk).train()
     apply_speedups(model, cfg, objective)
     params = [p for p in objective.parameters() if p.requires_grad]
@@ -177,6 +185,15 @@ def _override(text: str) -> dict:
     return out
 
 
+def check_extras(extras, flavor: str) -> None:
+    """Refuse a malformed or invalid ``--extra`` before any work, in one line."""
+    for e in extras:
+        try:
+            configure(recipe("debug"), _override(e), flavor=flavor)
+        except Exception as exn:
+            raise SystemExit(f"--extra {e!r}: {exn}")
+
+
 def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: tuple[str, ...] = (),
         report=None) -> dict[str, tuple]:
     """Measure the published step, the trainer's step, and the trainer's step under each of
@@ -187,6 +204,10 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
         base = {"data.batch_size": batch, "data.temporal.num_frames": frames}
         cfg = configure(recipe("debug"), base, flavor=flavor)
         data = synthetic_batch(batch, frames, cfg.model.image_size, device)
+        # ours takes what the trainer's loader gives a bf16 run (Trainer: views_dtype): the same
+        # pixels in bf16, which the published step's fp16 autocast casts to at its first convolution
+        ours_data = synthetic_batch(batch, frames, cfg.model.image_size, device,
+                                    views_dtype=torch.bfloat16 if cuda else torch.float32)
         results = {"_config": (to_dict(cfg.model), torch.cuda.get_device_name() if cuda else "CPU")}
         torch.manual_seed(0)
         model = build_model(cfg.model)
@@ -211,7 +232,7 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
             engine.train()
 
             def ours(engine=engine) -> torch.Tensor:
-                out, _ = engine_step(engine, data, device)
+                out, _ = engine_step(engine, ours_data, device)
                 return out["loss"].detach()
 
             done("ours (trainer step)" + (f" {extra}" if extra else ""),
@@ -223,7 +244,7 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
                 model = build_model(c.model)
                 model.load_state_dict(start)
                 done("plain PyTorch (ours without DeepSpeed)",
-                     measure(plain_step(model.to(device), c, data, cuda), iters, warmup, batch, device))
+                     measure(plain_step(model.to(device), c, ours_data, cuda), iters, warmup, batch, device))
     return results
 
 
@@ -240,11 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if min(a.frames, a.batch, a.iters, a.warmup) < 1:
         p.error("--frames, --batch, --iters and --warmup must be >= 1")
-    for e in a.extra:  # refuse a malformed or invalid one before any work
-        try:
-            configure(recipe("debug"), _override(e), flavor=a.flavor)
-        except Exception as exn:
-            raise SystemExit(f"--extra {e!r}: {exn}")
+    check_extras(a.extra, a.flavor)
     first: dict[str, float] = {}
 
     def cell(v, fmt: str) -> str:

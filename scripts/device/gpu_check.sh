@@ -42,13 +42,14 @@ stage() {  # name, seconds, command...: its output to $out/name.txt, the table a
   timeout "$limit" "$@" > "$out/$name.txt" 2>&1 || { echo "!!! $name failed or timed out: rc $?"; rc=1; }
   grep -v "^\[\|Warning\|warn(" "$out/$name.txt" | tail -"${TAIL:-12}"
 }
-# the sync-free default step, then the compiled variants (each row compiles first: ~1 min)
+# the sync-free default step, then the compiled variants (each row compiles first: ~1 min), then
+# the frozen stages in one call (trunk_chunk above 2BT) against the default's calls of <= 256 frames
 stage step_T80 170 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
-  --extra parallel.compile=trunk parallel.compile=objective
+  --extra parallel.compile=trunk parallel.compile=objective parallel.trunk_chunk=100000
 stage step_T80_graphs 110 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
   --extra parallel.compile=objective,parallel.compile_mode=reduce-overhead
 stage step_T240 90 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 --warmup 2 \
-  --extra parallel.trunk_chunk=320
+  --extra parallel.trunk_chunk=100000
 TAIL=25 stage gpu_tests 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 stage augment 20 python3 -m carl_scale.bench.augment --device cuda --batch 2 --frames 80 --size 224 --iters 10
 stage data 90 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 80 \
