@@ -109,7 +109,7 @@ def test_the_trainer_step_computes_the_published_steps_loss_on_the_same_inputs()
 
 
 def test_the_compiled_channels_last_step_computes_the_eager_steps_loss():
-    """--compile trunk and --compile objective with the GPU defaults (channels_last,
+    """--compile trunk, --compile objective and --fuse-frozen with the GPU defaults (channels_last,
     cudnn.benchmark) against the eager, contiguous step: same weights, same batch, eval mode; the
     loss within bf16 rounding (1%)."""
     from carl_scale.bench.step import synthetic_batch
@@ -121,7 +121,8 @@ def test_the_compiled_channels_last_step_computes_the_eager_steps_loss():
     over = {"data.batch_size": 2, "data.temporal.num_frames": 32}
     batch = synthetic_batch(2, 32, 224, torch.device("cuda"))
     losses = []
-    for extra in ({"parallel.channels_last": "off"}, {"parallel.compile": "trunk"}, {"parallel.compile": "objective"}):
+    for extra in ({"parallel.channels_last": "off"}, {"parallel.compile": "trunk"}, {"parallel.compile": "objective"},
+                  {"parallel.fuse_frozen": "on"}, {"parallel.fuse_frozen": "on", "parallel.channels_last": "off"}):
         cfg = configure(recipe("debug"), {**over, **extra}, flavor="r50")
         torch.manual_seed(0)
         model = build_model(cfg.model).cuda().eval()
@@ -129,7 +130,36 @@ def test_the_compiled_channels_last_step_computes_the_eager_steps_loss():
         apply_speedups(model, cfg, objective)
         with torch.no_grad():
             losses.append(objective(batch)["loss"].item())
-    assert losses[1] == pytest.approx(losses[0], rel=0.01) and losses[2] == pytest.approx(losses[0], rel=0.01)
+    assert all(loss == pytest.approx(losses[0], rel=0.01) for loss in losses[1:]), losses
+
+
+def test_cudnns_fused_frozen_stages_compute_what_the_stages_compute():
+    """--fuse-frozen on a GPU: cuDNN's fused conv+bias(+add)+ReLU calls on the folded weights
+    against the r50 frozen stages as modules, bf16 autocast, channels_last and not: relative error
+    within bf16's (2%), and the cuDNN calls really made (not the conv2d path)."""
+    from carl_scale.models.backbones import Backbone
+
+    torch.manual_seed(0)
+    bb = Backbone("resnet50", 1).cuda()
+    for m in bb.frozen.modules():  # statistics that are not the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(16, 3, 224, 224, device="cuda")
+    calls = []
+    fused = bb.use_fused_frozen().fused
+    real = torch.cudnn_convolution_relu
+    torch.cudnn_convolution_relu = lambda *a: (calls.append(1), real(*a))[1]
+    try:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            ref = bb.frozen(x).float()
+            for layout in (torch.contiguous_format, torch.channels_last):
+                if layout == torch.channels_last:
+                    bb.use_channels_last()
+                out = fused(x.contiguous(memory_format=layout), layout).float()
+                assert (out - ref).norm() / ref.norm() < 0.02, layout
+    finally:
+        torch.cudnn_convolution_relu = real
+    assert len(calls) >= 2 * 20
 
 
 def test_the_batched_colour_augmentation_on_the_gpu_equals_the_per_view_one_on_the_cpu():

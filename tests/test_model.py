@@ -255,3 +255,62 @@ def test_trunk_chunks_are_equal_calls_written_into_one_buffer():
     out = m.backbone(frames, 8)
     torch.testing.assert_close(out, whole, atol=1e-5, rtol=1e-5)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in m.backbone.parameters() if p.dim() == 4)
+
+
+@pytest.mark.filterwarnings("ignore:ResNet-50 backbone starts from random weights")
+@pytest.mark.parametrize("kind", ["debug", "r50"])
+def test_fused_frozen_stages_compute_what_the_stages_compute_and_refold_after_a_load(kind):
+    """--fuse-frozen on: BatchNorm folded into each convolution, the add and ReLU after it, equal
+    to the frozen stages (float32, NCHW and channels_last), close under bf16 autocast; new weights
+    (a load writes them in place) are folded again; the state dict is unchanged."""
+    from carl_scale.models.backbones import Backbone
+
+    torch.manual_seed(0)
+    bb = Backbone("debug_cnn" if kind == "debug" else "resnet50", 1)
+    for m in bb.frozen.modules():  # BatchNorms with statistics that are not the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(3, 3, 64 if kind == "debug" else 96, 64 if kind == "debug" else 96)
+    keys = list(bb.state_dict())
+
+    def close(a, b):  # float32 rounding of the folded weights, accumulated over up to 40 convolutions
+        assert (a - b).norm() / b.norm() < 1e-5 and (a - b).abs().max() < 1e-3 * b.abs().max()
+
+    with torch.no_grad():
+        ref = bb.frozen(x)
+        fused = bb.use_fused_frozen().fused
+        close(fused(x), ref)
+        assert list(bb.state_dict()) == keys
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = fused(x)
+        assert low.dtype == torch.bfloat16
+        assert (low.float() - ref).norm() / ref.norm() < 0.03
+        bb.use_channels_last()
+        cl = x.contiguous(memory_format=torch.channels_last)
+        out = fused(cl, torch.channels_last)
+        close(out, ref)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        other = {k: v * 1.1 if v.is_floating_point() else v for k, v in bb.frozen.state_dict().items()}
+        bb.frozen.load_state_dict(other)
+        close(fused(x), bb.frozen(x))
+        # through the backbone, in chunks
+        bb.eval()
+        close(bb(x, chunk=2), Backbone.forward(_unfused(bb), x, chunk=2))
+
+
+def _unfused(bb):
+    import copy
+
+    plain = copy.copy(bb)
+    plain.fused = None
+    return plain
+
+
+def test_fuse_frozen_refuses_modules_it_does_not_know():
+    from carl_scale.models.fused_trunk import fuse_stages
+
+    with pytest.raises(ValueError, match="--fuse-frozen: cannot fuse a GELU"):
+        fuse_stages(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.GELU()))
+    with pytest.raises(ValueError, match="without a BatchNorm2d"):
+        fuse_stages(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()))

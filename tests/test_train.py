@@ -350,9 +350,10 @@ def test_data_parallel_gradients_equal_one_process_on_the_whole_batch(tmp_path):
 
 
 @pytest.mark.parametrize("switch", [{"parallel.channels_last": "on"}, {"parallel.compile": "trunk"},
-                                    {"parallel.compile": "objective"}, {"parallel.trunk_chunk": 5}])
+                                    {"parallel.compile": "objective"}, {"parallel.trunk_chunk": 5},
+                                    {"parallel.fuse_frozen": "on"}])
 def test_speed_switches_change_neither_the_loss_nor_the_gradients_nor_the_state_dict(switch):
-    """--channels-last on, --compile trunk / objective and --trunk-chunk (a GPU run's levers)
+    """--channels-last on, --compile trunk / objective, --trunk-chunk and --fuse-frozen (a GPU run's levers)
     compute the step the default CPU path computes: same loss and gradients to float32 rounding,
     same state-dict keys (checkpoints stay interchangeable)."""
     from carl_scale.bench.step import synthetic_batch
@@ -360,15 +361,18 @@ def test_speed_switches_change_neither_the_loss_nor_the_gradients_nor_the_state_
     from carl_scale.train.recipes import recipe
     from carl_scale.train.trainer import build_engine, process_group
 
-    cfg = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 8, "model.image_size": 32})
-    fast = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 8, "model.image_size": 32,
-                                       **switch})
+    # three frozen stages: what --trunk-chunk and --fuse-frozen act on (the debug recipe trains all four)
+    small = {"data.batch_size": 2, "data.temporal.num_frames": 8, "model.image_size": 32, "model.train_last_stages": 1}
+    cfg = configure(recipe("debug"), small)
+    fast = configure(recipe("debug"), {**small, **switch})
     results = []
     with process_group() as (_, world, device):
         batch = synthetic_batch(2, 8, 32, device)
         for c in (cfg, fast):
             torch.manual_seed(0)
             engine, _ = build_engine(c, build_model(c.model), total_steps=1, world=world, bf16=False)
+            assert len(engine.module.model.backbone.frozen) == 3
+            assert (engine.module.model.backbone.fused is not None) == (c.parallel.fuse_frozen == "on")
             engine.eval()
             loss = engine(batch)["loss"]
             engine.backward(loss)
@@ -413,6 +417,8 @@ def test_channels_last_with_zero_is_refused_when_the_config_is_built():
         configure(recipe("debug"), {"parallel.compile_mode": "reduce-overhead"})
     with pytest.raises(ConfigError, match="--compile-mode.*goes with --compile objective"):
         configure(recipe("debug"), {"parallel.compile_mode": "reduce-overhead", "parallel.compile": "trunk"})
+    with pytest.raises(ConfigError, match="--fuse-frozen.*--compile objective fuses"):
+        configure(recipe("debug"), {"parallel.fuse_frozen": "on", "parallel.compile": "objective"})
     configure(recipe("debug"), {"parallel.channels_last": "on", "parallel.zero_stage": 0})
 
 

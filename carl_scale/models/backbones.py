@@ -112,6 +112,7 @@ class Backbone(nn.Module):
             p.requires_grad_(False)
         self.frozen.eval()
         self.channels_last = False  # set by use_channels_last(); inputs then follow the weights
+        self.fused = None  # set by use_fused_frozen(): the frozen stages' fused program
 
     def use_channels_last(self) -> "Backbone":
         """Weights and inputs in channels_last (NHWC) memory format: cuDNN's fast path for bf16
@@ -122,6 +123,15 @@ class Backbone(nn.Module):
             if p.dim() == 4:
                 p.data = p.data.contiguous(memory_format=torch.channels_last)
         self.channels_last = True
+        return self
+
+    def use_fused_frozen(self) -> "Backbone":
+        """Run the frozen stages with their BatchNorms folded into the convolutions, and on a GPU
+        as cuDNN's fused convolution + bias (+ add) + ReLU calls
+        (:mod:`carl_scale.models.fused_trunk`). Weights and state dict are unchanged."""
+        from carl_scale.models.fused_trunk import FusedStages
+
+        self.fused = FusedStages(self.frozen) if len(self.frozen) else None
         return self
 
     @staticmethod
@@ -167,7 +177,8 @@ class Backbone(nn.Module):
                 # output written into one buffer (not kept for a torch.cat: twice the stages' output)
                 x = None
                 for a, b in zip(bounds, bounds[1:]):
-                    y = self.frozen(frames[a:b].contiguous(memory_format=layout))
+                    part = frames[a:b].contiguous(memory_format=layout)
+                    y = self.fused(part, layout) if self.fused is not None else self.frozen(part)
                     if calls == 1:
                         x = y
                         break

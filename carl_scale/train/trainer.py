@@ -162,6 +162,10 @@ def apply_speedups(model: torch.nn.Module, cfg: RunConfig, objective: torch.nn.M
                                      and par.zero_stage == 0):  # see ParallelConfig.check
         model.backbone.use_channels_last()
         done.append("channels_last trunk")
+    if par.fuse_frozen == "on":
+        model.backbone.use_fused_frozen()
+        done.append("frozen stages fused (cuDNN conv+bias+add+ReLU)" if model_device.type == "cuda"
+                    else "frozen stages' BatchNorm folded")
     mode = None if par.compile_mode == "default" else par.compile_mode
     how = "compiled" + (f" ({mode})" if mode else "")
     if par.compile == "trunk":

@@ -3,10 +3,11 @@
 # (they stay while the machine is warm) and stop. Without: stage, assemble and unpack the tree into
 # /tmp/site, then run the benchmarks and the GPU tests, each under its own time limit, writing every
 # table under $OUT. Most important first: a call cut short still returns what it measured.
-# Stage names as arguments run only those: all of them take ~13.5 minutes, more than one call may
-# run, so a session runs them in two calls to the warm machine:
-#   bash scripts/device/gpu_check.sh step_T80 step_T80_graphs step_T240 gpu_tests     (~9 min)
-#   bash scripts/device/gpu_check.sh augment data e2e_jpeg e2e_jpeg_pyav e2e_jpeg_hybrid   (~4.5 min)
+# Stage names as arguments run only those: their limits add up to ~14 minutes, more than one call
+# may run, so a session runs them in two calls to the warm machine (short of device time: drop
+# step_T80_graphs and e2e_jpeg_pyav):
+#   bash scripts/device/gpu_check.sh step_T80 step_T80_graphs step_T240 gpu_tests     (<= 9.5 min)
+#   bash scripts/device/gpu_check.sh augment data e2e_jpeg e2e_jpeg_pyav e2e_jpeg_hybrid   (<= 4.5 min)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 mkdir -p /tmp/carl_parts
@@ -42,14 +43,15 @@ stage() {  # name, seconds, command...: its output to $out/name.txt, the table a
   timeout "$limit" "$@" > "$out/$name.txt" 2>&1 || { echo "!!! $name failed or timed out: rc $?"; rc=1; }
   grep -v "^\[\|Warning\|warn(" "$out/$name.txt" | tail -"${TAIL:-12}"
 }
-# the sync-free default step, then the compiled variants (each row compiles first: ~1 min), then
-# the frozen stages in one call (trunk_chunk above 2BT) against the default's calls of <= 256 frames
-stage step_T80 170 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
-  --extra parallel.compile=trunk parallel.compile=objective parallel.trunk_chunk=100000
+# the sync-free default step; the frozen stages as cuDNN's fused calls; in one call (trunk_chunk
+# above 2BT) against the default's calls of <= 256 frames; then the compiled variants (each row
+# compiles first: ~1 min)
+stage step_T80 190 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
+  --extra parallel.fuse_frozen=on parallel.trunk_chunk=100000 parallel.compile=trunk parallel.compile=objective
 stage step_T80_graphs 110 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
   --extra parallel.compile=objective,parallel.compile_mode=reduce-overhead
-stage step_T240 90 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 --warmup 2 \
-  --extra parallel.trunk_chunk=100000
+stage step_T240 110 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 --warmup 2 \
+  --extra parallel.fuse_frozen=on parallel.trunk_chunk=100000
 TAIL=25 stage gpu_tests 150 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 stage augment 20 python3 -m carl_scale.bench.augment --device cuda --batch 2 --frames 80 --size 224 --iters 10
 stage data 90 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 80 \

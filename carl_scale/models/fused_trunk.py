@@ -1,0 +1,142 @@
+"""The frozen ResNet stages as fused convolutions (``--fuse-frozen on``).
+
+The frozen stages run in inference mode with fixed BatchNorm statistics, so each BatchNorm is an
+affine map per channel and folds into the convolution before it (W' = W·s, b' = β − μ·s with
+s = γ / sqrt(σ² + ε)). On a GPU each convolution then runs as one cuDNN call with its bias, the
+residual add and the ReLU fused in (``torch.cudnn_convolution_relu`` / ``_add_relu``): a
+bottleneck block is 3-4 kernels instead of ~10, with no pass over the activations for BatchNorm,
+ReLU or the add. The H200 profile of the eager r50 step (BENCHMARKS.md) spent 9 of the frozen
+trunk's 19 ms in BatchNorm and ReLU. Elsewhere (a CPU) the same program runs as ``conv2d`` with
+the folded bias, then add and ReLU.
+
+The folded weights are derived, never saved: the stages' own weights stay where they are (state
+dict and checkpoints unchanged) and the folded copies are remade whenever one of them changes (a
+checkpoint or ``--pretrained`` load: their version counters move), in the dtype the convolutions
+run in (the autocast dtype under autocast).
+
+:func:`fuse_stages` knows the modules our backbones are made of: ``Sequential``, Conv2d +
+BatchNorm2d (+ ReLU) runs, max pooling, torchvision's ``Bottleneck`` and our ``_BasicBlock``;
+anything else is refused when the program is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class _Conv:
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
+    relu: bool  # a ReLU follows (for a block's last convolution: after the residual add)
+
+
+@dataclass
+class _Block:
+    main: list  # _Conv...: the last one's output + the shortcut's, then ReLU
+    short: list = field(default_factory=list)  # empty: the identity
+
+    def __post_init__(self):
+        self.main[-1].relu = True  # the block's closing ReLU, fused with the add
+
+
+def _sequence(modules: list[nn.Module]) -> list:
+    ops, i = [], 0
+    while i < len(modules):
+        m = modules[i]
+        if isinstance(m, nn.Conv2d):
+            if i + 1 >= len(modules) or not isinstance(modules[i + 1], nn.BatchNorm2d):
+                raise ValueError(f"--fuse-frozen: a Conv2d without a BatchNorm2d after it ({m})")
+            relu = i + 2 < len(modules) and isinstance(modules[i + 2], nn.ReLU)
+            ops.append(_Conv(m, modules[i + 1], relu))
+            i += 3 if relu else 2
+        else:
+            ops += fuse_stages(m)
+            i += 1
+    return ops
+
+
+def fuse_stages(module: nn.Module) -> list:
+    """The fused program of ``module`` (see the module docstring); refuses a module it does not know."""
+    from torchvision.models.resnet import Bottleneck
+
+    from carl_scale.models.backbones import _BasicBlock
+
+    if isinstance(module, nn.Sequential):
+        return _sequence(list(module))
+    if isinstance(module, (nn.MaxPool2d, nn.Identity)):
+        return [module]
+    if isinstance(module, Bottleneck):
+        m = module
+        main = [_Conv(m.conv1, m.bn1, True), _Conv(m.conv2, m.bn2, True), _Conv(m.conv3, m.bn3, False)]
+        return [_Block(main, _sequence(list(m.downsample)) if m.downsample is not None else [])]
+    if isinstance(module, _BasicBlock):
+        short = [] if isinstance(module.short, nn.Identity) else _sequence(list(module.short))
+        return [_Block(_sequence(list(module.body)), short)]
+    raise ValueError(f"--fuse-frozen: cannot fuse a {type(module).__name__}; use --fuse-frozen off")
+
+
+def _fold(op: _Conv, dtype: torch.dtype, memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+    conv, bn = op.conv, op.bn
+    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+    bias = bn.bias.float() - bn.running_mean.float() * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias.float() * scale
+    weight = (conv.weight.float() * scale.view(-1, 1, 1, 1)).contiguous(memory_format=memory_format)
+    return weight.to(dtype), bias.to(dtype)
+
+
+class FusedStages:
+    """Runs a frozen stage group as its fused program; call it under ``no_grad``."""
+
+    def __init__(self, stages: nn.Module):
+        self.program = fuse_stages(stages)
+        self.tensors = [t for m in stages.modules() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
+        self._folded: dict = {}
+        self._stamp: tuple | None = None
+
+    def _weights(self, op: _Conv, dtype: torch.dtype, layout) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (id(op), dtype, layout)
+        if key not in self._folded:
+            self._folded[key] = _fold(op, dtype, layout)
+        return self._folded[key]
+
+    def __call__(self, x: torch.Tensor, layout=torch.contiguous_format) -> torch.Tensor:
+        """``x`` (N, 3, H, W) in ``layout`` (the weights' memory format) -> the stages' output."""
+        # a load writes the weights in place (their version counters move) or replaces them (a move)
+        stamp = tuple((t._version, t.data_ptr()) for t in self.tensors)
+        if stamp != self._stamp:
+            self._folded, self._stamp = {}, stamp
+        if torch.is_autocast_enabled(x.device.type):  # cuDNN's fused calls are outside autocast's lists
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        with torch.autocast(x.device.type, enabled=False):
+            return self._run(self.program, x, layout)
+
+    def _conv(self, op: _Conv, x: torch.Tensor, layout, z: torch.Tensor | None = None) -> torch.Tensor:
+        w, b = self._weights(op, x.dtype, layout)
+        c = op.conv
+        if x.is_cuda and op.relu:
+            if z is None:
+                return torch.cudnn_convolution_relu(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+            return torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, c.stride, c.padding, c.dilation, c.groups)
+        y = F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+        if z is not None:
+            y.add_(z)
+        return y.relu_() if op.relu else y
+
+    def _run(self, program: list, x: torch.Tensor, layout) -> torch.Tensor:
+        for op in program:
+            if isinstance(op, _Conv):
+                x = self._conv(op, x, layout)
+            elif isinstance(op, nn.MaxPool2d):
+                x = op(x)
+            elif isinstance(op, _Block):
+                z = self._run(op.short, x, layout) if op.short else x
+                x = self._conv(op.main[-1], self._run(op.main[:-1], x, layout), layout, z)
+            elif not isinstance(op, nn.Identity):
+                raise AssertionError(op)
+        return x
