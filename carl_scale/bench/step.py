@@ -45,7 +45,7 @@ from carl_scale.train.trainer import apply_speedups, build_engine, engine_step, 
 def synthetic_batch(b: int, t: int, size: int, device: torch.device,
                     views_dtype: torch.dtype = torch.float32) -> VideoBatch:
     """Random pixels (the speed does not depend on content); ``views_dtype`` as the loader that
-    feeds the path delivers them (the trainer's: :func:`carl_scale.data.reader.views_dtype`)."""
+    feeds the path delivers them (the trainer's: ``VideoLoader(views_dtype=...)``)."""
     g = torch.Generator().manual_seed(0)
     ts = torch.sort(torch.randint(0, 4 * t, (b, 2, t), generator=g), dim=-1).values
     return VideoBatch(views=torch.randn(b, 2, t, 3, size, size, generator=g).to(views_dtype), timestamps=ts,

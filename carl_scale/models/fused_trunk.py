@@ -15,8 +15,8 @@ checkpoint or ``--pretrained`` load: their version counters move), in the dtype 
 run in (the autocast dtype under autocast).
 
 :func:`fuse_stages` knows the modules our backbones are made of: ``Sequential``, Conv2d +
-BatchNorm2d (+ ReLU) runs, max pooling, torchvision's ``Bottleneck`` and our ``_BasicBlock``;
-anything else is refused when the program is built.
+BatchNorm2d (+ ReLU) runs, max pooling, torchvision's ``Bottleneck`` and our ``_BasicBlock``
+(``body`` + ``short``); anything else is refused when the program is built.
 """
 
 from __future__ import annotations
@@ -64,8 +64,6 @@ def fuse_stages(module: nn.Module) -> list:
     """The fused program of ``module`` (see the module docstring); refuses a module it does not know."""
     from torchvision.models.resnet import Bottleneck
 
-    from carl_scale.models.backbones import _BasicBlock
-
     if isinstance(module, nn.Sequential):
         return _sequence(list(module))
     if isinstance(module, (nn.MaxPool2d, nn.Identity)):
@@ -74,7 +72,8 @@ def fuse_stages(module: nn.Module) -> list:
         m = module
         main = [_Conv(m.conv1, m.bn1, True), _Conv(m.conv2, m.bn2, True), _Conv(m.conv3, m.bn3, False)]
         return [_Block(main, _sequence(list(m.downsample)) if m.downsample is not None else [])]
-    if isinstance(module, _BasicBlock):
+    if isinstance(getattr(module, "body", None), nn.Sequential) and hasattr(module, "short"):
+        # backbones._BasicBlock (by its parts, not imported: backbones imports this module)
         short = [] if isinstance(module.short, nn.Identity) else _sequence(list(module.short))
         return [_Block(_sequence(list(module.body)), short)]
     raise ValueError(f"--fuse-frozen: cannot fuse a {type(module).__name__}; use --fuse-frozen off")
