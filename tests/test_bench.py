@@ -103,7 +103,8 @@ def test_live_bytes_follows_storages_until_they_are_freed():
         assert live.start == mib
         assert live.peak == 4 * mib + 4096, (fake, live.peak)
         assert live.now == 2 * mib + 4096
-        assert "cat" in live.where[0]
+        assert "cat" in live.where[0] and "torch.cat" in live.where[1]
+        assert sum(live.at_peak.values()) == live.peak and live.at_peak["before the step (weights, batch)"] == mib
         del b, c
 
 

@@ -10,7 +10,10 @@ until it is freed and keeps the peak, what ``torch.cuda.max_memory_allocated`` r
 (it does not see cuDNN's workspaces, the caching allocator's 512-byte rounding or NCCL's buffers).
 
 Mixed precision is emulated with the CPU's autocast (bf16 for ours, fp16 for the published
-step: both 2 bytes), since CUDA's autocast and backward need a GPU. Checked against an H200
+step: both 2 bytes), since CUDA's autocast and backward need a GPU; it keeps softmax and layer
+norm in the low precision where CUDA's computes them in float32, so the transformer's (small)
+activations are undercounted. Printed: each path's peak, where it happens, and what is live there
+by the line that made it. Checked against an H200
 (BENCHMARKS.md): the published step simulates to 1.79 GiB at T = 80 x 2 videos and 7.19 at
 T = 240 x 4, measured 1.93 and 7.38; our step as it was then (float32 views, the frozen stages in
 one call) to 2.16 and 11.73, measured 2.22 and 11.79. DeepSpeed's engine is not simulated (it
@@ -38,35 +41,43 @@ class LiveBytes(TorchDispatchMode):
     """Bytes of the live storages: those of ``roots`` (what exists before the step: weights, the
     batch) and every storage an operation returns, each counted once (views share it) until it is
     freed. ``peak`` is the maximum; ``where`` names the operation and the line of our code (or
-    torchvision's) that made it."""
+    torchvision's) that made it; ``at_peak`` adds up what is live there by the line that made
+    each storage (taken within 1% of the peak)."""
 
     def __init__(self, roots=()):
         super().__init__()
-        self._live: dict[int, int] = {}
-        self.now = self.peak = 0
+        self._live: dict[int, tuple[int, str]] = {}
+        self.now = self.peak = self._snapped = 0
         self.where = ("", "")
+        self.at_peak: dict[str, int] = {}
         self._func = None
         for t in roots:
-            self._add(t)
+            self._add(t, "before the step (weights, batch)")
         self.start = self.now
 
-    def _add(self, t) -> None:
+    def _add(self, t, maker: str | None = None) -> None:
         if not isinstance(t, torch.Tensor):
             return
         storage = t.untyped_storage()
         key = storage._cdata
         if key in self._live:
             return
-        self._live[key] = storage.nbytes()
-        self.now += storage.nbytes()
+        n = storage.nbytes()
+        self._live[key] = (n, maker or _our_line())
+        self.now += n
         # storages keep their Python object for their whole life: its end is the memory's
         weakref.finalize(storage, self._free, key)
         if self.now > self.peak:
             self.peak = self.now
-            self.where = (str(self._func), _our_line())
+            self.where = (str(self._func), self._live[key][1])
+            if self.now > 1.01 * self._snapped:  # a breakdown near the peak, not at every new byte
+                self._snapped = self.now
+                self.at_peak = {}
+                for size, line in self._live.values():
+                    self.at_peak[line] = self.at_peak.get(line, 0) + size
 
     def _free(self, key: int) -> None:
-        self.now -= self._live.pop(key, 0)
+        self.now -= self._live.pop(key, (0, ""))[0]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self._func = func
@@ -77,10 +88,14 @@ class LiveBytes(TorchDispatchMode):
 
 
 def _our_line() -> str:
-    for frame in reversed(traceback.extract_stack()[:-3]):
-        if "carl_scale" in frame.filename or "torchvision" in frame.filename:
-            return f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.line}"
-    return ""
+    """The innermost line of carl_scale or torchvision on the stack (else the innermost one outside
+    torch and this module): where a storage was made, in terms a reader knows."""
+    frames = traceback.extract_stack()[:-3]
+    outside = [f for f in frames if "/torch/" not in f.filename and not f.filename.endswith("memory.py")]
+    ours = [f for f in outside if "carl_scale" in f.filename or "torchvision" in f.filename]
+    for frame in (ours or outside)[-1:]:
+        return f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} {frame.line}"
+    return "?"
 
 
 @contextlib.contextmanager
@@ -152,6 +167,10 @@ def main(argv: list[str] | None = None) -> dict[str, LiveBytes]:
             for name, r in res.items()]
     print(f"simulated peak memory of a training step: flavor {a.flavor}, T={a.frames}, {a.batch} videos (2 views each)")
     print(table(rows, ("path", "before the step GiB", "peak GiB", "vs published", "peak at", "in")))
+    for name in ("published", "ours"):
+        top = sorted(res[name].at_peak.items(), key=lambda kv: -kv[1])[:6]
+        print(f"\nlive at the peak of {name}, by the line that made it:")
+        print(table([(f"{size / 2**30:.2f}", line) for line, size in top], ("GiB", "made by")))
     return res
 
 
