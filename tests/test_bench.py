@@ -24,6 +24,27 @@ def test_step_benchmark_runs_both_paths_on_the_same_inputs(capsys):
     assert "vs published" in capsys.readouterr().out
 
 
+def test_a_failing_extra_row_costs_only_its_row(capsys, monkeypatch):
+    """A lever that fails on the machine (a cuDNN call new to it, say) is reported in its row and
+    the rows after it are still measured: a GPU session's minutes are not lost to one lever."""
+    import carl_scale.bench.step as step
+
+    real = step.build_engine
+
+    def build_engine(cfg, *a, **k):
+        if cfg.parallel.trunk_chunk == 3:
+            raise RuntimeError("CUDNN_STATUS_NOT_SUPPORTED\nmore detail")
+        return real(cfg, *a, **k)
+
+    monkeypatch.setattr(step, "build_engine", build_engine)
+    res = step.main(["--flavor", "debug", "--frames", "2", "--batch", "1", "--iters", "1", "--warmup", "1",
+                     "--extra", "parallel.trunk_chunk=3", "parallel.trunk_chunk=5"])
+    assert res["ours (trainer step) parallel.trunk_chunk=3"] == {"error": "RuntimeError: CUDNN_STATUS_NOT_SUPPORTED"}
+    assert res["ours (trainer step) parallel.trunk_chunk=5"]["samples_per_s"] > 0
+    out = capsys.readouterr().out
+    assert "failed, RuntimeError: CUDNN_STATUS_NOT_SUPPORTED" in out and "more detail" not in out
+
+
 def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
     """bench.data (both payloads, both decoders) and bench.e2e (the trainer fed by its loader vs
     a resident batch) on small synthetic shards they make themselves."""
@@ -81,7 +102,8 @@ def test_pcl_quality_counts_correspondences_and_knows_the_true_pose_ceiling():
 
 def test_live_bytes_follows_storages_until_they_are_freed():
     """The memory simulation's counter on a program whose peak is known by hand: views share
-    their storage, a freed tensor stops counting, fake and real tensors count the same."""
+    their storage, a freed tensor stops counting, a storage that grows counts its growth, fake
+    and real tensors count the same."""
     import contextlib
 
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -100,6 +122,10 @@ def test_live_bytes_follows_storages_until_they_are_freed():
                 c = b.sum(0)  # +4 KiB, a is freed: 2 MiB + 4 KiB
                 d = torch.cat([b, b])  # +2 -> 4 MiB + 4 KiB: the peak
                 del d
+                grown = torch.empty(0)
+                torch.add(b, 1, out=grown)  # a storage that grows: +1 -> 3 MiB + 4 KiB
+                assert live.now == 3 * mib + 4096
+                del grown
         assert live.start == mib
         assert live.peak == 4 * mib + 4096, (fake, live.peak)
         assert live.now == 2 * mib + 4096
@@ -112,7 +138,7 @@ def test_memory_simulation_our_r50_step_peaks_below_the_published_one(capsys):
     """Issue 14's memory target, by simulation (python -m carl_scale.bench.memory): our r50
     step's peak (bf16 views from the loader, the frozen stages in calls of <= 256 frames) below the
     published step's at both of the issue's settings; and the simulator reproduces the H200's
-    measurements within 8%: the published step's (1.93 GiB at T = 80, 7.38 at T = 240) and ours
+    measurements within 10% (they differ by 0.5-7%): the published step's (1.93 GiB at T = 80, 7.38 at T = 240) and ours
     as it was then (2.22 and 11.79: float32 views, the frozen stages in one call)."""
     from carl_scale.bench.memory import main
 
@@ -121,8 +147,8 @@ def test_memory_simulation_our_r50_step_peaks_below_the_published_one(capsys):
                     "--extra", "parallel.trunk_chunk=100000"])
         pub, ours, one_call, then = (res[k].peak / 2**30 for k in (
             "published", "ours", "ours parallel.trunk_chunk=100000", "ours then (float32 views, frozen stages in one call)"))
-        assert abs(pub - measured) / measured < 0.08, (frames, pub)
-        assert abs(then - ours_measured) / ours_measured < 0.08, (frames, then)
+        assert abs(pub - measured) / measured < 0.10, (frames, pub)
+        assert abs(then - ours_measured) / ours_measured < 0.10, (frames, then)
         assert ours < 0.95 * pub, (frames, ours, pub)
         assert one_call > pub  # all frames in one call: what the default avoids
     assert "vs published" in capsys.readouterr().out

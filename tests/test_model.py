@@ -307,10 +307,44 @@ def _unfused(bb):
     return plain
 
 
+def test_fused_frozen_stages_fall_back_where_cudnn_refuses_to_fuse(monkeypatch):
+    """cuDNN's fused calls are known to refuse some dtype/layout combinations: each refused
+    convolution then runs as conv2d + add + ReLU (same values), with one warning, and is not
+    tried again."""
+    from carl_scale.models.backbones import Backbone
+
+    torch.manual_seed(0)
+    bb = Backbone("debug_cnn", 1)
+    x = torch.randn(2, 3, 64, 64)
+    fused = bb.use_fused_frozen().fused
+    with torch.no_grad():
+        ref = fused(x)
+        tried = []
+
+        def refuse(*a):
+            tried.append(1)
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")
+
+        monkeypatch.setattr(torch, "cudnn_convolution_relu", refuse)
+        monkeypatch.setattr(torch, "cudnn_convolution_add_relu", refuse)
+        fused.cudnn = lambda t: True
+        with pytest.warns(UserWarning, match="cuDNN refused a fused convolution.*NOT_SUPPORTED") as caught:
+            torch.testing.assert_close(fused(x), ref)
+        assert len(caught) == 1
+        n = len(tried)
+        torch.testing.assert_close(fused(x), ref)
+        assert n > 5 and len(tried) == n  # refused once each, then not tried again
+
+
 def test_fuse_frozen_refuses_modules_it_does_not_know():
     from carl_scale.models.fused_trunk import fuse_stages
 
     with pytest.raises(ValueError, match="--fuse-frozen: cannot fuse a GELU"):
         fuse_stages(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.GELU()))
+    with pytest.raises(ValueError, match="folds only zero-padded convolutions"):
+        fuse_stages(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, affine=False)))
+    with pytest.raises(ValueError, match="folds only zero-padded convolutions"):
+        fuse_stages(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"),
+                                        torch.nn.BatchNorm2d(4)))
     with pytest.raises(ValueError, match="without a BatchNorm2d"):
         fuse_stages(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()))

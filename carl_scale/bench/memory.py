@@ -59,14 +59,18 @@ class LiveBytes(TorchDispatchMode):
         if not isinstance(t, torch.Tensor):
             return
         storage = t.untyped_storage()
-        key = storage._cdata
-        if key in self._live:
-            return
-        n = storage.nbytes()
-        self._live[key] = (n, maker or _our_line())
-        self.now += n
-        # storages keep their Python object for their whole life: its end is the memory's
-        weakref.finalize(storage, self._free, key)
+        key, n = storage._cdata, storage.nbytes()
+        if key in self._live:  # seen: counted once, but it may have grown (an out= or resize_)
+            old, line = self._live[key]
+            if n <= old:
+                return
+            self._live[key] = (n, line)
+            self.now += n - old
+        else:
+            self._live[key] = (n, maker or _our_line())
+            self.now += n
+            # storages keep their Python object for their whole life: its end is the memory's
+            weakref.finalize(storage, self._free, key)
         if self.now > self.peak:
             self.peak = self.now
             self.where = (str(self._func), self._live[key][1])

@@ -205,7 +205,8 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
         cfg = configure(recipe("debug"), base, flavor=flavor)
         data = synthetic_batch(batch, frames, cfg.model.image_size, device)
         # ours takes what the trainer's loader gives a bf16 run (Trainer: views_dtype): the same
-        # pixels in bf16, which the published step's fp16 autocast casts to at its first convolution
+        # pixels in bf16, as ours would cast them at its first convolution (the published step
+        # casts its float32 views to fp16 there)
         ours_data = synthetic_batch(batch, frames, cfg.model.image_size, device,
                                     views_dtype=torch.bfloat16 if cuda else torch.float32)
         results = {"_config": (to_dict(cfg.model), torch.cuda.get_device_name() if cuda else "CPU")}
@@ -221,23 +222,29 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
         done("published", measure(published_step(model.to(device).train(), data, cuda, cfg.loss.tau,
                                                  cfg.loss.sigma2), iters, warmup, batch, device))
         for extra in ("", *extras):
-            del model
+            model = engine = None
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
             c = configure(recipe("debug"), {**base, **_override(extra)}, flavor=flavor)
-            model = build_model(c.model)
-            model.load_state_dict(start)
-            engine, _ = build_engine(c, model.to(device), total_steps=iters + warmup, world=world, bf16=cuda)
-            engine.train()
+            name = "ours (trainer step)" + (f" {extra}" if extra else "")
+            try:
+                model = build_model(c.model)
+                model.load_state_dict(start)
+                engine, _ = build_engine(c, model.to(device), total_steps=iters + warmup, world=world, bf16=cuda)
+                engine.train()
 
-            def ours(engine=engine) -> torch.Tensor:
-                out, _ = engine_step(engine, ours_data, device)
-                return out["loss"].detach()
+                def ours(engine=engine) -> torch.Tensor:
+                    out, _ = engine_step(engine, ours_data, device)
+                    return out["loss"].detach()
 
-            done("ours (trainer step)" + (f" {extra}" if extra else ""),
-                 measure(ours, iters, warmup, batch, device, compiled=c.parallel.compile != "off"))
-            del engine, ours
+                done(name, measure(ours, iters, warmup, batch, device, compiled=c.parallel.compile != "off"))
+                del ours
+            except Exception as exn:  # an extra row that fails (a lever new to this GPU) costs only its row
+                if not extra:
+                    raise
+                done(name, {"error": f"{type(exn).__name__}: {str(exn).splitlines()[0] if str(exn) else ''}"[:200]})
+            engine = None
             if not extra:  # the same step without DeepSpeed: what the engine costs
                 del model
                 gc.collect()
@@ -268,6 +275,9 @@ def main(argv: list[str] | None = None) -> dict:
         return "-" if v is None else format(v, fmt)
 
     def report(name, r):
+        if "error" in r:
+            print(f"measured {name}: failed, {r['error']}", flush=True)
+            return
         base = first.setdefault("published", r["samples_per_s"])
         print(f"measured {name}: {r['samples_per_s']:.2f} samples/s ({r['samples_per_s'] / base:.2f}x), peak "
               f"{cell(r['peak_gib'], '.2f')} GiB, first loss {r['first_loss']:.4f}, host {r['host_ms']:.1f} ms/step, "
@@ -278,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     ref_sps = res["published"]["samples_per_s"]
     rows = [(name, f"{r['samples_per_s']:.2f}", f"{r['samples_per_s'] / ref_sps:.2f}x", cell(r["peak_gib"], ".2f"),
              f"{r['first_loss']:.4f}", f"{r['host_ms']:.1f}", cell(r["syncs"], "d"), cell(r["ops"], "d"))
+            if "error" not in r else (name, "failed", "-", "-", "-", "-", "-", r["error"])
             for name, r in res.items()]
     print(f"\ntraining step on {device}: flavor {a.flavor}, T={a.frames}, {a.batch} videos (2 views each)")
     print(table(rows, ("path", "samples/s", "vs published", "peak GPU GiB", "first loss", "host ms/step",

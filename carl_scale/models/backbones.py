@@ -166,7 +166,7 @@ class Backbone(nn.Module):
         stages (and of the trainable ones when no gradient is needed): the N frames go in
         ``ceil(N / chunk)`` calls of equal size (within one frame), so no call is a small remainder."""
         n = frames.shape[0]
-        calls = 1 if not chunk else -(-n // chunk)
+        calls = 1 if not chunk else max(1, -(-n // chunk))
         bounds = [n * i // calls for i in range(calls + 1)]
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         if not len(self.frozen):
@@ -179,6 +179,7 @@ class Backbone(nn.Module):
                 for a, b in zip(bounds, bounds[1:]):
                     part = frames[a:b].contiguous(memory_format=layout)
                     y = self.fused(part, layout) if self.fused is not None else self.frozen(part)
+                    del part  # (with one call in channels_last: a copy of the whole input)
                     if calls == 1:
                         x = y
                         break
@@ -187,5 +188,7 @@ class Backbone(nn.Module):
                     x[a:b] = y
                     del y
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.trainable.parameters()):
+            return self.trainable(x)
+        if calls == 1:
             return self.trainable(x)
         return torch.cat([self.trainable(x[a:b]) for a, b in zip(bounds, bounds[1:])])

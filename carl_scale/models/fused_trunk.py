@@ -21,6 +21,7 @@ BatchNorm2d (+ ReLU) runs, max pooling, torchvision's ``Bottleneck`` and our ``_
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +52,10 @@ def _sequence(modules: list[nn.Module]) -> list:
         if isinstance(m, nn.Conv2d):
             if i + 1 >= len(modules) or not isinstance(modules[i + 1], nn.BatchNorm2d):
                 raise ValueError(f"--fuse-frozen: a Conv2d without a BatchNorm2d after it ({m})")
+            bn = modules[i + 1]
+            if m.padding_mode != "zeros" or isinstance(m.padding, str) or not bn.affine or bn.running_var is None:
+                raise ValueError(f"--fuse-frozen: folds only zero-padded convolutions with numeric padding into "
+                                 f"affine BatchNorms with running statistics ({m}, {bn})")
             relu = i + 2 < len(modules) and isinstance(modules[i + 2], nn.ReLU)
             ops.append(_Conv(m, modules[i + 1], relu))
             i += 3 if relu else 2
@@ -90,13 +95,17 @@ def _fold(op: _Conv, dtype: torch.dtype, memory_format) -> tuple[torch.Tensor, t
 
 
 class FusedStages:
-    """Runs a frozen stage group as its fused program; call it under ``no_grad``."""
+    """Runs a frozen stage group as its fused program; call it under ``no_grad``. Where cuDNN
+    refuses a fused call (``CUDNN_STATUS_NOT_SUPPORTED`` is known for some dtype and layout
+    combinations), that convolution falls back to conv2d + add + ReLU, with one warning."""
 
     def __init__(self, stages: nn.Module):
+        self.stages = stages
         self.program = fuse_stages(stages)
-        self.tensors = [t for m in stages.modules() for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
         self._folded: dict = {}
         self._stamp: tuple | None = None
+        self._unfused: set = set()  # (op, dtype, layout) cuDNN refused to fuse
+        self.cudnn = lambda x: x.is_cuda  # where the fused cuDNN calls run (a test can say elsewhere)
 
     def _weights(self, op: _Conv, dtype: torch.dtype, layout) -> tuple[torch.Tensor, torch.Tensor]:
         key = (id(op), dtype, layout)
@@ -106,8 +115,11 @@ class FusedStages:
 
     def __call__(self, x: torch.Tensor, layout=torch.contiguous_format) -> torch.Tensor:
         """``x`` (N, 3, H, W) in ``layout`` (the weights' memory format) -> the stages' output."""
-        # a load writes the weights in place (their version counters move) or replaces them (a move)
-        stamp = tuple((t._version, t.data_ptr()) for t in self.tensors)
+        # Fold again when a weight changed: a load writes in place (the version counter moves), a
+        # move or an assigning load replaces the tensor (another object, another address). Writes
+        # through ``.data`` move no counter and are not seen (nothing here makes them).
+        stamp = tuple((id(t), t._version, t.data_ptr()) for m in self.stages.modules()
+                      for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
         if stamp != self._stamp:
             self._folded, self._stamp = {}, stamp
         if torch.is_autocast_enabled(x.device.type):  # cuDNN's fused calls are outside autocast's lists
@@ -118,10 +130,17 @@ class FusedStages:
     def _conv(self, op: _Conv, x: torch.Tensor, layout, z: torch.Tensor | None = None) -> torch.Tensor:
         w, b = self._weights(op, x.dtype, layout)
         c = op.conv
-        if x.is_cuda and op.relu:
-            if z is None:
-                return torch.cudnn_convolution_relu(x, w, b, c.stride, c.padding, c.dilation, c.groups)
-            return torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, c.stride, c.padding, c.dilation, c.groups)
+        key = (id(op), x.dtype, layout)
+        if op.relu and key not in self._unfused and self.cudnn(x):
+            try:
+                if z is None:
+                    return torch.cudnn_convolution_relu(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+                return torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, c.stride, c.padding, c.dilation, c.groups)
+            except RuntimeError as exn:
+                if not self._unfused:
+                    warnings.warn(f"--fuse-frozen: cuDNN refused a fused convolution ({str(exn).splitlines()[0]}); "
+                                  f"those run unfused (folded BatchNorm, then add and ReLU)", stacklevel=2)
+                self._unfused.add(key)
         y = F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
         if z is not None:
             y.add_(z)

@@ -48,10 +48,12 @@ class ParallelConfig(Config):
                                   help="let cuDNN time its convolution algorithms on the first steps (GPU)")
     # 256: by simulation (python -m carl_scale.bench.memory) our r50 step's peak is then 0.73x the
     # published step's at T = 80 x 2 videos and 0.89x at T = 240 x 4, against 1.10x and 1.48x with
-    # all frames in one call; calls of 160-240 frames still fill a GPU
+    # all frames in one call. Calls of 160-240 frames should still fill a GPU (unmeasured:
+    # scripts/device/gpu_check.sh times one call against them)
     trunk_chunk: int | None = param(
         256, flag="--trunk-chunk", ge=1, help="at most this many frames per call of the frozen ResNet stages in "
-                                              "training, in calls of equal size (more than a batch's 2BT frames: one call); bounds their memory")
+                                              "training, in calls of equal size (more than a batch's 2BT frames: "
+                                              "one call); bounds their memory")
     fuse_frozen: Literal["off", "on"] = param(
         "off", flag="--fuse-frozen", help="the frozen ResNet stages with BatchNorm folded into the convolutions, "
                                           "on a GPU as cuDNN's fused conv+bias(+add)+ReLU calls (eager; not with "

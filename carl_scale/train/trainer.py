@@ -162,8 +162,7 @@ def apply_speedups(model: torch.nn.Module, cfg: RunConfig, objective: torch.nn.M
                                      and par.zero_stage == 0):  # see ParallelConfig.check
         model.backbone.use_channels_last()
         done.append("channels_last trunk")
-    if par.fuse_frozen == "on":
-        model.backbone.use_fused_frozen()
+    if par.fuse_frozen == "on" and model.backbone.use_fused_frozen().fused is not None:  # (none frozen: nothing)
         done.append("frozen stages fused (cuDNN conv+bias+add+ReLU)" if model_device.type == "cuda"
                     else "frozen stages' BatchNorm folded")
     mode = None if par.compile_mode == "default" else par.compile_mode
@@ -298,7 +297,7 @@ class Trainer:
         # the full device ("cuda:3"): GPU decoding runs on this rank's own GPU. Before the run
         # directory is made: a data setting this machine refuses leaves nothing behind.
         # bf16 views under bf16 autocast: the trunk's first convolution would cast them anyway, so the
-        # same values in half the memory (at T = 240 x 4 videos, 0.58 GiB less at the step's peak)
+        # same values in half the memory (at T = 240 x 4 videos, 0.54 GiB less at the step's peak)
         self.loader = VideoLoader(cfg.data, rank=rank, world_size=world, seed=cfg.seed, device=str(device),
                                   views_dtype=torch.bfloat16 if self.bf16 else torch.float32)
         if self.rank == 0:
