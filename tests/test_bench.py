@@ -47,7 +47,8 @@ def test_a_failing_extra_row_costs_only_its_row(capsys, monkeypatch):
 
 def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
     """bench.data (both payloads, both decoders) and bench.e2e (the trainer fed by its loader vs
-    a resident batch) on small synthetic shards they make themselves."""
+    a resident batch, alone and with the loader running alongside) on small synthetic shards they
+    make themselves."""
     from carl_scale.bench import data, e2e
 
     rows = data.main(["--data-dir", str(tmp_path), "--videos", "4", "--whole-videos", "1", "--frames", "8",
@@ -57,9 +58,10 @@ def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
     assert all(r["sampled"] > 0 and r["loader"] > 0 for r in rows)
     r = e2e.main(["--data-dir", str(tmp_path), "--frames", "8", "--steps", "2", "--warmup", "1", "--height", "64",
                   "--width", "96", "--workers", "1"])
-    assert r["from shards"] > 0 and r["resident"] > 0 and 0 <= r["data wait"] < 1
+    assert r["from shards"] > 0 and r["resident"] > 0 and r["alongside"] > 0 and 0 <= r["data wait"] < 1
+    assert r["loader host ms"] > 0 and r["loader gpu ms"] is None  # (a GPU's stream time on a GPU only)
     out = capsys.readouterr().out
-    assert "loader sampled f/s" in out and "step fed by" in out
+    assert "loader sampled f/s" in out and "step fed by" in out and "loader alongside" in out
 
 
 def test_writer_startup_and_augment_benchmarks_run(capsys):

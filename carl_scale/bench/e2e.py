@@ -6,18 +6,23 @@ step fed one batch already on the device, in one process.
         --height 256 --width 340 --payload jpeg --write-workers 16         # on a GPU
     python -m carl_scale.bench.e2e ... --decoder pyav     # decoding in the CPU workers instead
 
-Both rows use one :class:`~carl_scale.train.trainer.Trainer` (the engine and the loader the
+All rows use one :class:`~carl_scale.train.trainer.Trainer` (the engine and the loader the
 training run builds; ``--decoder auto``: DALI on a GPU). ``from shards`` times
 ``Trainer.train_step`` on the loader's batches, the wait for each batch included; ``resident``
 times it on one batch kept on the device. The ratio is what the data path costs the step: 1.0
 means the loader keeps the step fed. ``data wait`` is the share of the loader row spent waiting
-for the next batch.
+for the next batch. ``resident, loader alongside`` steps on the resident batch while a thread
+takes one loader batch per step and drops it: what the loader's work (its GPU kernels, its host
+threads) costs the step without any waiting, so a loss not explained by ``data wait`` shows up
+here. ``loader ms/batch``: the finishing step's host time per batch (decoding on the GPU,
+crops, colour), and on a GPU the time of its work on its CUDA stream.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +56,7 @@ def run(a) -> dict:
         for _ in range(a.warmup):
             trainer.train_step(next(batches))
         _sync(device)
+        trainer.loader.finish_times = times = []
         wait = 0.0
         t0 = time.perf_counter()
         for _ in range(a.steps):
@@ -61,18 +67,48 @@ def run(a) -> dict:
         _sync(device)
         fed = a.steps * a.batch / (time.perf_counter() - t0)
         fed_wait = wait / (time.perf_counter() - t0)
+        trainer.loader.finish_times = None
+        host_ms = 1000 * sum(t[0] for t in times) / max(1, len(times))
+        gpu_ms = sum(t[1].elapsed_time(t[2]) for t in times) / max(1, len(times)) if device.type == "cuda" else None
         resident_batch = next(batches).to(device)
         trainer.train_step(resident_batch)
         _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(a.steps):
-            trainer.train_step(resident_batch)
-        _sync(device)
-        resident = a.steps * a.batch / (time.perf_counter() - t0)
+
+        def resident_steps() -> float:
+            t0 = time.perf_counter()
+            for _ in range(a.steps):
+                trainer.train_step(resident_batch)
+                tick.release()
+            _sync(device)
+            return a.steps * a.batch / (time.perf_counter() - t0)
+
+        tick = threading.Semaphore(0)
+        resident = resident_steps()
+        # the loader's work alongside, paced at one batch per step as in training, batches dropped
+        tick, stop, failed = threading.Semaphore(0), threading.Event(), []
+
+        def drain() -> None:
+            try:
+                while tick.acquire() and not stop.is_set():
+                    next(batches)
+            except BaseException as exn:  # raised in the main thread below
+                failed.append(exn)
+
+        thread = threading.Thread(target=drain, name="e2e-drain", daemon=True)
+        thread.start()
+        try:
+            alongside = resident_steps()
+        finally:
+            stop.set()
+            tick.release()
+            thread.join()
+        if failed:
+            raise failed[0]
         trainer.loader.close()
         name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         return {"device": name, "decoder": trainer.loader.decoder.name + "/" + trainer.loader.decoder.device,
-                "from shards": fed, "resident": resident, "data wait": fed_wait}
+                "from shards": fed, "resident": resident, "alongside": alongside, "data wait": fed_wait,
+                "loader host ms": host_ms, "loader gpu ms": gpu_ms}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -110,9 +146,13 @@ def main(argv: list[str] | None = None) -> dict:
     r = run(a)
     print(f"\nend to end on {r['device']}: flavor {a.flavor}, T={a.frames}, {a.batch} videos, {a.workers} workers, "
           f"decoder {r['decoder']}, shards {a.shards}")
-    print(table([("resident batch", f"{r['resident']:.2f}", "1.00", "-"),
+    gpu = "-" if r["loader gpu ms"] is None else f"{r['loader gpu ms']:.1f}"
+    print(table([("resident batch", f"{r['resident']:.2f}", "1.00", "-", "-", "-"),
+                 ("resident batch, loader alongside", f"{r['alongside']:.2f}", f"{r['alongside'] / r['resident']:.2f}",
+                  "-", "-", "-"),
                  ("from shards", f"{r['from shards']:.2f}", f"{r['from shards'] / r['resident']:.2f}",
-                  f"{100 * r['data wait']:.0f}%")], ("step fed by", "samples/s", "x", "data wait")))
+                  f"{100 * r['data wait']:.0f}%", f"{r['loader host ms']:.1f}", gpu)],
+                ("step fed by", "samples/s", "x", "data wait", "loader host ms/batch", "loader GPU ms/batch")))
     return r
 
 

@@ -31,6 +31,7 @@ import multiprocessing as mp
 import queue
 import random
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from itertools import islice
@@ -491,6 +492,9 @@ class VideoLoader:
         self._dl: DataLoader | None = None  # made at the first iter(); its workers persist over epochs
         self._ahead: Iterator | None = None  # a GPU run's finishing thread (finish_ahead), while one runs
         self.finish_in_thread: bool | None = None
+        # a list: each finished batch appends (host seconds of its finishing, and on a GPU the two
+        # CUDA events around its work on the finishing stream); for benchmarks, None otherwise
+        self.finish_times: list | None = None
         self.epoch, self.next_batch = 0, 0
         self.positions: dict[int, int] = {}  # logical worker -> stream position after its last batch taken
 
@@ -553,7 +557,18 @@ class VideoLoader:
                                   persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
         dl = self._dl
         def finish(wb: WorkerBatch) -> VideoBatch:
-            return collate(wb.samples, self.cfg, self.decoder, self.device, self.views_dtype)
+            if self.finish_times is None:
+                return collate(wb.samples, self.cfg, self.decoder, self.device, self.views_dtype)
+            cuda = torch.device(self.device).type == "cuda"
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else [None, None]
+            t0 = time.perf_counter()
+            if cuda:
+                events[0].record()
+            out = collate(wb.samples, self.cfg, self.decoder, self.device, self.views_dtype)
+            if cuda:
+                events[1].record()
+            self.finish_times.append((time.perf_counter() - t0, *events))
+            return out
 
         ahead = None
         if self._in_thread():
