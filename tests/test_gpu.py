@@ -178,19 +178,22 @@ def test_the_batched_colour_augmentation_on_the_gpu_equals_the_per_view_one_on_t
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
 
 
-def test_the_trainer_step_never_waits_for_the_gpu():
+@pytest.mark.parametrize("fuse", ["off", "on"])
+def test_the_trainer_step_never_waits_for_the_gpu(fuse):
     """CUDA's own detection (sync debug mode "error") around the trainer's r50 step with the GPU
-    defaults (bf16, channels_last, fused AdamW, no ZeRO): forward, flag, backward, clip, update
-    queue without one host-device synchronization after the first (warm-up) step."""
+    defaults (bf16, channels_last, fused AdamW, no ZeRO, bf16 views, chunked frozen stages), and
+    with --fuse-frozen: forward, flag, backward, clip, update queue without one host-device
+    synchronization after the first (warm-up) step."""
     from carl_scale.bench.step import synthetic_batch
     from carl_scale.models import build_model
     from carl_scale.train.recipes import configure, recipe
     from carl_scale.train.trainer import build_engine, engine_step, process_group
 
-    cfg = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 16}, flavor="r50")
+    cfg = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 16,
+                                      "parallel.trunk_chunk": 40, "parallel.fuse_frozen": fuse}, flavor="r50")
     with process_group() as (_, world, device):
         engine, _ = build_engine(cfg, build_model(cfg.model).to(device), total_steps=10, world=world, bf16=True)
-        batch = synthetic_batch(2, 16, cfg.model.image_size, device)
+        batch = synthetic_batch(2, 16, cfg.model.image_size, device, views_dtype=torch.bfloat16)
         engine_step(engine, batch, device)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
