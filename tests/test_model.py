@@ -311,6 +311,7 @@ def test_fused_frozen_stages_fall_back_where_cudnn_refuses_to_fuse(monkeypatch):
     """cuDNN's fused calls are known to refuse some dtype/layout combinations: each refused
     convolution then runs as conv2d + add + ReLU (same values), with one warning, and is not
     tried again."""
+    from carl_scale.models import fused_trunk
     from carl_scale.models.backbones import Backbone
 
     torch.manual_seed(0)
@@ -327,7 +328,8 @@ def test_fused_frozen_stages_fall_back_where_cudnn_refuses_to_fuse(monkeypatch):
 
         monkeypatch.setattr(torch, "cudnn_convolution_relu", refuse)
         monkeypatch.setattr(torch, "cudnn_convolution_add_relu", refuse)
-        fused.cudnn = lambda t: True
+        monkeypatch.setattr(fused_trunk, "_REFUSED", set())
+        fused.cudnn = True
         with pytest.warns(UserWarning, match="cuDNN refused a fused convolution.*NOT_SUPPORTED") as caught:
             torch.testing.assert_close(fused(x), ref)
         assert len(caught) == 1

@@ -7,7 +7,9 @@ residual add and the ReLU fused in (``torch.cudnn_convolution_relu`` / ``_add_re
 bottleneck block is 3-4 kernels instead of ~10, with no pass over the activations for BatchNorm,
 ReLU or the add. The H200 profile of the eager r50 step (BENCHMARKS.md) spent 9 of the frozen
 trunk's 19 ms in BatchNorm and ReLU. Elsewhere (a CPU) the same program runs as ``conv2d`` with
-the folded bias, then add and ReLU.
+the folded bias, then add and ReLU. Under ``torch.compile`` each fused convolution is one custom
+operator (:func:`fused_conv_relu`, which dynamo can hold in a graph) and the folding is part of
+the graph.
 
 The folded weights are derived, never saved: the stages' own weights stay where they are (state
 dict and checkpoints unchanged) and the folded copies are remade whenever one of them changes (a
@@ -94,20 +96,67 @@ def _fold(op: _Conv, dtype: torch.dtype, memory_format) -> tuple[torch.Tensor, t
     return weight.to(dtype), bias.to(dtype)
 
 
+_REFUSED: set = set()  # (dtype, layout, weight shape, stride, padding): fused calls cuDNN refused
+
+
+def conv_bias_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, z: torch.Tensor | None, stride, padding,
+                  dilation, groups: int, relu: bool = True, cudnn: bool | None = None) -> torch.Tensor:
+    """``relu(conv2d(x, w, b) + z)`` (``z`` optional; without ``relu``: no ReLU). ``cudnn`` (None:
+    on a CUDA tensor) makes it one fused cuDNN call; where cuDNN refuses one
+    (``CUDNN_STATUS_NOT_SUPPORTED`` is known for some dtype and layout combinations), that
+    convolution runs as conv2d + add + ReLU from then on, after one warning."""
+    if cudnn is None:
+        cudnn = x.is_cuda
+    key = (x.dtype, x.is_contiguous(), tuple(w.shape), tuple(stride), tuple(padding))
+    if relu and cudnn and key not in _REFUSED:
+        try:
+            if z is None:
+                return torch.cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups)
+            return torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, stride, padding, dilation, groups)
+        except RuntimeError as exn:
+            if not _REFUSED:
+                warnings.warn(f"--fuse-frozen: cuDNN refused a fused convolution ({str(exn).splitlines()[0]}); "
+                              f"those run unfused (folded BatchNorm, then add and ReLU)", stacklevel=2)
+            _REFUSED.add(key)
+    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    if z is not None:
+        y.add_(z)
+    return y.relu_() if relu else y
+
+
+@torch.library.custom_op("carl_scale::fused_conv_relu", mutates_args=())
+def fused_conv_relu(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, z: torch.Tensor | None, stride: list[int],
+                    padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+    """:func:`conv_bias_act` with its ReLU as one operator torch.compile can hold in a graph
+    (dynamo has no shapes for cuDNN's fused calls): what ``--compile`` + ``--fuse-frozen`` run."""
+    return conv_bias_act(x, w, b, z, stride, padding, dilation, groups)
+
+
+@fused_conv_relu.register_fake
+def _(x, w, b, z, stride, padding, dilation, groups):
+    size = [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (w.shape[2 + i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+    # cuDNN answers in channels_last when the input or the weight is in it (so does conv2d here)
+    last = any(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in (x, w))
+    return torch.empty((x.shape[0], w.shape[0], *size), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last if last else torch.contiguous_format)
+
+
 class FusedStages:
-    """Runs a frozen stage group as its fused program; call it under ``no_grad``. Where cuDNN
-    refuses a fused call (``CUDNN_STATUS_NOT_SUPPORTED`` is known for some dtype and layout
-    combinations), that convolution falls back to conv2d + add + ReLU, with one warning."""
+    """Runs a frozen stage group as its fused program; call it under ``no_grad`` (also inside
+    ``torch.compile``: the weights are then folded in the graph and each fused convolution is the
+    :func:`fused_conv_relu` operator)."""
 
     def __init__(self, stages: nn.Module):
         self.stages = stages
         self.program = fuse_stages(stages)
         self._folded: dict = {}
         self._stamp: tuple | None = None
-        self._unfused: set = set()  # (op, dtype, layout) cuDNN refused to fuse
-        self.cudnn = lambda x: x.is_cuda  # where the fused cuDNN calls run (a test can say elsewhere)
+        self.cudnn: bool | None = None  # the fused cuDNN calls: None = on CUDA tensors (a test may force them)
 
     def _weights(self, op: _Conv, dtype: torch.dtype, layout) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():  # folded in the graph: a few small fused kernels per step
+            return _fold(op, dtype, layout)
         key = (id(op), dtype, layout)
         if key not in self._folded:
             self._folded[key] = _fold(op, dtype, layout)
@@ -118,10 +167,11 @@ class FusedStages:
         # Fold again when a weight changed: a load writes in place (the version counter moves), a
         # move or an assigning load replaces the tensor (another object, another address). Writes
         # through ``.data`` move no counter and are not seen (nothing here makes them).
-        stamp = tuple((id(t), t._version, t.data_ptr()) for m in self.stages.modules()
-                      for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
-        if stamp != self._stamp:
-            self._folded, self._stamp = {}, stamp
+        if not torch.compiler.is_compiling():
+            stamp = tuple((id(t), t._version, t.data_ptr()) for m in self.stages.modules()
+                          for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
+            if stamp != self._stamp:
+                self._folded, self._stamp = {}, stamp
         if torch.is_autocast_enabled(x.device.type):  # cuDNN's fused calls are outside autocast's lists
             x = x.to(torch.get_autocast_dtype(x.device.type))
         with torch.autocast(x.device.type, enabled=False):
@@ -130,21 +180,9 @@ class FusedStages:
     def _conv(self, op: _Conv, x: torch.Tensor, layout, z: torch.Tensor | None = None) -> torch.Tensor:
         w, b = self._weights(op, x.dtype, layout)
         c = op.conv
-        key = (id(op), x.dtype, layout)
-        if op.relu and key not in self._unfused and self.cudnn(x):
-            try:
-                if z is None:
-                    return torch.cudnn_convolution_relu(x, w, b, c.stride, c.padding, c.dilation, c.groups)
-                return torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, c.stride, c.padding, c.dilation, c.groups)
-            except RuntimeError as exn:
-                if not self._unfused:
-                    warnings.warn(f"--fuse-frozen: cuDNN refused a fused convolution ({str(exn).splitlines()[0]}); "
-                                  f"those run unfused (folded BatchNorm, then add and ReLU)", stacklevel=2)
-                self._unfused.add(key)
-        y = F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
-        if z is not None:
-            y.add_(z)
-        return y.relu_() if op.relu else y
+        if op.relu and torch.compiler.is_compiling():
+            return fused_conv_relu(x, w, b, z, list(c.stride), list(c.padding), list(c.dilation), c.groups)
+        return conv_bias_act(x, w, b, z, c.stride, c.padding, c.dilation, c.groups, op.relu, self.cudnn)
 
     def _run(self, program: list, x: torch.Tensor, layout) -> torch.Tensor:
         for op in program:

@@ -56,8 +56,8 @@ class ParallelConfig(Config):
                                               "one call); bounds their memory")
     fuse_frozen: Literal["off", "on"] = param(
         "off", flag="--fuse-frozen", help="the frozen ResNet stages with BatchNorm folded into the convolutions, "
-                                          "on a GPU as cuDNN's fused conv+bias(+add)+ReLU calls (eager; not with "
-                                          "--compile, which fuses them itself)")
+                                          "on a GPU as cuDNN's fused conv+bias(+add)+ReLU calls (also inside "
+                                          "--compile's graphs)")
     compile: Literal["off", "trunk", "objective"] = param(
         "off", flag="--compile", help="torch.compile (the first steps compile): trunk: the ResNet trunk; objective: "
                                       "the whole forward (encoder, projection, loss) as one graph, and its backward")
@@ -71,9 +71,6 @@ class ParallelConfig(Config):
         # (the optimizer's updates would never reach the model), and DeepSpeed 0.19 fails on its grads
         if self.channels_last == "on" and self.zero_stage > 0:
             refuse("--channels-last", f"'on' needs --zero-stage 0 (got {self.zero_stage}); use auto or off")
-        if self.fuse_frozen == "on" and self.compile != "off":  # dynamo has no kernels for cuDNN's fused calls
-            refuse("--fuse-frozen", f"'on' is the eager path's fusion; --compile {self.compile} fuses the frozen "
-                                    f"stages itself: choose one")
         if self.compile_mode != "default" and self.compile == "off":
             refuse("--compile-mode", f"{self.compile_mode!r} needs --compile trunk or objective (got off)")
         # CUDA graphs of the trunk would also serve evaluation's forwards (other shapes, no step

@@ -169,7 +169,10 @@ def apply_speedups(model: torch.nn.Module, cfg: RunConfig, objective: torch.nn.M
     how = "compiled" + (f" ({mode})" if mode else "")
     if par.compile == "trunk":
         # each stage group on its own: the frozen one runs without gradients, the trained one with
-        model.backbone.frozen.compile(mode=mode)
+        if model.backbone.fused is not None:  # the frozen stages' fused program is what runs
+            model.backbone.fused = torch.compile(model.backbone.fused, mode=mode)
+        else:
+            model.backbone.frozen.compile(mode=mode)
         model.backbone.trainable.compile(mode=mode)
         done.append(f"{how} trunk")
     elif par.compile == "objective":

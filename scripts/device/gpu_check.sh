@@ -3,10 +3,10 @@
 # (they stay while the machine is warm) and stop. Without: stage, assemble and unpack the tree into
 # /tmp/site, then run the benchmarks and the GPU tests, each under its own time limit, writing every
 # table under $OUT. Most important first: a call cut short still returns what it measured.
-# Stage names as arguments run only those: their limits add up to ~14.5 minutes, more than one call
+# Stage names as arguments run only those: their limits add up to ~16 minutes, more than one call
 # may run and more than a session's device time once the machine's start and the two staging calls
 # are counted. So, most important first, in calls to the warm machine:
-#   bash scripts/device/gpu_check.sh step_T80 step_T240 gpu_tests               (<= 8 min: the step)
+#   bash scripts/device/gpu_check.sh step_T80 step_T240 gpu_tests               (<= 8.5 min: the step)
 #   bash scripts/device/gpu_check.sh data e2e_jpeg e2e_jpeg_hybrid augment      (<= 3.5 min: the data)
 #   bash scripts/device/gpu_check.sh step_T80_graphs e2e_jpeg_pyav              (if time is left)
 set -uo pipefail
@@ -45,12 +45,14 @@ stage() {  # name, seconds, command...: its output to $out/name.txt, the table a
   grep -v "^\[\|Warning\|warn(" "$out/$name.txt" | tail -"${TAIL:-12}"
 }
 # the sync-free default step; the frozen stages as cuDNN's fused calls; in one call (trunk_chunk
-# above 2BT) against the default's calls of <= 256 frames; then the compiled variants (each row
-# compiles first: ~1 min)
-stage step_T80 190 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
-  --extra parallel.fuse_frozen=on parallel.trunk_chunk=100000 parallel.compile=trunk parallel.compile=objective
-stage step_T80_graphs 110 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
-  --extra parallel.compile=objective,parallel.compile_mode=reduce-overhead
+# above 2BT) against the default's calls of <= 256 frames; then the whole step compiled, without
+# and with the fused frozen stages (each compiled row compiles first: ~1 min)
+stage step_T80 210 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
+  --extra parallel.fuse_frozen=on parallel.trunk_chunk=100000 parallel.compile=objective \
+  parallel.compile=objective,parallel.fuse_frozen=on
+stage step_T80_graphs 200 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
+  --extra parallel.compile=trunk parallel.compile=objective,parallel.compile_mode=reduce-overhead \
+  parallel.compile=objective,parallel.compile_mode=reduce-overhead,parallel.fuse_frozen=on
 stage step_T240 110 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 --warmup 2 \
   --extra parallel.fuse_frozen=on parallel.trunk_chunk=100000
 TAIL=25 stage gpu_tests 180 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
