@@ -148,7 +148,8 @@ def test_memory_simulation_our_r50_step_peaks_below_the_published_one(capsys):
         res = main(["--flavor", "r50", "--frames", str(frames), "--batch", str(batch),
                     "--extra", "parallel.trunk_chunk=100000"])
         pub, ours, one_call, then = (res[k].peak / 2**30 for k in (
-            "published", "ours", "ours parallel.trunk_chunk=100000", "ours then (float32 views, frozen stages in one call)"))
+            "published", "ours", "ours parallel.trunk_chunk=100000",
+            "ours then (float32 views, frozen stages in one call)"))
         assert abs(pub - measured) / measured < 0.10, (frames, pub)
         assert abs(then - ours_measured) / ours_measured < 0.10, (frames, then)
         assert ours < 0.95 * pub, (frames, ours, pub)

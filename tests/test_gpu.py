@@ -137,8 +137,10 @@ def test_cudnns_fused_frozen_stages_compute_what_the_stages_compute():
     """--fuse-frozen on a GPU: cuDNN's fused conv+bias(+add)+ReLU calls on the folded weights
     against the r50 frozen stages as modules, bf16 autocast, channels_last and not: relative error
     within bf16's (2%), and the cuDNN calls really made and accepted (no fallback to conv2d)."""
+    from carl_scale.models import fused_trunk
     from carl_scale.models.backbones import Backbone
 
+    fused_trunk._REFUSED.clear()
     torch.manual_seed(0)
     bb = Backbone("resnet50", 1).cuda()
     for m in bb.frozen.modules():  # statistics that are not the identity
@@ -159,7 +161,7 @@ def test_cudnns_fused_frozen_stages_compute_what_the_stages_compute():
                 assert (out - ref).norm() / ref.norm() < 0.02, layout
     finally:
         torch.cudnn_convolution_relu = real
-    assert len(calls) >= 2 * 20 and not fused._unfused  # cuDNN fused every call (no conv2d fallback)
+    assert len(calls) >= 2 * 20 and not fused_trunk._REFUSED  # cuDNN fused every call (no conv2d fallback)
 
 
 def test_the_batched_colour_augmentation_on_the_gpu_equals_the_per_view_one_on_the_cpu():
@@ -187,8 +189,10 @@ def test_the_trainer_step_never_waits_for_the_gpu(fuse):
     from carl_scale.bench.step import synthetic_batch
     from carl_scale.models import build_model
     from carl_scale.train.recipes import configure, recipe
+    from carl_scale.models import fused_trunk
     from carl_scale.train.trainer import build_engine, engine_step, process_group
 
+    fused_trunk._REFUSED.clear()
     cfg = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 16,
                                       "parallel.trunk_chunk": 40, "parallel.fuse_frozen": fuse}, flavor="r50")
     with process_group() as (_, world, device):
@@ -203,6 +207,7 @@ def test_the_trainer_step_never_waits_for_the_gpu(fuse):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
+        assert not fused_trunk._REFUSED  # (no error taken for cuDNN's refusal and hidden)
 
 
 def test_the_gpu_loader_with_a_cpu_decoded_share_gives_the_batches_of_the_gpu_alone(jpeg_128_shards):

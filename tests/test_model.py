@@ -310,7 +310,7 @@ def _unfused(bb):
 def test_fused_frozen_stages_fall_back_where_cudnn_refuses_to_fuse(monkeypatch):
     """cuDNN's fused calls are known to refuse some dtype/layout combinations: each refused
     convolution then runs as conv2d + add + ReLU (same values), with one warning, and is not
-    tried again."""
+    tried again; any other error is raised."""
     from carl_scale.models import fused_trunk
     from carl_scale.models.backbones import Backbone
 
@@ -336,6 +336,15 @@ def test_fused_frozen_stages_fall_back_where_cudnn_refuses_to_fuse(monkeypatch):
         n = len(tried)
         torch.testing.assert_close(fused(x), ref)
         assert n > 5 and len(tried) == n  # refused once each, then not tried again
+        fused_trunk._REFUSED.clear()  # any other error (out of memory, a sync trap) stays an error
+
+        def fail(*a):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        monkeypatch.setattr(torch, "cudnn_convolution_relu", fail)
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            fused(x)
+        assert not fused_trunk._REFUSED
 
 
 def test_fuse_frozen_refuses_modules_it_does_not_know():

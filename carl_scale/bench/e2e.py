@@ -12,15 +12,19 @@ training run builds; ``--decoder auto``: DALI on a GPU). ``from shards`` times
 times it on one batch kept on the device. The ratio is what the data path costs the step: 1.0
 means the loader keeps the step fed. ``data wait`` is the share of the loader row spent waiting
 for the next batch. ``resident, loader alongside`` steps on the resident batch while a thread
-takes one loader batch per step and drops it: what the loader's work (its GPU kernels, its host
-threads) costs the step without any waiting, so a loss not explained by ``data wait`` shows up
-here. ``loader ms/batch``: the finishing step's host time per batch (decoding on the GPU,
-crops, colour), and on a GPU the time of its work on its CUDA stream.
+(on a CUDA stream of its own) takes one loader batch per step and drops it: what the loader's
+work (its GPU kernels, its host threads) costs the step without any waiting, so a loss not
+explained by ``data wait`` shows up here. On a CPU the finishing runs in that thread, beside the
+step, where training runs it between steps: there the row overstates. ``loader ms/batch``: the
+finishing step's host time per batch (decoding on the GPU, crops, colour), and on a GPU the time
+between two events around it on its CUDA stream (idle gaps while the host queues work included;
+work DALI queues on streams of its own not seen).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import threading
 import time
@@ -68,8 +72,13 @@ def run(a) -> dict:
         fed = a.steps * a.batch / (time.perf_counter() - t0)
         fed_wait = wait / (time.perf_counter() - t0)
         trainer.loader.finish_times = None
+        times = list(times)  # (the finishing thread may be mid-batch: its entry, if any, comes later)
         host_ms = 1000 * sum(t[0] for t in times) / max(1, len(times))
-        gpu_ms = sum(t[1].elapsed_time(t[2]) for t in times) / max(1, len(times)) if device.type == "cuda" else None
+        gpu_ms = None
+        if device.type == "cuda":
+            for t in times:
+                t[2].synchronize()
+            gpu_ms = sum(t[1].elapsed_time(t[2]) for t in times) / max(1, len(times))
         resident_batch = next(batches).to(device)
         trainer.train_step(resident_batch)
         _sync(device)
@@ -89,8 +98,12 @@ def run(a) -> dict:
 
         def drain() -> None:
             try:
-                while tick.acquire() and not stop.is_set():
-                    next(batches)
+                # on a stream of its own: taking a batch makes the taker's stream wait for its
+                # finishing, which on the step's stream would be a wait, not interference
+                own = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
+                with own:
+                    while tick.acquire() and not stop.is_set():
+                        next(batches)
             except BaseException as exn:  # raised in the main thread below
                 failed.append(exn)
 
@@ -102,9 +115,9 @@ def run(a) -> dict:
             stop.set()
             tick.release()
             thread.join()
+            trainer.loader.close()
         if failed:
             raise failed[0]
-        trainer.loader.close()
         name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         return {"device": name, "decoder": trainer.loader.decoder.name + "/" + trainer.loader.decoder.device,
                 "from shards": fed, "resident": resident, "alongside": alongside, "data wait": fed_wait,

@@ -557,7 +557,8 @@ class VideoLoader:
                                   persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
         dl = self._dl
         def finish(wb: WorkerBatch) -> VideoBatch:
-            if self.finish_times is None:
+            times = self.finish_times  # read once: a benchmark may stop timing while this runs
+            if times is None:
                 return collate(wb.samples, self.cfg, self.decoder, self.device, self.views_dtype)
             cuda = torch.device(self.device).type == "cuda"
             events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else [None, None]
@@ -567,7 +568,7 @@ class VideoLoader:
             out = collate(wb.samples, self.cfg, self.decoder, self.device, self.views_dtype)
             if cuda:
                 events[1].record()
-            self.finish_times.append((time.perf_counter() - t0, *events))
+            times.append((time.perf_counter() - t0, *events))
             return out
 
         ahead = None

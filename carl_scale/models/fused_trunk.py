@@ -107,13 +107,16 @@ def conv_bias_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, z: torch.Te
     convolution runs as conv2d + add + ReLU from then on, after one warning."""
     if cudnn is None:
         cudnn = x.is_cuda
-    key = (x.dtype, x.is_contiguous(), tuple(w.shape), tuple(stride), tuple(padding))
+    key = (x.dtype, x.is_contiguous(), tuple(x.shape[1:]), tuple(w.shape), tuple(stride), tuple(padding),
+           tuple(dilation), groups, z is not None)
     if relu and cudnn and key not in _REFUSED:
         try:
             if z is None:
                 return torch.cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups)
             return torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, stride, padding, dilation, groups)
-        except RuntimeError as exn:
+        except RuntimeError as exn:  # only cuDNN's refusal: out of memory, a sync trap etc. stay errors
+            if isinstance(exn, torch.OutOfMemoryError) or "CUDNN_STATUS_NOT_SUPPORTED" not in str(exn):
+                raise
             if not _REFUSED:
                 warnings.warn(f"--fuse-frozen: cuDNN refused a fused convolution ({str(exn).splitlines()[0]}); "
                               f"those run unfused (folded BatchNorm, then add and ReLU)", stacklevel=2)
@@ -143,9 +146,9 @@ def _(x, w, b, z, stride, padding, dilation, groups):
 
 
 class FusedStages:
-    """Runs a frozen stage group as its fused program; call it under ``no_grad`` (also inside
-    ``torch.compile``: the weights are then folded in the graph and each fused convolution is the
-    :func:`fused_conv_relu` operator)."""
+    """Runs a frozen stage group as its fused program; call it under ``no_grad``, eager or inside
+    a compiled graph (the weights are then folded in the graph and each fused convolution is the
+    :func:`fused_conv_relu` operator); :meth:`compile` compiles it on its own."""
 
     def __init__(self, stages: nn.Module):
         self.stages = stages
@@ -153,6 +156,12 @@ class FusedStages:
         self._folded: dict = {}
         self._stamp: tuple | None = None
         self.cudnn: bool | None = None  # the fused cuDNN calls: None = on CUDA tensors (a test may force them)
+        self._compiled = None
+
+    def compile(self, mode: str | None = None) -> "FusedStages":
+        """``--compile trunk``: calls run :meth:`forward` compiled (this object stays itself)."""
+        self._compiled = torch.compile(self.forward, mode=mode)
+        return self
 
     def _weights(self, op: _Conv, dtype: torch.dtype, layout) -> tuple[torch.Tensor, torch.Tensor]:
         if torch.compiler.is_compiling():  # folded in the graph: a few small fused kernels per step
@@ -164,6 +173,11 @@ class FusedStages:
 
     def __call__(self, x: torch.Tensor, layout=torch.contiguous_format) -> torch.Tensor:
         """``x`` (N, 3, H, W) in ``layout`` (the weights' memory format) -> the stages' output."""
+        if self._compiled is not None and not torch.compiler.is_compiling():
+            return self._compiled(x, layout)
+        return self.forward(x, layout)
+
+    def forward(self, x: torch.Tensor, layout=torch.contiguous_format) -> torch.Tensor:
         # Fold again when a weight changed: a load writes in place (the version counter moves), a
         # move or an assigning load replaces the tensor (another object, another address). Writes
         # through ``.data`` move no counter and are not seen (nothing here makes them).

@@ -170,7 +170,7 @@ def apply_speedups(model: torch.nn.Module, cfg: RunConfig, objective: torch.nn.M
     if par.compile == "trunk":
         # each stage group on its own: the frozen one runs without gradients, the trained one with
         if model.backbone.fused is not None:  # the frozen stages' fused program is what runs
-            model.backbone.fused = torch.compile(model.backbone.fused, mode=mode)
+            model.backbone.fused.compile(mode=mode)
         else:
             model.backbone.frozen.compile(mode=mode)
         model.backbone.trainable.compile(mode=mode)

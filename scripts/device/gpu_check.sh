@@ -3,7 +3,7 @@
 # (they stay while the machine is warm) and stop. Without: stage, assemble and unpack the tree into
 # /tmp/site, then run the benchmarks and the GPU tests, each under its own time limit, writing every
 # table under $OUT. Most important first: a call cut short still returns what it measured.
-# Stage names as arguments run only those: their limits add up to ~16 minutes, more than one call
+# Stage names as arguments run only those: their limits add up to ~17 minutes, more than one call
 # may run and more than a session's device time once the machine's start and the two staging calls
 # are counted. So, most important first, in calls to the warm machine:
 #   bash scripts/device/gpu_check.sh step_T80 step_T240 gpu_tests               (<= 8.5 min: the step)
@@ -50,8 +50,9 @@ stage() {  # name, seconds, command...: its output to $out/name.txt, the table a
 stage step_T80 210 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
   --extra parallel.fuse_frozen=on parallel.trunk_chunk=100000 parallel.compile=objective \
   parallel.compile=objective,parallel.fuse_frozen=on
-stage step_T80_graphs 200 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
-  --extra parallel.compile=trunk parallel.compile=objective,parallel.compile_mode=reduce-overhead \
+stage step_T80_graphs 260 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
+  --extra parallel.compile=trunk parallel.compile=trunk,parallel.fuse_frozen=on \
+  parallel.compile=objective,parallel.compile_mode=reduce-overhead \
   parallel.compile=objective,parallel.compile_mode=reduce-overhead,parallel.fuse_frozen=on
 stage step_T240 110 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 --warmup 2 \
   --extra parallel.fuse_frozen=on parallel.trunk_chunk=100000
