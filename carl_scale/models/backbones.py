@@ -178,7 +178,7 @@ class Backbone(nn.Module):
                 x = None
                 for a, b in zip(bounds, bounds[1:]):
                     part = frames[a:b].contiguous(memory_format=layout)
-                    y = self.fused(part, layout) if self.fused is not None else self.frozen(part)
+                    y = self.fused(part, layout, check=a == 0) if self.fused is not None else self.frozen(part)
                     del part  # (with one call in channels_last: a copy of the whole input)
                     if calls == 1:
                         x = y
