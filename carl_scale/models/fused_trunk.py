@@ -13,8 +13,8 @@ the graph.
 
 The folded weights are derived, never saved: the stages' own weights stay where they are (state
 dict and checkpoints unchanged) and the folded copies are remade whenever one of them changes (a
-checkpoint or ``--pretrained`` load: their version counters move), in the dtype the convolutions
-run in (the autocast dtype under autocast).
+checkpoint or ``--pretrained`` load, a move), in the dtype the convolutions run in (the autocast
+dtype under autocast).
 
 :func:`fuse_stages` knows the modules our backbones are made of: ``Sequential``, Conv2d +
 BatchNorm2d (+ ReLU) runs, max pooling, torchvision's ``Bottleneck`` and our ``_BasicBlock``
@@ -77,7 +77,7 @@ def fuse_stages(module: nn.Module) -> list:
         return [module]
     if isinstance(module, Bottleneck):
         m = module
-        main = [_Conv(m.conv1, m.bn1, True), _Conv(m.conv2, m.bn2, True), _Conv(m.conv3, m.bn3, False)]
+        main = [_Conv(m.conv1, m.bn1, True), _Conv(m.conv2, m.bn2, True), _Conv(m.conv3, m.bn3, True)]
         return [_Block(main, _sequence(list(m.downsample)) if m.downsample is not None else [])]
     if isinstance(getattr(module, "body", None), nn.Sequential) and hasattr(module, "short"):
         # backbones._BasicBlock (by its parts, not imported: backbones imports this module)
@@ -96,7 +96,7 @@ def _fold(op: _Conv, dtype: torch.dtype, memory_format) -> tuple[torch.Tensor, t
     return weight.to(dtype), bias.to(dtype)
 
 
-_REFUSED: set = set()  # (dtype, layout, weight shape, stride, padding): fused calls cuDNN refused
+_REFUSED: set = set()  # the fused calls cuDNN refused, by everything that tells one call from another
 
 
 def conv_bias_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, z: torch.Tensor | None, stride, padding,
