@@ -1,6 +1,7 @@
 """What only a GPU can check: DALI's GPU decoding against its CPU decoding, bf16 SCL against fp32,
 the trainer's step against the published step on the same inputs, and a short r50 run from shards.
-Skipped without CUDA (CI has none); ``scripts/device/gpu_check.sh`` runs them on a lent GPU."""
+Skipped without CUDA (CI has none); ``scripts/device/gpu_check.sh`` runs them on a lent GPU, those
+marked ``dali`` once DALI's tree has arrived there (its first call carries only the core tree)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ def _same_frames(cpu, gpu) -> None:
         assert diff.shape == np.asarray(c).shape and diff.mean() < 1.0 and np.percentile(diff, 99) <= 4
 
 
+@pytest.mark.dali
 @pytest.mark.parametrize("fixture", ["vp9_128_shards", "jpeg_128_shards", "vp9_shards"])
 def test_gpu_and_cpu_decoding_give_the_same_frames(request, fixture):
     """NVDEC / nvJPEG against DALI's CPU decoders; 64 x 64 video (under NVDEC's minimum) goes
@@ -210,6 +212,7 @@ def test_the_trainer_step_never_waits_for_the_gpu(fuse):
         assert not fused_trunk._REFUSED  # (no error taken for cuDNN's refusal and hidden)
 
 
+@pytest.mark.dali
 def test_the_gpu_loader_with_a_cpu_decoded_share_gives_the_batches_of_the_gpu_alone(jpeg_128_shards):
     """--cpu-decode-share 0.5 on a GPU: half of the videos decoded by PyAV in the workers, half by
     nvJPEG; the same videos and views as nvJPEG alone, up to the decoders' rounding."""
@@ -233,6 +236,7 @@ def test_the_gpu_loader_with_a_cpu_decoded_share_gives_the_batches_of_the_gpu_al
 
 
 @pytest.mark.slow
+@pytest.mark.dali
 def test_a_20_step_r50_run_from_shards_on_the_gpu(vp9_128_shards, tmp_path):
     from carl_scale.train.recipes import configure, recipe
     from carl_scale.train.trainer import run

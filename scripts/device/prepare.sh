@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # Run HERE (no GPU needed), once: build what the lent GPU machine lacks (its image has torch
 # 2.11+cu130, numpy, numba, matplotlib, tensorboard, pytest; not DALI, DeepSpeed, WebDataset, PyAV)
-# as one installed tree, and cut it into call-sized parts .whl/c1, .whl/c2, ... (a device call
-# carries 64 MiB in all; our repo is ~1 MiB of it).
+# as installed trees, packed into call-sized folders under .whl/ (a device call carries 64 MiB in
+# all; our repo is ~1 MiB of it).
 #
-# Why a tree and not the wheels: the wheels are ~290 MB (DALI alone 199 MB: 4 calls, plus 3 for the
+# Why trees and not the wheels: the wheels are ~290 MB (DALI alone 199 MB: 4 calls, plus 3 for the
 # rest). Unzipped, with the binaries of other Python versions and the symbol tables dropped
 # (`strip --strip-unneeded` keeps the dynamic symbols; tests/test_reader.py passed on a stripped
-# DALI), and packed with xz -9, it is ~155 MiB: 3 calls. nvcomp is left out (DALI opens it only for
-# its decompression operators); nvjpeg is put in (nvImageCodec's GPU JPEG decoder needs it).
+# DALI), and packed with xz -9, they are ~155 MiB. nvcomp is left out (DALI opens it only for its
+# decompression operators); nvjpeg is put in (nvImageCodec's GPU JPEG decoder needs it).
+#
+# Two trees, so that the step's measurements need no staging call: .whl/c1 holds the "core" tree
+# (DeepSpeed, WebDataset, PyAV, pydantic: everything the training step and its GPU tests import,
+# 22 MiB packed) and the first part of DALI's (131 MiB packed, 3 parts); it runs with the first
+# call. gpu_check.sh unpacks DALI once all of its parts have arrived (their names say how many).
 #
 #   bash scripts/device/prepare.sh        # ~6 min on 2 cores, mostly xz
-#   then one device call per folder, on one warm machine (it goes back after 30 s idle):
-#     run(carry=[".whl/c1"], command="bash scripts/device/gpu_check.sh --stage")   # c1 .. c(N-1)
-#     run(carry=[".whl/cN"], command="bash scripts/device/gpu_check.sh")            # stage cN, install, run
+#   then, on one warm machine (it goes back after 30 s idle):
+#     run(carry=[".whl/c1"], command="bash scripts/device/gpu_check.sh step_T80 step_T240 gpu_tests")
+#     run(carry=[".whl/c2"], command="bash scripts/device/gpu_check.sh --stage")   # c2 .. c(N-1), if N > 2
+#     run(carry=[".whl/cN"], command="bash scripts/device/gpu_check.sh data e2e_jpeg ...")
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
@@ -38,8 +44,24 @@ find . -name "*.cpython-3*" ! -name "*.cpython-312-*" -delete
 find . -name "*.so*" -type f | while read -r f; do
   file "$f" | grep -q "not stripped" && strip --strip-unneeded "$f" || true
 done
-tar -cf - . | xz -T2 -9 > "$work/bundle.tar.xz"
+# DALI and what only DALI imports; everything else is the core tree
+dali=(nvidia nvidia_* nvtx nvtx-* libcst libcst-* gast gast-* astunparse astunparse-* makefun makefun-*
+      optree optree-*)
+shopt -s nullglob
+mkdir -p "$work/dali"
+for d in "${dali[@]}"; do for f in $d; do mv "$f" "$work/dali/"; done; done
 cd - >/dev/null
-split -b 62M -d -a 2 "$work/bundle.tar.xz" "$work/bundle.tar.xz.part"
-i=0; for p in "$work"/bundle.tar.xz.part*; do i=$((i + 1)); mkdir -p ".whl/c$i"; mv "$p" ".whl/c$i/"; done
-du -sh .whl/c* && echo "$i device calls: carry .whl/c1 .. .whl/c$i (the last runs gpu_check.sh)"
+[[ -d "$work/dali/nvidia/dali" && -d "$work/site/deepspeed" ]] || { echo "prepare: a tree is missing a package"; exit 1; }
+tar -C "$work/site" -cf - . | xz -T2 -9 > "$work/core.tar.xz"
+tar -C "$work/dali" -cf - . | xz -T2 -9 > "$work/dali.tar.xz"
+# 61-62 MiB a call leaves room for the repository (~1 MiB) in the call's 64 MiB. The core tree goes
+# with the first call, and DALI's first part fills what it leaves there.
+mib=$((1024 * 1024)); core=$(stat -c %s "$work/core.tar.xz")
+(( core < 60 * mib )) || { echo "prepare: the core tree outgrew one call"; exit 1; }
+mkdir -p .whl/c1 && mv "$work/core.tar.xz" .whl/c1/
+head -c $((61 * mib - core)) "$work/dali.tar.xz" > "$work/dali.tar.xz.part00"
+tail -c +$((61 * mib - core + 1)) "$work/dali.tar.xz" | split -b 62M -d -a 2 --numeric-suffixes=1 - "$work/dali.tar.xz.part"
+parts=("$work"/dali.tar.xz.part*); n=${#parts[@]}
+i=0; for p in "${parts[@]}"; do i=$((i + 1)); mkdir -p ".whl/c$i"; mv "$p" ".whl/c$i/$(basename "$p")-of-$(printf %02d "$n")"; done
+[[ $(cat .whl/c*/dali.tar.xz.part* | cmp - "$work/dali.tar.xz" && echo same) == same ]] || { echo "prepare: the parts do not add up"; exit 1; }
+du -sh .whl/c* && echo "$i device calls: .whl/c1 (core and DALI's first part) with the step stages, then .whl/c2 .. .whl/c$i"
