@@ -52,9 +52,14 @@ def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
     from carl_scale.bench import data, e2e
 
     rows = data.main(["--data-dir", str(tmp_path), "--videos", "4", "--whole-videos", "1", "--frames", "8",
-                      "--batches", "2", "--batch", "2", "--workers", "1", "--height", "64", "--width", "96"])
+                      "--batches", "2", "--batch", "2", "--workers", "1", "--height", "64", "--width", "96",
+                      "--nvjpeg", "hw_load=1,huffman=gpu"])  # (a GPU's settings: on the CPU the same decoding)
     assert [(r["payload"], r["decoder"]) for r in rows] == [("video", "pyav"), ("video", "dali"), ("jpeg", "pyav"),
-                                                            ("jpeg", "dali")]
+                                                            ("jpeg", "dali"), ("jpeg", "dali hw_load=1,huffman=gpu")]
+    assert data.nvjpeg_settings("huffman=gpu") == {"nvjpeg_hw_load": 0.65, "nvjpeg_huffman": "gpu"}
+    for bad in ("hw_load=2", "hw_load=x", "threads=8", "huffman=fast"):
+        with pytest.raises(ValueError, match="--nvjpeg"):
+            data.nvjpeg_settings(bad)
     assert all(r["sampled"] > 0 and r["loader"] > 0 for r in rows)
     r = e2e.main(["--data-dir", str(tmp_path), "--frames", "8", "--steps", "2", "--warmup", "1", "--height", "64",
                   "--width", "96", "--workers", "1"])

@@ -70,6 +70,11 @@ def test_gpu_and_cpu_decoding_give_the_same_frames(request, fixture):
     idx = [np.sort(np.random.default_rng(i).choice(v.num_frames, 12, replace=False)) for i, v in enumerate(videos)]
     cpu = DaliDecoder("cpu").decode(videos, idx)
     _same_frames(cpu, DaliDecoder("cuda", device_id=torch.cuda.current_device()).decode(videos, idx))
+    if videos[0].kind == "jpeg":  # every nvJPEG setting --nvjpeg-hw-load / --nvjpeg-huffman choose
+        for hw_load, huffman in ((1.0, "cpu"), (0.0, "gpu"), (0.0, "cpu")):
+            dec = DaliDecoder("cuda", device_id=torch.cuda.current_device(), jpeg_hw_load=hw_load,
+                              jpeg_huffman=huffman)
+            _same_frames(cpu, dec.decode(videos, idx))
 
 
 def test_bf16_scl_matches_fp32_within_a_stated_tolerance():

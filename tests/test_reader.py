@@ -287,13 +287,41 @@ def test_a_gpu_device_string_selects_that_gpu_for_dali():
         split_device("mps")
 
 
+def test_nvjpeg_settings_reach_dalis_image_decoder_by_names_its_schema_knows(jpeg_shards):
+    """--nvjpeg-hw-load / --nvjpeg-huffman go from the config to fn.decoders.image on a GPU (argument
+    names checked against DALI's own operator schema: a typo would fail only on a GPU) and to the
+    loader's log line; on the CPU (libjpeg-turbo) they change nothing. A bad value is refused."""
+    from nvidia.dali import backend as dali_backend
+
+    from carl_scale.config import ConfigError
+    from carl_scale.data.decoders import DaliDecoder, make_decoder
+
+    gpu = make_decoder("auto", codec="jpeg", device="cuda:0", jpeg_hw_load=1.0, jpeg_huffman="gpu")
+    assert gpu.image_options() == {"hw_decoder_load": 1.0, "hybrid_huffman_threshold": 0}
+    assert "nvJPEG: 100% to the hardware decoder" in gpu.jpeg_engine() and "Huffman of the rest on the GPU" in \
+        gpu.jpeg_engine()
+    default = DaliDecoder("cuda")
+    assert default.image_options() == {"hw_decoder_load": 0.65} and "on the CPU (2 threads)" in default.jpeg_engine()
+    schema = dali_backend.GetSchema("decoders__Image")
+    assert all(schema.HasArgument(k) for k in gpu.image_options())
+    assert DaliDecoder("cpu", jpeg_hw_load=0.0, jpeg_huffman="gpu").image_options() == {}
+    with pytest.raises(ValueError, match="jpeg_hw_load must be in"):
+        DaliDecoder("cuda", jpeg_hw_load=1.5)
+
+    loader = VideoLoader(_cfg(jpeg_shards, decoder="dali", nvjpeg_hw_load=0.3, nvjpeg_huffman="gpu"))
+    assert (loader.decoder.jpeg_hw_load, loader.decoder.jpeg_huffman) == (0.3, "gpu")
+    loader.close()
+    with pytest.raises(ConfigError, match=r"--nvjpeg-hw-load must be in \[0, 1\], got 1.5"):
+        _cfg(jpeg_shards, nvjpeg_hw_load=1.5)
+
+
 def test_finish_ahead_keeps_order_raises_the_threads_error_and_stops_when_closed():
     """The GPU loader's finishing thread (here on the CPU, where it has no stream): results in
     input order, at most ``depth`` ahead; an error in ``finish`` is raised to the consumer; a
     consumer that stops early leaves no thread behind."""
     import threading
 
-    from carl_scale.data.reader import finish_ahead
+    from carl_scale.data.prefetch import finish_ahead
 
     cpu = torch.device("cpu")
     assert list(finish_ahead(range(20), lambda i: i * i, 2, cpu)) == [(i, i * i) for i in range(20)]

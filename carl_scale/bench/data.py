@@ -14,7 +14,9 @@ payload on the CPU), measured in the same process on the same shards. Three meas
   GPU the decoding and augmentation run in the main process, batched), batches/s, and the
   sampled frames/s it delivers (batches/s x batch x 2T): what a training step can consume.
   With ``--cpu-shares`` on a GPU, each DALI path also gets loader rows with that share of the
-  videos decoded by PyAV in the workers (``--cpu-decode-share``: CPU and GPU decoding together).
+  videos decoded by PyAV in the workers (``--cpu-decode-share``: CPU and GPU decoding together),
+  and with ``--nvjpeg`` the jpeg/dali path gets rows for other nvJPEG settings (the share for the
+  hardware JPEG decoder, where the Huffman stage runs: ``--nvjpeg-hw-load``, ``--nvjpeg-huffman``).
 
 On a GPU, timings end with a device synchronisation (DALI's outputs are CUDA tensors).
 """
@@ -100,6 +102,25 @@ def bench_loader(cfg: LoaderConfig, batches: int, device: str) -> float:
     return rate
 
 
+def nvjpeg_settings(text: str) -> dict:
+    """``hw_load=1,huffman=gpu`` -> the LoaderConfig fields it sets (the others at their defaults)."""
+    out = {"nvjpeg_hw_load": LoaderConfig.nvjpeg_hw_load, "nvjpeg_huffman": LoaderConfig.nvjpeg_huffman}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key == "hw_load":
+            try:
+                out["nvjpeg_hw_load"] = float(value)
+            except ValueError:
+                out["nvjpeg_hw_load"] = -1.0
+            if not 0 <= out["nvjpeg_hw_load"] <= 1:
+                raise ValueError(f"--nvjpeg {text}: hw_load takes a share in [0, 1], got {value!r}")
+        elif key == "huffman" and value in ("cpu", "gpu"):
+            out["nvjpeg_huffman"] = value
+        else:
+            raise ValueError(f"--nvjpeg {text}: settings are hw_load=0..1 and huffman=cpu|gpu, got {part!r}")
+    return out
+
+
 def ensure_bench_shards(a) -> None:
     """The synthetic shards this benchmark reads, both payloads, made once per size and GOP."""
     from carl_scale.datasets.encode import EncodeOptions
@@ -139,7 +160,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--cpu-shares", nargs="*", type=float, default=[],
                    help="on a GPU, after each dali path: its loader with this share of the videos decoded by "
                         "PyAV in the workers (--cpu-decode-share), e.g. 0.25 0.5")
+    p.add_argument("--nvjpeg", nargs="*", default=[], metavar="SETTINGS",
+                   help="more jpeg/dali rows with these nvJPEG settings (hw_load=0..1, huffman=cpu|gpu, joined "
+                        "by commas), e.g. hw_load=1 huffman=gpu hw_load=0,huffman=gpu")
     a = p.parse_args(argv)
+    try:
+        variants = [nvjpeg_settings(v) for v in a.nvjpeg]
+    except ValueError as e:
+        p.error(str(e))
     if any(not 0 < x <= 1 for x in a.cpu_shares):
         p.error("--cpu-shares must be in (0, 1]")
     if min(a.videos, a.whole_videos, a.frames, a.batch, a.batches, a.image_size, a.write_workers) < 1 \
@@ -171,6 +199,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(dict(payload=payload, decoder=f"dali + {100 * share:.0f}% pyav", whole=None, sampled=None,
                              loader=loader, loader_frames=loader * a.batch * 2 * a.frames))
             print(f"measured {payload}/dali with {100 * share:.0f}% decoded by pyav in the workers: loader "
+                  f"{loader:.2f} batches/s", flush=True)
+        for text, kw in (zip(a.nvjpeg, variants) if (payload, name) == ("jpeg", "dali") else []):
+            dec = DaliDecoder(device=decoders["dali"].device, num_threads=decoders["dali"].num_threads,
+                              jpeg_hw_load=kw["nvjpeg_hw_load"], jpeg_huffman=kw["nvjpeg_huffman"])
+            whole, sampled = bench_decode(dec, items, temporal, a.batch, a.whole_videos)
+            loader = bench_loader(dataclasses.replace(cfg, **kw), a.batches, a.device)
+            rows.append(dict(payload=payload, decoder=f"dali {text}", whole=whole, sampled=sampled, loader=loader,
+                             loader_frames=loader * a.batch * 2 * a.frames))
+            print(f"measured jpeg/dali {text}: whole {whole:.0f} f/s, sampled {sampled:.0f} f/s, loader "
                   f"{loader:.2f} batches/s", flush=True)
     ref = rows[0]
 

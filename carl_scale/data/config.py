@@ -92,6 +92,14 @@ class LoaderConfig(Config):
         0.0, flag="--cpu-decode-share", ge=0, le=1,
         help="with a GPU decoder: the share of the videos that the workers decode on the CPU (PyAV) while the "
              "GPU decodes the rest, adding the CPU's frames/s to the GPU's (0: the GPU decodes all)")
+    nvjpeg_hw_load: float = param(
+        0.65, flag="--nvjpeg-hw-load", ge=0, le=1,
+        help="jpeg payload on a GPU: the share of a batch's frames for the GPU's hardware JPEG decoder (A100, "
+             "H100, H200; none elsewhere), the rest for nvJPEG on the CUDA cores (0.65: DALI's default)")
+    nvjpeg_huffman: Literal["cpu", "gpu"] = param(
+        "cpu", flag="--nvjpeg-huffman",
+        help="jpeg payload on a GPU: where nvJPEG on the CUDA cores does the Huffman stage of frames under "
+             "1 MPixel: cpu (DALI's default: the decoder's host threads) or gpu")
     per_label: int = param(0, flag="--per-label", ge=0,
                            help="batches of groups of this many videos of one label (weak supervision; 0: off)")
     temporal: TemporalConfig = param(default_factory=TemporalConfig)

@@ -176,11 +176,14 @@ class DaliDecoder(FrameDecoder):
     name = "dali"
 
     def __init__(self, device: str = "cpu", max_batch: int = 32, num_threads: int = 2, device_id: int = 0,
-                 image_batch: int = 256):
+                 image_batch: int = 256, jpeg_hw_load: float = 0.65, jpeg_huffman: str = "cpu"):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"DALI device must be 'cpu' or 'cuda', got {device!r}")
+        if not 0 <= jpeg_hw_load <= 1 or jpeg_huffman not in ("cpu", "gpu"):
+            raise ValueError(f"jpeg_hw_load must be in [0, 1] and jpeg_huffman 'cpu' or 'gpu', got "
+                             f"{jpeg_hw_load} and {jpeg_huffman!r}")
         self.device, self.max_batch, self.num_threads, self.device_id = device, max_batch, num_threads, device_id
-        self.image_batch = image_batch
+        self.image_batch, self.jpeg_hw_load, self.jpeg_huffman = image_batch, jpeg_hw_load, jpeg_huffman
         self._video_pipe = self._image_pipe = None
 
     def __getstate__(self):  # pipelines do not cross process boundaries; workers rebuild them
@@ -205,11 +208,28 @@ class DaliDecoder(FrameDecoder):
                       exec_dynamic=True, prefetch_queue_depth=1)
         def image_pipe():
             enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1, no_copy=False)
-            return fn.decoders.image(enc, device=backend, output_type=types.RGB)
+            return fn.decoders.image(enc, device=backend, output_type=types.RGB, **self.image_options())
 
         pipe = video_pipe() if kind == "video" else image_pipe()
         pipe.build()
         return pipe
+
+    def image_options(self) -> dict:
+        """nvJPEG's settings for ``fn.decoders.image`` (GPU only: the CPU decodes with libjpeg-turbo).
+        Kinetics-size frames (~87k pixels) are far under DALI's 1-MPixel threshold, so the frames
+        the hardware decoder does not take have their Huffman stage decoded by the host threads
+        unless ``jpeg_huffman`` is "gpu" (threshold 0)."""
+        if self.device != "cuda":
+            return {}
+        return {"hw_decoder_load": float(self.jpeg_hw_load),
+                **({"hybrid_huffman_threshold": 0} if self.jpeg_huffman == "gpu" else {})}
+
+    def jpeg_engine(self) -> str:
+        """What decodes JPEG frames, for the loader's log line."""
+        if self.device != "cuda":
+            return "libjpeg-turbo"
+        return (f"nvJPEG: {100 * self.jpeg_hw_load:.0f}% to the hardware decoder where the GPU has one, Huffman "
+                f"of the rest on the {'GPU' if self.jpeg_huffman == 'gpu' else f'CPU ({self.num_threads} threads)'}")
 
     def _outputs(self, tl) -> list:
         if self.device == "cpu":
@@ -339,7 +359,7 @@ def split_device(device: str | None) -> tuple[str, int]:
 
 
 def make_decoder(name: str = "auto", *, codec: str = "", device: str | None = None,
-                 image_batch: int = 256) -> FrameDecoder:
+                 image_batch: int = 256, jpeg_hw_load: float = 0.65, jpeg_huffman: str = "cpu") -> FrameDecoder:
     """``auto``: DALI wherever it can decode the payload — always on a GPU; on the CPU for
     VP8/VP9/MJPEG video and JPEG frames (2.1x PyAV's sampled-frame rate for VP9 and 4.5x for
     JPEG on this project's 2-core machine, ``python -m carl_scale.bench.data``) — else PyAV.
@@ -360,5 +380,6 @@ def make_decoder(name: str = "auto", *, codec: str = "", device: str | None = No
         # of this rank's share of the cores (2 to 8); its DataLoader workers have the rest.
         cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # this rank's
         threads = 2 if device == "cpu" else max(2, min(8, cores // 4))
-        return DaliDecoder(device=device, device_id=device_id, num_threads=threads, image_batch=image_batch)
+        return DaliDecoder(device=device, device_id=device_id, num_threads=threads, image_batch=image_batch,
+                           jpeg_hw_load=jpeg_hw_load, jpeg_huffman=jpeg_huffman)
     raise ValueError(f"unknown decoder {name!r}; choose 'auto', 'dali' or 'pyav'")

@@ -18,24 +18,21 @@ seen exactly once per epoch. With fewer shards than ranks x workers, the split f
 samples (every consumer reads every shard and keeps its share). On a GPU run the training
 process finishes each batch on the device (colour augmentation, and with DALI ``mixed`` the
 decoding and cropping too) in a background thread on its own CUDA stream, up to
-``GPU_PREFETCH_BATCHES`` ahead of the step (:func:`finish_ahead`).
+``GPU_PREFETCH_BATCHES`` ahead of the step (:func:`~carl_scale.data.prefetch.finish_ahead`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import multiprocessing as mp
-import queue
 import random
-import threading
 import time
 import zlib
 from dataclasses import dataclass
 from itertools import islice
-from typing import Callable, Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -46,6 +43,7 @@ from carl_scale.data.config import LoaderConfig
 from carl_scale.data.decoders import EncodedVideo, FrameDecoder, PyAVDecoder, make_decoder
 from carl_scale.data.grouping import LabelGrouper
 from carl_scale.data.manifest import manifest_codec, manifest_samples, resolve_shards
+from carl_scale.data.prefetch import finish_ahead
 from carl_scale.data.spatial import (ViewParams, apply_geometric, apply_photometric, draw_view_params,
                                      photometric_batch, to_tchw)
 from carl_scale.data.temporal import sample_temporal_views
@@ -376,67 +374,6 @@ def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDeco
 GPU_PREFETCH_BATCHES = 2
 
 
-def finish_ahead(items: Iterable, finish: Callable, depth: int, device: torch.device) -> Iterator[tuple]:
-    """``(item, finish(item))`` for ``items`` in order, computed by a background thread up to
-    ``depth`` items ahead of the consumer. On a CUDA device the thread works on its own stream;
-    each result is handed over with an event the consumer's stream waits for, and its CUDA tensors
-    are recorded on that stream (the caching allocator must not reuse them early). An exception in
-    the thread is raised here; closing the generator stops and joins the thread."""
-    results: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    cuda = device.type == "cuda"
-
-    def put(x) -> bool:
-        while not stop.is_set():
-            try:
-                results.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def work() -> None:
-        try:
-            with contextlib.ExitStack() as ctx:
-                if cuda:
-                    stream = torch.cuda.Stream(device)
-                    ctx.enter_context(torch.cuda.device(device))
-                    ctx.enter_context(torch.cuda.stream(stream))
-                for item in items:
-                    out = finish(item)
-                    event = None
-                    if cuda:
-                        event = torch.cuda.Event()
-                        event.record(stream)
-                    if not put((item, out, event)):
-                        return
-            put(_END)
-        except BaseException as exn:  # handed to the consumer, raised there
-            put(exn)
-
-    thread = threading.Thread(target=work, name="carl-scale-finish-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            got = results.get()
-            if got is _END:
-                return
-            if isinstance(got, BaseException):
-                raise got
-            item, out, event = got
-            if event is not None:
-                current = torch.cuda.current_stream(device)
-                current.wait_event(event)
-                for t in getattr(out, "__dict__", {}).values():
-                    if torch.is_tensor(t) and t.is_cuda:
-                        t.record_stream(current)
-            yield item, out
-    finally:
-        stop.set()
-        thread.join()
-
-
-_END = object()
 
 
 class VideoLoader:
@@ -473,7 +410,8 @@ class VideoLoader:
                              f"batch size or use more data")
         # a batch's sampled JPEG frames (B x 2T) in one nvJPEG run
         self.decoder = make_decoder(cfg.decoder, codec=manifest_codec(self.manifest), device=self.device,
-                                    image_batch=cfg.batch_size * 2 * cfg.temporal.num_frames)
+                                    image_batch=cfg.batch_size * 2 * cfg.temporal.num_frames,
+                                    jpeg_hw_load=cfg.nvjpeg_hw_load, jpeg_huffman=cfg.nvjpeg_huffman)
         # CPU decoders run in the DataLoader workers; a GPU decoder runs here, batched, and then
         # the workers may take a share on the CPU (PyAV: no CUDA or DALI state in forked workers)
         self.in_collate = self.decoder.device == "cuda" if decode_in_collate is None else decode_in_collate
@@ -513,7 +451,7 @@ class VideoLoader:
         what = manifest_codec(self.manifest) or "video of unknown codec"
         dec = self.decoder
         if self.in_collate:
-            engine = (" (nvJPEG)" if what == "jpeg" else " (NVDEC)") if dec.device == "cuda" else ""
+            engine = (f" ({dec.jpeg_engine()})" if what == "jpeg" else " (NVDEC)") if dec.device == "cuda" else ""
             share = self.cfg.cpu_decode_share
             split = f"{100 * (1 - share):.0f}% of the videos " if share > 0 else ""
             cpu = f", {100 * share:.0f}% by PyAV in the workers" if share > 0 else ""

@@ -8,7 +8,7 @@
 #   bash scripts/device/gpu_check.sh step_T80 step_T240 gpu_tests             (carry .whl/c1; <= 8.5 min)
 #   bash scripts/device/gpu_check.sh --stage                                  (carry .whl/c2 .. c(N-1))
 #   bash scripts/device/gpu_check.sh data e2e_jpeg gpu_tests_dali e2e_jpeg_hybrid augment
-#                                                                             (carry .whl/cN; <= 5.5 min)
+#                                                                             (carry .whl/cN; <= 6 min)
 #   bash scripts/device/gpu_check.sh step_T80_graphs e2e_jpeg_pyav            (if time is left)
 # The machine goes back after 30 s idle, and the staged parts with it: make the calls back to back.
 # No stage names: every stage (~19 minutes: more than one call may run).
@@ -80,9 +80,11 @@ stage step_T240 110 python3 -m carl_scale.bench.step --flavor r50 --frames 240 -
 # the GPU tests that need no DALI with the first call; DALI's (decoders, loader, a run from shards) later
 TAIL=25 stage gpu_tests 150 python3 -m pytest -q -m "gpu and not dali" tests/test_gpu.py -p no:cacheprovider
 stage augment 20 python3 -m carl_scale.bench.augment --device cuda --batch 2 --frames 80 --size 224 --iters 10
-stage data 90 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 80 \
+# the jpeg/dali rows also with nvJPEG's other settings: all to the hardware JPEG decoder, the Huffman
+# stage on the GPU (Kinetics-size frames are under DALI's 1-MPixel threshold: host threads by default)
+stage data 120 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 80 \
   --image-size 224 --batch 2 --workers 8 --write-workers 16 --videos 16 --whole-videos 2 --batches 10 \
-  --paths jpeg/pyav jpeg/dali video/dali --cpu-shares 0.25 0.5
+  --paths jpeg/pyav jpeg/dali video/dali --cpu-shares 0.25 0.5 --nvjpeg hw_load=1 huffman=gpu hw_load=0,huffman=gpu
 stage e2e_jpeg 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10
 TAIL=25 stage gpu_tests_dali 100 python3 -m pytest -q -m "gpu and dali" tests/test_gpu.py -p no:cacheprovider
