@@ -62,7 +62,8 @@ def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
             data.nvjpeg_settings(bad)
     assert all(r["sampled"] > 0 and r["loader"] > 0 for r in rows)
     r = e2e.main(["--data-dir", str(tmp_path), "--frames", "8", "--steps", "2", "--warmup", "1", "--height", "64",
-                  "--width", "96", "--workers", "1"])
+                  "--width", "96", "--workers", "1", "--set", "loss.tau=0.2,data.nvjpeg_huffman=gpu"])
+    assert r["config"].loss.tau == 0.2 and r["config"].data.nvjpeg_huffman == "gpu"
     assert r["from shards"] > 0 and r["resident"] > 0 and r["alongside"] > 0 and 0 <= r["data wait"] < 1
     assert r["loader host ms"] > 0 and r["loader gpu ms"] is None  # (a GPU's stream time on a GPU only)
     out = capsys.readouterr().out

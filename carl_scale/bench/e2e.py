@@ -5,6 +5,7 @@ step fed one batch already on the device, in one process.
     python -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \\
         --height 256 --width 340 --payload jpeg --write-workers 16         # on a GPU
     python -m carl_scale.bench.e2e ... --decoder pyav     # decoding in the CPU workers instead
+    python -m carl_scale.bench.e2e ... --set parallel.compile=objective data.nvjpeg_hw_load=1
 
 All rows use one :class:`~carl_scale.train.trainer.Trainer` (the engine and the loader the
 training run builds; ``--decoder auto``: DALI on a GPU). ``from shards`` times
@@ -32,7 +33,9 @@ from pathlib import Path
 
 import torch
 
+from carl_scale.bench.step import parse_overrides
 from carl_scale.tables import table
+from carl_scale.train.recipes import configure, recipe
 
 
 def _sync(device: torch.device) -> None:
@@ -41,15 +44,14 @@ def _sync(device: torch.device) -> None:
 
 
 def run(a) -> dict:
-    from carl_scale.train.recipes import configure, recipe
     from carl_scale.train.trainer import Trainer, process_group
 
     with tempfile.TemporaryDirectory() as tmp, process_group() as (rank, world, device):
         cfg = configure(recipe("debug"), {
             "data.shards": a.shards, "run_dir": str(Path(tmp) / "run"), "steps": a.steps + a.warmup + 1,
             "data.batch_size": a.batch, "data.temporal.num_frames": a.frames, "data.num_workers": a.workers,
-            "data.decoder": a.decoder, "data.cpu_decode_share": a.cpu_decode_share, "eval.enabled": False},
-            flavor=a.flavor)
+            "data.decoder": a.decoder, "data.cpu_decode_share": a.cpu_decode_share, "eval.enabled": False,
+            **a.overrides}, flavor=a.flavor)
         trainer = Trainer(cfg, rank=rank, world=world, device=device)
 
         def endless():
@@ -121,7 +123,7 @@ def run(a) -> dict:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         return {"device": name, "decoder": trainer.loader.decoder.name + "/" + trainer.loader.decoder.device,
                 "from shards": fed, "resident": resident, "alongside": alongside, "data wait": fed_wait,
-                "loader host ms": host_ms, "loader gpu ms": gpu_ms}
+                "loader host ms": host_ms, "loader gpu ms": gpu_ms, "config": cfg}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -142,7 +144,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="more of the run's settings, e.g. parallel.compile=objective data.nvjpeg_hw_load=1")
     a = p.parse_args(argv)
+    a.overrides = {}
+    for text in a.set:
+        a.overrides.update(parse_overrides(text, prefixes=("parallel.", "data.", "loss."), flag="--set"))
+    try:  # refused here, before any shards are written
+        configure(recipe("debug"), {"data.shards": "(not read here)", **a.overrides}, flavor=a.flavor)
+    except Exception as exn:
+        p.error(f"--set: {exn}")
     if min(a.height, a.width, a.write_workers, a.frames, a.batch, a.steps, a.warmup) < 1 or a.workers < 0:
         p.error("every count must be >= 1 (--workers >= 0)")
     if not 0 <= a.cpu_decode_share <= 1:
@@ -157,8 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
         ensure_synthetic_shards(a.shards, syn, payload=a.payload, max_samples=8, workers=a.write_workers,
                                 progress=False)
     r = run(a)
+    settings = "".join(f", {k}={v}" for k, v in a.overrides.items())
     print(f"\nend to end on {r['device']}: flavor {a.flavor}, T={a.frames}, {a.batch} videos, {a.workers} workers, "
-          f"decoder {r['decoder']}, shards {a.shards}")
+          f"decoder {r['decoder']}, shards {a.shards}{settings}")
     gpu = "-" if r["loader gpu ms"] is None else f"{r['loader gpu ms']:.1f}"
     print(table([("resident batch", f"{r['resident']:.2f}", "1.00", "-", "-", "-"),
                  ("resident batch, loader alongside", f"{r['alongside']:.2f}", f"{r['alongside'] / r['resident']:.2f}",

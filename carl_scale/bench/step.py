@@ -168,16 +168,17 @@ def measure(step, iters: int, warmup: int, batch: int, device: torch.device, com
     return {"samples_per_s": sps, "peak_gib": peak, "first_loss": first, **step_anatomy(step, device, compiled)}
 
 
-def _override(text: str) -> dict:
+def parse_overrides(text: str, *, prefixes: tuple[str, ...] = ("parallel.",), flag: str = "--extra") -> dict:
     """``"parallel.compile=trunk,parallel.zero_stage=1"`` -> the config overrides (values read as
-    JSON where they parse: numbers, true/false; else strings)."""
+    JSON where they parse: numbers, true/false; else strings); keys outside ``prefixes`` refused."""
     import json
 
     out = {}
     for part in filter(None, text.split(",")):
         key, sep, value = part.partition("=")
-        if not sep or not key.startswith("parallel."):
-            raise SystemExit(f"--extra {text!r}: expected parallel.FIELD=VALUE[,parallel.FIELD=VALUE...]")
+        if not sep or not key.startswith(prefixes):
+            raise SystemExit(f"{flag} {text!r}: expected FIELD=VALUE[,FIELD=VALUE...] with FIELD in "
+                             f"{', '.join(p + '*' for p in prefixes)}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -189,7 +190,7 @@ def check_extras(extras, flavor: str) -> None:
     """Refuse a malformed or invalid ``--extra`` before any work, in one line."""
     for e in extras:
         try:
-            configure(recipe("debug"), _override(e), flavor=flavor)
+            configure(recipe("debug"), parse_overrides(e), flavor=flavor)
         except Exception as exn:
             raise SystemExit(f"--extra {e!r}: {exn}")
 
@@ -197,7 +198,7 @@ def check_extras(extras, flavor: str) -> None:
 def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: tuple[str, ...] = (),
         report=None) -> dict[str, tuple]:
     """Measure the published step, the trainer's step, and the trainer's step under each of
-    ``extras`` (config overrides, see :func:`_override`); ``report(name, result)`` is called after
+    ``extras`` (config overrides, see :func:`parse_overrides`); ``report(name, result)`` is called after
     each, so a run cut short still shows what it measured."""
     with process_group() as (_, world, device):
         cuda = device.type == "cuda"
@@ -226,7 +227,7 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-            c = configure(recipe("debug"), {**base, **_override(extra)}, flavor=flavor)
+            c = configure(recipe("debug"), {**base, **parse_overrides(extra)}, flavor=flavor)
             name = "ours (trainer step)" + (f" {extra}" if extra else "")
             try:
                 model = build_model(c.model)
