@@ -78,7 +78,8 @@ stage step_T80_graphs 260 python3 -m carl_scale.bench.step --flavor r50 --frames
 stage step_T240 110 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 --warmup 2 \
   --extra parallel.fuse_frozen=on parallel.trunk_chunk=100000
 # the GPU tests that need no DALI with the first call; DALI's (decoders, loader, a run from shards) later
-TAIL=25 stage gpu_tests 150 python3 -m pytest -q -m "gpu and not dali" tests/test_gpu.py -p no:cacheprovider
+# (-v: a stage cut short by its limit still shows which tests passed)
+TAIL=25 stage gpu_tests 150 python3 -m pytest -v -m "gpu and not dali" tests/test_gpu.py -p no:cacheprovider
 stage augment 20 python3 -m carl_scale.bench.augment --device cuda --batch 2 --frames 80 --size 224 --iters 10
 # the jpeg/dali rows also with nvJPEG's other settings: all to the hardware JPEG decoder, the Huffman
 # stage on the GPU (Kinetics-size frames are under DALI's 1-MPixel threshold: host threads by default)
@@ -87,7 +88,7 @@ stage data 120 python3 -m carl_scale.bench.data --device cuda --height 256 --wid
   --paths jpeg/pyav jpeg/dali video/dali --cpu-shares 0.25 0.5 --nvjpeg hw_load=1 huffman=gpu hw_load=0,huffman=gpu
 stage e2e_jpeg 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10
-TAIL=25 stage gpu_tests_dali 100 python3 -m pytest -q -m "gpu and dali" tests/test_gpu.py -p no:cacheprovider
+TAIL=25 stage gpu_tests_dali 100 python3 -m pytest -v -m "gpu and dali" tests/test_gpu.py -p no:cacheprovider
 stage e2e_jpeg_pyav 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10 --decoder pyav
 stage e2e_jpeg_hybrid 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
