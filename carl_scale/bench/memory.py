@@ -125,7 +125,7 @@ def simulate(make_step, roots, steps: int = 2) -> LiveBytes:
 
 def run(flavor: str, frames: int, batch: int, extras: tuple[str, ...] = ()) -> dict[str, LiveBytes]:
     """Simulated peaks of the published step, ours, and ours under each of ``extras``."""
-    from carl_scale.bench.step import _override, plain_step, published_step, synthetic_batch
+    from carl_scale.bench.step import parse_overrides, plain_step, published_step, synthetic_batch
     from carl_scale.models import build_model
     from carl_scale.train.recipes import configure, recipe
 
@@ -141,7 +141,7 @@ def run(flavor: str, frames: int, batch: int, extras: tuple[str, ...] = ()) -> d
                                                            sigma2=cfg.loss.sigma2), roots)
         # the rows: ours, ours under each extra, and ours as the H200 measured it (before the
         # chunked default and bf16 views): what checks the simulation against a measurement
-        rows = [("ours" + (f" {e}" if e else ""), _override(e), torch.bfloat16) for e in ("", *extras)]
+        rows = [("ours" + (f" {e}" if e else ""), parse_overrides(e), torch.bfloat16) for e in ("", *extras)]
         rows.append(("ours then (float32 views, frozen stages in one call)", {"parallel.trunk_chunk": 1 << 30},
                      torch.float32))
         for name, over, dtype in rows:
