@@ -109,11 +109,13 @@ def nvjpeg_settings(text: str) -> dict:
         key, _, value = part.partition("=")
         if key == "hw_load":
             try:
-                out["nvjpeg_hw_load"] = float(value)
+                load = float(value)
+                ok = 0 <= load <= 1
             except ValueError:
-                out["nvjpeg_hw_load"] = -1.0
-            if not 0 <= out["nvjpeg_hw_load"] <= 1:
+                ok = False
+            if not ok:
                 raise ValueError(f"--nvjpeg {text}: hw_load takes a share in [0, 1], got {value!r}")
+            out["nvjpeg_hw_load"] = load
         elif key == "huffman" and value in ("cpu", "gpu"):
             out["nvjpeg_huffman"] = value
         else:
