@@ -19,6 +19,9 @@ def add_writer_args(p: argparse.ArgumentParser) -> None:
                         "PyAV or a GPU)")
     p.add_argument("--gop", type=int, default=30, help="keyframe interval in frames")
     p.add_argument("--crf", type=int, default=30, help="vp9/h264 quality (lower is better)")
+    p.add_argument("--jpeg-quality", type=int, default=90,
+                   help="JPEG quality of the jpeg payload's frames, 1-100 (lower: smaller shards and less "
+                        "Huffman decoding per frame, more artefacts)")
     p.add_argument("--max-samples", type=int, default=None, help="videos per shard at most (default: 64; synthetic: ~16 shards per split)")
     p.add_argument("--max-bytes", type=int, default=1 << 30, help="bytes per shard at most")
     p.add_argument("--workers", type=int, default=1,
@@ -35,10 +38,12 @@ def writer_kwargs(args: argparse.Namespace) -> dict:
     outside its range is refused before anything is written)."""
     for flag, value, lo, hi in (("--max-samples", args.max_samples, 1, None), ("--max-bytes", args.max_bytes, 1, None),
                                 ("--gop", args.gop, 1, None), ("--crf", args.crf, 0, 63),
+                                ("--jpeg-quality", args.jpeg_quality, 1, 100),
                                 ("--workers", args.workers, 1, None)):
         if value is not None and (value < lo or (hi is not None and value > hi)):
             raise ValueError(f"{flag} must be {'>= ' + str(lo) if hi is None else f'in [{lo}, {hi}]'}, got {value}")
-    return dict(payload=args.payload, encode=EncodeOptions(codec=args.codec, gop=args.gop, crf=args.crf),
+    return dict(payload=args.payload, encode=EncodeOptions(codec=args.codec, gop=args.gop, crf=args.crf,
+                                                               jpeg_quality=args.jpeg_quality),
                 max_samples=args.max_samples, max_bytes=args.max_bytes, overwrite=args.overwrite,
                 progress=not args.no_progress, workers=args.workers)
 

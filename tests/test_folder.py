@@ -79,6 +79,15 @@ def test_folder_transcode_short_side_and_jpeg(video_dir, tmp_path):
     a = [f for _, f in iter_whole_videos(out, PyAVDecoder(), "train")]
     b = [f for _, f in iter_whole_videos(out, DaliDecoder(), "train")]
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    low = folder.main(["--src", str(video_dir), "--out", str(tmp_path / "jpeg50"), "--payload", "jpeg",
+                       "--jpeg-quality", "50", "--no-progress"])  # the same frames in fewer bytes
+    size = [sum(s["bytes"] for s in x["splits"]["train"]["shards"]) for x in (m, low)]
+    assert size[1] < size[0]  # (whole tar records: the padding hides how much smaller)
+    c = [f for _, f in iter_whole_videos(tmp_path / "jpeg50", PyAVDecoder(), "train")]
+    assert all(0 < np.abs(x.astype(int) - y).mean() < 8 for x, y in zip(a, c))
+    with pytest.raises(ValueError, match=r"--jpeg-quality must be in \[1, 100\], got 0"):
+        folder.main(["--src", str(video_dir), "--out", str(tmp_path / "q0"), "--payload", "jpeg", "--jpeg-quality", "0"])
+    assert not (tmp_path / "q0").exists()  # refused before anything was written
 
 
 def test_folder_skips_a_video_whose_label_set_has_the_wrong_length(video_dir, tmp_path):

@@ -27,7 +27,7 @@ class EncodeOptions:
     codec: str = "vp9"
     gop: int = 30  # keyframe interval, frames: bounds the cost of seeking to a sampled frame
     crf: int = 30  # quality for vp9/h264 (lower is better)
-    jpeg_quality: int = 90  # for mjpeg video and for the jpeg payload
+    jpeg_quality: int = 90  # the jpeg payload's frames (mjpeg video is FFmpeg's q:v 3)
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
