@@ -53,9 +53,13 @@ def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
 
     rows = data.main(["--data-dir", str(tmp_path), "--videos", "4", "--whole-videos", "1", "--frames", "8",
                       "--batches", "2", "--batch", "2", "--workers", "1", "--height", "64", "--width", "96",
-                      "--nvjpeg", "hw_load=1,huffman=gpu"])  # (a GPU's settings: on the CPU the same decoding)
-    assert [(r["payload"], r["decoder"]) for r in rows] == [("video", "pyav"), ("video", "dali"), ("jpeg", "pyav"),
-                                                            ("jpeg", "dali"), ("jpeg", "dali hw_load=1,huffman=gpu")]
+                      "--nvjpeg", "hw_load=1,huffman=gpu",  # (a GPU's settings: on the CPU the same decoding)
+                      "--paths", "video/pyav", "video/dali", "jpeg/pyav", "jpeg/dali", "--jpeg-qualities", "50"])
+    assert [(r["payload"], r["decoder"]) for r in rows] == [
+        ("video", "pyav"), ("video", "dali"), ("jpeg", "pyav"), ("jpeg", "dali"), ("jpeg", "dali hw_load=1,huffman=gpu"),
+        ("jpeg q50", "pyav"), ("jpeg q50", "dali")]
+    kib = {r["payload"]: r["kib"] for r in rows}
+    assert 0 < kib["video"] < kib["jpeg q50"] < kib["jpeg"]  # (the same frames: the disk side of the trade-off)
     assert data.nvjpeg_settings("huffman=gpu") == {"nvjpeg_hw_load": 0.65, "nvjpeg_huffman": "gpu"}
     for bad in ("hw_load=2", "hw_load=x", "threads=8", "huffman=fast"):
         with pytest.raises(ValueError, match="--nvjpeg"):
@@ -67,7 +71,7 @@ def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
     assert r["from shards"] > 0 and r["resident"] > 0 and r["alongside"] > 0 and 0 <= r["data wait"] < 1
     assert r["loader host ms"] > 0 and r["loader gpu ms"] is None  # (a GPU's stream time on a GPU only)
     out = capsys.readouterr().out
-    assert "loader sampled f/s" in out and "step fed by" in out and "loader alongside" in out
+    assert "loader sampled f/s" in out and "KiB/frame" in out and "step fed by" in out and "loader alongside" in out
 
 
 def test_writer_startup_and_augment_benchmarks_run(capsys):

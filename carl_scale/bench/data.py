@@ -5,7 +5,8 @@
         --image-size 224 --batch 2 --workers 8 --write-workers 16    # Kinetics-sized, on a GPU
 
 Every number is also printed as a ratio to the reference path (PyAV decoding the ``video``
-payload on the CPU), measured in the same process on the same shards. Three measurements per path:
+payload on the CPU), measured in the same process on the same shards, with the payload's size
+(KiB per frame: the disk side of the trade-off). Three measurements per path:
 
 * ``whole``: every frame of the first videos (what evaluation does), frames/s;
 * ``sampled``: the 2T frames the two training views need, per video, batched as the loader
@@ -17,6 +18,8 @@ payload on the CPU), measured in the same process on the same shards. Three meas
   videos decoded by PyAV in the workers (``--cpu-decode-share``: CPU and GPU decoding together),
   and with ``--nvjpeg`` the jpeg/dali path gets rows for other nvJPEG settings (the share for the
   hardware JPEG decoder, where the Huffman stage runs: ``--nvjpeg-hw-load``, ``--nvjpeg-huffman``).
+  ``--jpeg-qualities 75 50`` adds each jpeg path on the same videos written at those qualities
+  (shard writers' ``--jpeg-quality``).
 
 On a GPU, timings end with a device synchronisation (DALI's outputs are CUDA tensors).
 """
@@ -138,6 +141,11 @@ def ensure_bench_shards(a) -> None:
     if a.jpeg_shards is None:
         a.jpeg_shards = str(where / "jpeg")
         ensure_synthetic_shards(a.jpeg_shards, syn, payload="jpeg", **kw)
+    a.jpeg_quality_shards = {}
+    for q in a.jpeg_qualities:
+        a.jpeg_quality_shards[q] = str(where / f"jpeg_q{q}")
+        ensure_synthetic_shards(a.jpeg_quality_shards[q], syn, payload="jpeg", encode=EncodeOptions(jpeg_quality=q),
+                                **kw)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -165,7 +173,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--nvjpeg", nargs="*", default=[], metavar="SETTINGS",
                    help="more jpeg/dali rows with these nvJPEG settings (hw_load=0..1, huffman=cpu|gpu, joined "
                         "by commas), e.g. hw_load=1 huffman=gpu hw_load=0,huffman=gpu")
+    p.add_argument("--jpeg-qualities", nargs="*", type=int, default=[], metavar="Q",
+                   help="each jpeg path also on synthetic shards written at these JPEG qualities (the default "
+                        "jpeg shards: 90), e.g. 75 50: disk bytes per frame against frames/s")
     a = p.parse_args(argv)
+    if any(not 1 <= q <= 100 for q in a.jpeg_qualities):
+        p.error("--jpeg-qualities must be in [1, 100]")
+    if a.jpeg_qualities and a.jpeg_shards is not None:
+        p.error("--jpeg-qualities writes synthetic shards: drop --jpeg-shards")
     try:
         variants = [nvjpeg_settings(v) for v in a.nvjpeg]
     except ValueError as e:
@@ -184,22 +199,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     decoders = {"pyav": PyAVDecoder(), "dali": DaliDecoder(device="cuda" if a.device.startswith("cuda") else "cpu",
                                                            num_threads=max(1, a.workers))}
     rows = []
-    for payload, name in paths:
-        spec = a.shards if payload == "video" else a.jpeg_shards
+    # (row label, payload, decoder, shards): the paths asked for, then the jpeg ones at each quality
+    runs = [(payload, payload, name, a.shards if payload == "video" else a.jpeg_shards) for payload, name in paths]
+    runs += [(f"jpeg q{q}", "jpeg", name, a.jpeg_quality_shards[q])
+             for q in a.jpeg_qualities for payload, name in paths if payload == "jpeg"]
+    for label, payload, name, spec in runs:
         items = _samples(spec, "val", a.videos)
+        kib = sum(len(e.data) for _, e in items) / sum(e.num_frames for _, e in items) / 1024
         whole, sampled = bench_decode(decoders[name], items, temporal, a.batch, a.whole_videos)
         # the loader: DALI on the GPU when measuring the GPU; PyAV always in the CPU workers
         cfg = LoaderConfig(shards=spec, batch_size=a.batch, num_workers=a.workers, decoder=name,
                            temporal=temporal, spatial=SpatialConfig(image_size=a.image_size))
         loader = bench_loader(cfg, a.batches, a.device)
-        rows.append(dict(payload=payload, decoder=name, whole=whole, sampled=sampled, loader=loader,
+        rows.append(dict(payload=label, decoder=name, kib=kib, whole=whole, sampled=sampled, loader=loader,
                          loader_frames=loader * a.batch * 2 * a.frames))
-        print(f"measured {payload}/{name}: whole {whole:.0f} f/s, sampled {sampled:.0f} f/s, loader "
-              f"{loader:.2f} batches/s", flush=True)
+        print(f"measured {label}/{name}: {kib:.1f} KiB/frame, whole {whole:.0f} f/s, sampled {sampled:.0f} f/s, "
+              f"loader {loader:.2f} batches/s", flush=True)
+        if label != payload:
+            continue
         for share in (a.cpu_shares if name == "dali" and a.device.startswith("cuda") else []):
             loader = bench_loader(dataclasses.replace(cfg, cpu_decode_share=share), a.batches, a.device)
-            rows.append(dict(payload=payload, decoder=f"dali + {100 * share:.0f}% pyav", whole=None, sampled=None,
-                             loader=loader, loader_frames=loader * a.batch * 2 * a.frames))
+            rows.append(dict(payload=payload, decoder=f"dali + {100 * share:.0f}% pyav", kib=kib, whole=None,
+                             sampled=None, loader=loader, loader_frames=loader * a.batch * 2 * a.frames))
             print(f"measured {payload}/dali with {100 * share:.0f}% decoded by pyav in the workers: loader "
                   f"{loader:.2f} batches/s", flush=True)
         for text, kw in (zip(a.nvjpeg, variants) if (payload, name) == ("jpeg", "dali") else []):
@@ -207,8 +228,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                               jpeg_hw_load=kw["nvjpeg_hw_load"], jpeg_huffman=kw["nvjpeg_huffman"])
             whole, sampled = bench_decode(dec, items, temporal, a.batch, a.whole_videos)
             loader = bench_loader(dataclasses.replace(cfg, **kw), a.batches, a.device)
-            rows.append(dict(payload=payload, decoder=f"dali {text}", whole=whole, sampled=sampled, loader=loader,
-                             loader_frames=loader * a.batch * 2 * a.frames))
+            rows.append(dict(payload=payload, decoder=f"dali {text}", kib=kib, whole=whole, sampled=sampled,
+                             loader=loader, loader_frames=loader * a.batch * 2 * a.frames))
             print(f"measured jpeg/dali {text}: whole {whole:.0f} f/s, sampled {sampled:.0f} f/s, loader "
                   f"{loader:.2f} batches/s", flush=True)
     ref = rows[0]
@@ -218,9 +239,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     print(f"\ndata pipeline on {a.device}: {a.width}x{a.height} videos, GOP {a.gop}, T={a.frames}, "
           f"{a.image_size}px views, batch {a.batch}, {a.workers} workers; ratios are to {paths[0][0]}/{paths[0][1]}")
-    print(table([(r["payload"], r["decoder"], *rate(r, "whole"), *rate(r, "sampled"), f"{r['loader']:.2f}",
-                  f"{r['loader'] / ref['loader']:.2f}", f"{r['loader_frames']:.0f}") for r in rows],
-                ("payload", "decoder", "whole f/s", "x", "sampled f/s", "x", "loader batches/s", "x",
+    print(table([(r["payload"], r["decoder"], f"{r['kib']:.1f}", *rate(r, "whole"), *rate(r, "sampled"),
+                  f"{r['loader']:.2f}", f"{r['loader'] / ref['loader']:.2f}", f"{r['loader_frames']:.0f}") for r in rows],
+                ("payload", "decoder", "KiB/frame", "whole f/s", "x", "sampled f/s", "x", "loader batches/s", "x",
                  "loader sampled f/s")))
     return rows
 
