@@ -102,9 +102,10 @@ _REFUSED: set = set()  # the fused calls cuDNN refused, by everything that tells
 def conv_bias_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, z: torch.Tensor | None, stride, padding,
                   dilation, groups: int, relu: bool = True, cudnn: bool | None = None) -> torch.Tensor:
     """``relu(conv2d(x, w, b) + z)`` (``z`` optional; without ``relu``: no ReLU). ``cudnn`` (None:
-    on a CUDA tensor) makes it one fused cuDNN call; where cuDNN refuses one
-    (``CUDNN_STATUS_NOT_SUPPORTED`` is known for some dtype and layout combinations), that
-    convolution runs as conv2d + add + ReLU from then on, after one warning."""
+    on a CUDA tensor) makes it one fused cuDNN call; where cuDNN refuses one (known for some dtype
+    and layout combinations), that convolution runs as conv2d + add + ReLU from then on, after one
+    warning. A refusal reads ``CUDNN_STATUS_NOT_SUPPORTED`` when building the graph fails, and
+    "GET/FIND was unable to find an engine ..." when no engine takes it (PyTorch's Conv_v8.cpp)."""
     if cudnn is None:
         cudnn = x.is_cuda
     key = (x.dtype, x.is_contiguous(), tuple(x.shape[1:]), tuple(w.shape), tuple(stride), tuple(padding),
@@ -115,7 +116,8 @@ def conv_bias_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, z: torch.Te
                 return torch.cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups)
             return torch.cudnn_convolution_add_relu(x, w, z, 1.0, b, stride, padding, dilation, groups)
         except RuntimeError as exn:  # only cuDNN's refusal: out of memory, a sync trap etc. stay errors
-            if isinstance(exn, torch.OutOfMemoryError) or "CUDNN_STATUS_NOT_SUPPORTED" not in str(exn):
+            refused = any(m in str(exn) for m in ("CUDNN_STATUS_NOT_SUPPORTED", "unable to find an engine"))
+            if isinstance(exn, torch.OutOfMemoryError) or not refused:
                 raise
             if not _REFUSED:
                 warnings.warn(f"--fuse-frozen: cuDNN refused a fused convolution ({str(exn).splitlines()[0]}); "

@@ -5,7 +5,7 @@
 # under its own time limit, writing every table under $OUT. A call cut short still returns what it
 # measured. The step needs no DALI, so the most important measurements come with the first call
 # (prepare.sh's counts: .whl/c1 holds the core tree and DALI's first part, c2 and c3 the rest):
-#   bash scripts/device/gpu_check.sh step_T80 step_T240 gpu_tests             (carry .whl/c1; <= 8.5 min)
+#   bash scripts/device/gpu_check.sh step_T80 step_T240 gpu_tests             (carry .whl/c1; <= 9 min)
 #   bash scripts/device/gpu_check.sh --stage                                  (carry .whl/c2 .. c(N-1))
 #   bash scripts/device/gpu_check.sh data e2e_jpeg gpu_tests_dali e2e_jpeg_hybrid augment
 #                                                                             (carry .whl/cN; <= 6 min)
@@ -66,11 +66,11 @@ stage() {  # name, seconds, command...: its output to $out/name.txt, the table a
   grep -v "^\[\|Warning\|warn(" "$out/$name.txt" | tail -"${TAIL:-12}"
 }
 # the sync-free default step; the frozen stages as cuDNN's fused calls; in one call (trunk_chunk
-# above 2BT) against the default's calls of <= 256 frames; then the whole step compiled, without
-# and with the fused frozen stages (each compiled row compiles first: ~1 min)
-stage step_T80 210 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
-  --extra parallel.fuse_frozen=on parallel.trunk_chunk=100000 parallel.compile=objective \
-  parallel.compile=objective,parallel.fuse_frozen=on
+# above 2BT) against the default's calls of <= 256 frames; then the whole step compiled, with and
+# without the fused frozen stages (each compiled row compiles first: ~1 min; the likely best first)
+stage step_T80 240 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
+  --extra parallel.fuse_frozen=on parallel.trunk_chunk=100000 parallel.compile=objective,parallel.fuse_frozen=on \
+  parallel.compile=objective
 stage step_T80_graphs 260 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
   --extra parallel.compile=trunk parallel.compile=trunk,parallel.fuse_frozen=on \
   parallel.compile=objective,parallel.compile_mode=reduce-overhead \
