@@ -54,17 +54,20 @@ def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
     rows = data.main(["--data-dir", str(tmp_path), "--videos", "4", "--whole-videos", "1", "--frames", "8",
                       "--batches", "2", "--batch", "2", "--workers", "1", "--height", "64", "--width", "96",
                       "--nvjpeg", "hw_load=1,huffman=gpu",  # (a GPU's settings: on the CPU the same decoding)
-                      "--paths", "video/pyav", "video/dali", "jpeg/pyav", "jpeg/dali", "--jpeg-qualities", "50"])
+                      "--paths", "video/pyav", "video/dali", "jpeg/pyav", "jpeg/dali", "--jpeg-qualities", "50",
+                      "--side-by-side", "2"])
     assert [(r["payload"], r["decoder"]) for r in rows] == [
-        ("video", "pyav"), ("video", "dali"), ("jpeg", "pyav"), ("jpeg", "dali"), ("jpeg", "dali hw_load=1,huffman=gpu"),
-        ("jpeg q50", "pyav"), ("jpeg q50", "dali")]
+        ("video", "pyav"), ("video", "dali"), ("video", "dali, 2 side by side"), ("jpeg", "pyav"), ("jpeg", "dali"),
+        ("jpeg", "dali, 2 side by side"), ("jpeg", "dali hw_load=1,huffman=gpu"), ("jpeg q50", "pyav"),
+        ("jpeg q50", "dali")]
+    assert all(r["sampled"] > 0 for r in rows) and all(r["loader"] is None for r in rows if "side" in r["decoder"])
     kib = {r["payload"]: r["kib"] for r in rows}
     assert 0 < kib["video"] < kib["jpeg q50"] < kib["jpeg"]  # (the same frames: the disk side of the trade-off)
     assert data.nvjpeg_settings("huffman=gpu") == {"nvjpeg_hw_load": 0.65, "nvjpeg_huffman": "gpu"}
     for bad in ("hw_load=2", "hw_load=x", "threads=8", "huffman=fast"):
         with pytest.raises(ValueError, match="--nvjpeg"):
             data.nvjpeg_settings(bad)
-    assert all(r["sampled"] > 0 and r["loader"] > 0 for r in rows)
+    assert all(r["loader"] > 0 for r in rows if "side" not in r["decoder"])
     r = e2e.main(["--data-dir", str(tmp_path), "--frames", "8", "--steps", "2", "--warmup", "1", "--height", "64",
                   "--width", "96", "--workers", "1", "--set", "loss.tau=0.2,data.nvjpeg_huffman=gpu"])
     assert r["config"].loss.tau == 0.2 and r["config"].data.nvjpeg_huffman == "gpu"

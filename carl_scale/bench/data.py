@@ -19,7 +19,9 @@ payload on the CPU), measured in the same process on the same shards, with the p
   and with ``--nvjpeg`` the jpeg/dali path gets rows for other nvJPEG settings (the share for the
   hardware JPEG decoder, where the Huffman stage runs: ``--nvjpeg-hw-load``, ``--nvjpeg-huffman``).
   ``--jpeg-qualities 75 50`` adds each jpeg path on the same videos written at those qualities
-  (shard writers' ``--jpeg-quality``).
+  (shard writers' ``--jpeg-quality``). ``--side-by-side N`` adds, after each dali path, its
+  sampled frames/s with N decoders in N threads: whether decoding scales past one video at a time
+  (the question NVDEC's ~3.8k frames/s at 340x256 left open).
 
 On a GPU, timings end with a device synchronisation (DALI's outputs are CUDA tensors).
 """
@@ -82,6 +84,35 @@ def bench_decode(decoder, items, temporal: TemporalConfig, batch: int, whole_vid
         n += sum(len(o) for o in out)
     _sync(device)
     return whole, n / (time.perf_counter() - t0)
+
+
+def bench_side_by_side(decoders: list, items, temporal: TemporalConfig, batch: int) -> float:
+    """Sampled frames/s of ``len(decoders)`` decoders (each its own DALI pipeline) in as many
+    threads, batch k going to decoder k mod n: if this rate grows with n while one decoder's does
+    not, decoding is bound by each video's latency (a decoder session set up per video, one
+    video at a time), not by the decoding hardware."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    device = decoders[0].device
+    for d in decoders:  # build every pipeline first
+        d.decode([items[0][1]], [np.arange(min(8, items[0][1].num_frames))])
+    rng = np.random.default_rng(0)
+    idx = [sample_temporal_views(enc.num_frames, temporal, rng).timestamps.reshape(-1) for _, enc in items]
+    starts = list(range(0, len(items), batch))
+
+    def work(k: int) -> int:
+        n = 0
+        for s in starts[k :: len(decoders)]:
+            out = decoders[k].decode([e for _, e in items[s : s + batch]], idx[s : s + batch])
+            n += sum(len(o) for o in out)
+        return n
+
+    _sync(device)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(decoders)) as pool:
+        n = sum(pool.map(work, range(len(decoders))))
+    _sync(device)
+    return n / (time.perf_counter() - t0)
 
 
 def bench_loader(cfg: LoaderConfig, batches: int, device: str) -> float:
@@ -176,6 +207,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--jpeg-qualities", nargs="*", type=int, default=[], metavar="Q",
                    help="each jpeg path also on synthetic shards written at these JPEG qualities (the default "
                         "jpeg shards: 90), e.g. 75 50: disk bytes per frame against frames/s")
+    p.add_argument("--side-by-side", type=int, default=0, metavar="N",
+                   help="after each dali path, its sampled frames/s with N decoders in N threads side by side "
+                        "(0: none): does decoding scale past one video at a time?")
     a = p.parse_args(argv)
     if any(not 1 <= q <= 100 for q in a.jpeg_qualities):
         p.error("--jpeg-qualities must be in [1, 100]")
@@ -188,7 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if any(not 0 < x <= 1 for x in a.cpu_shares):
         p.error("--cpu-shares must be in (0, 1]")
     if min(a.videos, a.whole_videos, a.frames, a.batch, a.batches, a.image_size, a.write_workers) < 1 \
-            or a.workers < 0 or a.gop < 1:
+            or a.workers < 0 or a.gop < 1 or a.side_by_side < 0:
         p.error("every count must be >= 1 (--workers >= 0)")
     paths = [tuple(x.split("/")) for x in a.paths]
     if not paths or any(len(x) != 2 or x[0] not in ("video", "jpeg") or x[1] not in ("pyav", "dali") for x in paths):
@@ -217,6 +251,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"loader {loader:.2f} batches/s", flush=True)
         if label != payload:
             continue
+        if name == "dali" and a.side_by_side:
+            n = a.side_by_side
+            decs = [DaliDecoder(device=decoders["dali"].device, num_threads=max(1, a.workers // n)) for _ in range(n)]
+            sampled = bench_side_by_side(decs, items, temporal, a.batch)
+            rows.append(dict(payload=payload, decoder=f"dali, {n} side by side", kib=kib, whole=None, sampled=sampled,
+                             loader=None, loader_frames=None))
+            print(f"measured {payload}/dali, {n} decoders side by side: sampled {sampled:.0f} f/s", flush=True)
         for share in (a.cpu_shares if name == "dali" and a.device.startswith("cuda") else []):
             loader = bench_loader(dataclasses.replace(cfg, cpu_decode_share=share), a.batches, a.device)
             rows.append(dict(payload=payload, decoder=f"dali + {100 * share:.0f}% pyav", kib=kib, whole=None,
@@ -239,8 +280,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     print(f"\ndata pipeline on {a.device}: {a.width}x{a.height} videos, GOP {a.gop}, T={a.frames}, "
           f"{a.image_size}px views, batch {a.batch}, {a.workers} workers; ratios are to {paths[0][0]}/{paths[0][1]}")
-    print(table([(r["payload"], r["decoder"], f"{r['kib']:.1f}", *rate(r, "whole"), *rate(r, "sampled"),
-                  f"{r['loader']:.2f}", f"{r['loader'] / ref['loader']:.2f}", f"{r['loader_frames']:.0f}") for r in rows],
+    def loader(r) -> tuple[str, str, str]:
+        return ("-", "-", "-") if r["loader"] is None else (
+            f"{r['loader']:.2f}", f"{r['loader'] / ref['loader']:.2f}", f"{r['loader_frames']:.0f}")
+
+    print(table([(r["payload"], r["decoder"], f"{r['kib']:.1f}", *rate(r, "whole"), *rate(r, "sampled"), *loader(r))
+                 for r in rows],
                 ("payload", "decoder", "KiB/frame", "whole f/s", "x", "sampled f/s", "x", "loader batches/s", "x",
                  "loader sampled f/s")))
     return rows

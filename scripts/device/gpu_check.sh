@@ -82,10 +82,12 @@ stage step_T240 110 python3 -m carl_scale.bench.step --flavor r50 --frames 240 -
 TAIL=25 stage gpu_tests 150 python3 -m pytest -v -m "gpu and not dali" tests/test_gpu.py -p no:cacheprovider
 stage augment 20 python3 -m carl_scale.bench.augment --device cuda --batch 2 --frames 80 --size 224 --iters 10
 # the jpeg/dali rows also with nvJPEG's other settings: all to the hardware JPEG decoder, the Huffman
-# stage on the GPU (Kinetics-size frames are under DALI's 1-MPixel threshold: host threads by default)
-stage data 120 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 80 \
+# stage on the GPU (Kinetics-size frames are under DALI's 1-MPixel threshold: host threads by default);
+# each dali path also with 4 decoders side by side (does NVDEC's ~3.8k frames/s grow with sessions?)
+stage data 130 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 80 \
   --image-size 224 --batch 2 --workers 8 --write-workers 16 --videos 16 --whole-videos 2 --batches 10 \
-  --paths jpeg/pyav jpeg/dali video/dali --cpu-shares 0.25 0.5 --nvjpeg hw_load=1 huffman=gpu hw_load=0,huffman=gpu
+  --paths jpeg/pyav jpeg/dali video/dali --cpu-shares 0.25 0.5 --nvjpeg hw_load=1 huffman=gpu hw_load=0,huffman=gpu \
+  --side-by-side 4
 stage e2e_jpeg 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10
 TAIL=25 stage gpu_tests_dali 100 python3 -m pytest -v -m "gpu and dali" tests/test_gpu.py -p no:cacheprovider
