@@ -63,10 +63,21 @@ def _samples(spec: str, split: str, limit: int) -> list[tuple[dict, EncodedVideo
     return out
 
 
+def _build(decoder, items) -> None:
+    """A first small decode, so that pipeline building is not timed."""
+    decoder.decode([items[0][1]], [np.arange(min(8, items[0][1].num_frames))])
+
+
+def _sampled_indices(items, temporal: TemporalConfig) -> list[np.ndarray]:
+    """The frames the two training views of each video need, drawn the same way for every row."""
+    rng = np.random.default_rng(0)
+    return [sample_temporal_views(enc.num_frames, temporal, rng).timestamps.reshape(-1) for _, enc in items]
+
+
 def bench_decode(decoder, items, temporal: TemporalConfig, batch: int, whole_videos: int) -> tuple[float, float]:
     """(whole-video frames/s over the first ``whole_videos``, sampled frames/s over all)."""
     device = decoder.device
-    decoder.decode([items[0][1]], [np.arange(min(8, items[0][1].num_frames))])  # build the pipelines first
+    _build(decoder, items)
     _sync(device)
     t0 = time.perf_counter()
     n = 0
@@ -74,8 +85,7 @@ def bench_decode(decoder, items, temporal: TemporalConfig, batch: int, whole_vid
         n += len(decoder.decode_all(enc))
     _sync(device)
     whole = n / (time.perf_counter() - t0)
-    rng = np.random.default_rng(0)
-    idx = [sample_temporal_views(enc.num_frames, temporal, rng).timestamps.reshape(-1) for _, enc in items]
+    idx = _sampled_indices(items, temporal)
     t0 = time.perf_counter()
     n = 0
     for s in range(0, len(items), batch):  # batched, as the loader calls it
@@ -94,10 +104,9 @@ def bench_side_by_side(decoders: list, items, temporal: TemporalConfig, batch: i
     from concurrent.futures import ThreadPoolExecutor
 
     device = decoders[0].device
-    for d in decoders:  # build every pipeline first
-        d.decode([items[0][1]], [np.arange(min(8, items[0][1].num_frames))])
-    rng = np.random.default_rng(0)
-    idx = [sample_temporal_views(enc.num_frames, temporal, rng).timestamps.reshape(-1) for _, enc in items]
+    for d in decoders:
+        _build(d, items)
+    idx = _sampled_indices(items, temporal)
     starts = list(range(0, len(items), batch))
 
     def work(k: int) -> int:
