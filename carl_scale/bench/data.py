@@ -146,23 +146,22 @@ def bench_loader(cfg: LoaderConfig, batches: int, device: str) -> float:
 
 
 def nvjpeg_settings(text: str) -> dict:
-    """``hw_load=1,huffman=gpu`` -> the LoaderConfig fields it sets (the others at their defaults)."""
-    out = {"nvjpeg_hw_load": LoaderConfig.nvjpeg_hw_load, "nvjpeg_huffman": LoaderConfig.nvjpeg_huffman}
+    """``hw_load=1,huffman=gpu`` -> the LoaderConfig fields it sets (the others at their defaults),
+    their values checked by LoaderConfig itself (its ranges and choices, named by flag)."""
+    fields = {"hw_load": "nvjpeg_hw_load", "huffman": "nvjpeg_huffman"}
+    out = {f: getattr(LoaderConfig, f) for f in fields.values()}
     for part in text.split(","):
         key, _, value = part.partition("=")
-        if key == "hw_load":
-            try:
-                load = float(value)
-                ok = 0 <= load <= 1
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ValueError(f"--nvjpeg {text}: hw_load takes a share in [0, 1], got {value!r}")
-            out["nvjpeg_hw_load"] = load
-        elif key == "huffman" and value in ("cpu", "gpu"):
-            out["nvjpeg_huffman"] = value
-        else:
+        if key not in fields or not value:
             raise ValueError(f"--nvjpeg {text}: settings are hw_load=0..1 and huffman=cpu|gpu, got {part!r}")
+        try:
+            out[fields[key]] = float(value) if key == "hw_load" else value
+        except ValueError:
+            raise ValueError(f"--nvjpeg {text}: hw_load takes a number in [0, 1], got {value!r}") from None
+    try:
+        LoaderConfig(shards="(not read here)", **out)
+    except ValueError as exn:
+        raise ValueError(f"--nvjpeg {text}: {exn}") from None
     return out
 
 
