@@ -55,12 +55,13 @@ def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
                       "--batches", "2", "--batch", "2", "--workers", "1", "--height", "64", "--width", "96",
                       "--nvjpeg", "hw_load=1,huffman=gpu",  # (a GPU's settings: on the CPU the same decoding)
                       "--paths", "video/pyav", "video/dali", "jpeg/pyav", "jpeg/dali", "--jpeg-qualities", "50",
-                      "--side-by-side", "2"])
+                      "--side-by-side", "2", "--finish-threads", "2"])
     assert [(r["payload"], r["decoder"]) for r in rows] == [
-        ("video", "pyav"), ("video", "dali"), ("video", "dali, 2 side by side"), ("jpeg", "pyav"), ("jpeg", "dali"),
-        ("jpeg", "dali, 2 side by side"), ("jpeg", "dali hw_load=1,huffman=gpu"), ("jpeg q50", "pyav"),
-        ("jpeg q50", "dali")]
-    assert all(r["sampled"] > 0 for r in rows) and all(r["loader"] is None for r in rows if "side" in r["decoder"])
+        ("video", "pyav"), ("video", "dali"), ("video", "dali, 2 side by side"), ("video", "dali in 2 finishing threads"),
+        ("jpeg", "pyav"), ("jpeg", "dali"), ("jpeg", "dali, 2 side by side"), ("jpeg", "dali in 2 finishing threads"),
+        ("jpeg", "dali hw_load=1,huffman=gpu"), ("jpeg q50", "pyav"), ("jpeg q50", "dali")]
+    assert all(r["sampled"] > 0 for r in rows if "finishing" not in r["decoder"])
+    assert all(r["loader"] is None for r in rows if "side" in r["decoder"])
     kib = {r["payload"]: r["kib"] for r in rows}
     assert 0 < kib["video"] < kib["jpeg q50"] < kib["jpeg"]  # (the same frames: the disk side of the trade-off)
     assert data.nvjpeg_settings("huffman=gpu") == {"nvjpeg_hw_load": 0.65, "nvjpeg_huffman": "gpu"}

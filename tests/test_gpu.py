@@ -219,6 +219,35 @@ def test_the_gpu_loader_with_a_cpu_decoded_share_gives_the_batches_of_the_gpu_al
         assert b.views.is_cuda and (b.views - a.views).abs().mean() < 0.05
 
 
+@pytest.mark.dali
+@pytest.mark.parametrize("fixture", ["vp9_128_shards", "jpeg_128_shards"])
+def test_the_gpu_loader_in_three_finishing_threads_gives_the_batches_of_one(request, fixture):
+    """--finish-threads 3 on a GPU: three threads, each with its own DALI pipelines and CUDA
+    stream, hand over the batches of one thread in the same order: NVDEC's frames exactly, the
+    jpeg ones up to nvJPEG's rounding (its hardware and CUDA decoders share each batch)."""
+    from carl_scale.data.config import LoaderConfig, SpatialConfig, TemporalConfig
+    from carl_scale.data.reader import VideoLoader
+
+    def batches(threads: int) -> list:
+        cfg = LoaderConfig(shards=str(request.getfixturevalue(fixture)), batch_size=2, num_workers=2,
+                           shuffle_buffer=4, finish_threads=threads, temporal=TemporalConfig(num_frames=8),
+                           spatial=SpatialConfig(image_size=64))
+        loader = VideoLoader(cfg, device="cuda:0")
+        out = [b for _, b in zip(range(6), loader)]
+        assert len({id(d) for d in loader.decoders}) == threads
+        loader.close()
+        return out
+
+    one, three = batches(1), batches(3)
+    assert [b.video_ids for b in one] == [b.video_ids for b in three]
+    for a, b in zip(one, three):
+        assert b.views.is_cuda and torch.equal(a.mask, b.mask)
+        if fixture.startswith("vp9"):
+            torch.testing.assert_close(b.views, a.views, rtol=0, atol=1e-5)
+        else:
+            assert (b.views - a.views).abs().mean() < 0.05
+
+
 @pytest.mark.slow
 @pytest.mark.dali
 def test_a_20_step_r50_run_from_shards_on_the_gpu(vp9_128_shards, tmp_path):

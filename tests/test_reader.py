@@ -315,27 +315,55 @@ def test_nvjpeg_settings_reach_dalis_image_decoder_by_names_its_schema_knows(jpe
         _cfg(jpeg_shards, nvjpeg_hw_load=1.5)
 
 
-def test_finish_ahead_keeps_order_raises_the_threads_error_and_stops_when_closed():
-    """The GPU loader's finishing thread (here on the CPU, where it has no stream): results in
-    input order, at most ``depth`` ahead; an error in ``finish`` is raised to the consumer; a
-    consumer that stops early leaves no thread behind."""
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_finish_ahead_keeps_order_raises_the_threads_error_and_stops_when_closed(lanes):
+    """The GPU loader's finishing threads (here on the CPU, where they have no stream): results in
+    input order, item k finished by lane k mod n's own function whatever each takes; an error in
+    ``finish`` or in reading the items is raised to the consumer in the place of its item; a
+    consumer that stops early leaves no thread behind, and reading stays a few items ahead."""
+    import random
     import threading
+    import time
 
-    from carl_scale.data.prefetch import finish_ahead
+    from carl_scale.data.prefetch import THREAD_NAME, finish_ahead
 
     cpu = torch.device("cpu")
-    assert list(finish_ahead(range(20), lambda i: i * i, 2, cpu)) == [(i, i * i) for i in range(20)]
+    rng = random.Random(0)
+    delays = [rng.uniform(0, 0.004) for _ in range(40)]
+    seen = []
+
+    def lane(j):
+        def finish(i):
+            time.sleep(delays[i])
+            seen.append((i, j, threading.current_thread().name))
+            return i * i
+        return finish
+
+    assert list(finish_ahead(range(40), [lane(j) for j in range(lanes)], 2, cpu)) == [(i, i * i) for i in range(40)]
+    assert sorted((i, j) for i, j, _ in seen) == [(i, i % lanes) for i in range(40)]
+    assert len({name for _, _, name in seen}) == lanes and all(n.startswith(THREAD_NAME) for _, _, n in seen)
 
     def bad(i):
         if i == 3:
             raise ValueError("frame 3 is broken")
+        time.sleep(0.002 * (i % 2))
         return i
 
     got = []
     with pytest.raises(ValueError, match="frame 3"):
-        for item, _ in finish_ahead(range(10), bad, 2, cpu):
+        for item, _ in finish_ahead(range(10), [bad] * lanes, 2, cpu):
             got.append(item)
     assert got == [0, 1, 2]
+
+    def broken_items():
+        yield from range(4)
+        raise OSError("shard 7 is unreadable")
+
+    got = []
+    with pytest.raises(OSError, match="shard 7"):
+        for item, _ in finish_ahead(broken_items(), [lambda i: i] * lanes, 2, cpu):
+            got.append(item)
+    assert got == [0, 1, 2, 3]
 
     started = []
 
@@ -343,11 +371,14 @@ def test_finish_ahead_keeps_order_raises_the_threads_error_and_stops_when_closed
         started.append(i)
         return i
 
-    gen = finish_ahead(range(1000), slow, 2, cpu)
+    gen = finish_ahead(range(1000), [slow] * lanes, 2, cpu)
     assert next(gen) == (0, 0)
     gen.close()
-    assert not any(t.name == "carl-scale-finish-ahead" for t in threading.enumerate())
-    assert len(started) <= 5  # one handed over, two queued, one waiting to be queued: not the whole input
+    assert not any(t.name.startswith(THREAD_NAME) for t in threading.enumerate())
+    # per lane: ceil(2 / n) queued, one waiting to be queued, one in its inbox; one handed over
+    assert len(started) <= 1 + lanes * (-(-2 // lanes) + 2)
+    with pytest.raises(ValueError, match="at least one lane"):
+        next(finish_ahead(range(3), [], 2, cpu))
 
 
 def test_the_finishing_thread_gives_the_same_batches_and_a_closed_epoch_resumes_exactly(vp9_shards):
@@ -373,6 +404,40 @@ def test_the_finishing_thread_gives_the_same_batches_and_a_closed_epoch_resumes_
     resumed = loader(True)
     resumed.load_state_dict(cut.state_dict())
     assert [b.video_ids for b in resumed] == [b.video_ids for b in plain[3:]]
+
+
+def test_finishing_threads_side_by_side_give_the_same_batches_each_with_its_own_decoder(vp9_shards):
+    """--finish-threads, run on the CPU with DALI's CPU decoder in the GPU decoder's place
+    (decoding in the collate, in background threads): two threads side by side, each decoding
+    with its own decoder (DALI pipelines are not shared between threads), give the batches of
+    one thread. Where the workers decode, the flag is refused."""
+    from carl_scale.data.decoders import DaliDecoder
+
+    used = []
+
+    def loader(threads: int) -> VideoLoader:
+        out = VideoLoader(_cfg(vp9_shards, batch_size=2, num_workers=2, decoder="dali", finish_threads=threads),
+                          decode_in_collate=True)
+        out.finish_in_thread = True
+        for d in out.decoders:
+            decode = d.decode
+            d.decode = lambda videos, *a, _d=d, _decode=decode, **k: (used.append(id(_d)), _decode(videos, *a, **k))[1]
+        return out
+
+    one = list(loader(1))
+    used.clear()
+    two = loader(2)
+    assert len({id(d) for d in two.decoders}) == 2 and all(isinstance(d, DaliDecoder) for d in two.decoders)
+    assert "2 background threads side by side" in two.describe()
+    got = list(two)
+    assert [b.video_ids for b in got] == [b.video_ids for b in one] and len(got) >= 3
+    assert sorted(used) == sorted(id(two.decoders[k % 2]) for k in range(len(got)))  # each its share
+    for a, b in zip(one, got):
+        torch.testing.assert_close(b.views, a.views, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="--finish-threads 2 decodes batches side by side"):
+        VideoLoader(_cfg(vp9_shards, decoder="dali", finish_threads=2))
+    with pytest.raises(ConfigError, match=r"--finish-threads must be in \[1, 16\], got 0"):
+        _cfg(vp9_shards, finish_threads=0)
 
 
 def test_colour_in_the_collate_equals_colour_in_the_workers(vp9_shards):

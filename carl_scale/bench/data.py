@@ -21,7 +21,10 @@ payload on the CPU), measured in the same process on the same shards, with the p
   ``--jpeg-qualities 75 50`` adds each jpeg path on the same videos written at those qualities
   (shard writers' ``--jpeg-quality``). ``--side-by-side N`` adds, after each dali path, its
   sampled frames/s with N decoders in N threads: whether decoding scales past one video at a time
-  (the question NVDEC's ~3.8k frames/s at 340x256 left open).
+  (the question NVDEC's ~3.8k frames/s at 340x256 left open). ``--finish-threads 1 2 4`` adds,
+  after each dali path, its loader with decoding and augmentation in the training process in
+  that many threads side by side (``--finish-threads``; on the CPU too, where the loader would
+  otherwise decode in the workers): the fix, if side by side pays.
 
 On a GPU, timings end with a device synchronisation (DALI's outputs are CUDA tensors).
 """
@@ -124,10 +127,14 @@ def bench_side_by_side(decoders: list, items, temporal: TemporalConfig, batch: i
     return n / (time.perf_counter() - t0)
 
 
-def bench_loader(cfg: LoaderConfig, batches: int, device: str) -> float:
+def bench_loader(cfg: LoaderConfig, batches: int, device: str, in_threads: bool = False) -> float:
     """Batches/s of the training loader, after its first batch (worker start-up and the first
-    fill of the shuffle buffer are not steady state); over epochs if one is shorter."""
-    loader = VideoLoader(cfg, device=device)
+    fill of the shuffle buffer are not steady state); over epochs if one is shorter.
+    ``in_threads``: decoded and augmented in the training process by its finishing threads, as on
+    a GPU, wherever it runs."""
+    loader = VideoLoader(cfg, device=device, decode_in_collate=True if in_threads else None)
+    if in_threads:
+        loader.finish_in_thread = True
 
     def endless():
         while True:
@@ -218,6 +225,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--side-by-side", type=int, default=0, metavar="N",
                    help="after each dali path, its sampled frames/s with N decoders in N threads side by side "
                         "(0: none): does decoding scale past one video at a time?")
+    p.add_argument("--finish-threads", nargs="*", type=int, default=[], metavar="N",
+                   help="after each dali path, its loader decoding in the training process in N threads side by "
+                        "side (--finish-threads), e.g. 1 2 4")
     a = p.parse_args(argv)
     if any(not 1 <= q <= 100 for q in a.jpeg_qualities):
         p.error("--jpeg-qualities must be in [1, 100]")
@@ -230,8 +240,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if any(not 0 < x <= 1 for x in a.cpu_shares):
         p.error("--cpu-shares must be in (0, 1]")
     if min(a.videos, a.whole_videos, a.frames, a.batch, a.batches, a.image_size, a.write_workers) < 1 \
-            or a.workers < 0 or a.gop < 1 or a.side_by_side < 0:
-        p.error("every count must be >= 1 (--workers >= 0)")
+            or a.workers < 0 or a.gop < 1 or a.side_by_side < 0 or any(not 1 <= n <= 16 for n in a.finish_threads):
+        p.error("every count must be >= 1 (--workers >= 0, --finish-threads 1..16)")
     paths = [tuple(x.split("/")) for x in a.paths]
     if not paths or any(len(x) != 2 or x[0] not in ("video", "jpeg") or x[1] not in ("pyav", "dali") for x in paths):
         p.error("--paths takes video|jpeg/pyav|dali pairs, e.g. video/pyav jpeg/dali")
@@ -266,6 +276,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows.append(dict(payload=payload, decoder=f"dali, {n} side by side", kib=kib, whole=None, sampled=sampled,
                              loader=None, loader_frames=None))
             print(f"measured {payload}/dali, {n} decoders side by side: sampled {sampled:.0f} f/s", flush=True)
+        for n in (a.finish_threads if name == "dali" else []):
+            loader = bench_loader(dataclasses.replace(cfg, finish_threads=n), a.batches, a.device, in_threads=True)
+            rows.append(dict(payload=payload, decoder=f"dali in {n} finishing thread{'s' if n > 1 else ''}", kib=kib,
+                             whole=None, sampled=None, loader=loader, loader_frames=loader * a.batch * 2 * a.frames))
+            print(f"measured {payload}/dali in {n} finishing thread(s): loader {loader:.2f} batches/s", flush=True)
         for share in (a.cpu_shares if name == "dali" and a.device.startswith("cuda") else []):
             loader = bench_loader(dataclasses.replace(cfg, cpu_decode_share=share), a.batches, a.device)
             rows.append(dict(payload=payload, decoder=f"dali + {100 * share:.0f}% pyav", kib=kib, whole=None,

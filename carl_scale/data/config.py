@@ -100,6 +100,11 @@ class LoaderConfig(Config):
         "cpu", flag="--nvjpeg-huffman",
         help="jpeg payload on a GPU: where nvJPEG on the CUDA cores does the Huffman stage of frames under "
              "1 MPixel: cpu (DALI's default: the decoder's host threads) or gpu")
+    finish_threads: int = param(
+        1, flag="--finish-threads", ge=1, le=16,
+        help="with a GPU decoder: threads that decode and augment batches side by side (batch k in thread k mod N), "
+             "each with its own DALI pipelines and CUDA stream: for a decoder bound by each video's latency "
+             "(NVDEC) or by host work (nvJPEG's Huffman stage); each thread adds a batch in flight")
     per_label: int = param(0, flag="--per-label", ge=0,
                            help="batches of groups of this many videos of one label (weak supervision; 0: off)")
     temporal: TemporalConfig = param(default_factory=TemporalConfig)

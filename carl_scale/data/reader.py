@@ -18,11 +18,14 @@ seen exactly once per epoch. With fewer shards than ranks x workers, the split f
 samples (every consumer reads every shard and keeps its share). On a GPU run the training
 process finishes each batch on the device (colour augmentation, and with DALI ``mixed`` the
 decoding and cropping too) in a background thread on its own CUDA stream, up to
-``GPU_PREFETCH_BATCHES`` ahead of the step (:func:`~carl_scale.data.prefetch.finish_ahead`).
+``GPU_PREFETCH_BATCHES`` ahead of the step (:func:`~carl_scale.data.prefetch.finish_ahead`);
+``--finish-threads N``: N such threads side by side, each with its own decoder.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import math
@@ -369,11 +372,10 @@ def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDeco
     return batch.to(device) if torch.device(device).type != "cpu" else batch
 
 
-# finished batches queued on the GPU; with the one being made and the one handed over, up to
-# GPU_PREFETCH_BATCHES + 2 batches of B x 2T x 3 x S^2 floats are alive at once
+# finished batches queued on the GPU; with the ones being made (one per finishing thread) and the
+# one handed over, up to max(GPU_PREFETCH_BATCHES, N) + N + 1 batches of B x 2T x 3 x S^2 views
+# are alive at once with N finishing threads
 GPU_PREFETCH_BATCHES = 2
-
-
 
 
 class VideoLoader:
@@ -419,6 +421,13 @@ class VideoLoader:
             raise ValueError(f"--cpu-decode-share {cfg.cpu_decode_share} splits decoding between the GPU and the "
                              f"workers, but {self.decoder.name} decodes on the CPU here, in the workers already: "
                              f"drop the flag (or run on a GPU)")
+        if cfg.finish_threads > 1 and not self.in_collate:
+            raise ValueError(f"--finish-threads {cfg.finish_threads} decodes batches side by side in the training "
+                             f"process, but {self.decoder.name} decodes on the CPU here, in the workers already: drop "
+                             f"the flag (or run on a GPU)")
+        # one decoder per finishing thread: DALI pipelines are not shared between threads (a copy
+        # carries the settings, not the pipelines, which each builds at its first batch)
+        self.decoders = [self.decoder] + [copy.copy(self.decoder) for _ in range(cfg.finish_threads - 1)]
         self.cpu_decoder = PyAVDecoder() if self.in_collate and cfg.cpu_decode_share > 0 else None
         self.counter = SkipCounter()
         self.dataset = ShardedVideoDataset(self.urls, cfg, rank=rank, world_size=world_size,
@@ -455,7 +464,9 @@ class VideoLoader:
             share = self.cfg.cpu_decode_share
             split = f"{100 * (1 - share):.0f}% of the videos " if share > 0 else ""
             cpu = f", {100 * share:.0f}% by PyAV in the workers" if share > 0 else ""
-            ahead = f" in a background thread, {GPU_PREFETCH_BATCHES} batches ahead" if self._in_thread() else ""
+            n = self.cfg.finish_threads
+            lanes = "a background thread" if n == 1 else f"{n} background threads side by side (a decoder each)"
+            ahead = f" in {lanes}, {max(n, GPU_PREFETCH_BATCHES)} batches ahead" if self._in_thread() else ""
             return (f"{what}: {split}decoded by {dec.name} on {self.device}{engine}{cpu}, crops and colour on "
                     f"{self.device}{ahead}; {self.cfg.num_workers} workers read and sample")
         where = "the GPU" if torch.device(self.device).type == "cuda" else "the workers"
@@ -494,16 +505,16 @@ class VideoLoader:
                                   multiprocessing_context="fork" if workers > 0 else None,
                                   persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
         dl = self._dl
-        def finish(wb: WorkerBatch) -> VideoBatch:
+        def finish(wb: WorkerBatch, decoder: FrameDecoder) -> VideoBatch:
             times = self.finish_times  # read once: a benchmark may stop timing while this runs
             if times is None:
-                return collate(wb.samples, self.cfg, self.decoder, self.device, self.views_dtype)
+                return collate(wb.samples, self.cfg, decoder, self.device, self.views_dtype)
             cuda = torch.device(self.device).type == "cuda"
             events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else [None, None]
             t0 = time.perf_counter()
             if cuda:
                 events[0].record()
-            out = collate(wb.samples, self.cfg, self.decoder, self.device, self.views_dtype)
+            out = collate(wb.samples, self.cfg, decoder, self.device, self.views_dtype)
             if cuda:
                 events[1].record()
             times.append((time.perf_counter() - t0, *events))
@@ -513,11 +524,14 @@ class VideoLoader:
         if self._in_thread():
             if self._ahead is not None:  # an earlier iterator's thread: one reader of the workers at a time
                 self._ahead.close()
-            # decoding and augmentation on the GPU overlap the step: a thread on its own CUDA stream
-            finished = ahead = self._ahead = finish_ahead(dl, finish, GPU_PREFETCH_BATCHES,
-                                                         torch.device(self.device))
+            # decoding and augmentation on the GPU overlap the step: threads on CUDA streams of their own
+            lanes = [functools.partial(finish, decoder=d) for d in self.decoders]
+            finished = ahead = self._ahead = finish_ahead(dl, lanes, GPU_PREFETCH_BATCHES, torch.device(self.device))
         else:  # the workers did the work; what is left here is a stack
-            finished = ((wb, finish(wb)) for wb in dl)
+            if self.cfg.finish_threads > 1:
+                raise ValueError(f"--finish-threads {self.cfg.finish_threads} needs the batches finished in "
+                                 f"background threads (finish_in_thread), which this loader was told not to do")
+            finished = ((wb, finish(wb, self.decoder)) for wb in dl)
         try:
             for wb, batch in finished:
                 self.next_batch += 1

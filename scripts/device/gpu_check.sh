@@ -7,11 +7,11 @@
 # (prepare.sh's counts: .whl/c1 holds the core tree and DALI's first part, c2 and c3 the rest):
 #   bash scripts/device/gpu_check.sh step_T80 step_T240 gpu_tests             (carry .whl/c1; <= 9 min)
 #   bash scripts/device/gpu_check.sh --stage                                  (carry .whl/c2 .. c(N-1))
-#   bash scripts/device/gpu_check.sh data e2e_jpeg gpu_tests_dali e2e_jpeg_hybrid augment
-#                                                                             (carry .whl/cN; <= 6 min)
+#   bash scripts/device/gpu_check.sh data e2e_jpeg gpu_tests_dali e2e_jpeg_hybrid augment e2e_jpeg_threads
+#                                                                             (carry .whl/cN; <= 7.5 min)
 #   bash scripts/device/gpu_check.sh step_T80_graphs e2e_jpeg_pyav            (if time is left)
 # The machine goes back after 30 s idle, and the staged parts with it: make the calls back to back.
-# No stage names: every stage (~19 minutes: more than one call may run).
+# No stage names: every stage (~20 minutes: more than one call may run).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 tmp=${CARL_DEVICE_TMP:-/tmp}  # where the parts and trees stay while the machine is warm
@@ -54,7 +54,7 @@ echo "unpacked in $((SECONDS - t0)) s; $dali_note"
   ((have_dali)) && python3 -c "import nvidia.dali as d; print('dali', d.__version__)"
 } 2>&1 | tee -a "$out/versions.txt"
 rc=0
-needs_dali="gpu_tests_dali data e2e_jpeg e2e_jpeg_pyav e2e_jpeg_hybrid"
+needs_dali="gpu_tests_dali data e2e_jpeg e2e_jpeg_pyav e2e_jpeg_hybrid e2e_jpeg_threads"
 stage() {  # name, seconds, command...: its output to $out/name.txt, the table also to this log
   local name=$1 limit=$2; shift 2
   [[ "$wanted" == "  " || "$wanted" == *" $name "* ]] || return 0
@@ -83,17 +83,20 @@ TAIL=25 stage gpu_tests 150 python3 -m pytest -v -m "gpu and not dali" tests/tes
 stage augment 20 python3 -m carl_scale.bench.augment --device cuda --batch 2 --frames 80 --size 224 --iters 10
 # the jpeg/dali rows also with nvJPEG's other settings: all to the hardware JPEG decoder, the Huffman
 # stage on the GPU (Kinetics-size frames are under DALI's 1-MPixel threshold: host threads by default);
-# each dali path also with 4 decoders side by side (does NVDEC's ~3.8k frames/s grow with sessions?)
-stage data 130 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 80 \
+# each dali path also with 4 decoders side by side (does NVDEC's ~3.8k frames/s grow with sessions?),
+# and its loader with 2 and 4 finishing threads side by side (the fix if it does: --finish-threads)
+stage data 160 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 80 \
   --image-size 224 --batch 2 --workers 8 --write-workers 16 --videos 16 --whole-videos 2 --batches 10 \
   --paths jpeg/pyav jpeg/dali video/dali --cpu-shares 0.25 0.5 --nvjpeg hw_load=1 huffman=gpu hw_load=0,huffman=gpu \
-  --side-by-side 4
+  --side-by-side 4 --finish-threads 2 4
 stage e2e_jpeg 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10
-TAIL=25 stage gpu_tests_dali 100 python3 -m pytest -v -m "gpu and dali" tests/test_gpu.py -p no:cacheprovider
+TAIL=25 stage gpu_tests_dali 120 python3 -m pytest -v -m "gpu and dali" tests/test_gpu.py -p no:cacheprovider
 stage e2e_jpeg_pyav 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10 --decoder pyav
 stage e2e_jpeg_hybrid 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10 --cpu-decode-share 0.25
+stage e2e_jpeg_threads 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 10 --set data.finish_threads=2
 echo "done in $((SECONDS - t0)) s, rc $rc"
 exit $rc
