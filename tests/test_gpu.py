@@ -219,6 +219,36 @@ def test_the_gpu_loader_with_a_cpu_decoded_share_gives_the_batches_of_the_gpu_al
         assert b.views.is_cuda and (b.views - a.views).abs().mean() < 0.05
 
 
+def test_finish_ahead_hands_over_each_lanes_cuda_work_finished_and_its_memory_kept():
+    """finish_ahead's lanes on CUDA streams: the consumer's stream waits for each lane's work (a
+    result read at once is the finished one, though the lane's stream is still sleeping when it
+    is handed over), and the consumer's reads keep the result's memory from the lane's next
+    allocation (record_stream): a long read queued on the consumer's stream still sees ``i``."""
+    import dataclasses as dc
+
+    from carl_scale.data.prefetch import finish_ahead
+
+    @dc.dataclass
+    class Out:
+        x: torch.Tensor
+
+    n = 1 << 22
+
+    def lane(i: int) -> Out:
+        torch.cuda._sleep(50_000_000)  # ~25-50 ms of GPU time on the lane's stream, before the fill
+        return Out(torch.full((n,), float(i), device="cuda"))
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    sums = []
+    for i, out in finish_ahead(range(12), [lane, lane, lane], 2, dev):
+        assert out.x[0].item() == i  # waits on the consumer's stream only
+        torch.cuda._sleep(200_000_000)  # longer than a lane: the read below runs after their next fills
+        sums.append(out.x.sum())
+        del out
+    torch.cuda.synchronize()
+    assert [int(s.item()) for s in sums] == [i * n for i in range(12)]
+
+
 @pytest.mark.dali
 @pytest.mark.parametrize("fixture", ["vp9_128_shards", "jpeg_128_shards"])
 def test_the_gpu_loader_in_three_finishing_threads_gives_the_batches_of_one(request, fixture):

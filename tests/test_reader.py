@@ -330,18 +330,23 @@ def test_finish_ahead_keeps_order_raises_the_threads_error_and_stops_when_closed
     cpu = torch.device("cpu")
     rng = random.Random(0)
     delays = [rng.uniform(0, 0.004) for _ in range(40)]
-    seen = []
+    seen, busy = [], [0] * lanes
 
     def lane(j):
         def finish(i):
+            busy[j] += 1
+            assert busy[j] == 1, f"lane {j} ran twice at once"  # (a DALI pipeline takes one thread at a time)
             time.sleep(delays[i])
             seen.append((i, j, threading.current_thread().name))
+            busy[j] -= 1
             return i * i
         return finish
 
     assert list(finish_ahead(range(40), [lane(j) for j in range(lanes)], 2, cpu)) == [(i, i * i) for i in range(40)]
     assert sorted((i, j) for i, j, _ in seen) == [(i, i % lanes) for i in range(40)]
-    assert len({name for _, _, name in seen}) == lanes and all(n.startswith(THREAD_NAME) for _, _, n in seen)
+    # each lane always in its own one thread
+    assert len({(j, name) for _, j, name in seen}) == len({name for _, _, name in seen}) == lanes
+    assert all(n.startswith(THREAD_NAME) for _, _, n in seen)
 
     def bad(i):
         if i == 3:
@@ -375,18 +380,24 @@ def test_finish_ahead_keeps_order_raises_the_threads_error_and_stops_when_closed
     assert next(gen) == (0, 0)
     gen.close()
     assert not any(t.name.startswith(THREAD_NAME) for t in threading.enumerate())
-    # per lane: ceil(2 / n) queued, one waiting to be queued, one in its inbox; one handed over
-    assert len(started) <= 1 + lanes * (-(-2 // lanes) + 2)
+    # per lane: ceil(2 / n) queued, one waiting to be queued; one handed over
+    assert len(started) <= 1 + lanes * (-(-2 // lanes) + 1)
     with pytest.raises(ValueError, match="at least one lane"):
         next(finish_ahead(range(3), [], 2, cpu))
 
 
-def test_the_finishing_thread_gives_the_same_batches_and_a_closed_epoch_resumes_exactly(vp9_shards):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_finishing_thread_gives_the_same_batches_and_a_closed_epoch_resumes_exactly(vp9_shards, threads):
     """The GPU loader's thread path, forced on the CPU: the same batches as without it; closed
     after 3 batches, the old iterator yields nothing more and does not end the epoch, and a loader
-    restored from the state resumes with batch 4."""
+    restored from the state resumes with batch 4. With 2 threads side by side (decoding in them,
+    each with its own DALI CPU decoder, as on a GPU) the same."""
     def loader(thread: bool) -> VideoLoader:
-        out = VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=2))
+        if threads == 1:
+            out = VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=2))
+        else:
+            out = VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=2, decoder="dali",
+                                   finish_threads=threads if thread else 1), decode_in_collate=True)
         out.finish_in_thread = thread
         return out
 
@@ -424,7 +435,9 @@ def test_finishing_threads_side_by_side_give_the_same_batches_each_with_its_own_
             d.decode = lambda videos, *a, _d=d, _decode=decode, **k: (used.append(id(_d)), _decode(videos, *a, **k))[1]
         return out
 
-    one = list(loader(1))
+    first = loader(1)
+    one = list(first)
+    first.close()
     used.clear()
     two = loader(2)
     assert len({id(d) for d in two.decoders}) == 2 and all(isinstance(d, DaliDecoder) for d in two.decoders)
@@ -432,6 +445,7 @@ def test_finishing_threads_side_by_side_give_the_same_batches_each_with_its_own_
     got = list(two)
     assert [b.video_ids for b in got] == [b.video_ids for b in one] and len(got) >= 3
     assert sorted(used) == sorted(id(two.decoders[k % 2]) for k in range(len(got)))  # each its share
+    two.close()
     for a, b in zip(one, got):
         torch.testing.assert_close(b.views, a.views, rtol=0, atol=0)
     with pytest.raises(ValueError, match="--finish-threads 2 decodes batches side by side"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import io
@@ -262,3 +263,35 @@ def test_jpeg_videos_of_different_sizes_decode_in_one_dali_run():
         for got, ref, i in zip(dec.decode(items, idx), want, idx):
             assert got.shape == ref.shape == (len(i), *ref.shape[1:])
             _close(got, ref, DECODER_MEAN_TOL)
+
+
+def test_a_forked_worker_neither_runs_nor_destroys_the_parents_dali_pipelines():
+    """DataLoader workers forked after the parent built DALI pipelines (the GPU loader decodes in
+    the training process; a later loader forks new workers): a worker whose garbage collector
+    frees a decoder the parent had dropped used to hang there (the pipeline's threads do not exist
+    in the child); now it keeps inherited pipelines alive, and its decoders build their own."""
+    import gc
+
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from carl_scale.data.decoders import DaliDecoder
+
+    class Cycle:  # only the garbage collector frees it
+        def __init__(self):
+            self.me, self.decoder = self, DaliDecoder("cpu")
+            self.decoder._image_pipe = self.decoder._build("image")
+
+    Cycle()
+    live = DaliDecoder("cpu")
+    live._image_pipe = live._build("image")
+    copied = copy.copy(live)
+
+    class Collect(IterableDataset):
+        def __iter__(self):
+            gc.collect()
+            yield live._image_pipe is None and copied._image_pipe is None
+
+    for _ in range(2):
+        assert list(DataLoader(Collect(), num_workers=1, batch_size=None, multiprocessing_context="fork",
+                               timeout=60)) == [True]
+    assert live._image_pipe is not None  # the parent's own are untouched

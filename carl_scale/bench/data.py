@@ -141,7 +141,8 @@ def bench_loader(cfg: LoaderConfig, batches: int, device: str, in_threads: bool 
             yield from loader
 
     it = endless()
-    next(it)
+    for _ in range(cfg.finish_threads):  # batch k is finished by thread k mod N: each has built its decoder
+        next(it)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(batches):

@@ -19,7 +19,9 @@ explained by ``data wait`` shows up here. On a CPU the finishing runs in that th
 step, where training runs it between steps: there the row overstates. ``loader ms/batch``: the
 finishing step's host time per batch (decoding on the GPU, crops, colour), and on a GPU the time
 between two events around it on its CUDA stream (idle gaps while the host queues work included;
-work DALI queues on streams of its own not seen).
+work DALI queues on streams of its own not seen). With ``--set data.finish_threads=N`` the
+batches are finished N at a time, so these are each batch's own times, not the loader's cost per
+batch (about that divided by N when the threads overlap well).
 """
 
 from __future__ import annotations

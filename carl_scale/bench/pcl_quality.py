@@ -171,7 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = configure(load_run_config(ckpt / "meta.json"),
                         {"init_from": str(ckpt), "data.shards": a.shards, "data.num_workers": 0,
-                         "eval.enabled": False, "run_dir": "/nonexistent/pcl_quality"}, weak=True)
+                         "eval.enabled": False, "run_dir": "/nonexistent/pcl_quality",
+                         # a GPU run's data path settings: the CPU loader here decodes in the process
+                         "data.finish_threads": 1, "data.cpu_decode_share": 0.0}, weak=True)
     except ConfigError as exn:
         raise SystemExit(str(exn)) from None
     try:

@@ -104,7 +104,8 @@ class LoaderConfig(Config):
         1, flag="--finish-threads", ge=1, le=16,
         help="with a GPU decoder: threads that decode and augment batches side by side (batch k in thread k mod N), "
              "each with its own DALI pipelines and CUDA stream: for a decoder bound by each video's latency "
-             "(NVDEC) or by host work (nvJPEG's Huffman stage); each thread adds a batch in flight")
+             "(NVDEC) or by host work (nvJPEG's Huffman stage); the decoders' host threads are split between "
+             "them, and each thread adds a batch or two in flight on the GPU")
     per_label: int = param(0, flag="--per-label", ge=0,
                            help="batches of groups of this many videos of one label (weak supervision; 0: off)")
     temporal: TemporalConfig = param(default_factory=TemporalConfig)

@@ -18,6 +18,7 @@ import ctypes
 import io
 import math
 import os
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -34,6 +35,29 @@ DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg", "jpeg"}
 NVDEC_MIN_SIZE = {"h264": (16, 48), "vp8": (16, 48), "mjpeg": (16, 48), "vp9": (128, 128), "av1": (128, 128),
                   "hevc": (144, 144), "h265": (144, 144)}
 NVDEC_MIN_UNKNOWN = (144, 144)
+
+# A process that forks (DataLoader workers) after building DALI pipelines hands its children
+# copies of them whose threads do not exist there: a child that destroys one (its garbage
+# collector freeing a decoder the parent had dropped) hangs or crashes, and one that runs it
+# hangs. So a child keeps every inherited pipeline alive and unused, and its decoders build anew.
+_PIPELINES: weakref.WeakSet = weakref.WeakSet()
+_DECODERS: weakref.WeakSet = weakref.WeakSet()
+_INHERITED: list = []
+
+
+def keep_out_of_children(pipe):
+    """Register a built DALI pipeline: a forked child never runs or destroys its copy."""
+    _PIPELINES.add(pipe)
+    return pipe
+
+
+def _after_fork_in_child() -> None:
+    _INHERITED.extend(_PIPELINES)
+    for d in list(_DECODERS):
+        d._video_pipe = d._image_pipe = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def below_nvdec_minimum(item: "EncodedVideo") -> bool:
@@ -185,11 +209,16 @@ class DaliDecoder(FrameDecoder):
         self.device, self.max_batch, self.num_threads, self.device_id = device, max_batch, num_threads, device_id
         self.image_batch, self.jpeg_hw_load, self.jpeg_huffman = image_batch, jpeg_hw_load, jpeg_huffman
         self._video_pipe = self._image_pipe = None
+        _DECODERS.add(self)
 
     def __getstate__(self):  # pipelines do not cross process boundaries; workers rebuild them
         state = dict(self.__dict__)
         state["_video_pipe"] = state["_image_pipe"] = None
         return state
+
+    def __setstate__(self, state):  # (a copy or an unpickled decoder: registered as __init__ does)
+        self.__dict__.update(state)
+        _DECODERS.add(self)
 
     def _build(self, kind: str):
         from nvidia.dali import fn, pipeline_def, types
@@ -212,7 +241,7 @@ class DaliDecoder(FrameDecoder):
 
         pipe = video_pipe() if kind == "video" else image_pipe()
         pipe.build()
-        return pipe
+        return keep_out_of_children(pipe)
 
     def image_options(self) -> dict:
         """nvJPEG's settings for ``fn.decoders.image`` (GPU only: the CPU decodes with libjpeg-turbo).

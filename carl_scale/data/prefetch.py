@@ -47,7 +47,7 @@ def finish_ahead(items: Iterable, finish: Callable | Sequence[Callable], depth: 
     if not finishers or depth < 1:
         raise ValueError(f"finish_ahead needs at least one lane and depth >= 1, got {len(finishers)} and {depth}")
     lanes = len(finishers)
-    inboxes = [queue.Queue(maxsize=1) for _ in range(lanes)]
+    inboxes = [queue.Queue(maxsize=2) for _ in range(lanes)]  # 2: a slow lane holds the others back less
     outboxes = [queue.Queue(maxsize=math.ceil(depth / lanes)) for _ in range(lanes)]
     stop = threading.Event()
     cuda = device.type == "cuda"
@@ -100,6 +100,7 @@ def finish_ahead(items: Iterable, finish: Callable | Sequence[Callable], depth: 
                         event.record(stream)
                     if not put(outbox, (item, out, event)):
                         return
+                    del item, out, event  # not kept alive here until the next one is made
         except BaseException as exn:  # handed to the consumer, raised there
             put(outbox, _Failed(exn))
 

@@ -43,7 +43,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from carl_scale.data.config import LoaderConfig
-from carl_scale.data.decoders import EncodedVideo, FrameDecoder, PyAVDecoder, make_decoder
+from carl_scale.data.decoders import DaliDecoder, EncodedVideo, FrameDecoder, PyAVDecoder, make_decoder
 from carl_scale.data.grouping import LabelGrouper
 from carl_scale.data.manifest import manifest_codec, manifest_samples, resolve_shards
 from carl_scale.data.prefetch import finish_ahead
@@ -426,8 +426,11 @@ class VideoLoader:
                              f"process, but {self.decoder.name} decodes on the CPU here, in the workers already: drop "
                              f"the flag (or run on a GPU)")
         # one decoder per finishing thread: DALI pipelines are not shared between threads (a copy
-        # carries the settings, not the pipelines, which each builds at its first batch)
+        # carries the settings, not the pipelines, which each builds at its first batch). They split
+        # the host threads, so that N side by side measure concurrency, not more threads.
         self.decoders = [self.decoder] + [copy.copy(self.decoder) for _ in range(cfg.finish_threads - 1)]
+        for d in self.decoders if cfg.finish_threads > 1 and isinstance(self.decoder, DaliDecoder) else []:
+            d.num_threads = max(1, d.num_threads // cfg.finish_threads)
         self.cpu_decoder = PyAVDecoder() if self.in_collate and cfg.cpu_decode_share > 0 else None
         self.counter = SkipCounter()
         self.dataset = ShardedVideoDataset(self.urls, cfg, rank=rank, world_size=world_size,

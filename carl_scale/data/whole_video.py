@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import webdataset as wds
 
-from carl_scale.data.decoders import DALI_CPU_CODECS, EncodedVideo, FrameDecoder, split_device
+from carl_scale.data.decoders import DALI_CPU_CODECS, EncodedVideo, FrameDecoder, keep_out_of_children, split_device
 from carl_scale.data.manifest import resolve_shards
 from carl_scale.data.reader import parse_meta
 
@@ -81,6 +81,7 @@ def iter_whole_videos_dali(spec, split: str = "train", *, device: str = "cpu", s
 
     p = pipe()
     p.build()
+    keep_out_of_children(p)
     n = p.reader_meta("reader")["epoch_size"]
     # DALI's reader shard k holds samples [floor(k*n/N), floor((k+1)*n/N)).
     count = (shard_id + 1) * n // num_shards - shard_id * n // num_shards
