@@ -13,6 +13,16 @@ from typing import Callable
 EXPECTED = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
 
 
+def one_line(exn: BaseException) -> str:
+    """The message of ``exn``; of an error a DataLoader worker raised, the worker's own message
+    (PyTorch re-raises it with the worker's whole traceback as its text)."""
+    text = str(exn)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]  # "ValueError: <the message>"
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def run_cli(prog: str, main: Callable, argv: list[str] | None = None):
     """``main(argv)``, with an expected failure turned into ``prog: error: ...`` and exit status 1."""
     argv = sys.argv[1:] if argv is None else argv
@@ -21,4 +31,4 @@ def run_cli(prog: str, main: Callable, argv: list[str] | None = None):
     except EXPECTED as exn:
         if "--debug" in argv:
             traceback.print_exc()
-        sys.exit(f"{prog}: error: {exn}")
+        sys.exit(f"{prog}: error: {one_line(exn)}")

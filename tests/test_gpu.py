@@ -278,6 +278,29 @@ def test_the_gpu_loader_in_three_finishing_threads_gives_the_batches_of_one(requ
             assert (b.views - a.views).abs().mean() < 0.05
 
 
+@pytest.mark.dali
+def test_a_corrupt_video_decoded_on_the_gpu_is_counted_and_stood_in_for(vp9_128_shards, tmp_path):
+    """NVDEC given a truncated and a garbage video in the finishing step: counted, each one's
+    place taken by the good video, the epoch kept (the CPU test runs the same with DALI's CPU
+    decoder); the decoder goes on decoding afterwards."""
+    from test_reader import _corrupt_shard
+
+    from carl_scale.data.config import LoaderConfig, SpatialConfig, TemporalConfig
+    from carl_scale.data.manifest import read_manifest
+    from carl_scale.data.reader import VideoLoader
+
+    train = read_manifest(vp9_128_shards)["splits"]["train"]["shards"]
+    good_key = _corrupt_shard(vp9_128_shards / train[0]["path"], tmp_path / "bad-000000.tar")
+    cfg = LoaderConfig(shards=[str(tmp_path / "bad-000000.tar")], batch_size=2, num_workers=0, shuffle_buffer=0,
+                       epoch_samples=4, temporal=TemporalConfig(num_frames=8), spatial=SpatialConfig(image_size=64))
+    loader = VideoLoader(cfg, device="cuda:0")
+    assert loader.decoder.device == "cuda"
+    batches = list(loader)
+    assert [b.video_ids for b in batches] == [[good_key, good_key]] * 2 and loader.skipped == 5
+    assert all(b.views.is_cuda and torch.isfinite(b.views).all() for b in batches)
+    loader.close()
+
+
 @pytest.mark.slow
 @pytest.mark.dali
 def test_a_20_step_r50_run_from_shards_on_the_gpu(vp9_128_shards, tmp_path):

@@ -167,6 +167,43 @@ def test_corrupt_samples_are_skipped_counted_and_logged(vp9_shards, tmp_path, ca
     assert good_key in ids
 
 
+@pytest.mark.parametrize("decoder", ["pyav", "dali"])
+def test_a_video_that_fails_to_decode_in_the_finishing_step_is_counted_and_stood_in_for(vp9_shards, tmp_path,
+                                                                                      caplog, decoder):
+    """The GPU loader's decoding after the workers (here on the CPU, in the collate): a corrupt
+    video fails the batched decode, is found by decoding one video at a time on fresh pipelines,
+    counted and logged, and its place taken by a video that decoded (the batch's, else the last
+    good one), so the epoch keeps its length. The count survives a resume."""
+    train = read_manifest(vp9_shards)["splits"]["train"]["shards"]
+    bad = tmp_path / "bad-000000.tar"
+    good_key = _corrupt_shard(vp9_shards / train[0]["path"], bad)  # in order: badjson, garbage, good, trunc
+
+    def loader(shards, batch_size: int, samples: int) -> VideoLoader:
+        return VideoLoader(_cfg(shards, batch_size=batch_size, epoch_samples=samples, shuffle_buffer=0,
+                                decoder=decoder), decode_in_collate=True)
+
+    with caplog.at_level(logging.WARNING, logger="carl_scale.data"):
+        first = loader([str(bad)], 2, 4)
+        batches = list(first)
+    # [garbage, good]: the batch's good one stands in; [trunc, garbage (the stream's next pass)]:
+    # none decoded, the last good one stands in
+    assert [b.video_ids for b in batches] == [[good_key, good_key]] * 2
+    assert torch.equal(batches[1].views[0], batches[0].views[1])
+    assert first.skipped == 5  # badjson twice (in the worker), garbage twice and trunc (here)
+    assert "its place in the batch goes to a copy" in caplog.text and "'trunc'" in caplog.text
+    resumed = loader([str(bad)], 2, 4)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.skipped == 5  # (a resumed run's count goes on from its checkpoint's)
+
+    only_bad = tmp_path / "only-bad-000000.tar"
+    with tarfile.open(bad) as src, tarfile.open(only_bad, "w") as dst:
+        for m in src.getmembers():
+            if not m.name.startswith(good_key):
+                dst.addfile(m, src.extractfile(m))
+    with pytest.raises(ValueError, match="every video of the first batch of 1 failed to decode"):
+        list(loader([str(only_bad)], 1, 2))
+
+
 def test_missing_shard_is_an_error_naming_the_path(vp9_shards, tmp_path):
     missing = tmp_path / "nowhere-000000.tar"
     with pytest.raises(FileNotFoundError, match=str(missing)):
@@ -175,6 +212,13 @@ def test_missing_shard_is_an_error_naming_the_path(vp9_shards, tmp_path):
         resolve_shards(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_shards(str(tmp_path / "k400/train-{000000..000003}.tar"))
+    with pytest.raises(ValueError, match=r"has no split 'test' \(it has \['train', 'val'\]\): name one of those"):
+        resolve_shards(str(vp9_shards), "test")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "shards.json").write_text('{"splits": {')
+    with pytest.raises(ValueError, match=r"damaged/shards.json is damaged \(.*\): write the shards again"):
+        resolve_shards(str(damaged))
 
 
 def test_fewer_shards_than_consumers_split_by_sample(vp9_shards, tiny_cfg):
@@ -193,8 +237,17 @@ def test_all_corrupt_data_is_a_clear_error(tmp_path):
         info = tarfile.TarInfo("x.json")
         info.size = 3
         tf.addfile(info, io.BytesIO(b"{}!"))
-    with pytest.raises(RuntimeError, match="no usable sample"):
+    with pytest.raises(ValueError, match="no usable sample"):
         list(VideoLoader(_cfg([str(bad)], epoch_samples=2)))
+    # raised in a DataLoader worker (PyTorch re-raises it with the worker's traceback as its text),
+    # an entry point still ends in one line with the worker's message
+    from carl_scale.errors import run_cli
+
+    with pytest.raises(SystemExit) as end:
+        run_cli("prog", lambda argv: list(VideoLoader(_cfg([str(bad)], epoch_samples=2, num_workers=1))), [])
+    message = str(end.value.code)
+    assert message.startswith("prog: error: rank 0 worker 0: ") and "no usable sample" in message
+    assert "\n" not in message and "Traceback" not in message
 
 
 @pytest.mark.parametrize("workers", [0, 2])

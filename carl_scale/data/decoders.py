@@ -107,6 +107,9 @@ class FrameDecoder(ABC):
     def decode_all(self, item: EncodedVideo):
         return self.decode([item], [np.arange(item.num_frames)])[0]
 
+    def reset(self) -> None:
+        """Drop any state a failed decode may have left unusable (DALI: the built pipelines)."""
+
     @staticmethod
     def _check(item: EncodedVideo, idx: np.ndarray) -> None:
         if len(idx) and (idx.min() < 0 or idx.max() >= item.num_frames):
@@ -219,6 +222,9 @@ class DaliDecoder(FrameDecoder):
     def __setstate__(self, state):  # (a copy or an unpickled decoder: registered as __init__ does)
         self.__dict__.update(state)
         _DECODERS.add(self)
+
+    def reset(self) -> None:
+        self._video_pipe = self._image_pipe = None  # rebuilt at the next decode
 
     def _build(self, kind: str):
         from nvidia.dali import fn, pipeline_def, types

@@ -13,7 +13,13 @@ MANIFEST = "shards.json"
 
 def read_manifest(out_dir: str | Path) -> dict | None:
     path = Path(out_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exn:
+        raise ValueError(f"{path} is damaged ({exn}): write the shards again (the shard writers resume, keeping "
+                         f"what is whole)") from None
 
 
 
@@ -31,7 +37,8 @@ def resolve_shards(spec: str | list[str], split: str = "train") -> tuple[list[st
                 f"{Path(spec) / MANIFEST} not found: {spec} is not a shard directory. Write shards with "
                 f"'python -m shards.synthetic --out {spec}' or 'python -m shards.folder --src VIDEOS --out {spec}'.")
         if split not in manifest["splits"]:
-            raise KeyError(f"{spec} has no split {split!r} (it has {sorted(manifest['splits'])})")
+            raise ValueError(f"{spec} has no split {split!r} (it has {sorted(manifest['splits'])}): name one of "
+                             f"those (--split where the command has it), or write a {split} split into it")
         urls = [str(Path(spec) / s["path"]) for s in manifest["splits"][split]["shards"]]
     elif spec.endswith(".txt") and Path(spec).is_file():
         urls = [ln.strip() for ln in Path(spec).read_text().splitlines() if ln.strip()]

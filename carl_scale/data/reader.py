@@ -42,39 +42,18 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from carl_scale.data.batch import PreparedSample, SkipCounter, StandIns, VideoBatch, collate
 from carl_scale.data.config import LoaderConfig
 from carl_scale.data.decoders import DaliDecoder, EncodedVideo, FrameDecoder, PyAVDecoder, make_decoder
 from carl_scale.data.grouping import LabelGrouper
 from carl_scale.data.manifest import manifest_codec, manifest_samples, resolve_shards
 from carl_scale.data.prefetch import finish_ahead
-from carl_scale.data.spatial import (ViewParams, apply_geometric, apply_photometric, draw_view_params,
-                                     photometric_batch, to_tchw)
+from carl_scale.data.spatial import apply_geometric, apply_photometric, draw_view_params, to_tchw
 from carl_scale.data.temporal import sample_temporal_views
 
 log = logging.getLogger("carl_scale.data")
 
 BARREN_PASSES = 16  # passes in a row without a usable sample before a worker gives up
-
-
-# -- skip counting ----------------------------------------------------------------------------
-class SkipCounter:
-    """Counts skipped samples across DataLoader worker processes (shared memory)."""
-
-    def __init__(self) -> None:
-        self._value = mp.get_context("fork").Value("q", 0)
-
-    def add(self, what: str, exn: BaseException) -> None:
-        with self._value.get_lock():
-            self._value.value += 1
-        log.warning("skipping %s: %s: %s", what, type(exn).__name__, exn)
-
-    def handler(self, exn: BaseException) -> bool:  # webdataset handler protocol: True = go on
-        self.add("unreadable shard data", exn)
-        return True
-
-    @property
-    def count(self) -> int:
-        return int(self._value.value)
 
 
 # -- per-sample preparation --------------------------------------------------------------------
@@ -90,17 +69,6 @@ def parse_meta(sample: dict) -> dict:
     if len(meta["phase_labels"]) != n:
         raise ValueError(f"{len(meta['phase_labels'])} phase labels for {n} frames")
     return meta
-
-
-@dataclass
-class PreparedSample:
-    key: str
-    meta: dict
-    timestamps: np.ndarray  # (2, T)
-    mask: np.ndarray  # (2, T)
-    params: tuple[ViewParams, ViewParams]
-    views: torch.Tensor | None = None  # (2, T, 3, S, S) uint8 when decoded in the worker
-    encoded: EncodedVideo | None = None  # when decoding happens in the main process
 
 
 def prepare_sample(sample: dict, cfg: LoaderConfig, epoch: int, pass_: int, decoder: FrameDecoder | None, *,
@@ -273,7 +241,7 @@ class ShardedVideoDataset(IterableDataset):
                 # one in one pass and good ones in the next, whose order differs: only a share that
                 # is empty, or unusable pass after pass, is an error.
                 if barren >= BARREN_PASSES:
-                    raise RuntimeError(
+                    raise ValueError(
                         f"rank {self.rank} worker {worker}: " + ("its share of the shards is empty (fewer samples "
                         "than ranks x workers?)" if raw == 0 else f"{barren} passes over its shards in a row gave no "
                         f"usable sample") + f" ({self.counter.count} skipped so far): are the shards corrupt or empty?")
@@ -314,62 +282,6 @@ class WorkerBatch:
     samples: list[PreparedSample]
     worker: int  # logical worker id
     resume_at: int  # dealt samples of the worker's epoch stream that come before its next batch
-
-
-# -- batches -----------------------------------------------------------------------------------
-@dataclass
-class VideoBatch:
-    views: torch.Tensor  # (B, 2, T, 3, S, S) float (the loader's views_dtype), normalised
-    timestamps: torch.Tensor  # (B, 2, T) int64 original frame indices
-    mask: torch.Tensor  # (B, 2, T) bool
-    action_labels: torch.Tensor  # (B,) int64, -1 = none
-    phase_labels: torch.Tensor  # (B, 2, T) int64 labels of the sampled frames, -1 = none
-    num_frames: torch.Tensor  # (B,) int64
-    video_ids: list[str]
-    # whether any sampled frame is padding, known on the host (None: not known, the model checks the
-    # mask on the device). False lets the model and loss skip their masked paths without asking the GPU.
-    padded: bool | None = None
-
-    def to(self, device) -> "VideoBatch":
-        return VideoBatch(**{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
-                             for k, v in self.__dict__.items()})
-
-
-def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDecoder | None,
-            device: str | torch.device = "cpu", views_dtype: torch.dtype = torch.float32) -> VideoBatch:
-    """Finish a worker's batch on ``device``: decode and crop the samples the worker did not (all
-    of them, or those outside ``cpu_decode_share``), then colour them if the worker did not; the
-    views end in ``views_dtype`` (colour is computed in float32 either way)."""
-    todo = [s for s in samples if s.views is None]
-    if todo:
-        flat = decoder.decode([s.encoded for s in todo], [s.timestamps.reshape(-1) for s in todo])
-        for s, f in zip(todo, flat):
-            f = torch.as_tensor(f, device=device) if not torch.is_tensor(f) else f
-            frames = to_tchw(f).reshape(2, -1, 3, *f.shape[1:3])
-            s.views = torch.stack([apply_geometric(frames[v], s.params[v], cfg.spatial.image_size) for v in range(2)])
-    if samples[0].views.is_floating_point():  # already augmented in the worker
-        views = torch.stack([s.views for s in samples]).to(device, views_dtype)
-    else:  # colour on the device, the whole batch at once; (B, 2, T, 3, S, S)
-        frames = torch.stack([s.views.to(device, non_blocking=True) for s in samples])
-        views = photometric_batch(frames.flatten(0, 1), [p for s in samples for p in s.params],
-                                  cfg.spatial).to(views_dtype).view(frames.shape)
-    ts = torch.from_numpy(np.stack([s.timestamps for s in samples]))
-    phases = torch.from_numpy(np.stack([np.asarray(s.meta["phase_labels"], dtype=np.int64)[s.timestamps]
-                                        for s in samples]))
-    mask = torch.from_numpy(np.stack([s.mask for s in samples]))
-    phases[~mask] = -1
-    batch = VideoBatch(
-        views=views, timestamps=ts, mask=mask,
-        action_labels=torch.tensor([int(s.meta.get("action_label", -1)) for s in samples]),
-        phase_labels=phases,
-        num_frames=torch.tensor([int(s.meta["num_frames"]) for s in samples]),
-        video_ids=[s.meta["video_id"] for s in samples],
-        padded=not bool(mask.all()),
-    )
-    # The small tensors go to the device here too: on a GPU this runs on finish_ahead's own stream,
-    # where a copy from pageable memory waits for that stream only; made in the training step, each
-    # such copy would wait for the step's queued work first.
-    return batch.to(device) if torch.device(device).type != "cpu" else batch
 
 
 # finished batches queued on the GPU; with the ones being made (one per finishing thread) and the
@@ -492,6 +404,7 @@ class VideoLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
+        self.counter.restore(state.get("skipped", 0))
         # a state from before positions were kept resumes as it was written: whole batches
         self.positions = {int(w): int(p) for w, p in state.get("positions", {}).items()}
 
@@ -508,16 +421,16 @@ class VideoLoader:
                                   multiprocessing_context="fork" if workers > 0 else None,
                                   persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
         dl = self._dl
-        def finish(wb: WorkerBatch, decoder: FrameDecoder) -> VideoBatch:
+        def finish(wb: WorkerBatch, decoder: FrameDecoder, stand_ins: StandIns) -> VideoBatch:
             times = self.finish_times  # read once: a benchmark may stop timing while this runs
             if times is None:
-                return collate(wb.samples, self.cfg, decoder, self.device, self.views_dtype)
+                return collate(wb.samples, self.cfg, decoder, self.device, self.views_dtype, stand_ins)
             cuda = torch.device(self.device).type == "cuda"
             events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else [None, None]
             t0 = time.perf_counter()
             if cuda:
                 events[0].record()
-            out = collate(wb.samples, self.cfg, decoder, self.device, self.views_dtype)
+            out = collate(wb.samples, self.cfg, decoder, self.device, self.views_dtype, stand_ins)
             if cuda:
                 events[1].record()
             times.append((time.perf_counter() - t0, *events))
@@ -528,13 +441,14 @@ class VideoLoader:
             if self._ahead is not None:  # an earlier iterator's thread: one reader of the workers at a time
                 self._ahead.close()
             # decoding and augmentation on the GPU overlap the step: threads on CUDA streams of their own
-            lanes = [functools.partial(finish, decoder=d) for d in self.decoders]
+            lanes = [functools.partial(finish, decoder=d, stand_ins=StandIns(self.counter)) for d in self.decoders]
             finished = ahead = self._ahead = finish_ahead(dl, lanes, GPU_PREFETCH_BATCHES, torch.device(self.device))
         else:  # the workers did the work; what is left here is a stack
             if self.cfg.finish_threads > 1:
                 raise ValueError(f"--finish-threads {self.cfg.finish_threads} needs the batches finished in "
                                  f"background threads (finish_in_thread), which this loader was told not to do")
-            finished = ((wb, finish(wb, self.decoder)) for wb in dl)
+            stand_ins = StandIns(self.counter)
+            finished = ((wb, finish(wb, self.decoder, stand_ins)) for wb in dl)
         try:
             for wb, batch in finished:
                 self.next_batch += 1

@@ -1,0 +1,175 @@
+"""A training batch in the making: what a worker prepares per video (:class:`PreparedSample`), and
+the finishing step that turns a worker's samples into a :class:`VideoBatch` on the device
+(:func:`collate`: decoding there on a GPU, crops, colour), where a video that fails to decode is
+counted and stood in for (:class:`StandIns`) so that every rank keeps its step count."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from carl_scale.data.config import LoaderConfig
+from carl_scale.data.decoders import EncodedVideo, FrameDecoder
+from carl_scale.data.spatial import ViewParams, apply_geometric, photometric_batch, to_tchw
+
+log = logging.getLogger("carl_scale.data")
+
+
+# -- skip counting ----------------------------------------------------------------------------
+class SkipCounter:
+    """Counts skipped samples across DataLoader worker processes (shared memory)."""
+
+    def __init__(self) -> None:
+        self._value = mp.get_context("fork").Value("q", 0)
+
+    def add(self, what: str, exn: BaseException) -> None:
+        with self._value.get_lock():
+            self._value.value += 1
+        log.warning("skipping %s: %s: %s", what, type(exn).__name__, exn)
+
+    def handler(self, exn: BaseException) -> bool:  # webdataset handler protocol: True = go on
+        self.add("unreadable shard data", exn)
+        return True
+
+    @property
+    def count(self) -> int:
+        return int(self._value.value)
+
+    def restore(self, count: int) -> None:
+        """Continue a resumed run's count (the skips before its checkpoint are not forgotten)."""
+        self._value.value = int(count)
+
+
+@dataclass
+class PreparedSample:
+    key: str
+    meta: dict
+    timestamps: np.ndarray  # (2, T)
+    mask: np.ndarray  # (2, T)
+    params: tuple[ViewParams, ViewParams]
+    views: torch.Tensor | None = None  # (2, T, 3, S, S) uint8 when decoded in the worker
+    encoded: EncodedVideo | None = None  # when decoding happens in the main process
+
+
+# -- batches -----------------------------------------------------------------------------------
+@dataclass
+class VideoBatch:
+    views: torch.Tensor  # (B, 2, T, 3, S, S) float (the loader's views_dtype), normalised
+    timestamps: torch.Tensor  # (B, 2, T) int64 original frame indices
+    mask: torch.Tensor  # (B, 2, T) bool
+    action_labels: torch.Tensor  # (B,) int64, -1 = none
+    phase_labels: torch.Tensor  # (B, 2, T) int64 labels of the sampled frames, -1 = none
+    num_frames: torch.Tensor  # (B,) int64
+    video_ids: list[str]
+    # whether any sampled frame is padding, known on the host (None: not known, the model checks the
+    # mask on the device). False lets the model and loss skip their masked paths without asking the GPU.
+    padded: bool | None = None
+
+    def to(self, device) -> "VideoBatch":
+        return VideoBatch(**{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+                             for k, v in self.__dict__.items()})
+
+
+def decode_or_skip(decoder: FrameDecoder, todo: list[PreparedSample], counter: SkipCounter | None) -> list:
+    """The sampled frames of ``todo``, decoded in one batched call; where that fails (one corrupt
+    video fails the whole call, and may leave DALI's pipelines unusable) and ``counter`` is given,
+    again one video at a time on fresh pipelines: a video that fails alone is counted and logged,
+    and its entry is None. Running out of memory is raised, never taken for a corrupt video."""
+    encoded, indices = [s.encoded for s in todo], [s.timestamps.reshape(-1) for s in todo]
+    try:
+        return decoder.decode(encoded, indices)
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise
+    except Exception:
+        if counter is None:
+            raise
+    decoder.reset()
+    out = []
+    for s, enc, idx in zip(todo, encoded, indices):
+        try:
+            out.append(decoder.decode([enc], [idx])[0])
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            raise
+        except Exception as exn:  # corrupt or undecodable: counted, never fatal, never silent
+            counter.add(f"video {s.meta.get('video_id')!r} (decoded in the batch's finishing step; its place "
+                        f"in the batch goes to a copy of another of its videos)", exn)
+            decoder.reset()
+            out.append(None)
+    return out
+
+
+class StandIns:
+    """Videos that fail to decode in the finishing step (on a GPU: after the workers, so the
+    workers' skip-and-draw-another is over): counted, and each one's place in its batch taken by a
+    video that did decode, so that the batch keeps its size and every rank its step count. One of
+    the same batch, of the same action label where it has one (a --per-label group stays one
+    label); in a batch where none decoded, the last good video this finishing thread saw."""
+
+    def __init__(self, counter: SkipCounter):
+        self.counter = counter
+        self.last: PreparedSample | None = None
+
+    def fill(self, samples: list[PreparedSample]) -> list[PreparedSample]:
+        good = [s for s in samples if s.views is not None]
+        if good:
+            self.last = good[-1]
+        elif self.last is None:
+            raise ValueError(f"every video of the first batch of {len(samples)} failed to decode (see the warnings "
+                               f"above): are the shards corrupt?")
+        else:
+            good = [self.last]
+
+        def label(s: PreparedSample) -> int:
+            return int(s.meta.get("action_label", -1))
+
+        return [s if s.views is not None else next((g for g in good if label(g) == label(s)), good[0])
+                for s in samples]
+
+
+def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDecoder | None,
+            device: str | torch.device = "cpu", views_dtype: torch.dtype = torch.float32,
+            stand_ins: StandIns | None = None) -> VideoBatch:
+    """Finish a worker's batch on ``device``: decode and crop the samples the worker did not (all
+    of them, or those outside ``cpu_decode_share``), then colour them if the worker did not; the
+    views end in ``views_dtype`` (colour is computed in float32 either way). With ``stand_ins``, a
+    video that fails to decode here is counted and its place taken by one that decoded
+    (:class:`StandIns`); without, the failure is raised."""
+    todo = [s for s in samples if s.views is None]
+    if todo:
+        for s, f in zip(todo, decode_or_skip(decoder, todo, stand_ins and stand_ins.counter)):
+            if f is None:
+                continue
+            f = torch.as_tensor(f, device=device) if not torch.is_tensor(f) else f
+            frames = to_tchw(f).reshape(2, -1, 3, *f.shape[1:3])
+            s.views = torch.stack([apply_geometric(frames[v], s.params[v], cfg.spatial.image_size) for v in range(2)])
+        if any(s.views is None for s in todo):
+            samples = stand_ins.fill(samples)
+        elif stand_ins is not None:
+            stand_ins.last = samples[-1]
+    if samples[0].views.is_floating_point():  # already augmented in the worker
+        views = torch.stack([s.views for s in samples]).to(device, views_dtype)
+    else:  # colour on the device, the whole batch at once; (B, 2, T, 3, S, S)
+        frames = torch.stack([s.views.to(device, non_blocking=True) for s in samples])
+        views = photometric_batch(frames.flatten(0, 1), [p for s in samples for p in s.params],
+                                  cfg.spatial).to(views_dtype).view(frames.shape)
+    ts = torch.from_numpy(np.stack([s.timestamps for s in samples]))
+    phases = torch.from_numpy(np.stack([np.asarray(s.meta["phase_labels"], dtype=np.int64)[s.timestamps]
+                                        for s in samples]))
+    mask = torch.from_numpy(np.stack([s.mask for s in samples]))
+    phases[~mask] = -1
+    batch = VideoBatch(
+        views=views, timestamps=ts, mask=mask,
+        action_labels=torch.tensor([int(s.meta.get("action_label", -1)) for s in samples]),
+        phase_labels=phases,
+        num_frames=torch.tensor([int(s.meta["num_frames"]) for s in samples]),
+        video_ids=[s.meta["video_id"] for s in samples],
+        padded=not bool(mask.all()),
+    )
+    # The small tensors go to the device here too: on a GPU this runs on finish_ahead's own stream,
+    # where a copy from pageable memory waits for that stream only; made in the training step, each
+    # such copy would wait for the step's queued work first.
+    return batch.to(device) if torch.device(device).type != "cpu" else batch
