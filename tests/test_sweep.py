@@ -65,6 +65,32 @@ def test_the_default_sweep_in_a_fresh_clone_keeps_its_synthetic_set(tmp_path, mo
     assert not (tmp_path / "data").exists()  # nothing written before the sweep itself starts
 
 
+def test_a_weak_sweep_refuses_eps1_above_eps2_and_gives_ray_absolute_paths(tmp_path, monkeypatch):
+    """Two ways every trial of a weak sweep failed inside Ray: ε₁ drawn above ε₂ (refused by the
+    run config, trial by trial) is refused before Ray starts; and a relative --init-from (or
+    pretrained weights) reaches the trials absolute, since Ray runs each in a directory of its own."""
+    from carl_scale.models import model_config
+    from carl_scale.tuning.sweep import prepare
+    from tuning.sweep import parse
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"--eps1 1:20 reaches above ε₂ = 10 .*raise --eps2"):
+        prepare(parse(["--weak", "--eps1", "1:20"]))
+    base, _ = prepare(parse(["--weak", "--eps1", "1:20", "--eps2", "20"]))
+    assert base.loss.eps2 == 20
+    ckpt = tmp_path / "runs/pretrain/checkpoints/step_000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text(json.dumps({"config": to_dict(recipe("debug"))}))
+    (ckpt.parent / "latest").write_text("step_000004")
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({**to_dict(recipe("debug")),
+                                  "model": {**to_dict(model_config("r50")), "pretrained": "weights/r50.pt"}}))
+    base, _ = prepare(parse(["--weak", "--init-from", "runs/pretrain/checkpoints/latest"]))
+    assert base.init_from == str(ckpt)
+    base, _ = prepare(parse(["--config", str(config)]))
+    assert base.model.pretrained == str(tmp_path / "weights/r50.pt")
+
+
 def test_a_two_trial_sweep_writes_its_table_plot_and_best_config(vp9_shards, tmp_path):
     out = tmp_path / "sweep"
     res = _sweep("--config", str(_small_config(vp9_shards, tmp_path / "small.json")), "--out", str(out),

@@ -126,3 +126,49 @@ def test_cross_validated_phase_accuracy_holds_each_video_out():
     noise = ve([rng.normal(size=(30, 3)) for _ in range(8)])
     assert cross_validated_phase_accuracy(noise, folds=4) < 0.6
     assert np.isnan(cross_validated_phase_accuracy(ve([np.eye(3)[lab]]), folds=4))
+
+
+def test_a_sweeps_validation_videos_cover_every_action_of_a_split_written_class_by_class(vp9_shards, tmp_path,
+                                                                                        monkeypatch):
+    """validation_objective's ``limit``: an equal share of each action the manifest names, not the
+    first videos in shard order (PennAction's val split is written action by action: its first 20
+    videos are all one class). Videos over an action's share are not decoded."""
+    import io
+    import tarfile
+
+    from carl_scale.data.config import SpatialConfig
+    from carl_scale.eval import embed, quick
+
+    # the val split rewritten into one shard, sorted by action (as a class-by-class writer leaves it)
+    manifest = json.loads((vp9_shards / "shards.json").read_text())
+    samples = {}
+    for s in manifest["splits"]["val"]["shards"]:
+        with tarfile.open(vp9_shards / s["path"]) as tf:
+            for m in tf.getmembers():
+                samples.setdefault(m.name.split(".")[0], []).append((m, tf.extractfile(m).read()))
+    label = {k: json.loads(next(d for m, d in ms if m.name.endswith(".json")))["action_label"]
+             for k, ms in samples.items()}
+    order = sorted(samples, key=lambda k: (label[k], k))
+    actions = sorted(set(label.values()))
+    assert len(actions) >= 2 and [label[k] for k in order[:2]] == [actions[0]] * 2  # the first two: one class
+    out = tmp_path / "by_class"
+    out.mkdir()
+    with tarfile.open(out / "val-000000.tar", "w") as tf:
+        for k in order:
+            for m, data in samples[k]:
+                tf.addfile(m, io.BytesIO(data))
+    manifest["splits"] = {"val": {**manifest["splits"]["val"], "shards": [{"path": "val-000000.tar",
+                                                                         "samples": len(order)}]}}
+    (out / "shards.json").write_text(json.dumps(manifest))
+
+    torch.manual_seed(0)
+    model = build_model(model_config("debug", image_size=32, train_frames=8)).eval()
+    one_each = embed.extract_embeddings(model, out, "val", per_action=1, progress=False)
+    assert sorted(one_each.action_labels.tolist()) == actions
+    taken = []
+    real = embed.extract_embeddings
+    monkeypatch.setattr(quick, "extract_embeddings",
+                        lambda *a, **k: (lambda got: taken.append(got.action_labels.tolist()) or got)(real(*a, **k)))
+    quick.validation_objective(model, str(out), SpatialConfig(image_size=32), "cpu", "kendall_tau", limit=2)
+    have = list(label.values())
+    assert sorted(taken[0]) == sorted(a for a in actions for _ in range(min(2, have.count(a))))  # 2 of each

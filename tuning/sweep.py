@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> dict:
         values = ", ".join(f"{k}={b[k]:.4g}" for k in ("sigma2", "tau", "eps1", "lam") if k in b)
         print(f"\nbest: {values} ({cfg.objective} {b['objective']:.4f}, {b['trial']})")
         print(f"next: {summary['pretrain']}\n      {summary['transfer']}")
+    else:  # not one trial scored: say why, and end non-zero
+        failed = summary["failed"]
+        why = f"the first error: {failed[0]}" if failed else "no trial reported a score"
+        raise ValueError(f"no trial of the sweep scored ({len(failed)} of {len(summary['rows'])} failed; {why}); "
+                         f"each trial's error is in {cfg.directory / 'ray'}/*/error.txt")
     return summary
 
 

@@ -22,9 +22,9 @@ from carl_scale.data.reader import parse_meta
 
 
 def iter_whole_videos(spec, decoder: FrameDecoder, split: str = "train", on_error=None,
-                      only: set[str] | None = None) -> Iterator[tuple[dict, np.ndarray]]:
-    """Every video of the shards (or those whose ``video_id`` is in ``only``: the others are not
-    decoded), decoded whole. ``on_error(what, exn)`` is called for a sample that cannot be read,
+                      only: set[str] | None = None, want=None) -> Iterator[tuple[dict, np.ndarray]]:
+    """Every video of the shards (or those whose ``video_id`` is in ``only``, and for which
+    ``want(meta)`` is true: the others are not decoded), decoded whole. ``on_error(what, exn)`` is called for a sample that cannot be read,
     parsed or decoded (or decodes to another frame count than its metadata says) and for unreadable
     shard data (a truncated tar), which are then skipped; without it they raise."""
     urls, _ = resolve_shards(spec, split)
@@ -38,7 +38,7 @@ def iter_whole_videos(spec, decoder: FrameDecoder, split: str = "train", on_erro
     for sample in wds.tarfile_to_samples(handler=bad_shard_data)([dict(url=u) for u in urls]):
         try:
             meta = parse_meta(sample)
-            if only is not None and meta["video_id"] not in only:
+            if (only is not None and meta["video_id"] not in only) or (want is not None and not want(meta)):
                 continue
             frames = decoder.decode_all(EncodedVideo.from_sample(sample, meta))
             if len(frames) != int(meta["num_frames"]):

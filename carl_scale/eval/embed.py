@@ -82,10 +82,10 @@ class VideoEmbeddings:
 
 
 def embedding_fingerprint(model, shards, split: str, *, image_size: int | None, spatial: SpatialConfig,
-                          limit: int | None) -> str:
+                          limit: int | None, per_action: int | None = None) -> str:
     """A hash of everything the embeddings depend on: every weight of the model, its config, the
     shard split as ``shards.json`` lists it (files, sizes, write time), the evaluation view (size,
-    normalisation) and ``limit``. Equal fingerprints mean a saved ``.npz`` can stand in for re-embedding."""
+    normalisation), ``limit`` and ``per_action``. Equal fingerprints mean a saved ``.npz`` can stand in for re-embedding."""
     h = hashlib.sha1(usedforsecurity=False)
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -95,7 +95,8 @@ def embedding_fingerprint(model, shards, split: str, *, image_size: int | None, 
         u if "://" in u or u.startswith("pipe:") else (Path(u).name, Path(u).stat().st_size, Path(u).stat().st_mtime_ns)
         for u in urls]
     h.update(json.dumps([EMBEDDINGS_FORMAT, repr(getattr(model, "cfg", None)), data,
-                         image_size or model.cfg.image_size, list(spatial.mean), list(spatial.std), limit],
+                         image_size or model.cfg.image_size, list(spatial.mean), list(spatial.std), limit]
+                        + ([per_action] if per_action is not None else []),
                         sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -120,16 +121,18 @@ def embed_frames(model, frames, *, image_size: int | None = None, spatial: Spati
 @torch.no_grad()
 def extract_embeddings(model, shards, split: str = "val", *, image_size: int | None = None,
                        spatial: SpatialConfig | None = None, device: str = "cpu", decoder: str = "auto",
-                       limit: int | None = None, cache: str | Path | None = None,
+                       limit: int | None = None, per_action: int | None = None, cache: str | Path | None = None,
                        progress: bool | None = None) -> VideoEmbeddings:
     """Embed every frame of every video of ``split`` (with every per-frame label set the shards
     carry). With ``cache``: a ``.npz`` there whose fingerprint matches (same weights, shards and
     view; :func:`embedding_fingerprint`) is loaded instead, otherwise the embeddings are computed
     and saved there — so metrics re-run without the model, and a changed model is never mixed up.
-    A sample that cannot be read or decoded is skipped with a warning and listed in ``.skipped``."""
+    A sample that cannot be read or decoded is skipped with a warning and listed in ``.skipped``.
+    ``per_action``: at most this many videos of each action (the first in shard order; the others
+    are not decoded), e.g. a sample of every class from a split written class by class."""
     spatial = spatial or SpatialConfig()
     fp = "" if cache is None else embedding_fingerprint(model, shards, split, image_size=image_size,
-                                                        spatial=spatial, limit=limit)
+                                                        spatial=spatial, limit=limit, per_action=per_action)
     if cache is not None and Path(cache).exists():
         try:
             saved = VideoEmbeddings.load(cache)
@@ -157,7 +160,16 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
         skipped.append(f"{what}: {type(exn).__name__}: {exn}")
         log.warning("skipping %s: %s: %s", what, type(exn).__name__, exn)
 
-    for meta, frames in iter_whole_videos(shards, dec, split, on_error=skip):
+    taken: dict[int, int] = {}
+
+    def want(meta: dict) -> bool:
+        if per_action is None:
+            return True
+        action = int(meta.get("action_label", -1))
+        taken[action] = taken.get(action, 0) + 1
+        return taken[action] <= per_action
+
+    for meta, frames in iter_whole_videos(shards, dec, split, on_error=skip, want=want):
         embs.append(embed_frames(model, frames, image_size=image_size, spatial=spatial, device=device))
         ids.append(meta["video_id"])
         phases.append(np.asarray(meta["phase_labels"], dtype=np.int64))

@@ -30,7 +30,10 @@ class SweepConfig(Config):
                               help="steps between validation reports (ASHA decides at these)")
     sigma2: tuple[float, float] = param((2.0, 40.0), flag="--sigma2", help="σ² range (paper: 10)")
     tau: tuple[float, float] = param((0.03, 0.5), flag="--tau", help="τ range (paper: 0.1)")
-    eps1: tuple[float, float] = param((1.0, 20.0), flag="--eps1", help="ε₁ range, percent of the smallest costs (5)")
+    eps1: tuple[float, float] = param((1.0, 10.0), flag="--eps1",
+                                      help="ε₁ range, percent of the smallest costs (paper: 5); its HI must be <= ε₂")
+    eps2: float | None = param(None, flag="--eps2", gt=0, le=100,
+                               help="PCL's ε₂ for every trial, percent (default: the recipe's or --config's, 10)")
     lam: tuple[float, float] = param((0.0, 1.0), flag="--lambda", help="λ range, the PCL weight (paper: 0.3)")
     objective: Literal["phase_acc", "kendall_tau", "one_shot"] = param(
         "phase_acc", flag="--objective", help="validation metric to maximise")

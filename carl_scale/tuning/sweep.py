@@ -45,8 +45,19 @@ def prepare(cfg: SweepConfig) -> tuple[RunConfig, str]:
         overrides["data.shards"] = cfg.shards
     if cfg.init_from is not None:
         overrides["init_from"] = cfg.init_from
+    if cfg.eps2 is not None:
+        overrides["loss.eps2"] = cfg.eps2
     start = load_run_config(cfg.config) if cfg.config is not None else recipe(cfg.recipe)
     base = configure(start, overrides, weak=cfg.weak)
+    if cfg.weak and not cfg.resume and cfg.eps1[1] > base.loss.eps2:  # draws above ε₂: refused inside Ray
+        raise ConfigError(f"--eps1 {cfg.eps1[0]:g}:{cfg.eps1[1]:g} reaches above ε₂ = {base.loss.eps2:g} (a positive "
+                          f"is never a negative): lower its HI, or raise --eps2")
+    # Ray runs each trial in a working directory of its own: every path a trial reads, absolute
+    if base.init_from is not None:
+        base = dataclasses.replace(base, init_from=str(Path(base.init_from).resolve()))
+    if base.model.pretrained is not None:
+        base = dataclasses.replace(base, model=dataclasses.replace(base.model,
+                                                                   pretrained=str(Path(base.model.pretrained).resolve())))
     shards = base.data.shards
     if isinstance(shards, str) and "://" not in shards:  # Ray's workers run elsewhere: absolute paths
         absolute = str(Path(shards).resolve())
@@ -224,4 +235,12 @@ def run_sweep(cfg: SweepConfig) -> dict:
                                                    sort_keys=True) + "\n")
         (out / "base_config.json").write_text(json.dumps(to_dict(base), indent=2) + "\n")
     grid = _tune(cfg, base, val)
-    return write_results(_rows(grid, cfg), cfg, base)
+    summary = write_results(_rows(grid, cfg), cfg, base)
+    summary["failed"] = [_last_line(r.error) for r in grid if r.error is not None]
+    return summary
+
+
+def _last_line(error: BaseException) -> str:
+    """A failed trial's own error (Ray wraps it in its traceback)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(error).__name__
