@@ -91,6 +91,20 @@ def test_a_weak_sweep_refuses_eps1_above_eps2_and_gives_ray_absolute_paths(tmp_p
     assert base.model.pretrained == str(tmp_path / "weights/r50.pt")
 
 
+def test_a_sweep_where_no_trial_scored_ends_in_one_line_naming_the_first_error(tmp_path, monkeypatch):
+    import carl_scale.tuning.sweep as lib
+    import tuning.sweep as entry
+    from carl_scale.errors import run_cli
+
+    monkeypatch.setattr(lib, "run_sweep", lambda cfg: {"table": "(table)", "rows": [{}, {}],
+                                                       "failed": ["FileNotFoundError: runs/x is missing"] * 2})
+    with pytest.raises(SystemExit) as end:
+        run_cli("sweep.py", entry.main, ["--out", str(tmp_path / "s")])
+    assert str(end.value.code).startswith("sweep.py: error: no trial of the sweep scored (2 of 2 failed; the first "
+                                          "error: FileNotFoundError: runs/x is missing)")
+    assert lib._last_line(RuntimeError("Traceback ...\n  File x\nValueError: bad")) == "ValueError: bad"
+
+
 def test_a_two_trial_sweep_writes_its_table_plot_and_best_config(vp9_shards, tmp_path):
     out = tmp_path / "sweep"
     res = _sweep("--config", str(_small_config(vp9_shards, tmp_path / "small.json")), "--out", str(out),
