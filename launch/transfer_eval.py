@@ -30,11 +30,14 @@ def finetune(ckpt: Path, shards: str, run_dir: Path, steps: int, extra: list[str
     import subprocess
 
     from carl_scale.eval.transfer import latest_checkpoint
+    from carl_scale.models.weights import read_meta
 
-    # the checkpoint's own recipe (its saved config), on the target's data, from its weights
+    # the checkpoint's own recipe (its saved config), on the target's data, from its weights; SCL
+    # even after weak supervision (the source's video classes are not the target's)
+    weak = read_meta(ckpt)["config"].get("loss", {}).get("name") == "weak"
     cmd = [sys.executable, str(Path(__file__).with_name("pretrain_k400.py")), "--config", str(ckpt / "meta.json"),
            "--shards", shards, "--init-from", str(ckpt), "--steps", str(steps), "--run-dir", str(run_dir),
-           "--resume", "latest", "--no-eval", *extra]
+           "--resume", "latest", "--no-eval", *(["--loss", "scl", "--per-label", "0"] if weak else []), *extra]
     print("fine-tuning:", " ".join(cmd), flush=True)
     if subprocess.run(cmd).returncode != 0:  # it said why, in one line, above
         raise ValueError(f"fine-tuning {ckpt} stopped (its message is above); fix that, then rerun this command: "

@@ -94,6 +94,12 @@ def test_resume_rules_name_what_differs():
         ckpt.check_resume(Path("c"), meta, other, world_size=1)
     with pytest.raises(ConfigError, match=r"world size 1 \(now 2\)"):
         ckpt.check_resume(Path("c"), meta, same, world_size=2)
+    grouped = json.loads(json.dumps(meta["config"]))
+    grouped["data"]["per_label"] = 2  # the grouping decides each worker's stream: its positions would not hold
+    with pytest.raises(ConfigError, match=r"--per-label"):
+        ckpt.check_resume(Path("c"), {**meta, "config": {**meta["config"], "data": {**meta["config"]["data"],
+                                                                                    "per_label": 0}}},
+                          grouped, world_size=1)
 
 
 def test_pruning_and_resuming_never_lose_a_checkpoint(tmp_path):

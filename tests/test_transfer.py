@@ -172,3 +172,23 @@ def test_a_sweeps_validation_videos_cover_every_action_of_a_split_written_class_
     quick.validation_objective(model, str(out), SpatialConfig(image_size=32), "cpu", "kendall_tau", limit=2)
     have = list(label.values())
     assert sorted(taken[0]) == sorted(a for a in actions for _ in range(min(2, have.count(a))))  # 2 of each
+
+
+@pytest.mark.parametrize("loss", ["scl", "weak"])
+def test_fine_tuning_a_weakly_supervised_checkpoint_runs_scl(tmp_path, monkeypatch, loss):
+    """transfer_eval's fine-tuning keeps the source run's settings, but not its weak objective:
+    the source's video classes are not the target's (its class count would not even fit them)."""
+    import subprocess
+
+    import carl_scale.eval.transfer as transfer
+    from launch.transfer_eval import finetune
+
+    ckpt = tmp_path / "step_000010"
+    ckpt.mkdir()
+    (ckpt / "meta.json").write_text(json.dumps({"config": {"loss": {"name": loss}, "model": {}}}))
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(transfer, "latest_checkpoint", lambda run_dir: run_dir / "step_000001")
+    finetune(ckpt, "data/target", tmp_path / "ft", 5, ["--lr", "1e-4"])
+    cmd = " ".join(ran[0])
+    assert ("--loss scl --per-label 0" in cmd) == (loss == "weak") and cmd.endswith("--lr 1e-4")

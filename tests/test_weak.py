@@ -3,6 +3,7 @@ properties, the correspondences on a time-warped copy, and Eq. 3 across two real
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import socket
@@ -331,5 +332,11 @@ def test_the_weak_objective_with_the_joint_cost_trains_and_refuses_one_view_pair
     assert not torch.allclose(out["pcl"], views["pcl"])  # ...and they are not the view pairs' ones
     out["loss"].backward()
     assert model.embed.weight.grad.abs().sum() > 0
+    # one labelled pair among unlabelled videos: still the joint cost (the unlabelled were once
+    # counted as pairs of themselves, and the view-pair cost taken in its place)
+    calls.clear()
+    half = dataclasses.replace(batch, action_labels=torch.tensor([0, 0, -1, -1]))
+    out = build_objective(model, LossConfig(name="weak", pcl_cost="joint"))(half)
+    assert calls == [model] and out["pairs"] == 1
     with pytest.raises(ConfigError, match="--pcl-cost"):
         LossConfig(name="weak", pcl_cost="joint", view_ensemble=False)

@@ -93,7 +93,7 @@ class WeakObjective(Objective):
             scl = sequence_contrastive_loss(*views, tau=c.tau, sigma2=c.sigma2, **masks)
         joint = None
         same = (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
-        if c.pcl_cost == "joint" and c.pcl_weight > 0 and int(same.sum()) > len(labels):  # a same-label pair
+        if c.pcl_cost == "joint" and c.pcl_weight > 0 and int(same.sum()) > int((labels >= 0).sum()):  # a pair
             joint = joint_view_projections(self.model, out["features"], batch.timestamps, batch.mask, batch.num_frames)
         pcl, stats = paired_contrastive_loss(z, batch.timestamps, batch.mask, labels, batch.num_frames, tau=c.tau,
                                              positive_pct=c.eps1, protect_pct=c.eps2,

@@ -200,7 +200,8 @@ def find(root: Path, resume: str) -> Path | None:
 # what the optimizer state and schedule mean, and the model's shape (a flag given on resume that
 # changes one is refused, never silently ignored or half applied).
 RESUME_FIXED = ("seed", "data.shards", "data.batch_size", "data.num_workers", "data.shuffle_buffer", "data.resampled",
-                "data.epoch_samples", "data.temporal", "model", "loss.name", "optim", "parallel.zero_stage",
+                "data.epoch_samples", "data.per_label", "data.temporal", "model", "loss.name", "optim",
+                "parallel.zero_stage",
                 "parallel.grad_accum")
 
 
