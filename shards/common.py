@@ -33,22 +33,30 @@ def add_writer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
 
 
+def check_ranges(*checks: tuple[str, float | None, float, float | None]) -> None:
+    """(flag, value, lowest, highest or None) each: a value outside is refused in one line before
+    anything is written; None (not given) passes."""
+    for flag, value, lo, hi in checks:
+        if value is not None and (value < lo or (hi is not None and value > hi)):
+            raise ValueError(f"{flag} must be {'>= ' + f'{lo:g}' if hi is None else f'in [{lo:g}, {hi:g}]'}, "
+                             f"got {value:g}")
+
+
 def writer_kwargs(args: argparse.Namespace) -> dict:
     """The keyword arguments every ``write_*_shards`` function takes, from the shared flags (a value
     outside its range is refused before anything is written)."""
-    for flag, value, lo, hi in (("--max-samples", args.max_samples, 1, None), ("--max-bytes", args.max_bytes, 1, None),
-                                ("--gop", args.gop, 1, None), ("--crf", args.crf, 0, 63),
-                                ("--jpeg-quality", args.jpeg_quality, 1, 100),
-                                ("--workers", args.workers, 1, None)):
-        if value is not None and (value < lo or (hi is not None and value > hi)):
-            raise ValueError(f"{flag} must be {'>= ' + str(lo) if hi is None else f'in [{lo}, {hi}]'}, got {value}")
+    check_ranges(("--max-samples", args.max_samples, 1, None), ("--max-bytes", args.max_bytes, 1, None),
+                 ("--gop", args.gop, 1, None), ("--crf", args.crf, 0, 63), ("--jpeg-quality", args.jpeg_quality, 1, 100),
+                 ("--workers", args.workers, 1, None))
     return dict(payload=args.payload, encode=EncodeOptions(codec=args.codec, gop=args.gop, crf=args.crf,
                                                                jpeg_quality=args.jpeg_quality),
                 max_samples=args.max_samples, max_bytes=args.max_bytes, overwrite=args.overwrite,
                 progress=not args.no_progress, workers=args.workers)
 
 
-def print_summary(manifest: dict, out: str) -> None:
+def print_summary(manifest: dict | None, out: str) -> None:
+    if manifest is None:  # (each converter refuses empty inputs itself; this is the last word)
+        raise ValueError(f"nothing was written to {out}: the inputs held no videos to convert")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"\nshards in {out} ({manifest['payload']}, codec {manifest.get('codec')}):")
     print(f"{'split':<8}{'shards':>8}{'videos':>8}{'skipped':>9}{'MiB':>9}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from carl_scale.datasets.pennaction import PennActionOptions, write_pennaction_shards
-from shards.common import add_writer_args, print_summary, writer_kwargs
+from shards.common import add_writer_args, check_ranges, print_summary, writer_kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--short-side", type=int, default=None, help="with --square 0: resize to this short side")
     p.add_argument("--limit", type=int, default=None, help="at most this many videos per split")
     a = p.parse_args(argv)
+    check_ranges(("--fps", a.fps, 1e-3, None), ("--square", a.square, 0, None), ("--short-side", a.short_side, 1, None),
+                 ("--limit", a.limit, 1, None))
+    if a.short_side is not None and a.square:
+        raise ValueError(f"--short-side applies with --square 0 (frames keep their aspect); --square {a.square} "
+                         f"squashes them to {a.square} x {a.square}: drop one of the two")
     opts = PennActionOptions(fps=a.fps, square=a.square or None, short_side=a.short_side, limit=a.limit)
     manifest = write_pennaction_shards(a.root, a.phase_labels, a.out, opts, **writer_kwargs(a))
     print_summary(manifest, a.out)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from carl_scale.datasets.tfrecord import write_tfrecord_shards
-from shards.common import add_writer_args, print_summary, writer_kwargs
+from shards.common import add_writer_args, check_ranges, print_summary, writer_kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fps", type=float, default=25.0, help="frame rate written to the metadata")
     add_writer_args(p)
     a = p.parse_args(argv)
+    check_ranges(("--fps", a.fps, 1e-3, None))
     manifest = write_tfrecord_shards(a.src, a.out, a.dataset, fps=a.fps, **writer_kwargs(a))
     print_summary(manifest, a.out)
     return manifest

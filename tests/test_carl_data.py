@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -163,11 +164,16 @@ def test_list_entries_outside_the_folder_and_two_versions_of_a_list(tmp_path):
     with open(root / "train.pkl", "wb") as f:
         pickle.dump([{"name": "x", "video_file": "../secret.mp4", "frame_label": np.zeros(3), "seq_len": 3},
                      {"name": "y", "video_file": "/etc/hostname", "frame_label": np.zeros(3), "seq_len": 3}], f)
-    m = carl.main(["--src", str(root), "--out", str(tmp_path / "out"), "--no-progress"])
+    with pytest.raises(ValueError, match="none of its 2 inputs could be written .* is outside"):
+        carl.main(["--src", str(root), "--out", str(tmp_path / "out"), "--no-progress"])
+    m = json.loads((tmp_path / "out/shards.json").read_text())
     reasons = [s["reason"] for s in m["splits"]["train"]["skipped"]]
     assert len(reasons) == 2 and all("is outside" in r for r in reasons)
     gym = tmp_path / "gym"
     gym.mkdir()
+    (gym / "readme.txt").write_text("no lists here")
+    with pytest.raises(FileNotFoundError, match="holds no finegym lists"):
+        carl.main(["--src", str(gym), "--dataset", "finegym", "--out", str(tmp_path / "out2"), "--no-progress"])
     for name in ("gym99_train_v1.0.pkl", "gym99_train_v1.1.pkl"):
         (gym / name).write_bytes(pickle.dumps([]))
     with pytest.raises(ValueError, match="two train lists of gym99"):

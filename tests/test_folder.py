@@ -154,3 +154,71 @@ def test_folder_skips_bad_inputs_and_warns_about_labels_without_losing_the_split
     ids = {meta["video_id"]: meta["action_label"] for split in ("train", "val")
            for meta, _ in iter_whole_videos(tmp_path / "o", PyAVDecoder(), split)}
     assert ids == {"x y": 1, "ok": 1, "twin": 0}  # the later 'ok' row won; the first twin kept its label
+
+
+def test_refusals_come_before_anything_is_written_or_removed(video_dir, tmp_path):
+    """Found by review: each of these wrote or deleted first and refused after (or not at all)."""
+    from shards import finegym, pennaction, pouring, synthetic
+
+    src = tmp_path / "src"
+    src.mkdir()
+    v = render_video(CFG, "train", 0)
+    (src / "ok.webm").write_bytes(encode_video(v.frames, v.fps, EncodeOptions(codec="vp9")))
+    out = tmp_path / "o"
+    folder.main(["--src", str(src), "--out", str(out), "--no-progress"])
+    before = sorted(p.name for p in out.iterdir())
+    # another payload into the same directory, even with --overwrite: refused, the split kept
+    with pytest.raises(FileExistsError, match="--payload jpeg, but .* holds video shards"):
+        folder.main(["--src", str(src), "--out", str(out), "--payload", "jpeg", "--overwrite", "--no-progress"])
+    assert sorted(p.name for p in out.iterdir()) == before
+    # a CSV split that is a path: refused before any file is touched (it once deleted ../victim-*)
+    victim = tmp_path / "victim-000000.tar"
+    victim.write_bytes(b"a user's file")
+    (src / "labels.csv").write_text("video,label,split\nok.webm,a,../victim\n")
+    with pytest.raises(ValueError, match=r"labels.csv: split name must be letters, digits and underscores, got "
+                                         r"'../victim' \(for 'ok.webm'\)"):
+        folder.main(["--src", str(src), "--out", str(tmp_path / "o2"), "--labels", str(src / "labels.csv"),
+                     "--overwrite", "--no-progress"])
+    assert victim.read_bytes() == b"a user's file" and not (tmp_path / "o2").exists()
+    for flags, error, message in (
+            (["--val-fraction", "7"], ValueError, r"--val-fraction must be in \[0, 1\), got 7"),
+            (["--short-side", "-4"], ValueError, "--short-side must be >= 1, got -4"),
+            (["--frame-labels", str(tmp_path / "nowhere")], FileNotFoundError, "--frame-labels .*nowhere is not a dir")):
+        with pytest.raises(error, match=message):
+            folder.main(["--src", str(src), "--out", str(tmp_path / "o3"), "--no-progress", *flags])
+        assert not (tmp_path / "o3").exists()
+    for main, flags, message in (
+            (finegym.main, ["--videos", "v", "--annotations", "a", "--fps", "-25"], "--fps must be >= 0.001, got -25"),
+            (finegym.main, ["--videos", "v", "--annotations", "a", "--limit", "-3"], "--limit must be >= 1, got -3"),
+            (pennaction.main, ["--root", "r", "--phase-labels", "l", "--square", "-5"], "--square must be >= 0"),
+            (pennaction.main, ["--root", "r", "--phase-labels", "l", "--short-side", "256"],
+             "--short-side applies with --square 0"),
+            (pouring.main, ["--src", "s", "--fps", "0"], "--fps must be >= 0.001, got 0"),
+            (synthetic.main, ["--size", "33"], "--size 33: vp9 needs even frame sizes")):
+        with pytest.raises(ValueError, match=message):
+            main([*flags, "--out", str(tmp_path / "o4")])
+        assert not (tmp_path / "o4").exists()
+
+
+def test_labels_that_reach_no_video_odd_file_names_and_a_split_of_only_failures(tmp_path, caplog):
+    import logging
+
+    src = tmp_path / "src"
+    (src / "labels").mkdir(parents=True)
+    v = render_video(CFG, "train", 0)
+    name = "bad\udcff\udcfename.webm"  # not UTF-8 (a Latin-1 name on a UTF-8 system)
+    for n in (name, "ok.webm"):
+        (src / n).write_bytes(encode_video(v.frames, v.fps, EncodeOptions(codec="vp9")))
+    np.savetxt(src / "labels" / "ok.txt", v.phase_labels, fmt="%d")
+    with caplog.at_level(logging.WARNING):
+        m = folder.main(["--src", str(src), "--out", str(tmp_path / "o"), "--frame-labels", str(src / "labels"),
+                         "--val-fraction", "0.5", "--no-progress"])
+    assert sum(s["samples"] for s in m["splits"].values()) == 2
+    assert any("1 of 2 videos have no label file there" in w for w in m["label_warnings"])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.webm").write_bytes(b"\x00not a video" * 30)
+    (bad / "y.webm").write_bytes(b"\x00not a video" * 30)
+    with pytest.raises(ValueError, match=r"split 'train': none of its 2 inputs could be written \(the most common "
+                                         r"reason, 2 of them: .*\); .*shards.json lists each"):
+        folder.main(["--src", str(bad), "--out", str(tmp_path / "o5"), "--no-progress"])

@@ -224,3 +224,12 @@ def test_folder_refuses_variable_frame_rate_as_is_and_resamples_it_when_transcod
     # the labels follow the frames: the source frame each output frame shows
     assert metas["vfr"]["phase_labels"] == list(range(16)) + [16 + j // 2 for j in range(31)]
     assert metas["cfr"]["num_frames"] == expect[ok][2]
+
+
+def test_an_annotation_csv_without_clips_is_refused(tmp_path):
+    (tmp_path / "k400.csv").write_text("label,youtube_id,time_start,time_end,split\n")
+    (tmp_path / "videos").mkdir()
+    with pytest.raises(ValueError, match="no clips listed"):
+        kinetics400.main(["--annotations", str(tmp_path / "k400.csv"), "--videos", str(tmp_path / "videos"),
+                          "--out", str(tmp_path / "out"), "--no-progress"])
+    assert not (tmp_path / "out").exists()

@@ -4,6 +4,7 @@ by a small encoder that follows the TFRecord and protobuf specifications, not by
 from __future__ import annotations
 
 import io
+import json
 import struct
 
 import numpy as np
@@ -111,5 +112,7 @@ def test_not_a_tfrecord_and_no_files_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="pouring_<train|val|test>"):
         pouring.main(["--src", str(tmp_path), "--out", str(tmp_path / "o")])
     (tmp_path / "pouring_val-0-of-1.tfrecord").write_bytes(b"this is not a tfrecord file at all")
-    m = pouring.main(["--src", str(tmp_path), "--out", str(tmp_path / "p"), "--no-progress"])
+    with pytest.raises(ValueError, match="split 'val': none of its 1 inputs could be written .*bad length checksum"):
+        pouring.main(["--src", str(tmp_path), "--out", str(tmp_path / "p"), "--no-progress"])
+    m = json.loads((tmp_path / "p/shards.json").read_text())  # kept, to say why
     assert m["splits"]["val"]["samples"] == 0 and "bad length checksum" in m["splits"]["val"]["skipped"][0]["reason"]

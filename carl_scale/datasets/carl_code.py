@@ -148,6 +148,9 @@ def read_lists(src: Path, kind: str | None) -> tuple[str, dict[str, list[dict]]]
                                             "action": int(v.get("event_label", 0)) - 1 if isinstance(v, dict) else -1})
                 e["sets"][cs] = (v, f"{fname}[{i}]")
         out[split] = list(events.values())
+    if not out:
+        raise FileNotFoundError(f"{src} holds no {kind or 'finegym'} lists (gym99_<split>*.pkl ...): --src must be "
+                                f"{LAYOUT}")
     return kind, out
 
 

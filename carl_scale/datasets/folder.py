@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from carl_scale.data.codec import decode_rgb
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.encode import constant_rate_picks, frame_timing
 from carl_scale.datasets.parallel import SkipInput, write_options, write_split
-from carl_scale.datasets.writer import VideoRecord, sample_key, write_manifest
+from carl_scale.datasets.writer import VideoRecord, check_split_name, sample_key, write_manifest
 
 log = logging.getLogger("carl_scale.data")
 
@@ -34,6 +35,17 @@ class FolderOptions:
     val_fraction: float = 0.0  # move this fraction (hash of the name) of unassigned videos to val
     transcode: bool = False  # re-encode (always done for payload=jpeg)
     short_side: int | None = None  # resize so the short side is this (implies transcode)
+
+    def __post_init__(self) -> None:  # refused before anything is written
+        check_split_name(self.split)
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.short_side is not None and self.short_side < 1:
+            raise ValueError(f"--short-side must be >= 1, got {self.short_side}")
+        for flag, d in (("--frame-labels", self.frame_labels),
+                        *((f"--extra-frame-labels {k}", v) for k, v in self.extra_frame_labels.items())):
+            if d is not None and not Path(d).is_dir():
+                raise FileNotFoundError(f"{flag} {d} is not a directory (of <video stem>.txt or .npy files)")
 
 
 def _read_labels_csv(path: str) -> tuple[dict[str, tuple[str, str | None]], list[str]]:
@@ -184,6 +196,12 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
         for stem, rels in sorted(by_stem.items()):
             if len(rels) > 1:
                 warnings.append(f"{', '.join(rels)} share the stem {stem!r}, so they share its per-frame label files")
+    for flag, d in (("--frame-labels", opts.frame_labels), *opts.extra_frame_labels.items()):
+        have = {p.stem for p in Path(d).iterdir() if p.suffix in (".txt", ".npy")} if d is not None else None
+        lacking = sorted(p.stem for p in files if have is not None and p.stem not in have)
+        if lacking:  # (those videos' frames are all unlabelled, -1)
+            warnings.append(f"{flag} {d}: {len(lacking)} of {len(files)} videos have no label file there, e.g. "
+                            f"{lacking[0]!r} (its frames get -1)")
     for w in warnings:
         log.warning("%s", w)
     names = _class_names([rows[k][0] for k in matched.values()])
@@ -192,8 +210,13 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
         rel = str(p.relative_to(src))
         row = rows[matched[p]] if p in matched else None
         split = row[1] if row and row[1] else opts.split
-        if not (row and row[1]) and opts.val_fraction > 0 and zlib.crc32(rel.encode()) % 1000 < opts.val_fraction * 1000:
+        if not (row and row[1]) and opts.val_fraction > 0 and \
+                zlib.crc32(os.fsencode(rel)) % 1000 < opts.val_fraction * 1000:
             split = "val"
+        try:
+            check_split_name(split)
+        except ValueError as exn:
+            raise ValueError(f"{opts.labels_csv if row and row[1] else '--split'}: {exn} (for {rel!r})") from None
         by_split.setdefault(split, []).append(p)
     # one video id per file across every split: a second file whose name gives the same id is skipped
     owner: dict[str, str] = {}

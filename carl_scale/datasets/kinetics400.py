@@ -177,6 +177,8 @@ def write_kinetics400_shards(annotations: list[str | Path], videos: str | Path, 
     ``write``: the keyword arguments of :func:`~carl_scale.datasets.parallel.write_options`."""
     opts = opts or Kinetics400Options()
     clips, names, warnings = read_annotations(annotations)
+    if not clips:
+        raise ValueError(f"--annotations {' '.join(map(str, annotations))}: no clips listed (a header only?)")
     found, more = find_clips(videos)
     for w in warnings + more:
         log.warning("%s", w)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.encode import EncodeOptions
-from carl_scale.datasets.writer import Payload, SkipInput, SlotWriter, VideoRecord, write_manifest
+from carl_scale.datasets.writer import Payload, SkipInput, SlotWriter, VideoRecord, check_split_name, write_manifest
 
 log = logging.getLogger("carl_scale.data")
 
@@ -63,8 +63,8 @@ def _fingerprint(dataset: str, items: Sequence[Any], opts: WriteOptions, describ
     h = hashlib.sha256(json.dumps({"dataset": dataset, "payload": opts.payload, "encode": asdict(opts.encode),
                                    "max_samples": opts.max_samples, "max_bytes": opts.max_bytes,
                                    "settings": settings}, sort_keys=True, default=str).encode())
-    for item in items:
-        h.update(describe(item).encode() + b"\0")
+    for item in items:  # (a file name that is not UTF-8 keeps its bytes)
+        h.update(describe(item).encode("utf-8", "surrogateescape") + b"\0")
     return h.hexdigest()[:20]
 
 
@@ -182,8 +182,19 @@ def write_split(out_dir: str | Path, split: str, items: Sequence[Any], load: Cal
     """Write ``items`` as ``split`` of ``out_dir`` (see the module docstring); returns the split's
     entry in ``shards.json``. ``describe(item)`` names an input in the skipped list and the plan;
     ``settings`` (the converter's own options) are part of the plan, so a rerun with others is
-    refused instead of mixed in; ``extra`` goes into the manifest's top level."""
+    refused instead of mixed in; ``extra`` goes into the manifest's top level. Refused before
+    anything is written or removed: a bad split name, no inputs, another payload than the
+    directory's; and a split none of whose inputs could be written ends in an error (its
+    ``shards.json`` entry lists why each was skipped)."""
     out_dir = Path(out_dir)
+    check_split_name(split)
+    if not items:
+        raise ValueError(f"split {split!r} has no inputs to write into {out_dir}: check the source paths and lists")
+    held = read_manifest(out_dir) if out_dir.is_dir() else None
+    if held is not None and held.get("payload", opts.payload) != opts.payload:
+        raise FileExistsError(f"--payload {opts.payload}, but {out_dir} holds {held['payload']} shards (splits "
+                              f"{sorted(held.get('splits', {}))}): one directory holds one payload, and --overwrite "
+                              f"replaces splits, not the payload. Choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / PROGRESS_DIR).mkdir(exist_ok=True)
     with open(out_dir / PROGRESS_DIR / f"{split}.lock", "w") as lock:
@@ -192,8 +203,16 @@ def write_split(out_dir: str | Path, split: str, items: Sequence[Any], load: Cal
         except BlockingIOError:
             raise FileExistsError(f"another write of split {split!r} into {out_dir} is running (or its workers are "
                                   f"still stopping): wait for it to end, or stop it, then rerun") from None
-        return _write_split(out_dir, split, items, load, dataset=dataset, opts=opts, label_names=label_names,
-                            describe=describe, settings=settings, extra=extra)
+        entry = _write_split(out_dir, split, items, load, dataset=dataset, opts=opts, label_names=label_names,
+                             describe=describe, settings=settings, extra=extra)
+    if entry["samples"] == 0:
+        reasons = [s["reason"] for s in entry["skipped"]]
+        kinds = [r.split(":")[0] for r in reasons]  # the error's class, or a skip's own first words
+        common = max(set(kinds), key=kinds.count) if kinds else ""
+        example = next((r for r in reasons if r.split(":")[0] == common), "none given")
+        raise ValueError(f"split {split!r}: none of its {len(items)} inputs could be written (the most common "
+                         f"reason, {kinds.count(common)} of them: {example}); {out_dir / 'shards.json'} lists each")
+    return entry
 
 
 def _write_split(out_dir: Path, split: str, items: Sequence[Any], load: Callable[[Any], VideoRecord], *,

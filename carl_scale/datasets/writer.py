@@ -81,6 +81,13 @@ def build_dali_index(tar_path: str | Path, idx_path: str | Path) -> None:
     os.replace(tmp, idx_path)
 
 
+
+def check_split_name(split: str) -> None:
+    """A split names files (``<split>-000000.tar``): letters, digits and underscores only."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+        raise ValueError(f"split name must be letters, digits and underscores, got {split!r}")
+
+
 class SlotWriter:
     """Writes one slot of a split: the videos of inputs ``[slot * max_samples, (slot + 1) *
     max_samples)`` into ``<split>-<slot:06d>.tar``, continued in ``<split>-<slot:06d>_<part:02d>.tar``
@@ -91,8 +98,7 @@ class SlotWriter:
                  encode: EncodeOptions | None = None, max_bytes: int = 1 << 30) -> None:
         if payload not in ("video", "jpeg"):
             raise ValueError(f"payload must be 'video' or 'jpeg', got {payload!r}")
-        if not re.fullmatch(r"[A-Za-z0-9_]+", split):
-            raise ValueError(f"split name must be alphanumeric/underscore, got {split!r}")
+        check_split_name(split)
         self.out_dir = Path(out_dir)
         self.split, self.slot, self.dataset, self.payload = split, slot, dataset, payload
         self.encode = encode or EncodeOptions()
