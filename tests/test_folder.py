@@ -215,6 +215,9 @@ def test_labels_that_reach_no_video_odd_file_names_and_a_split_of_only_failures(
                          "--val-fraction", "0.5", "--no-progress"])
     assert sum(s["samples"] for s in m["splits"].values()) == 2
     assert any("1 of 2 videos have no label file there" in w for w in m["label_warnings"])
+    (src / "latin1.csv").write_bytes("video,label\nok.webm,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.csv is not UTF-8 text .*: save it as UTF-8"):
+        folder.main(["--src", str(src), "--out", str(tmp_path / "o6"), "--labels", str(src / "latin1.csv")])
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.webm").write_bytes(b"\x00not a video" * 30)

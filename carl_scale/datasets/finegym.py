@@ -172,7 +172,10 @@ def write_finegym_shards(videos: str | Path, annotations: str | Path, out_dir: s
     if not videos.is_dir():
         raise FileNotFoundError(f"--videos {videos} is not a directory of FineGym videos (<youtube_id>.mp4 or "
                                 f"event clips <youtube_id>_E_XXXXXX_YYYYYY.mp4)")
-    info = json.loads(info_path.read_text())
+    try:
+        info = json.loads(info_path.read_text())
+    except ValueError as exn:  # (UnicodeDecodeError too)
+        raise ValueError(f"{info_path} is not readable JSON ({exn}): download it again from {DOWNLOAD}") from None
     found = _find_videos(videos)
     label_names = {"actions": EVENT_NAMES, "phase_labels": "Gym99 element classes (0-98)",
                    "frame_labels": {"gym288": "Gym288 element classes (0-287)"}}

@@ -53,18 +53,21 @@ def _read_labels_csv(path: str) -> tuple[dict[str, tuple[str, str | None]], list
     the same video wins (and is reported)."""
     rows: dict[str, tuple[str, str | None]] = {}
     warnings: list[str] = []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"video", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: needs a header with columns 'video' and 'label' (optional 'split'), "
-                             f"got {reader.fieldnames}")
-        for line, r in enumerate(reader, start=2):
-            video = (r["video"] or "").strip()
-            row = ((r["label"] or "").strip(), (r.get("split") or "").strip() or None)
-            if video in rows and rows[video] != row:
-                warnings.append(f"{path}:{line}: {video!r} is listed again; this row ({row[0]}) replaces the "
-                                f"earlier one ({rows[video][0]})")
-            rows[video] = row
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"video", "label"} <= set(reader.fieldnames):
+                raise ValueError(f"{path}: needs a header with columns 'video' and 'label' (optional 'split'), "
+                                 f"got {reader.fieldnames}")
+            for line, r in enumerate(reader, start=2):
+                video = (r["video"] or "").strip()
+                row = ((r["label"] or "").strip(), (r.get("split") or "").strip() or None)
+                if video in rows and rows[video] != row:
+                    warnings.append(f"{path}:{line}: {video!r} is listed again; this row ({row[0]}) replaces the "
+                                    f"earlier one ({rows[video][0]})")
+                rows[video] = row
+    except UnicodeDecodeError as exn:
+        raise ValueError(f"{path} is not UTF-8 text ({exn}): save it as UTF-8") from None
     return rows, warnings
 
 

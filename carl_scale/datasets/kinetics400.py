@@ -74,30 +74,33 @@ def read_annotations(paths: list[str | Path]) -> tuple[list[Clip], list[str], li
         if not path.is_file():
             raise FileNotFoundError(f"--annotations {path} does not exist: give the Kinetics-400 CSVs "
                                     f"(train.csv, validate.csv, test.csv)")
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            cols = set(reader.fieldnames or [])
-            if not {"youtube_id", "time_start", "time_end"} <= cols:
-                raise ValueError(f"{path}: needs the columns youtube_id, time_start, time_end (and label, split); "
-                                 f"got {sorted(cols)}")
-            default = SPLITS.get(path.stem.lower().split("_")[-1]) or SPLITS.get(path.stem.lower())
-            if "split" not in cols and default is None:
-                raise ValueError(f"{path}: no 'split' column, and its name does not say the split (train.csv, "
-                                 f"validate.csv, test.csv)")
-            for line, row in enumerate(reader, start=2):
-                split = SPLITS.get((row.get("split") or "").strip().lower(), default)
-                if split is None:
-                    raise ValueError(f"{path}:{line}: unknown split {row.get('split')!r} (expected one of "
-                                     f"{sorted(set(SPLITS))})")
-                try:
-                    cid = clip_id(row["youtube_id"].strip(), row["time_start"], row["time_end"])
-                except ValueError:
-                    raise ValueError(f"{path}:{line}: time_start/time_end are not numbers: {row}") from None
-                clip = Clip(cid, (row.get("label") or "").strip(), split)
-                if (cid, split) in clips and clips[(cid, split)] != clip:
-                    warnings.append(f"{path}:{line}: {cid} is listed again with label {clip.label!r}; kept "
-                                    f"{clips[(cid, split)].label!r}")
-                clips.setdefault((cid, split), clip)
+        try:
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                cols = set(reader.fieldnames or [])
+                if not {"youtube_id", "time_start", "time_end"} <= cols:
+                    raise ValueError(f"{path}: needs the columns youtube_id, time_start, time_end (and label, split); "
+                                     f"got {sorted(cols)}")
+                default = SPLITS.get(path.stem.lower().split("_")[-1]) or SPLITS.get(path.stem.lower())
+                if "split" not in cols and default is None:
+                    raise ValueError(f"{path}: no 'split' column, and its name does not say the split (train.csv, "
+                                     f"validate.csv, test.csv)")
+                for line, row in enumerate(reader, start=2):
+                    split = SPLITS.get((row.get("split") or "").strip().lower(), default)
+                    if split is None:
+                        raise ValueError(f"{path}:{line}: unknown split {row.get('split')!r} (expected one of "
+                                         f"{sorted(set(SPLITS))})")
+                    try:
+                        cid = clip_id(row["youtube_id"].strip(), row["time_start"], row["time_end"])
+                    except ValueError:
+                        raise ValueError(f"{path}:{line}: time_start/time_end are not numbers: {row}") from None
+                    clip = Clip(cid, (row.get("label") or "").strip(), split)
+                    if (cid, split) in clips and clips[(cid, split)] != clip:
+                        warnings.append(f"{path}:{line}: {cid} is listed again with label {clip.label!r}; kept "
+                                        f"{clips[(cid, split)].label!r}")
+                    clips.setdefault((cid, split), clip)
+        except UnicodeDecodeError as exn:
+            raise ValueError(f"{path} is not UTF-8 text ({exn}): save it as UTF-8") from None
     names = sorted({c.label for c in clips.values() if c.label})
     return list(clips.values()), names, warnings
 

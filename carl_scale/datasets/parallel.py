@@ -112,7 +112,10 @@ def _claim(out_dir: Path, split: str, plan: str, opts: WriteOptions) -> dict | N
     manifest = read_manifest(out_dir)
     entry = (manifest or {}).get("splits", {}).get(split)
     plan_path = out_dir / PROGRESS_DIR / f"{split}.plan.json"
-    old = json.loads(plan_path.read_text())["fingerprint"] if plan_path.is_file() else None
+    try:  # (written atomically; one damaged otherwise counts as none: the shards it planned are refused below)
+        old = json.loads(plan_path.read_text())["fingerprint"] if plan_path.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        old = None
     if opts.overwrite:
         if entry is None and old == plan:  # this very command, interrupted: finish it, keep its shards
             return None
