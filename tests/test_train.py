@@ -99,6 +99,8 @@ def test_two_process_deepspeed_on_cpu(vp9_shards, tmp_path):
     assert r0["skipped_summed"] == r1["skipped_summed"] == r0["skipped_mine"] + r1["skipped_mine"] >= 1
     meta = json.loads((tmp_path / "run/checkpoints/step_000003/meta.json").read_text())
     assert meta["world_size"] == 2 and meta["config"]["parallel"]["zero_stage"] == 1 and meta["git_revision"]
+    # DeepSpeed's CPU all-reduce buffers (66 MB each, in /dev/shm: memory) are not left behind
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
 def _launch_two(out: Path, flags: list[str]) -> list[dict]:
