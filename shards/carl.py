@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from carl_scale.datasets.carl_code import KINDS, CarlDataOptions, write_carl_shards
-from shards.common import add_writer_args, print_summary, writer_kwargs
+from shards.common import add_writer_args, check_ranges, print_summary, writer_kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -29,9 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--limit", type=int, default=None, help="at most this many videos per split")
     add_writer_args(p)
     a = p.parse_args(argv)
-    for flag, v in (("--short-side", a.short_side), ("--limit", a.limit)):
-        if v is not None and v < 1:
-            raise ValueError(f"{flag} must be >= 1, got {v}")
+    check_ranges(("--short-side", a.short_side, 1, None), ("--limit", a.limit, 1, None))
     opts = CarlDataOptions(dataset=a.dataset, transcode=a.transcode, short_side=a.short_side, limit=a.limit)
     manifest = write_carl_shards(a.src, a.out, opts, **writer_kwargs(a))
     print_summary(manifest, a.out)

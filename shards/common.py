@@ -57,6 +57,20 @@ def writer_kwargs(args: argparse.Namespace) -> dict:
 def print_summary(manifest: dict | None, out: str) -> None:
     if manifest is None:  # (each converter refuses empty inputs itself; this is the last word)
         raise ValueError(f"nothing was written to {out}: the inputs held no videos to convert")
+    _print_table(manifest, out)
+    fail_on_empty_splits(manifest, out)
+
+
+def fail_on_empty_splits(manifest: dict, out: str) -> None:
+    """After the summary: a split none of whose inputs could be written fails the command."""
+    from carl_scale.datasets.parallel import empty_splits
+
+    why = empty_splits(manifest, out)
+    if why is not None:
+        raise ValueError(why)
+
+
+def _print_table(manifest: dict, out: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"\nshards in {out} ({manifest['payload']}, codec {manifest.get('codec')}):")
     print(f"{'split':<8}{'shards':>8}{'videos':>8}{'skipped':>9}{'MiB':>9}")

@@ -18,7 +18,7 @@ import argparse
 from collections import Counter
 
 from carl_scale.datasets.kinetics400 import Kinetics400Options, summary_rows, write_kinetics400_shards
-from shards.common import add_writer_args, writer_kwargs
+from shards.common import add_writer_args, check_ranges, fail_on_empty_splits, writer_kwargs
 
 
 def print_kinetics_summary(manifest: dict, out: str) -> None:
@@ -46,12 +46,11 @@ def main(argv: list[str] | None = None) -> dict:
                                                    "--transcode)")
     p.add_argument("--limit", type=int, help="at most this many clips per split (a trial run)")
     a = p.parse_args(argv)
-    for flag, value in (("--short-side", a.short_side), ("--limit", a.limit)):
-        if value is not None and value < 1:
-            p.error(f"{flag} must be >= 1, got {value}")
+    check_ranges(("--short-side", a.short_side, 1, None), ("--limit", a.limit, 1, None))
     opts = Kinetics400Options(transcode=a.transcode, short_side=a.short_side, limit=a.limit)
     manifest = write_kinetics400_shards(a.annotations, a.videos, a.out, opts, **writer_kwargs(a))
     print_kinetics_summary(manifest, a.out)
+    fail_on_empty_splits(manifest, a.out)
     return manifest
 
 

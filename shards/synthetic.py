@@ -28,8 +28,6 @@ def main(argv: list[str] | None = None) -> dict:
                    help="low: one figure style (the CPU demo); high: per-video background, colours, size, shake")
     p.add_argument("--seed", type=int, default=d.seed)
     a = p.parse_args(argv)
-    if a.size % 2 and a.payload == "video" and a.codec != "mjpeg":
-        raise ValueError(f"--size {a.size}: {a.codec} needs even frame sizes (4:2:0 colour); give an even size")
     cfg = SyntheticConfig(num_actions=a.num_actions, train_videos=a.train_videos, val_videos=a.val_videos,
                           min_frames=a.min_frames, max_frames=a.max_frames, height=a.size, width=a.size,
                           nuisance=a.nuisance, seed=a.seed)

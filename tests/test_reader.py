@@ -172,8 +172,9 @@ def test_a_video_that_fails_to_decode_in_the_finishing_step_is_counted_and_stood
                                                                                       caplog, decoder):
     """The GPU loader's decoding after the workers (here on the CPU, in the collate): a corrupt
     video fails the batched decode, is found by decoding one video at a time on fresh pipelines,
-    counted and logged, and its place taken by a video that decoded (the batch's, else the last
-    good one), so the epoch keeps its length. The count survives a resume."""
+    counted and logged, and its place taken by a video of its batch that decoded; a batch where
+    none did is stood in for by the next good batch (the last, at the epoch's end), so the epoch
+    keeps its length. The count survives a resume."""
     train = read_manifest(vp9_shards)["splits"]["train"]["shards"]
     bad = tmp_path / "bad-000000.tar"
     good_key = _corrupt_shard(vp9_shards / train[0]["path"], bad)  # in order: badjson, garbage, good, trunc
@@ -186,7 +187,7 @@ def test_a_video_that_fails_to_decode_in_the_finishing_step_is_counted_and_stood
         first = loader([str(bad)], 2, 4)
         batches = list(first)
     # [garbage, good]: the batch's good one stands in; [trunc, garbage (the stream's next pass)]:
-    # none decoded, the last good one stands in
+    # none decoded, so a good batch stands in for it (here the last: it ends the epoch)
     assert [b.video_ids for b in batches] == [[good_key, good_key]] * 2
     assert torch.equal(batches[1].views[0], batches[0].views[1])
     assert first.skipped == 5  # badjson twice (in the worker), garbage twice and trunc (here)
@@ -200,8 +201,44 @@ def test_a_video_that_fails_to_decode_in_the_finishing_step_is_counted_and_stood
         for m in src.getmembers():
             if not m.name.startswith(good_key):
                 dst.addfile(m, src.extractfile(m))
-    with pytest.raises(ValueError, match="every video of the first batch of 1 failed to decode"):
+    with pytest.raises(ValueError, match="no video of the last 2 batches of this epoch decoded"):
         list(loader([str(only_bad)], 1, 2))
+    # batches of one: [garbage] decodes nothing, so the next good batch stands in for it too
+    ones = loader([str(bad)], 1, 3)
+    got = list(ones)
+    assert [b.video_ids for b in got] == [[good_key]] * 3 and got[0] is got[1] and ones.skipped == 3
+
+
+@pytest.mark.parametrize("in_collate", [False, True])
+def test_the_skip_count_is_exact_across_a_resume(vp9_shards, tmp_path, in_collate):
+    """Skips are counted with the batches handed over: a loader cut anywhere and resumed from its
+    state ends the epoch with the uninterrupted count, though its workers (and finishing thread)
+    had read ahead, and read those samples again after the resume."""
+    train = read_manifest(vp9_shards)["splits"]["train"]["shards"]
+    bad = tmp_path / "bad-000000.tar"
+    _corrupt_shard(vp9_shards / train[0]["path"], bad)
+    urls = [str(bad), str(vp9_shards / train[1]["path"])]
+
+    def loader() -> VideoLoader:
+        out = VideoLoader(_cfg(urls, batch_size=1, epoch_samples=6, num_workers=2, shuffle_buffer=0),
+                          decode_in_collate=in_collate)
+        out.finish_in_thread = in_collate
+        return out
+
+    whole = loader()
+    list(whole)
+    assert whole.skipped >= 3
+    for cut in (1, 2, 3):  # (cut after 4, the rest of the epoch has no good video in collate: an error)
+        first = loader()
+        it = iter(first)
+        for _ in range(cut):
+            next(it)
+        state = first.state_dict()
+        first.close()
+        rest = loader()
+        rest.load_state_dict(state)
+        list(rest)
+        assert rest.skipped == whole.skipped, cut
 
 
 def test_missing_shard_is_an_error_naming_the_path(vp9_shards, tmp_path):
@@ -217,8 +254,23 @@ def test_missing_shard_is_an_error_naming_the_path(vp9_shards, tmp_path):
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     (damaged / "shards.json").write_text('{"splits": {')
-    with pytest.raises(ValueError, match=r"damaged/shards.json is damaged \(.*\): write the shards again"):
+    with pytest.raises(ValueError, match=r"damaged/shards.json is damaged \(.*\): remove it and rerun"):
         resolve_shards(str(damaged))
+    # what the message says works: the writer rebuilds shards.json from its records, writing nothing
+    from conftest import TINY
+
+    from carl_scale.datasets.synthetic import write_synthetic_shards
+
+    written = tmp_path / "written"
+    write_synthetic_shards(written, TINY, payload="video", max_samples=4, progress=False)
+    whole = read_manifest(written)
+    stamps = {p.name: p.stat().st_mtime_ns for p in written.glob("*.tar")}
+    (written / "shards.json").write_text('{"splits": {')
+    (written / "shards.json").unlink()
+    write_synthetic_shards(written, TINY, payload="video", max_samples=4, progress=False)
+    again = read_manifest(written)
+    assert {p.name: p.stat().st_mtime_ns for p in written.glob("*.tar")} == stamps
+    assert {k: v["shards"] for k, v in again["splits"].items()} == {k: v["shards"] for k, v in whole["splits"].items()}
 
 
 def test_fewer_shards_than_consumers_split_by_sample(vp9_shards, tiny_cfg):

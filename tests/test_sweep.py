@@ -78,6 +78,8 @@ def test_a_weak_sweep_refuses_eps1_above_eps2_and_gives_ray_absolute_paths(tmp_p
         prepare(parse(["--weak", "--eps1", "1:20"]))
     base, _ = prepare(parse(["--weak", "--eps1", "1:20", "--eps2", "20"]))
     assert base.loss.eps2 == 20
+    base, _ = prepare(parse(["--weak", "--eps1", "1:3", "--eps2", "3"]))  # under the recipe's own ε₁ of 5
+    assert base.loss.eps2 == 3
     ckpt = tmp_path / "runs/pretrain/checkpoints/step_000004"
     ckpt.mkdir(parents=True)
     (ckpt / "meta.json").write_text(json.dumps({"config": to_dict(recipe("debug"))}))

@@ -128,8 +128,9 @@ def bench_side_by_side(decoders: list, items, temporal: TemporalConfig, batch: i
 
 
 def bench_loader(cfg: LoaderConfig, batches: int, device: str, in_threads: bool = False) -> float:
-    """Batches/s of the training loader, after its first batch (worker start-up and the first
-    fill of the shuffle buffer are not steady state); over epochs if one is shorter.
+    """Batches/s of the training loader, after its first batch, or its first one per finishing
+    thread (worker start-up, the first fill of the shuffle buffer and each thread's decoder build
+    are not steady state); over epochs if one is shorter.
     ``in_threads``: decoded and augmented in the training process by its finishing threads, as on
     a GPU, wherever it runs."""
     loader = VideoLoader(cfg, device=device, decode_in_collate=True if in_threads else None)

@@ -6,7 +6,7 @@ counted and stood in for (:class:`StandIns`) so that every rank keeps its step c
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,27 +21,46 @@ log = logging.getLogger("carl_scale.data")
 
 # -- skip counting ----------------------------------------------------------------------------
 class SkipCounter:
-    """Counts skipped samples across DataLoader worker processes (shared memory)."""
+    """Skipped samples, logged as they are skipped and counted where they are skipped (a worker,
+    a finishing thread), then handed on with the next batch out of there (:meth:`take`): a loader
+    counts the skips behind the batches it has handed over, so a resume, which reads again what
+    was read ahead, neither loses a skip nor counts one twice."""
 
     def __init__(self) -> None:
-        self._value = mp.get_context("fork").Value("q", 0)
+        self._lock = threading.Lock()
+        self._pending: list[int | None] = []  # each skip's stream position (None: not tied to one)
+        self.total = 0  # in this process, ever (for messages)
+        # where a worker's stream is, for skips upstream of its positions (damaged tar data,
+        # metadata read for --per-label grouping): such a skip is placed at the next sample dealt
+        self.position: int | None = None
 
-    def add(self, what: str, exn: BaseException) -> None:
-        with self._value.get_lock():
-            self._value.value += 1
+    def add(self, what: str, exn: BaseException, at: int | None = None) -> None:
+        at = self.position if at is None else at
+        with self._lock:
+            self._pending.append(at)
+            self.total += 1
         log.warning("skipping %s: %s: %s", what, type(exn).__name__, exn)
 
     def handler(self, exn: BaseException) -> bool:  # webdataset handler protocol: True = go on
         self.add("unreadable shard data", exn)
         return True
 
-    @property
-    def count(self) -> int:
-        return int(self._value.value)
+    def take(self, before: int | None = None, after: int = 0) -> int:
+        """The skips not handed on yet at stream positions in [after, before): those from
+        ``before`` on stay (a resume reads them again after this batch's resume point), those
+        under ``after`` go uncounted (read again by a resume before its resume point: the run
+        before the checkpoint counted them)."""
+        with self._lock:
+            keep = [at for at in self._pending if before is not None and at is not None and at >= before]
+            gone = [at for at in self._pending if at is not None and at < after]
+            n = len(self._pending) - len(keep) - len(gone)
+            self._pending = keep
+        return n
 
-    def restore(self, count: int) -> None:
-        """Continue a resumed run's count (the skips before its checkpoint are not forgotten)."""
-        self._value.value = int(count)
+    def discard(self) -> None:
+        """Forget the skips no batch carried (read ahead of a worker's last batch of an epoch)."""
+        with self._lock:
+            self._pending = []
 
 
 @dataclass
@@ -84,9 +103,11 @@ def decode_or_skip(decoder: FrameDecoder, todo: list[PreparedSample], counter: S
         return decoder.decode(encoded, indices)
     except (MemoryError, torch.cuda.OutOfMemoryError):
         raise
-    except Exception:
+    except Exception as exn:
         if counter is None:
             raise
+        log.warning("a batched decode of %d videos failed (%s: %s): decoding them one at a time", len(todo),
+                    type(exn).__name__, exn)
     decoder.reset()
     out = []
     for s, enc, idx in zip(todo, encoded, indices):
@@ -105,23 +126,19 @@ def decode_or_skip(decoder: FrameDecoder, todo: list[PreparedSample], counter: S
 class StandIns:
     """Videos that fail to decode in the finishing step (on a GPU: after the workers, so the
     workers' skip-and-draw-another is over): counted, and each one's place in its batch taken by a
-    video that did decode, so that the batch keeps its size and every rank its step count. One of
-    the same batch, of the same action label where it has one (a --per-label group stays one
-    label); in a batch where none decoded, the last good video this finishing thread saw."""
+    video of the same batch that did decode, of the same action label where there is one (a
+    --per-label group stays one label), so that the batch keeps its size. A batch none of whose
+    videos decoded is None: the loader hands over the next batch in its place (every rank keeps
+    its step count)."""
 
-    def __init__(self, counter: SkipCounter):
-        self.counter = counter
-        self.last: PreparedSample | None = None
+    def __init__(self):
+        self.counter = SkipCounter()
 
-    def fill(self, samples: list[PreparedSample]) -> list[PreparedSample]:
+    @staticmethod
+    def fill(samples: list[PreparedSample]) -> list[PreparedSample] | None:
         good = [s for s in samples if s.views is not None]
-        if good:
-            self.last = good[-1]
-        elif self.last is None:
-            raise ValueError(f"every video of the first batch of {len(samples)} failed to decode (see the warnings "
-                               f"above): are the shards corrupt?")
-        else:
-            good = [self.last]
+        if not good:
+            return None
 
         def label(s: PreparedSample) -> int:
             return int(s.meta.get("action_label", -1))
@@ -132,12 +149,12 @@ class StandIns:
 
 def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDecoder | None,
             device: str | torch.device = "cpu", views_dtype: torch.dtype = torch.float32,
-            stand_ins: StandIns | None = None) -> VideoBatch:
+            stand_ins: StandIns | None = None) -> VideoBatch | None:
     """Finish a worker's batch on ``device``: decode and crop the samples the worker did not (all
     of them, or those outside ``cpu_decode_share``), then colour them if the worker did not; the
     views end in ``views_dtype`` (colour is computed in float32 either way). With ``stand_ins``, a
     video that fails to decode here is counted and its place taken by one that decoded
-    (:class:`StandIns`); without, the failure is raised."""
+    (:class:`StandIns`; None if none of the batch decoded); without, the failure is raised."""
     todo = [s for s in samples if s.views is None]
     if todo:
         for s, f in zip(todo, decode_or_skip(decoder, todo, stand_ins and stand_ins.counter)):
@@ -148,8 +165,8 @@ def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDeco
             s.views = torch.stack([apply_geometric(frames[v], s.params[v], cfg.spatial.image_size) for v in range(2)])
         if any(s.views is None for s in todo):
             samples = stand_ins.fill(samples)
-        elif stand_ins is not None:
-            stand_ins.last = samples[-1]
+            if samples is None:
+                return None
     if samples[0].views.is_floating_point():  # already augmented in the worker
         views = torch.stack([s.views for s in samples]).to(device, views_dtype)
     else:  # colour on the device, the whole batch at once; (B, 2, T, 3, S, S)

@@ -17,9 +17,9 @@ def read_manifest(out_dir: str | Path) -> dict | None:
         return None
     try:
         return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exn:
-        raise ValueError(f"{path} is damaged ({exn}): write the shards again (the shard writers resume, keeping "
-                         f"what is whole)") from None
+    except ValueError as exn:  # (UnicodeDecodeError too)
+        raise ValueError(f"{path} is damaged ({exn}): remove it and rerun the command that wrote the shards (it "
+                         f"rebuilds the file from the finished shards' records, writing only what is missing)") from None
 
 
 

@@ -226,7 +226,8 @@ class ShardedVideoDataset(IterableDataset):
         # consumed batch reported (exact even when failed samples made it read more than it
         # yielded), or for a state without positions, done whole raw batches.
         target = self.resume_at.get(worker, done * cfg.batch_size)
-        pos = 0  # dealt samples consumed so far: prepared, failed or skipped undecoded
+        self.counter.discard()  # (a persistent worker's last epoch: read after its last batch)
+        pos = self.counter.position = 0  # dealt samples consumed so far: prepared, failed or skipped undecoded
         # prepared, in stream order, each with its position: a failed sample's place is taken by the next
         ready: list[tuple[int, PreparedSample]] = []
         tried = prepared = 0  # since the last pass ended
@@ -244,10 +245,11 @@ class ShardedVideoDataset(IterableDataset):
                     raise ValueError(
                         f"rank {self.rank} worker {worker}: " + ("its share of the shards is empty (fewer samples "
                         "than ranks x workers?)" if raw == 0 else f"{barren} passes over its shards in a row gave no "
-                        f"usable sample") + f" ({self.counter.count} skipped so far): are the shards corrupt or empty?")
+                        f"usable sample") + f" ({self.counter.total} skipped so far): are the shards corrupt or empty?")
                 tried = prepared = 0
                 continue
             start, pos = pos, pos + len(raw)
+            self.counter.position = pos
             first = min(len(raw), max(0, target - start))  # consumed before the resume point: not decoded
             prepared += first
             group = cfg.per_label or 1  # a label group stays whole: a failed member drops its group
@@ -263,14 +265,16 @@ class ShardedVideoDataset(IterableDataset):
                                                            seed=self.seed, photometric=self.photometric)))
                         prepared += 1
                     except Exception as exn:  # corrupt or undecodable: counted, never fatal, never silent
-                        self.counter.add(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
+                        self.counter.add(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn, at)
                 if len(members) == min(group, len(raw) - g):
                     ready += members
             while len(ready) >= cfg.batch_size:
                 batch, ready = ready[: cfg.batch_size], ready[cfg.batch_size:]
                 done += 1
                 # leftovers are whole groups, so ready[0] starts one: the next batch is rebuilt from there
-                yield WorkerBatch([s for _, s in batch], worker, ready[0][0] if ready else pos)
+                resume_at = ready[0][0] if ready else pos
+                yield WorkerBatch([s for _, s in batch], worker, resume_at,
+                                  self.counter.take(before=resume_at, after=target))
                 if done >= quota:
                     return
 
@@ -282,6 +286,7 @@ class WorkerBatch:
     samples: list[PreparedSample]
     worker: int  # logical worker id
     resume_at: int  # dealt samples of the worker's epoch stream that come before its next batch
+    skipped: int = 0  # samples skipped on the way to this batch (counted when the batch is taken)
 
 
 # finished batches queued on the GPU; with the ones being made (one per finishing thread) and the
@@ -358,6 +363,7 @@ class VideoLoader:
         # CUDA events around its work on the finishing stream); for benchmarks, None otherwise
         self.finish_times: list | None = None
         self.epoch, self.next_batch = 0, 0
+        self._skipped = 0  # behind the batches handed over
         self.positions: dict[int, int] = {}  # logical worker -> stream position after its last batch taken
 
     def __len__(self) -> int:
@@ -390,7 +396,9 @@ class VideoLoader:
 
     @property
     def skipped(self) -> int:
-        return self.counter.count
+        """Samples skipped behind the batches handed over (and before a resume, those behind the
+        batches the checkpoint's loader had handed over)."""
+        return self._skipped
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.next_batch, self.positions = epoch, 0, {}
@@ -404,7 +412,7 @@ class VideoLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
-        self.counter.restore(state.get("skipped", 0))
+        self._skipped = int(state.get("skipped", 0))
         # a state from before positions were kept resumes as it was written: whole batches
         self.positions = {int(w): int(p) for w, p in state.get("positions", {}).items()}
 
@@ -423,17 +431,17 @@ class VideoLoader:
         dl = self._dl
         def finish(wb: WorkerBatch, decoder: FrameDecoder, stand_ins: StandIns) -> VideoBatch:
             times = self.finish_times  # read once: a benchmark may stop timing while this runs
-            if times is None:
-                return collate(wb.samples, self.cfg, decoder, self.device, self.views_dtype, stand_ins)
-            cuda = torch.device(self.device).type == "cuda"
+            cuda = times is not None and torch.device(self.device).type == "cuda"
             events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else [None, None]
             t0 = time.perf_counter()
             if cuda:
                 events[0].record()
             out = collate(wb.samples, self.cfg, decoder, self.device, self.views_dtype, stand_ins)
+            wb.skipped += stand_ins.counter.take()  # counted with the batch, when it is taken
             if cuda:
                 events[1].record()
-            times.append((time.perf_counter() - t0, *events))
+            if times is not None:
+                times.append((time.perf_counter() - t0, *events))
             return out
 
         ahead = None
@@ -441,21 +449,40 @@ class VideoLoader:
             if self._ahead is not None:  # an earlier iterator's thread: one reader of the workers at a time
                 self._ahead.close()
             # decoding and augmentation on the GPU overlap the step: threads on CUDA streams of their own
-            lanes = [functools.partial(finish, decoder=d, stand_ins=StandIns(self.counter)) for d in self.decoders]
+            lanes = [functools.partial(finish, decoder=d, stand_ins=StandIns()) for d in self.decoders]
             finished = ahead = self._ahead = finish_ahead(dl, lanes, GPU_PREFETCH_BATCHES, torch.device(self.device))
         else:  # the workers did the work; what is left here is a stack
             if self.cfg.finish_threads > 1:
                 raise ValueError(f"--finish-threads {self.cfg.finish_threads} needs the batches finished in "
                                  f"background threads (finish_in_thread), which this loader was told not to do")
-            stand_ins = StandIns(self.counter)
+            stand_ins = StandIns()
             finished = ((wb, finish(wb, self.decoder, stand_ins)) for wb in dl)
+
+        def taken(slot: WorkerBatch) -> None:  # a slot's batch handed over: where a resume goes on
+            self.next_batch += 1
+            self.positions[slot.worker] = slot.resume_at
+            self._skipped += slot.skipped
+
+        last, owed = None, []
         try:
             for wb, batch in finished:
-                self.next_batch += 1
-                self.positions[wb.worker] = wb.resume_at
-                yield batch
+                if batch is None:  # none of its videos decoded: the next good batch stands in
+                    owed.append(wb)
+                    continue
+                for slot in [*owed, wb]:  # each slot taken in turn: a state saved between them resumes exactly
+                    taken(slot)
+                    yield batch
+                last, owed = batch, []
             # unless close() (or a newer iterator) stopped the thread mid-epoch
             ended = ahead is None or self._ahead is ahead
+            if owed and ended:  # the epoch's last batches: the last good one stands in
+                if last is None:
+                    raise ValueError(f"no video of the last {len(owed)} batches of this epoch decoded, so none can "
+                                     f"stand in for them (see the warnings above): remove the damaged shards, or "
+                                     f"resume from an earlier checkpoint")
+                for slot in owed:
+                    taken(slot)
+                    yield last
         finally:  # also when the consumer stops early: no thread left holding batches on the GPU
             if ahead is not None:
                 ahead.close()

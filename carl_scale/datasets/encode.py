@@ -34,6 +34,12 @@ class EncodeOptions:
             raise ValueError(f"unknown codec {self.codec!r}; choose one of {sorted(CODECS)}")
 
 
+def check_frame_size(codec: str, height: int, width: int) -> None:
+    """Frames the codec can store: every one but MJPEG keeps colour at half resolution (4:2:0)."""
+    if codec != "mjpeg" and (height % 2 or width % 2):
+        raise ValueError(f"{codec} with 4:2:0 chroma needs even frame sizes, got {width}x{height}")
+
+
 def encode_video(frames: np.ndarray, fps: float, opts: EncodeOptions | None = None) -> bytes:
     """Encode ``(S, H, W, 3)`` uint8 RGB frames into an in-memory container."""
     opts = opts or EncodeOptions()
@@ -41,8 +47,7 @@ def encode_video(frames: np.ndarray, fps: float, opts: EncodeOptions | None = No
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"expected (S, H, W, 3) uint8 frames, got {frames.shape} {frames.dtype}")
     h, w = frames.shape[1:3]
-    if opts.codec != "mjpeg" and (h % 2 or w % 2):
-        raise ValueError(f"{opts.codec} with 4:2:0 chroma needs even frame sizes, got {w}x{h}")
+    check_frame_size(opts.codec, h, w)
     buf = io.BytesIO()
     # Exact integer-ish rates keep frame index = round(pts * fps) for every container.
     rate = round(fps) if abs(fps - round(fps)) < 1e-6 else av.utils.Fraction(fps).limit_denominator(1001)

@@ -199,7 +199,8 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
         for stem, rels in sorted(by_stem.items()):
             if len(rels) > 1:
                 warnings.append(f"{', '.join(rels)} share the stem {stem!r}, so they share its per-frame label files")
-    for flag, d in (("--frame-labels", opts.frame_labels), *opts.extra_frame_labels.items()):
+    for flag, d in (("--frame-labels", opts.frame_labels),
+                    *((f"--extra-frame-labels {k}", v) for k, v in opts.extra_frame_labels.items())):
         have = {p.stem for p in Path(d).iterdir() if p.suffix in (".txt", ".npy")} if d is not None else None
         lacking = sorted(p.stem for p in files if have is not None and p.stem not in have)
         if lacking:  # (those videos' frames are all unlabelled, -1)

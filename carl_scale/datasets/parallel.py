@@ -187,8 +187,8 @@ def write_split(out_dir: str | Path, split: str, items: Sequence[Any], load: Cal
     ``settings`` (the converter's own options) are part of the plan, so a rerun with others is
     refused instead of mixed in; ``extra`` goes into the manifest's top level. Refused before
     anything is written or removed: a bad split name, no inputs, another payload than the
-    directory's; and a split none of whose inputs could be written ends in an error (its
-    ``shards.json`` entry lists why each was skipped)."""
+    directory's. A split none of whose inputs could be written is written empty (its entry lists
+    why each was skipped); :func:`empty_splits` says which, once every split is written."""
     out_dir = Path(out_dir)
     check_split_name(split)
     if not items:
@@ -206,16 +206,23 @@ def write_split(out_dir: str | Path, split: str, items: Sequence[Any], load: Cal
         except BlockingIOError:
             raise FileExistsError(f"another write of split {split!r} into {out_dir} is running (or its workers are "
                                   f"still stopping): wait for it to end, or stop it, then rerun") from None
-        entry = _write_split(out_dir, split, items, load, dataset=dataset, opts=opts, label_names=label_names,
-                             describe=describe, settings=settings, extra=extra)
-    if entry["samples"] == 0:
-        reasons = [s["reason"] for s in entry["skipped"]]
-        kinds = [r.split(":")[0] for r in reasons]  # the error's class, or a skip's own first words
-        common = max(set(kinds), key=kinds.count) if kinds else ""
-        example = next((r for r in reasons if r.split(":")[0] == common), "none given")
-        raise ValueError(f"split {split!r}: none of its {len(items)} inputs could be written (the most common "
-                         f"reason, {kinds.count(common)} of them: {example}); {out_dir / 'shards.json'} lists each")
-    return entry
+        return _write_split(out_dir, split, items, load, dataset=dataset, opts=opts, label_names=label_names,
+                            describe=describe, settings=settings, extra=extra)
+
+
+def empty_splits(manifest: dict, out_dir: str | Path) -> str | None:
+    """What to tell the user when a split had inputs and none could be written (None: no such
+    split): each such split, with its commonest reason; the command should then fail."""
+    lines = []
+    for split, entry in sorted(manifest.get("splits", {}).items()):
+        if entry["samples"] == 0:
+            reasons = [s["reason"] for s in entry["skipped"]]
+            kinds = [r.split(":")[0] for r in reasons]  # the error's class, or a skip's own first words
+            common = max(set(kinds), key=kinds.count) if kinds else ""
+            example = next((r for r in reasons if r.split(":")[0] == common), "none given")
+            lines.append(f"split {split!r}: none of its {len(reasons)} inputs could be written (the most common "
+                         f"reason, {kinds.count(common)} of them: {example})")
+    return "; ".join(lines) + f"; {Path(out_dir) / 'shards.json'} lists each" if lines else None
 
 
 def _write_split(out_dir: Path, split: str, items: Sequence[Any], load: Callable[[Any], VideoRecord], *,

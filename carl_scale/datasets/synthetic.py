@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from carl_scale.data.config import SYNTHETIC_ACTIONS, SyntheticConfig
 from carl_scale.data.manifest import read_manifest
+from carl_scale.datasets.encode import check_frame_size
 from carl_scale.datasets.parallel import PROGRESS_DIR, write_options, write_split
 from carl_scale.datasets.writer import VideoRecord
 
@@ -299,6 +300,9 @@ def write_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = No
     arguments of :func:`~carl_scale.datasets.parallel.write_options`. By default each split gets
     ~16 shards, so that 16 ranks x workers can split it by shard."""
     cfg = cfg or SyntheticConfig()
+    first = write_options(**write)
+    if first.payload == "video":  # refused before anything is written, not video by video
+        check_frame_size(first.encode.codec, cfg.height, cfg.width)
     labels = {"actions": list(cfg.action_names), "phases": cfg.phase_names()}
     for split in ("train", "val"):
         opts = write_options(**write, default_max_samples=max(1, -(-num_videos(cfg, split) // 16)))

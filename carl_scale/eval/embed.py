@@ -82,10 +82,10 @@ class VideoEmbeddings:
 
 
 def embedding_fingerprint(model, shards, split: str, *, image_size: int | None, spatial: SpatialConfig,
-                          limit: int | None, per_action: int | None = None) -> str:
+                          limit: int | None, per_action: int | None = None, actions: int | None = None) -> str:
     """A hash of everything the embeddings depend on: every weight of the model, its config, the
     shard split as ``shards.json`` lists it (files, sizes, write time), the evaluation view (size,
-    normalisation), ``limit`` and ``per_action``. Equal fingerprints mean a saved ``.npz`` can stand in for re-embedding."""
+    normalisation), ``limit``, ``per_action`` and ``actions``. Equal fingerprints mean a saved ``.npz`` can stand in for re-embedding."""
     h = hashlib.sha1(usedforsecurity=False)
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -96,7 +96,7 @@ def embedding_fingerprint(model, shards, split: str, *, image_size: int | None, 
         for u in urls]
     h.update(json.dumps([EMBEDDINGS_FORMAT, repr(getattr(model, "cfg", None)), data,
                          image_size or model.cfg.image_size, list(spatial.mean), list(spatial.std), limit]
-                        + ([per_action] if per_action is not None else []),
+                        + ([per_action, actions] if per_action is not None else []),
                         sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -121,18 +121,21 @@ def embed_frames(model, frames, *, image_size: int | None = None, spatial: Spati
 @torch.no_grad()
 def extract_embeddings(model, shards, split: str = "val", *, image_size: int | None = None,
                        spatial: SpatialConfig | None = None, device: str = "cpu", decoder: str = "auto",
-                       limit: int | None = None, per_action: int | None = None, cache: str | Path | None = None,
+                       limit: int | None = None, per_action: int | None = None, max_actions: int | None = None,
+                       cache: str | Path | None = None,
                        progress: bool | None = None) -> VideoEmbeddings:
     """Embed every frame of every video of ``split`` (with every per-frame label set the shards
     carry). With ``cache``: a ``.npz`` there whose fingerprint matches (same weights, shards and
     view; :func:`embedding_fingerprint`) is loaded instead, otherwise the embeddings are computed
     and saved there — so metrics re-run without the model, and a changed model is never mixed up.
     A sample that cannot be read or decoded is skipped with a warning and listed in ``.skipped``.
-    ``per_action``: at most this many videos of each action (the first in shard order; the others
-    are not decoded), e.g. a sample of every class from a split written class by class."""
+    ``per_action``: at most this many videos of each action, and with ``max_actions`` of the first
+    that many actions met only (the first videos in shard order; the others are not decoded), e.g.
+    a sample of every class from a split written class by class."""
     spatial = spatial or SpatialConfig()
     fp = "" if cache is None else embedding_fingerprint(model, shards, split, image_size=image_size,
-                                                        spatial=spatial, limit=limit, per_action=per_action)
+                                                        spatial=spatial, limit=limit, per_action=per_action,
+                                                        actions=max_actions)
     if cache is not None and Path(cache).exists():
         try:
             saved = VideoEmbeddings.load(cache)
@@ -166,6 +169,8 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
         if per_action is None:
             return True
         action = int(meta.get("action_label", -1))
+        if action not in taken and max_actions is not None and len(taken) >= max_actions:
+            return False
         taken[action] = taken.get(action, 0) + 1
         return taken[action] <= per_action
 

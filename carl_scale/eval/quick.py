@@ -89,9 +89,10 @@ OBJECTIVES = ("phase_acc", "kendall_tau", "one_shot")
 def validation_objective(model, shards, spatial: SpatialConfig, device, objective: str = "phase_acc", *,
                          limit: int | None = None, folds: int = 4) -> float:
     """One number for a sweep, from validation videos only (about ``limit`` of the val split: an
-    equal share of each action class the manifest names, at least 2, the first in shard order; a
-    split written class by class would otherwise give its first class only; without a manifest the
-    first ``limit``), per action class and averaged: ``phase_acc`` (cross-validated, as :func:`quick_eval`),
+    equal share, at least 2, of each action the manifest names, or of the first ``limit // 2``
+    actions met where it names more; the first videos of each in shard order. A split written
+    class by class would otherwise give its first class only. Without a manifest: the first
+    ``limit``), per action class and averaged: ``phase_acc`` (cross-validated, as :func:`quick_eval`),
     ``kendall_tau``, or ``one_shot`` (each action's even-numbered videos are the labelled pool,
     the odd ones are classified; :func:`one_shot_phase_classification`)."""
     from carl_scale.eval.metrics import one_shot_phase_classification
@@ -101,9 +102,13 @@ def validation_objective(model, shards, spatial: SpatialConfig, device, objectiv
     from carl_scale.data.manifest import resolve_shards
 
     actions = len(((resolve_shards(shards, "val")[1] or {}).get("label_names") or {}).get("actions") or [])
-    per_action = max(2, -(-limit // actions)) if limit and actions else None
-    ve = extract_embeddings(model, shards, "val", spatial=spatial, device=str(device),
-                            limit=None if per_action else limit, per_action=per_action)
+    per_action = None
+    if limit and actions:  # the first min(actions, limit // 2) actions met, limit // that many videos each
+        actions = min(actions, max(1, limit // 2))
+        per_action = max(2, limit // actions)
+        limit = actions * per_action
+    ve = extract_embeddings(model, shards, "val", spatial=spatial, device=str(device), limit=limit,
+                            per_action=per_action, max_actions=actions if per_action else None)
     scores = []
     for _, vidx in sorted(ve.by_action().items()):
         group = ve.subset(vidx)

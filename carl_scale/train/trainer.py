@@ -83,7 +83,7 @@ def process_group() -> Iterator[tuple[int, int, torch.device]]:
         if made_group:
             deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
         rank, world = dist.get_rank(), dist.get_world_size()
-        if made_group:
+        if made_group and not cuda:  # (DeepSpeed's shm all-reduce is its CPU accelerator's)
             release_shm_buffer(rank, world)
         if cuda:
             local = int(os.environ.get("LOCAL_RANK", 0))

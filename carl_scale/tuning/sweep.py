@@ -47,6 +47,8 @@ def prepare(cfg: SweepConfig) -> tuple[RunConfig, str]:
         overrides["init_from"] = cfg.init_from
     if cfg.eps2 is not None:
         overrides["loss.eps2"] = cfg.eps2
+    if cfg.weak:  # (each trial draws its own; the lowest, so that the base config is never refused for it)
+        overrides["loss.eps1"] = cfg.eps1[0]
     start = load_run_config(cfg.config) if cfg.config is not None else recipe(cfg.recipe)
     base = configure(start, overrides, weak=cfg.weak)
     if cfg.weak and not cfg.resume and cfg.eps1[1] > base.loss.eps2:  # draws above ε₂: refused inside Ray
