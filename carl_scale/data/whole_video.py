@@ -35,18 +35,26 @@ def iter_whole_videos(spec, decoder: FrameDecoder, split: str = "train", on_erro
         on_error("unreadable shard data", exn)
         return True
 
+    def damaged(sample: dict, exn: Exception) -> None:
+        if on_error is None:
+            raise exn
+        on_error(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
+
     for sample in wds.tarfile_to_samples(handler=bad_shard_data)([dict(url=u) for u in urls]):
         try:
             meta = parse_meta(sample)
-            if (only is not None and meta["video_id"] not in only) or (want is not None and not want(meta)):
-                continue
+        except Exception as exn:
+            damaged(sample, exn)
+            continue
+        # (outside the handler: an error in the caller's filter is the caller's, not a damaged sample)
+        if (only is not None and meta["video_id"] not in only) or (want is not None and not want(meta)):
+            continue
+        try:
             frames = decoder.decode_all(EncodedVideo.from_sample(sample, meta))
             if len(frames) != int(meta["num_frames"]):
                 raise ValueError(f"decoded {len(frames)} frames, the metadata says {meta['num_frames']}")
         except Exception as exn:
-            if on_error is None:
-                raise
-            on_error(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
+            damaged(sample, exn)
             continue
         yield meta, frames
 
