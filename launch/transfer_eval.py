@@ -30,8 +30,9 @@ def finetune(ckpt: Path, shards: str, run_dir: Path, steps: int, extra: list[str
     import subprocess
 
     from carl_scale.eval.transfer import latest_checkpoint
-    from carl_scale.models.weights import read_meta
+    from carl_scale.models.weights import read_meta, resolve_checkpoint
 
+    ckpt = resolve_checkpoint(ckpt)  # a run directory or checkpoints/latest: the step it names
     # the checkpoint's own recipe (its saved config), on the target's data, from its weights; SCL
     # even after weak supervision (the source's video classes are not the target's)
     weak = read_meta(ckpt)["config"].get("loss", {}).get("name") == "weak"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from carl_scale.config import ConfigError
+from carl_scale.config import ConfigError, to_dict
 from carl_scale.models import build_model, model_config
 from carl_scale.models import load_model
 from carl_scale.models.weights import save_weights
@@ -118,6 +118,42 @@ def test_pruning_and_resuming_never_lose_a_checkpoint(tmp_path):
     assert ckpt.prune(root, keep=1) == [] and ckpt.checkpoints(root).keys() == {4}
 
 
+def test_resume_latest_without_its_pointer_takes_the_newest_intact_checkpoint(tmp_path):
+    """A crash between publishing a checkpoint and pointing ``latest`` at it (or step directories
+    copied without it): ``--resume latest`` resumes from the newest intact one instead of starting
+    over (and then failing to save over it)."""
+    root = tmp_path / "checkpoints"
+    assert ckpt.find(root, "latest") is None  # nothing yet: a fresh start
+    for s in (2, 4, 6):
+        (root / ckpt.tag(s)).mkdir(parents=True)
+        (root / ckpt.tag(s) / "meta.json").write_text('{"world_size": 1}')
+        torch.save({"step": s}, root / ckpt.tag(s) / "client_rank0.pt")
+    (root / ckpt.tag(6) / "client_rank0.pt").write_bytes(b"cut short")  # the newest is damaged
+    assert ckpt.find(root, "latest") == root / "step_000004"
+
+
+def test_a_pretrained_file_of_another_resnet_and_a_shape_flag_with_init_from_are_refused(tmp_path):
+    import torchvision
+
+    from carl_scale.train.recipes import configure, recipe
+
+    r18 = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), r18)
+    with pytest.raises(ValueError, match=r"r18.pth is not a ResNet-50 state dict: .* of another shape"):
+        build_model(model_config("r50", pretrained=str(r18)))
+    step = tmp_path / "run/checkpoints/step_000004"
+    step.mkdir(parents=True)
+    saved = to_dict(recipe("debug"))
+    (step / "meta.json").write_text(json.dumps({"config": saved}))
+    with pytest.raises(ConfigError, match=r"--layers is 3, but --init-from .*step_000004 was trained with 2"):
+        configure(recipe("debug"), {"init_from": str(step), "model.num_layers": 3})
+    weak = {**saved, "model": {**saved["model"], "class_token": True, "num_classes": 7}}
+    (step / "meta.json").write_text(json.dumps({"config": weak}))
+    with pytest.raises(ConfigError, match=r"--num-classes is 4 .* was trained with 7"):
+        configure(recipe("debug"), {"init_from": str(step), "model.num_classes": 4}, weak=True)
+    assert configure(recipe("debug"), {"init_from": str(step), "model.num_classes": 7}, weak=True).model.num_classes == 7
+
+
 @pytest.mark.slow
 def test_resume_from_an_older_checkpoint_refusals_and_damage(vp9_shards, tmp_path):
     run = tmp_path / "run"
@@ -189,3 +225,10 @@ def test_the_evaluation_entry_points_end_in_one_line(tmp_path):
         res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
         assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
         assert "error:" in res.stderr and "nope" in res.stderr
+    from carl_scale.eval.embed import default_device
+
+    with pytest.raises(ValueError, match="--device 'gpu' is not a device: use cpu, cuda or cuda:N"):
+        default_device("gpu")
+    with pytest.raises(ValueError, match=f"--device cuda:{torch.cuda.device_count()}: this machine has"):
+        default_device(f"cuda:{torch.cuda.device_count()}")
+    assert default_device("cpu") == "cpu"

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from carl_scale.bench.step import parse_overrides
+from carl_scale.models.flavors import FLAVORS
 from carl_scale.tables import table
 from carl_scale.train.recipes import configure, recipe
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the loader's decoder (pyav on a GPU machine: CPU decoding in the workers)")
     p.add_argument("--cpu-decode-share", type=float, default=0.0,
                    help="with the GPU decoder: the share of the videos decoded by PyAV in the workers")
-    p.add_argument("--flavor", default="debug")
+    p.add_argument("--flavor", default="debug", choices=sorted(FLAVORS))
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)

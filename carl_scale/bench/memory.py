@@ -34,6 +34,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from carl_scale.models.flavors import FLAVORS
 from carl_scale.tables import table
 
 
@@ -155,7 +156,7 @@ def run(flavor: str, frames: int, batch: int, extras: tuple[str, ...] = ()) -> d
 
 def main(argv: list[str] | None = None) -> dict[str, LiveBytes]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--flavor", default="r50")
+    p.add_argument("--flavor", default="r50", choices=sorted(FLAVORS))
     p.add_argument("--frames", type=int, default=80)
     p.add_argument("--batch", type=int, default=2, help="videos per step (2 views each)")
     p.add_argument("--extra", nargs="*", default=[], help="more rows: ours with these overrides, as in bench.step")

@@ -37,6 +37,7 @@ from carl_scale.config import to_dict
 from carl_scale.data.reader import VideoBatch
 from carl_scale.losses.objective import build_objective
 from carl_scale.models import build_model
+from carl_scale.models.flavors import FLAVORS
 from carl_scale.tables import table
 from carl_scale.train.recipes import configure, recipe
 from carl_scale.train.trainer import apply_speedups, build_engine, engine_step, process_group
@@ -258,7 +259,7 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--flavor", default="debug")
+    p.add_argument("--flavor", default="debug", choices=sorted(FLAVORS))
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--batch", type=int, default=2, help="videos per step (2 views each)")
     p.add_argument("--iters", type=int, default=10)

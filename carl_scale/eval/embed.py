@@ -102,7 +102,22 @@ def embedding_fingerprint(model, shards, split: str, *, image_size: int | None, 
 
 
 def default_device(device: str | None = None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """``--device`` checked against this machine (None: a GPU if there is one), so that a device
+    it lacks is one line, not a traceback from deep inside the model."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (parsed.index or 0) >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s); use cpu"
+                             + (f" or cuda:0..cuda:{count - 1}" if count else ""))
+    elif parsed.type != "cpu":
+        raise ValueError(f"--device {device}: use cpu, cuda or cuda:N")
+    return device
 
 
 @torch.no_grad()

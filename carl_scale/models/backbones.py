@@ -151,10 +151,14 @@ class Backbone(nn.Module):
                 if k.startswith(a):
                     k = b + k[len(a):]
             sd[k] = v
-        missing, unexpected = holder.load_state_dict(sd, strict=False)
-        if missing or unexpected:
+        own = holder.state_dict()
+        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        reshaped = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+        if missing or unexpected or reshaped:  # (ResNet-18/34, a wide ResNet or ResNeXt: shapes differ)
             raise ValueError(f"{pretrained} is not a ResNet-50 state dict: {len(missing)} missing keys "
-                             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+                             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+                             f"{len(reshaped)} of another shape (e.g. {reshaped[:3]})")
+        holder.load_state_dict(sd)
 
     def train(self, mode: bool = True) -> "Backbone":
         super().train(mode)

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from carl_scale.models.weights import (META_FILE, CheckpointError, checkpoints, intact_hint, load_tensors,
-                                      save_weights, step_of)
+from carl_scale.models.weights import (META_FILE, CheckpointError, checkpoints, intact_before, intact_hint,
+                                      load_tensors, save_weights, step_of)
 
 
 def git_revision() -> str:
@@ -44,8 +44,8 @@ def rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": random.getstate(), "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached)),
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only: a resume may see fewer GPUs
+        state["cuda_device"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
@@ -54,8 +54,12 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_device" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_device"], torch.cuda.current_device())
+    elif "cuda" in state and torch.cuda.is_available():  # written before: every GPU's, this one's at its index
+        index = torch.cuda.current_device()
+        if index < len(state["cuda"]):
+            torch.cuda.set_rng_state(state["cuda"][index], index)
 
 
 def _allowed_records() -> list:
@@ -180,11 +184,17 @@ def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, me
 
 
 def find(root: Path, resume: str) -> Path | None:
-    """The checkpoint directory ``resume`` names: "latest" (None if there is none yet) or a path."""
+    """The checkpoint directory ``resume`` names: "latest" (None if there is none yet) or a path.
+    Without a ``latest`` pointer but with checkpoints (a crash between publishing the first one and
+    pointing at it, or step directories copied without it), "latest" is the newest intact one."""
     if resume == "latest":
         name = latest_name(root)
         if name is None:
-            return None
+            newest = intact_before(root, None)
+            if newest is not None:
+                print(f"{root / 'latest'} is missing: resuming from the newest intact checkpoint, {newest.name}",
+                      flush=True)
+            return newest
         path = root / name
     else:
         path = Path(resume)

@@ -200,4 +200,28 @@ def configure(base: RunConfig, overrides: Mapping[str, Any] | None = None, *, fl
                              f"(no label_names in shards.json): write the shards with --labels, or give "
                              f"--num-classes N")
         d["model"]["num_classes"] = classes
+    if overrides.get("init_from"):
+        _check_fits_init(d["model"], saved, overrides["init_from"])
     return from_dict(RunConfig, d)
+
+
+# The model fields that shape its weights: a run from --init-from must keep the checkpoint's.
+SHAPE_FIELDS = {"backbone": "model.backbone", "head_width": "model.head_width", "width": "model.width",
+                "num_layers": "--layers", "num_heads": "model.num_heads", "ffn_width": "model.ffn_width",
+                "embed_dim": "model.embed_dim", "proj_dim": "model.proj_dim", "pos_encoding": "model.pos_encoding",
+                "final_norm": "model.final_norm"}
+
+
+def _check_fits_init(model: dict, saved: dict, init_from: str) -> None:
+    """Refuse, now, a model the checkpoint's weights cannot fill: a shape flag given with
+    --init-from, or a class-token classifier for another number of video classes (a class token
+    the checkpoint lacks is new, and starts fresh)."""
+    for field, flag in SHAPE_FIELDS.items():
+        if field in saved and model.get(field) != saved[field]:
+            refuse(flag, f"is {model.get(field)!r}, but --init-from {init_from} was trained with {saved[field]!r}: "
+                         f"drop the flag, or start without --init-from")
+    if saved.get("class_token") and model.get("class_token") and model.get("num_classes") != saved.get("num_classes"):
+        refuse("--num-classes", f"is {model.get('num_classes')} (this data's video classes), but --init-from "
+                                f"{init_from} was trained with {saved.get('num_classes')}: start from a checkpoint "
+                                f"without a class token (self-supervised), or give --num-classes "
+                                f"{saved.get('num_classes')} if the labels are the same classes")
