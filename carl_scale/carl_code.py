@@ -287,6 +287,8 @@ def import_carl(checkpoint: str | Path, config: str | Path | None, out: str | Pa
     """Write ``out`` as a carl_scale checkpoint directory (``meta.json`` + ``model.pt``) holding a
     published checkpoint's encoder. Returns a summary (what was read, written and noted)."""
     checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; name a directory (it gets meta.json and model.pt)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out} is not empty; choose another directory or pass --overwrite")
     pub_ckpt = read_published_checkpoint(checkpoint)

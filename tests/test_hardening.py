@@ -118,6 +118,22 @@ def test_pruning_and_resuming_never_lose_a_checkpoint(tmp_path):
     assert ckpt.prune(root, keep=1) == [] and ckpt.checkpoints(root).keys() == {4}
 
 
+def test_a_checkpoint_of_another_version_and_an_out_that_is_a_file_end_in_one_line(tmp_path):
+    from carl_scale.carl_code import import_carl
+    from carl_scale.models.weights import CheckpointError
+
+    model = build_model(model_config("debug", image_size=32))
+    (tmp_path / "ckpt").mkdir()
+    save_weights(model, tmp_path / "ckpt")
+    saved = {**to_dict(model.cfg), "rope": True}  # a setting of a newer version
+    (tmp_path / "ckpt/meta.json").write_text(json.dumps({"config": {"model": saved}}))
+    with pytest.raises(CheckpointError, match=r"ckpt/meta.json: .*rope.*written by another carl_scale version"):
+        load_model(tmp_path / "ckpt")
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(FileExistsError, match="--out .*out is a file"):
+        import_carl(tmp_path / "nope.pth", None, tmp_path / "out")
+
+
 def test_resume_latest_without_its_pointer_takes_the_newest_intact_checkpoint(tmp_path):
     """A crash between publishing a checkpoint and pointing ``latest`` at it (or step directories
     copied without it): ``--resume latest`` resumes from the newest intact one instead of starting

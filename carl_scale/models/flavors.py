@@ -16,7 +16,7 @@ import torch
 from carl_scale.config import from_dict
 from carl_scale.models.config import ModelConfig
 from carl_scale.models.fve import FrameVideoEncoder
-from carl_scale.models.weights import load_weights, read_weights
+from carl_scale.models.weights import META_FILE, CheckpointError, load_weights, read_weights, resolve_checkpoint
 
 
 def r50() -> ModelConfig:
@@ -67,6 +67,11 @@ def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> Fr
     ``checkpoints/latest``): built from its meta.json's model config, its float32 weights loaded
     (:mod:`carl_scale.models.weights`), in eval mode on ``device``."""
     state, cfg = read_weights(checkpoint)
-    model = build_model(model_config_from_dict(cfg, pretrained=None), weights_follow=True)  # the checkpoint has them all
+    try:
+        model_cfg = model_config_from_dict(cfg, pretrained=None)  # the checkpoint has every weight
+    except ValueError as exn:  # (ConfigError: a key or value this version does not know)
+        raise CheckpointError(f"{resolve_checkpoint(checkpoint) / META_FILE}: {exn}. It was written by another "
+                              f"carl_scale version: read it with that version") from None
+    model = build_model(model_cfg, weights_follow=True)
     load_weights(model, state, checkpoint)
     return model.to(device).eval()
