@@ -248,3 +248,27 @@ def test_the_evaluation_entry_points_end_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=f"--device cuda:{torch.cuda.device_count()}: this machine has"):
         default_device(f"cuda:{torch.cuda.device_count()}")
     assert default_device("cpu") == "cpu"
+
+
+@pytest.mark.slow
+def test_a_resume_does_not_read_the_pretrained_file_again(vp9_shards, tmp_path):
+    """Every weight of a resumed run comes from its checkpoint: the --pretrained file it started
+    from may have moved since (or be another person's path) and the run still continues."""
+    import torchvision
+
+    weights = tmp_path / "byol_r50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), weights)
+    run = tmp_path / "run"
+    flags = ["--shards", str(vp9_shards), "--run-dir", str(run), "--recipe", "pennaction", "--layers", "1",
+             "--frames", "2", "--batch-size", "1", "--workers", "0", "--image-size", "32", "--checkpoint-every",
+             "1", "--no-eval", "--pretrained", str(weights)]
+    first = _pretrain(*flags, "--steps", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    weights.unlink()
+    again = _pretrain(*flags, "--steps", "2", "--resume", "latest")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and ckpt.latest_name(run / "checkpoints") == "step_000002"
+    other = tmp_path / "other"
+    fresh = _pretrain(*flags, "--steps", "1", "--run-dir", str(other))  # the last --run-dir counts
+    assert fresh.returncode == 1 and "byol_r50.pth not found" in fresh.stderr  # a new run still needs it
+    assert "Traceback" not in fresh.stderr and not other.exists()  # refused before anything is written

@@ -61,13 +61,19 @@ _PREFIXES = ("module.", "online_network.encoder.", "online_network.net.", "onlin
              "backbone.", "net.")
 
 
-def _resnet_state_dict(path: str) -> dict[str, torch.Tensor]:
-    p = Path(path)
-    if not p.is_file():
+def check_pretrained_file(path: str) -> None:
+    """Refuse a --pretrained path that is not a file, naming it and the fix (before a run writes
+    anything: the launcher checks it first)."""
+    if not Path(path).is_file():
         raise FileNotFoundError(
             f"pretrained weights {path} not found. Pass --pretrained with a local file: a torchvision "
             f"ResNet-50 state dict (torch.save(model.state_dict(), 'r50.pth')) or a BYOL checkpoint; "
             f"or leave it out to start from random weights. Nothing is downloaded.")
+
+
+def _resnet_state_dict(path: str) -> dict[str, torch.Tensor]:
+    check_pretrained_file(path)
+    p = Path(path)
     with open(p, "rb") as f:
         head = f.read(64)
     if not zipfile.is_zipfile(p) and head[:1] != b"\x80":  # neither torch's zip format nor a pickle

@@ -191,7 +191,7 @@ def find(root: Path, resume: str) -> Path | None:
         name = latest_name(root)
         if name is None:
             newest = intact_before(root, None)
-            if newest is not None:
+            if newest is not None and (not dist.is_initialized() or dist.get_rank() == 0):  # one line, not one per rank
                 print(f"{root / 'latest'} is missing: resuming from the newest intact checkpoint, {newest.name}",
                       flush=True)
             return newest

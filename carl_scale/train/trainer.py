@@ -34,6 +34,7 @@ from carl_scale.config import to_dict
 from carl_scale.data.reader import VideoBatch, VideoLoader
 from carl_scale.losses.objective import build_objective
 from carl_scale.models import build_model
+from carl_scale.models.backbones import check_pretrained_file
 from carl_scale.models.weights import CheckpointError, load_weights, read_meta, read_weights
 from carl_scale.tables import table
 from carl_scale.train import checkpoint as ckpt
@@ -327,7 +328,10 @@ class Trainer:
             max(1, math.ceil(cfg.epochs * len(self.loader) / cfg.parallel.grad_accum))
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = build_model(cfg.model, weights_follow=bool(cfg.init_from))
+        # a resume restores every weight from its checkpoint: the --pretrained file is not read (it
+        # may have moved since the run began, or be another person's path)
+        model_cfg = dataclasses.replace(cfg.model, pretrained=None) if resume_from is not None else cfg.model
+        self.model = build_model(model_cfg, weights_follow=bool(cfg.init_from) or resume_from is not None)
         if cfg.init_from:  # fine-tuning: weights only; optimizer, schedule and step start afresh
             # a class token this run adds (weak supervision from a self-supervised start) starts fresh
             new = ("cls_token", "classifier.") if cfg.model.class_token else ()
@@ -564,9 +568,20 @@ class Trainer:
         print("\n" + table(rows, ("run", str(self.run_dir))), flush=True)
 
 
+def check_local_files(cfg: RunConfig) -> None:
+    """Refuse a missing --pretrained file before any rank starts or writes (shards, run
+    directory). A resume does not read it (every weight is in the checkpoint): it may be gone."""
+    if cfg.model.pretrained is None:
+        return
+    resume = cfg.checkpoint.resume
+    if resume is None or (resume == "latest" and not ckpt.checkpoints(Path(cfg.run_dir) / "checkpoints")):
+        check_pretrained_file(cfg.model.pretrained)
+
+
 def run(cfg: RunConfig, hooks: Sequence[Hook] = ()) -> dict:
     """Train ``cfg`` to its last step (resuming if ``cfg.checkpoint.resume`` says so) and return the
     summary (plus what the hooks' ``on_end`` add). ``cfg`` is not changed."""
+    check_local_files(cfg)
     with process_group() as (rank, world, device), rng_scope(cfg.seed):
         for hook in hooks:
             hook.on_start(rank, world)
