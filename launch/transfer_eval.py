@@ -4,7 +4,7 @@
     launch/transfer_eval.sh pennaction runs/k400/checkpoints/step_100000
     launch/transfer_eval.sh pouring --shards data/pouring --out runs/transfer
     launch/transfer_eval.sh pennaction runs/k400/checkpoints/step_100000 --finetune-steps 5000   # Table 15
-    python launch/transfer_eval.py synthetic --run-dir runs/default --random-baseline
+    python launch/transfer_eval.py synthetic --run-dir runs/pretrain --random-baseline --classifier logistic
 
 Writes runs/transfer/<dataset>/results.md and results.json (every metric, per action class where
 the protocol has them), the embeddings (.npz) and pictures per model (alignment, retrieval, phase timeline).
@@ -62,11 +62,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--subset", choices=["first", "random"], default="first",
                    help="which 10%%/50%% of the training videos the classifiers see: the first ones, as the "
                         "published evaluation (comparable with the paper), or a seeded random draw")
+    p.add_argument("--classifier", choices=["svm", "logistic"], default="svm",
+                   help="phase classifier: svm (sklearn SVC defaults, as the paper describes) or logistic (the "
+                        "published evaluation code's logistic regression)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="first fine-tune the checkpoint with SCL on the dataset's train split for this many steps")
     p.add_argument("--finetune-args", default="", help="more flags for launch/pretrain_k400.py, e.g. '--lr 1e-5'")
     a = p.parse_args(argv)
+    if a.finetune_steps < 0:
+        p.error(f"--finetune-steps must be >= 0 (0: evaluate the checkpoint as it is), got {a.finetune_steps}")
+    if a.finetune_args and not a.finetune_steps:
+        p.error("--finetune-args only applies to a fine-tuning: give --finetune-steps N too")
 
     import torch
 
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(0)
         models = {"random_init": build_model(models["pretrained"].cfg).to(device).eval(), **models}
     res = transfer_eval(a.dataset, models, shards=a.shards, out_dir=a.out, device=device,
-                       reuse_embeddings=not a.recompute, subset=a.subset)
+                       reuse_embeddings=not a.recompute, subset=a.subset, classifier=a.classifier)
     print(f"checkpoint {ckpt}\n\n{res['table']}\n\nwritten to {res['out_dir']}/")
     return res
 

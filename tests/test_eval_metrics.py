@@ -172,11 +172,65 @@ def test_temporal_clustering_rand_index():
 
 
 def test_linear_probe_learns_many_separable_classes():
+    """The published FineGym recipe (lr 50 cosine per epoch, batches of 10 videos, 100 epochs) on
+    L2-normalised embeddings, as the encoder gives them."""
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(20, 16)) * 4
-    def split(n):
-        y = rng.integers(0, 20, size=n)
-        return [centres[y] + rng.normal(size=(n, 16))], [y]
-    (xt, yt), (xv, yv) = split(2000), split(500)
-    res = linear_probe_frame_classification(xt, yt, xv, yv, epochs=30, device="cpu")
+
+    def split(videos, frames=50):
+        ys = [rng.integers(0, 20, size=frames) for _ in range(videos)]
+        xs = [centres[y] + rng.normal(size=(frames, 16)) for y in ys]
+        xs = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in xs]
+        for y in ys:
+            y[:3] = -1  # unlabelled frames neither train nor score
+        return xs, ys
+    (xt, yt), (xv, yv) = split(40), split(10)
+    res = linear_probe_frame_classification(xt, yt, xv, yv, device="cpu")
     assert res["accuracy"] > 0.9 and res["mean_class_accuracy"] > 0.9
+    few = linear_probe_frame_classification(xt[:4], yt[:4], xv, yv, device="cpu", epochs=20)  # < one batch
+    assert few["accuracy"] > 0.5
+    assert np.isnan(linear_probe_frame_classification(xt, [np.full(50, -1)] * 40, xv, yv)["accuracy"])
+
+
+def test_unlabelled_frames_are_cut_before_the_stride_and_the_positions_as_the_published_evaluation():
+    """The published evaluation keeps only each video's labelled frames before any metric: AP@K's
+    stride and progression's positions t and length L count those frames."""
+    rng = np.random.default_rng(4)
+    embs, labels = [], []
+    for n, lead, tail in ((30, 3, 8), (40, 11, 2), (36, 0, 5), (33, 7, 7)):
+        e, lab = _phased(n, 3, rng, noise=0.3)
+        embs.append(np.concatenate([rng.normal(size=(lead, 16)), e, rng.normal(size=(tail, 16))]))
+        labels.append(np.concatenate([np.full(lead, -1), lab, np.full(tail, -1)]))
+    cut = [e[lab >= 0] for e, lab in zip(embs, labels)]
+    cut_labels = [lab[lab >= 0] for lab in labels]
+    strided = ([e[::2] for e in cut], [lab[::2] for lab in cut_labels])
+    ours = average_precision_at_k(embs, labels, [0] * 4, ks=(5,), stride=2, device="cpu")[5]
+    assert ours == pytest.approx(_naive_precision_at_k(*strided, [0] * 4, 5), abs=1e-6)
+
+    def video(n, lead, tail):  # features (i/n, t_k/n, 1) of the i-th labelled frame of n
+        i = np.arange(n)
+        tks = [n // 3 - 1, 2 * n // 3 - 1]
+        lab = np.searchsorted(np.array(tks), i, side="left")
+        e = np.stack([i / n, np.full(n, tks[0] / n), np.full(n, tks[1] / n)], 1)
+        pad = lambda k: np.zeros((k, 3))  # noqa: E731
+        return np.concatenate([pad(lead), e, pad(tail)]), np.concatenate([np.full(lead, -1), lab, np.full(tail, -1)])
+    # (t - t_k) / L over the labelled frames is linear in these features; over the whole video
+    # (other lead-ins and tails per video) it is not
+    train = [video(n, a, b) for n, a, b in ((30, 5, 0), (45, 0, 9), (60, 12, 3))]
+    val = [video(n, a, b) for n, a, b in ((36, 2, 6), (51, 9, 0))]
+    res = phase_progression(*zip(*train), *zip(*val))
+    assert res["r2"] == pytest.approx(1.0, abs=1e-9) and res["boundaries"] == 2
+
+
+def test_phase_classification_with_nothing_to_train_on_or_score_is_nan_and_logistic_is_the_published_code():
+    rng = np.random.default_rng(5)
+    vids = [_phased(30, 3, rng, noise=0.05) for _ in range(4)]
+    embs, labels = [e for e, _ in vids], [lab for _, lab in vids]
+    unlabelled = [np.full(30, -1)] * 2
+    assert all(np.isnan(v) for v in phase_classification(embs, labels, embs[:2], unlabelled).values())
+    assert all(np.isnan(v) for v in phase_classification([], [], embs, labels).values())
+    assert all(np.isnan(v) for v in phase_classification(embs[:2], unlabelled, embs, labels).values())
+    logistic = phase_classification(embs, labels, embs, labels, classifier="logistic", fractions=(1.0,))
+    assert logistic[1.0] > 0.9
+    with pytest.raises(ValueError, match="classifier must be one of"):
+        phase_classification(embs, labels, embs, labels, classifier="knn")

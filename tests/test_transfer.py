@@ -46,7 +46,7 @@ def test_missing_shards_and_checkpoints_say_what_to_run(tmp_path):
         latest_checkpoint(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="is not a checkpoint directory"):
         load_model(tmp_path)
-    with pytest.raises(KeyError, match="unknown dataset"):
+    with pytest.raises(ValueError, match="unknown dataset"):
         transfer_eval("ucf101", {}, out_dir=tmp_path)
 
 
@@ -197,3 +197,53 @@ def test_fine_tuning_a_weakly_supervised_checkpoint_runs_scl(tmp_path, monkeypat
     finetune(ckpt, "data/target", tmp_path / "ft", 5, ["--lr", "1e-4"])
     cmd = " ".join(ran[0])
     assert ("--loss scl --per-label 0" in cmd) == (loss == "weak") and cmd.endswith("--lr 1e-4")
+
+
+def test_an_action_without_training_videos_keeps_its_training_free_metrics_and_the_means_say_how_many_classes():
+    from carl_scale.eval.embed import VideoEmbeddings
+    from carl_scale.eval.transfer import PROTOCOLS, _notes, run_protocol
+
+    rng = np.random.default_rng(0)
+
+    def videos(actions):
+        embs, labs = [], []
+        for _ in actions:
+            n = int(rng.integers(20, 30))
+            lab = np.minimum(np.arange(n) * 3 // n, 2)
+            lab[:2] = -1
+            embs.append(np.eye(3)[np.maximum(lab, 0)] + 0.1 * rng.normal(size=(n, 3)))
+            labs.append(lab)
+        return VideoEmbeddings([f"v{i}" for i in range(len(actions))], embs, labs, np.array(actions))
+    train, val = videos([0, 0, 0]), videos([0, 0, 1, 1])  # action 1: validation videos only
+    res = run_protocol(train, val, PROTOCOLS["synthetic"])
+    assert set(res["per_action"]) == {0, 1}
+    one = res["per_action"][1]
+    assert np.isfinite(one["kendall_tau"]) and np.isfinite(one["AP@5"]) and np.isfinite(one["clustering_rand_index"])
+    assert np.isnan(one["classification@1"]) and np.isnan(one["progression"]) and np.isnan(one["one_shot"])
+    assert res["classes"]["kendall_tau"] == 2 and res["classes"]["classification@1"] == 1
+    notes = _notes({"m": res}, PROTOCOLS["synthetic"])
+    assert "classification@1 is the mean of 1 of the 2 action classes" in notes and "SVM" in notes
+
+
+def test_a_linear_probe_label_set_the_shards_lack_is_refused_before_embedding(vp9_shards, tmp_path, monkeypatch):
+    import carl_scale.eval.transfer as transfer
+
+    def never(*a, **k):
+        raise AssertionError("embedded before the label sets were checked")
+    monkeypatch.setattr(transfer, "extract_embeddings", never)
+    with pytest.raises(ValueError, match="no per-frame label set 'gym288'.*--extra-frame-labels gym288=DIR"):
+        transfer_eval("finegym", {"m": None}, shards=str(vp9_shards), out_dir=tmp_path)
+
+
+def test_transfer_eval_refuses_finetune_args_without_steps_and_negative_steps(capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+    import transfer_eval as cli
+
+    for argv, says in ((["synthetic", "--finetune-args", "--lr 1e-5"], "give --finetune-steps N too"),
+                       (["synthetic", "--finetune-steps", "-3"], "--finetune-steps must be >= 0")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        assert exit_.value.code == 2 and says in capsys.readouterr().err

@@ -39,7 +39,7 @@ class VideoEmbeddings:
         if name == "phase":
             return self.phase_labels
         if name not in self.frame_labels:
-            raise KeyError(f"no per-frame label set {name!r} in these embeddings (have: phase"
+            raise ValueError(f"no per-frame label set {name!r} in these embeddings (have: phase"
                            f"{''.join(', ' + k for k in self.frame_labels)}); write the shards with "
                            f"--extra-frame-labels {name}=DIR")
         return self.frame_labels[name]
@@ -49,6 +49,15 @@ class VideoEmbeddings:
                                [self.phase_labels[i] for i in idx], self.action_labels[list(idx)],
                                {k: [v[i] for i in idx] for k, v in self.frame_labels.items()}, self.fingerprint,
                                self.skipped)
+
+    def labelled_only(self) -> "VideoEmbeddings":
+        """Each video cut to its phase-labelled frames (label >= 0), as the published evaluation
+        reads every video before any metric: τ matches, AP@K's stride and progression's positions
+        t and length L are then over those frames (the other label sets are left out)."""
+        keep = [np.asarray(p) >= 0 for p in self.phase_labels]
+        return VideoEmbeddings(list(self.video_ids), [np.asarray(e)[m] for e, m in zip(self.embeddings, keep)],
+                               [np.asarray(p)[m] for p, m in zip(self.phase_labels, keep)], self.action_labels,
+                               {}, self.fingerprint, self.skipped)
 
     def by_action(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}

@@ -1,7 +1,10 @@
 """Frame-level metrics with a plain-array interface (TCC's protocol, paper §4.2).
 
 ``embs`` is a list of ``(n_frames_i, D)`` arrays, labels a list of ``(n_frames_i,)`` int arrays;
-frames labelled < 0 are ignored.
+frames labelled < 0 are ignored. As in the published evaluation, which cuts every video to its
+labelled frames before any metric, a stride (AP@K) and the positions and length of a video
+(progression) count labelled frames only; :func:`kendalls_tau` takes no labels, so callers pass it
+the cut videos (``VideoEmbeddings.labelled_only``).
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ def _labelled(embs: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> tuple
 
 
 def training_subset(n: int, fraction: float, *, pick: Literal["first", "random"] = "first",
-                    seed: int = 0) -> list[int]:
-    """The max(1, ⌊f·N⌋) training videos that make ``fraction`` of ``n``, as the published
-    evaluation counts them: with ``"first"`` (the default) the first ones in dataset order, as it
-    takes them, so that numbers compare with the paper's; with ``"random"`` a seeded random draw."""
-    k = min(n, max(1, int(fraction * n)))
+                    seed: int = 0, minimum: int = 1) -> list[int]:
+    """The max(``minimum``, ⌊f·N⌋) training videos (at most ``n``) that make ``fraction`` of ``n``,
+    as the published evaluation counts them (its phase classifiers take at least 1, its FineGym
+    probe at least one batch of 10): with ``"first"`` (the default) the first ones in dataset
+    order, as it takes them, so that numbers compare with the paper's; with ``"random"`` a seeded
+    random draw."""
+    k = min(n, max(minimum, int(fraction * n)))
     if pick == "first":
         return list(range(k))
     if pick != "random":
@@ -37,25 +42,36 @@ def training_subset(n: int, fraction: float, *, pick: Literal["first", "random"]
     return sorted(np.random.default_rng(seed).permutation(n)[:k].tolist())
 
 
+CLASSIFIERS = ("svm", "logistic")
+
+
 def phase_classification(train_embs, train_labels, val_embs, val_labels, *,
                          classifier: Literal["svm", "logistic"] = "svm",
                          fractions: Sequence[float] = (0.1, 0.5, 1.0), subset: Literal["first", "random"] = "first",
                          seed: int = 0) -> dict[float, float]:
     """Per-frame phase accuracy on the validation videos of a classifier trained on frozen
-    embeddings of a fraction of the training videos (:func:`training_subset`; sklearn SVC defaults
-    as TCC, or logistic regression as the CARL code). Returns {fraction: accuracy}."""
+    embeddings of a fraction of the training videos (:func:`training_subset`): ``"svm"``, sklearn's
+    SVC with its defaults, as the paper's text and TCC; ``"logistic"``, the published evaluation
+    code's (multinomial logistic regression, lbfgs, at most 100,000 iterations). Returns
+    {fraction: accuracy}; NaN where there is no labelled frame to train on or to score."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import SVC
 
-    xv, yv = _labelled(val_embs, val_labels)
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
+    xv, yv = _labelled(val_embs, val_labels) if len(val_embs) else (np.zeros((0, 1)), np.zeros(0, int))
     out = {}
     for f in fractions:
-        pick = training_subset(len(train_embs), f, pick=subset, seed=seed)
-        x, y = _labelled([train_embs[i] for i in pick], [train_labels[i] for i in pick])
-        if len(np.unique(y)) < 2:  # one class seen: predicting it is all a classifier can do
-            out[f] = float(np.mean(yv == y[0])) if len(y) else float("nan")
+        pick = training_subset(len(train_embs), f, pick=subset, seed=seed) if len(train_embs) else []
+        x, y = _labelled([train_embs[i] for i in pick], [train_labels[i] for i in pick]) if pick else (None, [])
+        if not len(yv) or not len(y):
+            out[f] = float("nan")
             continue
-        clf = SVC() if classifier == "svm" else LogisticRegression(max_iter=2000)
+        if len(np.unique(y)) < 2:  # one class seen: predicting it is all a classifier can do
+            out[f] = float(np.mean(yv == y[0]))
+            continue
+        # (multinomial is lbfgs's own choice for several classes in the sklearn versions we support)
+        clf = SVC() if classifier == "svm" else LogisticRegression(max_iter=100_000, solver="lbfgs")
         clf.fit(x, y)
         out[f] = float(np.mean(clf.predict(xv) == yv))
     return out
@@ -144,8 +160,10 @@ def kendalls_tau(embs: Sequence[np.ndarray], *, stride: int = 1, device: str | N
 
 
 def _boundaries(labels: np.ndarray, num_phases: int) -> dict[int, int]:
-    """{k: last frame of phase k} for the phase transitions k = 0..num_phases-2 present in a video."""
+    """{k: last frame of phase k, counted over the labelled frames} for the phase transitions
+    k = 0..num_phases-2 present in a video."""
     lab = np.asarray(labels)
+    lab = lab[lab >= 0]
     out = {}
     for k in range(num_phases - 1):
         idx = np.flatnonzero(lab == k)
@@ -174,10 +192,10 @@ def phase_progression(train_embs, train_labels, val_embs, val_labels) -> dict[st
             tk = _boundaries(lab, num_phases).get(k)
             if tk is None:
                 continue
+            # positions and length over the labelled frames only, as the published evaluation
             keep = np.asarray(lab) >= 0
-            t = np.arange(len(lab))
             xs.append(np.asarray(e)[keep])
-            ys.append((t[keep] - tk) / len(lab))
+            ys.append((np.arange(keep.sum()) - tk) / keep.sum())
         return (np.concatenate(xs), np.concatenate(ys)) if xs else (None, None)
 
     scores = []
@@ -207,16 +225,16 @@ def _k_nearest(queries: torch.Tensor, cand: torch.Tensor, k: int, *, exclude: tu
 
 def average_precision_at_k(embs, phase_labels, action_labels, ks: Sequence[int] = (5, 10, 15), *,
                            stride: int = 1, device: str | None = None, budget: int = 1 << 26) -> dict[int, float]:
-    """Fine-grained retrieval (paper §4.2.4, "AP@K", really precision@K): every labelled frame of
-    a video (at ``stride``) queries the labelled frames (same stride) of all *other* videos of the
+    """Fine-grained retrieval (paper §4.2.4, "AP@K", really precision@K): every ``stride``-th
+    labelled frame of a video queries the same frames of all *other* videos of the
     same action; its score is the fraction of its K nearest (Euclidean) with its phase label. Mean
     over a video's frames, then over all videos. With fewer than K candidates, all of them count
     (the fraction is over the candidates). Each action's candidate frames are gathered once; a
     query video's own frames are masked out of them."""
     dev = _device(device)
-    x = [torch.as_tensor(np.asarray(e)[::stride], dtype=torch.float32) for e in embs]
-    y = [torch.as_tensor(np.asarray(p)[::stride]) for p in phase_labels]
-    x, y = [a[b >= 0] for a, b in zip(x, y)], [b[b >= 0] for b in y]
+    keep = [np.asarray(p) >= 0 for p in phase_labels]  # labelled frames first, then the stride (published)
+    x = [torch.as_tensor(np.asarray(e)[m][::stride], dtype=torch.float32) for e, m in zip(embs, keep)]
+    y = [torch.as_tensor(np.asarray(p)[m][::stride]) for p, m in zip(phase_labels, keep)]
     actions = np.asarray(action_labels)
     per_video: dict[int, list[float]] = {k: [] for k in ks}
     for a in np.unique(actions):
@@ -290,33 +308,46 @@ def temporal_clustering_rand_index(embs, labels, *, seed: int = 0) -> dict[str, 
 
 
 def linear_probe_frame_classification(train_embs, train_labels, val_embs, val_labels, *, num_classes: int | None = None,
-                                      epochs: int = 50, lr: float = 0.1, batch_size: int = 4096, seed: int = 0,
+                                      epochs: int = 100, lr: float = 50.0, videos_per_batch: int = 10,
+                                      weight_decay: float = 1e-6, seed: int = 0,
                                       device: str | None = None) -> dict[str, float]:
-    """A linear layer trained with SGD (momentum 0.9, cosine lr) on frozen frame embeddings, for
-    many-class frame labels (FineGym 99/288). Returns top-1 frame accuracy and mean per-class
-    accuracy on the validation frames."""
+    """The published FineGym probe (its ``evaluate_finegym.py`` with the FineGym config): a linear
+    layer on frozen frame embeddings, SGD with momentum 0.9 and ``weight_decay``, ``epochs`` epochs
+    whose learning rate follows a cosine from ``lr`` (set once per epoch), each step on the
+    labelled frames of ``videos_per_batch`` training videos, shuffled every epoch, an incomplete
+    last batch dropped (unless there is no full one). The large rate suits L2-normalised
+    embeddings, whose logits are otherwise small. Returns top-1 frame accuracy on the validation
+    frames after the last epoch, as it reports, and the mean per-class accuracy."""
     dev = _device(device)
-    x, y = (torch.as_tensor(a, device=dev) for a in _labelled(train_embs, train_labels))
-    xv, yv = (torch.as_tensor(a, device=dev) for a in _labelled(val_embs, val_labels))
-    if not len(y) or not len(yv):
+    pairs = [(np.asarray(e)[np.asarray(lab) >= 0], np.asarray(lab)[np.asarray(lab) >= 0])
+             for e, lab in zip(train_embs, train_labels)]
+    xs = [torch.as_tensor(e, dtype=torch.float32, device=dev) for e, lab in pairs if len(lab)]
+    ys = [torch.as_tensor(lab, dtype=torch.long, device=dev) for e, lab in pairs if len(lab)]
+    xv, yv = _labelled(val_embs, val_labels) if len(val_embs) else (np.zeros((0, 1)), np.zeros(0, int))
+    if not xs or not len(yv):
         return {"accuracy": float("nan"), "mean_class_accuracy": float("nan")}
-    x, xv, y, yv = x.float(), xv.float(), y.long(), yv.long()
-    c = num_classes or int(max(y.max().item(), yv.max().item())) + 1
-    if max(y.max().item(), yv.max().item()) >= c:
-        raise ValueError(f"labels go up to {max(y.max().item(), yv.max().item())} but num_classes is {c}")
+    xv, yv = torch.as_tensor(xv, dtype=torch.float32, device=dev), torch.as_tensor(yv, dtype=torch.long, device=dev)
+    top = max(max(int(y.max()) for y in ys), int(yv.max()))
+    c = num_classes or top + 1
+    if top >= c:
+        raise ValueError(f"labels go up to {top} but num_classes is {c}")
     g = torch.Generator(device="cpu").manual_seed(seed)
     torch.manual_seed(seed)
-    layer = torch.nn.Linear(x.shape[1], c).to(dev)
-    opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    steps = epochs * math.ceil(len(x) / batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).to(dev).split(batch_size):
-            loss = torch.nn.functional.cross_entropy(layer(x[idx]), y[idx])
+    layer = torch.nn.Linear(xs[0].shape[1], c).to(dev)
+    opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    full = len(xs) // videos_per_batch
+    batches = full if full else 1  # fewer videos than one batch: they are the batch
+    for e in range(epochs):
+        for group in opt.param_groups:
+            group["lr"] = lr * (1 + math.cos(math.pi * e / epochs)) / 2
+        order = torch.randperm(len(xs), generator=g).tolist()
+        for b in range(batches):
+            idx = order[b * videos_per_batch:(b + 1) * videos_per_batch]
+            loss = torch.nn.functional.cross_entropy(layer(torch.cat([xs[i] for i in idx])),
+                                                     torch.cat([ys[i] for i in idx]))
             opt.zero_grad()
             loss.backward()
             opt.step()
-            sched.step()
     with torch.no_grad():
         pred = layer(xv).argmax(1)
     per_class = [(pred[yv == k] == k).float().mean().item() for k in torch.unique(yv).tolist()]

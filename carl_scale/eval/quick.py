@@ -76,8 +76,8 @@ def quick_eval(models: dict, shards, spatial: SpatialConfig, device, *, folds: i
         for action, vidx in sorted(ve.by_action().items()):
             group = ve.subset(vidx)
             accs.append(cross_validated_phase_accuracy(group, folds))
-            if len(vidx) > 1:
-                taus.append(kendalls_tau(group.embeddings)["tau"])
+            if len(vidx) > 1:  # τ over the labelled frames, as the transfer protocol (and the published code)
+                taus.append(kendalls_tau(group.labelled_only().embeddings)["tau"])
         out[name] = {"phase_acc": float(np.nanmean(accs)) if not np.all(np.isnan(accs)) else float("nan"),
                      "kendall_tau": float(np.nanmean(taus)) if taus else float("nan")}
     return out
@@ -117,7 +117,7 @@ def validation_objective(model, shards, spatial: SpatialConfig, device, objectiv
         elif len(vidx) < 2:
             continue
         elif objective == "kendall_tau":
-            scores.append(kendalls_tau(group.embeddings)["tau"])
+            scores.append(kendalls_tau(group.labelled_only().embeddings)["tau"])
         else:
             pool, query = group.subset(list(range(0, len(vidx), 2))), group.subset(list(range(1, len(vidx), 2)))
             scores.append(one_shot_phase_classification(pool.embeddings, pool.phase_labels, pool.action_labels,

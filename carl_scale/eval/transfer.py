@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from carl_scale.eval.embed import VideoEmbeddings, extract_embeddings
-from carl_scale.eval.metrics import (_labelled, average_precision_at_k, kendalls_tau, linear_probe_frame_classification,
+from carl_scale.eval.metrics import (CLASSIFIERS, _labelled, average_precision_at_k, kendalls_tau, linear_probe_frame_classification,
                                      one_shot_phase_classification, phase_classification, phase_progression,
                                      temporal_clustering_rand_index, training_subset)
 
@@ -31,6 +31,8 @@ class Protocol:
     # as the published evaluation takes them, or a seeded random draw (metrics.training_subset)
     fractions: tuple[float, ...] = (0.1, 0.5, 1.0)
     subset: str = "first"
+    # the phase classifier: "svm" as the paper's text (and TCC), "logistic" as the published code
+    classifier: str = "svm"
     # FineGym: a linear layer on frames instead of the phase metrics, one per (column, label set),
     # at each fraction (Table 14 shows FineGym99 at 10/50/100%; Table 5 both sets at 100%)
     linear_probe: tuple[tuple[str, str], ...] = ()
@@ -57,15 +59,21 @@ def latest_checkpoint(run_dir: str | Path = "runs/pretrain") -> Path:
     return root / latest.read_text().strip()
 
 
+TRAINED = ("classification@", "progression", "one_shot")  # the metrics that need training videos
+
+
 def _phase_metrics(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, device: str) -> dict[str, float]:
-    """Every phase metric of one group of videos (one action class, or the whole dataset)."""
+    """Every phase metric of one group of videos (one action class, or the whole dataset), on each
+    video's labelled frames only, as the published evaluation cuts them before any metric. A group
+    without training videos gets the metrics that need none (τ, AP@K, clustering), NaN for the rest."""
+    train, val = train.labelled_only(), val.labelled_only()
     out = {}
     for f, acc in phase_classification(train.embeddings, train.phase_labels, val.embeddings, val.phase_labels,
-                                       classifier="svm", fractions=p.fractions,
+                                       classifier=p.classifier, fractions=p.fractions,
                                        subset=p.subset).items():
         out[f"classification@{f:g}"] = acc
     out["progression"] = phase_progression(train.embeddings, train.phase_labels, val.embeddings,
-                                           val.phase_labels)["r2"]
+                                           val.phase_labels)["r2"] if train.video_ids else float("nan")
     out["kendall_tau"] = kendalls_tau(val.embeddings, stride=p.tau_stride, device=device)["tau"]
     for k, v in average_precision_at_k(val.embeddings, val.phase_labels, val.action_labels,
                                        stride=p.tau_stride, device=device).items():
@@ -83,28 +91,34 @@ def _nanmean(values: list[float]) -> float:
     return float(np.mean(kept)) if kept else float("nan")
 
 
+def _counted(values: list[float]) -> int:
+    return sum(not np.isnan(v) for v in values)
+
+
 def run_protocol(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, device: str = "cpu") -> dict:
     """{"mean": {metric: value}, "per_action": {action: {metric: value}}} for one model."""
     if p.linear_probe:
         mean = {}
         for column, labels in p.linear_probe:
             for f in p.fractions:
-                sub = train.subset(training_subset(len(train.video_ids), f, pick=p.subset))
+                # at least one batch of 10 videos, as the published probe takes
+                sub = train.subset(training_subset(len(train.video_ids), f, pick=p.subset, minimum=10))
                 res = linear_probe_frame_classification(sub.embeddings, sub.labels(labels), val.embeddings,
                                                         val.labels(labels), device=device)
                 key = column if f == 1.0 else f"{column}@{f:g}"
                 mean.update({key: res["accuracy"], f"{key} mean class": res["mean_class_accuracy"]})
-        return {"mean": mean, "per_action": {}}
+        return {"mean": mean, "per_action": {}, "classes": {}}
     if not p.per_action:
-        return {"mean": _phase_metrics(train, val, p, device), "per_action": {}}
+        return {"mean": _phase_metrics(train, val, p, device), "per_action": {}, "classes": {}}
     per_action = {}
     tb, vb = train.by_action(), val.by_action()
-    for a, vidx in sorted(vb.items()):
-        if a in tb:
-            per_action[int(a)] = _phase_metrics(train.subset(tb[a]), val.subset(vidx), p, device)
+    for a, vidx in sorted(vb.items()):  # an action without training videos still has τ, AP@K, clustering
+        per_action[int(a)] = _phase_metrics(train.subset(tb.get(a, [])), val.subset(vidx), p, device)
     keys = next(iter(per_action.values())).keys() if per_action else []
     mean = {k: _nanmean([r[k] for r in per_action.values()]) for k in keys}
-    return {"mean": mean, "per_action": per_action}
+    # how many action classes each mean is over (a class without the metric is left out of it)
+    classes = {k: _counted([r[k] for r in per_action.values()]) for k in keys}
+    return {"mean": mean, "per_action": per_action, "classes": classes}
 
 
 # The paper's tables, as (title, [(column, metric key, scale)]): scale 100 for the numbers the
@@ -121,6 +135,54 @@ PAPER_TABLES = [
     ("FineGym99 with 10%, 50%, 100% of the labelled training videos (Table 14)",
      [(f"{f:.0%}", "FineGym99" if f == 1.0 else f"FineGym99@{f:g}", 100) for f in (0.1, 0.5, 1.0)]),
 ]
+
+
+def _notes(results: dict[str, dict], p: Protocol) -> str:
+    """What a reader of the tables must know: which classifier, and means over fewer classes."""
+    lines = []
+    if not p.linear_probe:
+        how = ("SVM (sklearn SVC defaults, as the paper describes)" if p.classifier == "svm"
+               else "logistic regression (as the published evaluation code)")
+        which = "the first videos" if p.subset == "first" else "a seeded draw of the videos"
+        lines.append(f"Phase classification: {how}, trained on {which} of the training split; every metric "
+                     f"on the labelled frames of each video.")
+    for name, r in results.items():
+        total = len(r["per_action"])
+        fewer = {k: n for k, n in r.get("classes", {}).items() if n < total}
+        if fewer:
+            lines.append(f"{name}: " + ", ".join(f"{k} is the mean of {n} of the {total} action classes"
+                                                  for k, n in fewer.items())
+                         + " (the others have no training videos, or too few frames or videos for it).")
+    return "".join("\n\n" + line for line in lines)
+
+
+def _frame_label_sets(shards: str) -> set[str]:
+    """The per-frame label sets beside ``phase`` that the training split's videos carry: the first
+    sample's metadata (every writer gives each of its videos the same sets)."""
+    import tarfile
+
+    from carl_scale.data.manifest import resolve_shards
+
+    urls, _ = resolve_shards(shards, "train")
+    for url in urls[:1]:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    return set((json.load(tar.extractfile(member)).get("frame_labels") or {}))
+    return set()
+
+
+def _check_label_sets(p: Protocol, shards: str) -> None:
+    """Refuse a linear probe whose per-frame label set the shards do not have, naming the flag that
+    writes it, before any video is embedded."""
+    if not p.linear_probe:
+        return
+    have = _frame_label_sets(shards)
+    missing = [name for _, name in p.linear_probe if name != "phase" and name not in have]
+    if missing:
+        raise ValueError(f"{shards} has no per-frame label set {', '.join(repr(m) for m in missing)} (it has: "
+                         f"phase{''.join(', ' + k for k in sorted(have))}): write the shards with "
+                         f"--extra-frame-labels {missing[0]}=DIR (shards.folder), or with shards.finegym")
 
 
 def _table(rows: dict[str, dict[str, float]], columns: list[tuple[str, str, int]], first: str = "model") -> str:
@@ -210,20 +272,23 @@ def save_pictures(name: str, train: VideoEmbeddings, val: VideoEmbeddings, shard
 
 def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: str | None = None,
                   out_dir: str | Path = "runs/transfer", device: str = "cpu", image_size: int | None = None,
-                  reuse_embeddings: bool = True, subset: str = "first") -> dict:
+                  reuse_embeddings: bool = True, subset: str = "first", classifier: str = "svm") -> dict:
     """Embed the train and val splits with each model (saved as ``.npz`` under ``out_dir``; a
     rerun with the same weights and shards loads them instead, unless ``reuse_embeddings`` is
     off), run the dataset's protocol, write ``results.md`` / ``results.json`` and the pictures of
     :func:`save_pictures` for each model."""
     if dataset not in PROTOCOLS:
-        raise KeyError(f"unknown dataset {dataset!r}; choose one of {sorted(PROTOCOLS)}")
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(PROTOCOLS)}")
     if subset not in ("first", "random"):
         raise ValueError(f"--subset must be 'first' (the published evaluation's) or 'random', got {subset!r}")
-    p = dataclasses.replace(PROTOCOLS[dataset], subset=subset)
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"--classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
+    p = dataclasses.replace(PROTOCOLS[dataset], subset=subset, classifier=classifier)
     shards = p.shards if shards is None else shards
     if not (Path(shards) / "shards.json").exists():
         raise FileNotFoundError(f"no {dataset} shards at {shards} (no shards.json). Make them with:\n  {p.make}\n"
                                 f"or pass --shards DIR")
+    _check_label_sets(p, shards)  # before the (long) embedding of both splits
     out = Path(out_dir) / dataset
     out.mkdir(parents=True, exist_ok=True)
     results, frame_cache, t0 = {}, {}, time.time()
@@ -238,13 +303,13 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
         save_pictures(name, embs["train"], embs["val"], shards, out, frame_cache)
     manifest = json.loads((Path(shards) / "shards.json").read_text())
     actions = (manifest.get("label_names") or {}).get("actions")
-    table = markdown_tables(results, actions if isinstance(actions, list) else None)
+    table = markdown_tables(results, actions if isinstance(actions, list) else None) + _notes(results, p)
     skipped = {split: e.skipped for split, e in embs.items()} if models else {}
     if any(skipped.values()):  # damaged samples were left out: say so beside the numbers
         table += ("\n\nSkipped as unreadable (listed in results.json): "
                   + ", ".join(f"{len(v)} {split}" for split, v in skipped.items()) + " sample(s).")
     (out / "results.md").write_text(f"# Transfer evaluation: {dataset} ({shards})\n\n{table}\n")
     (out / "results.json").write_text(json.dumps({"dataset": dataset, "shards": str(shards), "results": results,
-                                                  "skipped": skipped, "subset": p.subset,
+                                                  "skipped": skipped, "subset": p.subset, "classifier": p.classifier,
                                                   "seconds": time.time() - t0}, indent=2))
     return {"table": table, "results": results, "out_dir": str(out)}
