@@ -22,7 +22,8 @@ A saved config (a run's config.json, a checkpoint's meta.json, a sweep's best_co
 
 A tiny smoke run::
 
-    python launch/pretrain_k400.py --steps 4 --synthetic-videos 8 --frames 8 --batch-size 2 --no-eval
+    python launch/pretrain_k400.py --steps 4 --synthetic-videos 8 --frames 8 --batch-size 2 --no-eval \
+        --data-dir data/synthetic_smoke --run-dir runs/smoke
 
 Weak supervision with the video labels, from the self-supervised run (paper §3.5; run dir
 runs/pretrain_weak)::
