@@ -142,3 +142,26 @@ def test_the_published_formulation_is_half_of_ours_less_the_target_entropy():
     assert (g_pub - g_ours / 2).abs().max() < 1e-9 * g_ours.abs().max(), (g_pub - g_ours / 2).abs().max()
     # the published 1e-6 inside the log moves it by a few 1e-4 (p of far frames is ~1e-4)
     assert published_scl(z, steps, valid, tau=tau, sigma2=sigma2).item() == pytest.approx(pub.item(), rel=1e-3)
+
+
+def test_the_published_loop_form_computes_the_vectorised_published_loss():
+    """The step's SCL, written as the published code runs it (per-video loops filling the weight
+    and target blocks, its seq_lens arithmetic), gives the vectorised reference's loss and
+    gradients, with padded frames in some views."""
+    from carl_scale.bench.published import published_scl, published_scl_loop
+
+    g = torch.Generator().manual_seed(5)
+    b, t, d, tau, sigma2 = 3, 7, 16, 0.1, 10.0
+    u = torch.randn(b, 2, t, d, dtype=torch.float64, generator=g, requires_grad=True)
+    steps = torch.sort(torch.randint(0, 50, (b, 2, t), generator=g), dim=-1).values
+    lengths = torch.tensor([50, 61, 97])  # (not powers of two: s / L * L rounds)
+    valid = torch.ones(b, 2, t, dtype=torch.bool)
+    valid[0, 1, 5:] = False
+    valid[2, 0, 3:] = False
+    z = torch.nn.functional.normalize(u, dim=-1)
+    ref = published_scl(z, steps, valid, tau=tau, sigma2=sigma2)
+    (g_ref,) = torch.autograd.grad(ref, u, retain_graph=True)
+    loop = published_scl_loop(z, steps, valid, lengths, tau=tau, sigma2=sigma2)
+    (g_loop,) = torch.autograd.grad(loop, u)
+    assert loop.item() == pytest.approx(ref.item(), rel=1e-12)
+    torch.testing.assert_close(g_loop, g_ref, rtol=1e-9, atol=1e-12)

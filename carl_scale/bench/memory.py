@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from carl_scale.models.flavors import FLAVORS
+from carl_scale.train.recipes import RECIPES
 from carl_scale.tables import table
 
 
@@ -124,16 +125,20 @@ def simulate(make_step, roots, steps: int = 2) -> LiveBytes:
     return live
 
 
-def run(flavor: str, frames: int, batch: int, extras: tuple[str, ...] = ()) -> dict[str, LiveBytes]:
-    """Simulated peaks of the published step, ours, and ours under each of ``extras``."""
-    from carl_scale.bench.step import parse_overrides, plain_step, published_step, synthetic_batch
+def run(flavor: str, frames: int, batch: int, extras: tuple[str, ...] = (), *,
+        recipe_name: str | None = None) -> dict[str, LiveBytes]:
+    """Simulated peaks of the published step, ours, and ours under each of ``extras``, built from
+    the recipe ``bench.step`` builds them from (the flavor's own by default)."""
+    from carl_scale.bench.step import (bench_config, default_recipe, parse_overrides, plain_step, published_step,
+                                       synthetic_batch)
     from carl_scale.models import build_model
-    from carl_scale.train.recipes import configure, recipe
+
+    recipe_name = recipe_name or default_recipe(flavor)
 
     base = {"data.batch_size": batch, "data.temporal.num_frames": frames, "parallel.channels_last": "on"}
     out = {}
     with fake_device() as device:
-        cfg = configure(recipe("debug"), base, flavor=flavor)
+        cfg = bench_config(recipe_name, flavor, base)
         model = build_model(cfg.model)  # fake weights: their values never matter here
         data = synthetic_batch(batch, frames, cfg.model.image_size, device)
         roots = [*model.parameters(), *model.buffers(), *[v for v in vars(data).values() if torch.is_tensor(v)]]
@@ -146,7 +151,7 @@ def run(flavor: str, frames: int, batch: int, extras: tuple[str, ...] = ()) -> d
         rows.append(("ours then (float32 views, frozen stages in one call)", {"parallel.trunk_chunk": 1 << 30},
                      torch.float32))
         for name, over, dtype in rows:
-            c = configure(recipe("debug"), {**base, **over}, flavor=flavor)
+            c = bench_config(recipe_name, flavor, {**base, **over})
             model = build_model(c.model)
             ours = synthetic_batch(batch, frames, c.model.image_size, device, views_dtype=dtype)
             roots = [*model.parameters(), *model.buffers(), *[v for v in vars(ours).values() if torch.is_tensor(v)]]
@@ -160,13 +165,15 @@ def main(argv: list[str] | None = None) -> dict[str, LiveBytes]:
     p.add_argument("--frames", type=int, default=80)
     p.add_argument("--batch", type=int, default=2, help="videos per step (2 views each)")
     p.add_argument("--extra", nargs="*", default=[], help="more rows: ours with these overrides, as in bench.step")
+    p.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help="as bench.step's: the flavor's own by default (k400 for r50)")
     a = p.parse_args(argv)
     if min(a.frames, a.batch) < 1:
         p.error("--frames and --batch must be >= 1")
     from carl_scale.bench.step import check_extras
 
-    check_extras(a.extra, a.flavor)
-    res = run(a.flavor, a.frames, a.batch, tuple(a.extra))
+    check_extras(a.extra, a.flavor, a.recipe)
+    res = run(a.flavor, a.frames, a.batch, tuple(a.extra), recipe_name=a.recipe)
     ref = res["published"].peak
     rows = [(name, f"{r.start / 2**30:.2f}", f"{r.peak / 2**30:.2f}", f"{r.peak / ref:.2f}x", r.where[0], r.where[1])
             for name, r in res.items()]

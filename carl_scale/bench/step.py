@@ -4,9 +4,16 @@
     python -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4
     python -m carl_scale.bench.step --flavor debug --frames 16 --batch 4       # on the CPU
 
-(a) published: the published code's step on our weights (:mod:`carl_scale.bench.published`): the
-    whole trunk (frozen stages and the trained layer4) in 40-frame blocks, its SCL formulation,
-    fp16 autocast with a GradScaler on a GPU (fp32 on a CPU), eager, NCHW, Adam on the parameters;
+(a) published: the published ``train.py``'s step on our weights (:mod:`carl_scale.bench.published`):
+    the whole trunk (frozen stages and the trained layer4) in 40-frame blocks, its positional
+    table built in NumPy on every forward and copied to the device, its explicit attention, its
+    SCL as its per-video loops compute it, fp16 autocast with a GradScaler on a GPU (fp32 on a
+    CPU), eager, NCHW, the gradients unscaled and clipped to norm 10, Adam on the parameters, then
+    the loss NaN-zeroed, all-reduced and read back to the host (``.item()``, a sync every step),
+    cudnn.benchmark off as the published code leaves it. Left out, so the ratio is conservative:
+    its ``set_detect_anomaly(True)`` on every step (``--as-shipped`` adds it as one more row), the
+    DDP and SyncBatchNorm wrapping it runs even at world size 1, and the host-to-device copies of
+    the batch (both paths start from a batch on the device; ``bench.e2e`` measures the feed);
 (b) ours: what ``launch/pretrain_k400.py`` runs: the engine :func:`~carl_scale.train.trainer.build_engine`
     makes from a recipe config (DeepSpeed, fp32 weights, bf16 autocast inside the objective on a
     GPU) and :func:`~carl_scale.train.trainer.engine_step` (forward, a finiteness flag, backward,
@@ -14,12 +21,13 @@
     on a GPU: the published step's autocast casts its float32 views at the first convolution);
 (c) plain PyTorch: (b) without the DeepSpeed engine (:func:`plain_step`), to show what it costs.
 
-Both start from the same weights and take the same synthetic batch (random pixels: the speed does
-not depend on content). Printed: samples/s, the peak GPU memory of each path (reset between them;
-not measured on a CPU: ``python -m carl_scale.bench.memory`` simulates it), the ratio (b)/(a),
-each path's loss on the first step (published ≈ ours / 2 − the targets' entropy:
-``tests/test_scl.py``), and the step's anatomy (:func:`step_anatomy`): the host's time to queue
-it, its host-device synchronisations, its aten ops.
+Both are built from one recipe (``--recipe``; by default the flavor's own: ``k400`` for r50, whose
+2 layers are the published K400 config's), start from the same weights and take the same
+synthetic batch (random pixels: the speed does not depend on content). Printed: samples/s, the
+peak GPU memory of each path (reset between them; not measured on a CPU: ``python -m
+carl_scale.bench.memory`` simulates it), the ratio (b)/(a), each path's loss on the first step
+(published ≈ ours / 2 − the targets' entropy: ``tests/test_scl.py``), and the step's anatomy
+(:func:`step_anatomy`): the host's time to queue it, its host-device synchronisations, its aten ops.
 """
 
 from __future__ import annotations
@@ -30,16 +38,17 @@ import time
 import warnings
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from carl_scale.bench.published import published_forward, published_scl
+from carl_scale.bench.published import GRAD_CLIP, published_forward, published_scl_loop
 from carl_scale.config import to_dict
 from carl_scale.data.reader import VideoBatch
 from carl_scale.losses.objective import build_objective
 from carl_scale.models import build_model
 from carl_scale.models.flavors import FLAVORS
 from carl_scale.tables import table
-from carl_scale.train.recipes import configure, recipe
+from carl_scale.train.recipes import RECIPES, configure, recipe
 from carl_scale.train.trainer import apply_speedups, build_engine, engine_step, process_group
 
 
@@ -55,27 +64,42 @@ def synthetic_batch(b: int, t: int, size: int, device: torch.device,
                       video_ids=[f"v{i}" for i in range(b)], padded=False).to(device)
 
 
-def published_step(model, batch: VideoBatch, amp: bool, tau: float, sigma2: float):
-    """A step function running the published code's way (see the module docstring); ``amp``: its
-    fp16 autocast (with a GradScaler on a GPU)."""
+def published_step(model, batch: VideoBatch, amp: bool, tau: float, sigma2: float, *, anomaly: bool = False):
+    """A step function running the published ``train.py``'s way (``USE_AMP``; see the module
+    docstring); ``amp``: its fp16 autocast (with a GradScaler on a GPU; on a CPU the same order
+    without one); ``anomaly``: its ``torch.autograd.set_detect_anomaly(True)`` at every step (the
+    caller turns it off afterwards). Returns the loss as the published loop reads it back."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-4, weight_decay=1e-5)
     device = batch.views.device.type
     scaler = torch.amp.GradScaler("cuda") if amp and device == "cuda" else None
 
     def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        if anomaly:
+            torch.autograd.set_detect_anomaly(True)
         with torch.autocast(device, dtype=torch.float16, enabled=amp):
             z = published_forward(model, batch.views, batch.mask)
-            loss = published_scl(z, batch.timestamps, batch.mask, tau=tau, sigma2=sigma2)
-        opt.zero_grad(set_to_none=True)
+            loss = published_scl_loop(z, batch.timestamps, batch.mask, batch.num_frames, tau=tau, sigma2=sigma2)
         if scaler is not None:
             scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             scaler.step(opt)
             scaler.update()
         else:
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             opt.step()
-        return loss.detach()
+        if isinstance(loss, FakeTensor):  # bench.memory's simulation: no value to read, no memory to count
+            return loss.detach()
+        # its per-step bookkeeping of each loss (one, "loss", here): NaN to 0 by boolean indexing,
+        # the average over ranks, and a read-back to the host, i.e. a device sync every step
+        loss[torch.isnan(loss)] = 0
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(loss)
+            loss.mul_(1.0 / torch.distributed.get_world_size())
+        return loss.item()
     return step
 
 
@@ -187,24 +211,42 @@ def parse_overrides(text: str, *, prefixes: tuple[str, ...] = ("parallel.",), fl
     return out
 
 
-def check_extras(extras, flavor: str) -> None:
-    """Refuse a malformed or invalid ``--extra`` before any work, in one line."""
+def default_recipe(flavor: str) -> str:
+    """The recipe a flavor is benchmarked with: the one whose model it is (``r50``: ``k400``, the
+    published K400 config's 2-layer transformer and T = 80; ``r50_pouring``: ``pouring``)."""
+    return {"debug": "debug", "r50": "k400", "r50_pouring": "pouring"}.get(flavor, "debug")
+
+
+def bench_config(name: str, flavor: str, overrides: dict):
+    """The recipe ``name`` with ``overrides``; ``flavor`` replaces its model only where it is
+    another flavor than the recipe's (``configure(flavor=...)`` would also drop the recipe's own
+    model settings, such as ``k400``'s 2 layers)."""
+    base = recipe(name)
+    return configure(base, overrides, flavor=None if base.model.flavor == flavor else flavor)
+
+
+def check_extras(extras, flavor: str, recipe_name: str | None = None) -> None:
+    """Refuse a malformed or invalid ``--extra`` before any work, in one line (against the recipe
+    the rows are built from: :func:`default_recipe` of the flavor unless named)."""
     for e in extras:
         try:
-            configure(recipe("debug"), parse_overrides(e), flavor=flavor)
+            bench_config(recipe_name or default_recipe(flavor), flavor, parse_overrides(e))
         except Exception as exn:
             raise SystemExit(f"--extra {e!r}: {exn}")
 
 
 def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: tuple[str, ...] = (),
-        report=None) -> dict[str, tuple]:
-    """Measure the published step, the trainer's step, and the trainer's step under each of
-    ``extras`` (config overrides, see :func:`parse_overrides`); ``report(name, result)`` is called after
-    each, so a run cut short still shows what it measured."""
+        report=None, *, recipe_name: str | None = None, as_shipped: bool = False) -> dict[str, tuple]:
+    """Measure the published step (and, with ``as_shipped``, it with anomaly detection on), the
+    trainer's step, and the trainer's step under each of ``extras`` (config overrides, see
+    :func:`parse_overrides`), all built from ``recipe_name`` (:func:`default_recipe` of the flavor
+    by default); ``report(name, result)`` is called after each, so a run cut short still shows
+    what it measured."""
+    recipe_name = recipe_name or default_recipe(flavor)
     with process_group() as (_, world, device):
         cuda = device.type == "cuda"
         base = {"data.batch_size": batch, "data.temporal.num_frames": frames}
-        cfg = configure(recipe("debug"), base, flavor=flavor)
+        cfg = bench_config(recipe_name, flavor, base)
         data = synthetic_batch(batch, frames, cfg.model.image_size, device)
         # ours takes what the trainer's loader gives a bf16 run (Trainer: views_dtype): the same
         # pixels in bf16, as ours would cast them at its first convolution (the published step
@@ -221,14 +263,25 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
             if report is not None:
                 report(name, result)
 
+        # the published code never sets cudnn.benchmark; our speedups turn it on for the process
+        # (apply_speedups), so the reference must not depend on which path ran first
+        torch.backends.cudnn.benchmark = False
         done("published", measure(published_step(model.to(device).train(), data, cuda, cfg.loss.tau,
                                                  cfg.loss.sigma2), iters, warmup, batch, device))
+        if as_shipped:  # anomaly mode for this path only: it is process-wide
+            model.load_state_dict(start)
+            try:
+                done("published as shipped (anomaly detection on)",
+                     measure(published_step(model, data, cuda, cfg.loss.tau, cfg.loss.sigma2, anomaly=True),
+                             iters, warmup, batch, device))
+            finally:
+                torch.autograd.set_detect_anomaly(False)
         for extra in ("", *extras):
             model = engine = None
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
-            c = configure(recipe("debug"), {**base, **parse_overrides(extra)}, flavor=flavor)
+            c = bench_config(recipe_name, flavor, {**base, **parse_overrides(extra)})
             name = "ours (trainer step)" + (f" {extra}" if extra else "")
             try:
                 model = build_model(c.model)
@@ -267,10 +320,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--extra", nargs="*", default=[],
                    help="more rows: the trainer's step with these overrides, e.g. parallel.compile=trunk "
                         "parallel.channels_last=off (several fields joined by commas)")
+    p.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help="the recipe both paths are built from (loss, optimizer, the model's settings); default: the "
+                        "flavor's own, debug for debug, k400 for r50 (the published K400 config's 2 layers), pouring "
+                        "for r50_pouring. A --flavor other than the recipe's replaces its model")
+    p.add_argument("--as-shipped", action="store_true",
+                   help="one more row: the published step with the autograd anomaly detection its train.py turns on "
+                        "every step (a debugging leftover, left out of the reference)")
     a = p.parse_args(argv)
     if min(a.frames, a.batch, a.iters, a.warmup) < 1:
         p.error("--frames, --batch, --iters and --warmup must be >= 1")
-    check_extras(a.extra, a.flavor)
+    recipe_name = a.recipe or default_recipe(a.flavor)
+    check_extras(a.extra, a.flavor, recipe_name)
     first: dict[str, float] = {}
 
     def cell(v, fmt: str) -> str:
@@ -285,14 +346,16 @@ def main(argv: list[str] | None = None) -> dict:
               f"{cell(r['peak_gib'], '.2f')} GiB, first loss {r['first_loss']:.4f}, host {r['host_ms']:.1f} ms/step, "
               f"{cell(r['syncs'], 'd')} syncs, {cell(r['ops'], 'd')} ops", flush=True)
 
-    res = run(a.flavor, a.frames, a.batch, a.iters, a.warmup, tuple(a.extra), report)
+    res = run(a.flavor, a.frames, a.batch, a.iters, a.warmup, tuple(a.extra), report, recipe_name=recipe_name,
+              as_shipped=a.as_shipped)
     _, device = res.pop("_config")
     ref_sps = res["published"]["samples_per_s"]
     rows = [(name, f"{r['samples_per_s']:.2f}", f"{r['samples_per_s'] / ref_sps:.2f}x", cell(r["peak_gib"], ".2f"),
              f"{r['first_loss']:.4f}", f"{r['host_ms']:.1f}", cell(r["syncs"], "d"), cell(r["ops"], "d"))
             if "error" not in r else (name, "failed", "-", "-", "-", "-", "-", r["error"])
             for name, r in res.items()]
-    print(f"\ntraining step on {device}: flavor {a.flavor}, T={a.frames}, {a.batch} videos (2 views each)")
+    print(f"\ntraining step on {device}: flavor {a.flavor}, recipe {recipe_name}, T={a.frames}, {a.batch} videos "
+          f"(2 views each)")
     print(table(rows, ("path", "samples/s", "vs published", "peak GPU GiB", "first loss", "host ms/step",
                        "syncs/step", "ops/step")))
     return res

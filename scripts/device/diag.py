@@ -26,19 +26,19 @@ def timed(fn, iters=10, warmup=3):
 
 
 def step_diag():
-    from carl_scale.bench.step import synthetic_batch
+    from carl_scale.bench.step import bench_config, synthetic_batch
     from carl_scale.losses.objective import build_objective
     from carl_scale.models import build_model
-    from carl_scale.train.recipes import configure, recipe
     from carl_scale.train.trainer import build_engine, engine_step, process_group
 
     with process_group() as (_, world, device):
-        cfg = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 80}, flavor="r50")
+        # the model bench.step measures: r50 on the k400 recipe (2 layers, as the published K400 config)
+        cfg = bench_config("k400", "r50", {"data.batch_size": 2, "data.temporal.num_frames": 80})
         data = synthetic_batch(2, 80, 224, device)
         frames = data.views.flatten(0, 2)
         for bench in (False, True):
-            c = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 80,
-                                            "parallel.cudnn_benchmark": bench}, flavor="r50")
+            c = bench_config("k400", "r50", {"data.batch_size": 2, "data.temporal.num_frames": 80,
+                                             "parallel.cudnn_benchmark": bench})
             torch.manual_seed(0)
             model = build_model(c.model).to(device)
             engine, _ = build_engine(c, model, 100, world, bf16=True)
