@@ -95,8 +95,10 @@ def read_published_checkpoint(path: str | Path) -> dict:
                                 f"CARL code (its checkpoints/ folder)")
     raw = load_tensors(path, allow=[(_ConfigRecord, "easydict.EasyDict"), (_ConfigRecord, "argparse.Namespace")])
     if not isinstance(raw, dict) or not isinstance(raw.get("model_state"), dict):
-        keys = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-        raise CheckpointError(f"{path} is not a published CARL checkpoint: no model_state (it holds {keys})")
+        keys = sorted(map(str, raw)) if isinstance(raw, dict) else []
+        what = (f"a dict of {len(keys)} keys: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
+                if isinstance(raw, dict) else type(raw).__name__)
+        raise CheckpointError(f"{path} is not a published CARL checkpoint: no model_state (it holds {what})")
     state = dict(raw["model_state"])
     if state and all(k.startswith("module.") for k in state):  # saved from the DDP wrapper
         state = {k[len("module."):]: v for k, v in state.items()}
@@ -278,6 +280,17 @@ def _run_config(pub: dict, model: ModelConfig) -> tuple[Any, str, list[str]]:
     return from_dict(RunConfig, d), name or "pennaction", notes
 
 
+def _model_config(pub: dict, source: str) -> ModelConfig:
+    """:func:`model_config_from_published`, a section or entry of the wrong shape (``MODEL: null``,
+    ``FC_LAYERS: [256, 256]``) named in one line instead of a TypeError deep inside."""
+    try:
+        return model_config_from_published(pub)
+    except (TypeError, KeyError, AttributeError) as exn:
+        raise ValueError(f"{source} is not a published CARL config: its MODEL section has an entry of another "
+                         f"shape than the published code's ({type(exn).__name__}: {exn}); compare it with "
+                         f"configs/scl_transformer_*_config.yml of the published code") from None
+
+
 _COMPARED = ("image_size", "train_last_stages", "head_width", "width", "num_layers", "num_heads", "ffn_width",
              "embed_dim", "train_frames")
 
@@ -291,11 +304,19 @@ def import_carl(checkpoint: str | Path, config: str | Path | None, out: str | Pa
         raise FileExistsError(f"--out {out} is a file; name a directory (it gets meta.json and model.pt)")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"--out {out} is not empty; choose another directory or pass --overwrite")
+    held = [p.name for p in out.iterdir() if p.name == "checkpoints" or p.name.startswith(("step_", "client_rank",
+                                                                                          "mp_rank_", "zero_pp_"))] \
+        if out.is_dir() else []
+    if held:  # a run directory or a training checkpoint: readers would load those, not the imported weights
+        raise FileExistsError(f"--out {out} holds a training run's files ({', '.join(sorted(held)[:3])}), which "
+                              f"readers of {out} would load instead of the imported weights, even with --overwrite: "
+                              f"choose another directory")
     pub_ckpt = read_published_checkpoint(checkpoint)
     pub = read_published_config(config, pub_ckpt["cfg"])
-    model_cfg = model_config_from_published(pub)
+    source = f"--config {config}" if config is not None else f"the config saved in {checkpoint}"
+    model_cfg = _model_config(pub, source)
     if config is not None and pub_ckpt["cfg"] is not None:  # both: they must describe one model
-        saved = model_config_from_published(read_published_config(None, pub_ckpt["cfg"]))
+        saved = _model_config(read_published_config(None, pub_ckpt["cfg"]), f"the config saved in {checkpoint}")
         differ = [f"{k} {getattr(model_cfg, k)} (YAML) vs {getattr(saved, k)} (checkpoint)"
                   for k in _COMPARED if getattr(model_cfg, k) != getattr(saved, k)]
         if differ:

@@ -105,6 +105,9 @@ def test_finegym_lists_join_gym99_and_gym288_by_event(tmp_path):
     pa = np.asarray(a["phase_labels"])
     assert np.array_equal(np.asarray(a["frame_labels"]["gym288"]), np.where(pa >= 0, pa + 100, -1))
     assert set(np.asarray(b["frame_labels"]["gym288"]).tolist()) == {-1}  # not in the gym288 list
+    # the val split has no Gym288 list: its videos carry no such set (never an all-unlabelled one)
+    (val,) = [meta for meta, _ in iter_whole_videos(out, PyAVDecoder(), "val")]
+    assert "gym288" not in (val.get("frame_labels") or {})
 
 
 class _RunsCode:

@@ -332,6 +332,25 @@ def test_the_yaml_must_describe_the_checkpoint(tmp_path):
     (tmp_path / "conv.yml").write_text(YAML.replace("EMBEDDER_TYPE: transformer", "EMBEDDER_TYPE: conv"))
     with pytest.raises(ValueError, match="only the published transformer model"):
         import_carl(tmp_path / "bare.pth", tmp_path / "conv.yml", tmp_path / "out")
+    # entries of another shape: one line naming the file, not a TypeError from inside
+    (tmp_path / "flat.yml").write_text(YAML + "\n" + "MODEL_OVERRIDE: 1\n")
+    (tmp_path / "null.yml").write_text("MODEL: null\n")
+    with pytest.raises(ValueError, match=r"--config .*null.yml is not a published CARL config: its MODEL section"):
+        import_carl(tmp_path / "bare.pth", tmp_path / "null.yml", tmp_path / "out")
+    # a file that is a dict but no published checkpoint: its first keys, not hundreds of them
+    torch.save({**{f"k{i:03d}": torch.zeros(1) for i in range(300)}, 7: torch.zeros(1)}, tmp_path / "many.pth")
+    with pytest.raises(CheckpointError, match=r"a dict of 301 keys: 7, k000, .*, \.\.\.\)$"):
+        read_published_checkpoint(tmp_path / "many.pth")
+
+
+def test_import_into_a_run_directory_is_refused_even_with_overwrite(tmp_path):
+    save_published(tmp_path / "c.pth", published_state_dict())
+    run = tmp_path / "run"
+    (run / "checkpoints/step_000004").mkdir(parents=True)
+    (run / "checkpoints/latest").write_text("step_000004")
+    with pytest.raises(FileExistsError, match="holds a training run's files \\(checkpoints\\)"):
+        import_carl(tmp_path / "c.pth", None, run, overwrite=True)
+    assert not (run / "model.pt").exists()
 
 
 def test_the_imported_directory_serves_embed_and_init_from(imported, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import struct
 
 import numpy as np
@@ -116,3 +117,18 @@ def test_not_a_tfrecord_and_no_files_are_clear_errors(tmp_path):
         pouring.main(["--src", str(tmp_path), "--out", str(tmp_path / "p"), "--no-progress"])
     m = json.loads((tmp_path / "p/shards.json").read_text())  # kept, to say why
     assert m["splits"]["val"]["samples"] == 0 and "bad length checksum" in m["splits"]["val"]["skipped"][0]["reason"]
+
+
+def test_an_empty_tfrecord_is_counted_and_a_missing_part_refused_before_writing(tfrecords, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tfrecords, src)
+    parts = sorted(src.glob("pouring_train-*-of-2.tfrecord"))
+    assert len(parts) == 2
+    parts[0].write_bytes(b"")  # a failed download
+    m = pouring.main(["--src", str(src), "--out", str(tmp_path / "a"), "--codec", "mjpeg", "--no-progress"])
+    reasons = " ".join(s["reason"] for s in m["splits"]["train"]["skipped"])
+    assert "empty file (0 bytes)" in reasons
+    parts[0].unlink()  # not downloaded at all
+    with pytest.raises(FileNotFoundError, match=r"pouring_train has 1 of its 2 parts .*download the missing"):
+        pouring.main(["--src", str(src), "--out", str(tmp_path / "b"), "--codec", "mjpeg", "--no-progress"])
+    assert not (tmp_path / "b").exists()

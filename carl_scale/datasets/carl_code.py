@@ -167,9 +167,19 @@ def write_carl_shards(src: str | Path, out_dir: str | Path, opts: CarlDataOption
     wopts = write_options(**write)
     transcode = opts.transcode or opts.short_side is not None or wopts.payload == "jpeg"
     label_names = {"pennaction": {"actions": ACTIONS},
-                   "finegym": {"actions": EVENT_NAMES, "phase_labels": "Gym99 element classes (0-98)",
-                               "frame_labels": {"gym288": "Gym288 element classes (0-287)"}},
+                   "finegym": {"actions": EVENT_NAMES, "phase_labels": "Gym99 element classes (0-98)"},
                    "pouring": {}}[kind]
+    # Gym288 only where the folder has its lists (they exist "if made"): a split without them
+    # must not carry an all-unlabelled set that a Gym288 probe would take for labels
+    with288 = {split for split, items in splits.items() if any("gym288" in item.get("sets", {}) for item in items)}
+    if kind == "finegym" and with288 and with288 != set(splits):
+        log.warning("finegym: Gym288 lists for %s only, not %s: a Gym288 probe needs them for train and val",
+                    ", ".join(sorted(with288)), ", ".join(sorted(set(splits) - with288)))
+    if with288:
+        label_names["frame_labels"] = {"gym288": "Gym288 element classes (0-287)"}
+    for split, items in splits.items():
+        for item in items:
+            item["with288"] = split in with288
 
     def load(item: dict) -> VideoRecord:
         e = _entry(item["raw"], item["where"])
@@ -177,7 +187,8 @@ def write_carl_shards(src: str | Path, out_dir: str | Path, opts: CarlDataOption
         if kind == "finegym":
             sets = {cs: _entry(v, where)["labels"] for cs, (v, where) in item["sets"].items()}
             e["labels"] = sets.get("gym99")
-            extra = {"gym288": sets.get("gym288")}
+            # (an event missing from its split's Gym288 list: -1 for that set, as before)
+            extra = {"gym288": sets.get("gym288")} if item["with288"] else {}
         # a list names files of its own folder only (lexically: a videos/ symlink to another disk is fine)
         path = Path(os.path.normpath(src / e["video_file"]))
         if not path.is_relative_to(os.path.normpath(src)):

@@ -64,6 +64,8 @@ def record_spans(path: str | Path) -> tuple[list[tuple[int, int]], str | None]:
     alone (seeking over the data), and the error that stopped the scan (None: the whole file)."""
     spans: list[tuple[int, int]] = []
     size = Path(path).stat().st_size
+    if size == 0:  # a download that failed, most likely: counted, never dropped silently
+        return spans, f"{path}: empty file (0 bytes); download it again"
     with open(path, "rb") as f:
         while header := f.read(12):
             start = f.tell() - len(header)
@@ -194,13 +196,21 @@ def write_tfrecord_shards(src: str | Path, out_dir: str | Path, dataset: str, *,
     the record headers; a file cut short keeps the records before the damage and lists the rest
     as one skipped input."""
     src = Path(src)
-    pattern = re.compile(rf"{re.escape(dataset)}_(train|val|test)(?:-\d+-of-\d+)?\.tfrecords?")
+    pattern = re.compile(rf"{re.escape(dataset)}_(train|val|test)(?:-(\d+)-of-(\d+))?\.tfrecords?")
     files: dict[str, list[Path]] = {}
+    parts: dict[tuple[str, int], set[int]] = {}
     for p in sorted(src.iterdir()) if src.is_dir() else []:
         if m := pattern.fullmatch(p.name):
             files.setdefault(m[1], []).append(p)
+            if m[2] is not None:
+                parts.setdefault((m[1], int(m[3])), set()).add(int(m[2]))
     if not files:
         raise FileNotFoundError(f"no {dataset}_<train|val|test>-K-of-N.tfrecord files in {src}")
+    for (split, n), found in sorted(parts.items()):  # a part not downloaded: refused before writing
+        if len(found) != n:
+            raise FileNotFoundError(f"{src}: {dataset}_{split} has {len(found)} of its {n} parts (-K-of-{n}: K = "
+                                    f"{', '.join(map(str, sorted(found)))}); download the missing ones, or move "
+                                    f"the split's files aside to write the others")
 
     def load(item: tuple) -> VideoRecord:
         path, offset, length, where = item

@@ -157,19 +157,22 @@ def _notes(results: dict[str, dict], p: Protocol) -> str:
 
 
 def _frame_label_sets(shards: str) -> set[str]:
-    """The per-frame label sets beside ``phase`` that the training split's videos carry: the first
-    sample's metadata (every writer gives each of its videos the same sets)."""
+    """The per-frame label sets beside ``phase`` that both the train and the val split's videos
+    carry: each split's first sample's metadata (a writer gives every video of a split the same sets)."""
     import tarfile
 
     from carl_scale.data.manifest import resolve_shards
 
-    urls, _ = resolve_shards(shards, "train")
-    for url in urls[:1]:
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    return set((json.load(tar.extractfile(member)).get("frame_labels") or {}))
-    return set()
+    found = []
+    for split in ("train", "val"):
+        have: set[str] = set()
+        for url in resolve_shards(shards, split)[0][:1]:
+            with tarfile.open(url) as tar:
+                member = next((m for m in tar if m.name.endswith(".json")), None)
+                if member is not None:
+                    have = set(json.load(tar.extractfile(member)).get("frame_labels") or {})
+        found.append(have)
+    return found[0] & found[1]
 
 
 def _check_label_sets(p: Protocol, shards: str) -> None:
