@@ -34,6 +34,12 @@ def test_recipes_carry_the_papers_frames_and_flags_override_one_field():
     assert pouring.model.num_layers == 2 and pouring.model.train_frames == 240 and pouring.data.spatial.blur_p == 0.5
     k400 = parse(["--recipe", "k400"])[0]
     assert (k400.data.batch_size, k400.epochs, k400.model.num_layers, k400.eval.shards) == (2, 10, 2, "data/pennaction")
+    # the published K400 config's batch_noself; weak supervision has Eq. 3's negatives instead
+    assert k400.loss.scl_negatives == "batch" and parse(["--recipe", "pennaction"])[0].loss.scl_negatives == "video"
+    assert configure(recipe("k400"), weak=True, overrides={"model.num_classes": 400}).loss.scl_negatives == "video"
+    with pytest.raises(ConfigError, match="--scl-negatives 'batch' is for --loss scl"):
+        parse(["--recipe", "k400", "--loss", "weak"])
+    assert parse(["--scl-negatives", "batch"])[0].loss.scl_negatives == "batch"
     dbg = parse([])[0]
     assert (dbg.data.temporal.alpha, dbg.data.batch_size, dbg.optim.lr, dbg.steps) == (50.0, 16, 3e-4, 400)
     assert dbg.synthetic is not None and dbg.data.shards == "data/synthetic" and dbg.data.spatial.grayscale_p == 0.0

@@ -165,3 +165,70 @@ def test_the_published_loop_form_computes_the_vectorised_published_loss():
     (g_loop,) = torch.autograd.grad(loop, u)
     assert loop.item() == pytest.approx(ref.item(), rel=1e-12)
     torch.testing.assert_close(g_loop, g_ref, rtol=1e-9, atol=1e-12)
+
+
+def _naive_batch_scl(z, s, m, tau, sigma2):
+    """Batch negatives, by hand: each valid frame of view a of video v against every valid frame
+    of the batch except its own view's; numerator and Gaussian over v's other view."""
+    videos, _, frames, _ = z.shape
+    unit = torch.nn.functional.normalize(z, dim=-1)
+    per_video = []
+    for v in range(videos):
+        total, defined = 0.0, True
+        for a in (0, 1):
+            rows = [i for i in range(frames) if m[v, a, i]]
+            cols = [j for j in range(frames) if m[v, 1 - a, j]]
+            if not rows or not cols:
+                defined = False
+                break
+            others = [(w, b, j) for w in range(videos) for b in (0, 1) for j in range(frames)
+                      if m[w, b, j] and not (w == v and b == a)]
+            part = 0.0
+            for i in rows:
+                denom = sum(torch.exp(torch.dot(unit[v, a, i], unit[w, b, j]) / tau) for w, b, j in others)
+                g = [math.exp(-((s[v, a, i] - s[v, 1 - a, j]).item() ** 2) / (2 * sigma2)) for j in cols]
+                part = part - sum(g[k] / sum(g) * torch.log(torch.exp(torch.dot(unit[v, a, i], unit[v, 1 - a, j]) / tau)
+                                                           / denom) for k, j in enumerate(cols))
+            total = total + part / len(rows)
+        if defined:
+            per_video.append(total)
+    return sum(per_video) / len(per_video)
+
+
+def test_batch_negatives_match_a_naive_loop_and_the_published_batch_noself():
+    """``negatives="batch"`` (the published K400 config's batch_noself): every frame of the batch
+    but a frame's own view in its denominator. Against a loop by hand (with padded frames), and the
+    published formulation's relation to ours (half, less the targets' entropy) with every frame valid."""
+    from carl_scale.bench.published import published_scl, published_scl_loop
+
+    g = torch.Generator().manual_seed(7)
+    b, t, d, tau, sigma2 = 3, 5, 8, 0.1, 10.0
+    u = torch.randn(b, 2, t, d, dtype=torch.float64, generator=g, requires_grad=True)
+    steps = torch.sort(torch.randint(0, 30, (b, 2, t), generator=g), dim=-1).values
+    mask = torch.ones(b, 2, t, dtype=torch.bool)
+    mask[1, 0, 3:] = False
+    mask[2, 1, 4:] = False
+    ours = sequence_contrastive_loss(u[:, 0], u[:, 1], steps[:, 0], steps[:, 1], tau=tau, sigma2=sigma2,
+                                     mask1=mask[:, 0], mask2=mask[:, 1], negatives="batch")
+    ref = _naive_batch_scl(u, steps, mask, tau, sigma2)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-10)
+    (g_ours,) = torch.autograd.grad(ours, u)
+    (g_ref,) = torch.autograd.grad(_naive_batch_scl(u, steps, mask, tau, sigma2), u)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-8, atol=1e-12)
+    # one video: nothing else in the batch, the per-video loss
+    one = dict(tau=tau, sigma2=sigma2)
+    assert sequence_contrastive_loss(u[:1, 0], u[:1, 1], steps[:1, 0], steps[:1, 1], negatives="batch", **one).item() \
+        == pytest.approx(sequence_contrastive_loss(u[:1, 0], u[:1, 1], steps[:1, 0], steps[:1, 1], **one).item())
+    # the published batch_noself, vectorised and as its loops run it
+    z = torch.nn.functional.normalize(u, dim=-1)
+    valid = torch.ones(b, 2, t, dtype=torch.bool)
+    pub = published_scl(z, steps, valid, tau=tau, sigma2=sigma2, eps=0.0, negatives="batch")
+    full = sequence_contrastive_loss(z[:, 0], z[:, 1], steps[:, 0], steps[:, 1], negatives="batch", **one)
+    d2 = (steps[:, :, :, None] - steps[:, [1, 0], None, :]).double() ** 2
+    w = torch.softmax(-d2 / (2 * sigma2), dim=-1)
+    entropy = -(w * torch.log(w)).sum(-1).mean()
+    assert pub.item() == pytest.approx(full.item() / 2 - entropy.item(), rel=1e-9)
+    loop = published_scl_loop(z, steps, mask, torch.tensor([30, 30, 30]), negatives="batch", **one)
+    assert loop.item() == pytest.approx(published_scl(z, steps, mask, negatives="batch", **one).item(), rel=1e-12)
+    with pytest.raises(ValueError, match="negatives must be one of"):
+        sequence_contrastive_loss(u[:, 0], u[:, 1], steps[:, 0], steps[:, 1], negatives="all")

@@ -144,7 +144,8 @@ def run(flavor: str, frames: int, batch: int, extras: tuple[str, ...] = (), *,
         roots = [*model.parameters(), *model.buffers(), *[v for v in vars(data).values() if torch.is_tensor(v)]]
         # (on the CPU device without a GradScaler: its state is a few bytes)
         out["published"] = simulate(lambda: published_step(model.train(), data, amp=True, tau=cfg.loss.tau,
-                                                           sigma2=cfg.loss.sigma2), roots)
+                                                           sigma2=cfg.loss.sigma2, negatives=cfg.loss.scl_negatives),
+                                    roots)
         # the rows: ours, ours under each extra, and ours as the H200 measured it (before the
         # chunked default and bf16 views): what checks the simulation against a measurement
         rows = [("ours" + (f" {e}" if e else ""), parse_overrides(e), torch.bfloat16) for e in ("", *extras)]

@@ -98,10 +98,11 @@ def published_encoder(model: FrameVideoEncoder, feats: torch.Tensor, keep: torch
 
 
 def published_scl(z: torch.Tensor, steps: torch.Tensor, mask: torch.Tensor, *, tau: float = 0.1,
-                  sigma2: float = 10.0, eps: float = 1e-6) -> torch.Tensor:
+                  sigma2: float = 10.0, eps: float = 1e-6, negatives: str = "video") -> torch.Tensor:
     """z ``(B, 2, T, D)`` L2-normalised projections, steps ``(B, 2, T)`` original frame indices,
     mask ``(B, 2, T)``: the published formulation's loss (see the module docstring; ``eps`` is its
-    1e-6 inside the log)."""
+    1e-6 inside the log). ``negatives``: ``"video"`` is its ``single_noself``, ``"batch"`` its
+    ``batch_noself`` (the K400 config's: every frame but the own view's in the denominator)."""
     b, v, t, d = z.shape
     n = b * v * t
     e = z.reshape(n, d)
@@ -113,7 +114,8 @@ def published_scl(z: torch.Tensor, steps: torch.Tensor, mask: torch.Tensor, *, t
     video = torch.arange(n, device=z.device) // (v * t)
     view = torch.arange(n, device=z.device) // t
     other_view = (video[:, None] == video[None, :]) & (view[:, None] != view[None, :])
-    weight = other_view.to(logits.dtype).masked_fill(pair_valid == 0, 1e-6)
+    in_denominator = other_view if negatives == "video" else ~((video[:, None] == video[None, :]) & ~other_view)
+    weight = in_denominator.to(logits.dtype).masked_fill(pair_valid == 0, 1e-6)
     gauss = torch.exp(-distance ** 2 / (2 * sigma2)).to(logits.dtype) * other_view
     total = gauss.sum(1, keepdim=True)
     target = torch.where(total > 0, gauss / total, torch.zeros_like(gauss))
@@ -140,9 +142,10 @@ def _view_blocks(videos: int, frames: int):
 
 
 def published_scl_loop(z: torch.Tensor, steps: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, *,
-                       tau: float = 0.1, sigma2: float = 10.0, eps: float = 1e-6) -> torch.Tensor:
+                       tau: float = 0.1, sigma2: float = 10.0, eps: float = 1e-6, negatives: str = "video") -> torch.Tensor:
     """:func:`published_scl` with the published step's work: its Gaussian targets and its
-    "single_noself" denominators are filled in per video by Python loops (each block a few small
+    denominators ("single_noself", or with ``negatives="batch"`` "batch_noself") are filled in
+    per video by Python loops (each block a few small
     kernels), an ``argmin`` per view finds each frame's nearest frame of the other view (computed
     and never used there, so computed here), and 0 / 0 is cleaned by boolean indexing.
     ``lengths`` ``(B,)``: each video's frame count, by which the published code rescales one
@@ -165,10 +168,11 @@ def published_scl_loop(z: torch.Tensor, steps: torch.Tensor, mask: torch.Tensor,
     for a, b in _view_blocks(videos, frames):
         unused_nearest[a] = b.start + gap[a, b].argmin(dim=1)
         unused_nearest[b] = a.start + gap[b, a].argmin(dim=1)
-        own = slice(a.start, b.stop)
-        keep[own, :a.start].fill_(0)  # other videos out of the denominator...
-        keep[own, b.stop:].fill_(0)
-        keep[a, a] = 0  # ...and the frame's own view
+        if negatives == "video":  # ("single") other videos out of the denominator
+            own = slice(a.start, b.stop)
+            keep[own, :a.start].fill_(0)
+            keep[own, b.stop:].fill_(0)
+        keep[a, a] = 0  # ("noself") the frame's own view never in it
         keep[b, b] = 0
     keep.masked_fill_(valid_pairs == 0, 1e-6)
 

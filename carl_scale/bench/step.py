@@ -64,11 +64,13 @@ def synthetic_batch(b: int, t: int, size: int, device: torch.device,
                       video_ids=[f"v{i}" for i in range(b)], padded=False).to(device)
 
 
-def published_step(model, batch: VideoBatch, amp: bool, tau: float, sigma2: float, *, anomaly: bool = False):
+def published_step(model, batch: VideoBatch, amp: bool, tau: float, sigma2: float, *, anomaly: bool = False,
+                   negatives: str = "video"):
     """A step function running the published ``train.py``'s way (``USE_AMP``; see the module
     docstring); ``amp``: its fp16 autocast (with a GradScaler on a GPU; on a CPU the same order
     without one); ``anomaly``: its ``torch.autograd.set_detect_anomaly(True)`` at every step (the
-    caller turns it off afterwards). Returns the loss as the published loop reads it back."""
+    caller turns it off afterwards); ``negatives``: the recipe's SCL denominators (``batch`` for
+    k400, as the published K400 config). Returns the loss as the published loop reads it back."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-4, weight_decay=1e-5)
     device = batch.views.device.type
@@ -80,7 +82,8 @@ def published_step(model, batch: VideoBatch, amp: bool, tau: float, sigma2: floa
             torch.autograd.set_detect_anomaly(True)
         with torch.autocast(device, dtype=torch.float16, enabled=amp):
             z = published_forward(model, batch.views, batch.mask)
-            loss = published_scl_loop(z, batch.timestamps, batch.mask, batch.num_frames, tau=tau, sigma2=sigma2)
+            loss = published_scl_loop(z, batch.timestamps, batch.mask, batch.num_frames, tau=tau, sigma2=sigma2,
+                                      negatives=negatives)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -266,13 +269,15 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
         # the published code never sets cudnn.benchmark; our speedups turn it on for the process
         # (apply_speedups), so the reference must not depend on which path ran first
         torch.backends.cudnn.benchmark = False
+        neg = cfg.loss.scl_negatives
         done("published", measure(published_step(model.to(device).train(), data, cuda, cfg.loss.tau,
-                                                 cfg.loss.sigma2), iters, warmup, batch, device))
+                                                 cfg.loss.sigma2, negatives=neg), iters, warmup, batch, device))
         if as_shipped:  # anomaly mode for this path only: it is process-wide
             model.load_state_dict(start)
             try:
                 done("published as shipped (anomaly detection on)",
-                     measure(published_step(model, data, cuda, cfg.loss.tau, cfg.loss.sigma2, anomaly=True),
+                     measure(published_step(model, data, cuda, cfg.loss.tau, cfg.loss.sigma2, anomaly=True,
+                                            negatives=neg),
                              iters, warmup, batch, device))
             finally:
                 torch.autograd.set_detect_anomaly(False)

@@ -16,6 +16,10 @@ class LossConfig(Config):
                                    "SCL with other classes as negatives + PCL + class token, Eq. 3-6)")
     tau: float = param(0.1, flag="--tau", gt=0, help="softmax temperature τ")
     sigma2: float = param(10.0, flag="--sigma2", gt=0, help="variance σ² of the timestamp prior, in frames²")
+    scl_negatives: Literal["video", "batch"] = param(
+        "video", flag="--scl-negatives",
+        help="SCL's denominators: video (the other view of the same video, paper Eq. 1) or batch (also every "
+             "frame of the rank's other videos, as the published K400 config's batch_noself); scl objective only")
     # weak supervision (paper §3.5, Table 12); unused by scl
     pcl_weight: float = param(0.3, flag="--lambda", ge=0, help="λ: weight of the paired contrastive loss")
     eps1: float = param(5.0, flag="--eps1", gt=0, le=100,
@@ -38,6 +42,9 @@ class LossConfig(Config):
                                    help="other classes' frames from every data-parallel rank as negatives")
 
     def check(self) -> None:
+        if self.name == "weak" and self.scl_negatives != "video":
+            refuse("--scl-negatives", f"{self.scl_negatives!r} is for --loss scl; the weak objective's denominators "
+                                      f"are Eq. 3's (--class-negatives)")
         if self.eps1 > self.eps2:
             refuse("--eps1", f"({self.eps1}) must be <= --eps2 ({self.eps2}): a positive is never a negative")
         if self.pcl_cost == "joint" and not self.view_ensemble:

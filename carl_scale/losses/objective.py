@@ -58,7 +58,7 @@ class SequenceContrastiveObjective(Objective):
 
     def __init__(self, model: nn.Module, cfg: LossConfig):
         super().__init__(model)
-        self.tau, self.sigma2 = cfg.tau, cfg.sigma2
+        self.tau, self.sigma2, self.negatives = cfg.tau, cfg.sigma2, cfg.scl_negatives
 
     def compute(self, batch: VideoBatch) -> dict[str, torch.Tensor]:
         _, z = self.encode(batch)
@@ -66,7 +66,7 @@ class SequenceContrastiveObjective(Objective):
         # step then never waits for the GPU to answer a question about the mask
         masks = {} if batch.padded is False else dict(mask1=batch.mask[:, 0], mask2=batch.mask[:, 1])
         loss = sequence_contrastive_loss(z[:, 0], z[:, 1], batch.timestamps[:, 0], batch.timestamps[:, 1],
-                                         tau=self.tau, sigma2=self.sigma2, **masks)
+                                         tau=self.tau, sigma2=self.sigma2, negatives=self.negatives, **masks)
         return {"loss": loss}
 
 

@@ -7,6 +7,10 @@ the cross-entropy between the two; L^2 swaps the views; SCL = L^1 + L^2, average
 
 The loss is per video (negatives are the other view's frames of the same video), so it needs no
 collective: it is the same at world size 1 and N, and data parallelism averages its gradients.
+``negatives="batch"`` is the published K400 config's ``batch_noself``: every frame of the other
+videos of the rank's batch (both views) joins each denominator too, a frame's own view still does
+not; numerator and Gaussian prior stay over the video's other view. Per rank, as the published
+code runs it under DDP: still no collective.
 
 Scale, against the published code (REFERENCE_NOTES, "The published SCL step"): it sums the KL over
 valid frames of *both* views and divides by their number, so it is about (L^1 + L^2) / 2 and
@@ -42,6 +46,31 @@ def _one_direction(z_a: torch.Tensor, z_b: torch.Tensor, s_a: torch.Tensor, s_b:
     return per_video, n > 0
 
 
+def _batch_direction(z: torch.Tensor, s: torch.Tensor, m: torch.Tensor, a: int, tau: float,
+                     sigma2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-video L^a (B,) and whether it is defined, for the anchors of view ``a`` of ``z``
+    ``(B, 2, T, D)`` against every frame of the batch but their own view's."""
+    b, _, t, _ = z.shape
+    idx = torch.arange(b, device=z.device)
+    logits = torch.einsum("bid,evjd->bievj", z[:, a], z).reshape(b, t, b * 2 * t) / tau
+    cols = m[None].expand(b, b, 2, t).clone()  # (anchor video, video, view, frame)
+    cols[idx, idx, a] = False  # a frame's own view is neither positive nor negative
+    cols = cols.reshape(b, 1, b * 2 * t)
+    neg = torch.finfo(logits.dtype).min  # finite: a fully masked row gives finite garbage, not NaN
+    log_p = torch.log_softmax(logits.masked_fill(~cols, neg), dim=-1).view(b, t, b, 2, t)
+    log_p_own = log_p[idx, :, idx, 1 - a]  # (B, Ta, Tb): the other view of the same video, the numerators
+    m_b = m[:, 1 - a]
+    prior = -((s[:, a, :, None] - s[:, 1 - a, None, :]) ** 2) / (2.0 * sigma2)
+    w = torch.softmax(prior.masked_fill(~m_b[:, None, :], neg), dim=-1).masked_fill(~m_b[:, None, :], 0.0)
+    ce = -(w * log_p_own.masked_fill(~m_b[:, None, :], 0.0)).sum(-1)  # (B, Ta)
+    rows = m[:, a] & m_b.any(-1, keepdim=True)
+    n = rows.sum(-1)
+    return (ce * rows).sum(-1) / n.clamp(min=1), n > 0
+
+
+NEGATIVES = ("video", "batch")
+
+
 def full_precision(fn):
     """Run a loss with autocast off: an autocast around the model (bf16 training) would otherwise
     compute its similarities in bf16, whose 8 bits of mantissa lose the differences (divided by a
@@ -57,7 +86,7 @@ def full_precision(fn):
 @full_precision
 def sequence_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, *,
                               tau: float = 0.1, sigma2: float = 10.0, mask1: torch.Tensor | None = None,
-                              mask2: torch.Tensor | None = None) -> torch.Tensor:
+                              mask2: torch.Tensor | None = None, negatives: str = "video") -> torch.Tensor:
     """SCL of two views.
 
     Args:
@@ -65,6 +94,9 @@ def sequence_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, s1: torch.Tens
         s1, s2: ``(B, T1)``, ``(B, T2)`` original-frame timestamps of the sampled frames.
         tau: softmax temperature. sigma2: variance of the Gaussian prior, in frames squared.
         mask1, mask2: ``(B, T)`` bool, True for valid frames (default: all valid).
+        negatives: ``"video"`` (the paper's Eq. 1: the other view of the same video) or ``"batch"``
+            (also every frame of the batch's other videos, as the published K400 config); the
+            latter needs views of equal length.
 
     Returns the mean over videos of L^1 + L^2 (videos with no valid frame in a view are left
     out; if none is left, a zero that still carries a graph).
@@ -81,8 +113,16 @@ def sequence_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, s1: torch.Tens
     s1, s2 = s1.to(dtype), s2.to(dtype)
     mask1 = torch.ones(s1.shape, dtype=torch.bool, device=z1.device) if mask1 is None else mask1.bool()
     mask2 = torch.ones(s2.shape, dtype=torch.bool, device=z2.device) if mask2 is None else mask2.bool()
-    l1, ok1 = _one_direction(z1, z2, s1, s2, mask1, mask2, tau, sigma2)
-    l2, ok2 = _one_direction(z2, z1, s2, s1, mask2, mask1, tau, sigma2)
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+    if negatives == "batch":
+        if z1.shape != z2.shape:
+            raise ValueError(f"batch negatives need views of one length, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        z, s, m = torch.stack([z1, z2], 1), torch.stack([s1, s2], 1), torch.stack([mask1, mask2], 1)
+        (l1, ok1), (l2, ok2) = (_batch_direction(z, s, m, a, tau, sigma2) for a in (0, 1))
+    else:
+        l1, ok1 = _one_direction(z1, z2, s1, s2, mask1, mask2, tau, sigma2)
+        l2, ok2 = _one_direction(z2, z1, s2, s1, mask2, mask1, tau, sigma2)
     ok = ok1 & ok2
     # no `if ok.any()`: a branch on a device value would make the host wait for the GPU every
     # step. With no video defined this is 0 / 1 = 0, still carrying the graph (zero gradients).

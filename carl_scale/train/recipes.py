@@ -75,10 +75,12 @@ def pouring() -> RunConfig:
 
 def k400() -> RunConfig:
     """Kinetics-400 pretraining (paper §4.5.9, Table 15; settings from the published K400 config):
-    T = 80, 2 videos per GPU, 10 epochs, a 2-layer transformer. The end-of-run evaluation reads
+    T = 80, 2 videos per GPU, 10 epochs, a 2-layer transformer, SCL's denominators over the whole
+    batch (its ``NEGATIVE_TYPE: batch_noself``, the only published config with it: on Kinetics'
+    unrelated videos another video's frames are safe negatives). The end-of-run evaluation reads
     PennAction's validation videos, the paper's transfer target (skipped if they are absent)."""
     cfg = _paper("k400", "r50", "data/k400", frames=80, epochs=10, num_layers=2)
-    return configure(cfg, {"data.batch_size": 2, "eval.shards": "data/pennaction"})
+    return configure(cfg, {"data.batch_size": 2, "eval.shards": "data/pennaction", "loss.scl_negatives": "batch"})
 
 
 RECIPES: dict[str, Callable[[], RunConfig]] = {"debug": debug, "pennaction": pennaction, "finegym": finegym,
@@ -180,6 +182,7 @@ def configure(base: RunConfig, overrides: Mapping[str, Any] | None = None, *, fl
         d["synthetic"].update(train_videos=synthetic_videos, val_videos=max(n_actions, synthetic_videos // 3))
     if weak:
         d["loss"]["name"] = "weak"
+        d["loss"]["scl_negatives"] = "video"  # the weak objective's negatives are Eq. 3's
         d["model"]["class_token"] = True
         if not d["data"]["per_label"]:
             d["data"]["per_label"] = 2
