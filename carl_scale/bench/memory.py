@@ -133,7 +133,7 @@ def run(flavor: str, frames: int, batch: int, extras: tuple[str, ...] = (), *,
                                        synthetic_batch)
     from carl_scale.models import build_model
 
-    recipe_name = recipe_name or default_recipe(flavor)
+    recipe_name = default_recipe(flavor) if recipe_name is None else recipe_name
 
     base = {"data.batch_size": batch, "data.temporal.num_frames": frames, "parallel.channels_last": "on"}
     out = {}

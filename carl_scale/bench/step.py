@@ -233,7 +233,7 @@ def check_extras(extras, flavor: str, recipe_name: str | None = None) -> None:
     the rows are built from: :func:`default_recipe` of the flavor unless named)."""
     for e in extras:
         try:
-            bench_config(recipe_name or default_recipe(flavor), flavor, parse_overrides(e))
+            bench_config(default_recipe(flavor) if recipe_name is None else recipe_name, flavor, parse_overrides(e))
         except Exception as exn:
             raise SystemExit(f"--extra {e!r}: {exn}")
 
@@ -245,7 +245,7 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
     :func:`parse_overrides`), all built from ``recipe_name`` (:func:`default_recipe` of the flavor
     by default); ``report(name, result)`` is called after each, so a run cut short still shows
     what it measured."""
-    recipe_name = recipe_name or default_recipe(flavor)
+    recipe_name = default_recipe(flavor) if recipe_name is None else recipe_name
     with process_group() as (_, world, device):
         cuda = device.type == "cuda"
         base = {"data.batch_size": batch, "data.temporal.num_frames": frames}
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if min(a.frames, a.batch, a.iters, a.warmup) < 1:
         p.error("--frames, --batch, --iters and --warmup must be >= 1")
-    recipe_name = a.recipe or default_recipe(a.flavor)
+    recipe_name = default_recipe(a.flavor) if a.recipe is None else a.recipe
     check_extras(a.extra, a.flavor, recipe_name)
     first: dict[str, float] = {}
 
