@@ -333,10 +333,13 @@ def test_the_yaml_must_describe_the_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="only the published transformer model"):
         import_carl(tmp_path / "bare.pth", tmp_path / "conv.yml", tmp_path / "out")
     # entries of another shape: one line naming the file, not a TypeError from inside
-    (tmp_path / "flat.yml").write_text(YAML + "\n" + "MODEL_OVERRIDE: 1\n")
     (tmp_path / "null.yml").write_text("MODEL: null\n")
-    with pytest.raises(ValueError, match=r"--config .*null.yml is not a published CARL config: its MODEL section"):
-        import_carl(tmp_path / "bare.pth", tmp_path / "null.yml", tmp_path / "out")
+    flat = YAML.replace("- &id003 [256, true]\n    - *id003", "- 256\n    - 256")
+    assert flat != YAML
+    (tmp_path / "flat.yml").write_text(flat)  # FC_LAYERS of numbers, not [width, batch norm] pairs
+    for name in ("null.yml", "flat.yml"):
+        with pytest.raises(ValueError, match=rf"--config .*{name} is not a published CARL config: its MODEL section"):
+            import_carl(tmp_path / "bare.pth", tmp_path / name, tmp_path / "out")
     # a file that is a dict but no published checkpoint: its first keys, not hundreds of them
     torch.save({**{f"k{i:03d}": torch.zeros(1) for i in range(300)}, 7: torch.zeros(1)}, tmp_path / "many.pth")
     with pytest.raises(CheckpointError, match=r"a dict of 301 keys: 7, k000, .*, \.\.\.\)$"):

@@ -222,7 +222,8 @@ def test_unlabelled_frames_are_cut_before_the_stride_and_the_positions_as_the_pu
     assert res["r2"] == pytest.approx(1.0, abs=1e-9) and res["boundaries"] == 2
 
 
-def test_phase_classification_with_nothing_to_train_on_or_score_is_nan_and_logistic_is_the_published_code():
+def test_phase_classification_with_nothing_to_train_on_or_score_is_nan_and_logistic_is_the_published_code(
+        monkeypatch):
     rng = np.random.default_rng(5)
     vids = [_phased(30, 3, rng, noise=0.05) for _ in range(4)]
     embs, labels = [e for e, _ in vids], [lab for _, lab in vids]
@@ -230,7 +231,17 @@ def test_phase_classification_with_nothing_to_train_on_or_score_is_nan_and_logis
     assert all(np.isnan(v) for v in phase_classification(embs, labels, embs[:2], unlabelled).values())
     assert all(np.isnan(v) for v in phase_classification([], [], embs, labels).values())
     assert all(np.isnan(v) for v in phase_classification(embs[:2], unlabelled, embs, labels).values())
+    import sklearn.linear_model
+
+    made = []
+    real = sklearn.linear_model.LogisticRegression
+
+    def spy(**kwargs):
+        made.append(kwargs)
+        return real(**kwargs)
+    monkeypatch.setattr(sklearn.linear_model, "LogisticRegression", spy)
     logistic = phase_classification(embs, labels, embs, labels, classifier="logistic", fractions=(1.0,))
     assert logistic[1.0] > 0.9
+    assert made == [{"max_iter": 100_000, "solver": "lbfgs"}]  # the published evaluation's settings
     with pytest.raises(ValueError, match="classifier must be one of"):
         phase_classification(embs, labels, embs, labels, classifier="knn")

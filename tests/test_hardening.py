@@ -100,6 +100,13 @@ def test_resume_rules_name_what_differs():
         ckpt.check_resume(Path("c"), {**meta, "config": {**meta["config"], "data": {**meta["config"]["data"],
                                                                                     "per_label": 0}}},
                           grouped, world_size=1)
+    # SCL's denominators decide the objective; a checkpoint from before the option trained "video"
+    batch = json.loads(json.dumps(meta["config"]))
+    batch["loss"]["scl_negatives"] = "batch"
+    with pytest.raises(ConfigError, match=r"--scl-negatives video \(now batch\)"):
+        ckpt.check_resume(Path("c"), meta, batch, world_size=1)
+    batch["loss"]["scl_negatives"] = "video"
+    ckpt.check_resume(Path("c"), meta, batch, world_size=1)
 
 
 def test_pruning_and_resuming_never_lose_a_checkpoint(tmp_path):
@@ -265,9 +272,12 @@ def test_a_resume_does_not_read_the_pretrained_file_again(vp9_shards, tmp_path):
     first = _pretrain(*flags, "--steps", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     weights.unlink()
-    again = _pretrain(*flags, "--steps", "2", "--resume", "latest")
+    # with the end-of-run evaluation too: its baseline no longer finds the file either
+    again = _pretrain(*[f for f in flags if f != "--no-eval"], "--steps", "2", "--resume", "latest")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and ckpt.latest_name(run / "checkpoints") == "step_000002"
+    assert "byol_r50.pth is gone, its trunk starts from random weights" in again.stdout
+    assert "validation videos of" in again.stdout
     other = tmp_path / "other"
     fresh = _pretrain(*flags, "--steps", "1", "--run-dir", str(other))  # the last --run-dir counts
     assert fresh.returncode == 1 and "byol_r50.pth not found" in fresh.stderr  # a new run still needs it

@@ -48,6 +48,8 @@ def test_missing_shards_and_checkpoints_say_what_to_run(tmp_path):
         load_model(tmp_path)
     with pytest.raises(ValueError, match="unknown dataset"):
         transfer_eval("ucf101", {}, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="finegym's protocol has no phase classifier"):  # never ignored silently
+        transfer_eval("finegym", {}, out_dir=tmp_path, classifier="logistic")
 
 
 def test_nearest_frames_gives_one_hit_per_video_nearest_first():

@@ -48,7 +48,9 @@ def resolve_shards(spec: str | list[str], split: str = "train") -> tuple[list[st
         if parent is not None and (parent / MANIFEST).exists():
             manifest = read_manifest(parent)
     if not urls:
-        raise FileNotFoundError(f"no shards in {spec!r}")
+        why = (f": its {split} split is empty (none of its inputs could be written; shards.json lists why)"
+               if manifest is not None else "")
+        raise FileNotFoundError(f"no shards in {spec!r}{why}")
     for u in urls:
         if "://" not in u and not u.startswith("pipe:") and not Path(u).exists():
             raise FileNotFoundError(

@@ -319,21 +319,22 @@ def linear_probe_frame_classification(train_embs, train_labels, val_embs, val_la
     embeddings, whose logits are otherwise small. Returns top-1 frame accuracy on the validation
     frames after the last epoch, as it reports, and the mean per-class accuracy."""
     dev = _device(device)
+    # every video, unlabelled ones too: as there, they fill a batch's slots with no frames
     pairs = [(np.asarray(e)[np.asarray(lab) >= 0], np.asarray(lab)[np.asarray(lab) >= 0])
              for e, lab in zip(train_embs, train_labels)]
-    xs = [torch.as_tensor(e, dtype=torch.float32, device=dev) for e, lab in pairs if len(lab)]
-    ys = [torch.as_tensor(lab, dtype=torch.long, device=dev) for e, lab in pairs if len(lab)]
+    xs = [torch.as_tensor(e, dtype=torch.float32, device=dev) for e, _ in pairs]
+    ys = [torch.as_tensor(lab, dtype=torch.long, device=dev) for _, lab in pairs]
     xv, yv = _labelled(val_embs, val_labels) if len(val_embs) else (np.zeros((0, 1)), np.zeros(0, int))
-    if not xs or not len(yv):
+    if not any(len(y) for y in ys) or not len(yv):
         return {"accuracy": float("nan"), "mean_class_accuracy": float("nan")}
     xv, yv = torch.as_tensor(xv, dtype=torch.float32, device=dev), torch.as_tensor(yv, dtype=torch.long, device=dev)
-    top = max(max(int(y.max()) for y in ys), int(yv.max()))
+    top = max(max(int(y.max()) for y in ys if len(y)), int(yv.max()))
     c = num_classes or top + 1
     if top >= c:
         raise ValueError(f"labels go up to {top} but num_classes is {c}")
     g = torch.Generator(device="cpu").manual_seed(seed)
     torch.manual_seed(seed)
-    layer = torch.nn.Linear(xs[0].shape[1], c).to(dev)
+    layer = torch.nn.Linear(xv.shape[1], c).to(dev)
     opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     full = len(xs) // videos_per_batch
     batches = full if full else 1  # fewer videos than one batch: they are the batch
@@ -343,8 +344,10 @@ def linear_probe_frame_classification(train_embs, train_labels, val_embs, val_la
         order = torch.randperm(len(xs), generator=g).tolist()
         for b in range(batches):
             idx = order[b * videos_per_batch:(b + 1) * videos_per_batch]
-            loss = torch.nn.functional.cross_entropy(layer(torch.cat([xs[i] for i in idx])),
-                                                     torch.cat([ys[i] for i in idx]))
+            y = torch.cat([ys[i] for i in idx])
+            if not len(y):  # a batch of unlabelled videos: no step (the published loop would step on a NaN loss)
+                continue
+            loss = torch.nn.functional.cross_entropy(layer(torch.cat([xs[i] for i in idx])), y)
             opt.zero_grad()
             loss.backward()
             opt.step()

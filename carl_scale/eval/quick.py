@@ -163,7 +163,14 @@ class EndOfRunEvaluation(Hook):
         result, skipped = {}, []
         if ctx.rank == 0:
             torch.manual_seed(self.seed)
-            random_init = build_model(self.model_cfg).to(ctx.device)
+            cfg = self.model_cfg
+            if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
+                # a resumed run need not have its start file any more (every weight is in its
+                # checkpoint): the baseline's trunk then starts from random weights too, and says so
+                print(f"end-of-run baseline: {cfg.pretrained} is gone, its trunk starts from random weights",
+                      flush=True)
+                cfg = dataclasses.replace(cfg, pretrained=None)
+            random_init = build_model(cfg, weights_follow=cfg is not self.model_cfg).to(ctx.device)
             result = quick_eval({"random_init": random_init, "trained": ctx.model}, self.shards, self.spatial,
                                 ctx.device, folds=self.folds, skipped=skipped)
             keys = list(next(iter(result.values())).keys())

@@ -59,9 +59,6 @@ def latest_checkpoint(run_dir: str | Path = "runs/pretrain") -> Path:
     return root / latest.read_text().strip()
 
 
-TRAINED = ("classification@", "progression", "one_shot")  # the metrics that need training videos
-
-
 def _phase_metrics(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, device: str) -> dict[str, float]:
     """Every phase metric of one group of videos (one action class, or the whole dataset), on each
     video's labelled frames only, as the published evaluation cuts them before any metric. A group
@@ -286,6 +283,9 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
         raise ValueError(f"--subset must be 'first' (the published evaluation's) or 'random', got {subset!r}")
     if classifier not in CLASSIFIERS:
         raise ValueError(f"--classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
+    if classifier != "svm" and PROTOCOLS[dataset].linear_probe:
+        raise ValueError(f"--classifier {classifier}: {dataset}'s protocol has no phase classifier (its frame labels "
+                         f"go to the published linear probe); leave --classifier out")
     p = dataclasses.replace(PROTOCOLS[dataset], subset=subset, classifier=classifier)
     shards = p.shards if shards is None else shards
     if not (Path(shards) / "shards.json").exists():
@@ -313,6 +313,7 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
                   + ", ".join(f"{len(v)} {split}" for split, v in skipped.items()) + " sample(s).")
     (out / "results.md").write_text(f"# Transfer evaluation: {dataset} ({shards})\n\n{table}\n")
     (out / "results.json").write_text(json.dumps({"dataset": dataset, "shards": str(shards), "results": results,
-                                                  "skipped": skipped, "subset": p.subset, "classifier": p.classifier,
+                                                  "skipped": skipped, "subset": p.subset,
+                                                  "classifier": None if p.linear_probe else p.classifier,
                                                   "seconds": time.time() - t0}, indent=2))
     return {"table": table, "results": results, "out_dir": str(out)}

@@ -10,7 +10,8 @@ collective: it is the same at world size 1 and N, and data parallelism averages 
 ``negatives="batch"`` is the published K400 config's ``batch_noself``: every frame of the other
 videos of the rank's batch (both views) joins each denominator too, a frame's own view still does
 not; numerator and Gaussian prior stay over the video's other view. Per rank, as the published
-code runs it under DDP: still no collective.
+code runs it under DDP: still no collective, but each rank's denominators are its own batch's, so
+N ranks of B videos differ from one process of N x B videos (as they do in the published code).
 
 Scale, against the published code (REFERENCE_NOTES, "The published SCL step"): it sums the KL over
 valid frames of *both* views and divides by their number, so it is about (L^1 + L^2) / 2 and
@@ -29,21 +30,29 @@ import torch
 import torch.nn.functional as F
 
 
-def _one_direction(z_a: torch.Tensor, z_b: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor,
-                   m_a: torch.Tensor, m_b: torch.Tensor, tau: float, sigma2: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-video L^a (B,) and whether it is defined (B,): view a has a valid frame and view b too."""
-    logits = torch.einsum("bid,bjd->bij", z_a, z_b) / tau  # (B, Ta, Tb)
-    dist2 = (s_a[:, :, None] - s_b[:, None, :]) ** 2
-    prior = -dist2 / (2.0 * sigma2)  # log of the unnormalised Gaussian; its constant cancels
+def gaussian_cross_entropy(log_p: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor, m_a: torch.Tensor,
+                           m_b: torch.Tensor, sigma2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What every SCL variant shares once its log-probabilities of view a's frames over view b's
+    ``log_p`` ``(B, Ta, Tb)`` are made (their denominators are what differs): the cross-entropy
+    with the Gaussian prior of the timestamp distance over b's valid frames, averaged over a's
+    valid frames. Per-video L^a (B,) and whether it is defined (view a and view b have a valid frame)."""
     cols = m_b[:, None, :]
-    neg = torch.finfo(logits.dtype).min  # finite: a fully masked row gives finite garbage, not NaN
-    log_p = torch.log_softmax(logits.masked_fill(~cols, neg), dim=-1)
+    neg = torch.finfo(log_p.dtype).min  # finite: a fully masked row gives finite garbage, not NaN
+    prior = -((s_a[:, :, None] - s_b[:, None, :]) ** 2) / (2.0 * sigma2)  # log of the Gaussian; its constant cancels
     w = torch.softmax(prior.masked_fill(~cols, neg), dim=-1).masked_fill(~cols, 0.0)
     ce = -(w * log_p.masked_fill(~cols, 0.0)).sum(-1)  # (B, Ta)
     rows = m_a & m_b.any(-1, keepdim=True)
     n = rows.sum(-1)
-    per_video = (ce * rows).sum(-1) / n.clamp(min=1)
-    return per_video, n > 0
+    return (ce * rows).sum(-1) / n.clamp(min=1), n > 0
+
+
+def _one_direction(z_a: torch.Tensor, z_b: torch.Tensor, s_a: torch.Tensor, s_b: torch.Tensor,
+                   m_a: torch.Tensor, m_b: torch.Tensor, tau: float, sigma2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-video L^a (B,) and whether it is defined (B,): view a has a valid frame and view b too."""
+    logits = torch.einsum("bid,bjd->bij", z_a, z_b) / tau  # (B, Ta, Tb)
+    cols = m_b[:, None, :]
+    log_p = torch.log_softmax(logits.masked_fill(~cols, torch.finfo(logits.dtype).min), dim=-1)
+    return gaussian_cross_entropy(log_p, s_a, s_b, m_a, m_b, sigma2)
 
 
 def _batch_direction(z: torch.Tensor, s: torch.Tensor, m: torch.Tensor, a: int, tau: float,
@@ -59,13 +68,7 @@ def _batch_direction(z: torch.Tensor, s: torch.Tensor, m: torch.Tensor, a: int, 
     neg = torch.finfo(logits.dtype).min  # finite: a fully masked row gives finite garbage, not NaN
     log_p = torch.log_softmax(logits.masked_fill(~cols, neg), dim=-1).view(b, t, b, 2, t)
     log_p_own = log_p[idx, :, idx, 1 - a]  # (B, Ta, Tb): the other view of the same video, the numerators
-    m_b = m[:, 1 - a]
-    prior = -((s[:, a, :, None] - s[:, 1 - a, None, :]) ** 2) / (2.0 * sigma2)
-    w = torch.softmax(prior.masked_fill(~m_b[:, None, :], neg), dim=-1).masked_fill(~m_b[:, None, :], 0.0)
-    ce = -(w * log_p_own.masked_fill(~m_b[:, None, :], 0.0)).sum(-1)  # (B, Ta)
-    rows = m[:, a] & m_b.any(-1, keepdim=True)
-    n = rows.sum(-1)
-    return (ce * rows).sum(-1) / n.clamp(min=1), n > 0
+    return gaussian_cross_entropy(log_p_own, s[:, a], s[:, 1 - a], m[:, a], m[:, 1 - a], sigma2)
 
 
 NEGATIVES = ("video", "batch")

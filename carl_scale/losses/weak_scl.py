@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from carl_scale.losses.gather import all_gather_no_grad, all_gather_with_grad
-from carl_scale.losses.scl import full_precision
+from carl_scale.losses.scl import full_precision, gaussian_cross_entropy
 
 
 def _one_direction(z_a, z_b_all, s_a, s_b, m_a, m_b_all, labels, labels_all, offset, tau, sigma2):
@@ -35,13 +35,7 @@ def _one_direction(z_a, z_b_all, s_a, s_b, m_a, m_b_all, labels, labels_all, off
     neg = torch.finfo(logits.dtype).min  # finite: a fully masked row gives finite garbage, not NaN
     log_p = torch.log_softmax(logits.masked_fill(~cols, neg), dim=-1).view(b, ta, nb, tb)
     log_p_own = log_p[torch.arange(b, device=z_a.device), :, own]  # (B, Ta, Tb): the numerator's terms
-    m_b = m_b_all[own]
-    prior = -((s_a[:, :, None] - s_b[:, None, :]) ** 2) / (2.0 * sigma2)
-    w = torch.softmax(prior.masked_fill(~m_b[:, None, :], neg), dim=-1).masked_fill(~m_b[:, None, :], 0.0)
-    ce = -(w * log_p_own.masked_fill(~m_b[:, None, :], 0.0)).sum(-1)  # (B, Ta)
-    rows = m_a & m_b.any(-1, keepdim=True)
-    n = rows.sum(-1)
-    return (ce * rows).sum(-1) / n.clamp(min=1), n > 0
+    return gaussian_cross_entropy(log_p_own, s_a, s_b, m_a, m_b_all[own], sigma2)
 
 
 @full_precision

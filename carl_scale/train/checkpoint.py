@@ -210,7 +210,7 @@ def find(root: Path, resume: str) -> Path | None:
 # what the optimizer state and schedule mean, and the model's shape (a flag given on resume that
 # changes one is refused, never silently ignored or half applied).
 RESUME_FIXED = ("seed", "data.shards", "data.batch_size", "data.num_workers", "data.shuffle_buffer", "data.resampled",
-                "data.epoch_samples", "data.per_label", "data.temporal", "model", "loss.name", "optim",
+                "data.epoch_samples", "data.per_label", "data.temporal", "model", "loss.name", "loss.scl_negatives", "optim",
                 "parallel.zero_stage",
                 "parallel.grad_accum")
 
@@ -237,6 +237,8 @@ def check_resume(path: Path, meta: dict, config: dict, world_size: int) -> None:
     saved = dict(meta.get("config", {}))
     if isinstance(saved.get("model"), dict):  # the architecture an older checkpoint's config means
         saved["model"] = ModelConfig.upgrade_saved(saved["model"])
+    if isinstance(saved.get("loss"), dict) and "scl_negatives" not in saved["loss"]:  # before the option: video
+        saved["loss"] = {**saved["loss"], "scl_negatives": "video"}
     then, now = _flatten(saved), _flatten(config)
     differ = [k for k in sorted(now) if k.startswith(RESUME_FIXED) and k in then and then[k] != now[k]
               and k != "model.pretrained"]  # the backbone's start weights are in the checkpoint anyway
