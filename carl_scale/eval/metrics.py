@@ -22,6 +22,9 @@ def _device(device: str | None) -> str:
 
 
 def _labelled(embs: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled frames of all ``embs`` stacked, and their labels; (0, 1) and (0,) for no videos."""
+    if not len(embs):
+        return np.zeros((0, 1)), np.zeros(0, dtype=np.int64)
     x = np.concatenate([e[np.asarray(lab) >= 0] for e, lab in zip(embs, labels)])
     y = np.concatenate([np.asarray(lab)[np.asarray(lab) >= 0] for lab in labels])
     return x, y
@@ -59,11 +62,11 @@ def phase_classification(train_embs, train_labels, val_embs, val_labels, *,
 
     if classifier not in CLASSIFIERS:
         raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
-    xv, yv = _labelled(val_embs, val_labels) if len(val_embs) else (np.zeros((0, 1)), np.zeros(0, int))
+    xv, yv = _labelled(val_embs, val_labels)
     out = {}
     for f in fractions:
         pick = training_subset(len(train_embs), f, pick=subset, seed=seed) if len(train_embs) else []
-        x, y = _labelled([train_embs[i] for i in pick], [train_labels[i] for i in pick]) if pick else (None, [])
+        x, y = _labelled([train_embs[i] for i in pick], [train_labels[i] for i in pick])
         if not len(yv) or not len(y):
             out[f] = float("nan")
             continue
@@ -324,7 +327,7 @@ def linear_probe_frame_classification(train_embs, train_labels, val_embs, val_la
              for e, lab in zip(train_embs, train_labels)]
     xs = [torch.as_tensor(e, dtype=torch.float32, device=dev) for e, _ in pairs]
     ys = [torch.as_tensor(lab, dtype=torch.long, device=dev) for _, lab in pairs]
-    xv, yv = _labelled(val_embs, val_labels) if len(val_embs) else (np.zeros((0, 1)), np.zeros(0, int))
+    xv, yv = _labelled(val_embs, val_labels)
     if not any(len(y) for y in ys) or not len(yv):
         return {"accuracy": float("nan"), "mean_class_accuracy": float("nan")}
     xv, yv = torch.as_tensor(xv, dtype=torch.float32, device=dev), torch.as_tensor(yv, dtype=torch.long, device=dev)
