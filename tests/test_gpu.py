@@ -166,6 +166,22 @@ def test_the_batched_colour_augmentation_on_the_gpu_equals_the_per_view_one_on_t
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)
 
 
+def test_the_batched_crops_on_the_gpu_equal_torchvisions_within_a_grey_level():
+    """The GPU collate's crops_batched (float16 matrix products) against torchvision's resized crop
+    of each view on the GPU, at the training size (4 views x 16 frames, 256 x 340 -> 224 px)."""
+    from carl_scale.data.config import SpatialConfig
+    from carl_scale.data.spatial import apply_geometric, crops_batched, draw_view_params, to_tchw
+
+    cfg = SpatialConfig(image_size=224)
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        params = [draw_view_params(256, 340, cfg, rng) for _ in range(4)]
+        frames = torch.from_numpy(rng.integers(0, 256, (4, 16, 256, 340, 3), dtype=np.uint8)).cuda()
+        ref = torch.stack([apply_geometric(to_tchw(frames[i]), p, 224) for i, p in enumerate(params)])
+        diff = (crops_batched(frames, params, 224).int() - ref.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).double().mean() < 0.1
+
+
 @pytest.mark.parametrize("fuse", ["off", "on"])
 def test_the_trainer_step_never_waits_for_the_gpu(fuse):
     """CUDA's own detection (sync debug mode "error") around the trainer's r50 step with the GPU

@@ -14,7 +14,7 @@ import torch
 
 from carl_scale.data.config import LoaderConfig
 from carl_scale.data.decoders import EncodedVideo, FrameDecoder
-from carl_scale.data.spatial import ViewParams, apply_geometric, photometric_batch, to_tchw
+from carl_scale.data.spatial import ViewParams, crop_views, photometric_batch
 
 log = logging.getLogger("carl_scale.data")
 
@@ -157,12 +157,12 @@ def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDeco
     (:class:`StandIns`; None if none of the batch decoded); without, the failure is raised."""
     todo = [s for s in samples if s.views is None]
     if todo:
-        for s, f in zip(todo, decode_or_skip(decoder, todo, stand_ins and stand_ins.counter)):
-            if f is None:
-                continue
-            f = torch.as_tensor(f, device=device) if not torch.is_tensor(f) else f
-            frames = to_tchw(f).reshape(2, -1, 3, *f.shape[1:3])
-            s.views = torch.stack([apply_geometric(frames[v], s.params[v], cfg.spatial.image_size) for v in range(2)])
+        decoded = [(s, torch.as_tensor(f, device=device)) for s, f in
+                   zip(todo, decode_or_skip(decoder, todo, stand_ins and stand_ins.counter)) if f is not None]
+        # on a GPU all views at once (crops_batched), on the CPU view by view
+        cropped = crop_views([f for _, f in decoded], [s.params for s, _ in decoded], cfg.spatial.image_size)
+        for (s, _), views in zip(decoded, cropped):
+            s.views = views
         if any(s.views is None for s in todo):
             samples = stand_ins.fill(samples)
             if samples is None:

@@ -99,7 +99,7 @@ def step_diag():
 def data_diag(shards: str):
     from carl_scale.data.config import LoaderConfig, SpatialConfig, TemporalConfig
     from carl_scale.data.reader import VideoLoader
-    from carl_scale.data.spatial import apply_geometric, apply_photometric, to_tchw
+    from carl_scale.data.spatial import crop_views, photometric_batch
 
     cfg = LoaderConfig(shards=shards, batch_size=2, num_workers=8, temporal=TemporalConfig(num_frames=80),
                        spatial=SpatialConfig(image_size=224))
@@ -119,14 +119,11 @@ def data_diag(shards: str):
         flat = loader.decoder.decode([s.encoded for s in wb.samples], [s.timestamps.reshape(-1) for s in wb.samples])
         torch.cuda.synchronize()
         t2 = time.perf_counter()
-        views = []
-        for s, f in zip(wb.samples, flat):
-            fr = to_tchw(f).reshape(2, -1, 3, *f.shape[1:3])
-            views.append([apply_geometric(fr[v], s.params[v], 224) for v in range(2)])
+        # what the collate runs: every view's crop at once, then every view's colour at once
+        views = torch.stack(crop_views(flat, [s.params for s in wb.samples], 224))
         torch.cuda.synchronize()
         t3 = time.perf_counter()
-        for s, vs in zip(wb.samples, views):
-            [apply_photometric(x, s.params[v], cfg.spatial) for v, x in enumerate(vs)]
+        photometric_batch(views.flatten(0, 1), [p for s in wb.samples for p in s.params], cfg.spatial)
         torch.cuda.synchronize()
         t4 = time.perf_counter()
         for k, d in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):

@@ -80,7 +80,7 @@ stage step_T240 110 python3 -m carl_scale.bench.step --flavor r50 --frames 240 -
 # the GPU tests that need no DALI with the first call; DALI's (decoders, loader, a run from shards) later
 # (-v: a stage cut short by its limit still shows which tests passed)
 TAIL=25 stage gpu_tests 150 python3 -m pytest -v -m "gpu and not dali" tests/test_gpu.py -p no:cacheprovider
-stage augment 20 python3 -m carl_scale.bench.augment --device cuda --batch 2 --frames 80 --size 224 --iters 10
+stage augment 30 python3 -m carl_scale.bench.augment --device cuda --batch 2 --frames 80 --size 224 --iters 10
 # the jpeg/dali rows also with nvJPEG's other settings: all to the hardware JPEG decoder, the Huffman
 # stage on the GPU (Kinetics-size frames are under DALI's 1-MPixel threshold: host threads by default);
 # each dali path also with 4 decoders side by side (does NVDEC's ~3.8k frames/s grow with sessions?),
