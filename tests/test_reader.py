@@ -115,9 +115,19 @@ def test_video_payload_dali_and_pyav_agree(vp9_shards):
         assert (x.views - y.views).abs().mean() < 0.01
 
 
-def test_resampled_stream_has_fixed_length(vp9_shards):
-    loader = VideoLoader(_cfg(vp9_shards, resampled=True, epoch_samples=10, num_workers=2))
-    assert len(loader) == 5 and len(_ids(loader)) == 10
+def test_resampled_stream_has_fixed_length_and_its_copies_of_a_video_differ(vp9_shards):
+    """Shards drawn with replacement hold a video more than once in a pass (and on every rank):
+    each copy gets views of its own, not the same views again."""
+    loader = VideoLoader(_cfg(vp9_shards, resampled=True, epoch_samples=24, num_workers=2))
+    batches = list(loader)
+    assert len(loader) == 12 and len(batches) == 12
+    seen: dict[str, list] = {}
+    for b in batches:
+        for i, vid in enumerate(b.video_ids):
+            seen.setdefault(vid, []).append(b.timestamps[i])
+    copies = [ts for ts in seen.values() if len(ts) > 1]
+    assert copies  # fewer videos than draws
+    assert all(not torch.equal(a, b) for ts in copies for k, a in enumerate(ts) for b in ts[k + 1:])
 
 
 def _corrupt_shard(src_tar, dst_tar):
@@ -333,6 +343,23 @@ def test_label_grouper_deals_groups_in_stream_order_and_never_stalls():
     # a run of labels seen once: held up to 8, then the oldest are dealt into mixed groups
     assert len(out) == 4 and {x for b in out for x in b} >= {(8, 4), (9, -1), (10, 5)}
     assert all(len(b) == 4 for b in out)
+
+
+def test_label_grouper_never_puts_a_video_twice_in_a_batch():
+    """Held videos carry over to the next pass: with a share no larger than ``held``, a video met
+    its own next-pass copy (same label: the paired loss's trivial positive). A copy now waits until
+    its first copy has left; a share with fewer videos than a batch still gets batches."""
+    from carl_scale.data.grouping import LabelGrouper
+
+    for videos in ([("A", 0), ("B", 1), ("C", 2), ("D", 2)], [("A", 0), ("B", 1), ("C", 2), ("D", 2), ("E", 0)]):
+        for held in (4, 8, 16):
+            g = LabelGrouper(4, 2, held=held)
+            out = [b for p in range(10) for name, lab in videos for b in g.add(f"{name}{p}", lab, ident=name)]
+            assert len(out) >= 10 * len(videos) // 4 - held // 4 - 1 and all(len(b) == 4 for b in out)
+            assert all(len({x[0] for x in b}) == 4 for b in out), (held, out)  # four different videos
+    g = LabelGrouper(4, 2, held=8)
+    out = [b for p in range(10) for name, lab in [("A", 0), ("B", 1), ("C", 2)] for b in g.add(f"{name}{p}", lab, ident=name)]
+    assert len(out) >= 5 and len(g.waiting) <= 8  # three videos cannot fill a batch of four: copies let in
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -18,7 +18,7 @@ configs = st.builds(
     alpha=st.floats(1.0, 3.0),
     beta=st.floats(0.0, 1.0),
     sampling=st.sampled_from(["random", "even"]),
-    short_video=st.sampled_from(["mask", "repeat"]),
+    short_video=st.sampled_from(["subsample", "mask", "repeat"]),
 )
 
 
@@ -43,6 +43,10 @@ def test_views_properties(cfg, num_frames, seed):
         elif cfg.short_video == "mask":
             assert m.sum() == length and np.array_equal(ts[m], np.arange(a, b))
             assert not m[length:].any()
+        elif cfg.short_video == "subsample":  # about S / r distinct frames, r in [1, alpha]; then padding
+            keep = int(m.sum())
+            assert max(1, round(length / cfg.alpha)) <= keep <= length and m[:keep].all() and not m[keep:].any()
+            assert len(np.unique(ts[m])) == keep
         else:
             assert m.all() and set(np.arange(a, b)) <= set(ts)  # every frame, some twice
     overlap = max(0, min(b1, b2) - max(a1, a2))
@@ -76,11 +80,33 @@ def test_views_differ_and_overlap_is_a_real_constraint():
         (a1, b1), (a2, b2) = sample_clips(1000, full, np.random.default_rng(seed))
         assert (a1 <= a2 and b2 <= b1) or (a2 <= a1 and b1 <= b2)
     free = TemporalConfig(num_frames=20, alpha=1.5, beta=0.0)
-    gaps = [sample_clips(1000, free, np.random.default_rng(s)) for s in range(50)]
-    assert any(min(c[0, 1], c[1, 1]) <= max(c[0, 0], c[1, 0]) for c in gaps)  # some disjoint pairs
+    gaps = [sample_clips(1000, free, np.random.default_rng(s)) for s in range(200)]
+    apart = np.mean([max(c[0, 0], c[1, 0]) - min(c[0, 1], c[1, 1]) > 0 for c in gaps])
+    assert 0.8 < apart < 1  # placed independently: most pairs of short clips in a long video lie apart
 
 
-def test_short_video_mask_and_repeat():
+def test_float_bounds_are_not_lost_to_rounding():
+    """alpha x T and beta x L are taken as meant: 1.13 x 100 allows 113 frames, 0.55 x 100 needs 55."""
+    longest = max(int(np.diff(sample_clips(1000, TemporalConfig(num_frames=100, alpha=1.13),
+                                           np.random.default_rng(s))).max()) for s in range(300))
+    assert longest == 113
+    cfg = TemporalConfig(num_frames=100, alpha=1.0, beta=0.55)
+    overlaps = [min(c[0, 1], c[1, 1]) - max(c[0, 0], c[1, 0]) for c in
+                (sample_clips(1000, cfg, np.random.default_rng(s)) for s in range(2000))]
+    assert min(overlaps) == 55
+
+
+def test_short_video_subsample_mask_and_repeat():
+    """The default gives short videos temporal augmentation too: each view its own random subset."""
+    cfg = TemporalConfig(num_frames=80)
+    assert cfg.short_video == "subsample"
+    kept = []
+    for seed in range(50):
+        v = sample_temporal_views(50, cfg, np.random.default_rng(seed))
+        kept += v.mask.sum(1).tolist()
+        assert not np.array_equal(v.timestamps[0][v.mask[0]], v.timestamps[1][v.mask[1]])
+        assert (v.timestamps[~v.mask] == 49).all()
+    assert 33 <= min(kept) and max(kept) == 50 and 38 < np.mean(kept) < 44  # 50 / r, r uniform in [1, 1.5]
     v = sample_temporal_views(5, TemporalConfig(num_frames=8, short_video="mask"), np.random.default_rng(0))
     assert v.mask.tolist() == [[True] * 5 + [False] * 3] * 2
     assert v.timestamps[0].tolist() == [0, 1, 2, 3, 4, 4, 4, 4]

@@ -18,7 +18,9 @@ class TemporalConfig(Config):
 
     Paper §3.2 and Table 13. ``sampling="random"`` draws T sorted distinct frames from each clip,
     ``"even"`` takes T evenly spaced ones. Videos shorter than T are handled by ``short_video``:
-    ``"mask"`` keeps every frame once and pads with masked (invalid) slots, ``"repeat"`` adds
+    ``"subsample"`` takes a random subset of about S / r of its frames per view (r uniform in
+    [1, alpha], as the published code's time augmentation) and pads with masked (invalid) slots,
+    ``"mask"`` keeps every frame once in both views and pads the same way, ``"repeat"`` adds
     T - S random repeats of its frames (sorted), so some frames appear twice and every slot is valid.
     """
 
@@ -27,8 +29,10 @@ class TemporalConfig(Config):
     beta: float = param(0.2, flag="--beta", ge=0, le=1,
                         help="minimum overlap of the two clips, as a fraction of the shorter one")
     sampling: Literal["random", "even"] = param("random", flag="--sampling", help="frames drawn from each clip")
-    short_video: Literal["mask", "repeat"] = param("mask", flag="--short-video",
-                                                   help="videos shorter than T: masked padding or repeated frames")
+    short_video: Literal["subsample", "mask", "repeat"] = param(
+        "subsample", flag="--short-video",
+        help="videos shorter than T: a random subset of their frames per view, or all of them in both views, "
+             "padded with masked slots; or all of them plus repeats")
 
 
 def _check_pair(where: str, pair: tuple[float, float], lo: float, hi: float | None) -> None:

@@ -72,12 +72,15 @@ def parse_meta(sample: dict) -> dict:
 
 
 def prepare_sample(sample: dict, cfg: LoaderConfig, epoch: int, pass_: int, decoder: FrameDecoder | None, *,
-                   seed: int = 0, photometric: bool = True) -> PreparedSample:
+                   seed: int = 0, photometric: bool = True, draw: tuple[int, ...] = ()) -> PreparedSample:
     """Draw both views of one video and (with a decoder) decode and crop their frames, and with
-    ``photometric`` colour-augment them too (a CPU run: the workers do all of the augmentation)."""
+    ``photometric`` colour-augment them too (a CPU run: the workers do all of the augmentation).
+    The views are a function of (seed, epoch, video, pass) and ``draw``, which tells apart the
+    copies of a video that one pass may hold (resampled shards: drawn with replacement, by every
+    rank and worker on its own)."""
     meta = parse_meta(sample)
     enc = EncodedVideo.from_sample(sample, meta)
-    rng = np.random.default_rng(_seed_of(seed, epoch, sample["__key__"], pass_))
+    rng = np.random.default_rng(_seed_of(seed, epoch, sample["__key__"], pass_, *draw))
     tv = sample_temporal_views(enc.num_frames, cfg.temporal, rng)
     h, w = int(meta["height"]), int(meta["width"])
     params = (draw_view_params(h, w, cfg.spatial, rng), draw_view_params(h, w, cfg.spatial, rng))
@@ -211,7 +214,7 @@ class ShardedVideoDataset(IterableDataset):
                     self.counter.add(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn)
                     continue
                 entered += 1
-                yield from grouper.add((sample, pass_), label)
+                yield from grouper.add((sample, pass_), label, ident=(sample.get("__url__"), sample.get("__key__")))
 
     def __iter__(self) -> Iterator["WorkerBatch"]:
         worker, num_workers = self._worker()
@@ -261,8 +264,9 @@ class ShardedVideoDataset(IterableDataset):
                     decoder = self.cpu_decoder if self.cpu_decoder is not None and \
                         cpu_decoded(at, cfg.cpu_decode_share) else self.decoder
                     try:
-                        members.append((at, prepare_sample(sample, cfg, self.epoch, pass_, decoder,
-                                                           seed=self.seed, photometric=self.photometric)))
+                        members.append((at, prepare_sample(
+                            sample, cfg, self.epoch, pass_, decoder, seed=self.seed, photometric=self.photometric,
+                            draw=(self.rank, worker, at) if cfg.resampled else ())))
                         prepared += 1
                     except Exception as exn:  # corrupt or undecodable: counted, never fatal, never silent
                         self.counter.add(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn, at)

@@ -3,14 +3,19 @@ published code departs from it).
 
 For a video of S frames: draw two clip lengths L1, L2 uniformly in [T, alpha*T] (capped at S),
 place clip 1 uniformly, then place clip 2 uniformly among the positions whose overlap with clip 1
-is at least ceil(beta * min(L1, L2)) frames, and finally take T frames from each clip, either
-sorted random distinct frames ("random") or evenly spaced ones ("even"). The returned timestamps
-are original frame indices, which is what SCL's Gaussian prior is computed on.
+is at least ceil(beta * min(L1, L2)) frames (beta = 0: anywhere, the paper's "constructed
+independently"), and finally take T frames from each clip, either sorted random distinct frames
+("random") or evenly spaced ones ("even"). The returned timestamps are original frame indices,
+which is what SCL's Gaussian prior is computed on.
 
-Videos shorter than T: both clips are the whole video. ``short_video="mask"`` takes every frame
-once, in order, and fills the remaining T - S slots with the last frame marked invalid
-(mask False), so the loss ignores them; ``"repeat"`` takes every frame once plus T - S frames
-drawn at random again (sorted), so every slot is valid and some frames appear twice.
+Videos shorter than T: both clips are the whole video, and the views differ by the frames they
+take. ``short_video="subsample"`` (the default) takes a random sorted subset of about S / r of
+them per view, r uniform in [1, alpha] (the published code's time augmentation draws as many, on
+average, for such videos), and fills the remaining slots with the last frame marked invalid
+(mask False), so the loss ignores them; ``"mask"`` takes every frame once in both views, in order,
+padded the same way (no temporal augmentation: the views differ only spatially); ``"repeat"``
+takes every frame once plus T - S frames drawn at random again (sorted), so every slot is valid
+and some frames appear twice.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ class TemporalViews:
 
 def _clip_length_bounds(num_frames: int, cfg: TemporalConfig) -> tuple[int, int]:
     lo = min(cfg.num_frames, num_frames)
-    hi = min(int(math.floor(cfg.alpha * cfg.num_frames)), num_frames)
+    hi = min(int(math.floor(cfg.alpha * cfg.num_frames + 1e-9)), num_frames)  # 1.13 x 100 is 113, not 112
     return lo, max(lo, hi)
 
 
@@ -41,7 +46,10 @@ def sample_clips(num_frames: int, cfg: TemporalConfig, rng: np.random.Generator)
     lo, hi = _clip_length_bounds(num_frames, cfg)
     l1, l2 = (int(x) for x in rng.integers(lo, hi + 1, size=2))
     s1 = int(rng.integers(0, num_frames - l1 + 1))
-    need = int(math.ceil(cfg.beta * min(l1, l2)))
+    if cfg.beta == 0:  # independent: the clips may also lie apart
+        s2 = int(rng.integers(0, num_frames - l2 + 1))
+        return np.array([[s1, s1 + l1], [s2, s2 + l2]], dtype=np.int64)
+    need = int(math.ceil(cfg.beta * min(l1, l2) - 1e-9))  # 0.55 x 100 is 55, not 56
     # Overlap of [s1, s1+l1) and [s2, s2+l2) is >= need iff s1 - l2 + need <= s2 <= s1 + l1 - need.
     s2_lo = max(0, s1 - l2 + need)
     s2_hi = min(num_frames - l2, s1 + l1 - need)
@@ -61,9 +69,13 @@ def _frames_in_clip(start: int, end: int, cfg: TemporalConfig, rng: np.random.Ge
             offs = np.sort(rng.choice(length, size=t, replace=False)).astype(np.int64)
     elif cfg.short_video == "repeat":
         offs = np.sort(np.concatenate([np.arange(length), rng.integers(0, length, size=t - length)]))
-    else:  # mask
-        offs = np.concatenate([np.arange(length), np.full(t - length, length - 1)])
-        mask[length:] = False
+    else:  # mask, subsample: valid frames first, then the last frame in masked slots
+        keep = length
+        if cfg.short_video == "subsample":
+            keep = max(1, int(round(length / rng.uniform(1.0, cfg.alpha))))
+        offs = np.full(t, length - 1)
+        offs[:keep] = np.arange(length) if keep == length else np.sort(rng.choice(length, size=keep, replace=False))
+        mask[keep:] = False
     return start + offs.astype(np.int64), mask
 
 
