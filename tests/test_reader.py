@@ -586,6 +586,17 @@ def test_finishing_threads_side_by_side_give_the_same_batches_each_with_its_own_
         _cfg(vp9_shards, finish_threads=0)
 
 
+def test_frames_decoded_in_the_collate_at_another_size_than_the_metadata_are_counted_and_stood_in_for(vp9_shards):
+    """The crops were drawn for the metadata's frame size: a video the finishing step's decoder
+    returns at another size is counted and stood in for, as in the workers, not cropped wrongly."""
+    loader = VideoLoader(_cfg(vp9_shards, batch_size=2, shuffle_buffer=0, epoch_samples=4), decode_in_collate=True)
+    decode = loader.decoder.decode
+    loader.decoder.decode = lambda videos, idx: [f[:, :, :-2] if k == 0 else f for k, f in enumerate(decode(videos, idx))]
+    batches = list(loader)
+    assert len(batches) == 2 and loader.skipped == 2
+    assert all(b.video_ids[0] == b.video_ids[1] and torch.equal(b.views[0], b.views[1]) for b in batches)
+
+
 def test_colour_in_the_collate_equals_colour_in_the_workers(vp9_shards):
     """The GPU loader's split, run on the CPU: workers crop only and the collate colours the whole
     batch (photometric_batch); the views equal the workers' per-view colour up to rounding. The

@@ -171,6 +171,8 @@ def test_crop_views_per_view_and_batched_agree_across_frame_sizes():
     videos = [torch.from_numpy(rng.integers(0, 256, (2 * 4, h, w, 3), dtype=np.uint8)) for h, w in shapes]
     params = [tuple(draw_view_params(h, w, CFG, rng) for _ in range(2)) for h, w in shapes]
     per_view, batched = (crop_views(videos, params, 48, method) for method in ("per_view", "batched"))
+    chunked = crop_views(videos, params, 48, "batched", budget_bytes=1)  # a video at a time
+    assert all(torch.equal(a, b) for a, b in zip(batched, chunked))
     assert crop_views([], [], 48) == []
     for x, p, a, b in zip(videos, params, per_view, batched):
         assert a.shape == b.shape == (2, 4, 3, 48, 48) and a.dtype == b.dtype == torch.uint8

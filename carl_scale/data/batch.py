@@ -157,12 +157,24 @@ def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDeco
     (:class:`StandIns`; None if none of the batch decoded); without, the failure is raised."""
     todo = [s for s in samples if s.views is None]
     if todo:
-        decoded = [(s, torch.as_tensor(f, device=device)) for s, f in
-                   zip(todo, decode_or_skip(decoder, todo, stand_ins and stand_ins.counter)) if f is not None]
+        decoded = []
+        for s, f in zip(todo, decode_or_skip(decoder, todo, stand_ins and stand_ins.counter)):
+            if f is None:
+                continue
+            if tuple(f.shape[1:3]) != (int(s.meta["height"]), int(s.meta["width"])):  # its crops were drawn for those
+                exn = ValueError(f"decoded frames are {tuple(f.shape[1:3])}, metadata says "
+                                 f"{(int(s.meta['height']), int(s.meta['width']))}")
+                if stand_ins is None:
+                    raise exn
+                stand_ins.counter.add(f"video {s.meta.get('video_id')!r} (its place in the batch goes to a copy of "
+                                      f"another of its videos)", exn)
+                continue
+            decoded.append((s, torch.as_tensor(f, device=device)))
         # on a GPU all views at once (crops_batched), on the CPU view by view
         cropped = crop_views([f for _, f in decoded], [s.params for s, _ in decoded], cfg.spatial.image_size)
         for (s, _), views in zip(decoded, cropped):
             s.views = views
+        del decoded, cropped  # the full-size frames: not kept through the colour
         if any(s.views is None for s in todo):
             samples = stand_ins.fill(samples)
             if samples is None:

@@ -115,18 +115,29 @@ def crop_matrices(params: list[ViewParams], height: int, width: int, size: int) 
     return rows, cols.transpose(0, 2, 1)
 
 
+CROP_BUDGET_BYTES = 512 << 20  # the batched crops' working memory per chunk of views (cached on the loader's stream)
+
+
+def _views_per_chunk(t: int, h: int, w: int, size: int, dtype: torch.dtype, budget_bytes: int) -> int:
+    """Views cropped together within ``budget_bytes``: per view, the frames as decoded (uint8) and
+    in ``dtype``, after the column pass and after the row pass."""
+    per_view = t * 3 * (h * w + (h * w + h * size + size * size) * torch.finfo(dtype).bits // 8)
+    return max(1, budget_bytes // per_view)
+
+
 def crops_batched(frames: torch.Tensor, params: list[ViewParams], size: int, dtype: torch.dtype | None = None,
-                  budget_bytes: int = 1 << 30) -> torch.Tensor:
+                  budget_bytes: int = CROP_BUDGET_BYTES) -> torch.Tensor:
     """(V, T, H, W, 3) uint8 frames as decoded (channels last), one ``ViewParams`` per view ->
     (V, T, 3, size, size) uint8: what :func:`apply_geometric` does to each view, for all at once.
 
     The GPU's choice: the crop, the antialiased resize and the flip of every view are two batched
     matrix products (columns, then rows; the weights are torch's, :func:`crop_matrices`) on all the
     views' frames, in ``dtype`` (float16 on a GPU: tensor cores, every uint8 value exact; the
-    weights' rounding moves ~0.1 of a grey level, so a pixel near a half level may round to its
-    neighbour; float32 elsewhere), then rounded as torchvision rounds its own GPU path. A batch
-    costs 7 kernels per ``budget_bytes`` of working memory where the per-view path costs ~5 per
-    view, each with its Python around it; the matrices reach the device in one copy."""
+    rounding of the weights and of the column pass's result moves ~0.1 of a grey level, so ~5% of
+    pixels, those near a half level, round to the neighbouring level; float32 elsewhere), then
+    rounded as torchvision rounds its own GPU path. A batch costs 7 kernels per ``budget_bytes``
+    of working memory where the per-view path costs ~5 per view, each with its Python around it;
+    the matrices reach the device in one copy."""
     v, t, h, w, c = frames.shape
     if len(params) != v or c != 3:
         raise ValueError(f"{len(params)} view parameters for {v} views of shape {tuple(frames.shape[1:])}")
@@ -134,11 +145,11 @@ def crops_batched(frames: torch.Tensor, params: list[ViewParams], size: int, dty
     dtype = dtype or (torch.float16 if frames.is_cuda else torch.float32)
     rows, cols = crop_matrices(params, h, w, size)
     flat = torch.from_numpy(np.concatenate([rows.ravel(), cols.ravel()])).to(dtype)
+    if frames.is_cuda:  # pinned: the copy need not wait for the decoding queued on this stream
+        flat = flat.pin_memory()
     rows_d, cols_d = flat.to(dev, non_blocking=True).split([rows.size, cols.size])
     rows_d, cols_d = rows_d.view(v, size, h), cols_d.view(v, w, size)
-    # working memory per view: the frames in dtype, after the column pass, after the row pass
-    per_view = t * 3 * (h * w + h * size + size * size) * torch.finfo(dtype).bits // 8
-    step = max(1, budget_bytes // per_view)
+    step = _views_per_chunk(t, h, w, size, dtype, budget_bytes)
     out = torch.empty((v, t, 3, size, size), dtype=torch.uint8, device=dev)
     for a in range(0, v, step):
         n = min(v, a + step) - a
@@ -152,12 +163,13 @@ def crops_batched(frames: torch.Tensor, params: list[ViewParams], size: int, dty
 
 
 def crop_views(videos: list[torch.Tensor], params: list[tuple[ViewParams, ViewParams]], size: int,
-               method: str | None = None) -> list[torch.Tensor]:
+               method: str | None = None, budget_bytes: int = CROP_BUDGET_BYTES) -> list[torch.Tensor]:
     """Each video's decoded (2T, H, W, 3) uint8 frames (the first view's T, then the second's) ->
     its two views, (2, T, 3, size, size) uint8. ``"batched"``: :func:`crops_batched` on the views of
-    all videos of one frame size at once, the GPU's choice; ``"per_view"``: :func:`apply_geometric`
-    view by view, the CPU's (torchvision's uint8 kernel there is ~13x faster than the dense matrix
-    products). Default: batched on a GPU."""
+    all videos of one frame size at once (within ``budget_bytes`` a chunk), the GPU's choice;
+    ``"per_view"``: :func:`apply_geometric` view by view, the CPU's (torchvision's uint8 kernel
+    there is ~5x faster than the dense matrix products: ``carl_scale.bench.augment``). Default:
+    batched on a GPU."""
     if not videos:
         return []
     method = method or ("batched" if videos[0].is_cuda else "per_view")
@@ -169,10 +181,14 @@ def crop_views(videos: list[torch.Tensor], params: list[tuple[ViewParams, ViewPa
     for i, x in enumerate(videos):
         shapes.setdefault(tuple(x.shape), []).append(i)
     for (n, h, w, _), group in shapes.items():
-        frames = torch.stack([videos[i] for i in group]).view(2 * len(group), n // 2, h, w, 3)
-        views = crops_batched(frames, [p for i in group for p in params[i]], size)
-        for k, i in enumerate(group):
-            out[i] = views[2 * k:2 * k + 2]
+        dtype = torch.float16 if videos[group[0]].is_cuda else torch.float32
+        per_chunk = max(1, _views_per_chunk(n // 2, h, w, size, dtype, budget_bytes) // 2)  # whole videos
+        for a in range(0, len(group), per_chunk):
+            chunk = group[a:a + per_chunk]
+            frames = torch.stack([videos[i] for i in chunk]).view(2 * len(chunk), n // 2, h, w, 3)
+            views = crops_batched(frames, [p for i in chunk for p in params[i]], size, dtype, budget_bytes)
+            for k, i in enumerate(chunk):
+                out[i] = views[2 * k:2 * k + 2]
     return out
 
 
@@ -308,7 +324,10 @@ def photometric_batch(frames: torch.Tensor, params: list[ViewParams], cfg: Spati
     dev = frames.device
     rounds, blurred, k, arrays = _batch_plan(params, t, h, w)
     arrays = [_GRAY, np.asarray(cfg.mean), np.asarray(cfg.std), *arrays]
-    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(np.float32)).to(dev, non_blocking=True)
+    flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(np.float32))
+    if frames.is_cuda:  # pinned: the copy need not wait for the work queued on this stream
+        flat = flat.pin_memory()
+    flat = flat.to(dev, non_blocking=True)
     parts = iter(flat.split([a.size for a in arrays]))
     gray, mean, std = next(parts).view(1, 1, 1, 3), next(parts).view(1, 1, 3, 1), next(parts).view(1, 1, 3, 1)
     # (V, T, 3, S*S): a colour matrix per view is a matmul broadcast over the frames, in this layout
