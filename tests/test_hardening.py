@@ -282,3 +282,24 @@ def test_a_resume_does_not_read_the_pretrained_file_again(vp9_shards, tmp_path):
     fresh = _pretrain(*flags, "--steps", "1", "--run-dir", str(other))  # the last --run-dir counts
     assert fresh.returncode == 1 and "byol_r50.pth not found" in fresh.stderr  # a new run still needs it
     assert "Traceback" not in fresh.stderr and not other.exists()  # refused before anything is written
+
+
+def test_a_resumed_runs_tensorboard_curves_drop_what_was_logged_after_its_checkpoint(tmp_path):
+    """An interrupted run logged steps 1..12, its checkpoint is at 10: the resumed run logs 11..,
+    and the curves hold each step once (the interrupted run's 11 and 12 are purged)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from carl_scale.train.logger import RunLogger
+
+    def logged(start: int, stop: int, value: float) -> None:
+        log = RunLogger(tmp_path, total_steps=20, start_step=start - 1, enabled=True)
+        for step in range(start, stop + 1):
+            log.step(step, {"loss": value + step, "samples_per_s": 1.0, "data_wait": 0.0}, show=True)
+        log.close()
+
+    logged(1, 12, 100.0)
+    logged(11, 15, 0.0)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    got = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert got == [(s, 100.0 + s) for s in range(1, 11)] + [(s, float(s)) for s in range(11, 16)]

@@ -358,7 +358,8 @@ def test_label_grouper_never_puts_a_video_twice_in_a_batch():
             assert len(out) >= 10 * len(videos) // 4 - held // 4 - 1 and all(len(b) == 4 for b in out)
             assert all(len({x[0] for x in b}) == 4 for b in out), (held, out)  # four different videos
     g = LabelGrouper(4, 2, held=8)
-    out = [b for p in range(10) for name, lab in [("A", 0), ("B", 1), ("C", 2)] for b in g.add(f"{name}{p}", lab, ident=name)]
+    three = [("A", 0), ("B", 1), ("C", 2)]
+    out = [b for p in range(10) for name, lab in three for b in g.add(f"{name}{p}", lab, ident=name)]
     assert len(out) >= 5 and len(g.waiting) <= 8  # three videos cannot fill a batch of four: copies let in
 
 
@@ -591,7 +592,9 @@ def test_frames_decoded_in_the_collate_at_another_size_than_the_metadata_are_cou
     returns at another size is counted and stood in for, as in the workers, not cropped wrongly."""
     loader = VideoLoader(_cfg(vp9_shards, batch_size=2, shuffle_buffer=0, epoch_samples=4), decode_in_collate=True)
     decode = loader.decoder.decode
-    loader.decoder.decode = lambda videos, idx: [f[:, :, :-2] if k == 0 else f for k, f in enumerate(decode(videos, idx))]
+    # the first video of each decoding call comes back two columns narrower
+    loader.decoder.decode = lambda videos, idx: [f[:, :, :-2] if k == 0 else f
+                                                 for k, f in enumerate(decode(videos, idx))]
     batches = list(loader)
     assert len(batches) == 2 and loader.skipped == 2
     assert all(b.video_ids[0] == b.video_ids[1] and torch.equal(b.views[0], b.views[1]) for b in batches)

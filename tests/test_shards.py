@@ -299,3 +299,20 @@ def test_a_forked_worker_neither_runs_nor_destroys_the_parents_dali_pipelines():
     finally:
         gc.enable()
     assert live._image_pipe is not None  # the parent's own are untouched
+
+
+def test_a_damaged_jpeg_offset_table_and_a_file_without_video_are_refused_in_one_line(tmp_path):
+    """Cut or empty JPEGs from a bad offset table, or an audio file given as a video, are a
+    ValueError (a skipped and counted sample; one line at the command line), not garbage or an IndexError."""
+    import wave
+
+    from carl_scale.data.codec import split_jpeg_blob
+
+    assert split_jpeg_blob(b"abcdef", np.array([0, 2, 6])) == [b"ab", b"cdef"]
+    for offsets in ([0, 2, 10], [0, 4, 2, 6], [1, 6], [0]):
+        with pytest.raises(ValueError, match="damaged jpeg offset table"):
+            split_jpeg_blob(b"abcdef", np.array(offsets))
+    with wave.open(str(tmp_path / "a.wav"), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000), w.writeframes(b"\0\0" * 800)
+    with pytest.raises(ValueError, match="no video stream"):
+        next(iter_video_frames(str(tmp_path / "a.wav")))

@@ -145,7 +145,8 @@ def test_the_batched_crops_equal_torchvisions_resized_crop():
     frames = torch.from_numpy(rng.integers(0, 256, (8, 5, 64, 80, 3), dtype=np.uint8))
     ref = torch.stack([_crop_reference(frames[i], p, size) for i, p in enumerate(params)])
     rows, cols = crop_matrices(params, 64, 80, size)
-    exact = torch.from_numpy(rows)[:, None, None] @ frames.permute(0, 1, 4, 2, 3).double() @ torch.from_numpy(cols)[:, None, None]
+    planes = frames.permute(0, 1, 4, 2, 3).double()  # (V, T, 3, H, W)
+    exact = torch.from_numpy(rows)[:, None, None] @ planes @ torch.from_numpy(cols)[:, None, None]
     torch.testing.assert_close(exact, ref, rtol=0, atol=1e-9)
     assert torch.equal(exact[1], frames[1, :, 3:51, 5:53].permute(0, 3, 1, 2).double())
     for dtype, flips in ((torch.float32, 0.002), (torch.float16, 0.1)):

@@ -42,7 +42,8 @@ def test_bad_ranges_and_data_without_labels_are_refused_before_ray_starts(tmp_pa
                            (["--eps1", "0:5"], "--eps1 must be in (0, 100]"), (["--eps1", "5:200"], "(0, 100]"),
                            (["--lambda=-0.1:1"], "--lambda must be >= 0"), (["--tau", "0.5:0.1"], "LO must be <= HI"),
                            (["--trials", "0"], "--trials must be >= 1"), (["--steps", "10", "--report-every", "20"],
-                                                                          "--report-every (20) must be <= --steps")):
+                                                                          "--report-every (20) must be <= --steps"),
+                           (["--resume", "--trials", "3", "--tau", "0.1:0.2"], "drop --tau, --trials, or start")):
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
             parse(flags)
     from carl_scale.tuning.sweep import prepare
@@ -131,7 +132,8 @@ def test_a_two_trial_sweep_writes_its_table_plot_and_best_config(vp9_shards, tmp
 def test_an_interrupted_sweep_resumes_and_keeps_its_finished_trials(vp9_shards, tmp_path):
     out = tmp_path / "sweep"
     flags = ["--config", str(_small_config(vp9_shards, tmp_path / "small.json")), "--out", str(out), "--trials", "2",
-             "--steps", "4", "--report-every", "2", "--val-videos", "4", "--cpus-per-trial", "1"]
+             "--steps", "4", "--report-every", "2", "--val-videos", "4", "--cpus-per-trial", "1",
+             "--objective", "kendall_tau"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "tuning/sweep.py"), *flags], cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
@@ -149,6 +151,7 @@ def test_an_interrupted_sweep_resumes_and_keeps_its_finished_trials(vp9_shards, 
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 2 and all(r["objective"] not in ("", "nan") for r in rows)
     assert first.stat().st_mtime_ns == stamp  # the finished trial was kept, not trained again
+    assert "kendall_tau on validation videos" in res.stdout  # the summary of the sweep as it was started
 
 
 def test_a_resumed_sweep_keeps_the_architecture_it_started_with(tmp_path):

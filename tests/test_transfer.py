@@ -58,6 +58,18 @@ def test_nearest_frames_gives_one_hit_per_video_nearest_first():
     q = np.zeros(2)
     videos = [np.array([[5.0, 0], [4, 0]]), np.array([[1.0, 0], [0.5, 0], [2, 0]]), np.array([[3.0, 0]])]
     assert nearest_frames(q, videos, k=2) == [(1, 1, 0.5), (2, 0, 3.0)]
+    # a NaN frame is no one's neighbour; a video of no frames, or of NaN ones only, has no hit
+    odd = [np.array([[2.0, 0], [np.nan, 0], [0.2, 0]]), np.zeros((0, 2)), np.full((2, 2), np.nan)]
+    assert nearest_frames(q, odd, k=3) == [(0, 2, 0.2)]
+
+
+def test_phase_timeline_pictures_edge_cases(tmp_path):
+    from carl_scale.eval.pictures import save_phase_timeline
+
+    assert save_phase_timeline(np.full(5, -1), np.zeros(5, int), tmp_path / "a.png").exists()  # no labelled frame
+    assert save_phase_timeline(np.arange(4), np.arange(4), tmp_path / "b.png", phase_names=["up"]).exists()
+    with pytest.raises(ValueError, match="4 true phase labels for 3 predicted"):
+        save_phase_timeline(np.arange(4), np.arange(3), tmp_path / "c.png")
 
 
 def test_saved_embeddings_are_reused_only_for_the_same_weights(vp9_shards, tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from carl_scale.config import add_flags, from_dict, given_flags  # noqa: E402
+from carl_scale.config import ConfigError, add_flags, from_dict, given_flags, iter_flags  # noqa: E402
 from carl_scale.errors import run_cli  # noqa: E402
 from carl_scale.tuning.config import SweepConfig  # noqa: E402
 
@@ -30,7 +30,13 @@ def parse(argv: list[str] | None = None) -> SweepConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
     add_flags(p, SweepConfig)
-    return from_dict(SweepConfig, {k: v for k, v in given_flags(p.parse_args(argv), SweepConfig).items()})
+    given = given_flags(p.parse_args(argv), SweepConfig)
+    changed = sorted(set(given) - {"resume", "name", "out"})
+    if given.get("resume") and changed:  # never silently ignored
+        names = {fl.path: fl.flag for fl in iter_flags(SweepConfig)}
+        raise ConfigError(f"--resume continues the sweep as it was started (its sweep.json): drop "
+                          f"{', '.join(names[k] for k in changed)}, or start another sweep with --name")
+    return from_dict(SweepConfig, given)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     from carl_scale.tuning.sweep import run_sweep
 
     summary = run_sweep(cfg)
+    cfg = summary["sweep"]  # a resumed sweep's own settings (its objective, its name)
     print(f"\nsweep {cfg.name}: {cfg.objective} on validation videos, best first\n{summary['table']}")
     if "best" in summary:
         b = summary["best"]

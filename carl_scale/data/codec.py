@@ -61,6 +61,11 @@ def frame_to_rgb(frame: av.VideoFrame) -> np.ndarray:
 def split_jpeg_blob(blob: bytes, offsets: np.ndarray, indices: np.ndarray | None = None) -> list[bytes]:
     """The JPEG bytes of the given frame indices (all frames when ``indices`` is None)."""
     n = len(offsets) - 1
+    offs = np.asarray(offsets)
+    # a damaged offset table would hand out cut or empty JPEGs: refused, so the sample is skipped
+    if n < 1 or offs[0] != 0 or offs[-1] != len(blob) or (np.diff(offs) <= 0).any():
+        raise ValueError(f"damaged jpeg offset table: {n + 1} offsets from {offs[0] if n >= 0 else None} to "
+                         f"{offs[-1] if n >= 0 else None}, not increasing from 0 to the payload's {len(blob)} bytes")
     idx = range(n) if indices is None else indices
     out = []
     for i in idx:
@@ -74,7 +79,7 @@ def split_jpeg_blob(blob: bytes, offsets: np.ndarray, indices: np.ndarray | None
 def resize_frame(frame: av.VideoFrame, short_side: int | None) -> av.VideoFrame:
     """``frame`` scaled (by FFmpeg, before any RGB conversion) so its short side is ``short_side``,
     sizes rounded to even numbers for 4:2:0 chroma; as it is for None."""
-    if not short_side:
+    if short_side is None:
         return frame
     s = short_side / min(frame.width, frame.height)
     return frame.reformat(width=2 * round(frame.width * s / 2), height=2 * round(frame.height * s / 2))
@@ -93,6 +98,8 @@ def iter_video_frames(data: bytes | str, short_side: int | None = None) -> Itera
     in memory at full size)."""
     src = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
     with av.open(src) as container:
+        if not container.streams.video:
+            raise ValueError(f"{data if isinstance(data, str) else 'the payload'}: no video stream (is it a video file?)")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for frame in container.decode(stream):

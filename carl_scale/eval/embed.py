@@ -178,7 +178,9 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
     model.eval()
     ids, embs, phases, actions, extra = [], [], [], [], []
     if progress is None:  # a bar unless the environment asks for none (tests, sweeps, logs)
-        progress = not os.environ.get("CARL_SCALE_NO_PROGRESS")
+        from carl_scale.train.logger import progress_wanted
+
+        progress = progress_wanted()
     bar = tqdm(total=min(total, limit) if total and limit else total, desc=f"embed {split}", unit="video",
                disable=not progress, leave=False)
     skipped: list[str] = []

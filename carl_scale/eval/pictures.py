@@ -44,8 +44,10 @@ def nearest_frames(query: np.ndarray, others: list[np.ndarray], k: int = 5) -> l
     neighbouring frames."""
     hits = []
     for v, e in enumerate(others):
-        d = np.linalg.norm(np.asarray(e) - query[None], axis=1)
-        hits.append((v, int(d.argmin()), float(d.min())))
+        d = np.linalg.norm(np.asarray(e) - query[None], axis=1) if len(e) else np.empty(0)
+        d = np.where(np.isfinite(d), d, np.inf)  # a NaN embedding is no one's neighbour
+        if len(d) and np.isfinite(d.min()):
+            hits.append((v, int(d.argmin()), float(d.min())))
     return sorted(hits, key=lambda h: h[2])[:k]
 
 
@@ -72,6 +74,8 @@ def save_phase_timeline(true: np.ndarray, pred: np.ndarray, out: str | Path, *, 
     from matplotlib.patches import Patch
 
     true, pred = np.asarray(true), np.asarray(pred)
+    if true.shape != pred.shape:
+        raise ValueError(f"{len(true)} true phase labels for {len(pred)} predicted ones")
     k = int(max(true.max(initial=0), pred.max(initial=0))) + 1
     colours = plt.get_cmap("tab10")(np.arange(k) % 10)
     cmap = ListedColormap(np.vstack([[0.8, 0.8, 0.8, 1.0], colours]))
@@ -79,8 +83,10 @@ def save_phase_timeline(true: np.ndarray, pred: np.ndarray, out: str | Path, *, 
     ax.imshow(np.stack([true, pred]) + 1, aspect="auto", cmap=cmap, vmin=0, vmax=k, interpolation="nearest")
     ax.set_yticks([0, 1], ["true", "predicted"])
     ax.set_xlabel("frame")
-    ax.set_title(title or f"phases: {np.mean(pred[true >= 0] == true[true >= 0]):.0%} of labelled frames right")
-    names = phase_names or [f"phase {i}" for i in range(k)]
+    right = f"{np.mean(pred[true >= 0] == true[true >= 0]):.0%} of labelled frames right" if (true >= 0).any() \
+        else "no labelled frames"
+    ax.set_title(title or f"phases: {right}")
+    names = list(phase_names or []) + [f"phase {i}" for i in range(len(phase_names or []), k)]
     ax.legend(handles=[Patch(color=colours[i], label=names[i]) for i in range(k)], loc="center left",
               bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
     return _save(fig, out)

@@ -8,6 +8,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 
+def progress_wanted() -> bool:
+    """Progress bars unless CARL_SCALE_NO_PROGRESS is set to something other than 0 / false / no
+    (tests and sweeps set it to 1: their logs are files)."""
+    return os.environ.get("CARL_SCALE_NO_PROGRESS", "").strip().lower() in ("", "0", "false", "no")
+
+
 class RunLogger:
     def __init__(self, run_dir: str | Path, total_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled
@@ -15,12 +21,13 @@ class RunLogger:
         self.tb = None
         if not enabled:
             return
-        quiet = bool(os.environ.get("CARL_SCALE_NO_PROGRESS"))
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", disable=quiet,
-                        dynamic_ncols=True)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
+                        disable=not progress_wanted(), dynamic_ncols=True)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        # A resumed run drops what the interrupted one logged after its checkpoint: steps logged
+        # twice would draw every curve back and forth over them.
+        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
     def step(self, step: int, scalars: dict[str, float], show: bool) -> None:
         if not self.enabled:

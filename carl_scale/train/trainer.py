@@ -540,23 +540,25 @@ class Trainer:
             batches.close()
             self.loader.close()
         log.end_progress()
-        elapsed = time.perf_counter() - t_start
-        summary = {"steps": self.step, "total_steps": total, "resumed_from": self.start_step, "seconds": elapsed,
-                   "samples_per_s": samples / max(1e-9, elapsed), "data_wait": wait / max(1e-9, elapsed),
-                   "final_loss": float(np.mean(self.history[-10:])) if self.history else float("nan"),
-                   "skipped_samples": self.skipped_samples(), "world_size": self.world}
-        if self.rank == 0:
-            self._print_summary(summary)
-        for hook in self.hooks:
-            extra = hook.on_end(self._context(dict(summary)))
-            if extra:
-                summary.update(extra)
-        ran = self.step > self.start_step
-        if self.rank == 0 and (ran or not (self.run_dir / "summary.json").exists()):  # a finished run resumed: kept
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-            for name, vals in summary.get("eval", {}).items():
-                log.scalars(f"eval_{name}", vals, self.step)
-        log.close()
+        try:  # the TensorBoard writer is closed (its last events written) whatever the end does
+            elapsed = time.perf_counter() - t_start
+            summary = {"steps": self.step, "total_steps": total, "resumed_from": self.start_step, "seconds": elapsed,
+                       "samples_per_s": samples / max(1e-9, elapsed), "data_wait": wait / max(1e-9, elapsed),
+                       "final_loss": float(np.mean(self.history[-10:])) if self.history else float("nan"),
+                       "skipped_samples": self.skipped_samples(), "world_size": self.world}
+            if self.rank == 0:
+                self._print_summary(summary)
+            for hook in self.hooks:
+                extra = hook.on_end(self._context(dict(summary)))
+                if extra:
+                    summary.update(extra)
+            ran = self.step > self.start_step
+            if self.rank == 0 and (ran or not (self.run_dir / "summary.json").exists()):  # a finished run resumed: kept
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+                for name, vals in summary.get("eval", {}).items():
+                    log.scalars(f"eval_{name}", vals, self.step)
+        finally:
+            log.close()
         self._barrier()
         return summary
 

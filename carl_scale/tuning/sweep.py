@@ -24,6 +24,7 @@ from carl_scale.config import ConfigError, from_dict, to_dict
 from carl_scale.models.config import ModelConfig
 from carl_scale.tables import table
 from carl_scale.train.config import RunConfig
+from carl_scale.train.logger import progress_wanted
 from carl_scale.train.recipes import configure, load_run_config, recipe
 from carl_scale.tuning.config import LOG_SCALE, SweepConfig, overrides_of
 from carl_scale.tuning.trial import trial
@@ -230,7 +231,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     if base.synthetic is not None:  # once, here: trials never race to write the shards
         from carl_scale.datasets.synthetic import ensure_synthetic_shards
 
-        ensure_synthetic_shards(base.data.shards, base.synthetic, progress=not os.environ.get("CARL_SCALE_NO_PROGRESS"))
+        ensure_synthetic_shards(base.data.shards, base.synthetic, progress=progress_wanted())
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
         (out / "sweep.json").write_text(json.dumps(to_dict(dataclasses.replace(cfg, out=str(out))), indent=2,
@@ -239,6 +240,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     grid = _tune(cfg, base, val)
     summary = write_results(_rows(grid, cfg), cfg, base)
     summary["failed"] = [_last_line(r.error) for r in grid if r.error is not None]
+    summary["sweep"] = cfg  # the settings it ran with (a resumed sweep's are its saved ones)
     return summary
 
 

@@ -4,7 +4,7 @@ A trial trains in ``<sweep>/trials/<trial name>/`` through :func:`carl_scale.tra
 (the same call as ``launch/pretrain_k400.py``; a reused Ray worker calls it again for the next
 trial, which ``run`` allows). Every ``report_every`` steps the :class:`TuneReport` hook embeds the
 validation videos, computes the objective and reports it with the step's checkpoint; a trial that
-ASHA stopped or that failed and is retried (``max_failures``) resumes from that checkpoint.
+failed and is retried (``max_failures``) resumes from that checkpoint (ASHA's early stops are final).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def trial(params: dict[str, Any], *, base: dict, directory: str, steps: int, rep
     cfg = configure(from_dict(RunConfig, base), overrides)
     hook = TuneReport(report_every, val_shards, objective, val_videos, cfg.data.spatial)
     restored = tune.get_checkpoint()
-    if restored is not None:  # paused by ASHA or failed: continue from the last report
+    if restored is not None:  # failed and retried: continue from the last report
         with restored.as_directory() as path:
             run(configure(cfg, {"checkpoint.resume": str(path)}), [hook])
         return
