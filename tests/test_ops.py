@@ -105,5 +105,28 @@ def test_correspondences_follow_the_definition():
         expect_pos[i, j] = c[i, j] <= eps(5)
     assert np.array_equal(pos, expect_pos) and np.array_equal(neg, c > eps(10))
     assert pos.any() and not (pos & neg).any()  # a positive is never also a negative (ε1 <= ε2)
-    with pytest.raises(ValueError, match=r"\(0, 100\]"):
-        dtw_correspondences(c, positive_pct=0)
+    for bad in (dict(positive_pct=0), dict(positive_pct=20, protect_pct=10), dict(protect_pct=101)):
+        with pytest.raises(ValueError, match="0 < positive_pct <= protect_pct <= 100"):
+            dtw_correspondences(c, **bad)
+
+
+def test_dtw_refuses_non_finite_costs_and_pcl_skips_their_pairs():
+    """A NaN cell compares false: the recursion would skip it (a total of 0, a path through
+    negative indices). DTW refuses it; the PCL gives such a pair no correspondences (the step's
+    loss is not finite then, and the trainer reports that)."""
+    from carl_scale.losses.pcl import pair_correspondences
+
+    c = np.zeros((2, 6))
+    c[1, 1] = np.nan
+    for bad in (c, np.full((3, 6), np.inf)):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            dtw(bad)
+    z = torch.randn(2, 2, 4, 8, dtype=torch.float64)
+    z[1, 0, 2] = float("nan")
+    ts = torch.arange(4).repeat(2, 2, 1)
+    mask = torch.ones(2, 2, 4, dtype=torch.bool)
+    grid = [torch.arange(4), torch.arange(4)]
+    (pos, neg), = pair_correspondences(z, ts, mask, grid, [(0, 1)])
+    assert not pos.any() and not neg.any()
+    (pos, neg), = pair_correspondences(torch.nan_to_num(z), ts, mask, grid, [(0, 1)])
+    assert pos.any()

@@ -1,6 +1,6 @@
 """Video alignment by dynamic time warping on frame embeddings (paper §4.6.2), and its picture.
 
-DTW is :func:`carl_scale.ops.dtw` (exact, a few vector operations per row), shared with the paired
+DTW is :func:`carl_scale.ops.dtw` (exact, a compiled loop over the cells), shared with the paired
 contrastive loss. ``save_alignment_figure`` draws what a person wants to see: the cosine-similarity heatmap
 of two videos with the DTW path on it and, given the frames, a strip of aligned frame pairs.
 """

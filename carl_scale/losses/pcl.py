@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -108,9 +109,18 @@ def pair_correspondences(z: torch.Tensor, ts: torch.Tensor, mask: torch.Tensor, 
     costs = [view_ensemble_cost([det[a, v][mask[a, v]] for v in views], [ts[a, v][mask[a, v]] for v in views],
                                 [det[c, v][mask[c, v]] for v in views], [ts[c, v][mask[c, v]] for v in views],
                                 grids[a], grids[c]) for a, c in pairs]
+    # Non-finite embeddings give no correspondences here: the step's loss is not finite with them
+    # anyway, and the trainer reports that (the videos, what was saved) instead of a DTW error.
+    costs = [c.cpu().numpy() for c in costs]  # (the DTW runs on the CPU in any case)
+    finite = [bool(np.isfinite(c).all()) for c in costs]
+    paths = iter(dtw_batch([c for c, ok in zip(costs, finite) if ok]))
     out = []
-    for cost, (_, path) in zip(costs, dtw_batch(costs)):
-        pos, neg = dtw_correspondences(cost, positive_pct=positive_pct, protect_pct=protect_pct, path=path)
+    for cost, ok in zip(costs, finite):
+        if ok:
+            pos, neg = dtw_correspondences(cost, positive_pct=positive_pct, protect_pct=protect_pct,
+                                           path=next(paths)[1])
+        else:
+            pos = neg = np.zeros(cost.shape, dtype=bool)
         out.append((torch.from_numpy(pos).to(z.device), torch.from_numpy(neg).to(z.device)))
     return out
 

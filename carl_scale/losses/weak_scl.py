@@ -63,6 +63,7 @@ def weak_sequence_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, s1: torch
     l1, ok1 = _one_direction(z1, z2_all, s1, s2, mask1, m2_all, labels, labels_all, offset, tau, sigma2)
     l2, ok2 = _one_direction(z2, z1_all, s2, s1, mask2, m1_all, labels, labels_all, offset, tau, sigma2)
     ok = ok1 & ok2
-    if not ok.any():  # through the gathered views: every rank's backward joins the gather's all_reduce
-        return (z1_all.sum() + z2_all.sum()) * 0.0
-    return ((l1 + l2) * ok).sum() / ok.sum()
+    # no `if ok.any()` (the host would wait for the GPU every step): with no video defined this is
+    # 0 / 1 = 0, its graph still through the gathered views, so every rank's backward joins the
+    # gather's all_reduce
+    return torch.where(ok, l1 + l2, 0.0).sum() / ok.sum().clamp(min=1)

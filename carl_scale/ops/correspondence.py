@@ -91,8 +91,9 @@ def dtw_correspondences(cost, *, positive_pct: float = 5.0, protect_pct: float =
     protected (neither); ε from ``positive_pct`` / ``protect_pct`` by :func:`mean_of_smallest`.
     ``path`` (from :func:`carl_scale.ops.dtw`) is computed when not given."""
     c = cost.detach().cpu().double().numpy() if torch.is_tensor(cost) else np.asarray(cost, dtype=np.float64)
-    if not 0 < positive_pct <= 100 or not 0 < protect_pct <= 100:
-        raise ValueError(f"positive_pct and protect_pct must be in (0, 100], got {positive_pct}, {protect_pct}")
+    if not 0 < positive_pct <= protect_pct <= 100:  # (a cell both positive and negative otherwise)
+        raise ValueError(f"positive_pct and protect_pct must be 0 < positive_pct <= protect_pct <= 100, "
+                         f"got {positive_pct}, {protect_pct}")
     if path is None:
         path = dtw(c)[1]
     eps1, eps2 = mean_of_smallest(c, positive_pct), mean_of_smallest(c, protect_pct)

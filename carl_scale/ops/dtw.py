@@ -62,6 +62,8 @@ def _as_cost(c) -> np.ndarray:
     a = np.ascontiguousarray(a, dtype=np.float64)
     if a.ndim != 2 or min(a.shape) < 1:
         raise ValueError(f"a cost matrix must be 2-D and non-empty, got shape {a.shape}")
+    if not np.isfinite(a).all():  # NaN compares false: the recursion would skip it, the path go astray
+        raise ValueError(f"a cost matrix holds {int((~np.isfinite(a)).sum())} NaN or infinite values")
     return a
 
 
@@ -77,5 +79,6 @@ def dtw(cost) -> tuple[float, np.ndarray]:
 
 
 def dtw_batch(costs: Sequence) -> list[tuple[float, np.ndarray]]:
-    """:func:`dtw` of many cost matrices of any sizes (NumPy arrays or torch tensors)."""
+    """:func:`dtw` of many cost matrices of any sizes (NumPy arrays or torch tensors), one after
+    the other (each call releases the GIL: callers may spread them over threads)."""
     return [dtw(c) for c in costs]
