@@ -112,7 +112,7 @@ class WriteSyntheticShards(Hook):
 
     def on_start(self, rank: int, world_size: int) -> None:
         from carl_scale.datasets.synthetic import ensure_synthetic_shards
-        from carl_scale.train.logger import progress_wanted
+        from carl_scale.tables import progress_wanted
 
         if rank == 0:
             ensure_synthetic_shards(self.cfg.data.shards, self.cfg.synthetic,

@@ -99,9 +99,23 @@ def test_folder_skips_a_video_whose_label_set_has_the_wrong_length(video_dir, tm
         folder.main(["--src", str(video_dir), "--out", str(tmp_path / "p"), "--extra-frame-labels", "no_equals_sign"])
 
 
+def test_class_labels_blank_integer_and_named():
+    """A blank label is no label (-1), not a class; spreadsheet integers ("10.0") are integers, in
+    number order, not text order; integers mixed with names are refused, naming the CSV."""
+    from carl_scale.datasets.folder import _as_int, _class_names
+
+    assert _class_names(["2", "", "10", "1.0"], "l.csv") == [] and [_as_int(x) for x in ("10", "1.0", "-1")] == [10, 1, -1]
+    assert _class_names(["wave", "", "squat"], "l.csv") == ["squat", "wave"]
+    with pytest.raises(ValueError, match=r"l.csv: the labels mix integers \('10'\) and names \('wave'\)"):
+        _class_names(["wave", "10"], "l.csv")
+
+
 def test_folder_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         folder.main(["--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    (tmp_path / "v").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"--labels .*nope.csv does not exist"):
+        folder.main(["--src", str(tmp_path / "v"), "--out", str(tmp_path / "o"), "--labels", str(tmp_path / "nope.csv")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no video files"):
         folder.main(["--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])

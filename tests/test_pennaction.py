@@ -83,3 +83,20 @@ def test_missing_inputs_say_what_to_get(penn, tmp_path):
         pennaction.main(["--root", str(tmp_path), "--phase-labels", str(lab), "--out", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError, match="needs train/ and val/"):
         pennaction.main(["--root", str(raw), "--phase-labels", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_frames_are_squashed_as_opencvs_linear_resize_does():
+    """cv2.resize's INTER_LINEAR (the CARL code's preparation) takes 2 x 2 source pixels per output
+    pixel: halving is the mean of each 2 x 2 block, where an antialiasing filter (PIL's) also
+    weighs the neighbouring blocks. An odd --square is refused before anything is written."""
+    from carl_scale.datasets.pennaction import PennActionOptions, _linear_resize, write_pennaction_shards
+
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (8, 12, 3)).astype(np.uint8)
+    blocks = frame.reshape(4, 2, 6, 2, 3).astype(float).mean(axis=(1, 3))
+    got = _linear_resize(frame, 4, 6).astype(float)
+    assert np.abs(got - blocks).max() <= 0.5
+    pil = np.asarray(Image.fromarray(frame).resize((6, 4), Image.BILINEAR)).astype(float)
+    assert np.abs(pil - blocks).max() > 2  # (what it did before)
+    with pytest.raises(ValueError, match="needs even frame sizes, got 223x223"):
+        write_pennaction_shards("nowhere", "nowhere", "out", PennActionOptions(square=223))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import tarfile
 
@@ -156,6 +157,28 @@ def _corrupt_shard(src_tar, dst_tar):
     return good
 
 
+@pytest.mark.parametrize("decoder", ["dali", "pyav"])
+def test_whole_video_reading_passes_over_corrupt_videos(vp9_shards, tmp_path, decoder):
+    """Evaluation's reader: each damaged sample is reported and skipped, and the decoder is reset
+    after a failure, so the good video after a corrupt one still decodes."""
+    from carl_scale.data.decoders import make_decoder
+    from carl_scale.data.whole_video import iter_whole_videos
+
+    train = read_manifest(vp9_shards)["splits"]["train"]["shards"]
+    bad = tmp_path / "bad-000000.tar"
+    good_key = _corrupt_shard(vp9_shards / train[0]["path"], bad)
+    errors = []
+    got = list(iter_whole_videos([str(bad)], make_decoder(decoder, codec="vp9"),
+                                 on_error=lambda what, exn: errors.append(what)))
+    assert [m["video_id"] for m, _ in got] == [json.loads(_member(bad, f"{good_key}.json"))["video_id"]]
+    assert len(got[0][1]) == got[0][0]["num_frames"] and len(errors) == 3
+
+
+def _member(tar, name: str) -> bytes:
+    with tarfile.open(tar) as tf:
+        return tf.extractfile(name).read()
+
+
 def test_corrupt_samples_are_skipped_counted_and_logged(vp9_shards, tmp_path, caplog):
     train = read_manifest(vp9_shards)["splits"]["train"]["shards"]
     bad = tmp_path / "bad-000000.tar"
@@ -266,6 +289,17 @@ def test_missing_shard_is_an_error_naming_the_path(vp9_shards, tmp_path):
     (damaged / "shards.json").write_text('{"splits": {')
     with pytest.raises(ValueError, match=r"damaged/shards.json is damaged \(.*\): remove it and rerun"):
         resolve_shards(str(damaged))
+    for text in ('{"version": 1}', '{"splits": {"train": {"samples": 3}}}', '[1, 2]'):  # valid JSON, no shard list
+        (damaged / "shards.json").write_text(text)
+        with pytest.raises(ValueError, match=r"is damaged \(no 'splits' with a list of shards each\): remove it"):
+            resolve_shards(str(damaged))
+    with pytest.raises(FileNotFoundError, match="the pattern matched nothing; check --shards"):
+        resolve_shards([])
+    # a .txt list's relative paths: from the working directory, or else from the list's folder
+    listed = tmp_path / "list.txt"
+    listed.write_text(os.path.relpath(vp9_shards / "train-000000.tar", tmp_path) + "\n\n")
+    assert [os.path.realpath(u) for u in resolve_shards(str(listed))[0]] == \
+        [os.path.realpath(vp9_shards / "train-000000.tar")]
     # what the message says works: the writer rebuilds shards.json from its records, writing nothing
     from conftest import TINY
 

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     from carl_scale.tuning.sweep import run_sweep
 
     summary = run_sweep(cfg)
-    cfg = summary["sweep"]  # a resumed sweep's own settings (its objective, its name)
+    cfg = summary.get("sweep", cfg)  # a resumed sweep's own settings (its objective, its name)
     print(f"\nsweep {cfg.name}: {cfg.objective} on validation videos, best first\n{summary['table']}")
     if "best" in summary:
         b = summary["best"]

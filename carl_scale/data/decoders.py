@@ -182,6 +182,8 @@ class PyAVDecoder(FrameDecoder):
                         break
                 if i > u[-1]:
                     break
+        if remaining and seek:  # a gap in the timestamps (rounding, a repeated pts): count the frames instead
+            raise _NeedsLinearDecode
         if remaining:
             missing = [int(u[k]) for k, g in enumerate(got) if g is None]
             raise ValueError(f"video ended before frames {missing[:5]} (of {item.num_frames} declared)")
@@ -353,6 +355,9 @@ class DaliDecoder(FrameDecoder):
             decoded = self._run_video([np.frombuffer(items[k].data, np.uint8) for k in vid],
                                       [uniq[k][0].astype(np.int32) for k in vid])
             for k, frames in zip(vid, decoded):
+                if len(frames) != len(uniq[k][0]):  # (indexed below: on a GPU, out of range is a device assert)
+                    raise ValueError(f"DALI decoded {len(frames)} of the {len(uniq[k][0])} frames asked of a "
+                                     f"{items[k].num_frames}-frame video (a container shorter than its metadata?)")
                 result[k] = frames
         if jpg:
             flat = []

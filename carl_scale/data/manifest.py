@@ -15,11 +15,18 @@ def read_manifest(out_dir: str | Path) -> dict | None:
     path = Path(out_dir) / MANIFEST
     if not path.exists():
         return None
+    fix = ("remove it and rerun the command that wrote the shards (it rebuilds the file from the finished "
+           "shards' records, writing only what is missing)")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except ValueError as exn:  # (UnicodeDecodeError too)
-        raise ValueError(f"{path} is damaged ({exn}): remove it and rerun the command that wrote the shards (it "
-                         f"rebuilds the file from the finished shards' records, writing only what is missing)") from None
+        raise ValueError(f"{path} is damaged ({exn}): {fix}") from None
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    if not isinstance(splits, dict) or not all(isinstance(v, dict) and isinstance(v.get("shards"), list) and
+                                               all(isinstance(s, dict) and "path" in s for s in v["shards"])
+                                               for v in splits.values()):
+        raise ValueError(f"{path} is damaged (no 'splits' with a list of shards each): {fix}")
+    return manifest
 
 
 
@@ -41,7 +48,10 @@ def resolve_shards(spec: str | list[str], split: str = "train") -> tuple[list[st
                              f"those (--split where the command has it), or write a {split} split into it")
         urls = [str(Path(spec) / s["path"]) for s in manifest["splits"][split]["shards"]]
     elif spec.endswith(".txt") and Path(spec).is_file():
-        urls = [ln.strip() for ln in Path(spec).read_text().splitlines() if ln.strip()]
+        # a relative path: from here, or else from the list's own folder
+        urls = [u if "://" in u or u.startswith("pipe:") or Path(u).is_absolute() or Path(u).exists()
+                else str(Path(spec).parent / u)
+                for u in (ln.strip() for ln in Path(spec).read_text().splitlines()) if u]
     else:
         urls = wds.shardlists.expand_urls(spec)
         parent = Path(urls[0]).parent if urls else None
@@ -49,7 +59,7 @@ def resolve_shards(spec: str | list[str], split: str = "train") -> tuple[list[st
             manifest = read_manifest(parent)
     if not urls:
         why = (f": its {split} split is empty (none of its inputs could be written; shards.json lists why)"
-               if manifest is not None else "")
+               if manifest is not None else ": the list is empty or the pattern matched nothing; check --shards")
         raise FileNotFoundError(f"no shards in {spec!r}{why}")
     for u in urls:
         if "://" not in u and not u.startswith("pipe:") and not Path(u).exists():

@@ -35,6 +35,12 @@ class TemporalViews:
     clips: np.ndarray  # (2, 2) int64 [start, end) of each clip
 
 
+def frames_at_least(x: float) -> int:
+    """The fewest whole frames covering ``x`` as meant, not as float arithmetic rounds it: 0.55 x
+    100 is 55.00000000000001 in floats and needs 55 frames, not 56; any x > 0 needs one at least."""
+    return max(math.ceil(x - 1e-9), 1 if x > 0 else 0)
+
+
 def _clip_length_bounds(num_frames: int, cfg: TemporalConfig) -> tuple[int, int]:
     lo = min(cfg.num_frames, num_frames)
     hi = min(int(math.floor(cfg.alpha * cfg.num_frames + 1e-9)), num_frames)  # 1.13 x 100 is 113, not 112
@@ -49,7 +55,7 @@ def sample_clips(num_frames: int, cfg: TemporalConfig, rng: np.random.Generator)
     if cfg.beta == 0:  # independent: the clips may also lie apart
         s2 = int(rng.integers(0, num_frames - l2 + 1))
         return np.array([[s1, s1 + l1], [s2, s2 + l2]], dtype=np.int64)
-    need = int(math.ceil(cfg.beta * min(l1, l2) - 1e-9))  # 0.55 x 100 is 55, not 56
+    need = frames_at_least(cfg.beta * min(l1, l2))
     # Overlap of [s1, s1+l1) and [s2, s2+l2) is >= need iff s1 - l2 + need <= s2 <= s1 + l1 - need.
     s2_lo = max(0, s1 - l2 + need)
     s2_hi = min(num_frames - l2, s1 + l1 - need)

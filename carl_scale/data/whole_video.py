@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 import webdataset as wds
 
 from carl_scale.data.decoders import DALI_CPU_CODECS, EncodedVideo, FrameDecoder, keep_out_of_children, split_device
@@ -53,7 +54,10 @@ def iter_whole_videos(spec, decoder: FrameDecoder, split: str = "train", on_erro
             frames = decoder.decode_all(EncodedVideo.from_sample(sample, meta))
             if len(frames) != int(meta["num_frames"]):
                 raise ValueError(f"decoded {len(frames)} frames, the metadata says {meta['num_frames']}")
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            raise  # never taken for a damaged video
         except Exception as exn:
+            decoder.reset()  # a failed DALI run may leave its pipelines unusable for the next video
             damaged(sample, exn)
             continue
         yield meta, frames

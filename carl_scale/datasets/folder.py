@@ -38,6 +38,9 @@ class FolderOptions:
 
     def __post_init__(self) -> None:  # refused before anything is written
         check_split_name(self.split)
+        if self.labels_csv is not None and not Path(self.labels_csv).is_file():
+            raise FileNotFoundError(f"--labels {self.labels_csv} does not exist (a CSV with columns video, label "
+                                    f"and optionally split)")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.short_side is not None and self.short_side < 1:
@@ -71,11 +74,26 @@ def _read_labels_csv(path: str) -> tuple[dict[str, tuple[str, str | None]], list
     return rows, warnings
 
 
-def _class_names(used: list[str]) -> list[str]:
+def _as_int(label: str) -> int | None:
+    """A label written as an integer ("3", "-1", or "3.0" as a spreadsheet exports it), else None."""
+    try:
+        value = float(label)
+    except ValueError:
+        return None
+    return int(value) if value.is_integer() else None
+
+
+def _class_names(used: list[str], where: str | None) -> list[str]:
     """Sorted class names of the labels videos actually have; [] when they are all integers
-    (used as they are)."""
-    names = sorted(set(used))
-    return [] if all(n.lstrip("-").isdigit() for n in names) else names
+    (used as they are). A blank label is none (the video is unlabelled, -1); integers mixed with
+    names are refused (sorted as text, "10" would come before "2")."""
+    names = sorted({n for n in used if n})
+    ints = [n for n in names if _as_int(n) is not None]
+    if ints and len(ints) < len(names):
+        other = next(n for n in names if _as_int(n) is None)
+        raise ValueError(f"{where}: the labels mix integers ({ints[0]!r}) and names ({other!r}): use one or the "
+                         f"other (integers are used as class indices, names are sorted into them)")
+    return [] if ints else names
 
 
 def _frame_labels(directory: str | None, stem: str) -> np.ndarray | None:
@@ -94,27 +112,32 @@ def _frame_labels(directory: str | None, stem: str) -> np.ndarray | None:
 
 
 def _decode_file(path: Path, short_side: int | None,
-                 transcode: bool) -> tuple[np.ndarray, float, str, np.ndarray | None, int]:
-    """Every frame of a file as RGB, its rate, its codec, for a resampled file which source frame
-    each output frame is (None: every frame once), and the number of source frames. A variable-frame-rate file is refused
-    when it is to be stored as is (its frames could not be found by timestamp) and resampled to
-    its nominal rate when it is transcoded; its per-frame labels are resampled alike."""
+                 transcode: bool) -> tuple[np.ndarray, int, float, str, np.ndarray | None, int]:
+    """A file decoded: its frames as RGB (every one when ``transcode``; else the first only, for
+    its size: a long file stored as is is never held in memory), how many there are, its rate, its
+    codec, for a resampled file which source frame each output frame is (None: every frame once),
+    and the number of source frames. A variable-frame-rate file is refused when it is to be stored
+    as is (its frames could not be found by timestamp) and resampled to its nominal rate when it
+    is transcoded; its per-frame labels are resampled alike."""
     with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError("no video stream (is it a video file?)")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         fps = float(stream.average_rate or stream.guessed_rate or 30.0)
         listed = int(stream.frames or 0)  # what the container's index says (0: it does not say)
         frames, pts = [], []
-        for frame in container.decode(stream):
-            frames.append(decode_rgb(frame, short_side))
+        for frame in container.decode(stream):  # every frame decoded: an unreadable file is found here
+            if transcode or not frames:
+                frames.append(decode_rgb(frame, short_side))
             pts.append(frame.pts)
         codec, tb = stream.codec_context.name, float(stream.time_base or 0)
     if not frames:
         raise ValueError("no decodable frames")
     # a truncated fast-start MP4 decodes its head without an error; a whole file may decode a frame
     # or two fewer than its container lists (edit lists, encoder priming), which is no loss
-    if listed and len(frames) < listed - max(2, listed // 100):
-        raise ValueError(f"decoded {len(frames)} of the {listed} frames its container lists (truncated?)")
+    if listed and len(pts) < listed - max(2, listed // 100):
+        raise ValueError(f"decoded {len(pts)} of the {listed} frames its container lists (truncated?)")
     step, vfr = frame_timing([p for p in pts if p is not None]) if None not in pts and tb else (0.0, False)
     picks = None
     if vfr:
@@ -124,8 +147,7 @@ def _decode_file(path: Path, short_side: int | None,
         fps = 1.0 / (step * tb)
         picks = constant_rate_picks(np.asarray(pts) * tb, fps)
         frames = [frames[i] for i in picks]
-    n_source = len(frames) if picks is None else len(pts)
-    return np.stack(frames), fps, codec, picks, n_source
+    return np.stack(frames), len(pts) if picks is None else len(picks), fps, codec, picks, len(pts)
 
 
 def file_record(path: Path, video_id: str, label: int, phases: np.ndarray | None,
@@ -136,12 +158,11 @@ def file_record(path: Path, video_id: str, label: int, phases: np.ndarray | None
     variable-rate file's resampling; label sets whose length differs from the decoded frame count
     by at most ``label_slack`` are cut, or padded with -1 (a container's frame count and its
     decode can differ by a frame or two), larger differences skip the video."""
-    frames, fps, codec, picks, source_frames = _decode_file(path, short_side, transcode)
+    frames, n, fps, codec, picks, source_frames = _decode_file(path, short_side, transcode)
     if picks is not None:  # labels name source frames: they follow the resampling (other lengths are refused below)
         def follow(lab):
             return lab[picks] if lab is not None and len(lab) == source_frames else lab
         phases, extra = follow(phases), {k: follow(v) for k, v in extra.items()}
-    n = len(frames)
 
     def fit(lab):
         if lab is None or len(lab) == n or abs(len(lab) - n) > label_slack:
@@ -208,7 +229,7 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
                             f"{lacking[0]!r} (its frames get -1)")
     for w in warnings:
         log.warning("%s", w)
-    names = _class_names([rows[k][0] for k in matched.values()])
+    names = _class_names([rows[k][0] for k in matched.values()], opts.labels_csv)
     by_split: dict[str, list[Path]] = {}
     for p in files:
         rel = str(p.relative_to(src))
@@ -237,13 +258,13 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
             raise SkipInput(f"its video id {sample_key(vid)!r} is already {owner[sample_key(vid)]!r}'s; "
                             f"rename one of the two files")
         row = rows[matched[p]] if p in matched else None
-        label = -1 if row is None else (names.index(row[0]) if names else int(row[0]))
+        label = -1 if row is None or not row[0] else (names.index(row[0]) if names else _as_int(row[0]))
         phases = _frame_labels(opts.frame_labels, p.stem)
         extra = {name: _frame_labels(d, p.stem) for name, d in opts.extra_frame_labels.items()}
         return file_record(p, vid, label, phases, extra, short_side=opts.short_side, transcode=transcode, source=rel)
 
     for split, paths in sorted(by_split.items()):
-        entry = write_split(out_dir, split, paths, load, dataset=src.name, opts=wopts, label_names=label_names,
+        entry = write_split(out_dir, split, paths, load, dataset=src.resolve().name, opts=wopts, label_names=label_names,
                             describe=lambda p: str(p.relative_to(src)),
                             settings={**asdict(opts), "labels": label_names, "rows": rows})
         if entry["skipped"]:

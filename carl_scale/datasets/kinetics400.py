@@ -86,7 +86,8 @@ def read_annotations(paths: list[str | Path]) -> tuple[list[Clip], list[str], li
                     raise ValueError(f"{path}: no 'split' column, and its name does not say the split (train.csv, "
                                      f"validate.csv, test.csv)")
                 for line, row in enumerate(reader, start=2):
-                    split = SPLITS.get((row.get("split") or "").strip().lower(), default)
+                    given = (row.get("split") or "").strip().lower()
+                    split = SPLITS.get(given) if given else default  # an unknown value is refused, not guessed
                     if split is None:
                         raise ValueError(f"{path}:{line}: unknown split {row.get('split')!r} (expected one of "
                                          f"{sorted(set(SPLITS))})")

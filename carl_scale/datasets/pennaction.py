@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from carl_scale.data.manifest import read_manifest
+from carl_scale.datasets.encode import check_frame_size
 from carl_scale.datasets.parallel import SkipInput, write_options, write_split
 from carl_scale.datasets.writer import VideoRecord
 
@@ -77,17 +78,28 @@ def _action_of(root: Path, seq: str, folder: str) -> str:
     return _ALIASES.get(folder, folder)
 
 
+def _linear_resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear from the 4 nearest pixels, no antialiasing: what OpenCV's ``cv2.resize`` (its
+    default INTER_LINEAR), which the CARL code's preparation calls, does (to rounding); PIL's
+    bilinear filter smooths over more pixels when shrinking."""
+    import torch
+
+    x = torch.as_tensor(np.array(frame, dtype=np.float32)).permute(2, 0, 1)[None]
+    y = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=False)
+    return y[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+
 def _load_frames(paths: list[Path], square: int | None, short_side: int | None) -> np.ndarray:
     frames = []
     for p in paths:
         with Image.open(p) as im:
-            im = im.convert("RGB")
-            if square:  # the CARL code's preparation: every frame squashed to square x square
-                im = im.resize((square, square), Image.BILINEAR)
-            elif short_side:
-                s = short_side / min(im.size)
-                im = im.resize((2 * round(im.width * s / 2), 2 * round(im.height * s / 2)), Image.BILINEAR)
-            frames.append(np.asarray(im))
+            frame = np.asarray(im.convert("RGB"))
+        if square:  # the CARL code's preparation: every frame squashed to square x square
+            frame = _linear_resize(frame, square, square)
+        elif short_side:
+            s = short_side / min(frame.shape[:2])
+            frame = _linear_resize(frame, 2 * round(frame.shape[0] * s / 2), 2 * round(frame.shape[1] * s / 2))
+        frames.append(frame)
     return np.stack(frames)
 
 
@@ -95,6 +107,9 @@ def write_pennaction_shards(root: str | Path, phase_labels: str | Path, out_dir:
                             opts: PennActionOptions | None = None, **write) -> dict:
     """Write the train and val splits (see the module docstring); returns the manifest."""
     opts = opts or PennActionOptions()
+    wopts = write_options(**write)
+    if opts.square and wopts.payload == "video":  # refused before anything is written, not video by video
+        check_frame_size(wopts.encode.codec, opts.square, opts.square)
     root, phase_labels = Path(root), Path(phase_labels)
     if not (root / "frames").is_dir():
         raise FileNotFoundError(f"{root / 'frames'} is missing: --root must be the Penn_Action folder of the "
@@ -132,7 +147,7 @@ def write_pennaction_shards(root: str | Path, phase_labels: str | Path, out_dir:
 
     for split in ("train", "val"):
         entry = write_split(out_dir, split, listed[split][: opts.limit], load, dataset="pennaction",
-                            opts=write_options(**write), label_names={"actions": ACTIONS},
+                            opts=wopts, label_names={"actions": ACTIONS},
                             describe=lambda item: str(item[0].relative_to(phase_labels)), settings=asdict(opts))
         if entry["samples"] != EXPECTED[split] and opts.limit is None:
             log.warning("pennaction %s: %d videos written; the CARL code's split has %d (%d skipped, listed in "

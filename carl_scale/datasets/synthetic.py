@@ -103,6 +103,9 @@ def _phase_durations(rng: np.random.Generator, total: int, k: int) -> np.ndarray
     w = rng.uniform(0.25, 1.75, size=k)
     d = np.maximum(2, np.floor(w / w.sum() * total)).astype(int)
     d[np.argmax(d)] += total - d.sum()
+    if d.min() < 2:  # a short action (the minimum lifted too many phases): 2 each, the rest by weight
+        d = 2 + np.floor(w / w.sum() * (total - 2 * k)).astype(int)
+        d[np.argmax(d)] += total - d.sum()
     return d
 
 
@@ -305,6 +308,8 @@ def write_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = No
         check_frame_size(first.encode.codec, cfg.height, cfg.width)
     labels = {"actions": list(cfg.action_names), "phases": cfg.phase_names()}
     for split in ("train", "val"):
+        if not num_videos(cfg, split):  # (val_videos 0: a train split only)
+            continue
         opts = write_options(**write, default_max_samples=max(1, -(-num_videos(cfg, split) // 16)))
 
         def load(index: int, split: str = split) -> VideoRecord:
@@ -322,7 +327,8 @@ def ensure_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = N
     they were made from the same config. A different config is an error, not an overwrite."""
     cfg = cfg or SyntheticConfig()
     manifest = read_manifest(out_dir)
-    if manifest is not None and {"train", "val"} <= set(manifest.get("splits", {})):
+    wanted = {split for split in ("train", "val") if num_videos(cfg, split)}
+    if manifest is not None and wanted <= set(manifest.get("splits", {})):
         if manifest.get("synthetic_config") == dataclasses.asdict(cfg):
             return manifest
         raise FileExistsError(f"{out_dir} holds shards of another dataset or synthetic config (other flags, or "

@@ -91,10 +91,13 @@ class VideoEmbeddings:
 
 
 def embedding_fingerprint(model, shards, split: str, *, image_size: int | None, spatial: SpatialConfig,
-                          limit: int | None, per_action: int | None = None, actions: int | None = None) -> str:
+                          limit: int | None, per_action: int | None = None, actions: int | None = None,
+                          decoder: str = "auto", device: str = "cpu") -> str:
     """A hash of everything the embeddings depend on: every weight of the model, its config, the
-    shard split as ``shards.json`` lists it (files, sizes, write time), the evaluation view (size,
-    normalisation), ``limit``, ``per_action`` and ``actions``. Equal fingerprints mean a saved ``.npz`` can stand in for re-embedding."""
+    shard split as ``shards.json`` lists it (files, sizes, write time) and the files read (a
+    pattern may name some of them), the evaluation view (size, normalisation), ``limit``,
+    ``per_action``, ``actions``, the decoder (their pixels differ by rounding) and the device (its
+    arithmetic). Equal fingerprints mean a saved ``.npz`` can stand in for re-embedding."""
     h = hashlib.sha1(usedforsecurity=False)
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -103,9 +106,10 @@ def embedding_fingerprint(model, shards, split: str, *, image_size: int | None, 
     data = (manifest or {}).get("splits", {}).get(split) or [  # no manifest: the files themselves
         u if "://" in u or u.startswith("pipe:") else (Path(u).name, Path(u).stat().st_size, Path(u).stat().st_mtime_ns)
         for u in urls]
-    h.update(json.dumps([EMBEDDINGS_FORMAT, repr(getattr(model, "cfg", None)), data,
-                         image_size or model.cfg.image_size, list(spatial.mean), list(spatial.std), limit]
-                        + ([per_action, actions] if per_action is not None else []),
+    read = [u if "://" in u or u.startswith("pipe:") else Path(u).name for u in urls]
+    h.update(json.dumps([EMBEDDINGS_FORMAT, repr(getattr(model, "cfg", None)), data, read,
+                         image_size or model.cfg.image_size, list(spatial.mean), list(spatial.std), limit,
+                         decoder, str(device)] + ([per_action, actions] if per_action is not None else []),
                         sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -159,7 +163,7 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
     spatial = spatial or SpatialConfig()
     fp = "" if cache is None else embedding_fingerprint(model, shards, split, image_size=image_size,
                                                         spatial=spatial, limit=limit, per_action=per_action,
-                                                        actions=max_actions)
+                                                        actions=max_actions, decoder=decoder, device=device)
     if cache is not None and Path(cache).exists():
         try:
             saved = VideoEmbeddings.load(cache)
@@ -178,10 +182,10 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
     model.eval()
     ids, embs, phases, actions, extra = [], [], [], [], []
     if progress is None:  # a bar unless the environment asks for none (tests, sweeps, logs)
-        from carl_scale.train.logger import progress_wanted
+        from carl_scale.tables import progress_wanted
 
         progress = progress_wanted()
-    bar = tqdm(total=min(total, limit) if total and limit else total, desc=f"embed {split}", unit="video",
+    bar = tqdm(total=min(total, limit) if total and limit is not None else total, desc=f"embed {split}", unit="video",
                disable=not progress, leave=False)
     skipped: list[str] = []
 
@@ -189,7 +193,7 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
         skipped.append(f"{what}: {type(exn).__name__}: {exn}")
         log.warning("skipping %s: %s: %s", what, type(exn).__name__, exn)
 
-    taken: dict[int, int] = {}
+    taken: dict[int, int] = {}  # embedded videos per action (a video that fails to decode takes no slot)
 
     def want(meta: dict) -> bool:
         if per_action is None:
@@ -197,17 +201,17 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
         action = int(meta.get("action_label", -1))
         if action not in taken and max_actions is not None and len(taken) >= max_actions:
             return False
-        taken[action] = taken.get(action, 0) + 1
-        return taken[action] <= per_action
+        return taken.get(action, 0) < per_action
 
     for meta, frames in iter_whole_videos(shards, dec, split, on_error=skip, want=want):
         embs.append(embed_frames(model, frames, image_size=image_size, spatial=spatial, device=device))
         ids.append(meta["video_id"])
         phases.append(np.asarray(meta["phase_labels"], dtype=np.int64))
         actions.append(int(meta["action_label"]))
+        taken[actions[-1]] = taken.get(actions[-1], 0) + 1
         extra.append({k: np.asarray(v, dtype=np.int64) for k, v in meta.get("frame_labels", {}).items()})
         bar.update()
-        if limit and len(ids) >= limit:
+        if limit is not None and len(ids) >= limit:
             break
     bar.close()
     model.train(was_training)

@@ -103,7 +103,7 @@ def validation_objective(model, shards, spatial: SpatialConfig, device, objectiv
 
     actions = len(((resolve_shards(shards, "val")[1] or {}).get("label_names") or {}).get("actions") or [])
     per_action = None
-    if limit and actions:  # the first min(actions, limit // 2) actions met, limit // that many videos each
+    if limit is not None and actions:  # the first min(actions, limit // 2) actions met, limit // that many videos each
         actions = min(actions, max(1, limit // 2))
         per_action = max(2, limit // actions)
         limit = actions * per_action

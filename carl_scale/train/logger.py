@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-
-def progress_wanted() -> bool:
-    """Progress bars unless CARL_SCALE_NO_PROGRESS is set to something other than 0 / false / no
-    (tests and sweeps set it to 1: their logs are files)."""
-    return os.environ.get("CARL_SCALE_NO_PROGRESS", "").strip().lower() in ("", "0", "false", "no")
+from carl_scale.tables import progress_wanted
 
 
 class RunLogger:

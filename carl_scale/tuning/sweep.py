@@ -24,7 +24,7 @@ from carl_scale.config import ConfigError, from_dict, to_dict
 from carl_scale.models.config import ModelConfig
 from carl_scale.tables import table
 from carl_scale.train.config import RunConfig
-from carl_scale.train.logger import progress_wanted
+from carl_scale.tables import progress_wanted
 from carl_scale.train.recipes import configure, load_run_config, recipe
 from carl_scale.tuning.config import LOG_SCALE, SweepConfig, overrides_of
 from carl_scale.tuning.trial import trial
