@@ -233,3 +233,21 @@ def test_an_annotation_csv_without_clips_is_refused(tmp_path):
         kinetics400.main(["--annotations", str(tmp_path / "k400.csv"), "--videos", str(tmp_path / "videos"),
                           "--out", str(tmp_path / "out"), "--no-progress"])
     assert not (tmp_path / "out").exists()
+    # a split the CSV names but nobody knows is refused, not read as the file name's split
+    (tmp_path / "train.csv").write_text("label,youtube_id,time_start,time_end,split\nwave,abcdefghijk,1,11,training\n")
+    with pytest.raises(ValueError, match=r"train.csv:2: unknown split 'training'"):
+        kinetics400.main(["--annotations", str(tmp_path / "train.csv"), "--videos", str(tmp_path / "videos"),
+                          "--out", str(tmp_path / "out"), "--no-progress"])
+
+
+def test_frame_timing_finds_slow_drift_but_not_a_millisecond_time_base():
+    """Frames are found by pts x rate: a stretch at 28 fps in a 30 fps clip (each interval within
+    10% of the median) puts frames 5 indices off; 29.97 fps in milliseconds (33, 33, 34 ticks) is
+    constant-rate."""
+    from carl_scale.datasets.encode import frame_timing
+
+    ms = np.round(np.arange(300) * 1000 / 29.97).astype(int)
+    assert frame_timing(ms) == (33.0, False)
+    drift = np.concatenate([np.arange(150) / 30, 5 + np.arange(1, 141) / 28])
+    assert frame_timing(np.round(drift * 90000).astype(int))[1]
+    assert frame_timing(np.arange(100) * 3003) == (3003.0, False)

@@ -316,3 +316,20 @@ def test_a_damaged_jpeg_offset_table_and_a_file_without_video_are_refused_in_one
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000), w.writeframes(b"\0\0" * 800)
     with pytest.raises(ValueError, match="no video stream"):
         next(iter_video_frames(str(tmp_path / "a.wav")))
+
+
+def test_a_synthetic_set_without_val_videos_is_a_train_split_and_short_actions_keep_every_phase(tmp_path):
+    """--val-videos 0 wrote train, then failed on the empty val split (and failed again on every
+    later call); a short action between long idle spans gave a phase no frames."""
+    from carl_scale.datasets.synthetic import _phase_durations
+
+    cfg = SyntheticConfig(num_actions=1, train_videos=2, val_videos=0, min_frames=20, max_frames=24, height=32,
+                          width=32)
+    m = ensure_synthetic_shards(tmp_path / "s", cfg, progress=False)
+    assert set(m["splits"]) == {"train"} and m["splits"]["train"]["samples"] == 2
+    assert ensure_synthetic_shards(tmp_path / "s", cfg, progress=False) == m
+    for seed in range(200):
+        d = _phase_durations(np.random.default_rng(seed), 9, 4)
+        assert d.sum() == 9 and d.min() >= 2
+    with pytest.raises(ValueError, match="leaves 6 frames between idle spans"):
+        SyntheticConfig(min_frames=8, max_frames=8)
