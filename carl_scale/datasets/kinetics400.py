@@ -60,6 +60,11 @@ class Kinetics400Options:
     short_side: int | None = None  # resize so the short side is this (implies transcode)
     limit: int | None = None  # at most this many clips per split (a trial run)
 
+    def __post_init__(self) -> None:  # refused before anything is written
+        for flag, value in (("--short-side", self.short_side), ("--limit", self.limit)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+
 
 def clip_id(youtube_id: str, start: float, end: float) -> str:
     return f"{youtube_id}_{int(float(start)):06d}_{int(float(end)):06d}"

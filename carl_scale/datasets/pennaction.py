@@ -53,6 +53,13 @@ class PennActionOptions:
     short_side: int | None = None
     limit: int | None = None  # at most this many videos per split (a quick look)
 
+    def __post_init__(self) -> None:  # refused before anything is written
+        if not self.fps > 0:
+            raise ValueError(f"--fps must be > 0, got {self.fps}")
+        for flag, value in (("--square", self.square), ("--short-side", self.short_side), ("--limit", self.limit)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+
 
 def read_phase_labels(path: Path) -> np.ndarray:
     return np.load(path).astype(np.int64).reshape(-1)
