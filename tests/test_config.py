@@ -94,6 +94,7 @@ def test_print_config_is_the_saved_config_and_comes_back_through_config(tmp_path
     (["--global-batch-size", "10"], "--global-batch-size (10) must be a multiple of --batch-size (16)"),
     (["--synthetic-videos", "0"], "--synthetic-videos must be >= 1"),
     (["--steps", "5", "--epochs", "2"], "--steps/--epochs are both given"),
+    (["--steps", "5", "--warmup-steps", "5"], "--warmup-steps (5) must be below --steps (5)"),
     (["--seed", str(2**40)], "--seed must be in [0, 4294967295]"),
     (["--resume", ""], "--resume is empty"),
     (["--val-shards", ""], "--val-shards is empty"),

@@ -153,6 +153,16 @@ def test_resume_latest_without_its_pointer_takes_the_newest_intact_checkpoint(tm
         torch.save({"step": s}, root / ckpt.tag(s) / "client_rank0.pt")
     (root / ckpt.tag(6) / "client_rank0.pt").write_bytes(b"cut short")  # the newest is damaged
     assert ckpt.find(root, "latest") == root / "step_000004"
+    # none intact: refused, never a silent start from step 0 beside them
+    for s in (2, 4):
+        (root / ckpt.tag(s) / "client_rank0.pt").write_bytes(b"cut short")
+    with pytest.raises(ckpt.CheckpointError, match=r"holds checkpoints \(steps 2..6\) but none is intact"):
+        ckpt.find(root, "latest")
+    # resuming at 2 sets the later ones aside, after pointing latest at 2 (a crash mid-move leaves it valid)
+    (root / "latest").write_text("step_000006\n")
+    aside = ckpt.set_aside_newer(root, 2)
+    assert (root / "latest").read_text().strip() == "step_000002" and sorted(p.name for p in aside.iterdir()) == \
+        ["step_000004", "step_000006"]
 
 
 def test_a_pretrained_file_of_another_resnet_and_a_shape_flag_with_init_from_are_refused(tmp_path):
@@ -303,3 +313,54 @@ def test_a_resumed_runs_tensorboard_curves_drop_what_was_logged_after_its_checkp
     events.Reload()
     got = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert got == [(s, 100.0 + s) for s in range(1, 11)] + [(s, float(s)) for s in range(11, 16)]
+
+
+def _end_of_run_rank(rank: int, world: int, port: int, out: str, fail: bool) -> None:
+    """One of 2 gloo ranks at the end-of-run evaluation: rank 0 evaluates (here: waits, or fails),
+    the other waits on the hook's own long-timeout group."""
+    import time
+    import types
+
+    import torch.distributed as dist
+
+    from carl_scale.eval.quick import EndOfRunEvaluation
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    hook = EndOfRunEvaluation("shards", None, None, seed=0)
+
+    def evaluate(ctx, skipped):
+        time.sleep(1.0)
+        if fail:
+            raise ValueError("the validation shards are gone")
+        return {"trained": {"phase_acc": 1.0}}
+
+    hook._evaluate = evaluate
+    try:
+        got = repr(hook.on_end(types.SimpleNamespace(rank=rank)))
+    except ValueError as exn:
+        got = f"error: {exn}"
+    dist.barrier()  # the training group still works after the hook's own group is gone
+    dist.destroy_process_group()
+    Path(f"{out}.{rank}").write_text(got)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_end_of_run_evaluation_keeps_the_other_ranks_waiting_and_tells_them_if_it_fails(tmp_path, fail):
+    """The other ranks wait for rank 0's evaluation on a group of the hook's own (the training
+    group's 10-minute timeout would kill them during a long one), and learn if it failed: every
+    rank ends in one line, none waits for ever."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sys.path.insert(0, str(Path(__file__).parent))
+    mp.start_processes(_end_of_run_rank, args=(2, port, str(tmp_path / "r"), fail), nprocs=2, start_method="spawn")
+    r0, r1 = ((tmp_path / f"r.{k}").read_text() for k in (0, 1))
+    if fail:
+        assert r0 == "error: the validation shards are gone" and r1.startswith("error: the end-of-run evaluation "
+                                                                               "failed on rank 0")
+    else:
+        assert "'phase_acc': 1.0" in r0 and r1 == "{'eval': {}, 'eval_skipped_samples': 0}"

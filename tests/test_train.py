@@ -165,6 +165,9 @@ def test_killed_run_resumes_to_the_same_weights(vp9_shards, tmp_path):
     kept = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
     assert kept[-1] == f"step_{steps:06d}" and len(kept) <= 3
     assert (run / "checkpoints/latest").read_text().strip() == f"step_{steps:06d}"
+    # resumed with fewer steps than it has trained: refused in one line, not a run that trains nothing
+    short = _pretrain(_flags(vp9_shards, run, 6, workers=2) + ["--resume", "latest"])
+    assert short.returncode == 1 and "at step 12, past --steps 6" in short.stderr and "Traceback" not in short.stderr
 
 
 @pytest.mark.parametrize("nan_at, log_every, last_good, stopped", [(3, 1, 2, None), (5, 3, 4, 6)])
@@ -515,11 +518,12 @@ def test_a_training_step_without_zero_never_waits_for_the_device():
         assert not zero.carl_skip_on_device
 
 
-@pytest.mark.parametrize("accum, where", [(1, "loss"), (2, "loss"), (1, "gradient")])
+@pytest.mark.parametrize("accum, where", [(1, "loss"), (2, "loss"), (1, "gradient"), (1, "gradient, no clipping")])
 def test_a_non_finite_step_is_skipped_on_the_device(accum, where):
-    """A NaN loss (in any micro-step of an update), or a finite loss whose gradient overflows,
-    leaves the weights and the optimizer's state as they were (the learning-rate schedule still
-    advances: the run stops at its next read-back), and the next finite update trains again."""
+    """A NaN loss (in any micro-step of an update), or a finite loss whose gradient overflows
+    (with --grad-clip 0 too, where no clipping computes the norm), leaves the weights and the
+    optimizer's state as they were (the learning-rate schedule still advances: the run stops at
+    its next read-back), and the next finite update trains again."""
     import dataclasses
 
     from carl_scale.bench.step import synthetic_batch
@@ -533,11 +537,12 @@ def test_a_non_finite_step_is_skipped_on_the_device(accum, where):
     with process_group() as (_, _, device):
         good = synthetic_batch(2, 8, 32, device)
         bad = dataclasses.replace(good, views=good.views * float("nan"))
-        engine = _debug_engine(**{"parallel.grad_accum": accum})
+        engine = _debug_engine(**{"parallel.grad_accum": accum,
+                                  **({"optim.grad_clip": 0.0} if where.endswith("no clipping") else {})})
         for _ in range(accum):
             engine_step(engine, good, device)
         before = state(engine)
-        if where == "gradient":
+        if where.startswith("gradient"):
             hook = engine.module.model.embed.weight.register_hook(lambda g: g * float("inf"))
             out, flag = engine_step(engine, good, device)
             hook.remove()

@@ -10,6 +10,7 @@ protocol (classifiers fitted on the training split) is ``launch/transfer_eval.sh
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -160,25 +161,45 @@ class EndOfRunEvaluation(Hook):
         self.shards, self.model_cfg, self.spatial, self.seed, self.folds = shards, model_cfg, spatial, seed, folds
 
     def on_end(self, ctx) -> dict:
-        result, skipped = {}, []
+        result, skipped, error = {}, [], None
+        # The other ranks wait on a gloo group of their own, with a long timeout: an evaluation
+        # longer than the training group's (DeepSpeed's 10 minutes) would kill them mid-wait.
+        wait = dist.new_group(backend="gloo", timeout=timedelta(hours=24)) \
+            if dist.is_initialized() and dist.get_world_size() > 1 else None
         if ctx.rank == 0:
-            torch.manual_seed(self.seed)
-            cfg = self.model_cfg
-            if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
-                # a resumed run need not have its start file any more (every weight is in its
-                # checkpoint): the baseline's trunk then starts from random weights too, and says so
-                print(f"end-of-run baseline: {cfg.pretrained} is gone, its trunk starts from random weights",
-                      flush=True)
-                cfg = dataclasses.replace(cfg, pretrained=None)
-            random_init = build_model(cfg, weights_follow=cfg is not self.model_cfg).to(ctx.device)
-            result = quick_eval({"random_init": random_init, "trained": ctx.model}, self.shards, self.spatial,
-                                ctx.device, folds=self.folds, skipped=skipped)
-            keys = list(next(iter(result.values())).keys())
-            print(f"\nvalidation videos of {self.shards} (phase accuracy: {self.folds}-fold cross-validation per action)\n"
-                  + table([(name, *(f"{v[k]:.4f}" for k in keys)) for name, v in result.items()], ("model", *keys)),
-                  flush=True)
-            if skipped:
-                print(f"skipped {len(skipped)} unreadable validation sample(s): {skipped[:3]}", flush=True)
-        if dist.is_initialized():
-            dist.barrier()
+            try:
+                result = self._evaluate(ctx, skipped)
+            except BaseException as exn:  # raised below, once the others know
+                error = exn
+        if wait is not None:
+            failed = torch.tensor([float(error is not None)])
+            dist.broadcast(failed, src=0, group=wait)
+            dist.destroy_process_group(wait)
+            if failed.item() and error is None:
+                raise ValueError("the end-of-run evaluation failed on rank 0 (its message is there); the trained "
+                                 "checkpoints are saved: evaluate them with launch/transfer_eval.sh")
+        if error is not None:
+            raise error
         return {"eval": result, "eval_skipped_samples": len(skipped)}
+
+    def _evaluate(self, ctx, skipped: list) -> dict:
+        """Rank 0: the trained encoder and a randomly initialised one on the validation videos; the
+        table printed and returned."""
+        torch.manual_seed(self.seed)
+        cfg = self.model_cfg
+        if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
+            # a resumed run need not have its start file any more (every weight is in its
+            # checkpoint): the baseline's trunk then starts from random weights too, and says so
+            print(f"end-of-run baseline: {cfg.pretrained} is gone, its trunk starts from random weights",
+                  flush=True)
+            cfg = dataclasses.replace(cfg, pretrained=None)
+        random_init = build_model(cfg, weights_follow=cfg is not self.model_cfg).to(ctx.device)
+        result = quick_eval({"random_init": random_init, "trained": ctx.model}, self.shards, self.spatial,
+                            ctx.device, folds=self.folds, skipped=skipped)
+        keys = list(next(iter(result.values())).keys())
+        print(f"\nvalidation videos of {self.shards} (phase accuracy: {self.folds}-fold cross-validation per action)\n"
+              + table([(name, *(f"{v[k]:.4f}" for k in keys)) for name, v in result.items()], ("model", *keys)),
+              flush=True)
+        if skipped:
+            print(f"skipped {len(skipped)} unreadable validation sample(s): {skipped[:3]}", flush=True)
+        return result

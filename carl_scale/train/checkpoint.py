@@ -147,10 +147,11 @@ def set_aside_newer(root: Path, step: int) -> Path | None:
     while dest.exists():
         n += 1
         dest = root / f"abandoned_after_{tag(step)}_{n}"
+    # first: it may name one of them, and a crash while they move must leave it naming a checkpoint
+    _point_latest(root, step)
     dest.mkdir()
     for p in newer:
         os.replace(p, dest / p.name)
-    _point_latest(root, step)  # it may have named one of them: it names a complete checkpoint again
     return dest
 
 
@@ -191,6 +192,11 @@ def find(root: Path, resume: str) -> Path | None:
         name = latest_name(root)
         if name is None:
             newest = intact_before(root, None)
+            if newest is None and checkpoints(root):  # never start over silently beside a run's damaged work
+                held = sorted(checkpoints(root))
+                raise CheckpointError(f"--resume latest: {root} holds checkpoints (steps {held[0]}..{held[-1]}) but "
+                                      f"none is intact (each lacks a file it needs): remove the damaged ones to start "
+                                      f"over, or resume one you repaired by its path")
             if newest is not None and (not dist.is_initialized() or dist.get_rank() == 0):  # one line, not one per rank
                 print(f"{root / 'latest'} is missing: resuming from the newest intact checkpoint, {newest.name}",
                       flush=True)

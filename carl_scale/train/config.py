@@ -22,7 +22,8 @@ class OptimConfig(Config):
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = param(0, flag="--warmup-steps", ge=0, help="linear warmup steps before the cosine decay")
     min_lr_ratio: float = param(0.0, flag="--min-lr-ratio", ge=0, le=1,
-                                help="the cosine decay ends at lr x this at the last step")
+                                help="the cosine decay reaches lr x this after the last step (the last step "
+                                     "itself runs one step's decay above it)")
     grad_clip: float = param(10.0, flag="--grad-clip", ge=0, help="clip the global gradient norm here (0: no clipping)")
 
     def check(self) -> None:
@@ -131,6 +132,9 @@ class RunConfig(Config):
     def check(self) -> None:
         if (self.steps is None) == (self.epochs is None):
             refuse("--steps/--epochs", f"give exactly one of them (got steps={self.steps}, epochs={self.epochs})")
+        if self.steps is not None and self.optim.warmup_steps and self.optim.warmup_steps >= self.steps:
+            refuse("--warmup-steps", f"({self.optim.warmup_steps}) must be below --steps ({self.steps}): the run "
+                   f"would never decay")
         if self.loss.name == "weak" and self.loss.ce_weight > 0 and not self.model.class_token:
             refuse("--ce-weight", "needs the class token (--weak adds it; or --ce-weight 0)")
         p = self.parallel

@@ -224,6 +224,7 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, total_steps: int, world
     engine.checkpoint_engine = ckpt.WeightsOnlyLoads(engine.checkpoint_engine)
     engine.carl_clip = (cfg.optim.grad_clip, params) if cfg.parallel.zero_stage == 0 and cfg.optim.grad_clip > 0 \
         else None  # see deepspeed_config
+    engine.carl_params = params  # (with no clipping, their gradient norm still tells a non-finite update)
     # Without ZeRO the engine steps our fused optimizer itself, which skips a non-finite step on the
     # device: see engine_step. ZeRO's optimizer wraps it (and reads its gradient norm on the host anyway).
     engine.carl_skip_on_device = cfg.parallel.zero_stage == 0 and engine.optimizer is optimizer
@@ -278,6 +279,9 @@ def engine_step(engine, batch: VideoBatch, device: torch.device) -> tuple[dict[s
     clip, norm = getattr(engine, "carl_clip", None), None
     if clip is not None and boundary:  # grads averaged over ranks by now
         norm = torch.nn.utils.clip_grad_norm_(clip[1], clip[0], foreach=True)
+    elif on_device and boundary:  # no clipping (--grad-clip 0): the norm only tells a non-finite update
+        norm = torch.nn.utils.get_total_norm([p.grad for p in engine.carl_params if p.grad is not None],
+                                             foreach=True)
     if on_device:
         engine.carl_bad = bad if engine.carl_bad is None else torch.maximum(engine.carl_bad, bad)
         if norm is not None:  # a finite loss can still overflow in backward: that update is skipped too
@@ -288,6 +292,8 @@ def engine_step(engine, batch: VideoBatch, device: torch.device) -> tuple[dict[s
     engine.step()
     if on_device and boundary:
         engine.optimizer.found_inf, engine.carl_bad = None, None
+    elif boundary and not engine.was_step_applied():  # ZeRO skipped a non-finite gradient: so do we, loudly
+        bad = torch.ones_like(bad)
     return out, bad
 
 
@@ -332,10 +338,13 @@ class Trainer:
         # may have moved since the run began, or be another person's path)
         model_cfg = dataclasses.replace(cfg.model, pretrained=None) if resume_from is not None else cfg.model
         self.model = build_model(model_cfg, weights_follow=bool(cfg.init_from) or resume_from is not None)
-        if cfg.init_from:  # fine-tuning: weights only; optimizer, schedule and step start afresh
+        if cfg.init_from and resume_from is None:  # fine-tuning: weights only; optimizer, schedule, step afresh
+            # (a resume restores every weight from its checkpoint: the source may have moved or been pruned)
             # a class token this run adds (weak supervision from a self-supervised start) starts fresh
             new = ("cls_token", "classifier.") if cfg.model.class_token else ()
             load_weights(self.model, read_weights(cfg.init_from)[0], cfg.init_from, new=new)
+        if rank > 0:  # the same initial weights, but each rank its own dropout masks from here on
+            torch.manual_seed(cfg.seed + rank)
         self.engine, self.scheduler = build_engine(cfg, self.model.to(device), self.total_steps, world, self.bf16)
         self.step = self.start_step = 0
         self.history: list[float] = []
@@ -366,6 +375,9 @@ class Trainer:
             return None
         meta = read_meta(path)
         ckpt.check_resume(path, meta, to_dict(self.cfg), self.world)
+        if self.cfg.steps is not None and int(meta.get("step", 0)) > self.cfg.steps:
+            raise CheckpointError(f"--resume {path}: it is at step {meta['step']}, past --steps {self.cfg.steps}; "
+                                  f"give --steps {meta['step']} or more to go on from it")
         return path, meta
 
     def _resume(self, path: Path, meta: dict) -> None:
@@ -585,6 +597,7 @@ def run(cfg: RunConfig, hooks: Sequence[Hook] = ()) -> dict:
     summary (plus what the hooks' ``on_end`` add). ``cfg`` is not changed."""
     check_local_files(cfg)
     with process_group() as (rank, world, device), rng_scope(cfg.seed):
+        deepspeed_config(cfg, world)  # --global-batch-size against this world size, before any hook writes
         for hook in hooks:
             hook.on_start(rank, world)
         if dist.is_initialized():
