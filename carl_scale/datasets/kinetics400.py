@@ -147,7 +147,8 @@ def probe(path: Path) -> ProbeResult:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
         listed = int(stream.frames or 0)
-        pts = [p.pts for p in container.demux(stream) if p.size > 0 and p.pts is not None]
+        # (a packet marked discard, from an edit list of a stream-copy cut, is decoded but never shown)
+        pts = [p.pts for p in container.demux(stream) if p.size > 0 and p.pts is not None and not p.is_discard]
         rate = float(stream.average_rate or stream.guessed_rate or 0)
         tb = float(stream.time_base)
         codec, height, width = stream.codec_context.name, stream.codec_context.height, stream.codec_context.width
