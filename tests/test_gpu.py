@@ -344,6 +344,23 @@ def test_a_20_step_r50_run_from_shards_on_the_gpu(vp9_128_shards, tmp_path):
     assert to_dict(cfg)["model"]["flavor"] == "r50"
 
 
+def test_the_step_on_a_high_priority_stream_trains_as_the_default_one(vp9_128_shards, tmp_path):
+    """--step-priority high: the same steps on a stream of their own, ordered after the weights'
+    set-up and before what follows (the checkpoint, the summary)."""
+    from carl_scale.train.recipes import configure, recipe
+    from carl_scale.train.trainer import run
+
+    losses = {}
+    for priority in ("default", "high"):
+        cfg = configure(recipe("debug"), {"data.shards": str(vp9_128_shards), "run_dir": str(tmp_path / priority),
+                                          "steps": 4, "data.batch_size": 2, "data.temporal.num_frames": 8,
+                                          "data.num_workers": 1, "eval.enabled": False, "log_every": 1,
+                                          "parallel.step_priority": priority})
+        losses[priority] = run(cfg)["final_loss"]
+        assert (tmp_path / priority / "checkpoints/step_000004/model.pt").exists()
+    assert np.isfinite(losses["high"]) and abs(losses["high"] - losses["default"]) <= 1e-3 * abs(losses["default"])
+
+
 # last of the file (pytest runs in file order): its two r50 compiles take the longest, so a
 # gpu_check stage cut by its time limit loses this one rather than the quick checks above
 def test_the_compiled_channels_last_step_computes_the_eager_steps_loss():

@@ -364,3 +364,16 @@ def test_the_end_of_run_evaluation_keeps_the_other_ranks_waiting_and_tells_them_
                                                                                "failed on rank 0")
     else:
         assert "'phase_acc': 1.0" in r0 and r1 == "{'eval': {}, 'eval_skipped_samples': 0}"
+
+
+def test_a_step_priority_on_the_cpu_is_refused_before_anything_is_written(tmp_path):
+    from carl_scale.train.recipes import configure, recipe
+    from carl_scale.train.trainer import run
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine orders CUDA streams")
+    cfg = configure(recipe("debug"), {"data.shards": str(tmp_path / "nowhere"), "run_dir": str(tmp_path / "run"),
+                                      "steps": 2, "parallel.step_priority": "high"})
+    with pytest.raises(ValueError, match="--step-priority high orders CUDA streams: it needs a GPU"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()

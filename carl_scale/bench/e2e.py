@@ -56,6 +56,8 @@ def run(a) -> dict:
             "data.decoder": a.decoder, "data.cpu_decode_share": a.cpu_decode_share, "eval.enabled": False,
             **a.overrides}, flavor=a.flavor)
         trainer = Trainer(cfg, rank=rank, world=world, device=device)
+        on_stream = contextlib.ExitStack()
+        on_stream.enter_context(trainer.step_stream())  # (--set parallel.step_priority=high: as training runs)
 
         def endless():
             while True:
@@ -120,6 +122,7 @@ def run(a) -> dict:
             stop.set()
             tick.release()
             thread.join()
+            on_stream.close()
             trainer.loader.close()
         if failed:
             raise failed[0]

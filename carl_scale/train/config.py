@@ -65,6 +65,12 @@ class ParallelConfig(Config):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = param(
         "default", flag="--compile-mode", help="torch.compile's mode; reduce-overhead also replays the compiled "
                                                "parts as CUDA graphs (a GPU, fixed shapes)")
+    # The GPU loader's crops and colour run on streams of its own, beside the step: with the step's
+    # stream ahead of theirs, the GPU's block scheduler starts the step's kernels first and the
+    # loader's fill the gaps (unmeasured: scripts/device/gpu_check.sh e2e_jpeg_priority)
+    step_priority: Literal["default", "high"] = param(
+        "default", flag="--step-priority", help="the training step's CUDA stream priority on a GPU; high: ahead of "
+                                                "the loader's work on the same GPU")
 
 
     def check(self) -> None:

@@ -317,6 +317,10 @@ class Trainer:
         self.cfg, self.hooks = cfg, list(hooks)
         self.rank, self.world, self.device = rank, world, device
         self.bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and device.type == "cuda")
+        if cfg.parallel.step_priority == "high" and device.type != "cuda":
+            raise ValueError("--step-priority high orders CUDA streams: it needs a GPU (drop it on the CPU)")
+        # (the highest priority the device has: torch maps an out-of-range one to the nearest)
+        self._stream = torch.cuda.Stream(device, priority=-100) if cfg.parallel.step_priority == "high" else None
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         resume_from = self._find_resume()  # refuses settings that would not continue it, before any work
@@ -487,6 +491,21 @@ class Trainer:
                            save_checkpoint=self.save)
 
     # -- the loop --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def step_stream(self) -> Iterator[None]:
+        """Training's work on the step's own stream (``--step-priority high``), ordered after what
+        the current stream queued before (weights, a resumed state) and before what it queues after."""
+        if self._stream is None:
+            yield
+            return
+        outer = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(outer)
+        try:
+            with torch.cuda.stream(self._stream):
+                yield
+        finally:
+            outer.wait_stream(self._stream)
+
     def fit(self) -> dict:
         cfg, total = self.cfg, self.total_steps
         if self.rank == 0:
@@ -498,7 +517,9 @@ class Trainer:
         timed = [h for h in self.hooks if h.every]  # the hooks called during the run
         since_hook: list[list[dict[str, float]]] = [[] for _ in timed]  # scalars since each one's last call
         queued: list[_Queued] = []  # steps run whose outputs are still on the device
+        on_stream = contextlib.ExitStack()
         try:
+            on_stream.enter_context(self.step_stream())
             while self.step < total:
                 step = _Queued(self.step + 1, self.scheduler.get_last_lr()[0])
                 for _ in range(cfg.parallel.grad_accum):
@@ -547,6 +568,7 @@ class Trainer:
             log.close()
             raise
         finally:
+            on_stream.close()
             # stop the DataLoader workers now, not whenever they are collected: they hold
             # prefetched batches through the evaluation
             batches.close()

@@ -9,7 +9,7 @@
 #   bash scripts/device/gpu_check.sh --stage                                  (carry .whl/c2 .. c(N-1))
 #   bash scripts/device/gpu_check.sh data e2e_jpeg gpu_tests_dali e2e_jpeg_hybrid augment e2e_jpeg_threads
 #                                                                             (carry .whl/cN; <= 7.5 min)
-#   bash scripts/device/gpu_check.sh step_T80_graphs e2e_jpeg_pyav            (if time is left)
+#   bash scripts/device/gpu_check.sh step_T80_graphs e2e_jpeg_pyav e2e_jpeg_priority  (if time is left)
 # The machine goes back after 30 s idle, and the staged parts with it: make the calls back to back.
 # No stage names: every stage (~20 minutes: more than one call may run).
 set -uo pipefail
@@ -54,7 +54,7 @@ echo "unpacked in $((SECONDS - t0)) s; $dali_note"
   ((have_dali)) && python3 -c "import nvidia.dali as d; print('dali', d.__version__)"
 } 2>&1 | tee -a "$out/versions.txt"
 rc=0
-needs_dali="gpu_tests_dali data e2e_jpeg e2e_jpeg_pyav e2e_jpeg_hybrid e2e_jpeg_threads"
+needs_dali="gpu_tests_dali data e2e_jpeg e2e_jpeg_pyav e2e_jpeg_hybrid e2e_jpeg_threads e2e_jpeg_priority"
 stage() {  # name, seconds, command...: its output to $out/name.txt, the table also to this log
   local name=$1 limit=$2; shift 2
   [[ "$wanted" == "  " || "$wanted" == *" $name "* ]] || return 0
@@ -98,5 +98,8 @@ stage e2e_jpeg_hybrid 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 8
   --shards data/bench/340x256_gop30/jpeg --steps 10 --cpu-decode-share 0.25
 stage e2e_jpeg_threads 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10 --set data.finish_threads=2
+# the step's stream ahead of the loader's (its crops and colour fill the gaps): the alongside row tells
+stage e2e_jpeg_priority 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 10 --set parallel.step_priority=high
 echo "done in $((SECONDS - t0)) s, rc $rc"
 exit $rc
