@@ -137,7 +137,11 @@ def test_resnet50_weights_from_local_file(tmp_path):
     byol = tmp_path / "byol.pth"
     torch.save({"online_network_state_dict": {f"online_network.encoder.{k}": v for k, v in ref.state_dict().items()}},
                byol)
-    for path in (plain, byol):
+    # the published code's BYOL file: {"model": module.encoder.* and the momentum copy module.encoder_k.*}
+    published = tmp_path / "published_byol.pth"
+    torch.save({"model": {**{f"module.encoder.{k}": v for k, v in ref.state_dict().items()},
+                          **{f"module.encoder_k.{k}": v * 0 for k, v in ref.state_dict().items()}}}, published)
+    for path in (plain, byol, published):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no "random weights" warning when a file is given
             bb = Backbone("resnet50", 1, str(path))

@@ -239,6 +239,12 @@ def test_the_weak_objective_trains_every_part_it_adds():
     out["loss"].backward()
     assert model.cls_token.grad.abs().sum() > 0 and model.classifier.weight.grad.abs().sum() > 0
     assert model.embed.weight.grad.abs().sum() > 0
+    # λ = 0: no PCL computed (no DTW), the same loss without it, the pairs still counted
+    model.eval()  # (dropout off: both forwards the same)
+    with torch.no_grad():
+        full, no_pcl = (build_objective(model, LossConfig(name="weak", pcl_weight=w))(batch) for w in (1.0, 0.0))
+    assert no_pcl["pcl"] == 0 and no_pcl["pairs"] == 2 and full["pcl"] > 0
+    torch.testing.assert_close(no_pcl["loss"], full["scl"] + LossConfig().ce_weight * full["ce"])
 
 
 def _encoder_batch(b: int = 4, t: int = 6):

@@ -95,9 +95,12 @@ class WeakObjective(Objective):
         same = (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
         if c.pcl_cost == "joint" and c.pcl_weight > 0 and int(same.sum()) > int((labels >= 0).sum()):  # a pair
             joint = joint_view_projections(self.model, out["features"], batch.timestamps, batch.mask, batch.num_frames)
-        pcl, stats = paired_contrastive_loss(z, batch.timestamps, batch.mask, labels, batch.num_frames, tau=c.tau,
-                                             positive_pct=c.eps1, protect_pct=c.eps2,
-                                             view_ensemble=c.view_ensemble, grid=c.pcl_grid, joint=joint)
+        if c.pcl_weight > 0:
+            pcl, stats = paired_contrastive_loss(z, batch.timestamps, batch.mask, labels, batch.num_frames,
+                                                 tau=c.tau, positive_pct=c.eps1, protect_pct=c.eps2,
+                                                 view_ensemble=c.view_ensemble, grid=c.pcl_grid, joint=joint)
+        else:  # λ = 0: no DTW (its host work) for a term weighed by nothing; the pairs still counted
+            pcl, stats = z.new_zeros(z.shape[0]), {"pairs": ((same.sum() - (labels >= 0).sum()) / 2).to(z.dtype)}
         loss = scl + c.pcl_weight * pcl.mean()
         ce = scl.new_zeros(())
         if c.ce_weight > 0 and "logits" in out:
@@ -107,7 +110,7 @@ class WeakObjective(Objective):
                 ce = F.cross_entropy(out["logits"][known].float(), both[known])
             loss = loss + c.ce_weight * ce
         return {"loss": loss, "scl": scl.detach(), "pcl": pcl.mean().detach(), "ce": ce.detach(),
-                "pairs": z.new_tensor(float(stats["pairs"]))}  # on the device, with the other outputs
+                "pairs": stats["pairs"] if torch.is_tensor(stats["pairs"]) else z.new_tensor(float(stats["pairs"]))}
 
 
 OBJECTIVES: dict[str, type[Objective]] = {"scl": SequenceContrastiveObjective, "weak": WeakObjective}

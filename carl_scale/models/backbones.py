@@ -92,10 +92,15 @@ def _resnet_state_dict(path: str) -> dict[str, torch.Tensor]:
                          f"(a ResNet-50 state dict or a BYOL checkpoint)")
     out = {}
     for k, v in sd.items():
-        for pre in _PREFIXES:
-            if k.startswith(pre):
-                k = k[len(pre):]
-                break
+        if k.startswith(("encoder_k.", "module.encoder_k.")) or "target_network" in k:
+            continue  # a momentum encoder's copy (the published code's BYOL file holds encoder_k too)
+        stripped = True
+        while stripped:  # every wrapper's prefix, however nested (module.encoder.conv1.weight)
+            stripped = False
+            for pre in _PREFIXES:
+                if k.startswith(pre) and not k[len(pre):].startswith(("weight", "bias")):
+                    k, stripped = k[len(pre):], True
+                    break
         if not k.startswith("fc.") and not k.startswith("projection") and not k.startswith("predictor"):
             out[k] = v
     return out

@@ -107,7 +107,14 @@ class FrameVideoEncoder(nn.Module):
 
     @torch.no_grad()
     def embed_video(self, frames: torch.Tensor) -> torch.Tensor:
-        """A whole video ``(S, 3, H, W)`` -> L2-normalised ``(S, embed_dim)``; backbone in chunks
-        of ``backbone_chunk`` frames, the transformer over the whole sequence at once."""
-        out = self(frames[None], chunk=self.cfg.backbone_chunk)["embeddings"][0]
+        """A whole video ``(S, 3, H, W)`` -> L2-normalised ``(S, embed_dim)``, in eval mode whatever
+        mode the model is in (BatchNorm's running statistics, no dropout); backbone in chunks of
+        ``backbone_chunk`` frames, the transformer over the whole sequence at once (the published
+        evaluation cuts videos over 1000 frames into separate passes)."""
+        was = self.training
+        self.eval()
+        try:
+            out = self(frames[None], chunk=self.cfg.backbone_chunk)["embeddings"][0]
+        finally:
+            self.train(was)
         return F.normalize(out.float(), dim=-1)
