@@ -45,15 +45,24 @@ def read_video(path: str, short_side: int | None = None) -> np.ndarray:
 def cmd_embed(args) -> None:
     from carl_scale.eval.embed import embed_frames, extract_embeddings
 
-    model, device = _model(args)
+    # every input checked before anything is loaded or written
+    missing = [v for v in args.videos if not Path(v).is_file()]
+    if missing:
+        raise FileNotFoundError(f"video {missing[0]} not found ({len(missing)} of the inputs are missing)")
+    stems = [Path(v).stem for v in args.videos]
+    if len(set(stems)) < len(stems):
+        raise ValueError(f"two inputs share a file name ({stems}); their .npy files in --out would overwrite each "
+                         f"other: rename one")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file: name a directory for the embeddings")
+    if not args.videos and not args.shards:
+        raise ValueError("nothing to embed: give video files, or --shards DIR")
+    model, device = _model(args)
     out.mkdir(parents=True, exist_ok=True)
     if args.shards:
         ve = extract_embeddings(model, args.shards, args.split, device=device, cache=str(out / f"{args.split}.npz"))
         print(f"{len(ve.video_ids)} videos of {args.shards} ({args.split}) -> {out / f'{args.split}.npz'}")
-    stems = [Path(v).stem for v in args.videos]
-    if len(set(stems)) < len(stems):
-        raise SystemExit(f"two inputs share a file name ({stems}); their .npy files would overwrite each other")
     for video in args.videos:
         emb = embed_frames(model, read_video(video, model.cfg.image_size), device=device)
         np.save(out / f"{Path(video).stem}.npy", emb)
@@ -65,6 +74,16 @@ def cmd_align(args) -> None:
     from carl_scale.eval.embed import embed_frames
     from carl_scale.eval.pictures import thumbnails
 
+    out = Path(args.out)
+    if out.is_dir() or not out.suffix:  # a folder (or a name without a format): the picture goes inside
+        out = out / "alignment.png"
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg", ".pdf", ".svg"):
+        raise ValueError(f"--out {args.out}: a picture's name ends in .png, .jpg, .pdf or .svg")
+    for video in (args.a, args.b):
+        if not Path(video).is_file():
+            raise FileNotFoundError(f"video {video} not found")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    args.out = str(out)
     model, device = _model(args)
     fa, fb = read_video(args.a, model.cfg.image_size), read_video(args.b, model.cfg.image_size)
     ea, eb = embed_frames(model, fa, device=device), embed_frames(model, fb, device=device)

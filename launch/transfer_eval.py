@@ -74,28 +74,42 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--finetune-steps must be >= 0 (0: evaluate the checkpoint as it is), got {a.finetune_steps}")
     if a.finetune_args and not a.finetune_steps:
         p.error("--finetune-args only applies to a fine-tuning: give --finetune-steps N too")
+    # what the fine-tuning's own command sets: given again, the later flag would win, and the
+    # evaluation read another run than the one it trained
+    taken = {"--steps": "--finetune-steps", "--epochs": "--finetune-steps", "--run-dir": "--out",
+             "--init-from": "the checkpoint argument", "--config": "the checkpoint argument",
+             "--resume": "a rerun (it resumes by itself)", "--shards": "--shards"}
+    clash = [w.split("=")[0] for w in shlex.split(a.finetune_args) if w.split("=")[0] in taken]
+    if clash:
+        p.error(f"--finetune-args {clash[0]}: the fine-tuning sets it; use {taken[clash[0]]} instead")
 
     import torch
 
     from carl_scale.eval.embed import default_device
-    from carl_scale.eval.transfer import latest_checkpoint, transfer_eval
+    from carl_scale.eval.transfer import check_transfer, latest_checkpoint, transfer_eval
     from carl_scale.models import load_model
     from carl_scale.models import build_model
 
     device = default_device(a.device)
     ckpt = Path(a.checkpoint) if a.checkpoint else latest_checkpoint(a.run_dir)
+    _, shards = check_transfer(a.dataset, a.shards, a.subset, a.classifier)  # refused before any fine-tuning
+    source = str(ckpt)
     if a.finetune_steps:
-        # one fine-tuning run per (source checkpoint, steps, flags): a rerun resumes it, another
-        # checkpoint or setting never picks it up by mistake
-        key = hashlib.sha1(f"{ckpt.resolve()}|{a.finetune_steps}|{a.finetune_args}".encode()).hexdigest()[:10]
-        ckpt = finetune(ckpt, PROTOCOLS[a.dataset].shards if a.shards is None else a.shards, Path(a.out) / a.dataset / f"finetune_{key}",
-                        a.finetune_steps, shlex.split(a.finetune_args))
+        # one fine-tuning run per (source checkpoint, shards, steps, flags): a rerun resumes it,
+        # another checkpoint, data or setting never picks it up by mistake
+        key = hashlib.sha1(f"{ckpt.resolve()}|{Path(shards).resolve()}|{a.finetune_steps}|{a.finetune_args}"
+                           .encode()).hexdigest()[:10]
+        ckpt = finetune(ckpt, shards, Path(a.out) / a.dataset / f"finetune_{key}", a.finetune_steps,
+                        shlex.split(a.finetune_args))
+        source = f"{ckpt}, fine-tuned for {a.finetune_steps} steps from {source}"
     models = {"pretrained": load_model(ckpt, device)}
     if a.random_baseline:
         torch.manual_seed(0)
         models = {"random_init": build_model(models["pretrained"].cfg).to(device).eval(), **models}
-    res = transfer_eval(a.dataset, models, shards=a.shards, out_dir=a.out, device=device,
-                       reuse_embeddings=not a.recompute, subset=a.subset, classifier=a.classifier)
+    res = transfer_eval(a.dataset, models, shards=shards, out_dir=a.out, device=device,
+                       reuse_embeddings=not a.recompute, subset=a.subset, classifier=a.classifier,
+                       source=f"pretrained = {source}" + (", random_init = the same flavor at random weights"
+                                                          if a.random_baseline else ""))
     print(f"checkpoint {ckpt}\n\n{res['table']}\n\nwritten to {res['out_dir']}/")
     return res
 

@@ -88,3 +88,18 @@ def test_align_writes_a_picture_and_missing_files_are_named(checkpoint, videos, 
     assert Image.open(out).size[0] > 500
     with pytest.raises(FileNotFoundError, match="nope.mp4"):
         main(["align", str(videos[0]), "nope.mp4", "--checkpoint", str(path), "--out", str(out)])
+    # a folder (or a name without a format) gets the picture inside, where the printed line says
+    main(["align", str(videos[0]), str(videos[1]), "--checkpoint", str(path), "--out", str(tmp_path / "pics")])
+    assert (tmp_path / "pics/alignment.png").exists() and not (tmp_path / "pics.png").exists()
+    with pytest.raises(ValueError, match=r"--out .*a.txt: a picture's name ends in .png"):
+        main(["align", str(videos[0]), str(videos[1]), "--checkpoint", str(path), "--out", str(tmp_path / "a.txt")])
+
+
+def test_embed_checks_every_input_before_writing_anything(checkpoint, videos, tmp_path):
+    path, _ = checkpoint
+    out = tmp_path / "embs"
+    with pytest.raises(FileNotFoundError, match="video nope.mp4 not found"):
+        main(["embed", str(videos[0]), "nope.mp4", "--checkpoint", str(path), "--out", str(out)])
+    with pytest.raises(ValueError, match="share a file name"):
+        main(["embed", str(videos[0]), str(videos[0]), "--checkpoint", str(path), "--out", str(out)])
+    assert not out.exists()

@@ -33,7 +33,10 @@ def test_transfer_eval_writes_the_table_json_and_picture(vp9_shards, tmp_path):
     assert all(f"| {n} |" in md for n in names[:3])  # the per-action table names the actions
     pct = saved["mean"]["AP@5"] * 100
     assert f"{pct:.2f}" in md  # percentages where the paper prints them
-    assert (out / "random_init_val.npz").exists()
+    assert (out / "random_init_val.npz").exists() and json.loads((out / "results.json").read_text())["source"] is None
+    transfer_eval("synthetic", {"random_init": model}, shards=str(vp9_shards), out_dir=tmp_path, source="a/step_000002")
+    assert json.loads((out / "results.json").read_text())["source"] == "a/step_000002"
+    assert "Models: a/step_000002." in (out / "results.md").read_text()  # which checkpoint the numbers are of
     for picture in ("alignment", "retrieval", "phases"):
         assert (out / f"random_init_{picture}.png").stat().st_size > 5000
 
@@ -257,7 +260,14 @@ def test_transfer_eval_refuses_finetune_args_without_steps_and_negative_steps(ca
     import transfer_eval as cli
 
     for argv, says in ((["synthetic", "--finetune-args", "--lr 1e-5"], "give --finetune-steps N too"),
-                       (["synthetic", "--finetune-steps", "-3"], "--finetune-steps must be >= 0")):
+                       (["synthetic", "--finetune-steps", "-3"], "--finetune-steps must be >= 0"),
+                       (["synthetic", "--finetune-steps", "3", "--finetune-args", "--lr 1e-5 --steps=9"],
+                        "--finetune-args --steps: the fine-tuning sets it; use --finetune-steps instead"),
+                       (["synthetic", "--finetune-steps", "3", "--finetune-args", "--run-dir x"],
+                        "--finetune-args --run-dir: the fine-tuning sets it; use --out instead")):
         with pytest.raises(SystemExit) as exit_:
             cli.main(argv)
         assert exit_.value.code == 2 and says in capsys.readouterr().err
+    # the evaluation's own refusals come before any fine-tuning starts
+    with pytest.raises(ValueError, match="--classifier logistic: finegym's protocol has no phase classifier"):
+        cli.main(["finegym", "some/step_000004", "--classifier", "logistic", "--finetune-steps", "5"])

@@ -270,13 +270,10 @@ def save_pictures(name: str, train: VideoEmbeddings, val: VideoEmbeddings, shard
     return paths
 
 
-def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: str | None = None,
-                  out_dir: str | Path = "runs/transfer", device: str = "cpu", image_size: int | None = None,
-                  reuse_embeddings: bool = True, subset: str = "first", classifier: str = "svm") -> dict:
-    """Embed the train and val splits with each model (saved as ``.npz`` under ``out_dir``; a
-    rerun with the same weights and shards loads them instead, unless ``reuse_embeddings`` is
-    off), run the dataset's protocol, write ``results.md`` / ``results.json`` and the pictures of
-    :func:`save_pictures` for each model."""
+def check_transfer(dataset: str, shards: str | None = None, subset: str = "first",
+                   classifier: str = "svm") -> tuple[Protocol, str]:
+    """The dataset's protocol with these settings and its shard directory, or the one-line error
+    that refuses them: before anything is fine-tuned or embedded."""
     if dataset not in PROTOCOLS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(PROTOCOLS)}")
     if subset not in ("first", "random"):
@@ -292,6 +289,18 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
         raise FileNotFoundError(f"no {dataset} shards at {shards} (no shards.json). Make them with:\n  {p.make}\n"
                                 f"or pass --shards DIR")
     _check_label_sets(p, shards)  # before the (long) embedding of both splits
+    return p, shards
+
+
+def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: str | None = None,
+                  out_dir: str | Path = "runs/transfer", device: str = "cpu", image_size: int | None = None,
+                  reuse_embeddings: bool = True, subset: str = "first", classifier: str = "svm",
+                  source: str | None = None) -> dict:
+    """Embed the train and val splits with each model (saved as ``.npz`` under ``out_dir``; a
+    rerun with the same weights and shards loads them instead, unless ``reuse_embeddings`` is
+    off), run the dataset's protocol, write ``results.md`` / ``results.json`` (with ``source``:
+    which checkpoint, how it was made) and the pictures of :func:`save_pictures` for each model."""
+    p, shards = check_transfer(dataset, shards, subset, classifier)
     out = Path(out_dir) / dataset
     out.mkdir(parents=True, exist_ok=True)
     results, frame_cache, t0 = {}, {}, time.time()
@@ -311,8 +320,10 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
     if any(skipped.values()):  # damaged samples were left out: say so beside the numbers
         table += ("\n\nSkipped as unreadable (listed in results.json): "
                   + ", ".join(f"{len(v)} {split}" for split, v in skipped.items()) + " sample(s).")
-    (out / "results.md").write_text(f"# Transfer evaluation: {dataset} ({shards})\n\n{table}\n")
-    (out / "results.json").write_text(json.dumps({"dataset": dataset, "shards": str(shards), "results": results,
+    of = f"\n\nModels: {source}." if source else ""
+    (out / "results.md").write_text(f"# Transfer evaluation: {dataset} ({shards})\n\n{table}{of}\n")
+    (out / "results.json").write_text(json.dumps({"dataset": dataset, "shards": str(shards), "source": source,
+                                                  "results": results,
                                                   "skipped": skipped, "subset": p.subset,
                                                   "classifier": None if p.linear_probe else p.classifier,
                                                   "seconds": time.time() - t0}, indent=2))
