@@ -331,5 +331,7 @@ def test_a_synthetic_set_without_val_videos_is_a_train_split_and_short_actions_k
     for seed in range(200):
         d = _phase_durations(np.random.default_rng(seed), 9, 4)
         assert d.sum() == 9 and d.min() >= 2
-    with pytest.raises(ValueError, match="leaves 6 frames between idle spans"):
+    with pytest.raises(ValueError, match="leaves as few as 6 frames between idle spans"):
         SyntheticConfig(min_frames=8, max_frames=8)
+    with pytest.raises(ValueError, match="leaves as few as 7 frames"):  # at 61 frames, not at the minimum 60
+        SyntheticConfig(min_frames=60, max_frames=100, max_idle=0.45)

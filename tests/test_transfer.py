@@ -37,6 +37,14 @@ def test_transfer_eval_writes_the_table_json_and_picture(vp9_shards, tmp_path):
     transfer_eval("synthetic", {"random_init": model}, shards=str(vp9_shards), out_dir=tmp_path, source="a/step_000002")
     assert json.loads((out / "results.json").read_text())["source"] == "a/step_000002"
     assert "Models: a/step_000002." in (out / "results.md").read_text()  # which checkpoint the numbers are of
+    # a video with NaN embeddings has no alignment path: the pictures pass over it, nothing is lost
+    from carl_scale.eval.embed import VideoEmbeddings
+    from carl_scale.eval.transfer import save_pictures
+
+    train, val = (VideoEmbeddings.load(out / f"random_init_{s}.npz") for s in ("train", "val"))
+    first = next(v for v in val.by_action().values() if len(v) >= 2)[0]
+    val.embeddings[first][:] = np.nan
+    assert save_pictures("nan", train, val, str(vp9_shards), out) == []  # its action had 2 videos: none to show
     for picture in ("alignment", "retrieval", "phases"):
         assert (out / f"random_init_{picture}.png").stat().st_size > 5000
 

@@ -156,11 +156,12 @@ class SyntheticConfig(Config):
     def check(self) -> None:
         if self.min_frames > self.max_frames:
             refuse("SyntheticConfig.min_frames", f"({self.min_frames}) must be <= max_frames ({self.max_frames})")
-        # the shortest action left between the idle lead-in and tail holds 2 frames of each of its phases
-        action = self.min_frames - 2 * max(0, math.ceil(self.min_frames * self.max_idle) - 1)
+        # the shortest action left between the idle lead-in and tail, at any length the set draws,
+        # holds 2 frames of each of its phases
+        action = min(n - 2 * max(0, math.ceil(n * self.max_idle) - 1) for n in range(self.min_frames, self.max_frames + 1))
         phases = max(len(SYNTHETIC_ACTIONS[a]) for a in self.action_names)
         if action < 2 * phases:
-            refuse("SyntheticConfig.min_frames", f"({self.min_frames}) leaves {action} frames between idle spans of "
+            refuse("SyntheticConfig.min_frames", f"({self.min_frames}) leaves as few as {action} frames between idle spans of "
                    f"up to max_idle {self.max_idle}: at least {2 * phases} are needed (2 per phase); raise it")
 
     @property

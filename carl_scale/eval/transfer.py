@@ -243,7 +243,10 @@ def save_pictures(name: str, train: VideoEmbeddings, val: VideoEmbeddings, shard
     from carl_scale.eval.alignment import save_alignment_figure
     from carl_scale.eval.pictures import nearest_frames, save_phase_timeline, save_retrieval_figure
 
-    groups = [v for v in val.by_action().values() if len(v) >= 2]
+    # videos whose embeddings are finite (a NaN one has no alignment path: the DTW refuses it)
+    finite = {i for i, e in enumerate(val.embeddings) if np.isfinite(e).all()}
+    groups = [[i for i in v if i in finite] for v in val.by_action().values()]
+    groups = [v for v in groups if len(v) >= 2]
     if not groups:
         return []
     a, b, *rest = groups[0]

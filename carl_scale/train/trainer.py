@@ -317,8 +317,7 @@ class Trainer:
         self.cfg, self.hooks = cfg, list(hooks)
         self.rank, self.world, self.device = rank, world, device
         self.bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and device.type == "cuda")
-        if cfg.parallel.step_priority == "high" and device.type != "cuda":
-            raise ValueError("--step-priority high orders CUDA streams: it needs a GPU (drop it on the CPU)")
+        check_device(cfg, device)
         # (the highest priority the device has: torch maps an out-of-range one to the nearest)
         self._stream = torch.cuda.Stream(device, priority=-100) if cfg.parallel.step_priority == "high" else None
         self.run_dir = Path(cfg.run_dir)
@@ -604,6 +603,12 @@ class Trainer:
         print("\n" + table(rows, ("run", str(self.run_dir))), flush=True)
 
 
+def check_device(cfg: RunConfig, device: torch.device) -> None:
+    """Settings only a GPU has, refused on the CPU."""
+    if cfg.parallel.step_priority == "high" and device.type != "cuda":
+        raise ValueError("--step-priority high orders CUDA streams: it needs a GPU (drop it on the CPU)")
+
+
 def check_local_files(cfg: RunConfig) -> None:
     """Refuse a missing --pretrained file before any rank starts or writes (shards, run
     directory). A resume does not read it (every weight is in the checkpoint): it may be gone."""
@@ -620,6 +625,7 @@ def run(cfg: RunConfig, hooks: Sequence[Hook] = ()) -> dict:
     check_local_files(cfg)
     with process_group() as (rank, world, device), rng_scope(cfg.seed):
         deepspeed_config(cfg, world)  # --global-batch-size against this world size, before any hook writes
+        check_device(cfg, device)
         for hook in hooks:
             hook.on_start(rank, world)
         if dist.is_initialized():
