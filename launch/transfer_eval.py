@@ -89,9 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
     from carl_scale.eval.transfer import check_transfer, latest_checkpoint, transfer_eval
     from carl_scale.models import load_model
     from carl_scale.models import build_model
+    from carl_scale.models.weights import read_meta, resolve_checkpoint
 
     device = default_device(a.device)
     ckpt = Path(a.checkpoint) if a.checkpoint else latest_checkpoint(a.run_dir)
+    read_meta(resolve_checkpoint(ckpt))  # a checkpoint that is not there, named first
     _, shards = check_transfer(a.dataset, a.shards, a.subset, a.classifier)  # refused before any fine-tuning
     source = str(ckpt)
     if a.finetune_steps:

@@ -260,7 +260,7 @@ def test_a_linear_probe_label_set_the_shards_lack_is_refused_before_embedding(vp
         transfer_eval("finegym", {"m": None}, shards=str(vp9_shards), out_dir=tmp_path)
 
 
-def test_transfer_eval_refuses_finetune_args_without_steps_and_negative_steps(capsys):
+def test_transfer_eval_refuses_finetune_args_without_steps_and_negative_steps(capsys, tmp_path):
     import sys
     from pathlib import Path
 
@@ -276,6 +276,14 @@ def test_transfer_eval_refuses_finetune_args_without_steps_and_negative_steps(ca
         with pytest.raises(SystemExit) as exit_:
             cli.main(argv)
         assert exit_.value.code == 2 and says in capsys.readouterr().err
-    # the evaluation's own refusals come before any fine-tuning starts
+    # the evaluation's own refusals come before any fine-tuning starts (after a missing checkpoint's)
+    with pytest.raises(FileNotFoundError, match="nowhere/step_000004"):
+        cli.main(["finegym", str(tmp_path / "nowhere/step_000004"), "--finetune-steps", "5"])
+    step = tmp_path / "run/checkpoints/step_000004"
+    step.mkdir(parents=True)
+    from carl_scale.config import to_dict
+    from carl_scale.train.recipes import recipe
+
+    (step / "meta.json").write_text(json.dumps({"step": 4, "config": to_dict(recipe("debug"))}))
     with pytest.raises(ValueError, match="--classifier logistic: finegym's protocol has no phase classifier"):
-        cli.main(["finegym", "some/step_000004", "--classifier", "logistic", "--finetune-steps", "5"])
+        cli.main(["finegym", str(step), "--classifier", "logistic", "--finetune-steps", "5"])
