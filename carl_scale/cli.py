@@ -1,7 +1,7 @@
 """``carl-scale``: embed videos and align two of them with a pretrained checkpoint; import the
 published CARL code's checkpoints.
 
-    carl-scale embed a.mp4 b.webm --out embs/                 # one (S, D) .npy per video
+    carl-scale embed a.mp4 b.webm --out embs/                 # one (S, D) .npy per video (a rerun keeps them)
     carl-scale embed --shards data/synthetic --split val --out embs/
     carl-scale align a.mp4 b.mp4 --out align.png              # heatmap + DTW path + aligned frames
     carl-scale import-carl checkpoint_epoch_00299.pth --config scl_transformer_action_config.yml \
@@ -26,6 +26,7 @@ def _model(args):
 
     device = default_device(args.device)
     ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(args.run_dir)
+    args.checkpoint_used = str(ckpt.resolve())
     return load_model(ckpt, device), device
 
 
@@ -42,8 +43,20 @@ def read_video(path: str, short_side: int | None = None) -> np.ndarray:
     return np.stack(frames)
 
 
+def _made_by(video: str, args) -> dict:
+    """What a video's .npy stands for: the video file as it is and the checkpoint that embedded it."""
+    st = Path(video).stat()
+    return {"video": str(Path(video).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "checkpoint": args.checkpoint_used}
+
+
 def cmd_embed(args) -> None:
+    import json
+
+    from tqdm.auto import tqdm
+
     from carl_scale.eval.embed import embed_frames, extract_embeddings
+    from carl_scale.tables import progress_wanted, table
 
     # every input checked before anything is loaded or written
     missing = [v for v in args.videos if not Path(v).is_file()]
@@ -59,14 +72,32 @@ def cmd_embed(args) -> None:
     if not args.videos and not args.shards:
         raise ValueError("nothing to embed: give video files, or --shards DIR")
     model, device = _model(args)
+    # a rerun keeps what the same checkpoint already embedded from the same file, and never
+    # replaces another checkpoint's (or an unknown) .npy without --overwrite
+    rows, todo = [], []
+    for video in args.videos:
+        npy, record = out / f"{Path(video).stem}.npy", out / f"{Path(video).stem}.json"
+        made = json.loads(record.read_text()) if record.is_file() else None
+        if npy.is_file() and made == _made_by(video, args):
+            rows.append((video, np.load(npy, mmap_mode="r").shape[0], "kept (same video and checkpoint)", str(npy)))
+        elif npy.is_file() and not args.overwrite:
+            raise FileExistsError(f"{npy} holds embeddings of {'another checkpoint or video' if made else 'unknown origin'}"
+                                  f": give another --out, or --overwrite to replace them")
+        else:
+            todo.append(video)
     out.mkdir(parents=True, exist_ok=True)
     if args.shards:
         ve = extract_embeddings(model, args.shards, args.split, device=device, cache=str(out / f"{args.split}.npz"))
         print(f"{len(ve.video_ids)} videos of {args.shards} ({args.split}) -> {out / f'{args.split}.npz'}")
-    for video in args.videos:
+    for video in tqdm(todo, desc="embed", unit="video", disable=not progress_wanted() or len(todo) < 2):
         emb = embed_frames(model, read_video(video, model.cfg.image_size), device=device)
-        np.save(out / f"{Path(video).stem}.npy", emb)
-        print(f"{video}: {emb.shape[0]} frames x {emb.shape[1]} -> {out / (Path(video).stem + '.npy')}")
+        npy = out / f"{Path(video).stem}.npy"
+        (out / f"{Path(video).stem}.json").unlink(missing_ok=True)  # (a stale record never vouches for the new file)
+        np.save(npy, emb)
+        (out / f"{Path(video).stem}.json").write_text(json.dumps(_made_by(video, args)) + "\n")  # after the .npy
+        rows.append((video, emb.shape[0], f"embedded ({emb.shape[1]}-d)", str(npy)))
+    if rows:
+        print(f"checkpoint {args.checkpoint_used}\n" + table(rows, ("video", "frames", "", "embeddings")))
 
 
 def cmd_align(args) -> None:
@@ -123,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--shards", help="a shard directory instead of (or as well as) video files")
     e.add_argument("--split", default="val")
     e.add_argument("--out", default="embeddings")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace .npy files in --out that another checkpoint (or video) made")
     e.set_defaults(func=cmd_embed)
     a = sub.add_parser("align", parents=[common], help="DTW alignment picture of two videos")
     a.add_argument("a")

@@ -71,12 +71,26 @@ def test_plain_videos_are_downscaled_while_decoding(videos):
     assert full.shape[1:] == (48, 48, 3) and small.shape == (len(full), 24, 24, 3)
 
 
-def test_embed_files_and_shards(checkpoint, videos, vp9_shards, tmp_path):
+def test_embed_files_and_shards(checkpoint, videos, vp9_shards, tmp_path, capsys):
+    import json
+
     path, _ = checkpoint
     main(["embed", *map(str, videos), "--checkpoint", str(path), "--out", str(tmp_path), "--device", "cpu"])
     emb = np.load(tmp_path / "clip0.npy")
     assert emb.shape[1] == 64 and 30 <= emb.shape[0] <= 60
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert json.loads((tmp_path / "clip0.json").read_text())["checkpoint"] == str(path.resolve())
+    # a rerun keeps what the same checkpoint embedded; another checkpoint's files need --overwrite
+    stamp = (tmp_path / "clip0.npy").stat().st_mtime_ns
+    main(["embed", *map(str, videos), "--checkpoint", str(path), "--out", str(tmp_path)])
+    assert "kept (same video and checkpoint)" in capsys.readouterr().out
+    assert (tmp_path / "clip0.npy").stat().st_mtime_ns == stamp
+    record = json.loads((tmp_path / "clip0.json").read_text())
+    (tmp_path / "clip0.json").write_text(json.dumps({**record, "checkpoint": "another/step_000009"}))
+    with pytest.raises(FileExistsError, match=r"clip0.npy holds embeddings of another checkpoint.*--overwrite"):
+        main(["embed", str(videos[0]), "--checkpoint", str(path), "--out", str(tmp_path)])
+    main(["embed", str(videos[0]), "--checkpoint", str(path), "--out", str(tmp_path), "--overwrite"])
+    assert json.loads((tmp_path / "clip0.json").read_text()) == record
     main(["embed", "--shards", str(vp9_shards), "--run-dir", str(path.parents[1]), "--out", str(tmp_path)])
     assert (tmp_path / "val.npz").exists()
 
