@@ -147,3 +147,24 @@ def test_missing_annotations_name_the_file_and_where_to_get_it(finegym_raw, tmp_
     (bad / "gym99_val_element.txt").write_text("not_an_element_id 3\n")
     with pytest.raises(ValueError, match="gym99_val_element.txt:1"):
         finegym.main(["--videos", str(finegym_raw / "videos"), "--annotations", str(bad), "--out", str(tmp_path / "p")])
+
+
+def test_each_probe_trains_on_its_own_class_sets_events(monkeypatch):
+    """One shard set holds the events of both class sets' lists; the published code prepares one
+    dataset per set. Each probe trains on the events its set labels (the other set's are all -1)."""
+    import carl_scale.eval.transfer as transfer
+    from carl_scale.eval.embed import VideoEmbeddings
+
+    rng = np.random.default_rng(0)
+    n = 14
+    gym99 = [np.full(5, -1) if i < 3 else rng.integers(0, 4, 5) for i in range(n)]  # 3 events only gym288 lists
+    gym288 = [rng.integers(0, 6, 5) for _ in range(n)]
+    ve = VideoEmbeddings([f"v{i}" for i in range(n)], [rng.normal(size=(5, 8)) for _ in range(n)], gym99,
+                         np.full(n, -1), {"gym288": gym288})
+    seen = []
+    monkeypatch.setattr(transfer, "linear_probe_frame_classification",
+                        lambda tr, lab, *a, **k: seen.append(len(tr)) or {"accuracy": 0.5, "mean_class_accuracy": 0.5})
+    transfer.run_protocol(ve, ve, transfer.PROTOCOLS["finegym"])
+    fractions = len(transfer.PROTOCOLS["finegym"].fractions)
+    assert seen[:fractions] == [10, 10, 11][:fractions] and max(seen[:fractions]) == 11  # Gym99: its 11 events
+    assert max(seen[fractions:]) == 14  # Gym288 labels every event here

@@ -16,8 +16,11 @@ What a sample is, as the CARL code prepares FineGym (so numbers compare with the
 events with at least one element labelled in the split's file (of either class set), resampled
 to 25 fps; an element's class covers frames ``int(s * fps) .. int(e * fps)`` of its *last* stage
 (only a vault's third stage is labelled), a later element overwrites an overlapping earlier one,
-every other frame is -1. One difference: the CARL code cuts events with ``ffmpeg -ss`` and stream
+every other frame is -1. Two differences: the CARL code cuts events with ``ffmpeg -ss`` and stream
 copy, which starts at the keyframe before the event; here the cut starts at the event's start.
+And it prepares one dataset per class set (the events of that set's lists); here one shard set
+holds the events of both, each labelled in both sets (-1 where a set's lists lack the event): the
+transfer probe of each set trains on its own events only, pretraining sees them all.
 
 Videos: ``<youtube_id>_E_XXXXXX_YYYYYY.<ext>`` (an event already cut out, time 0 = its start)
 or ``<youtube_id>.<ext>`` (the whole YouTube video; the event is cut out of it), anywhere

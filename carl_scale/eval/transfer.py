@@ -42,7 +42,7 @@ PROTOCOLS = {
     "pennaction": Protocol("data/pennaction", "python -m shards.pennaction --root Penn_Action --phase-labels "
                            "penn_action_labels --out data/pennaction", per_action=True, tau_stride=2),
     "finegym": Protocol("data/finegym", "python -m shards.finegym --videos finegym/videos --annotations "
-                        "finegym/annotations --out data/finegym", per_action=False,
+                        "finegym/annotations --version v1.0 --out data/finegym", per_action=False,
                         linear_probe=(("FineGym99", "phase"), ("FineGym288", "gym288"))),
     "pouring": Protocol("data/pouring", "python -m shards.pouring --src pouring_tfrecords --out data/pouring",
                         per_action=False, tau_stride=5),
@@ -97,9 +97,12 @@ def run_protocol(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, devi
     if p.linear_probe:
         mean = {}
         for column, labels in p.linear_probe:
+            # the class set's own events: one shard set holds the events of both sets' lists, where
+            # the published code prepares one dataset per set (every event of it has labelled frames)
+            own = train.subset([i for i, lab in enumerate(train.labels(labels)) if (np.asarray(lab) >= 0).any()])
             for f in p.fractions:
                 # at least one batch of 10 videos, as the published probe takes
-                sub = train.subset(training_subset(len(train.video_ids), f, pick=p.subset, minimum=10))
+                sub = own.subset(training_subset(len(own.video_ids), f, pick=p.subset, minimum=10))
                 res = linear_probe_frame_classification(sub.embeddings, sub.labels(labels), val.embeddings,
                                                         val.labels(labels), device=device)
                 key = column if f == 1.0 else f"{column}@{f:g}"
