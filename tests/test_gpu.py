@@ -355,6 +355,7 @@ def test_the_step_on_a_high_priority_stream_trains_as_the_default_one(vp9_128_sh
         cfg = configure(recipe("debug"), {"data.shards": str(vp9_128_shards), "run_dir": str(tmp_path / priority),
                                           "steps": 4, "data.batch_size": 2, "data.temporal.num_frames": 8,
                                           "data.num_workers": 1, "eval.enabled": False, "log_every": 1,
+                                          "data.decoder": "pyav",  # (no DALI in the first device call)
                                           "parallel.step_priority": priority})
         losses[priority] = run(cfg)["final_loss"]
         assert (tmp_path / priority / "checkpoints/step_000004/model.pt").exists()

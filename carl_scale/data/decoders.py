@@ -373,7 +373,21 @@ class DaliDecoder(FrameDecoder):
                 size = n * math.prod(shapes[pos])
                 result[k] = buf[start : start + size].reshape(n, *shapes[pos])
                 pos, start = pos + n, start + size
-        return [r[uniq[k][1]] for k, r in enumerate(result)]
+        return [_gather(r, uniq[k][1]) for k, r in enumerate(result)]
+
+
+def _gather(frames, inv: np.ndarray):
+    """``frames[inv]``: the decoded unique frames back in the order (and repeats) asked for. For a
+    CUDA tensor the index goes over from pinned memory without waiting for the stream (NumPy
+    indexing copies it synchronously, after everything queued there); the identity is no copy."""
+    if len(inv) == len(frames) and (inv == np.arange(len(inv))).all():
+        return frames
+    if isinstance(frames, np.ndarray) or not frames.is_cuda:
+        return frames[inv]
+    import torch
+
+    index = torch.from_numpy(np.ascontiguousarray(inv, dtype=np.int64)).pin_memory()
+    return frames.index_select(0, index.to(frames.device, non_blocking=True))
 
 
 def cuda_available() -> bool:

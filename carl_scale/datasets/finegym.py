@@ -76,9 +76,12 @@ def read_element_labels(path: Path) -> dict[tuple[str, str, str], int]:
             continue
         parts = line.split()
         m = _ELEMENT_ID.match(parts[0]) if len(parts) == 2 else None
-        if m is None:
-            raise ValueError(f"{path}:{n}: expected '<youtube_id>_E_XXXXXX_YYYYYY_A_ZZZZ_WWWW <class>', got {line!r}")
-        out[(m["yt"], m["event"], m["seg"])] = int(parts[1])
+        cls = int(parts[1]) if m is not None and parts[1].isdigit() else -1
+        top = 98 if path.name.startswith("gym99") else 287 if path.name.startswith("gym288") else None
+        if m is None or cls < 0 or (top is not None and cls > top):
+            raise ValueError(f"{path}:{n}: expected '<youtube_id>_E_XXXXXX_YYYYYY_A_ZZZZ_WWWW <class>'"
+                             f"{f' with a class in 0..{top}' if top is not None else ''}, got {line!r}")
+        out[(m["yt"], m["event"], m["seg"])] = cls
     return out
 
 
@@ -182,11 +185,18 @@ def write_finegym_shards(videos: str | Path, annotations: str | Path, out_dir: s
     found = _find_videos(videos)
     label_names = {"actions": EVENT_NAMES, "phase_labels": "Gym99 element classes (0-98)",
                    "frame_labels": {"gym288": "Gym288 element classes (0-287)"}}
+    # every split's lists read (and refused) before the first shard is written
+    split_events = {}
     for split, paths in files.items():
         by_event: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
         for cs, path in paths.items():
             for (yt, ev, seg), cls in read_element_labels(path).items():
                 by_event.setdefault((yt, ev), {c: {} for c in CLASS_SETS})[cs][seg] = cls
+        if not by_event:
+            raise ValueError(f"the {split} element lists ({', '.join(p.name for p in paths.values())}) list no "
+                             f"element: download them again from {DOWNLOAD}")
+        split_events[split] = by_event
+    for split, by_event in split_events.items():
         events = sorted(by_event)[: opts.limit]
 
         def load(key: tuple[str, str], by_event=by_event) -> VideoRecord:

@@ -184,6 +184,8 @@ def _record_to_video(path: Path, offset: int, length: int, where: str, fps: floa
     frames = np.stack([np.asarray(Image.open(io.BytesIO(f[0])).convert("RGB")) for f in lists["video"]])
     labels = (np.array([f[0] if f else -1 for f in lists["frame_labels"]], np.int64)
               if "frame_labels" in lists else None)
+    if ctx.get("len") and int(ctx["len"][0]) != len(frames):  # (the published loader asserts it too)
+        raise ValueError(f"the record says {int(ctx['len'][0])} frames, it holds {len(frames)}")
     name = ctx["name"][0].decode() if ctx.get("name") else where
     label = int(ctx["label"][0]) if ctx.get("label") else -1
     return VideoRecord(name, frames, fps, label, labels, extra={"source": where})
