@@ -168,3 +168,16 @@ def test_each_probe_trains_on_its_own_class_sets_events(monkeypatch):
     fractions = len(transfer.PROTOCOLS["finegym"].fractions)
     assert seen[:fractions] == [10, 10, 11][:fractions] and max(seen[:fractions]) == 11  # Gym99: its 11 events
     assert max(seen[fractions:]) == 14  # Gym288 labels every event here
+
+
+def test_an_element_list_line_with_a_bad_class_names_the_file_and_line(tmp_path):
+    from carl_scale.datasets.finegym import read_element_labels
+
+    good = "abcdefghijk_E_000001_000002_A_0001_0002"
+    for text in (f"{good} x1\n", f"{good} 120\n"):
+        (tmp_path / "gym99_val_element.txt").write_text(f"{good} 3\n{text}")
+        with pytest.raises(ValueError, match=r"gym99_val_element.txt:2: .* with a class in 0..98"):
+            read_element_labels(tmp_path / "gym99_val_element.txt")
+    (tmp_path / "gym288_val_element.txt").write_text(f"{good} 120\n")
+    assert read_element_labels(tmp_path / "gym288_val_element.txt") == {("abcdefghijk", "E_000001_000002",
+                                                                          "A_0001_0002"): 120}
