@@ -49,15 +49,14 @@ def _sync(device: torch.device) -> None:
 def run(a) -> dict:
     from carl_scale.train.trainer import Trainer, process_group
 
-    with tempfile.TemporaryDirectory() as tmp, process_group() as (rank, world, device):
+    with tempfile.TemporaryDirectory() as tmp, process_group() as (rank, world, device), contextlib.ExitStack() as on:
         cfg = configure(recipe("debug"), {
             "data.shards": a.shards, "run_dir": str(Path(tmp) / "run"), "steps": a.steps + a.warmup + 1,
             "data.batch_size": a.batch, "data.temporal.num_frames": a.frames, "data.num_workers": a.workers,
             "data.decoder": a.decoder, "data.cpu_decode_share": a.cpu_decode_share, "eval.enabled": False,
             **a.overrides}, flavor=a.flavor)
         trainer = Trainer(cfg, rank=rank, world=world, device=device)
-        on_stream = contextlib.ExitStack()
-        on_stream.enter_context(trainer.step_stream())  # (--set parallel.step_priority=high: as training runs)
+        on.enter_context(trainer.step_stream())  # (--set parallel.step_priority=high: as training runs)
 
         def endless():
             while True:
@@ -122,7 +121,6 @@ def run(a) -> dict:
             stop.set()
             tick.release()
             thread.join()
-            on_stream.close()
             trainer.loader.close()
         if failed:
             raise failed[0]
