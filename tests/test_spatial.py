@@ -121,62 +121,18 @@ def test_the_batched_colour_augmentation_equals_the_per_view_one():
         photometric_batch(frames, params[:2], cfg)
 
 
-def _crop_reference(frames: torch.Tensor, p, size: int) -> torch.Tensor:
-    """torchvision's resized crop and flip in float (its GPU path before rounding), one view."""
-    import torchvision.transforms.v2.functional as TF
-
-    out = TF.resized_crop(to_tchw(frames).double(), *p.crop, [size, size], antialias=True)
-    return TF.horizontal_flip(out) if p.flip else out
-
-
-def test_the_batched_crops_equal_torchvisions_resized_crop():
-    """crops_batched (the GPU collate's crops) against torchvision view by view: its matrices hold
-    torch's antialiased weights (shrinking, enlarging, a crop of exactly the output size, flips, the
-    centre fallback), and its uint8 output is that rounded, as torchvision rounds on a GPU, but for
-    pixels within float rounding of a half level."""
-    from carl_scale.data.spatial import crop_matrices, crops_batched
-
-    size, rng = 48, np.random.default_rng(1)
-    params = [draw_view_params(64, 80, CFG, rng) for _ in range(8)]
-    params[0] = dataclasses.replace(params[0], crop=(10, 20, 30, 24), flip=True)  # enlarged
-    params[1] = dataclasses.replace(params[1], crop=(3, 5, 48, 48), flip=False)  # the output size: a copy
-    params[2] = dataclasses.replace(params[2], crop=(0, 0, 64, 80), flip=True)  # the whole frame
-    assert {p.flip for p in params} == {True, False}
-    frames = torch.from_numpy(rng.integers(0, 256, (8, 5, 64, 80, 3), dtype=np.uint8))
-    ref = torch.stack([_crop_reference(frames[i], p, size) for i, p in enumerate(params)])
-    rows, cols = crop_matrices(params, 64, 80, size)
-    planes = frames.permute(0, 1, 4, 2, 3).double()  # (V, T, 3, H, W)
-    exact = torch.from_numpy(rows)[:, None, None] @ planes @ torch.from_numpy(cols)[:, None, None]
-    torch.testing.assert_close(exact, ref, rtol=0, atol=1e-9)
-    assert torch.equal(exact[1], frames[1, :, 3:51, 5:53].permute(0, 3, 1, 2).double())
-    for dtype, flips in ((torch.float32, 0.002), (torch.float16, 0.1)):
-        got = crops_batched(frames, params, size, dtype=dtype)
-        assert got.dtype == torch.uint8 and got.shape == (8, 5, 3, size, size)
-        diff = (got.double() - ref.round()).abs()
-        assert diff.max() <= 1 and (diff > 0).double().mean() < flips, (dtype, (diff > 0).double().mean())
-        if dtype == torch.float32:  # only where the exact value is within float rounding of a half level
-            assert ((ref - ref.floor() - 0.5).abs()[diff > 0] < 1e-3).all()
-    # a view per chunk of working memory changes nothing
-    assert torch.equal(crops_batched(frames, params, size, budget_bytes=1), crops_batched(frames, params, size))
-    with pytest.raises(ValueError, match="2 view parameters for 8 views"):
-        crops_batched(frames, params[:2], size)
-
-
-def test_crop_views_per_view_and_batched_agree_across_frame_sizes():
-    """The collate's crops: the videos of each frame size batched together, in the caller's order;
-    the CPU's per-view path (torchvision's uint8 kernel) within one grey level of them."""
-    from carl_scale.data.spatial import crop_views
+def test_crop_views_crops_each_videos_two_views_as_apply_geometric_does():
+    """The collate's crops: each video's first T frames are its first view, the last T its second;
+    videos of different frame sizes side by side, in the caller's order."""
+    from carl_scale.data.spatial import crop_views, to_tchw
 
     rng = np.random.default_rng(2)
     shapes = [(64, 80), (40, 56), (64, 80)]
     videos = [torch.from_numpy(rng.integers(0, 256, (2 * 4, h, w, 3), dtype=np.uint8)) for h, w in shapes]
     params = [tuple(draw_view_params(h, w, CFG, rng) for _ in range(2)) for h, w in shapes]
-    per_view, batched = (crop_views(videos, params, 48, method) for method in ("per_view", "batched"))
-    chunked = crop_views(videos, params, 48, "batched", budget_bytes=1)  # a video at a time
-    assert all(torch.equal(a, b) for a, b in zip(batched, chunked))
+    got = crop_views(videos, params, 48)
     assert crop_views([], [], 48) == []
-    for x, p, a, b in zip(videos, params, per_view, batched):
-        assert a.shape == b.shape == (2, 4, 3, 48, 48) and a.dtype == b.dtype == torch.uint8
-        assert (a.int() - b.int()).abs().max() <= 1
-        for v in range(2):  # each view of the video's frames: the first T, then the second T
-            torch.testing.assert_close(a[v], apply_geometric(to_tchw(x[4 * v:4 * v + 4]), p[v], 48), rtol=0, atol=0)
+    for x, p, views in zip(videos, params, got):
+        assert views.shape == (2, 4, 3, 48, 48) and views.dtype == torch.uint8
+        for v in range(2):
+            assert torch.equal(views[v], apply_geometric(to_tchw(x[4 * v:4 * v + 4]), p[v], 48))

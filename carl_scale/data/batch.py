@@ -170,7 +170,7 @@ def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDeco
                                       f"another of its videos)", exn)
                 continue
             decoded.append((s, torch.as_tensor(f, device=device)))
-        # on a GPU all views at once (crops_batched), on the CPU view by view
+        # view by view, on the device the frames were decoded on
         cropped = crop_views([f for _, f in decoded], [s.params for s, _ in decoded], cfg.spatial.image_size)
         for (s, _), views in zip(decoded, cropped):
             s.views = views

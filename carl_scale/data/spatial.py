@@ -89,107 +89,17 @@ def apply_geometric(frames: torch.Tensor, p: ViewParams, size: int) -> torch.Ten
     return TF.horizontal_flip(out) if p.flip else out
 
 
-def _resize_weights(n_in: int, start: int, length: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) float64: how torch's antialiased bilinear resize (``align_corners=False``,
-    what :func:`apply_geometric` runs) of ``input[start:start + length]`` to ``n_out`` samples weighs
-    each input sample. A triangle filter widened by the scale when shrinking, cut to the input and
-    renormalised: the formula of ATen's ``_upsample_bilinear2d_aa`` kernels (CPU and CUDA)."""
-    scale = length / n_out
-    support, inv = (scale, 1.0 / scale) if scale >= 1.0 else (1.0, 1.0)
-    centre = scale * (np.arange(n_out) + 0.5)
-    lo = np.maximum((centre - support + 0.5).astype(np.int64), 0)  # C's truncation, as ATen
-    hi = np.minimum((centre + support + 0.5).astype(np.int64), length)
-    j = np.arange(length)
-    w = np.clip(1.0 - np.abs((j[None] - centre[:, None] + 0.5) * inv), 0.0, None)
-    w[(j[None] < lo[:, None]) | (j[None] >= hi[:, None])] = 0.0
-    out = np.zeros((n_out, n_in))
-    out[:, start:start + length] = w / w.sum(1, keepdims=True)
-    return out
-
-
-def crop_matrices(params: list[ViewParams], height: int, width: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each view's crop, resize and flip as two matrices, float64: rows (V, size, H) and columns
-    transposed (V, W, size), so that a view's frame is ``rows @ frame @ cols`` on each channel."""
-    rows = np.stack([_resize_weights(height, p.crop[0], p.crop[2], size) for p in params])
-    cols = np.stack([_resize_weights(width, p.crop[1], p.crop[3], size)[::-1 if p.flip else 1] for p in params])
-    return rows, cols.transpose(0, 2, 1)
-
-
-CROP_BUDGET_BYTES = 512 << 20  # the batched crops' working memory per chunk of views (cached on the loader's stream)
-
-
-def _views_per_chunk(t: int, h: int, w: int, size: int, dtype: torch.dtype, budget_bytes: int) -> int:
-    """Views cropped together within ``budget_bytes``: per view, the frames as decoded (uint8) and
-    in ``dtype``, after the column pass and after the row pass."""
-    per_view = t * 3 * (h * w + (h * w + h * size + size * size) * torch.finfo(dtype).bits // 8)
-    return max(1, budget_bytes // per_view)
-
-
-def crops_batched(frames: torch.Tensor, params: list[ViewParams], size: int, dtype: torch.dtype | None = None,
-                  budget_bytes: int = CROP_BUDGET_BYTES) -> torch.Tensor:
-    """(V, T, H, W, 3) uint8 frames as decoded (channels last), one ``ViewParams`` per view ->
-    (V, T, 3, size, size) uint8: what :func:`apply_geometric` does to each view, for all at once.
-
-    The GPU's choice: the crop, the antialiased resize and the flip of every view are two batched
-    matrix products (columns, then rows; the weights are torch's, :func:`crop_matrices`) on all the
-    views' frames, in ``dtype`` (float16 on a GPU: tensor cores, every uint8 value exact; the
-    rounding of the weights and of the column pass's result moves ~0.1 of a grey level, so ~5% of
-    pixels, those near a half level, round to the neighbouring level; float32 elsewhere), then
-    rounded as torchvision rounds its own GPU path. A batch costs 7 kernels per ``budget_bytes``
-    of working memory where the per-view path costs ~5 per view, each with its Python around it;
-    the matrices reach the device in one copy."""
-    v, t, h, w, c = frames.shape
-    if len(params) != v or c != 3:
-        raise ValueError(f"{len(params)} view parameters for {v} views of shape {tuple(frames.shape[1:])}")
-    dev = frames.device
-    dtype = dtype or (torch.float16 if frames.is_cuda else torch.float32)
-    rows, cols = crop_matrices(params, h, w, size)
-    flat = torch.from_numpy(np.concatenate([rows.ravel(), cols.ravel()])).to(dtype)
-    if frames.is_cuda:  # pinned: the copy need not wait for the decoding queued on this stream
-        flat = flat.pin_memory()
-    rows_d, cols_d = flat.to(dev, non_blocking=True).split([rows.size, cols.size])
-    rows_d, cols_d = rows_d.view(v, size, h), cols_d.view(v, w, size)
-    step = _views_per_chunk(t, h, w, size, dtype, budget_bytes)
-    out = torch.empty((v, t, 3, size, size), dtype=torch.uint8, device=dev)
-    for a in range(0, v, step):
-        n = min(v, a + step) - a
-        # (n, H, T, 3, W): the conversion's copy also lays the frames out so that both products
-        # are plain batched matmuls, with no copy between them
-        x = frames[a:a + n].permute(0, 2, 1, 4, 3).to(dtype, memory_format=torch.contiguous_format)
-        y = torch.bmm(x.view(n, h * t * 3, w), cols_d[a:a + n])  # (n, H, T, 3, S): columns cropped
-        y = torch.bmm(rows_d[a:a + n], y.view(n, h, t * 3 * size))  # (n, S rows, T, 3, S columns)
-        out[a:a + n] = y.view(n, size, t, 3, size).permute(0, 2, 3, 1, 4).round_().clamp_(0, 255)
-    return out
-
-
-def crop_views(videos: list[torch.Tensor], params: list[tuple[ViewParams, ViewParams]], size: int,
-               method: str | None = None, budget_bytes: int = CROP_BUDGET_BYTES) -> list[torch.Tensor]:
+def crop_views(videos: list[torch.Tensor], params: list[tuple[ViewParams, ViewParams]], size: int) -> list[torch.Tensor]:
     """Each video's decoded (2T, H, W, 3) uint8 frames (the first view's T, then the second's) ->
-    its two views, (2, T, 3, size, size) uint8. ``"batched"``: :func:`crops_batched` on the views of
-    all videos of one frame size at once (within ``budget_bytes`` a chunk), the GPU's choice;
-    ``"per_view"``: :func:`apply_geometric` view by view, the CPU's (torchvision's uint8 kernel
-    there is ~5x faster than the dense matrix products: ``carl_scale.bench.augment``). Default:
-    batched on a GPU."""
-    if not videos:
-        return []
-    method = method or ("batched" if videos[0].is_cuda else "per_view")
-    if method == "per_view":
-        return [torch.stack([apply_geometric(f, p[v], size) for v, f in enumerate(to_tchw(x).chunk(2))])
-                for x, p in zip(videos, params)]
-    out: list[torch.Tensor | None] = [None] * len(videos)
-    shapes: dict[tuple, list[int]] = {}
-    for i, x in enumerate(videos):
-        shapes.setdefault(tuple(x.shape), []).append(i)
-    for (n, h, w, _), group in shapes.items():
-        dtype = torch.float16 if videos[group[0]].is_cuda else torch.float32
-        per_chunk = max(1, _views_per_chunk(n // 2, h, w, size, dtype, budget_bytes) // 2)  # whole videos
-        for a in range(0, len(group), per_chunk):
-            chunk = group[a:a + per_chunk]
-            frames = torch.stack([videos[i] for i in chunk]).view(2 * len(chunk), n // 2, h, w, 3)
-            views = crops_batched(frames, [p for i in chunk for p in params[i]], size, dtype, budget_bytes)
-            for k, i in enumerate(chunk):
-                out[i] = views[2 * k:2 * k + 2]
-    return out
+    its two views, (2, T, 3, size, size) uint8: :func:`apply_geometric` view by view, on the
+    frames' device (the collate's crops on a GPU, the workers' on the CPU).
+
+    View by view on a GPU too, by measurement: a batched form (every view's crop, antialiased
+    resize and flip as two float16 matrix products, a few kernels per batch) took 14.5 ms for
+    4 views of 80 frames, 256 x 340 -> 224, on an H200, where these per-view calls took 2.0 ms
+    (``python -m carl_scale.bench.augment --device cuda``, 2026-11-27); it was removed."""
+    return [torch.stack([apply_geometric(f, p[v], size) for v, f in enumerate(to_tchw(x).chunk(2))])
+            for x, p in zip(videos, params)]
 
 
 def _blur_kernel(size: int) -> int:

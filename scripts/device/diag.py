@@ -119,7 +119,7 @@ def data_diag(shards: str):
         flat = loader.decoder.decode([s.encoded for s in wb.samples], [s.timestamps.reshape(-1) for s in wb.samples])
         torch.cuda.synchronize()
         t2 = time.perf_counter()
-        # what the collate runs: every view's crop at once, then every view's colour at once
+        # what the collate runs: the views' crops, then every view's colour at once
         views = torch.stack(crop_views(flat, [s.params for s in wb.samples], 224))
         torch.cuda.synchronize()
         t3 = time.perf_counter()
