@@ -29,8 +29,10 @@ def _one_direction(z_a, z_b_all, s_a, s_b, m_a, m_b_all, labels, labels_all, off
     own = torch.arange(b, device=z_a.device) + offset
     logits = torch.einsum("bid,ejd->biej", z_a, z_b_all).reshape(b, ta, nb * tb) / tau
     known = (labels[:, None] >= 0) & (labels_all[None, :] >= 0)  # an unknown label (-1) may be any class
-    videos = known & (labels[:, None] != labels_all[None, :])  # points at infinity: other classes...
-    videos[torch.arange(b, device=z_a.device), own] = True  # ...and the video itself
+    # points at infinity: other classes, and the video itself (a mask made on the device, not an
+    # indexed assignment of a Python True: that copies the value from host memory, a sync)
+    itself = own[:, None] == torch.arange(nb, device=z_a.device)[None, :]
+    videos = (known & (labels[:, None] != labels_all[None, :])) | itself
     cols = (videos[:, :, None] & m_b_all[None]).reshape(b, 1, nb * tb)
     neg = torch.finfo(logits.dtype).min  # finite: a fully masked row gives finite garbage, not NaN
     log_p = torch.log_softmax(logits.masked_fill(~cols, neg), dim=-1).view(b, ta, nb, tb)
