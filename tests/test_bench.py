@@ -123,7 +123,7 @@ def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
     assert all(r["loader"] is None for r in rows if "side" in r["decoder"])
     kib = {r["payload"]: r["kib"] for r in rows}
     assert 0 < kib["video"] < kib["jpeg q50"] < kib["jpeg"]  # (the same frames: the disk side of the trade-off)
-    assert data.nvjpeg_settings("huffman=gpu") == {"nvjpeg_hw_load": 0.65, "nvjpeg_huffman": "gpu"}
+    assert data.nvjpeg_settings("huffman=gpu") == {"nvjpeg_hw_load": 1.0, "nvjpeg_huffman": "gpu"}
     for bad in ("hw_load=2", "hw_load=x", "threads=8", "huffman=fast"):
         with pytest.raises(ValueError, match="--nvjpeg"):
             data.nvjpeg_settings(bad)

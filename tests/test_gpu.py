@@ -183,12 +183,14 @@ def test_the_collates_crops_on_the_gpu_equal_the_cpus_within_a_grey_level():
         assert (got.cpu().int() - ref.int()).abs().max() <= 1
 
 
-@pytest.mark.parametrize("fuse", ["off", "on"])
-def test_the_trainer_step_never_waits_for_the_gpu(fuse):
+@pytest.mark.parametrize("speed", [{"parallel.compile": "off", "parallel.fuse_frozen": "off"},
+                                   {"parallel.compile": "off", "parallel.fuse_frozen": "on"}, {}])
+def test_the_trainer_step_never_waits_for_the_gpu(speed):
     """CUDA's own detection (sync debug mode "error") around the trainer's r50 step with the GPU
-    defaults (bf16, channels_last, fused AdamW, no ZeRO, bf16 views, chunked frozen stages), and
-    with --fuse-frozen: forward, flag, backward, clip, update queue without one host-device
-    synchronization after the first (warm-up) step."""
+    defaults (bf16, channels_last, fused AdamW, no ZeRO, bf16 views, chunked frozen stages, fused
+    frozen stages, the compiled objective), and eager with and without the fused stages: forward,
+    flag, backward, clip, update queue without one host-device synchronization after the first
+    (warm-up, compiling) step."""
     from carl_scale.bench.step import synthetic_batch
     from carl_scale.models import build_model
     from carl_scale.train.recipes import configure, recipe
@@ -197,7 +199,7 @@ def test_the_trainer_step_never_waits_for_the_gpu(fuse):
 
     fused_trunk._REFUSED.clear()
     cfg = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 16,
-                                      "parallel.trunk_chunk": 40, "parallel.fuse_frozen": fuse}, flavor="r50")
+                                      "parallel.trunk_chunk": 40, **speed}, flavor="r50")
     with process_group() as (_, world, device):
         engine, _ = build_engine(cfg, build_model(cfg.model).to(device), total_steps=10, world=world, bf16=True)
         batch = synthetic_batch(2, 16, cfg.model.image_size, device, views_dtype=torch.bfloat16)
@@ -354,8 +356,8 @@ def test_the_step_on_a_high_priority_stream_trains_as_the_default_one(vp9_128_sh
 # last of the file (pytest runs in file order): its two r50 compiles take the longest, so a
 # gpu_check stage cut by its time limit loses this one rather than the quick checks above
 def test_the_compiled_channels_last_step_computes_the_eager_steps_loss():
-    """--compile trunk, --compile objective and --fuse-frozen with the GPU defaults (channels_last,
-    cudnn.benchmark) against the eager, contiguous step: same weights, same batch, eval mode; the
+    """--compile trunk, --compile objective, --fuse-frozen and the GPU defaults (channels_last,
+    cudnn.benchmark, both of those) against the eager, contiguous step: same weights, same batch, eval mode; the
     loss within bf16 rounding (1%)."""
     from carl_scale.bench.step import synthetic_batch
     from carl_scale.losses.objective import build_objective
@@ -364,10 +366,13 @@ def test_the_compiled_channels_last_step_computes_the_eager_steps_loss():
     from carl_scale.train.trainer import apply_speedups
 
     over = {"data.batch_size": 2, "data.temporal.num_frames": 32}
+    eager = {"parallel.compile": "off", "parallel.fuse_frozen": "off"}
     batch = synthetic_batch(2, 32, 224, torch.device("cuda"))
     losses = []
-    for extra in ({"parallel.channels_last": "off"}, {"parallel.compile": "trunk"}, {"parallel.compile": "objective"},
-                  {"parallel.fuse_frozen": "on"}, {"parallel.fuse_frozen": "on", "parallel.channels_last": "off"}):
+    for extra in ({**eager, "parallel.channels_last": "off"}, {**eager, "parallel.compile": "trunk"},
+                  {**eager, "parallel.compile": "objective"}, {**eager, "parallel.fuse_frozen": "on"},
+                  {**eager, "parallel.fuse_frozen": "on", "parallel.channels_last": "off"},
+                  {}):  # the GPU defaults: channels_last, the fused frozen stages, the compiled objective
         cfg = configure(recipe("debug"), {**over, **extra}, flavor="r50")
         torch.manual_seed(0)
         model = build_model(cfg.model).cuda().eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -367,14 +368,20 @@ def test_the_end_of_run_evaluation_keeps_the_other_ranks_waiting_and_tells_them_
         assert "'phase_acc': 1.0" in r0 and r1 == "{'eval': {}, 'eval_skipped_samples': 0}"
 
 
-def test_a_step_priority_on_the_cpu_is_refused_before_anything_is_written(tmp_path):
+@pytest.mark.parametrize("setting, message", [
+    ({"parallel.step_priority": "high"}, "--step-priority high orders CUDA streams: it needs a GPU"),
+    ({"parallel.compile": "objective", "parallel.compile_mode": "reduce-overhead"},
+     "--compile-mode reduce-overhead replays CUDA graphs: it needs a GPU"),
+    ({"parallel.compile_mode": "max-autotune-no-cudagraphs"},  # with --compile auto: off on the CPU
+     "--compile-mode max-autotune-no-cudagraphs shapes a compiled step, but --compile auto compiles only on a GPU")])
+def test_a_gpu_only_setting_on_the_cpu_is_refused_before_anything_is_written(tmp_path, setting, message):
     from carl_scale.train.recipes import configure, recipe
     from carl_scale.train.trainer import run
 
     if torch.cuda.is_available():
-        pytest.skip("a GPU machine orders CUDA streams")
+        pytest.skip("a GPU machine has CUDA streams, graphs and auto compilation")
     cfg = configure(recipe("debug"), {"data.shards": str(tmp_path / "nowhere"), "run_dir": str(tmp_path / "run"),
-                                      "steps": 2, "parallel.step_priority": "high"})
-    with pytest.raises(ValueError, match="--step-priority high orders CUDA streams: it needs a GPU"):
+                                      "steps": 2, **setting})
+    with pytest.raises(ValueError, match=re.escape(message)):
         run(cfg)
     assert not (tmp_path / "run").exists()

@@ -468,7 +468,7 @@ def test_nvjpeg_settings_reach_dalis_image_decoder_by_names_its_schema_knows(jpe
     assert "nvJPEG: 100% to the hardware decoder" in gpu.jpeg_engine() and "Huffman of the rest on the GPU" in \
         gpu.jpeg_engine()
     default = DaliDecoder("cuda")
-    assert default.image_options() == {"hw_decoder_load": 0.65} and "on the CPU (2 threads)" in default.jpeg_engine()
+    assert default.image_options() == {"hw_decoder_load": 1.0} and "on the CPU (2 threads)" in default.jpeg_engine()
     schema = dali_backend.GetSchema("decoders__Image")
     assert all(schema.HasArgument(k) for k in gpu.image_options())
     assert DaliDecoder("cpu", jpeg_hw_load=0.0, jpeg_huffman="gpu").image_options() == {}
@@ -619,6 +619,9 @@ def test_finishing_threads_side_by_side_give_the_same_batches_each_with_its_own_
         VideoLoader(_cfg(vp9_shards, decoder="dali", finish_threads=2))
     with pytest.raises(ConfigError, match=r"--finish-threads must be in \[1, 16\], got 0"):
         _cfg(vp9_shards, finish_threads=0)
+    # auto (the default): two where a GPU decodes in the training process, one wherever the CPU decodes
+    assert VideoLoader(_cfg(vp9_shards, decoder="dali")).finish_threads == 1
+    assert VideoLoader(_cfg(vp9_shards, decoder="dali"), decode_in_collate=True).finish_threads == 1
 
 
 def test_frames_decoded_in_the_collate_at_another_size_than_the_metadata_are_counted_and_stood_in_for(vp9_shards):

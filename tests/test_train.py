@@ -424,12 +424,30 @@ def test_channels_last_with_zero_is_refused_when_the_config_is_built():
 
     with pytest.raises(ConfigError, match="--channels-last"):
         configure(recipe("debug"), {"parallel.channels_last": "on", "parallel.zero_stage": 1})
-    with pytest.raises(ConfigError, match="--compile-mode.*needs --compile"):
-        configure(recipe("debug"), {"parallel.compile_mode": "reduce-overhead"})
+    with pytest.raises(ConfigError, match="--compile-mode.*needs --compile auto, trunk or objective"):
+        configure(recipe("debug"), {"parallel.compile_mode": "reduce-overhead", "parallel.compile": "off"})
     with pytest.raises(ConfigError, match="--compile-mode.*goes with --compile objective"):
         configure(recipe("debug"), {"parallel.compile_mode": "reduce-overhead", "parallel.compile": "trunk"})
 
     configure(recipe("debug"), {"parallel.channels_last": "on", "parallel.zero_stage": 0})
+
+
+def test_the_speedups_auto_values_resolve_per_device_and_zero_stage():
+    """auto: channels_last, the fused frozen stages and the compiled objective on a GPU (each
+    measured faster there: BENCHMARKS.md), none on the CPU; ZeRO keeps the weights contiguous and
+    the step eager (untested compiled)."""
+    from carl_scale.train.recipes import recipe
+    from carl_scale.train.trainer import resolve_speedups
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    par = configure(recipe("debug"), {}).parallel
+    assert (par.channels_last, par.fuse_frozen, par.compile) == ("auto", "auto", "auto")
+    assert resolve_speedups(par, cpu) == (False, False, "off")
+    assert resolve_speedups(par, gpu) == (True, True, "objective")
+    zero = configure(recipe("debug"), {"parallel.zero_stage": 1}).parallel
+    assert resolve_speedups(zero, gpu) == (False, True, "off")
+    given = configure(recipe("debug"), {"parallel.compile": "trunk", "parallel.fuse_frozen": "on"}).parallel
+    assert resolve_speedups(given, cpu) == (False, True, "trunk")
 
 
 def test_the_trainer_clips_the_global_gradient_norm_as_written():
@@ -595,3 +613,41 @@ def test_a_data_setting_this_machine_refuses_leaves_no_run_directory(vp9_shards,
     with process_group() as (rank, world, device), pytest.raises(ValueError, match="--cpu-decode-share 0.5"):
         Trainer(cfg, rank=rank, world=world, device=device)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("over", [{}, {"loss.scl_negatives": "batch"}, {"parallel.trunk_chunk": 4}])
+def test_the_objectives_forward_never_copies_a_value_from_host_memory_on_a_gpu(over):
+    """The model and the loss on fake CUDA tensors (no GPU needed): no operation takes a CPU tensor
+    beside the GPU ones, which would be copied from host memory inside it, a host-device
+    synchronisation every step (an indexed assignment of a Python value makes one: the H200
+    counted two a step in the batch negatives' mask). The backward needs a real device: the GPU
+    test runs the whole step under CUDA's sync detection."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from carl_scale.bench.step import synthetic_batch
+    from carl_scale.losses.objective import build_objective
+    from carl_scale.models import build_model
+    from carl_scale.train.recipes import recipe
+
+    class MixedDevices(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+            if {a.device.type for a in flat if isinstance(a, torch.Tensor)} == {"cpu", "cuda"}:
+                mixed.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    mixed: list[str] = []
+    cfg = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 8, "model.image_size": 32,
+                                      **over})
+    model = build_model(cfg.model)
+    with FakeTensorMode(allow_non_fake_inputs=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (autocast: "CUDA is not available", here)
+        objective = build_objective(model.to("cuda"), cfg.loss, autocast=torch.bfloat16,
+                                    trunk_chunk=cfg.parallel.trunk_chunk)
+        batch = synthetic_batch(2, 8, 32, torch.device("cpu")).to(torch.device("cuda"))
+        with MixedDevices():
+            out = objective(batch)
+    assert out["loss"].device.type == "cuda" and mixed == [], mixed

@@ -142,7 +142,7 @@ def bench_loader(cfg: LoaderConfig, batches: int, device: str, in_threads: bool 
             yield from loader
 
     it = endless()
-    for _ in range(cfg.finish_threads):  # batch k is finished by thread k mod N: each has built its decoder
+    for _ in range(loader.finish_threads):  # batch k is finished by thread k mod N: each has built its decoder
         next(it)
     _sync(device)
     t0 = time.perf_counter()

@@ -79,6 +79,12 @@ class SpatialConfig(Config):
                       **kw})
 
 
+# nvJPEG's share for the GPU's hardware JPEG decoder. All of it, by measurement on an H200
+# (bench.data, 340 x 256 jpeg frames): 35.0k sampled frames/s and a loader of 41.4 batches/s,
+# against 29.2k and 34.3 at DALI's default 0.65 (which decodes the rest's Huffman stage on host threads)
+NVJPEG_HW_LOAD = 1.0
+
+
 @dataclass(frozen=True)
 class LoaderConfig(Config):
     """Where the training shards are and how they are streamed. The seed comes from the run
@@ -98,19 +104,23 @@ class LoaderConfig(Config):
         help="with a GPU decoder: the share of the videos that the workers decode on the CPU (PyAV) while the "
              "GPU decodes the rest, adding the CPU's frames/s to the GPU's (0: the GPU decodes all)")
     nvjpeg_hw_load: float = param(
-        0.65, flag="--nvjpeg-hw-load", ge=0, le=1,
+        NVJPEG_HW_LOAD, flag="--nvjpeg-hw-load", ge=0, le=1,
         help="jpeg payload on a GPU: the share of a batch's frames for the GPU's hardware JPEG decoder (A100, "
-             "H100, H200; none elsewhere), the rest for nvJPEG on the CUDA cores (0.65: DALI's default)")
+             "H100, H200; none elsewhere), the rest for nvJPEG on the CUDA cores (DALI's own default: 0.65)")
     nvjpeg_huffman: Literal["cpu", "gpu"] = param(
         "cpu", flag="--nvjpeg-huffman",
         help="jpeg payload on a GPU: where nvJPEG on the CUDA cores does the Huffman stage of frames under "
              "1 MPixel: cpu (DALI's default: the decoder's host threads) or gpu")
-    finish_threads: int = param(
-        1, flag="--finish-threads", ge=1, le=16,
+    # None (auto), by measurement on an H200 (bench.data, 340 x 256, T = 80, batch 2): two threads
+    # took the jpeg loader from 34.3 to 52.8 batches/s and the VP9 one from 9.9 to 17.6; four
+    # gained nothing more (49.5 and 16.0)
+    finish_threads: int | None = param(
+        None, flag="--finish-threads", ge=1, le=16,
         help="with a GPU decoder: threads that decode and augment batches side by side (batch k in thread k mod N), "
              "each with its own DALI pipelines and CUDA stream: for a decoder bound by each video's latency "
              "(NVDEC) or by host work (nvJPEG's Huffman stage); the decoders' host threads are split between "
-             "them, and each thread adds a batch or two in flight on the GPU")
+             "them, and each thread adds a batch or two in flight on the GPU (default: 2 where a GPU decodes, "
+             "else 1)")
     per_label: int = param(0, flag="--per-label", ge=0,
                            help="batches of groups of this many videos of one label (weak supervision; 0: off)")
     temporal: TemporalConfig = param(default_factory=TemporalConfig)

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from carl_scale.data.codec import frame_to_rgb, split_jpeg_blob
+from carl_scale.data.config import NVJPEG_HW_LOAD
 
 DALI_CPU_CODECS = {"vp8", "vp9", "mjpeg", "jpeg"}
 # NVDEC's smallest frame (height, width) per codec, from NVIDIA's decoder capability table; VP9's
@@ -205,7 +206,7 @@ class DaliDecoder(FrameDecoder):
     name = "dali"
 
     def __init__(self, device: str = "cpu", max_batch: int = 32, num_threads: int = 2, device_id: int = 0,
-                 image_batch: int = 256, jpeg_hw_load: float = 0.65, jpeg_huffman: str = "cpu"):
+                 image_batch: int = 256, jpeg_hw_load: float = NVJPEG_HW_LOAD, jpeg_huffman: str = "cpu"):
         if device not in ("cpu", "cuda"):
             raise ValueError(f"DALI device must be 'cpu' or 'cuda', got {device!r}")
         if not 0 <= jpeg_hw_load <= 1 or jpeg_huffman not in ("cpu", "gpu"):
@@ -413,7 +414,8 @@ def split_device(device: str | None) -> tuple[str, int]:
 
 
 def make_decoder(name: str = "auto", *, codec: str = "", device: str | None = None,
-                 image_batch: int = 256, jpeg_hw_load: float = 0.65, jpeg_huffman: str = "cpu") -> FrameDecoder:
+                 image_batch: int = 256, jpeg_hw_load: float = NVJPEG_HW_LOAD,
+                 jpeg_huffman: str = "cpu") -> FrameDecoder:
     """``auto``: DALI wherever it can decode the payload — always on a GPU; on the CPU for
     VP8/VP9/MJPEG video and JPEG frames (2.1x PyAV's sampled-frame rate for VP9 and 4.5x for
     JPEG on this project's 2-core machine, ``python -m carl_scale.bench.data``) — else PyAV.

@@ -342,16 +342,19 @@ class VideoLoader:
             raise ValueError(f"--cpu-decode-share {cfg.cpu_decode_share} splits decoding between the GPU and the "
                              f"workers, but {self.decoder.name} decodes on the CPU here, in the workers already: "
                              f"drop the flag (or run on a GPU)")
-        if cfg.finish_threads > 1 and not self.in_collate:
-            raise ValueError(f"--finish-threads {cfg.finish_threads} decodes batches side by side in the training "
+        # auto (None): two where a GPU decodes here (LoaderConfig.finish_threads says why), else one
+        n = cfg.finish_threads
+        self.finish_threads = n if n is not None else (2 if self.in_collate and self.decoder.device == "cuda" else 1)
+        if n is not None and n > 1 and not self.in_collate:
+            raise ValueError(f"--finish-threads {n} decodes batches side by side in the training "
                              f"process, but {self.decoder.name} decodes on the CPU here, in the workers already: drop "
                              f"the flag (or run on a GPU)")
         # one decoder per finishing thread: DALI pipelines are not shared between threads (a copy
         # carries the settings, not the pipelines, which each builds at its first batch). They split
         # the host threads, so that N side by side measure concurrency, not more threads.
-        self.decoders = [self.decoder] + [copy.copy(self.decoder) for _ in range(cfg.finish_threads - 1)]
-        for d in self.decoders if cfg.finish_threads > 1 and isinstance(self.decoder, DaliDecoder) else []:
-            d.num_threads = max(1, d.num_threads // cfg.finish_threads)
+        self.decoders = [self.decoder] + [copy.copy(self.decoder) for _ in range(self.finish_threads - 1)]
+        for d in self.decoders if self.finish_threads > 1 and isinstance(self.decoder, DaliDecoder) else []:
+            d.num_threads = max(1, d.num_threads // self.finish_threads)
         self.cpu_decoder = PyAVDecoder() if self.in_collate and cfg.cpu_decode_share > 0 else None
         self.counter = SkipCounter()
         self.dataset = ShardedVideoDataset(self.urls, cfg, rank=rank, world_size=world_size,
@@ -389,7 +392,7 @@ class VideoLoader:
             share = self.cfg.cpu_decode_share
             split = f"{100 * (1 - share):.0f}% of the videos " if share > 0 else ""
             cpu = f", {100 * share:.0f}% by PyAV in the workers" if share > 0 else ""
-            n = self.cfg.finish_threads
+            n = self.finish_threads if self._in_thread() else 1
             lanes = "a background thread" if n == 1 else f"{n} background threads side by side (a decoder each)"
             ahead = f" in {lanes}, {max(n, GPU_PREFETCH_BATCHES)} batches ahead" if self._in_thread() else ""
             return (f"{what}: {split}decoded by {dec.name} on {self.device}{engine}{cpu}, crops and colour on "
@@ -456,7 +459,7 @@ class VideoLoader:
             lanes = [functools.partial(finish, decoder=d, stand_ins=StandIns()) for d in self.decoders]
             finished = ahead = self._ahead = finish_ahead(dl, lanes, GPU_PREFETCH_BATCHES, torch.device(self.device))
         else:  # the workers did the work; what is left here is a stack
-            if self.cfg.finish_threads > 1:
+            if self.cfg.finish_threads is not None and self.cfg.finish_threads > 1:  # (auto: one, here)
                 raise ValueError(f"--finish-threads {self.cfg.finish_threads} needs the batches finished in "
                                  f"background threads (finish_in_thread), which this loader was told not to do")
             stand_ins = StandIns()

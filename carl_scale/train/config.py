@@ -55,19 +55,27 @@ class ParallelConfig(Config):
         256, flag="--trunk-chunk", ge=1, help="at most this many frames per call of the frozen ResNet stages in "
                                               "training, in calls of equal size (more than a batch's 2BT frames: "
                                               "one call); bounds their memory")
-    fuse_frozen: Literal["off", "on"] = param(
-        "off", flag="--fuse-frozen", help="the frozen ResNet stages with BatchNorm folded into the convolutions, "
-                                          "on a GPU as cuDNN's fused conv+bias(+add)+ReLU calls (also inside "
-                                          "--compile's graphs)")
-    compile: Literal["off", "trunk", "objective"] = param(
-        "off", flag="--compile", help="torch.compile (the first steps compile): trunk: the ResNet trunk; objective: "
-                                      "the whole forward (encoder, projection, loss) as one graph, and its backward")
+    # auto, by measurement (python -m carl_scale.bench.step, H200, k400 recipe; BENCHMARKS.md): the
+    # fused frozen stages took the eager step from 1.39x to 2.03x the published step at T = 240 x 4
+    # videos and the compiled one from 2.11x to 2.74x; at T = 80 x 2, +8% eager, -4% compiled
+    fuse_frozen: Literal["auto", "off", "on"] = param(
+        "auto", flag="--fuse-frozen", help="the frozen ResNet stages with BatchNorm folded into the convolutions, "
+                                           "on a GPU as cuDNN's fused conv+bias(+add)+ReLU calls (also inside "
+                                           "--compile's graphs); auto: on a GPU")
+    # auto, by measurement (same table): the compiled objective ran 2.05-2.31x the published step
+    # at T = 80 x 2 (the eager one 1.30-1.41x) and 2.11x at T = 240 x 4 (eager 1.37x); the first
+    # steps compile (tens of seconds for r50). Not with ZeRO: untested there
+    compile: Literal["auto", "off", "trunk", "objective"] = param(
+        "auto", flag="--compile", help="torch.compile (the first steps compile): trunk: the ResNet trunk; objective: "
+                                       "the whole forward (encoder, projection, loss) as one graph, and its backward; "
+                                       "auto: objective on a GPU without ZeRO, else off")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = param(
         "default", flag="--compile-mode", help="torch.compile's mode; reduce-overhead also replays the compiled "
                                                "parts as CUDA graphs (a GPU, fixed shapes)")
     # The GPU loader's crops and colour run on streams of its own, beside the step: with the step's
     # stream ahead of theirs, the GPU's block scheduler starts the step's kernels first and the
-    # loader's fill the gaps (unmeasured: scripts/device/gpu_check.sh e2e_jpeg_priority)
+    # loader's fill the gaps. Measured on an H200 (bench.e2e, T = 80 x 2, jpeg): no gain (0.60 of
+    # the resident step from shards, against 0.65 without), so off by default
     step_priority: Literal["default", "high"] = param(
         "default", flag="--step-priority", help="the training step's CUDA stream priority on a GPU; high: ahead of "
                                                 "the loader's work on the same GPU")
@@ -79,7 +87,7 @@ class ParallelConfig(Config):
         if self.channels_last == "on" and self.zero_stage > 0:
             refuse("--channels-last", f"'on' needs --zero-stage 0 (got {self.zero_stage}); use auto or off")
         if self.compile_mode != "default" and self.compile == "off":
-            refuse("--compile-mode", f"{self.compile_mode!r} needs --compile trunk or objective (got off)")
+            refuse("--compile-mode", f"{self.compile_mode!r} needs --compile auto, trunk or objective (got off)")
         # CUDA graphs of the trunk would also serve evaluation's forwards (other shapes, no step
         # marks: each one recorded anew); the compiled objective is the training step's alone
         if self.compile_mode == "reduce-overhead" and self.compile == "trunk":

@@ -38,7 +38,7 @@ from carl_scale.models.backbones import check_pretrained_file
 from carl_scale.models.weights import CheckpointError, load_weights, read_meta, read_weights
 from carl_scale.tables import table
 from carl_scale.train import checkpoint as ckpt
-from carl_scale.train.config import RunConfig
+from carl_scale.train.config import ParallelConfig, RunConfig
 from carl_scale.hooks import Hook, HookContext
 from carl_scale.train.logger import RunLogger
 
@@ -162,6 +162,16 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict:
     }
 
 
+def resolve_speedups(par: ParallelConfig, device: torch.device) -> tuple[bool, bool, str]:
+    """(channels_last, fuse_frozen, compile) as the config's ``auto`` values resolve on ``device``:
+    each on a GPU, and channels_last and compile only without ZeRO (see ParallelConfig)."""
+    gpu = device.type == "cuda"
+    channels_last = par.channels_last == "on" or (par.channels_last == "auto" and gpu and par.zero_stage == 0)
+    fuse = par.fuse_frozen == "on" or (par.fuse_frozen == "auto" and gpu)
+    compile_ = par.compile if par.compile != "auto" else ("objective" if gpu and par.zero_stage == 0 else "off")
+    return channels_last, fuse, compile_
+
+
 def apply_speedups(model: torch.nn.Module, cfg: RunConfig, objective: torch.nn.Module | None = None) -> str:
     """Put the model (already on its device) in the memory format and compiled form the config's
     ``parallel`` fields ask for (``--compile objective`` compiles ``objective``, which holds the
@@ -169,22 +179,22 @@ def apply_speedups(model: torch.nn.Module, cfg: RunConfig, objective: torch.nn.M
     are unchanged (up to rounding)."""
     model_device = next(model.parameters()).device
     par = cfg.parallel
+    channels_last, fuse, compile_ = resolve_speedups(par, model_device)
     done = []
     if model_device.type == "cuda":
         # training shapes repeat step after step, so cuDNN may time its algorithms once (process-wide;
         # the published code leaves it off). Measured on an H200 at T = 80 and 240: no change.
         torch.backends.cudnn.benchmark = par.cudnn_benchmark
         done += ["cudnn.benchmark"] if par.cudnn_benchmark else []
-    if par.channels_last == "on" or (par.channels_last == "auto" and model_device.type == "cuda"
-                                     and par.zero_stage == 0):  # see ParallelConfig.check
+    if channels_last:
         model.backbone.use_channels_last()
         done.append("channels_last trunk")
-    if par.fuse_frozen == "on" and model.backbone.use_fused_frozen().fused is not None:  # (none frozen: nothing)
+    if fuse and model.backbone.use_fused_frozen().fused is not None:  # (none frozen: nothing)
         done.append("frozen stages fused (cuDNN conv+bias+add+ReLU)" if model_device.type == "cuda"
                     else "frozen stages' BatchNorm folded")
     mode = None if par.compile_mode == "default" else par.compile_mode
     how = "compiled" + (f" ({mode})" if mode else "")
-    if par.compile == "trunk":
+    if compile_ == "trunk":
         # each stage group on its own: the frozen one runs without gradients, the trained one with
         if model.backbone.fused is not None:  # the frozen stages' fused program is what runs
             model.backbone.fused.compile(mode=mode)
@@ -192,7 +202,7 @@ def apply_speedups(model: torch.nn.Module, cfg: RunConfig, objective: torch.nn.M
             model.backbone.frozen.compile(mode=mode)
         model.backbone.trainable.compile(mode=mode)
         done.append(f"{how} trunk")
-    elif par.compile == "objective":
+    elif compile_ == "objective":
         if objective is None:
             raise ValueError("--compile objective: apply_speedups needs the objective")
         # forward and loss in one graph, so its backward is one graph too (AOTAutograd); an
@@ -605,8 +615,14 @@ class Trainer:
 
 def check_device(cfg: RunConfig, device: torch.device) -> None:
     """Settings only a GPU has, refused on the CPU."""
-    if cfg.parallel.step_priority == "high" and device.type != "cuda":
+    par = cfg.parallel
+    if par.step_priority == "high" and device.type != "cuda":
         raise ValueError("--step-priority high orders CUDA streams: it needs a GPU (drop it on the CPU)")
+    if par.compile_mode == "reduce-overhead" and device.type != "cuda":
+        raise ValueError("--compile-mode reduce-overhead replays CUDA graphs: it needs a GPU (drop it on the CPU)")
+    if par.compile_mode != "default" and resolve_speedups(par, device)[2] == "off":
+        raise ValueError(f"--compile-mode {par.compile_mode} shapes a compiled step, but --compile auto compiles "
+                         f"only on a GPU without ZeRO: give --compile objective, or drop --compile-mode")
 
 
 def check_local_files(cfg: RunConfig) -> None:

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Run ON THE LENT GPU MACHINE (see prepare.sh). With --stage: copy this call's parts under /tmp
 # (they stay while the machine is warm) and stop. Without: stage, unpack what has arrived (the core
-# tree from .whl/c1; DALI's tree once all its parts are staged), then run the stages named, each
-# under its own time limit, writing every table under $OUT. A call cut short still returns what it
-# measured. The step needs no DALI, so the most important measurements come with the first call
-# (prepare.sh's counts: .whl/c1 holds the core tree and DALI's first part, c2 and c3 the rest):
-#   bash scripts/device/gpu_check.sh step_T80 step_T240 gpu_tests             (carry .whl/c1; <= 9 min)
-#   bash scripts/device/gpu_check.sh --stage                                  (carry .whl/c2 .. c(N-1))
-#   bash scripts/device/gpu_check.sh data e2e_jpeg gpu_tests_dali e2e_jpeg_hybrid augment e2e_jpeg_threads
-#                                                                             (carry .whl/cN; <= 7.5 min)
-#   bash scripts/device/gpu_check.sh step_T80_graphs e2e_jpeg_pyav e2e_jpeg_priority  (if time is left)
+# tree from .whl/c1; DALI's tree once all its parts are staged), then run the stages named, in this
+# file's order, each under its own time limit, writing every table under $OUT. A call cut short
+# (by its limit or by the session's device time) still returns what it measured.
+# The order that worked on 2026-11-27 (15 minutes of device time: start ~30 s, each staging call
+# ~5 s, then the measuring calls): the two staging calls first, while losing the machine costs
+# little:
+#   bash scripts/device/gpu_check.sh --stage                                  (carry .whl/c2)
+#   bash scripts/device/gpu_check.sh --stage                                  (carry .whl/c3)
+#   bash scripts/device/gpu_check.sh step_T80 step_T240 gpu_tests augment     (carry .whl/c1; <= 9 min)
+#   bash scripts/device/gpu_check.sh data e2e_jpeg e2e_jpeg_graphs e2e_jpeg_one_thread gpu_tests_dali
+#                                                                             (no carry; <= 9 min)
+#   bash scripts/device/gpu_check.sh step_T80_graphs e2e_jpeg_pyav            (no carry; if time is left)
+# (each call's stage limits are upper bounds: on 2026-11-27 the 9 stages of the first two ran in
+# one call of 463 s, before the compiled step was the default; compiling adds tens of seconds to
+# each step and e2e stage)
 # The machine goes back after 30 s idle, and the staged parts with it: make the calls back to back.
 # No stage names: every stage (~20 minutes: more than one call may run).
 set -uo pipefail
@@ -54,7 +60,7 @@ echo "unpacked in $((SECONDS - t0)) s; $dali_note"
   ((have_dali)) && python3 -c "import nvidia.dali as d; print('dali', d.__version__)"
 } 2>&1 | tee -a "$out/versions.txt"
 rc=0
-needs_dali="gpu_tests_dali data e2e_jpeg e2e_jpeg_pyav e2e_jpeg_hybrid e2e_jpeg_threads e2e_jpeg_priority"
+needs_dali="gpu_tests_dali data e2e_jpeg e2e_jpeg_graphs e2e_jpeg_one_thread e2e_jpeg_pyav e2e_jpeg_hybrid e2e_jpeg_priority"
 stage() {  # name, seconds, command...: its output to $out/name.txt, the table also to this log
   local name=$1 limit=$2; shift 2
   [[ "$wanted" == "  " || "$wanted" == *" $name "* ]] || return 0
@@ -65,40 +71,42 @@ stage() {  # name, seconds, command...: its output to $out/name.txt, the table a
   timeout "$limit" "$@" > "$out/$name.txt" 2>&1 || { echo "!!! $name failed or timed out: rc $?"; rc=1; }
   grep -v "^\[\|Warning\|warn(" "$out/$name.txt" | tail -"${TAIL:-12}"
 }
-# the sync-free default step; the frozen stages as cuDNN's fused calls; in one call (trunk_chunk
-# above 2BT) against the default's calls of <= 256 frames; then the whole step compiled, with and
-# without the fused frozen stages (each compiled row compiles first: ~1 min; the likely best first)
-stage step_T80 240 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
-  --extra parallel.fuse_frozen=on parallel.trunk_chunk=100000 parallel.compile=objective,parallel.fuse_frozen=on \
-  parallel.compile=objective
+# the default step (on a GPU: channels_last, the fused frozen stages, the compiled objective; the
+# first steps compile) against each lever off, CUDA graphs on, and the trunk in one call (trunk_chunk
+# above 2BT) against calls of <= 256 frames
+stage step_T80 200 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
+  --extra parallel.compile_mode=reduce-overhead parallel.compile=off parallel.fuse_frozen=off \
+  parallel.trunk_chunk=100000
 stage step_T80_graphs 260 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
-  --extra parallel.compile=trunk parallel.compile=trunk,parallel.fuse_frozen=on \
-  parallel.compile=objective,parallel.compile_mode=reduce-overhead \
-  parallel.compile=objective,parallel.compile_mode=reduce-overhead,parallel.fuse_frozen=on
-stage step_T240 110 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 --warmup 2 \
-  --extra parallel.fuse_frozen=on parallel.trunk_chunk=100000
-# the GPU tests that need no DALI with the first call; DALI's (decoders, loader, a run from shards) later
+  --extra parallel.compile_mode=reduce-overhead,parallel.fuse_frozen=off parallel.compile=trunk \
+  parallel.compile=trunk,parallel.fuse_frozen=off
+stage step_T240 120 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 --warmup 2 \
+  --extra parallel.compile_mode=reduce-overhead parallel.compile=off parallel.fuse_frozen=off
+# the GPU tests that need no DALI; DALI's (decoders, loader, a run from shards) last
 # (-v: a stage cut short by its limit still shows which tests passed)
-TAIL=25 stage gpu_tests 150 python3 -m pytest -v -m "gpu and not dali" tests/test_gpu.py -p no:cacheprovider
+TAIL=25 stage gpu_tests 180 python3 -m pytest -v -m "gpu and not dali" tests/test_gpu.py -p no:cacheprovider
 stage augment 30 python3 -m carl_scale.bench.augment --device cuda --batch 2 --frames 80 --size 224 --iters 10
-# the jpeg/dali rows also with nvJPEG's other settings: all to the hardware JPEG decoder, the Huffman
-# stage on the GPU (Kinetics-size frames are under DALI's 1-MPixel threshold: host threads by default);
-# each dali path also with 4 decoders side by side (does NVDEC's ~3.8k frames/s grow with sessions?),
-# and its loader with 2 and 4 finishing threads side by side (the fix if it does: --finish-threads)
+# the loader with its defaults (on a GPU: 2 finishing threads, every JPEG frame to the hardware
+# decoder), then with 1 and 4 threads, DALI's own nvJPEG default (hw_load=0.65) and the Huffman
+# stage on the GPU, and each dali path's decoder with 4 decoders side by side
 stage data 160 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 80 \
   --image-size 224 --batch 2 --workers 8 --write-workers 16 --videos 16 --whole-videos 2 --batches 10 \
-  --paths jpeg/pyav jpeg/dali video/dali --cpu-shares 0.25 0.5 --nvjpeg hw_load=1 huffman=gpu hw_load=0,huffman=gpu \
-  --side-by-side 4 --finish-threads 2 4
-stage e2e_jpeg 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --paths jpeg/pyav jpeg/dali video/dali --cpu-shares 0.25 --nvjpeg hw_load=0.65 huffman=gpu \
+  --side-by-side 4 --finish-threads 1 4
+stage e2e_jpeg 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10
-stage e2e_jpeg_pyav 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+# CUDA graphs: the step's host time (23 ms of a 25 ms compiled step at T = 80) is what the loader's
+# finishing threads contend with for the GIL; replayed graphs leave them the host
+stage e2e_jpeg_graphs 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 10 --set parallel.compile_mode=reduce-overhead
+stage e2e_jpeg_one_thread 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 10 --set data.finish_threads=1
+stage e2e_jpeg_pyav 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10 --decoder pyav
-stage e2e_jpeg_hybrid 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+stage e2e_jpeg_hybrid 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10 --cpu-decode-share 0.25
-stage e2e_jpeg_threads 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30/jpeg --steps 10 --set data.finish_threads=2
-# the step's stream ahead of the loader's (its crops and colour fill the gaps): the alongside row tells
-stage e2e_jpeg_priority 50 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+# (measured on 2026-11-27, no gain: 0.60 of the resident step against 0.65 without)
+stage e2e_jpeg_priority 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10 --set parallel.step_priority=high
 # DALI's GPU tests last: they passed on the last GPU machine; a call cut by the session's device
 # time loses them rather than a measurement

@@ -15,11 +15,9 @@
 # 22 MiB packed) and the first part of DALI's (131 MiB packed, 3 parts); it runs with the first
 # call. gpu_check.sh unpacks DALI once all of its parts have arrived (their names say how many).
 #
-#   bash scripts/device/prepare.sh        # ~6 min on 2 cores, mostly xz
-#   then, on one warm machine (it goes back after 30 s idle):
-#     run(carry=[".whl/c1"], command="bash scripts/device/gpu_check.sh step_T80 step_T240 gpu_tests")
-#     run(carry=[".whl/c2"], command="bash scripts/device/gpu_check.sh --stage")   # c2 .. c(N-1), if N > 2
-#     run(carry=[".whl/cN"], command="bash scripts/device/gpu_check.sh data e2e_jpeg ...")
+#   bash scripts/device/prepare.sh        # ~6 min on 2 cores, mostly xz (after the README's install)
+#   then, on one warm machine (it goes back after 30 s idle), back to back: the calls at the top of
+#   scripts/device/gpu_check.sh (staging .whl/c2 and .whl/c3 first, then .whl/c1 with the step).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
