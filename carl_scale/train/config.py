@@ -49,7 +49,7 @@ class ParallelConfig(Config):
                                   help="let cuDNN time its convolution algorithms on the first steps (GPU)")
     # 256, measured on an H200 (bench.step, eager): peak 1.55 GiB at T = 80 x 2 videos and 7.56 at
     # T = 240 x 4 (the published step 1.93 and 7.84), where all frames in one call took 2.22 and
-    # 12.37 GiB for 1.00x and 1.04x the speed
+    # 12.37 GiB for 1.07x and 1.04x the speed
     trunk_chunk: int | None = param(
         256, flag="--trunk-chunk", ge=1, help="at most this many frames per call of the frozen ResNet stages in "
                                               "training, in calls of equal size (more than a batch's 2BT frames: "
