@@ -313,7 +313,8 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
                 model = build_model(c.model)
                 model.load_state_dict(start)
                 done("plain PyTorch (ours without DeepSpeed)",
-                     measure(plain_step(model.to(device), c, ours_data, cuda), iters, warmup, batch, device))
+                     measure(plain_step(model.to(device), c, ours_data, cuda), iters, warmup, batch, device,
+                             compiled=resolve_speedups(c.parallel, device)[2] != "off"))
     return results
 
 
