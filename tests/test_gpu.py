@@ -353,7 +353,7 @@ def test_the_step_on_a_high_priority_stream_trains_as_the_default_one(vp9_128_sh
     assert np.isfinite(losses["high"]) and abs(losses["high"] - losses["default"]) <= 1e-3 * abs(losses["default"])
 
 
-# last of the file (pytest runs in file order): its two r50 compiles take the longest, so a
+# last of the file (pytest runs in file order): its three r50 compiles take the longest, so a
 # gpu_check stage cut by its time limit loses this one rather than the quick checks above
 def test_the_compiled_channels_last_step_computes_the_eager_steps_loss():
     """--compile trunk, --compile objective, --fuse-frozen and the GPU defaults (channels_last,

@@ -373,7 +373,7 @@ def test_the_end_of_run_evaluation_keeps_the_other_ranks_waiting_and_tells_them_
     ({"parallel.compile": "objective", "parallel.compile_mode": "reduce-overhead"},
      "--compile-mode reduce-overhead replays CUDA graphs: it needs a GPU"),
     ({"parallel.compile_mode": "max-autotune-no-cudagraphs"},  # with --compile auto: off on the CPU
-     "--compile-mode max-autotune-no-cudagraphs shapes a compiled step, but --compile auto compiles only on a GPU")])
+     "--compile-mode max-autotune-no-cudagraphs shapes a compiled step, but --compile auto compiles only the SCL")])
 def test_a_gpu_only_setting_on_the_cpu_is_refused_before_anything_is_written(tmp_path, setting, message):
     from carl_scale.train.recipes import configure, recipe
     from carl_scale.train.trainer import run

@@ -366,7 +366,7 @@ def test_speed_switches_change_neither_the_loss_nor_the_gradients_nor_the_state_
     from carl_scale.bench.step import synthetic_batch
     from carl_scale.models import build_model
     from carl_scale.train.recipes import recipe
-    from carl_scale.train.trainer import build_engine, process_group
+    from carl_scale.train.trainer import build_engine, process_group, resolve_speedups
 
     # three frozen stages: what --trunk-chunk and --fuse-frozen act on (the debug recipe trains all four)
     small = {"data.batch_size": 2, "data.temporal.num_frames": 8, "model.image_size": 32, "model.train_last_stages": 1}
@@ -379,14 +379,14 @@ def test_speed_switches_change_neither_the_loss_nor_the_gradients_nor_the_state_
             torch.manual_seed(0)
             engine, _ = build_engine(c, build_model(c.model), total_steps=1, world=world, bf16=False)
             assert len(engine.module.model.backbone.frozen) == 3
-            assert (engine.module.model.backbone.fused is not None) == (c.parallel.fuse_frozen == "on")
+            assert (engine.module.model.backbone.fused is not None) == resolve_speedups(c, device)[1]
             torch._dynamo.utils.counters.clear()
             engine.eval()
             loss = engine(batch)["loss"]
             engine.backward(loss)
             grads = {n: p.grad.detach().clone() for n, p in engine.module.named_parameters() if p.grad is not None}
             results.append((loss.detach(), grads, list(engine.module.model.state_dict())))
-    if fast.parallel.compile != "off":  # one graph per compiled part, none broken
+    if resolve_speedups(fast, torch.device("cpu"))[2] != "off":  # one graph per compiled part, none broken
         assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     (l0, g0, k0), (l1, g1, k1) = results
     assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-6) and k0 == k1 and g0.keys() == g1.keys()
@@ -435,18 +435,20 @@ def test_channels_last_with_zero_is_refused_when_the_config_is_built():
 def test_the_speedups_auto_values_resolve_per_device_and_zero_stage():
     """auto: channels_last, the fused frozen stages and the compiled objective on a GPU (each
     measured faster there: BENCHMARKS.md), none on the CPU; ZeRO keeps the weights contiguous and
-    the step eager (untested compiled)."""
+    the step eager (untested compiled), as does the weak objective."""
     from carl_scale.train.recipes import recipe
     from carl_scale.train.trainer import resolve_speedups
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    par = configure(recipe("debug"), {}).parallel
-    assert (par.channels_last, par.fuse_frozen, par.compile) == ("auto", "auto", "auto")
-    assert resolve_speedups(par, cpu) == (False, False, "off")
-    assert resolve_speedups(par, gpu) == (True, True, "objective")
-    zero = configure(recipe("debug"), {"parallel.zero_stage": 1}).parallel
+    cfg = configure(recipe("debug"), {})
+    assert (cfg.parallel.channels_last, cfg.parallel.fuse_frozen, cfg.parallel.compile) == ("auto", "auto", "auto")
+    assert resolve_speedups(cfg, cpu) == (False, False, "off")
+    assert resolve_speedups(cfg, gpu) == (True, True, "objective")
+    zero = configure(recipe("debug"), {"parallel.zero_stage": 1})
     assert resolve_speedups(zero, gpu) == (False, True, "off")
-    given = configure(recipe("debug"), {"parallel.compile": "trunk", "parallel.fuse_frozen": "on"}).parallel
+    weak = configure(recipe("debug"), {}, weak=True)  # (compiled: measured for SCL only)
+    assert weak.loss.name == "weak" and resolve_speedups(weak, gpu) == (True, True, "off")
+    given = configure(recipe("debug"), {"parallel.compile": "trunk", "parallel.fuse_frozen": "on"})
     assert resolve_speedups(given, cpu) == (False, True, "trunk")
 
 

@@ -19,7 +19,10 @@ T = 240 x 4, measured 1.93 and 7.38; our step as it was then (float32 views, the
 one call) to 2.16 and 11.73, measured 2.22 and 11.79. DeepSpeed's engine is not simulated (it
 cannot start on fake tensors): "ours" is :func:`carl_scale.bench.step.plain_step`, the trainer's
 objective, speedups and optimizer without it, on the bf16 views the trainer's loader gives a GPU
-run; the simulated plain step came within 0.06 GiB of the engine's measured one.
+run; the simulated plain step came within 0.06 GiB of the engine's measured one. On the fake
+CPU device the GPU's auto speedups resolve off but channels_last (set here): "ours" is the eager,
+unfused step; ``--extra parallel.fuse_frozen=on`` adds the GPU default's fused frozen stages (the
+compiled objective cannot be simulated; on the H200 it peaked where the eager step did).
 """
 
 from __future__ import annotations

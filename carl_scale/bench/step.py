@@ -299,7 +299,7 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
                     out, _ = engine_step(engine, ours_data, device)
                     return out["loss"].detach()
 
-                compiled = resolve_speedups(c.parallel, device)[2] != "off"
+                compiled = resolve_speedups(c, device)[2] != "off"
                 done(name, measure(ours, iters, warmup, batch, device, compiled=compiled))
                 del ours
             except Exception as exn:  # an extra row that fails (a lever new to this GPU) costs only its row
@@ -314,7 +314,7 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
                 model.load_state_dict(start)
                 done("plain PyTorch (ours without DeepSpeed)",
                      measure(plain_step(model.to(device), c, ours_data, cuda), iters, warmup, batch, device,
-                             compiled=resolve_speedups(c.parallel, device)[2] != "off"))
+                             compiled=resolve_speedups(c, device)[2] != "off"))
     return results
 
 

@@ -352,6 +352,7 @@ class VideoLoader:
         # one decoder per finishing thread: DALI pipelines are not shared between threads (a copy
         # carries the settings, not the pipelines, which each builds at its first batch). They split
         # the host threads, so that N side by side measure concurrency, not more threads.
+        self._decoder_threads = getattr(self.decoder, "num_threads", None)  # (before the split below)
         self.decoders = [self.decoder] + [copy.copy(self.decoder) for _ in range(self.finish_threads - 1)]
         for d in self.decoders if self.finish_threads > 1 and isinstance(self.decoder, DaliDecoder) else []:
             d.num_threads = max(1, d.num_threads // self.finish_threads)
@@ -459,9 +460,12 @@ class VideoLoader:
             lanes = [functools.partial(finish, decoder=d, stand_ins=StandIns()) for d in self.decoders]
             finished = ahead = self._ahead = finish_ahead(dl, lanes, GPU_PREFETCH_BATCHES, torch.device(self.device))
         else:  # the workers did the work; what is left here is a stack
-            if self.cfg.finish_threads is not None and self.cfg.finish_threads > 1:  # (auto: one, here)
+            if self.cfg.finish_threads is not None and self.cfg.finish_threads > 1:
                 raise ValueError(f"--finish-threads {self.cfg.finish_threads} needs the batches finished in "
                                  f"background threads (finish_in_thread), which this loader was told not to do")
+            if len(self.decoders) > 1:  # auto chose lanes this loader was then told not to use: one decoder, whole
+                self.decoders = [self.decoder]
+                self.decoder.num_threads = self._decoder_threads
             stand_ins = StandIns()
             finished = ((wb, finish(wb, self.decoder, stand_ins)) for wb in dl)
 

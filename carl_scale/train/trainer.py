@@ -38,7 +38,7 @@ from carl_scale.models.backbones import check_pretrained_file
 from carl_scale.models.weights import CheckpointError, load_weights, read_meta, read_weights
 from carl_scale.tables import table
 from carl_scale.train import checkpoint as ckpt
-from carl_scale.train.config import ParallelConfig, RunConfig
+from carl_scale.train.config import RunConfig
 from carl_scale.hooks import Hook, HookContext
 from carl_scale.train.logger import RunLogger
 
@@ -162,13 +162,17 @@ def deepspeed_config(cfg: RunConfig, world: int) -> dict:
     }
 
 
-def resolve_speedups(par: ParallelConfig, device: torch.device) -> tuple[bool, bool, str]:
+def resolve_speedups(cfg: RunConfig, device: torch.device) -> tuple[bool, bool, str]:
     """(channels_last, fuse_frozen, compile) as the config's ``auto`` values resolve on ``device``:
-    each on a GPU, and channels_last and compile only without ZeRO (see ParallelConfig)."""
-    gpu = device.type == "cuda"
+    each on a GPU; channels_last and compile only without ZeRO (see ParallelConfig), and compile
+    only for the SCL objective, the one measured compiled (the weak objective's PCL aligns on the
+    host and branches on the batch's labels: a graph break or a recompile a step)."""
+    par, gpu = cfg.parallel, device.type == "cuda"
     channels_last = par.channels_last == "on" or (par.channels_last == "auto" and gpu and par.zero_stage == 0)
     fuse = par.fuse_frozen == "on" or (par.fuse_frozen == "auto" and gpu)
-    compile_ = par.compile if par.compile != "auto" else ("objective" if gpu and par.zero_stage == 0 else "off")
+    compile_ = par.compile
+    if compile_ == "auto":
+        compile_ = "objective" if gpu and par.zero_stage == 0 and cfg.loss.name == "scl" else "off"
     return channels_last, fuse, compile_
 
 
@@ -179,7 +183,7 @@ def apply_speedups(model: torch.nn.Module, cfg: RunConfig, objective: torch.nn.M
     are unchanged (up to rounding)."""
     model_device = next(model.parameters()).device
     par = cfg.parallel
-    channels_last, fuse, compile_ = resolve_speedups(par, model_device)
+    channels_last, fuse, compile_ = resolve_speedups(cfg, model_device)
     done = []
     if model_device.type == "cuda":
         # training shapes repeat step after step, so cuDNN may time its algorithms once (process-wide;
@@ -194,6 +198,11 @@ def apply_speedups(model: torch.nn.Module, cfg: RunConfig, objective: torch.nn.M
                     else "frozen stages' BatchNorm folded")
     mode = None if par.compile_mode == "default" else par.compile_mode
     how = "compiled" + (f" ({mode})" if mode else "")
+    if compile_ != "off":
+        # a fresh start for this engine: Dynamo keeps compiled code per code object (every engine's
+        # objective runs the same `compute`), and past its recompile limit (8 by default) it runs the
+        # code eager with only a warning: sweep trials in one reused Ray worker, bench.step's rows
+        torch._dynamo.reset()
     if compile_ == "trunk":
         # each stage group on its own: the frozen one runs without gradients, the trained one with
         if model.backbone.fused is not None:  # the frozen stages' fused program is what runs
@@ -620,9 +629,10 @@ def check_device(cfg: RunConfig, device: torch.device) -> None:
         raise ValueError("--step-priority high orders CUDA streams: it needs a GPU (drop it on the CPU)")
     if par.compile_mode == "reduce-overhead" and device.type != "cuda":
         raise ValueError("--compile-mode reduce-overhead replays CUDA graphs: it needs a GPU (drop it on the CPU)")
-    if par.compile_mode != "default" and resolve_speedups(par, device)[2] == "off":
+    if par.compile_mode != "default" and resolve_speedups(cfg, device)[2] == "off":
         raise ValueError(f"--compile-mode {par.compile_mode} shapes a compiled step, but --compile auto compiles "
-                         f"only on a GPU without ZeRO: give --compile objective, or drop --compile-mode")
+                         f"only the SCL objective on a GPU without ZeRO: give --compile objective, or drop "
+                         f"--compile-mode")
 
 
 def check_local_files(cfg: RunConfig) -> None:

@@ -33,12 +33,14 @@ def step_diag():
 
     with process_group() as (_, world, device):
         # the model bench.step measures: r50 on the k400 recipe (2 layers, as the published K400 config)
-        cfg = bench_config("k400", "r50", {"data.batch_size": 2, "data.temporal.num_frames": 80})
+        # eager and unfused: the parts timed below are the eager step's (bench.step measures the default)
+        eager = {"parallel.compile": "off", "parallel.fuse_frozen": "off"}
+        cfg = bench_config("k400", "r50", {"data.batch_size": 2, "data.temporal.num_frames": 80, **eager})
         data = synthetic_batch(2, 80, 224, device)
         frames = data.views.flatten(0, 2)
         for bench in (False, True):
             c = bench_config("k400", "r50", {"data.batch_size": 2, "data.temporal.num_frames": 80,
-                                             "parallel.cudnn_benchmark": bench})
+                                             "parallel.cudnn_benchmark": bench, **eager})
             torch.manual_seed(0)
             model = build_model(c.model).to(device)
             engine, _ = build_engine(c, model, 100, world, bf16=True)
@@ -102,7 +104,7 @@ def data_diag(shards: str):
     from carl_scale.data.spatial import crop_views, photometric_batch
 
     cfg = LoaderConfig(shards=shards, batch_size=2, num_workers=8, temporal=TemporalConfig(num_frames=80),
-                       spatial=SpatialConfig(image_size=224))
+                       spatial=SpatialConfig(image_size=224), finish_threads=1)  # one decoder, all its threads
     loader = VideoLoader(cfg, device="cuda")
     loader.dataset.set_start(0, 0, {})
     it = iter(torch.utils.data.DataLoader(loader.dataset, batch_size=None, num_workers=8,

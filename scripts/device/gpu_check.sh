@@ -9,13 +9,13 @@
 # little:
 #   bash scripts/device/gpu_check.sh --stage                                  (carry .whl/c2)
 #   bash scripts/device/gpu_check.sh --stage                                  (carry .whl/c3)
-#   bash scripts/device/gpu_check.sh step_T80 step_T240 gpu_tests augment     (carry .whl/c1; <= 9 min)
-#   bash scripts/device/gpu_check.sh data e2e_jpeg e2e_jpeg_graphs e2e_jpeg_one_thread gpu_tests_dali
-#                                                                             (no carry; <= 9 min)
+#   bash scripts/device/gpu_check.sh step_T80 step_T240                       (carry .whl/c1; <= 8 min)
+#   bash scripts/device/gpu_check.sh gpu_tests augment data                   (no carry; <= 8 min)
+#   bash scripts/device/gpu_check.sh e2e_jpeg e2e_jpeg_graphs e2e_jpeg_one_thread gpu_tests_dali  (<= 6 min)
 #   bash scripts/device/gpu_check.sh step_T80_graphs e2e_jpeg_pyav            (no carry; if time is left)
-# (each call's stage limits are upper bounds: on 2026-11-27 the 9 stages of the first two ran in
-# one call of 463 s, before the compiled step was the default; compiling adds tens of seconds to
-# each step and e2e stage)
+# (stage limits are upper bounds: on 2026-11-27 nine stages ran in one call of 463 s, before the
+# compiled step was the default; each step and e2e stage now compiles first. A session's 15
+# minutes end somewhere in the third call: each call's stages come most important first)
 # The machine goes back after 30 s idle, and the staged parts with it: make the calls back to back.
 # No stage names: every stage (~20 minutes: more than one call may run).
 set -uo pipefail
@@ -72,19 +72,19 @@ stage() {  # name, seconds, command...: its output to $out/name.txt, the table a
   grep -v "^\[\|Warning\|warn(" "$out/$name.txt" | tail -"${TAIL:-12}"
 }
 # the default step (on a GPU: channels_last, the fused frozen stages, the compiled objective; the
-# first steps compile) against each lever off, CUDA graphs on, and the trunk in one call (trunk_chunk
-# above 2BT) against calls of <= 256 frames
-stage step_T80 200 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
-  --extra parallel.compile_mode=reduce-overhead parallel.compile=off parallel.fuse_frozen=off \
-  parallel.trunk_chunk=100000
+# first steps compile, ~1 min the first time a graph is compiled on a machine, less for the plain
+# row's identical graph) against eager and against unfused; then CUDA graphs, and the frozen stages
+# in one call (trunk_chunk above 2BT) against calls of <= 256 frames
+stage step_T80 240 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
+  --extra parallel.compile=off parallel.fuse_frozen=off
 stage step_T80_graphs 260 python3 -m carl_scale.bench.step --flavor r50 --frames 80 --batch 2 --iters 10 \
-  --extra parallel.compile_mode=reduce-overhead,parallel.fuse_frozen=off parallel.compile=trunk \
-  parallel.compile=trunk,parallel.fuse_frozen=off
-stage step_T240 120 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 --warmup 2 \
-  --extra parallel.compile_mode=reduce-overhead parallel.compile=off parallel.fuse_frozen=off
+  --extra parallel.compile_mode=reduce-overhead parallel.compile_mode=reduce-overhead,parallel.fuse_frozen=off \
+  parallel.trunk_chunk=100000
+stage step_T240 200 python3 -m carl_scale.bench.step --flavor r50 --frames 240 --batch 4 --iters 5 --warmup 2 \
+  --extra parallel.compile=off parallel.fuse_frozen=off
 # the GPU tests that need no DALI; DALI's (decoders, loader, a run from shards) last
 # (-v: a stage cut short by its limit still shows which tests passed)
-TAIL=25 stage gpu_tests 180 python3 -m pytest -v -m "gpu and not dali" tests/test_gpu.py -p no:cacheprovider
+TAIL=25 stage gpu_tests 240 python3 -m pytest -v -m "gpu and not dali" tests/test_gpu.py -p no:cacheprovider
 stage augment 30 python3 -m carl_scale.bench.augment --device cuda --batch 2 --frames 80 --size 224 --iters 10
 # the loader with its defaults (on a GPU: 2 finishing threads, every JPEG frame to the hardware
 # decoder), then with 1 and 4 threads, DALI's own nvJPEG default (hw_load=0.65) and the Huffman
