@@ -241,25 +241,16 @@ def test_the_losses_never_copy_a_value_from_host_memory_on_a_gpu(loss):
     host memory inside the operation, a host-device synchronisation every step: CUDA's sync
     detection counted two a step on an H200 in the batch negatives' mask."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
 
+    from carl_scale.bench.step import HostValueCopies
     from carl_scale.losses.weak_scl import weak_sequence_contrastive_loss
 
-    class MixedDevices(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
-            devices = {a.device.type for a in flat if isinstance(a, torch.Tensor)}
-            if devices == {"cpu", "cuda"}:
-                mixed.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    mixed: list[str] = []
     with FakeTensorMode(allow_non_fake_inputs=True):
         z1, z2 = (torch.randn(3, 5, 8, device="cuda") for _ in range(2))
         s = torch.arange(5, device="cuda").float().expand(3, 5)
-        with MixedDevices():
+        with HostValueCopies() as copies:
             if loss == "weak":
                 out = weak_sequence_contrastive_loss(z1, z2, s, s, torch.tensor([0, 1, 0], device="cuda"))
             else:
                 out = sequence_contrastive_loss(z1, z2, s, s, negatives=loss.split()[1])
-    assert out.device.type == "cuda" and mixed == [], mixed
+    assert out.device.type == "cuda" and copies.ops == [], copies.ops

@@ -627,21 +627,12 @@ def test_the_objectives_forward_never_copies_a_value_from_host_memory_on_a_gpu(o
     import warnings
 
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    from carl_scale.bench.step import synthetic_batch
+    from carl_scale.bench.step import HostValueCopies, synthetic_batch
     from carl_scale.losses.objective import build_objective
     from carl_scale.models import build_model
     from carl_scale.train.recipes import recipe
 
-    class MixedDevices(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
-            if {a.device.type for a in flat if isinstance(a, torch.Tensor)} == {"cpu", "cuda"}:
-                mixed.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    mixed: list[str] = []
     cfg = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 8, "model.image_size": 32,
                                       **over})
     model = build_model(cfg.model)
@@ -650,6 +641,6 @@ def test_the_objectives_forward_never_copies_a_value_from_host_memory_on_a_gpu(o
         objective = build_objective(model.to("cuda"), cfg.loss, autocast=torch.bfloat16,
                                     trunk_chunk=cfg.parallel.trunk_chunk)
         batch = synthetic_batch(2, 8, 32, torch.device("cpu")).to(torch.device("cuda"))
-        with MixedDevices():
+        with HostValueCopies() as copies:
             out = objective(batch)
-    assert out["loss"].device.type == "cuda" and mixed == [], mixed
+    assert out["loss"].device.type == "cuda" and copies.ops == [], copies.ops

@@ -119,6 +119,23 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class HostValueCopies(TorchDispatchMode):
+    """Records the aten operations that take a CPU tensor beside GPU ones (``ops``): such a value
+    is copied from host memory inside the operation, a host-device synchronisation each time
+    (``x[idx] = False`` makes one). Works on fake CUDA tensors, so a CPU machine can check what a
+    GPU step would do."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        if {t.device.type for t in leaves if isinstance(t, torch.Tensor)} == {"cpu", "cuda"}:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def plain_step(model, cfg, batch: VideoBatch, amp: bool):
     """The trainer's step without the DeepSpeed engine, at world size 1: the same objective and
     speedups, backward, torch's fused clipping and fused AdamW, no finiteness flag; ``amp``: the
