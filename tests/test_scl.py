@@ -237,9 +237,9 @@ def test_batch_negatives_match_a_naive_loop_and_the_published_batch_noself():
 @pytest.mark.parametrize("loss", ["scl video", "scl batch", "weak"])
 def test_the_losses_never_copy_a_value_from_host_memory_on_a_gpu(loss):
     """On fake CUDA tensors (no GPU needed): no operation of the loss's forward takes a CPU tensor
-    beside the GPU ones (the backward needs a real device). Such an argument (``x[idx] = False`` makes one) is copied from
-    host memory inside the operation, a host-device synchronisation every step: CUDA's sync
-    detection counted two a step on an H200 in the batch negatives' mask."""
+    beside the GPU ones (the backward needs a real device). Such an argument (``x[idx] = False``
+    makes one) is copied from host memory inside the operation, a host-device synchronisation every
+    step: CUDA's sync detection counted two a step on an H200 in the batch negatives' mask."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from carl_scale.bench.step import HostValueCopies

@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, dict]]:
     rows = []
     for what, paths in res.items():
         ref = paths["per view"]["seconds"]
-        rows += [(what, k, f"{1000 * v['seconds']:.1f}", f"{ref / v['seconds']:.2f}x", v["ops"]) for k, v in paths.items()]
+        rows += [(what, k, f"{1000 * v['seconds']:.1f}", f"{ref / v['seconds']:.2f}x", v["ops"])
+                 for k, v in paths.items()]
     print(table(rows, ("stage", "path", "ms per batch", "speedup", "aten ops per batch")))
     return res
 

@@ -17,8 +17,8 @@
 (b) ours: what ``launch/pretrain_k400.py`` runs: the engine :func:`~carl_scale.train.trainer.build_engine`
     makes from a recipe config (DeepSpeed, fp32 weights, bf16 autocast inside the objective on a
     GPU, and the defaults' speedups: on a GPU channels_last, the fused frozen stages and the
-    compiled objective; ``--extra parallel.compile=off`` is the eager step) and :func:`~carl_scale.train.trainer.engine_step` (forward, a finiteness flag, backward,
-    step), with the same flavor, frames and batch, on the views the trainer's loader gives it (bf16
+    compiled objective; ``--extra parallel.compile=off`` is the eager step) and
+    :func:`~carl_scale.train.trainer.engine_step` (forward, a finiteness flag, backward, step), with the same flavor, frames and batch, on the views the trainer's loader gives it (bf16
     on a GPU: the published step's autocast casts its float32 views at the first convolution);
 (c) plain PyTorch: (b) without the DeepSpeed engine (:func:`plain_step`), to show what it costs.
 

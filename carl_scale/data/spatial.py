@@ -89,7 +89,8 @@ def apply_geometric(frames: torch.Tensor, p: ViewParams, size: int) -> torch.Ten
     return TF.horizontal_flip(out) if p.flip else out
 
 
-def crop_views(videos: list[torch.Tensor], params: list[tuple[ViewParams, ViewParams]], size: int) -> list[torch.Tensor]:
+def crop_views(videos: list[torch.Tensor], params: list[tuple[ViewParams, ViewParams]],
+               size: int) -> list[torch.Tensor]:
     """Each video's decoded (2T, H, W, 3) uint8 frames (the first view's T, then the second's) ->
     its two views, (2, T, 3, size, size) uint8: :func:`apply_geometric` view by view, on the
     frames' device (the collate's crops on a GPU, the workers' on the CPU).
