@@ -21,7 +21,10 @@ finishing step's host time per batch (decoding on the GPU, crops, colour), and o
 between two events around it on its CUDA stream (idle gaps while the host queues work included;
 work DALI queues on streams of its own not seen). With ``--set data.finish_threads=N`` the
 batches are finished N at a time, so these are each batch's own times, not the loader's cost per
-batch (about that divided by N when the threads overlap well).
+batch (about that divided by N when the threads overlap well). ``step host ms``: the host's time
+to queue one training step in each row; on a GPU, where the step runs ahead of the device, a rise
+with the loader alongside is the step's Python waiting for the host (the interpreter lock, cores),
+not for the GPU.
 """
 
 from __future__ import annotations
@@ -67,16 +70,18 @@ def run(a) -> dict:
             trainer.train_step(next(batches))
         _sync(device)
         trainer.loader.finish_times = times = []
-        wait = 0.0
+        wait = queue = 0.0
         t0 = time.perf_counter()
         for _ in range(a.steps):
             w = time.perf_counter()
             batch = next(batches)
-            wait += time.perf_counter() - w
+            q = time.perf_counter()
             trainer.train_step(batch)
+            wait, queue = wait + q - w, queue + time.perf_counter() - q
         _sync(device)
         fed = a.steps * a.batch / (time.perf_counter() - t0)
         fed_wait = wait / (time.perf_counter() - t0)
+        fed_queue = 1000 * queue / a.steps
         trainer.loader.finish_times = None
         times = list(times)  # (the finishing thread may be mid-batch: its entry, if any, comes later)
         host_ms = 1000 * sum(t[0] for t in times) / max(1, len(times))
@@ -89,16 +94,19 @@ def run(a) -> dict:
         trainer.train_step(resident_batch)
         _sync(device)
 
-        def resident_steps() -> float:
-            t0 = time.perf_counter()
+        def resident_steps() -> tuple[float, float]:
+            """(samples/s, host ms to queue a step)"""
+            queue, t0 = 0.0, time.perf_counter()
             for _ in range(a.steps):
+                q = time.perf_counter()
                 trainer.train_step(resident_batch)
+                queue += time.perf_counter() - q
                 tick.release()
             _sync(device)
-            return a.steps * a.batch / (time.perf_counter() - t0)
+            return a.steps * a.batch / (time.perf_counter() - t0), 1000 * queue / a.steps
 
         tick = threading.Semaphore(0)
-        resident = resident_steps()
+        resident, resident_queue = resident_steps()
         # the loader's work alongside, paced at one batch per step as in training, batches dropped
         tick, stop, failed = threading.Semaphore(0), threading.Event(), []
 
@@ -116,7 +124,7 @@ def run(a) -> dict:
         thread = threading.Thread(target=drain, name="e2e-drain", daemon=True)
         thread.start()
         try:
-            alongside = resident_steps()
+            alongside, alongside_queue = resident_steps()
         finally:
             stop.set()
             tick.release()
@@ -127,6 +135,7 @@ def run(a) -> dict:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         return {"device": name, "decoder": trainer.loader.decoder.name + "/" + trainer.loader.decoder.device,
                 "from shards": fed, "resident": resident, "alongside": alongside, "data wait": fed_wait,
+                "step host ms": {"resident": resident_queue, "alongside": alongside_queue, "from shards": fed_queue},
                 "loader host ms": host_ms, "loader gpu ms": gpu_ms, "config": cfg}
 
 
@@ -176,12 +185,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nend to end on {r['device']}: flavor {a.flavor}, T={a.frames}, {a.batch} videos, {a.workers} workers, "
           f"decoder {r['decoder']}, shards {a.shards}{settings}")
     gpu = "-" if r["loader gpu ms"] is None else f"{r['loader gpu ms']:.1f}"
-    print(table([("resident batch", f"{r['resident']:.2f}", "1.00", "-", "-", "-"),
+    queue = {k: f"{v:.1f}" for k, v in r["step host ms"].items()}
+    print(table([("resident batch", f"{r['resident']:.2f}", "1.00", queue["resident"], "-", "-", "-"),
                  ("resident batch, loader alongside", f"{r['alongside']:.2f}", f"{r['alongside'] / r['resident']:.2f}",
-                  "-", "-", "-"),
+                  queue["alongside"], "-", "-", "-"),
                  ("from shards", f"{r['from shards']:.2f}", f"{r['from shards'] / r['resident']:.2f}",
-                  f"{100 * r['data wait']:.0f}%", f"{r['loader host ms']:.1f}", gpu)],
-                ("step fed by", "samples/s", "x", "data wait", "loader host ms/batch", "loader GPU ms/batch")))
+                  queue["from shards"], f"{100 * r['data wait']:.0f}%", f"{r['loader host ms']:.1f}", gpu)],
+                ("step fed by", "samples/s", "x", "step host ms", "data wait", "loader host ms/batch",
+                 "loader GPU ms/batch")))
     return r
 
 
