@@ -210,14 +210,14 @@ def apply_speedups(model: torch.nn.Module, cfg: RunConfig, objective: torch.nn.M
         else:
             model.backbone.frozen.compile(mode=mode)
         model.backbone.trainable.compile(mode=mode)
-        done.append(f"{how} trunk")
+        done.append(f"{how} trunk (the first steps compile)")
     elif compile_ == "objective":
         if objective is None:
             raise ValueError("--compile objective: apply_speedups needs the objective")
         # forward and loss in one graph, so its backward is one graph too (AOTAutograd); an
         # attribute on the instance: the module, its parameters and state dict stay as they are
         objective.compute = torch.compile(objective.compute, mode=mode)
-        done.append(f"{how} objective")
+        done.append(f"{how} objective (the first steps compile)")
     return ", ".join(done) or "eager, contiguous"
 
 

@@ -13,6 +13,7 @@
 #   bash scripts/device/gpu_check.sh gpu_tests augment data                   (no carry; <= 8 min)
 #   bash scripts/device/gpu_check.sh e2e_jpeg e2e_jpeg_graphs e2e_jpeg_one_thread gpu_tests_dali  (<= 6 min)
 #   bash scripts/device/gpu_check.sh step_T80_graphs e2e_jpeg_pyav            (no carry; if time is left)
+#   bash scripts/device/gpu_check.sh data_T240 e2e_jpeg_T240                  (no carry; if time is left)
 # (stage limits are upper bounds: on 2026-11-27 nine stages ran in one call of 463 s, before the
 # compiled step was the default; each step and e2e stage now compiles first. A session's 15
 # minutes end somewhere in the third call: each call's stages come most important first)
@@ -60,7 +61,7 @@ echo "unpacked in $((SECONDS - t0)) s; $dali_note"
   ((have_dali)) && python3 -c "import nvidia.dali as d; print('dali', d.__version__)"
 } 2>&1 | tee -a "$out/versions.txt"
 rc=0
-needs_dali="gpu_tests_dali data e2e_jpeg e2e_jpeg_graphs e2e_jpeg_one_thread e2e_jpeg_pyav e2e_jpeg_hybrid e2e_jpeg_priority"
+needs_dali="gpu_tests_dali data data_T240 e2e_jpeg_T240 e2e_jpeg e2e_jpeg_graphs e2e_jpeg_one_thread e2e_jpeg_pyav e2e_jpeg_hybrid e2e_jpeg_priority"
 stage() {  # name, seconds, command...: its output to $out/name.txt, the table also to this log
   local name=$1 limit=$2; shift 2
   [[ "$wanted" == "  " || "$wanted" == *" $name "* ]] || return 0
@@ -93,6 +94,12 @@ stage data 160 python3 -m carl_scale.bench.data --device cuda --height 256 --wid
   --image-size 224 --batch 2 --workers 8 --write-workers 16 --videos 16 --whole-videos 2 --batches 10 \
   --paths jpeg/pyav jpeg/dali video/dali --cpu-shares 0.25 --nvjpeg hw_load=0.65 huffman=gpu \
   --side-by-side 4 --finish-threads 1 4
+# target 2 at the other setting (T = 240, 4 videos): the loader alone, then end to end
+stage data_T240 160 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 240 \
+  --image-size 224 --batch 4 --workers 8 --write-workers 16 --videos 16 --whole-videos 2 --batches 6 \
+  --paths jpeg/dali --finish-threads 1
+stage e2e_jpeg_T240 120 python3 -m carl_scale.bench.e2e --flavor r50 --frames 240 --batch 4 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 6
 stage e2e_jpeg 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10
 # CUDA graphs: the step's host time (23 ms of a 25 ms compiled step at T = 80) is what the loader's
