@@ -184,7 +184,9 @@ def test_the_collates_crops_on_the_gpu_equal_the_cpus_within_a_grey_level():
 
 
 @pytest.mark.parametrize("speed", [{"parallel.compile": "off", "parallel.fuse_frozen": "off"},
-                                   {"parallel.compile": "off", "parallel.fuse_frozen": "on"}, {}])
+                                   {"parallel.compile": "off", "parallel.fuse_frozen": "on"}, {},
+                                   # the k400 recipe's negatives, eager: their mask once cost 2 syncs a step
+                                   {"parallel.compile": "off", "loss.scl_negatives": "batch"}])
 def test_the_trainer_step_never_waits_for_the_gpu(speed):
     """CUDA's own detection (sync debug mode "error") around the trainer's r50 step with the GPU
     defaults (bf16, channels_last, fused AdamW, no ZeRO, bf16 views, chunked frozen stages, fused
