@@ -359,8 +359,8 @@ def test_the_step_on_a_high_priority_stream_trains_as_the_default_one(vp9_128_sh
 # gpu_check stage cut by its time limit loses this one rather than the quick checks above
 def test_the_compiled_channels_last_step_computes_the_eager_steps_loss():
     """--compile trunk, --compile objective, --fuse-frozen and the GPU defaults (channels_last,
-    cudnn.benchmark, both of those) against the eager, contiguous step: same weights, same batch, eval mode; the
-    loss within bf16 rounding (1%)."""
+    cudnn.benchmark, both of those) against the eager, contiguous step: same weights, same batch,
+    eval mode; the loss within bf16 rounding (1%)."""
     from carl_scale.bench.step import synthetic_batch
     from carl_scale.losses.objective import build_objective
     from carl_scale.models import build_model

@@ -386,7 +386,7 @@ def test_speed_switches_change_neither_the_loss_nor_the_gradients_nor_the_state_
             engine.backward(loss)
             grads = {n: p.grad.detach().clone() for n, p in engine.module.named_parameters() if p.grad is not None}
             results.append((loss.detach(), grads, list(engine.module.model.state_dict())))
-    if resolve_speedups(fast, torch.device("cpu"))[2] != "off":  # one graph per compiled part, none broken
+    if resolve_speedups(fast, device)[2] != "off":  # one graph per compiled part, none broken
         assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     (l0, g0, k0), (l1, g1, k1) = results
     assert torch.allclose(l0, l1, rtol=1e-5, atol=1e-6) and k0 == k1 and g0.keys() == g1.keys()
