@@ -151,6 +151,17 @@ def test_writer_startup_and_augment_benchmarks_run(capsys):
     assert "hours for 240k" in out and "first batch" in out and "ms per batch" in out
 
 
+def test_the_gil_benchmark_shows_a_busy_thread_stalling_short_operators_and_a_process_not(capsys):
+    """bench.gil: beside a thread that alternates Python with torch operators, a loop of short
+    operators waits for the interpreter lock (thousands of times slower here); beside the same
+    work in a process of its own it does not (the reason for --finish-in process)."""
+    from carl_scale.bench import gil
+
+    (r,) = gil.main(["--ops", "200", "--switch-ms", "5"])
+    assert r["thread"] > 10 * r["alone"] and r["process"] < r["thread"] / 10
+    assert "beside a process" in capsys.readouterr().out
+
+
 def test_pcl_quality_counts_correspondences_and_knows_the_true_pose_ceiling():
     """The PCL-quality benchmark's parts: per-cost counts that are consistent on a real encoder's
     batch, and the synthetic set's true-pose one-shot ceiling (near 1: the pose tells the phase)."""

@@ -300,6 +300,43 @@ def test_the_gpu_loader_in_three_finishing_threads_gives_the_batches_of_one(requ
 
 
 @pytest.mark.dali
+@pytest.mark.parametrize("fixture", ["vp9_128_shards", "jpeg_128_shards"])
+def test_batches_finished_in_a_process_of_their_own_are_the_threads_batches_in_this_processs_memory(request, fixture):
+    """--finish-in process on a GPU: the child decodes and augments with DALI mixed and hands each
+    batch over through CUDA IPC; the training process gets the batches of the threaded loader,
+    in order, as its own CUDA tensors: still intact after the child is gone, and read on a
+    stream of this process while the child goes on finishing the next ones."""
+    from carl_scale.data.config import LoaderConfig, SpatialConfig, TemporalConfig
+    from carl_scale.data.reader import VideoLoader
+
+    def loader(where: str) -> VideoLoader:
+        cfg = LoaderConfig(shards=str(request.getfixturevalue(fixture)), batch_size=2, num_workers=2,
+                           shuffle_buffer=4, finish_in=where, temporal=TemporalConfig(num_frames=8),
+                           spatial=SpatialConfig(image_size=64))
+        return VideoLoader(cfg, device="cuda:0")
+
+    threads = loader("thread")
+    one = [b for _, b in zip(range(6), threads)]
+    threads.close()
+    proc = loader("process")
+    assert "CUDA IPC" in proc.describe()
+    got, sums = [], []
+    for _, b in zip(range(6), proc):
+        torch.cuda._sleep(50_000_000)  # the step's stream busy while the child finishes the next batches
+        sums.append(b.views.float().sum())
+        got.append(b)
+    proc.close()  # the child gone: the views must be this process's copies
+    assert [b.video_ids for b in got] == [b.video_ids for b in one]
+    for a, b, s in zip(one, got, sums):
+        assert b.views.is_cuda and b.mask.is_cuda and torch.equal(a.mask, b.mask)
+        torch.testing.assert_close(b.views.float().sum(), s)
+        if fixture.startswith("vp9"):
+            torch.testing.assert_close(b.views, a.views, rtol=0, atol=1e-5)
+        else:  # (nvJPEG's hardware and CUDA decoders split a batch as they go)
+            assert (b.views - a.views).abs().mean() < 0.05
+
+
+@pytest.mark.dali
 def test_a_corrupt_video_decoded_on_the_gpu_is_counted_and_stood_in_for(vp9_128_shards, tmp_path):
     """NVDEC given a truncated and a garbage video in the finishing step: counted, each one's
     place taken by the good video, the epoch kept (the CPU test runs the same with DALI's CPU

@@ -697,3 +697,114 @@ def test_a_share_of_the_videos_decoded_in_the_workers_changes_no_batch(jpeg_shar
         torch.testing.assert_close(b.views, a.views, rtol=0, atol=0)
     with pytest.raises(ValueError, match="--cpu-decode-share 0.5 splits decoding"):
         VideoLoader(_cfg(jpeg_shards, cpu_decode_share=0.5))
+
+
+def _in_process(shards, **kw) -> VideoLoader:
+    """A loader finishing in a process of its own (--finish-in process), on the CPU: DALI's CPU
+    decoder in the GPU decoder's place, decoding in the finishing step as on a GPU."""
+    return VideoLoader(_cfg(shards, **{"decoder": "dali", "num_workers": 2, **kw, "finish_in": "process"}),
+                       decode_in_collate=True)
+
+
+def test_batches_finished_in_a_process_of_their_own_are_the_threads_batches_and_resume_exactly(vp9_shards):
+    """--finish-in process: a spawned child builds the same loader and finishes its batches in
+    threads; this process gets the threaded loader's batches in order, epoch after epoch (the
+    child and its workers kept), and keeps the state: cut after 3 batches, the old iterator
+    yields nothing more and the epoch does not end, and a new loader from that state goes on
+    with batch 4. Where the workers decode, the flag is refused."""
+    threads = VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=2, decoder="dali"), decode_in_collate=True)
+    threads.finish_in_thread = True
+    plain, second = list(threads), list(threads)
+    threads.close()
+    proc = _in_process(vp9_shards, batch_size=1)
+    assert "in a process of its own" in proc.describe()
+    proc.finish_times = times = []  # (a benchmark's: the child's host seconds per batch)
+    got = list(proc)
+    assert len(times) == len(got) and all(t[0] > 0 and t[1:] == (None, None) for t in times)
+    proc.finish_times = None
+    assert [b.video_ids for b in got] == [b.video_ids for b in plain] and proc.epoch == 1
+    assert all(torch.equal(x.views, y.views) and torch.equal(x.mask, y.mask) for x, y in zip(got, plain))
+    child = proc._process._proc
+    it = iter(proc)
+    assert [next(it).video_ids for _ in range(3)] == [b.video_ids for b in second[:3]]
+    assert proc._process._proc is child  # one child for the run, not one per epoch
+    proc.close()
+    assert not child.is_alive() and list(it) == []
+    assert proc.state_dict()["epoch"] == 1 and proc.state_dict()["next_batch"] == 3
+    resumed = _in_process(vp9_shards, batch_size=1)
+    resumed.load_state_dict(proc.state_dict())
+    assert [b.video_ids for b in resumed] == [b.video_ids for b in second[3:]]
+    resumed.close()
+    with pytest.raises(ValueError, match="--finish-in process decodes batches in a process of its own"):
+        VideoLoader(_cfg(vp9_shards, decoder="dali", finish_in="process"))
+    with pytest.raises(ConfigError, match="--finish-in must be one of"):
+        _cfg(vp9_shards, finish_in="processes")
+
+
+def test_a_finishing_process_counts_and_stands_in_for_corrupt_videos_and_raises_the_childs_errors(vp9_shards,
+                                                                                                 tmp_path):
+    """Corrupt videos met in the child are counted with their batches in this process, and stood
+    in for, as by threads; a cut run resumes with the uninterrupted count. An error in the child
+    (a worker's shards all unusable) is raised here, and an entry point ends in its one line."""
+    from carl_scale.errors import run_cli
+
+    train = read_manifest(vp9_shards)["splits"]["train"]["shards"]
+    bad = tmp_path / "bad-000000.tar"
+    good_key = _corrupt_shard(vp9_shards / train[0]["path"], bad)
+    whole = _in_process([str(bad)], batch_size=2, epoch_samples=4, shuffle_buffer=0, num_workers=0)
+    assert [b.video_ids for b in whole] == [[good_key, good_key]] * 2 and whole.skipped == 5
+    whole.close()
+    cut = _in_process([str(bad)], batch_size=1, epoch_samples=3, shuffle_buffer=0, num_workers=0)
+    first = next(iter(cut))
+    assert first.video_ids == [good_key]
+    rest = _in_process([str(bad)], batch_size=1, epoch_samples=3, shuffle_buffer=0, num_workers=0)
+    rest.load_state_dict(cut.state_dict())
+    cut.close()
+    assert len(list(rest)) == 2 and rest.skipped == 3
+    rest.close()
+
+    empty = tmp_path / "empty-000000.tar"
+    with tarfile.open(empty, "w") as tf:
+        info = tarfile.TarInfo("x.json")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"{}!"))
+    with pytest.raises(SystemExit) as end:
+        run_cli("prog", lambda argv: list(_in_process([str(empty)], epoch_samples=2, num_workers=1)), [])
+    message = str(end.value.code)
+    assert message.startswith("prog: error: rank 0 worker 0: ") and "no usable sample" in message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def test_a_finishing_process_that_dies_is_reported_and_one_left_behind_exits(vp9_shards, tmp_path):
+    """A child killed mid-epoch: the next batches it did not send end in one clear error with
+    its exit code, not a hang. A training process that ends without closing its loader (killed,
+    or os._exit) does not leave its finishing process behind: the child notices and exits."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = _in_process(vp9_shards, batch_size=1)
+    it = iter(proc)
+    next(it)
+    proc._process._proc.kill()
+    with pytest.raises(RuntimeError, match=r"died, exit code -9"):
+        for _ in range(20):  # (those already sent still come first)
+            next(it)
+    proc.close()
+
+    script = (f"import os, sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+              f"from test_reader import _in_process\n"
+              f"loader = _in_process({str(vp9_shards)!r}, batch_size=1)\nnext(iter(loader))\n"
+              f"print(loader._process._proc.pid, flush=True)\nos._exit(0)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    child = int(out.stdout.split()[-1])
+    for _ in range(100):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the finishing process outlived the training process by 10 s")

@@ -6,6 +6,7 @@ step fed one batch already on the device, in one process.
         --height 256 --width 340 --payload jpeg --write-workers 16         # on a GPU
     python -m carl_scale.bench.e2e ... --decoder pyav     # decoding in the CPU workers instead
     python -m carl_scale.bench.e2e ... --set parallel.compile=objective data.nvjpeg_hw_load=1
+    python -m carl_scale.bench.e2e ... --set data.finish_in=process   # finishing in a process of its own
 
 All rows use one :class:`~carl_scale.train.trainer.Trainer` (the engine and the loader the
 training run builds; ``--decoder auto``: DALI on a GPU). ``from shards`` times
@@ -21,7 +22,8 @@ finishing step's host time per batch (decoding on the GPU, crops, colour), and o
 between two events around it on its CUDA stream (idle gaps while the host queues work included;
 work DALI queues on streams of its own not seen). With ``--set data.finish_threads=N`` the
 batches are finished N at a time, so these are each batch's own times, not the loader's cost per
-batch (about that divided by N when the threads overlap well). ``step host ms``: the host's time
+batch (about that divided by N when the threads overlap well); with ``--set data.finish_in=process``
+the host times are measured in the finishing process, and its GPU times are not. ``step host ms``: the host's time
 to queue one training step in each row; on a GPU, where the step runs ahead of the device, a rise
 with the loader alongside is the step's Python waiting for the host (the interpreter lock, cores),
 not for the GPU.
@@ -86,10 +88,11 @@ def run(a) -> dict:
         times = list(times)  # (the finishing thread may be mid-batch: its entry, if any, comes later)
         host_ms = 1000 * sum(t[0] for t in times) / max(1, len(times))
         gpu_ms = None
-        if device.type == "cuda":
-            for t in times:
+        timed = [t for t in times if t[2] is not None]  # (none with --finish-in process: the events stay there)
+        if device.type == "cuda" and timed:
+            for t in timed:
                 t[2].synchronize()
-            gpu_ms = sum(t[1].elapsed_time(t[2]) for t in times) / max(1, len(times))
+            gpu_ms = sum(t[1].elapsed_time(t[2]) for t in timed) / len(timed)
         resident_batch = next(batches).to(device)
         trainer.train_step(resident_batch)
         _sync(device)

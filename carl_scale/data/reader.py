@@ -25,6 +25,7 @@ decoding and cropping too) in a background thread on its own CUDA stream, up to
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -45,6 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from carl_scale.data.batch import PreparedSample, SkipCounter, StandIns, VideoBatch, collate
 from carl_scale.data.config import LoaderConfig
 from carl_scale.data.decoders import DaliDecoder, EncodedVideo, FrameDecoder, PyAVDecoder, make_decoder
+from carl_scale.data.finish_process import FinishProcess
 from carl_scale.data.grouping import LabelGrouper
 from carl_scale.data.manifest import manifest_codec, manifest_samples, resolve_shards
 from carl_scale.data.prefetch import finish_ahead
@@ -302,7 +304,9 @@ GPU_PREFETCH_BATCHES = 2
 class VideoLoader:
     """Batches of two augmented views per video for one rank; ``len()`` steps per epoch.
 
-    ``finish_in_thread`` (None: on a GPU) finishes batches in :func:`finish_ahead`'s thread.
+    ``finish_in_thread`` (None: on a GPU) finishes batches in :func:`finish_ahead`'s thread;
+    ``--finish-in process`` in a child process instead (:mod:`carl_scale.data.finish_process`),
+    which builds this loader from the same arguments: the same batches, the state kept here.
 
     ``state_dict()`` holds the epoch, the next batch and each worker's stream position; a loader
     restored from it yields the batches the original would have yielded next.
@@ -357,6 +361,15 @@ class VideoLoader:
         for d in self.decoders if self.finish_threads > 1 and isinstance(self.decoder, DaliDecoder) else []:
             d.num_threads = max(1, d.num_threads // self.finish_threads)
         self.cpu_decoder = PyAVDecoder() if self.in_collate and cfg.cpu_decode_share > 0 else None
+        # --finish-in process: a child builds this loader from the same arguments and finishes there
+        self.finish_process = cfg.finish_in == "process"
+        if self.finish_process and not self.in_collate:
+            raise ValueError(f"--finish-in process decodes batches in a process of its own, but {self.decoder.name} "
+                             f"decodes on the CPU here, in the workers already: drop the flag (or run on a GPU)")
+        self._spec = dict(cfg=dataclasses.replace(cfg, finish_in="thread"), rank=rank, world_size=world_size,
+                          split=split, seed=seed, device=self.device, decode_in_collate=self.in_collate,
+                          views_dtype=views_dtype)
+        self._process: FinishProcess | None = None
         self.counter = SkipCounter()
         self.dataset = ShardedVideoDataset(self.urls, cfg, rank=rank, world_size=world_size,
                                            batches_per_epoch=self.batches_per_epoch,
@@ -393,9 +406,13 @@ class VideoLoader:
             share = self.cfg.cpu_decode_share
             split = f"{100 * (1 - share):.0f}% of the videos " if share > 0 else ""
             cpu = f", {100 * share:.0f}% by PyAV in the workers" if share > 0 else ""
-            n = self.finish_threads if self._in_thread() else 1
+            threaded = self._in_thread() or self.finish_process
+            n = self.finish_threads if threaded else 1
             lanes = "a background thread" if n == 1 else f"{n} background threads side by side (a decoder each)"
-            ahead = f" in {lanes}, {max(n, GPU_PREFETCH_BATCHES)} batches ahead" if self._in_thread() else ""
+            ahead = f" in {lanes}, {max(n, GPU_PREFETCH_BATCHES)} batches ahead" if threaded else ""
+            if self.finish_process:
+                ahead += " in a process of its own (--finish-in process), handed over through CUDA IPC" \
+                    if dec.device == "cuda" else " in a process of its own (--finish-in process)"
             return (f"{what}: {split}decoded by {dec.name} on {self.device}{engine}{cpu}, crops and colour on "
                     f"{self.device}{ahead}; {self.cfg.num_workers} workers read and sample")
         where = "the GPU" if torch.device(self.device).type == "cuda" else "the workers"
@@ -424,8 +441,27 @@ class VideoLoader:
         # a state from before positions were kept resumes as it was written: whole batches
         self.positions = {int(w): int(p) for w, p in state.get("positions", {}).items()}
 
-    def __iter__(self) -> Iterator[VideoBatch]:
-        self.dataset.set_start(self.epoch, self.next_batch, self.positions)
+    def _finish(self, wb: WorkerBatch, decoder: FrameDecoder, stand_ins: StandIns) -> VideoBatch | None:
+        times = self.finish_times  # read once: a benchmark may stop timing while this runs
+        cuda = times is not None and torch.device(self.device).type == "cuda"
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else [None, None]
+        t0 = time.perf_counter()
+        if cuda:
+            events[0].record()
+        out = collate(wb.samples, self.cfg, decoder, self.device, self.views_dtype, stand_ins)
+        wb.skipped += stand_ins.counter.take()  # counted with the batch, when it is taken
+        if cuda:
+            events[1].record()
+        if times is not None:
+            times.append((time.perf_counter() - t0, *events))
+        return out
+
+    def finished_stream(self, epoch: int, next_batch: int, positions: dict[int, int]) -> tuple[Iterator, Iterator | None]:
+        """The workers' batches from the given start, each finished: ``(slot, batch)`` in order
+        (``batch`` None where none of its videos decoded), and the generator of the threads that
+        finish them (None where this thread does), which closing stops. Workers are started at the
+        first call and kept."""
+        self.dataset.set_start(epoch, next_batch, positions)
         workers = self.cfg.num_workers  # fixed: the shard split depends on it
         if self._dl is None:
             # Workers are forked once and kept (persistent_workers): re-forking a training process
@@ -437,37 +473,43 @@ class VideoLoader:
                                   multiprocessing_context="fork" if workers > 0 else None,
                                   persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
         dl = self._dl
-        def finish(wb: WorkerBatch, decoder: FrameDecoder, stand_ins: StandIns) -> VideoBatch:
-            times = self.finish_times  # read once: a benchmark may stop timing while this runs
-            cuda = times is not None and torch.device(self.device).type == "cuda"
-            events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else [None, None]
-            t0 = time.perf_counter()
-            if cuda:
-                events[0].record()
-            out = collate(wb.samples, self.cfg, decoder, self.device, self.views_dtype, stand_ins)
-            wb.skipped += stand_ins.counter.take()  # counted with the batch, when it is taken
-            if cuda:
-                events[1].record()
-            if times is not None:
-                times.append((time.perf_counter() - t0, *events))
-            return out
-
-        ahead = None
         if self._in_thread():
-            if self._ahead is not None:  # an earlier iterator's thread: one reader of the workers at a time
-                self._ahead.close()
             # decoding and augmentation on the GPU overlap the step: threads on CUDA streams of their own
-            lanes = [functools.partial(finish, decoder=d, stand_ins=StandIns()) for d in self.decoders]
-            finished = ahead = self._ahead = finish_ahead(dl, lanes, GPU_PREFETCH_BATCHES, torch.device(self.device))
-        else:  # the workers did the work; what is left here is a stack
-            if self.cfg.finish_threads is not None and self.cfg.finish_threads > 1:
-                raise ValueError(f"--finish-threads {self.cfg.finish_threads} needs the batches finished in "
-                                 f"background threads (finish_in_thread), which this loader was told not to do")
-            if len(self.decoders) > 1:  # auto chose lanes this loader was then told not to use: one decoder, whole
-                self.decoders = [self.decoder]
-                self.decoder.num_threads = self._decoder_threads
-            stand_ins = StandIns()
-            finished = ((wb, finish(wb, self.decoder, stand_ins)) for wb in dl)
+            lanes = [functools.partial(self._finish, decoder=d, stand_ins=StandIns()) for d in self.decoders]
+            ahead = finish_ahead(dl, lanes, GPU_PREFETCH_BATCHES, torch.device(self.device))
+            return ahead, ahead
+        # the workers did the work; what is left here is a stack
+        if self.cfg.finish_threads is not None and self.cfg.finish_threads > 1:
+            raise ValueError(f"--finish-threads {self.cfg.finish_threads} needs the batches finished in "
+                             f"background threads (finish_in_thread), which this loader was told not to do")
+        if len(self.decoders) > 1:  # auto chose lanes this loader was then told not to use: one decoder, whole
+            self.decoders = [self.decoder]
+            self.decoder.num_threads = self._decoder_threads
+        stand_ins = StandIns()
+        return ((wb, self._finish(wb, self.decoder, stand_ins)) for wb in dl), None
+
+    def _received(self, ahead: Iterator) -> Iterator[tuple[WorkerBatch, VideoBatch | None]]:
+        for box, batch in ahead:
+            times = self.finish_times
+            if times is not None:  # the child's host seconds (its CUDA events stay there)
+                times.append((box[2], None, None))
+            yield box[0], batch
+
+    def __iter__(self) -> Iterator[VideoBatch]:
+        if self._ahead is not None:  # an earlier iterator's threads: one reader of the workers at a time
+            self._ahead.close()
+            self._ahead = None
+        if self.finish_process:
+            if self._process is None:
+                self._process = FinishProcess(self._spec, torch.device(self.device))
+            # received in finish_ahead's threads: one reads the child's queue, one copies each batch
+            # into this process's memory on a stream of its own (FinishProcess.receive says why)
+            received = self._process.stream(self.epoch, self.next_batch, self.positions)
+            ahead = finish_ahead(received, [self._process.receive], 1, torch.device(self.device))
+            finished = self._received(ahead)
+        else:
+            finished, ahead = self.finished_stream(self.epoch, self.next_batch, self.positions)
+        self._ahead = ahead
 
         def taken(slot: WorkerBatch) -> None:  # a slot's batch handed over: where a resume goes on
             self.next_batch += 1
@@ -503,11 +545,14 @@ class VideoLoader:
             self.epoch, self.next_batch, self.positions = self.epoch + 1, 0, {}
 
     def close(self) -> None:
-        """Stop the worker processes now (they hold prefetched batches); the next ``iter()``
-        starts new ones."""
+        """Stop the worker processes now (they hold prefetched batches), and the finishing process
+        where there is one; the next ``iter()`` starts new ones."""
         if self._ahead is not None:  # stop the finishing thread first: it reads from the workers
             self._ahead.close()
             self._ahead = None
+        if self._process is not None:
+            self._process.close()
+            self._process = None
         it = self._dl._iterator if self._dl is not None else None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()

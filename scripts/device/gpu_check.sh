@@ -11,8 +11,8 @@
 #   bash scripts/device/gpu_check.sh --stage                                  (carry .whl/c3)
 #   bash scripts/device/gpu_check.sh step_T80 step_T240                       (carry .whl/c1; <= 8 min)
 #   bash scripts/device/gpu_check.sh gpu_tests augment data                   (no carry; <= 8 min)
-#   bash scripts/device/gpu_check.sh e2e_jpeg e2e_jpeg_graphs e2e_jpeg_one_thread gpu_tests_dali  (<= 6 min)
-#   bash scripts/device/gpu_check.sh step_T80_graphs e2e_jpeg_pyav            (no carry; if time is left)
+#   bash scripts/device/gpu_check.sh e2e_jpeg e2e_jpeg_process e2e_jpeg_graphs e2e_jpeg_graphs_process  (<= 7 min)
+#   bash scripts/device/gpu_check.sh gpu_tests_dali step_T80_graphs e2e_jpeg_one_thread  (no carry; if time is left)
 #   bash scripts/device/gpu_check.sh data_T240 e2e_jpeg_T240                  (no carry; if time is left)
 # (stage limits are upper bounds: on 2026-11-27 nine stages ran in one call of 463 s, before the
 # compiled step was the default; each step and e2e stage now compiles first. A session's 15
@@ -61,7 +61,7 @@ echo "unpacked in $((SECONDS - t0)) s; $dali_note"
   ((have_dali)) && python3 -c "import nvidia.dali as d; print('dali', d.__version__)"
 } 2>&1 | tee -a "$out/versions.txt"
 rc=0
-needs_dali="gpu_tests_dali data data_T240 e2e_jpeg_T240 e2e_jpeg e2e_jpeg_graphs e2e_jpeg_one_thread e2e_jpeg_pyav e2e_jpeg_hybrid e2e_jpeg_priority"
+needs_dali="gpu_tests_dali data data_T240 e2e_jpeg_T240 e2e_jpeg e2e_jpeg_process e2e_jpeg_graphs_process e2e_jpeg_graphs e2e_jpeg_one_thread e2e_jpeg_pyav e2e_jpeg_hybrid e2e_jpeg_priority"
 stage() {  # name, seconds, command...: its output to $out/name.txt, the table also to this log
   local name=$1 limit=$2; shift 2
   [[ "$wanted" == "  " || "$wanted" == *" $name "* ]] || return 0
@@ -102,6 +102,12 @@ stage e2e_jpeg_T240 120 python3 -m carl_scale.bench.e2e --flavor r50 --frames 24
   --shards data/bench/340x256_gop30/jpeg --steps 6
 stage e2e_jpeg 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10
+# the finishing in a process of its own (--finish-in process): no interpreter lock shared with the
+# step; if its "alongside" row nears 1.0 where e2e_jpeg's stays near 0.8, the lock was the cost
+stage e2e_jpeg_process 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 10 --set data.finish_in=process
+stage e2e_jpeg_graphs_process 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 10 --set parallel.compile_mode=reduce-overhead data.finish_in=process
 # CUDA graphs: the step's host time (23 ms of a 25 ms compiled step at T = 80) is what the loader's
 # finishing threads contend with for the GIL; replayed graphs leave them the host
 stage e2e_jpeg_graphs 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
