@@ -7,8 +7,8 @@ one interpreter lock with the training step. PyTorch releases the lock around ev
 CPython hands a released lock to whichever thread retakes it first, so a thread that alternates
 short Python stretches with operators (a finishing thread: ~150 operators and a DALI run per
 batch) keeps taking it back from one that was woken to take it (the step: hundreds of kernel
-launches). On this repo's CPU machine (Python 3.11) a 3 us torch operator took 3.6-12 ms beside
-such a thread (``python -m carl_scale.bench.gil``). On the H200 the step lost 14-25% with the
+launches). On this repo's CPU machine (Python 3.11) a 3 us torch operator took 0.6-16 ms beside
+such a thread, and 3-4 us beside the same work in a process (``python -m carl_scale.bench.gil``). On the H200 the step lost 14-25% with the
 loader merely running alongside while waiting for data only 3-6% of the time (BENCHMARKS.md, end
 to end). A process of its own has an interpreter of its own; what it shares with the step is the
 GPU (kernels of two processes take turns on it rather than run side by side, without MPS).
@@ -192,11 +192,11 @@ def _serve(spec: dict, commands, results, stop, parent: int) -> None:
                 os._exit(1)
 
     threading.Thread(target=orphaned, name="carl-scale-finish-watchdog", daemon=True).start()
+    cuda = torch.device(spec["device"]).type == "cuda"
+    if cuda:  # (before the loader: its decoders take the current device's index)
+        torch.cuda.set_device(torch.device(spec["device"]))
     loader = VideoLoader(**spec)
     loader.finish_in_thread = True
-    cuda = torch.device(loader.device).type == "cuda"
-    if cuda:
-        torch.cuda.set_device(torch.device(loader.device))
 
     def put(msg) -> bool:
         while not stop.is_set():
