@@ -777,7 +777,7 @@ def test_a_finishing_process_counts_and_stands_in_for_corrupt_videos_and_raises_
 
 def test_a_finishing_process_that_dies_is_reported_and_one_left_behind_exits(vp9_shards, tmp_path):
     """A child killed mid-epoch: the next batches it did not send end in one clear error with
-    its exit code, not a hang. A training process that ends without closing its loader (killed,
+    its exit code, not a hang, and the next pass starts another child. A training process that ends without closing its loader (killed,
     or os._exit) does not leave its finishing process behind: the child notices and exits."""
     import signal
     import subprocess
@@ -787,10 +787,14 @@ def test_a_finishing_process_that_dies_is_reported_and_one_left_behind_exits(vp9
     proc = _in_process(vp9_shards, batch_size=1)
     it = iter(proc)
     next(it)
-    proc._process._proc.kill()
-    with pytest.raises(RuntimeError, match=r"died, exit code -9"):
-        for _ in range(20):  # (those already sent still come first)
+    dead = proc._process
+    dead._proc.kill()
+    with pytest.raises(RuntimeError, match=r"--finish-in process\) died, exit code -9"):
+        for _ in range(20):  # (those already received still come first)
             next(it)
+    assert dead.broken
+    again = iter(proc)  # the next pass starts another child, from the state of the batches taken
+    assert next(again).video_ids and proc._process is not dead
     proc.close()
 
     script = (f"import os, sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
@@ -798,6 +802,7 @@ def test_a_finishing_process_that_dies_is_reported_and_one_left_behind_exits(vp9
               f"loader = _in_process({str(vp9_shards)!r}, batch_size=1)\nnext(iter(loader))\n"
               f"print(loader._process._proc.pid, flush=True)\nos._exit(0)\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr[-2000:]
     child = int(out.stdout.split()[-1])
     for _ in range(100):
         try:

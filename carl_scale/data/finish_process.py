@@ -7,11 +7,12 @@ one interpreter lock with the training step. PyTorch releases the lock around ev
 CPython hands a released lock to whichever thread retakes it first, so a thread that alternates
 short Python stretches with operators (a finishing thread: ~150 operators and a DALI run per
 batch) keeps taking it back from one that was woken to take it (the step: hundreds of kernel
-launches). On this repo's CPU machine (Python 3.11) a 3 us torch operator took 0.6-16 ms beside
-such a thread, and 3-4 us beside the same work in a process (``python -m carl_scale.bench.gil``). On the H200 the step lost 14-25% with the
+launches). On this repo's CPU machine (Python 3.11) a 3 us torch operator took 0.6-16 ms
+beside such a thread, 3-4 us beside the same work in a process (``python -m carl_scale.bench.gil``). On the H200 the step lost 14-25% with the
 loader merely running alongside while waiting for data only 3-6% of the time (BENCHMARKS.md, end
 to end). A process of its own has an interpreter of its own; what it shares with the step is the
-GPU (kernels of two processes take turns on it rather than run side by side, without MPS).
+GPU (kernels of two processes take turns on it rather than run side by side, without MPS), and
+the training process keeps one thread of Python per batch (receiving and copying it).
 
 How:
 
@@ -21,27 +22,33 @@ How:
   batch, worker positions): each finished batch, in order, with its slot (worker, resume point,
   skips) and its finishing time, over a ``torch.multiprocessing`` queue, its views as a CUDA IPC
   handle (CPU tensors in shared memory), its small tensors on the host;
-* the parent takes them in :func:`finish_ahead`'s threads: one reads the queue, one copies each
-  batch into the training process's own memory on a stream of its own and hands it over with an
-  event. The copy is why: a received CUDA tensor, when freed, synchronises the freeing thread's
-  current stream (PyTorch's guard against the producer reusing the memory too early), so freed in
-  the step's thread it would stall the step; freed in the copying thread it waits for its copy;
+* one thread of the parent receives them, one batch ahead of the step: it copies each batch's
+  views into the training process's own memory on a stream of its own, waits for the copy, and
+  frees the received views there. Why the copy: a received CUDA tensor, when freed, synchronises
+  the freeing thread's current stream (PyTorch's guard against the producer reusing the memory
+  too early), so freed in the step's thread it would stall the step. Every received tensor,
+  drained ones included, is freed in that thread, on that stream;
 * the parent keeps the loader's state, so checkpoints and resumes are unchanged; the child's
   failures are raised in the parent in the place of the batch they stopped, and a child that dies
-  is reported with its exit code.
+  (or falls silent) is reported with its exit code and replaced at the next pass.
+
+Memory: the child holds its own CUDA context and allocator cache, and up to about 6 batches of
+views (its threads' ``GPU_PREFETCH_BATCHES`` and those being finished, one being sent); the
+parent up to 3 (received, handed over, in the step): about twice the threads' batches in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import multiprocessing.util
 import os
 import pickle
 import queue
+import signal
 import sys
 import threading
 import time
-import weakref
 from typing import Iterator
 
 import torch
@@ -53,95 +60,180 @@ CHILD_START_S = 600.0  # the first batch may wait for imports, the workers' fork
 _POLL_S = 0.2
 
 
-class FinishProcess:
-    """A child process that finishes a :class:`VideoLoader`'s batches (see the module docstring).
-    ``spec`` holds the loader's constructor arguments; :meth:`stream` serves one pass, and
-    :meth:`receive` makes a received batch the training process's own."""
+class _Stopped(Exception):
+    """The consumer stopped the pass (raised out of a wait in the receiving thread)."""
 
-    def __init__(self, spec: dict, device: torch.device):
+
+class FinishProcess:
+    """A child process that finishes a :class:`VideoLoader`'s batches (see the module docstring):
+    it builds ``loader_cls(**spec)``, the loader's own class and constructor arguments. :meth:`batches`
+    serves one pass. After a protocol failure (the child dead or silent) it is ``broken``: the
+    loader starts another."""
+
+    def __init__(self, loader_cls: type, spec: dict, device: torch.device):
+        if device.type == "cuda" and device.index is None:  # the child sets its device by index
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device, self.broken = device, False
         ctx = tmp.get_context("spawn")
-        self.device = device
         self._commands, self._results, self._stop = ctx.Queue(), ctx.Queue(maxsize=1), ctx.Event()
-        self._proc = ctx.Process(target=_serve, args=(spec, self._commands, self._results, self._stop, os.getpid()),
+        self._proc = ctx.Process(target=_serve, args=(loader_cls, dict(spec, device=str(device)), self._commands,
+                                                      self._results, self._stop, os.getpid()),
                                  name="carl-scale-finish-process")
         with _main_not_rerun():
             self._proc.start()
-        self._active: object | None = None  # the pass being served, until its end is read
+        self._active = False  # a pass is being served and its end not read yet
+        self._lock = threading.Lock()  # one receiving thread at a time
+        self._pass_stop: threading.Event | None = None
         self._recv_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        # at interpreter exit before close(): multiprocessing would otherwise join a child still serving
-        self._finalizer = weakref.finalize(self, _shut_down, self._proc, self._commands, self._stop)
+        # run at interpreter exit before multiprocessing joins its children (a child still serving
+        # would hold the exit forever), or when this object is collected
+        self._finalizer = multiprocessing.util.Finalize(
+            self, _shut_down, args=(self._proc, self._commands, self._stop), exitpriority=10)
 
-    def _get(self, timeout: float):
-        """The next message, waiting up to ``timeout`` seconds while the child lives."""
+    def _on_device(self):
+        if self._recv_stream is None:
+            return contextlib.nullcontext()
+        ctx = contextlib.ExitStack()  # (the device first: leaving the stream then restores this one)
+        ctx.enter_context(torch.cuda.device(self.device))
+        ctx.enter_context(torch.cuda.stream(self._recv_stream))
+        return ctx
+
+    def _fail(self, message: str) -> RuntimeError:
+        self.broken = True
+        self._finalizer()  # stop it (if alive) so that nothing more is sent
+        return RuntimeError(f"the process finishing the batches (--finish-in process) {message} (--finish-in "
+                            f"thread finishes them in the training process instead)")
+
+    def _get(self, stop: threading.Event | None, timeout: float = CHILD_START_S):
+        """The next message, waiting up to ``timeout`` seconds while the child lives (and, with
+        ``stop``, until it is set). Call on the receiving thread, within :meth:`_on_device`."""
         end = time.monotonic() + timeout
         while True:
             try:
-                if self._recv_stream is None:
-                    return self._results.get(timeout=_POLL_S)
-                with torch.cuda.stream(self._recv_stream):  # an IPC tensor's wait for its producer goes here
-                    return self._results.get(timeout=_POLL_S)
+                return self._results.get(timeout=_POLL_S)
             except queue.Empty:
+                pass
+            except Exception as exn:  # unpickling what a dying child sent: its handles are gone with it
+                self._proc.join(timeout=1.0)
                 if not self._proc.is_alive():
-                    raise RuntimeError(f"the process finishing the batches (--finish-in process) died, exit code "
-                                       f"{self._proc.exitcode}: see its output above (--finish-in thread finishes "
-                                       f"them in the training process instead)") from None
-                if time.monotonic() > end:
-                    raise RuntimeError(f"the process finishing the batches (--finish-in process) sent nothing for "
-                                       f"{timeout:.0f} s") from None
+                    raise self._fail(f"died, exit code {self._proc.exitcode}: see its output above") from None
+                raise self._fail(f"sent a batch that cannot be received ({type(exn).__name__}: {exn})") from exn
+            if not self._proc.is_alive():
+                raise self._fail(f"died, exit code {self._proc.exitcode}: see its output above")
+            if stop is not None and stop.is_set():
+                raise _Stopped
+            if time.monotonic() > end:
+                raise self._fail(f"sent nothing for {timeout:.0f} s")
 
     def _end_active(self) -> None:
-        """Stop the pass being served and read up to its end, so the next starts clean."""
-        if self._active is None:
+        """Stop the pass being served and read up to its end (what it sent is freed here, on the
+        receiving stream), so that the next pass starts clean."""
+        if not self._active or self.broken:
             return
         self._stop.set()
         try:
-            while self._get(CHILD_START_S)[0] != "done":
-                pass
+            while True:
+                msg = self._get(None)
+                if msg[0] == "done":
+                    break
+                del msg
         finally:
-            self._active = None
+            self._active = False
             self._stop.clear()
 
-    def stream(self, epoch: int, next_batch: int, positions: dict[int, int]) -> Iterator[list]:
-        """One pass from the given start: ``[slot, batch, finishing seconds]`` per batch in order
-        (``batch`` None where none of the slot's videos decoded), ended by the end of the epoch;
-        a failure in the child is raised here in the place of the batch it stopped."""
-        self._end_active()  # an earlier pass left unfinished (a closed iterator)
-        me = self._active = object()
-        self._commands.put((epoch, next_batch, dict(positions)))
+    def _receive(self, msg: tuple) -> tuple:
+        """A batch message as (slot, this process's own batch, seconds): the views copied on the
+        receiving stream, the copy waited for, the received views freed (their stream sync then
+        finds nothing queued)."""
+        _, slot, batch, seconds = msg
+        if batch is not None:
+            small = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in batch["small"].items()}
+            views = batch["views"].to(self.device, copy=True, non_blocking=True)
+            if self._recv_stream is not None:
+                self._recv_stream.synchronize()  # (releases the interpreter lock while it waits)
+            batch = VideoBatch(views=views, **small, **batch["rest"])
+        return slot, batch, seconds
+
+    def _pass(self, command: tuple, stop: threading.Event) -> Iterator[tuple]:
+        """The receiving thread's pass: messages until "done", each batch received."""
+        with self._lock, self._on_device():
+            self._end_active()  # an earlier pass left unfinished
+            self._active = True
+            self._commands.put(command)
+            try:
+                while True:
+                    msg = self._get(stop)
+                    if msg[0] == "done":
+                        self._active = False
+                        if msg[1] is not None:
+                            raise msg[1]
+                        return
+                    got = self._receive(msg)
+                    del msg
+                    yield got
+            except _Stopped:
+                pass
+            finally:  # stopped by the consumer, or a failure here: stop the child's pass too
+                if self._active and not self.broken:
+                    self._end_active()
+
+    def batches(self, epoch: int, next_batch: int, positions: dict[int, int]) -> Iterator[tuple]:
+        """One pass from the given start: ``(slot, batch, finishing seconds)`` per batch in order
+        (``batch`` None where none of the slot's videos decoded), received by a thread of its own
+        one batch ahead; a failure in the child is raised here in the place of the batch it
+        stopped. Closing the generator stops the pass."""
+        if self._pass_stop is not None:
+            self._pass_stop.set()  # an earlier pass's receiving thread, if still running
+        stop = self._pass_stop = threading.Event()
+        handoff: queue.Queue = queue.Queue(maxsize=1)
+        end = object()
+
+        def put(x) -> bool:
+            while not stop.is_set():
+                try:
+                    handoff.put(x, timeout=_POLL_S)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def receive() -> None:
+            try:
+                with contextlib.closing(self._pass((epoch, next_batch, dict(positions)), stop)) as passing:
+                    for got in passing:
+                        if not put(got):
+                            return  # (closing it here drains the child's pass on this thread)
+                        del got
+                last = end
+            except BaseException as exn:  # raised in the consumer, in the place of the batch it stopped
+                last = exn
+            put(last)
+
+        thread = threading.Thread(target=receive, name="carl-scale-finish-receiver", daemon=True)
+        thread.start()
         try:
             while True:
-                msg = self._get(CHILD_START_S)
-                if msg[0] == "done":
-                    self._active = None
-                    if msg[1] is not None:
-                        raise msg[1]
+                got = handoff.get()
+                if got is end:
                     return
-                box = list(msg[1:])
-                del msg  # the box alone holds the received batch: receive() takes it out
-                yield box
-        finally:  # closed early by the reader that pulled it: stop the child's pass too
-            if self._active is me:
-                self._end_active()
-
-    def receive(self, box: list) -> VideoBatch | None:
-        """The box's batch as the training process's own tensors (on a GPU: copied on the calling
-        thread's stream, which the freed IPC tensors then synchronise, and nothing else)."""
-        batch = box[1]
-        box[1] = None
-        if batch is None or self.device.type != "cuda":
-            return batch
-        own = VideoBatch(**{k: (v.to(self.device, non_blocking=True, copy=True) if torch.is_tensor(v) else v)
-                            for k, v in batch.__dict__.items()})
-        del batch  # the IPC views freed here, after their copy was queued on this stream
-        return own
+                if isinstance(got, BaseException):
+                    raise got
+                batch = got[1]
+                if batch is not None and self._recv_stream is not None:  # made on the receiving stream
+                    current = torch.cuda.current_stream(self.device)
+                    for t in batch.__dict__.values():
+                        if torch.is_tensor(t):
+                            t.record_stream(current)
+                yield got
+                del got, batch
+        finally:
+            stop.set()
+            thread.join()
 
     def close(self) -> None:
-        """Stop the pass being served and the child (which stops its loader's workers)."""
-        try:
-            if self._proc.is_alive():
-                self._end_active()
-        except RuntimeError:  # (the child died meanwhile: nothing to stop)
-            pass
+        """Stop the pass being served (if any) and the child (which stops its loader's workers)."""
+        if self._pass_stop is not None:
+            self._pass_stop.set()
         self._finalizer()
 
 
@@ -181,9 +273,19 @@ def _picklable(exn: BaseException) -> BaseException:
         return RuntimeError(f"{type(exn).__name__}: {exn}")
 
 
-def _serve(spec: dict, commands, results, stop, parent: int) -> None:
+def _outgoing(batch: VideoBatch | None) -> dict | None:
+    """A finished batch as sent: its views as they are (a CUDA IPC handle; on the CPU, shared
+    memory), its small tensors as NumPy arrays (pickled by value: no handle to open per batch)."""
+    if batch is None:
+        return None
+    small = {k: v.cpu().numpy() for k, v in batch.__dict__.items() if torch.is_tensor(v) and k != "views"}
+    rest = {k: v for k, v in batch.__dict__.items() if not torch.is_tensor(v)}
+    return {"views": batch.views, "small": small, "rest": rest}
+
+
+def _serve(loader_cls: type, spec: dict, commands, results, stop, parent: int) -> None:
     """The child: a loader finishing in threads, serving one pass per command until None."""
-    from carl_scale.data.reader import VideoLoader, WorkerBatch
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the parent decides
 
     def orphaned() -> None:  # the training process gone without closing this one: go too
         while True:
@@ -195,7 +297,7 @@ def _serve(spec: dict, commands, results, stop, parent: int) -> None:
     cuda = torch.device(spec["device"]).type == "cuda"
     if cuda:  # (before the loader: its decoders take the current device's index)
         torch.cuda.set_device(torch.device(spec["device"]))
-    loader = VideoLoader(**spec)
+    loader = loader_cls(**spec)
     loader.finish_in_thread = True
 
     def put(msg) -> bool:
@@ -210,22 +312,19 @@ def _serve(spec: dict, commands, results, stop, parent: int) -> None:
     try:
         while (command := commands.get()) is not None:
             loader.finish_times = times = []
-            error, finished, ahead = None, None, None
+            error, ahead = None, None
             try:
                 finished, ahead = loader.finished_stream(*command)
                 for slot, batch in finished:
                     if stop.is_set():
                         break
-                    if batch is not None:
-                        # complete before its handle leaves: the parent's copy orders after nothing of ours
-                        if cuda:
-                            torch.cuda.current_stream().synchronize()
-                        small = {k: v.cpu() for k, v in batch.__dict__.items() if torch.is_tensor(v) and k != "views"}
-                        batch = dataclasses.replace(batch, **small)
-                    seconds = 0.0
-                    while times:  # (appended by the finishing threads: taken one at a time)
-                        seconds += times.pop(0)[0]
-                    if not put(("batch", WorkerBatch([], slot.worker, slot.resume_at, slot.skipped), batch, seconds)):
+                    if batch is not None and cuda:
+                        # The parent copies the views without waiting for any event of ours (PyTorch
+                        # records its IPC event on the sending thread's stream, not the finishing
+                        # one): they must be complete before their handle leaves. Keep this.
+                        torch.cuda.current_stream().synchronize()
+                    seconds = times.pop(0)[0] if times else 0.0  # (one entry per finished batch)
+                    if not put(("batch", dataclasses.replace(slot, samples=[]), _outgoing(batch), seconds)):
                         break
                     del batch, slot
             except BaseException as exn:  # raised in the parent, in the place of the batch it stopped
@@ -233,6 +332,9 @@ def _serve(spec: dict, commands, results, stop, parent: int) -> None:
             finally:
                 if ahead is not None:
                     ahead.close()
-            results.put(("done", error))  # (read by the parent even after a stop: it drains to it)
+            try:  # read by the parent even after a stop (it drains to it), unless it is closing this
+                results.put(("done", error), timeout=60)
+            except queue.Full:
+                return
     finally:
         loader.close()

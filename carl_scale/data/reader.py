@@ -411,8 +411,8 @@ class VideoLoader:
             lanes = "a background thread" if n == 1 else f"{n} background threads side by side (a decoder each)"
             ahead = f" in {lanes}, {max(n, GPU_PREFETCH_BATCHES)} batches ahead" if threaded else ""
             if self.finish_process:
-                ahead += " in a process of its own (--finish-in process), handed over through CUDA IPC" \
-                    if dec.device == "cuda" else " in a process of its own (--finish-in process)"
+                ahead += " in a process of its own (--finish-in process)" + \
+                    (", handed over through CUDA IPC and copied here one batch ahead" if dec.device == "cuda" else "")
             return (f"{what}: {split}decoded by {dec.name} on {self.device}{engine}{cpu}, crops and colour on "
                     f"{self.device}{ahead}; {self.cfg.num_workers} workers read and sample")
         where = "the GPU" if torch.device(self.device).type == "cuda" else "the workers"
@@ -489,23 +489,23 @@ class VideoLoader:
         return ((wb, self._finish(wb, self.decoder, stand_ins)) for wb in dl), None
 
     def _received(self, ahead: Iterator) -> Iterator[tuple[WorkerBatch, VideoBatch | None]]:
-        for box, batch in ahead:
+        for slot, batch, seconds in ahead:
             times = self.finish_times
             if times is not None:  # the child's host seconds (its CUDA events stay there)
-                times.append((box[2], None, None))
-            yield box[0], batch
+                times.append((seconds, None, None))
+            yield slot, batch
 
     def __iter__(self) -> Iterator[VideoBatch]:
         if self._ahead is not None:  # an earlier iterator's threads: one reader of the workers at a time
             self._ahead.close()
             self._ahead = None
         if self.finish_process:
+            if self._process is not None and self._process.broken:  # (its failure was raised): a new one
+                self._process.close()
+                self._process = None
             if self._process is None:
-                self._process = FinishProcess(self._spec, torch.device(self.device))
-            # received in finish_ahead's threads: one reads the child's queue, one copies each batch
-            # into this process's memory on a stream of its own (FinishProcess.receive says why)
-            received = self._process.stream(self.epoch, self.next_batch, self.positions)
-            ahead = finish_ahead(received, [self._process.receive], 1, torch.device(self.device))
+                self._process = FinishProcess(type(self), self._spec, torch.device(self.device))
+            ahead = self._process.batches(self.epoch, self.next_batch, self.positions)
             finished = self._received(ahead)
         else:
             finished, ahead = self.finished_stream(self.epoch, self.next_batch, self.positions)
