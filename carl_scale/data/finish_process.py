@@ -7,8 +7,9 @@ one interpreter lock with the training step. PyTorch releases the lock around ev
 CPython hands a released lock to whichever thread retakes it first, so a thread that alternates
 short Python stretches with operators (a finishing thread: ~150 operators and a DALI run per
 batch) keeps taking it back from one that was woken to take it (the step: hundreds of kernel
-launches). On this repo's CPU machine (Python 3.11) a 3 us torch operator took 0.6-16 ms
-beside such a thread, 3-4 us beside the same work in a process (``python -m carl_scale.bench.gil``). On the H200 the step lost 14-25% with the
+launches). On this repo's CPU machine (Python 3.11) a 3 us torch operator took 0.06-16 ms
+beside such a thread, 2.5-3.9 us beside the same work in a process (``python -m
+carl_scale.bench.gil``). On the H200 the step lost 14-25% with the
 loader merely running alongside while waiting for data only 3-6% of the time (BENCHMARKS.md, end
 to end). A process of its own has an interpreter of its own; what it shares with the step is the
 GPU (kernels of two processes take turns on it rather than run side by side, without MPS), and
@@ -22,15 +23,16 @@ How:
   batch, worker positions): each finished batch, in order, with its slot (worker, resume point,
   skips) and its finishing time, over a ``torch.multiprocessing`` queue, its views as a CUDA IPC
   handle (CPU tensors in shared memory), its small tensors on the host;
-* one thread of the parent receives them, one batch ahead of the step: it copies each batch's
+* one thread of the parent receives them, up to two batches ahead of the step: it copies each batch's
   views into the training process's own memory on a stream of its own, waits for the copy, and
   frees the received views there. Why the copy: a received CUDA tensor, when freed, synchronises
   the freeing thread's current stream (PyTorch's guard against the producer reusing the memory
   too early), so freed in the step's thread it would stall the step. Every received tensor,
   drained ones included, is freed in that thread, on that stream;
 * the parent keeps the loader's state, so checkpoints and resumes are unchanged; the child's
-  failures are raised in the parent in the place of the batch they stopped, and a child that dies
-  (or falls silent) is reported with its exit code and replaced at the next pass.
+  failures are raised in the parent in the place of the batch they stopped; a child that dies is
+  reported with its exit code (one that falls silent, as such) and the pass after that error
+  starts a new one.
 
 Memory: the child holds its own CUDA context and allocator cache, and up to about 6 batches of
 views (its threads' ``GPU_PREFETCH_BATCHES`` and those being finished, one being sent); the
@@ -49,6 +51,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from typing import Iterator
 
 import torch
@@ -57,6 +60,7 @@ import torch.multiprocessing as tmp
 from carl_scale.data.batch import VideoBatch
 
 CHILD_START_S = 600.0  # the first batch may wait for imports, the workers' fork and DALI's pipelines
+DRAIN_S = 60.0  # a stopped pass's end: at most a batch being finished, and the last one being sent
 _POLL_S = 0.2
 
 
@@ -76,19 +80,27 @@ class FinishProcess:
         self.device, self.broken = device, False
         ctx = tmp.get_context("spawn")
         self._commands, self._results, self._stop = ctx.Queue(), ctx.Queue(maxsize=1), ctx.Event()
+        self._closing = ctx.Event()  # set only when the child is stopped: its last message may then be dropped
         self._proc = ctx.Process(target=_serve, args=(loader_cls, dict(spec, device=str(device)), self._commands,
-                                                      self._results, self._stop, os.getpid()),
+                                                      self._results, self._stop, self._closing, os.getpid()),
                                  name="carl-scale-finish-process")
-        with _main_not_rerun():
-            self._proc.start()
+        # SIGINT blocked while the child starts (the mask survives spawn's exec) until it ignores it:
+        # a Ctrl-C reaches the whole process group, and the parent decides what stops
+        masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            with _main_not_rerun():
+                self._proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, masked)
         self._active = False  # a pass is being served and its end not read yet
         self._lock = threading.Lock()  # one receiving thread at a time
         self._pass_stop: threading.Event | None = None
         self._recv_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         # run at interpreter exit before multiprocessing joins its children (a child still serving
-        # would hold the exit forever), or when this object is collected
+        # would hold the exit forever) and before the command queue's own finalizer (10) stops its
+        # feeder, or when this object is collected
         self._finalizer = multiprocessing.util.Finalize(
-            self, _shut_down, args=(self._proc, self._commands, self._stop), exitpriority=10)
+            self, _shut_down, args=(self._proc, self._commands, self._stop, self._closing), exitpriority=20)
 
     def _on_device(self):
         if self._recv_stream is None:
@@ -133,7 +145,7 @@ class FinishProcess:
         self._stop.set()
         try:
             while True:
-                msg = self._get(None)
+                msg = self._get(None, timeout=DRAIN_S)  # (a wedged child must not hold a close for long)
                 if msg[0] == "done":
                     break
                 del msg
@@ -157,9 +169,12 @@ class FinishProcess:
     def _pass(self, command: tuple, stop: threading.Event) -> Iterator[tuple]:
         """The receiving thread's pass: messages until "done", each batch received."""
         with self._lock, self._on_device():
+            if self.broken:
+                raise self._fail("failed before: start another")
             self._end_active()  # an earlier pass left unfinished
             self._active = True
             self._commands.put(command)
+            msg = None
             try:
                 while True:
                     msg = self._get(stop)
@@ -168,12 +183,19 @@ class FinishProcess:
                         if msg[1] is not None:
                             raise msg[1]
                         return
+                    if stop.is_set():  # (what came meanwhile is freed by the drain below, not copied)
+                        raise _Stopped
                     got = self._receive(msg)
-                    del msg
+                    msg = None
                     yield got
             except _Stopped:
                 pass
+            except BaseException as exn:  # (e.g. out of memory in the copy): no received tensor may
+                msg = None                # outlive this thread in the traceback's frames
+                traceback.clear_frames(exn.__traceback__)
+                raise
             finally:  # stopped by the consumer, or a failure here: stop the child's pass too
+                msg = None  # (freed here, on the receiving stream: see _receive)
                 if self._active and not self.broken:
                     self._end_active()
 
@@ -252,7 +274,8 @@ def _main_not_rerun():
         main.__dict__.update(saved)
 
 
-def _shut_down(proc, commands, stop) -> None:
+def _shut_down(proc, commands, stop, closing) -> None:
+    closing.set()
     stop.set()
     if proc.is_alive():
         try:
@@ -283,9 +306,10 @@ def _outgoing(batch: VideoBatch | None) -> dict | None:
     return {"views": batch.views, "small": small, "rest": rest}
 
 
-def _serve(loader_cls: type, spec: dict, commands, results, stop, parent: int) -> None:
+def _serve(loader_cls: type, spec: dict, commands, results, stop, closing, parent: int) -> None:
     """The child: a loader finishing in threads, serving one pass per command until None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the parent decides
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # (blocked by the parent while it started this)
 
     def orphaned() -> None:  # the training process gone without closing this one: go too
         while True:
@@ -332,9 +356,13 @@ def _serve(loader_cls: type, spec: dict, commands, results, stop, parent: int) -
             finally:
                 if ahead is not None:
                     ahead.close()
-            try:  # read by the parent even after a stop (it drains to it), unless it is closing this
-                results.put(("done", error), timeout=60)
-            except queue.Full:
-                return
+            # read by the parent even after a stop (it drains to it), however late (a checkpoint or an
+            # evaluation between its steps), unless it is stopping this process
+            while not closing.is_set():
+                try:
+                    results.put(("done", error), timeout=_POLL_S)
+                    break
+                except queue.Full:
+                    continue
     finally:
         loader.close()
