@@ -9,9 +9,8 @@ short Python stretches with operators (a finishing thread: ~150 operators and a 
 batch) keeps taking it back from one that was woken to take it (the step: hundreds of kernel
 launches). On this repo's CPU machine (Python 3.11) a 3 us torch operator took 0.06-16 ms
 beside such a thread, 2.5-3.9 us beside the same work in a process (``python -m
-carl_scale.bench.gil``). On the H200 the step lost 14-25% with the
-loader merely running alongside while waiting for data only 3-6% of the time (BENCHMARKS.md, end
-to end). A process of its own has an interpreter of its own; what it shares with the step is the
+carl_scale.bench.gil``). On the H200 the step lost 14-25% with the loader merely running
+alongside, while waiting for data only 3-6% of the time (BENCHMARKS.md, end to end). A process of its own has an interpreter of its own; what it shares with the step is the
 GPU (kernels of two processes take turns on it rather than run side by side, without MPS), and
 the training process keeps one thread of Python per batch (receiving and copying it).
 
@@ -23,8 +22,8 @@ How:
   batch, worker positions): each finished batch, in order, with its slot (worker, resume point,
   skips) and its finishing time, over a ``torch.multiprocessing`` queue, its views as a CUDA IPC
   handle (CPU tensors in shared memory), its small tensors on the host;
-* one thread of the parent receives them, up to two batches ahead of the step: it copies each batch's
-  views into the training process's own memory on a stream of its own, waits for the copy, and
+* one thread of the parent receives them, up to two batches ahead of the step: it copies each
+  batch's views into the training process's own memory on a stream of its own, waits for the copy, and
   frees the received views there. Why the copy: a received CUDA tensor, when freed, synchronises
   the freeing thread's current stream (PyTorch's guard against the producer reusing the memory
   too early), so freed in the step's thread it would stall the step. Every received tensor,
@@ -202,7 +201,7 @@ class FinishProcess:
     def batches(self, epoch: int, next_batch: int, positions: dict[int, int]) -> Iterator[tuple]:
         """One pass from the given start: ``(slot, batch, finishing seconds)`` per batch in order
         (``batch`` None where none of the slot's videos decoded), received by a thread of its own
-        one batch ahead; a failure in the child is raised here in the place of the batch it
+        up to two batches ahead; a failure in the child is raised here in the place of the batch it
         stopped. Closing the generator stops the pass."""
         if self._pass_stop is not None:
             self._pass_stop.set()  # an earlier pass's receiving thread, if still running
@@ -210,26 +209,17 @@ class FinishProcess:
         handoff: queue.Queue = queue.Queue(maxsize=1)
         end = object()
 
-        def put(x) -> bool:
-            while not stop.is_set():
-                try:
-                    handoff.put(x, timeout=_POLL_S)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
         def receive() -> None:
             try:
                 with contextlib.closing(self._pass((epoch, next_batch, dict(positions)), stop)) as passing:
                     for got in passing:
-                        if not put(got):
+                        if not _put(handoff, got, stop):
                             return  # (closing it here drains the child's pass on this thread)
                         del got
                 last = end
             except BaseException as exn:  # raised in the consumer, in the place of the batch it stopped
                 last = exn
-            put(last)
+            _put(handoff, last, stop)
 
         thread = threading.Thread(target=receive, name="carl-scale-finish-receiver", daemon=True)
         thread.start()
@@ -288,6 +278,18 @@ def _shut_down(proc, commands, stop, closing) -> None:
         proc.join(timeout=5)
 
 
+def _put(q, x, stop) -> bool:
+    """Put ``x`` on ``q`` (a thread's or a process's queue) once there is room, unless ``stop`` (an
+    event of either kind) is set first."""
+    while not stop.is_set():
+        try:
+            q.put(x, timeout=_POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def _picklable(exn: BaseException) -> BaseException:
     try:
         pickle.loads(pickle.dumps(exn))
@@ -324,15 +326,6 @@ def _serve(loader_cls: type, spec: dict, commands, results, stop, closing, paren
     loader = loader_cls(**spec)
     loader.finish_in_thread = True
 
-    def put(msg) -> bool:
-        while not stop.is_set():
-            try:
-                results.put(msg, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
-
     try:
         while (command := commands.get()) is not None:
             loader.finish_times = times = []
@@ -348,7 +341,7 @@ def _serve(loader_cls: type, spec: dict, commands, results, stop, closing, paren
                         # one): they must be complete before their handle leaves. Keep this.
                         torch.cuda.current_stream().synchronize()
                     seconds = times.pop(0)[0] if times else 0.0  # (one entry per finished batch)
-                    if not put(("batch", dataclasses.replace(slot, samples=[]), _outgoing(batch), seconds)):
+                    if not _put(results, ("batch", dataclasses.replace(slot, samples=[]), _outgoing(batch), seconds)):
                         break
                     del batch, slot
             except BaseException as exn:  # raised in the parent, in the place of the batch it stopped
@@ -358,11 +351,6 @@ def _serve(loader_cls: type, spec: dict, commands, results, stop, closing, paren
                     ahead.close()
             # read by the parent even after a stop (it drains to it), however late (a checkpoint or an
             # evaluation between its steps), unless it is stopping this process
-            while not closing.is_set():
-                try:
-                    results.put(("done", error), timeout=_POLL_S)
-                    break
-                except queue.Full:
-                    continue
+            _put(results, ("done", error), closing)
     finally:
         loader.close()
