@@ -10,9 +10,10 @@ batch) keeps taking it back from one that was woken to take it (the step: hundre
 launches). On this repo's CPU machine (Python 3.11) a 3 us torch operator took 0.06-16 ms
 beside such a thread, 2.5-3.9 us beside the same work in a process (``python -m
 carl_scale.bench.gil``). On the H200 the step lost 14-25% with the loader merely running
-alongside, while waiting for data only 3-6% of the time (BENCHMARKS.md, end to end). A process of its own has an interpreter of its own; what it shares with the step is the
-GPU (kernels of two processes take turns on it rather than run side by side, without MPS), and
-the training process keeps one thread of Python per batch (receiving and copying it).
+alongside, while waiting for data only 3-6% of the time (BENCHMARKS.md, end to end). A process
+of its own has an interpreter of its own; what it shares with the step is the GPU (kernels of two
+processes take turns on it rather than run side by side, without MPS), and the training process
+keeps one thread of Python per batch (receiving and copying it).
 
 How:
 

@@ -411,8 +411,8 @@ class VideoLoader:
             lanes = "a background thread" if n == 1 else f"{n} background threads side by side (a decoder each)"
             ahead = f" in {lanes}, {max(n, GPU_PREFETCH_BATCHES)} batches ahead" if threaded else ""
             if self.finish_process:
-                ahead += " in a process of its own (--finish-in process)" + \
-                    (", handed over through CUDA IPC and copied here up to two batches ahead" if dec.device == "cuda" else "")
+                ipc = ", handed over through CUDA IPC and copied here up to two batches ahead"
+                ahead += " in a process of its own (--finish-in process)" + (ipc if dec.device == "cuda" else "")
             return (f"{what}: {split}decoded by {dec.name} on {self.device}{engine}{cpu}, crops and colour on "
                     f"{self.device}{ahead}; {self.cfg.num_workers} workers read and sample")
         where = "the GPU" if torch.device(self.device).type == "cuda" else "the workers"
