@@ -342,9 +342,10 @@ def _serve(loader_cls: type, spec: dict, commands, results, stop, closing, paren
                         # one): they must be complete before their handle leaves. Keep this.
                         torch.cuda.current_stream().synchronize()
                     seconds = times.pop(0)[0] if times else 0.0  # (one entry per finished batch)
-                    if not _put(results, ("batch", dataclasses.replace(slot, samples=[]), _outgoing(batch), seconds)):
+                    sent = ("batch", dataclasses.replace(slot, samples=[]), _outgoing(batch), seconds)
+                    if not _put(results, sent, stop):
                         break
-                    del batch, slot
+                    del batch, slot, sent
             except BaseException as exn:  # raised in the parent, in the place of the batch it stopped
                 error = _picklable(exn)
             finally:
