@@ -137,6 +137,11 @@ def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "loader sampled f/s" in out and "KiB/frame" in out and "step fed by" in out and "loader alongside" in out
     assert "step host ms" in out
+    # --write-only: the shards --paths reads, nothing measured (bench.e2e --shards reads them)
+    assert data.main(["--data-dir", str(tmp_path / "w"), "--videos", "2", "--batches", "1", "--batch", "1",
+                      "--height", "32", "--width", "32", "--paths", "jpeg/dali", "--write-only"]) == []
+    assert [d.name for d in (tmp_path / "w").iterdir()] == ["32x32_gop30"]
+    assert [d.name for d in (tmp_path / "w" / "32x32_gop30").iterdir()] == ["jpeg"]
 
 
 def test_writer_startup_and_augment_benchmarks_run(capsys):

@@ -174,8 +174,9 @@ def nvjpeg_settings(text: str) -> dict:
     return out
 
 
-def ensure_bench_shards(a) -> None:
-    """The synthetic shards this benchmark reads, both payloads, made once per size and GOP."""
+def ensure_bench_shards(a, payloads: set[str]) -> None:
+    """The synthetic shards this benchmark reads, made once per size and GOP: only the payloads
+    ``--paths`` reads (rendering the video payload at 340x256 costs minutes for nothing otherwise)."""
     from carl_scale.datasets.encode import EncodeOptions
     from carl_scale.datasets.synthetic import ensure_synthetic_shards
 
@@ -183,10 +184,10 @@ def ensure_bench_shards(a) -> None:
                           height=a.height, width=a.width)
     where = Path(a.data_dir) / f"{a.width}x{a.height}_gop{a.gop}"
     kw = dict(max_samples=8, workers=a.write_workers, progress=False)
-    if a.shards is None:
+    if a.shards is None and "video" in payloads:
         a.shards = str(where / "video")
         ensure_synthetic_shards(a.shards, syn, encode=EncodeOptions(gop=a.gop), **kw)
-    if a.jpeg_shards is None:
+    if a.jpeg_shards is None and "jpeg" in payloads:
         a.jpeg_shards = str(where / "jpeg")
         ensure_synthetic_shards(a.jpeg_shards, syn, payload="jpeg", **kw)
     a.jpeg_quality_shards = {}
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--width", type=int, default=128, help="synthetic frame width")
     p.add_argument("--gop", type=int, default=30, help="keyframe interval of the synthetic video payload")
     p.add_argument("--write-workers", type=int, default=1, help="processes rendering the synthetic shards")
+    p.add_argument("--write-only", action="store_true",
+                   help="write the synthetic shards --paths reads and stop (e.g. for bench.e2e --shards)")
     p.add_argument("--videos", type=int, default=24, help="videos decoded per measurement")
     p.add_argument("--whole-videos", type=int, default=4, help="of those, videos decoded whole")
     p.add_argument("--frames", type=int, default=32, help="T, frames per view")
@@ -248,7 +251,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not paths or any(len(x) != 2 or x[0] not in ("video", "jpeg") or x[1] not in ("pyav", "dali") for x in paths):
         p.error("--paths takes video|jpeg/pyav|dali pairs, e.g. video/pyav jpeg/dali")
 
-    ensure_bench_shards(a)
+    ensure_bench_shards(a, {payload for payload, _ in paths})
+    if a.write_only:
+        print(f"shards written: {', '.join(x for x in (a.shards, a.jpeg_shards) if x is not None)}")
+        return []
     temporal = TemporalConfig(num_frames=a.frames)
     decoders = {"pyav": PyAVDecoder(), "dali": DaliDecoder(device="cuda" if a.device.startswith("cuda") else "cpu",
                                                            num_threads=max(1, a.workers))}

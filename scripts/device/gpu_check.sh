@@ -10,6 +10,8 @@
 #   bash scripts/device/gpu_check.sh --stage                                  (carry .whl/c2)
 #   bash scripts/device/gpu_check.sh --stage                                  (carry .whl/c3)
 #   bash scripts/device/gpu_check.sh step_T80 step_T240                       (carry .whl/c1; <= 8 min)
+# (once the step is measured, the e2e stages can come first: `shards e2e_jpeg e2e_jpeg_process ...`
+# with .whl/c1; the shards stage writes what the data stage would have)
 #   bash scripts/device/gpu_check.sh gpu_tests augment data                   (no carry; <= 8 min)
 #   bash scripts/device/gpu_check.sh e2e_jpeg e2e_jpeg_process e2e_jpeg_graphs e2e_jpeg_graphs_process  (<= 7 min)
 #   bash scripts/device/gpu_check.sh gpu_tests_dali step_T80_graphs e2e_jpeg_one_thread  (no carry; if time is left)
@@ -72,6 +74,11 @@ stage() {  # name, seconds, command...: its output to $out/name.txt, the table a
   timeout "$limit" "$@" > "$out/$name.txt" 2>&1 || { echo "!!! $name failed or timed out: rc $?"; rc=1; }
   grep -v "^\[\|Warning\|warn(" "$out/$name.txt" | tail -"${TAIL:-12}"
 }
+# the shards the data and e2e stages read (jpeg payload, Kinetics-sized: 48 training videos of 300
+# frames at 340x256, 16 validation ones), written once per warm machine: the e2e stages need them
+# when the data stage does not run first
+stage shards 120 python3 -m carl_scale.bench.data --height 256 --width 340 --videos 16 --batch 2 --batches 10 \
+  --write-workers 16 --paths jpeg/dali --write-only
 # the default step (on a GPU: channels_last, the fused frozen stages, the compiled objective; the
 # first steps compile, ~1 min the first time a graph is compiled on a machine, less for the plain
 # row's identical graph) against eager and against unfused; then CUDA graphs, and the frozen stages
