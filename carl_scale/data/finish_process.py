@@ -354,5 +354,26 @@ def _serve(loader_cls: type, spec: dict, commands, results, stop, closing, paren
             # read by the parent even after a stop (it drains to it), however late (a checkpoint or an
             # evaluation between its steps), unless it is stopping this process
             _put(results, ("done", error), closing)
+    except BaseException:  # (the command queue broken: the parent gone mid-message)
+        traceback.print_exc()
+        code = 1
+    else:
+        code = 0
     finally:
         loader.close()
+    _exit_now(code, cuda)
+
+
+def _exit_now(code: int, cuda: bool) -> None:
+    """End the child without the interpreter's teardown. Views sent but never received (in flight
+    when the parent stopped it) stay in PyTorch's IPC limbo, and at a normal exit the limbo frees
+    them from a static destructor after the CUDA driver has begun shutting down: on the H200 that
+    aborted the child ("terminate called ... CUDA error: driver shutting down") at the end of every
+    run. The parent no longer reads anything (it sent None), the loader's workers are stopped, and
+    the driver frees this process's memory when it exits."""
+    if cuda:
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize()  # (nothing of ours still running on the GPU when it goes)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
