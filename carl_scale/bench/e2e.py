@@ -11,8 +11,10 @@ step fed one batch already on the device, in one process.
 All rows use one :class:`~carl_scale.train.trainer.Trainer` (the engine and the loader the
 training run builds; ``--decoder auto``: DALI on a GPU). ``from shards`` times
 ``Trainer.train_step`` on the loader's batches, the wait for each batch included; ``resident``
-times it on one batch kept on the device. The ratio is what the data path costs the step: 1.0
-means the loader keeps the step fed. ``data wait`` is the share of the loader row spent waiting
+times it on one batch kept on the device: with the loader idle (its pass started, its batches
+ahead ready), and once more after the loader is closed. That last row is the step's own speed
+and every ratio's reference: 1.0 means the loader keeps the step fed. An ``idle`` row below it
+is what the loader's mere presence costs (a finishing process's CUDA context, say). ``data wait`` is the share of the loader row spent waiting
 for the next batch. ``resident, loader alongside`` steps on the resident batch while a thread
 (on a CUDA stream of its own) takes one loader batch per step and drops it: what the loader's
 work (its GPU kernels, its host threads) costs the step without any waiting, so a loss not
@@ -135,10 +137,16 @@ def run(a) -> dict:
             trainer.loader.close()
         if failed:
             raise failed[0]
+        # the same steps once the loader is closed (its threads, or its process, gone): the step's
+        # own speed, the reference of every ratio. On the H200 the resident row with a finishing
+        # process idle beside it ran 19-25% below the threads' (a second CUDA context on the GPU?):
+        # this row tells an idle loader's cost from the step's
+        closed, closed_queue = resident_steps()
         name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         return {"device": name, "decoder": trainer.loader.decoder.name + "/" + trainer.loader.decoder.device,
-                "from shards": fed, "resident": resident, "alongside": alongside, "data wait": fed_wait,
-                "step host ms": {"resident": resident_queue, "alongside": alongside_queue, "from shards": fed_queue},
+                "from shards": fed, "resident": resident, "alongside": alongside, "closed": closed,
+                "data wait": fed_wait, "step host ms": {"resident": resident_queue, "alongside": alongside_queue,
+                                                        "from shards": fed_queue, "closed": closed_queue},
                 "loader host ms": host_ms, "loader gpu ms": gpu_ms, "config": cfg}
 
 
@@ -189,10 +197,13 @@ def main(argv: list[str] | None = None) -> dict:
           f"decoder {r['decoder']}, shards {a.shards}{settings}")
     gpu = "-" if r["loader gpu ms"] is None else f"{r['loader gpu ms']:.1f}"
     queue = {k: f"{v:.1f}" for k, v in r["step host ms"].items()}
-    print(table([("resident batch", f"{r['resident']:.2f}", "1.00", queue["resident"], "-", "-", "-"),
-                 ("resident batch, loader alongside", f"{r['alongside']:.2f}", f"{r['alongside'] / r['resident']:.2f}",
+    ref = r["closed"]
+    print(table([("resident batch, loader closed", f"{ref:.2f}", "1.00", queue["closed"], "-", "-", "-"),
+                 ("resident batch, loader idle", f"{r['resident']:.2f}", f"{r['resident'] / ref:.2f}",
+                  queue["resident"], "-", "-", "-"),
+                 ("resident batch, loader alongside", f"{r['alongside']:.2f}", f"{r['alongside'] / ref:.2f}",
                   queue["alongside"], "-", "-", "-"),
-                 ("from shards", f"{r['from shards']:.2f}", f"{r['from shards'] / r['resident']:.2f}",
+                 ("from shards", f"{r['from shards']:.2f}", f"{r['from shards'] / ref:.2f}",
                   queue["from shards"], f"{100 * r['data wait']:.0f}%", f"{r['loader host ms']:.1f}", gpu)],
                 ("step fed by", "samples/s", "x", "step host ms", "data wait", "loader host ms/batch",
                  "loader GPU ms/batch")))
