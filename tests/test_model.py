@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -94,6 +95,84 @@ def test_padded_frames_never_enter_batchnorm_statistics():
     m = build_model(model_config("debug", image_size=32, dropout=0.0)).train()
     m(torch.cat([x[0, :4], x[1]])[None])
     assert all(torch.allclose(m.state_dict()[k], s1[k]) for k in s1 if "frame_head" in k or "backbone" in k)
+
+
+@pytest.mark.parametrize("dim", [1, 2])
+def test_row_masked_batchnorm_is_batchnorm_on_the_marked_rows(dim):
+    """masked_norm's BatchNorm, every row in at a fixed shape, against a plain BatchNorm run on the
+    marked rows alone: outputs of the marked rows, running statistics and every gradient (input,
+    weight, bias); the unmarked rows (here inf, NaN and huge) change none of them. bf16 input (as
+    under autocast) gets float32 statistics and a bf16 output."""
+    from carl_scale.models.masked_norm import make_row_maskable
+
+    torch.manual_seed(0)
+    cls = torch.nn.BatchNorm1d if dim == 1 else torch.nn.BatchNorm2d
+    ref = cls(5, momentum=0.3)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5), ref.bias.uniform_(-1, 1)
+    masked = copy.deepcopy(ref)
+    (bn,) = make_row_maskable(masked)
+    assert bn is masked and isinstance(bn, cls) and list(bn.state_dict()) == list(ref.state_dict())
+    x = torch.randn(7, 5, *([3, 4] if dim == 2 else [])) * 2 + 1
+    rows = torch.tensor([True, False, True, True, False, True, True])
+    x[1], x[4] = float("inf"), float("nan")
+    xr, xm = x[rows].clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    for _ in range(2):  # (running statistics after two updates)
+        want = ref(xr)
+        masked.carl_rows = rows
+        got = masked(xm)
+        masked.carl_rows = None
+    (want * g[rows]).sum().backward()
+    (torch.where(rows.view(-1, *[1] * (x.dim() - 1)), got, 0.0) * g).sum().backward()
+    torch.testing.assert_close(got[rows], want)
+    torch.testing.assert_close(xm.grad[rows], xr.grad)
+    assert torch.equal(xm.grad[~rows], torch.zeros_like(xm.grad[~rows]))
+    for a, b in ((masked.weight.grad, ref.weight.grad), (masked.bias.grad, ref.bias.grad),
+                 (masked.running_mean, ref.running_mean), (masked.running_var, ref.running_var)):
+        torch.testing.assert_close(a, b)
+    assert int(masked.num_batches_tracked) == int(ref.num_batches_tracked) == 2
+    half = copy.deepcopy(masked)  # (a training-mode call moves the running statistics again)
+    half.carl_rows = rows
+    out = half(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out[rows]).all()
+    masked.eval()  # eval mode: the running statistics, row by row, whatever the mask
+    torch.testing.assert_close(masked(x[rows]), ref.eval()(x[rows]))
+
+
+def test_a_compiled_step_on_padded_batches_is_one_graph_without_breaks():
+    """--compile objective on padded batches (short videos): fixed shapes through the encoder (the
+    row-masked BatchNorms, no branch on the mask), so one graph for padded batches and one for
+    unpadded ones, however many valid frames each has, and no graph break; the loss is the eager
+    step's."""
+    import dataclasses
+
+    from carl_scale.bench.step import synthetic_batch
+    from carl_scale.train.recipes import configure, recipe
+    from carl_scale.train.trainer import build_engine, process_group
+
+    small = {"data.batch_size": 2, "data.temporal.num_frames": 8, "model.image_size": 32,
+             "model.train_last_stages": 1, "model.dropout": 0.0}
+    losses = {}
+    with process_group() as (_, world, device):
+        base = synthetic_batch(2, 8, 32, device)
+        for how in ("off", "objective"):
+            torch.manual_seed(0)
+            cfg = configure(recipe("debug"), {**small, "parallel.compile": how})
+            engine, _ = build_engine(cfg, build_model(cfg.model), total_steps=1, world=world, bf16=False)
+            engine.train()  # (batch statistics in the trained BatchNorms: the masked ones)
+            torch._dynamo.utils.counters.clear()
+            losses[how] = []
+            for valid in (8, 6, 3, 8, 5):
+                mask = base.mask.clone()
+                mask[1, :, valid:] = False
+                batch = dataclasses.replace(base, mask=mask, padded=valid < 8)
+                with torch.no_grad():
+                    losses[how].append(engine(batch)["loss"])
+            if how == "objective":
+                assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+                assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    torch.testing.assert_close(torch.stack(losses["objective"]), torch.stack(losses["off"]), rtol=1e-4, atol=1e-5)
 
 
 def test_frozen_stages_get_no_grad_and_keep_bn_statistics():

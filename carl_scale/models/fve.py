@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from carl_scale.models.backbones import Backbone
 from carl_scale.models.config import ModelConfig
+from carl_scale.models.masked_norm import make_row_maskable
 from carl_scale.models.transformer import SequenceEncoder
 
 
@@ -46,6 +47,10 @@ class FrameVideoEncoder(nn.Module):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
             nn.init.normal_(self.cls_token, std=0.02)
             self.classifier = nn.Linear(cfg.width, cfg.num_classes)
+        # the trained BatchNorms (the frozen stages' never leave eval mode): statistics over the
+        # valid frames of a padded batch, at a fixed shape (see masked_norm)
+        self._trunk_norms = make_row_maskable(self.backbone.trainable, self.frame_head)
+        self._projection_norms = make_row_maskable(self.projection)
 
     def frame_features(self, frames: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """(N, 3, H, W) -> (N, width)."""
@@ -61,15 +66,24 @@ class FrameVideoEncoder(nn.Module):
             torch.linspace(0, t - 1, length, device=device, dtype=torch.float64)
         return pos.expand(batch, length)
 
-    def _valid_frames(self, fn, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """``fn`` over the rows of ``x`` that ``valid`` marks (all of them without a mask); padded
-        rows get zeros. Padding never reaches a BatchNorm: its statistics follow real frames only."""
-        if valid is None or bool(valid.all()):
+    @staticmethod
+    def _valid_frames(fn, norms: list[nn.Module], x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """``fn`` over the rows of ``x`` with ``norms``' batch statistics over the rows ``valid``
+        marks (all of them without a mask); padded rows come back as zeros. Padding never reaches
+        a BatchNorm statistic, and the shapes never depend on the mask: no wait for the GPU, no
+        graph break under torch.compile (masked_norm's docstring has the measurement)."""
+        if valid is None:
             return fn(x)
-        out = fn(x[valid])
-        full = out.new_zeros((x.shape[0], *out.shape[1:]))
-        full[valid] = out
-        return full
+        rows = valid.view(-1, *([1] * (x.dim() - 1)))
+        x = torch.where(rows, x, 0)  # (what a padded slot holds, even inf or NaN, reaches no gradient)
+        for m in norms:
+            m.carl_rows = valid
+        try:
+            out = fn(x)
+        finally:
+            for m in norms:
+                m.carl_rows = None
+        return torch.where(valid.view(-1, *([1] * (out.dim() - 1))), out, 0.0)
 
     def forward(self, frames: torch.Tensor, mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 chunk: int | None = None) -> dict[str, torch.Tensor]:
@@ -79,7 +93,8 @@ class FrameVideoEncoder(nn.Module):
         :meth:`encode_sequence` takes) and, with a class token, ``logits`` ``(B, C)``."""
         b, t = frames.shape[:2]
         valid = None if mask is None else mask.reshape(-1).bool()
-        feats = self._valid_frames(lambda x: self.frame_features(x, chunk), frames.flatten(0, 1), valid).view(b, t, -1)
+        feats = self._valid_frames(lambda x: self.frame_features(x, chunk), self._trunk_norms, frames.flatten(0, 1),
+                                   valid).view(b, t, -1)
         return {**self.encode_sequence(feats, mask, positions), "features": feats}
 
     def encode_sequence(self, feats: torch.Tensor, mask: torch.Tensor | None = None,
@@ -103,7 +118,8 @@ class FrameVideoEncoder(nn.Module):
         False) are left out of the projection's BatchNorm and come back as zeros."""
         b, t, d = embeddings.shape
         valid = None if mask is None else mask.reshape(-1).bool()
-        return self._valid_frames(self.projection, embeddings.reshape(b * t, d), valid).view(b, t, -1)
+        return self._valid_frames(self.projection, self._projection_norms, embeddings.reshape(b * t, d),
+                                  valid).view(b, t, -1)
 
     @torch.no_grad()
     def embed_video(self, frames: torch.Tensor) -> torch.Tensor:

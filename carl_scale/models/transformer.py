@@ -113,8 +113,8 @@ class SequenceEncoder(nn.Module):
             x = torch.cat([prefix.to(x.dtype), x], dim=1)
             if keep is not None:
                 keep = torch.cat([keep.new_ones(keep.shape[0], p), keep], dim=1)
-        if keep is not None and bool(keep.all()):
-            keep = None  # no mask: the fused kernels' fast path
+        if keep is not None and not torch.compiler.is_compiling() and bool(keep.all()):
+            keep = None  # no mask: the fused kernels' fast path (compiled: no branch on a device value)
         if prefix is not None and prefix_readout:
             s = x.shape[1]
             allowed = torch.ones(s, s, dtype=torch.bool, device=x.device)
