@@ -318,6 +318,9 @@ def test_batches_finished_in_a_process_of_their_own_are_the_threads_batches_in_t
     threads = loader("thread")
     one = [b for _, b in zip(range(6), threads)]
     threads.close()
+    auto = loader("auto")  # (the default: a process where a GPU decodes)
+    assert auto.finish_process and "(--finish-in auto)" in auto.describe()
+    auto.close()
     proc = loader("process")
     assert "CUDA IPC" in proc.describe()
     got, sums = [], []

@@ -737,6 +737,10 @@ def test_batches_finished_in_a_process_of_their_own_are_the_threads_batches_and_
     resumed.close()
     with pytest.raises(ValueError, match="--finish-in process decodes batches in a process of its own"):
         VideoLoader(_cfg(vp9_shards, decoder="dali", finish_in="process"))
+    # auto (the default): a process only where a GPU decodes; a CPU decoder finishes in threads
+    assert _cfg(vp9_shards).finish_in == "auto"
+    cpu = VideoLoader(_cfg(vp9_shards, decoder="dali", num_workers=0), decode_in_collate=True)
+    assert not cpu.finish_process and "process" not in cpu.describe()
     with pytest.raises(ConfigError, match="--finish-in must be one of"):
         _cfg(vp9_shards, finish_in="processes")
 

@@ -121,13 +121,16 @@ class LoaderConfig(Config):
              "(NVDEC) or by host work (nvJPEG's Huffman stage); the decoders' host threads are split between "
              "them, and each thread adds a batch or two in flight on the GPU (default: 2 where a GPU decodes, "
              "else 1)")
-    # "thread" by default until an end-to-end measurement on a GPU says otherwise (bench.e2e's
-    # `finish in` row); see carl_scale.data.finish_process for why a process of its own may pay
-    finish_in: Literal["thread", "process"] = param(
-        "thread", flag="--finish-in",
+    # auto: "process" where a GPU decodes in the training process, by measurement on an H200
+    # (bench.e2e, r50, T = 80, batch 2, jpeg shards, compiled step): trained from shards the step
+    # ran 57.5 samples/s against 44.8 in threads, and kept 0.96 of its speed with the loader
+    # running alongside against 0.77 (carl_scale.data.finish_process says why); with CUDA graphs
+    # the two were even (79.9 and 82.4). Elsewhere there is nothing to finish in the training process
+    finish_in: Literal["auto", "thread", "process"] = param(
+        "auto", flag="--finish-in",
         help="with a GPU decoder: where batches are decoded and augmented, in background threads of the training "
              "process (sharing its interpreter lock with the step) or in a process of its own that hands them "
-             "over through CUDA IPC (the same batches either way)")
+             "over through CUDA IPC (the same batches either way; auto: process where a GPU decodes)")
     per_label: int = param(0, flag="--per-label", ge=0,
                            help="batches of groups of this many videos of one label (weak supervision; 0: off)")
     temporal: TemporalConfig = param(default_factory=TemporalConfig)

@@ -361,8 +361,10 @@ class VideoLoader:
         for d in self.decoders if self.finish_threads > 1 and isinstance(self.decoder, DaliDecoder) else []:
             d.num_threads = max(1, d.num_threads // self.finish_threads)
         self.cpu_decoder = PyAVDecoder() if self.in_collate and cfg.cpu_decode_share > 0 else None
-        # --finish-in process: a child builds this loader from the same arguments and finishes there
-        self.finish_process = cfg.finish_in == "process"
+        # --finish-in process: a child builds this loader from the same arguments and finishes there.
+        # auto: there wherever a GPU decodes in the training process (LoaderConfig.finish_in says why)
+        self.finish_process = cfg.finish_in == "process" or (
+            cfg.finish_in == "auto" and self.in_collate and self.decoder.device == "cuda")
         if self.finish_process and not self.in_collate:
             raise ValueError(f"--finish-in process decodes batches in a process of its own, but {self.decoder.name} "
                              f"decodes on the CPU here, in the workers already: drop the flag (or run on a GPU)")
@@ -412,7 +414,7 @@ class VideoLoader:
             ahead = f" in {lanes}, {max(n, GPU_PREFETCH_BATCHES)} batches ahead" if threaded else ""
             if self.finish_process:
                 ipc = ", handed over through CUDA IPC and copied here up to two batches ahead"
-                ahead += " in a process of its own (--finish-in process)" + (ipc if dec.device == "cuda" else "")
+                ahead += f" in a process of its own (--finish-in {self.cfg.finish_in})" + (ipc if dec.device == "cuda" else "")
             return (f"{what}: {split}decoded by {dec.name} on {self.device}{engine}{cpu}, crops and colour on "
                     f"{self.device}{ahead}; {self.cfg.num_workers} workers read and sample")
         where = "the GPU" if torch.device(self.device).type == "cuda" else "the workers"

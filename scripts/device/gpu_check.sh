@@ -4,21 +4,18 @@
 # tree from .whl/c1; DALI's tree once all its parts are staged), then run the stages named, in this
 # file's order, each under its own time limit, writing every table under $OUT. A call cut short
 # (by its limit or by the session's device time) still returns what it measured.
-# The order that worked on 2026-11-27 (15 minutes of device time: start ~30 s, each staging call
-# ~5 s, then the measuring calls): the two staging calls first, while losing the machine costs
-# little:
+# The order for the next lease (15 minutes of device time: start ~50 s, each staging call ~5 s;
+# on 2026-11-27 the second lease ran `shards e2e_jpeg e2e_jpeg_process e2e_jpeg_graphs_process
+# gpu_tests_dali` in 330 s, `e2e_jpeg_graphs e2e_jpeg_T240` and a T = 240 row in 314 s): the two
+# staging calls first, while losing the machine costs little, each call's stages most important first:
 #   bash scripts/device/gpu_check.sh --stage                                  (carry .whl/c2)
 #   bash scripts/device/gpu_check.sh --stage                                  (carry .whl/c3)
-#   bash scripts/device/gpu_check.sh step_T80 step_T240                       (carry .whl/c1; <= 8 min)
-# (once the step is measured, the e2e stages can come first: `shards e2e_jpeg e2e_jpeg_process ...`
-# with .whl/c1; the shards stage writes what the data stage would have)
-#   bash scripts/device/gpu_check.sh gpu_tests augment data                   (no carry; <= 8 min)
-#   bash scripts/device/gpu_check.sh e2e_jpeg e2e_jpeg_process e2e_jpeg_graphs e2e_jpeg_graphs_process  (<= 7 min)
-#   bash scripts/device/gpu_check.sh gpu_tests_dali step_T80_graphs e2e_jpeg_one_thread  (no carry; if time is left)
-#   bash scripts/device/gpu_check.sh data_T240 e2e_jpeg_T240                  (no carry; if time is left)
-# (stage limits are upper bounds: on 2026-11-27 nine stages ran in one call of 463 s, before the
-# compiled step was the default; each step and e2e stage now compiles first. A session's 15
-# minutes end somewhere in the third call: each call's stages come most important first)
+#   bash scripts/device/gpu_check.sh shards step_T80_graphs e2e_jpeg e2e_jpeg_T240   (carry .whl/c1; <= 9 min)
+#   bash scripts/device/gpu_check.sh gpu_tests_dali e2e_jpeg_thread e2e_jpeg_graphs e2e_jpeg_graphs_thread  (<= 7 min)
+#   bash scripts/device/gpu_check.sh step_T80 step_T240                       (if time is left)
+#   bash scripts/device/gpu_check.sh gpu_tests augment data data_T240         (if time is left)
+# (stage limits are upper bounds; each step and e2e stage compiles first, ~1 min the first time a
+# graph is compiled on a machine. A session's 15 minutes end somewhere in the third call)
 # The machine goes back after 30 s idle, and the staged parts with it: make the calls back to back.
 # No stage names: every stage (~20 minutes: more than one call may run).
 set -uo pipefail
@@ -63,7 +60,7 @@ echo "unpacked in $((SECONDS - t0)) s; $dali_note"
   ((have_dali)) && python3 -c "import nvidia.dali as d; print('dali', d.__version__)"
 } 2>&1 | tee -a "$out/versions.txt"
 rc=0
-needs_dali="gpu_tests_dali data data_T240 e2e_jpeg_T240 e2e_jpeg e2e_jpeg_process e2e_jpeg_graphs_process e2e_jpeg_graphs e2e_jpeg_one_thread e2e_jpeg_pyav e2e_jpeg_hybrid e2e_jpeg_priority"
+needs_dali="gpu_tests_dali data data_T240 e2e_jpeg_T240 e2e_jpeg e2e_jpeg_thread e2e_jpeg_graphs_thread e2e_jpeg_graphs e2e_jpeg_one_thread e2e_jpeg_pyav e2e_jpeg_hybrid e2e_jpeg_priority"
 stage() {  # name, seconds, command...: its output to $out/name.txt, the table also to this log
   local name=$1 limit=$2; shift 2
   [[ "$wanted" == "  " || "$wanted" == *" $name "* ]] || return 0
@@ -105,16 +102,16 @@ stage data 160 python3 -m carl_scale.bench.data --device cuda --height 256 --wid
 stage data_T240 160 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 240 \
   --image-size 224 --batch 4 --workers 8 --write-workers 16 --videos 16 --whole-videos 2 --batches 6 \
   --paths jpeg/dali --finish-threads 1
-stage e2e_jpeg_T240 120 python3 -m carl_scale.bench.e2e --flavor r50 --frames 240 --batch 4 --workers 8 \
+stage e2e_jpeg_T240 200 python3 -m carl_scale.bench.e2e --flavor r50 --frames 240 --batch 4 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 6
 stage e2e_jpeg 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 10
-# the finishing in a process of its own (--finish-in process): no interpreter lock shared with the
-# step; if its "alongside" row nears 1.0 where e2e_jpeg's stays near 0.8, the lock was the cost
-stage e2e_jpeg_process 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30/jpeg --steps 10 --set data.finish_in=process
-stage e2e_jpeg_graphs_process 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30/jpeg --steps 10 --set parallel.compile_mode=reduce-overhead data.finish_in=process
+# the finishing in threads of the training process (--finish-in thread; the default is a process of
+# its own where a GPU decodes): on 2026-11-27 57.5 samples/s from shards in a process, 44.8 in threads
+stage e2e_jpeg_thread 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 10 --set data.finish_in=thread
+stage e2e_jpeg_graphs_thread 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 10 --set parallel.compile_mode=reduce-overhead data.finish_in=thread
 # CUDA graphs: the step's host time (23 ms of a 25 ms compiled step at T = 80) is what the loader's
 # finishing threads contend with for the GIL; replayed graphs leave them the host
 stage e2e_jpeg_graphs 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
