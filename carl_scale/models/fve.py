@@ -68,13 +68,23 @@ class FrameVideoEncoder(nn.Module):
 
     @staticmethod
     def _valid_frames(fn, norms: list[nn.Module], x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        """``fn`` over the rows of ``x`` with ``norms``' batch statistics over the rows ``valid``
-        marks (all of them without a mask); padded rows come back as zeros. Padding never reaches
-        a BatchNorm statistic, and the shapes never depend on the mask: no wait for the GPU, no
-        graph break under torch.compile (masked_norm's docstring has the measurement)."""
+        """``fn`` over the rows of ``x`` that ``valid`` marks (all of them without a mask); padded
+        rows come back as zeros. Padding never reaches a BatchNorm statistic. Eager, only the
+        valid rows go in (``x[valid]``: their count is read on the host). Compiled, every row goes
+        in at a fixed shape and ``norms`` (the trained BatchNorms) take their statistics over the
+        valid ones: no graph break, no recompile per count (masked_norm's docstring has why)."""
         if valid is None:
             return fn(x)
         rows = valid.view(-1, *([1] * (x.dim() - 1)))
+        if not torch.compiler.is_compiling():
+            # (eager keeps the narrower batch: masked_norm's float32 BatchNorm would save a float32
+            # copy of each trained activation for backward, and padded frames cost their compute)
+            if bool(valid.all()):
+                return fn(x)
+            out = fn(x[valid])
+            full = out.new_zeros((x.shape[0], *out.shape[1:]))
+            full[valid] = out
+            return full
         x = torch.where(rows, x, 0)  # (what a padded slot holds, even inf or NaN, reaches no gradient)
         for m in norms:
             m.carl_rows = valid

@@ -9,13 +9,16 @@ recompiles for new counts. Measured on the CPU with the debug flavor and ``--com
 T = 240 end-to-end benchmark, whose short synthetic videos are padded, did not finish its
 warm-up in 2 minutes.
 
-Here every frame goes through the network at a fixed shape, and each trained BatchNorm (its module
-swapped to a subclass by :func:`make_row_maskable`: same parameters, buffers and state-dict keys)
-takes its mean and variance over the rows its ``carl_rows`` marks, while the caller sets it. Every
-other layer of the encoder works on one frame at a time, so a valid frame's output, the running
-statistics and the gradients are those of the network run on the valid frames alone (to float
-rounding; ``tests/test_model.py`` checks it against ``x[valid]``). The padded rows cost their
-compute, which the fixed shape pays for; the caller zeroes their outputs.
+Here, when compiled (the encoder's ``_valid_frames``; eager keeps ``x[valid]``), every frame goes
+through the network at a fixed shape, and each trained BatchNorm (its module swapped to a subclass
+by :func:`make_row_maskable`: same parameters, buffers and state-dict keys) takes its mean and
+variance over the rows its ``carl_rows`` marks, while the caller sets it. Every other layer of the
+encoder works on one frame at a time, so a valid frame's output, the running statistics and the
+gradients are those of the network run on the valid frames alone (to float rounding, and but for
+dropout, whose random masks now cover the padded rows too: ``tests/test_model.py`` checks the
+rest against ``x[valid]``). The padded rows cost their compute, which the fixed shape pays for;
+the caller zeroes their outputs. Eager, this form would save a float32 copy of each trained
+activation for backward where cuDNN's BatchNorm saves its input: Inductor fuses it instead.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ def _masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, row
     if bn.track_running_stats and bn.running_mean is not None:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
-            momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            # (momentum None, a cumulative average: a device scalar, not a host read)
+            momentum = 1.0 / bn.num_batches_tracked if bn.momentum is None else bn.momentum
             unbiased = var * (count / (count - 1).clamp_min(1))
             bn.running_mean.lerp_(mean.flatten().to(bn.running_mean.dtype), momentum)
             bn.running_var.lerp_(unbiased.flatten().to(bn.running_var.dtype), momentum)
@@ -84,6 +88,9 @@ def make_row_maskable(*modules: nn.Module) -> list[nn.Module]:
     for root in modules:
         for m in root.modules():
             if type(m) in _SWAPS:
+                if not m.track_running_stats:  # (its eval mode would take batch statistics, padding included)
+                    raise ValueError(f"{m}: a BatchNorm without running statistics cannot keep padding out "
+                                     f"in eval mode")
                 m.__class__ = _SWAPS[type(m)]
                 m.carl_rows = None  # (in the instance from the start: setting it later would fail a compiled guard)
             if isinstance(m, _RowMaskable):
