@@ -53,8 +53,22 @@ def test_uneven_split_still_gives_every_rank_the_same_steps(vp9_shards):
 
 
 def test_batch_contents(vp9_shards, tiny_cfg):
-    loader = VideoLoader(_cfg(vp9_shards))
+    """A batch's views, timestamps and labels; the workers fork with no cyclic garbage pending
+    (freed in a forked worker, an earlier compiled run's crashed it with a segmentation fault)."""
+    import gc
+    import weakref
+
+    class Cycle:
+        pass
+
+    pending = Cycle()
+    pending.me = pending
+    gone = weakref.ref(pending)
+    del pending
+    loader = VideoLoader(_cfg(vp9_shards, num_workers=1))
+    assert gone() is not None and gc.isenabled()
     batch = next(iter(loader))
+    assert gone() is None  # collected here, before the workers forked
     assert batch.views.shape == (2, 2, 12, 3, 32, 32) and batch.views.dtype == torch.float32
     assert batch.timestamps.shape == batch.mask.shape == batch.phase_labels.shape == (2, 2, 12)
     for b, vid in enumerate(batch.video_ids):

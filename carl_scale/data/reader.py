@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import math
@@ -414,7 +415,8 @@ class VideoLoader:
             ahead = f" in {lanes}, {max(n, GPU_PREFETCH_BATCHES)} batches ahead" if threaded else ""
             if self.finish_process:
                 ipc = ", handed over through CUDA IPC and copied here up to two batches ahead"
-                ahead += f" in a process of its own (--finish-in {self.cfg.finish_in})" + (ipc if dec.device == "cuda" else "")
+                ahead += f" in a process of its own (--finish-in {self.cfg.finish_in})"
+                ahead += ipc if dec.device == "cuda" else ""
             return (f"{what}: {split}decoded by {dec.name} on {self.device}{engine}{cpu}, crops and colour on "
                     f"{self.device}{ahead}; {self.cfg.num_workers} workers read and sample")
         where = "the GPU" if torch.device(self.device).type == "cuda" else "the workers"
@@ -470,6 +472,10 @@ class VideoLoader:
             # every epoch, after CUDA and the process group are up, is slow and fragile. Its own
             # generator: a DataLoader iterator otherwise draws its base seed from the global torch
             # RNG, so a resumed run (new iterator mid-epoch) would shift every later dropout mask.
+            # Garbage collected first, here: freed in a forked worker, the cyclic garbage of an
+            # earlier compiled run in this process (a sweep's reused worker, a test session)
+            # crashed it with a segmentation fault (tests/test_reader.py)
+            gc.collect()
             self._dl = DataLoader(self.dataset, batch_size=None, num_workers=workers,
                                   generator=torch.Generator().manual_seed(self.seed),
                                   multiprocessing_context="fork" if workers > 0 else None,

@@ -18,6 +18,7 @@ refused unless ``overwrite``.
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
 import json
 import logging
@@ -241,6 +242,7 @@ def _write_split(out_dir: Path, split: str, items: Sequence[Any], load: Callable
     if len(todo) < len(slots):
         print(f"{out_dir}: resuming split {split!r}: {len(slots) - len(todo)} of {len(slots)} shards were finished")
     ctx = mp.get_context("fork")
+    gc.collect()  # (cyclic garbage freed in a forked writer can crash it: see VideoLoader.finished_stream)
     done = ctx.Value("q", 0)
     workers = min(opts.workers, len(todo))
     args = (out_dir, split, load, dataset, opts, plan, describe, done, os.getpid())
