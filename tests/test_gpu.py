@@ -226,7 +226,7 @@ def test_the_gpu_loader_with_a_cpu_decoded_share_gives_the_batches_of_the_gpu_al
 
     def batches(share: float) -> list:
         cfg = LoaderConfig(shards=str(jpeg_128_shards), batch_size=2, num_workers=2, shuffle_buffer=4,
-                           cpu_decode_share=share, temporal=TemporalConfig(num_frames=8),
+                           cpu_decode_share=share, finish_in="thread", temporal=TemporalConfig(num_frames=8),
                            spatial=SpatialConfig(image_size=64))
         loader = VideoLoader(cfg, device="cuda:0")
         assert (share > 0) == ("by PyAV in the workers" in loader.describe())
@@ -281,7 +281,8 @@ def test_the_gpu_loader_in_three_finishing_threads_gives_the_batches_of_one(requ
 
     def batches(threads: int) -> list:
         cfg = LoaderConfig(shards=str(request.getfixturevalue(fixture)), batch_size=2, num_workers=2,
-                           shuffle_buffer=4, finish_threads=threads, temporal=TemporalConfig(num_frames=8),
+                           shuffle_buffer=4, finish_threads=threads, finish_in="thread",  # (its decoders here)
+                           temporal=TemporalConfig(num_frames=8),
                            spatial=SpatialConfig(image_size=64))
         loader = VideoLoader(cfg, device="cuda:0")
         out = [b for _, b in zip(range(6), loader)]

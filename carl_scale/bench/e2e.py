@@ -6,7 +6,7 @@ step fed one batch already on the device, in one process.
         --height 256 --width 340 --payload jpeg --write-workers 16         # on a GPU
     python -m carl_scale.bench.e2e ... --decoder pyav     # decoding in the CPU workers instead
     python -m carl_scale.bench.e2e ... --set parallel.compile=objective data.nvjpeg_hw_load=1
-    python -m carl_scale.bench.e2e ... --set data.finish_in=process   # finishing in a process of its own
+    python -m carl_scale.bench.e2e ... --set data.finish_in=thread    # finishing in threads of this process
 
 All rows use one :class:`~carl_scale.train.trainer.Trainer` (the engine and the loader the
 training run builds; ``--decoder auto``: DALI on a GPU). ``from shards`` times
@@ -24,8 +24,9 @@ finishing step's host time per batch (decoding on the GPU, crops, colour), and o
 between two events around it on its CUDA stream (idle gaps while the host queues work included;
 work DALI queues on streams of its own not seen). With ``--set data.finish_threads=N`` the
 batches are finished N at a time, so these are each batch's own times, not the loader's cost per
-batch (about that divided by N when the threads overlap well); with ``--set data.finish_in=process``
-the host times are measured in the finishing process, and its GPU times are not. ``step host ms``: the host's time
+batch (about that divided by N when the threads overlap well); where the finishing runs in a
+process of its own (``--finish-in`` auto on a GPU) the host times are measured in that process,
+and its GPU times are not (``--set data.finish_in=thread`` for them). ``step host ms``: the host's time
 to queue one training step in each row; on a GPU, where the step runs ahead of the device, a rise
 with the loader alongside is the step's Python waiting for the host (the interpreter lock, cores),
 not for the GPU.

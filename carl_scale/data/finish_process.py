@@ -42,6 +42,7 @@ parent up to 3 (received, handed over, in the step): about twice the threads' ba
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import multiprocessing.util
 import os
@@ -359,8 +360,11 @@ def _serve(loader_cls: type, spec: dict, commands, results, stop, closing, paren
         code = 1
     else:
         code = 0
-    finally:
+    try:
         loader.close()
+    except BaseException:  # (still leave through _exit_now: the normal exit is the one that aborts)
+        traceback.print_exc()
+        code = 1
     _exit_now(code, cuda)
 
 
@@ -376,4 +380,6 @@ def _exit_now(code: int, cuda: bool) -> None:
             torch.cuda.synchronize()  # (nothing of ours still running on the GPU when it goes)
     sys.stdout.flush()
     sys.stderr.flush()
+    with contextlib.suppress(Exception):  # C stdio too (DALI's and PyTorch's messages), into a file
+        ctypes.CDLL(None).fflush(None)
     os._exit(code)

@@ -10,8 +10,9 @@
 # staging calls first, while losing the machine costs little, each call's stages most important first:
 #   bash scripts/device/gpu_check.sh --stage                                  (carry .whl/c2)
 #   bash scripts/device/gpu_check.sh --stage                                  (carry .whl/c3)
-#   bash scripts/device/gpu_check.sh shards step_T80_graphs e2e_jpeg e2e_jpeg_T240   (carry .whl/c1; <= 9 min)
-#   bash scripts/device/gpu_check.sh gpu_tests_dali e2e_jpeg_thread e2e_jpeg_graphs e2e_jpeg_graphs_thread  (<= 7 min)
+#   bash scripts/device/gpu_check.sh shards step_T80_graphs e2e_jpeg          (carry .whl/c1; <= 8 min)
+#   bash scripts/device/gpu_check.sh e2e_jpeg_T240 e2e_jpeg_thread e2e_jpeg_graphs gpu_tests_dali  (<= 9 min)
+#   bash scripts/device/gpu_check.sh e2e_jpeg_graphs_thread                   (if time is left)
 #   bash scripts/device/gpu_check.sh step_T80 step_T240                       (if time is left)
 #   bash scripts/device/gpu_check.sh gpu_tests augment data data_T240         (if time is left)
 # (stage limits are upper bounds; each step and e2e stage compiles first, ~1 min the first time a
@@ -91,8 +92,8 @@ stage step_T240 200 python3 -m carl_scale.bench.step --flavor r50 --frames 240 -
 # (-v: a stage cut short by its limit still shows which tests passed)
 TAIL=25 stage gpu_tests 240 python3 -m pytest -v -m "gpu and not dali" tests/test_gpu.py -p no:cacheprovider
 stage augment 30 python3 -m carl_scale.bench.augment --device cuda --batch 2 --frames 80 --size 224 --iters 10
-# the loader with its defaults (on a GPU: 2 finishing threads, every JPEG frame to the hardware
-# decoder), then with 1 and 4 threads, DALI's own nvJPEG default (hw_load=0.65) and the Huffman
+# the loader with its defaults, finishing in threads here (on a GPU: 2 of them, every JPEG frame to
+# the hardware decoder), then with 1 and 4 threads, DALI's own nvJPEG default (hw_load=0.65) and the Huffman
 # stage on the GPU, and each dali path's decoder with 4 decoders side by side
 stage data 160 python3 -m carl_scale.bench.data --device cuda --height 256 --width 340 --frames 80 \
   --image-size 224 --batch 2 --workers 8 --write-workers 16 --videos 16 --whole-videos 2 --batches 10 \
