@@ -133,6 +133,7 @@ def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
     assert r["config"].loss.tau == 0.2 and r["config"].data.nvjpeg_huffman == "gpu"
     assert r["from shards"] > 0 and r["resident"] > 0 and r["alongside"] > 0 and 0 <= r["data wait"] < 1
     assert r["loader host ms"] > 0 and r["loader gpu ms"] is None  # (a GPU's stream time on a GPU only)
+    assert set(r["peak GiB"]) == set(r["step host ms"]) and r["peak GiB"]["closed"] is None  # (GPU memory)
     assert r["closed"] > 0 and set(r["step host ms"]) == {"resident", "alongside", "from shards", "closed"} and min(r["step host ms"].values()) > 0
     out = capsys.readouterr().out
     assert "loader sampled f/s" in out and "KiB/frame" in out and "step fed by" in out and "loader alongside" in out

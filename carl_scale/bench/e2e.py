@@ -26,10 +26,11 @@ work DALI queues on streams of its own not seen). With ``--set data.finish_threa
 batches are finished N at a time, so these are each batch's own times, not the loader's cost per
 batch (about that divided by N when the threads overlap well); where the finishing runs in a
 process of its own (``--finish-in`` auto on a GPU) the host times are measured in that process,
-and its GPU times are not (``--set data.finish_in=thread`` for them). ``step host ms``: the host's time
-to queue one training step in each row; on a GPU, where the step runs ahead of the device, a rise
-with the loader alongside is the step's Python waiting for the host (the interpreter lock, cores),
-not for the GPU.
+and its GPU times are not (``--set data.finish_in=thread`` for them). ``step host ms``: the
+host's time to queue one training step in each row; on a GPU, where the step runs ahead of the
+device, a rise with the loader alongside is the step's Python waiting for the host (the
+interpreter lock, cores), not for the GPU. ``peak GiB``: this process's peak GPU memory in the
+row (a finishing process's own is not counted).
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    """This process's peak GPU memory since the last reset (a finishing process's not included)."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
 def run(a) -> dict:
     from carl_scale.train.trainer import Trainer, process_group
 
@@ -76,6 +87,7 @@ def run(a) -> dict:
         _sync(device)
         trainer.loader.finish_times = times = []
         wait = queue = 0.0
+        _reset_peak(device)
         t0 = time.perf_counter()
         for _ in range(a.steps):
             w = time.perf_counter()
@@ -87,6 +99,7 @@ def run(a) -> dict:
         fed = a.steps * a.batch / (time.perf_counter() - t0)
         fed_wait = wait / (time.perf_counter() - t0)
         fed_queue = 1000 * queue / a.steps
+        peaks = {"from shards": _peak_gib(device)}
         trainer.loader.finish_times = None
         times = list(times)  # (the finishing thread may be mid-batch: its entry, if any, comes later)
         host_ms = 1000 * sum(t[0] for t in times) / max(1, len(times))
@@ -100,8 +113,9 @@ def run(a) -> dict:
         trainer.train_step(resident_batch)
         _sync(device)
 
-        def resident_steps() -> tuple[float, float]:
-            """(samples/s, host ms to queue a step)"""
+        def resident_steps(row: str) -> tuple[float, float]:
+            """(samples/s, host ms to queue a step); the row's peak memory into ``peaks``"""
+            _reset_peak(device)
             queue, t0 = 0.0, time.perf_counter()
             for _ in range(a.steps):
                 q = time.perf_counter()
@@ -109,10 +123,12 @@ def run(a) -> dict:
                 queue += time.perf_counter() - q
                 tick.release()
             _sync(device)
-            return a.steps * a.batch / (time.perf_counter() - t0), 1000 * queue / a.steps
+            rate = a.steps * a.batch / (time.perf_counter() - t0)
+            peaks[row] = _peak_gib(device)
+            return rate, 1000 * queue / a.steps
 
         tick = threading.Semaphore(0)
-        resident, resident_queue = resident_steps()
+        resident, resident_queue = resident_steps("resident")
         # the loader's work alongside, paced at one batch per step as in training, batches dropped
         tick, stop, failed = threading.Semaphore(0), threading.Event(), []
 
@@ -130,7 +146,7 @@ def run(a) -> dict:
         thread = threading.Thread(target=drain, name="e2e-drain", daemon=True)
         thread.start()
         try:
-            alongside, alongside_queue = resident_steps()
+            alongside, alongside_queue = resident_steps("alongside")
         finally:
             stop.set()
             tick.release()
@@ -142,13 +158,13 @@ def run(a) -> dict:
         # own speed, the reference of every ratio. On the H200 the resident row with a finishing
         # process idle beside it ran 19-25% below the threads' (a second CUDA context on the GPU?):
         # this row tells an idle loader's cost from the step's
-        closed, closed_queue = resident_steps()
+        closed, closed_queue = resident_steps("closed")
         name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         return {"device": name, "decoder": trainer.loader.decoder.name + "/" + trainer.loader.decoder.device,
                 "from shards": fed, "resident": resident, "alongside": alongside, "closed": closed,
                 "data wait": fed_wait, "step host ms": {"resident": resident_queue, "alongside": alongside_queue,
                                                         "from shards": fed_queue, "closed": closed_queue},
-                "loader host ms": host_ms, "loader gpu ms": gpu_ms, "config": cfg}
+                "peak GiB": peaks, "loader host ms": host_ms, "loader gpu ms": gpu_ms, "config": cfg}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -199,14 +215,17 @@ def main(argv: list[str] | None = None) -> dict:
     gpu = "-" if r["loader gpu ms"] is None else f"{r['loader gpu ms']:.1f}"
     queue = {k: f"{v:.1f}" for k, v in r["step host ms"].items()}
     ref = r["closed"]
-    print(table([("resident batch, loader closed", f"{ref:.2f}", "1.00", queue["closed"], "-", "-", "-"),
+    peak = {k: "-" if v is None else f"{v:.2f}" for k, v in r["peak GiB"].items()}
+    print(table([("resident batch, loader closed", f"{ref:.2f}", "1.00", queue["closed"], peak["closed"], "-", "-",
+                  "-"),
                  ("resident batch, loader idle", f"{r['resident']:.2f}", f"{r['resident'] / ref:.2f}",
-                  queue["resident"], "-", "-", "-"),
+                  queue["resident"], peak["resident"], "-", "-", "-"),
                  ("resident batch, loader alongside", f"{r['alongside']:.2f}", f"{r['alongside'] / ref:.2f}",
-                  queue["alongside"], "-", "-", "-"),
+                  queue["alongside"], peak["alongside"], "-", "-", "-"),
                  ("from shards", f"{r['from shards']:.2f}", f"{r['from shards'] / ref:.2f}",
-                  queue["from shards"], f"{100 * r['data wait']:.0f}%", f"{r['loader host ms']:.1f}", gpu)],
-                ("step fed by", "samples/s", "x", "step host ms", "data wait", "loader host ms/batch",
+                  queue["from shards"], peak["from shards"], f"{100 * r['data wait']:.0f}%",
+                  f"{r['loader host ms']:.1f}", gpu)],
+                ("step fed by", "samples/s", "x", "step host ms", "peak GiB", "data wait", "loader host ms/batch",
                  "loader GPU ms/batch")))
     return r
 
