@@ -204,6 +204,6 @@ class Backbone(nn.Module):
                     del y
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.trainable.parameters()):
             return self.trainable(x)
-        if calls == 1 or self.trainable.training:  # (in training mode its BatchNorms take the whole batch's statistics)
+        if calls == 1 or self.trainable.training:  # (training: its BatchNorms take the whole batch's statistics)
             return self.trainable(x)
         return torch.cat([self.trainable(x[a:b]) for a, b in zip(bounds, bounds[1:])])

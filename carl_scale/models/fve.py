@@ -75,7 +75,6 @@ class FrameVideoEncoder(nn.Module):
         valid ones: no graph break, no recompile per count (masked_norm's docstring has why)."""
         if valid is None:
             return fn(x)
-        rows = valid.view(-1, *([1] * (x.dim() - 1)))
         if not torch.compiler.is_compiling():
             # (eager keeps the narrower batch: masked_norm's float32 BatchNorm would save a float32
             # copy of each trained activation for backward, and padded frames cost their compute)
@@ -85,7 +84,8 @@ class FrameVideoEncoder(nn.Module):
             full = out.new_zeros((x.shape[0], *out.shape[1:]))
             full[valid] = out
             return full
-        x = torch.where(rows, x, 0)  # (what a padded slot holds, even inf or NaN, reaches no gradient)
+        # (what a padded slot holds, even inf or NaN, reaches no gradient)
+        x = torch.where(valid.view(-1, *([1] * (x.dim() - 1))), x, 0)
         for m in norms:
             m.carl_rows = valid
         try:

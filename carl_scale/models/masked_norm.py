@@ -7,7 +7,7 @@ host wait for the device (to count the rows), and under ``torch.compile`` it bre
 recompiles for new counts. Measured on the CPU with the debug flavor and ``--compile objective``:
 17 graphs and 11 graph breaks over ten padded steps, against one graph unpadded; on the H200 the
 T = 240 end-to-end benchmark, whose short synthetic videos are padded, did not finish its
-warm-up in 2 minutes.
+warm-up in 2 minutes (this the likely cause; not yet re-measured).
 
 Here, when compiled (the encoder's ``_valid_frames``; eager keeps ``x[valid]``), every frame goes
 through the network at a fixed shape, and each trained BatchNorm (its module swapped to a subclass
@@ -96,4 +96,3 @@ def make_row_maskable(*modules: nn.Module) -> list[nn.Module]:
             if isinstance(m, _RowMaskable):
                 found.append(m)
     return found
-
