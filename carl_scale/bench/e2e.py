@@ -14,9 +14,10 @@ training run builds; ``--decoder auto``: DALI on a GPU). ``from shards`` times
 times it on one batch kept on the device: with the loader idle (its pass started, its batches
 ahead ready), and once more after the loader is closed. That last row is the step's own speed
 and every ratio's reference: 1.0 means the loader keeps the step fed. An ``idle`` row below it
-is what the loader's mere presence costs (a finishing process's CUDA context, say). ``data wait`` is the share of the loader row spent waiting
-for the next batch. ``resident, loader alongside`` steps on the resident batch while a thread
-(on a CUDA stream of its own) takes one loader batch per step and drops it: what the loader's
+is what the loader's mere presence costs (a finishing process's CUDA context, say). ``data
+wait`` is the share of the loader row spent waiting for the next batch. ``resident, loader
+alongside`` steps on the resident batch while a thread (on a CUDA stream of its own) takes one
+loader batch per step and drops it: what the loader's
 work (its GPU kernels, its host threads) costs the step without any waiting, so a loss not
 explained by ``data wait`` shows up here. On a CPU the finishing runs in that thread, beside the
 step, where training runs it between steps: there the row overstates. ``loader ms/batch``: the
