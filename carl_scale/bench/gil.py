@@ -38,13 +38,21 @@ def _busy(stop, python_us: float) -> None:
         y.add_(1)
 
 
-def _loop(ops: int) -> float:
-    """Microseconds per operator of a loop of small in-place additions."""
+def _loop(ops: int, windows: int = 10) -> float:
+    """Microseconds per operator of a loop of small in-place additions, timed in ``windows``
+    stretches, each after a short sleep. Why: which of two threads keeps the lock is decided at
+    the start and then tends to hold (each retakes it before the other wakes). Timed in one
+    stretch, about one run in six here found the loop keeping it and the busy thread starved
+    (2-3x instead of thousands); each sleep hands the lock back, so the windows sample both."""
     x = torch.zeros(1)
-    t0 = time.perf_counter()
-    for _ in range(ops):
-        x.add_(1)
-    return 1e6 * (time.perf_counter() - t0) / ops
+    per, total = max(1, ops // windows), 0.0
+    for _ in range(windows):
+        time.sleep(0.001)
+        t0 = time.perf_counter()
+        for _ in range(per):
+            x.add_(1)
+        total += time.perf_counter() - t0
+    return 1e6 * total / (per * windows)
 
 
 def measure(ops: int, python_us: float, switch_s: float) -> dict[str, float]:
