@@ -638,6 +638,34 @@ def test_finishing_threads_side_by_side_give_the_same_batches_each_with_its_own_
     assert VideoLoader(_cfg(vp9_shards, decoder="dali"), decode_in_collate=True).finish_threads == 1
 
 
+def test_batches_ahead_bounds_what_the_finishing_threads_make_before_they_are_asked(vp9_shards):
+    """``batches_ahead()`` is what benchmarks take without a step to time the loader from empty
+    buffers (bench.e2e): left alone after one batch, two finishing threads (on the CPU, DALI's CPU
+    decoder in the GPU's place) fill their buffers, never beyond its finishing share."""
+    import time
+
+    loader = VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=2, decoder="dali", finish_threads=2,
+                              epoch_samples=64), decode_in_collate=True)
+    loader.finish_in_thread = True
+    loader.finish_times = made = []
+    it = iter(loader)
+    next(it)
+    seen, since = len(made), time.monotonic()
+    while time.monotonic() - since < 1.5:  # until no batch was finished for 1.5 s
+        time.sleep(0.1)
+        if len(made) != seen:
+            seen, since = len(made), time.monotonic()
+    finishing_share = loader.batches_ahead() - 2 * 2  # (the workers' prefetch: 2 batches each)
+    # filled: each thread's finished batches (GPU_PREFETCH_BATCHES over 2 threads) and one in hand each
+    assert 2 <= len(made) - 1 <= finishing_share, (len(made), loader.batches_ahead())
+    assert loader.batches_ahead() == 2 * 2 + 2 * (2 + 1 + 1) + 1
+    it.close()
+    loader.close()
+    assert VideoLoader(_cfg(vp9_shards, num_workers=3, decoder="pyav")).batches_ahead() == 3 * 2  # workers only
+    # a finishing process adds its queue, the hand-over and the batch being received
+    assert _in_process(vp9_shards).batches_ahead() == 2 * 2 + 1 * (2 + 2 + 1) + 1 + 3
+
+
 def test_frames_decoded_in_the_collate_at_another_size_than_the_metadata_are_counted_and_stood_in_for(vp9_shards):
     """The crops were drawn for the metadata's frame size: a video the finishing step's decoder
     returns at another size is counted and stood in for, as in the workers, not cropped wrongly."""

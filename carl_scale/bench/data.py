@@ -128,31 +128,32 @@ def bench_side_by_side(decoders: list, items, temporal: TemporalConfig, batch: i
 
 
 def bench_loader(cfg: LoaderConfig, batches: int, device: str, in_threads: bool = False) -> float:
-    """Batches/s of the training loader, after its first batch, or its first one per finishing
-    thread (worker start-up, the first fill of the shuffle buffer and each thread's decoder build
-    are not steady state); over epochs if one is shorter.
+    """Batches/s of the training loader in steady state, over one epoch that does not end.
+    Untimed first: one batch per worker and per finishing thread (worker start-up, the first fill
+    of the shuffle buffer, each thread's decoder build). Then ``batches``, rounded up to whole
+    rounds of the workers: workers started together deliver their batches in bursts (the
+    DataLoader takes them in turn), so a window that ends mid-round would count a burst's batches
+    without the wait for the next one (up to workers - 1 batches too many).
     ``in_threads``: decoded and augmented in the training process by its finishing threads, as on
     a GPU, wherever it runs."""
+    workers = max(1, cfg.num_workers)
+    timed = -(-batches // workers) * workers
     # (finishing in threads here: the decoders' own throughput, comparable over leases; the
     # default's process of its own is bench.e2e's, where its hand-over meets the step)
-    loader = VideoLoader(dataclasses.replace(cfg, finish_in="thread"), device=device,
-                         decode_in_collate=True if in_threads else None)
+    cfg = dataclasses.replace(cfg, finish_in="thread", epoch_samples=cfg.batch_size * (2 * workers + timed + 8))
+    loader = VideoLoader(cfg, device=device, decode_in_collate=True if in_threads else None)
     if in_threads:
         loader.finish_in_thread = True
-
-    def endless():
-        while True:
-            yield from loader
-
-    it = endless()
-    for _ in range(loader.finish_threads):  # batch k is finished by thread k mod N: each has built its decoder
+    it = iter(loader)
+    for _ in range(loader.finish_threads + workers):  # batch k is finished by thread k mod N
         next(it)
     _sync(device)
     t0 = time.perf_counter()
-    for _ in range(batches):
+    for _ in range(timed):
         next(it)
     _sync(device)
-    rate = batches / (time.perf_counter() - t0)
+    rate = timed / (time.perf_counter() - t0)
+    it.close()
     loader.close()
     return rate
 

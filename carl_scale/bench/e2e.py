@@ -10,10 +10,12 @@ step fed one batch already on the device, in one process.
 
 All rows use one :class:`~carl_scale.train.trainer.Trainer` (the engine and the loader the
 training run builds; ``--decoder auto``: DALI on a GPU). ``from shards`` times
-``Trainer.train_step`` on the loader's batches, the wait for each batch included; ``resident``
-times it on one batch kept on the device: with the loader idle (its pass started, its batches
-ahead ready), and once more after the loader is closed. That last row is the step's own speed
-and every ratio's reference: 1.0 means the loader keeps the step fed. An ``idle`` row below it
+``Trainer.train_step`` on the loader's batches, the wait for each batch included, from emptied
+buffers (the batches the loader made while the first steps compiled are taken without a step
+first: counted, they made the first timed steps free); ``resident`` times it on one batch kept
+on the device: with the loader idle (given ``--settle`` seconds to fill its buffers, so that its
+refill does not share the row), and once more after the loader is closed. That last row is the
+step's own speed and every ratio's reference: 1.0 means the loader keeps the step fed. An ``idle`` row below it
 is what the loader's mere presence costs (a finishing process's CUDA context, say). ``data
 wait`` is the share of the loader row spent waiting for the next batch. ``resident, loader
 alongside`` steps on the resident batch while a thread (on a CUDA stream of its own) takes one
@@ -31,13 +33,18 @@ and its GPU times are not (``--set data.finish_in=thread`` for them). ``step hos
 host's time to queue one training step in each row; on a GPU, where the step runs ahead of the
 device, a rise with the loader alongside is the step's Python waiting for the host (the
 interpreter lock, cores), not for the GPU. ``peak GiB``: this process's peak GPU memory in the
-row (a finishing process's own is not counted).
+row (a finishing process's own is not counted). ``loader procs' cores``: the CPU the loader's
+processes (workers, a finishing process and its workers; not finishing threads in this process)
+kept busy in the row: about 0 in the idle row if it was idle. The run is one epoch that does not
+end (``--epoch-samples``): an epoch's end restarts the workers' streams, once in thousands of
+steps on Kinetics.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import tempfile
 import threading
 import time
@@ -49,6 +56,10 @@ from carl_scale.bench.step import parse_overrides
 from carl_scale.models.flavors import FLAVORS
 from carl_scale.tables import table
 from carl_scale.train.recipes import configure, recipe
+
+# batches of the run's one epoch beyond those the rows take (the emptied buffers' and the loader's
+# own run-ahead): bench.e2e never reaches an epoch's end
+EPOCH_SPARE_BATCHES = 200
 
 
 def _sync(device: torch.device) -> None:
@@ -66,12 +77,48 @@ def _peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def _descendants_cpu_s() -> dict[int, float] | None:
+    """CPU seconds so far of each live descendant process of this one (the loader's workers, a
+    finishing process and its workers), from Linux's /proc; None where there is none."""
+    if not os.path.isdir("/proc/self/task"):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:  # (gone since the listing)
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after the name: state, ppid, ..., utime, stime
+        parent[int(entry)], cpu[int(entry)] = int(fields[1]), (int(fields[11]) + int(fields[12])) / tick
+    mine, todo = {}, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        for child in [c for c, p in parent.items() if p == pid]:
+            mine[child] = cpu[child]
+            todo.append(child)
+    return mine
+
+
+def _cores(before: dict[int, float] | None, after: dict[int, float] | None, wall: float) -> float | None:
+    """The cores the descendants kept busy between two readings (processes alive at the second)."""
+    if before is None or after is None:
+        return None
+    return sum(s - before.get(pid, 0.0) for pid, s in after.items()) / wall
+
+
 def run(a) -> dict:
     from carl_scale.train.trainer import Trainer, process_group
 
     with tempfile.TemporaryDirectory() as tmp, process_group() as (rank, world, device), contextlib.ExitStack() as on:
         cfg = configure(recipe("debug"), {
-            "data.shards": a.shards, "run_dir": str(Path(tmp) / "run"), "steps": a.steps + a.warmup + 1,
+            "data.shards": a.shards, "run_dir": str(Path(tmp) / "run"), "steps": 4 * a.steps + 2 * a.warmup + 1,
+            # one epoch for the whole run (the shards are read over and over): an epoch's end
+            # restarts the workers' streams, which a Kinetics-sized epoch does once in thousands of steps
+            "data.epoch_samples": a.batch * (4 * a.steps + 2 * a.warmup + EPOCH_SPARE_BATCHES),
             "data.batch_size": a.batch, "data.temporal.num_frames": a.frames, "data.num_workers": a.workers,
             "data.decoder": a.decoder, "data.cpu_decode_share": a.cpu_decode_share, "eval.enabled": False,
             **a.overrides}, flavor=a.flavor)
@@ -86,9 +133,22 @@ def run(a) -> dict:
         for _ in range(a.warmup):
             trainer.train_step(next(batches))
         _sync(device)
+        # The loader filled its buffers while the first steps compiled (a minute on a GPU): taken
+        # here without a step, they would make the first timed steps free and the loader look
+        # faster than it is (the 2026-11-27 rows: 10 timed steps, 5-7 of them made beforehand).
+        # So they are taken first, and the row starts from empty buffers after a few steps for the
+        # emptied pipeline's latency: from there a loader faster than the step fills them again,
+        # as in training, and a slower one keeps them empty.
+        emptied = trainer.loader.batches_ahead()
+        for _ in range(emptied):
+            next(batches)
+        for _ in range(a.warmup):
+            trainer.train_step(next(batches))
+        _sync(device)
         trainer.loader.finish_times = times = []
         wait = queue = 0.0
         _reset_peak(device)
+        fed_cpu = _descendants_cpu_s()
         t0 = time.perf_counter()
         for _ in range(a.steps):
             w = time.perf_counter()
@@ -97,10 +157,10 @@ def run(a) -> dict:
             trainer.train_step(batch)
             wait, queue = wait + q - w, queue + time.perf_counter() - q
         _sync(device)
-        fed = a.steps * a.batch / (time.perf_counter() - t0)
-        fed_wait = wait / (time.perf_counter() - t0)
-        fed_queue = 1000 * queue / a.steps
+        fed_wall = time.perf_counter() - t0
+        fed, fed_wait, fed_queue = a.steps * a.batch / fed_wall, wait / fed_wall, 1000 * queue / a.steps
         peaks = {"from shards": _peak_gib(device)}
+        loader_cores = {"from shards": _cores(fed_cpu, _descendants_cpu_s(), fed_wall)}
         trainer.loader.finish_times = None
         times = list(times)  # (the finishing thread may be mid-batch: its entry, if any, comes later)
         host_ms = 1000 * sum(t[0] for t in times) / max(1, len(times))
@@ -115,8 +175,10 @@ def run(a) -> dict:
         _sync(device)
 
         def resident_steps(row: str) -> tuple[float, float]:
-            """(samples/s, host ms to queue a step); the row's peak memory into ``peaks``"""
+            """(samples/s, host ms to queue a step); the row's peak memory into ``peaks``, the
+            loader's processes' CPU use into ``loader_cores``"""
             _reset_peak(device)
+            cpu = _descendants_cpu_s()
             queue, t0 = 0.0, time.perf_counter()
             for _ in range(a.steps):
                 q = time.perf_counter()
@@ -124,11 +186,18 @@ def run(a) -> dict:
                 queue += time.perf_counter() - q
                 tick.release()
             _sync(device)
-            rate = a.steps * a.batch / (time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
             peaks[row] = _peak_gib(device)
-            return rate, 1000 * queue / a.steps
+            loader_cores[row] = _cores(cpu, _descendants_cpu_s(), wall)
+            return a.steps * a.batch / wall, 1000 * queue / a.steps
 
         tick = threading.Semaphore(0)
+        # The loader refills its buffers once the step stops taking batches: a row timed right
+        # after the last one would share the GPU (and the host) with that refill. On 2026-11-27
+        # the 10-step "idle" row (0.2-0.3 s) ran so, 19-25% below the threads' row with a
+        # finishing process beside it. Given time to fill them, the loader is idle in the row
+        # (its processes' CPU use in the table says whether it was).
+        time.sleep(a.settle)
         resident, resident_queue = resident_steps("resident")
         # the loader's work alongside, paced at one batch per step as in training, batches dropped
         tick, stop, failed = threading.Semaphore(0), threading.Event(), []
@@ -165,7 +234,8 @@ def run(a) -> dict:
                 "from shards": fed, "resident": resident, "alongside": alongside, "closed": closed,
                 "data wait": fed_wait, "step host ms": {"resident": resident_queue, "alongside": alongside_queue,
                                                         "from shards": fed_queue, "closed": closed_queue},
-                "peak GiB": peaks, "loader host ms": host_ms, "loader gpu ms": gpu_ms, "config": cfg}
+                "peak GiB": peaks, "loader cores": loader_cores, "emptied": emptied, "loader host ms": host_ms,
+                "loader gpu ms": gpu_ms, "config": cfg}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -185,7 +255,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3,
+                   help="untimed steps at the start (compiling), and again after the buffers are emptied")
+    p.add_argument("--settle", type=float, default=2.0,
+                   help="seconds the loader is given to fill its buffers before the idle row")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="more of the run's settings, e.g. parallel.compile=objective data.nvjpeg_hw_load=1")
     a = p.parse_args(argv)
@@ -198,6 +271,8 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--set: {exn}")
     if min(a.height, a.width, a.write_workers, a.frames, a.batch, a.steps, a.warmup) < 1 or a.workers < 0:
         p.error("every count must be >= 1 (--workers >= 0)")
+    if not a.settle >= 0:
+        p.error(f"--settle must be >= 0 seconds, got {a.settle}")
     if not 0 <= a.cpu_decode_share <= 1:
         p.error("--cpu-decode-share must be in [0, 1]")
     if a.shards is None:
@@ -214,20 +289,22 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nend to end on {r['device']}: flavor {a.flavor}, T={a.frames}, {a.batch} videos, {a.workers} workers, "
           f"decoder {r['decoder']}, shards {a.shards}{settings}")
     gpu = "-" if r["loader gpu ms"] is None else f"{r['loader gpu ms']:.1f}"
-    queue = {k: f"{v:.1f}" for k, v in r["step host ms"].items()}
     ref = r["closed"]
-    peak = {k: "-" if v is None else f"{v:.2f}" for k, v in r["peak GiB"].items()}
-    print(table([("resident batch, loader closed", f"{ref:.2f}", "1.00", queue["closed"], peak["closed"], "-", "-",
-                  "-"),
-                 ("resident batch, loader idle", f"{r['resident']:.2f}", f"{r['resident'] / ref:.2f}",
-                  queue["resident"], peak["resident"], "-", "-", "-"),
-                 ("resident batch, loader alongside", f"{r['alongside']:.2f}", f"{r['alongside'] / ref:.2f}",
-                  queue["alongside"], peak["alongside"], "-", "-", "-"),
-                 ("from shards", f"{r['from shards']:.2f}", f"{r['from shards'] / ref:.2f}",
-                  queue["from shards"], peak["from shards"], f"{100 * r['data wait']:.0f}%",
-                  f"{r['loader host ms']:.1f}", gpu)],
-                ("step fed by", "samples/s", "x", "step host ms", "peak GiB", "data wait", "loader host ms/batch",
-                 "loader GPU ms/batch")))
+
+    def row(name: str, key: str, *loader: str) -> tuple[str, ...]:
+        peak, cores = r["peak GiB"].get(key), r["loader cores"].get(key)
+        return (name, f"{r[key]:.2f}", f"{r[key] / ref:.2f}", f"{r['step host ms'][key]:.1f}",
+                "-" if peak is None else f"{peak:.2f}", "-" if cores is None else f"{cores:.2f}",
+                *(loader or ("-", "-", "-")))
+
+    print(table([row("resident batch, loader closed", "closed"),
+                 row("resident batch, loader idle", "resident"),
+                 row("resident batch, loader alongside", "alongside"),
+                 row("from shards", "from shards", f"{100 * r['data wait']:.0f}%", f"{r['loader host ms']:.1f}", gpu)],
+                ("step fed by", "samples/s", "x", "step host ms", "peak GiB", "loader procs' cores", "data wait",
+                 "loader host ms/batch", "loader GPU ms/batch")))
+    print(f"(timed from shards after {r['emptied']} batches taken without a step: the buffers the loader "
+          f"filled while the first steps ran)")
     return r
 
 

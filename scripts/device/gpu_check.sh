@@ -104,28 +104,28 @@ stage data_T240 160 python3 -m carl_scale.bench.data --device cuda --height 256 
   --image-size 224 --batch 4 --workers 8 --write-workers 16 --videos 16 --whole-videos 2 --batches 6 \
   --paths jpeg/dali --finish-threads 1
 stage e2e_jpeg_T240 200 python3 -m carl_scale.bench.e2e --flavor r50 --frames 240 --batch 4 --workers 8 \
-  --shards data/bench/340x256_gop30/jpeg --steps 6
-stage e2e_jpeg 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30/jpeg --steps 10
+  --shards data/bench/340x256_gop30/jpeg --steps 12
+stage e2e_jpeg 90 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 30
 # the finishing in threads of the training process (--finish-in thread; the default is a process of
 # its own where a GPU decodes): on 2026-11-27 57.5 samples/s from shards in a process, 44.8 in threads
-stage e2e_jpeg_thread 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30/jpeg --steps 10 --set data.finish_in=thread
-stage e2e_jpeg_graphs_thread 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30/jpeg --steps 10 --set parallel.compile_mode=reduce-overhead data.finish_in=thread
+stage e2e_jpeg_thread 110 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 30 --set data.finish_in=thread
+stage e2e_jpeg_graphs_thread 110 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 30 --set parallel.compile_mode=reduce-overhead data.finish_in=thread
 # CUDA graphs: the step's host time (23 ms of a 25 ms compiled step at T = 80) is what the loader's
 # finishing threads contend with for the GIL; replayed graphs leave them the host
-stage e2e_jpeg_graphs 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30/jpeg --steps 10 --set parallel.compile_mode=reduce-overhead
-stage e2e_jpeg_one_thread 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30/jpeg --steps 10 --set data.finish_threads=1
-stage e2e_jpeg_pyav 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30/jpeg --steps 10 --decoder pyav
-stage e2e_jpeg_hybrid 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30/jpeg --steps 10 --cpu-decode-share 0.25
+stage e2e_jpeg_graphs 90 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 30 --set parallel.compile_mode=reduce-overhead
+stage e2e_jpeg_one_thread 90 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 30 --set data.finish_threads=1
+stage e2e_jpeg_pyav 90 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 30 --decoder pyav
+stage e2e_jpeg_hybrid 90 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 30 --cpu-decode-share 0.25
 # (measured on 2026-11-27, no gain: 0.60 of the resident step against 0.65 without)
-stage e2e_jpeg_priority 80 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30/jpeg --steps 10 --set parallel.step_priority=high
+stage e2e_jpeg_priority 90 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+  --shards data/bench/340x256_gop30/jpeg --steps 30 --set parallel.step_priority=high
 # DALI's GPU tests last: they passed on the last GPU machine; a call cut by the session's device
 # time loses them rather than a measurement
 TAIL=25 stage gpu_tests_dali 120 python3 -m pytest -v -m "gpu and dali" tests/test_gpu.py -p no:cacheprovider
