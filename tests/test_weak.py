@@ -346,3 +346,51 @@ def test_the_weak_objective_with_the_joint_cost_trains_and_refuses_one_view_pair
     assert calls == [model] and out["pairs"] == 1
     with pytest.raises(ConfigError, match="--pcl-cost"):
         LossConfig(name="weak", pcl_cost="joint", view_ensemble=False)
+
+
+@pytest.mark.parametrize("cost", ["views", "joint"])
+def test_compiling_the_weak_objective_compiles_its_encoder_pass_and_changes_no_value(cost):
+    """``--compile objective --loss weak`` compiles the encoder and projection only (PCL aligns on
+    the host; Eq. 3 gathered at world size 2 fails in Inductor's CPU code): one graph, no graph
+    break, and the loss, each term and every gradient the eager objective's. A video with an
+    unknown label (-1) is left out of the class token's cross-entropy, and with no label known the
+    term is 0."""
+    from carl_scale.losses.objective import build_objective
+    from carl_scale.models import build_model
+    from carl_scale.train.recipes import configure, recipe
+    from carl_scale.train.trainer import apply_speedups
+
+    cfg = configure(recipe("debug"), {"data.temporal.num_frames": 6, "model.image_size": 32, "loss.pcl_cost": cost,
+                                      "parallel.compile": "objective"}, weak=True)
+    torch.manual_seed(0)
+    batch = _encoder_batch()
+    batch.action_labels = torch.tensor([0, 0, 2, -1])  # one pair, and a video of no known class
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg.model).eval()  # (dropout off: both passes the same)
+        objective = build_objective(model, cfg.loss)
+        if compiled:
+            assert "compiled objective (encode)" in apply_speedups(model, cfg, objective)
+        torch._dynamo.utils.counters.clear()
+        out = objective(batch)
+        out["loss"].backward()
+        results.append(({k: v.detach() for k, v in out.items()},
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    counters = torch._dynamo.utils.counters
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    (eager, g0), (comp, g1) = results
+    assert eager["pairs"] == 1 and eager["pcl"] > 0 and eager["ce"] > 0 and g0.keys() == g1.keys() and len(g0) > 10
+    for k in eager:
+        torch.testing.assert_close(comp[k], eager[k], rtol=1e-5, atol=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5)
+    # the cross-entropy: the mean over the known videos' views, 0 with none known
+    model = build_model(cfg.model).eval()
+    objective = build_objective(model, cfg.loss)
+    logits = model(batch.views.flatten(0, 1), None)["logits"]
+    ref = F.cross_entropy(logits[:6], torch.tensor([0, 0, 0, 0, 2, 2]))
+    torch.testing.assert_close(objective(batch)["ce"], ref)
+    batch.action_labels = torch.full((4,), -1)
+    out = objective(batch)
+    assert out["ce"] == 0 and out["pairs"] == 0 and torch.isfinite(out["loss"])

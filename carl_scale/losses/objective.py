@@ -27,6 +27,11 @@ class Objective(nn.Module):
     surrounds the engine unless its own ``torch_autocast`` is configured, and that one leaves
     process-wide state behind."""
 
+    # what ``--compile objective`` compiles: the method's forward and loss are one graph, so its
+    # backward is one graph too. An objective whose loss has host work (alignment on the host,
+    # Python branches on the batch's labels) names the part that has none.
+    compiled_method = "compute"
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
@@ -74,7 +79,14 @@ class WeakObjective(Objective):
     """Weak supervision with video-level labels (paper §3.5, Eq. 6): SCL whose denominators also
     hold the frames of other-class videos of every rank (Eq. 3), λ x the paired contrastive loss
     between same-class videos of the rank's batch (Eq. 4-5), and the class token's cross-entropy
-    on both views. Logged besides the loss: each term, and the same-class pairs per batch."""
+    on both views. Logged besides the loss: each term, and the same-class pairs per batch.
+
+    ``--compile objective`` compiles the encoder's pass (:meth:`encode`): PCL aligns on the host
+    and the pairs depend on the batch's labels, and Inductor's CPU code for the gathered Eq. 3
+    fails to build at world size 2 (torch 2.14), so the losses stay eager. The encoder is most of
+    the step's kernels."""
+
+    compiled_method = "encode"
 
     def __init__(self, model: nn.Module, cfg: LossConfig):
         super().__init__(model)
@@ -92,22 +104,25 @@ class WeakObjective(Objective):
         else:
             scl = sequence_contrastive_loss(*views, tau=c.tau, sigma2=c.sigma2, **masks)
         joint = None
-        same = (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
-        if c.pcl_cost == "joint" and c.pcl_weight > 0 and int(same.sum()) > int((labels >= 0).sum()):  # a pair
-            joint = joint_view_projections(self.model, out["features"], batch.timestamps, batch.mask, batch.num_frames)
+        if c.pcl_cost == "joint" and c.pcl_weight > 0:
+            known = [x for x in labels.tolist() if x >= 0]  # (PCL reads them on the host too)
+            if len(set(known)) < len(known):  # a same-class pair
+                joint = joint_view_projections(self.model, out["features"], batch.timestamps, batch.mask,
+                                               batch.num_frames)
         if c.pcl_weight > 0:
             pcl, stats = paired_contrastive_loss(z, batch.timestamps, batch.mask, labels, batch.num_frames,
                                                  tau=c.tau, positive_pct=c.eps1, protect_pct=c.eps2,
                                                  view_ensemble=c.view_ensemble, grid=c.pcl_grid, joint=joint)
         else:  # λ = 0: no DTW (its host work) for a term weighed by nothing; the pairs still counted
+            same = (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
             pcl, stats = z.new_zeros(z.shape[0]), {"pairs": ((same.sum() - (labels >= 0).sum()) / 2).to(z.dtype)}
         loss = scl + c.pcl_weight * pcl.mean()
         ce = scl.new_zeros(())
         if c.ce_weight > 0 and "logits" in out:
             both = labels.repeat_interleave(2)  # the two views of a video are sequences 2b and 2b+1
-            known = both >= 0
-            if known.any():
-                ce = F.cross_entropy(out["logits"][known].float(), both[known])
+            # the mean over the views of known videos (0 without one), at the batch's fixed shape
+            each = F.cross_entropy(out["logits"].float(), both.clamp(min=0), reduction="none")
+            ce = torch.where(both >= 0, each, 0.0).sum() / (both >= 0).sum().clamp(min=1)
             loss = loss + c.ce_weight * ce
         return {"loss": loss, "scl": scl.detach(), "pcl": pcl.mean().detach(), "ce": ce.detach(),
                 "pairs": stats["pairs"] if torch.is_tensor(stats["pairs"]) else z.new_tensor(float(stats["pairs"]))}

@@ -63,11 +63,13 @@ class ParallelConfig(Config):
                                            "--compile's graphs); auto: on a GPU")
     # auto, by measurement (same table): the compiled objective ran 2.05-2.31x the published step
     # at T = 80 x 2 (the eager one 1.30-1.41x) and 2.11x at T = 240 x 4 (eager 1.37x); the first
-    # steps compile (tens of seconds for r50). Not with ZeRO, nor the weak objective: untested there
+    # steps compile (tens of seconds for r50). Not with ZeRO (untested), nor the weak objective (its
+    # compiled encoder is checked on the CPU, not measured on a GPU)
     compile: Literal["auto", "off", "trunk", "objective"] = param(
         "auto", flag="--compile", help="torch.compile (the first steps compile): trunk: the ResNet trunk; objective: "
-                                       "the whole forward (encoder, projection, loss) as one graph, and its backward; "
-                                       "auto: objective for --loss scl on a GPU without ZeRO, else off")
+                                       "the whole forward (encoder, projection, loss) as one graph, and its backward "
+                                       "(--loss weak: the encoder and projection; its losses stay eager); auto: "
+                                       "objective for --loss scl on a GPU without ZeRO, else off")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = param(
         "default", flag="--compile-mode", help="torch.compile's mode; reduce-overhead also replays the compiled "
                                                "parts as CUDA graphs (a GPU, fixed shapes)")
