@@ -17,6 +17,11 @@
 #   bash scripts/device/gpu_check.sh gpu_tests augment data data_T240         (if time is left)
 # (stage limits are upper bounds; each step and e2e stage compiles first, ~1 min the first time a
 # graph is compiled on a machine. A session's 15 minutes end somewhere in the third call)
+# The e2e stages time 30 steps from emptied buffers and let the loader settle 2 s before the idle
+# row: the first two leases' rows started with 5-7 batches made during the compile and timed the
+# idle row during the loader's refill (BENCHMARKS.md, "how the rows above were timed"). First
+# questions for e2e_jpeg / e2e_jpeg_thread: process vs threads from shards, and whether the idle
+# row (loader procs' cores ~0) still sits below the closed one.
 # The machine goes back after 30 s idle, and the staged parts with it: make the calls back to back.
 # No stage names: every stage (~20 minutes: more than one call may run).
 set -uo pipefail
