@@ -129,20 +129,22 @@ def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
             data.nvjpeg_settings(bad)
     assert all(r["loader"] > 0 for r in rows if "side" not in r["decoder"])
     r = e2e.main(["--data-dir", str(tmp_path), "--frames", "8", "--steps", "2", "--warmup", "1", "--height", "64",
-                  "--width", "96", "--workers", "1", "--settle", "0.5", "--set", "loss.tau=0.2,data.nvjpeg_huffman=gpu"])
+                  "--width", "96", "--workers", "1", "--settle", "10", "--set", "loss.tau=0.2,data.nvjpeg_huffman=gpu"])
     assert r["config"].loss.tau == 0.2 and r["config"].data.nvjpeg_huffman == "gpu"
     assert r["from shards"] > 0 and r["resident"] > 0 and r["alongside"] > 0 and 0 <= r["data wait"] < 1
     assert r["loader host ms"] > 0 and r["loader gpu ms"] is None  # (a GPU's stream time on a GPU only)
     assert set(r["peak GiB"]) == set(r["step host ms"]) and r["peak GiB"]["closed"] is None  # (GPU memory)
     assert r["closed"] > 0 and set(r["step host ms"]) == {"resident", "alongside", "from shards", "closed"} and min(r["step host ms"].values()) > 0
-    # the fed row starts from emptied buffers (the worker's 2 prefetched batches here); the loader's
-    # processes' CPU use per row: its worker decodes while the step is fed, and is gone once closed
-    assert r["emptied"] == 2 and set(r["loader cores"]) == set(r["step host ms"])
-    assert r["loader cores"]["from shards"] > 0 and r["loader cores"]["closed"] == 0
-    assert r["config"].data.epoch_samples == 2 * (4 * 2 + 2 * 1 + e2e.EPOCH_SPARE_BATCHES)  # one epoch, never ended
+    # the fed row starts from emptied buffers (the worker's 2 prefetched batches here), the idle row
+    # once the loader went quiet; per row, whether the loader worked (on the CPU its batches are
+    # finished as they are taken) and its processes' CPU (the worker, gone once closed); one epoch
+    assert r["emptied"] == 2 and r["settled s"] is not None and r["epochs ended"] == 0
+    assert set(r["loader cores"]) == set(r["finished"]) == set(r["step host ms"])
+    assert r["finished"]["from shards"] == 2 and r["finished"]["resident"] == 0 and r["finished"]["closed"] is None
+    assert r["loader cores"]["from shards"] >= 0 and r["loader cores"]["closed"] == 0
     out = capsys.readouterr().out
     assert "loader sampled f/s" in out and "KiB/frame" in out and "step fed by" in out and "loader alongside" in out
-    assert "step host ms" in out and "loader closed" in out and "loader idle" in out
+    assert "step host ms" in out and "loader closed" in out and "loader idle" in out and "quiet after" in out
     # --write-only: the shards --paths reads, nothing measured (bench.e2e --shards reads them)
     assert data.main(["--data-dir", str(tmp_path / "w"), "--videos", "2", "--batches", "1", "--batch", "1",
                       "--height", "32", "--width", "32", "--paths", "jpeg/dali", "--write-only"]) == []

@@ -360,15 +360,18 @@ def test_compiling_the_weak_objective_compiles_its_encoder_pass_and_changes_no_v
     from carl_scale.train.recipes import configure, recipe
     from carl_scale.train.trainer import apply_speedups
 
+    # training mode (BatchNorm on the batch, the padded frames kept out of it), without dropout
+    # (compiled code draws other random masks)
     cfg = configure(recipe("debug"), {"data.temporal.num_frames": 6, "model.image_size": 32, "loss.pcl_cost": cost,
-                                      "parallel.compile": "objective"}, weak=True)
+                                      "parallel.compile": "objective", "model.dropout": 0.0}, weak=True)
     torch.manual_seed(0)
     batch = _encoder_batch()
     batch.action_labels = torch.tensor([0, 0, 2, -1])  # one pair, and a video of no known class
+    batch.mask[1, 0, -2:] = False  # a short view: two padded frames
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = build_model(cfg.model).eval()  # (dropout off: both passes the same)
+        model = build_model(cfg.model).train()
         objective = build_objective(model, cfg.loss)
         if compiled:
             assert "compiled objective (encode)" in apply_speedups(model, cfg, objective)
@@ -380,15 +383,16 @@ def test_compiling_the_weak_objective_compiles_its_encoder_pass_and_changes_no_v
     counters = torch._dynamo.utils.counters
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     (eager, g0), (comp, g1) = results
-    assert eager["pairs"] == 1 and eager["pcl"] > 0 and eager["ce"] > 0 and g0.keys() == g1.keys() and len(g0) > 10
+    assert eager["pairs"] == 1 and eager["ce"] > 0 and g0.keys() == g1.keys() and len(g0) > 10
+    assert eager["pcl"] > 0 if cost == "views" else eager["pcl"] >= 0  # (joint: no exact hit on this batch)
     for k in eager:
         torch.testing.assert_close(comp[k], eager[k], rtol=1e-5, atol=1e-6)
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5)
+    for n in g0:  # (in training mode BatchNorm's normalisation spreads float32 rounding: per tensor, by norm)
+        assert (g1[n] - g0[n]).norm() <= 1e-4 * g0[n].norm() + 1e-6, n
     # the cross-entropy: the mean over the known videos' views, 0 with none known
     model = build_model(cfg.model).eval()
     objective = build_objective(model, cfg.loss)
-    logits = model(batch.views.flatten(0, 1), None)["logits"]
+    logits = model(batch.views.flatten(0, 1), batch.mask.flatten(0, 1))["logits"]
     ref = F.cross_entropy(logits[:6], torch.tensor([0, 0, 0, 0, 2, 2]))
     torch.testing.assert_close(objective(batch)["ce"], ref)
     batch.action_labels = torch.full((4,), -1)

@@ -140,7 +140,9 @@ def bench_loader(cfg: LoaderConfig, batches: int, device: str, in_threads: bool 
     timed = -(-batches // workers) * workers
     # (finishing in threads here: the decoders' own throughput, comparable over leases; the
     # default's process of its own is bench.e2e's, where its hand-over meets the step)
-    cfg = dataclasses.replace(cfg, finish_in="thread", epoch_samples=cfg.batch_size * (2 * workers + timed + 8))
+    # one epoch, longer than the run by more than the loader runs ahead (its workers still busy at
+    # the window's end: batches_ahead(), below 2 x workers + 70 with up to 16 finishing threads)
+    cfg = dataclasses.replace(cfg, finish_in="thread", epoch_samples=cfg.batch_size * (timed + 4 * workers + 90))
     loader = VideoLoader(cfg, device=device, decode_in_collate=True if in_threads else None)
     if in_threads:
         loader.finish_in_thread = True

@@ -8,36 +8,37 @@ step fed one batch already on the device, in one process.
     python -m carl_scale.bench.e2e ... --set parallel.compile=objective data.nvjpeg_hw_load=1
     python -m carl_scale.bench.e2e ... --set data.finish_in=thread    # finishing in threads of this process
 
-All rows use one :class:`~carl_scale.train.trainer.Trainer` (the engine and the loader the
-training run builds; ``--decoder auto``: DALI on a GPU). ``from shards`` times
-``Trainer.train_step`` on the loader's batches, the wait for each batch included, from emptied
-buffers (the batches the loader made while the first steps compiled are taken without a step
-first: counted, they made the first timed steps free); ``resident`` times it on one batch kept
-on the device: with the loader idle (given ``--settle`` seconds to fill its buffers, so that its
-refill does not share the row), and once more after the loader is closed. That last row is the
-step's own speed and every ratio's reference: 1.0 means the loader keeps the step fed. An ``idle`` row below it
-is what the loader's mere presence costs (a finishing process's CUDA context, say). ``data
-wait`` is the share of the loader row spent waiting for the next batch. ``resident, loader
-alongside`` steps on the resident batch while a thread (on a CUDA stream of its own) takes one
-loader batch per step and drops it: what the loader's
-work (its GPU kernels, its host threads) costs the step without any waiting, so a loss not
+All rows use one :class:`~carl_scale.train.trainer.Trainer` (the engine and the loader the training
+run builds; ``--decoder auto``: DALI on a GPU). ``from shards`` times ``Trainer.train_step`` on the
+loader's batches, the wait for each batch included, in steady state (the batches the loader made
+while the first steps compiled are taken without a step, then as many untimed steps run as its
+buffers hold: counted, those batches made the first timed steps free); ``resident`` times it on one
+batch kept on the device: with the loader idle (waited for, up to ``--settle`` seconds, until it
+has filled its buffers and gone quiet, so that its refill does not share the row), and once more
+after the loader is closed. That last row is the step's own speed and every ratio's reference: 1.0
+means the loader keeps the step fed. An ``idle`` row below it is what the loader's mere presence
+costs (a finishing process's CUDA context, say). ``data wait`` is the share of the loader row spent
+waiting for the next batch. ``resident, loader alongside`` steps on the resident batch while a
+thread (on a CUDA stream of its own) takes one loader batch per step and drops it: what the
+loader's work (its GPU kernels, its host threads) costs the step without any waiting, so a loss not
 explained by ``data wait`` shows up here. On a CPU the finishing runs in that thread, beside the
 step, where training runs it between steps: there the row overstates. ``loader ms/batch``: the
 finishing step's host time per batch (decoding on the GPU, crops, colour), and on a GPU the time
 between two events around it on its CUDA stream (idle gaps while the host queues work included;
-work DALI queues on streams of its own not seen). With ``--set data.finish_threads=N`` the
-batches are finished N at a time, so these are each batch's own times, not the loader's cost per
-batch (about that divided by N when the threads overlap well); where the finishing runs in a
-process of its own (``--finish-in`` auto on a GPU) the host times are measured in that process,
-and its GPU times are not (``--set data.finish_in=thread`` for them). ``step host ms``: the
-host's time to queue one training step in each row; on a GPU, where the step runs ahead of the
-device, a rise with the loader alongside is the step's Python waiting for the host (the
-interpreter lock, cores), not for the GPU. ``peak GiB``: this process's peak GPU memory in the
-row (a finishing process's own is not counted). ``loader procs' cores``: the CPU the loader's
-processes (workers, a finishing process and its workers; not finishing threads in this process)
-kept busy in the row: about 0 in the idle row if it was idle. The run is one epoch that does not
-end (``--epoch-samples``): an epoch's end restarts the workers' streams, once in thousands of
-steps on Kinetics.
+work DALI queues on streams of its own not seen). With ``--set data.finish_threads=N`` the batches
+are finished N at a time, so these are each batch's own times, not the loader's cost per batch
+(about that divided by N when the threads overlap well); where the finishing runs in a process of
+its own (``--finish-in`` auto on a GPU) the host times are measured in that process, and its GPU
+times are not (``--set data.finish_in=thread`` for them). ``step host ms``: the host's time to
+queue one training step in each row; on a GPU, where the step runs ahead of the device, a rise with
+the loader alongside is the step's Python waiting for the host (the interpreter lock, cores), not
+for the GPU. ``peak GiB``: this process's peak GPU memory in the row (a finishing process's own is
+not counted). Whether the loader worked in a row: ``batches finished`` by finishing threads in this
+process (not counted for a finishing process, which reports batches as they are taken), and
+``loader procs' cores``, the CPU that this process's descendants kept busy (workers, a finishing
+process and its workers; any other child too, such as Inductor's idle compile workers). The run is
+one epoch that does not end (it sets ``data.epoch_samples``): an epoch's end restarts the workers'
+streams, once in thousands of steps on Kinetics.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ from carl_scale.train.recipes import configure, recipe
 
 # batches of the run's one epoch beyond those the rows take (the emptied buffers' and the loader's
 # own run-ahead): bench.e2e never reaches an epoch's end
-EPOCH_SPARE_BATCHES = 200
+EPOCH_SPARE_BATCHES = 240
+IDLE_CORES = 0.05  # the loader's processes below this: idle (their threads wake to poll now and then)
 
 
 def _sync(device: torch.device) -> None:
@@ -110,6 +112,19 @@ def _cores(before: dict[int, float] | None, after: dict[int, float] | None, wall
     return sum(s - before.get(pid, 0.0) for pid, s in after.items()) / wall
 
 
+def _wait_until_quiet(made: list, counted: bool, limit: float) -> float | None:
+    """Seconds until the loader was quiet over half a second (no batch finished, where ``made``
+    counts them, and its processes below ``IDLE_CORES``); None if it was not within ``limit``."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit:
+        n, cpu, w = len(made), _descendants_cpu_s(), time.perf_counter()
+        time.sleep(0.5)
+        cores = _cores(cpu, _descendants_cpu_s(), time.perf_counter() - w)
+        if (not counted or len(made) == n) and (cores is None or cores < IDLE_CORES):
+            return time.perf_counter() - t0
+    return None
+
+
 def run(a) -> dict:
     from carl_scale.train.trainer import Trainer, process_group
 
@@ -118,7 +133,7 @@ def run(a) -> dict:
             "data.shards": a.shards, "run_dir": str(Path(tmp) / "run"), "steps": 4 * a.steps + 2 * a.warmup + 1,
             # one epoch for the whole run (the shards are read over and over): an epoch's end
             # restarts the workers' streams, which a Kinetics-sized epoch does once in thousands of steps
-            "data.epoch_samples": a.batch * (4 * a.steps + 2 * a.warmup + EPOCH_SPARE_BATCHES),
+            "data.epoch_samples": a.batch * (4 * a.steps + 2 * a.warmup + EPOCH_SPARE_BATCHES + 6 * a.workers),
             "data.batch_size": a.batch, "data.temporal.num_frames": a.frames, "data.num_workers": a.workers,
             "data.decoder": a.decoder, "data.cpu_decode_share": a.cpu_decode_share, "eval.enabled": False,
             **a.overrides}, flavor=a.flavor)
@@ -133,22 +148,28 @@ def run(a) -> dict:
         for _ in range(a.warmup):
             trainer.train_step(next(batches))
         _sync(device)
+        loader = trainer.loader
         # The loader filled its buffers while the first steps compiled (a minute on a GPU): taken
-        # here without a step, they would make the first timed steps free and the loader look
-        # faster than it is (the 2026-11-27 rows: 10 timed steps, 5-7 of them made beforehand).
-        # So they are taken first, and the row starts from empty buffers after a few steps for the
-        # emptied pipeline's latency: from there a loader faster than the step fills them again,
-        # as in training, and a slower one keeps them empty.
-        emptied = trainer.loader.batches_ahead()
+        # by timed steps, they made those steps free and the loader look faster than it is (the
+        # first two leases' rows: 10 timed steps, 4-8 of them on batches made beforehand). So they
+        # are taken first, without a step; then as many untimed steps as the buffers hold, in which
+        # a loader faster than the step fills them again (working flat out, as it never does in
+        # steady training) and a slower one keeps them empty. The timed row then sees the loader
+        # at the step's pace, or the step at the loader's.
+        emptied = loader.batches_ahead()
         for _ in range(emptied):
             next(batches)
-        for _ in range(a.warmup):
+        for _ in range(max(a.warmup, emptied)):
             trainer.train_step(next(batches))
         _sync(device)
-        trainer.loader.finish_times = times = []
+        # every batch the finishing threads finish, for the whole run: the fed row's host times, and
+        # per row how many were finished in it (with a finishing process, entries come as batches
+        # are taken, so none there)
+        loader.finish_times = made = []
+        counted = not loader.finish_process
         wait = queue = 0.0
         _reset_peak(device)
-        fed_cpu = _descendants_cpu_s()
+        fed_cpu, fed_made = _descendants_cpu_s(), len(made)
         t0 = time.perf_counter()
         for _ in range(a.steps):
             w = time.perf_counter()
@@ -158,11 +179,11 @@ def run(a) -> dict:
             wait, queue = wait + q - w, queue + time.perf_counter() - q
         _sync(device)
         fed_wall = time.perf_counter() - t0
+        loader_cores = {"from shards": _cores(fed_cpu, _descendants_cpu_s(), fed_wall)}
+        finished = {"from shards": len(made) - fed_made if counted else None}
         fed, fed_wait, fed_queue = a.steps * a.batch / fed_wall, wait / fed_wall, 1000 * queue / a.steps
         peaks = {"from shards": _peak_gib(device)}
-        loader_cores = {"from shards": _cores(fed_cpu, _descendants_cpu_s(), fed_wall)}
-        trainer.loader.finish_times = None
-        times = list(times)  # (the finishing thread may be mid-batch: its entry, if any, comes later)
+        times = made[fed_made:len(made)]  # (a thread may be mid-batch: its entry, if any, comes later)
         host_ms = 1000 * sum(t[0] for t in times) / max(1, len(times))
         gpu_ms = None
         timed = [t for t in times if t[2] is not None]  # (none with --finish-in process: the events stay there)
@@ -176,9 +197,9 @@ def run(a) -> dict:
 
         def resident_steps(row: str) -> tuple[float, float]:
             """(samples/s, host ms to queue a step); the row's peak memory into ``peaks``, the
-            loader's processes' CPU use into ``loader_cores``"""
+            loader's processes' CPU use into ``loader_cores``, its finished batches into ``finished``"""
             _reset_peak(device)
-            cpu = _descendants_cpu_s()
+            cpu, before = _descendants_cpu_s(), len(made)
             queue, t0 = 0.0, time.perf_counter()
             for _ in range(a.steps):
                 q = time.perf_counter()
@@ -187,17 +208,18 @@ def run(a) -> dict:
                 tick.release()
             _sync(device)
             wall = time.perf_counter() - t0
-            peaks[row] = _peak_gib(device)
             loader_cores[row] = _cores(cpu, _descendants_cpu_s(), wall)
+            finished[row] = len(made) - before if counted and row != "closed" else None
+            peaks[row] = _peak_gib(device)
             return a.steps * a.batch / wall, 1000 * queue / a.steps
 
         tick = threading.Semaphore(0)
         # The loader refills its buffers once the step stops taking batches: a row timed right
         # after the last one would share the GPU (and the host) with that refill. On 2026-11-27
         # the 10-step "idle" row (0.2-0.3 s) ran so, 19-25% below the threads' row with a
-        # finishing process beside it. Given time to fill them, the loader is idle in the row
-        # (its processes' CPU use in the table says whether it was).
-        time.sleep(a.settle)
+        # finishing process beside it. Waited for until it is quiet, the loader is idle in the row
+        # (the table's finished batches and processes' CPU say whether it was).
+        settled = _wait_until_quiet(made, counted, a.settle)
         resident, resident_queue = resident_steps("resident")
         # the loader's work alongside, paced at one batch per step as in training, batches dropped
         tick, stop, failed = threading.Semaphore(0), threading.Event(), []
@@ -234,7 +256,8 @@ def run(a) -> dict:
                 "from shards": fed, "resident": resident, "alongside": alongside, "closed": closed,
                 "data wait": fed_wait, "step host ms": {"resident": resident_queue, "alongside": alongside_queue,
                                                         "from shards": fed_queue, "closed": closed_queue},
-                "peak GiB": peaks, "loader cores": loader_cores, "emptied": emptied, "loader host ms": host_ms,
+                "peak GiB": peaks, "loader cores": loader_cores, "finished": finished, "emptied": emptied,
+                "settled s": settled, "epochs ended": loader.epoch, "loader host ms": host_ms,
                 "loader gpu ms": gpu_ms, "config": cfg}
 
 
@@ -257,8 +280,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed steps at the start (compiling), and again after the buffers are emptied")
-    p.add_argument("--settle", type=float, default=2.0,
-                   help="seconds the loader is given to fill its buffers before the idle row")
+    p.add_argument("--settle", type=float, default=10.0,
+                   help="at most this many seconds of waiting for the loader to fill its buffers and go quiet "
+                        "before the idle row")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="more of the run's settings, e.g. parallel.compile=objective data.nvjpeg_hw_load=1")
     a = p.parse_args(argv)
@@ -292,19 +316,21 @@ def main(argv: list[str] | None = None) -> dict:
     ref = r["closed"]
 
     def row(name: str, key: str, *loader: str) -> tuple[str, ...]:
-        peak, cores = r["peak GiB"].get(key), r["loader cores"].get(key)
+        peak, cores, made = r["peak GiB"].get(key), r["loader cores"].get(key), r["finished"].get(key)
         return (name, f"{r[key]:.2f}", f"{r[key] / ref:.2f}", f"{r['step host ms'][key]:.1f}",
-                "-" if peak is None else f"{peak:.2f}", "-" if cores is None else f"{cores:.2f}",
-                *(loader or ("-", "-", "-")))
+                "-" if peak is None else f"{peak:.2f}", "-" if made is None else str(made),
+                "-" if cores is None else f"{cores:.2f}", *(loader or ("-", "-", "-")))
 
     print(table([row("resident batch, loader closed", "closed"),
                  row("resident batch, loader idle", "resident"),
                  row("resident batch, loader alongside", "alongside"),
                  row("from shards", "from shards", f"{100 * r['data wait']:.0f}%", f"{r['loader host ms']:.1f}", gpu)],
-                ("step fed by", "samples/s", "x", "step host ms", "peak GiB", "loader procs' cores", "data wait",
-                 "loader host ms/batch", "loader GPU ms/batch")))
-    print(f"(timed from shards after {r['emptied']} batches taken without a step: the buffers the loader "
-          f"filled while the first steps ran)")
+                ("step fed by", "samples/s", "x", "step host ms", "peak GiB", "batches finished", "loader procs' cores",
+                 "data wait", "loader host ms/batch", "loader GPU ms/batch")))
+    quiet = (f"quiet after {r['settled s']:.1f} s" if r["settled s"] is not None
+             else f"NOT quiet within --settle {a.settle:g} s: the idle row had the loader working beside it")
+    print(f"(from shards: timed after {r['emptied']} batches taken without a step and as many untimed steps; "
+          f"before the idle row the loader was {quiet}; epochs ended: {r['epochs ended']})")
     return r
 
 

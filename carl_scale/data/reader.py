@@ -427,14 +427,15 @@ class VideoLoader:
         """At most how many batches this loader holds ready or in the making ahead of its consumer
         once its buffers are full: the workers' prefetch (2 each); each finishing lane's inbox (2),
         its finished batches and the one it makes; the one the reader thread holds; with a
-        finishing process, its result queue, the hand-over and the one being received here.
-        Benchmarks take this many batches without a step before timing, so that the batches made
-        while the step compiled are not counted as the loader's speed (``bench.e2e``)."""
+        finishing process, the one its sending loop holds, its result queue, the one being received
+        here and the hand-over. Benchmarks take this many batches without a step before timing, so
+        that the batches made while the step compiled are not counted as the loader's speed
+        (``bench.e2e``)."""
         ahead = 2 * self.cfg.num_workers
         if self._in_thread() or self.finish_process:
             lanes = self.finish_threads
             ahead += lanes * (2 + math.ceil(GPU_PREFETCH_BATCHES / lanes) + 1) + 1
-        return ahead + (3 if self.finish_process else 0)
+        return ahead + (4 if self.finish_process else 0)
 
     @property
     def skipped(self) -> int:

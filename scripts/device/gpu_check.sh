@@ -17,11 +17,12 @@
 #   bash scripts/device/gpu_check.sh gpu_tests augment data data_T240         (if time is left)
 # (stage limits are upper bounds; each step and e2e stage compiles first, ~1 min the first time a
 # graph is compiled on a machine. A session's 15 minutes end somewhere in the third call)
-# The e2e stages time 30 steps from emptied buffers and let the loader settle 2 s before the idle
-# row: the first two leases' rows started with 5-7 batches made during the compile and timed the
-# idle row during the loader's refill (BENCHMARKS.md, "how the rows above were timed"). First
-# questions for e2e_jpeg / e2e_jpeg_thread: process vs threads from shards, and whether the idle
-# row (loader procs' cores ~0) still sits below the closed one.
+# The e2e stages time 30 steps in steady state (buffers emptied, then refilled at the step's pace)
+# and wait (<= 10 s) for the loader to go quiet before the idle row: the first two leases' rows
+# started with 4-8 batches made during the compile and timed the idle row during the loader's
+# refill (BENCHMARKS.md, "how the rows above were timed"). First questions for e2e_jpeg /
+# e2e_jpeg_thread: process vs threads from shards, and whether the idle row (the loader quiet,
+# its batches finished 0 and its processes' cores ~0) still sits below the closed one.
 # The machine goes back after 30 s idle, and the staged parts with it: make the calls back to back.
 # No stage names: every stage (~20 minutes: more than one call may run).
 set -uo pipefail
@@ -110,26 +111,26 @@ stage data_T240 160 python3 -m carl_scale.bench.data --device cuda --height 256 
   --paths jpeg/dali --finish-threads 1
 stage e2e_jpeg_T240 200 python3 -m carl_scale.bench.e2e --flavor r50 --frames 240 --batch 4 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 12
-stage e2e_jpeg 90 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+stage e2e_jpeg 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 30
 # the finishing in threads of the training process (--finish-in thread; the default is a process of
 # its own where a GPU decodes): on 2026-11-27 57.5 samples/s from shards in a process, 44.8 in threads
-stage e2e_jpeg_thread 110 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+stage e2e_jpeg_thread 120 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 30 --set data.finish_in=thread
-stage e2e_jpeg_graphs_thread 110 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+stage e2e_jpeg_graphs_thread 120 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 30 --set parallel.compile_mode=reduce-overhead data.finish_in=thread
 # CUDA graphs: the step's host time (23 ms of a 25 ms compiled step at T = 80) is what the loader's
 # finishing threads contend with for the GIL; replayed graphs leave them the host
-stage e2e_jpeg_graphs 90 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+stage e2e_jpeg_graphs 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 30 --set parallel.compile_mode=reduce-overhead
-stage e2e_jpeg_one_thread 90 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+stage e2e_jpeg_one_thread 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 30 --set data.finish_threads=1
-stage e2e_jpeg_pyav 90 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+stage e2e_jpeg_pyav 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 30 --decoder pyav
-stage e2e_jpeg_hybrid 90 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+stage e2e_jpeg_hybrid 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 30 --cpu-decode-share 0.25
 # (measured on 2026-11-27, no gain: 0.60 of the resident step against 0.65 without)
-stage e2e_jpeg_priority 90 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
+stage e2e_jpeg_priority 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
   --shards data/bench/340x256_gop30/jpeg --steps 30 --set parallel.step_priority=high
 # DALI's GPU tests last: they passed on the last GPU machine; a call cut by the session's device
 # time loses them rather than a measurement
