@@ -180,6 +180,9 @@ def nvjpeg_settings(text: str) -> dict:
     return out
 
 
+BENCH_SHARD_VIDEOS = 2
+
+
 def ensure_bench_shards(a, payloads: set[str]) -> None:
     """The synthetic shards this benchmark reads, made once per size and GOP: only the payloads
     ``--paths`` reads (rendering the video payload at 340x256 costs minutes for nothing otherwise)."""
@@ -189,7 +192,10 @@ def ensure_bench_shards(a, payloads: set[str]) -> None:
     syn = SyntheticConfig(train_videos=max(48, a.batch * (a.batches + 4)), val_videos=a.videos,
                           height=a.height, width=a.width)
     where = Path(a.data_dir) / f"{a.width}x{a.height}_gop{a.gop}"
-    kw = dict(max_samples=8, workers=a.write_workers, progress=False)
+    # 2 videos a shard: 24 training shards, more than the workers of any row (8-16), so each worker
+    # reads shards of its own as on Kinetics; with fewer shards than workers every worker reads all
+    # of them and keeps every Nth video (8 x the bytes read, 6 shards of 8 before 2026-11-28)
+    kw = dict(max_samples=BENCH_SHARD_VIDEOS, workers=a.write_workers, progress=False)
     if a.shards is None and "video" in payloads:
         a.shards = str(where / "video")
         ensure_synthetic_shards(a.shards, syn, encode=EncodeOptions(gop=a.gop), **kw)

@@ -300,14 +300,15 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 <= a.cpu_decode_share <= 1:
         p.error("--cpu-decode-share must be in [0, 1]")
     if a.shards is None:
+        from carl_scale.bench.data import BENCH_SHARD_VIDEOS
         from carl_scale.data.config import SyntheticConfig
         from carl_scale.datasets.synthetic import ensure_synthetic_shards
 
         a.shards = str(Path(a.data_dir) / f"e2e_{a.width}x{a.height}" / a.payload)
         syn = SyntheticConfig(train_videos=max(48, a.batch * (a.steps + a.warmup + 4)), val_videos=24,
                               height=a.height, width=a.width)
-        ensure_synthetic_shards(a.shards, syn, payload=a.payload, max_samples=8, workers=a.write_workers,
-                                progress=False)
+        ensure_synthetic_shards(a.shards, syn, payload=a.payload, max_samples=BENCH_SHARD_VIDEOS,
+                                workers=a.write_workers, progress=False)
     r = run(a)
     settings = "".join(f", {k}={v}" for k, v in a.overrides.items())
     print(f"\nend to end on {r['device']}: flavor {a.flavor}, T={a.frames}, {a.batch} videos, {a.workers} workers, "
