@@ -121,6 +121,36 @@ def test_jpeg_payload_same_views_from_both_decoders(jpeg_shards):
         assert x.video_ids == y.video_ids and torch.equal(x.views, y.views)
 
 
+def test_a_jpeg_payload_cut_to_the_sampled_frames_decodes_to_the_same_frames(jpeg_shards, vp9_shards):
+    """Where the finishing step decodes (a GPU run), a worker hands over only the JPEGs of the
+    frames its views sampled (``EncodedVideo.keep_only``), not every frame of the video: both
+    decoders give the frames the whole payload gives, repeats and order as asked; a frame it was
+    not cut to is a clear error; a video payload is handed over whole."""
+    import numpy as np
+    import webdataset as wds
+
+    from carl_scale.data.decoders import DaliDecoder, EncodedVideo, PyAVDecoder
+    from carl_scale.data.reader import parse_meta, prepare_sample
+
+    urls, _ = resolve_shards(str(jpeg_shards), "train")
+    sample = next(iter(wds.WebDataset(urls, shardshuffle=False)))
+    whole = EncodedVideo.from_sample(sample, parse_meta(sample))
+    asked = np.array([7, 3, 3, 12, whole.num_frames - 1, 0])
+    cut = whole.keep_only(asked)
+    assert cut.frame_ids.tolist() == sorted(set(asked.tolist())) and cut.num_frames == whole.num_frames
+    assert cut.data == b"".join(whole.jpegs(cut.frame_ids)) and len(cut.data) < len(whole.data)
+    for decoder in (PyAVDecoder(), DaliDecoder()):
+        np.testing.assert_array_equal(decoder.decode([cut], [asked])[0], decoder.decode([whole], [asked])[0])
+        with pytest.raises(IndexError, match=r"frames \[5\] are not among the 5 sampled frames"):
+            decoder.decode([cut], [np.array([5])])
+    # the loader's workers cut it to the two views' frames when the collate decodes
+    prepared = prepare_sample(sample, _cfg(jpeg_shards), 0, 0, None)
+    assert prepared.encoded.frame_ids.tolist() == np.unique(prepared.timestamps).tolist()
+    video = next(iter(wds.WebDataset(resolve_shards(str(vp9_shards), "train")[0], shardshuffle=False)))
+    enc = EncodedVideo.from_sample(video, parse_meta(video))
+    assert enc.keep_only(np.array([1, 2])) is enc
+
+
 def test_video_payload_dali_and_pyav_agree(vp9_shards):
     a = list(VideoLoader(_cfg(vp9_shards, decoder="pyav", num_workers=2)))
     b = list(VideoLoader(_cfg(vp9_shards, decoder="dali", num_workers=2)))

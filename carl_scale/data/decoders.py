@@ -15,6 +15,7 @@ DALI's video decoder takes the frame list itself; JPEG payloads decode the wante
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import io
 import math
 import os
@@ -74,10 +75,36 @@ class EncodedVideo:
     kind: Literal["video", "jpeg"]
     data: bytes  # container bytes, or the concatenated JPEGs
     num_frames: int
-    offsets: np.ndarray | None = None  # jpeg only: int64, num_frames + 1
+    offsets: np.ndarray | None = None  # jpeg only: int64, one more than the JPEGs in ``data``
     codec: str = ""
     height: int = 0  # frame size from the metadata (0: not known)
     width: int = 0
+    # jpeg only: the (sorted) frames of the video that ``data`` holds, None: all ``num_frames``
+    frame_ids: np.ndarray | None = None
+
+    def jpegs(self, frames: np.ndarray) -> list[bytes]:
+        """The JPEG bytes of these frames of the video (frame numbers, as the timestamps count)."""
+        frames = np.asarray(frames, dtype=np.int64)
+        if self.frame_ids is None:
+            return split_jpeg_blob(self.data, self.offsets, frames)
+        at = np.searchsorted(self.frame_ids, frames).clip(max=max(0, len(self.frame_ids) - 1))
+        missing = frames[self.frame_ids[at] != frames] if len(self.frame_ids) else frames
+        if len(missing):
+            raise IndexError(f"frames {missing[:5].tolist()} are not among the {len(self.frame_ids)} sampled frames "
+                             f"this payload was cut to")
+        return split_jpeg_blob(self.data, self.offsets, at)
+
+    def keep_only(self, frames: np.ndarray) -> "EncodedVideo":
+        """The jpeg payload cut to these frames (the views' sampled ones: what the finishing step
+        decodes), so that a worker hands over their bytes only, not every frame of the video;
+        a video payload as it is (its frames need the stream around them)."""
+        if self.kind != "jpeg":
+            return self
+        frames = np.unique(np.asarray(frames, dtype=np.int64))
+        parts = self.jpegs(frames)
+        offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in parts], out=offsets[1:])
+        return dataclasses.replace(self, data=b"".join(parts), offsets=offsets, frame_ids=frames)
 
     @classmethod
     def from_sample(cls, sample: dict, meta: dict) -> "EncodedVideo":
@@ -134,7 +161,7 @@ class PyAVDecoder(FrameDecoder):
 
     @staticmethod
     def _jpeg(item: EncodedVideo, u: np.ndarray) -> np.ndarray:
-        jpgs = split_jpeg_blob(item.data, item.offsets, u)
+        jpgs = item.jpegs(u)
         return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in jpgs])
 
     @classmethod
@@ -363,7 +390,7 @@ class DaliDecoder(FrameDecoder):
         if jpg:
             flat = []
             for k in jpg:
-                flat += [np.frombuffer(b, np.uint8) for b in split_jpeg_blob(items[k].data, items[k].offsets, uniq[k][0])]
+                flat += [np.frombuffer(b, np.uint8) for b in items[k].jpegs(uniq[k][0])]
             buf, shapes = self._run_images(flat)
             pos = start = 0
             for k in jpg:  # a video's frames lie back to back in the buffer: one view of it each

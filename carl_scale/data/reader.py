@@ -88,8 +88,8 @@ def prepare_sample(sample: dict, cfg: LoaderConfig, epoch: int, pass_: int, deco
     h, w = int(meta["height"]), int(meta["width"])
     params = (draw_view_params(h, w, cfg.spatial, rng), draw_view_params(h, w, cfg.spatial, rng))
     out = PreparedSample(sample["__key__"], meta, tv.timestamps, tv.mask, params)
-    if decoder is None:
-        out.encoded = enc
+    if decoder is None:  # decoded in the finishing step: only the sampled frames' JPEGs go there
+        out.encoded = enc.keep_only(tv.timestamps.reshape(-1))
         return out
     flat = decoder.decode([enc], [tv.timestamps.reshape(-1)])[0]
     frames = to_tchw(flat).reshape(2, -1, 3, *flat.shape[1:3])
