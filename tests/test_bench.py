@@ -121,6 +121,9 @@ def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
         ("jpeg", "dali hw_load=1,huffman=gpu"), ("jpeg q50", "pyav"), ("jpeg q50", "dali")]
     assert all(r["sampled"] > 0 for r in rows if "finishing" not in r["decoder"])
     assert all(r["loader"] is None for r in rows if "side" in r["decoder"])
+    # the jpeg payload cut to the views' frames for the finishing step (T = 8 of 60-400 frames), video whole
+    handed = {r["payload"]: r["handed"] for r in rows}
+    assert handed["video"] == 1 and 0 < handed["jpeg"] < 0.5 and 0 < handed["jpeg q50"] < 0.5
     kib = {r["payload"]: r["kib"] for r in rows}
     assert 0 < kib["video"] < kib["jpeg q50"] < kib["jpeg"]  # (the same frames: the disk side of the trade-off)
     assert data.nvjpeg_settings("huffman=gpu") == {"nvjpeg_hw_load": 1.0, "nvjpeg_huffman": "gpu"}
@@ -143,7 +146,7 @@ def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
     assert r["finished"]["from shards"] == 2 and r["finished"]["resident"] == 0 and r["finished"]["closed"] is None
     assert r["loader cores"]["from shards"] >= 0 and r["loader cores"]["closed"] == 0
     out = capsys.readouterr().out
-    assert "loader sampled f/s" in out and "KiB/frame" in out and "step fed by" in out and "loader alongside" in out
+    assert "loader sampled f/s" in out and "KiB/frame" in out and "a worker hands to a GPU's finishing step" in out and "step fed by" in out and "loader alongside" in out
     assert "step host ms" in out and "loader closed" in out and "loader idle" in out and "quiet after" in out
     # --write-only: the shards --paths reads, nothing measured (bench.e2e --shards reads them)
     assert data.main(["--data-dir", str(tmp_path / "w"), "--videos", "2", "--batches", "1", "--batch", "1",

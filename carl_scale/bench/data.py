@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     temporal = TemporalConfig(num_frames=a.frames)
     decoders = {"pyav": PyAVDecoder(), "dali": DaliDecoder(device="cuda" if a.device.startswith("cuda") else "cpu",
                                                            num_threads=max(1, a.workers))}
-    rows = []
+    rows, handed = [], {}
     # (row label, payload, decoder, shards): the paths asked for, then the jpeg ones at each quality
     runs = [(payload, payload, name, a.shards if payload == "video" else a.jpeg_shards) for payload, name in paths]
     runs += [(f"jpeg q{q}", "jpeg", name, a.jpeg_quality_shards[q])
@@ -278,6 +278,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for label, payload, name, spec in runs:
         items = _samples(spec, "val", a.videos)
         kib = sum(len(e.data) for _, e in items) / sum(e.num_frames for _, e in items) / 1024
+        # what a worker hands the finishing step per video where that step decodes (a GPU run): a
+        # jpeg payload cut to the views' frames, a video payload whole
+        handed[label] = sum(len(e.keep_only(i).data) for (_, e), i in zip(items, _sampled_indices(items, temporal))) \
+            / sum(len(e.data) for _, e in items)
         whole, sampled = bench_decode(decoders[name], items, temporal, a.batch, a.whole_videos)
         # the loader: DALI on the GPU when measuring the GPU; PyAV always in the CPU workers
         cfg = LoaderConfig(shards=spec, batch_size=a.batch, num_workers=a.workers, decoder=name,
@@ -331,6 +335,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                  for r in rows],
                 ("payload", "decoder", "KiB/frame", "whole f/s", "x", "sampled f/s", "x", "loader batches/s", "x",
                  "loader sampled f/s")))
+    print("share of each video's payload bytes a worker hands to a GPU's finishing step (the views' frames): "
+          + ", ".join(f"{label} {share:.2f}" for label, share in handed.items()))
+    for r in rows:
+        r["handed"] = handed[r["payload"]]
     return rows
 
 
