@@ -139,6 +139,10 @@ def test_a_jpeg_payload_cut_to_the_sampled_frames_decodes_to_the_same_frames(jpe
     cut = whole.keep_only(asked)
     assert cut.frame_ids.tolist() == sorted(set(asked.tolist())) and cut.num_frames == whole.num_frames
     assert cut.data == b"".join(whole.jpegs(cut.frame_ids)) and len(cut.data) < len(whole.data)
+    again = cut.keep_only(np.array([12, 3]))  # a cut payload cut again
+    assert again.frame_ids.tolist() == [3, 12] and again.jpegs(np.array([12, 3])) == whole.jpegs(np.array([12, 3]))
+    with pytest.raises(ValueError, match="cut to no frame"):
+        whole.keep_only(np.array([], dtype=np.int64))
     for decoder in (PyAVDecoder(), DaliDecoder()):
         np.testing.assert_array_equal(decoder.decode([cut], [asked])[0], decoder.decode([whole], [asked])[0])
         with pytest.raises(IndexError, match=r"frames \[5\] are not among the 5 sampled frames"):
@@ -242,6 +246,36 @@ def test_corrupt_samples_are_skipped_counted_and_logged(vp9_shards, tmp_path, ca
     text = caplog.text
     assert "trunc" in text and "garbage" in text and "skipping" in text
     assert good_key in ids
+
+
+def test_a_damaged_jpeg_offset_table_is_skipped_in_the_worker_when_the_finishing_step_decodes(jpeg_shards, tmp_path,
+                                                                                              caplog):
+    """Where the finishing step decodes (a GPU run), the worker cuts a jpeg payload to its views'
+    frames (``EncodedVideo.keep_only``): a damaged offset table shows there, so the worker counts
+    the sample and draws the next one, as a CPU run's worker does, instead of failing a batched
+    decode after it."""
+    import numpy as np
+
+    train = read_manifest(jpeg_shards)["splits"]["train"]["shards"]
+    src = jpeg_shards / train[0]["path"]
+    with tarfile.open(src) as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+    keys = sorted({n.split(".")[0] for n in members})
+    bad = tmp_path / "bad-000000.tar"
+    with tarfile.open(bad, "w") as dst:
+        for name, data in sorted(members.items()):
+            if name == f"{keys[0]}.jpgofs":  # offsets that do not end at the payload's size
+                offs = np.frombuffer(data, "<i8").copy()
+                offs[-1] += 7
+                data = offs.astype("<i8").tobytes()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    with caplog.at_level(logging.WARNING, logger="carl_scale.data"):
+        loader = VideoLoader(_cfg([str(bad)], batch_size=1, epoch_samples=2, shuffle_buffer=0), decode_in_collate=True)
+        ids = _ids(loader)
+    assert ids == [keys[1], keys[1]] and loader.skipped == 2  # the damaged one, counted in each pass
+    assert "damaged jpeg offset table" in caplog.text and "finishing step" not in caplog.text
 
 
 @pytest.mark.parametrize("decoder", ["pyav", "dali"])

@@ -71,7 +71,7 @@ class PreparedSample:
     mask: np.ndarray  # (2, T)
     params: tuple[ViewParams, ViewParams]
     views: torch.Tensor | None = None  # (2, T, 3, S, S) uint8 when decoded in the worker
-    encoded: EncodedVideo | None = None  # when decoding happens in the main process
+    encoded: EncodedVideo | None = None  # when the finishing step decodes (jpeg: cut to the views' frames)
 
 
 # -- batches -----------------------------------------------------------------------------------

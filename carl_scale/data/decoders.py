@@ -97,10 +97,13 @@ class EncodedVideo:
     def keep_only(self, frames: np.ndarray) -> "EncodedVideo":
         """The jpeg payload cut to these frames (the views' sampled ones: what the finishing step
         decodes), so that a worker hands over their bytes only, not every frame of the video;
-        a video payload as it is (its frames need the stream around them)."""
+        a video payload as it is (its frames need the stream around them). A damaged offset table
+        is raised here, in the worker, which counts the sample and draws the next one."""
         if self.kind != "jpeg":
             return self
         frames = np.unique(np.asarray(frames, dtype=np.int64))
+        if not len(frames):
+            raise ValueError("a jpeg payload cut to no frame")
         parts = self.jpegs(frames)
         offsets = np.zeros(len(parts) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in parts], out=offsets[1:])
