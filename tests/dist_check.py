@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from carl_scale.train.trainer import Trainer, process_group, rng_scope  # noqa: E402
+from carl_scale.train.engine import process_group, rng_scope  # noqa: E402
+from carl_scale.train.trainer import Trainer  # noqa: E402
 from launch.pretrain_k400 import parse  # noqa: E402
 
 

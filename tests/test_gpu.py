@@ -197,7 +197,7 @@ def test_the_trainer_step_never_waits_for_the_gpu(speed):
     from carl_scale.models import build_model
     from carl_scale.train.recipes import configure, recipe
     from carl_scale.models import fused_trunk
-    from carl_scale.train.trainer import build_engine, engine_step, process_group
+    from carl_scale.train.engine import build_engine, engine_step, process_group
 
     fused_trunk._REFUSED.clear()
     cfg = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 16,
@@ -349,14 +349,14 @@ def test_a_corrupt_video_decoded_on_the_gpu_is_counted_and_stood_in_for(vp9_128_
     """NVDEC given a truncated and a garbage video in the finishing step: counted, each one's
     place taken by the good video, the epoch kept (the CPU test runs the same with DALI's CPU
     decoder); the decoder goes on decoding afterwards."""
-    from test_reader import _corrupt_shard
+    from loader_helpers import corrupt_shard
 
     from carl_scale.data.config import LoaderConfig, SpatialConfig, TemporalConfig
     from carl_scale.data.manifest import read_manifest
     from carl_scale.data.reader import VideoLoader
 
     train = read_manifest(vp9_128_shards)["splits"]["train"]["shards"]
-    good_key = _corrupt_shard(vp9_128_shards / train[0]["path"], tmp_path / "bad-000000.tar")
+    good_key = corrupt_shard(vp9_128_shards / train[0]["path"], tmp_path / "bad-000000.tar")
     cfg = LoaderConfig(shards=[str(tmp_path / "bad-000000.tar")], batch_size=2, num_workers=0, shuffle_buffer=0,
                        epoch_samples=4, temporal=TemporalConfig(num_frames=8), spatial=SpatialConfig(image_size=64))
     loader = VideoLoader(cfg, device="cuda:0")
@@ -410,7 +410,7 @@ def test_the_compiled_channels_last_step_computes_the_eager_steps_loss():
     from carl_scale.losses.objective import build_objective
     from carl_scale.models import build_model
     from carl_scale.train.recipes import configure, recipe
-    from carl_scale.train.trainer import apply_speedups
+    from carl_scale.train.engine import apply_speedups
 
     over = {"data.batch_size": 2, "data.temporal.num_frames": 32}
     eager = {"parallel.compile": "off", "parallel.fuse_frozen": "off"}

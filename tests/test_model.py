@@ -150,7 +150,7 @@ def test_a_compiled_step_on_padded_batches_is_one_graph_without_breaks():
 
     from carl_scale.bench.step import synthetic_batch
     from carl_scale.train.recipes import configure, recipe
-    from carl_scale.train.trainer import build_engine, process_group
+    from carl_scale.train.engine import build_engine, process_group
 
     small = {"data.batch_size": 2, "data.temporal.num_frames": 8, "model.image_size": 32,
              "model.train_last_stages": 1, "model.dropout": 0.0}

@@ -1,4 +1,5 @@
-"""The WebDataset reader: splitting, determinism, resume, corrupt data, both payloads, both decoders."""
+"""The WebDataset reader: splitting, determinism, resume, corrupt data, both payloads, both decoders
+(the finishing step's threads and process: tests/test_finishing.py)."""
 
 from __future__ import annotations
 
@@ -13,21 +14,10 @@ import pytest
 import torch
 
 from carl_scale.config import ConfigError
-from carl_scale.data.config import LoaderConfig, SpatialConfig, TemporalConfig
 from carl_scale.data.manifest import read_manifest, resolve_shards
 from carl_scale.data.reader import VideoLoader
 from carl_scale.datasets.synthetic import render_video
-
-
-def _cfg(shards, **kw) -> LoaderConfig:
-    base = dict(shards=shards if isinstance(shards, list) else str(shards), batch_size=2, num_workers=0, shuffle_buffer=4, decoder="pyav",
-                temporal=TemporalConfig(num_frames=12), spatial=SpatialConfig(image_size=32))
-    base.update(kw)
-    return LoaderConfig(**base)
-
-
-def _ids(loader) -> list[str]:
-    return [v for b in loader for v in b.video_ids]
+from loader_helpers import corrupt_shard, loader_cfg, loader_ids
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -35,8 +25,8 @@ def test_ranks_and_workers_partition_the_data(vp9_shards, tiny_cfg, workers):
     """4 shards, 2 ranks x (1 or 2) workers: every sample exactly once per epoch, same step count."""
     seen, steps = [], []
     for rank in range(2):
-        loader = VideoLoader(_cfg(vp9_shards, num_workers=workers), rank=rank, world_size=2)
-        ids = _ids(loader)
+        loader = VideoLoader(loader_cfg(vp9_shards, num_workers=workers), rank=rank, world_size=2)
+        ids = loader_ids(loader)
         steps.append(len(ids) // 2)
         seen += ids
     assert steps[0] == steps[1] == tiny_cfg.train_videos // 2 // 2
@@ -47,8 +37,8 @@ def test_uneven_split_still_gives_every_rank_the_same_steps(vp9_shards):
     """3 ranks over 4 shards: ranks wrap around so that all run len(loader) steps."""
     lens = []
     for rank in range(3):
-        loader = VideoLoader(_cfg(vp9_shards, batch_size=1), rank=rank, world_size=3)
-        lens.append((len(loader), len(_ids(loader))))
+        loader = VideoLoader(loader_cfg(vp9_shards, batch_size=1), rank=rank, world_size=3)
+        lens.append((len(loader), len(loader_ids(loader))))
     assert len({n for n, _ in lens}) == 1 and all(n == got for n, got in lens)
 
 
@@ -65,7 +55,7 @@ def test_batch_contents(vp9_shards, tiny_cfg):
     pending.me = pending
     gone = weakref.ref(pending)
     del pending
-    loader = VideoLoader(_cfg(vp9_shards, num_workers=1))
+    loader = VideoLoader(loader_cfg(vp9_shards, num_workers=1))
     assert gone() is not None and gc.isenabled()
     batch = next(iter(loader))
     assert gone() is None  # collected here, before the workers forked
@@ -80,7 +70,7 @@ def test_batch_contents(vp9_shards, tiny_cfg):
 
 def test_deterministic_by_seed_and_epoch(vp9_shards):
     def first_batches(seed, epoch, workers):
-        loader = VideoLoader(_cfg(vp9_shards, num_workers=workers), seed=seed)
+        loader = VideoLoader(loader_cfg(vp9_shards, num_workers=workers), seed=seed)
         loader.set_epoch(epoch)
         return list(loader)
 
@@ -97,14 +87,14 @@ def test_deterministic_by_seed_and_epoch(vp9_shards):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_from_state_dict_yields_the_same_next_batches(vp9_shards, workers):
-    full = list(VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=workers)))
-    loader = VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=workers))
+    full = list(VideoLoader(loader_cfg(vp9_shards, batch_size=1, num_workers=workers)))
+    loader = VideoLoader(loader_cfg(vp9_shards, batch_size=1, num_workers=workers))
     it = iter(loader)
     for _ in range(3):
         next(it)
     state = loader.state_dict()
     assert state["next_batch"] == 3
-    resumed = VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=workers))
+    resumed = VideoLoader(loader_cfg(vp9_shards, batch_size=1, num_workers=workers))
     resumed.load_state_dict(state)
     rest = list(resumed)
     assert [b.video_ids for b in rest] == [b.video_ids for b in full[3:]]
@@ -114,8 +104,8 @@ def test_resume_from_state_dict_yields_the_same_next_batches(vp9_shards, workers
 
 
 def test_jpeg_payload_same_views_from_both_decoders(jpeg_shards):
-    a = list(VideoLoader(_cfg(jpeg_shards, decoder="pyav")))
-    b = list(VideoLoader(_cfg(jpeg_shards, decoder="dali")))
+    a = list(VideoLoader(loader_cfg(jpeg_shards, decoder="pyav")))
+    b = list(VideoLoader(loader_cfg(jpeg_shards, decoder="dali")))
     assert len(a) == len(b) > 0
     for x, y in zip(a, b):
         assert x.video_ids == y.video_ids and torch.equal(x.views, y.views)
@@ -148,7 +138,7 @@ def test_a_jpeg_payload_cut_to_the_sampled_frames_decodes_to_the_same_frames(jpe
         with pytest.raises(IndexError, match=r"frames \[5\] are not among the 5 sampled frames"):
             decoder.decode([cut], [np.array([5])])
     # the loader's workers cut it to the two views' frames when the collate decodes
-    prepared = prepare_sample(sample, _cfg(jpeg_shards), 0, 0, None)
+    prepared = prepare_sample(sample, loader_cfg(jpeg_shards), 0, 0, None)
     assert prepared.encoded.frame_ids.tolist() == np.unique(prepared.timestamps).tolist()
     video = next(iter(wds.WebDataset(resolve_shards(str(vp9_shards), "train")[0], shardshuffle=False)))
     enc = EncodedVideo.from_sample(video, parse_meta(video))
@@ -156,8 +146,8 @@ def test_a_jpeg_payload_cut_to_the_sampled_frames_decodes_to_the_same_frames(jpe
 
 
 def test_video_payload_dali_and_pyav_agree(vp9_shards):
-    a = list(VideoLoader(_cfg(vp9_shards, decoder="pyav", num_workers=2)))
-    b = list(VideoLoader(_cfg(vp9_shards, decoder="dali", num_workers=2)))
+    a = list(VideoLoader(loader_cfg(vp9_shards, decoder="pyav", num_workers=2)))
+    b = list(VideoLoader(loader_cfg(vp9_shards, decoder="dali", num_workers=2)))
     for x, y in zip(a, b):
         assert x.video_ids == y.video_ids
         # same frames up to one grey level of rounding, then the same augmentation
@@ -167,7 +157,7 @@ def test_video_payload_dali_and_pyav_agree(vp9_shards):
 def test_resampled_stream_has_fixed_length_and_its_copies_of_a_video_differ(vp9_shards):
     """Shards drawn with replacement hold a video more than once in a pass (and on every rank):
     each copy gets views of its own, not the same views again."""
-    loader = VideoLoader(_cfg(vp9_shards, resampled=True, epoch_samples=24, num_workers=2))
+    loader = VideoLoader(loader_cfg(vp9_shards, resampled=True, epoch_samples=24, num_workers=2))
     batches = list(loader)
     assert len(loader) == 12 and len(batches) == 12
     seen: dict[str, list] = {}
@@ -179,32 +169,6 @@ def test_resampled_stream_has_fixed_length_and_its_copies_of_a_video_differ(vp9_
     assert all(not torch.equal(a, b) for ts in copies for k, a in enumerate(ts) for b in ts[k + 1:])
 
 
-def _corrupt_shard(src_tar, dst_tar):
-    """A copy of a shard whose samples are broken in three different ways, plus one good one."""
-    with tarfile.open(src_tar) as tf:
-        members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
-    keys = sorted({n.split(".")[0] for n in members})
-    good = keys[0]
-    out = {}
-    for ext in ("video", "json", "nframes"):
-        out[f"{good}.{ext}"] = members[f"{good}.{ext}"]
-        out[f"trunc.{ext}"] = members[f"{good}.{ext}"][: len(members[f"{good}.video"]) // 3] if ext == "video" \
-            else members[f"{good}.{ext}"]
-        out[f"garbage.{ext}"] = b"\x1a\x45\xdf\xa3 garbage" * 20 if ext == "video" else members[f"{good}.{ext}"]
-        out[f"badjson.{ext}"] = b"{not json" if ext == "json" else members[f"{good}.{ext}"]
-    for name in ("trunc.json", "garbage.json", "badjson.json"):
-        if name != "badjson.json":
-            meta = json.loads(out[name])
-            meta["video_id"] = name.split(".")[0]
-            out[name] = json.dumps(meta).encode()
-    with tarfile.open(dst_tar, "w") as tf:  # members of a sample must be consecutive
-        for name, data in sorted(out.items(), key=lambda kv: kv[0].split(".")[0]):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return good
-
-
 @pytest.mark.parametrize("decoder", ["dali", "pyav"])
 def test_whole_video_reading_passes_over_corrupt_videos(vp9_shards, tmp_path, decoder):
     """Evaluation's reader: each damaged sample is reported and skipped, and the decoder is reset
@@ -214,7 +178,7 @@ def test_whole_video_reading_passes_over_corrupt_videos(vp9_shards, tmp_path, de
 
     train = read_manifest(vp9_shards)["splits"]["train"]["shards"]
     bad = tmp_path / "bad-000000.tar"
-    good_key = _corrupt_shard(vp9_shards / train[0]["path"], bad)
+    good_key = corrupt_shard(vp9_shards / train[0]["path"], bad)
     errors = []
     got = list(iter_whole_videos([str(bad)], make_decoder(decoder, codec="vp9"),
                                  on_error=lambda what, exn: errors.append(what)))
@@ -230,7 +194,7 @@ def _member(tar, name: str) -> bytes:
 def test_corrupt_samples_are_skipped_counted_and_logged(vp9_shards, tmp_path, caplog):
     train = read_manifest(vp9_shards)["splits"]["train"]["shards"]
     bad = tmp_path / "bad-000000.tar"
-    good_key = _corrupt_shard(vp9_shards / train[0]["path"], bad)
+    good_key = corrupt_shard(vp9_shards / train[0]["path"], bad)
     # and a shard cut off mid-member, as an interrupted copy leaves it
     data = (vp9_shards / train[1]["path"]).read_bytes()
     cut = tmp_path / "cut-000000.tar"
@@ -238,8 +202,8 @@ def test_corrupt_samples_are_skipped_counted_and_logged(vp9_shards, tmp_path, ca
     shutil.copy(vp9_shards / train[2]["path"], tmp_path / "ok-000000.tar")
     urls = [str(bad), str(cut), str(tmp_path / "ok-000000.tar")]
     with caplog.at_level(logging.WARNING, logger="carl_scale.data"):
-        loader = VideoLoader(_cfg(urls, batch_size=1, epoch_samples=8, shuffle_buffer=0))
-        ids = _ids(loader)
+        loader = VideoLoader(loader_cfg(urls, batch_size=1, epoch_samples=8, shuffle_buffer=0))
+        ids = loader_ids(loader)
     assert len(ids) == 8  # the fixed epoch length is kept, filled with good samples
     assert "trunc" not in ids and "garbage" not in ids
     assert loader.skipped >= 4  # 3 broken samples + the truncated shard, each counted
@@ -272,8 +236,8 @@ def test_a_damaged_jpeg_offset_table_is_skipped_in_the_worker_when_the_finishing
             info.size = len(data)
             dst.addfile(info, io.BytesIO(data))
     with caplog.at_level(logging.WARNING, logger="carl_scale.data"):
-        loader = VideoLoader(_cfg([str(bad)], batch_size=1, epoch_samples=2, shuffle_buffer=0), decode_in_collate=True)
-        ids = _ids(loader)
+        loader = VideoLoader(loader_cfg([str(bad)], batch_size=1, epoch_samples=2, shuffle_buffer=0), decode_in_collate=True)
+        ids = loader_ids(loader)
     assert ids == [keys[1], keys[1]] and loader.skipped == 2  # the damaged one, counted in each pass
     assert "damaged jpeg offset table" in caplog.text and "finishing step" not in caplog.text
 
@@ -288,10 +252,10 @@ def test_a_video_that_fails_to_decode_in_the_finishing_step_is_counted_and_stood
     keeps its length. The count survives a resume."""
     train = read_manifest(vp9_shards)["splits"]["train"]["shards"]
     bad = tmp_path / "bad-000000.tar"
-    good_key = _corrupt_shard(vp9_shards / train[0]["path"], bad)  # in order: badjson, garbage, good, trunc
+    good_key = corrupt_shard(vp9_shards / train[0]["path"], bad)  # in order: badjson, garbage, good, trunc
 
     def loader(shards, batch_size: int, samples: int) -> VideoLoader:
-        return VideoLoader(_cfg(shards, batch_size=batch_size, epoch_samples=samples, shuffle_buffer=0,
+        return VideoLoader(loader_cfg(shards, batch_size=batch_size, epoch_samples=samples, shuffle_buffer=0,
                                 decoder=decoder), decode_in_collate=True)
 
     with caplog.at_level(logging.WARNING, logger="carl_scale.data"):
@@ -327,11 +291,11 @@ def test_the_skip_count_is_exact_across_a_resume(vp9_shards, tmp_path, in_collat
     had read ahead, and read those samples again after the resume."""
     train = read_manifest(vp9_shards)["splits"]["train"]["shards"]
     bad = tmp_path / "bad-000000.tar"
-    _corrupt_shard(vp9_shards / train[0]["path"], bad)
+    corrupt_shard(vp9_shards / train[0]["path"], bad)
     urls = [str(bad), str(vp9_shards / train[1]["path"])]
 
     def loader() -> VideoLoader:
-        out = VideoLoader(_cfg(urls, batch_size=1, epoch_samples=6, num_workers=2, shuffle_buffer=0),
+        out = VideoLoader(loader_cfg(urls, batch_size=1, epoch_samples=6, num_workers=2, shuffle_buffer=0),
                           decode_in_collate=in_collate)
         out.finish_in_thread = in_collate
         return out
@@ -355,7 +319,7 @@ def test_the_skip_count_is_exact_across_a_resume(vp9_shards, tmp_path, in_collat
 def test_missing_shard_is_an_error_naming_the_path(vp9_shards, tmp_path):
     missing = tmp_path / "nowhere-000000.tar"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        VideoLoader(_cfg([str(vp9_shards / "train-000000.tar"), str(missing)], epoch_samples=2))
+        VideoLoader(loader_cfg([str(vp9_shards / "train-000000.tar"), str(missing)], epoch_samples=2))
     with pytest.raises(FileNotFoundError, match="shards.json"):
         resolve_shards(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -399,9 +363,9 @@ def test_fewer_shards_than_consumers_split_by_sample(vp9_shards, tiny_cfg):
     """4 shards over 4 ranks x 2 workers: the split falls back to samples, still a partition."""
     seen = []
     for rank in range(4):
-        loader = VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=2), rank=rank, world_size=4)
+        loader = VideoLoader(loader_cfg(vp9_shards, batch_size=1, num_workers=2), rank=rank, world_size=4)
         assert len(loader) == 2
-        seen += _ids(loader)
+        seen += loader_ids(loader)
     assert sorted(seen) == sorted(f"synthetic_train_{i:06d}" for i in range(tiny_cfg.train_videos))
 
 
@@ -412,13 +376,13 @@ def test_all_corrupt_data_is_a_clear_error(tmp_path):
         info.size = 3
         tf.addfile(info, io.BytesIO(b"{}!"))
     with pytest.raises(ValueError, match="no usable sample"):
-        list(VideoLoader(_cfg([str(bad)], epoch_samples=2)))
+        list(VideoLoader(loader_cfg([str(bad)], epoch_samples=2)))
     # raised in a DataLoader worker (PyTorch re-raises it with the worker's traceback as its text),
     # an entry point still ends in one line with the worker's message
     from carl_scale.errors import run_cli
 
     with pytest.raises(SystemExit) as end:
-        run_cli("prog", lambda argv: list(VideoLoader(_cfg([str(bad)], epoch_samples=2, num_workers=1))), [])
+        run_cli("prog", lambda argv: list(VideoLoader(loader_cfg([str(bad)], epoch_samples=2, num_workers=1))), [])
     message = str(end.value.code)
     assert message.startswith("prog: error: rank 0 worker 0: ") and "no usable sample" in message
     assert "\n" not in message and "Traceback" not in message
@@ -428,7 +392,7 @@ def test_all_corrupt_data_is_a_clear_error(tmp_path):
 def test_per_label_batches_pair_videos_of_a_label_and_resume_exactly(vp9_shards, workers):
     """--per-label 2, batch 4: two pairs of same-label videos per batch while the data allows; a
     loader resumed mid-epoch (its grouping replayed from metadata, undecoded) gives the same rest."""
-    cfg = _cfg(vp9_shards, batch_size=4, per_label=2, num_workers=workers, epoch_samples=16)
+    cfg = loader_cfg(vp9_shards, batch_size=4, per_label=2, num_workers=workers, epoch_samples=16)
     full = list(VideoLoader(cfg))  # two epochs' worth of the 8 videos (epoch_samples 16)
     assert len(full) == 4
     pairs = [b.action_labels[i].item() == b.action_labels[i + 1].item() for b in full for i in (0, 2)]
@@ -442,7 +406,7 @@ def test_per_label_batches_pair_videos_of_a_label_and_resume_exactly(vp9_shards,
     assert [b.video_ids for b in rest] == [b.video_ids for b in full[1:]]
     assert all(torch.equal(x.views, y.views) for x, y in zip(rest, full[1:]))
     with pytest.raises(ConfigError, match="--per-label"):
-        _cfg(vp9_shards, batch_size=4, per_label=3)
+        loader_cfg(vp9_shards, batch_size=4, per_label=3)
 
 
 def test_label_grouper_deals_groups_in_stream_order_and_never_stalls():
@@ -481,8 +445,8 @@ def test_resume_is_exact_when_failed_samples_came_before_the_checkpoint(vp9_shar
     loader's state keeps each worker's position, so the resumed batches are the uninterrupted
     run's, bit for bit, wherever the interruption falls."""
     shards = [str(vp9_shards / s["path"]) for s in read_manifest(vp9_shards)["splits"]["train"]["shards"]]
-    _corrupt_shard(shards[0], tmp_path / "bad-000000.tar")
-    cfg = _cfg([str(tmp_path / "bad-000000.tar"), *shards[1:]], batch_size=1, num_workers=workers,
+    corrupt_shard(shards[0], tmp_path / "bad-000000.tar")
+    cfg = loader_cfg([str(tmp_path / "bad-000000.tar"), *shards[1:]], batch_size=1, num_workers=workers,
                epoch_samples=10)
     full = list(VideoLoader(cfg))
     exercised = 0
@@ -506,7 +470,7 @@ def test_resume_is_exact_when_failed_samples_came_before_the_checkpoint(vp9_shar
 def test_workers_persist_across_epochs_and_each_epoch_is_its_own(vp9_shards):
     """Workers are forked once (not re-forked after CUDA/NCCL are up every epoch); the second
     epoch through them is the one a fresh loader set to epoch 1 gives."""
-    cfg = _cfg(vp9_shards, num_workers=2)
+    cfg = loader_cfg(vp9_shards, num_workers=2)
     loader = VideoLoader(cfg)
     list(loader)
     pids = [w.pid for w in loader._dl._iterator._workers]
@@ -553,382 +517,8 @@ def test_nvjpeg_settings_reach_dalis_image_decoder_by_names_its_schema_knows(jpe
     with pytest.raises(ValueError, match="jpeg_hw_load must be in"):
         DaliDecoder("cuda", jpeg_hw_load=1.5)
 
-    loader = VideoLoader(_cfg(jpeg_shards, decoder="dali", nvjpeg_hw_load=0.3, nvjpeg_huffman="gpu"))
+    loader = VideoLoader(loader_cfg(jpeg_shards, decoder="dali", nvjpeg_hw_load=0.3, nvjpeg_huffman="gpu"))
     assert (loader.decoder.jpeg_hw_load, loader.decoder.jpeg_huffman) == (0.3, "gpu")
     loader.close()
     with pytest.raises(ConfigError, match=r"--nvjpeg-hw-load must be in \[0, 1\], got 1.5"):
-        _cfg(jpeg_shards, nvjpeg_hw_load=1.5)
-
-
-@pytest.mark.parametrize("lanes", [1, 3])
-def test_finish_ahead_keeps_order_raises_the_threads_error_and_stops_when_closed(lanes):
-    """The GPU loader's finishing threads (here on the CPU, where they have no stream): results in
-    input order, item k finished by lane k mod n's own function whatever each takes; an error in
-    ``finish`` or in reading the items is raised to the consumer in the place of its item; a
-    consumer that stops early leaves no thread behind, and reading stays a few items ahead."""
-    import random
-    import threading
-    import time
-
-    from carl_scale.data.prefetch import THREAD_NAME, finish_ahead
-
-    cpu = torch.device("cpu")
-    rng = random.Random(0)
-    delays = [rng.uniform(0, 0.004) for _ in range(40)]
-    seen, busy = [], [0] * lanes
-
-    def lane(j):
-        def finish(i):
-            busy[j] += 1
-            assert busy[j] == 1, f"lane {j} ran twice at once"  # (a DALI pipeline takes one thread at a time)
-            time.sleep(delays[i])
-            seen.append((i, j, threading.current_thread().name))
-            busy[j] -= 1
-            return i * i
-        return finish
-
-    assert list(finish_ahead(range(40), [lane(j) for j in range(lanes)], 2, cpu)) == [(i, i * i) for i in range(40)]
-    assert sorted((i, j) for i, j, _ in seen) == [(i, i % lanes) for i in range(40)]
-    # each lane always in its own one thread
-    assert len({(j, name) for _, j, name in seen}) == len({name for _, _, name in seen}) == lanes
-    assert all(n.startswith(THREAD_NAME) for _, _, n in seen)
-
-    def bad(i):
-        if i == 3:
-            raise ValueError("frame 3 is broken")
-        time.sleep(0.002 * (i % 2))
-        return i
-
-    got = []
-    with pytest.raises(ValueError, match="frame 3"):
-        for item, _ in finish_ahead(range(10), [bad] * lanes, 2, cpu):
-            got.append(item)
-    assert got == [0, 1, 2]
-
-    def broken_items():
-        yield from range(4)
-        raise OSError("shard 7 is unreadable")
-
-    got = []
-    with pytest.raises(OSError, match="shard 7"):
-        for item, _ in finish_ahead(broken_items(), [lambda i: i] * lanes, 2, cpu):
-            got.append(item)
-    assert got == [0, 1, 2, 3]
-
-    started = []
-
-    def slow(i):
-        started.append(i)
-        return i
-
-    gen = finish_ahead(range(1000), [slow] * lanes, 2, cpu)
-    assert next(gen) == (0, 0)
-    gen.close()
-    assert not any(t.name.startswith(THREAD_NAME) for t in threading.enumerate())
-    # per lane: ceil(2 / n) queued, one waiting to be queued; one handed over
-    assert len(started) <= 1 + lanes * (-(-2 // lanes) + 1)
-    with pytest.raises(ValueError, match="at least one lane"):
-        next(finish_ahead(range(3), [], 2, cpu))
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_finishing_thread_gives_the_same_batches_and_a_closed_epoch_resumes_exactly(vp9_shards, threads):
-    """The GPU loader's thread path, forced on the CPU: the same batches as without it; closed
-    after 3 batches, the old iterator yields nothing more and does not end the epoch, and a loader
-    restored from the state resumes with batch 4. With 2 threads side by side (decoding in them,
-    each with its own DALI CPU decoder, as on a GPU) the same."""
-    def loader(thread: bool) -> VideoLoader:
-        if threads == 1:
-            out = VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=2))
-        else:
-            out = VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=2, decoder="dali",
-                                   finish_threads=threads if thread else 1), decode_in_collate=True)
-        out.finish_in_thread = thread
-        return out
-
-    plain = list(loader(False))
-    threaded = loader(True)
-    got = list(threaded)
-    assert [b.video_ids for b in got] == [b.video_ids for b in plain] and threaded.epoch == 1
-    assert all(torch.equal(x.views, y.views) for x, y in zip(got, plain))
-    cut = loader(True)
-    it = iter(cut)
-    for _ in range(3):
-        next(it)
-    cut.close()
-    assert list(it) == [] and cut.state_dict()["epoch"] == 0 and cut.state_dict()["next_batch"] == 3
-    resumed = loader(True)
-    resumed.load_state_dict(cut.state_dict())
-    assert [b.video_ids for b in resumed] == [b.video_ids for b in plain[3:]]
-
-
-def test_finishing_threads_side_by_side_give_the_same_batches_each_with_its_own_decoder(vp9_shards):
-    """--finish-threads, run on the CPU with DALI's CPU decoder in the GPU decoder's place
-    (decoding in the collate, in background threads): two threads side by side, each decoding
-    with its own decoder (DALI pipelines are not shared between threads), give the batches of
-    one thread. Where the workers decode, the flag is refused."""
-    from carl_scale.data.decoders import DaliDecoder
-
-    used = []
-
-    def loader(threads: int) -> VideoLoader:
-        out = VideoLoader(_cfg(vp9_shards, batch_size=2, num_workers=2, decoder="dali", finish_threads=threads),
-                          decode_in_collate=True)
-        out.finish_in_thread = True
-        for d in out.decoders:
-            decode = d.decode
-            d.decode = lambda videos, *a, _d=d, _decode=decode, **k: (used.append(id(_d)), _decode(videos, *a, **k))[1]
-        return out
-
-    first = loader(1)
-    one = list(first)
-    first.close()
-    used.clear()
-    two = loader(2)
-    assert len({id(d) for d in two.decoders}) == 2 and all(isinstance(d, DaliDecoder) for d in two.decoders)
-    assert "2 background threads side by side" in two.describe()
-    got = list(two)
-    assert [b.video_ids for b in got] == [b.video_ids for b in one] and len(got) >= 3
-    assert sorted(used) == sorted(id(two.decoders[k % 2]) for k in range(len(got)))  # each its share
-    two.close()
-    for a, b in zip(one, got):
-        torch.testing.assert_close(b.views, a.views, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="--finish-threads 2 decodes batches side by side"):
-        VideoLoader(_cfg(vp9_shards, decoder="dali", finish_threads=2))
-    with pytest.raises(ConfigError, match=r"--finish-threads must be in \[1, 16\], got 0"):
-        _cfg(vp9_shards, finish_threads=0)
-    # auto (the default): two where a GPU decodes in the training process, one wherever the CPU decodes
-    assert VideoLoader(_cfg(vp9_shards, decoder="dali")).finish_threads == 1
-    assert VideoLoader(_cfg(vp9_shards, decoder="dali"), decode_in_collate=True).finish_threads == 1
-
-
-def test_batches_ahead_counts_what_the_finishing_threads_make_before_they_are_asked(vp9_shards):
-    """``batches_ahead()`` is what benchmarks take without a step to time the loader from empty
-    buffers (bench.e2e): left alone after one batch, two finishing threads (on the CPU, DALI's CPU
-    decoder in the GPU's place) fill their buffers: each thread's share of GPU_PREFETCH_BATCHES
-    finished and one more waiting to be queued, their inboxes, the reader thread's batch and the
-    workers' prefetch, together exactly ``batches_ahead()`` (the bound is reached, not exceeded)."""
-    import time
-
-    from carl_scale.data.reader import GPU_PREFETCH_BATCHES
-
-    loader = VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=2, decoder="dali", finish_threads=2,
-                              epoch_samples=64), decode_in_collate=True)
-    loader.finish_in_thread = True
-    loader.finish_times = made = []
-    it = iter(loader)
-    next(it)
-
-    def quiet() -> int:  # until no batch was finished for 3 s
-        seen, since, t0 = len(made), time.monotonic(), time.monotonic()
-        while time.monotonic() - since < 3.0 and time.monotonic() - t0 < 60:
-            time.sleep(0.1)
-            if len(made) != seen:
-                seen, since = len(made), time.monotonic()
-        return seen
-
-    assert quiet() - 1 == 2 * (GPU_PREFETCH_BATCHES // 2 + 1) == 4  # finished ahead: 2 queued, 2 held
-    # every batch ahead of the consumer, finished or not: those the workers were asked for, less the
-    # one taken (the DataLoader's count). Its own 2 per worker are asked for and not yet handed on,
-    # whether a worker still has them or they wait in its reorder buffer (a CI run found one there)
-    workers = loader._dl._iterator
-    assert workers._send_idx - workers._rcvd_idx == 2 * 2
-    assert workers._send_idx - 1 == loader.batches_ahead() == 2 * 2 + 2 * (2 + 1 + 1) + 1
-    it.close()
-    loader.close()
-    assert VideoLoader(_cfg(vp9_shards, num_workers=3, decoder="pyav")).batches_ahead() == 3 * 2  # workers only
-
-
-def test_frames_decoded_in_the_collate_at_another_size_than_the_metadata_are_counted_and_stood_in_for(vp9_shards):
-    """The crops were drawn for the metadata's frame size: a video the finishing step's decoder
-    returns at another size is counted and stood in for, as in the workers, not cropped wrongly."""
-    loader = VideoLoader(_cfg(vp9_shards, batch_size=2, shuffle_buffer=0, epoch_samples=4), decode_in_collate=True)
-    decode = loader.decoder.decode
-    # the first video of each decoding call comes back two columns narrower
-    loader.decoder.decode = lambda videos, idx: [f[:, :, :-2] if k == 0 else f
-                                                 for k, f in enumerate(decode(videos, idx))]
-    batches = list(loader)
-    assert len(batches) == 2 and loader.skipped == 2
-    assert all(b.video_ids[0] == b.video_ids[1] and torch.equal(b.views[0], b.views[1]) for b in batches)
-
-
-def test_colour_in_the_collate_equals_colour_in_the_workers(vp9_shards):
-    """The GPU loader's split, run on the CPU: workers crop only and the collate colours the whole
-    batch (photometric_batch); the views equal the workers' per-view colour up to rounding. The
-    batch says on the host whether any frame is padding."""
-    def batches(in_workers: bool, dtype=torch.float32) -> list:
-        loader = VideoLoader(_cfg(vp9_shards, batch_size=2, num_workers=1), views_dtype=dtype)
-        loader.dataset.photometric = in_workers
-        return list(loader)
-
-    workers, collate = batches(True), batches(False)
-    assert [b.video_ids for b in workers] == [b.video_ids for b in collate]
-    for a, b in zip(workers, collate):
-        torch.testing.assert_close(b.views, a.views, rtol=0, atol=2e-5)
-        assert a.padded == b.padded == (not bool(a.mask.all()))
-    # a bf16 run's views: the float32 ones rounded once, wherever the colour was made
-    for in_workers, fp32 in ((True, workers), (False, collate)):
-        for a, b in zip(fp32, batches(in_workers, torch.bfloat16)):
-            assert b.views.dtype == torch.bfloat16 and torch.equal(b.views, a.views.to(torch.bfloat16))
-
-
-def test_a_share_of_the_videos_decoded_in_the_workers_changes_no_batch(jpeg_shards):
-    """--cpu-decode-share, run on the CPU with the collate in the GPU decoder's place: half of the
-    videos decoded by PyAV in the workers, the rest by the collate's decoder, give the batches of
-    the collate decoding all of them; the split follows stream positions, so a resumed loader
-    splits (and yields) as the original did. Without a decoder in the collate the flag is refused."""
-    from carl_scale.data.reader import cpu_decoded
-
-    assert [cpu_decoded(i, 0.5) for i in range(6)] == [False, True] * 3
-    assert sum(cpu_decoded(i, 0.25) for i in range(100)) == 25 and not any(cpu_decoded(i, 0.0) for i in range(9))
-
-    in_collate = []
-
-    def loader(share: float) -> VideoLoader:
-        out = VideoLoader(_cfg(jpeg_shards, num_workers=2, cpu_decode_share=share), decode_in_collate=True)
-        decode = out.decoder.decode
-        out.decoder.decode = lambda videos, *a, **k: (in_collate.append(len(videos)), decode(videos, *a, **k))[1]
-        return out
-
-    whole = list(loader(0.0))
-    n_whole, in_collate[:] = sum(in_collate), []
-    split = loader(0.5)
-    assert "50% of the videos decoded by pyav" in split.describe() and "50% by PyAV in the workers" in split.describe()
-    got = list(split)
-    assert [b.video_ids for b in got] == [b.video_ids for b in whole] and len(got) >= 3
-    assert n_whole == 2 * len(got) and sum(in_collate) == len(got)  # the other half decoded in the workers
-    for a, b in zip(whole, got):
-        torch.testing.assert_close(b.views, a.views, rtol=0, atol=2e-5)
-    cut = loader(0.5)
-    it = iter(cut)
-    next(it)
-    state = cut.state_dict()
-    cut.close()
-    resumed = loader(0.5)
-    resumed.load_state_dict(state)
-    rest = list(resumed)
-    assert [b.video_ids for b in rest] == [b.video_ids for b in got[1:]]
-    for a, b in zip(got[1:], rest):
-        torch.testing.assert_close(b.views, a.views, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="--cpu-decode-share 0.5 splits decoding"):
-        VideoLoader(_cfg(jpeg_shards, cpu_decode_share=0.5))
-
-
-def _in_process(shards, **kw) -> VideoLoader:
-    """A loader finishing in a process of its own (--finish-in process), on the CPU: DALI's CPU
-    decoder in the GPU decoder's place, decoding in the finishing step as on a GPU."""
-    return VideoLoader(_cfg(shards, **{"decoder": "dali", "num_workers": 2, **kw, "finish_in": "process"}),
-                       decode_in_collate=True)
-
-
-def test_batches_finished_in_a_process_of_their_own_are_the_threads_batches_and_resume_exactly(vp9_shards):
-    """--finish-in process: a spawned child builds the same loader and finishes its batches in
-    threads; this process gets the threaded loader's batches in order, epoch after epoch (the
-    child and its workers kept), and keeps the state: cut after 3 batches, the old iterator
-    yields nothing more and the epoch does not end, and a new loader from that state goes on
-    with batch 4. Where the workers decode, the flag is refused."""
-    threads = VideoLoader(_cfg(vp9_shards, batch_size=1, num_workers=2, decoder="dali"), decode_in_collate=True)
-    threads.finish_in_thread = True
-    plain, second = list(threads), list(threads)
-    threads.close()
-    proc = _in_process(vp9_shards, batch_size=1)
-    assert "in a process of its own" in proc.describe()
-    proc.finish_times = times = []  # (a benchmark's: the child's host seconds per batch)
-    got = list(proc)
-    assert len(times) == len(got) and all(t[0] > 0 and t[1:] == (None, None) for t in times)
-    proc.finish_times = None
-    assert [b.video_ids for b in got] == [b.video_ids for b in plain] and proc.epoch == 1
-    assert all(torch.equal(x.views, y.views) and torch.equal(x.mask, y.mask) for x, y in zip(got, plain))
-    child = proc._process._proc
-    it = iter(proc)
-    assert [next(it).video_ids for _ in range(3)] == [b.video_ids for b in second[:3]]
-    assert proc._process._proc is child  # one child for the run, not one per epoch
-    proc.close()
-    assert not child.is_alive() and child.exitcode == 0 and list(it) == []  # (stopped mid-pass: a clean exit)
-    assert proc.state_dict()["epoch"] == 1 and proc.state_dict()["next_batch"] == 3
-    resumed = _in_process(vp9_shards, batch_size=1)
-    resumed.load_state_dict(proc.state_dict())
-    assert [b.video_ids for b in resumed] == [b.video_ids for b in second[3:]]
-    resumed.close()
-    with pytest.raises(ValueError, match="--finish-in process decodes batches in a process of its own"):
-        VideoLoader(_cfg(vp9_shards, decoder="dali", finish_in="process"))
-    # auto (the default): a process only where a GPU decodes; a CPU decoder finishes in threads
-    assert _cfg(vp9_shards).finish_in == "auto"
-    cpu = VideoLoader(_cfg(vp9_shards, decoder="dali", num_workers=0), decode_in_collate=True)
-    assert not cpu.finish_process and "process" not in cpu.describe()
-    with pytest.raises(ConfigError, match="--finish-in must be one of"):
-        _cfg(vp9_shards, finish_in="processes")
-
-
-def test_a_finishing_process_counts_and_stands_in_for_corrupt_videos_and_raises_the_childs_errors(vp9_shards,
-                                                                                                 tmp_path):
-    """Corrupt videos met in the child are counted with their batches in this process, and stood
-    in for, as by threads; a cut run resumes with the uninterrupted count. An error in the child
-    (a worker's shards all unusable) is raised here, and an entry point ends in its one line."""
-    from carl_scale.errors import run_cli
-
-    train = read_manifest(vp9_shards)["splits"]["train"]["shards"]
-    bad = tmp_path / "bad-000000.tar"
-    good_key = _corrupt_shard(vp9_shards / train[0]["path"], bad)
-    whole = _in_process([str(bad)], batch_size=2, epoch_samples=4, shuffle_buffer=0, num_workers=0)
-    assert [b.video_ids for b in whole] == [[good_key, good_key]] * 2 and whole.skipped == 5
-    whole.close()
-    cut = _in_process([str(bad)], batch_size=1, epoch_samples=3, shuffle_buffer=0, num_workers=0)
-    first = next(iter(cut))
-    assert first.video_ids == [good_key]
-    rest = _in_process([str(bad)], batch_size=1, epoch_samples=3, shuffle_buffer=0, num_workers=0)
-    rest.load_state_dict(cut.state_dict())
-    cut.close()
-    assert len(list(rest)) == 2 and rest.skipped == 3
-    rest.close()
-
-    empty = tmp_path / "empty-000000.tar"
-    with tarfile.open(empty, "w") as tf:
-        info = tarfile.TarInfo("x.json")
-        info.size = 3
-        tf.addfile(info, io.BytesIO(b"{}!"))
-    with pytest.raises(SystemExit) as end:
-        run_cli("prog", lambda argv: list(_in_process([str(empty)], epoch_samples=2, num_workers=1)), [])
-    message = str(end.value.code)
-    assert message.startswith("prog: error: rank 0 worker 0: ") and "no usable sample" in message
-    assert "\n" not in message and "Traceback" not in message
-
-
-def test_a_finishing_process_that_dies_is_reported_and_one_left_behind_exits(vp9_shards, tmp_path):
-    """A child killed mid-epoch: the next batches it did not send end in one clear error with
-    its exit code, not a hang, and the next pass starts another child. A training process that ends without closing its loader (killed,
-    or os._exit) does not leave its finishing process behind: the child notices and exits."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    proc = _in_process(vp9_shards, batch_size=1)
-    it = iter(proc)
-    next(it)
-    dead = proc._process
-    dead._proc.kill()
-    with pytest.raises(RuntimeError, match=r"--finish-in process\) died, exit code -9"):
-        for _ in range(20):  # (those already received still come first)
-            next(it)
-    assert dead.broken
-    again = iter(proc)  # the next pass starts another child, from the state of the batches taken
-    assert next(again).video_ids and proc._process is not dead
-    proc.close()
-
-    script = (f"import os, sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-              f"from test_reader import _in_process\n"
-              f"loader = _in_process({str(vp9_shards)!r}, batch_size=1)\nnext(iter(loader))\n"
-              f"print(loader._process._proc.pid, flush=True)\nos._exit(0)\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip(), out.stderr[-2000:]
-    child = int(out.stdout.split()[-1])
-    for _ in range(100):
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(child, signal.SIGKILL)
-        pytest.fail("the finishing process outlived the training process by 10 s")
+        loader_cfg(jpeg_shards, nvjpeg_hw_load=1.5)

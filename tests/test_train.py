@@ -19,7 +19,7 @@ import torch
 from carl_scale.config import ConfigError
 from carl_scale.train.config import ParallelConfig, RunConfig
 from carl_scale.train.recipes import configure
-from carl_scale.train.trainer import deepspeed_config, lr_lambda
+from carl_scale.train.engine import deepspeed_config, lr_lambda
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CARL_SCALE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -265,7 +265,8 @@ def test_bf16_autocast_reaches_the_model_inside_the_engine_and_hooks_see_each_in
     an autocast around it), the weights stay fp32; a hook every 2 steps gets the mean metrics and
     the checkpoint of its step."""
     from carl_scale.hooks import Hook
-    from carl_scale.train.trainer import Trainer, process_group, run
+    from carl_scale.train.engine import process_group
+    from carl_scale.train.trainer import Trainer, run
     from launch.pretrain_k400 import parse
 
     cfg, _ = parse(_flags(vp9_shards, tmp_path / "bf16", 1, precision="bf16", workers=0))
@@ -313,7 +314,7 @@ def _dp_grads(rank: int, world: int, port: int, out: str) -> None:
     from carl_scale.bench.step import synthetic_batch
     from carl_scale.models import build_model
     from carl_scale.train.recipes import recipe
-    from carl_scale.train.trainer import build_engine, process_group
+    from carl_scale.train.engine import build_engine, process_group
 
     per_rank = 4 // world
     cfg = configure(recipe("debug"), {"data.batch_size": per_rank, "data.temporal.num_frames": 8,
@@ -366,7 +367,7 @@ def test_speed_switches_change_neither_the_loss_nor_the_gradients_nor_the_state_
     from carl_scale.bench.step import synthetic_batch
     from carl_scale.models import build_model
     from carl_scale.train.recipes import recipe
-    from carl_scale.train.trainer import build_engine, process_group, resolve_speedups
+    from carl_scale.train.engine import build_engine, process_group, resolve_speedups
 
     # three frozen stages: what --trunk-chunk and --fuse-frozen act on (the debug recipe trains all four)
     small = {"data.batch_size": 2, "data.temporal.num_frames": 8, "model.image_size": 32, "model.train_last_stages": 1}
@@ -437,7 +438,7 @@ def test_the_speedups_auto_values_resolve_per_device_and_zero_stage():
     measured faster there: BENCHMARKS.md), none on the CPU; ZeRO keeps the weights contiguous and
     the step eager (untested compiled), as does the weak objective."""
     from carl_scale.train.recipes import recipe
-    from carl_scale.train.trainer import resolve_speedups
+    from carl_scale.train.engine import resolve_speedups
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     cfg = configure(recipe("debug"), {})
@@ -459,7 +460,7 @@ def test_the_trainer_clips_the_global_gradient_norm_as_written():
     from carl_scale.losses.objective import build_objective
     from carl_scale.models import build_model
     from carl_scale.train.recipes import recipe
-    from carl_scale.train.trainer import build_engine, engine_step, process_group
+    from carl_scale.train.engine import build_engine, engine_step, process_group
 
     cfg = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 8, "model.image_size": 32,
                                       "optim.grad_clip": 0.01})
@@ -510,7 +511,7 @@ class _HostReads:
 def _debug_engine(**overrides):
     from carl_scale.models import build_model
     from carl_scale.train.recipes import recipe
-    from carl_scale.train.trainer import build_engine
+    from carl_scale.train.engine import build_engine
 
     cfg = configure(recipe("debug"), {"data.batch_size": 2, "data.temporal.num_frames": 8, "model.image_size": 32,
                                       **overrides})
@@ -523,7 +524,7 @@ def test_a_training_step_without_zero_never_waits_for_the_device():
     back to the host, and DeepSpeed's throughput timer, which synchronizes the device twice a
     step, is off; the GPU test checks the same with CUDA's own sync detection."""
     from carl_scale.bench.step import synthetic_batch
-    from carl_scale.train.trainer import engine_step, process_group
+    from carl_scale.train.engine import engine_step, process_group
 
     with process_group() as (_, _, device):
         engine = _debug_engine()
@@ -547,7 +548,7 @@ def test_a_non_finite_step_is_skipped_on_the_device(accum, where):
     import dataclasses
 
     from carl_scale.bench.step import synthetic_batch
-    from carl_scale.train.trainer import engine_step, process_group
+    from carl_scale.train.engine import engine_step, process_group
 
     def state(engine):
         opt = engine.optimizer
@@ -583,7 +584,7 @@ def test_a_checkpoint_of_a_non_fused_optimizer_resumes_fused():
     loaded state trains on exactly as the non-fused optimizer would have."""
     import copy
 
-    from carl_scale.train.trainer import keep_fused
+    from carl_scale.train.engine import keep_fused
 
     torch.manual_seed(0)
     w = torch.randn(5, 3)
@@ -608,7 +609,8 @@ def test_a_checkpoint_of_a_non_fused_optimizer_resumes_fused():
 def test_a_data_setting_this_machine_refuses_leaves_no_run_directory(vp9_shards, tmp_path):
     """--cpu-decode-share on a CPU machine (the workers decode everything already) is refused in
     one line before the run directory is made."""
-    from carl_scale.train.trainer import Trainer, process_group
+    from carl_scale.train.engine import process_group
+    from carl_scale.train.trainer import Trainer
     from launch.pretrain_k400 import parse
 
     cfg, _ = parse(_flags(vp9_shards, tmp_path / "run", 1, cpu_decode_share=0.5, workers=0))

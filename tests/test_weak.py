@@ -358,7 +358,7 @@ def test_compiling_the_weak_objective_compiles_its_encoder_pass_and_changes_no_v
     from carl_scale.losses.objective import build_objective
     from carl_scale.models import build_model
     from carl_scale.train.recipes import configure, recipe
-    from carl_scale.train.trainer import apply_speedups
+    from carl_scale.train.engine import apply_speedups
 
     # training mode (BatchNorm on the batch, the padded frames kept out of it), without dropout
     # (compiled code draws other random masks)

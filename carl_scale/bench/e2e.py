@@ -126,7 +126,8 @@ def _wait_until_quiet(made: list, counted: bool, limit: float) -> float | None:
 
 
 def run(a) -> dict:
-    from carl_scale.train.trainer import Trainer, process_group
+    from carl_scale.train.engine import process_group
+    from carl_scale.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp, process_group() as (rank, world, device), contextlib.ExitStack() as on:
         cfg = configure(recipe("debug"), {

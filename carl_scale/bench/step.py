@@ -14,11 +14,11 @@
     its ``set_detect_anomaly(True)`` on every step (``--as-shipped`` adds it as one more row), the
     DDP and SyncBatchNorm wrapping it runs even at world size 1, and the host-to-device copies of
     the batch (both paths start from a batch on the device; ``bench.e2e`` measures the feed);
-(b) ours: what ``launch/pretrain_k400.py`` runs: the engine :func:`~carl_scale.train.trainer.build_engine`
+(b) ours: what ``launch/pretrain_k400.py`` runs: the engine :func:`~carl_scale.train.engine.build_engine`
     makes from a recipe config (DeepSpeed, fp32 weights, bf16 autocast inside the objective on a
     GPU, and the defaults' speedups: on a GPU channels_last, the fused frozen stages and the
     compiled objective; ``--extra parallel.compile=off`` is the eager step) and
-    :func:`~carl_scale.train.trainer.engine_step` (forward, a finiteness flag, backward, step), with the same flavor, frames and batch, on the views the trainer's loader gives it (bf16
+    :func:`~carl_scale.train.engine.engine_step` (forward, a finiteness flag, backward, step), with the same flavor, frames and batch, on the views the trainer's loader gives it (bf16
     on a GPU: the published step's autocast casts its float32 views at the first convolution);
 (c) plain PyTorch: (b) without the DeepSpeed engine (:func:`plain_step`), to show what it costs.
 
@@ -50,7 +50,7 @@ from carl_scale.models import build_model
 from carl_scale.models.flavors import FLAVORS
 from carl_scale.tables import table
 from carl_scale.train.recipes import RECIPES, configure, recipe
-from carl_scale.train.trainer import apply_speedups, build_engine, engine_step, process_group, resolve_speedups
+from carl_scale.train.engine import apply_speedups, build_engine, engine_step, process_group, resolve_speedups
 
 
 def synthetic_batch(b: int, t: int, size: int, device: torch.device,

@@ -29,7 +29,7 @@ def step_diag():
     from carl_scale.bench.step import bench_config, synthetic_batch
     from carl_scale.losses.objective import build_objective
     from carl_scale.models import build_model
-    from carl_scale.train.trainer import build_engine, engine_step, process_group
+    from carl_scale.train.engine import build_engine, engine_step, process_group
 
     with process_group() as (_, world, device):
         # the model bench.step measures: r50 on the k400 recipe (2 layers, as the published K400 config)
