@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> dict:
     from carl_scale.models.weights import read_meta, resolve_checkpoint
 
     device = default_device(a.device)
-    ckpt = Path(a.checkpoint) if a.checkpoint else latest_checkpoint(a.run_dir)
-    read_meta(resolve_checkpoint(ckpt))  # a checkpoint that is not there, named first
+    # the step directory itself, not a pointer that moves on (checkpoints/latest, a run directory):
+    # the fine-tuning run below is keyed by it
+    ckpt = resolve_checkpoint(Path(a.checkpoint) if a.checkpoint else latest_checkpoint(a.run_dir))
+    read_meta(ckpt)  # a checkpoint that is not there, named first
     _, shards = check_transfer(a.dataset, a.shards, a.subset, a.classifier)  # refused before any fine-tuning
     source = str(ckpt)
     if a.finetune_steps:

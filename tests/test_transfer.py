@@ -287,3 +287,40 @@ def test_transfer_eval_refuses_finetune_args_without_steps_and_negative_steps(ca
     (step / "meta.json").write_text(json.dumps({"step": 4, "config": to_dict(recipe("debug"))}))
     with pytest.raises(ValueError, match="--classifier logistic: finegym's protocol has no phase classifier"):
         cli.main(["finegym", str(step), "--classifier", "logistic", "--finetune-steps", "5"])
+
+
+def test_the_fine_tuning_of_a_run_named_by_its_directory_follows_latest(vp9_shards, tmp_path, monkeypatch):
+    """A run directory (or its checkpoints/latest) names whatever step `latest` points to: once it
+    moves on, a rerun fine-tunes the new checkpoint in a directory of its own, never resuming the
+    old one's fine-tuning (already at its last step) and reporting it as the new checkpoint's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+    import transfer_eval as cli
+
+    from carl_scale.config import to_dict
+    from carl_scale.train.recipes import recipe
+
+    root = tmp_path / "run/checkpoints"
+    for step in (4, 8):
+        (root / f"step_{step:06d}").mkdir(parents=True)
+        (root / f"step_{step:06d}/meta.json").write_text(json.dumps({"step": step, "config": to_dict(recipe("debug"))}))
+    tuned = []
+
+    class Stop(Exception):
+        pass
+
+    def finetune(ckpt, shards, run_dir, steps, extra):
+        tuned.append((ckpt, run_dir))
+        raise Stop
+    monkeypatch.setattr(cli, "finetune", finetune)
+    for latest, named in (("step_000004", tmp_path / "run"), ("step_000008", tmp_path / "run"),
+                          ("step_000008", root / "latest"), ("step_000008", root / "step_000008")):
+        (root / "latest").write_text(latest)
+        with pytest.raises(Stop):
+            cli.main(["synthetic", str(named), "--shards", str(vp9_shards), "--finetune-steps", "3",
+                      "--out", str(tmp_path / "out")])
+    assert [c.name for c, _ in tuned] == ["step_000004"] + ["step_000008"] * 3
+    keys = [d.name for _, d in tuned]
+    assert keys[0] != keys[1] and keys[1] == keys[2] == keys[3]
