@@ -373,7 +373,10 @@ def test_the_end_of_run_evaluation_keeps_the_other_ranks_waiting_and_tells_them_
     ({"parallel.compile": "objective", "parallel.compile_mode": "reduce-overhead"},
      "--compile-mode reduce-overhead replays CUDA graphs: it needs a GPU"),
     ({"parallel.compile_mode": "max-autotune-no-cudagraphs"},  # with --compile auto: off on the CPU
-     "--compile-mode max-autotune-no-cudagraphs shapes a compiled step, but --compile auto compiles only the SCL")])
+     "--compile-mode max-autotune-no-cudagraphs shapes a compiled step, but --compile auto compiles only the SCL"),
+    ({"data.cpu_decode_share": 0.5}, "--cpu-decode-share 0.5 splits decoding between the GPU and the workers"),
+    ({"data.finish_threads": 2}, "--finish-threads 2 decodes batches side by side on the GPU"),
+    ({"data.finish_in": "process"}, "--finish-in process decodes batches on the GPU in a process of its own")])
 def test_a_gpu_only_setting_on_the_cpu_is_refused_before_anything_is_written(tmp_path, setting, message):
     from carl_scale.train.recipes import configure, recipe
     from carl_scale.train.trainer import run
@@ -383,5 +386,42 @@ def test_a_gpu_only_setting_on_the_cpu_is_refused_before_anything_is_written(tmp
     cfg = configure(recipe("debug"), {"data.shards": str(tmp_path / "nowhere"), "run_dir": str(tmp_path / "run"),
                                       "steps": 2, **setting})
     with pytest.raises(ValueError, match=re.escape(message)):
+        run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_dir_it_would_not_continue_is_refused_before_the_synthetic_set_is_written(tmp_path):
+    """The embedded default's shards are written by a hook at the start; a fresh run in a run
+    directory that holds another run's checkpoints, or a resume past --steps, is refused first."""
+    from carl_scale.models.weights import CheckpointError
+    from carl_scale.train.recipes import configure, recipe
+    from carl_scale.train.trainer import run
+    from launch.pretrain_k400 import hooks_for
+
+    step = tmp_path / "run/checkpoints/step_000010"
+    step.mkdir(parents=True)
+    cfg = configure(recipe("debug"), {"run_dir": str(tmp_path / "run"), "steps": 4, "eval.enabled": False},
+                    data_dir=str(tmp_path / "synthetic"))
+    (step / "meta.json").write_text(json.dumps({"step": 10, "config": to_dict(cfg), "world_size": 1}))
+    (tmp_path / "run/checkpoints/latest").write_text("step_000010")
+    with pytest.raises(CheckpointError, match="already holds another run's checkpoints"):
+        run(cfg, hooks_for(cfg))
+    with pytest.raises(CheckpointError, match="at step 10, past --steps 4"):
+        resumed = configure(cfg, {"checkpoint.resume": "latest"})
+        run(resumed, hooks_for(resumed))
+    assert not (tmp_path / "synthetic").exists()
+
+
+def test_a_warmup_as_long_as_an_epochs_run_is_refused_before_its_run_directory(vp9_shards, tmp_path):
+    """--steps and --warmup-steps are checked when the config is built; with --epochs the run's
+    length is known once the loader has read the manifest (8 videos, batch 2: 4 steps an epoch)."""
+    from carl_scale.train.recipes import configure, recipe
+    from carl_scale.train.trainer import run
+
+    cfg = configure(recipe("debug"), {"data.shards": str(vp9_shards), "run_dir": str(tmp_path / "run"), "epochs": 1.0,
+                                      "optim.warmup_steps": 4, "data.batch_size": 2, "data.num_workers": 0,
+                                      "data.temporal.num_frames": 8, "eval.enabled": False})
+    with pytest.raises(ConfigError, match=r"--warmup-steps \(4\) must be below the run's 4 steps \(--epochs 1 of 4 "
+                                          r"batches per rank, --grad-accum 1\)"):
         run(cfg)
     assert not (tmp_path / "run").exists()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from carl_scale.config import to_dict
+from carl_scale.config import ConfigError, to_dict
 from carl_scale.data.reader import VideoBatch, VideoLoader
 from carl_scale.models import build_model
 from carl_scale.models.backbones import check_pretrained_file
@@ -66,19 +66,24 @@ class Trainer:
         self._stream = torch.cuda.Stream(device, priority=-100) if cfg.parallel.step_priority == "high" else None
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        resume_from = self._find_resume()  # refuses settings that would not continue it, before any work
+        resume_from = find_resume(cfg, rank, world)  # refuses settings that would not continue it, before any work
         # the full device ("cuda:3"): GPU decoding runs on this rank's own GPU. Before the run
         # directory is made: a data setting this machine refuses leaves nothing behind.
         # bf16 views under bf16 autocast: the trunk's first convolution would cast them anyway, so the
         # same values in half the memory (at T = 240 x 4 videos, 0.54 GiB less at the step's peak)
         self.loader = VideoLoader(cfg.data, rank=rank, world_size=world, seed=cfg.seed, device=str(device),
                                   views_dtype=torch.bfloat16 if self.bf16 else torch.float32)
+        self.total_steps = cfg.steps if cfg.steps is not None else \
+            max(1, math.ceil(cfg.epochs * len(self.loader) / cfg.parallel.grad_accum))
+        if cfg.steps is None and cfg.optim.warmup_steps >= self.total_steps:  # (--steps: RunConfig.check)
+            self.loader.close()
+            raise ConfigError(f"--warmup-steps ({cfg.optim.warmup_steps}) must be below the run's "
+                              f"{self.total_steps} steps (--epochs {cfg.epochs:g} of {len(self.loader)} batches per "
+                              f"rank, --grad-accum {cfg.parallel.grad_accum}): the run would never decay")
         if self.rank == 0:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             print(f"data: {self.loader.describe()}", flush=True)
-        self.total_steps = cfg.steps if cfg.steps is not None else \
-            max(1, math.ceil(cfg.epochs * len(self.loader) / cfg.parallel.grad_accum))
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         # a resume restores every weight from its checkpoint: the --pretrained file is not read (it
@@ -103,29 +108,6 @@ class Trainer:
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
-
-    def _find_resume(self) -> tuple[Path, dict] | None:
-        """The checkpoint to resume and its meta, checked against this config; a fresh run is
-        refused in a run directory that holds another run's checkpoints (saving would replace them)."""
-        if self.cfg.checkpoint.resume is None:
-            held = sorted(ckpt.checkpoints(self.ckpt_root))
-            if held:
-                raise CheckpointError(
-                    f"{self.ckpt_root} already holds another run's checkpoints (steps {held[0]}..{held[-1]}), which "
-                    f"this run would replace: continue that run with --resume latest, or give this one another "
-                    f"--run-dir (or remove {self.run_dir} yourself to start over)")
-            return None
-        path = ckpt.find(self.ckpt_root, self.cfg.checkpoint.resume)
-        if path is None:
-            if self.rank == 0:
-                print(f"--resume latest: no checkpoint under {self.ckpt_root} yet, starting from step 0")
-            return None
-        meta = read_meta(path)
-        ckpt.check_resume(path, meta, to_dict(self.cfg), self.world)
-        if self.cfg.steps is not None and int(meta.get("step", 0)) > self.cfg.steps:
-            raise CheckpointError(f"--resume {path}: it is at step {meta['step']}, past --steps {self.cfg.steps}; "
-                                  f"give --steps {meta['step']} or more to go on from it")
-        return path, meta
 
     def _resume(self, path: Path, meta: dict) -> None:
         client = ckpt.load(self.engine, path, meta)  # every rank loaded, or every rank raises
@@ -347,6 +329,32 @@ class Trainer:
         print("\n" + table(rows, ("run", str(self.run_dir))), flush=True)
 
 
+def find_resume(cfg: RunConfig, rank: int, world: int, *, quiet: bool = False) -> tuple[Path, dict] | None:
+    """The checkpoint ``cfg`` resumes and its meta, checked against ``cfg``; a fresh run is refused
+    in a run directory that holds another run's checkpoints (saving would replace them)."""
+    run_dir = Path(cfg.run_dir)
+    root = run_dir / "checkpoints"
+    if cfg.checkpoint.resume is None:
+        held = sorted(ckpt.checkpoints(root))
+        if held:
+            raise CheckpointError(
+                f"{root} already holds another run's checkpoints (steps {held[0]}..{held[-1]}), which "
+                f"this run would replace: continue that run with --resume latest, or give this one another "
+                f"--run-dir (or remove {run_dir} yourself to start over)")
+        return None
+    path = ckpt.find(root, cfg.checkpoint.resume)
+    if path is None:
+        if rank == 0 and not quiet:
+            print(f"--resume latest: no checkpoint under {root} yet, starting from step 0")
+        return None
+    meta = read_meta(path)
+    ckpt.check_resume(path, meta, to_dict(cfg), world)
+    if cfg.steps is not None and int(meta.get("step", 0)) > cfg.steps:
+        raise CheckpointError(f"--resume {path}: it is at step {meta['step']}, past --steps {cfg.steps}; "
+                              f"give --steps {meta['step']} or more to go on from it")
+    return path, meta
+
+
 def check_device(cfg: RunConfig, device: torch.device) -> None:
     """Settings only a GPU has, refused on the CPU."""
     par = cfg.parallel
@@ -354,6 +362,16 @@ def check_device(cfg: RunConfig, device: torch.device) -> None:
         raise ValueError("--step-priority high orders CUDA streams: it needs a GPU (drop it on the CPU)")
     if par.compile_mode == "reduce-overhead" and device.type != "cuda":
         raise ValueError("--compile-mode reduce-overhead replays CUDA graphs: it needs a GPU (drop it on the CPU)")
+    data = cfg.data
+    # (the loader refuses these too, once it has read the shards: here before any hook writes them)
+    for given, flag, what in ((data.cpu_decode_share > 0, f"--cpu-decode-share {data.cpu_decode_share}",
+                               "splits decoding between the GPU and the workers"),
+                              (data.finish_threads is not None and data.finish_threads > 1,
+                               f"--finish-threads {data.finish_threads}", "decodes batches side by side on the GPU"),
+                              (data.finish_in == "process", "--finish-in process",
+                               "decodes batches on the GPU in a process of its own")):
+        if given and device.type != "cuda":
+            raise ValueError(f"{flag} {what}; on the CPU the workers decode already: drop the flag (or run on a GPU)")
     if par.compile_mode != "default" and resolve_speedups(cfg, device)[2] == "off":
         raise ValueError(f"--compile-mode {par.compile_mode} shapes a compiled step, but --compile auto compiles "
                          f"only the SCL objective on a GPU without ZeRO: give --compile objective, or drop "
@@ -377,6 +395,7 @@ def run(cfg: RunConfig, hooks: Sequence[Hook] = ()) -> dict:
     with process_group() as (rank, world, device), rng_scope(cfg.seed):
         deepspeed_config(cfg, world)  # --global-batch-size against this world size, before any hook writes
         check_device(cfg, device)
+        find_resume(cfg, rank, world, quiet=True)  # its refusals, before any hook writes (Trainer finds it again)
         for hook in hooks:
             hook.on_start(rank, world)
         if dist.is_initialized():
