@@ -10,13 +10,18 @@ from typing import Callable
 
 # What the library raises for bad input; its messages are written for the person at the terminal.
 # Anything else (a bug) keeps its traceback.
-EXPECTED = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
+EXPECTED = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, NotADirectoryError,
+            IsADirectoryError, PermissionError)
 
 
 def one_line(exn: BaseException) -> str:
     """The message of ``exn``; of an error a DataLoader worker raised, the worker's own message
     (PyTorch re-raises it with the worker's whole traceback as its text)."""
     text = str(exn)
+    if isinstance(exn, (NotADirectoryError, IsADirectoryError, PermissionError)) and exn.filename is not None:
+        # the operating system's own words ("[Errno 20] Not a directory: 'out/x'") and what to check
+        where = f"{exn.filename}" + (f" -> {exn.filename2}" if exn.filename2 is not None else "")
+        return f"{exn.strerror}: {where} (a path given here: check it, and that it may be written)"
     if text.startswith("Caught ") and "\nOriginal Traceback" in text:
         last = text.rstrip().splitlines()[-1]  # "ValueError: <the message>"
         text = last.split(": ", 1)[1] if ": " in last else last

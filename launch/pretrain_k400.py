@@ -100,6 +100,12 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
         overrides["data.spatial.blur_p"] = 0.0
     cfg = configure(base, overrides, flavor=args.flavor, augment=args.augment,
                     synthetic_videos=args.synthetic_videos, data_dir=args.data_dir, weak=args.weak)
+    if overrides.get("eval.shards") is not None and cfg.eval.enabled:  # named: not skipped at the end, refused now
+        from carl_scale.eval.quick import end_of_run_shards
+
+        shards, why = end_of_run_shards(cfg.data.shards, cfg.eval.shards, None)
+        if shards is None:
+            raise ConfigError(f"{why}: name a shard directory with a val split, or drop --val-shards")
     return cfg, args
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 
 from carl_scale.datasets.encode import CODECS, EncodeOptions
 
@@ -37,6 +38,8 @@ def check_ranges(*checks: tuple[str, float | None, float, float | None]) -> None
     """(flag, value, lowest, highest or None) each: a value outside is refused in one line before
     anything is written; None (not given) passes."""
     for flag, value, lo, hi in checks:
+        if value is not None and not math.isfinite(value):  # (NaN fails no comparison)
+            raise ValueError(f"{flag} must be a finite number, got {value}")
         if value is not None and (value < lo or (hi is not None and value > hi)):
             raise ValueError(f"{flag} must be {'>= ' + f'{lo:g}' if hi is None else f'in [{lo:g}, {hi:g}]'}, "
                              f"got {value:g}")

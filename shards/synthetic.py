@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from carl_scale.config import ConfigError
 from carl_scale.data.config import SyntheticConfig
 from carl_scale.datasets.synthetic import write_synthetic_shards
 from shards.common import add_writer_args, print_summary, writer_kwargs
@@ -28,9 +29,16 @@ def main(argv: list[str] | None = None) -> dict:
                    help="low: one figure style (the CPU demo); high: per-video background, colours, size, shake")
     p.add_argument("--seed", type=int, default=d.seed)
     a = p.parse_args(argv)
-    cfg = SyntheticConfig(num_actions=a.num_actions, train_videos=a.train_videos, val_videos=a.val_videos,
-                          min_frames=a.min_frames, max_frames=a.max_frames, height=a.size, width=a.size,
-                          nuisance=a.nuisance, seed=a.seed)
+    try:
+        cfg = SyntheticConfig(num_actions=a.num_actions, train_videos=a.train_videos, val_videos=a.val_videos,
+                              min_frames=a.min_frames, max_frames=a.max_frames, height=a.size, width=a.size,
+                              nuisance=a.nuisance, seed=a.seed)
+    except ConfigError as exn:  # named by this command's flags, not the config's fields
+        message = str(exn)
+        for field in ("num_actions", "train_videos", "val_videos", "min_frames", "max_frames", "seed"):
+            message = message.replace(f"SyntheticConfig.{field}", "--" + field.replace("_", "-"))
+        raise ConfigError(message.replace("SyntheticConfig.height", "--size").replace("SyntheticConfig.width", "--size")
+                          ) from None
     manifest = write_synthetic_shards(a.out, cfg, **writer_kwargs(a))
     print_summary(manifest, a.out)
     return manifest

@@ -105,6 +105,14 @@ def test_print_config_is_the_saved_config_and_comes_back_through_config(tmp_path
     (["--config", "nope.json"], "--config nope.json: no such file"),
     (["--flavor", "debug", "--pretrained", "w.pth"], "--pretrained loads ResNet-50 weights"),
     (["--init-from", "nowhere"], "--init-from: nowhere is not a checkpoint directory"),
+    (["--data-dir", ""], "--data-dir is empty"),
+    (["--eps1", "3"], "--eps1 sets the weakly supervised objective, and this run trains SCL: add --weak"),
+    (["--lambda", "0.5"], "--lambda sets the weakly supervised objective"),
+    (["--no-class-negatives"], "--class-negatives sets the weakly supervised objective"),
+    (["--num-classes", "7"], "--num-classes sizes the class token's classifier, and this model has no class token"),
+    (["--recipe", "debug", "--init-from", "x", "--flavor", "r50"], "--flavor is the model --init-from's checkpoint sets"),
+    (["--recipe", "debug", "--init-from", "x", "--pretrained", "w.pth"], "--pretrained would be overwritten by"),
+    (["--val-shards", "nowhere"], "--val-shards nowhere does not exist: name a shard directory with a val split"),
 ])
 def test_bad_values_are_refused_naming_the_flag_and_range(flags, message):
     with pytest.raises(ConfigError) as exn:
@@ -162,3 +170,10 @@ def test_synthetic_label_names_match_the_renderer():
 
     assert list(ACTIONS) == list(SYNTHETIC_ACTIONS)
     assert all(len(ACTIONS[a][0]) == len(SYNTHETIC_ACTIONS[a]) + 1 for a in ACTIONS)  # K phases, K+1 key poses
+
+
+def test_the_weak_objectives_flags_are_taken_with_it_and_a_named_val_split_that_exists():
+    assert parse(["--weak", "--eps1", "3", "--lambda", "0.5"])[0].loss.eps1 == 3.0
+    assert parse(["--loss", "weak", "--no-class-negatives", "--ce-weight", "0"])[0].loss.class_negatives is False
+    assert parse(["--weak", "--num-classes", "7"])[0].model.num_classes == 7
+    assert parse(["--val-shards", "nowhere", "--no-eval"])[0].eval.shards == "nowhere"  # not read: no evaluation

@@ -208,6 +208,10 @@ def test_refusals_come_before_anything_is_written_or_removed(video_dir, tmp_path
             (pennaction.main, ["--root", "r", "--phase-labels", "l", "--short-side", "256"],
              "--short-side applies with --square 0"),
             (pouring.main, ["--src", "s", "--fps", "0"], "--fps must be >= 0.001, got 0"),
+            (pouring.main, ["--src", "s", "--fps", "inf"], "--fps must be a finite number, got inf"),
+            (finegym.main, ["--videos", "v", "--annotations", "a", "--fps", "nan"], "--fps must be a finite number"),
+            (synthetic.main, ["--seed", "-1"], r"--seed must be in \[0, 4294967295\], got -1"),
+            (synthetic.main, ["--train-videos", "0"], "--train-videos must be >= 1, got 0"),
             (synthetic.main, ["--size", "33"], "vp9 with 4:2:0 chroma needs even frame sizes, got 33x33")):
         with pytest.raises(ValueError, match=message):
             main([*flags, "--out", str(tmp_path / "o4")])

@@ -425,3 +425,16 @@ def test_a_warmup_as_long_as_an_epochs_run_is_refused_before_its_run_directory(v
                                           r"batches per rank, --grad-accum 1\)"):
         run(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_output_path_under_a_file_ends_in_one_line_naming_it(tmp_path):
+    from carl_scale.errors import run_cli
+    from shards import synthetic
+
+    (tmp_path / "a_file").write_text("not a directory")
+    out = tmp_path / "a_file/shards"
+    with pytest.raises(SystemExit) as exit_:
+        run_cli("shards.synthetic", synthetic.main, ["--out", str(out), "--train-videos", "1", "--val-videos", "0",
+                                                     "--no-progress"])
+    assert str(exit_.value) == (f"shards.synthetic: error: Not a directory: {out} (a path given here: check it, and "
+                                f"that it may be written)")

@@ -39,8 +39,14 @@ def test_bad_ranges_and_data_without_labels_are_refused_before_ray_starts(tmp_pa
     from tuning.sweep import parse
 
     for flags, message in ((["--tau=-1:2"], "--tau must be > 0"), (["--sigma2", "0:5"], "--sigma2 must be > 0"),
-                           (["--eps1", "0:5"], "--eps1 must be in (0, 100]"), (["--eps1", "5:200"], "(0, 100]"),
-                           (["--lambda=-0.1:1"], "--lambda must be >= 0"), (["--tau", "0.5:0.1"], "LO must be <= HI"),
+                           (["--weak", "--eps1", "0:5"], "--eps1 must be in (0, 100]"),
+                           (["--weak", "--eps1", "5:200"], "(0, 100]"),
+                           (["--weak", "--lambda=-0.1:1"], "--lambda must be >= 0"),
+                           (["--tau", "0.5:0.1"], "LO must be <= HI"),
+                           (["--eps1", "2:8"], "--eps1 is a weak-supervision setting, and this sweep is self-supervised"),
+                           (["--eps2", "20"], "--eps2 is a weak-supervision setting"),
+                           (["--recipe", "debug", "--config", "x.json"], "--recipe and --config both name"),
+                           (["--sigma2", "10:10", "--tau", "0.1:0.1"], "--trials (5) would train one config 5 times"),
                            (["--trials", "0"], "--trials must be >= 1"), (["--steps", "10", "--report-every", "20"],
                                                                           "--report-every (20) must be <= --steps"),
                            (["--resume", "--trials", "3", "--tau", "0.1:0.2"], "drop --tau, --trials, or start")):

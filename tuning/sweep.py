@@ -36,6 +36,13 @@ def parse(argv: list[str] | None = None) -> SweepConfig:
         names = {fl.path: fl.flag for fl in iter_flags(SweepConfig)}
         raise ConfigError(f"--resume continues the sweep as it was started (its sweep.json): drop "
                           f"{', '.join(names[k] for k in changed)}, or start another sweep with --name")
+    names = {fl.path: fl.flag for fl in iter_flags(SweepConfig)}
+    if "recipe" in given and "config" in given:
+        raise ConfigError("--recipe and --config both name the config every trial starts from; give one")
+    weak_only = [k for k in ("eps1", "lam", "eps2") if k in given]
+    if weak_only and not given.get("weak") and not given.get("resume"):  # (a resumed sweep has its own)
+        raise ConfigError(f"{names[weak_only[0]]} is a weak-supervision setting, and this sweep is self-supervised "
+                          f"(σ², τ): add --weak, or drop the flag")
     return from_dict(SweepConfig, given)
 
 

@@ -343,4 +343,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from carl_scale.errors import run_cli
+
+    run_cli("carl_scale.bench.data", main)

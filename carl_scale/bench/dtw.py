@@ -182,4 +182,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from carl_scale.errors import run_cli
+
+    run_cli("carl_scale.bench.dtw", main)

@@ -337,4 +337,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from carl_scale.errors import run_cli
+
+    run_cli("carl_scale.bench.e2e", main)

@@ -191,4 +191,6 @@ def main(argv: list[str] | None = None) -> dict[str, LiveBytes]:
 
 
 if __name__ == "__main__":
-    main()
+    from carl_scale.errors import run_cli
+
+    run_cli("carl_scale.bench.memory", main)

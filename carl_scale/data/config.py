@@ -171,7 +171,7 @@ class SyntheticConfig(Config):
     # learns from scratch in minutes on a CPU); "high": every video draws its own background,
     # colours, size, position, mirroring, shake and noise (a harder set for bigger models).
     nuisance: Literal["low", "high"] = "low"
-    seed: int = 0
+    seed: int = param(0, ge=0, le=2**32 - 1)  # (NumPy's generators take no negative seed)
 
     def check(self) -> None:
         if self.min_frames > self.max_frames:

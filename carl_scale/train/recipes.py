@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from carl_scale.config import ConfigError, from_dict, refuse, to_dict
+from carl_scale.config import ConfigError, from_dict, iter_flags, refuse, to_dict
 from carl_scale.data.config import LoaderConfig, SpatialConfig, SyntheticConfig, TemporalConfig
 from carl_scale.data.manifest import read_manifest
 from carl_scale.losses.config import LossConfig
@@ -149,6 +149,11 @@ def configure(base: RunConfig, overrides: Mapping[str, Any] | None = None, *, fl
     Giving ``data.shards`` drops the synthetic set; ``steps`` and ``epochs`` replace each other."""
     overrides = dict(overrides or {})
     d = to_dict(base)
+    if overrides.get("init_from"):  # its checkpoint's model and weights: these would be dropped unread
+        if flavor is not None:
+            refuse("--flavor", "is the model --init-from's checkpoint sets (its config): drop --flavor")
+        if overrides.get("model.pretrained") is not None:
+            refuse("--pretrained", "would be overwritten by --init-from's weights, every one: drop --pretrained")
     if flavor is not None:
         d["model"] = to_dict(model_config(flavor))
     if overrides.get("init_from"):
@@ -170,6 +175,8 @@ def configure(base: RunConfig, overrides: Mapping[str, Any] | None = None, *, fl
             refuse("--shards", "is empty: give a shard directory, brace pattern or .txt list")
         d["synthetic"] = None
     if data_dir is not None:
+        if not data_dir:
+            refuse("--data-dir", "is empty: give the directory the synthetic set is written to")
         if d["synthetic"] is None:
             refuse("--data-dir", "is where the synthetic set is written, and this run has none: use --shards")
         d["data"]["shards"] = data_dir
@@ -196,6 +203,15 @@ def configure(base: RunConfig, overrides: Mapping[str, Any] | None = None, *, fl
         d["steps"] = None
     for path, value in overrides.items():
         _set(d, path, value)
+    if d["loss"]["name"] != "weak":  # never silently ignored
+        weak_only = [path for path in overrides if path in WEAK_ONLY]
+        if weak_only:
+            flags = {f.path: f.flag for f in iter_flags(RunConfig)}
+            refuse(flags[weak_only[0]], "sets the weakly supervised objective, and this run trains SCL: add --weak "
+                                        "(or --loss weak), or drop the flag")
+    if "model.num_classes" in overrides and not d["model"]["class_token"]:
+        refuse("--num-classes", "sizes the class token's classifier, and this model has no class token: add --weak, "
+                                "or drop the flag")
     if weak and "model.num_classes" not in overrides:  # the classes of the data this run reads
         classes = _video_classes(d)
         if classes is None:
@@ -207,6 +223,10 @@ def configure(base: RunConfig, overrides: Mapping[str, Any] | None = None, *, fl
         _check_fits_init(d["model"], saved, overrides["init_from"])
     return from_dict(RunConfig, d)
 
+
+# The loss fields only the weak objective reads (LossConfig): given for an SCL run, refused.
+WEAK_ONLY = ("loss.pcl_weight", "loss.eps1", "loss.eps2", "loss.ce_weight", "loss.view_ensemble", "loss.pcl_grid",
+             "loss.pcl_cost", "loss.class_negatives", "loss.gather_negatives")
 
 # The model fields that shape its weights: a run from --init-from must keep the checkpoint's.
 SHAPE_FIELDS = {"backbone": "model.backbone", "head_width": "model.head_width", "width": "model.width",

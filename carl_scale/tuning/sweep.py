@@ -117,6 +117,8 @@ def _tune(cfg: SweepConfig, base: RunConfig, val: str):
                              report_every=cfg.report_every, val_shards=str(Path(val).resolve()),
                              objective=cfg.objective, val_videos=cfg.val_videos),
         {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+    # Ray reports usage statistics over the network unless told not to; nothing here goes online
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):  # a Ray cluster: its own resources
         ray.init(address=os.environ["RAY_ADDRESS"])
     else:  # this machine: the CPUs this process may use (a container reports the host's otherwise)
