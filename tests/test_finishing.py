@@ -348,6 +348,16 @@ def test_a_finishing_process_counts_and_stands_in_for_corrupt_videos_and_raises_
     message = str(end.value.code)
     assert message.startswith("prog: error: rank 0 worker 0: ") and "no usable sample" in message
     assert "\n" not in message and "Traceback" not in message
+    # (--debug's traceback): the child's own, where the error was raised there
+    from carl_scale.data.finish_process import ChildTraceback
+
+    failing = _in_process([str(empty)], epoch_samples=2, num_workers=1)
+    with pytest.raises(Exception, match="no usable sample") as raised:
+        list(failing)
+    failing.close()
+    remote = raised.value.__cause__
+    assert isinstance(remote, ChildTraceback) and "in the finishing process:\nTraceback" in str(remote)
+    assert "in _serve" in str(remote) and "no usable sample" in str(remote)
 
 
 def test_a_finishing_process_that_dies_is_reported_and_one_left_behind_exits(vp9_shards, tmp_path):
@@ -388,3 +398,68 @@ def test_a_finishing_process_that_dies_is_reported_and_one_left_behind_exits(vp9
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the finishing process outlived the training process by 10 s")
+
+
+@pytest.mark.parametrize("error, counted", [(ValueError("not a webm"), True),
+                                            (torch.AcceleratorError("CUDA error: an illegal memory access"), False),
+                                            (torch.cuda.OutOfMemoryError("CUDA out of memory"), False)])
+def test_a_failed_decode_is_counted_as_a_corrupt_video_only_when_it_is_the_videos_fault(error, counted):
+    """A broken device (a sticky CUDA error) or no memory fails every video after it too: raised,
+    never counted as corrupt videos for the rest of the epoch."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from carl_scale.data.batch import SkipCounter, decode_or_skip
+
+    class Failing:
+        device, resets = "cpu", 0
+
+        def decode(self, encoded, indices):
+            if any(e == b"bad" for e in encoded):
+                raise error
+            return [torch.zeros(len(i), 3, 4, 4) for i in indices]
+
+        def reset(self):
+            self.resets += 1
+
+    todo = [SimpleNamespace(encoded=e, timestamps=np.arange(4), meta={"video_id": v})
+            for e, v in ((b"good", "a"), (b"bad", "b"))]
+    counter = SkipCounter()
+    if counted:
+        out = decode_or_skip(Failing(), todo, counter)
+        assert out[0] is not None and out[1] is None and counter.take() == 1
+    else:
+        with pytest.raises(type(error)):
+            decode_or_skip(Failing(), todo, counter)
+        assert counter.take() == 0
+
+
+def test_a_finished_batch_leaves_its_slot_without_the_samples_it_was_made_from(vp9_shards):
+    """What travels on with a finished batch (its worker, resume point, skips) holds none of the
+    samples' crops (on a GPU, B x 2T uint8 frames each) or payloads beside the batch's views."""
+    loader = VideoLoader(loader_cfg(vp9_shards, num_workers=0, decoder="dali"), decode_in_collate=True)
+    loader.finish_in_thread = True
+    finished, ahead = loader.finished_stream(0, 0, {})
+    slots = [(slot, batch) for slot, batch in finished]
+    ahead.close()
+    loader.close()
+    assert len(slots) == len(loader) and all(batch.views.shape[0] == 2 for _, batch in slots)
+    assert all(slot.samples == [] for slot, _ in slots)
+
+
+def test_a_stopped_finishing_process_leaves_no_reference_count_files_in_shared_memory():
+    """It leaves through os._exit, so its CUDA views' reference-count files (named after its pid,
+    removed by its own teardown otherwise) are removed when it is shut down; others' are kept."""
+    from types import SimpleNamespace
+
+    from carl_scale.data.finish_process import _shut_down
+
+    pid = 5_000_000 + os.getpid() % 100_000  # (above Linux's largest pid, 2**22: no live process has it)
+    ours, other = f"/dev/shm/torch_{pid}_1234_0", f"/dev/shm/torch_{pid + 1}_1234_0"
+    for name in (ours, other):
+        open(name, "wb").close()
+    done = SimpleNamespace(set=lambda: None)
+    _shut_down(SimpleNamespace(is_alive=lambda: False, pid=pid), None, done, done)
+    assert not os.path.exists(ours) and os.path.exists(other)
+    os.unlink(other)

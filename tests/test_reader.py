@@ -486,6 +486,27 @@ def test_workers_persist_across_epochs_and_each_epoch_is_its_own(vp9_shards):
     fresh.close()
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_older_iterator_resumed_takes_nothing_and_ends_no_epoch(vp9_shards, workers):
+    """Only the newest iterator takes batches: an older one resumed (after a newer iter(), or after
+    close()) yields nothing more, takes none of the newer one's batches and ends no epoch."""
+    cfg = loader_cfg(vp9_shards, num_workers=workers)  # 8 videos, batch 2: 4 batches an epoch
+    ref = [b.video_ids for b in VideoLoader(cfg)]
+    loader = VideoLoader(cfg)
+    old = iter(loader)
+    got = [next(old).video_ids]
+    new = iter(loader)
+    got.append(next(new).video_ids)
+    assert list(old) == [] and (loader.epoch, loader.next_batch) == (0, 2)
+    got += [b.video_ids for b in new]
+    assert got == ref and (loader.epoch, loader.next_batch) == (1, 0)
+    it = iter(loader)
+    next(it)
+    loader.close()
+    assert list(it) == [] and (loader.epoch, loader.next_batch) == (1, 1)
+    loader.close()
+
+
 def test_a_gpu_device_string_selects_that_gpu_for_dali():
     from carl_scale.data.decoders import make_decoder, split_device
 

@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=3,
-                   help="untimed steps at the start (compiling), and again after the buffers are emptied")
+                   help="untimed steps at the start (compiling); after the loader's buffers are emptied, as many "
+                        "untimed steps as they held, and at least this many")
     p.add_argument("--settle", type=float, default=10.0,
                    help="at most this many seconds of waiting for the loader to fill its buffers and go quiet "
                         "before the idle row")

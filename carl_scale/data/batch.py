@@ -93,18 +93,32 @@ class VideoBatch:
                              for k, v in self.__dict__.items()})
 
 
+def _not_the_video(exn: BaseException, decoder: FrameDecoder) -> bool:
+    """Whether a failed decode says nothing about the video: out of memory, or a device that is
+    broken for every later call too (a sticky CUDA error: an illegal address, a device-side
+    assert). Taken for a corrupt video, such a failure would count every video after it as
+    skipped for the rest of the epoch (in a finishing process, with nothing else to fail first)."""
+    if isinstance(exn, (MemoryError, torch.cuda.OutOfMemoryError, torch.AcceleratorError)):
+        return True
+    if getattr(decoder, "device", "cpu") == "cuda" and torch.cuda.is_available():
+        try:  # DALI words its CUDA errors as its own: ask the device whether it still works
+            torch.cuda.synchronize()
+        except Exception:
+            return True
+    return False
+
+
 def decode_or_skip(decoder: FrameDecoder, todo: list[PreparedSample], counter: SkipCounter | None) -> list:
     """The sampled frames of ``todo``, decoded in one batched call; where that fails (one corrupt
     video fails the whole call, and may leave DALI's pipelines unusable) and ``counter`` is given,
     again one video at a time on fresh pipelines: a video that fails alone is counted and logged,
-    and its entry is None. Running out of memory is raised, never taken for a corrupt video."""
+    and its entry is None. Running out of memory, or a broken device, is raised, never taken for
+    a corrupt video."""
     encoded, indices = [s.encoded for s in todo], [s.timestamps.reshape(-1) for s in todo]
     try:
         return decoder.decode(encoded, indices)
-    except (MemoryError, torch.cuda.OutOfMemoryError):
-        raise
     except Exception as exn:
-        if counter is None:
+        if counter is None or _not_the_video(exn, decoder):
             raise
         log.warning("a batched decode of %d videos failed (%s: %s): decoding them one at a time", len(todo),
                     type(exn).__name__, exn)
@@ -113,9 +127,9 @@ def decode_or_skip(decoder: FrameDecoder, todo: list[PreparedSample], counter: S
     for s, enc, idx in zip(todo, encoded, indices):
         try:
             out.append(decoder.decode([enc], [idx])[0])
-        except (MemoryError, torch.cuda.OutOfMemoryError):
-            raise
         except Exception as exn:  # corrupt or undecodable: counted, never fatal, never silent
+            if _not_the_video(exn, decoder):
+                raise
             counter.add(f"video {s.meta.get('video_id')!r} (decoded in the batch's finishing step; its place "
                         f"in the batch goes to a copy of another of its videos)", exn)
             decoder.reset()

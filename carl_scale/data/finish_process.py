@@ -36,7 +36,8 @@ How:
 
 Memory: the child holds its own CUDA context and allocator cache, and up to about 6 batches of
 views (its threads' ``GPU_PREFETCH_BATCHES`` and those being finished, one being sent); the
-parent up to 3 (received, handed over, in the step): about twice the threads' batches in flight.
+parent up to 4 (received, handed over, in the step, and the one before it, kept to stand in at the
+epoch's end): about twice the threads' batches in flight.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import glob
 import multiprocessing.util
 import os
 import pickle
@@ -63,6 +65,13 @@ from carl_scale.data.batch import VideoBatch
 CHILD_START_S = 600.0  # the first batch may wait for imports, the workers' fork and DALI's pipelines
 DRAIN_S = 60.0  # a stopped pass's end: at most a batch being finished, and the last one being sent
 _POLL_S = 0.2
+
+
+class ChildTraceback(Exception):
+    """The finishing process's own traceback of the error raised here (its ``__cause__``)."""
+
+    def __str__(self) -> str:
+        return "\n\nin the finishing process:\n" + self.args[0]
 
 
 class _Stopped(Exception):
@@ -182,7 +191,9 @@ class FinishProcess:
                     if msg[0] == "done":
                         self._active = False
                         if msg[1] is not None:
-                            raise msg[1]
+                            error, remote = msg[1]
+                            error.__cause__ = ChildTraceback(remote)
+                            raise error
                         return
                     if stop.is_set():  # (what came meanwhile is freed by the drain below, not copied)
                         raise _Stopped
@@ -278,6 +289,13 @@ def _shut_down(proc, commands, stop, closing) -> None:
     if proc.is_alive():
         proc.terminate()
         proc.join(timeout=5)
+    if not proc.is_alive() and proc.pid is not None:
+        # The reference counts of the CUDA views it sent live in files named after it, which only
+        # its own teardown removes, and it leaves through os._exit (_exit_now): /dev/shm is memory.
+        # (A mapping the parent still holds keeps working without its name.)
+        for name in glob.glob(f"/dev/shm/torch_{proc.pid}_*"):
+            with contextlib.suppress(OSError):
+                os.unlink(name)
 
 
 def _put(q, x, stop) -> bool:
@@ -348,13 +366,17 @@ def _serve(loader_cls: type, spec: dict, commands, results, stop, closing, paren
                         break
                     del batch, slot, sent
             except BaseException as exn:  # raised in the parent, in the place of the batch it stopped
-                error = _picklable(exn)
+                # with this process's own traceback (a pickled exception loses it) for --debug
+                error = (_picklable(exn), "".join(traceback.format_exception(exn)))
+                traceback.clear_frames(exn.__traceback__)  # (its frames hold the lanes' batches)
             finally:
                 if ahead is not None:
                     ahead.close()
+                batch = slot = sent = None  # nothing of this pass held on the GPU until the next command
             # read by the parent even after a stop (it drains to it), however late (a checkpoint or an
             # evaluation between its steps), unless it is stopping this process
             _put(results, ("done", error), closing)
+            error = None
     except BaseException:  # (the command queue broken: the parent gone mid-message)
         traceback.print_exc()
         code = 1

@@ -296,9 +296,11 @@ class WorkerBatch:
     skipped: int = 0  # samples skipped on the way to this batch (counted when the batch is taken)
 
 
-# finished batches queued on the GPU; with the ones being made (one per finishing thread) and the
-# one handed over, up to max(GPU_PREFETCH_BATCHES, N) + N + 1 batches of B x 2T x 3 x S^2 views
-# are alive at once with N finishing threads
+# finished batches queued on the GPU; with the ones being made (one per finishing thread), the one
+# handed over and the one before it (kept by __iter__ to stand in for batches at the epoch's end
+# whose videos all fail to decode), up to max(GPU_PREFETCH_BATCHES, N) + N + 2 batches of
+# B x 2T x 3 x S^2 views are alive at once with N finishing threads (each lane's queue holds
+# ceil(GPU_PREFETCH_BATCHES / N): N of them hold max(2, N) at this depth)
 GPU_PREFETCH_BATCHES = 2
 
 
@@ -382,6 +384,7 @@ class VideoLoader:
                                            num_workers=cfg.num_workers)
         self._dl: DataLoader | None = None  # made at the first iter(); its workers persist over epochs
         self._ahead: Iterator | None = None  # a GPU run's finishing thread (finish_ahead), while one runs
+        self._current: object | None = None  # the newest iterator's token: an older one, resumed, yields nothing
         self.finish_in_thread: bool | None = None
         # a list: each finished batch appends (host seconds of its finishing, and on a GPU the two
         # CUDA events around its work on the finishing stream); for benchmarks, None otherwise
@@ -467,6 +470,9 @@ class VideoLoader:
         if cuda:
             events[0].record()
         out = collate(wb.samples, self.cfg, decoder, self.device, self.views_dtype, stand_ins)
+        # the slot travels on with the batch (its worker, resume point, skips): not its samples, whose
+        # crops (on a GPU, B x 2T frames of uint8) and payloads would stay alive beside the views
+        wb.samples = []
         wb.skipped += stand_ins.counter.take()  # counted with the batch, when it is taken
         if cuda:
             events[1].record()
@@ -532,6 +538,10 @@ class VideoLoader:
         else:
             finished, ahead = self.finished_stream(self.epoch, self.next_batch, self.positions)
         self._ahead = ahead
+        # Only the newest iterator takes batches: on the CPU every iterator reads the one persistent
+        # DataLoader iterator, so an older one resumed would take (and count) the newer one's batches,
+        # and one resumed after close() would read the shut-down stream's end as its epoch's end
+        token = self._current = object()
 
         def taken(slot: WorkerBatch) -> None:  # a slot's batch handed over: where a resume goes on
             self.next_batch += 1
@@ -547,9 +557,11 @@ class VideoLoader:
                 for slot in [*owed, wb]:  # each slot taken in turn: a state saved between them resumes exactly
                     taken(slot)
                     yield batch
+                    if self._current is not token:  # resumed stale: read nothing more
+                        return
                 last, owed = batch, []
-            # unless close() (or a newer iterator) stopped the thread mid-epoch
-            ended = ahead is None or self._ahead is ahead
+            # unless close() (or a newer iterator) stopped it mid-epoch
+            ended = self._current is token and (ahead is None or self._ahead is ahead)
             if owed and ended:  # the epoch's last batches: the last good one stands in
                 if last is None:
                     raise ValueError(f"no video of the last {len(owed)} batches of this epoch decoded, so none can "
@@ -558,6 +570,8 @@ class VideoLoader:
                 for slot in owed:
                     taken(slot)
                     yield last
+                    if self._current is not token:
+                        return
         finally:  # also when the consumer stops early: no thread left holding batches on the GPU
             if ahead is not None:
                 ahead.close()
@@ -569,6 +583,7 @@ class VideoLoader:
     def close(self) -> None:
         """Stop the worker processes now (they hold prefetched batches), and the finishing process
         where there is one; the next ``iter()`` starts new ones."""
+        self._current = None  # an iterator of before ends where it is, its epoch not ended
         if self._ahead is not None:  # stop the finishing thread first: it reads from the workers
             self._ahead.close()
             self._ahead = None
