@@ -243,3 +243,24 @@ def test_labels_that_reach_no_video_odd_file_names_and_a_split_of_only_failures(
     with pytest.raises(ValueError, match=r"split 'train': none of its 2 inputs could be written \(the most common "
                                          r"reason, 2 of them: .*\); .*shards.json lists each"):
         folder.main(["--src", str(bad), "--out", str(tmp_path / "o5"), "--no-progress"])
+
+
+def test_a_label_file_changed_after_the_write_is_not_taken_as_complete(video_dir, tmp_path):
+    """The same command again after a per-frame label file was fixed: refused (not "already
+    complete" with the old labels), and --overwrite writes the new ones."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(video_dir, src)
+    out = tmp_path / "shards"
+    args = ["--src", str(src), "--out", str(out), "--frame-labels", str(src / "labels"), "--no-progress"]
+    folder.main(args)
+    assert folder.main(args)["splits"]["train"]["samples"] == 3  # unchanged: complete, nothing to do
+    fixed = np.loadtxt(src / "labels/a.txt", dtype=int)
+    fixed[fixed >= 0] = 0
+    np.savetxt(src / "labels/a.txt", fixed, fmt="%d")
+    with pytest.raises(FileExistsError, match="the label files of split 'train' changed since it was written.*--overwrite"):
+        folder.main(args)
+    folder.main([*args, "--overwrite"])
+    got = {m["video_id"]: m for m, _ in iter_whole_videos(out, PyAVDecoder(), "train")}
+    assert got["a"]["phase_labels"] == fixed.tolist()

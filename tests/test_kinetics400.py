@@ -251,3 +251,13 @@ def test_frame_timing_finds_slow_drift_but_not_a_millisecond_time_base():
     drift = np.concatenate([np.arange(150) / 30, 5 + np.arange(1, 141) / 28])
     assert frame_timing(np.round(drift * 90000).astype(int))[1]
     assert frame_timing(np.arange(100) * 3003) == (3003.0, False)
+
+
+@pytest.mark.parametrize("row", ["wave,abcdefghijk,1\n", "wave,abcdefghijk,inf,11\n", "wave\n"])
+def test_a_short_or_non_numeric_annotation_row_is_refused_in_one_line_naming_it(tmp_path, row):
+    (tmp_path / "train.csv").write_text("label,youtube_id,time_start,time_end\n" + row)
+    (tmp_path / "videos").mkdir()
+    with pytest.raises(ValueError, match=r"train.csv:2: youtube_id, time_start and time_end must be given"):
+        kinetics400.main(["--annotations", str(tmp_path / "train.csv"), "--videos", str(tmp_path / "videos"),
+                          "--out", str(tmp_path / "out"), "--no-progress"])
+    assert not (tmp_path / "out").exists()

@@ -129,6 +129,11 @@ def test_an_empty_tfrecord_is_counted_and_a_missing_part_refused_before_writing(
     reasons = " ".join(s["reason"] for s in m["splits"]["train"]["skipped"])
     assert "empty file (0 bytes)" in reasons
     parts[0].unlink()  # not downloaded at all
-    with pytest.raises(FileNotFoundError, match=r"pouring_train has 1 of its 2 parts .*download the missing"):
+    with pytest.raises(FileNotFoundError, match=r"pouring_train has parts K = 1 of -K-of-2 \(K = 0..1\); download"):
+        pouring.main(["--src", str(src), "--out", str(tmp_path / "b"), "--codec", "mjpeg", "--no-progress"])
+    assert not (tmp_path / "b").exists()
+    parts[1].rename(src / "pouring_train-2-of-2.tfrecord")  # as many parts as N, but not 0..N-1
+    (src / "pouring_train-0-of-2.tfrecord").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"pouring_train has parts K = 0, 2 of -K-of-2 \(K = 0..1\)"):
         pouring.main(["--src", str(src), "--out", str(tmp_path / "b"), "--codec", "mjpeg", "--no-progress"])
     assert not (tmp_path / "b").exists()

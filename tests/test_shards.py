@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import functools
 import io
 import json
@@ -208,6 +209,13 @@ def test_ensure_synthetic_shards_reuses_and_refuses_other_configs(tmp_path):
     assert (tmp_path / "train-000000.tar").stat().st_mtime_ns == mtime
     with pytest.raises(FileExistsError):
         ensure_synthetic_shards(tmp_path, SyntheticConfig(num_actions=2, train_videos=1, val_videos=1), progress=False)
+    # shard files of someone else's (no shards.json, no write of ours in progress): kept, refused
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "train-000000.tar").write_bytes(b"a user's shard")
+    with pytest.raises(FileExistsError, match="1 shard files .*train-000000.tar.* that no synthetic write made"):
+        ensure_synthetic_shards(theirs, cfg, progress=False)
+    assert (theirs / "train-000000.tar").read_bytes() == b"a user's shard"
 
 
 def test_synthetic_render_is_deterministic_and_varied():
@@ -335,3 +343,33 @@ def test_a_synthetic_set_without_val_videos_is_a_train_split_and_short_actions_k
         SyntheticConfig(min_frames=8, max_frames=8)
     with pytest.raises(ValueError, match="leaves as few as 7 frames"):  # at 61 frames, not at the minimum 60
         SyntheticConfig(min_frames=60, max_frames=100, max_idle=0.45)
+
+
+@pytest.mark.parametrize("error", [OSError(errno.EIO, "Input/output error"), MemoryError()])
+def test_a_machine_error_while_reading_an_input_stops_the_write_instead_of_listing_it_as_skipped(tmp_path, error):
+    """A disk or memory failure says nothing about the video: listed as skipped, it would be lost
+    for good (its shard is finished, a rerun says "already complete"). The write stops in one
+    line; the rerun writes it. FFmpeg's own errors stay skips (it words truncated files as EIO)."""
+    import av
+
+    from carl_scale.datasets.parallel import not_the_input
+
+    cfg = SyntheticConfig(num_actions=1, train_videos=1, val_videos=1, min_frames=20, max_frames=20,
+                          height=32, width=32)
+    video = render_video(cfg, "train", 0)
+    broken = {"machine": True}
+
+    def load(i):
+        if i == 3 and broken["machine"]:
+            raise error
+        return VideoRecord(f"v{i}", video.frames, video.fps, action_label=0)
+
+    opts = WriteOptions(max_samples=2, progress=False)
+    with pytest.raises(ValueError, match=r"reading 3: .*The machine, not the video: the write stops here.*rerun"):
+        write_split(tmp_path, "train", range(6), load, dataset="x", opts=opts)
+    broken["machine"] = False
+    entry = write_split(tmp_path, "train", range(6), load, dataset="x", opts=opts)
+    assert entry["samples"] == 6 and entry["skipped"] == []
+    assert not_the_input(OSError(errno.ENOSPC, "No space left on device"))
+    assert not not_the_input(av.error.OSError(errno.EIO, "Input/output error"))  # FFmpeg's: the file's
+    assert not not_the_input(FileNotFoundError(errno.ENOENT, "gone")) and not not_the_input(ValueError("bad"))

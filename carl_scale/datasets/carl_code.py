@@ -38,7 +38,7 @@ import numpy as np
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.finegym import EVENT_NAMES
 from carl_scale.datasets.folder import file_record
-from carl_scale.datasets.parallel import SkipInput, write_options, write_split
+from carl_scale.datasets.parallel import SkipInput, labels_digest, write_options, write_split
 from carl_scale.datasets.pennaction import ACTIONS
 from carl_scale.datasets.safe_pickle import load_data_pickle
 from carl_scale.datasets.writer import VideoRecord
@@ -202,7 +202,8 @@ def write_carl_shards(src: str | Path, out_dir: str | Path, opts: CarlDataOption
     for split, items in sorted(splits.items()):
         entry = write_split(out_dir, split, items[: opts.limit], load, dataset=kind, opts=wopts,
                             label_names=label_names, describe=lambda item: item["where"],
-                            settings={**asdict(opts), "dataset": kind, "source": "carl_code"})
+                            settings={**asdict(opts), "dataset": kind, "source": "carl_code"},
+                            labels=labels_digest(*sorted(src.glob("*.pkl"))))
         if entry["skipped"]:
             log.warning("%s %s: skipped %d of %d videos (listed in shards.json)", kind, split, len(entry["skipped"]),
                         len(items))

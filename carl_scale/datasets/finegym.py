@@ -41,7 +41,7 @@ import numpy as np
 from carl_scale.data.codec import decode_rgb
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.folder import VIDEO_EXTENSIONS
-from carl_scale.datasets.parallel import SkipInput, write_options, write_split
+from carl_scale.datasets.parallel import SkipInput, labels_digest, write_options, write_split
 from carl_scale.datasets.writer import VideoRecord
 
 log = logging.getLogger("carl_scale.data")
@@ -220,7 +220,8 @@ def write_finegym_shards(videos: str | Path, annotations: str | Path, out_dir: s
 
         entry = write_split(out_dir, split, events, load, dataset="finegym", opts=write_options(**write),
                             label_names=label_names, describe=lambda key: f"{key[0]}_{key[1]}",
-                            settings=asdict(opts))
+                            settings=asdict(opts),
+                            labels=labels_digest(info_path, *(p for s in files.values() for p in s.values())))
         if entry["skipped"]:
             log.warning("finegym %s: skipped %d of %d events (listed in shards.json)", split, len(entry["skipped"]),
                         len(events))

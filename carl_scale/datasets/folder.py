@@ -16,7 +16,7 @@ import numpy as np
 from carl_scale.data.codec import decode_rgb
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.encode import constant_rate_picks, frame_timing
-from carl_scale.datasets.parallel import SkipInput, write_options, write_split
+from carl_scale.datasets.parallel import SkipInput, labels_digest, write_options, write_split
 from carl_scale.datasets.writer import VideoRecord, check_split_name, sample_key, write_manifest
 
 log = logging.getLogger("carl_scale.data")
@@ -266,7 +266,8 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
     for split, paths in sorted(by_split.items()):
         entry = write_split(out_dir, split, paths, load, dataset=src.resolve().name, opts=wopts, label_names=label_names,
                             describe=lambda p: str(p.relative_to(src)),
-                            settings={**asdict(opts), "labels": label_names, "rows": rows})
+                            settings={**asdict(opts), "labels": label_names, "rows": rows},
+                            labels=labels_digest(opts.frame_labels, *opts.extra_frame_labels.values()))
         if entry["skipped"]:
             log.warning("%s: skipped %d of %d videos (listed in shards.json)", split, len(entry["skipped"]), len(paths))
     manifest = read_manifest(out_dir)

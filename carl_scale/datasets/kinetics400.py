@@ -98,8 +98,9 @@ def read_annotations(paths: list[str | Path]) -> tuple[list[Clip], list[str], li
                                          f"{sorted(set(SPLITS))})")
                     try:
                         cid = clip_id(row["youtube_id"].strip(), row["time_start"], row["time_end"])
-                    except ValueError:
-                        raise ValueError(f"{path}:{line}: time_start/time_end are not numbers: {row}") from None
+                    except (ValueError, TypeError, OverflowError, AttributeError):  # (a short row: None fields)
+                        raise ValueError(f"{path}:{line}: youtube_id, time_start and time_end must be given, the "
+                                         f"times as finite numbers: {row}") from None
                     clip = Clip(cid, (row.get("label") or "").strip(), split)
                     if (cid, split) in clips and clips[(cid, split)] != clip:
                         warnings.append(f"{path}:{line}: {cid} is listed again with label {clip.label!r}; kept "

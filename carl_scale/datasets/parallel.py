@@ -17,6 +17,7 @@ refused unless ``overwrite``.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import gc
 import hashlib
@@ -69,6 +70,20 @@ def _fingerprint(dataset: str, items: Sequence[Any], opts: WriteOptions, describ
     return h.hexdigest()[:20]
 
 
+def labels_digest(*paths: str | Path | None) -> str | None:
+    """A digest of the contents of label files (each path a file, or a directory: every file
+    under it; None: none), which a converter reads beside the videos: changed after a split was
+    written, a rerun is refused instead of taken as complete. None when there are none."""
+    h, seen = hashlib.sha256(), False
+    for path in (Path(p) for p in paths if p is not None):
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        for f in files:
+            name = str(f.relative_to(path)) if path.is_dir() else f.name
+            h.update(name.encode("utf-8", "surrogateescape") + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+            seen = True
+    return h.hexdigest()[:20] if seen else None
+
+
 def _slot_files(out_dir: Path, split: str, slot: int | None = None) -> list[Path]:
     stem = f"{split}-" + ("*" if slot is None else f"{slot:06d}")
     return sorted({p for pat in (f"{stem}.tar*", f"{stem}_*.tar*", f"{stem}.idx*", f"{stem}_*.idx*")
@@ -97,36 +112,62 @@ def _atomic_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+# An input's read failing for one of these says nothing about the input (the disk, a network
+# mount, memory or file handles): the write stops instead of listing the input as skipped
+_MACHINE_ERRNOS = {errno.EIO, errno.ESTALE, errno.ENOSPC, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EDQUOT}
+
+
+def not_the_input(exn: BaseException) -> bool:
+    """Whether a failed load is the machine's fault, not the input's: out of memory, or an
+    operating-system error of the disk, a mount or the process's limits. FFmpeg's own errors
+    (PyAV's, some of which are OSErrors) are left out: its demuxers report truncated files as
+    I/O errors too."""
+    if isinstance(exn, MemoryError):
+        return True
+    if type(exn).__module__.startswith("av."):
+        return False
+    return isinstance(exn, OSError) and exn.errno in _MACHINE_ERRNOS
+
+
 def _remove_split(out_dir: Path, split: str, manifest: dict | None) -> None:
+    if manifest is not None and split in manifest.get("splits", {}):  # first: never a manifest naming removed shards
+        del manifest["splits"][split]
+        write_manifest(out_dir, manifest)
     for p in _slot_files(out_dir, split):
         p.unlink()
     for p in (out_dir / PROGRESS_DIR).glob(f"{split}[-.]*.json"):  # not the lock, which this write holds
         p.unlink()
-    if manifest is not None and split in manifest.get("splits", {}):
-        del manifest["splits"][split]
-        write_manifest(out_dir, manifest)
 
 
-def _claim(out_dir: Path, split: str, plan: str, opts: WriteOptions) -> dict | None:
+def _claim(out_dir: Path, split: str, plan: str, opts: WriteOptions, labels: str | None = None) -> dict | None:
     """The finished split entry when this exact split is already written (nothing to do), else
-    None after making the output ready to (re)start or resume; refuses other inputs or options."""
+    None after making the output ready to (re)start or resume; refuses other inputs or options,
+    and label files that changed since (``labels``: their digest; a split written before digests
+    were kept is taken as it is)."""
     manifest = read_manifest(out_dir)
     entry = (manifest or {}).get("splits", {}).get(split)
     plan_path = out_dir / PROGRESS_DIR / f"{split}.plan.json"
     try:  # (written atomically; one damaged otherwise counts as none: the shards it planned are refused below)
-        old = json.loads(plan_path.read_text())["fingerprint"] if plan_path.is_file() else None
-    except (ValueError, KeyError, TypeError):
-        old = None
+        planned = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
+        old, old_labels = planned.get("fingerprint"), planned.get("labels")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        old = old_labels = None
+    changed = (f"{out_dir}: the label files of split {split!r} changed since it was written (the videos and options "
+               f"did not): pass --overwrite to write it again with the labels as they are now")
     if opts.overwrite:
-        if entry is None and old == plan:  # this very command, interrupted: finish it, keep its shards
+        if entry is None and old == plan and old_labels in (None, labels):  # this very command, interrupted: finish it
             return None
         _remove_split(out_dir, split, manifest)
         return None
     if entry is not None:
         if entry.get("plan") == plan:
+            if labels is not None and entry.get("labels", labels) != labels:
+                raise FileExistsError(changed)
             return entry
         raise FileExistsError(f"{out_dir} already holds a finished split {split!r} written from other inputs or "
                               f"options. Choose another --out, or pass --overwrite to replace it.")
+    if old == plan and labels is not None and old_labels not in (None, labels):
+        raise FileExistsError(changed.replace("since it was written", "since its unfinished write began"))
     if old is not None and old != plan:
         raise FileExistsError(f"{out_dir} holds an unfinished write of split {split!r} from other inputs or options: "
                               f"rerun that command to finish it, or pass --overwrite to start this one instead.")
@@ -152,6 +193,10 @@ def _write_slot(out_dir: Path, split: str, slot: int, items: Sequence[Any], load
             except SkipInput as exn:
                 writer.skip(describe(item), str(exn))
             except Exception as exn:  # a corrupt or unreadable input: skipped and listed, never fatal
+                if not_the_input(exn):  # (listed as skipped, it would be lost for good: the slot is finished)
+                    raise ValueError(f"reading {describe(item)}: {type(exn).__name__}: {exn}. The machine, not "
+                                     f"the video: the write stops here, keeping the shards it finished; rerun the "
+                                     f"same command once that is fixed (fewer --workers need less memory)") from exn
                 log.warning("skipping %s: %s: %s", describe(item), type(exn).__name__, exn)
                 writer.skip(describe(item), f"{type(exn).__name__}: {exn}")
             else:
@@ -182,11 +227,13 @@ def _worker(slots, args, errors, index: int) -> None:
 
 def write_split(out_dir: str | Path, split: str, items: Sequence[Any], load: Callable[[Any], VideoRecord], *,
                 dataset: str, opts: WriteOptions = WriteOptions(), label_names: dict | None = None,
-                describe: Callable[[Any], str] = str, settings: dict | None = None, extra: dict | None = None) -> dict:
+                describe: Callable[[Any], str] = str, settings: dict | None = None, extra: dict | None = None,
+                labels: str | None = None) -> dict:
     """Write ``items`` as ``split`` of ``out_dir`` (see the module docstring); returns the split's
     entry in ``shards.json``. ``describe(item)`` names an input in the skipped list and the plan;
     ``settings`` (the converter's own options) are part of the plan, so a rerun with others is
-    refused instead of mixed in; ``extra`` goes into the manifest's top level. Refused before
+    refused instead of mixed in; so are label files that changed (``labels``: :func:`labels_digest`
+    of those the converter reads); ``extra`` goes into the manifest's top level. Refused before
     anything is written or removed: a bad split name, no inputs, another payload than the
     directory's. A split none of whose inputs could be written is written empty (its entry lists
     why each was skipped); :func:`empty_splits` says which, once every split is written."""
@@ -208,7 +255,7 @@ def write_split(out_dir: str | Path, split: str, items: Sequence[Any], load: Cal
             raise FileExistsError(f"another write of split {split!r} into {out_dir} is running (or its workers are "
                                   f"still stopping): wait for it to end, or stop it, then rerun") from None
         return _write_split(out_dir, split, items, load, dataset=dataset, opts=opts, label_names=label_names,
-                            describe=describe, settings=settings, extra=extra)
+                            describe=describe, settings=settings, extra=extra, labels=labels)
 
 
 def empty_splits(manifest: dict, out_dir: str | Path) -> str | None:
@@ -228,13 +275,14 @@ def empty_splits(manifest: dict, out_dir: str | Path) -> str | None:
 
 def _write_split(out_dir: Path, split: str, items: Sequence[Any], load: Callable[[Any], VideoRecord], *,
                  dataset: str, opts: WriteOptions, label_names: dict | None, describe: Callable[[Any], str],
-                 settings: dict | None, extra: dict | None) -> dict:
+                 settings: dict | None, extra: dict | None, labels: str | None) -> dict:
     plan = _fingerprint(dataset, items, opts, describe, {**(settings or {}), **(extra or {})})
-    finished = _claim(out_dir, split, plan, opts)
+    finished = _claim(out_dir, split, plan, opts, labels)
     if finished is not None:
         print(f"{out_dir}: split {split!r} is already complete ({finished['samples']} videos); nothing to do")
         return finished
-    _atomic_json(out_dir / PROGRESS_DIR / f"{split}.plan.json", {"fingerprint": plan, "inputs": len(items)})
+    _atomic_json(out_dir / PROGRESS_DIR / f"{split}.plan.json", {"fingerprint": plan, "inputs": len(items),
+                                                                 "labels": labels})
     n = opts.max_samples
     slots = [(j, list(items[j * n: (j + 1) * n])) for j in range(-(-len(items) // n))]
     records = {j: _read_record(out_dir, split, j, plan) for j, _ in slots}
@@ -277,19 +325,23 @@ def _write_split(out_dir: Path, split: str, items: Sequence[Any], load: Callable
                     p.join()
             failed = [p for p in procs if p.exitcode != 0]
             if failed:
+                code = failed[0].exitcode  # (a worker killed, e.g. by the kernel for memory, reports nothing)
                 index, exn, tb = errors.get(timeout=5) if not errors.empty() else \
-                    (None, RuntimeError(f"exit code {failed[0].exitcode}"), "")
+                    (procs.index(failed[0]), ValueError(
+                        f"writer worker {procs.index(failed[0])} ended with exit code {code}" +
+                        (f" (killed by signal {-code}{': out of memory?' if code == -9 else ''})" if code < 0 else "")
+                        + ": rerun the same command to write the rest (with fewer --workers if memory ran out)"), "")
                 log.error("writer worker %s failed:\n%s", index, tb)
                 print(f"writer worker {index} failed; the shards finished so far are kept: rerun the same "
                       f"command to write the rest")
                 raise exn  # its own class: an expected error still ends in one line
         show()
     return _merge(out_dir, split, [(j, _read_record(out_dir, split, j, plan)) for j, _ in slots], plan,
-                  dataset=dataset, opts=opts, label_names=label_names, extra=extra)
+                  dataset=dataset, opts=opts, label_names=label_names, extra=extra, labels=labels)
 
 
 def _merge(out_dir: Path, split: str, records: list[tuple[int, dict | None]], plan: str, *, dataset: str,
-           opts: WriteOptions, label_names: dict | None, extra: dict | None) -> dict:
+           opts: WriteOptions, label_names: dict | None, extra: dict | None, labels: str | None = None) -> dict:
     """``shards.json``'s entry for ``split``, from the slots' records."""
     missing = [j for j, r in records if r is None]
     if missing:
@@ -318,7 +370,7 @@ def _merge(out_dir: Path, split: str, records: list[tuple[int, dict | None]], pl
     entry = {"shards": shards, "samples": sum(s["samples"] for s in shards),
              "frames": sum(r["frames"] for _, r in records), "skipped": [s for _, r in records for s in r["skipped"]],
              "plan": plan, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-             **({"repeated_keys": repeated} if repeated else {})}
+             **({"repeated_keys": repeated} if repeated else {}), **({"labels": labels} if labels else {})}
     manifest["splits"][split] = entry
     write_manifest(out_dir, manifest)
     return entry

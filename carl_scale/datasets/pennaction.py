@@ -30,7 +30,7 @@ from PIL import Image
 
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.encode import check_frame_size
-from carl_scale.datasets.parallel import SkipInput, write_options, write_split
+from carl_scale.datasets.parallel import SkipInput, labels_digest, write_options, write_split
 from carl_scale.datasets.writer import VideoRecord
 
 log = logging.getLogger("carl_scale.data")
@@ -155,7 +155,8 @@ def write_pennaction_shards(root: str | Path, phase_labels: str | Path, out_dir:
     for split in ("train", "val"):
         entry = write_split(out_dir, split, listed[split][: opts.limit], load, dataset="pennaction",
                             opts=wopts, label_names={"actions": ACTIONS},
-                            describe=lambda item: str(item[0].relative_to(phase_labels)), settings=asdict(opts))
+                            describe=lambda item: str(item[0].relative_to(phase_labels)), settings=asdict(opts),
+                            labels=labels_digest(phase_labels, root / "labels"))
         if entry["samples"] != EXPECTED[split] and opts.limit is None:
             log.warning("pennaction %s: %d videos written; the CARL code's split has %d (%d skipped, listed in "
                         "shards.json)", split, entry["samples"], EXPECTED[split], len(entry["skipped"]))

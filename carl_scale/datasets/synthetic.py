@@ -334,6 +334,11 @@ def ensure_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = N
         raise FileExistsError(f"{out_dir} holds shards of another dataset or synthetic config (other flags, or "
                               f"an older carl_scale: the default set changed to nuisance='low'); remove it "
                               f"(rm -r {out_dir}) or choose another --data-dir")
-    # a default set interrupted while it was written resumes; leftovers of anything else are replaced
-    fresh = manifest is None and not (Path(out_dir) / PROGRESS_DIR).is_dir()
-    return write_synthetic_shards(out_dir, cfg, overwrite=fresh, **kw)
+    # a default set interrupted while it was written resumes; shard files that no write of ours
+    # planned are someone's: never replaced
+    if manifest is None and not (Path(out_dir) / PROGRESS_DIR).is_dir():
+        theirs = sorted(p.name for split in ("train", "val") for p in Path(out_dir).glob(f"{split}-*"))
+        if theirs:
+            raise FileExistsError(f"{out_dir} holds {len(theirs)} shard files (e.g. {theirs[0]}) that no synthetic "
+                                  f"write made, and no shards.json: move them, or choose another --data-dir")
+    return write_synthetic_shards(out_dir, cfg, **kw)

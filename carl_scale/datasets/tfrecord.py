@@ -209,10 +209,10 @@ def write_tfrecord_shards(src: str | Path, out_dir: str | Path, dataset: str, *,
     if not files:
         raise FileNotFoundError(f"no {dataset}_<train|val|test>-K-of-N.tfrecord files in {src}")
     for (split, n), found in sorted(parts.items()):  # a part not downloaded: refused before writing
-        if len(found) != n:
-            raise FileNotFoundError(f"{src}: {dataset}_{split} has {len(found)} of its {n} parts (-K-of-{n}: K = "
-                                    f"{', '.join(map(str, sorted(found)))}); download the missing ones, or move "
-                                    f"the split's files aside to write the others")
+        if found != set(range(n)):  # (parts count from 0: -0-of-2 and -2-of-2 still lack -1-of-2)
+            raise FileNotFoundError(f"{src}: {dataset}_{split} has parts K = {', '.join(map(str, sorted(found)))} of "
+                                    f"-K-of-{n} (K = 0..{n - 1}); download the missing ones, or move the split's "
+                                    f"files aside to write the others")
 
     def load(item: tuple) -> VideoRecord:
         path, offset, length, where = item
