@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--run-dir", default="runs/pretrain", help="pretraining run whose newest checkpoint is used")
     p.add_argument("--shards", help="the dataset's shard directory (default: data/<dataset>)")
     p.add_argument("--out", default="runs/transfer")
-    p.add_argument("--random-baseline", action="store_true", help="also evaluate the same flavor at random init")
+    p.add_argument("--random-baseline", action="store_true",
+                   help="also evaluate the same flavor at random weights, its trunk too (the end-of-run table's "
+                        "random_init keeps the --pretrained trunk the run started from)")
     p.add_argument("--recompute", action="store_true",
                    help="re-embed even when the saved embeddings match the weights and shards")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")

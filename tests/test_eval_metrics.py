@@ -245,3 +245,33 @@ def test_phase_classification_with_nothing_to_train_on_or_score_is_nan_and_logis
     assert made == [{"max_iter": 100_000, "solver": "lbfgs"}]  # the published evaluation's settings
     with pytest.raises(ValueError, match="classifier must be one of"):
         phase_classification(embs, labels, embs, labels, classifier="knn")
+
+
+def test_the_logistic_classifier_of_two_phases_is_the_published_multinomial_one():
+    """The published evaluation fits multinomial logistic regression (C = 1). Fitted here by
+    direct minimisation of the softmax loss with its penalty on both classes' weights, its
+    decision function equals the binary model ours fits for 2 classes (C = 2), not a C = 1 one."""
+    from scipy.optimize import minimize
+
+    from carl_scale.eval.metrics import published_logistic
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 3))
+    y = (x[:, 0] + 0.5 * x[:, 1] + rng.normal(scale=1.0, size=80) > 0).astype(int)
+    onehot = np.eye(2)[y]
+
+    def loss(theta):  # (W: 2 x 3, b: 2), sklearn's objective: 1/2 ||W||^2 + C * sum of the log-losses
+        w, b = theta[:6].reshape(2, 3), theta[6:]
+        z = x @ w.T + b
+        logp = z - np.logaddexp(z[:, 0], z[:, 1])[:, None]
+        return 0.5 * (w ** 2).sum() - (onehot * logp).sum()
+
+    theta = minimize(loss, np.zeros(8), method="L-BFGS-B", options={"gtol": 1e-10, "maxiter": 10_000}).x
+    w, b = theta[:6].reshape(2, 3), theta[6:]
+    multinomial = x @ (w[1] - w[0]) + (b[1] - b[0])
+    ours = published_logistic(2).fit(x, y).decision_function(x)
+    np.testing.assert_allclose(ours, multinomial, atol=1e-3)
+    from sklearn.linear_model import LogisticRegression
+
+    c1 = LogisticRegression(max_iter=100_000).fit(x, y).decision_function(x)
+    assert np.abs(c1 - multinomial).max() > 1e-2  # what it replaced: measurably another model

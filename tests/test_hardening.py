@@ -152,6 +152,10 @@ def test_resume_latest_without_its_pointer_takes_the_newest_intact_checkpoint(tm
         (root / ckpt.tag(s)).mkdir(parents=True)
         (root / ckpt.tag(s) / "meta.json").write_text('{"world_size": 1}')
         torch.save({"step": s}, root / ckpt.tag(s) / "client_rank0.pt")
+    # a crash between publishing step 6 and pointing latest at it: the newest complete one, not latest's
+    (root / "latest").write_text("step_000004\n")
+    assert ckpt.find(root, "latest") == root / "step_000006"
+    (root / "latest").unlink()
     (root / ckpt.tag(6) / "client_rank0.pt").write_bytes(b"cut short")  # the newest is damaged
     assert ckpt.find(root, "latest") == root / "step_000004"
     # none intact: refused, never a silent start from step 0 beside them
@@ -315,6 +319,11 @@ def test_a_resumed_runs_tensorboard_curves_drop_what_was_logged_after_its_checkp
     events.Reload()
     got = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert got == [(s, 100.0 + s) for s in range(1, 11)] + [(s, float(s)) for s in range(11, 16)]
+    # killed before its first checkpoint and started again from step 0: only the new run's curve
+    logged(1, 3, 50.0)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(s, 50.0 + s) for s in range(1, 4)]
 
 
 def _end_of_run_rank(rank: int, world: int, port: int, out: str, fail: bool) -> None:
@@ -438,3 +447,65 @@ def test_an_output_path_under_a_file_ends_in_one_line_naming_it(tmp_path):
                                                      "--no-progress"])
     assert str(exit_.value) == (f"shards.synthetic: error: Not a directory: {out} (a path given here: check it, and "
                                 f"that it may be written)")
+
+
+def _one_rank_fails(rank: int, world: int, init: str, out: str) -> None:
+    """A rank of the agreement check: rank 1 fails the shared step (as rank 0 alone writing the
+    synthetic shards, or one rank's full disk, would), rank 0 succeeds."""
+    import time
+
+    import torch.distributed as dist
+
+    from carl_scale.train.checkpoint import OtherRankFailed, agree
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    t0, said = time.monotonic(), ""
+
+    def step() -> None:
+        if rank == 1:
+            raise FileExistsError("data/synthetic holds shards of another synthetic config")
+    try:
+        agree(step, "to start (its hooks)")
+    except (OtherRankFailed, FileExistsError) as exn:
+        said = f"{type(exn).__name__}: {exn}"
+    agree(lambda: None, "to finish")  # the group still works: the next shared step agrees
+    dist.destroy_process_group()
+    Path(out, f"rank{rank}.txt").write_text(f"{time.monotonic() - t0:.1f}\n{said}")
+
+
+def test_a_step_every_rank_must_finish_that_fails_on_one_stops_every_rank_at_once(tmp_path):
+    """No rank waits at the next barrier until the group's timeout (30 minutes) for one that failed:
+    each learns it there, the failing rank with its own error, the others naming it."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_one_rank_fails, args=(2, f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    (s0, said0), (s1, said1) = ((tmp_path / f"rank{r}.txt").read_text().split("\n", 1) for r in (0, 1))
+    assert said0 == "OtherRankFailed: rank 1 failed to start (its hooks) (its own message says why); this rank stops too"
+    assert said1.startswith("FileExistsError: data/synthetic holds shards") and float(s0) < 60 and float(s1) < 60
+
+
+def test_resuming_past_the_end_of_an_epochs_run_is_refused_in_one_line(vp9_shards, tmp_path):
+    from carl_scale.models.weights import CheckpointError
+    from carl_scale.train.recipes import configure, recipe
+    from carl_scale.train.trainer import run
+
+    cfg = configure(recipe("debug"), {"data.shards": str(vp9_shards), "run_dir": str(tmp_path / "run"), "epochs": 1.0,
+                                      "data.batch_size": 2, "data.num_workers": 0, "data.temporal.num_frames": 8,
+                                      "eval.enabled": False})
+    step = tmp_path / "run/checkpoints/step_000010"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"step": 10, "config": to_dict(cfg), "world_size": 1}))
+    with pytest.raises(CheckpointError, match=r"it is at step 10, past this run's 4 steps \(--epochs 1 of 4 batches "
+                                              r"per rank\): give more --epochs, or --steps 10 or more"):
+        run(configure(cfg, {"checkpoint.resume": str(step)}))
+
+
+def test_validation_shards_that_are_training_shards_are_refused(vp9_shards):
+    from launch.pretrain_k400 import parse
+
+    train = sorted(str(p) for p in vp9_shards.glob("train-*.tar"))
+    with pytest.raises(ConfigError, match=r"--val-shards .* names 1 of the training shards .*would score videos the "
+                                          r"model trained on"):
+        parse(["--shards", str(vp9_shards), "--val-shards", train[0]])
+    assert parse(["--shards", str(vp9_shards), "--val-shards", str(vp9_shards)])[0].eval.shards == str(vp9_shards)

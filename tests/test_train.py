@@ -54,9 +54,9 @@ def _in_process(out: Path, *runs: list[str]) -> list[dict]:
 
 
 def test_lr_schedule_is_warmup_then_cosine():
-    assert lr_lambda(0, 100, 10, 0.0) == pytest.approx(0.1)
-    assert lr_lambda(9, 100, 10, 0.0) == pytest.approx(1.0)
-    assert lr_lambda(10, 100, 10, 0.0) == pytest.approx(1.0)
+    assert lr_lambda(0, 100, 10, 0.0) == pytest.approx(1 / 11)
+    assert lr_lambda(9, 100, 10, 0.0) == pytest.approx(10 / 11)  # below the peak: it comes once, at step 10
+    assert lr_lambda(10, 100, 10, 0.0) == pytest.approx(1.0) and lr_lambda(11, 100, 10, 0.0) < 1.0
     assert lr_lambda(55, 100, 10, 0.0) == pytest.approx(0.5)
     assert lr_lambda(100, 100, 10, 0.1) == pytest.approx(0.1)
     assert lr_lambda(0, 100, 0, 0.0) == pytest.approx(1.0)
@@ -646,3 +646,24 @@ def test_the_objectives_forward_never_copies_a_value_from_host_memory_on_a_gpu(o
         with HostValueCopies() as copies:
             out = objective(batch)
     assert out["loss"].device.type == "cuda" and copies.ops == [], copies.ops
+
+
+def test_a_resumed_run_of_another_length_takes_its_next_rate_from_its_own_schedule(vp9_shards, tmp_path):
+    """The optimizer's groups come back with the rate the old schedule gave the next step; a run
+    resumed with another --steps uses its own schedule from that step on, the first one included."""
+    from carl_scale.train.engine import process_group
+    from carl_scale.train.trainer import Trainer, run
+    from launch.pretrain_k400 import parse
+
+    cfg, _ = parse(_flags(vp9_shards, tmp_path / "run", 4, workers=0, warmup_steps=1))
+    run(cfg)
+    longer, _ = parse(_flags(vp9_shards, tmp_path / "run", 40, workers=0, warmup_steps=1, resume="latest"))
+    with process_group() as (rank, world, device):
+        trainer = Trainer(longer, rank=rank, world=world, device=device)
+        try:
+            lr = trainer.scheduler.optimizer.param_groups[0]["lr"]
+            assert trainer.step == 4 and trainer.scheduler.last_epoch == 4
+            assert lr == pytest.approx(longer.optim.lr * lr_lambda(4, 40, 1, longer.optim.min_lr_ratio))
+            assert lr != pytest.approx(longer.optim.lr * lr_lambda(4, 4, 1, longer.optim.min_lr_ratio))
+        finally:
+            trainer.loader.close()

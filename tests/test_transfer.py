@@ -47,6 +47,14 @@ def test_transfer_eval_writes_the_table_json_and_picture(vp9_shards, tmp_path):
     assert save_pictures("nan", train, val, str(vp9_shards), out) == []  # its action had 2 videos: none to show
     for picture in ("alignment", "retrieval", "phases"):
         assert (out / f"random_init_{picture}.png").stat().st_size > 5000
+    # strict JSON (a metric with nothing to score is null, never a bare NaN)
+    json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
+    # weights that are not finite: refused by name, not scored (NaN frames win every nearest-neighbour search)
+    broken = build_model(model_config("debug", image_size=32, train_frames=8)).eval()
+    with torch.no_grad():
+        next(broken.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"diverged: \d+ of \d+ train videos have non-finite embeddings \(e.g. "):
+        transfer_eval("synthetic", {"diverged": broken}, shards=str(vp9_shards), out_dir=tmp_path)
 
 
 def test_missing_shards_and_checkpoints_say_what_to_run(tmp_path):

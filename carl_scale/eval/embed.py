@@ -172,6 +172,9 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
         else:
             if saved.fingerprint == fp:
                 log.info("reusing embeddings %s (same weights, shards and view)", cache)
+                if saved.skipped:  # (a failure of the machine then, not of the video, stays until recomputed)
+                    log.warning("reusing %s, made with %d %s sample(s) skipped as unreadable: --recompute tries "
+                                "them again", cache, len(saved.skipped), split)
                 return saved
             log.info("%s was made by another model, shard set or view: re-embedding", cache)
     urls, manifest = resolve_shards(shards, split)

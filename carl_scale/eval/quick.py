@@ -77,7 +77,10 @@ def quick_eval(models: dict, shards, spatial: SpatialConfig, device, *, folds: i
         for action, vidx in sorted(ve.by_action().items()):
             group = ve.subset(vidx)
             accs.append(cross_validated_phase_accuracy(group, folds))
-            if len(vidx) > 1:  # τ over the labelled frames, as the transfer protocol (and the published code)
+            # τ over the labelled frames, as the transfer protocol (and the published code) cut them, at
+            # stride 1 (the protocols take every 2nd frame on PennAction, every 5th on Pouring: a
+            # quick check's numbers, not the protocol's)
+            if len(vidx) > 1:
                 taus.append(kendalls_tau(group.labelled_only().embeddings)["tau"])
         out[name] = {"phase_acc": float(np.nanmean(accs)) if not np.all(np.isnan(accs)) else float("nan"),
                      "kendall_tau": float(np.nanmean(taus)) if taus else float("nan")}
@@ -133,13 +136,20 @@ def end_of_run_shards(train_shards, val_shards: str | None, synthetic_val_videos
     """Where the end-of-run evaluation finds validation videos, never in the training stream:
     ``val_shards`` if given, else the ``val`` split of the training shard directory. Returns
     (shards or None, why it is skipped)."""
-    from carl_scale.data.manifest import read_manifest
+    from carl_scale.data.manifest import read_manifest, resolve_shards
 
     if val_shards is not None:
         if "{" not in val_shards and not Path(val_shards).exists():
             return None, f"--val-shards {val_shards} does not exist"
         if Path(val_shards).is_dir() and "val" not in (read_manifest(val_shards) or {}).get("splits", {}):
             return None, f"--val-shards {val_shards} is not a shard directory with a val split (shards.json)"
+        try:  # (a pattern or list may name training shards too)
+            shared = sorted(set(resolve_shards(val_shards, "val")[0]) & set(resolve_shards(train_shards, "train")[0]))
+        except (OSError, ValueError):  # (not written yet, or unreadable: the run itself says so)
+            shared = []
+        if shared:
+            return None, (f"--val-shards {val_shards} names {len(shared)} of the training shards (e.g. {shared[0]}): "
+                          f"the evaluation would score videos the model trained on")
         return val_shards, ""
     if synthetic_val_videos is not None:  # the synthetic set, written before training starts
         return (train_shards, "") if synthetic_val_videos > 0 else (None, "the synthetic set has no val videos")

@@ -156,6 +156,18 @@ def _notes(results: dict[str, dict], p: Protocol) -> str:
     return "".join("\n\n" + line for line in lines)
 
 
+def _strict_json(x):
+    """``x`` with every NaN or infinity (a metric with nothing to score) as null: strict JSON
+    readers refuse the bare ``NaN`` Python writes."""
+    if isinstance(x, dict):
+        return {k: _strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict_json(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if np.isfinite(x) else None
+    return x
+
+
 def _frame_label_sets(shards: str) -> set[str]:
     """The per-frame label sets beside ``phase`` that both the train and the val split's videos
     carry: each split's first sample's metadata (a writer gives every video of a split the same sets)."""
@@ -167,10 +179,13 @@ def _frame_label_sets(shards: str) -> set[str]:
     for split in ("train", "val"):
         have: set[str] = set()
         for url in resolve_shards(shards, split)[0][:1]:
-            with tarfile.open(url) as tar:
-                member = next((m for m in tar if m.name.endswith(".json")), None)
-                if member is not None:
-                    have = set(json.load(tar.extractfile(member)).get("frame_labels") or {})
+            try:
+                with tarfile.open(url) as tar:
+                    member = next((m for m in tar if m.name.endswith(".json")), None)
+                    if member is not None:
+                        have = set(json.load(tar.extractfile(member)).get("frame_labels") or {})
+            except (tarfile.TarError, ValueError) as exn:  # (its first sample's metadata: unreadable)
+                raise ValueError(f"{url} is unreadable ({type(exn).__name__}: {exn}): write the shards again") from None
         found.append(have)
     return found[0] & found[1]
 
@@ -310,27 +325,34 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
     out = Path(out_dir) / dataset
     out.mkdir(parents=True, exist_ok=True)
     results, frame_cache, t0 = {}, {}, time.time()
+    skipped: dict[str, list[str]] = {"train": [], "val": []}
     for name, model in models.items():
         embs = {}
         for split in ("train", "val"):
             npz = out / f"{name}_{split}.npz"
             if not reuse_embeddings and npz.exists():
                 npz.unlink()
-            embs[split] = extract_embeddings(model, shards, split, image_size=image_size, device=device, cache=npz)
+            embs[split] = e = extract_embeddings(model, shards, split, image_size=image_size, device=device, cache=npz)
+            skipped[split] += [s for s in e.skipped if s not in skipped[split]]  # (each model's, once)
+            if not e.video_ids:
+                raise ValueError(f"no {split} video of {shards} could be read ({len(e.skipped)} skipped as unreadable, "
+                                 f"e.g. {e.skipped[0] if e.skipped else 'none listed'}): write the shards again")
+            bad = [v for v, x in zip(e.video_ids, e.embeddings) if not np.isfinite(x).all()]
+            if bad:  # (NaN frames would win every nearest-neighbour search, and fail the classifiers)
+                raise ValueError(f"{name}: {len(bad)} of {len(e.video_ids)} {split} videos have non-finite embeddings "
+                                 f"(e.g. {bad[0]}): its weights are not finite; evaluate an earlier checkpoint")
         results[name] = run_protocol(embs["train"], embs["val"], p, device=device)
         save_pictures(name, embs["train"], embs["val"], shards, out, frame_cache)
     manifest = json.loads((Path(shards) / "shards.json").read_text())
     actions = (manifest.get("label_names") or {}).get("actions")
     table = markdown_tables(results, actions if isinstance(actions, list) else None) + _notes(results, p)
-    skipped = {split: e.skipped for split, e in embs.items()} if models else {}
     if any(skipped.values()):  # damaged samples were left out: say so beside the numbers
         table += ("\n\nSkipped as unreadable (listed in results.json): "
                   + ", ".join(f"{len(v)} {split}" for split, v in skipped.items()) + " sample(s).")
     of = f"\n\nModels: {source}." if source else ""
     (out / "results.md").write_text(f"# Transfer evaluation: {dataset} ({shards})\n\n{table}{of}\n")
-    (out / "results.json").write_text(json.dumps({"dataset": dataset, "shards": str(shards), "source": source,
-                                                  "results": results,
-                                                  "skipped": skipped, "subset": p.subset,
-                                                  "classifier": None if p.linear_probe else p.classifier,
-                                                  "seconds": time.time() - t0}, indent=2))
+    (out / "results.json").write_text(json.dumps(_strict_json({
+        "dataset": dataset, "shards": str(shards), "source": source, "results": results, "skipped": skipped,
+        "subset": p.subset, "classifier": None if p.linear_probe else p.classifier, "seconds": time.time() - t0}),
+        indent=2, allow_nan=False))
     return {"table": table, "results": results, "out_dir": str(out)}

@@ -18,6 +18,7 @@ import random
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -119,6 +120,33 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class OtherRankFailed(ValueError):
+    """Raised on the ranks where a step that every rank had to finish succeeded, when it failed on
+    another (whose own error, one line, is in that rank's output)."""
+
+
+def agree(fn: Callable[[], Any], what: str, device: torch.device | str = "cpu") -> Any:
+    """``fn()`` on this rank, then a barrier at which every rank learns whether it succeeded on all:
+    a failure on any rank is raised on every rank (its own error where it happened, naming the
+    failing rank elsewhere), where a plain barrier after it would keep the others waiting until the
+    group's timeout (30 minutes). ``device``: where the flag goes (NCCL's: the rank's GPU)."""
+    error, result = None, None
+    try:
+        result = fn()
+    except Exception as exn:
+        error = exn
+    failed = -1 if error is None else (dist.get_rank() if dist.is_initialized() else 0)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([failed], dtype=torch.float32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        failed = int(flag.item())
+    if error is not None:
+        raise error
+    if failed >= 0:
+        raise OtherRankFailed(f"rank {failed} failed {what} (its own message says why); this rank stops too")
+    return result
+
+
 def prune(root: Path, keep: int) -> list[Path]:
     """Keep the checkpoint ``latest`` names and the ``keep - 1`` newest before it (0 keeps all);
     remove the older ones. Checkpoints after ``latest`` are never touched (they are not this
@@ -171,16 +199,19 @@ def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, me
     if rank == 0 and (root / partial).exists():
         shutil.rmtree(root / partial)
     _barrier()
+    device = next(model.parameters()).device
     engine.save_checkpoint(str(root), tag=partial, save_latest=False)
-    torch.save(client, root / partial / f"client_rank{rank}.pt")
-    _barrier()
-    if rank == 0:
-        save_weights(model, root / partial)
-        (root / partial / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        os.replace(root / partial, final)
-        _point_latest(root, step)
-        prune(root, keep)
-    _barrier()
+    # a rank that cannot write (a full disk) stops every rank here, the checkpoint unpublished
+    agree(lambda: torch.save(client, root / partial / f"client_rank{rank}.pt"), f"to write {root / partial}", device)
+
+    def publish() -> None:
+        if rank == 0:
+            save_weights(model, root / partial)
+            (root / partial / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            os.replace(root / partial, final)
+            _point_latest(root, step)
+            prune(root, keep)
+    agree(publish, f"to publish {final}", device)
     return final
 
 
@@ -202,6 +233,13 @@ def find(root: Path, resume: str) -> Path | None:
                       flush=True)
             return newest
         path = root / name
+        newest = intact_before(root, None)
+        if newest is not None and step_of(path) is not None and step_of(newest) > step_of(path):
+            # published, then the run died before `latest` was moved on to it: the newest is complete
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(f"{root / 'latest'} names {name}, and {newest.name} after it is complete (a run stopped "
+                      f"between publishing it and pointing at it): resuming from {newest.name}", flush=True)
+            return newest
     else:
         path = Path(resume)
         if not path.is_absolute() and not path.exists():

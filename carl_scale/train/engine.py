@@ -113,9 +113,11 @@ def rng_scope(seed: int) -> Iterator[None]:
 
 
 def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warmup, then cosine decay to ``min_ratio`` at ``total`` (a function of the step)."""
+    """Linear warmup, then cosine decay to ``min_ratio`` at ``total`` (a function of the step):
+    steps 0 .. warmup - 1 rise in equal parts to the full rate at step ``warmup``, where the decay
+    begins (the full rate once, not twice)."""
     if warmup and step < warmup:
-        return (step + 1) / warmup
+        return (step + 1) / (warmup + 1)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -266,7 +268,9 @@ def engine_step(engine, batch: VideoBatch, device: torch.device) -> tuple[dict[s
     """One micro-step as training runs it: the objective's forward, a finiteness flag agreed by
     every rank, backward and step. Returns (the objective's outputs, ``bad``: a one-element device
     tensor, 1 when the loss was not finite on some rank or, at an update, the clipped gradients'
-    norm was not). A non-finite step leaves the weights and the optimizer's state untouched.
+    norm was not). A non-finite step leaves the weights and the optimizer's moments untouched (the
+    learning-rate schedule still advances, and trained BatchNorms' running statistics saw the batch: the
+    trainer stops at a non-finite loss and saves nothing after it).
 
     Nothing here waits for the GPU when ``engine.carl_skip_on_device`` (no ZeRO): the flag goes to
     the fused optimizer as ``found_inf`` and the update is skipped on the device, so the host can

@@ -20,9 +20,9 @@ class RunLogger:
                         disable=not progress_wanted(), dynamic_ncols=True)
         from torch.utils.tensorboard import SummaryWriter
 
-        # A resumed run drops what the interrupted one logged after its checkpoint: steps logged
-        # twice would draw every curve back and forth over them.
-        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        # A resumed run drops what the interrupted one logged after its checkpoint (a run started
+        # again from step 0, all of it): steps logged twice would draw every curve back and forth.
+        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
 
     def step(self, step: int, scalars: dict[str, float], show: bool) -> None:
         if not self.enabled:

@@ -36,8 +36,8 @@ from carl_scale.tables import table
 from carl_scale.train import checkpoint as ckpt
 from carl_scale.train.config import RunConfig
 from carl_scale.hooks import Hook, HookContext
-from carl_scale.train.engine import (build_engine, deepspeed_config, engine_step, keep_fused, process_group,
-                                     resolve_speedups, rng_scope)
+from carl_scale.train.engine import (build_engine, deepspeed_config, engine_step, keep_fused, lr_lambda,
+                                     process_group, resolve_speedups, rng_scope)
 from carl_scale.train.logger import RunLogger
 
 
@@ -80,6 +80,11 @@ class Trainer:
             raise ConfigError(f"--warmup-steps ({cfg.optim.warmup_steps}) must be below the run's "
                               f"{self.total_steps} steps (--epochs {cfg.epochs:g} of {len(self.loader)} batches per "
                               f"rank, --grad-accum {cfg.parallel.grad_accum}): the run would never decay")
+        if cfg.steps is None and resume_from is not None and int(resume_from[1].get("step", 0)) > self.total_steps:
+            self.loader.close()  # (with --steps: find_resume)
+            raise CheckpointError(f"--resume {resume_from[0]}: it is at step {resume_from[1]['step']}, past this run's "
+                                  f"{self.total_steps} steps (--epochs {cfg.epochs:g} of {len(self.loader)} batches per "
+                                  f"rank): give more --epochs, or --steps {resume_from[1]['step']} or more")
         if self.rank == 0:
             self.ckpt_root.mkdir(parents=True, exist_ok=True)
         if rank == 0:
@@ -113,22 +118,30 @@ class Trainer:
         client = ckpt.load(self.engine, path, meta)  # every rank loaded, or every rank raises
         if self.engine.carl_skip_on_device:
             keep_fused(self.engine.optimizer)
+        # The loaded groups carry the rate of the schedule they were saved under: the next step's
+        # comes from this run's (a run whose length changed has another), as every later step's
+        o, at = self.cfg.optim, self.scheduler.last_epoch
+        for group, base in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * lr_lambda(at, self.total_steps, o.warmup_steps, o.min_lr_ratio)
+        self.scheduler._last_lr = [group["lr"] for group in self.scheduler.optimizer.param_groups]
         self.step = self.start_step = int(meta["step"])
         self._saved = (self.step, path)
         self.loader.load_state_dict(client["data"])  # this rank's own (client_rank{r}.pt)
         ckpt.set_rng_state(client["rng"])
         self.history = list(client.get("history", []))
-        if self.rank == 0:
-            aside = ckpt.set_aside_newer(self.ckpt_root, self.step)
-            if aside is not None:
-                print(f"checkpoints after step {self.step} moved to {aside} (this run rewrites that part)")
-            print(f"resumed from {path} at step {self.step} (epoch {client['data']['epoch']}, "
-                  f"batch {client['data']['next_batch']})")
-            before = meta.get("total_steps")
-            if before is not None and int(before) != self.total_steps:
-                print(f"the run's length changed from {before} to {self.total_steps} steps: the learning-rate "
-                      f"schedule is stretched from here on")
-        self._barrier()
+
+        def set_aside() -> None:
+            if self.rank == 0:
+                aside = ckpt.set_aside_newer(self.ckpt_root, self.step)
+                if aside is not None:
+                    print(f"checkpoints after step {self.step} moved to {aside} (this run rewrites that part)")
+                print(f"resumed from {path} at step {self.step} (epoch {client['data']['epoch']}, "
+                      f"batch {client['data']['next_batch']})")
+                before = meta.get("total_steps")
+                if before is not None and int(before) != self.total_steps:
+                    print(f"the run's length changed from {before} to {self.total_steps} steps: the learning-rate "
+                          f"schedule is stretched from here on")
+        ckpt.agree(set_aside, f"to set aside the checkpoints after step {self.step}", self.device)
 
     def _meta(self) -> dict:
         return {"step": self.step, "total_steps": self.total_steps, "world_size": self.world,
@@ -396,10 +409,8 @@ def run(cfg: RunConfig, hooks: Sequence[Hook] = ()) -> dict:
         deepspeed_config(cfg, world)  # --global-batch-size against this world size, before any hook writes
         check_device(cfg, device)
         find_resume(cfg, rank, world, quiet=True)  # its refusals, before any hook writes (Trainer finds it again)
-        for hook in hooks:
-            hook.on_start(rank, world)
-        if dist.is_initialized():
-            dist.barrier()
+        # (e.g. rank 0 writing the synthetic shards: a failure there stops every rank, none waits for it)
+        ckpt.agree(lambda: [hook.on_start(rank, world) for hook in hooks], "to start (its hooks)", device)
         trainer = Trainer(cfg, hooks, rank=rank, world=world, device=device)
         try:
             return trainer.fit()
