@@ -509,3 +509,17 @@ def test_validation_shards_that_are_training_shards_are_refused(vp9_shards):
                                           r"model trained on"):
         parse(["--shards", str(vp9_shards), "--val-shards", train[0]])
     assert parse(["--shards", str(vp9_shards), "--val-shards", str(vp9_shards)])[0].eval.shards == str(vp9_shards)
+
+
+def test_resuming_from_a_checkpoint_kept_elsewhere_leaves_latest_naming_one_that_exists(tmp_path):
+    """A Ray trial restored from Ray's copy of its step-6 checkpoint, after its own step 6 was
+    pruned and step 8 saved: 8 is set aside, and `latest` names step 4 (the newest kept), not a
+    step_000006 that is not there; with none kept, no `latest`."""
+    root = tmp_path / "checkpoints"
+    for s in (4, 8):
+        (root / ckpt.tag(s)).mkdir(parents=True)
+        (root / ckpt.tag(s) / "meta.json").write_text("{}")
+    (root / "latest").write_text("step_000008\n")
+    aside = ckpt.set_aside_newer(root, 6)
+    assert (root / "latest").read_text().strip() == "step_000004" and [p.name for p in aside.iterdir()] == ["step_000008"]
+    assert ckpt.set_aside_newer(root, 2) is not None and not (root / "latest").exists()

@@ -176,7 +176,13 @@ def set_aside_newer(root: Path, step: int) -> Path | None:
         n += 1
         dest = root / f"abandoned_after_{tag(step)}_{n}"
     # first: it may name one of them, and a crash while they move must leave it naming a checkpoint
-    _point_latest(root, step)
+    # (the resumed one, when it is here; a resume from elsewhere, such as Ray's copy of a trial's
+    # checkpoint, leaves the newest one kept, or none)
+    kept = [s for s in checkpoints(root) if s <= step]
+    if kept:
+        _point_latest(root, step if step in kept else max(kept))
+    else:
+        (root / "latest").unlink(missing_ok=True)
     dest.mkdir()
     for p in newer:
         os.replace(p, dest / p.name)
