@@ -242,7 +242,7 @@ def test_phase_classification_with_nothing_to_train_on_or_score_is_nan_and_logis
     monkeypatch.setattr(sklearn.linear_model, "LogisticRegression", spy)
     logistic = phase_classification(embs, labels, embs, labels, classifier="logistic", fractions=(1.0,))
     assert logistic[1.0] > 0.9
-    assert made == [{"max_iter": 100_000, "solver": "lbfgs"}]  # the published evaluation's settings
+    assert made == [{"C": 1.0, "max_iter": 100_000, "solver": "lbfgs"}]  # the published settings (3 phases: C = 1)
     with pytest.raises(ValueError, match="classifier must be one of"):
         phase_classification(embs, labels, embs, labels, classifier="knn")
 
