@@ -264,3 +264,12 @@ def test_a_label_file_changed_after_the_write_is_not_taken_as_complete(video_dir
     folder.main([*args, "--overwrite"])
     got = {m["video_id"]: m for m, _ in iter_whole_videos(out, PyAVDecoder(), "train")}
     assert got["a"]["phase_labels"] == fixed.tolist()
+
+
+def test_overwrite_names_the_splits_of_an_earlier_command_it_kept(video_dir, tmp_path):
+    out = tmp_path / "o"
+    args = ["--src", str(video_dir), "--out", str(out), "--no-progress"]
+    first = folder.main([*args, "--val-fraction", "0.5"])
+    assert set(first["splits"]) == {"train", "val"}
+    again = folder.main([*args, "--val-fraction", "0", "--overwrite"])
+    assert any(w.startswith("--overwrite kept split(s) 'val' of an earlier command") for w in again["label_warnings"])

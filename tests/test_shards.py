@@ -373,3 +373,21 @@ def test_a_machine_error_while_reading_an_input_stops_the_write_instead_of_listi
     assert not_the_input(OSError(errno.ENOSPC, "No space left on device"))
     assert not not_the_input(av.error.OSError(errno.EIO, "Input/output error"))  # FFmpeg's: the file's
     assert not not_the_input(FileNotFoundError(errno.ENOENT, "gone")) and not not_the_input(ValueError("bad"))
+
+
+def test_splits_written_with_other_class_names_are_flagged_until_they_agree(tmp_path):
+    cfg = SyntheticConfig(num_actions=1, train_videos=1, val_videos=1, min_frames=20, max_frames=20,
+                          height=32, width=32)
+    video = render_video(cfg, "train", 0)
+
+    def load(i):
+        return VideoRecord(f"v{i}", video.frames, video.fps, action_label=0)
+
+    opts = WriteOptions(max_samples=2, progress=False)
+    write_split(tmp_path, "train", range(2), load, dataset="x", opts=opts, label_names={"actions": ["squat", "wave"]})
+    write_split(tmp_path, "val", range(2), load, dataset="x", opts=opts, label_names={"actions": ["wave"]})
+    said = read_manifest(tmp_path)["label_conflicts"]
+    assert said.startswith("split 'val' was written with other class names than split(s) 'train'")
+    write_split(tmp_path, "val", range(2), load, dataset="x", opts=dataclasses.replace(opts, overwrite=True),
+                label_names={"actions": ["squat", "wave"]})
+    assert "label_conflicts" not in read_manifest(tmp_path)

@@ -271,6 +271,12 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
         if entry["skipped"]:
             log.warning("%s: skipped %d of %d videos (listed in shards.json)", split, len(entry["skipped"]), len(paths))
     manifest = read_manifest(out_dir)
+    kept = sorted(set(manifest["splits"]) - set(by_split)) if wopts.overwrite else []
+    if kept:  # (--overwrite replaces the splits this command writes: e.g. a val split of an earlier --val-fraction)
+        warnings.append(f"--overwrite kept split(s) {', '.join(map(repr, kept))} of an earlier command, which this "
+                        f"one did not write: remove them from {out_dir} if they are stale (their videos may now be "
+                        f"in {', '.join(map(repr, sorted(by_split)))} too)")
+        log.warning("%s", warnings[-1])
     if warnings:
         manifest["label_warnings"] = warnings
         write_manifest(Path(out_dir), manifest)

@@ -366,11 +366,24 @@ def _merge(out_dir: Path, split: str, records: list[tuple[int, dict | None]], pl
     manifest["codec"] = codecs.pop() if len(codecs) == 1 else ("mixed" if codecs else opts.encode.codec)
     if label_names:
         manifest["label_names"] = label_names
+    # Splits written by separate commands can name their classes differently (a folder's names are
+    # those its videos' labels use): their action labels then index other lists. Said, and kept in
+    # the manifest while it holds (each split records the names it was written with).
+    conflicts = sorted(other for other, e in manifest["splits"].items() if other != split and label_names
+                       and e.get("label_names") is not None and e["label_names"] != label_names)
+    if conflicts:
+        manifest["label_conflicts"] = (f"split {split!r} was written with other class names than split(s) "
+                                       f"{', '.join(map(repr, conflicts))}: their labels index other lists; write "
+                                       f"them in one command, or again with the same labels (--overwrite)")
+        log.warning("%s: %s", out_dir, manifest["label_conflicts"])
+    else:
+        manifest.pop("label_conflicts", None)
     shards = [s for _, r in records for s in r["shards"]]
     entry = {"shards": shards, "samples": sum(s["samples"] for s in shards),
              "frames": sum(r["frames"] for _, r in records), "skipped": [s for _, r in records for s in r["skipped"]],
              "plan": plan, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-             **({"repeated_keys": repeated} if repeated else {}), **({"labels": labels} if labels else {})}
+             **({"repeated_keys": repeated} if repeated else {}), **({"labels": labels} if labels else {}),
+             **({"label_names": label_names} if label_names else {})}
     manifest["splits"][split] = entry
     write_manifest(out_dir, manifest)
     return entry
