@@ -31,7 +31,9 @@ import torch.nn as nn
 class HookContext:
     step: int  # optimizer steps done
     total_steps: int
-    metrics: dict[str, float]  # on_interval: means over the steps since the last call; on_end: the run summary
+    # on_interval: means over the steps since the last call (in a resumed run, the first call's since
+    # the resume: the window is not in the checkpoint); on_end: the run summary
+    metrics: dict[str, float]
     model: nn.Module  # the encoder being trained (not the DeepSpeed engine), on ``device``, in train mode
     device: torch.device
     rank: int

@@ -443,7 +443,9 @@ class VideoLoader:
     @property
     def skipped(self) -> int:
         """Samples skipped behind the batches handed over (and before a resume, those behind the
-        batches the checkpoint's loader had handed over)."""
+        batches the checkpoint's loader had handed over): those that failed, each once. With
+        ``--per-label``, a group one of whose videos failed is dropped whole; its other videos, which
+        did not fail, are not counted."""
         return self._skipped
 
     def set_epoch(self, epoch: int) -> None:
