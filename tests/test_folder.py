@@ -11,6 +11,7 @@ from carl_scale.data.config import SyntheticConfig
 from carl_scale.datasets.encode import EncodeOptions, encode_video
 from carl_scale.datasets.synthetic import render_video
 from carl_scale.data.whole_video import iter_whole_videos
+from carl_scale.datasets import folder as folder_module
 from shards import folder
 
 CFG = SyntheticConfig(num_actions=2, train_videos=4, val_videos=0, min_frames=30, max_frames=50,
@@ -273,3 +274,15 @@ def test_overwrite_names_the_splits_of_an_earlier_command_it_kept(video_dir, tmp
     assert set(first["splits"]) == {"train", "val"}
     again = folder.main([*args, "--val-fraction", "0", "--overwrite"])
     assert any(w.startswith("--overwrite kept split(s) 'val' of an earlier command") for w in again["label_warnings"])
+
+
+def test_files_of_an_extension_not_read_as_video_are_said_to_be_left_out(video_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(video_dir, src)
+    (src / "clip.xyz").write_bytes(b"some other container")
+    m = folder.main(["--src", str(src), "--out", str(tmp_path / "o"), "--no-progress"])
+    said = [w for w in m["label_warnings"] if "left out" in w]
+    assert said == [f"1 file(s) under --src with an extension not read as video were left out, e.g. 'clip.xyz' "
+                    f"(read: {', '.join(sorted(folder_module.VIDEO_EXTENSIONS))})"]

@@ -21,7 +21,10 @@ from carl_scale.datasets.writer import VideoRecord, check_split_name, sample_key
 
 log = logging.getLogger("carl_scale.data")
 
-VIDEO_EXTENSIONS = {".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".gif"}
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv", ".gif", ".flv", ".wmv",
+                    ".3gp", ".ts", ".mts", ".m2ts", ".vob", ".asf", ".f4v"}
+# files of other extensions under --src are not read, and said so (a label file or a note is expected there)
+_NOT_VIDEOS = {".txt", ".npy", ".csv", ".json", ".md", ".pkl", ".mat", ".jpg", ".jpeg", ".png"}
 
 
 @dataclass
@@ -202,6 +205,11 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
     if not files:
         raise FileNotFoundError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {src}")
     rows, warnings = _read_labels_csv(opts.labels_csv) if opts.labels_csv else ({}, [])
+    other = sorted(str(p.relative_to(src)) for p in src.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() not in VIDEO_EXTENSIONS | _NOT_VIDEOS)
+    if other:  # never silently left out: a video of an extension not listed here would be
+        warnings.append(f"{len(other)} file(s) under --src with an extension not read as video were left out, e.g. "
+                        f"{other[0]!r} (read: {', '.join(sorted(VIDEO_EXTENSIONS))})")
     by_stem: dict[str, list[str]] = {}
     for p in files:
         by_stem.setdefault(p.stem, []).append(str(p.relative_to(src)))
