@@ -391,3 +391,24 @@ def test_splits_written_with_other_class_names_are_flagged_until_they_agree(tmp_
     write_split(tmp_path, "val", range(2), load, dataset="x", opts=dataclasses.replace(opts, overwrite=True),
                 label_names={"actions": ["squat", "wave"]})
     assert "label_conflicts" not in read_manifest(tmp_path)
+
+
+def test_labels_that_are_not_class_indices_are_skipped_with_the_reason_before_encoding(tmp_path):
+    cfg = SyntheticConfig(num_actions=1, train_videos=1, val_videos=1, min_frames=20, max_frames=20,
+                          height=32, width=32)
+    video = render_video(cfg, "train", 0)
+    n = len(video.frames)
+    phases = {"ok": np.zeros(n, np.int64), "whole_floats": np.ones(n), "below": np.full(n, -5),
+              "fraction": np.full(n, 1.5), "nan": np.full(n, np.nan)}
+
+    def load(name):
+        return VideoRecord(name, video.frames, video.fps, action_label=-2 if name == "bad_action" else 0,
+                           phase_labels=phases.get(name, phases["ok"]))
+
+    entry = write_split(tmp_path, "train", [*phases, "bad_action"], load, dataset="x",
+                        opts=WriteOptions(max_samples=8, progress=False))
+    reasons = {s["source"]: s["reason"] for s in entry["skipped"]}
+    assert entry["samples"] == 2 and set(reasons) == {"below", "fraction", "nan", "bad_action"}
+    assert "phase labels must be class indices >= 0, or -1 for unlabelled; got -5" in reasons["below"]
+    assert "phase labels must be whole numbers" in reasons["fraction"] and "whole numbers" in reasons["nan"]
+    assert "its action label must be class indices >= 0, or -1" in reasons["bad_action"]

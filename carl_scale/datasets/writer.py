@@ -88,6 +88,20 @@ def check_split_name(split: str) -> None:
         raise ValueError(f"split name must be letters, digits and underscores, got {split!r}")
 
 
+def _class_indices(values, what: str) -> np.ndarray:
+    """Labels as int64 class indices, -1 meaning unlabelled; anything else (a fraction, NaN, a
+    negative index below -1) is refused, where a cast would have truncated or kept it."""
+    a = np.asarray(values)
+    if a.size and a.dtype.kind not in "iub":
+        if a.dtype.kind != "f" or not np.all(np.isfinite(a) & (a == np.round(a))):
+            raise ValueError(f"{what} must be whole numbers (class indices, -1: unlabelled), e.g. got "
+                             f"{a.reshape(-1)[0]!r}")
+    a = a.astype(np.int64)
+    if a.size and a.min() < -1:
+        raise ValueError(f"{what} must be class indices >= 0, or -1 for unlabelled; got {a.min()}")
+    return a
+
+
 class SlotWriter:
     """Writes one slot of a split: the videos of inputs ``[slot * max_samples, (slot + 1) *
     max_samples)`` into ``<split>-<slot:06d>.tar``, continued in ``<split>-<slot:06d>_<part:02d>.tar``
@@ -166,18 +180,22 @@ class SlotWriter:
         key = sample_key(rec.video_id)
         if key in self.keys:
             raise ValueError(f"duplicate video_id {rec.video_id!r} (key {key!r}) in split {self.split!r}")
-        fields = self._payload_fields(rec)
+        if rec.frames is None and None in (rec.num_frames, rec.height, rec.width):
+            raise ValueError("a pre-encoded record needs num_frames, height and width")
         n = rec.num_frames if rec.frames is None else len(rec.frames)
         h = rec.height if rec.frames is None else rec.frames.shape[1]
         w = rec.width if rec.frames is None else rec.frames.shape[2]
         phases = (np.full(n, -1, np.int64) if rec.phase_labels is None
-                  else np.asarray(rec.phase_labels, dtype=np.int64))
+                  else _class_indices(rec.phase_labels, f"{rec.video_id}: phase labels"))
         if len(phases) != n:
             raise ValueError(f"{rec.video_id}: {len(phases)} phase labels for {n} frames")
-        frame_labels = {name: np.asarray(lab, dtype=np.int64).reshape(-1) for name, lab in rec.frame_labels.items()}
+        _class_indices([rec.action_label], f"{rec.video_id}: its action label")
+        frame_labels = {name: _class_indices(lab, f"{rec.video_id}: {name!r} frame labels").reshape(-1)
+                        for name, lab in rec.frame_labels.items()}
         for name, lab in frame_labels.items():
             if len(lab) != n:
                 raise ValueError(f"{rec.video_id}: {len(lab)} {name!r} frame labels for {n} frames")
+        fields = self._payload_fields(rec)  # (after the labels: a record refused for them is not encoded)
         meta = {
             "video_id": rec.video_id, "dataset": self.dataset, "split": self.split,
             "fps": float(rec.fps), "num_frames": int(n), "height": int(h), "width": int(w),
