@@ -412,3 +412,33 @@ def test_labels_that_are_not_class_indices_are_skipped_with_the_reason_before_en
     assert "phase labels must be class indices >= 0, or -1 for unlabelled; got -5" in reasons["below"]
     assert "phase labels must be whole numbers" in reasons["fraction"] and "whole numbers" in reasons["nan"]
     assert "its action label must be class indices >= 0, or -1" in reasons["bad_action"]
+
+
+def test_two_splits_written_side_by_side_into_one_directory_both_reach_the_manifest(tmp_path, monkeypatch):
+    """Each split's write holds its own lock; shards.json, which both read and write back, is held
+    by one at a time (here each read is slowed so that, unlocked, both would read it before either
+    wrote it, and the second write would drop the first split's entry)."""
+    import threading
+    import time
+
+    import carl_scale.datasets.parallel as parallel
+
+    cfg = SyntheticConfig(num_actions=1, train_videos=1, val_videos=1, min_frames=20, max_frames=20,
+                          height=32, width=32)
+    video = render_video(cfg, "train", 0)
+    real = parallel.read_manifest
+
+    def slow(out_dir):
+        got = real(out_dir)
+        time.sleep(0.3)
+        return got
+    monkeypatch.setattr(parallel, "read_manifest", slow)
+    opts = WriteOptions(max_samples=2, progress=False)
+    threads = [threading.Thread(target=write_split, args=(tmp_path, split, range(2),
+                                                          lambda i: VideoRecord(f"v{i}", video.frames, video.fps)),
+                                kwargs=dict(dataset="x", opts=opts)) for split in ("train", "val")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(real(tmp_path)["splits"]) == {"train", "val"}

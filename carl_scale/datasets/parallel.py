@@ -17,6 +17,7 @@ refused unless ``overwrite``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import gc
@@ -127,6 +128,16 @@ def not_the_input(exn: BaseException) -> bool:
     if type(exn).__module__.startswith("av."):
         return False
     return isinstance(exn, OSError) and exn.errno in _MACHINE_ERRNOS
+
+
+@contextlib.contextmanager
+def _manifest_lock(out_dir: Path):
+    """Held while ``shards.json`` is read, changed and written back: writes of two splits into one
+    directory (each holding its own split's lock) may run side by side, and neither may drop the
+    other's entry."""
+    with open(out_dir / PROGRESS_DIR / "manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # (held for a read and a write: moments)
+        yield
 
 
 def _remove_split(out_dir: Path, split: str, manifest: dict | None) -> None:
@@ -277,7 +288,8 @@ def _write_split(out_dir: Path, split: str, items: Sequence[Any], load: Callable
                  dataset: str, opts: WriteOptions, label_names: dict | None, describe: Callable[[Any], str],
                  settings: dict | None, extra: dict | None, labels: str | None) -> dict:
     plan = _fingerprint(dataset, items, opts, describe, {**(settings or {}), **(extra or {})})
-    finished = _claim(out_dir, split, plan, opts, labels)
+    with _manifest_lock(out_dir):
+        finished = _claim(out_dir, split, plan, opts, labels)
     if finished is not None:
         print(f"{out_dir}: split {split!r} is already complete ({finished['samples']} videos); nothing to do")
         return finished
@@ -336,8 +348,9 @@ def _write_split(out_dir: Path, split: str, items: Sequence[Any], load: Callable
                       f"command to write the rest")
                 raise exn  # its own class: an expected error still ends in one line
         show()
-    return _merge(out_dir, split, [(j, _read_record(out_dir, split, j, plan)) for j, _ in slots], plan,
-                  dataset=dataset, opts=opts, label_names=label_names, extra=extra, labels=labels)
+    with _manifest_lock(out_dir):
+        return _merge(out_dir, split, [(j, _read_record(out_dir, split, j, plan)) for j, _ in slots], plan,
+                      dataset=dataset, opts=opts, label_names=label_names, extra=extra, labels=labels)
 
 
 def _merge(out_dir: Path, split: str, records: list[tuple[int, dict | None]], plan: str, *, dataset: str,
