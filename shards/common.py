@@ -24,7 +24,8 @@ def add_writer_args(p: argparse.ArgumentParser) -> None:
                    help="JPEG quality of the jpeg payload's frames, 1-100 (lower: smaller shards and less "
                         "Huffman decoding per frame, more artefacts)")
     p.add_argument("--max-samples", type=int, default=None, help="videos per shard at most (default: 64; synthetic: ~16 shards per split)")
-    p.add_argument("--max-bytes", type=int, default=1 << 30, help="bytes per shard at most")
+    p.add_argument("--max-bytes", type=int, default=1 << 30, help="a new shard starts before a video that would take a shard past this many bytes of samples "
+                        "(a single larger video makes a larger shard)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes writing shards side by side (the shards are the same for any number)")
     p.add_argument("--overwrite", action="store_true",

@@ -181,3 +181,17 @@ def test_an_element_list_line_with_a_bad_class_names_the_file_and_line(tmp_path)
     (tmp_path / "gym288_val_element.txt").write_text(f"{good} 120\n")
     assert read_element_labels(tmp_path / "gym288_val_element.txt") == {("abcdefghijk", "E_000001_000002",
                                                                           "A_0001_0002"): 120}
+
+
+def test_two_files_of_one_video_id_are_said_to_be_and_the_first_is_used(tmp_path, caplog):
+    import logging
+
+    from carl_scale.datasets.finegym import _find_videos
+
+    for name in ("abc.mp4", "sub/abc.mkv", "other.webm"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        found = _find_videos(tmp_path)
+    assert found == {"abc": tmp_path / "abc.mp4", "other": tmp_path / "other.webm"}
+    assert any("are both video 'abc'" in r.getMessage() for r in caplog.records)

@@ -261,3 +261,15 @@ def test_a_short_or_non_numeric_annotation_row_is_refused_in_one_line_naming_it(
         kinetics400.main(["--annotations", str(tmp_path / "train.csv"), "--videos", str(tmp_path / "videos"),
                           "--out", str(tmp_path / "out"), "--no-progress"])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_clip_listed_in_two_splits_is_said_to_be(tmp_path):
+    from carl_scale.datasets.kinetics400 import read_annotations
+
+    (tmp_path / "train.csv").write_text("label,youtube_id,time_start,time_end\nwave,abcdefghijk,1,11\n"
+                                        "squat,bbcdefghijk,0,10\n")
+    (tmp_path / "validate.csv").write_text("label,youtube_id,time_start,time_end\nwave,abcdefghijk,1,11\n")
+    clips, names, warnings = read_annotations([tmp_path / "train.csv", tmp_path / "validate.csv"])
+    assert len(clips) == 3 and names == ["squat", "wave"]
+    assert warnings == ["1 clip(s) are listed in more than one split and written into each, e.g. "
+                        "abcdefghijk_000001_000011 (train, val): check the annotation CSVs"]

@@ -157,10 +157,15 @@ def decode_span(path: Path, start: float | None, end: float | None, fps: float,
 
 
 def _find_videos(videos: Path) -> dict[str, Path]:
-    found = {}
+    """Video id (file stem) -> file below ``videos``; of two files with one stem (a re-download
+    beside the first, an .mkv and an .mp4) the first in path order, with a warning naming both."""
+    found: dict[str, Path] = {}
     for p in sorted(videos.rglob("*")):
         if p.suffix.lower() in VIDEO_EXTENSIONS:
-            found.setdefault(p.stem, p)
+            if p.stem in found:
+                log.warning("finegym: %s and %s are both video %r: %s is used", found[p.stem], p, p.stem, found[p.stem])
+                continue
+            found[p.stem] = p
     return found
 
 

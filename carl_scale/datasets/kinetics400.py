@@ -109,6 +109,13 @@ def read_annotations(paths: list[str | Path]) -> tuple[list[Clip], list[str], li
         except UnicodeDecodeError as exn:
             raise ValueError(f"{path} is not UTF-8 text ({exn}): save it as UTF-8") from None
     names = sorted({c.label for c in clips.values() if c.label})
+    splits_of: dict[str, list[str]] = {}
+    for cid, split in clips:
+        splits_of.setdefault(cid, []).append(split)
+    both = sorted(cid for cid, splits in splits_of.items() if len(splits) > 1)
+    if both:  # (the official lists never do: a validation video trained on would inflate its scores)
+        warnings.append(f"{len(both)} clip(s) are listed in more than one split and written into each, e.g. {both[0]} "
+                        f"({', '.join(sorted(splits_of[both[0]]))}): check the annotation CSVs")
     return list(clips.values()), names, warnings
 
 
