@@ -224,6 +224,16 @@ def test_folder_refuses_variable_frame_rate_as_is_and_resamples_it_when_transcod
     # the labels follow the frames: the source frame each output frame shows
     assert metas["vfr"]["phase_labels"] == list(range(16)) + [16 + j // 2 for j in range(31)]
     assert metas["cfr"]["num_frames"] == expect[ok][2]
+    # a label list a frame short of the source (within the CARL code's slack): fitted to the source
+    # frames first (-1 for the missing one), then it follows the resampling as a whole one does
+    import numpy as np
+
+    from carl_scale.datasets.folder import file_record
+
+    rec = file_record(src / "vfr.mp4", "vfr", -1, np.arange(31), {}, short_side=None, transcode=True,
+                      source="vfr.mp4", label_slack=2)
+    assert rec.phase_labels.tolist() == list(range(16)) + [16 + j // 2 if j < 30 else -1 for j in range(31)]
+    assert rec.extra["label_lengths_fitted"] == {"phase": 31}
 
 
 def test_an_annotation_csv_without_clips_is_refused(tmp_path):

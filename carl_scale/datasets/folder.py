@@ -162,17 +162,20 @@ def file_record(path: Path, video_id: str, label: int, phases: np.ndarray | None
     by at most ``label_slack`` are cut, or padded with -1 (a container's frame count and its
     decode can differ by a frame or two), larger differences skip the video."""
     frames, n, fps, codec, picks, source_frames = _decode_file(path, short_side, transcode)
-    if picks is not None:  # labels name source frames: they follow the resampling (other lengths are refused below)
-        def follow(lab):
-            return lab[picks] if lab is not None and len(lab) == source_frames else lab
-        phases, extra = follow(phases), {k: follow(v) for k, v in extra.items()}
 
-    def fit(lab):
-        if lab is None or len(lab) == n or abs(len(lab) - n) > label_slack:
+    def fit(lab, length: int):
+        if lab is None or len(lab) == length or abs(len(lab) - length) > label_slack:
             return lab
-        return lab[:n] if len(lab) > n else np.concatenate([lab, np.full(n - len(lab), -1, lab.dtype)])
-    adjusted = {name: len(lab) for name, lab in [("phase", phases), *extra.items()] if lab is not None and len(lab) != n}
-    phases, extra = fit(phases), {k: fit(v) for k, v in extra.items()}
+        return lab[:length] if len(lab) > length else np.concatenate([lab, np.full(length - len(lab), -1, lab.dtype)])
+    given = [("phase", phases), *extra.items()]
+    if picks is not None:  # labels name source frames: fitted to them, then they follow the resampling
+        def follow(lab):
+            lab = fit(lab, source_frames)
+            return lab[picks] if lab is not None and len(lab) == source_frames else lab  # (others: refused below)
+        phases, extra = follow(phases), {k: follow(v) for k, v in extra.items()}
+    adjusted = {name: len(lab) for name, lab in given if lab is not None and len(lab) != (n if picks is None
+                                                                                          else source_frames)}
+    phases, extra = fit(phases, n), {k: fit(v, n) for k, v in extra.items()}
     bad = [f"{len(lab)} {name} frame labels" for name, lab in [("phase", phases), *extra.items()]
            if lab is not None and len(lab) != n]
     if bad:
