@@ -93,6 +93,10 @@ def test_finegym_lists_join_gym99_and_gym288_by_event(tmp_path):
     lists["gym99_val.pkl"].append({"id": 0, "name": name, "video_file": f"processed_videos/{name}.mp4",
                                    "seq_len": len(v.phase_labels), "event_label": 1,
                                    "frame_label": torch.from_numpy(v.phase_labels).float()})
+    # the same event named again in one list, other labels: the first item is kept whole (its labels
+    # never replace the first's beside the first's video)
+    first = lists["gym99_train_v1.0.pkl"][0]
+    lists["gym99_train_v1.0.pkl"].append({**first, "frame_label": torch.zeros_like(first["frame_label"])})
     for fname, data in lists.items():
         with open(root / fname, "wb") as f:
             pickle.dump(data, f)

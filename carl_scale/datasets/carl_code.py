@@ -146,6 +146,10 @@ def read_lists(src: Path, kind: str | None) -> tuple[str, dict[str, list[dict]]]
                 key = str(v.get("name") or v.get("video_file")) if isinstance(v, dict) else f"{fname}[{i}]"
                 e = events.setdefault(key, {"raw": v, "where": f"{fname}[{i}]", "sets": {},
                                             "action": int(v.get("event_label", 0)) - 1 if isinstance(v, dict) else -1})
+                if cs in e["sets"]:  # (its labels would otherwise replace the first's, beside the first's video)
+                    log.warning("%s: %s names event %r again (first %s): the first is kept", src, f"{fname}[{i}]", key,
+                                e["sets"][cs][1])
+                    continue
                 e["sets"][cs] = (v, f"{fname}[{i}]")
         out[split] = list(events.values())
     if not out:
