@@ -155,6 +155,9 @@ def test_resume_latest_without_its_pointer_takes_the_newest_intact_checkpoint(tm
     # a crash between publishing step 6 and pointing latest at it: the newest complete one, not latest's
     (root / "latest").write_text("step_000004\n")
     assert ckpt.find(root, "latest") == root / "step_000006"
+    (root / "abandoned_after_step_000004").mkdir()  # unless a rollback to step 4 was under way
+    assert ckpt.find(root, "latest") == root / "step_000004"
+    (root / "abandoned_after_step_000004").rmdir()
     (root / "latest").unlink()
     (root / ckpt.tag(6) / "client_rank0.pt").write_bytes(b"cut short")  # the newest is damaged
     assert ckpt.find(root, "latest") == root / "step_000004"

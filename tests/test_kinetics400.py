@@ -283,3 +283,19 @@ def test_a_clip_listed_in_two_splits_is_said_to_be(tmp_path):
     assert len(clips) == 3 and names == ["squat", "wave"]
     assert warnings == ["1 clip(s) are listed in more than one split and written into each, e.g. "
                         "abcdefghijk_000001_000011 (train, val): check the annotation CSVs"]
+
+
+def test_a_machine_error_while_reading_a_clip_stops_the_write(k400_src, tmp_path, monkeypatch):
+    """An I/O error of the disk while a clip is probed is not the clip's fault: the write stops
+    (and a rerun finishes it) instead of listing the clip as unreadable for good."""
+    import errno
+
+    from carl_scale.datasets import kinetics400 as k400
+
+    def broken_disk(path):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+    monkeypatch.setattr(k400, "probe", broken_disk)
+    root, _ = k400_src
+    with pytest.raises(ValueError, match="The machine, not the video: the write stops here"):
+        kinetics400.main(["--annotations", str(root / "k400.csv"), "--videos", str(root / "videos"),
+                          "--out", str(tmp_path / "out"), "--no-progress"])

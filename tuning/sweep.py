@@ -43,7 +43,12 @@ def parse(argv: list[str] | None = None) -> SweepConfig:
     if weak_only and not given.get("weak") and not given.get("resume"):  # (a resumed sweep has its own)
         raise ConfigError(f"{names[weak_only[0]]} is a weak-supervision setting, and this sweep is self-supervised "
                           f"(σ², τ): add --weak, or drop the flag")
-    return from_dict(SweepConfig, given)
+    cfg = from_dict(SweepConfig, given)
+    # (a fresh sweep's: one resumed is as it was started, sweep.json)
+    if not cfg.resume and cfg.trials > 1 and all(getattr(cfg, k)[0] == getattr(cfg, k)[1] for k in cfg.swept()):
+        raise ConfigError(f"--trials ({cfg.trials}) would train one config {cfg.trials} times: every swept range is "
+                          f"one value ({', '.join(cfg.swept())}); widen a range, or give --trials 1")
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> dict:

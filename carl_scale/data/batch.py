@@ -93,12 +93,16 @@ class VideoBatch:
                              for k, v in self.__dict__.items()})
 
 
+_ACCELERATOR_ERROR = (torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()
+
+
 def _not_the_video(exn: BaseException, decoder: FrameDecoder) -> bool:
     """Whether a failed decode says nothing about the video: out of memory, or a device that is
     broken for every later call too (a sticky CUDA error: an illegal address, a device-side
     assert). Taken for a corrupt video, such a failure would count every video after it as
     skipped for the rest of the epoch (in a finishing process, with nothing else to fail first)."""
-    if isinstance(exn, (MemoryError, torch.cuda.OutOfMemoryError, torch.AcceleratorError)):
+    # (torch.AcceleratorError, a sticky CUDA error: torch 2.8 on; older ones raise a RuntimeError, found below)
+    if isinstance(exn, (MemoryError, torch.cuda.OutOfMemoryError, *_ACCELERATOR_ERROR)):
         return True
     if getattr(decoder, "device", "cpu") == "cuda" and torch.cuda.is_available():
         try:  # DALI words its CUDA errors as its own: ask the device whether it still works

@@ -207,7 +207,8 @@ def write_carl_shards(src: str | Path, out_dir: str | Path, opts: CarlDataOption
         entry = write_split(out_dir, split, items[: opts.limit], load, dataset=kind, opts=wopts,
                             label_names=label_names, describe=lambda item: item["where"],
                             settings={**asdict(opts), "dataset": kind, "source": "carl_code"},
-                            labels=labels_digest(*sorted(src.glob("*.pkl"))))
+                            labels=labels_digest(*sorted({src / where.split("[")[0] for item in items for where in
+                                                          [item["where"], *(w for _, w in item.get("sets", {}).values())]})))
         if entry["skipped"]:
             log.warning("%s %s: skipped %d of %d videos (listed in shards.json)", kind, split, len(entry["skipped"]),
                         len(items))

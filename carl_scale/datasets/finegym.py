@@ -226,7 +226,7 @@ def write_finegym_shards(videos: str | Path, annotations: str | Path, out_dir: s
         entry = write_split(out_dir, split, events, load, dataset="finegym", opts=write_options(**write),
                             label_names=label_names, describe=lambda key: f"{key[0]}_{key[1]}",
                             settings=asdict(opts),
-                            labels=labels_digest(info_path, *(p for s in files.values() for p in s.values())))
+                            labels=labels_digest(info_path, *files[split].values()))  # (what this split reads)
         if entry["skipped"]:
             log.warning("finegym %s: skipped %d of %d events (listed in shards.json)", split, len(entry["skipped"]),
                         len(events))

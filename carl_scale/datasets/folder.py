@@ -16,8 +16,8 @@ import numpy as np
 from carl_scale.data.codec import decode_rgb
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.encode import constant_rate_picks, frame_timing
-from carl_scale.datasets.parallel import SkipInput, labels_digest, write_options, write_split
-from carl_scale.datasets.writer import VideoRecord, check_split_name, sample_key, write_manifest
+from carl_scale.datasets.parallel import SkipInput, add_warnings, labels_digest, write_options, write_split
+from carl_scale.datasets.writer import VideoRecord, check_split_name, sample_key
 
 log = logging.getLogger("carl_scale.data")
 
@@ -104,7 +104,7 @@ def _frame_labels(directory: str | None, stem: str) -> np.ndarray | None:
         return None
     d = Path(directory)
     if (d / f"{stem}.npy").exists():
-        return np.load(d / f"{stem}.npy", allow_pickle=False).astype(np.int64).reshape(-1)
+        return np.load(d / f"{stem}.npy", allow_pickle=False).reshape(-1)  # (the writer checks they are indices)
     if (d / f"{stem}.txt").exists():
         tokens = (d / f"{stem}.txt").read_text().split()
         bad = [t for t in tokens if not t.lstrip("-").isdigit()]
@@ -278,17 +278,15 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
         entry = write_split(out_dir, split, paths, load, dataset=src.resolve().name, opts=wopts, label_names=label_names,
                             describe=lambda p: str(p.relative_to(src)),
                             settings={**asdict(opts), "labels": label_names, "rows": rows},
-                            labels=labels_digest(opts.frame_labels, *opts.extra_frame_labels.values()))
+                            labels=labels_digest(*(Path(d) / f"{p.stem}{ext}" for p in paths for ext in (".npy", ".txt")
+                                                   for d in (opts.frame_labels, *opts.extra_frame_labels.values())
+                                                   if d is not None)))  # (the files this split reads)
         if entry["skipped"]:
             log.warning("%s: skipped %d of %d videos (listed in shards.json)", split, len(entry["skipped"]), len(paths))
-    manifest = read_manifest(out_dir)
-    kept = sorted(set(manifest["splits"]) - set(by_split)) if wopts.overwrite else []
+    kept = sorted(set(read_manifest(out_dir)["splits"]) - set(by_split)) if wopts.overwrite else []
     if kept:  # (--overwrite replaces the splits this command writes: e.g. a val split of an earlier --val-fraction)
         warnings.append(f"--overwrite kept split(s) {', '.join(map(repr, kept))} of an earlier command, which this "
                         f"one did not write: remove them from {out_dir} if they are stale (their videos may now be "
                         f"in {', '.join(map(repr, sorted(by_split)))} too)")
         log.warning("%s", warnings[-1])
-    if warnings:
-        manifest["label_warnings"] = warnings
-        write_manifest(Path(out_dir), manifest)
-    return manifest
+    return add_warnings(out_dir, warnings)

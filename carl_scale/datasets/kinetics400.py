@@ -34,10 +34,9 @@ import av
 import numpy as np
 
 from carl_scale.data.codec import decode_rgb
-from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.encode import constant_rate_picks, frame_timing
-from carl_scale.datasets.parallel import SkipInput, write_options, write_split
-from carl_scale.datasets.writer import VideoRecord, write_manifest
+from carl_scale.datasets.parallel import SkipInput, add_warnings, not_the_input, write_options, write_split
+from carl_scale.datasets.writer import VideoRecord
 
 log = logging.getLogger("carl_scale.data")
 
@@ -212,6 +211,8 @@ def write_kinetics400_shards(annotations: list[str | Path], videos: str | Path, 
         try:
             info = probe(path)
         except Exception as exn:
+            if not_the_input(exn):  # (the write stops: a skip would never be tried again)
+                raise
             raise SkipInput(f"unreadable: {type(exn).__name__}: {exn}") from None
         label = index.get(clip.label, -1)
         extra = {"source": str(path.relative_to(videos)), "label_name": clip.label}
@@ -225,6 +226,8 @@ def write_kinetics400_shards(annotations: list[str | Path], videos: str | Path, 
         try:
             frames = decode_constant_rate(path, info.fps, opts.short_side)
         except Exception as exn:
+            if not_the_input(exn):
+                raise
             raise SkipInput(f"unreadable: {type(exn).__name__}: {exn}") from None
         return VideoRecord(clip.clip_id, frames, info.fps, label,
                            extra={**extra, "resampled_from_variable_rate": info.variable_rate})
@@ -237,11 +240,7 @@ def write_kinetics400_shards(annotations: list[str | Path], videos: str | Path, 
         write_split(out_dir, split, items, load, dataset="kinetics400", opts=wopts, label_names={"actions": names},
                     describe=lambda c: c.clip_id,  # the plan covers each clip's label too: a fixed CSV is no resume
                     settings={**asdict(opts), "labels": names, "clip_labels": [c.label for c in items]})
-    manifest = read_manifest(out_dir)
-    if warnings + more:
-        manifest["label_warnings"] = warnings + more
-        write_manifest(Path(out_dir), manifest)
-    return manifest
+    return add_warnings(out_dir, warnings + more)
 
 
 def summary_rows(manifest: dict) -> list[dict]:

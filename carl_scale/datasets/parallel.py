@@ -140,6 +140,18 @@ def _manifest_lock(out_dir: Path):
         yield
 
 
+def add_warnings(out_dir: str | Path, warnings: list[str]) -> dict:
+    """``shards.json`` with this command's warnings under ``label_warnings`` (replacing an earlier
+    command's), read and written back under the directory's lock; returns the manifest."""
+    out_dir = Path(out_dir)
+    with _manifest_lock(out_dir):
+        manifest = read_manifest(out_dir)
+        if warnings:
+            manifest["label_warnings"] = warnings
+            write_manifest(out_dir, manifest)
+    return manifest
+
+
 def _remove_split(out_dir: Path, split: str, manifest: dict | None) -> None:
     if manifest is not None and split in manifest.get("splits", {}):  # first: never a manifest naming removed shards
         del manifest["splits"][split]

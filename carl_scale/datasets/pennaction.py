@@ -156,7 +156,8 @@ def write_pennaction_shards(root: str | Path, phase_labels: str | Path, out_dir:
         entry = write_split(out_dir, split, listed[split][: opts.limit], load, dataset="pennaction",
                             opts=wopts, label_names={"actions": ACTIONS},
                             describe=lambda item: str(item[0].relative_to(phase_labels)), settings=asdict(opts),
-                            labels=labels_digest(phase_labels, root / "labels"))
+                            labels=labels_digest(*(f for f, _ in listed[split]),  # (the files this split reads)
+                                                 *(root / "labels" / f"{f.stem[:4]}.mat" for f, _ in listed[split])))
         if entry["samples"] != EXPECTED[split] and opts.limit is None:
             log.warning("pennaction %s: %d videos written; the CARL code's split has %d (%d skipped, listed in "
                         "shards.json)", split, entry["samples"], EXPECTED[split], len(entry["skipped"]))

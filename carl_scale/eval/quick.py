@@ -10,6 +10,7 @@ protocol (classifiers fitted on the training split) is ``launch/transfer_eval.sh
 from __future__ import annotations
 
 import dataclasses
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -144,7 +145,8 @@ def end_of_run_shards(train_shards, val_shards: str | None, synthetic_val_videos
         if Path(val_shards).is_dir() and "val" not in (read_manifest(val_shards) or {}).get("splits", {}):
             return None, f"--val-shards {val_shards} is not a shard directory with a val split (shards.json)"
         try:  # (a pattern or list may name training shards too)
-            shared = sorted(set(resolve_shards(val_shards, "val")[0]) & set(resolve_shards(train_shards, "train")[0]))
+            shared = sorted({os.path.realpath(u) for u in resolve_shards(val_shards, "val")[0]}
+                            & {os.path.realpath(u) for u in resolve_shards(train_shards, "train")[0]})
         except (OSError, ValueError):  # (not written yet, or unreadable: the run itself says so)
             shared = []
         if shared:

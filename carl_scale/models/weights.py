@@ -79,7 +79,7 @@ def checkpoints(root: Path) -> dict[int, Path]:
     return out
 
 
-def _is_intact(path: Path) -> bool:
+def is_intact(path: Path) -> bool:
     """meta.json parses, every rank's client file is there, and every torch file's archive checks
     out (a CRC over every member; nothing is unpickled)."""
     try:
@@ -99,7 +99,7 @@ def _is_intact(path: Path) -> bool:
 def intact_before(root: Path, step: int | None) -> Path | None:
     """The newest checkpoint under ``root`` before ``step`` (any, if None) whose files are whole."""
     for s, path in sorted(checkpoints(root).items(), reverse=True):
-        if (step is None or s < step) and _is_intact(path):
+        if (step is None or s < step) and is_intact(path):
             return path
     return None
 

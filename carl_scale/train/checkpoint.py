@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from carl_scale.models.weights import (META_FILE, CheckpointError, checkpoints, intact_before, intact_hint,
+from carl_scale.models.weights import (META_FILE, CheckpointError, checkpoints, intact_before, intact_hint, is_intact,
                                       load_tensors, save_weights, step_of)
 
 
@@ -175,15 +176,15 @@ def set_aside_newer(root: Path, step: int) -> Path | None:
     while dest.exists():
         n += 1
         dest = root / f"abandoned_after_{tag(step)}_{n}"
-    # first: it may name one of them, and a crash while they move must leave it naming a checkpoint
-    # (the resumed one, when it is here; a resume from elsewhere, such as Ray's copy of a trial's
-    # checkpoint, leaves the newest one kept, or none)
+    dest.mkdir()  # (first: while it exists, find("latest") knows a rollback is under way)
+    # then latest: it may name one of them, and a crash while they move must leave it naming a
+    # checkpoint (the resumed one, when it is here; a resume from elsewhere, such as Ray's copy of a
+    # trial's checkpoint, leaves the newest one kept, or none)
     kept = [s for s in checkpoints(root) if s <= step]
     if kept:
         _point_latest(root, step if step in kept else max(kept))
     else:
         (root / "latest").unlink(missing_ok=True)
-    dest.mkdir()
     for p in newer:
         os.replace(p, dest / p.name)
     return dest
@@ -221,10 +222,14 @@ def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, me
     return final
 
 
-def find(root: Path, resume: str) -> Path | None:
+def find(root: Path, resume: str, *, quiet: bool = False) -> Path | None:
     """The checkpoint directory ``resume`` names: "latest" (None if there is none yet) or a path.
     Without a ``latest`` pointer but with checkpoints (a crash between publishing the first one and
-    pointing at it, or step directories copied without it), "latest" is the newest intact one."""
+    pointing at it, or step directories copied without it), "latest" is the newest intact one; so
+    it is when an intact checkpoint is newer than the one ``latest`` names (a crash between
+    publishing it and pointing at it), unless a rollback to ``latest``'s step is under way (its
+    ``abandoned_after_`` folder exists: :func:`set_aside_newer`). ``quiet``: say nothing."""
+    say = not quiet and (not dist.is_initialized() or dist.get_rank() == 0)  # one line, not one per rank
     if resume == "latest":
         name = latest_name(root)
         if name is None:
@@ -234,15 +239,21 @@ def find(root: Path, resume: str) -> Path | None:
                 raise CheckpointError(f"--resume latest: {root} holds checkpoints (steps {held[0]}..{held[-1]}) but "
                                       f"none is intact (each lacks a file it needs): remove the damaged ones to start "
                                       f"over, or resume one you repaired by its path")
-            if newest is not None and (not dist.is_initialized() or dist.get_rank() == 0):  # one line, not one per rank
+            if newest is not None and say:
                 print(f"{root / 'latest'} is missing: resuming from the newest intact checkpoint, {newest.name}",
                       flush=True)
             return newest
         path = root / name
-        newest = intact_before(root, None)
-        if newest is not None and step_of(path) is not None and step_of(newest) > step_of(path):
+        at = step_of(path)
+        # only those newer than latest's are checked whole (reading each file): none, as a rule
+        newer = [p for s, p in sorted(checkpoints(root).items(), reverse=True) if at is not None and s > at]
+        # a rollback under way (set_aside_newer interrupted): to a step at or after latest's
+        rollback = any(int(m[1]) >= at for d in root.glob("abandoned_after_step_*")
+                       if (m := re.match(r"abandoned_after_step_(\d+)", d.name))) if at is not None else False
+        newest = next((p for p in newer if is_intact(p)), None) if not rollback else None
+        if newest is not None:
             # published, then the run died before `latest` was moved on to it: the newest is complete
-            if not dist.is_initialized() or dist.get_rank() == 0:
+            if say:
                 print(f"{root / 'latest'} names {name}, and {newest.name} after it is complete (a run stopped "
                       f"between publishing it and pointing at it): resuming from {newest.name}", flush=True)
             return newest

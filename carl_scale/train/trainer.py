@@ -355,7 +355,7 @@ def find_resume(cfg: RunConfig, rank: int, world: int, *, quiet: bool = False) -
                 f"this run would replace: continue that run with --resume latest, or give this one another "
                 f"--run-dir (or remove {run_dir} yourself to start over)")
         return None
-    path = ckpt.find(root, cfg.checkpoint.resume)
+    path = ckpt.find(root, cfg.checkpoint.resume, quiet=quiet)
     if path is None:
         if rank == 0 and not quiet:
             print(f"--resume latest: no checkpoint under {root} yet, starting from step 0")

@@ -55,9 +55,6 @@ class SweepConfig(Config):
         lo, hi = self.eps1
         if not 0 < lo <= hi <= 100:
             refuse("--eps1", f"must be in (0, 100] with LO <= HI, got {lo}:{hi}")
-        if self.trials > 1 and all(getattr(self, k)[0] == getattr(self, k)[1] for k in self.swept()):
-            refuse("--trials", f"({self.trials}) would train one config {self.trials} times: every swept range is one "
-                               f"value ({', '.join(self.swept())}); widen a range, or give --trials 1")
         if self.report_every > self.steps:
             refuse("--report-every", f"({self.report_every}) must be <= --steps ({self.steps})")
 

@@ -46,7 +46,7 @@ def prepare(cfg: SweepConfig) -> tuple[RunConfig, str]:
         overrides["data.shards"] = cfg.shards
     if cfg.init_from is not None:
         overrides["init_from"] = cfg.init_from
-    if cfg.eps2 is not None:
+    if cfg.eps2 is not None and cfg.weak:  # (a sweep started before --eps2 was refused without --weak: ignored)
         overrides["loss.eps2"] = cfg.eps2
     if cfg.weak:  # (each trial draws its own; the lowest, so that the base config is never refused for it)
         overrides["loss.eps1"] = cfg.eps1[0]
