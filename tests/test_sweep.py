@@ -109,8 +109,8 @@ def test_a_sweep_where_no_trial_scored_ends_in_one_line_naming_the_first_error(t
                                                        "failed": ["FileNotFoundError: runs/x is missing"] * 2})
     with pytest.raises(SystemExit) as end:
         run_cli("sweep.py", entry.main, ["--out", str(tmp_path / "s")])
-    assert str(end.value.code).startswith("sweep.py: error: no trial of the sweep scored (2 of 2 failed; the first "
-                                          "error: FileNotFoundError: runs/x is missing)")
+    assert str(end.value.code).startswith("sweep.py: error: no trial of the sweep scored (2 of 2 failed, 0 diverged; "
+                                          "the first error: FileNotFoundError: runs/x is missing); each trial's error")
     assert lib._last_line(RuntimeError("Traceback ...\n  File x\nValueError: bad")) == "ValueError: bad"
 
 
@@ -178,3 +178,23 @@ def test_a_resumed_sweep_keeps_the_architecture_it_started_with(tmp_path):
     (tmp_path / "base_config.json").write_text(_json.dumps(saved))
     again = as_started(tmp_path, base, resume=True)
     assert to_dict(again) == saved and again.model.pos_encoding == "interleaved"
+
+
+def test_a_trial_whose_loss_goes_non_finite_ends_as_diverged_and_is_not_retried(vp9_shards, tmp_path):
+    """A diverged trial would diverge again from its last checkpoint (same seed, same data): it
+    ends once, with no score, and the table says why (Ray's failure config retried it twice)."""
+    from carl_scale.train.recipes import load_run_config
+
+    small = _small_config(vp9_shards, tmp_path / "small.json")
+    cfg = json.loads(small.read_text())
+    cfg["optim"]["lr"] = 1e30  # non-finite at step 2
+    small.write_text(json.dumps(cfg))
+    assert load_run_config(small).optim.lr == 1e30
+    out = tmp_path / "sweep"
+    res = _sweep("--config", str(small), "--out", str(out), "--trials", "1", "--steps", "4", "--report-every", "2",
+                 "--val-videos", "4", "--cpus-per-trial", "1")
+    assert res.returncode == 1 and "Traceback" not in res.stderr[-2000:]
+    assert "no trial of the sweep scored (0 of 1 failed, 1 diverged; their losses went non-finite" in res.stderr
+    (row,) = list(csv.DictReader(open(out / "results.csv")))
+    # ended, not failed: Ray retries only a trial that raised (its row would say "error")
+    assert row["status"] == "diverged" and row["steps"] == "2" and row["objective"] == "nan"

@@ -68,9 +68,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"next: {summary['pretrain']}\n      {summary['transfer']}")
     else:  # not one trial scored: say why, and end non-zero
         failed = summary["failed"]
-        why = f"the first error: {failed[0]}" if failed else "no trial reported a score"
-        raise ValueError(f"no trial of the sweep scored ({len(failed)} of {len(summary['rows'])} failed; {why}); "
-                         f"each trial's error is in {cfg.directory / 'ray'}/*/error.txt")
+        diverged = sum(r.get("status") == "diverged" for r in summary["rows"])
+        why = f"the first error: {failed[0]}" if failed else \
+            "their losses went non-finite: lower --lr in the config, or narrow the ranges" if diverged else \
+            "no trial reported a score"
+        where = f"; each trial's error is in {cfg.directory / 'ray'}/*/error.txt" if failed else ""
+        raise ValueError(f"no trial of the sweep scored ({len(failed)} of {len(summary['rows'])} failed, {diverged} "
+                         f"diverged; {why}){where}")
     return summary
 
 

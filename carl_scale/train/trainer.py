@@ -41,6 +41,18 @@ from carl_scale.train.engine import (build_engine, deepspeed_config, engine_step
 from carl_scale.train.logger import RunLogger
 
 
+class Diverged(FloatingPointError):
+    """A non-finite loss or update stopped the run at ``step``: the same run resumed from its last
+    checkpoint (same seed, same data) meets it again."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+    def __reduce__(self):  # (pickled across processes, e.g. by Ray: the step travels too)
+        return type(self), (self.args[0], self.step)
+
+
 @dataclasses.dataclass
 class _Queued:
     """A step whose work is queued on the device: its micro-steps' (outputs, non-finite flag)."""
@@ -200,10 +212,10 @@ class Trainer:
         where = ckpt.latest_name(self.ckpt_root) or "none yet"
         later = f"; its update was skipped and the run stopped at step {stopped}" if stopped > step else ""
         what = f"loss ({loss})" if not math.isfinite(loss) else f"gradients (loss {loss})"
-        raise FloatingPointError(
+        raise Diverged(
             f"non-finite {what} at step {step} (videos {video_ids}){later}, before saving anything after step "
             f"{step - 1}. Last good checkpoint: {where} in {self.ckpt_root}. Lower --lr, use --precision fp32, or "
-            f"check the data, then --resume latest.")
+            f"check the data, then --resume latest.", step=step)
 
     def settle(self, pending: list["_Queued"]) -> list[dict[str, float]]:
         """Read the queued steps' outputs back from the device, in one transfer (the only time the

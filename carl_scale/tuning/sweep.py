@@ -148,7 +148,8 @@ def _rows(grid, cfg: SweepConfig) -> list[dict]:
     for result in grid:
         metrics = result.metrics or {}
         step = int(metrics.get("step", 0) or 0)
-        status = "error" if result.error is not None else ("finished" if step >= cfg.steps else "stopped early")
+        status = "error" if result.error is not None else "diverged" if metrics.get("diverged") else \
+            ("finished" if step >= cfg.steps else "stopped early")
         name = f"trial_{metrics['trial_id']}" if "trial_id" in metrics else Path(result.path).name
         rows.append({"trial": name, **{k: result.config.get(k) for k in cfg.swept()},
                      "objective": metrics.get("objective", float("nan")), "steps": step, "status": status})

@@ -45,7 +45,7 @@ def trial(params: dict[str, Any], *, base: dict, directory: str, steps: int, rep
     """The Ray Tune function trainable: ``base`` (a run config dict) changed by the drawn ``params``."""
     from ray import tune
 
-    from carl_scale.train.trainer import run
+    from carl_scale.train.trainer import Diverged, run
 
     run_dir = Path(directory) / "trials" / tune.get_context().get_trial_name()
     overrides = {**overrides_of(params), "run_dir": str(run_dir), "steps": steps, "eval.enabled": False,
@@ -53,10 +53,17 @@ def trial(params: dict[str, Any], *, base: dict, directory: str, steps: int, rep
     cfg = configure(from_dict(RunConfig, base), overrides)
     hook = TuneReport(report_every, val_shards, objective, val_videos, cfg.data.spatial)
     restored = tune.get_checkpoint()
-    if restored is not None:  # failed and retried: continue from the last report
-        with restored.as_directory() as path:
-            run(configure(cfg, {"checkpoint.resume": str(path)}), [hook])
-        return
-    if checkpoints(run_dir / "checkpoints"):  # died before its first report reached Ray
-        cfg = configure(cfg, {"checkpoint.resume": "latest"})
-    run(cfg, [hook])
+    try:
+        if restored is not None:  # failed and retried: continue from the last report
+            with restored.as_directory() as path:
+                run(configure(cfg, {"checkpoint.resume": str(path)}), [hook])
+            return
+        if checkpoints(run_dir / "checkpoints"):  # died before its first report reached Ray
+            cfg = configure(cfg, {"checkpoint.resume": "latest"})
+        run(cfg, [hook])
+    except Diverged as exn:
+        # An end, not a failure: retried from its last checkpoint (same seed, same data) it would
+        # diverge again, twice (FailureConfig). Reported as diverged, with no score: ASHA's rung
+        # cutoffs pass over a NaN (nanpercentile), and the results table says why it has none.
+        print(f"trial {run_dir.name}: {exn}", flush=True)
+        tune.report({"objective": float("nan"), "loss": float("nan"), "step": exn.step, "diverged": 1})
