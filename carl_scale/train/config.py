@@ -40,7 +40,7 @@ class ParallelConfig(Config):
     # bf16 is autocast: weights, gradients, optimizer state and checkpoints stay float32
     precision: Literal["auto", "bf16", "fp32"] = param(
         "auto", flag="--precision", help="auto: bf16 autocast on a GPU, fp32 on the CPU (weights stay fp32)")
-    # Speed only: neither changes what a step computes beyond rounding (tests/test_train.py,
+    # Speed only: neither changes what a step computes beyond rounding (tests/test_engine.py,
     # tests/test_gpu.py). Measured with ``python -m carl_scale.bench.step --extra ...`` (BENCHMARKS.md).
     channels_last: Literal["auto", "on", "off"] = param(
         "auto", flag="--channels-last", help="the ResNet trunk in channels_last memory format; auto: on a GPU "
