@@ -53,10 +53,9 @@ def _made_by(video: str, args) -> dict:
 def cmd_embed(args) -> None:
     import json
 
-    from tqdm.auto import tqdm
 
     from carl_scale.eval.embed import embed_frames, extract_embeddings
-    from carl_scale.tables import progress_wanted, table
+    from carl_scale.tables import progress_bar, table
 
     # every input checked before anything is loaded or written
     missing = [v for v in args.videos if not Path(v).is_file()]
@@ -89,7 +88,7 @@ def cmd_embed(args) -> None:
     if args.shards:
         ve = extract_embeddings(model, args.shards, args.split, device=device, cache=str(out / f"{args.split}.npz"))
         print(f"{len(ve.video_ids)} videos of {args.shards} ({args.split}) -> {out / f'{args.split}.npz'}")
-    for video in tqdm(todo, desc="embed", unit="video", disable=not progress_wanted() or len(todo) < 2):
+    for video in progress_bar(iterable=todo, desc="embed", unit="video", enabled=len(todo) >= 2):
         emb = embed_frames(model, read_video(video, model.cfg.image_size), device=device)
         npy = out / f"{Path(video).stem}.npy"
         (out / f"{Path(video).stem}.json").unlink(missing_ok=True)  # (a stale record never vouches for the new file)

@@ -4,12 +4,45 @@ long work draws progress bars."""
 from __future__ import annotations
 
 import os
+import sys
 
 
 def progress_wanted() -> bool:
     """Progress bars unless CARL_SCALE_NO_PROGRESS is set to something other than 0 / false / no
     (tests and sweeps set it to 1: their logs are files)."""
     return os.environ.get("CARL_SCALE_NO_PROGRESS", "").strip().lower() in ("", "0", "false", "no")
+
+
+class _LineWriter:
+    """Where a bar goes when stderr is a file (``2>log``, a batch job): each refresh becomes one
+    whole line. tqdm redraws with carriage returns, which a log keeps as one endless line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, s: str) -> None:
+        s = s.replace("\r", "").rstrip()
+        if s:
+            self.stream.write(s + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def progress_bar(*, enabled: bool = True, log_every_s: float = 30.0, **kw):
+    """A tqdm bar for long work. On a terminal (or in a notebook) the usual live bar; with stderr
+    redirected to a file, a plain line at most every ``log_every_s`` seconds (and at the end),
+    so a log shows how far a job got without megabytes of redraws; none when ``enabled`` is
+    false or the environment asks for none (:func:`progress_wanted`). Callers that change the
+    postfix should pass ``refresh=False``, so the line interval holds."""
+    from tqdm.auto import tqdm
+
+    if not (enabled and progress_wanted()):
+        return tqdm(disable=True, **kw)
+    if sys.stderr.isatty() or "ipykernel" in sys.modules:
+        return tqdm(dynamic_ncols=True, **kw)
+    return tqdm(file=_LineWriter(sys.stderr), mininterval=log_every_s, maxinterval=max(log_every_s, 10.0),
+                miniters=1, ncols=100, ascii=True, **kw)
 
 
 def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:

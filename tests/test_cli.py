@@ -117,3 +117,29 @@ def test_embed_checks_every_input_before_writing_anything(checkpoint, videos, tm
     with pytest.raises(ValueError, match="share a file name"):
         main(["embed", str(videos[0]), str(videos[0]), "--checkpoint", str(path), "--out", str(out)])
     assert not out.exists()
+
+
+def test_progress_bars_write_whole_lines_to_a_log_file_and_nothing_when_asked(tmp_path):
+    """A bar on a terminal redraws with carriage returns; in a log file (``2>log``) that is one
+    endless line, so there a bar writes a plain line per interval; CARL_SCALE_NO_PROGRESS=1 none."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom carl_scale.tables import progress_bar\n"
+            "bar = progress_bar(total=20, desc='work', unit='step', log_every_s=0.05)\n"
+            "for i in range(20):\n    time.sleep(0.01); bar.update(1); bar.set_postfix(loss=i, refresh=False)\n"
+            "bar.close()\n")
+    for value, lines in (("0", True), ("1", False)):
+        log = tmp_path / f"log{value}"
+        with open(log, "w") as err:
+            subprocess.run([sys.executable, "-c", code], stderr=err, check=True, timeout=60,
+                           env={**os.environ, "CARL_SCALE_NO_PROGRESS": value})
+        text = log.read_text()
+        if not lines:
+            assert text == ""
+            continue
+        assert "\r" not in text and text.endswith("\n")
+        rows = text.splitlines()
+        assert 2 <= len(rows) <= 21 and all(r.startswith("work:") for r in rows), rows
+        assert "20/20" in rows[-1] and "loss=19" in rows[-1]

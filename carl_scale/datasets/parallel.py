@@ -32,11 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tqdm.auto import tqdm
-
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.encode import EncodeOptions
 from carl_scale.datasets.writer import Payload, SkipInput, SlotWriter, VideoRecord, check_split_name, write_manifest
+from carl_scale.tables import progress_bar
 
 log = logging.getLogger("carl_scale.data")
 
@@ -319,12 +318,11 @@ def _write_split(out_dir: Path, split: str, items: Sequence[Any], load: Callable
     workers = min(opts.workers, len(todo))
     args = (out_dir, split, load, dataset, opts, plan, describe, done, os.getpid())
     before = len(items) - sum(len(c) for _, c in todo)  # inputs of finished slots
-    bar = tqdm(total=len(items), initial=before, disable=not opts.progress, desc=f"{dataset} {split}", unit="video",
-               smoothing=0.05)
+    bar = progress_bar(enabled=opts.progress, total=len(items), initial=before, desc=f"{dataset} {split}",
+                       unit="video", smoothing=0.05)
 
-    def show() -> None:
-        bar.n = before + done.value
-        bar.refresh()
+    def show() -> None:  # (update, not refresh: a log file gets a line per interval, not per shard)
+        bar.update(before + done.value - bar.n)
 
     with bar:
         if workers <= 1:

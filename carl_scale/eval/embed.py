@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from carl_scale.data.config import SpatialConfig
 from carl_scale.data.decoders import make_decoder
@@ -184,12 +183,10 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
     was_training = model.training
     model.eval()
     ids, embs, phases, actions, extra = [], [], [], [], []
-    if progress is None:  # a bar unless the environment asks for none (tests, sweeps, logs)
-        from carl_scale.tables import progress_wanted
+    from carl_scale.tables import progress_bar  # a bar unless the environment asks for none (tests, sweeps)
 
-        progress = progress_wanted()
-    bar = tqdm(total=min(total, limit) if total and limit is not None else total, desc=f"embed {split}", unit="video",
-               disable=not progress, leave=False)
+    bar = progress_bar(enabled=progress is not False, total=min(total, limit) if total and limit is not None else total,
+                       desc=f"embed {split}", unit="video", leave=False)
     skipped: list[str] = []
 
     def skip(what: str, exn: BaseException) -> None:  # a damaged sample: counted and listed, never fatal

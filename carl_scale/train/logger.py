@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from carl_scale.tables import progress_wanted
+from carl_scale.tables import progress_bar
 
 
 class RunLogger:
@@ -16,8 +14,7 @@ class RunLogger:
         self.tb = None
         if not enabled:
             return
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
-                        disable=not progress_wanted(), dynamic_ncols=True)
+        self.bar = progress_bar(total=total_steps, initial=start_step, desc="pretrain", unit="step")
         from torch.utils.tensorboard import SummaryWriter
 
         # A resumed run drops what the interrupted one logged after its checkpoint (a run started
@@ -32,7 +29,7 @@ class RunLogger:
             for k, v in scalars.items():
                 self.tb.add_scalar(f"train/{k}", v, step)
             self.bar.set_postfix(loss=f"{scalars['loss']:.4f}", samples_s=f"{scalars['samples_per_s']:.1f}",
-                                 data_wait=f"{100 * scalars['data_wait']:.0f}%")
+                                 data_wait=f"{100 * scalars['data_wait']:.0f}%", refresh=False)
 
     def scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
         if self.enabled:
