@@ -48,3 +48,25 @@ def test_alignment_figure_is_written(tmp_path):
     out = save_alignment_figure(a, b, tmp_path / "align.png", frames_a=fa, frames_b=fb)
     assert Image.open(out).size[0] > 500
     assert save_alignment_figure(a, b, tmp_path / "heat.png").exists()
+
+
+def test_the_alignment_picture_draws_the_path_over_the_similarities_rows_first():
+    """Rows are the first video's frames (y), columns the second's (x): the drawn path is DTW's
+    (i, j) as (x = j, y = i), the heatmap is the similarity matrix on a fixed -1..1 scale (two
+    models' pictures compare), and the frame strips show frames of the path's pairs."""
+    from carl_scale.eval.alignment import draw_alignment
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(12, 4)), rng.normal(size=(9, 4))
+    fa = np.zeros((12, 4, 4, 3), np.uint8) + np.arange(12, dtype=np.uint8)[:, None, None, None]
+    fb = np.zeros((9, 4, 4, 3), np.uint8) + 100 + np.arange(9, dtype=np.uint8)[:, None, None, None]
+    sim, path = align(a, b)
+    fig = draw_alignment(a, b, frames_a=fa, frames_b=fb, names=("first", "second"), strip=4)
+    heat = fig.axes[0]
+    assert np.array_equal(heat.images[0].get_array(), sim) and heat.images[0].get_clim() == (-1.0, 1.0)
+    line = heat.lines[0]
+    assert np.array_equal(line.get_xdata(), path[:, 1]) and np.array_equal(line.get_ydata(), path[:, 0])
+    assert (heat.get_xlabel(), heat.get_ylabel()) == ("second frame", "first frame")
+    picks = path[np.linspace(0, len(path) - 1, 4).round().astype(int)]
+    strip_a, strip_b = (ax.images[0].get_array() for ax in fig.axes if ax.get_title().startswith(("first:", "second:")))
+    assert list(strip_a[0, ::4, 0]) == list(picks[:, 0]) and list(strip_b[0, ::4, 0]) == list(100 + picks[:, 1])

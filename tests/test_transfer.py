@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +48,9 @@ def test_transfer_eval_writes_the_table_json_and_picture(vp9_shards, tmp_path):
     assert save_pictures("nan", train, val, str(vp9_shards), out) == []  # its action had 2 videos: none to show
     for picture in ("alignment", "retrieval", "phases"):
         assert (out / f"random_init_{picture}.png").stat().st_size > 5000
+    drawn = json.loads((out / "results.json").read_text())["pictures"]["random_init"]
+    assert sorted(Path(x).name for x in drawn) == [f"random_init_{x}.png" for x in ("alignment", "phases", "retrieval")]
+    assert "Pictures: random_init_alignment.png" in (out / "results.md").read_text()
     # strict JSON (a metric with nothing to score is null, never a bare NaN)
     json.loads((out / "results.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
     # weights that are not finite: refused by name, not scored (NaN frames win every nearest-neighbour search)
@@ -89,6 +93,42 @@ def test_phase_timeline_pictures_edge_cases(tmp_path):
     assert save_phase_timeline(np.arange(4), np.arange(4), tmp_path / "b.png", phase_names=["up"]).exists()
     with pytest.raises(ValueError, match="4 true phase labels for 3 predicted"):
         save_phase_timeline(np.arange(4), np.arange(3), tmp_path / "c.png")
+
+
+def test_a_timeline_of_many_classes_gives_each_phase_present_its_own_colour_and_legend_entry():
+    """FineGym's element classes run to 98: colours cycled over 10 made 3 and 13 (a wrong
+    prediction) the same red. Only the labels present get colours, all distinct, each in the legend."""
+    from carl_scale.eval.pictures import UNLABELLED, draw_phase_timeline
+
+    true, pred = np.repeat([3, 57, 93, -1], 5), np.repeat([13, 57, 83, 93], 5)
+    fig = draw_phase_timeline(true, pred, title="v1 (val)")
+    ax = fig.axes[0]
+    image = ax.images[0].get_array()
+    assert image.shape == (2, 20, 4)
+    colour = {int(v): tuple(image[0, i]) for i, v in enumerate(true)} | {int(v): tuple(image[1, i])
+                                                                        for i, v in enumerate(pred)}
+    assert colour[-1] == tuple(UNLABELLED) and len(set(colour.values())) == len(colour) == 6
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["phase 3", "phase 13", "phase 57", "phase 83", "phase 93", "unlabelled"]
+    assert ax.get_title() == "v1 (val): 33% of labelled frames right"  # 5 of the 15 labelled frames
+    many = np.arange(30).repeat(2)
+    colours = draw_phase_timeline(many, many).axes[0].images[0].get_array()[0]
+    assert len({tuple(c) for c in colours}) == 30
+
+
+def test_pictures_that_cannot_be_drawn_cost_only_the_pictures(vp9_shards, tmp_path, monkeypatch, capsys):
+    from carl_scale.eval import transfer
+
+    def broken(*a, **k):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(transfer, "save_pictures", broken)
+    torch.manual_seed(0)
+    model = build_model(model_config("debug", image_size=32, train_frames=8)).eval()
+    transfer.transfer_eval("synthetic", {"random_init": model}, shards=str(vp9_shards), out_dir=tmp_path)
+    saved = json.loads((tmp_path / "synthetic/results.json").read_text())
+    assert saved["pictures"] == {"random_init": []} and saved["results"]["random_init"]["mean"]
+    assert "random_init: pictures not drawn: RuntimeError: no display" in capsys.readouterr().err
 
 
 def test_saved_embeddings_are_reused_only_for_the_same_weights(vp9_shards, tmp_path, monkeypatch):
@@ -255,7 +295,7 @@ def test_an_action_without_training_videos_keeps_its_training_free_metrics_and_t
     assert np.isnan(one["classification@1"]) and np.isnan(one["progression"]) and np.isnan(one["one_shot"])
     assert res["classes"]["kendall_tau"] == 2 and res["classes"]["classification@1"] == 1
     notes = _notes({"m": res}, PROTOCOLS["synthetic"])
-    assert "classification@1 is the mean of 1 of the 2 action classes" in notes and "SVM" in notes
+    assert "Classification 100% is the mean of 1 of the 2 action classes" in notes and "SVM" in notes
 
 
 def test_a_linear_probe_label_set_the_shards_lack_is_refused_before_embedding(vp9_shards, tmp_path, monkeypatch):

@@ -9,21 +9,22 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
-    import matplotlib
+def figure(figsize: tuple[float, float]):
+    """A matplotlib figure drawn off screen by its own Agg canvas: no ``matplotlib.use`` and no
+    pyplot state, so drawing a picture never changes the backend of a notebook that imported us."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
-    return plt
 
-
-def _save(fig, out: str | Path) -> Path:
+def save(fig, out: str | Path, dpi: int = 100) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    _pyplot().close(fig)
+    fig.savefig(out, dpi=dpi)
     return out
 
 
@@ -54,39 +55,70 @@ def nearest_frames(query: np.ndarray, others: list[np.ndarray], k: int = 5) -> l
 def save_retrieval_figure(query_frame: np.ndarray, hit_frames: list[np.ndarray], captions: list[str],
                           out: str | Path, *, query_caption: str = "query") -> Path:
     """One row: the query frame, then its hits (``(H, W, 3)`` uint8 each) with captions."""
-    plt = _pyplot()
     n = 1 + len(hit_frames)
-    fig, axes = plt.subplots(1, n, figsize=(2.2 * n, 2.6))
-    for ax, img, cap in zip(np.atleast_1d(axes), [query_frame, *hit_frames], [query_caption, *captions]):
+    fig = figure((2.2 * n, 2.6))
+    axes = np.atleast_1d(fig.subplots(1, n))
+    for ax, img, cap in zip(axes, [query_frame, *hit_frames], [query_caption, *captions]):
         ax.imshow(img)
         ax.set_title(cap, fontsize=7)
         ax.set_axis_off()
-    np.atleast_1d(axes)[0].set_title(query_caption, fontsize=7, color="crimson")
-    return _save(fig, out)
+    axes[0].set_title(query_caption, fontsize=7, color="crimson")
+    return save(fig, out)
 
 
-def save_phase_timeline(true: np.ndarray, pred: np.ndarray, out: str | Path, *, title: str = "",
-                        phase_names: list[str] | None = None) -> Path:
-    """Two coloured bars over the frames of one video: true phases (top) and predicted (bottom);
-    unlabelled frames (< 0) are grey."""
-    plt = _pyplot()
-    from matplotlib.colors import ListedColormap
+def phase_colours(labels: np.ndarray) -> dict[int, np.ndarray]:
+    """One distinct RGBA colour per phase label present (``>= 0``), in label order: tab10 for up to
+    10, tab20 up to 20, beyond that evenly spaced hues. Only labels present get colours, so a
+    FineGym video's elements (class ids up to 98) never share a colour by wrapping around."""
+    import matplotlib
+
+    present = sorted(int(v) for v in np.unique(labels) if v >= 0)
+    m = len(present)
+    if m <= 10:
+        rgba = matplotlib.colormaps["tab10"](np.arange(m))
+    elif m <= 20:
+        rgba = matplotlib.colormaps["tab20"](np.arange(m))
+    else:
+        rgba = matplotlib.colormaps["hsv"](np.arange(m) / m)
+    return dict(zip(present, rgba))
+
+
+UNLABELLED = np.array([0.8, 0.8, 0.8, 1.0])
+
+
+def draw_phase_timeline(true: np.ndarray, pred: np.ndarray, *, title: str = "",
+                        phase_names: list[str] | None = None):
+    """The figure of :func:`save_phase_timeline`."""
     from matplotlib.patches import Patch
 
-    true, pred = np.asarray(true), np.asarray(pred)
+    true, pred = np.asarray(true).astype(int), np.asarray(pred).astype(int)
     if true.shape != pred.shape:
         raise ValueError(f"{len(true)} true phase labels for {len(pred)} predicted ones")
-    k = int(max(true.max(initial=0), pred.max(initial=0))) + 1
-    colours = plt.get_cmap("tab10")(np.arange(k) % 10)
-    cmap = ListedColormap(np.vstack([[0.8, 0.8, 0.8, 1.0], colours]))
-    fig, ax = plt.subplots(figsize=(11, 1.6))
-    ax.imshow(np.stack([true, pred]) + 1, aspect="auto", cmap=cmap, vmin=0, vmax=k, interpolation="nearest")
+    colours = phase_colours(np.concatenate([true, pred]))
+    image = np.empty((2, len(true), 4))
+    for row, labels in enumerate((true, pred)):
+        image[row] = [colours.get(int(v), UNLABELLED) for v in labels] if len(labels) else image[row]
+    names = list(phase_names or [])
+    handles = [Patch(color=c, label=names[v] if v < len(names) else f"phase {v}") for v, c in colours.items()]
+    if (true < 0).any() or (pred < 0).any():
+        handles.append(Patch(color=UNLABELLED, label="unlabelled"))
+    rows = 8  # legend entries per column; the figure grows with the columns' text, not its height
+    fig = figure((11 + 1.4 * max(0, -(-len(handles) // rows) - 1), 1.8))
+    ax = fig.subplots()
+    ax.imshow(image, aspect="auto", interpolation="nearest")
     ax.set_yticks([0, 1], ["true", "predicted"])
     ax.set_xlabel("frame")
     right = f"{np.mean(pred[true >= 0] == true[true >= 0]):.0%} of labelled frames right" if (true >= 0).any() \
         else "no labelled frames"
-    ax.set_title(title or f"phases: {right}")
-    names = list(phase_names or []) + [f"phase {i}" for i in range(len(phase_names or []), k)]
-    ax.legend(handles=[Patch(color=colours[i], label=names[i]) for i in range(k)], loc="center left",
-              bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
-    return _save(fig, out)
+    ax.set_title(f"{title}: {right}" if title else f"phases: {right}", fontsize=9)
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False,
+              ncols=max(1, -(-len(handles) // rows)))
+    return fig
+
+
+def save_phase_timeline(true: np.ndarray, pred: np.ndarray, out: str | Path, *, title: str = "",
+                        phase_names: list[str] | None = None) -> Path:
+    """Two coloured bars over the frames of one video: true phases (top) and predicted (bottom),
+    one colour per phase present, unlabelled frames (< 0) grey; the title says which video (given)
+    and the share of labelled frames predicted right."""
+    return save(draw_phase_timeline(true, pred, title=title, phase_names=phase_names), out)

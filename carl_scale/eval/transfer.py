@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,8 +151,9 @@ def _notes(results: dict[str, dict], p: Protocol) -> str:
         total = len(r["per_action"])
         fewer = {k: n for k, n in r.get("classes", {}).items() if n < total}
         if fewer:
-            lines.append(f"{name}: " + ", ".join(f"{k} is the mean of {n} of the {total} action classes"
-                                                  for k, n in fewer.items())
+            title = {key: column for _, columns in PAPER_TABLES for column, key, _ in columns}
+            lines.append(f"{name}: " + ", ".join(f"{title.get(k, k)} is the mean of {n} of the {total} action "
+                                                  f"classes" for k, n in fewer.items())
                          + " (the others have no training videos, or too few frames or videos for it).")
     return "".join("\n\n" + line for line in lines)
 
@@ -287,7 +289,8 @@ def save_pictures(name: str, train: VideoEmbeddings, val: VideoEmbeddings, shard
     x, y = _labelled(sub.embeddings, sub.phase_labels) if train_idx else (None, None)
     if y is not None and len(np.unique(y)) > 1:
         pred = LogisticRegression(max_iter=2000).fit(x, y).predict(val.embeddings[a])
-        paths.append(save_phase_timeline(val.phase_labels[a], pred, out / f"{name}_phases.png"))
+        paths.append(save_phase_timeline(val.phase_labels[a], pred, out / f"{name}_phases.png",
+                                         title=f"{name}, {ida} (val)"))
     return paths
 
 
@@ -324,7 +327,7 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
     p, shards = check_transfer(dataset, shards, subset, classifier)
     out = Path(out_dir) / dataset
     out.mkdir(parents=True, exist_ok=True)
-    results, frame_cache, t0 = {}, {}, time.time()
+    results, frame_cache, pictures, t0 = {}, {}, {}, time.time()
     skipped: dict[str, list[str]] = {"train": [], "val": []}
     for name, model in models.items():
         embs = {}
@@ -342,17 +345,27 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
                 raise ValueError(f"{name}: {len(bad)} of {len(e.video_ids)} {split} videos have non-finite embeddings "
                                  f"(e.g. {bad[0]}): its weights are not finite; evaluate an earlier checkpoint")
         results[name] = run_protocol(embs["train"], embs["val"], p, device=device)
-        save_pictures(name, embs["train"], embs["val"], shards, out, frame_cache)
+        try:  # (a picture that cannot be drawn costs its picture, not the numbers computed)
+            pictures[name] = [str(x) for x in save_pictures(name, embs["train"], embs["val"], shards, out, frame_cache)]
+            if not pictures[name]:
+                print(f"{name}: no pictures (no action has two validation videos with finite embeddings)")
+        except Exception as exn:  # noqa: BLE001
+            pictures[name] = []
+            print(f"warning: {name}: pictures not drawn: {type(exn).__name__}: {exn}", file=sys.stderr)
     manifest = json.loads((Path(shards) / "shards.json").read_text())
     actions = (manifest.get("label_names") or {}).get("actions")
     table = markdown_tables(results, actions if isinstance(actions, list) else None) + _notes(results, p)
     if any(skipped.values()):  # damaged samples were left out: say so beside the numbers
         table += ("\n\nSkipped as unreadable (listed in results.json): "
                   + ", ".join(f"{len(v)} {split}" for split, v in skipped.items()) + " sample(s).")
+    drawn = [x for v in pictures.values() for x in v]
+    if drawn:
+        table += "\n\nPictures: " + ", ".join(Path(x).name for x in drawn) + "."
     of = f"\n\nModels: {source}." if source else ""
     (out / "results.md").write_text(f"# Transfer evaluation: {dataset} ({shards})\n\n{table}{of}\n")
     (out / "results.json").write_text(json.dumps(_strict_json({
         "dataset": dataset, "shards": str(shards), "source": source, "results": results, "skipped": skipped,
-        "subset": p.subset, "classifier": None if p.linear_probe else p.classifier, "seconds": time.time() - t0}),
+        "subset": p.subset, "classifier": None if p.linear_probe else p.classifier, "pictures": pictures,
+        "seconds": time.time() - t0}),
         indent=2, allow_nan=False))
     return {"table": table, "results": results, "out_dir": str(out)}

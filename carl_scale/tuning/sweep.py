@@ -159,13 +159,11 @@ def _rows(grid, cfg: SweepConfig) -> list[dict]:
 
 
 def _plot(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from carl_scale.eval.pictures import figure, save
 
     names = cfg.swept()
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
+    fig = figure((4 * len(names), 3.4))
+    axes = fig.subplots(1, len(names), squeeze=False)
     colour = {"finished": "tab:blue", "stopped early": "tab:orange", "error": "tab:red"}
     for ax, name in zip(axes[0], names):
         for status, c in colour.items():
@@ -182,9 +180,7 @@ def _plot(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
         ax.set_ylabel(cfg.objective)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"sweep {cfg.name}: {cfg.objective} on validation videos, {len(rows)} trials")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def write_results(rows: list[dict], cfg: SweepConfig, base: RunConfig) -> dict:
