@@ -30,9 +30,9 @@ def _small_config(shards: Path, path: Path) -> Path:
     return path
 
 
-def _sweep(*flags: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tuning/sweep.py"), *flags], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600, **kw)
+def _sweep(*flags: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tuning/sweep.py"), *flags], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_bad_ranges_and_data_without_labels_are_refused_before_ray_starts(tmp_path):
@@ -47,6 +47,7 @@ def test_bad_ranges_and_data_without_labels_are_refused_before_ray_starts(tmp_pa
                            (["--eps2", "20"], "--eps2 is a weak-supervision setting"),
                            (["--recipe", "debug", "--config", "x.json"], "--recipe and --config both name"),
                            (["--sigma2", "10:10", "--tau", "0.1:0.1"], "--trials (5) would train one config 5 times"),
+                           (["--gpus-per-trial", "2"], "--gpus-per-trial must be at most 1"),
                            (["--trials", "0"], "--trials must be >= 1"), (["--steps", "10", "--report-every", "20"],
                                                                           "--report-every (20) must be <= --steps"),
                            (["--resume", "--trials", "3", "--tau", "0.1:0.2"], "drop --tau, --trials, or start")):
@@ -58,6 +59,12 @@ def test_bad_ranges_and_data_without_labels_are_refused_before_ray_starts(tmp_pa
         prepare(parse(["--weak", "--shards", str(tmp_path)]))
     res = _sweep("--tau", "0.5:0.1", "--out", str(tmp_path / "s"))
     assert res.returncode == 1 and "Traceback" not in res.stderr and not (tmp_path / "s").exists()
+    # what every trial would refuse inside Ray (a warm-up longer than --steps), refused once, before it starts
+    long_warmup = configure(recipe("debug"), {"optim.warmup_steps": 200})
+    (tmp_path / "warm.json").write_text(json.dumps(to_dict(long_warmup)))
+    with pytest.raises(ConfigError, match="--warmup-steps"):
+        prepare(parse(["--config", str(tmp_path / "warm.json"), "--steps", "100", "--out", str(tmp_path / "w")]))
+    assert not (tmp_path / "w").exists()
 
 
 def test_the_default_sweep_in_a_fresh_clone_keeps_its_synthetic_set(tmp_path, monkeypatch):
@@ -96,6 +103,10 @@ def test_a_weak_sweep_refuses_eps1_above_eps2_and_gives_ray_absolute_paths(tmp_p
                                   "model": {**to_dict(model_config("r50")), "pretrained": "weights/r50.pt"}}))
     base, _ = prepare(parse(["--weak", "--init-from", "runs/pretrain/checkpoints/latest"]))
     assert base.init_from == str(ckpt)
+    with pytest.raises(FileNotFoundError, match="pretrained weights .*weights/r50.pt not found"):
+        prepare(parse(["--config", str(config)]))  # every trial would fail on it: refused before Ray starts
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights/r50.pt").write_bytes(b"")
     base, _ = prepare(parse(["--config", str(config)]))
     assert base.model.pretrained == str(tmp_path / "weights/r50.pt")
 
@@ -136,17 +147,22 @@ def test_a_two_trial_sweep_writes_its_table_plot_and_best_config(vp9_shards, tmp
 
 
 def test_an_interrupted_sweep_resumes_and_keeps_its_finished_trials(vp9_shards, tmp_path):
+    """Killed as a trial writes its last checkpoint (its report to Ray mostly not yet sent), then
+    resumed from another directory (the --config path was relative): the trial is not trained
+    again, and it is scored from that checkpoint (before, it ended with no score, or as an error
+    when Ray's copy of an older checkpoint had been deleted before Ray saved its state)."""
     out = tmp_path / "sweep"
-    flags = ["--config", str(_small_config(vp9_shards, tmp_path / "small.json")), "--out", str(out), "--trials", "2",
+    _small_config(vp9_shards, tmp_path / "small.json")
+    flags = ["--config", "small.json", "--out", str(out), "--trials", "2",
              "--steps", "4", "--report-every", "2", "--val-videos", "4", "--cpus-per-trial", "1",
              "--objective", "kendall_tau"]
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tuning/sweep.py"), *flags], cwd=ROOT, env=ENV,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tuning/sweep.py"), *flags], cwd=tmp_path, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    while not list((out / "trials").glob("*/checkpoints/step_000004")):  # a trial trained to its last step
+    while not list((out / "trials").glob("*/checkpoints/step_000004/model.pt")):  # a trial at its last step
         assert proc.poll() is None and time.time() < deadline, "the sweep ended before it could be interrupted"
-        time.sleep(0.1)
-    time.sleep(2.0)  # its report reaches Ray
+        time.sleep(0.05)
+    time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and Ray with it
     proc.wait()
     first = next((out / "trials").glob("*/checkpoints/step_000004/model.pt"))
@@ -155,7 +171,9 @@ def test_an_interrupted_sweep_resumes_and_keeps_its_finished_trials(vp9_shards, 
     res = _sweep("--out", str(out), "--resume")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert len(rows) == 2 and all(r["objective"] not in ("", "nan") for r in rows)
+    assert len(rows) == 2 and all(r["objective"] not in ("", "nan") for r in rows), rows
+    assert all(r["status"] in ("finished", "stopped early") for r in rows), rows
+    assert any(r["status"] == "finished" and r["steps"] == "4" for r in rows), rows
     assert first.stat().st_mtime_ns == stamp  # the finished trial was kept, not trained again
     assert "kendall_tau on validation videos" in res.stdout  # the summary of the sweep as it was started
 

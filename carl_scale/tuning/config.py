@@ -55,6 +55,9 @@ class SweepConfig(Config):
         lo, hi = self.eps1
         if not 0 < lo <= hi <= 100:
             refuse("--eps1", f"must be in (0, 100] with LO <= HI, got {lo}:{hi}")
+        if self.gpus_per_trial > 1:
+            refuse("--gpus-per-trial", f"must be at most 1, got {self.gpus_per_trial:g}: a trial is one process on one "
+                                       f"GPU (a fraction shares one GPU between trials)")
         if self.report_every > self.steps:
             refuse("--report-every", f"({self.report_every}) must be <= --steps ({self.steps})")
 

@@ -27,7 +27,7 @@ from carl_scale.train.config import RunConfig
 from carl_scale.tables import progress_wanted
 from carl_scale.train.recipes import configure, load_run_config, recipe
 from carl_scale.tuning.config import LOG_SCALE, SweepConfig, overrides_of
-from carl_scale.tuning.trial import trial
+from carl_scale.tuning.trial import trial, trial_overrides
 
 # the transfer evaluation that follows a recipe's pretraining (its protocol in carl_scale.eval.transfer)
 TRANSFER_DATASET = {"debug": "synthetic", "pennaction": "pennaction", "finegym": "finegym", "pouring": "pouring",
@@ -36,10 +36,28 @@ PAPER = {"sigma2": 10.0, "tau": 0.1, "eps1": 5.0, "lam": 0.3}
 LABEL = {"sigma2": "σ²", "tau": "τ", "eps1": "ε₁ (%)", "lam": "λ"}
 
 
+def local(path: str) -> bool:
+    """A path on this machine's file system (not a URL, a ``pipe:`` command or a list)."""
+    return isinstance(path, str) and "://" not in path and not path.startswith("pipe:")
+
+
+def validation_shards(base: RunConfig) -> str:
+    """Where the trials' validation videos are (absolute where local: Ray runs each trial in a
+    directory of its own), or the one-line refusal of a sweep that has none."""
+    from carl_scale.eval.quick import end_of_run_shards
+
+    val, why = end_of_run_shards(base.data.shards, base.eval.shards,
+                                 base.synthetic.val_videos if base.synthetic is not None else None)
+    if val is None:
+        raise ConfigError(f"the sweep scores trials on validation videos, and there are none: {why}")
+    return str(Path(val).resolve()) if local(val) else val
+
+
 def prepare(cfg: SweepConfig) -> tuple[RunConfig, str]:
     """(the run config every trial starts from, the validation shards); refuses what would fail
-    later (a bad recipe, --weak on data without video labels, no validation videos)."""
-    from carl_scale.eval.quick import end_of_run_shards
+    later, inside Ray, trial by trial (a bad recipe, --weak on data without video labels, no
+    validation videos, a trial config the run refuses, a missing --pretrained file)."""
+    from carl_scale.train.trainer import check_local_files
 
     overrides = {}
     if cfg.shards is not None:
@@ -62,15 +80,17 @@ def prepare(cfg: SweepConfig) -> tuple[RunConfig, str]:
         base = dataclasses.replace(base, model=dataclasses.replace(base.model,
                                                                    pretrained=str(Path(base.model.pretrained).resolve())))
     shards = base.data.shards
-    if isinstance(shards, str) and "://" not in shards:  # Ray's workers run elsewhere: absolute paths
+    if local(shards):  # Ray's workers run elsewhere: absolute paths
         absolute = str(Path(shards).resolve())
         # the synthetic set moves (it is written later, before Ray starts); other shards are the user's
         base = configure(base, data_dir=absolute) if base.synthetic is not None else \
             configure(base, {"data.shards": absolute})
-    val, why = end_of_run_shards(base.data.shards, base.eval.shards,
-                                 base.synthetic.val_videos if base.synthetic is not None else None)
-    if val is None:
-        raise ConfigError(f"the sweep scores trials on validation videos, and there are none: {why}")
+    val = validation_shards(base)
+    # what each trial will run, built once here: a setting its overrides make invalid (a warm-up
+    # of more than --steps), or a missing --pretrained file, is one line now, not every trial's error
+    trial_cfg = configure(base, trial_overrides(cfg.directory / "trials" / "check", cfg.steps, cfg.report_every))
+    if not cfg.resume:  # (a resumed trial reads its checkpoint, not the weights it started from)
+        check_local_files(trial_cfg)
     return base, val
 
 
@@ -114,16 +134,26 @@ def _tune(cfg: SweepConfig, base: RunConfig, val: str):
     out = cfg.directory
     trainable = tune.with_resources(
         tune.with_parameters(trial, base=to_dict(base), directory=str(out), steps=cfg.steps,
-                             report_every=cfg.report_every, val_shards=str(Path(val).resolve()),
+                             report_every=cfg.report_every, val_shards=val,
                              objective=cfg.objective, val_videos=cfg.val_videos),
         {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     # Ray reports usage statistics over the network unless told not to; nothing here goes online
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # what the trials' interpreters need, on this machine and on a cluster's other nodes (which do
+    # not inherit this process's environment)
+    env = {k: os.environ[k] for k in ("PYTHONPATH", "CARL_SCALE_NO_PROGRESS", "RAY_USAGE_STATS_ENABLED")
+           if k in os.environ}
     if os.environ.get("RAY_ADDRESS"):  # a Ray cluster: its own resources
-        ray.init(address=os.environ["RAY_ADDRESS"])
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env})
     else:  # this machine: the CPUs this process may use (a container reports the host's otherwise)
+        if cfg.gpus_per_trial > 0:
+            import torch
+
+            if not torch.cuda.is_available():  # (Ray would wait for a GPU forever)
+                raise ConfigError(f"--gpus-per-trial {cfg.gpus_per_trial:g}: this machine has no GPU; "
+                                  f"leave the flag out to train the trials on the CPU")
         ray.init(num_cpus=max(_cpus(), math.ceil(cfg.cpus_per_trial)), include_dashboard=False,
-                 object_store_memory=200 * 2**20, configure_logging=False)
+                 object_store_memory=200 * 2**20, configure_logging=False, runtime_env={"env_vars": env})
     try:
         if cfg.resume:
             tuner = tune.Tuner.restore(str(out / "ray"), trainable, resume_unfinished=True, resume_errored=True)
@@ -136,8 +166,7 @@ def _tune(cfg: SweepConfig, base: RunConfig, val: str):
                                             num_samples=cfg.trials, reuse_actors=True,
                                             search_alg=BasicVariantGenerator(random_state=cfg.seed)),
                 run_config=tune.RunConfig(name="ray", storage_path=str(out),
-                                          failure_config=tune.FailureConfig(max_failures=2),
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+                                          failure_config=tune.FailureConfig(max_failures=2)))
         return tuner.fit()
     finally:
         ray.shutdown()
@@ -170,8 +199,9 @@ def _plot(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
             pts = [(r[name], r["objective"]) for r in rows if r["status"] == status and r["objective"] == r["objective"]]
             if pts:
                 ax.scatter(*zip(*pts), c=c, label=status, s=30)
-        if rows and rows[0]["objective"] == rows[0]["objective"]:
-            ax.scatter([rows[0][name]], [rows[0]["objective"]], marker="*", s=220, c="gold", edgecolors="k",
+        scored = [r for r in rows if r["objective"] == r["objective"]]
+        if scored:  # (the best of write_results: the first scored row)
+            ax.scatter([scored[0][name]], [scored[0]["objective"]], marker="*", s=220, c="gold", edgecolors="k",
                        label="best", zorder=3)
         ax.axvline(PAPER[name], color="grey", ls="--", lw=1, label="paper")
         if LOG_SCALE[name]:
@@ -206,7 +236,8 @@ def write_results(rows: list[dict], cfg: SweepConfig, base: RunConfig) -> dict:
         best_cfg = configure(base, {**overrides_of({k: best[k] for k in cfg.swept()}), "run_dir": run_dir})
         (out / "best_config.json").write_text(json.dumps(to_dict(best_cfg), indent=2, sort_keys=True) + "\n")
         # the evaluation that follows: the recipe's dataset, or this data with the generic protocol
-        dataset = TRANSFER_DATASET[cfg.recipe] if cfg.config is None else f"synthetic --shards {base.data.shards}"
+        dataset = f"synthetic --shards {base.data.shards}" if cfg.config is not None else \
+            TRANSFER_DATASET[cfg.recipe] + (f" --shards {cfg.shards}" if cfg.shards is not None else "")
         summary.update(best=best, pretrain=f"python launch/pretrain_k400.py --config {out / 'best_config.json'}",
                        transfer=f"launch/transfer_eval.sh {dataset} --run-dir {run_dir} --out {out / 'transfer'}")
     return summary
@@ -224,7 +255,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
         cfg = dataclasses.replace(from_dict(SweepConfig, json.loads((out / "sweep.json").read_text())),
                                   out=str(out), resume=True)
     base, val = prepare(cfg)
-    base = as_started(out, base, cfg.resume)
+    if cfg.resume:  # the trials' config as it was started, and its validation videos
+        base = as_started(out, base, cfg.resume)
+        val = validation_shards(base)
     if not cfg.resume and experiment.exists():
         raise ConfigError(f"{out} holds a sweep already: continue it with --resume, or give another --name/--out")
     if base.synthetic is not None:  # once, here: trials never race to write the shards
@@ -232,8 +265,10 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
         ensure_synthetic_shards(base.data.shards, base.synthetic, progress=progress_wanted())
     out.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:
-        (out / "sweep.json").write_text(json.dumps(to_dict(dataclasses.replace(cfg, out=str(out))), indent=2,
+    if not cfg.resume:  # (its paths absolute: a --resume may run from another directory)
+        paths = {k: str(Path(v).resolve()) for k in ("config", "shards", "init_from")
+                 if local(v := getattr(cfg, k))}
+        (out / "sweep.json").write_text(json.dumps(to_dict(dataclasses.replace(cfg, out=str(out), **paths)), indent=2,
                                                    sort_keys=True) + "\n")
         (out / "base_config.json").write_text(json.dumps(to_dict(base), indent=2) + "\n")
     grid = _tune(cfg, base, val)

@@ -2,9 +2,16 @@
 
 A trial trains in ``<sweep>/trials/<trial name>/`` through :func:`carl_scale.train.trainer.run`
 (the same call as ``launch/pretrain_k400.py``; a reused Ray worker calls it again for the next
-trial, which ``run`` allows). Every ``report_every`` steps the :class:`TuneReport` hook embeds the
-validation videos, computes the objective and reports it with the step's checkpoint; a trial that
-failed and is retried (``max_failures``) resumes from that checkpoint (ASHA's early stops are final).
+trial, which ``run`` allows). Every ``report_every`` steps the :class:`TuneReport` hook writes the
+step's checkpoint in the trial's run directory, embeds the validation videos, computes the
+objective and reports it. A trial that failed and is retried (``max_failures``), or that an
+interrupted sweep resumes, continues from the newest intact checkpoint of its run directory
+(ASHA's early stops are final).
+
+Checkpoints are not handed to Ray: Ray deletes its older copy as soon as it registers a newer one
+(``num_to_keep``) but saves the experiment's state only every few seconds, so a sweep killed in
+between resumed a trial from a copy that no longer existed, and the trial ended as an error while
+its run directory held a newer, intact checkpoint. The run directory is the one record.
 """
 
 from __future__ import annotations
@@ -25,40 +32,58 @@ class TuneReport(Hook):
 
     def __init__(self, every: int, shards: str, objective: str, limit: int, spatial):
         self.every, self.shards, self.objective, self.limit, self.spatial = every, shards, objective, limit, spatial
+        self.reported = False
 
-    def on_interval(self, ctx) -> dict[str, float]:
+    def _report(self, ctx, loss: float) -> float:
         from ray import tune
 
         from carl_scale.eval.quick import validation_objective
 
-        path = ctx.save_checkpoint()
         with evaluating(ctx.model):
             value = validation_objective(ctx.model, self.shards, self.spatial, ctx.device, self.objective,
                                          limit=self.limit)
-        metrics = {"objective": value, "loss": ctx.metrics["loss"], "step": ctx.step}
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(path)))
-        return {"objective": value}
+        tune.report({"objective": value, "loss": loss, "step": ctx.step})
+        self.reported = True
+        return value
+
+    def on_interval(self, ctx) -> dict[str, float]:
+        ctx.save_checkpoint()  # before the report: what Ray has heard of, the run directory holds
+        return {"objective": self._report(ctx, ctx.metrics["loss"])}
+
+    def on_end(self, ctx) -> dict | None:
+        # A trial retried or resumed after its last step's checkpoint and before its report reached
+        # Ray has no step left to run: report that checkpoint's score, or the trial ends unscored.
+        if not self.reported:
+            self._report(ctx, ctx.metrics.get("final_loss", float("nan")))
+        return None
+
+
+def trial_overrides(run_dir: Path, steps: int, report_every: int) -> dict[str, Any]:
+    """What a trial sets on the sweep's base config, its drawn values aside (the sweep builds this
+    once before Ray starts, to refuse what every trial would refuse). Never another run's
+    checkpoint: a trial resumes its own only."""
+    return {"run_dir": str(run_dir), "steps": steps, "eval.enabled": False, "checkpoint.every_steps": report_every,
+            "checkpoint.keep": 1, "checkpoint.resume": None}
 
 
 def trial(params: dict[str, Any], *, base: dict, directory: str, steps: int, report_every: int, val_shards: str,
           objective: str, val_videos: int) -> None:
     """The Ray Tune function trainable: ``base`` (a run config dict) changed by the drawn ``params``."""
+    import os
+
+    import ray
     from ray import tune
 
     from carl_scale.train.trainer import Diverged, run
 
+    if not ray.get_gpu_ids():  # no GPU given (--gpus-per-trial 0): Ray leaves every GPU visible, and
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # each such trial would take GPU 0 beside the others
     run_dir = Path(directory) / "trials" / tune.get_context().get_trial_name()
-    overrides = {**overrides_of(params), "run_dir": str(run_dir), "steps": steps, "eval.enabled": False,
-                 "checkpoint.every_steps": report_every, "checkpoint.keep": 1}
+    overrides = {**overrides_of(params), **trial_overrides(run_dir, steps, report_every)}
     cfg = configure(from_dict(RunConfig, base), overrides)
     hook = TuneReport(report_every, val_shards, objective, val_videos, cfg.data.spatial)
-    restored = tune.get_checkpoint()
     try:
-        if restored is not None:  # failed and retried: continue from the last report
-            with restored.as_directory() as path:
-                run(configure(cfg, {"checkpoint.resume": str(path)}), [hook])
-            return
-        if checkpoints(run_dir / "checkpoints"):  # died before its first report reached Ray
+        if checkpoints(run_dir / "checkpoints"):  # retried, or its sweep resumed: continue where it stopped
             cfg = configure(cfg, {"checkpoint.resume": "latest"})
         run(cfg, [hook])
     except Diverged as exn:
