@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from carl_scale.config import ConfigError, add_flags, given_flags, to_dict  # noqa: E402
 from carl_scale.errors import run_cli  # noqa: E402
+from carl_scale.data.manifest import plain_local_path, write_command  # noqa: E402
 from carl_scale.hooks import Hook  # noqa: E402
 from carl_scale.models.flavors import FLAVORS  # noqa: E402
 from carl_scale.models.weights import read_meta  # noqa: E402
@@ -147,6 +148,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=2, sort_keys=True))
         return None
+    shards = cfg.data.shards
+    if cfg.synthetic is None and plain_local_path(shards) and not Path(shards).exists():  # the usual first mistake
+        of = f" of the {args.recipe} recipe" if args.recipe else ""
+        raise ConfigError(f"--shards {shards}: no such directory (the training data{of}). Write it first: "
+                          f"{write_command(args.recipe or 'folder', shards)}")
     from carl_scale.train.trainer import run
 
     return run(cfg, hooks_for(cfg))

@@ -129,6 +129,14 @@ def test_the_entry_point_refuses_in_one_line_before_writing_anything(tmp_path):
     assert res.returncode == 1 and "Traceback" not in res.stderr
     assert res.stderr.strip() == "pretrain_k400.py: error: --tau must be > 0, got -1.0"
     assert not run_dir.exists() and not data.exists()
+    # a recipe's data not written yet: that dataset's converter, with the path it reads
+    from launch.pretrain_k400 import main
+
+    with pytest.raises(ConfigError, match=r"^--shards .*nope: no such directory \(the training data of the "
+                                          r"pennaction recipe\)\. Write it first: python -m shards\.pennaction "
+                                          r"--root Penn_Action .*--out .*nope$"):
+        main(["--recipe", "pennaction", "--shards", str(tmp_path / "nope"), "--run-dir", str(run_dir)])
+    assert not run_dir.exists()
 
 
 def test_saved_configs_are_read_strictly(tmp_path):

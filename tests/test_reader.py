@@ -322,8 +322,11 @@ def test_missing_shard_is_an_error_naming_the_path(vp9_shards, tmp_path):
         VideoLoader(loader_cfg([str(vp9_shards / "train-000000.tar"), str(missing)], epoch_samples=2))
     with pytest.raises(FileNotFoundError, match="shards.json"):
         resolve_shards(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"shard .*k400/train-000000.tar does not exist \(--shards .*"
+                                                 r"\): write them with your dataset's converter"):
         resolve_shards(str(tmp_path / "k400/train-{000000..000003}.tar"))
+    with pytest.raises(FileNotFoundError, match=r"no shards at .*nope: .*python -m shards.folder --src VIDEOS --out"):
+        resolve_shards(str(tmp_path / "nope"))
     with pytest.raises(ValueError, match=r"has no split 'test' \(it has \['train', 'val'\]\): name one of those"):
         resolve_shards(str(vp9_shards), "test")
     damaged = tmp_path / "damaged"

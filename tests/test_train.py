@@ -203,6 +203,19 @@ def test_readme_main_command_scaled_down(tmp_path):
     (tuned,) = (tmp_path / "transfer/synthetic").glob("finetune_*/checkpoints")
     assert (tuned / "latest").read_text().strip() == "step_000002" and "fine-tuning" in res.stdout
     shutil.rmtree(tmp_path / "run2")
+    # the README's "From Python" snippet as written, scaled down the same way, in a directory whose
+    # data/synthetic is these shards (reused, not written again)
+    code = (ROOT / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    small = ('"steps": 2, "data.temporal.num_frames": 8, "data.batch_size": 2, "data.num_workers": 0, '
+             '"model.image_size": 32, "synthetic.train_videos": 20, "synthetic.val_videos": 6')
+    assert code.count('"steps": 100') == 1
+    (tmp_path / "py/data").mkdir(parents=True)
+    (tmp_path / "py/data/synthetic").symlink_to(data)
+    res = subprocess.run([sys.executable, "-c", code.replace('"steps": 100', small) + "\nprint(summary['steps'])"],
+                         cwd=tmp_path / "py", env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "2" and (tmp_path / "py/runs/tau_0.2/checkpoints/latest").exists()
+    assert (data / "shards.json").stat().st_mtime_ns == mtime
 
 
 def test_every_recipe_runs_a_step_and_run_twice_in_one_process_equals_fresh_processes(vp9_shards, tmp_path):

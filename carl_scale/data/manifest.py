@@ -10,6 +10,30 @@ import webdataset as wds
 
 MANIFEST = "shards.json"
 
+# The command that writes each dataset's shards (README, Data; docs/datasets.md), keyed by recipe
+# or transfer protocol; "folder" for anyone's own videos.
+WRITE_SHARDS = {
+    "synthetic": "python -m shards.synthetic --out {out}",
+    "pennaction": "python -m shards.pennaction --root Penn_Action --phase-labels penn_action_labels --out {out}",
+    "finegym": "python -m shards.finegym --videos finegym/videos --annotations finegym/annotations --version v1.0 "
+               "--out {out}",
+    "pouring": "python -m shards.pouring --src pouring_tfrecords --out {out}",
+    "k400": "python -m shards.kinetics400 --annotations train.csv --annotations validate.csv --videos k400/ "
+            "--out {out} --workers 16",
+    "folder": "python -m shards.folder --src VIDEOS --out {out}",
+}
+
+
+def write_command(dataset: str, out: str | Path) -> str:
+    """How to write ``dataset``'s shards into ``out`` (another dataset's: the folder converter)."""
+    return WRITE_SHARDS.get(dataset, WRITE_SHARDS["folder"]).format(out=out)
+
+
+def plain_local_path(spec) -> bool:
+    """A path on this machine naming one thing (no URL, command, brace pattern, wildcard or list)."""
+    return (isinstance(spec, str) and "://" not in spec and not spec.startswith("pipe:")
+            and not any(c in spec for c in "{*?["))
+
 
 def read_manifest(out_dir: str | Path) -> dict | None:
     path = Path(out_dir) / MANIFEST
@@ -41,8 +65,8 @@ def resolve_shards(spec: str | list[str], split: str = "train") -> tuple[list[st
         manifest = read_manifest(spec)
         if manifest is None:
             raise FileNotFoundError(
-                f"{Path(spec) / MANIFEST} not found: {spec} is not a shard directory. Write shards with "
-                f"'python -m shards.synthetic --out {spec}' or 'python -m shards.folder --src VIDEOS --out {spec}'.")
+                f"{Path(spec) / MANIFEST} not found: {spec} is not a shard directory. Write shards into it with "
+                f"your dataset's converter, e.g. '{write_command('folder', spec)}' (README, Data: one per dataset).")
         if split not in manifest["splits"]:
             raise ValueError(f"{spec} has no split {split!r} (it has {sorted(manifest['splits'])}): name one of "
                              f"those (--split where the command has it), or write a {split} split into it")
@@ -63,9 +87,10 @@ def resolve_shards(spec: str | list[str], split: str = "train") -> tuple[list[st
         raise FileNotFoundError(f"no shards in {spec!r}{why}")
     for u in urls:
         if "://" not in u and not u.startswith("pipe:") and not Path(u).exists():
+            what = f"no shards at {u}" if u == spec else f"shard {u} does not exist (--shards {spec!r})"
             raise FileNotFoundError(
-                f"shard {u} does not exist. Check --shards (given: {spec!r}); shards are written by "
-                f"'python -m shards.synthetic' or 'python -m shards.folder'.")
+                f"{what}: write them with your dataset's converter, e.g. '{write_command('folder', u)}' "
+                f"(README, Data: one per dataset), or point --shards at shards you have.")
     return urls, manifest
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from carl_scale.data.manifest import write_command
 from carl_scale.eval.embed import VideoEmbeddings, extract_embeddings
 from carl_scale.eval.metrics import (CLASSIFIERS, _labelled, average_precision_at_k, kendalls_tau, linear_probe_frame_classification,
                                      one_shot_phase_classification, phase_classification, phase_progression,
@@ -40,14 +41,12 @@ class Protocol:
 
 
 PROTOCOLS = {
-    "pennaction": Protocol("data/pennaction", "python -m shards.pennaction --root Penn_Action --phase-labels "
-                           "penn_action_labels --out data/pennaction", per_action=True, tau_stride=2),
-    "finegym": Protocol("data/finegym", "python -m shards.finegym --videos finegym/videos --annotations "
-                        "finegym/annotations --version v1.0 --out data/finegym", per_action=False,
+    "pennaction": Protocol("data/pennaction", write_command("pennaction", "data/pennaction"), per_action=True,
+                           tau_stride=2),
+    "finegym": Protocol("data/finegym", write_command("finegym", "data/finegym"), per_action=False,
                         linear_probe=(("FineGym99", "phase"), ("FineGym288", "gym288"))),
-    "pouring": Protocol("data/pouring", "python -m shards.pouring --src pouring_tfrecords --out data/pouring",
-                        per_action=False, tau_stride=5),
-    "synthetic": Protocol("data/synthetic", "python -m shards.synthetic --out data/synthetic", per_action=True),
+    "pouring": Protocol("data/pouring", write_command("pouring", "data/pouring"), per_action=False, tau_stride=5),
+    "synthetic": Protocol("data/synthetic", write_command("synthetic", "data/synthetic"), per_action=True),
 }
 
 
