@@ -217,14 +217,22 @@ def test_resnet50_weights_from_local_file(tmp_path):
     ref = resnet50(weights=None)
     plain = tmp_path / "r50.pth"
     torch.save(ref.state_dict(), plain)
+    # sthalles/PyTorch-BYOL's file: the ResNet as a Sequential of its children (0 conv1, 1 bn1, 4-7
+    # layer1-4, no fc) under encoder., beside its projection head ("projetion", sic)
+    numbered = {"conv1": "0", "bn1": "1", "layer1": "4", "layer2": "5", "layer3": "6", "layer4": "7"}
     byol = tmp_path / "byol.pth"
-    torch.save({"online_network_state_dict": {f"online_network.encoder.{k}": v for k, v in ref.state_dict().items()}},
-               byol)
+    torch.save({"online_network_state_dict": {
+        **{f"encoder.{numbered[k.split('.')[0]]}.{k.split('.', 1)[1]}": v for k, v in ref.state_dict().items()
+           if not k.startswith("fc.")},
+        "projetion.net.0.weight": torch.zeros(512, 2048), "projetion.net.0.bias": torch.zeros(512)}}, byol)
+    # a state dict saved without BatchNorm's num_batches_tracked (torchvision's own older files)
+    untracked = tmp_path / "untracked.pth"
+    torch.save({k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}, untracked)
     # the published code's BYOL file: {"model": module.encoder.* and the momentum copy module.encoder_k.*}
     published = tmp_path / "published_byol.pth"
     torch.save({"model": {**{f"module.encoder.{k}": v for k, v in ref.state_dict().items()},
                           **{f"module.encoder_k.{k}": v * 0 for k, v in ref.state_dict().items()}}}, published)
-    for path in (plain, byol, published):
+    for path in (plain, byol, published, untracked):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no "random weights" warning when a file is given
             bb = Backbone("resnet50", 1, str(path))
@@ -297,13 +305,15 @@ def test_fused_attention_equals_the_published_explicit_softmax():
 
     torch.manual_seed(0)
     m = build_model(model_config("debug")).eval()
-    feats = torch.randn(2, 11, m.cfg.width)
-    keep = torch.ones(2, 11, dtype=torch.bool)
-    keep[0, 8:] = False
-    with torch.no_grad():
-        ours = m.encode_sequence(feats, keep)["embeddings"]
-        ref = published_encoder(m, feats, keep)
-    torch.testing.assert_close(ours[keep], ref[keep], atol=1e-5, rtol=1e-5)
+    # 11 frames: positions stretched onto the training range; train_frames: the table's own positions
+    for frames in (11, m.cfg.train_frames):
+        feats = torch.randn(2, frames, m.cfg.width)
+        keep = torch.ones(2, frames, dtype=torch.bool)
+        keep[0, 8:] = False
+        with torch.no_grad():
+            ours = m.encode_sequence(feats, keep)["embeddings"]
+            ref = published_encoder(m, feats, keep)
+        torch.testing.assert_close(ours[keep], ref[keep], atol=1e-5, rtol=1e-5)
 
 
 def test_resuming_an_old_run_with_todays_architecture_is_refused(tmp_path):

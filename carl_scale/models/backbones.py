@@ -61,6 +61,11 @@ _PREFIXES = ("module.", "online_network.encoder.", "online_network.net.", "onlin
              "backbone.", "net.")
 
 
+# A BYOL file of sthalles/PyTorch-BYOL (``online_network_state_dict``) keeps the ResNet as a
+# Sequential of its children without the classifier: 0 conv1, 1 bn1, (2 relu, 3 maxpool,) 4-7 layer1-4.
+_NUMBERED = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+
+
 def check_pretrained_file(path: str) -> None:
     """Refuse a --pretrained path that is not a file, naming it and the fix (before a run writes
     anything: the launcher checks it first)."""
@@ -101,7 +106,10 @@ def _resnet_state_dict(path: str) -> dict[str, torch.Tensor]:
                 if k.startswith(pre) and not k[len(pre):].startswith(("weight", "bias")):
                     k, stripped = k[len(pre):], True
                     break
-        if not k.startswith("fc.") and not k.startswith("projection") and not k.startswith("predictor"):
+        head, _, rest = k.partition(".")
+        if head in _NUMBERED and rest:  # (no torchvision key starts with a number)
+            k = f"{_NUMBERED[head]}.{rest}"
+        if not k.startswith(("fc.", "projection", "projetion", "predictor")):  # (projetion: sic, PyTorch-BYOL's)
             out[k] = v
     return out
 
@@ -163,6 +171,9 @@ class Backbone(nn.Module):
                     k = b + k[len(a):]
             sd[k] = v
         own = holder.state_dict()
+        for k in own:  # files saved without BatchNorm's step counters load as torch's own strict load does
+            if k.endswith("num_batches_tracked") and k not in sd:
+                sd[k] = own[k]
         missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
         reshaped = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
         if missing or unexpected or reshaped:  # (ResNet-18/34, a wide ResNet or ResNeXt: shapes differ)
