@@ -72,7 +72,10 @@ def test_gpu_check_unpacks_the_core_tree_at_once_and_dali_once_all_its_parts_are
     assert not (tmp / "site_dali").exists()
 
     _carry(repo, "c3", {"dali.tar.xz.part02-of-03": part[2]})
-    last = _check(repo, tmp, "no_such_stage")  # unpack only: no stage runs
+    typo = _check(repo, tmp, "e2e_jpg")  # a name that is no stage: refused before anything runs
+    assert typo.returncode == 2 and "gpu_check.sh: no stage named e2e_jpg (stages: shards" in typo.stdout
+    assert not (tmp / "site_core").exists() or not (tmp / "site_dali").exists()
+    last = _check(repo, tmp, "--unpack-only")  # no stage runs
     assert last.returncode == 0, last.stdout + last.stderr
     assert "DALI: 3 of 3 parts staged" in last.stdout
     assert (tmp / "site_dali/dali_marker.py").read_text() == "Y = 2\n" * 3000
@@ -121,12 +124,32 @@ def test_every_gpu_check_stage_names_arguments_its_benchmark_accepts(monkeypatch
     script = (ROOT / "scripts/device/gpu_check.sh").read_text()
     needs_dali = re.search(r'needs_dali="([^"]*)"', script).group(1).split()
     assert set(needs_dali) <= set(stages) and "step_T80" not in needs_dali and "gpu_tests" not in needs_dali
-    calls = re.findall(r"^bash scripts/device/gpu_check.sh ([A-Za-z_0-9 ]+?)\s*(?:#|$)",
-                       (ROOT / "BENCHMARKS.md").read_text(), flags=re.M)
-    assert len(calls) >= 3
-    for call in calls:
+    listed = re.search(r'^stages="([^"]*)"', script, flags=re.M).group(1).replace("\\\n", " ").split()
+    assert listed == list(stages)  # the names a call may give are exactly the stages, in order
+    # the calls BENCHMARKS.md shows and the next lease's plan in the script's header
+    documented = re.findall(r"^bash scripts/device/gpu_check.sh ([A-Za-z_0-9 ]+?)\s*(?:#|$)",
+                            (ROOT / "BENCHMARKS.md").read_text(), flags=re.M)
+    plan = re.findall(r"^#\s+bash scripts/device/gpu_check.sh ([A-Za-z_0-9 ]+?)\s*(?:\(|$)", script, flags=re.M)
+    assert len(documented) >= 3 and len(plan) >= 4
+    for call in documented + plan:
         assert set(call.split()) <= set(stages), call
         assert sum(stages[s][0] for s in call.split()) <= 540, call  # + unpacking, within 600 s
+
+
+def test_each_device_call_fits_its_64_mib_beside_the_repository():
+    """A call carries its .whl part and the whole working tree (tracked and untracked files git does
+    not ignore) within 64 MiB: prepare.sh's parts leave room for the repository, with 1 MiB to spare.
+    The parts exist only where prepare.sh ran; CI checks the repository against prepare.sh's size."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.split(b"\0")
+    tree = sum((ROOT / f.decode()).stat().st_size for f in files if f and (ROOT / f.decode()).is_file())
+    mib = 1 << 20
+    text = (ROOT / "scripts/device/prepare.sh").read_text()
+    part = int(re.search(r"split -b (\d+)M", text).group(1)) * mib
+    assert part + tree <= 63 * mib, f"the repository ({tree / mib:.2f} MiB) leaves too little room beside a part"
+    for call in sorted((ROOT / ".whl").glob("c*")):
+        size = sum(f.stat().st_size for f in call.iterdir())
+        assert size + tree <= 63 * mib, f"{call.name}: {size / mib:.2f} MiB + the repository {tree / mib:.2f} MiB"
 
 
 def test_the_gpu_tests_split_into_those_that_need_dali_and_those_that_do_not():

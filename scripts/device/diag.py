@@ -1,9 +1,12 @@
 """Where a GPU step's and a GPU batch's time goes (diagnosis for issue 14; not a deliverable).
 
-    python scripts/device/diag.py step     # r50, T=80 x 2 videos: step variants and components
-    python scripts/device/diag.py data SHARDS   # GPU collate: worker batch, decode, crops, colour
+    python3 scripts/device/diag.py step     # r50, T=80 x 2 videos: step variants and components
+    python3 scripts/device/diag.py data SHARDS   # GPU collate: worker batch, decode, crops, colour
 
-(run by hand on a lent GPU, with gpu_check.sh's environment; its readings are in BENCHMARKS.md).
+Run by hand on a lent GPU after a gpu_check.sh call has unpacked the trees, with its environment:
+    export PYTHONPATH=/tmp/site_core:/tmp/site_dali:$PWD CARL_SCALE_NO_PROGRESS=1 \
+      LD_LIBRARY_PATH=/tmp/site_dali/nvidia/cu13/lib:/tmp/site_dali/nvidia/nvimgcodec:$LD_LIBRARY_PATH
+(its readings are in BENCHMARKS.md).
 """
 
 from __future__ import annotations
