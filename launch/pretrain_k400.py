@@ -43,7 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from carl_scale.config import ConfigError, add_flags, given_flags, to_dict  # noqa: E402
+from carl_scale.config import ConfigError, add_flags, given_flags, iter_flags, to_dict  # noqa: E402
 from carl_scale.errors import run_cli  # noqa: E402
 from carl_scale.data.manifest import plain_local_path, write_command  # noqa: E402
 from carl_scale.hooks import Hook  # noqa: E402
@@ -101,6 +101,16 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
         overrides["data.spatial.blur_p"] = 0.0
     cfg = configure(base, overrides, flavor=args.flavor, augment=args.augment,
                     synthetic_videos=args.synthetic_videos, data_dir=args.data_dir, weak=args.weak)
+    if cfg.loss.name == "weak":  # weak settings this run would ignore: refused, never silently dropped
+        flag = {f.path: f.flag for f in iter_flags(RunConfig)}
+        unused = [k for k in ("loss.eps1", "loss.eps2", "loss.pcl_grid", "loss.pcl_cost", "loss.view_ensemble")
+                  if k in overrides] if cfg.loss.pcl_weight == 0 else []
+        if unused:
+            raise ConfigError(f"{flag[unused[0]]} sets the paired contrastive loss, and --lambda is 0 (no PCL): "
+                              f"drop the flag, or give --lambda > 0")
+        if "loss.gather_negatives" in overrides and not cfg.loss.class_negatives:
+            raise ConfigError("--gather-negatives gathers Eq. 3's other-class negatives, and --no-class-negatives "
+                              "leaves them out: drop one of the two")
     if overrides.get("eval.shards") is not None and cfg.eval.enabled:  # named: not skipped at the end, refused now
         from carl_scale.eval.quick import end_of_run_shards
 

@@ -113,6 +113,8 @@ def test_print_config_is_the_saved_config_and_comes_back_through_config(tmp_path
     (["--recipe", "debug", "--init-from", "x", "--flavor", "r50"], "--flavor is the model --init-from's checkpoint sets"),
     (["--recipe", "debug", "--init-from", "x", "--pretrained", "w.pth"], "--pretrained would be overwritten by"),
     (["--val-shards", "nowhere"], "--val-shards nowhere does not exist: name a shard directory with a val split"),
+    (["--weak", "--lambda", "0", "--pcl-grid", "full"], "--pcl-grid sets the paired contrastive loss, and --lambda is 0"),
+    (["--weak", "--no-class-negatives", "--gather-negatives"], "--gather-negatives gathers Eq. 3's other-class"),
 ])
 def test_bad_values_are_refused_naming_the_flag_and_range(flags, message):
     with pytest.raises(ConfigError) as exn:

@@ -150,10 +150,21 @@ def test_pcl_is_eq4_on_the_correspondences_and_needs_a_same_class_partner():
     z3 = torch.cat([z, z[:1]])  # a third video: a's class too, another draw of its pixels
     ts3, mask3, n3 = torch.cat([ts, ts[:1]]), torch.cat([mask, mask[:1]]), torch.cat([n, n[:1]])
     labels = torch.tensor([4, 4, 4])
-    got, stats = paired_contrastive_loss(z3, ts3, mask3, labels, n3, tau=TAU)
     zn = F.normalize(z3, dim=-1)
-    grids = [torch.unique(ts3[k][mask3[k]]) for k in range(3)]
     pairs = [(0, 1), (0, 2), (1, 2)]
+    # the paper's full grid and one view pair (Table 12's "w.o. view ensemble") too, against the loops
+    for grid, ensemble in (("full", True), ("views", False)):
+        got, _ = paired_contrastive_loss(z3, ts3, mask3, labels, n3, tau=TAU, grid=grid, view_ensemble=ensemble)
+        grids = [torch.unique(ts3[k][mask3[k]]) if grid == "views" else torch.arange(int(n3[k])) for k in range(3)]
+        found = pair_correspondences(zn, ts3, mask3, grids, pairs, view_ensemble=ensemble)
+        both = {}
+        for (a, c), (pos, neg) in zip(pairs, found):
+            both[(a, c)], both[(c, a)] = (pos, neg), (pos.T, neg.T)
+        assert sum(int(pos.sum()) for pos, _ in found) > 0, (grid, ensemble)  # something to compare
+        np.testing.assert_allclose(got.detach().numpy(), naive_pcl(z3, ts3, mask3, both, grids), rtol=1e-4,
+                                   err_msg=f"{grid}, view ensemble {ensemble}")
+    got, stats = paired_contrastive_loss(z3, ts3, mask3, labels, n3, tau=TAU)
+    grids = [torch.unique(ts3[k][mask3[k]]) for k in range(3)]
     found = pair_correspondences(zn, ts3, mask3, grids, pairs)
     both = {}
     for (a, c), (pos, neg) in zip(pairs, found):
@@ -165,6 +176,39 @@ def test_pcl_is_eq4_on_the_correspondences_and_needs_a_same_class_partner():
     assert stats["pairs"] == 3 and got[0] > 0 and got[2] > 0 and got[1] == 0
     alone, _ = paired_contrastive_loss(z3, ts3, mask3, torch.tensor([1, 2, -1]), n3)  # no partner: 0, with a graph
     assert float(alone.abs().sum()) == 0.0
+
+
+def test_a_view_without_frames_leaves_the_pair_its_other_views_and_equal_costs_stay_positives():
+    """A view with no valid frame (a sampler that left one empty): the cost averages the views that
+    have frames instead of failing to interpolate from none; a video with none has no partner's
+    correspondences. And k equal smallest costs (collapsed embeddings) give ε equal to that cost,
+    not one ulp below it, so the path's cells stay positives."""
+    from carl_scale.ops.correspondence import dtw_correspondences, mean_of_smallest
+
+    z, ts, mask, n, _ = _warped_pair(t=12, seed=1)
+    # video a and another draw of its pixels (their views on the same moments: correspondences)
+    z = torch.cat([z[:1], z[:1] + 0.05 * torch.randn(z[:1].shape, generator=torch.Generator().manual_seed(0))])
+    ts, mask, n = torch.cat([ts[:1], ts[:1]]), torch.cat([mask[:1], mask[:1]]), torch.cat([n[:1], n[:1]])
+    one_view = mask.clone()
+    one_view[1, 1] = False
+    loss, stats = paired_contrastive_loss(z, ts, one_view, torch.tensor([3, 3]), n, tau=TAU)
+    assert torch.isfinite(loss).all() and loss[0] > 0 and stats["positives"] > 0
+    none = mask.clone()
+    none[1] = False
+    loss, stats = paired_contrastive_loss(z, ts, none, torch.tensor([3, 3]), n, tau=TAU)
+    assert float(loss.abs().sum()) == 0.0 and stats["positives"] == 0
+    cost = np.full((20, 20), 0.3)  # every cell the same: NumPy's mean of the 20 smallest is 0.29999999999999993
+    assert mean_of_smallest(cost, 5.0) == 0.3
+    pos, neg = dtw_correspondences(cost)
+    assert pos.sum() >= 7 and not neg.any()  # the whole path, and nothing above ε2
+
+
+def test_weak_scl_refuses_timestamps_or_masks_of_another_shape():
+    z1, z2, s1, s2, m1, m2 = _batch()
+    with pytest.raises(ValueError, match=r"s1 is \(4, 1\), its view \(4, 6\)"):
+        weak_sequence_contrastive_loss(z1, z2, s1[:, :1], s2, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"mask2 is \(4, 5\)"):
+        weak_sequence_contrastive_loss(z1, z2, s1, s2, torch.zeros(4, dtype=torch.long), mask2=m2[:, :5])
 
 
 def test_pcl_gradient_reaches_the_embeddings_not_the_alignment():
@@ -182,12 +226,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, out: str, undefined: bool = False) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     z1, z2, s1, s2, m1, m2 = _batch(b=4, seed=3)
+    if undefined:
+        m1[1] = False  # video 1 (rank 0's) has an empty view: rank 0 has 1 defined video, rank 1 has 2
     labels = torch.tensor([0, 1, 0, 2])
     part = slice(2 * rank, 2 * rank + 2)
     a, b = z1[part].clone().requires_grad_(True), z2[part].clone().requires_grad_(True)
@@ -198,13 +244,18 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("undefined", [False, True])
+def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path, undefined):
+    """Also when the ranks have unequal numbers of defined videos (the mean is over all of them,
+    not each rank's over its own)."""
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "rank")
     sys.path.insert(0, str(Path(__file__).parent))
-    mp.start_processes(_rank_main, args=(2, _free_port(), out), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank_main, args=(2, _free_port(), out, undefined), nprocs=2, start_method="spawn")
     z1, z2, s1, s2, m1, m2 = _batch(b=4, seed=3)
+    if undefined:
+        m1[1] = False
     a, b = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
     whole = weak_sequence_contrastive_loss(a, b, s1, s2, torch.tensor([0, 1, 0, 2]), tau=TAU, sigma2=SIGMA2,
                                            mask1=m1, mask2=m2)
@@ -245,6 +296,11 @@ def test_the_weak_objective_trains_every_part_it_adds():
         full, no_pcl = (build_objective(model, LossConfig(name="weak", pcl_weight=w))(batch) for w in (1.0, 0.0))
     assert no_pcl["pcl"] == 0 and no_pcl["pairs"] == 2 and full["pcl"] > 0
     torch.testing.assert_close(no_pcl["loss"], full["scl"] + LossConfig().ce_weight * full["ce"])
+    # the terms' weights as written: scl + λ pcl + ce_weight ce (λ and the weight not 0 or 1)
+    with torch.no_grad():
+        some = build_objective(model, LossConfig(name="weak", pcl_weight=0.3, ce_weight=0.7))(batch)
+    torch.testing.assert_close(some["pcl"], full["pcl"])
+    torch.testing.assert_close(some["loss"], full["scl"] + 0.3 * full["pcl"] + 0.7 * full["ce"])
 
 
 def _encoder_batch(b: int = 4, t: int = 6):

@@ -115,7 +115,7 @@ class WeakObjective(Objective):
                                                  view_ensemble=c.view_ensemble, grid=c.pcl_grid, joint=joint)
         else:  # λ = 0: no DTW (its host work) for a term weighed by nothing; the pairs still counted
             same = (labels[:, None] == labels[None, :]) & (labels[:, None] >= 0)
-            pcl, stats = z.new_zeros(z.shape[0]), {"pairs": ((same.sum() - (labels >= 0).sum()) / 2).to(z.dtype)}
+            pcl, stats = z.new_zeros(z.shape[0]), {"pairs": ((same.sum() - (labels >= 0).sum()) / 2).float()}
         loss = scl + c.pcl_weight * pcl.mean()
         ce = scl.new_zeros(())
         if c.ce_weight > 0 and "logits" in out:

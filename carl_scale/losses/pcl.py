@@ -106,13 +106,20 @@ def pair_correspondences(z: torch.Tensor, ts: torch.Tensor, mask: torch.Tensor, 
     batch. Computed without gradient."""
     views = tuple(range(z.shape[1])) if view_ensemble else (0,)
     det = F.normalize(z.detach().double(), dim=-1)  # the costs in float64, as the DTW takes them
-    costs = [view_ensemble_cost([det[a, v][mask[a, v]] for v in views], [ts[a, v][mask[a, v]] for v in views],
-                                [det[c, v][mask[c, v]] for v in views], [ts[c, v][mask[c, v]] for v in views],
-                                grids[a], grids[c]) for a, c in pairs]
+    seen = mask.bool().any(-1).tolist()  # (B, V): which views have a frame (the cost averages those)
+
+    def cost(a: int, c: int) -> np.ndarray:
+        va, vc = [v for v in views if seen[a][v]], [v for v in views if seen[c][v]]
+        if not (va and vc and len(grids[a]) and len(grids[c])):  # nothing to restore: no correspondences
+            return np.full((len(grids[a]), len(grids[c])), np.nan)
+        return view_ensemble_cost([det[a, v][mask[a, v]] for v in va], [ts[a, v][mask[a, v]] for v in va],
+                                  [det[c, v][mask[c, v]] for v in vc], [ts[c, v][mask[c, v]] for v in vc],
+                                  grids[a], grids[c]).cpu().numpy()  # (the DTW runs on the CPU in any case)
+
+    costs = [cost(a, c) for a, c in pairs]
     # Non-finite embeddings give no correspondences here: the step's loss is not finite with them
     # anyway, and the trainer reports that (the videos, what was saved) instead of a DTW error.
-    costs = [c.cpu().numpy() for c in costs]  # (the DTW runs on the CPU in any case)
-    finite = [bool(np.isfinite(c).all()) for c in costs]
+    finite = [c.size > 0 and bool(np.isfinite(c).all()) for c in costs]
     paths = iter(dtw_batch([c for c, ok in zip(costs, finite) if ok]))
     out = []
     for cost, ok in zip(costs, finite):
@@ -158,6 +165,8 @@ def paired_contrastive_loss(z: torch.Tensor, ts: torch.Tensor, mask: torch.Tenso
                                      protect_pct=protect_pct)
     anchors = 0
     for (a, c), (pos, neg) in zip(pairs, found):
+        if not (len(grids[a]) and len(grids[c])):  # a video without a valid frame: nothing to pull together
+            continue
         per_video[a] = per_video[a] + _pair_term(zn[a], ts[a], mask[a], zn[c], ts[c], mask[c], grids[a], grids[c],
                                                  pos, neg, tau).sum()
         per_video[c] = per_video[c] + _pair_term(zn[c], ts[c], mask[c], zn[a], ts[a], mask[a], grids[c], grids[a],

@@ -8,8 +8,10 @@ and Gaussian prior are SCL's, over a's own other view; the result is the mean ov
 L^1 + L^2, so with one label for the whole batch it *is* SCL.
 
 With ``gather=True`` the other videos come from every data-parallel rank (all_gather with
-gradient, :mod:`carl_scale.losses.gather`): at world size N the loss and its update equal the one
-process's on the concatenated batch.
+gradient, :mod:`carl_scale.losses.gather`), and the mean is over every rank's defined videos (their
+count summed over ranks), so at world size N the loss and its update equal the one process's on
+the concatenated batch. Every rank's batch has one shape (the loader keeps batches whole), which
+the gather needs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from carl_scale.losses.gather import all_gather_no_grad, all_gather_with_grad
+from carl_scale.losses.gather import _world, all_gather_no_grad, all_gather_with_grad
 from carl_scale.losses.scl import full_precision, gaussian_cross_entropy
 
 
@@ -50,6 +52,9 @@ def weak_sequence_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, s1: torch
     if z1.dim() != 3 or z2.dim() != 3 or z1.shape[0] != z2.shape[0] or labels.shape != z1.shape[:1]:
         raise ValueError(f"expected (B, T, D) views and (B,) labels, got {tuple(z1.shape)}, {tuple(z2.shape)}, "
                          f"{tuple(labels.shape)}")
+    for name, x, like in (("s1", s1, z1), ("s2", s2, z2), ("mask1", mask1, z1), ("mask2", mask2, z2)):
+        if x is not None and x.shape != like.shape[:2]:  # (a (B, 1) would broadcast into a wrong prior)
+            raise ValueError(f"{name} is {tuple(x.shape)}, its view {tuple(like.shape[:2])}")
     dtype = torch.promote_types(z1.dtype, torch.float32)
     z1, z2 = F.normalize(z1.to(dtype), dim=-1), F.normalize(z2.to(dtype), dim=-1)
     s1, s2 = s1.to(dtype), s2.to(dtype)
@@ -68,4 +73,7 @@ def weak_sequence_contrastive_loss(z1: torch.Tensor, z2: torch.Tensor, s1: torch
     # no `if ok.any()` (the host would wait for the GPU every step): with no video defined this is
     # 0 / 1 = 0, its graph still through the gathered views, so every rank's backward joins the
     # gather's all_reduce
-    return torch.where(ok, l1 + l2, 0.0).sum() / ok.sum().clamp(min=1)
+    defined, world = ok.sum(), _world()[1]
+    if gather and world > 1:  # the one process's mean over every rank's defined videos (ranks are averaged)
+        return torch.where(ok, l1 + l2, 0.0).sum() * world / all_gather_no_grad(defined[None]).sum().clamp(min=1)
+    return torch.where(ok, l1 + l2, 0.0).sum() / defined.clamp(min=1)

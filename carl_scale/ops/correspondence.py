@@ -81,7 +81,10 @@ def mean_of_smallest(cost, pct: float) -> float:
     """ε: the mean of the k = max(1, ⌈pct·N·M/100⌉) smallest entries of ``cost``."""
     flat = np.asarray(cost, dtype=np.float64).ravel()
     k = min(len(flat), max(1, math.ceil(pct * len(flat) / 100.0)))
-    return float(np.partition(flat, k - 1)[:k].mean())
+    smallest = np.partition(flat, k - 1)[:k]
+    # within the k values, exactly: k equal costs (collapsed embeddings) give that cost, never one
+    # ulp below it, which would drop every path cell from ``c <= ε1``
+    return float(np.clip(math.fsum(smallest) / k, smallest.min(), smallest.max()))
 
 
 def dtw_correspondences(cost, *, positive_pct: float = 5.0, protect_pct: float = 10.0, path=None
