@@ -239,10 +239,21 @@ def _pair(flag: str):
     return parse
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, groups: dict[str, str] | None = None) -> None:
+def _shown(value: Any) -> str:
+    """A config value as --help shows it (argparse formats help with %: escaped)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple) and len(value) == 2:
+        return f"{value[0]:g}:{value[1]:g}"
+    return (f"{value:g}" if isinstance(value, float) else str(value)).replace("%", "%%")
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, groups: dict[str, str] | None = None,
+              shown: Any = None, label: str = "default") -> None:
     """Add every flag of the config tree under ``cls`` to ``parser``; a flag the user does not
     give is absent from the parsed namespace (``argparse.SUPPRESS``), so only given flags
-    override. ``groups`` maps a top-level field name to an argument-group title."""
+    override. ``groups`` maps a top-level field name to an argument-group title. ``shown``: a
+    config whose values --help prints after each flag's help, as ``(label: value)``."""
     groups = groups or {}
     made: dict[str, Any] = {}
     for fl in iter_flags(cls):
@@ -251,6 +262,12 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, groups: dict[str, str]
         if top in groups:
             target = made.setdefault(top, parser.add_argument_group(groups[top]))
         kw: dict[str, Any] = {"dest": fl.path, "default": argparse.SUPPRESS, "help": fl.help}
+        if shown is not None:
+            value = shown
+            for part in fl.path.split("."):
+                value = getattr(value, part, None)
+            if value is not None:
+                kw["help"] = f"{fl.help} ({label}: {_shown(value)})"
         if fl.type is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(fl.type) is Literal:

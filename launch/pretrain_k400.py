@@ -72,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--weak", action="store_true",
                    help="weak supervision with the video labels (paper §3.5): --loss weak, a class token, "
                         "--per-label 2, run dir <run_dir>_weak; start it from a self-supervised --init-from")
-    add_flags(p, RunConfig, _GROUPS)
+    add_flags(p, RunConfig, _GROUPS, shown=recipe("debug"), label="debug recipe")
     return p
 
 

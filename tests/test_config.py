@@ -187,3 +187,20 @@ def test_the_weak_objectives_flags_are_taken_with_it_and_a_named_val_split_that_
     assert parse(["--loss", "weak", "--no-class-negatives", "--ce-weight", "0"])[0].loss.class_negatives is False
     assert parse(["--weak", "--num-classes", "7"])[0].model.num_classes == 7
     assert parse(["--val-shards", "nowhere", "--no-eval"])[0].eval.shards == "nowhere"  # not read: no evaluation
+
+
+def test_help_shows_each_flags_value():
+    """--help says what a flag is set to when it is not given: the debug recipe's value for the
+    main job (the default without --recipe), the sweep's own defaults."""
+    import contextlib
+    import io
+
+    from launch.pretrain_k400 import parser
+    from tuning.sweep import parse as sweep_parse
+
+    text = parser().format_help()
+    assert "softmax temperature τ (debug recipe: 0.1)" in text and "(debug recipe: 8)" in text
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        sweep_parse(["--help"])
+    assert "hyper-parameter draws (default: 5)" in out.getvalue() and "(default: 0.03:0.5)" in out.getvalue()

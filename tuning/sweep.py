@@ -29,7 +29,7 @@ from carl_scale.tuning.config import SweepConfig  # noqa: E402
 def parse(argv: list[str] | None = None) -> SweepConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
-    add_flags(p, SweepConfig)
+    add_flags(p, SweepConfig, shown=SweepConfig())
     given = given_flags(p.parse_args(argv), SweepConfig)
     changed = sorted(set(given) - {"resume", "name", "out"})
     if given.get("resume") and changed:  # never silently ignored
