@@ -259,7 +259,7 @@ def map_published_state(state: dict[str, torch.Tensor], model: torch.nn.Module, 
         [f"weights stored as {sorted(map(str, dtypes))[0]}: converted to float32"] if dtypes - {torch.float32} else [])
 
 
-def _run_config(pub: dict, model: ModelConfig) -> tuple[Any, str, list[str]]:
+def _run_config(pub: dict, model: ModelConfig, source: str = "the config") -> tuple[Any, str, list[str]]:
     """(the carl_scale run config an imported checkpoint's meta.json holds, its recipe, notes): the
     recipe of the data it was trained on, with its model, T, τ and σ²."""
     from carl_scale.train.config import RunConfig
@@ -275,8 +275,20 @@ def _run_config(pub: dict, model: ModelConfig) -> tuple[Any, str, list[str]]:
     d = to_dict(recipe(name or "pennaction"))
     d["model"] = to_dict(model)
     d["data"]["temporal"]["num_frames"] = model.train_frames
-    d["loss"]["tau"] = float(pub["SCL"]["SOFTMAX_TEMPERATURE"])
-    d["loss"]["sigma2"] = float(pub["SCL"]["LABEL_VARIENCE"])
+    try:
+        d["loss"]["tau"] = float(pub["SCL"]["SOFTMAX_TEMPERATURE"])
+        d["loss"]["sigma2"] = float(pub["SCL"]["LABEL_VARIENCE"])
+    except (TypeError, KeyError, ValueError) as exn:
+        raise ValueError(f"{source} is not a published CARL config: its SCL section has no SOFTMAX_TEMPERATURE and "
+                         f"LABEL_VARIENCE numbers ({type(exn).__name__}: {exn})") from None
+    algo = str(pub.get("TRAINING_ALGO", "scl")).lower()
+    if algo != "scl":
+        notes.append(f"it was trained with {algo.upper()} (TRAINING_ALGO), not SCL: meta.json's SCL settings "
+                     f"(τ, σ²) are the config's SCL section, which that training did not use")
+    if name is not None and not any(n in _RECIPE_OF for n in names[:-1]):
+        notes.append(f"its recipe ({name}) is read from its data folder's name, the only trace its saved config "
+                     f"keeps (a Kinetics-400 pretraining saves PennAction's): give --config with the YAML it was "
+                     f"trained with if that is wrong")
     return from_dict(RunConfig, d), name or "pennaction", notes
 
 
@@ -302,8 +314,6 @@ def import_carl(checkpoint: str | Path, config: str | Path | None, out: str | Pa
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; name a directory (it gets meta.json and model.pt)")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out} is not empty; choose another directory or pass --overwrite")
     held = [p.name for p in out.iterdir() if p.name == "checkpoints" or p.name.startswith(("step_", "client_rank",
                                                                                           "mp_rank_", "zero_pp_"))] \
         if out.is_dir() else []
@@ -311,6 +321,8 @@ def import_carl(checkpoint: str | Path, config: str | Path | None, out: str | Pa
         raise FileExistsError(f"--out {out} holds a training run's files ({', '.join(sorted(held)[:3])}), which "
                               f"readers of {out} would load instead of the imported weights, even with --overwrite: "
                               f"choose another directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:  # (after the refusal --overwrite cannot lift)
+        raise FileExistsError(f"--out {out} is not empty; choose another directory or pass --overwrite")
     pub_ckpt = read_published_checkpoint(checkpoint)
     pub = read_published_config(config, pub_ckpt["cfg"])
     source = f"--config {config}" if config is not None else f"the config saved in {checkpoint}"
@@ -326,9 +338,9 @@ def import_carl(checkpoint: str | Path, config: str | Path | None, out: str | Pa
     model = build_model(model_cfg, weights_follow=True)
     state, notes = map_published_state(pub_ckpt["model_state"], model, int(pub["MODEL"]["BASE_MODEL"]["LAYER"]),
                                        str(checkpoint))
-    run_cfg, recipe_name, more = _run_config(pub, model_cfg)
+    run_cfg, recipe_name, more = _run_config(pub, model_cfg, source)
     notes += more
-    if not pub["MODEL"]["L2_NORMALIZE"]:
+    if not (pub.get("MODEL") or {}).get("L2_NORMALIZE", True):
         notes.append("it was evaluated without L2-normalising its embeddings (MODEL.L2_NORMALIZE false); carl_scale's "
                      "evaluation always normalises them")
     model.load_state_dict(state)

@@ -176,6 +176,27 @@ def test_list_entries_outside_the_folder_and_two_versions_of_a_list(tmp_path):
     m = json.loads((tmp_path / "out/shards.json").read_text())
     reasons = [s["reason"] for s in m["splits"]["train"]["skipped"]]
     assert len(reasons) == 2 and all("is outside" in r for r in reasons)
+    # --src . (the folder given relatively): ../ is still outside it
+    import os
+
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        with pytest.raises(ValueError, match="none of its 2 inputs could be written .* is outside"):
+            carl.main(["--src", ".", "--out", str(tmp_path / "out_here"), "--no-progress"])
+    finally:
+        os.chdir(here)
+    # an entry whose label is no class index: that video skipped with the reason, not the list
+    with open(root / "train.pkl", "wb") as f:
+        pickle.dump([{"name": "x", "video_file": "x.mp4", "frame_label": np.zeros(3), "action_label": None}], f)
+    with pytest.raises(ValueError, match=r"none of its 1 inputs could be written .*action_label None is not a class"):
+        carl.main(["--src", str(root), "--out", str(tmp_path / "out3"), "--no-progress"])
+    penn = tmp_path / "penn"
+    penn.mkdir()
+    (penn / "train.pkl").write_bytes(pickle.dumps(([{"id": 0, "video_file": "a.mp4", "frame_label": np.zeros(2)}],
+                                                    [[0], 5])))
+    with pytest.raises(ValueError, match=r"train.pkl: its action_to_indices .* is not a list of id lists"):
+        carl.main(["--src", str(penn), "--out", str(tmp_path / "out4"), "--no-progress"])
     gym = tmp_path / "gym"
     gym.mkdir()
     (gym / "readme.txt").write_text("no lists here")
@@ -185,3 +206,53 @@ def test_list_entries_outside_the_folder_and_two_versions_of_a_list(tmp_path):
         (gym / name).write_bytes(pickle.dumps([]))
     with pytest.raises(ValueError, match="two train lists of gym99"):
         carl.main(["--src", str(gym), "--out", str(tmp_path / "out2"), "--no-progress"])
+
+
+class _Reduces:
+    """Pickles as ``callable(*args)`` with an optional BUILD ``state``: how a crafted file looks."""
+
+    def __init__(self, *reduce):
+        self.reduce = reduce
+
+    def __reduce__(self):
+        return self.reduce
+
+
+def test_a_pickle_cannot_read_bytes_as_objects_or_change_what_later_loads_return(tmp_path):
+    """Three crafted files the data-only reader once accepted: ``numpy.ndarray((), object, bytes)``
+    (the bytes read as an object's address: a segfault on first use), a dtype whose pickled flags
+    deny its object field (then raw bytes through ``_frombuffer``), and BUILD on one of the
+    functions it hands out (a ``__defaults__`` that negated every tensor torch loaded after it).
+    Each is refused; object arrays pickled as lists of their items still load."""
+    import struct
+
+    def dump(name, obj=None, raw=None):
+        path = tmp_path / name
+        path.write_bytes(raw if raw is not None else pickle.dumps(obj, protocol=2))
+        return path
+
+    with pytest.raises(UnsafePickleError, match="numpy.ndarray called directly"):
+        load_data_pickle(dump("a.pkl", [_Reduces(np.ndarray, ((), np.dtype("O"), b"A" * 8))]))
+    state = (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0)
+    with pytest.raises(UnsafePickleError, match="dtype whose flags deny the objects"):
+        load_data_pickle(dump("b.pkl", _Reduces(np.dtype, ("V8", False, True), state)))
+
+    def text(s: str) -> bytes:
+        return b"X" + struct.pack("<I", len(s)) + s.encode()
+
+    # GLOBAL f; (None, {"__defaults__": ({"neg": True},)}); BUILD
+    defaults = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}" + text("__defaults__") + b"(}" + text("neg")
+                + b"\x88sts\x86b.")
+    with pytest.raises(UnsafePickleError, match="sets the state of a function: refused"):
+        load_data_pickle(dump("c.pkl", raw=defaults))
+    ones = tmp_path / "ones.pt"
+    torch.save(torch.ones(3), ones)
+    assert torch.equal(torch.load(ones, weights_only=True), torch.ones(3))  # later loads unchanged
+    # _rebuild_tensor_v2(None, 0, (), (), False, OrderedDict({0: set})): hooks are callables
+    hooks = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(NK\x00))\x89ccollections\nOrderedDict\n)R"
+             b"K\x00cbuiltins\nset\nstR.")
+    with pytest.raises(UnsafePickleError, match="backward hooks"):
+        load_data_pickle(dump("d.pkl", raw=hooks))
+    things = np.array(["a", None, 3], dtype=object)
+    got = load_data_pickle(dump("e.pkl", {"o": things, "f": np.arange(3.0)}))
+    assert list(got["o"]) == ["a", None, 3] and np.array_equal(got["f"], np.arange(3.0))

@@ -340,6 +340,11 @@ def test_the_yaml_must_describe_the_checkpoint(tmp_path):
     for name in ("null.yml", "flat.yml"):
         with pytest.raises(ValueError, match=rf"--config .*{name} is not a published CARL config: its MODEL section"):
             import_carl(tmp_path / "bare.pth", tmp_path / name, tmp_path / "out")
+    no_scl = YAML.replace("SCL: {LABEL_VARIENCE: 10.0, SOFTMAX_TEMPERATURE: 0.1}", "SCL: null")
+    assert no_scl != YAML
+    (tmp_path / "scl.yml").write_text(no_scl)
+    with pytest.raises(ValueError, match=r"--config .*scl.yml is not a published CARL config: its SCL section"):
+        import_carl(tmp_path / "bare.pth", tmp_path / "scl.yml", tmp_path / "out")
     # a file that is a dict but no published checkpoint: its first keys, not hundreds of them
     torch.save({**{f"k{i:03d}": torch.zeros(1) for i in range(300)}, 7: torch.zeros(1)}, tmp_path / "many.pth")
     with pytest.raises(CheckpointError, match=r"a dict of 301 keys: 7, k000, .*, \.\.\.\)$"):
@@ -353,6 +358,9 @@ def test_import_into_a_run_directory_is_refused_even_with_overwrite(tmp_path):
     (run / "checkpoints/latest").write_text("step_000004")
     with pytest.raises(FileExistsError, match="holds a training run's files \\(checkpoints\\)"):
         import_carl(tmp_path / "c.pth", None, run, overwrite=True)
+    # without --overwrite too: the refusal --overwrite cannot lift comes first, not "pass --overwrite"
+    with pytest.raises(FileExistsError, match="holds a training run's files"):
+        import_carl(tmp_path / "c.pth", None, run)
     assert not (run / "model.pt").exists()
 
 

@@ -78,7 +78,11 @@ def _videos_of(data: Any, path: Path, kind: str) -> list[dict]:
                              f"action_to_indices), got {type(data).__name__}")
         videos, by_action = data
         # older lists lack action_label: action_to_indices says it (entry i holds the ids of action i)
-        owner = {i: a for a, ids in enumerate(by_action or []) for i in ids}
+        try:
+            owner = {i: a for a, ids in enumerate(by_action or []) for i in ids}
+        except TypeError:
+            raise ValueError(f"{path}: its action_to_indices (the pair's second item) is not a list of id lists; "
+                             f"write the list again with the published code") from None
         return [{**v, "action_label": v.get("action_label", owner.get(v.get("id"), -1))}
                 if isinstance(v, dict) else v for v in videos]
     if not isinstance(data, list):
@@ -97,6 +101,20 @@ def detect(src: Path, train_list: Any = None) -> str:
         data = load_data_pickle(src / "train.pkl") if train_list is None else train_list
         return "pennaction" if isinstance(data, tuple) else "pouring"
     raise FileNotFoundError(f"{src} is not {LAYOUT}")
+
+
+def _class_index(v: Any, key: str, where: str, minus: int = 0) -> tuple[int, str | None]:
+    """(a list entry's class index from ``key`` less ``minus``, -1 where absent; the reason it is
+    not one, for the load to skip that video with, instead of the whole list failing)."""
+    x = v.get(key) if isinstance(v, dict) else None
+    if x is None and isinstance(v, dict) and key not in v:
+        return -1, None
+    try:
+        if not isinstance(x, bool) and float(x) == int(x):
+            return int(x) - minus, None
+    except (TypeError, ValueError, OverflowError):
+        pass
+    return -1, f"{where}: {key} {x!r} is not a class index"
 
 
 def _entry(v: Any, where: str) -> dict:
@@ -124,7 +142,7 @@ def read_lists(src: Path, kind: str | None) -> tuple[str, dict[str, list[dict]]]
         for split, data in loaded.items():
             raw = _videos_of(data, src / f"{split}.pkl", kind)
             out[split] = [{"raw": v, "where": f"{split}.pkl[{i}]",
-                           "action": int(v.get("action_label", -1)) if isinstance(v, dict) else -1}
+                           **dict(zip(("action", "bad_action"), _class_index(v, "action_label", f"{split}.pkl[{i}]")))}
                           for i, v in enumerate(raw)]
         if "train" not in out:
             raise FileNotFoundError(f"{src / 'train.pkl'} is missing: --src must be {LAYOUT}")
@@ -144,8 +162,9 @@ def read_lists(src: Path, kind: str | None) -> tuple[str, dict[str, list[dict]]]
         for cs, (fname, videos) in sets.items():  # one entry per event, its list item of each class set
             for i, v in enumerate(videos):
                 key = str(v.get("name") or v.get("video_file")) if isinstance(v, dict) else f"{fname}[{i}]"
-                e = events.setdefault(key, {"raw": v, "where": f"{fname}[{i}]", "sets": {},
-                                            "action": int(v.get("event_label", 0)) - 1 if isinstance(v, dict) else -1})
+                action, bad = _class_index(v, "event_label", f"{fname}[{i}]", minus=1)  # (events count from 1)
+                e = events.setdefault(key, {"raw": v, "where": f"{fname}[{i}]", "sets": {}, "action": action,
+                                            "bad_action": bad})
                 if cs in e["sets"]:  # (its labels would otherwise replace the first's, beside the first's video)
                     log.warning("%s: %s names event %r again (first %s): the first is kept", src, f"{fname}[{i}]", key,
                                 e["sets"][cs][1])
@@ -186,6 +205,8 @@ def write_carl_shards(src: str | Path, out_dir: str | Path, opts: CarlDataOption
             item["with288"] = split in with288
 
     def load(item: dict) -> VideoRecord:
+        if item.get("bad_action"):
+            raise SkipInput(item["bad_action"])
         e = _entry(item["raw"], item["where"])
         extra = {}
         if kind == "finegym":
@@ -193,9 +214,10 @@ def write_carl_shards(src: str | Path, out_dir: str | Path, opts: CarlDataOption
             e["labels"] = sets.get("gym99")
             # (an event missing from its split's Gym288 list: -1 for that set, as before)
             extra = {"gym288": sets.get("gym288")} if item["with288"] else {}
-        # a list names files of its own folder only (lexically: a videos/ symlink to another disk is fine)
-        path = Path(os.path.normpath(src / e["video_file"]))
-        if not path.is_relative_to(os.path.normpath(src)):
+        # a list names files of its own folder only (absolute, lexically: a videos/ symlink to another
+        # disk is fine; relative, --src . would let ../ through)
+        path = Path(os.path.abspath(src / e["video_file"]))
+        if not path.is_relative_to(os.path.abspath(src)):
             raise SkipInput(f"video_file {e['video_file']!r} of {item['where']} is outside {src}")
         if not path.is_file():
             raise SkipInput(f"{src / e['video_file']} not found (video_file of {item['where']})")

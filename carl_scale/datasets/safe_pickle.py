@@ -7,13 +7,17 @@ keeps its dataset lists in pickles, so reading them needs an unpickler that admi
   ``frozenset``, ``bytearray``, ``collections.OrderedDict``, and ``_codecs.encode`` for latin1 only
   (how protocol 2 writes ``bytes``);
 * NumPy arrays and scalars (``numpy.core``/``numpy._core`` ``multiarray._reconstruct``,
-  ``multiarray.scalar`` and ``numeric._frombuffer``, ``ndarray``, ``dtype``): NumPy restores them from raw bytes;
+  ``multiarray.scalar`` and ``numeric._frombuffer``, ``ndarray``, ``dtype``): NumPy restores them
+  from raw bytes, so never of a dtype that holds Python objects (those bytes would be read as
+  object addresses), and ``ndarray`` only as ``_reconstruct``'s argument, never called;
 * torch tensors, which the published lists hold (``frame_label = torch.from_numpy(...)``):
   ``torch._utils._rebuild_tensor[_v2]`` from a storage, and the storage's bytes (a ``torch.save``
   of it, which ``torch.storage._load_from_bytes`` would load with ``weights_only=False``) through
   ``torch.load(weights_only=True)`` instead.
 
 Any other global is refused with :class:`UnsafePickleError`, naming it; nothing after it runs.
+BUILD (which sets an object's state or attributes) is refused on anything but NumPy arrays and
+dtypes: on one of the functions above it would change how later data loads in this process.
 """
 
 from __future__ import annotations
@@ -42,28 +46,86 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+def _holds_objects(dtype) -> bool:
+    """Whether a NumPy dtype has Python objects anywhere (itself, a field, a sub-array), read from
+    its structure: a dtype built from pickled state can carry flags that say otherwise."""
+    if dtype.kind == "O":
+        return True
+    if dtype.subdtype is not None and _holds_objects(dtype.subdtype[0]):
+        return True
+    return any(_holds_objects(f[0]) for f in (dtype.fields or {}).values())
+
+
+def _raw_bytes_dtype(dtype, what: str):
+    """``dtype`` if its values can be made from raw bytes; one holding objects would read those
+    bytes as object addresses (a crash, or worse)."""
+    import numpy as np
+
+    if not isinstance(dtype, np.dtype) or _holds_objects(dtype):
+        raise UnsafePickleError(f"{what} of dtype {dtype!r} from raw bytes: refused (objects are never read from bytes)")
+    return dtype
+
+
+class _NDArrayType:
+    """What a pickle gets for ``numpy.ndarray``: a name for ``_reconstruct`` to receive, never a
+    constructor (``ndarray(shape, dtype, buffer)`` would take any bytes as any dtype)."""
+
+    def __call__(self, *args, **kwargs):
+        raise UnsafePickleError("numpy.ndarray called directly: refused (arrays are read by _reconstruct only)")
+
+
 def _allowed() -> dict[tuple[str, str], Any]:
     import numpy as np
     import torch
 
+    ndarray = _NDArrayType()
+    reconstruct = np.ndarray.__reduce__(np.zeros(0))[0]
+    scalar = np.float64(0).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+
+    def _reconstruct(cls, shape, dtype_char):  # an empty array, its data set by BUILD (checked there)
+        if cls is not ndarray:
+            raise UnsafePickleError(f"_reconstruct of {cls!r}: only numpy.ndarray is read")
+        return reconstruct(np.ndarray, shape, dtype_char)
+
+    def _scalar(dtype, data=None):
+        return scalar(_raw_bytes_dtype(dtype, "a NumPy scalar"), *(() if data is None else (data,)))
+
+    def _frombuffer(buf, dtype, shape, order):
+        return frombuffer(buf, _raw_bytes_dtype(dtype, "a NumPy array"), shape, order)
+
+    def _tensor(rebuild):
+        def rebuilt(*args):  # (storage, offset, size, stride[, requires_grad, backward_hooks, metadata])
+            if len(args) > 5 and args[5]:
+                raise UnsafePickleError("a tensor with backward hooks: refused (hooks are code)")
+            return rebuild(*args)
+        return rebuilt
+
     numpy_core = {}
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        numpy_core[(mod, "_reconstruct")] = np.ndarray.__reduce__(np.zeros(0))[0]
-        numpy_core[(mod, "scalar")] = np.float64(0).__reduce__()[0]
+        numpy_core[(mod, "_reconstruct")] = _reconstruct
+        numpy_core[(mod, "scalar")] = _scalar
     for mod in ("numpy.core.numeric", "numpy._core.numeric"):  # protocol 5's out-of-band form
-        numpy_core[(mod, "_frombuffer")] = np.zeros(1).__reduce_ex__(5)[0]
+        numpy_core[(mod, "_frombuffer")] = _frombuffer
     return {
         ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "bytearray"): bytearray,
         ("collections", "OrderedDict"): OrderedDict, ("_codecs", "encode"): _latin1_bytes,
         **numpy_core,
-        ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-        ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("numpy", "ndarray"): ndarray, ("numpy", "dtype"): np.dtype,
+        ("torch._utils", "_rebuild_tensor"): _tensor(torch._utils._rebuild_tensor),
+        ("torch._utils", "_rebuild_tensor_v2"): _tensor(torch._utils._rebuild_tensor_v2),
         ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
     }
 
 
-class _DataOnlyUnpickler(pickle.Unpickler):
+class _DataOnlyUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler (its opcodes can be overridden; the C one's cannot), admitting
+    only the globals of :func:`_allowed` and BUILD only on NumPy arrays and dtypes: BUILD sets
+    state or attributes, and on anything else (one of the functions handed out above, say) it
+    would change how the rest of this process loads data."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, file, source: str):
         super().__init__(file)
         self.source = source
@@ -83,6 +145,25 @@ class _DataOnlyUnpickler(pickle.Unpickler):
                 f"tensors are read from a pickle (anything else could run code when loaded); if you wrote this "
                 f"file yourself, store plain data in it")
         return found
+
+    def load_build(self):
+        import numpy as np
+
+        target = self.stack[-2]
+        if type(target) is not np.ndarray and not isinstance(target, np.dtype):
+            raise UnsafePickleError(f"{self.source} sets the state of a {type(target).__name__}: refused (only "
+                                    f"NumPy arrays and dtypes are restored that way)")
+        if type(target) is np.ndarray:  # its data as raw bytes only for a dtype without objects
+            state = self.stack[-1]
+            dtype = state[2] if isinstance(state, tuple) and len(state) >= 4 else None
+            raw = isinstance(state, tuple) and len(state) >= 5 and not isinstance(state[4], list)
+            if not isinstance(dtype, np.dtype) or (raw and _holds_objects(dtype)):
+                raise UnsafePickleError(f"{self.source} holds an array whose state is not a NumPy array's: refused")
+        super().load_build()
+        if isinstance(target, np.dtype) and _holds_objects(target) != target.hasobject:
+            raise UnsafePickleError(f"{self.source} holds a dtype whose flags deny the objects it holds: refused")
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def persistent_load(self, pid):
         raise UnsafePickleError(f"{self.source} uses persistent ids (a torch.save file?), not a plain pickle")
