@@ -1,8 +1,8 @@
 """Hooks: how a caller takes part in a training run without the trainer knowing what it does
 (the interface between :mod:`carl_scale.train` and its callers, so it lives beside neither).
 
-The entry point passes the end-of-run evaluation as a hook; the sweep passes one that reports a
-validation metric and a checkpoint to Ray Tune every few steps. A hook overrides what it needs::
+The entry point passes the end-of-run evaluation as a hook; the sweep passes one that writes a
+checkpoint and reports a validation metric to Ray Tune every few steps. A hook overrides what it needs::
 
     class EveryHundred(Hook):
         every = 100

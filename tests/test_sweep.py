@@ -148,11 +148,12 @@ def test_a_two_trial_sweep_writes_its_table_plot_and_best_config(vp9_shards, tmp
 
 def test_an_interrupted_sweep_resumes_and_keeps_its_finished_trials(vp9_shards, tmp_path):
     """Killed as a trial writes its last checkpoint (its report to Ray mostly not yet sent), then
-    resumed from another directory (the --config path was relative): the trial is not trained
+    resumed from another directory (the --config path and its shards were relative): the trial is not trained
     again, and it is scored from that checkpoint (before, it ended with no score, or as an error
     when Ray's copy of an older checkpoint had been deleted before Ray saved its state)."""
     out = tmp_path / "sweep"
-    _small_config(vp9_shards, tmp_path / "small.json")
+    (tmp_path / "shards").symlink_to(vp9_shards)
+    _small_config(Path("shards"), tmp_path / "small.json")  # its data relative to where the sweep starts
     flags = ["--config", "small.json", "--out", str(out), "--trials", "2",
              "--steps", "4", "--report-every", "2", "--val-videos", "4", "--cpus-per-trial", "1",
              "--objective", "kendall_tau"]

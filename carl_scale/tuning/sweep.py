@@ -85,6 +85,8 @@ def prepare(cfg: SweepConfig) -> tuple[RunConfig, str]:
         # the synthetic set moves (it is written later, before Ray starts); other shards are the user's
         base = configure(base, data_dir=absolute) if base.synthetic is not None else \
             configure(base, {"data.shards": absolute})
+    if local(base.eval.shards):  # (--val-shards, saved in base_config.json too)
+        base = configure(base, {"eval.shards": str(Path(base.eval.shards).resolve())})
     val = validation_shards(base)
     # what each trial will run, built once here: a setting its overrides make invalid (a warm-up
     # of more than --steps), or a missing --pretrained file, is one line now, not every trial's error
@@ -237,7 +239,8 @@ def write_results(rows: list[dict], cfg: SweepConfig, base: RunConfig) -> dict:
         (out / "best_config.json").write_text(json.dumps(to_dict(best_cfg), indent=2, sort_keys=True) + "\n")
         # the evaluation that follows: the recipe's dataset, or this data with the generic protocol
         dataset = f"synthetic --shards {base.data.shards}" if cfg.config is not None else \
-            TRANSFER_DATASET[cfg.recipe] + (f" --shards {cfg.shards}" if cfg.shards is not None else "")
+            TRANSFER_DATASET[cfg.recipe] + (f" --shards {cfg.shards}" if cfg.shards is not None
+                                            and TRANSFER_DATASET[cfg.recipe] == cfg.recipe else "")
         summary.update(best=best, pretrain=f"python launch/pretrain_k400.py --config {out / 'best_config.json'}",
                        transfer=f"launch/transfer_eval.sh {dataset} --run-dir {run_dir} --out {out / 'transfer'}")
     return summary
@@ -254,10 +257,14 @@ def run_sweep(cfg: SweepConfig) -> dict:
             raise ConfigError(f"--resume: there is no sweep to continue in {out}")
         cfg = dataclasses.replace(from_dict(SweepConfig, json.loads((out / "sweep.json").read_text())),
                                   out=str(out), resume=True)
-    base, val = prepare(cfg)
-    if cfg.resume:  # the trials' config as it was started, and its validation videos
-        base = as_started(out, base, cfg.resume)
+    if cfg.resume and (out / "base_config.json").is_file():
+        # the trials' config as it was started (its paths absolute), and its validation videos: the
+        # recipe, --config and paths are not read again from wherever this call runs
+        base = load_run_config(str(out / "base_config.json"))
         val = validation_shards(base)
+    else:
+        base, val = prepare(cfg)
+        base = as_started(out, base, cfg.resume)  # (a sweep from before base_config.json: its encoder)
     if not cfg.resume and experiment.exists():
         raise ConfigError(f"{out} holds a sweep already: continue it with --resume, or give another --name/--out")
     if base.synthetic is not None:  # once, here: trials never race to write the shards

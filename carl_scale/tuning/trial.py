@@ -28,7 +28,8 @@ from carl_scale.tuning.config import overrides_of
 
 
 class TuneReport(Hook):
-    """Every ``every`` steps: the validation objective and the checkpoint of the step, to Ray."""
+    """Every ``every`` steps: the step's checkpoint in the trial's run directory, then the
+    validation objective to Ray (at the end too, if no step was left to report)."""
 
     def __init__(self, every: int, shards: str, objective: str, limit: int, spatial):
         self.every, self.shards, self.objective, self.limit, self.spatial = every, shards, objective, limit, spatial
