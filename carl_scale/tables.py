@@ -4,7 +4,10 @@ long work draws progress bars."""
 from __future__ import annotations
 
 import os
+import re
 import sys
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # cursor moves of bars stacked on a terminal
 
 
 def progress_wanted() -> bool:
@@ -21,7 +24,7 @@ class _LineWriter:
         self.stream = stream
 
     def write(self, s: str) -> None:
-        s = s.replace("\r", "").rstrip()
+        s = _ESCAPES.sub("", s.replace("\r", "")).rstrip()
         if s:
             self.stream.write(s + "\n")
 
@@ -31,7 +34,8 @@ class _LineWriter:
 
 def progress_bar(*, enabled: bool = True, log_every_s: float = 30.0, **kw):
     """A tqdm bar for long work. On a terminal (or in a notebook) the usual live bar; with stderr
-    redirected to a file, a plain line at most every ``log_every_s`` seconds (and at the end),
+    redirected to a file, a plain line at most every ``log_every_s`` seconds (and at the end,
+    unless ``leave=False``: such a bar's closing clears it),
     so a log shows how far a job got without megabytes of redraws; none when ``enabled`` is
     false or the environment asks for none (:func:`progress_wanted`). Callers that change the
     postfix should pass ``refresh=False``, so the line interval holds."""

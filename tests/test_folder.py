@@ -286,3 +286,11 @@ def test_files_of_an_extension_not_read_as_video_are_said_to_be_left_out(video_d
     said = [w for w in m["label_warnings"] if "left out" in w]
     assert said == [f"1 file(s) under --src with an extension not read as video were left out, e.g. 'clip.xyz' "
                     f"(read: {', '.join(sorted(folder_module.VIDEO_EXTENSIONS))})"]
+
+
+def test_a_missing_or_file_src_names_what_it_is_and_what_to_pass(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--src .*nope does not exist: pass the folder that holds your videos"):
+        folder.main(["--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    (tmp_path / "a.mp4").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"--src .*a.mp4 is a file: pass the folder"):
+        folder.main(["--src", str(tmp_path / "a.mp4"), "--out", str(tmp_path / "o")])

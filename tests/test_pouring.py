@@ -110,8 +110,11 @@ def test_pouring_shards_from_tfrecords(tfrecords, tmp_path):
 
 
 def test_not_a_tfrecord_and_no_files_are_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="pouring_<train|val|test>"):
+    with pytest.raises(FileNotFoundError, match=r"no pouring_<train\|val\|test>-K-of-N.tfrecord files in .* \(it holds "
+                                                r"0 other entries\): pass the folder that holds them"):
         pouring.main(["--src", str(tmp_path), "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match=r"--src .*nope does not exist: pass the folder that holds the pouring_"):
+        pouring.main(["--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     (tmp_path / "pouring_val-0-of-1.tfrecord").write_bytes(b"this is not a tfrecord file at all")
     with pytest.raises(ValueError, match="split 'val': none of its 1 inputs could be written .*bad length checksum"):
         pouring.main(["--src", str(tmp_path), "--out", str(tmp_path / "p"), "--no-progress"])

@@ -28,9 +28,11 @@ import torch
 from carl_scale.tables import table
 
 
-def _busy(stop, python_us: float) -> None:
+def _busy(stop, python_us: float, started=None) -> None:
     y = torch.zeros(1)
     n = max(1, int(python_us * 20))  # ~20 additions per microsecond of CPython
+    if started is not None:
+        started.set()
     while not stop.is_set():
         s = 0
         for i in range(n):
@@ -70,10 +72,13 @@ def measure(ops: int, python_us: float, switch_s: float) -> dict[str, float]:
         stop.set()
         thread.join()
         ctx = mp.get_context("spawn")
-        pstop = ctx.Event()
-        proc = ctx.Process(target=_busy, args=(pstop, python_us), daemon=True)
+        pstop, pstarted = ctx.Event(), ctx.Event()
+        proc = ctx.Process(target=_busy, args=(pstop, python_us, pstarted), daemon=True)
         proc.start()
-        time.sleep(2.0)  # (its imports)
+        # timed once its loop runs (a fixed wait could time the row before it, on a loaded machine)
+        if not pstarted.wait(120):
+            raise RuntimeError("the busy process did not start its loop within 120 s")
+        time.sleep(0.05)
         beside_process = _loop(ops)
         pstop.set()
         proc.join()

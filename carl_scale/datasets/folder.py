@@ -203,7 +203,8 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
     opts = opts or FolderOptions()
     src = Path(src)
     if not src.is_dir():
-        raise FileNotFoundError(f"--src {src} is not a directory of videos")
+        raise FileNotFoundError(f"--src {src} {'is a file' if src.exists() else 'does not exist'}: pass the folder "
+                                f"that holds your videos (searched with its subfolders)")
     files = sorted(p for p in src.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"no video files ({', '.join(sorted(VIDEO_EXTENSIONS))}) under {src}")

@@ -206,8 +206,12 @@ def write_tfrecord_shards(src: str | Path, out_dir: str | Path, dataset: str, *,
             files.setdefault(m[1], []).append(p)
             if m[2] is not None:
                 parts.setdefault((m[1], int(m[3])), set()).add(int(m[2]))
+    if not src.is_dir():
+        raise FileNotFoundError(f"--src {src} does not exist: pass the folder that holds the {dataset}_<train|val|test>"
+                                f"-K-of-N.tfrecord files (docs/datasets.md says where they come from)")
     if not files:
-        raise FileNotFoundError(f"no {dataset}_<train|val|test>-K-of-N.tfrecord files in {src}")
+        raise FileNotFoundError(f"no {dataset}_<train|val|test>-K-of-N.tfrecord files in {src} (it holds "
+                                f"{sum(1 for _ in src.iterdir())} other entries): pass the folder that holds them")
     for (split, n), found in sorted(parts.items()):  # a part not downloaded: refused before writing
         if found != set(range(n)):  # (parts count from 0: -0-of-2 and -2-of-2 still lack -1-of-2)
             raise FileNotFoundError(f"{src}: {dataset}_{split} has parts K = {', '.join(map(str, sorted(found)))} of "

@@ -68,18 +68,19 @@ def save_retrieval_figure(query_frame: np.ndarray, hit_frames: list[np.ndarray],
 
 def phase_colours(labels: np.ndarray) -> dict[int, np.ndarray]:
     """One distinct RGBA colour per phase label present (``>= 0``), in label order: tab10 for up to
-    10, tab20 up to 20, beyond that evenly spaced hues. Only labels present get colours, so a
-    FineGym video's elements (class ids up to 98) never share a colour by wrapping around."""
+    10, the 60 of tab20, tab20b and tab20c up to 60, beyond that hues spread over 90% of the wheel
+    (hsv's ends are both red). Only labels present get colours, so a FineGym video's elements
+    (class ids up to 98) never share a colour by wrapping around."""
     import matplotlib
 
     present = sorted(int(v) for v in np.unique(labels) if v >= 0)
     m = len(present)
     if m <= 10:
         rgba = matplotlib.colormaps["tab10"](np.arange(m))
-    elif m <= 20:
-        rgba = matplotlib.colormaps["tab20"](np.arange(m))
+    elif m <= 60:
+        rgba = np.concatenate([matplotlib.colormaps[n](np.arange(20)) for n in ("tab20", "tab20b", "tab20c")])[:m]
     else:
-        rgba = matplotlib.colormaps["hsv"](np.arange(m) / m)
+        rgba = matplotlib.colormaps["hsv"](0.9 * np.arange(m) / m)
     return dict(zip(present, rgba))
 
 
@@ -95,9 +96,11 @@ def draw_phase_timeline(true: np.ndarray, pred: np.ndarray, *, title: str = "",
     if true.shape != pred.shape:
         raise ValueError(f"{len(true)} true phase labels for {len(pred)} predicted ones")
     colours = phase_colours(np.concatenate([true, pred]))
-    image = np.empty((2, len(true), 4))
+    image = np.empty((2, max(1, len(true)), 4))  # (a video of no frames: one grey column)
+    image[:] = UNLABELLED
     for row, labels in enumerate((true, pred)):
-        image[row] = [colours.get(int(v), UNLABELLED) for v in labels] if len(labels) else image[row]
+        if len(labels):
+            image[row] = [colours.get(int(v), UNLABELLED) for v in labels]
     names = list(phase_names or [])
     handles = [Patch(color=c, label=names[v] if v < len(names) else f"phase {v}") for v, c in colours.items()]
     if (true < 0).any() or (pred < 0).any():

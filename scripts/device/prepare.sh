@@ -63,7 +63,8 @@ tail -c +$((60 * mib - core + 1)) "$work/dali.tar.xz" | split -b 60M -d -a 2 --n
 parts=("$work"/dali.tar.xz.part*); n=${#parts[@]}
 i=0; for p in "${parts[@]}"; do i=$((i + 1)); mkdir -p ".whl/c$i"; mv "$p" ".whl/c$i/$(basename "$p")-of-$(printf %02d "$n")"; done
 [[ $(cat .whl/c*/dali.tar.xz.part* | cmp - "$work/dali.tar.xz" && echo same) == same ]] || { echo "prepare: the parts do not add up"; exit 1; }
-tree=$(git ls-files -co --exclude-standard -z | xargs -0 cat | wc -c)
+tree=$(git ls-files -co --exclude-standard | while read -r f; do [[ -f $f ]] && stat -c %s "$f"; done |
+  awk '{s += $1} END {print s + 0}')
 for c in .whl/c*; do  # what each call carries, beside the working tree that travels with every call
   (( $(cat "$c"/* | wc -c) + tree <= 63 * mib )) || { echo "prepare: $c and the repository exceed 63 MiB"; exit 1; }
 done
