@@ -143,3 +143,15 @@ def test_progress_bars_write_whole_lines_to_a_log_file_and_nothing_when_asked(tm
         rows = text.splitlines()
         assert 2 <= len(rows) <= 21 and all(r.startswith("work:") for r in rows), rows
         assert "20/20" in rows[-1] and "loss=19" in rows[-1]
+
+
+def test_a_log_line_keeps_no_cursor_moves_of_bars_stacked_on_a_terminal():
+    import io
+
+    from carl_scale.tables import _LineWriter
+
+    out = io.StringIO()
+    w = _LineWriter(out)
+    for chunk in ("\r  embed val: 50%|#####     | 1/2", "\x1b[A", "\n\x1b[A\r", "   "):
+        w.write(chunk)
+    assert out.getvalue() == "  embed val: 50%|#####     | 1/2\n"

@@ -93,6 +93,7 @@ def test_phase_timeline_pictures_edge_cases(tmp_path):
     assert save_phase_timeline(np.arange(4), np.arange(4), tmp_path / "b.png", phase_names=["up"]).exists()
     with pytest.raises(ValueError, match="4 true phase labels for 3 predicted"):
         save_phase_timeline(np.arange(4), np.arange(3), tmp_path / "c.png")
+    assert save_phase_timeline(np.zeros(0, int), np.zeros(0, int), tmp_path / "d.png").exists()  # no frames at all
 
 
 def test_a_timeline_of_many_classes_gives_each_phase_present_its_own_colour_and_legend_entry():
@@ -111,9 +112,10 @@ def test_a_timeline_of_many_classes_gives_each_phase_present_its_own_colour_and_
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert legend == ["phase 3", "phase 13", "phase 57", "phase 83", "phase 93", "unlabelled"]
     assert ax.get_title() == "v1 (val): 33% of labelled frames right"  # 5 of the 15 labelled frames
-    many = np.arange(30).repeat(2)
-    colours = draw_phase_timeline(many, many).axes[0].images[0].get_array()[0]
-    assert len({tuple(c) for c in colours}) == 30
+    for n in (30, 60, 99):  # distinct, and beyond 60 no two hues within 1% of the wheel
+        many = np.arange(n).repeat(2)
+        colours = draw_phase_timeline(many, many).axes[0].images[0].get_array()[0]
+        assert len({tuple(np.round(c, 6)) for c in colours}) == n
 
 
 def test_pictures_that_cannot_be_drawn_cost_only_the_pictures(vp9_shards, tmp_path, monkeypatch, capsys):
