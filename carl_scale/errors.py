@@ -4,14 +4,32 @@ entry point takes ``--debug`` to show the traceback as well."""
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from typing import Callable
 
+
+class Stopped(Exception):
+    """A run that ended early on purpose (a scheduler's signal), its work saved: one line, exit 1."""
+
+
+# A scheduler's signals to end a job (SLURM's scancel and time limit, Kubernetes, the deepspeed
+# launcher: SIGTERM; SLURM's --signal=USR1@SECONDS: a warning ahead); see carl_scale.train.preemption.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals(*_) -> None:
+    """In a process that feeds a training rank (a DataLoader's ``worker_init_fn``, the finishing
+    process): the signal reaches it with its rank, which writes a checkpoint first and needs it."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 # What the library raises for bad input; its messages are written for the person at the terminal.
 # Anything else (a bug) keeps its traceback.
 EXPECTED = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, NotADirectoryError,
-            IsADirectoryError, PermissionError)
+            IsADirectoryError, PermissionError, Stopped)
 
 
 def one_line(exn: BaseException) -> str:

@@ -148,6 +148,67 @@ def test_killed_run_resumes_to_the_same_weights(vp9_shards, tmp_path):
     assert short.returncode == 1 and "at step 12, past --steps 6" in short.stderr and "Traceback" not in short.stderr
 
 
+def _stop_with(signal_to_group: int, cmd: list[str], run: Path, started: str) -> tuple[subprocess.Popen, str]:
+    """Start ``cmd`` in a session of its own, send its whole group the signal once ``run`` has the
+    checkpoint ``started`` (as SLURM signals every process of a job step), return (process, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / started).exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal_to_group)
+    _, err = proc.communicate(timeout=300)
+    return proc, err
+
+
+def test_a_schedulers_sigterm_stops_with_a_checkpoint_that_resumes_exactly(vp9_shards, tmp_path):
+    """SIGTERM to the run and its DataLoader workers (a job's processes, as SLURM's scancel sends
+    it): the step in progress finishes, a checkpoint of it is written (not a multiple of
+    --checkpoint-every), the run ends in one line naming it, and resuming from it gives the weights
+    of a run never stopped."""
+    steps = 16
+    ref = _pretrain(_flags(vp9_shards, tmp_path / "ref", steps, workers=2, checkpoint_every=100))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "stopped"
+    flags = _flags(vp9_shards, run, steps, workers=2, checkpoint_every=4)
+    proc, err = _stop_with(signal.SIGTERM, [sys.executable, str(ROOT / "launch/pretrain_k400.py"), *flags], run,
+                           "step_000004")
+    import re
+
+    last = err.strip().splitlines()[-1]
+    m = re.fullmatch(r"pretrain_k400.py: error: stopped by SIGTERM after step (\d+): checkpoint (\S+) written; "
+                     r"continue with --resume latest", last)
+    assert proc.returncode == 1 and m, err[-3000:]
+    n = int(m[1])
+    assert 4 < n < steps and Path(m[2]) == run / f"checkpoints/step_{n:06d}", last
+    assert (run / "checkpoints/latest").read_text().strip() == f"step_{n:06d}" and "Traceback" not in err
+    resumed = _pretrain(flags + ["--resume", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _weights(tmp_path / f"ref/checkpoints/step_{steps:06d}"), _weights(run / f"checkpoints/step_{steps:06d}")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_ranks_stopped_by_sigterm_agree_on_one_step_and_write_one_checkpoint(vp9_shards, tmp_path):
+    """Under the deepspeed launcher (which forwards SIGTERM to each rank's process tree and kills it
+    30 s later): both ranks stop after the same step, a multiple of CHECK_EVERY, with one whole
+    checkpoint that both resume from."""
+    from carl_scale.train.preemption import CHECK_EVERY
+
+    run = tmp_path / "run"
+    port = str(29500 + (os.getpid() + 7) % 1000)
+    flags = _flags(vp9_shards, run, 40, workers=1, checkpoint_every=4)
+    proc, err = _stop_with(signal.SIGTERM, ["deepspeed", "--num_gpus", "2", "--master_port", port,
+                                            str(ROOT / "launch/pretrain_k400.py"), *flags], run, "step_000004")
+    assert proc.returncode != 0 and "Traceback" not in err, err[-3000:]
+    latest = (run / "checkpoints/latest").read_text().strip()
+    n = int(latest.split("_")[1])
+    assert n % CHECK_EVERY == 0 and 4 < n < 40, (latest, err[-2000:])
+    assert sorted(p.name for p in (run / "checkpoints" / latest).glob("client_rank*.pt")) == \
+        ["client_rank0.pt", "client_rank1.pt"]
+    assert err.count(f"stopped by SIGTERM after step {n}") == 2, err[-3000:]
+
+
 @pytest.mark.parametrize("nan_at, log_every, last_good, stopped", [(3, 1, 2, None), (5, 3, 4, 6)])
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(vp9_shards, tmp_path, nan_at, log_every,
                                                                            last_good, stopped):

@@ -61,6 +61,7 @@ import torch
 import torch.multiprocessing as tmp
 
 from carl_scale.data.batch import VideoBatch
+from carl_scale.errors import ignore_stop_signals
 
 CHILD_START_S = 600.0  # the first batch may wait for imports, the workers' fork and DALI's pipelines
 DRAIN_S = 60.0  # a stopped pass's end: at most a batch being finished, and the last one being sent
@@ -331,6 +332,7 @@ def _outgoing(batch: VideoBatch | None) -> dict | None:
 def _serve(loader_cls: type, spec: dict, commands, results, stop, closing, parent: int) -> None:
     """The child: a loader finishing in threads, serving one pass per command until None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the parent decides
+    ignore_stop_signals()  # and so does a scheduler's SIGTERM: the parent writes a checkpoint first
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # (blocked by the parent while it started this)
 
     def orphaned() -> None:  # the training process gone without closing this one: go too

@@ -53,6 +53,7 @@ from carl_scale.data.manifest import manifest_codec, manifest_samples, resolve_s
 from carl_scale.data.prefetch import finish_ahead
 from carl_scale.data.spatial import apply_geometric, apply_photometric, draw_view_params, to_tchw
 from carl_scale.data.temporal import sample_temporal_views
+from carl_scale.errors import ignore_stop_signals
 
 log = logging.getLogger("carl_scale.data")
 
@@ -498,10 +499,12 @@ class VideoLoader:
             # earlier compiled run in this process (a sweep's reused worker, a test session)
             # crashed it with a segmentation fault (tests/test_reader.py)
             gc.collect()
+            # (the workers ignore a scheduler's stop signal: their rank writes a checkpoint first)
             self._dl = DataLoader(self.dataset, batch_size=None, num_workers=workers,
                                   generator=torch.Generator().manual_seed(self.seed),
                                   multiprocessing_context="fork" if workers > 0 else None,
-                                  persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
+                                  persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+                                  worker_init_fn=ignore_stop_signals if workers > 0 else None)
         dl = self._dl
         if self._in_thread():
             # decoding and augmentation on the GPU overlap the step: threads on CUDA streams of their own

@@ -39,6 +39,7 @@ from carl_scale.hooks import Hook, HookContext
 from carl_scale.train.engine import (build_engine, deepspeed_config, engine_step, keep_fused, lr_lambda,
                                      process_group, resolve_speedups, rng_scope)
 from carl_scale.train.logger import RunLogger
+from carl_scale.train.preemption import Preempted, StopSignals
 
 
 class Diverged(FloatingPointError):
@@ -118,6 +119,7 @@ class Trainer:
         self.step = self.start_step = 0
         self.history: list[float] = []
         self._saved: tuple[int, Path] | None = None
+        self.stop_signals = StopSignals(world)  # (with NCCL a gloo group: made by every rank, here)
         if resume_from is not None:
             self._resume(*resume_from)
 
@@ -270,6 +272,7 @@ class Trainer:
         on_stream = contextlib.ExitStack()
         try:
             on_stream.enter_context(self.step_stream())
+            on_stream.enter_context(self.stop_signals)  # SIGTERM / SIGUSR1: a checkpoint, then stop
             while self.step < total:
                 step = _Queued(self.step + 1, self.scheduler.get_last_lr()[0])
                 for _ in range(cfg.parallel.grad_accum):
@@ -284,9 +287,10 @@ class Trainer:
                     samples_window += n
                 self.step += 1
                 queued.append(step)
-                show = self.step % cfg.log_every == 0 or self.step == total
-                save = self.step % cfg.checkpoint.every_steps == 0 or self.step == total
-                due = [self.step % hook.every == 0 or self.step == total for hook in timed]
+                stop = self.stop_signals.agreed(self.step)
+                show = self.step % cfg.log_every == 0 or self.step == total or stop is not None
+                save = self.step % cfg.checkpoint.every_steps == 0 or self.step == total or stop is not None
+                due = [(self.step % hook.every == 0 or self.step == total) and stop is None for hook in timed]
                 if not (show or save or any(due)):
                     log.step(self.step, {}, False)  # the progress bar only: nothing read back yet
                     continue
@@ -314,6 +318,8 @@ class Trainer:
                         extra = hook.on_interval(self._context(mean))
                         if extra:
                             log.scalars(f"hooks/{type(hook).__name__}", extra, self.step)
+                if stop is not None:
+                    raise Preempted(stop, self.step, self._saved[1])
         except BaseException:
             log.close()
             raise
