@@ -233,9 +233,15 @@ def test_a_pickle_cannot_read_bytes_as_objects_or_change_what_later_loads_return
 
     with pytest.raises(UnsafePickleError, match="numpy.ndarray called directly"):
         load_data_pickle(dump("a.pkl", [_Reduces(np.ndarray, ((), np.dtype("O"), b"A" * 8))]))
-    state = (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0)
-    with pytest.raises(UnsafePickleError, match="dtype whose flags deny the objects"):
+    state = (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0)  # flags 0: "no objects here"
+    with pytest.raises(UnsafePickleError, match="dtype with objects inside a structure"):
         load_data_pickle(dump("b.pkl", _Reduces(np.dtype, ("V8", False, True), state)))
+    with pytest.raises(UnsafePickleError, match=r"m.pkl: numpy.dtype\('M8'\): only plain type codes"):
+        load_data_pickle(dump("m.pkl", np.array(["2020-01-01"], dtype="M8[s]")))  # (its BUILD crashes NumPy)
+    with pytest.raises(UnsafePickleError, match="only empty arrays are made before their data"):
+        load_data_pickle(dump("big.pkl", _Reduces(np.ndarray.__reduce__(np.zeros(0))[0], (np.ndarray, (2**32,), b"O"))))
+    with pytest.raises(UnsafePickleError, match="bytearray of anything but bytes"):
+        load_data_pickle(dump("fill.pkl", _Reduces(bytearray, (2**33,))))  # 8 GiB from 33 bytes
 
     def text(s: str) -> bytes:
         return b"X" + struct.pack("<I", len(s)) + s.encode()
@@ -256,3 +262,12 @@ def test_a_pickle_cannot_read_bytes_as_objects_or_change_what_later_loads_return
     things = np.array(["a", None, 3], dtype=object)
     got = load_data_pickle(dump("e.pkl", {"o": things, "f": np.arange(3.0)}))
     assert list(got["o"]) == ["a", None, 3] and np.array_equal(got["f"], np.arange(3.0))
+    # dtypes are made anew from their pickled state, never changed in place: one dtype shared by
+    # two arrays (the second a memo reference), byte orders, structures, sub-arrays, strings
+    values = [np.arange(2, dtype=">i4"), np.arange(3, dtype=">i4"), np.array([(1, 2.5)], dtype=[("a", "<i8"), ("b", ">f4")]),
+              np.zeros(2, dtype=("<f8", (3,))), np.array(["ab", "c"]), np.array([b"x"]), np.float32(2.5)]
+    for proto in (2, 5):
+        got = load_data_pickle(dump(f"v{proto}.pkl", raw=pickle.dumps(values, protocol=proto)))
+        for a, b in zip(got, pickle.loads(pickle.dumps(values, protocol=proto))):  # as pickle itself loads them
+            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), (a, b)
+    assert np.dtype("f8").str == "<f8" and np.dtype("i4").byteorder == "="  # NumPy's own dtypes untouched

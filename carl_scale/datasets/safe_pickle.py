@@ -86,7 +86,22 @@ def _allowed() -> dict[tuple[str, str], Any]:
     def _reconstruct(cls, shape, dtype_char):  # an empty array, its data set by BUILD (checked there)
         if cls is not ndarray:
             raise UnsafePickleError(f"_reconstruct of {cls!r}: only numpy.ndarray is read")
+        if not (isinstance(shape, tuple) and all(isinstance(n, int) for n in shape) and 0 in shape):
+            # (NumPy writes (0,): the data comes with BUILD; a large shape would allocate from 72 bytes)
+            raise UnsafePickleError(f"_reconstruct of shape {shape!r}: only empty arrays are made before their data")
         return reconstruct(np.ndarray, shape, dtype_char)
+
+    def _dtype(spec, align=False, copy=False):  # a type code only ("f8", "V12", "<U5"): fields come with BUILD
+        if not isinstance(spec, str) or np.dtype(spec).kind in "Mm":  # (datetime states crash NumPy's BUILD)
+            raise UnsafePickleError(f"numpy.dtype({spec!r}): only plain type codes are read")
+        return np.dtype(spec, bool(align), bool(copy))
+
+    def _bytearray(data=b"", encoding=None):  # its bytes from the file, never a size to fill
+        if isinstance(data, str) and encoding is not None:
+            return bytearray(_latin1_bytes(data, encoding))
+        if not isinstance(data, (bytes, bytearray)) or encoding is not None:
+            raise UnsafePickleError("bytearray of anything but bytes: refused")
+        return bytearray(data)
 
     def _scalar(dtype, data=None):
         return scalar(_raw_bytes_dtype(dtype, "a NumPy scalar"), *(() if data is None else (data,)))
@@ -108,14 +123,47 @@ def _allowed() -> dict[tuple[str, str], Any]:
     for mod in ("numpy.core.numeric", "numpy._core.numeric"):  # protocol 5's out-of-band form
         numpy_core[(mod, "_frombuffer")] = _frombuffer
     return {
-        ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "bytearray"): bytearray,
+        ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "bytearray"): _bytearray,
         ("collections", "OrderedDict"): OrderedDict, ("_codecs", "encode"): _latin1_bytes,
         **numpy_core,
-        ("numpy", "ndarray"): ndarray, ("numpy", "dtype"): np.dtype,
+        ("numpy", "ndarray"): ndarray, ("numpy", "dtype"): _dtype,
         ("torch._utils", "_rebuild_tensor"): _tensor(torch._utils._rebuild_tensor),
         ("torch._utils", "_rebuild_tensor_v2"): _tensor(torch._utils._rebuild_tensor_v2),
         ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
     }
+
+
+def _dtype_from_state(target, state, source: str):
+    """The dtype a pickled dtype's BUILD describes, made anew: a plain one in its byte order, a
+    structured one from names, formats and offsets (NumPy checks them), a sub-array from its base.
+    Never a dtype holding objects inside a structure (its bytes could be read as addresses)."""
+    import numpy as np
+
+    def refuse(why: str):
+        raise UnsafePickleError(f"{source} holds a dtype {why}: refused")
+
+    if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)):
+        refuse("whose state is not NumPy's")
+    _, order, sub, names, fields, size, _, _ = state[:8]
+    if order not in ("<", ">", "|", "="):
+        refuse(f"of byte order {order!r}")
+    if sub is not None:
+        if names is not None or not (isinstance(sub, tuple) and len(sub) == 2 and isinstance(sub[0], np.dtype)
+                                     and isinstance(sub[1], tuple) and all(isinstance(n, int) for n in sub[1])):
+            refuse("with a malformed sub-array")
+        built = np.dtype((sub[0], sub[1]))
+    elif names is not None:
+        if not (isinstance(names, tuple) and isinstance(fields, dict) and set(fields) == set(names)
+                and all(isinstance(fields[n], tuple) and len(fields[n]) == 2 and isinstance(fields[n][0], np.dtype)
+                        and isinstance(fields[n][1], int) for n in names) and isinstance(size, int)):
+            refuse("with malformed fields")
+        built = np.dtype({"names": list(names), "formats": [fields[n][0] for n in names],
+                          "offsets": [fields[n][1] for n in names], "itemsize": size})
+    else:
+        built = target if order in ("|", "=") or target.byteorder == "|" else target.newbyteorder(order)
+    if (names is not None or sub is not None) and _holds_objects(built):
+        refuse("with objects inside a structure")
+    return built
 
 
 class _DataOnlyUnpickler(pickle._Unpickler):
@@ -130,14 +178,12 @@ class _DataOnlyUnpickler(pickle._Unpickler):
         super().__init__(file)
         self.source = source
         self.allowed = _allowed()
+        self._built: set[int] = set()
+        self._keep: list = []
 
     def find_class(self, module: str, name: str):
         if module == "__builtin__":  # written by Python 2
             module = "builtins"
-        if module.startswith("numpy.dtypes") and name.endswith("DType"):  # NumPy 2's dtype classes
-            import numpy
-
-            return getattr(numpy.dtypes, name)
         found = self.allowed.get((module, name))
         if found is None:
             raise UnsafePickleError(
@@ -149,19 +195,30 @@ class _DataOnlyUnpickler(pickle._Unpickler):
     def load_build(self):
         import numpy as np
 
-        target = self.stack[-2]
-        if type(target) is not np.ndarray and not isinstance(target, np.dtype):
+        state, target = self.stack.pop(), self.stack[-1]
+        if isinstance(target, np.dtype):
+            # Never dtype.__setstate__: it changes the dtype in place (arrays already made with it, or
+            # NumPy's shared float64, would then read their bytes as other fields, objects included)
+            # and crashes on some states. A new dtype is built from the state, with NumPy's checks.
+            built = _dtype_from_state(target, state, self.source)
+            self.stack[-1] = built
+            for key, value in list(self.memo.items()):
+                if value is target:
+                    self.memo[key] = built
+            return
+        if type(target) is not np.ndarray:
             raise UnsafePickleError(f"{self.source} sets the state of a {type(target).__name__}: refused (only "
                                     f"NumPy arrays and dtypes are restored that way)")
-        if type(target) is np.ndarray:  # its data as raw bytes only for a dtype without objects
-            state = self.stack[-1]
-            dtype = state[2] if isinstance(state, tuple) and len(state) >= 4 else None
-            raw = isinstance(state, tuple) and len(state) >= 5 and not isinstance(state[4], list)
-            if not isinstance(dtype, np.dtype) or (raw and _holds_objects(dtype)):
-                raise UnsafePickleError(f"{self.source} holds an array whose state is not a NumPy array's: refused")
+        if id(target) in self._built:
+            raise UnsafePickleError(f"{self.source} sets an array's state twice: refused")
+        dtype = state[2] if isinstance(state, tuple) and len(state) == 5 else None
+        raw = not isinstance(state[4], list) if dtype is not None else True
+        if not isinstance(dtype, np.dtype) or (raw and _holds_objects(dtype)) or (not raw and dtype.kind != "O"):
+            raise UnsafePickleError(f"{self.source} holds an array whose state is not a NumPy array's: refused")
+        self._built.add(id(target))
+        self._keep.append(target)  # (its id stays its own while the load runs)
+        self.stack.append(state)
         super().load_build()
-        if isinstance(target, np.dtype) and _holds_objects(target) != target.hasobject:
-            raise UnsafePickleError(f"{self.source} holds a dtype whose flags deny the objects it holds: refused")
 
     dispatch[pickle.BUILD[0]] = load_build
 
@@ -177,7 +234,9 @@ def load_data_pickle(path: str | Path) -> Any:
     with open(path, "rb") as f:
         try:
             return _DataOnlyUnpickler(f, str(path)).load()
-        except UnsafePickleError:
-            raise
+        except UnsafePickleError as exn:
+            if str(path) in str(exn):
+                raise
+            raise UnsafePickleError(f"{path}: {exn}") from None  # (a check that had no file name to give)
         except Exception as exn:  # truncated, not a pickle, ...
             raise ValueError(f"{path} cannot be read as a pickle ({type(exn).__name__}: {exn})") from None
