@@ -61,7 +61,7 @@ import torch
 import torch.multiprocessing as tmp
 
 from carl_scale.data.batch import VideoBatch
-from carl_scale.errors import ignore_stop_signals
+from carl_scale.errors import STOP_SIGNALS, ignore_stop_signals
 
 CHILD_START_S = 600.0  # the first batch may wait for imports, the workers' fork and DALI's pipelines
 DRAIN_S = 60.0  # a stopped pass's end: at most a batch being finished, and the last one being sent
@@ -97,7 +97,7 @@ class FinishProcess:
                                  name="carl-scale-finish-process")
         # SIGINT blocked while the child starts (the mask survives spawn's exec) until it ignores it:
         # a Ctrl-C reaches the whole process group, and the parent decides what stops
-        masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        masked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *STOP_SIGNALS})
         try:
             with _main_not_rerun():
                 self._proc.start()
@@ -290,6 +290,9 @@ def _shut_down(proc, commands, stop, closing) -> None:
     if proc.is_alive():
         proc.terminate()
         proc.join(timeout=5)
+    if proc.is_alive():  # (it ignores SIGTERM, as a scheduler's reaches it with its rank)
+        proc.kill()
+        proc.join(timeout=5)
     if not proc.is_alive() and proc.pid is not None:
         # The reference counts of the CUDA views it sent live in files named after it, which only
         # its own teardown removes, and it leaves through os._exit (_exit_now): /dev/shm is memory.
@@ -333,7 +336,7 @@ def _serve(loader_cls: type, spec: dict, commands, results, stop, closing, paren
     """The child: a loader finishing in threads, serving one pass per command until None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the parent decides
     ignore_stop_signals()  # and so does a scheduler's SIGTERM: the parent writes a checkpoint first
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # (blocked by the parent while it started this)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, *STOP_SIGNALS})  # (blocked while it started)
 
     def orphaned() -> None:  # the training process gone without closing this one: go too
         while True:

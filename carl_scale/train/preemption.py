@@ -1,19 +1,25 @@
 """Stopping on a scheduler's signal with a checkpoint instead of losing the steps since the last one.
 
 A cluster ends a job with SIGTERM and a grace period before SIGKILL (SLURM's ``scancel`` or time
-limit, 30 s by default; Kubernetes, 30 s; the ``deepspeed`` launcher forwards it to every process
-of each rank and waits 30 s), and SLURM can warn ahead with ``--signal=USR1@120``. On either
-signal the trainer finishes the step it is in, writes a checkpoint at the next step all ranks agree
-on, and ends in one line naming it; ``--resume latest`` continues from there exactly as from any
-other checkpoint.
+limit, 30 s by default; Kubernetes, 30 s), and SLURM can warn ahead with ``--signal=USR1@120``.
+On either signal the trainer finishes the step it is in, writes a checkpoint after the next step
+(every rank after the same one), and ends in one line naming it; ``--resume latest`` continues
+from there exactly as from any other checkpoint.
+
+The signal must reach the training processes: SLURM signals every process of a job step, and a
+process group gets it with ``kill -TERM -PGID``. The ``deepspeed`` launcher's per-node process
+(``deepspeed.launcher.launch``) passes it on to one rank's process tree at a time, waiting up to
+30 s for each; the ``deepspeed`` command itself, on one node, does not pass it on.
 
 The processes that feed a rank (DataLoader workers, the finishing process) ignore the signals:
-they receive them with the rank (a process group, or the launcher's tree), and without them the
-rank could not reach its checkpoint. They still end with the rank (their own parent-death checks).
+they receive them with the rank, and without them the rank could not reach its checkpoint. They
+still end with it (their own parent-death checks). Once a stop is agreed the rank ignores further
+signals too, so a second SIGTERM cannot cut its teardown short.
 
-Ranks agree through a one-number all-reduce every ``CHECK_EVERY`` steps (on a gloo group beside
-NCCL: it never waits for the GPU), so all of them stop after the same step; one process reads its
-own flag after every step, for free.
+Ranks agree through a one-number all-reduce on a gloo group (beside NCCL: it never waits for the
+GPU), started after each step without waiting and read after the next one: every rank sees the
+same answer after the same step, one or two steps after the first signal. One process reads its
+own flag after every step.
 """
 
 from __future__ import annotations
@@ -25,9 +31,6 @@ import torch
 import torch.distributed as dist
 
 from carl_scale.errors import STOP_SIGNALS, Stopped
-
-CHECK_EVERY = 10  # steps between the ranks' agreements: within a 30 s grace period at >= 0.3 steps/s
-
 
 class Preempted(Stopped):
     """The run stopped on a signal after writing a checkpoint (an expected end: one line, exit 1)."""
@@ -46,7 +49,9 @@ class StopSignals:
     def __init__(self, world: int):
         self.world = world
         self.received: str | None = None
+        self.stopping = False  # a stop agreed: the signals are ignored from then on
         self._previous: dict[int, object] = {}
+        self._pending: tuple | None = None  # (the all-reduce in flight, its tensor)
         self.group = None
         if world > 1 and dist.is_initialized():
             self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
@@ -58,22 +63,54 @@ class StopSignals:
                   flush=True)
 
     def __enter__(self) -> "StopSignals":
+        self.received, self.stopping, self._pending = None, False, None
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if self._pending is not None and exc_type is None:  # (issued by every rank: it completes)
+            self._pending[0].wait()
+        self._pending = None
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            # after a stop: ignored through the teardown (a second SIGTERM would cut it short);
+            # a handler installed from C code reads as None and cannot be put back
+            signal.signal(sig, signal.SIG_IGN if self.stopping else
+                          previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
 
-    def agreed(self, step: int) -> str | None:
-        """The signal to stop on after ``step``, the same answer on every rank; None to go on."""
-        if self.world == 1 or not dist.is_initialized():
-            return self.received
-        if step % CHECK_EVERY:
-            return None
+    def _reduce(self) -> tuple:
         flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return (self.received or "a signal to another rank") if int(flag) else None
+        return dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag
+
+    def agreed(self, step: int) -> str | None:
+        """The signal to stop on after ``step``, the same answer on every rank; None to go on.
+        Called after every step by every rank."""
+        if self.world == 1 or not dist.is_initialized():
+            stop = self.received
+        else:
+            stop = None
+            if self._pending is not None:
+                work, flag = self._pending
+                work.wait()  # started a step ago: done by now, unless another rank is behind
+                if int(flag):
+                    stop = self.received or "a signal to another rank"
+            self._pending = None if stop else self._reduce()
+        self.stopping = stop is not None
+        return stop
+
+    def final(self) -> str | None:
+        """After the last step: whether any rank received a signal (a blocking agreement), so all
+        of them skip the end-of-run work alike."""
+        if self.world == 1 or not dist.is_initialized():
+            stop = self.received
+        else:
+            if self._pending is not None:
+                self._pending[0].wait()
+            work, flag = self._reduce()
+            work.wait()
+            self._pending = None
+            stop = (self.received or "a signal to another rank") if int(flag) else None
+        self.stopping = stop is not None
+        return stop

@@ -320,6 +320,11 @@ class Trainer:
                             log.scalars(f"hooks/{type(hook).__name__}", extra, self.step)
                 if stop is not None:
                     raise Preempted(stop, self.step, self._saved[1])
+            # a signal during the last steps: every rank skips the end-of-run work alike (the
+            # evaluation would outlast the grace period); the last step's checkpoint is written
+            stop = self.stop_signals.final()
+            if stop is not None:
+                raise Preempted(stop, self.step, self.save())
         except BaseException:
             log.close()
             raise
