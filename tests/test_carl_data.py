@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -259,6 +260,22 @@ def test_a_pickle_cannot_read_bytes_as_objects_or_change_what_later_loads_return
              b"K\x00cbuiltins\nset\nstR.")
     with pytest.raises(UnsafePickleError, match="backward hooks"):
         load_data_pickle(dump("d.pkl", raw=hooks))
+    reconstruct = np.ndarray.__reduce__(np.zeros(0))[0]
+    with pytest.raises(UnsafePickleError, match="whose state is not a NumPy array's"):  # NumPy reads past the list
+        load_data_pickle(dump("short.pkl", _Reduces(reconstruct, (np.ndarray, (0,), b"b"),
+                                                    (1, (1000,), np.dtype("O"), False, [7]))))
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]
+    with pytest.raises(UnsafePickleError, match="an array viewing a ndarray: refused"):  # its object pointers
+        load_data_pickle(dump("view.pkl", _Reduces(frombuffer, (np.array(["x", None], dtype=object), np.dtype("u1"),
+                                                                (16,), "C"))))
+    scalar = np.float64(0).__reduce__()[0]
+    with pytest.raises(UnsafePickleError, match="a NumPy scalar of float64 from NoneType data"):
+        load_data_pickle(dump("scalar.pkl", _Reduces(scalar, (np.dtype("f8"),))))
+    with pytest.raises(UnsafePickleError, match=r"size \(2000,\), stride \(1,\) at 0 beyond its storage"):
+        load_data_pickle(dump("grow.pkl", _Reduces(torch._utils._rebuild_tensor_v2,
+                                                   (torch.storage.TypedStorage(wrap_storage=torch.ones(4).untyped_storage(),
+                                                                               dtype=torch.float32, _internal=True),
+                                                    0, (2000,), (1,), False, OrderedDict()))))
     things = np.array(["a", None, 3], dtype=object)
     got = load_data_pickle(dump("e.pkl", {"o": things, "f": np.arange(3.0)}))
     assert list(got["o"]) == ["a", None, 3] and np.array_equal(got["f"], np.arange(3.0))

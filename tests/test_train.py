@@ -227,16 +227,21 @@ def test_a_signal_during_the_last_step_skips_the_end_of_run_work_and_restores_th
         def on_end(self, ctx):
             SignalAtTheEnd.ended = True
 
-    before = signal.getsignal(signal.SIGTERM)
-    plain, _ = parse(_flags(vp9_shards, tmp_path / "plain", 1, workers=0))
-    run(plain)
-    assert signal.getsignal(signal.SIGTERM) is before
-    cfg, _ = parse(_flags(vp9_shards, tmp_path / "run", 3, workers=0))
-    with pytest.raises(Preempted, match=r"stopped by SIGTERM after step 3: checkpoint .*step_000003 written"):
-        run(cfg, [SignalAtTheEnd()])
-    assert not SignalAtTheEnd.ended and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
-    signal.signal(signal.SIGTERM, before)  # (ignored after a stop, for the teardown: put back for the session)
-    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_000003"
+    from carl_scale.errors import STOP_SIGNALS
+
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        plain, _ = parse(_flags(vp9_shards, tmp_path / "plain", 1, workers=0))
+        run(plain)
+        assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == before
+        cfg, _ = parse(_flags(vp9_shards, tmp_path / "run", 3, workers=0))
+        with pytest.raises(Preempted, match=r"stopped by SIGTERM after step 3: checkpoint .*step_000003 written"):
+            run(cfg, [SignalAtTheEnd()])
+        assert not SignalAtTheEnd.ended and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_000003"
+    finally:  # (ignored after a stop, for the teardown: put back for the rest of the session)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 @pytest.mark.parametrize("nan_at, log_every, last_good, stopped", [(3, 1, 2, None), (5, 3, 4, 6)])

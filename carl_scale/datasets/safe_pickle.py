@@ -23,10 +23,14 @@ dtypes: on one of the functions above it would change how later data loads in th
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+
+
+MAX_ITEMSIZE = 1 << 26  # bytes per NumPy item: 64 MiB (a string of 16M characters)
 
 
 class UnsafePickleError(ValueError):
@@ -94,6 +98,8 @@ def _allowed() -> dict[tuple[str, str], Any]:
     def _dtype(spec, align=False, copy=False):  # a type code only ("f8", "V12", "<U5"): fields come with BUILD
         if not isinstance(spec, str) or np.dtype(spec).kind in "Mm":  # (datetime states crash NumPy's BUILD)
             raise UnsafePickleError(f"numpy.dtype({spec!r}): only plain type codes are read")
+        if np.dtype(spec).itemsize > MAX_ITEMSIZE:  # (each scalar of it would be that many bytes)
+            raise UnsafePickleError(f"numpy.dtype({spec!r}): items of over {MAX_ITEMSIZE} bytes refused")
         return np.dtype(spec, bool(align), bool(copy))
 
     def _bytearray(data=b"", encoding=None):  # its bytes from the file, never a size to fill
@@ -103,17 +109,30 @@ def _allowed() -> dict[tuple[str, str], Any]:
             raise UnsafePickleError("bytearray of anything but bytes: refused")
         return bytearray(data)
 
-    def _scalar(dtype, data=None):
-        return scalar(_raw_bytes_dtype(dtype, "a NumPy scalar"), *(() if data is None else (data,)))
+    def _scalar(dtype, data=None):  # its bytes, exactly one item's (NumPy writes them; none would fill one)
+        dtype = _raw_bytes_dtype(dtype, "a NumPy scalar")
+        if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+            raise UnsafePickleError(f"a NumPy scalar of {dtype} from {type(data).__name__} data: refused")
+        return scalar(dtype, data)
 
-    def _frombuffer(buf, dtype, shape, order):
+    def _frombuffer(buf, dtype, shape, order):  # from the file's bytes only (an array's would be a view of it)
+        if type(buf) not in (bytes, bytearray):
+            raise UnsafePickleError(f"an array viewing a {type(buf).__name__}: refused (only bytes are read)")
         return frombuffer(buf, _raw_bytes_dtype(dtype, "a NumPy array"), shape, order)
 
     def _tensor(rebuild):
-        def rebuilt(*args):  # (storage, offset, size, stride[, requires_grad, backward_hooks, metadata])
-            if len(args) > 5 and args[5]:
+        def rebuilt(storage, offset, size, stride, *rest):  # [requires_grad, backward_hooks, metadata]
+            if len(rest) > 1 and rest[1]:
                 raise UnsafePickleError("a tensor with backward hooks: refused (hooks are code)")
-            return rebuild(*args)
+            ok = (isinstance(storage, torch.storage.TypedStorage) and isinstance(offset, int) and offset >= 0
+                  and isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+                  and all(isinstance(n, int) and n >= 0 for n in (*size, *stride)))
+            # within its storage (torch would grow a short one: the rest uninitialised memory)
+            if not ok or (0 not in size and offset + sum((n - 1) * st for n, st in zip(size, stride))
+                          >= storage._size()):  # (its element count; size() warns)
+                raise UnsafePickleError(f"a tensor of size {size}, stride {stride} at {offset} beyond its storage: "
+                                        f"refused")
+            return rebuild(storage, offset, size, stride, *rest)
         return rebuilt
 
     numpy_core = {}
@@ -213,7 +232,10 @@ class _DataOnlyUnpickler(pickle._Unpickler):
             raise UnsafePickleError(f"{self.source} sets an array's state twice: refused")
         dtype = state[2] if isinstance(state, tuple) and len(state) == 5 else None
         raw = not isinstance(state[4], list) if dtype is not None else True
-        if not isinstance(dtype, np.dtype) or (raw and _holds_objects(dtype)) or (not raw and dtype.kind != "O"):
+        shape = state[1] if dtype is not None else None
+        if not isinstance(dtype, np.dtype) or (raw and _holds_objects(dtype)) or (not raw and dtype.kind != "O") \
+                or not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)) \
+                or (not raw and len(state[4]) != math.prod(shape)):  # (NumPy reads past a short list)
             raise UnsafePickleError(f"{self.source} holds an array whose state is not a NumPy array's: refused")
         self._built.add(id(target))
         self._keep.append(target)  # (its id stays its own while the load runs)
@@ -221,6 +243,21 @@ class _DataOnlyUnpickler(pickle._Unpickler):
         super().load_build()
 
     dispatch[pickle.BUILD[0]] = load_build
+
+    def _dict_only(self, target) -> None:
+        if not isinstance(target, dict):  # (an array's items are its memory: NumPy never pickles them so)
+            raise UnsafePickleError(f"{self.source} sets items of a {type(target).__name__}: refused")
+
+    def load_setitem(self):
+        self._dict_only(self.stack[-3])
+        super().load_setitem()
+
+    def load_setitems(self):
+        self._dict_only(self.metastack[-1][-1])
+        super().load_setitems()
+
+    dispatch[pickle.SETITEM[0]] = load_setitem
+    dispatch[pickle.SETITEMS[0]] = load_setitems
 
     def persistent_load(self, pid):
         raise UnsafePickleError(f"{self.source} uses persistent ids (a torch.save file?), not a plain pickle")

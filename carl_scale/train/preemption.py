@@ -69,9 +69,9 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, exc_type, *exc) -> None:
-        if self._pending is not None and exc_type is None:  # (issued by every rank: it completes)
-            self._pending[0].wait()
+    def __exit__(self, *exc) -> None:
+        # never waits: a run that ends normally has no reduce in flight (final() waited for it),
+        # and after an error one may never complete (a rank gone)
         self._pending = None
         for sig, previous in self._previous.items():
             # after a stop: ignored through the teardown (a second SIGTERM would cut it short);
