@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if cfg.synthetic is None and plain_local_path(shards) and not Path(shards).exists():  # the usual first mistake
         of = f" of the {args.recipe} recipe" if args.recipe else ""
         raise ConfigError(f"--shards {shards}: no such directory (the training data{of}). Write it first: "
-                          f"{write_command(args.recipe or 'folder', shards)}")
+                          f"{write_command('folder' if args.recipe is None else args.recipe, shards)}")
     from carl_scale.train.trainer import run
 
     return run(cfg, hooks_for(cfg))
