@@ -312,3 +312,34 @@ def test_the_objectives_forward_never_copies_a_value_from_host_memory_on_a_gpu(o
         with HostValueCopies() as copies:
             out = objective(batch)
     assert out["loss"].device.type == "cuda" and copies.ops == [], copies.ops
+
+
+def test_a_slurm_step_of_several_tasks_without_rank_is_refused(monkeypatch):
+    """``srun -n 4 python launch/pretrain_k400.py`` without RANK/WORLD_SIZE: each task would make a
+    one-process group and train alone into the same run directory."""
+    from carl_scale.train.engine import process_group
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    with pytest.raises(ValueError, match=r"started as 4 SLURM tasks without RANK and WORLD_SIZE: .*export "
+                                         r"RANK=\$SLURM_PROCID"):
+        with process_group():
+            pass
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: a plain one-process run
+    with process_group() as (rank, world, _):
+        assert (rank, world) == (0, 1)
+
+
+def test_the_ranks_per_node_come_from_torchrun_or_the_deepspeed_launcher(monkeypatch):
+    from carl_scale.data.decoders import local_ranks
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setenv("LOCAL_SIZE", "8")  # the deepspeed launcher's (it sets no LOCAL_WORLD_SIZE)
+    assert local_ranks() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert local_ranks() == 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.delenv("LOCAL_SIZE")
+    assert local_ranks() == 1

@@ -455,6 +455,46 @@ def test_a_data_setting_this_machine_refuses_leaves_no_run_directory(vp9_shards,
     assert not (tmp_path / "run").exists()
 
 
+def _length_rank(rank: int, world: int, port: int, shards: str, out: str) -> None:
+    """One rank of the length check: --epochs 1 over an --epoch-samples that differs by rank (as
+    per-node shards.json copies that differ would)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from carl_scale.train.engine import process_group
+    from carl_scale.train.trainer import Trainer
+    from launch.pretrain_k400 import parse
+
+    cfg, _ = parse(["--shards", shards, "--run-dir", f"{out}.run", "--epochs", "1", "--frames", "8", "--batch-size",
+                    "2", "--workers", "0", "--image-size", "32", "--no-eval", "--epoch-samples", str(4 + 4 * rank)])
+    with process_group() as (rank, world, device):
+        try:
+            Trainer(cfg, rank=rank, world=world, device=device)
+            message = "built"
+        except ValueError as exn:
+            message = str(exn)
+        Path(f"{out}.{rank}").write_text(message)
+
+
+def test_ranks_that_disagree_on_the_runs_length_are_refused_at_the_start(vp9_shards, tmp_path):
+    """Ranks whose step counts differ would hang at the end, waiting for a collective the shorter
+    ones never reach: both refuse at the start, naming the range."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sys.path.insert(0, str(Path(__file__).parent))
+    out = str(tmp_path / "rank")
+    mp.start_processes(_length_rank, args=(2, port, str(vp9_shards), out), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        message = Path(f"{out}.{rank}").read_text()
+        assert message.startswith("the ranks disagree on the run's length (2 to 4 steps; this rank: "
+                                  f"{2 + 2 * rank})"), message
+
+
 def test_a_resumed_run_of_another_length_takes_its_next_rate_from_its_own_schedule(vp9_shards, tmp_path):
     """The optimizer's groups come back with the rate the old schedule gave the next step; a run
     resumed with another --steps uses its own schedule from that step on, the first one included."""

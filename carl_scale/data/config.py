@@ -44,8 +44,10 @@ def _check_pair(where: str, pair: tuple[float, float], lo: float, hi: float | No
 
 @dataclass(frozen=True)
 class SpatialConfig(Config):
-    """SimCLR-style augmentation drawn once per view (REFERENCE_NOTES, published values).
-    ``image_size`` is the model's (set from it in a run config)."""
+    """SimCLR-style augmentation drawn once per view: the published code's crop, flip, jitter and
+    grayscale values; SimCLR's blur (p 0.5 on its own, one pass), where the published code blurs
+    only inside its jitter, four times over (README, Views). ``image_size`` is the model's (set
+    from it in a run config)."""
 
     image_size: int = param(224, ge=16)
     crop_scale: tuple[float, float] = (0.8, 1.0)

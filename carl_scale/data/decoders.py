@@ -443,6 +443,16 @@ def split_device(device: str | None) -> tuple[str, int]:
     return "cuda", dev.index if dev.index is not None else (torch.cuda.current_device() if cuda_available() else 0)
 
 
+def local_ranks() -> int:
+    """Ranks on this node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE (it sets
+    no LOCAL_WORLD_SIZE), else 1."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
 def make_decoder(name: str = "auto", *, codec: str = "", device: str | None = None,
                  image_batch: int = 256, jpeg_hw_load: float = NVJPEG_HW_LOAD,
                  jpeg_huffman: str = "cpu") -> FrameDecoder:
@@ -464,7 +474,7 @@ def make_decoder(name: str = "auto", *, codec: str = "", device: str | None = No
         # On a GPU it decodes in the training process, whose host threads do the decoders' CPU
         # stages (parsing, the Huffman decoding the hardware JPEG engine does not take): a quarter
         # of this rank's share of the cores (2 to 8); its DataLoader workers have the rest.
-        cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # this rank's
+        cores = len(os.sched_getaffinity(0)) // local_ranks()  # this rank's
         threads = 2 if device == "cpu" else max(2, min(8, cores // 4))
         return DaliDecoder(device=device, device_id=device_id, num_threads=threads, image_batch=image_batch,
                            jpeg_hw_load=jpeg_hw_load, jpeg_huffman=jpeg_huffman)

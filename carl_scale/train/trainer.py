@@ -88,6 +88,13 @@ class Trainer:
                                   views_dtype=torch.bfloat16 if self.bf16 else torch.float32)
         self.total_steps = cfg.steps if cfg.steps is not None else \
             max(1, math.ceil(cfg.epochs * len(self.loader) / cfg.parallel.grad_accum))
+        if world > 1 and dist.is_initialized():  # (per-node shards.json copies that differ: a hang at the end)
+            span = torch.tensor([self.total_steps, -self.total_steps], device=device)
+            dist.all_reduce(span, op=dist.ReduceOp.MAX)
+            if int(span[0]) != -int(span[1]):
+                raise ValueError(f"the ranks disagree on the run's length ({-int(span[1])} to {int(span[0])} steps; "
+                                 f"this rank: {self.total_steps}): their shards.json copies or --epoch-samples "
+                                 f"differ. Give every rank the same shards, or a fixed --steps")
         if cfg.steps is None and cfg.optim.warmup_steps >= self.total_steps:  # (--steps: RunConfig.check)
             self.loader.close()
             raise ConfigError(f"--warmup-steps ({cfg.optim.warmup_steps}) must be below the run's "
