@@ -19,11 +19,20 @@ class Stopped(Exception):
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+STOP_GRACE_S = 60  # how long a feeding process outlives a stop signal: a scheduler's grace is 30 s
+
+
+def _stop_later(signum, frame) -> None:
+    signal.alarm(STOP_GRACE_S)  # (SIGALRM's default action ends the process: never stuck for good)
+
+
 def ignore_stop_signals(*_) -> None:
     """In a process that feeds a training rank (a DataLoader's ``worker_init_fn``, the finishing
-    process): the signal reaches it with its rank, which writes a checkpoint first and needs it."""
+    process): the signal reaches it with its rank, which writes a checkpoint first and needs it.
+    It still ends ``STOP_GRACE_S`` later, so a terminate() meant for it (a stuck worker at
+    shutdown) is delayed, never lost."""
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        signal.signal(sig, _stop_later)
 
 
 # What the library raises for bad input; its messages are written for the person at the terminal.

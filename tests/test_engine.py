@@ -323,11 +323,15 @@ def test_a_slurm_step_of_several_tasks_without_rank_is_refused(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_PROCID", "1")
-    with pytest.raises(ValueError, match=r"started as 4 SLURM tasks without RANK and WORLD_SIZE: .*export "
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    with pytest.raises(ValueError, match=r"started as 4 tasks of a SLURM step without RANK and WORLD_SIZE: .*Export "
                                          r"RANK=\$SLURM_PROCID"):
         with process_group():
             pass
-    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: a plain one-process run
+    # a batch script's one process (SLURM_NTASKS is the allocation's, SLURM_PROCID 0, no step): a plain run
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "0")
     with process_group() as (rank, world, _):
         assert (rank, world) == (0, 1)
 

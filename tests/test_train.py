@@ -189,6 +189,17 @@ def test_a_schedulers_sigterm_stops_with_a_checkpoint_that_resumes_exactly(vp9_s
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_feeding_process_outlives_a_stop_signal_for_its_grace_only():
+    """A DataLoader worker (or the finishing process) ignores SIGTERM so its rank can finish a
+    checkpoint, but ends STOP_GRACE_S later: a terminate() meant for a stuck worker at shutdown is
+    delayed, never lost (multiprocessing's exit would wait for it forever)."""
+    code = ("import os, signal, time\nimport carl_scale.errors as e\ne.STOP_GRACE_S = 1\ne.ignore_stop_signals()\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.3)\nprint('alive', flush=True)\ntime.sleep(10)\n"
+            "print('never')\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert res.stdout.split() == ["alive"] and res.returncode == -signal.SIGALRM, (res.returncode, res.stdout)
+
+
 def test_two_ranks_stopped_by_sigterm_agree_on_one_step_and_write_one_checkpoint(vp9_shards, tmp_path):
     """Under the deepspeed launcher (which passes SIGTERM to one rank's process tree at a time and
     kills it 30 s later), the signal sent to the whole process group as SLURM does: both ranks

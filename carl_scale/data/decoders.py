@@ -474,7 +474,8 @@ def make_decoder(name: str = "auto", *, codec: str = "", device: str | None = No
         # On a GPU it decodes in the training process, whose host threads do the decoders' CPU
         # stages (parsing, the Huffman decoding the hardware JPEG engine does not take): a quarter
         # of this rank's share of the cores (2 to 8); its DataLoader workers have the rest.
-        cores = len(os.sched_getaffinity(0)) // local_ranks()  # this rank's
+        mine = len(os.sched_getaffinity(0))  # (already this rank's share if the launcher bound its cores)
+        cores = mine // local_ranks() if mine == os.cpu_count() else mine
         threads = 2 if device == "cpu" else max(2, min(8, cores // 4))
         return DaliDecoder(device=device, device_id=device_id, num_threads=threads, image_batch=image_batch,
                            jpeg_hw_load=jpeg_hw_load, jpeg_huffman=jpeg_huffman)

@@ -60,13 +60,14 @@ def process_group() -> Iterator[tuple[int, int, torch.device]]:
     import deepspeed
 
     made_env = "RANK" not in os.environ or "WORLD_SIZE" not in os.environ
-    ntasks = os.environ.get("SLURM_NTASKS", "")
-    tasks = int(ntasks) if ntasks.isdigit() and "SLURM_PROCID" in os.environ else 1
+    # (the step's own task count: only srun sets it; a batch script's SLURM_NTASKS is the allocation's)
+    ntasks = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    tasks = int(ntasks) if ntasks.isdigit() else 1
     if made_env and tasks > 1:  # each task would train alone, all into one run directory
-        raise ValueError(f"started as {tasks} SLURM tasks without RANK and WORLD_SIZE: each would train alone into "
-                         f"the same run directory. Launch one task per node with deepspeed (README, Beyond one GPU), "
-                         f"or export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID "
-                         f"MASTER_ADDR=<first node> MASTER_PORT=29500 in each task")
+        raise ValueError(f"started as {tasks} tasks of a SLURM step without RANK and WORLD_SIZE: each would train "
+                         f"alone into the same run directory. Export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS "
+                         f"LOCAL_RANK=$SLURM_LOCALID MASTER_ADDR=<first node> MASTER_PORT=29500 in each task, or run "
+                         f"one task per node under deepspeed --no_ssh (README, Beyond one GPU)")
     saved = {k: os.environ.get(k) for k in _LAUNCH_ENV}
     if made_env:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",

@@ -11,9 +11,13 @@ process group gets it with ``kill -TERM -PGID``. The ``deepspeed`` launcher's pe
 (``deepspeed.launcher.launch``) passes it on to one rank's process tree at a time, waiting up to
 30 s for each; the ``deepspeed`` command itself, on one node, does not pass it on.
 
-The processes that feed a rank (DataLoader workers, the finishing process) ignore the signals:
-they receive them with the rank, and without them the rank could not reach its checkpoint. They
-still end with it (their own parent-death checks). Once a stop is agreed the rank ignores further
+Not tested on a SLURM cluster: there the ``deepspeed`` command on its ``--no_ssh`` path handles no
+signal and ends at once, and the step may end the ranks with it; ranks that are the step's own
+tasks (RANK exported per task) are safe.
+
+The processes that feed a rank (DataLoader workers, the finishing process) ignore the signals for
+``STOP_GRACE_S``: they receive them with the rank, and without them the rank could not reach its
+checkpoint. They still end with it (their own parent-death checks), or after that grace. Once a stop is agreed the rank ignores further
 signals too, so a second SIGTERM cannot cut its teardown short.
 
 Ranks agree through a one-number all-reduce on a gloo group (beside NCCL: it never waits for the

@@ -92,6 +92,7 @@ class Trainer:
             span = torch.tensor([self.total_steps, -self.total_steps], device=device)
             dist.all_reduce(span, op=dist.ReduceOp.MAX)
             if int(span[0]) != -int(span[1]):
+                self.loader.close()
                 raise ValueError(f"the ranks disagree on the run's length ({-int(span[1])} to {int(span[0])} steps; "
                                  f"this rank: {self.total_steps}): their shards.json copies or --epoch-samples "
                                  f"differ. Give every rank the same shards, or a fixed --steps")
