@@ -91,6 +91,7 @@ def test_embed_files_and_shards(checkpoint, videos, vp9_shards, tmp_path, capsys
         main(["embed", str(videos[0]), "--checkpoint", str(path), "--out", str(tmp_path)])
     main(["embed", str(videos[0]), "--checkpoint", str(path), "--out", str(tmp_path), "--overwrite"])
     assert json.loads((tmp_path / "clip0.json").read_text()) == record
+    assert (tmp_path / "clip0.npy").stat().st_mtime_ns != stamp  # embedded again, not only its record
     main(["embed", "--shards", str(vp9_shards), "--run-dir", str(path.parents[1]), "--out", str(tmp_path)])
     assert (tmp_path / "val.npz").exists()
 
