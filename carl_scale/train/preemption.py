@@ -17,8 +17,9 @@ tasks (RANK exported per task) are safe.
 
 The processes that feed a rank (DataLoader workers, the finishing process) ignore the signals for
 ``STOP_GRACE_S``: they receive them with the rank, and without them the rank could not reach its
-checkpoint. They still end with it (their own parent-death checks), or after that grace. Once a stop is agreed the rank ignores further
-signals too, so a second SIGTERM cannot cut its teardown short.
+checkpoint. They still end with it (their own parent-death checks), or after that grace. Once a
+stop is agreed the rank ignores further signals too, so a second SIGTERM cannot cut its teardown
+short.
 
 Ranks agree through a one-number all-reduce on a gloo group (beside NCCL: it never waits for the
 GPU), started after each step without waiting and read after the next one: every rank sees the
@@ -35,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from carl_scale.errors import STOP_SIGNALS, Stopped
+
 
 class Preempted(Stopped):
     """The run stopped on a signal after writing a checkpoint (an expected end: one line, exit 1)."""
@@ -88,33 +90,33 @@ class StopSignals:
         flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int32)
         return dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag
 
-    def agreed(self, step: int) -> str | None:
-        """The signal to stop on after ``step``, the same answer on every rank; None to go on.
-        Called after every step by every rank."""
-        if self.world == 1 or not dist.is_initialized():
-            stop = self.received
-        else:
-            stop = None
-            if self._pending is not None:
-                work, flag = self._pending
-                work.wait()  # started a step ago: done by now, unless another rank is behind
-                if int(flag):
-                    stop = self.received or "a signal to another rank"
-            self._pending = None if stop else self._reduce()
+    def _settle(self) -> str | None:
+        """Wait for the all-reduce in flight, if any: the signal any rank had when it started."""
+        if self._pending is None:
+            return None
+        (work, flag), self._pending = self._pending, None
+        work.wait()  # started a step ago: done by now, unless another rank is behind
+        return (self.received or "a signal to another rank") if int(flag) else None
+
+    def _decide(self, stop: str | None) -> str | None:
         self.stopping = stop is not None
         return stop
+
+    def agreed(self) -> str | None:
+        """The signal to stop on after this step, the same answer on every rank; None to go on.
+        Called after every step by every rank."""
+        if self.world == 1 or not dist.is_initialized():
+            return self._decide(self.received)
+        stop = self._settle()
+        if stop is None:
+            self._pending = self._reduce()
+        return self._decide(stop)
 
     def final(self) -> str | None:
         """After the last step: whether any rank received a signal (a blocking agreement), so all
         of them skip the end-of-run work alike."""
         if self.world == 1 or not dist.is_initialized():
-            stop = self.received
-        else:
-            if self._pending is not None:
-                self._pending[0].wait()
-            work, flag = self._reduce()
-            work.wait()
-            self._pending = None
-            stop = (self.received or "a signal to another rank") if int(flag) else None
-        self.stopping = stop is not None
-        return stop
+            return self._decide(self.received)
+        self._settle()  # (its answer is in the next one's: a flag is never cleared)
+        self._pending = self._reduce()
+        return self._decide(self._settle())

@@ -295,7 +295,7 @@ class Trainer:
                     samples_window += n
                 self.step += 1
                 queued.append(step)
-                stop = self.stop_signals.agreed(self.step)
+                stop = self.stop_signals.agreed()
                 show = self.step % cfg.log_every == 0 or self.step == total or stop is not None
                 save = self.step % cfg.checkpoint.every_steps == 0 or self.step == total or stop is not None
                 due = [(self.step % hook.every == 0 or self.step == total) and stop is None for hook in timed]
