@@ -31,6 +31,9 @@ def add_writer_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace splits that --out already holds (without it, rerunning an interrupted command "
                         "finishes it, keeping the shards it had finished)")
+    p.add_argument("--retry-skipped", action="store_true",
+                   help="write again the shards of a finished split that skipped inputs (files added or fixed "
+                        "since); the rest are kept")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
 
@@ -55,7 +58,7 @@ def writer_kwargs(args: argparse.Namespace) -> dict:
     return dict(payload=args.payload, encode=EncodeOptions(codec=args.codec, gop=args.gop, crf=args.crf,
                                                                jpeg_quality=args.jpeg_quality),
                 max_samples=args.max_samples, max_bytes=args.max_bytes, overwrite=args.overwrite,
-                progress=not args.no_progress, workers=args.workers)
+                progress=not args.no_progress, workers=args.workers, retry_skipped=args.retry_skipped)
 
 
 def print_summary(manifest: dict | None, out: str) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from carl_scale.datasets.kinetics400 import Kinetics400Options, summary_rows, write_kinetics400_shards
+from carl_scale.datasets.kinetics400 import Kinetics400Options, skip_kind, summary_rows, write_kinetics400_shards
 from shards.common import add_writer_args, check_ranges, fail_on_empty_splits, writer_kwargs
 
 
@@ -28,11 +28,15 @@ def print_kinetics_summary(manifest: dict, out: str) -> None:
     print(" | ".join(f"{c:>10}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r[c]:>10.2f}" if c == "GiB" else f"{r[c]:>10}" for c in cols))
-    reasons = Counter(sk["reason"].split(" under ")[0][:90] for s in manifest["splits"].values() for sk in s["skipped"])
+    skipped = [sk for s in manifest["splits"].values() for sk in s["skipped"]]
+    reasons = Counter(skip_kind(sk["reason"]) for sk in skipped)
     if reasons:
-        print("\nskipped, by reason:")
+        print("\nskipped, by reason (shards.json lists each; e.g.):")
         for reason, n in reasons.most_common(12):
-            print(f"  {n:>7}  {reason}")
+            example = next(sk for sk in skipped if skip_kind(sk["reason"]) == reason)
+            print(f"  {n:>7}  {reason}  (e.g. {example['source']}: {example['reason'][:100]})")
+        if reasons.get("missing"):
+            print("  clips added later are written by the same command with --retry-skipped")
 
 
 def main(argv: list[str] | None = None) -> dict:

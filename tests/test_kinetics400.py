@@ -299,3 +299,43 @@ def test_a_machine_error_while_reading_a_clip_stops_the_write(k400_src, tmp_path
     with pytest.raises(ValueError, match="The machine, not the video: the write stops here"):
         kinetics400.main(["--annotations", str(root / "k400.csv"), "--videos", str(root / "videos"),
                           "--out", str(tmp_path / "out"), "--no-progress"])
+
+
+def test_skips_are_grouped_by_kind_and_clips_added_later_are_written_with_retry_skipped(k400_src, tmp_path, capsys):
+    import shutil
+
+    from carl_scale.datasets.kinetics400 import skip_kind
+
+    root, expect = k400_src
+    src, out = tmp_path / "src", tmp_path / "shards"
+    shutil.copytree(root, src)
+    args = ["--annotations", str(src / "k400.csv"), "--videos", str(src / "videos"), "--out", str(out),
+            "--max-samples", "2", "--no-progress"]
+    manifest = kinetics400.main(args)
+    printed = capsys.readouterr().out
+    kinds = [skip_kind(sk["reason"]) for sk in manifest["splits"]["train"]["skipped"]]
+    assert kinds.count("missing") == 1 and all(k.startswith(("missing", "unreadable: ")) for k in kinds)
+    assert "        1  missing  (e.g. eeeeeeeeeee" in printed and "--retry-skipped" in printed
+    assert not any(cid in line.split("(e.g.")[0] for line in printed.splitlines() for cid in expect)  # ids not grouped on
+
+    # the missing clip arrives: the same command keeps the split as it is; --retry-skipped rewrites
+    # only the slots that skipped something, and the clip is in
+    cid = next(c for c, v in expect.items() if v[3] == "missing" and v[0] == "train")
+    (src / "videos" / f"{cid}.mp4").write_bytes(encode_video(_frames(28, 4), 25, EncodeOptions(codec="h264", gop=12)))
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.tar")}
+    assert kinetics400.main(args)["splits"]["train"]["samples"] == 4
+    manifest = kinetics400.main(args + ["--retry-skipped"])
+    entry = manifest["splits"]["train"]
+    assert entry["samples"] == 5 and [skip_kind(s["reason"]) for s in entry["skipped"]].count("missing") == 0
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("train-*.tar")}
+    assert after["train-000000.tar"] == stamps["train-000000.tar"] and after["train-000001.tar"] == stamps["train-000001.tar"]
+    assert "train-000002.tar" not in stamps and "train-000002.tar" in after  # (its two inputs were both skipped)
+    assert cid in {meta["video_id"] for meta, _ in iter_whole_videos(str(out), PyAVDecoder(), split="train")}
+
+    # Kinetics' test CSV names no classes: written on its own, the names the train split recorded stay
+    (src / "test.csv").write_text("youtube_id,time_start,time_end\n" + f"{cid[:11]},{int(cid[12:18])},{int(cid[19:25])}\n")
+    manifest = kinetics400.main(["--annotations", str(src / "test.csv"), "--videos", str(src / "videos"),
+                                 "--out", str(out), "--no-progress"])
+    assert manifest["splits"]["test"]["samples"] == 1
+    assert manifest["label_names"]["actions"] == ["abseiling", "playing guitar", "riding a bike"]
+    assert "label_conflicts" not in manifest

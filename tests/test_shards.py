@@ -442,3 +442,36 @@ def test_two_splits_written_side_by_side_into_one_directory_both_reach_the_manif
     for t in threads:
         t.join()
     assert set(real(tmp_path)["splits"]) == {"train", "val"}
+
+
+def test_long_video_ids_get_short_keys_and_a_damaged_finished_split_is_written_again(tmp_path, caplog):
+    from carl_scale.datasets.parallel import add_warnings
+    from carl_scale.datasets.writer import MAX_KEY, sample_key
+
+    cfg = SyntheticConfig(num_actions=1, train_videos=1, val_videos=0, min_frames=8, max_frames=8, height=32, width=32)
+    video = render_video(cfg, "train", 0)
+    long_a, long_b = "clips/" + "a" * 150 + ".mp4", "clips/" + "a" * 150 + "b.mp4"  # the same first 100 characters
+    ids = [long_a, long_b, "short"]
+    assert len({sample_key(i) for i in ids}) == 3 and max(len(sample_key(i)) for i in ids) == MAX_KEY
+    assert sample_key("short") == "short"
+
+    def load(i):
+        return VideoRecord(ids[i], video.frames, video.fps)
+
+    opts = WriteOptions(max_samples=2, progress=False)
+    entry = write_split(tmp_path, "train", range(3), load, dataset="x", opts=opts)
+    assert entry["samples"] == 3 and not entry["skipped"]
+    assert {meta["video_id"] for meta, _ in iter_whole_videos(str(tmp_path), PyAVDecoder(), split="train")} == set(ids)
+
+    # a shard cut short after the split finished (a copy interrupted, then "finished" by a rerun):
+    # the rerun writes that slot again instead of saying the split is complete
+    first, second = tmp_path / "train-000000.tar", tmp_path / "train-000001.tar"
+    whole, stamp = first.read_bytes(), second.stat().st_mtime_ns
+    first.write_bytes(whole[: len(whole) // 2])
+    entry = write_split(tmp_path, "train", range(3), load, dataset="x", opts=opts)
+    assert "some of its shards are gone or changed size" in caplog.text
+    assert entry["samples"] == 3 and first.read_bytes() == whole and second.stat().st_mtime_ns == stamp
+
+    # warnings of an earlier command go once a command has none
+    assert add_warnings(tmp_path, ["a stale warning"])["label_warnings"] == ["a stale warning"]
+    assert "label_warnings" not in add_warnings(tmp_path, []) and "label_warnings" not in read_manifest(tmp_path)

@@ -34,7 +34,8 @@ from typing import Any, Callable, Sequence
 
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.encode import EncodeOptions
-from carl_scale.datasets.writer import Payload, SkipInput, SlotWriter, VideoRecord, check_split_name, write_manifest
+from carl_scale.datasets.writer import (Payload, SkipInput, SlotWriter, VideoRecord, check_split_name, durable_replace,
+                                       write_manifest)
 from carl_scale.tables import progress_bar
 
 log = logging.getLogger("carl_scale.data")
@@ -53,6 +54,9 @@ class WriteOptions:
     workers: int = 1
     overwrite: bool = False
     progress: bool = True
+    # rewrite the slots of a written split that skipped inputs (clips downloaded since, a fixed
+    # file); not part of the plan: the same command with it finishes, never refuses, the split
+    retry_skipped: bool = False
 
     def __post_init__(self) -> None:
         for name, lo in (("max_samples", 1), ("max_bytes", 1), ("workers", 1)):
@@ -101,15 +105,19 @@ def _read_record(out_dir: Path, split: str, slot: int, plan: str) -> dict | None
         rec = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    whole = all((out_dir / s["path"]).is_file() and (out_dir / s["path"]).stat().st_size == s["bytes"]
-                and (out_dir / s["index"]).is_file() for s in rec.get("shards", []))
-    return rec if rec.get("plan") == plan and whole else None
+    return rec if rec.get("plan") == plan and _whole(out_dir, rec.get("shards", [])) else None
+
+
+def _whole(out_dir: Path, shards: list[dict]) -> bool:
+    """Whether every shard listed is on disk with its index, at the size it was written."""
+    return all((out_dir / s["path"]).is_file() and (out_dir / s["path"]).stat().st_size == s["bytes"]
+               and (out_dir / s["index"]).is_file() for s in shards)
 
 
 def _atomic_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
 
 
 # An input's read failing for one of these says nothing about the input (the disk, a network
@@ -145,8 +153,11 @@ def add_warnings(out_dir: str | Path, warnings: list[str]) -> dict:
     out_dir = Path(out_dir)
     with _manifest_lock(out_dir):
         manifest = read_manifest(out_dir)
-        if warnings:
-            manifest["label_warnings"] = warnings
+        if warnings or "label_warnings" in manifest:  # (none now: an earlier command's are stale)
+            if warnings:
+                manifest["label_warnings"] = warnings
+            else:
+                del manifest["label_warnings"]
             write_manifest(out_dir, manifest)
     return manifest
 
@@ -157,8 +168,9 @@ def _remove_split(out_dir: Path, split: str, manifest: dict | None) -> None:
         write_manifest(out_dir, manifest)
     for p in _slot_files(out_dir, split):
         p.unlink()
-    for p in (out_dir / PROGRESS_DIR).glob(f"{split}[-.]*.json"):  # not the lock, which this write holds
-        p.unlink()
+    for pat in (f"{split}[-.]*.json", f"{split}[-.]*.json.partial"):  # not the lock, which this write holds
+        for p in (out_dir / PROGRESS_DIR).glob(pat):
+            p.unlink()
 
 
 def _claim(out_dir: Path, split: str, plan: str, opts: WriteOptions, labels: str | None = None) -> dict | None:
@@ -185,7 +197,17 @@ def _claim(out_dir: Path, split: str, plan: str, opts: WriteOptions, labels: str
         if entry.get("plan") == plan:
             if labels is not None and entry.get("labels", labels) != labels:
                 raise FileExistsError(changed)
-            return entry
+            redo = ("some of its shards are gone or changed size since" if not _whole(out_dir, entry["shards"])
+                    else "--retry-skipped: rewriting its slots that skipped inputs" if opts.retry_skipped
+                    and entry["skipped"] else None)
+            if redo is None:
+                return entry
+            # a resume of this write: slots whose shards are whole are kept, the rest written again;
+            # the entry goes first, so no manifest names a shard while it is rewritten
+            log.warning("%s: split %r was finished, but %s: writing those slots again", out_dir, split, redo)
+            del manifest["splits"][split]
+            write_manifest(out_dir, manifest)
+            return None
         raise FileExistsError(f"{out_dir} already holds a finished split {split!r} written from other inputs or "
                               f"options. Choose another --out, or pass --overwrite to replace it.")
     if old == plan and labels is not None and old_labels not in (None, labels):
@@ -201,7 +223,7 @@ def _claim(out_dir: Path, split: str, plan: str, opts: WriteOptions, labels: str
 
 def _write_slot(out_dir: Path, split: str, slot: int, items: Sequence[Any], load: Callable[[Any], VideoRecord],
                 dataset: str, opts: WriteOptions, plan: str, describe: Callable[[Any], str], done,
-                parent: int | None) -> None:
+                parent: int | None, counter: int) -> None:
     for p in _slot_files(out_dir, split, slot):  # what an interrupted attempt at this slot left
         p.unlink()
     writer = SlotWriter(out_dir, split, slot, dataset=dataset, payload=opts.payload, encode=opts.encode,
@@ -227,8 +249,7 @@ def _write_slot(out_dir: Path, split: str, slot: int, items: Sequence[Any], load
                 except SkipInput as exn:
                     log.warning("skipping %s: %s", describe(item), exn)
                     writer.skip(describe(item), str(exn))
-            with done.get_lock():
-                done.value += 1
+            done[counter] += 1
     except BaseException:
         writer.abort()
         raise
@@ -238,7 +259,7 @@ def _write_slot(out_dir: Path, split: str, slot: int, items: Sequence[Any], load
 def _worker(slots, args, errors, index: int) -> None:
     try:
         for slot, items in slots:
-            _write_slot(args[0], args[1], slot, items, *args[2:])
+            _write_slot(args[0], args[1], slot, items, *args[2:], counter=index)
     except BaseException as exn:  # reported to the driver, which logs it and raises it
         try:
             errors.put((index, exn, traceback.format_exc()))
@@ -261,6 +282,8 @@ def write_split(out_dir: str | Path, split: str, items: Sequence[Any], load: Cal
     why each was skipped); :func:`empty_splits` says which, once every split is written."""
     out_dir = Path(out_dir)
     check_split_name(split)
+    if label_names is not None and not any(label_names.values()):  # (e.g. K400's test CSV: no classes named)
+        label_names = None  # nothing to record, and never a replacement for names other splits wrote
     if not items:
         raise ValueError(f"split {split!r} has no inputs to write into {out_dir}: check the source paths and lists")
     held = read_manifest(out_dir) if out_dir.is_dir() else None
@@ -309,25 +332,29 @@ def _write_split(out_dir: Path, split: str, items: Sequence[Any], load: Callable
     n = opts.max_samples
     slots = [(j, list(items[j * n: (j + 1) * n])) for j in range(-(-len(items) // n))]
     records = {j: _read_record(out_dir, split, j, plan) for j, _ in slots}
-    todo = [(j, chunk) for j, chunk in slots if records[j] is None]
+    todo = [(j, chunk) for j, chunk in slots if records[j] is None or (opts.retry_skipped and records[j]["skipped"])]
     if len(todo) < len(slots):
         print(f"{out_dir}: resuming split {split!r}: {len(slots) - len(todo)} of {len(slots)} shards were finished")
     ctx = mp.get_context("fork")
     gc.collect()  # (cyclic garbage freed in a forked writer can crash it: see VideoLoader.finished_stream)
-    done = ctx.Value("q", 0)
     workers = min(opts.workers, len(todo))
+    if len(slots) < opts.workers and len(todo) == len(slots):
+        log.warning("split %s: %d slot(s) of --max-samples %d inputs for --workers %d: only %d worker(s) can write; "
+                    "a smaller --max-samples gives each worker slots", split, len(slots), n, opts.workers, workers)
+    # one counter per worker, each written by its own process only: no lock a killed worker could hold
+    done = ctx.Array("q", max(1, workers), lock=False)
     args = (out_dir, split, load, dataset, opts, plan, describe, done, os.getpid())
     before = len(items) - sum(len(c) for _, c in todo)  # inputs of finished slots
     bar = progress_bar(enabled=opts.progress, total=len(items), initial=before, desc=f"{dataset} {split}",
                        unit="video", smoothing=0.05)
 
     def show() -> None:  # (update, not refresh: a log file gets a line per interval, not per shard)
-        bar.update(before + done.value - bar.n)
+        bar.update(before + sum(done) - bar.n)
 
     with bar:
         if workers <= 1:
             for j, chunk in todo:
-                _write_slot(out_dir, split, j, chunk, *args[2:-1], parent=None)
+                _write_slot(out_dir, split, j, chunk, *args[2:-1], parent=None, counter=0)
                 show()
         else:
             errors = ctx.Queue()
@@ -414,9 +441,10 @@ def _merge(out_dir: Path, split: str, records: list[tuple[int, dict | None]], pl
 
 def write_options(*, payload: Payload = "video", encode: EncodeOptions | None = None, max_samples: int | None = None,
                   max_bytes: int = 1 << 30, overwrite: bool = False, progress: bool = True, workers: int = 1,
-                  default_max_samples: int = 64) -> WriteOptions:
+                  retry_skipped: bool = False, default_max_samples: int = 64) -> WriteOptions:
     """:class:`WriteOptions` from the keyword arguments every ``write_*_shards`` function takes
     (``max_samples=None``: the converter's own default)."""
     return WriteOptions(payload=payload, encode=encode or EncodeOptions(),
                         max_samples=default_max_samples if max_samples is None else max_samples,
-                        max_bytes=max_bytes, workers=workers, overwrite=overwrite, progress=progress)
+                        max_bytes=max_bytes, workers=workers, overwrite=overwrite, progress=progress,
+                        retry_skipped=retry_skipped)

@@ -18,6 +18,7 @@ directory lists every split's shards, sample counts, label names and how many in
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -60,15 +61,42 @@ class VideoRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# A ustar member name without a "/" holds 100 bytes: the key, a dot and the longest extension
+# ("nframes"). A longer id keeps its start and gets a digest of the whole id (its JSON keeps the id).
+MAX_KEY = 100 - len(".nframes")
+
+
 def sample_key(video_id: str) -> str:
-    """A tar-safe key: webdataset splits a name at its first dot, so dots must go."""
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", video_id)
+    """A tar-safe key: webdataset splits a name at its first dot, so dots must go; an id too long
+    for a tar member name is cut and made unique again with a digest of the whole id."""
+    key = re.sub(r"[^A-Za-z0-9_\-]", "_", video_id)
+    if len(key) > MAX_KEY:
+        digest = hashlib.sha256(video_id.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        key = key[: MAX_KEY - len(digest) - 1] + "_" + digest
+    return key
+
+
+def durable_replace(tmp: str | Path, final: str | Path) -> None:
+    """Rename a finished file into place after its bytes are on disk (and then the rename): after
+    a power cut or a lost node, a name is the whole file or absent, never a file of zeros that
+    has the right size."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    fd = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
     tmp = out_dir / (MANIFEST + ".partial")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out_dir / MANIFEST)
+    durable_replace(tmp, out_dir / MANIFEST)
 
 
 def build_dali_index(tar_path: str | Path, idx_path: str | Path) -> None:
@@ -78,7 +106,7 @@ def build_dali_index(tar_path: str | Path, idx_path: str | Path) -> None:
     tmp = str(idx_path) + ".partial"
     with IndexCreator(str(tar_path), tmp, verbose=False) as creator:
         creator.create_index()
-    os.replace(tmp, idx_path)
+    durable_replace(tmp, idx_path)
 
 
 
@@ -121,7 +149,8 @@ class SlotWriter:
         self._tar: tarfile.TarFile | None = None
         self._tar_path: Path | None = None
         self._count = self._bytes = 0
-        self.keys: list[str] = []
+        self.keys: list[str] = []  # in order, for the record
+        self._key_set: set[str] = set()  # (the duplicate check: a list scan was quadratic in a slot's size)
         self.frames = 0
         self.codecs: set[str] = set()
         self.skipped: list[dict] = []
@@ -139,7 +168,7 @@ class SlotWriter:
             return
         self._tar.close()
         final = self._tar_path.with_suffix("")  # strip ".partial"
-        os.replace(self._tar_path, final)
+        durable_replace(self._tar_path, final)
         idx = final.with_suffix(".idx")
         build_dali_index(final, idx)
         self._shards.append({"path": final.name, "index": idx.name, "samples": self._count,
@@ -171,6 +200,7 @@ class SlotWriter:
         for ext, data in fields.items():
             self._add_member(f"{key}.{ext}", data)
         self.keys.append(key)
+        self._key_set.add(key)
         self.frames += n
         self._count += 1
         self._bytes += size
@@ -178,7 +208,7 @@ class SlotWriter:
     def _sample(self, rec: VideoRecord) -> tuple[str, dict[str, bytes], int]:
         """The tar members of one video: (key, {extension: bytes}, frame count)."""
         key = sample_key(rec.video_id)
-        if key in self.keys:
+        if key in self._key_set:
             raise ValueError(f"duplicate video_id {rec.video_id!r} (key {key!r}) in split {self.split!r}")
         if rec.frames is None and None in (rec.num_frames, rec.height, rec.width):
             raise ValueError("a pre-encoded record needs num_frames, height and width")
