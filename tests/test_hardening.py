@@ -3,6 +3,7 @@ counted, and expected failures end in one line. Each case reproduces a report an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -86,8 +87,14 @@ def test_resume_rules_name_what_differs():
     meta = {"world_size": 1, "config": {"seed": 0, "data": {"batch_size": 16, "shards": "d", "temporal": {
         "num_frames": 8}}, "optim": {"lr": 3e-4}, "loss": {"tau": 0.1}}}
     same = json.loads(json.dumps(meta["config"]))
-    same["loss"]["tau"] = 0.2  # the objective's temperature may change on a resume
-    ckpt.check_resume(Path("c"), meta, same, world_size=1)
+    same["loss"]["tau"] = 0.2  # the objective's temperature may change on a resume, and is said to
+    assert ckpt.check_resume(Path("c"), meta, same, world_size=1) == ["--tau 0.1 (now 0.2)"]
+    steps = json.loads(json.dumps(meta["config"]))
+    steps["steps"], steps["run_dir"] = 900, "elsewhere"  # the length and the place: no word (the trainer says one)
+    assert ckpt.check_resume(Path("c"), meta, steps, world_size=1) == []
+    # a CPU run going on on a GPU (--precision auto): the weights are float32 either way, said
+    assert ckpt.check_resume(Path("c"), {**meta, "precision": "fp32"}, steps, 1, "bf16") == \
+        ["fp32 training (now bf16; --precision fp32 keeps it)"]
     other = json.loads(json.dumps(meta["config"]))
     other["data"]["batch_size"], other["data"]["temporal"]["num_frames"], other["seed"] = 4, 12, 3
     with pytest.raises(ConfigError, match=r"--batch-size 16 \(now 4\).*--frames 8 \(now 12\).*--seed 0 \(now 3\).*"
@@ -126,6 +133,52 @@ def test_pruning_and_resuming_never_lose_a_checkpoint(tmp_path):
     assert ckpt.prune(root, keep=1) == [] and ckpt.checkpoints(root).keys() == {4}
 
 
+def test_a_resume_into_a_run_with_its_own_checkpoints_is_refused_and_changed_settings_are_recorded(tmp_path, capsys):
+    import errno
+    import types
+
+    from carl_scale.train.recipes import recipe
+    from carl_scale.train.trainer import Trainer, find_resume
+
+    cfg = recipe("debug")
+    for run in ("a", "b"):
+        for s in (2, 4):
+            step = tmp_path / run / "checkpoints" / ckpt.tag(s)
+            step.mkdir(parents=True)
+            (step / "meta.json").write_text(json.dumps({"step": s, "world_size": 1, "config": to_dict(cfg)}))
+        (tmp_path / run / "checkpoints/latest").write_text("step_000004\n")
+    # run b's own checkpoints would be pruned and set aside by a run resumed from a's
+    other = dataclasses.replace(cfg, run_dir=str(tmp_path / "b"), checkpoint=dataclasses.replace(
+        cfg.checkpoint, resume=str(tmp_path / "a/checkpoints/step_000002")))
+    with pytest.raises(ckpt.CheckpointError, match=r"another directory's checkpoint, and .*b/checkpoints holds this "
+                                                   r"run's own \(steps 2..4\)"):
+        find_resume(other, 0, 1)
+    own = dataclasses.replace(other, checkpoint=dataclasses.replace(cfg.checkpoint, resume="latest"),
+                              loss=dataclasses.replace(cfg.loss, tau=0.5))
+    assert find_resume(own, 0, 1)[0] == tmp_path / "b/checkpoints/step_000004"
+    assert f"--tau {cfg.loss.tau} (now 0.5)" in capsys.readouterr().out  # allowed, and said
+
+    # config.json: the settings of the run as it goes on; the earlier ones kept beside it
+    def meta(c):
+        return {"step": 4, "config": to_dict(c)}
+    run = types.SimpleNamespace(run_dir=tmp_path / "b", step=4, _meta=lambda: meta(cfg))
+    Trainer._write_config(run)
+    Trainer._write_config(run)  # the same settings again: one file
+    assert sorted(p.name for p in run.run_dir.glob("config*.json")) == ["config.json"]
+    run._meta = lambda: meta(own)
+    Trainer._write_config(run)
+    assert json.loads((run.run_dir / "config_before_step_000004.json").read_text())["config"]["loss"]["tau"] == \
+        cfg.loss.tau
+    assert json.loads((run.run_dir / "config.json").read_text())["config"]["loss"]["tau"] == 0.5
+
+    # a write that fails for the disk's sake ends in one line naming the checkpoint
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(ckpt.CheckpointError, match=r"could not write .*step_000006: OSError: .*No space left.*"
+                                                   r"the last complete checkpoint is the one .*latest names"):
+        ckpt._writing(tmp_path / "b/checkpoints/step_000006", full)
+
+
 def test_a_checkpoint_of_another_version_and_an_out_that_is_a_file_end_in_one_line(tmp_path):
     from carl_scale.carl_code import import_carl
     from carl_scale.models.weights import CheckpointError
@@ -155,9 +208,15 @@ def test_resume_latest_without_its_pointer_takes_the_newest_intact_checkpoint(tm
     # a crash between publishing step 6 and pointing latest at it: the newest complete one, not latest's
     (root / "latest").write_text("step_000004\n")
     assert ckpt.find(root, "latest") == root / "step_000006"
-    (root / "abandoned_after_step_000004").mkdir()  # unless a rollback to step 4 was under way
+    (root / "abandoned_after_step_000002").mkdir()  # a rollback that finished long ago changes nothing
+    assert ckpt.find(root, "latest") == root / "step_000006"
+    (root / ckpt.ROLLBACK).write_text("step_000004\n")  # unless a rollback to step 4 is under way
     assert ckpt.find(root, "latest") == root / "step_000004"
-    (root / "abandoned_after_step_000004").rmdir()
+    (root / ckpt.ROLLBACK).unlink()
+    # resuming the newer one points latest at it (evaluation and --init-from read latest)
+    assert ckpt.set_aside_newer(root, 6) is None and ckpt.latest_name(root) == "step_000006"
+    (root / "latest").write_text("")  # empty, as a machine crash can leave it: as if missing
+    assert ckpt.latest_name(root) is None and ckpt.find(root, "latest") == root / "step_000006"
     (root / "latest").unlink()
     (root / ckpt.tag(6) / "client_rank0.pt").write_bytes(b"cut short")  # the newest is damaged
     assert ckpt.find(root, "latest") == root / "step_000004"
@@ -171,6 +230,7 @@ def test_resume_latest_without_its_pointer_takes_the_newest_intact_checkpoint(tm
     aside = ckpt.set_aside_newer(root, 2)
     assert (root / "latest").read_text().strip() == "step_000002" and sorted(p.name for p in aside.iterdir()) == \
         ["step_000004", "step_000006"]
+    assert not (root / ckpt.ROLLBACK).exists()  # the marker goes once every one is moved
 
 
 def test_a_pretrained_file_of_another_resnet_and_a_shape_flag_with_init_from_are_refused(tmp_path):

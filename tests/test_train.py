@@ -103,11 +103,16 @@ def test_two_ranks_two_workers_three_shards_run_equal_steps_and_resume_exactly(v
     full = _launch_two(tmp_path / "full.json", flags)
     assert [r["step"] for r in full] == [6, 6] and [len(r["seen"]) for r in full] == [12, 12]
     assert full[0]["skipped_mine"] + full[1]["skipped_mine"] >= 1
-    # "interrupted" after step 2: a copy of the run holding only its step-2 checkpoint, resumed
+    # "interrupted" after step 2: a copy of the run holding only its step-2 checkpoint (no later
+    # ones, no `latest`, no summary), resumed with --resume latest
     part = tmp_path / "part"
     shutil.copytree(tmp_path / "run", part, symlinks=True)
+    for p in (part / "checkpoints").iterdir():
+        if p.name != "step_000002":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    (part / "summary.json").unlink(missing_ok=True)
     resumed = _launch_two(tmp_path / "resumed.json", _flags(spec, part, 6, workers=2, epoch_samples=12) + [
-        "--resume", str(part / "checkpoints/step_000002")])
+        "--resume", "latest"])
     for r, f in zip(resumed, full):
         assert r["seen"] == f["seen"][4:]  # each rank: the batches it would have had next
     assert resumed[0]["params"] == full[0]["params"]

@@ -112,8 +112,34 @@ def tag(step: int) -> str:
 
 
 def latest_name(root: Path) -> str | None:
-    latest = root / "latest"
-    return latest.read_text().strip() if latest.exists() else None
+    """The checkpoint ``latest`` names; None without one, or when it names no step (empty after a
+    machine crash: then the newest intact checkpoint is found as if it were missing)."""
+    try:
+        name = (root / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return name if re.fullmatch(r"step_\d+", name) else None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Every file under ``path``, then the folders, on disk: after a machine crash a published
+    checkpoint is whole, not files of the right names holding nothing (ranks on other machines
+    wrote theirs to a shared file system, which has them on closing)."""
+    for p in sorted(path.rglob("*"), reverse=True):
+        if p.is_file() or p.is_dir():
+            _fsync(p)
+    _fsync(path)
+
+
+ROLLBACK = "rollback.partial"  # exists while a resume moves newer checkpoints aside (names the step)
 
 
 def _barrier() -> None:
@@ -170,13 +196,16 @@ def set_aside_newer(root: Path, step: int) -> Path | None:
     never overwritten by the new ones). Returns that folder, or None if nothing was newer."""
     newer = [p for s, p in sorted(checkpoints(root).items()) if s > step]
     if not newer:
+        if step in checkpoints(root) and latest_name(root) != tag(step):  # resumed a newer one than latest named
+            _point_latest(root, step)
         return None
     dest = root / f"abandoned_after_{tag(step)}"
     n = 1
     while dest.exists():
         n += 1
         dest = root / f"abandoned_after_{tag(step)}_{n}"
-    dest.mkdir()  # (first: while it exists, find("latest") knows a rollback is under way)
+    (root / ROLLBACK).write_text(tag(step) + "\n")  # (first: while it exists, find("latest") knows)
+    dest.mkdir()
     # then latest: it may name one of them, and a crash while they move must leave it naming a
     # checkpoint (the resumed one, when it is here; a resume from elsewhere, such as Ray's copy of a
     # trial's checkpoint, leaves the newest one kept, or none)
@@ -187,13 +216,16 @@ def set_aside_newer(root: Path, step: int) -> Path | None:
         (root / "latest").unlink(missing_ok=True)
     for p in newer:
         os.replace(p, dest / p.name)
+    (root / ROLLBACK).unlink()
     return dest
 
 
 def _point_latest(root: Path, step: int) -> None:
     tmp = root / "latest.partial"
     tmp.write_text(tag(step) + "\n")
+    _fsync(tmp)
     os.replace(tmp, root / "latest")
+    _fsync(root)
 
 
 def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, meta: dict, keep: int) -> Path:
@@ -207,19 +239,35 @@ def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, me
         shutil.rmtree(root / partial)
     _barrier()
     device = next(model.parameters()).device
-    engine.save_checkpoint(str(root), tag=partial, save_latest=False)
+    try:  # (DeepSpeed's own save ends in a barrier: a rank failing in it leaves the others there; at world
+        # size 1, and on the rank that failed, one line naming the folder instead of torch's traceback)
+        engine.save_checkpoint(str(root), tag=partial, save_latest=False)
+    except (OSError, RuntimeError) as exn:
+        raise CheckpointError(f"could not write {root / partial}: {type(exn).__name__}: {exn} (a full disk? the "
+                              f"last complete checkpoint is the one {root / 'latest'} names)") from exn
     # a rank that cannot write (a full disk) stops every rank here, the checkpoint unpublished
-    agree(lambda: torch.save(client, root / partial / f"client_rank{rank}.pt"), f"to write {root / partial}", device)
+    agree(lambda: _writing(root / partial, lambda: torch.save(client, root / partial / f"client_rank{rank}.pt")),
+          f"to write {root / partial}", device)
 
     def publish() -> None:
         if rank == 0:
             save_weights(model, root / partial)
             (root / partial / META_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            _fsync_tree(root / partial)
             os.replace(root / partial, final)
             _point_latest(root, step)
             prune(root, keep)
-    agree(publish, f"to publish {final}", device)
+    agree(lambda: _writing(final, publish), f"to publish {final}", device)
     return final
+
+
+def _writing(where: Path, fn: Callable[[], None]) -> None:
+    """``fn()``, its file-system errors (a full disk) said in one line naming ``where``."""
+    try:
+        fn()
+    except (OSError, RuntimeError) as exn:  # (torch.save reports a failed write as a RuntimeError)
+        raise CheckpointError(f"could not write {where}: {type(exn).__name__}: {exn} (a full disk? the last "
+                              f"complete checkpoint is the one {where.parent / 'latest'} names)") from exn
 
 
 def find(root: Path, resume: str, *, quiet: bool = False) -> Path | None:
@@ -228,7 +276,7 @@ def find(root: Path, resume: str, *, quiet: bool = False) -> Path | None:
     pointing at it, or step directories copied without it), "latest" is the newest intact one; so
     it is when an intact checkpoint is newer than the one ``latest`` names (a crash between
     publishing it and pointing at it), unless a rollback to ``latest``'s step is under way (its
-    ``abandoned_after_`` folder exists: :func:`set_aside_newer`). ``quiet``: say nothing."""
+    ``rollback.partial`` marker exists: :func:`set_aside_newer`). ``quiet``: say nothing."""
     say = not quiet and (not dist.is_initialized() or dist.get_rank() == 0)  # one line, not one per rank
     if resume == "latest":
         name = latest_name(root)
@@ -248,8 +296,11 @@ def find(root: Path, resume: str, *, quiet: bool = False) -> Path | None:
         # only those newer than latest's are checked whole (reading each file): none, as a rule
         newer = [p for s, p in sorted(checkpoints(root).items(), reverse=True) if at is not None and s > at]
         # a rollback under way (set_aside_newer interrupted): to a step at or after latest's
-        rollback = any(int(m[1]) >= at for d in root.glob("abandoned_after_step_*")
-                       if (m := re.match(r"abandoned_after_step_(\d+)", d.name))) if at is not None else False
+        try:
+            m = re.fullmatch(r"step_(\d+)", (root / ROLLBACK).read_text().strip())
+        except (OSError, UnicodeDecodeError):
+            m = None
+        rollback = at is not None and m is not None and int(m[1]) >= at
         newest = next((p for p in newer if is_intact(p)), None) if not rollback else None
         if newest is not None:
             # published, then the run died before `latest` was moved on to it: the newest is complete
@@ -272,8 +323,7 @@ def find(root: Path, resume: str, *, quiet: bool = False) -> Path | None:
 # changes one is refused, never silently ignored or half applied).
 RESUME_FIXED = ("seed", "data.shards", "data.batch_size", "data.num_workers", "data.shuffle_buffer", "data.resampled",
                 "data.epoch_samples", "data.per_label", "data.temporal", "model", "loss.name", "loss.scl_negatives", "optim",
-                "parallel.zero_stage",
-                "parallel.grad_accum")
+                "parallel.zero_stage", "parallel.grad_accum", "synthetic")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -286,9 +336,19 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def check_resume(path: Path, meta: dict, config: dict, world_size: int) -> None:
+# Settings a resume may change without a word: where the run writes and how long it is (the
+# schedule is stretched, said by the trainer), what it logs and evaluates. Any other change (the
+# loss's temperature, the views' augmentation, the decoder) is allowed and said, one line per flag:
+# a resume by hand that leaves out a flag the run was started with goes back to its default.
+RESUME_QUIET = ("run_dir", "steps", "epochs", "log_every", "init_from", "checkpoint.", "eval.", "model.pretrained")
+
+
+def check_resume(path: Path, meta: dict, config: dict, world_size: int, precision: str | None = None) -> list[str]:
     """Refuse to resume ``path`` with settings that would not continue it (:data:`RESUME_FIXED`, and
-    the world size), naming each flag with both values."""
+    the world size), naming each flag with both values. Returns the other settings that differ
+    (outside :data:`RESUME_QUIET`), each as "flag then (now now)", with the step's resolved
+    ``precision`` when the checkpoint records another (``auto`` is bf16 on a GPU, fp32 on a CPU: the
+    weights and optimizer states are float32 either way, so a CPU run may go on on a GPU)."""
     from carl_scale.config import ConfigError, iter_flags
     from carl_scale.train.config import RunConfig
 
@@ -312,6 +372,11 @@ def check_resume(path: Path, meta: dict, config: dict, world_size: int) -> None:
             f"--resume {path}: it was trained with {', '.join(parts)}{more}; its data position, optimizer state "
             f"and schedule only continue with the same settings. Resume with them (--config {path / META_FILE} "
             f"--resume {path}), or start a new run from its weights: --init-from {path} --run-dir NEW_DIR")
+    notes = [f"{flags.get(k, k)} {then[k]} (now {now[k]})" for k in sorted(now)
+             if k in then and then[k] != now[k] and not k.startswith(RESUME_FIXED + RESUME_QUIET)]
+    if precision is not None and meta.get("precision", precision) != precision:
+        notes.append(f"{meta['precision']} training (now {precision}; --precision {meta['precision']} keeps it)")
+    return notes
 
 
 def load(engine, path: Path, meta: dict) -> dict:

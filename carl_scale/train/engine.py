@@ -264,12 +264,18 @@ def keep_fused(optimizer: torch.optim.Optimizer) -> None:
     """After ``load_state_dict``: the loaded groups' settings replace the optimizer's own, so a
     checkpoint written before the optimizer was fused (or by a non-fused one) would turn it back
     into the per-parameter path, which refuses ``found_inf``. Fused again, with each step count
-    where the fused kernel wants it (a float32 on its parameter's device)."""
+    where the fused kernel wants it (a float32 on its parameter's device), and each moment in its
+    parameter's memory layout: the fused kernel walks both as flat memory, so a moment saved
+    contiguous beside a weight now channels_last (a CPU run resumed on a GPU, or ``--channels-last``
+    changed) would pair every element with another's, without an error."""
     for group in optimizer.param_groups:
         group["fused"], group["foreach"] = True, None
     for p, state in optimizer.state.items():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].to(p.device, torch.float32)
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def engine_step(engine, batch: VideoBatch, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -73,13 +74,14 @@ class Trainer:
                              "with the embedded synthetic set (--recipe debug)")
         self.cfg, self.hooks = cfg, list(hooks)
         self.rank, self.world, self.device = rank, world, device
-        self.bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and device.type == "cuda")
+        self.bf16 = resolved_precision(cfg, device) == "bf16"
         check_device(cfg, device)
         # (the highest priority the device has: torch maps an out-of-range one to the nearest)
         self._stream = torch.cuda.Stream(device, priority=-100) if cfg.parallel.step_priority == "high" else None
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
-        resume_from = find_resume(cfg, rank, world)  # refuses settings that would not continue it, before any work
+        # refuses settings that would not continue it, before any work
+        resume_from = find_resume(cfg, rank, world, precision="bf16" if self.bf16 else "fp32")
         # the full device ("cuda:3"): GPU decoding runs on this rank's own GPU. Before the run
         # directory is made: a data setting this machine refuses leaves nothing behind.
         # bf16 views under bf16 autocast: the trunk's first convolution would cast them anyway, so the
@@ -167,8 +169,22 @@ class Trainer:
 
     def _meta(self) -> dict:
         return {"step": self.step, "total_steps": self.total_steps, "world_size": self.world,
-                "git_revision": ckpt.git_revision(), "config": to_dict(self.cfg),
+                "precision": "bf16" if self.bf16 else "fp32", "git_revision": ckpt.git_revision(),
+                "config": to_dict(self.cfg),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    def _write_config(self) -> None:
+        """``config.json``: this run's settings. A resume with other settings keeps the earlier
+        file as ``config_before_step_NNNNNN.json``, so the run's record says what trained each part."""
+        path, meta = self.run_dir / "config.json", self._meta()
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError):
+            before = None
+        if isinstance(before, dict) and before.get("config") not in (None, json.loads(json.dumps(meta["config"],
+                                                                                               default=str))):
+            os.replace(path, self.run_dir / f"config_before_{ckpt.tag(self.step)}.json")
+        path.write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
     def sync_buffers(self) -> None:
         """Average floating-point buffers (BatchNorm running statistics) over ranks. Data
@@ -187,7 +203,8 @@ class Trainer:
             return self._saved[1]
         self.sync_buffers()
         # every rank writes its own client file: its loader's own positions resume it
-        client = {"data": self.loader.state_dict(), "rng": ckpt.rng_state(), "history": self.history}
+        # (the last losses only: the summary's final loss reads 10; every step's would grow each file)
+        client = {"data": self.loader.state_dict(), "rng": ckpt.rng_state(), "history": self.history[-10:]}
         path = ckpt.save(self.engine, self.model, self.ckpt_root, self.step, client, self._meta(),
                          self.cfg.checkpoint.keep)
         self._saved = (self.step, path)
@@ -269,7 +286,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg, total = self.cfg, self.total_steps
         if self.rank == 0:
-            (self.run_dir / "config.json").write_text(json.dumps(self._meta(), indent=2, default=str) + "\n")
+            self._write_config()
         log = RunLogger(self.run_dir, total, self.step, enabled=self.rank == 0)
         batches = self._batches()
         t_start, samples, wait = time.perf_counter(), 0, 0.0
@@ -309,6 +326,7 @@ class Trainer:
                          "data_wait": wait_window / max(1e-9, now - t_window)}
                 for q, outs in zip(queued, settled):
                     self.history.append(outs["loss"])
+                    del self.history[:-10]
                     scalars = {**outs, "lr": q.lr, **rates}
                     for i in range(len(timed)):
                         since_hook[i].append(scalars)
@@ -373,9 +391,18 @@ class Trainer:
         print("\n" + table(rows, ("run", str(self.run_dir))), flush=True)
 
 
-def find_resume(cfg: RunConfig, rank: int, world: int, *, quiet: bool = False) -> tuple[Path, dict] | None:
-    """The checkpoint ``cfg`` resumes and its meta, checked against ``cfg``; a fresh run is refused
-    in a run directory that holds another run's checkpoints (saving would replace them)."""
+def resolved_precision(cfg: RunConfig, device: torch.device) -> str:
+    """"bf16" or "fp32": ``--precision auto`` is bf16 on a GPU, fp32 on a CPU."""
+    p = cfg.parallel.precision
+    return "bf16" if p == "bf16" or (p == "auto" and device.type == "cuda") else "fp32"
+
+
+def find_resume(cfg: RunConfig, rank: int, world: int, *, quiet: bool = False,
+                precision: str | None = None) -> tuple[Path, dict] | None:
+    """The checkpoint ``cfg`` resumes and its meta, checked against ``cfg`` (and the step's resolved
+    ``precision``, when known); a fresh run is refused in a run directory that holds another run's
+    checkpoints (saving would replace them), and so is a resume from another run's checkpoint
+    into it (its first save would prune them, its rollback set them aside)."""
     run_dir = Path(cfg.run_dir)
     root = run_dir / "checkpoints"
     if cfg.checkpoint.resume is None:
@@ -391,8 +418,17 @@ def find_resume(cfg: RunConfig, rank: int, world: int, *, quiet: bool = False) -
         if rank == 0 and not quiet:
             print(f"--resume latest: no checkpoint under {root} yet, starting from step 0")
         return None
+    held = sorted(ckpt.checkpoints(root))
+    if held and path.resolve().parent != root.resolve():
+        raise CheckpointError(
+            f"--resume {path} is another directory's checkpoint, and {root} holds this run's own (steps "
+            f"{held[0]}..{held[-1]}), which its saves would prune or set aside: resume into a new --run-dir, or "
+            f"--resume latest to continue this one")
     meta = read_meta(path)
-    ckpt.check_resume(path, meta, to_dict(cfg), world)
+    changed = ckpt.check_resume(path, meta, to_dict(cfg), world, precision)
+    if changed and rank == 0 and not quiet:
+        print(f"--resume {path}: continuing with settings other than it was trained with: {'; '.join(changed)} "
+              f"(its own: --config {path / 'meta.json'})", flush=True)
     if cfg.steps is not None and int(meta.get("step", 0)) > cfg.steps:
         raise CheckpointError(f"--resume {path}: it is at step {meta['step']}, past --steps {cfg.steps}; "
                               f"give --steps {meta['step']} or more to go on from it")
@@ -439,7 +475,8 @@ def run(cfg: RunConfig, hooks: Sequence[Hook] = ()) -> dict:
     with process_group() as (rank, world, device), rng_scope(cfg.seed):
         deepspeed_config(cfg, world)  # --global-batch-size against this world size, before any hook writes
         check_device(cfg, device)
-        find_resume(cfg, rank, world, quiet=True)  # its refusals, before any hook writes (Trainer finds it again)
+        # its refusals, before any hook writes (Trainer finds it again)
+        find_resume(cfg, rank, world, quiet=True, precision=resolved_precision(cfg, device))
         # (e.g. rank 0 writing the synthetic shards: a failure there stops every rank, none waits for it)
         ckpt.agree(lambda: [hook.on_start(rank, world) for hook in hooks], "to start (its hooks)", device)
         trainer = Trainer(cfg, hooks, rank=rank, world=world, device=device)
