@@ -42,6 +42,49 @@ def test_uneven_split_still_gives_every_rank_the_same_steps(vp9_shards):
     assert len({n for n, _ in lens}) == 1 and all(n == got for n, got in lens)
 
 
+def test_an_epoch_is_whole_rounds_over_the_workers_so_no_worker_wraps_into_repeats(vp9_shards):
+    """8 videos, batch 1, 3 workers: 8 batches would give two workers a third turn, reading past
+    their share of two videos into a second pass (repeats, while the first worker's last videos
+    went unseen); 6 batches keep every video of the epoch distinct."""
+    loader = VideoLoader(loader_cfg(vp9_shards, batch_size=1, num_workers=3))
+    ids = loader_ids(loader)
+    assert len(loader) == len(ids) == 6 and len(set(ids)) == 6
+
+
+def test_a_batch_never_holds_one_video_twice_where_a_pass_ends(tmp_path, monkeypatch):
+    """4 shards of 3 videos, 2 workers, batch 4: a worker's pass ends with a partial batch that
+    the next pass completes, and that pass may begin with the same videos. Metadata-only shards
+    (no decoder: the collate would decode)."""
+    import types
+
+    from carl_scale.data import reader
+    from carl_scale.data.batch import SkipCounter
+
+    urls = []
+    for s in range(4):
+        urls.append(str(tmp_path / f"s{s}.tar"))
+        with tarfile.open(urls[-1], "w") as tf:
+            for i in range(3):
+                meta = {"num_frames": 30, "phase_labels": [0] * 30, "height": 64, "width": 64,
+                        "video_id": f"v{s}_{i}", "action_label": 0}
+                for ext, data in (("json", json.dumps(meta).encode()), ("video", b"x")):
+                    info = tarfile.TarInfo(f"v{s}_{i}.{ext}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+    cfg = loader_cfg(urls, batch_size=4, num_workers=2, temporal=loader_cfg(urls).temporal.__class__(num_frames=8))
+    batches = 0
+    for seed in range(20):
+        ds = reader.ShardedVideoDataset(urls, cfg, rank=0, world_size=1, batches_per_epoch=6, decoder=None,
+                                        counter=SkipCounter(), seed=seed, photometric=False, num_workers=2)
+        for w in range(2):
+            monkeypatch.setattr(reader, "get_worker_info", lambda w=w: types.SimpleNamespace(id=w, num_workers=2))
+            for wb in ds:
+                keys = [s.key for s in wb.samples]
+                assert len(set(keys)) == len(keys) == 4, keys
+                batches += 1
+    assert batches == 20 * 6
+
+
 def test_batch_contents(vp9_shards, tiny_cfg):
     """A batch's views, timestamps and labels; the workers fork with no cyclic garbage pending
     (freed in a forked worker, an earlier compiled run's crashed it with a segmentation fault)."""

@@ -14,8 +14,10 @@ Per DataLoader worker::
 so every rank runs exactly ``len(loader)`` steps per epoch. Without resampling, an epoch is one
 pass over each worker's shards; a worker whose shards run out before its quota wraps around for
 another pass (new views). With shards that divide evenly over ranks x workers, every sample is
-seen exactly once per epoch. With fewer shards than ranks x workers, the split falls back to
-samples (every consumer reads every shard and keeps its share). On a GPU run the training
+seen exactly once per epoch, up to the batches that do not make a whole round over the workers
+(an epoch is a multiple of the worker count, where it can be). With fewer shards than ranks x
+workers, the split falls back to samples (every consumer reads every shard and keeps its share).
+A batch never holds one video twice (a pass's last samples beside the next pass's first). On a GPU run the training
 process finishes each batch on the device (colour augmentation, and with DALI ``mixed`` the
 decoding and cropping too) in a background thread on its own CUDA stream, up to
 ``GPU_PREFETCH_BATCHES`` ahead of the step (:func:`~carl_scale.data.prefetch.finish_ahead`);
@@ -163,8 +165,8 @@ class ShardedVideoDataset(IterableDataset):
         cfg = self.cfg
         consumers = self.world_size * num_workers
         me = self.rank * num_workers + worker
-        if cfg.resampled:
-            rng = random.Random(str(_seed_of(self.seed, self.epoch, self.rank, worker)))
+        if cfg.resampled:  # (salted: the shuffle buffer's generator has the same parts, and drew the same numbers)
+            rng = random.Random(str(_seed_of(self.seed, self.epoch, self.rank, worker, "shards")))
             while True:
                 yield [rng.choice(self.urls) for _ in range(len(self.urls))], 1, 0
         for pass_ in range(1 << 30):
@@ -200,17 +202,30 @@ class ShardedVideoDataset(IterableDataset):
         grouper = LabelGrouper(cfg.batch_size, cfg.per_label, held=max(cfg.shuffle_buffer, 4 * cfg.batch_size)) \
             if cfg.per_label else None
         raw: list[tuple[dict, int]] = []
+        held: list[tuple[dict, int]] = []  # samples whose video the open batch holds already
         entered = 0
+
+        def ident(item: tuple[dict, int]) -> tuple:
+            return item[0].get("__url__"), item[0].get("__key__")
+
         for sample, pass_ in stream:
             if sample is None:
                 yield entered
                 entered = 0
             elif grouper is None:
                 entered += 1
+                # A pass's last samples wait in a partial batch beside the next pass's first: one
+                # video twice in a batch would be its own negative. Held back for the next batch,
+                # unless a share smaller than a batch leaves nothing else (then repeats must be).
+                if ident((sample, pass_)) in {ident(r) for r in raw} and len(held) < cfg.batch_size:
+                    held.append((sample, pass_))
+                    continue
                 raw.append((sample, pass_))
-                if len(raw) == cfg.batch_size:
+                while len(raw) == cfg.batch_size:
                     yield raw
-                    raw = []
+                    raw, waiting, held = [], held, []
+                    for item in waiting:
+                        (held if ident(item) in {ident(r) for r in raw} else raw).append(item)
             else:
                 try:
                     label = int(parse_meta(sample).get("action_label", -1))
@@ -272,6 +287,8 @@ class ShardedVideoDataset(IterableDataset):
                             sample, cfg, self.epoch, pass_, decoder, seed=self.seed, photometric=self.photometric,
                             draw=(self.rank, worker, at) if cfg.resampled else ())))
                         prepared += 1
+                    except MemoryError:  # the machine's, not the video's: never counted as a corrupt video
+                        raise
                     except Exception as exn:  # corrupt or undecodable: counted, never fatal, never silent
                         self.counter.add(f"sample {sample.get('__key__')!r} of {sample.get('__url__')}", exn, at)
                 if len(members) == min(group, len(raw) - g):
@@ -336,6 +353,12 @@ class VideoLoader:
                                  "rank per epoch)")
             per_rank = total // world_size
         self.batches_per_epoch = per_rank // cfg.batch_size
+        workers = max(1, cfg.num_workers)
+        if cfg.epoch_samples is None and not cfg.resampled and self.batches_per_epoch >= workers:
+            # Workers take turns batch by batch, and their shares of a pass are equal (to a shard,
+            # or a sample): a worker owing one batch more than another would read past its share
+            # into a second pass (repeats) while the other's last samples go unseen
+            self.batches_per_epoch -= self.batches_per_epoch % workers
         if self.batches_per_epoch < 1:
             raise ValueError(f"{per_rank} samples per rank make no batch of {cfg.batch_size}; lower the "
                              f"batch size or use more data")
