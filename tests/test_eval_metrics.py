@@ -40,6 +40,30 @@ def test_kendall_tau_matches_a_naive_pair_loop_whatever_the_batching():
             assert res["tau"] == pytest.approx(np.mean(taus), abs=1e-12) and res["pairs"] == len(taus)
 
 
+def test_nearest_frames_on_slow_unit_norm_stretches_are_those_of_float64_cdist():
+    """Unit-norm 128-d embeddings of slow motion (adjacent frames ~1e-6 apart, squared): the
+    published evaluation matches frames with SciPy's float64 cdist; |c|^2 - 2 q.c in float32
+    flipped about a third of those matches, moving τ."""
+    from scipy.spatial.distance import cdist
+
+    from carl_scale.eval.metrics import _k_nearest
+
+    rng = np.random.default_rng(5)
+    basis = rng.normal(size=(2, 128))
+    vids = []
+    for n, phase in ((60, 0.0), (70, 1e-4)):
+        t = phase + np.linspace(0, 0.06, n)[:, None]  # a slow arc on the unit sphere
+        v = np.cos(t) * basis[0] + np.sin(t) * basis[1] + 1e-5 * rng.normal(size=(n, 128))
+        vids.append((v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32))
+    a, b = vids
+    want = cdist(a.astype(np.float64), b.astype(np.float64), "sqeuclidean").argmin(1)
+    got = _k_nearest(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), 1)[:, 0]
+    assert np.array_equal(got.numpy(), want)
+    ref = np.mean([kendalltau(np.arange(len(x)), cdist(x.astype(np.float64), y.astype(np.float64),
+                                                      "sqeuclidean").argmin(1)).statistic for x, y in ((a, b), (b, a))])
+    assert kendalls_tau(vids, device="cpu")["tau"] == pytest.approx(ref, abs=1e-12)
+
+
 def test_batched_tau_b_rows_match_scipy_with_ties_and_constant_rows():
     from carl_scale.eval.metrics import kendall_tau_b_rows
 

@@ -163,11 +163,14 @@ def test_each_probe_trains_on_its_own_class_sets_events(monkeypatch):
                          np.full(n, -1), {"gym288": gym288})
     seen = []
     monkeypatch.setattr(transfer, "linear_probe_frame_classification",
-                        lambda tr, lab, *a, **k: seen.append(len(tr)) or {"accuracy": 0.5, "mean_class_accuracy": 0.5})
+                        lambda tr, lab, *a, **k: seen.append(len(tr)) or classes.append(k["num_classes"])
+                        or {"accuracy": 0.5, "mean_class_accuracy": 0.5})
+    classes = []
     transfer.run_protocol(ve, ve, transfer.PROTOCOLS["finegym"])
     fractions = len(transfer.PROTOCOLS["finegym"].fractions)
     assert seen[:fractions] == [10, 10, 11][:fractions] and max(seen[:fractions]) == 11  # Gym99: its 11 events
     assert max(seen[fractions:]) == 14  # Gym288 labels every event here
+    assert classes == [99] * fractions + [288] * fractions  # the layer's outputs: the set's, not the data's largest
 
 
 def test_an_element_list_line_with_a_bad_class_names_the_file_and_line(tmp_path):

@@ -232,3 +232,12 @@ def test_a_trial_whose_loss_goes_non_finite_ends_as_diverged_and_is_not_retried(
     (row,) = list(csv.DictReader(open(out / "results.csv")))
     # ended, not failed: Ray retries only a trial that raised (its row would say "error")
     assert row["status"] == "diverged" and row["steps"] == "2" and row["objective"] == "nan"
+
+
+def test_a_sweep_scored_on_the_split_a_transfer_protocol_reports_is_warned_about(tmp_path, vp9_shards):
+    from carl_scale.tuning.sweep import scored_split_warning
+
+    assert scored_split_warning(str(vp9_shards)) is None  # the synthetic set: no protocol reports its val split
+    (tmp_path / "shards.json").write_text(json.dumps({"dataset": "pennaction", "splits": {"val": {"shards": []}}}))
+    warning = scored_split_warning(str(tmp_path))
+    assert "transfer_eval.sh pennaction reports as its test numbers" in warning and "--val-fraction" in warning

@@ -67,6 +67,19 @@ def test_missing_shards_and_checkpoints_say_what_to_run(tmp_path):
             transfer_eval(dataset, {}, shards=str(tmp_path / "nope"), out_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="deepspeed launch/pretrain_k400.py"):
         latest_checkpoint(tmp_path / "run")
+    # `latest` empty (a machine crash) or missing: the newest intact checkpoint, for evaluation too
+    from carl_scale.models.weights import resolve_checkpoint
+
+    root = tmp_path / "run/checkpoints"
+    for s in (2, 4):
+        (root / f"step_00000{s}").mkdir(parents=True)
+        (root / f"step_00000{s}/meta.json").write_text('{"world_size": 1}')
+        torch.save({}, root / f"step_00000{s}/client_rank0.pt")
+    (root / "latest").write_text("")
+    assert latest_checkpoint(tmp_path / "run") == resolve_checkpoint(tmp_path / "run") == root / "step_000004"
+    assert resolve_checkpoint(root / "latest") == root / "step_000004"
+    (root / "latest").write_text("step_000002\n")
+    assert latest_checkpoint(tmp_path / "run") == resolve_checkpoint(root / "latest") == root / "step_000002"
     with pytest.raises(FileNotFoundError, match="is not a checkpoint directory"):
         load_model(tmp_path)
     with pytest.raises(ValueError, match="unknown dataset"):
@@ -165,6 +178,12 @@ def test_saved_embeddings_are_reused_only_for_the_same_weights(vp9_shards, tmp_p
     assert calls
     npz.write_bytes(b"truncated")  # a save cut short by a crash: recomputed, not fatal
     assert embed.extract_embeddings(model, vp9_shards, "val", cache=npz, progress=False).fingerprint == changed.fingerprint
+    # a failure while embedding leaves a training model in training mode (the end-of-run hook's)
+    monkeypatch.setattr(embed, "embed_frames", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    model.train()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        embed.extract_embeddings(model, vp9_shards, "val", progress=False)
+    assert model.training
 
 
 def test_end_of_run_evaluation_reads_validation_videos_only(vp9_shards, tmp_path, monkeypatch):

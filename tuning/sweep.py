@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
         values = ", ".join(f"{k}={b[k]:.4g}" for k in ("sigma2", "tau", "eps1", "lam") if k in b)
         print(f"\nbest: {values} ({cfg.objective} {b['objective']:.4f}, {b['trial']})")
         print(f"next: {summary['pretrain']}\n      {summary['transfer']}")
+        if summary.get("warning"):
+            print(f"warning: {summary['warning']}")
     else:  # not one trial scored: say why, and end non-zero
         failed = summary["failed"]
         diverged = sum(r.get("status") == "diverged" for r in summary["rows"])

@@ -203,18 +203,20 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
             return False
         return taken.get(action, 0) < per_action
 
-    for meta, frames in iter_whole_videos(shards, dec, split, on_error=skip, want=want):
-        embs.append(embed_frames(model, frames, image_size=image_size, spatial=spatial, device=device))
-        ids.append(meta["video_id"])
-        phases.append(np.asarray(meta["phase_labels"], dtype=np.int64))
-        actions.append(int(meta["action_label"]))
-        taken[actions[-1]] = taken.get(actions[-1], 0) + 1
-        extra.append({k: np.asarray(v, dtype=np.int64) for k, v in meta.get("frame_labels", {}).items()})
-        bar.update()
-        if limit is not None and len(ids) >= limit:
-            break
-    bar.close()
-    model.train(was_training)
+    try:  # (a failure leaves the caller's model in the mode it was in: a training run's evaluation hook)
+        for meta, frames in iter_whole_videos(shards, dec, split, on_error=skip, want=want):
+            embs.append(embed_frames(model, frames, image_size=image_size, spatial=spatial, device=device))
+            ids.append(meta["video_id"])
+            phases.append(np.asarray(meta["phase_labels"], dtype=np.int64))
+            actions.append(int(meta["action_label"]))
+            taken[actions[-1]] = taken.get(actions[-1], 0) + 1
+            extra.append({k: np.asarray(v, dtype=np.int64) for k, v in meta.get("frame_labels", {}).items()})
+            bar.update()
+            if limit is not None and len(ids) >= limit:
+                break
+    finally:
+        bar.close()
+        model.train(was_training)
     # a label set some videos lack (shards written in parts) is all -1 for them
     names = sorted({k for e in extra for k in e})
     frame_labels = {k: [e.get(k, np.full(len(p), -1, np.int64)) for e, p in zip(extra, phases)] for k in names}

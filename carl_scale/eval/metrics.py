@@ -111,10 +111,17 @@ def kendall_tau_b_rows(y: torch.Tensor, budget: int = 1 << 26) -> torch.Tensor:
     return torch.where(denom > 0, net / denom.clamp_min(1e-300), torch.full_like(denom, float("nan")))
 
 
+# Nearest-neighbour searches run in float64, as the published evaluation's (SciPy's cdist): on
+# unit-norm embeddings |c|^2 - 2 q.c subtracts numbers near 1, and float32 then loses adjacent
+# frames' differences (~1e-6 apart on a slow stretch): 35% of the matches there flipped
+RANKING_DTYPE = torch.float64
+
+
 def _ranking_distances(q: torch.Tensor, cand: torch.Tensor, cand_sq: torch.Tensor | None = None) -> torch.Tensor:
     """``|c|^2 - 2 q.c`` for every query row and candidate: the squared Euclidean distance less
     the row's constant ``|q|^2``, so it orders each row's candidates exactly as the distance does,
-    in one BLAS call (no norms of q, no square root): ~20% faster than ``cdist`` + the same ``topk``."""
+    in one BLAS call (no norms of q, no square root): ~20% faster than ``cdist`` + the same ``topk``.
+    Give it :data:`RANKING_DTYPE` tensors."""
     cand_sq = (cand * cand).sum(1) if cand_sq is None else cand_sq
     return torch.addmm(cand_sq, q, cand.T, alpha=-2)
 
@@ -144,7 +151,7 @@ def kendalls_tau(embs: Sequence[np.ndarray], *, stride: int = 1, device: str | N
     the device too when it is a CUDA GPU (``tau_on_device``; :func:`kendall_tau_b_rows`), else by SciPy."""
     dev = _device(device)
     tau_on_device = dev.startswith("cuda") if tau_on_device is None else tau_on_device
-    vids = [torch.as_tensor(np.asarray(e)[::stride], dtype=torch.float32) for e in embs]
+    vids = [torch.as_tensor(np.asarray(e)[::stride], dtype=RANKING_DTYPE) for e in embs]
     lengths = [len(v) for v in vids]
     ends = np.cumsum(lengths)
     every = torch.cat(vids).to(dev) if vids else torch.zeros(0, 1)
@@ -224,7 +231,7 @@ def _k_nearest(queries: torch.Tensor, cand: torch.Tensor, k: int, *, exclude: tu
                budget: int = 1 << 26) -> torch.Tensor:
     """Indices ``(n_q, k)`` of each query's ``k`` nearest candidates (Euclidean, nearest first),
     never the candidates ``exclude = (start, end)``. Queries go in chunks of at most ``budget``
-    distances (256 MiB of float32), so 5000-frame queries against a million candidate frames fit
+    distances (512 MiB of float64), so 5000-frame queries against a million candidate frames fit
     on a GPU and in a laptop's memory alike."""
     out, cand_sq = [], (cand * cand).sum(1)
     for q in queries.split(max(1, budget // max(1, len(cand)))):
@@ -245,7 +252,7 @@ def average_precision_at_k(embs, phase_labels, action_labels, ks: Sequence[int] 
     query video's own frames are masked out of them."""
     dev = _device(device)
     keep = [np.asarray(p) >= 0 for p in phase_labels]  # labelled frames first, then the stride (published)
-    x = [torch.as_tensor(np.asarray(e)[m][::stride], dtype=torch.float32) for e, m in zip(embs, keep)]
+    x = [torch.as_tensor(np.asarray(e)[m][::stride], dtype=RANKING_DTYPE) for e, m in zip(embs, keep)]
     y = [torch.as_tensor(np.asarray(p)[m][::stride]) for p, m in zip(phase_labels, keep)]
     actions = np.asarray(action_labels)
     per_video: dict[int, list[float]] = {k: [] for k in ks}
@@ -284,13 +291,13 @@ def one_shot_phase_classification(train_embs, train_labels, train_actions, val_e
                 continue
             r = int(rng.choice(pool))
             m = np.asarray(train_labels[r]) >= 0
-            ref_x = torch.as_tensor(np.asarray(train_embs[r])[m], dtype=torch.float32, device=dev)
+            ref_x = torch.as_tensor(np.asarray(train_embs[r])[m], dtype=RANKING_DTYPE, device=dev)
             ref_y = torch.as_tensor(np.asarray(train_labels[r])[m], device=dev)
             for v in np.flatnonzero(val_actions == a):
                 mv = np.asarray(val_labels[v]) >= 0
                 if not mv.any():
                     continue
-                q = torch.as_tensor(np.asarray(val_embs[v])[mv], dtype=torch.float32, device=dev)
+                q = torch.as_tensor(np.asarray(val_embs[v])[mv], dtype=RANKING_DTYPE, device=dev)
                 pred = ref_y[_ranking_distances(q, ref_x).argmin(dim=1)].cpu().numpy()
                 correct += int(np.sum(pred == np.asarray(val_labels[v])[mv]))
                 total += int(mv.sum())

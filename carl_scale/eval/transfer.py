@@ -21,6 +21,7 @@ from carl_scale.eval.embed import VideoEmbeddings, extract_embeddings
 from carl_scale.eval.metrics import (CLASSIFIERS, _labelled, average_precision_at_k, kendalls_tau, linear_probe_frame_classification,
                                      one_shot_phase_classification, phase_classification, phase_progression,
                                      temporal_clustering_rand_index, training_subset)
+from carl_scale.models.weights import latest_in
 
 
 @dataclass(frozen=True)
@@ -35,16 +36,17 @@ class Protocol:
     subset: str = "first"
     # the phase classifier: "svm" as the paper's text (and TCC), "logistic" as the published code
     classifier: str = "svm"
-    # FineGym: a linear layer on frames instead of the phase metrics, one per (column, label set),
-    # at each fraction (Table 14 shows FineGym99 at 10/50/100%; Table 5 both sets at 100%)
-    linear_probe: tuple[tuple[str, str], ...] = ()
+    # FineGym: a linear layer on frames instead of the phase metrics, one per (column, label set,
+    # classes: the layer's outputs, as the published probe's, whichever classes the data holds), at
+    # each fraction (Table 14 shows FineGym99 at 10/50/100%; Table 5 both sets at 100%)
+    linear_probe: tuple[tuple[str, str, int], ...] = ()
 
 
 PROTOCOLS = {
     "pennaction": Protocol("data/pennaction", write_command("pennaction", "data/pennaction"), per_action=True,
                            tau_stride=2),
     "finegym": Protocol("data/finegym", write_command("finegym", "data/finegym"), per_action=False,
-                        linear_probe=(("FineGym99", "phase"), ("FineGym288", "gym288"))),
+                        linear_probe=(("FineGym99", "phase", 99), ("FineGym288", "gym288", 288))),
     "pouring": Protocol("data/pouring", write_command("pouring", "data/pouring"), per_action=False, tau_stride=5),
     "synthetic": Protocol("data/synthetic", write_command("synthetic", "data/synthetic"), per_action=True),
 }
@@ -52,11 +54,11 @@ PROTOCOLS = {
 
 def latest_checkpoint(run_dir: str | Path = "runs/pretrain") -> Path:
     root = Path(run_dir) / "checkpoints"
-    latest = root / "latest"
-    if not latest.exists():
+    latest = latest_in(root)  # (what `latest` names; without one, the newest intact checkpoint)
+    if latest is None:
         raise FileNotFoundError(f"no checkpoint under {root}: pretrain first (deepspeed launch/pretrain_k400.py "
                                 f"--run-dir {run_dir}) or name a step_NNNNNN directory")
-    return root / latest.read_text().strip()
+    return latest
 
 
 def _phase_metrics(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, device: str) -> dict[str, float]:
@@ -96,7 +98,7 @@ def run_protocol(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, devi
     """{"mean": {metric: value}, "per_action": {action: {metric: value}}} for one model."""
     if p.linear_probe:
         mean = {}
-        for column, labels in p.linear_probe:
+        for column, labels, classes in p.linear_probe:
             # the class set's own events: one shard set holds the events of both sets' lists, where
             # the published code prepares one dataset per set (every event of it has labelled frames)
             own = train.subset([i for i, lab in enumerate(train.labels(labels)) if (np.asarray(lab) >= 0).any()])
@@ -104,7 +106,7 @@ def run_protocol(train: VideoEmbeddings, val: VideoEmbeddings, p: Protocol, devi
                 # at least one batch of 10 videos, as the published probe takes
                 sub = own.subset(training_subset(len(own.video_ids), f, pick=p.subset, minimum=10))
                 res = linear_probe_frame_classification(sub.embeddings, sub.labels(labels), val.embeddings,
-                                                        val.labels(labels), device=device)
+                                                        val.labels(labels), num_classes=classes, device=device)
                 key = column if f == 1.0 else f"{column}@{f:g}"
                 mean.update({key: res["accuracy"], f"{key} mean class": res["mean_class_accuracy"]})
         return {"mean": mean, "per_action": {}, "classes": {}}
@@ -197,7 +199,7 @@ def _check_label_sets(p: Protocol, shards: str) -> None:
     if not p.linear_probe:
         return
     have = _frame_label_sets(shards)
-    missing = [name for _, name in p.linear_probe if name != "phase" and name not in have]
+    missing = [name for _, name, _ in p.linear_probe if name != "phase" and name not in have]
     if missing:
         raise ValueError(f"{shards} has no per-frame label set {', '.join(repr(m) for m in missing)} (it has: "
                          f"phase{''.join(', ' + k for k in sorted(have))}): write the shards with "
@@ -224,7 +226,7 @@ def markdown_tables(results: dict[str, dict], action_names: list[str] | None = N
     per_action_cols = [c for _, columns in PAPER_TABLES for c in columns if c[1] in keys]
     for name, r in results.items():
         if r["per_action"]:
-            rows = {(action_names[int(a)] if action_names and int(a) < len(action_names) else str(a)): v
+            rows = {(action_names[int(a)] if action_names and 0 <= int(a) < len(action_names) else str(a)): v
                     for a, v in r["per_action"].items()}
             parts.append(f"### {name}: per action class (the rows above average these)\n\n"
                          + _table(rows, per_action_cols, first="action"))

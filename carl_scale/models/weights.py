@@ -53,14 +53,26 @@ def load_tensors(path: str | Path, *, allow: list | tuple = (), map_location="cp
 
 
 # -- checkpoint directories ----------------------------------------------------------------------
+def latest_in(root: Path) -> Path | None:
+    """The checkpoint ``root/latest`` names; where it names none (missing, or empty after a machine
+    crash) the newest intact checkpoint under ``root``; None if there is none."""
+    try:
+        name = (root / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if _STEP_DIR.match(name) and (root / name).is_dir():
+        return root / name
+    return intact_before(root, None)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, also when named by its run's ``checkpoints/latest`` pointer file or
-    by the run directory itself."""
+    by the run directory itself (:func:`latest_in`)."""
     p = Path(path)
     if p.is_file() and p.name == "latest":
-        return p.parent / p.read_text().strip()
-    if (p / "checkpoints" / "latest").is_file():
-        return p / "checkpoints" / (p / "checkpoints" / "latest").read_text().strip()
+        return latest_in(p.parent) or p.parent / p.read_text().strip()
+    if (p / "checkpoints" / "latest").is_file() or checkpoints(p / "checkpoints"):
+        return latest_in(p / "checkpoints") or p
     return p
 
 

@@ -53,6 +53,22 @@ def validation_shards(base: RunConfig) -> str:
     return str(Path(val).resolve()) if local(val) else val
 
 
+def scored_split_warning(val: str) -> str | None:
+    """What to say when the trials' validation videos are the split a transfer protocol reports
+    (PennAction, FineGym and Pouring have no other held-out split: their ``val`` is the paper's
+    test set), so the sweep would choose its values on the numbers it then reports; None if not."""
+    from carl_scale.data.manifest import read_manifest
+    from carl_scale.eval.transfer import PROTOCOLS
+
+    manifest = read_manifest(val) if local(val) and Path(val).is_dir() else None
+    dataset = (manifest or {}).get("dataset")
+    if dataset not in PROTOCOLS or dataset == "synthetic":  # (the embedded set is a demonstration, not a benchmark)
+        return None
+    return (f"the trials are scored on the val split of {val}, which launch/transfer_eval.sh {dataset} reports "
+            f"as its test numbers: values chosen on it overstate them. Hold out videos of a training split "
+            f"instead (e.g. python -m shards.folder ... --val-fraction 0.1) and pass that as --val-shards")
+
+
 def prepare(cfg: SweepConfig) -> tuple[RunConfig, str]:
     """(the run config every trial starts from, the validation shards); refuses what would fail
     later, inside Ray, trial by trial (a bad recipe, --weak on data without video labels, no
@@ -278,9 +294,12 @@ def run_sweep(cfg: SweepConfig) -> dict:
         (out / "sweep.json").write_text(json.dumps(to_dict(dataclasses.replace(cfg, out=str(out), **paths)), indent=2,
                                                    sort_keys=True) + "\n")
         (out / "base_config.json").write_text(json.dumps(to_dict(base), indent=2) + "\n")
+    if (warning := scored_split_warning(val)) is not None:
+        print(f"warning: {warning}", flush=True)
     grid = _tune(cfg, base, val)
     summary = write_results(_rows(grid, cfg), cfg, base)
     summary["failed"] = [_last_line(r.error) for r in grid if r.error is not None]
+    summary["warning"] = scored_split_warning(val)
     summary["sweep"] = cfg  # the settings it ran with (a resumed sweep's are its saved ones)
     return summary
 
