@@ -41,6 +41,13 @@ EXPECTED = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, 
             IsADirectoryError, PermissionError, Stopped)
 
 
+def out_of_memory(exn: BaseException) -> bool:
+    """Whether the process ran out of memory: Python's MemoryError, not its subclasses from PyAV
+    (FFmpeg's ENOMEM, which a damaged stream gives too) or NumPy (an array a damaged header asks
+    for), which say something about the input. A reader re-raises the one, skips the others."""
+    return isinstance(exn, MemoryError) and type(exn).__module__.split(".")[0] not in ("av", "numpy")
+
+
 def one_line(exn: BaseException) -> str:
     """The message of ``exn``; of an error a DataLoader worker raised, the worker's own message
     (PyTorch re-raises it with the worker's whole traceback as its text)."""

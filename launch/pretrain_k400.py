@@ -11,8 +11,8 @@ compare with a randomly initialised model's on the synthetic validation videos::
 The paper's recipes (pennaction, finegym, pouring, k400; carl_scale/train/recipes.py cites each
 setting); every other flag changes one field of the recipe::
 
-    deepspeed launch/pretrain_k400.py --recipe k400 --shards 'data/k400/train-{000000..000999}.tar' \\
-        --epoch-samples 60000 --pretrained byol_r50.pth
+    deepspeed launch/pretrain_k400.py --recipe k400 --shards data/k400 --epoch-samples 60000 \\
+        --pretrained byol_r50.pth
     deepspeed launch/pretrain_k400.py --recipe finegym --pretrained byol_r50.pth --frames 160
     python launch/pretrain_k400.py --recipe finegym --print-config      # the resolved config as JSON
 

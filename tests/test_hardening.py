@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,11 @@ def test_a_resume_into_a_run_with_its_own_checkpoints_is_refused_and_changed_set
     with pytest.raises(ckpt.CheckpointError, match=r"another directory's checkpoint, and .*b/checkpoints holds this "
                                                    r"run's own \(steps 2..4\)"):
         find_resume(other, 0, 1)
+    # its own checkpoints set aside by an earlier rollback are its own
+    aside = tmp_path / "b/checkpoints/abandoned_after_step_000002/step_000004"
+    shutil.copytree(tmp_path / "b/checkpoints/step_000004", aside)
+    assert find_resume(dataclasses.replace(other, checkpoint=dataclasses.replace(cfg.checkpoint, resume=str(aside))),
+                       0, 1)[0] == aside
     own = dataclasses.replace(other, checkpoint=dataclasses.replace(cfg.checkpoint, resume="latest"),
                               loss=dataclasses.replace(cfg.loss, tau=0.5))
     assert find_resume(own, 0, 1)[0] == tmp_path / "b/checkpoints/step_000004"
@@ -163,13 +169,24 @@ def test_a_resume_into_a_run_with_its_own_checkpoints_is_refused_and_changed_set
         return {"step": 4, "config": to_dict(c)}
     run = types.SimpleNamespace(run_dir=tmp_path / "b", step=4, _meta=lambda: meta(cfg))
     Trainer._write_config(run)
-    Trainer._write_config(run)  # the same settings again: one file
+    run._meta = lambda: meta(dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="latest"),
+                                                 steps=cfg.steps + 10))
+    Trainer._write_config(run)  # resumed with the same training settings (a longer run): one file
     assert sorted(p.name for p in run.run_dir.glob("config*.json")) == ["config.json"]
     run._meta = lambda: meta(own)
     Trainer._write_config(run)
     assert json.loads((run.run_dir / "config_before_step_000004.json").read_text())["config"]["loss"]["tau"] == \
         cfg.loss.tau
     assert json.loads((run.run_dir / "config.json").read_text())["config"]["loss"]["tau"] == 0.5
+    run._meta = lambda: meta(dataclasses.replace(own, loss=dataclasses.replace(own.loss, tau=0.7)))
+    Trainer._write_config(run)  # resumed at the same step again, with yet another τ: both earlier ones kept
+    assert json.loads((run.run_dir / "config_before_step_000004_2.json").read_text())["config"]["loss"]["tau"] == 0.5
+    assert json.loads((run.run_dir / "config_before_step_000004.json").read_text())["config"]["loss"]["tau"] == \
+        cfg.loss.tau
+    # the embedded synthetic set is part of what was trained on: without it, refused
+    with pytest.raises(ConfigError, match=r"synthetic set \(now None\)"):
+        ckpt.check_resume(Path("c"), {"world_size": 1, "config": to_dict(cfg)},
+                          to_dict(dataclasses.replace(cfg, synthetic=None)), 1)
 
     # a write that fails for the disk's sake ends in one line naming the checkpoint
     def full():
@@ -212,9 +229,12 @@ def test_resume_latest_without_its_pointer_takes_the_newest_intact_checkpoint(tm
     assert ckpt.find(root, "latest") == root / "step_000006"
     (root / ckpt.ROLLBACK).write_text("step_000004\n")  # unless a rollback to step 4 is under way
     assert ckpt.find(root, "latest") == root / "step_000004"
-    (root / ckpt.ROLLBACK).unlink()
-    # resuming the newer one points latest at it (evaluation and --init-from read latest)
+    (root / ckpt.ROLLBACK).write_text("")  # a marker a crash left empty: read as a rollback to latest's step
+    assert ckpt.find(root, "latest") == root / "step_000004"
+    # resuming the newer one points latest at it (evaluation and --init-from read latest), and a
+    # marker a finished rollback left behind (a crash after its last move) goes
     assert ckpt.set_aside_newer(root, 6) is None and ckpt.latest_name(root) == "step_000006"
+    assert not (root / ckpt.ROLLBACK).exists()
     (root / "latest").write_text("")  # empty, as a machine crash can leave it: as if missing
     assert ckpt.latest_name(root) is None and ckpt.find(root, "latest") == root / "step_000006"
     (root / "latest").unlink()

@@ -57,7 +57,7 @@ def test_a_batch_never_holds_one_video_twice_where_a_pass_ends(tmp_path, monkeyp
     (no decoder: the collate would decode)."""
     import types
 
-    from carl_scale.data import reader
+    from carl_scale.data import stream
     from carl_scale.data.batch import SkipCounter
 
     urls = []
@@ -74,15 +74,45 @@ def test_a_batch_never_holds_one_video_twice_where_a_pass_ends(tmp_path, monkeyp
     cfg = loader_cfg(urls, batch_size=4, num_workers=2, temporal=loader_cfg(urls).temporal.__class__(num_frames=8))
     batches = 0
     for seed in range(20):
-        ds = reader.ShardedVideoDataset(urls, cfg, rank=0, world_size=1, batches_per_epoch=6, decoder=None,
+        ds = stream.ShardedVideoDataset(urls, cfg, rank=0, world_size=1, batches_per_epoch=6, decoder=None,
                                         counter=SkipCounter(), seed=seed, photometric=False, num_workers=2)
         for w in range(2):
-            monkeypatch.setattr(reader, "get_worker_info", lambda w=w: types.SimpleNamespace(id=w, num_workers=2))
+            monkeypatch.setattr(stream, "get_worker_info", lambda w=w: types.SimpleNamespace(id=w, num_workers=2))
             for wb in ds:
                 keys = [s.key for s in wb.samples]
                 assert len(set(keys)) == len(keys) == 4, keys
                 batches += 1
     assert batches == 20 * 6
+
+
+def test_ffmpegs_out_of_memory_error_is_a_damaged_video_and_the_process_running_out_is_not(vp9_shards, monkeypatch):
+    """PyAV's MemoryError (FFmpeg's ENOMEM, which damaged streams give too) subclasses Python's:
+    the video is skipped and counted; Python's own MemoryError stops the run instead of being
+    counted against every video after it."""
+    import av
+
+    from carl_scale.data import stream
+    from carl_scale.errors import out_of_memory
+
+    assert out_of_memory(MemoryError()) and not out_of_memory(av.error.MemoryError(12, "Cannot allocate memory"))
+    real, calls = stream.prepare_sample, []
+
+    def failing(error):
+        def prepare(sample, *a, **k):
+            calls.append(1)
+            if len(calls) == 1:
+                raise error
+            return real(sample, *a, **k)
+        return prepare
+
+    monkeypatch.setattr(stream, "prepare_sample", failing(av.error.MemoryError(12, "Cannot allocate memory")))
+    loader = VideoLoader(loader_cfg(vp9_shards))
+    next(iter(loader))
+    assert loader.skipped == 1
+    calls.clear()
+    monkeypatch.setattr(stream, "prepare_sample", failing(MemoryError()))
+    with pytest.raises(MemoryError):
+        next(iter(VideoLoader(loader_cfg(vp9_shards))))
 
 
 def test_batch_contents(vp9_shards, tiny_cfg):

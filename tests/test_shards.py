@@ -472,6 +472,36 @@ def test_long_video_ids_get_short_keys_and_a_damaged_finished_split_is_written_a
     assert "some of its shards are gone or changed size" in caplog.text
     assert entry["samples"] == 3 and first.read_bytes() == whole and second.stat().st_mtime_ns == stamp
 
-    # warnings of an earlier command go once a command has none
-    assert add_warnings(tmp_path, ["a stale warning"])["label_warnings"] == ["a stale warning"]
-    assert "label_warnings" not in add_warnings(tmp_path, []) and "label_warnings" not in read_manifest(tmp_path)
+    # a command's warnings stay with the splits it wrote: another split's command without any keeps
+    # them; the same split written again without any drops them
+    write_split(tmp_path, "val", range(1), load, dataset="x", opts=opts)
+    assert add_warnings(tmp_path, ["a train warning"], ["train"])["label_warnings"] == ["a train warning"]
+    assert add_warnings(tmp_path, [], ["val"])["label_warnings"] == ["a train warning"]
+    assert add_warnings(tmp_path, ["a val warning"], ["val"])["label_warnings"] == ["a train warning", "a val warning"]
+    assert add_warnings(tmp_path, [], ["train"])["label_warnings"] == ["a val warning"]
+    assert "label_warnings" not in add_warnings(tmp_path, [], ["val"]) and "label_warnings" not in read_manifest(tmp_path)
+
+
+def test_a_mount_that_refuses_fsync_on_directories_still_takes_durable_renames(tmp_path, monkeypatch):
+    """Some FUSE and network mounts answer a directory's fsync with EINVAL: the rename has
+    happened, so that is not an error; a file's fsync failing still is."""
+    import os
+
+    from carl_scale import durable
+
+    real = os.fsync
+
+    def picky(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd)
+
+    monkeypatch.setattr(durable.os, "fsync", picky)
+    (tmp_path / "a.partial").write_text("whole")
+    durable.durable_replace(tmp_path / "a.partial", tmp_path / "a")
+    assert (tmp_path / "a").read_text() == "whole" and not (tmp_path / "a.partial").exists()
+    monkeypatch.setattr(durable.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    (tmp_path / "b.partial").write_text("whole")
+    with pytest.raises(OSError, match="I/O error"):
+        durable.durable_replace(tmp_path / "b.partial", tmp_path / "b")
+    assert not (tmp_path / "b").exists()  # never renamed before its bytes are on disk

@@ -15,6 +15,7 @@ import torch
 from carl_scale.data.config import LoaderConfig
 from carl_scale.data.decoders import EncodedVideo, FrameDecoder
 from carl_scale.data.spatial import ViewParams, crop_views, photometric_batch
+from carl_scale.errors import out_of_memory
 
 log = logging.getLogger("carl_scale.data")
 
@@ -102,7 +103,7 @@ def _not_the_video(exn: BaseException, decoder: FrameDecoder) -> bool:
     assert). Taken for a corrupt video, such a failure would count every video after it as
     skipped for the rest of the epoch (in a finishing process, with nothing else to fail first)."""
     # (torch.AcceleratorError, a sticky CUDA error: torch 2.8 on; older ones raise a RuntimeError, found below)
-    if isinstance(exn, (MemoryError, torch.cuda.OutOfMemoryError, *_ACCELERATOR_ERROR)):
+    if out_of_memory(exn) or isinstance(exn, (torch.cuda.OutOfMemoryError, *_ACCELERATOR_ERROR)):
         return True
     if getattr(decoder, "device", "cpu") == "cuda" and torch.cuda.is_available():
         try:  # DALI words its CUDA errors as its own: ask the device whether it still works

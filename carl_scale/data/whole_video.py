@@ -19,7 +19,8 @@ import webdataset as wds
 
 from carl_scale.data.decoders import DALI_CPU_CODECS, EncodedVideo, FrameDecoder, keep_out_of_children, split_device
 from carl_scale.data.manifest import resolve_shards
-from carl_scale.data.reader import parse_meta
+from carl_scale.data.stream import parse_meta
+from carl_scale.errors import out_of_memory
 
 
 def iter_whole_videos(spec, decoder: FrameDecoder, split: str = "train", on_error=None,
@@ -54,9 +55,9 @@ def iter_whole_videos(spec, decoder: FrameDecoder, split: str = "train", on_erro
             frames = decoder.decode_all(EncodedVideo.from_sample(sample, meta))
             if len(frames) != int(meta["num_frames"]):
                 raise ValueError(f"decoded {len(frames)} frames, the metadata says {meta['num_frames']}")
-        except (MemoryError, torch.cuda.OutOfMemoryError):
-            raise  # never taken for a damaged video
         except Exception as exn:
+            if out_of_memory(exn) or isinstance(exn, torch.cuda.OutOfMemoryError):
+                raise  # never taken for a damaged video
             decoder.reset()  # a failed DALI run may leave its pipelines unusable for the next video
             damaged(sample, exn)
             continue

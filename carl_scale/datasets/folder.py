@@ -290,4 +290,4 @@ def write_folder_shards(src: str | Path, out_dir: str | Path, opts: FolderOption
                         f"one did not write: remove them from {out_dir} if they are stale (their videos may now be "
                         f"in {', '.join(map(repr, sorted(by_split)))} too)")
         log.warning("%s", warnings[-1])
-    return add_warnings(out_dir, warnings)
+    return add_warnings(out_dir, warnings, sorted(by_split))

@@ -253,7 +253,7 @@ def write_kinetics400_shards(annotations: list[str | Path], videos: str | Path, 
         write_split(out_dir, split, items, load, dataset="kinetics400", opts=wopts, label_names={"actions": names},
                     describe=lambda c: c.clip_id,  # the plan covers each clip's label too: a fixed CSV is no resume
                     settings={**asdict(opts), "labels": names, "clip_labels": [c.label for c in items]})
-    return add_warnings(out_dir, warnings + more)
+    return add_warnings(out_dir, warnings + more, sorted(by_split))
 
 
 def skip_kind(reason: str) -> str:

@@ -34,8 +34,9 @@ from typing import Any, Callable, Sequence
 
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.encode import EncodeOptions
-from carl_scale.datasets.writer import (Payload, SkipInput, SlotWriter, VideoRecord, check_split_name, durable_replace,
-                                       write_manifest)
+from carl_scale.datasets.writer import Payload, SkipInput, SlotWriter, VideoRecord, check_split_name, write_manifest
+from carl_scale.durable import durable_replace
+from carl_scale.errors import out_of_memory
 from carl_scale.tables import progress_bar
 
 log = logging.getLogger("carl_scale.data")
@@ -130,7 +131,7 @@ def not_the_input(exn: BaseException) -> bool:
     operating-system error of the disk, a mount or the process's limits. FFmpeg's own errors
     (PyAV's, some of which are OSErrors) are left out: its demuxers report truncated files as
     I/O errors too."""
-    if isinstance(exn, MemoryError):
+    if out_of_memory(exn):
         return True
     if type(exn).__module__.startswith("av."):
         return False
@@ -147,18 +148,25 @@ def _manifest_lock(out_dir: Path):
         yield
 
 
-def add_warnings(out_dir: str | Path, warnings: list[str]) -> dict:
-    """``shards.json`` with this command's warnings under ``label_warnings`` (replacing an earlier
-    command's), read and written back under the directory's lock; returns the manifest."""
+def add_warnings(out_dir: str | Path, warnings: list[str], splits: Sequence[str]) -> dict:
+    """``shards.json`` with this command's warnings, about the ``splits`` it wrote: each split's
+    own list in its entry (``warnings``, replacing what an earlier command said about it: a fixed
+    CSV leaves none), and every split's together under the top-level ``label_warnings``. Read
+    and written back under the directory's lock; returns the manifest."""
     out_dir = Path(out_dir)
     with _manifest_lock(out_dir):
         manifest = read_manifest(out_dir)
-        if warnings or "label_warnings" in manifest:  # (none now: an earlier command's are stale)
-            if warnings:
-                manifest["label_warnings"] = warnings
-            else:
-                del manifest["label_warnings"]
-            write_manifest(out_dir, manifest)
+        for split in splits:
+            entry = manifest["splits"].get(split)
+            if entry is not None:
+                entry.pop("warnings", None)
+                if warnings:
+                    entry["warnings"] = list(warnings)
+        every = list(dict.fromkeys(w for e in manifest["splits"].values() for w in e.get("warnings", [])))
+        manifest.pop("label_warnings", None)
+        if every:
+            manifest["label_warnings"] = every
+        write_manifest(out_dir, manifest)
     return manifest
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import numpy as np
 from av.codec.codec import UnknownCodecError
 
 from carl_scale.data.manifest import MANIFEST
+from carl_scale.durable import durable_replace
 from carl_scale.datasets.encode import EncodeOptions, encode_jpeg_frames, encode_video
 
 Payload = Literal["video", "jpeg"]
@@ -74,23 +74,6 @@ def sample_key(video_id: str) -> str:
         digest = hashlib.sha256(video_id.encode("utf-8", "surrogateescape")).hexdigest()[:16]
         key = key[: MAX_KEY - len(digest) - 1] + "_" + digest
     return key
-
-
-def durable_replace(tmp: str | Path, final: str | Path) -> None:
-    """Rename a finished file into place after its bytes are on disk (and then the rename): after
-    a power cut or a lost node, a name is the whole file or absent, never a file of zeros that
-    has the right size."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
-    fd = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:

@@ -54,13 +54,14 @@ def load_tensors(path: str | Path, *, allow: list | tuple = (), map_location="cp
 
 # -- checkpoint directories ----------------------------------------------------------------------
 def latest_in(root: Path) -> Path | None:
-    """The checkpoint ``root/latest`` names; where it names none (missing, or empty after a machine
-    crash) the newest intact checkpoint under ``root``; None if there is none."""
+    """The checkpoint ``root/latest`` names (whether or not it is there: a caller's error then
+    names it); where it names none (missing, or empty after a machine crash) the newest intact
+    checkpoint under ``root`` (each one's files read to check); None if there is none."""
     try:
         name = (root / "latest").read_text().strip()
     except (OSError, UnicodeDecodeError):
         name = ""
-    if _STEP_DIR.match(name) and (root / name).is_dir():
+    if _STEP_DIR.match(name):
         return root / name
     return intact_before(root, None)
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from carl_scale.durable import durable_replace, fsync
 from carl_scale.models.weights import (META_FILE, CheckpointError, checkpoints, intact_before, intact_hint, is_intact,
                                       load_tensors, save_weights, step_of)
 
@@ -121,22 +122,14 @@ def latest_name(root: Path) -> str | None:
     return name if re.fullmatch(r"step_\d+", name) else None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(path: Path) -> None:
     """Every file under ``path``, then the folders, on disk: after a machine crash a published
     checkpoint is whole, not files of the right names holding nothing (ranks on other machines
     wrote theirs to a shared file system, which has them on closing)."""
     for p in sorted(path.rglob("*"), reverse=True):
         if p.is_file() or p.is_dir():
-            _fsync(p)
-    _fsync(path)
+            fsync(p)
+    fsync(path)
 
 
 ROLLBACK = "rollback.partial"  # exists while a resume moves newer checkpoints aside (names the step)
@@ -198,13 +191,15 @@ def set_aside_newer(root: Path, step: int) -> Path | None:
     if not newer:
         if step in checkpoints(root) and latest_name(root) != tag(step):  # resumed a newer one than latest named
             _point_latest(root, step)
+        (root / ROLLBACK).unlink(missing_ok=True)  # (a rollback that died after its last move)
         return None
     dest = root / f"abandoned_after_{tag(step)}"
     n = 1
     while dest.exists():
         n += 1
         dest = root / f"abandoned_after_{tag(step)}_{n}"
-    (root / ROLLBACK).write_text(tag(step) + "\n")  # (first: while it exists, find("latest") knows)
+    (root / (ROLLBACK + ".tmp")).write_text(tag(step) + "\n")  # (first: while it exists, find("latest") knows)
+    durable_replace(root / (ROLLBACK + ".tmp"), root / ROLLBACK)
     dest.mkdir()
     # then latest: it may name one of them, and a crash while they move must leave it naming a
     # checkpoint (the resumed one, when it is here; a resume from elsewhere, such as Ray's copy of a
@@ -223,9 +218,7 @@ def set_aside_newer(root: Path, step: int) -> Path | None:
 def _point_latest(root: Path, step: int) -> None:
     tmp = root / "latest.partial"
     tmp.write_text(tag(step) + "\n")
-    _fsync(tmp)
-    os.replace(tmp, root / "latest")
-    _fsync(root)
+    durable_replace(tmp, root / "latest")
 
 
 def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, meta: dict, keep: int) -> Path:
@@ -239,12 +232,9 @@ def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, me
         shutil.rmtree(root / partial)
     _barrier()
     device = next(model.parameters()).device
-    try:  # (DeepSpeed's own save ends in a barrier: a rank failing in it leaves the others there; at world
-        # size 1, and on the rank that failed, one line naming the folder instead of torch's traceback)
-        engine.save_checkpoint(str(root), tag=partial, save_latest=False)
-    except (OSError, RuntimeError) as exn:
-        raise CheckpointError(f"could not write {root / partial}: {type(exn).__name__}: {exn} (a full disk? the "
-                              f"last complete checkpoint is the one {root / 'latest'} names)") from exn
+    # (DeepSpeed's own save ends in a barrier: a rank failing in it leaves the others there; at world
+    # size 1, and on the rank that failed, one line naming the folder instead of torch's traceback)
+    _writing(root / partial, lambda: engine.save_checkpoint(str(root), tag=partial, save_latest=False))
     # a rank that cannot write (a full disk) stops every rank here, the checkpoint unpublished
     agree(lambda: _writing(root / partial, lambda: torch.save(client, root / partial / f"client_rank{rank}.pt")),
           f"to write {root / partial}", device)
@@ -265,7 +255,11 @@ def _writing(where: Path, fn: Callable[[], None]) -> None:
     """``fn()``, its file-system errors (a full disk) said in one line naming ``where``."""
     try:
         fn()
-    except (OSError, RuntimeError) as exn:  # (torch.save reports a failed write as a RuntimeError)
+    except (OSError, RuntimeError) as exn:
+        # (torch.save reports a failed write as a RuntimeError, "... file write failed"; other
+        # RuntimeErrors, a collective's or CUDA's, are not the disk's and keep their own words)
+        if isinstance(exn, RuntimeError) and "writ" not in str(exn).lower():
+            raise
         raise CheckpointError(f"could not write {where}: {type(exn).__name__}: {exn} (a full disk? the last "
                               f"complete checkpoint is the one {where.parent / 'latest'} names)") from exn
 
@@ -296,11 +290,12 @@ def find(root: Path, resume: str, *, quiet: bool = False) -> Path | None:
         # only those newer than latest's are checked whole (reading each file): none, as a rule
         newer = [p for s, p in sorted(checkpoints(root).items(), reverse=True) if at is not None and s > at]
         # a rollback under way (set_aside_newer interrupted): to a step at or after latest's
-        try:
+        try:  # (a marker that cannot be read: a rollback to latest's step, the safe reading)
             m = re.fullmatch(r"step_(\d+)", (root / ROLLBACK).read_text().strip())
+            marked = int(m[1]) if m else at
         except (OSError, UnicodeDecodeError):
-            m = None
-        rollback = at is not None and m is not None and int(m[1]) >= at
+            marked = None if not (root / ROLLBACK).exists() else at
+        rollback = at is not None and marked is not None and marked >= at
         newest = next((p for p in newer if is_intact(p)), None) if not rollback else None
         if newest is not None:
             # published, then the run died before `latest` was moved on to it: the newest is complete
@@ -327,6 +322,9 @@ RESUME_FIXED = ("seed", "data.shards", "data.batch_size", "data.num_workers", "d
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    """Nested settings as {"data.temporal.num_frames": value}; a section that is None (no embedded
+    synthetic set) is one key, ``"synthetic": None``, and so is a section given on one side only
+    against None on the other (see :func:`_compared`)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
@@ -334,6 +332,24 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _compared(then: dict, now: dict) -> tuple[dict, dict]:
+    """Both sides flattened, where a section one side has and the other has as None is compared
+    whole (as "set" against None): flattened, it had no key in common with the other."""
+    a, b = _flatten(then), _flatten(now)
+    for x, y in ((a, b), (b, a)):
+        for k in [k for k, v in x.items() if v is None and k not in y and any(j.startswith(k + ".") for j in y)]:
+            y[k] = "set"
+            for j in [j for j in y if j.startswith(k + ".")]:
+                del y[j]
+    return a, b
+
+
+def settings_differ(then: dict, now: dict) -> bool:
+    """Whether two run configs differ in a setting that trains (outside :data:`RESUME_QUIET`)."""
+    a, b = _compared(then, now)
+    return any(a.get(k) != b.get(k) for k in set(a) | set(b) if not k.startswith(RESUME_QUIET))
 
 
 # Settings a resume may change without a word: where the run writes and how long it is (the
@@ -360,7 +376,7 @@ def check_resume(path: Path, meta: dict, config: dict, world_size: int, precisio
         saved["model"] = ModelConfig.upgrade_saved(saved["model"])
     if isinstance(saved.get("loss"), dict) and "scl_negatives" not in saved["loss"]:  # before the option: video
         saved["loss"] = {**saved["loss"], "scl_negatives": "video"}
-    then, now = _flatten(saved), _flatten(config)
+    then, now = _compared(saved, config)
     differ = [k for k in sorted(now) if k.startswith(RESUME_FIXED) and k in then and then[k] != now[k]
               and k != "model.pretrained"]  # the backbone's start weights are in the checkpoint anyway
     parts = [f"{flags.get(k, k)} {then[k]} (now {now[k]})" for k in differ[:4]]

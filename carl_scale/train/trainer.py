@@ -181,9 +181,13 @@ class Trainer:
             before = json.loads(path.read_text())
         except (OSError, ValueError):
             before = None
-        if isinstance(before, dict) and before.get("config") not in (None, json.loads(json.dumps(meta["config"],
-                                                                                               default=str))):
-            os.replace(path, self.run_dir / f"config_before_{ckpt.tag(self.step)}.json")
+        if isinstance(before, dict) and isinstance(before.get("config"), dict) and \
+                ckpt.settings_differ(before["config"], json.loads(json.dumps(meta["config"], default=str))):
+            kept, n = self.run_dir / f"config_before_{ckpt.tag(self.step)}.json", 1
+            while kept.exists():  # (resumed at this step before, with yet other settings: each kept)
+                n += 1
+                kept = self.run_dir / f"config_before_{ckpt.tag(self.step)}_{n}.json"
+            os.replace(path, kept)
         path.write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
     def sync_buffers(self) -> None:
@@ -419,7 +423,7 @@ def find_resume(cfg: RunConfig, rank: int, world: int, *, quiet: bool = False,
             print(f"--resume latest: no checkpoint under {root} yet, starting from step 0")
         return None
     held = sorted(ckpt.checkpoints(root))
-    if held and path.resolve().parent != root.resolve():
+    if held and not path.resolve().is_relative_to(root.resolve()):  # (its own set-aside ones are its own)
         raise CheckpointError(
             f"--resume {path} is another directory's checkpoint, and {root} holds this run's own (steps "
             f"{held[0]}..{held[-1]}), which its saves would prune or set aside: resume into a new --run-dir, or "
