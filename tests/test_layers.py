@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "carl_scale"
 
 # what each layer may import besides itself; the top-level modules (configs, tables, the hook
-# interface between training and its callers, entry-point errors) are open to all
+# interface between training and its callers, entry-point errors, durable renames) are open to all
 ALLOWED = {
     "data": set(),
     "datasets": {"data"},
@@ -21,7 +21,7 @@ ALLOWED = {
     "train": {"data", "models", "losses"},
     "eval": {"data", "models", "ops"},
 }
-SHARED = {"config", "tables", "hooks", "errors"}
+SHARED = {"config", "tables", "hooks", "errors", "durable"}
 
 
 def _module_name(path: Path) -> str:

@@ -393,3 +393,38 @@ def test_the_fine_tuning_of_a_run_named_by_its_directory_follows_latest(vp9_shar
     assert [c.name for c, _ in tuned] == ["step_000004"] + ["step_000008"] * 3
     keys = [d.name for _, d in tuned]
     assert keys[0] != keys[1] and keys[1] == keys[2] == keys[3]
+
+
+def test_the_pennaction_protocol_scores_each_videos_labelled_frames_at_its_stride():
+    """PennAction's protocol: τ and AP@K over every 2nd labelled frame, per action then averaged;
+    a video's unlabelled lead-in and tail (-1) are cut before any metric, as the published
+    evaluation cuts them. Against the metrics computed directly on the cut arrays."""
+    from carl_scale.eval.embed import VideoEmbeddings
+    from carl_scale.eval.metrics import average_precision_at_k, kendalls_tau
+    from carl_scale.eval.transfer import PROTOCOLS, run_protocol
+
+    rng = np.random.default_rng(3)
+
+    def video(n: int, lead: int, tail: int) -> tuple[np.ndarray, np.ndarray]:
+        t = np.linspace(0, 1, n)[:, None] + 0.05 * rng.normal(size=(n, 1))
+        emb = np.concatenate([np.cos(3 * t + rng.normal(size=(1, 6))), np.sin(2 * t)], axis=1)
+        labels = np.minimum((np.arange(n) * 3) // n, 2)
+        labels[:lead], labels[n - tail:] = -1, -1
+        emb[:lead] += 5 * rng.normal(size=(lead, 7))  # unlabelled frames unlike the rest: they would move τ
+        return emb / np.linalg.norm(emb, axis=1, keepdims=True), labels
+
+    vids = [video(int(rng.integers(30, 40)), int(rng.integers(2, 6)), int(rng.integers(1, 4))) for _ in range(6)]
+    actions = np.array([0, 0, 0, 1, 1, 1])
+    ve = VideoEmbeddings([f"v{i}" for i in range(6)], [e for e, _ in vids], [lab for _, lab in vids], actions)
+    res = run_protocol(ve, ve, PROTOCOLS["pennaction"])
+    cut = [(e[lab >= 0], lab[lab >= 0]) for e, lab in vids]
+    for a in (0, 1):
+        members = [cut[i] for i in np.flatnonzero(actions == a)]
+        want_tau = kendalls_tau([e for e, _ in members], stride=2, device="cpu")["tau"]
+        assert res["per_action"][a]["kendall_tau"] == pytest.approx(want_tau, abs=1e-12)
+        ap = average_precision_at_k([e for e, _ in members], [lab for _, lab in members], [a] * 3, stride=2,
+                                    device="cpu")
+        assert res["per_action"][a]["AP@5"] == pytest.approx(ap[5], abs=1e-12)
+        uncut = kendalls_tau([vids[i][0] for i in np.flatnonzero(actions == a)], stride=2, device="cpu")["tau"]
+        assert uncut != pytest.approx(want_tau, abs=1e-6)  # (the cut matters on these videos)
+    assert res["mean"]["kendall_tau"] == pytest.approx(np.mean([res["per_action"][a]["kendall_tau"] for a in (0, 1)]))
