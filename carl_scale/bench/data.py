@@ -190,8 +190,10 @@ def ensure_bench_shards(a, payloads: set[str]) -> None:
     from carl_scale.datasets.synthetic import ensure_synthetic_shards
 
     syn = SyntheticConfig(train_videos=max(48, a.batch * (a.batches + 4)), val_videos=a.videos,
-                          height=a.height, width=a.width)
-    where = Path(a.data_dir) / f"{a.width}x{a.height}_gop{a.gop}"
+                          height=a.height, width=a.width, min_frames=a.min_frames,
+                          max_frames=max(SyntheticConfig.max_frames, a.min_frames))
+    where = Path(a.data_dir) / (f"{a.width}x{a.height}_gop{a.gop}" + (
+        f"_min{a.min_frames}" if a.min_frames != SyntheticConfig.min_frames else ""))
     # 2 videos a shard: 24 training shards, more than the workers of any row (8-16), so each worker
     # reads shards of its own as on Kinetics; with fewer shards than workers every worker reads all
     # of them and keeps every Nth video (8 x the bytes read, 6 shards of 8 before 2026-11-28)
@@ -210,7 +212,8 @@ def ensure_bench_shards(a, payloads: set[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--shards", help="a video-payload shard directory (default: synthetic, made if absent)")
     p.add_argument("--jpeg-shards", help="the same videos as a jpeg payload (default: synthetic)")
     p.add_argument("--data-dir", default="data/bench", help="where the default synthetic shards go")
@@ -221,6 +224,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--write-only", action="store_true",
                    help="write the synthetic shards --paths reads and stop (e.g. for bench.e2e --shards)")
     p.add_argument("--videos", type=int, default=24, help="videos decoded per measurement")
+    p.add_argument("--min-frames", type=int, default=SyntheticConfig.min_frames,
+                   help="the synthetic videos' shortest length (60-400 frames by default): T or more keeps every "
+                        "batch unpadded, one step for the e2e rows to time")
     p.add_argument("--whole-videos", type=int, default=4, help="of those, videos decoded whole")
     p.add_argument("--frames", type=int, default=32, help="T, frames per view")
     p.add_argument("--image-size", type=int, default=112)
@@ -256,7 +262,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         p.error(str(e))
     if any(not 0 < x <= 1 for x in a.cpu_shares):
         p.error("--cpu-shares must be in (0, 1]")
-    if min(a.videos, a.whole_videos, a.frames, a.batch, a.batches, a.image_size, a.write_workers) < 1 \
+    if min(a.videos, a.whole_videos, a.frames, a.batch, a.batches, a.image_size, a.write_workers, a.min_frames) < 1 \
             or a.workers < 0 or a.gop < 1 or a.side_by_side < 0 or any(not 1 <= n <= 16 for n in a.finish_threads):
         p.error("every count must be >= 1 (--workers >= 0, --finish-threads 1..16)")
     paths = [tuple(x.split("/")) for x in a.paths]

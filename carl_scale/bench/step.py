@@ -191,9 +191,17 @@ def step_anatomy(step, device: torch.device, compiled: bool) -> dict[str, float 
     return {"host_ms": 1000 * min(host), "syncs": syncs, "ops": ops}
 
 
-def measure(step, iters: int, warmup: int, batch: int, device: torch.device, compiled: bool = False) -> dict:
-    """samples/s, the peak GPU GiB of this path (None on a CPU), the first step's loss, and
-    :func:`step_anatomy`."""
+# timed windows of ``iters`` steps per path: the median is the row's samples/s, and their spread
+# says how far one window could be trusted (a lease's 10-step windows were 0.2-0.3 s long)
+WINDOWS = 3
+
+
+def measure(step, iters: int, warmup: int, batch: int, device: torch.device, compiled: bool = False,
+            windows: int = WINDOWS) -> dict:
+    """samples/s (the median of ``windows`` timed windows of ``iters`` steps, and their spread:
+    (max - min) / median), the peak GPU GiB of this path in steady state (after its warm-up: what
+    training holds step after step) and with its warm-up (compiling, cuDNN's trial runs), None on a
+    CPU; the first step's loss, and :func:`step_anatomy`."""
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -202,16 +210,25 @@ def measure(step, iters: int, warmup: int, batch: int, device: torch.device, com
     first = float(step())
     for _ in range(warmup - 1):
         step()
+    peak_warm = None
     if cuda:
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    sps = batch * iters / (time.perf_counter() - t0)
+        peak_warm = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    rates = []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        rates.append(batch * iters / (time.perf_counter() - t0))
+    rates.sort()
+    sps = rates[len(rates) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return {"samples_per_s": sps, "peak_gib": peak, "first_loss": first, **step_anatomy(step, device, compiled)}
+    return {"samples_per_s": sps, "spread": (rates[-1] - rates[0]) / sps, "peak_gib": peak,
+            "peak_with_warmup_gib": None if peak_warm is None else max(peak_warm, peak), "first_loss": first,
+            **step_anatomy(step, device, compiled)}
 
 
 def parse_overrides(text: str, *, prefixes: tuple[str, ...] = ("parallel.",), flag: str = "--extra") -> dict:
@@ -338,11 +355,27 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
                 done("plain PyTorch (ours without DeepSpeed)",
                      measure(plain_step(model.to(device), c, ours_data, cuda), iters, warmup, batch, device,
                              compiled=resolve_speedups(c, device)[2] != "off"))
+        # the reference once more, last: a clock or another tenant that changed over the run shows
+        # as a difference from the first published row (ratios are against that one)
+        model = engine = ours_data = None
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        torch.backends.cudnn.benchmark = False
+        model = build_model(cfg.model)
+        model.load_state_dict(start)
+        data = synthetic_batch(batch, frames, cfg.model.image_size, device)
+        done(PUBLISHED_AGAIN, measure(published_step(model.to(device).train(), data, cuda, cfg.loss.tau,
+                                                     cfg.loss.sigma2, negatives=neg), iters, warmup, batch, device))
     return results
 
 
+PUBLISHED_AGAIN = "published (again, last: drift check)"
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--flavor", default="debug", choices=sorted(FLAVORS))
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--batch", type=int, default=2, help="videos per step (2 views each)")
@@ -373,22 +406,26 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"measured {name}: failed, {r['error']}", flush=True)
             return
         base = first.setdefault("published", r["samples_per_s"])
-        print(f"measured {name}: {r['samples_per_s']:.2f} samples/s ({r['samples_per_s'] / base:.2f}x), peak "
-              f"{cell(r['peak_gib'], '.2f')} GiB, first loss {r['first_loss']:.4f}, host {r['host_ms']:.1f} ms/step, "
+        print(f"measured {name}: {r['samples_per_s']:.2f} samples/s ({r['samples_per_s'] / base:.2f}x; windows "
+              f"±{100 * r['spread'] / 2:.0f}%), peak {cell(r['peak_gib'], '.2f')} GiB (with warm-up "
+              f"{cell(r['peak_with_warmup_gib'], '.2f')}), first loss {r['first_loss']:.4f}, host {r['host_ms']:.1f} ms/step, "
               f"{cell(r['syncs'], 'd')} syncs, {cell(r['ops'], 'd')} ops", flush=True)
 
     res = run(a.flavor, a.frames, a.batch, a.iters, a.warmup, tuple(a.extra), report, recipe_name=recipe_name,
               as_shipped=a.as_shipped)
     _, device = res.pop("_config")
     ref_sps = res["published"]["samples_per_s"]
-    rows = [(name, f"{r['samples_per_s']:.2f}", f"{r['samples_per_s'] / ref_sps:.2f}x", cell(r["peak_gib"], ".2f"),
-             f"{r['first_loss']:.4f}", f"{r['host_ms']:.1f}", cell(r["syncs"], "d"), cell(r["ops"], "d"))
-            if "error" not in r else (name, "failed", "-", "-", "-", "-", "-", r["error"])
+    rows = [(name, f"{r['samples_per_s']:.2f}", f"±{100 * r['spread'] / 2:.0f}%", f"{r['samples_per_s'] / ref_sps:.2f}x",
+             cell(r["peak_gib"], ".2f"), f"{r['first_loss']:.4f}", f"{r['host_ms']:.1f}", cell(r["syncs"], "d"),
+             cell(r["ops"], "d"))
+            if "error" not in r else (name, "failed", "-", "-", "-", "-", "-", "-", r["error"])
             for name, r in res.items()]
     print(f"\ntraining step on {device}: flavor {a.flavor}, recipe {recipe_name}, T={a.frames}, {a.batch} videos "
           f"(2 views each)")
-    print(table(rows, ("path", "samples/s", "vs published", "peak GPU GiB", "first loss", "host ms/step",
-                       "syncs/step", "ops/step")))
+    print(table(rows, ("path", "samples/s", "windows", "vs published", "peak GPU GiB", "first loss",
+                       "host ms/step", "syncs/step", "ops/step")))
+    print(f"(samples/s: the median of {WINDOWS} windows of {a.iters} steps, after {a.warmup} untimed; peak: in "
+          f"steady state, after the warm-up; the last row repeats the reference after every other)")
     return res
 
 
