@@ -25,7 +25,10 @@ def _model(args):
     from carl_scale.models import load_model
 
     device = default_device(args.device)
-    ckpt = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(args.run_dir)
+    if args.checkpoint == "":
+        raise ValueError("--checkpoint is empty: give a step_NNNNNN directory, or leave the flag out for the newest "
+                         "under --run-dir")
+    ckpt = Path(args.checkpoint) if args.checkpoint is not None else latest_checkpoint(args.run_dir)
     args.checkpoint_used = str(ckpt.resolve())
     return load_model(ckpt, device), device
 
@@ -68,8 +71,12 @@ def cmd_embed(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file: name a directory for the embeddings")
-    if not args.videos and not args.shards:
+    if not args.videos and args.shards is None:
         raise ValueError("nothing to embed: give video files, or --shards DIR")
+    if args.shards is not None and not args.shards.endswith(".tar") and "{" not in args.shards and \
+            not (Path(args.shards) / "shards.json").is_file():  # (a pattern or a tar list is resolved later)
+        raise FileNotFoundError(f"--shards {args.shards!r} is not a shard directory (no shards.json there): give the "
+                                f"--out of a python -m shards.* command")
     model, device = _model(args)
     # a rerun keeps what the same checkpoint already embedded from the same file, and never
     # replaces another checkpoint's (or an unknown) .npy without --overwrite
@@ -85,7 +92,7 @@ def cmd_embed(args) -> None:
         else:
             todo.append(video)
     out.mkdir(parents=True, exist_ok=True)
-    if args.shards:
+    if args.shards is not None:
         ve = extract_embeddings(model, args.shards, args.split, device=device, cache=str(out / f"{args.split}.npz"))
         print(f"{len(ve.video_ids)} videos of {args.shards} ({args.split}) -> {out / f'{args.split}.npz'}")
     for video in progress_bar(iterable=todo, desc="embed", unit="video", enabled=len(todo) >= 2):
@@ -112,9 +119,9 @@ def cmd_align(args) -> None:
     for video in (args.a, args.b):
         if not Path(video).is_file():
             raise FileNotFoundError(f"video {video} not found")
+    model, device = _model(args)  # (the checkpoint found before anything is made)
     out.parent.mkdir(parents=True, exist_ok=True)
     args.out = str(out)
-    model, device = _model(args)
     fa, fb = read_video(args.a, model.cfg.image_size), read_video(args.b, model.cfg.image_size)
     ea, eb = embed_frames(model, fa, device=device), embed_frames(model, fb, device=device)
     out = save_alignment_figure(ea, eb, args.out, frames_a=thumbnails(fa), frames_b=thumbnails(fb),
@@ -140,15 +147,16 @@ def cmd_import_carl(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # (no abbreviated flags: "--check" taken for --checkpoint would be a guess)
     p = argparse.ArgumentParser(prog="carl-scale", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     common.add_argument("--checkpoint", help="a step_NNNNNN directory (default: newest under --run-dir)")
     common.add_argument("--run-dir", default="runs/pretrain")
     common.add_argument("--device", default=None)
     common.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
-    e = sub.add_parser("embed", parents=[common], help="frame embeddings of videos or shards")
+    e = sub.add_parser("embed", parents=[common], help="frame embeddings of videos or shards", allow_abbrev=False)
     e.add_argument("videos", nargs="*")
     e.add_argument("--shards", help="a shard directory instead of (or as well as) video files")
     e.add_argument("--split", default="val")
@@ -156,12 +164,13 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--overwrite", action="store_true",
                    help="replace .npy files in --out that another checkpoint (or video) made")
     e.set_defaults(func=cmd_embed)
-    a = sub.add_parser("align", parents=[common], help="DTW alignment picture of two videos")
+    a = sub.add_parser("align", parents=[common], help="DTW alignment picture of two videos", allow_abbrev=False)
     a.add_argument("a")
     a.add_argument("b")
     a.add_argument("--out", default="alignment.png")
     a.set_defaults(func=cmd_align)
-    i = sub.add_parser("import-carl", help="a published CARL checkpoint as a carl_scale checkpoint directory")
+    i = sub.add_parser("import-carl", help="a published CARL checkpoint as a carl_scale checkpoint directory",
+                       allow_abbrev=False)
     i.add_argument("checkpoint_file", metavar="CHECKPOINT", help="checkpoint_epoch_NNNNN.pth of the published code")
     i.add_argument("--config", default=None,
                    help="the YAML it was trained with (default: the config saved in the checkpoint)")
@@ -170,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     i.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
     i.set_defaults(func=cmd_import_carl)
     args = p.parse_args(argv)
-    if args.command == "embed" and not args.videos and not args.shards:
+    if args.command == "embed" and not args.videos and args.shards is None:
         p.error("embed: give video files and/or --shards DIR")
     args.func(args)
 

@@ -4,6 +4,7 @@ entry point takes ``--debug`` to show the traceback as well."""
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import traceback
@@ -40,6 +41,16 @@ def ignore_stop_signals(*_) -> None:
 EXPECTED = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, NotADirectoryError,
             IsADirectoryError, PermissionError, Stopped)
 
+# The operating system's errors about a path a user gave or the machine's room, said in one line
+# too (they carry no subclass of their own): a read-only file system, a full disk or quota, a name
+# too long
+USER_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
+
+
+def expected(exn: BaseException) -> bool:
+    """Whether ``exn`` is bad input or the machine's state, said in one line (else: a bug)."""
+    return isinstance(exn, EXPECTED) or (isinstance(exn, OSError) and exn.errno in USER_ERRNOS)
+
 
 def out_of_memory(exn: BaseException) -> bool:
     """Whether the process ran out of memory: Python's MemoryError, not its subclasses from PyAV
@@ -52,7 +63,8 @@ def one_line(exn: BaseException) -> str:
     """The message of ``exn``; of an error a DataLoader worker raised, the worker's own message
     (PyTorch re-raises it with the worker's whole traceback as its text)."""
     text = str(exn)
-    if isinstance(exn, (NotADirectoryError, IsADirectoryError, PermissionError)) and exn.filename is not None:
+    if isinstance(exn, OSError) and (isinstance(exn, (NotADirectoryError, IsADirectoryError, PermissionError))
+                                     or exn.errno in USER_ERRNOS) and exn.filename is not None:
         # the operating system's own words ("[Errno 20] Not a directory: 'out/x'") and what to check
         where = f"{exn.filename}" + (f" -> {exn.filename2}" if exn.filename2 is not None else "")
         return f"{exn.strerror}: {where} (a path given here: check it, and that it may be written)"
@@ -67,7 +79,9 @@ def run_cli(prog: str, main: Callable, argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         return main(argv)
-    except EXPECTED as exn:
+    except Exception as exn:
+        if not expected(exn):
+            raise
         if "--debug" in argv:
             traceback.print_exc()
         sys.exit(f"{prog}: error: {one_line(exn)}")

@@ -57,7 +57,8 @@ _GROUPS = {"data": "data", "model": "model", "loss": "objective", "optim": "opti
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)  # deepspeed launcher
     g = p.add_argument_group("what to run")
     g.add_argument("--recipe", choices=sorted(RECIPES), help="a named, complete config (default: debug)")
@@ -68,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", choices=["paper", "light"], help="augmentation strengths: the paper's or light")
     g.add_argument("--no-blur", action="store_true", help="no Gaussian blur (--blur-p 0; the FineGym setting)")
     g.add_argument("--data-dir", help="where the synthetic set is written (default: data/synthetic)")
-    g.add_argument("--synthetic-videos", type=int, help="train videos of the synthetic set (val: a third)")
+    g.add_argument("--synthetic-videos", type=int, help="train videos of the synthetic set (val: a third, at least "
+                                                        "one per action)")
     g.add_argument("--weak", action="store_true",
                    help="weak supervision with the video labels (paper §3.5): --loss weak, a class token, "
                         "--per-label 2, run dir <run_dir>_weak; start it from a self-supervised --init-from")
@@ -111,6 +113,8 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
         if "loss.gather_negatives" in overrides and not cfg.loss.class_negatives:
             raise ConfigError("--gather-negatives gathers Eq. 3's other-class negatives, and --no-class-negatives "
                               "leaves them out: drop one of the two")
+    if overrides.get("eval.shards") is not None and not cfg.eval.enabled:
+        raise ConfigError("--val-shards names the end-of-run evaluation's videos, and --no-eval skips it: drop one")
     if overrides.get("eval.shards") is not None and cfg.eval.enabled:  # named: not skipped at the end, refused now
         from carl_scale.eval.quick import end_of_run_shards
 

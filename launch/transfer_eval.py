@@ -49,7 +49,8 @@ def finetune(ckpt: Path, shards: str, run_dir: Path, steps: int, extra: list[str
 def main(argv: list[str] | None = None) -> dict:
     from carl_scale.eval.transfer import PROTOCOLS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("dataset", choices=sorted(PROTOCOLS))
     p.add_argument("checkpoint", nargs="?", help="a step_NNNNNN directory (default: the newest under --run-dir)")
     p.add_argument("--run-dir", default="runs/pretrain", help="pretraining run whose newest checkpoint is used")
@@ -80,8 +81,13 @@ def main(argv: list[str] | None = None) -> dict:
     # evaluation read another run than the one it trained
     taken = {"--steps": "--finetune-steps", "--epochs": "--finetune-steps", "--run-dir": "--out",
              "--init-from": "the checkpoint argument", "--config": "the checkpoint argument",
-             "--resume": "a rerun (it resumes by itself)", "--shards": "--shards"}
-    clash = [w.split("=")[0] for w in shlex.split(a.finetune_args) if w.split("=")[0] in taken]
+             "--resume": "a rerun (it resumes by itself)", "--shards": "--shards",
+             "--print-config": "nothing here (it trains nothing)", "--help": "nothing here", "-h": "nothing here"}
+    try:  # (the fine-tuning's parser takes no abbreviations: "--init" is no --init-from behind this check)
+        words = shlex.split(a.finetune_args)
+    except ValueError as exn:
+        p.error(f"--finetune-args {a.finetune_args!r}: {exn}")
+    clash = [w.split("=")[0] for w in words if w.split("=")[0] in taken]
     if clash:
         p.error(f"--finetune-args {clash[0]}: the fine-tuning sets it; use {taken[clash[0]]} instead")
 
@@ -96,7 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = default_device(a.device)
     # the step directory itself, not a pointer that moves on (checkpoints/latest, a run directory):
     # the fine-tuning run below is keyed by it
-    ckpt = resolve_checkpoint(Path(a.checkpoint) if a.checkpoint else latest_checkpoint(a.run_dir))
+    if a.checkpoint == "":
+        p.error("the checkpoint argument is empty: give a step_NNNNNN directory or a run directory, or leave it "
+                "out for the newest under --run-dir")
+    ckpt = resolve_checkpoint(Path(a.checkpoint) if a.checkpoint is not None else latest_checkpoint(a.run_dir))
     read_meta(ckpt)  # a checkpoint that is not there, named first
     _, shards = check_transfer(a.dataset, a.shards, a.subset, a.classifier)  # refused before any fine-tuning
     source = str(ckpt)

@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 
 from carl_scale.datasets.carl_code import KINDS, CarlDataOptions, write_carl_shards
+from carl_scale.datasets.encode import MIN_SHORT_SIDE
 from shards.common import add_writer_args, check_ranges, print_summary, writer_kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--src", required=True, help="the published code's dataset folder (the .pkl lists and videos)")
     p.add_argument("--dataset", choices=KINDS, default=None, help="which dataset it is (default: recognised)")
     p.add_argument("--transcode", action="store_true", help="re-encode the videos (--codec) instead of storing them")
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--limit", type=int, default=None, help="at most this many videos per split")
     add_writer_args(p)
     a = p.parse_args(argv)
-    check_ranges(("--short-side", a.short_side, 1, None), ("--limit", a.limit, 1, None))
+    check_ranges(("--short-side", a.short_side, MIN_SHORT_SIDE, None), ("--limit", a.limit, 1, None))
     opts = CarlDataOptions(dataset=a.dataset, transcode=a.transcode, short_side=a.short_side, limit=a.limit)
     manifest = write_carl_shards(a.src, a.out, opts, **writer_kwargs(a))
     print_summary(manifest, a.out)

@@ -23,7 +23,8 @@ from shards.common import add_writer_args, check_ranges, print_summary, writer_k
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--videos", required=True, help="directory of YouTube videos or event clips (searched recursively)")
     p.add_argument("--annotations", required=True, help="directory of FineGym's annotation and split files")
     add_writer_args(p)

@@ -25,7 +25,8 @@ from shards.common import add_writer_args, print_summary, writer_kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--src", required=True, help="directory of video files (searched recursively)")
     add_writer_args(p)
     p.add_argument("--labels", help="CSV of video-level labels (video,label[,split])")

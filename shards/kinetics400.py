@@ -18,6 +18,7 @@ import argparse
 from collections import Counter
 
 from carl_scale.datasets.kinetics400 import Kinetics400Options, skip_kind, summary_rows, write_kinetics400_shards
+from carl_scale.datasets.encode import MIN_SHORT_SIDE
 from shards.common import add_writer_args, check_ranges, fail_on_empty_splits, writer_kwargs
 
 
@@ -40,7 +41,8 @@ def print_kinetics_summary(manifest: dict, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--annotations", action="append", required=True, metavar="CSV",
                    help="an official annotation CSV (repeatable; or one CSV with a split column)")
     p.add_argument("--videos", required=True, help="directory holding the clips (searched recursively)")
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                    "--transcode)")
     p.add_argument("--limit", type=int, help="at most this many clips per split (a trial run)")
     a = p.parse_args(argv)
-    check_ranges(("--short-side", a.short_side, 1, None), ("--limit", a.limit, 1, None))
+    check_ranges(("--short-side", a.short_side, MIN_SHORT_SIDE, None), ("--limit", a.limit, 1, None))
     opts = Kinetics400Options(transcode=a.transcode, short_side=a.short_side, limit=a.limit)
     manifest = write_kinetics400_shards(a.annotations, a.videos, a.out, opts, **writer_kwargs(a))
     print_kinetics_summary(manifest, a.out)

@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 
 from carl_scale.datasets.pennaction import PennActionOptions, write_pennaction_shards
+from carl_scale.datasets.encode import MIN_SHORT_SIDE
 from shards.common import add_writer_args, check_ranges, print_summary, writer_kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--root", required=True, help="the Penn_Action folder (frames/, labels/)")
     p.add_argument("--phase-labels", required=True, help="folder of train/ and val/ <action>/<NNNN>.npy label files")
     add_writer_args(p)
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--short-side", type=int, default=None, help="with --square 0: resize to this short side")
     p.add_argument("--limit", type=int, default=None, help="at most this many videos per split")
     a = p.parse_args(argv)
-    check_ranges(("--fps", a.fps, 1e-3, None), ("--square", a.square, 0, None), ("--short-side", a.short_side, 1, None),
+    check_ranges(("--fps", a.fps, 1e-3, None), ("--square", a.square, 0, None), ("--short-side", a.short_side, MIN_SHORT_SIDE, None),
                  ("--limit", a.limit, 1, None))
     if a.short_side is not None and a.square:
         raise ValueError(f"--short-side applies with --square 0 (frames keep their aspect); --square {a.square} "

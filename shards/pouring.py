@@ -18,7 +18,8 @@ from shards.common import add_writer_args, check_ranges, print_summary, writer_k
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--src", required=True, help="folder of <dataset>_<split>-K-of-N.tfrecord files")
     p.add_argument("--dataset", default="pouring", help="file name prefix (and the shards' dataset name)")
     p.add_argument("--fps", type=float, default=25.0, help="frame rate written to the metadata")

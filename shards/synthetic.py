@@ -16,7 +16,8 @@ from shards.common import add_writer_args, print_summary, writer_kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     add_writer_args(p)
     d = SyntheticConfig()
     p.add_argument("--num-actions", type=int, default=d.num_actions)

@@ -117,7 +117,38 @@ def test_embed_checks_every_input_before_writing_anything(checkpoint, videos, tm
         main(["embed", str(videos[0]), "nope.mp4", "--checkpoint", str(path), "--out", str(out)])
     with pytest.raises(ValueError, match="share a file name"):
         main(["embed", str(videos[0]), str(videos[0]), "--checkpoint", str(path), "--out", str(out)])
-    assert not out.exists()
+    with pytest.raises(FileNotFoundError, match="--shards 'nowhere' is not a shard directory"):
+        main(["embed", "--shards", "nowhere", "--checkpoint", str(path), "--out", str(out)])
+    with pytest.raises(ValueError, match="--checkpoint is empty"):  # never "" taken for "the newest"
+        main(["embed", str(videos[0]), "--checkpoint", "", "--out", str(out)])
+    with pytest.raises(SystemExit):  # no abbreviated flags: "--check" is not --checkpoint
+        main(["embed", str(videos[0]), "--check", str(path), "--out", str(out)])
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):  # the checkpoint found before any folder
+        main(["align", str(videos[0]), str(videos[1]), "--run-dir", str(tmp_path / "none"),
+              "--out", str(tmp_path / "figs/a.png")])
+    assert not out.exists() and not (tmp_path / "figs").exists()
+
+
+def test_the_machines_errors_about_a_path_end_in_one_line(capsys):
+    """A read-only file system, a full disk, a name too long: the operating system's words and the
+    path, exit status 1, no traceback (they are plain OSErrors, without a subclass of their own)."""
+    import errno
+
+    from carl_scale.errors import run_cli
+
+    def main_(argv):
+        raise OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run")
+
+    with pytest.raises(SystemExit) as exn:
+        run_cli("x", main_, [])
+    assert str(exn.value) == ("x: error: Read-only file system: /mnt/ro/run (a path given here: check it, and that "
+                              "it may be written)")
+
+    def bug(argv):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    with pytest.raises(OSError):  # anything else is a bug: its traceback stays
+        run_cli("x", bug, [])
 
 
 def test_progress_bars_write_whole_lines_to_a_log_file_and_nothing_when_asked(tmp_path):

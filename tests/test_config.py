@@ -186,7 +186,8 @@ def test_the_weak_objectives_flags_are_taken_with_it_and_a_named_val_split_that_
     assert parse(["--weak", "--eps1", "3", "--lambda", "0.5"])[0].loss.eps1 == 3.0
     assert parse(["--loss", "weak", "--no-class-negatives", "--ce-weight", "0"])[0].loss.class_negatives is False
     assert parse(["--weak", "--num-classes", "7"])[0].model.num_classes == 7
-    assert parse(["--val-shards", "nowhere", "--no-eval"])[0].eval.shards == "nowhere"  # not read: no evaluation
+    with pytest.raises(ConfigError, match="--val-shards names the end-of-run evaluation's videos, and --no-eval"):
+        parse(["--val-shards", "nowhere", "--no-eval"])  # never silently dropped
 
 
 def test_help_shows_each_flags_value():

@@ -195,7 +195,8 @@ def test_refusals_come_before_anything_is_written_or_removed(video_dir, tmp_path
     assert victim.read_bytes() == b"a user's file" and not (tmp_path / "o2").exists()
     for flags, error, message in (
             (["--val-fraction", "7"], ValueError, r"--val-fraction must be in \[0, 1\), got 7"),
-            (["--short-side", "-4"], ValueError, "--short-side must be >= 1, got -4"),
+            (["--short-side", "8"], ValueError, "--short-side must be >= 16 .*, got 8"),
+            (["--frame-labels", ""], ValueError, "--frame-labels is empty"),
             (["--frame-labels", str(tmp_path / "nowhere")], FileNotFoundError, "--frame-labels .*nowhere is not a dir")):
         with pytest.raises(error, match=message):
             folder.main(["--src", str(src), "--out", str(tmp_path / "o3"), "--no-progress", *flags])

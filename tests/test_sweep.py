@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from carl_scale.config import ConfigError, to_dict
 from carl_scale.train.recipes import configure, recipe
@@ -77,6 +78,18 @@ def test_the_default_sweep_in_a_fresh_clone_keeps_its_synthetic_set(tmp_path, mo
     base, val = prepare(parse([]))
     assert base.synthetic is not None and base.data.shards == val == str(tmp_path / "data/synthetic")
     assert not (tmp_path / "data").exists()  # nothing written before the sweep itself starts
+    # a GPU asked for on a machine without one, and an --out that is a file: refused before the
+    # synthetic shards or the sweep's directory are written (a --resume then found no sweep)
+    from carl_scale.tuning.sweep import run_sweep
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--gpus-per-trial 1: this machine has no GPU"):
+            run_sweep(parse(["--gpus-per-trial", "1", "--out", str(tmp_path / "g")]))
+        assert not (tmp_path / "data").exists() and not (tmp_path / "g").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="--out .*file is a file"):
+        run_sweep(parse(["--out", str(tmp_path / "file")]))
+    assert not (tmp_path / "data").exists()
 
 
 def test_a_weak_sweep_refuses_eps1_above_eps2_and_gives_ray_absolute_paths(tmp_path, monkeypatch):

@@ -341,7 +341,12 @@ def test_transfer_eval_refuses_finetune_args_without_steps_and_negative_steps(ca
                        (["synthetic", "--finetune-steps", "3", "--finetune-args", "--lr 1e-5 --steps=9"],
                         "--finetune-args --steps: the fine-tuning sets it; use --finetune-steps instead"),
                        (["synthetic", "--finetune-steps", "3", "--finetune-args", "--run-dir x"],
-                        "--finetune-args --run-dir: the fine-tuning sets it; use --out instead")):
+                        "--finetune-args --run-dir: the fine-tuning sets it; use --out instead"),
+                       (["synthetic", "--finetune-steps", "3", "--finetune-args=--print-config"],
+                        "--finetune-args --print-config: the fine-tuning sets it"),
+                       (["synthetic", "--finetune-steps", "3", "--finetune-args", "'--lr"],
+                        "--finetune-args \"'--lr\": No closing quotation"),
+                       (["synthetic", ""], "the checkpoint argument is empty")):
         with pytest.raises(SystemExit) as exit_:
             cli.main(argv)
         assert exit_.value.code == 2 and says in capsys.readouterr().err
@@ -356,6 +361,11 @@ def test_transfer_eval_refuses_finetune_args_without_steps_and_negative_steps(ca
     (step / "meta.json").write_text(json.dumps({"step": 4, "config": to_dict(recipe("debug"))}))
     with pytest.raises(ValueError, match="--classifier logistic: finegym's protocol has no phase classifier"):
         cli.main(["finegym", str(step), "--classifier", "logistic", "--finetune-steps", "5"])
+    # the fine-tuning's own parser takes no abbreviations: "--init" is no --init-from behind the check above
+    from launch.pretrain_k400 import parser
+
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--init", str(step)])
 
 
 def test_the_fine_tuning_of_a_run_named_by_its_directory_follows_latest(vp9_shards, tmp_path, monkeypatch):

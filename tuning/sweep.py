@@ -27,7 +27,8 @@ from carl_scale.tuning.config import SweepConfig  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> SweepConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
     add_flags(p, SweepConfig, shown=SweepConfig())
     given = given_flags(p.parse_args(argv), SweepConfig)

@@ -86,7 +86,8 @@ def run(batch: int, frames: int, size: int, iters: int, device: torch.device, he
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, dict]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=2, help="videos per batch (2 views each)")
     p.add_argument("--frames", type=int, default=16)

@@ -166,7 +166,8 @@ def loss_overhead(repeats: int, device: str) -> list[tuple[str, ...]]:
 def main(argv: list[str] | None = None) -> None:
     from carl_scale.tables import table
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", help="where the loss terms run (DTW runs on the CPU): cpu or cuda")
     a = p.parse_args(argv)

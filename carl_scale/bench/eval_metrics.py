@@ -120,7 +120,8 @@ def _timed(fn):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--ref-videos", type=int, default=24, help="videos for the (a)-vs-(b) comparison")
     p.add_argument("--ref-max-frames", type=int, default=600)
     p.add_argument("--videos", type=int, default=96, help="videos for (b) alone (FineGym's test set: 1442)")

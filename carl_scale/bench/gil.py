@@ -88,7 +88,8 @@ def measure(ops: int, python_us: float, switch_s: float) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--ops", type=int, default=3000, help="operators timed per row (a tenth beside the thread)")
     p.add_argument("--python-us", type=float, default=100.0, help="the background work's Python stretch, us")
     p.add_argument("--switch-ms", type=float, nargs="+", default=[5.0, 0.5],

@@ -164,7 +164,8 @@ def run(flavor: str, frames: int, batch: int, extras: tuple[str, ...] = (), *,
 
 
 def main(argv: list[str] | None = None) -> dict[str, LiveBytes]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--flavor", default="r50", choices=sorted(FLAVORS))
     p.add_argument("--frames", type=int, default=80)
     p.add_argument("--batch", type=int, default=2, help="videos per step (2 views each)")

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     from carl_scale.tables import table
     from carl_scale.train.recipes import configure, load_run_config
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--checkpoint", required=True, help="a checkpoint directory (or a run's checkpoints/latest)")
     p.add_argument("--shards", required=True, help="shard directory with phase labels and a val split")
     p.add_argument("--batches", type=int, default=6, help="training batches to draw (default 6)")

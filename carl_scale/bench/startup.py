@@ -73,7 +73,8 @@ def run(videos: int, shards: int, out: Path) -> list[tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--videos", type=int, default=240_000)
     p.add_argument("--shards", type=int, default=2_000)
     p.add_argument("--dir", help="where to write the shards (default: a temporary folder, removed after)")

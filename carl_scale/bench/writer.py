@@ -107,7 +107,8 @@ def run(clips: int, workers: list[int], out_root: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--clips", type=int, default=16)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     a = p.parse_args(argv)

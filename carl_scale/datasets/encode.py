@@ -14,6 +14,10 @@ import av
 import numpy as np
 from PIL import Image
 
+# The smallest --short-side (or square side) a converter resizes to: the smallest image a model
+# takes (ModelConfig.image_size); below it every video would be decoded, then fail to resize
+MIN_SHORT_SIDE = 16
+
 # user-facing codec name -> (PyAV encoder, container format, pixel format)
 CODECS: dict[str, tuple[str, str, str]] = {
     "vp9": ("libvpx-vp9", "webm", "yuv420p"),

@@ -14,6 +14,7 @@ import av
 import numpy as np
 
 from carl_scale.data.codec import decode_rgb
+from carl_scale.datasets.encode import MIN_SHORT_SIDE
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.encode import constant_rate_picks, frame_timing
 from carl_scale.datasets.parallel import SkipInput, add_warnings, labels_digest, write_options, write_split
@@ -46,10 +47,16 @@ class FolderOptions:
                                     f"and optionally split)")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.short_side is not None and self.short_side < 1:
-            raise ValueError(f"--short-side must be >= 1, got {self.short_side}")
+        if self.short_side is not None and self.short_side < MIN_SHORT_SIDE:
+            raise ValueError(f"--short-side must be >= {MIN_SHORT_SIDE} (the smallest image size a model takes), got "
+                             f"{self.short_side}")
+        if any(not k for k in self.extra_frame_labels):
+            raise ValueError("--extra-frame-labels takes NAME=DIR with a NAME, e.g. gym288=gym288_labels/")
         for flag, d in (("--frame-labels", self.frame_labels),
                         *((f"--extra-frame-labels {k}", v) for k, v in self.extra_frame_labels.items())):
+            if d == "":  # (Path("") is the current directory: every video would be unlabelled, unsaid)
+                raise ValueError(f"{flag} is empty: name the directory of <video stem>.txt or .npy files, or "
+                                 f"leave the flag out")
             if d is not None and not Path(d).is_dir():
                 raise FileNotFoundError(f"{flag} {d} is not a directory (of <video stem>.txt or .npy files)")
 

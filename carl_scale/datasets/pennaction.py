@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from carl_scale.data.manifest import read_manifest
-from carl_scale.datasets.encode import check_frame_size
+from carl_scale.datasets.encode import MIN_SHORT_SIDE, check_frame_size
 from carl_scale.datasets.parallel import SkipInput, labels_digest, write_options, write_split
 from carl_scale.datasets.writer import VideoRecord
 
@@ -56,9 +56,10 @@ class PennActionOptions:
     def __post_init__(self) -> None:  # refused before anything is written
         if not self.fps > 0:
             raise ValueError(f"--fps must be > 0, got {self.fps}")
-        for flag, value in (("--square", self.square), ("--short-side", self.short_side), ("--limit", self.limit)):
-            if value is not None and value < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
+        for flag, value, lo in (("--square", self.square, MIN_SHORT_SIDE), ("--short-side", self.short_side,
+                                                                            MIN_SHORT_SIDE), ("--limit", self.limit, 1)):
+            if value is not None and value < lo:
+                raise ValueError(f"{flag} must be >= {lo}, got {value}")
 
 
 def read_phase_labels(path: Path) -> np.ndarray:

@@ -134,7 +134,8 @@ def read_meta(checkpoint: str | Path) -> dict:
         meta = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exn:
         raise CheckpointError(f"{path} is damaged (not JSON: {exn}){intact_hint(checkpoint)}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}).get("model"), dict):
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or \
+            not isinstance(meta["config"].get("model"), dict):
         raise CheckpointError(f"{path} has no config.model: not a carl_scale checkpoint")
     return meta
 

@@ -164,12 +164,6 @@ def _tune(cfg: SweepConfig, base: RunConfig, val: str):
     if os.environ.get("RAY_ADDRESS"):  # a Ray cluster: its own resources
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env={"env_vars": env})
     else:  # this machine: the CPUs this process may use (a container reports the host's otherwise)
-        if cfg.gpus_per_trial > 0:
-            import torch
-
-            if not torch.cuda.is_available():  # (Ray would wait for a GPU forever)
-                raise ConfigError(f"--gpus-per-trial {cfg.gpus_per_trial:g}: this machine has no GPU; "
-                                  f"leave the flag out to train the trials on the CPU")
         ray.init(num_cpus=max(_cpus(), math.ceil(cfg.cpus_per_trial)), include_dashboard=False,
                  object_store_memory=200 * 2**20, configure_logging=False, runtime_env={"env_vars": env})
     try:
@@ -283,6 +277,15 @@ def run_sweep(cfg: SweepConfig) -> dict:
         base = as_started(out, base, cfg.resume)  # (a sweep from before base_config.json: its encoder)
     if not cfg.resume and experiment.exists():
         raise ConfigError(f"{out} holds a sweep already: continue it with --resume, or give another --name/--out")
+    # (both before anything is written: the synthetic shards, the sweep's directory)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file: name a directory for the sweep")
+    if cfg.gpus_per_trial > 0 and not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        if not torch.cuda.is_available():  # (Ray would wait for a GPU forever)
+            raise ConfigError(f"--gpus-per-trial {cfg.gpus_per_trial:g}: this machine has no GPU; leave the flag "
+                              f"out to train the trials on the CPU")
     if base.synthetic is not None:  # once, here: trials never race to write the shards
         from carl_scale.datasets.synthetic import ensure_synthetic_shards
 
