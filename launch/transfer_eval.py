@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--recompute", action="store_true",
                    help="re-embed even when the saved embeddings match the weights and shards")
     p.add_argument("--device", default=None, help="default: cuda if present, else cpu")
-    p.add_argument("--subset", choices=["first", "random"], default="first",
+    p.add_argument("--subset", choices=["first", "random"], default=None,
                    help="which 10%%/50%% of the training videos the classifiers see: the first ones, as the "
-                        "published evaluation (comparable with the paper), or a seeded random draw")
+                        "published evaluation (comparable with the paper), or a seeded random draw; default: "
+                        "first, random for finegym (the published lists' order there is arbitrary, ours sorted)")
     p.add_argument("--classifier", choices=["svm", "logistic"], default="svm",
                    help="phase classifier: svm (sklearn SVC defaults, as the paper describes) or logistic (the "
                         "published evaluation code's logistic regression)")

@@ -76,10 +76,10 @@ def test_pennaction_folder_reads_back_with_its_labels(penn, tmp_path):
             assert ("label_lengths_fitted" in meta) == short
 
 
-def test_finegym_lists_join_gym99_and_gym288_by_event(tmp_path):
+def test_finegym_lists_join_gym99_and_gym288_by_event(tmp_path, caplog):
     root = tmp_path / "finegym"
     root.mkdir()
-    lists = {"gym99_train_v1.0.pkl": [], "gym288_train_v1.0.pkl": [], "gym99_val.pkl": []}
+    lists = {"gym99_train_v1.0.pkl": [], "gym288_train_v1.0.pkl": [], "gym99_val.pkl": [], "additional_v1.0.pkl": []}
     for i in range(2):
         name = f"yt{i}_E_000010_000020"
         v = _video("train", i, root, "processed_videos", name)
@@ -94,6 +94,11 @@ def test_finegym_lists_join_gym99_and_gym288_by_event(tmp_path):
     lists["gym99_val.pkl"].append({"id": 0, "name": name, "video_file": f"processed_videos/{name}.mp4",
                                    "seq_len": len(v.phase_labels), "event_label": 1,
                                    "frame_label": torch.from_numpy(v.phase_labels).float()})
+    name = "yt8_E_000003_000004"  # the additional list (no Gym288 list, by design)
+    v = _video("train", 5, root, "processed_videos", name)
+    lists["additional_v1.0.pkl"].append({"id": 0, "name": name, "video_file": f"processed_videos/{name}.mp4",
+                                         "seq_len": len(v.phase_labels), "event_label": 1,
+                                         "frame_label": torch.from_numpy(v.phase_labels).float()})
     # the same event named again in one list, other labels: the first item is kept whole (its labels
     # never replace the first's beside the first's video)
     first = lists["gym99_train_v1.0.pkl"][0]
@@ -104,6 +109,8 @@ def test_finegym_lists_join_gym99_and_gym288_by_event(tmp_path):
     out = tmp_path / "shards"
     m = carl.main(["--src", str(root), "--out", str(out), "--no-progress"])
     assert m["dataset"] == "finegym" and m["splits"]["train"]["samples"] == 2 and m["splits"]["val"]["samples"] == 1
+    # the probe's splits lacking Gym288 are said; the "additional" list, which never has one, is not
+    assert "Gym288 lists for train only, not val:" in caplog.text and "additional" not in caplog.text
     got = {meta["video_id"]: meta for meta, _ in iter_whole_videos(out, PyAVDecoder(), "train")}
     a, b = got["yt0_E_000010_000020"], got["yt1_E_000010_000020"]
     assert a["action_label"] == 3  # event_label 4 (UB) -> 3

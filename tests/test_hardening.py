@@ -341,8 +341,8 @@ def test_evaluation_skips_and_reports_damaged_validation_data(tmp_path):
 
 def test_the_evaluation_entry_points_end_in_one_line(tmp_path):
     for cmd in ([str(ROOT / "launch/transfer_eval.sh"), "synthetic", str(tmp_path / "nope")],
-                [sys.executable, "-m", "carl_scale.cli", "embed", "--shards", str(tmp_path), "--checkpoint",
-                 str(tmp_path / "nope")],
+                [sys.executable, "-m", "carl_scale.cli", "embed", "--shards", str(tmp_path / "nope_shards"),
+                 "--checkpoint", str(tmp_path / "nope")],
                 [sys.executable, "-m", "shards.folder", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]):
         res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
         assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]

@@ -99,6 +99,9 @@ def test_pouring_shards_from_tfrecords(tfrecords, tmp_path):
     assert "pouring_train-1-of-2.tfrecord#1" in reasons and "truncated record" in reasons  # counted, not fatal
     got = {meta["video_id"]: (meta, f) for meta, f in iter_whole_videos(tmp_path, PyAVDecoder(), "train")}
     assert set(got) == {"pour_a", "pour_b", "pour_c"}
+    # in the order the published conversion read them (tf.data's parallel reads: one record of each
+    # file in turn), which the evaluation's "first 10%" takes: a, c, b (not a, b, c)
+    assert list(got) == ["pour_a", "pour_c", "pour_b"]
     meta, frames = got["pour_a"]
     assert len(frames) == 12 and meta["phase_labels"] == [-1] + [min(4, i // 2) for i in range(1, 12)]
     val_skips = " ".join(s["reason"] for s in m["splits"]["val"]["skipped"])

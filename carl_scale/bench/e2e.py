@@ -190,6 +190,8 @@ def run(a) -> dict:
         loader_cores = {"from shards": _cores(fed_cpu, _descendants_cpu_s(), fed_wall)}
         finished = {"from shards": len(made) - fed_made if counted else None}
         fed, fed_wait, fed_queue = a.steps * a.batch / fed_wall, wait / fed_wall, 1000 * queue / a.steps
+        # each row as it is measured: a run cut short by its time limit still shows what it had
+        print(f"measured from shards: {fed:.2f} samples/s, data wait {100 * fed_wait:.0f}%", flush=True)
         peaks = {"from shards": _peak_gib(device)}
         times = made[fed_made:len(made)]  # (a thread may be mid-batch: its entry, if any, comes later)
         host_ms = 1000 * sum(t[0] for t in times) / max(1, len(times))
@@ -216,6 +218,8 @@ def run(a) -> dict:
                 tick.release()
             _sync(device)
             wall = time.perf_counter() - t0
+            print(f"measured resident batch, loader {'idle' if row == 'resident' else row}: "
+                  f"{a.steps * a.batch / wall:.2f} samples/s", flush=True)
             loader_cores[row] = _cores(cpu, _descendants_cpu_s(), wall)
             finished[row] = len(made) - before if counted and row != "closed" else None
             peaks[row] = _peak_gib(device)
@@ -267,6 +271,7 @@ def run(a) -> dict:
             _sync(device)
             wall = time.perf_counter() - t0
             alone = a.steps * a.batch / wall
+            print(f"measured the loader alone: {alone:.2f} samples/s", flush=True)
             loader_cores["loader alone"] = _cores(cpu, _descendants_cpu_s(), wall)
             finished["loader alone"], peaks["loader alone"] = None, None
         finally:
