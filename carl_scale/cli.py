@@ -25,6 +25,8 @@ def _model(args):
     from carl_scale.models import load_model
 
     device = default_device(args.device)
+    if args.run_dir == "":
+        raise ValueError("--run-dir is empty: name the run directory, or leave the flag out for runs/pretrain")
     if args.checkpoint == "":
         raise ValueError("--checkpoint is empty: give a step_NNNNNN directory, or leave the flag out for the newest "
                          "under --run-dir")
@@ -73,10 +75,10 @@ def cmd_embed(args) -> None:
         raise FileExistsError(f"--out {out} is a file: name a directory for the embeddings")
     if not args.videos and args.shards is None:
         raise ValueError("nothing to embed: give video files, or --shards DIR")
-    if args.shards is not None and not args.shards.endswith(".tar") and "{" not in args.shards and \
-            not (Path(args.shards) / "shards.json").is_file():  # (a pattern or a tar list is resolved later)
-        raise FileNotFoundError(f"--shards {args.shards!r} is not a shard directory (no shards.json there): give the "
-                                f"--out of a python -m shards.* command")
+    if args.shards is not None:  # (a directory, pattern or list, and its split: found before anything is made)
+        from carl_scale.data.manifest import resolve_shards
+
+        resolve_shards(args.shards, args.split)
     model, device = _model(args)
     # a rerun keeps what the same checkpoint already embedded from the same file, and never
     # replaces another checkpoint's (or an unknown) .npy without --overwrite

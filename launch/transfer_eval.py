@@ -82,12 +82,15 @@ def main(argv: list[str] | None = None) -> dict:
     # evaluation read another run than the one it trained
     taken = {"--steps": "--finetune-steps", "--epochs": "--finetune-steps", "--run-dir": "--out",
              "--init-from": "the checkpoint argument", "--config": "the checkpoint argument",
-             "--resume": "a rerun (it resumes by itself)", "--shards": "--shards",
-             "--print-config": "nothing here (it trains nothing)", "--help": "nothing here", "-h": "nothing here"}
+             "--resume": "a rerun (it resumes by itself)", "--shards": "--shards"}
+    never = ("--print-config", "--help", "-h")  # (they make the fine-tuning train nothing)
     try:  # (the fine-tuning's parser takes no abbreviations: "--init" is no --init-from behind this check)
         words = shlex.split(a.finetune_args)
     except ValueError as exn:
         p.error(f"--finetune-args {a.finetune_args!r}: {exn}")
+    if any(w.split("=")[0] in never for w in words):
+        p.error(f"--finetune-args {next(w for w in words if w.split('=')[0] in never)}: not for a fine-tuning run "
+                f"(it would train nothing)")
     clash = [w.split("=")[0] for w in words if w.split("=")[0] in taken]
     if clash:
         p.error(f"--finetune-args {clash[0]}: the fine-tuning sets it; use {taken[clash[0]]} instead")

@@ -109,6 +109,7 @@ def test_finegym_lists_join_gym99_and_gym288_by_event(tmp_path, caplog):
     out = tmp_path / "shards"
     m = carl.main(["--src", str(root), "--out", str(out), "--no-progress"])
     assert m["dataset"] == "finegym" and m["splits"]["train"]["samples"] == 2 and m["splits"]["val"]["samples"] == 1
+    assert m["video_order"] == "published"  # (each list's own order: the evaluation's first 10% are the paper's)
     # the probe's splits lacking Gym288 are said; the "additional" list, which never has one, is not
     assert "Gym288 lists for train only, not val:" in caplog.text and "additional" not in caplog.text
     got = {meta["video_id"]: meta for meta, _ in iter_whole_videos(out, PyAVDecoder(), "train")}

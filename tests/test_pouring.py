@@ -101,7 +101,7 @@ def test_pouring_shards_from_tfrecords(tfrecords, tmp_path):
     assert set(got) == {"pour_a", "pour_b", "pour_c"}
     # in the order the published conversion read them (tf.data's parallel reads: one record of each
     # file in turn), which the evaluation's "first 10%" takes: a, c, b (not a, b, c)
-    assert list(got) == ["pour_a", "pour_c", "pour_b"]
+    assert list(got) == ["pour_a", "pour_c", "pour_b"] and m["video_order"] == "published"
     meta, frames = got["pour_a"]
     assert len(frames) == 12 and meta["phase_labels"] == [-1] + [min(4, i // 2) for i in range(1, 12)]
     val_skips = " ".join(s["reason"] for s in m["splits"]["val"]["skipped"])

@@ -343,7 +343,7 @@ def test_transfer_eval_refuses_finetune_args_without_steps_and_negative_steps(ca
                        (["synthetic", "--finetune-steps", "3", "--finetune-args", "--run-dir x"],
                         "--finetune-args --run-dir: the fine-tuning sets it; use --out instead"),
                        (["synthetic", "--finetune-steps", "3", "--finetune-args=--print-config"],
-                        "--finetune-args --print-config: the fine-tuning sets it"),
+                        "--finetune-args --print-config: not for a fine-tuning run"),
                        (["synthetic", "--finetune-steps", "3", "--finetune-args", "'--lr"],
                         "--finetune-args \"'--lr\": No closing quotation"),
                        (["synthetic", ""], "the checkpoint argument is empty")):
@@ -438,3 +438,23 @@ def test_the_pennaction_protocol_scores_each_videos_labelled_frames_at_its_strid
         uncut = kendalls_tau([vids[i][0] for i in np.flatnonzero(actions == a)], stride=2, device="cpu")["tau"]
         assert uncut != pytest.approx(want_tau, abs=1e-6)  # (the cut matters on these videos)
     assert res["mean"]["kendall_tau"] == pytest.approx(np.mean([res["per_action"][a]["kendall_tau"] for a in (0, 1)]))
+
+
+def test_the_training_subsets_follow_the_shards_order(tmp_path, caplog):
+    """The first 10% / 50% of the training videos are the paper's where the shards keep the
+    published lists' order (shards.carl, shards.pouring); FineGym's own converter sorts its events,
+    so there the default is a seeded draw; Pouring shards of the older file-by-file order are said."""
+    from carl_scale.eval.transfer import training_videos
+
+    def shards(name: str, **fields) -> str:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "shards.json").write_text(json.dumps({"splits": {"train": {"shards": []}}, **fields}))
+        return str(tmp_path / name)
+
+    assert training_videos("finegym", shards("gym"), None) == "random"
+    assert training_videos("finegym", shards("gym_carl", video_order="published"), None) == "first"
+    assert training_videos("finegym", str(tmp_path / "gym"), "first") == "first"  # asked for: taken
+    assert training_videos("pennaction", shards("penn"), None) == "first"
+    assert training_videos("pouring", shards("pour", video_order="published"), None) == "first"
+    assert "Pouring shards written before" not in caplog.text
+    assert training_videos("pouring", shards("pour_old"), None) == "first" and "Pouring shards written before" in caplog.text

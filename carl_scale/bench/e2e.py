@@ -144,6 +144,7 @@ def run(a) -> dict:
             "data.decoder": a.decoder, "data.cpu_decode_share": a.cpu_decode_share, "eval.enabled": False,
             **a.overrides})
         trainer = Trainer(cfg, rank=rank, world=world, device=device)
+        on.callback(trainer.loader.close)  # (whatever fails: the workers and a finishing process stop)
         on.enter_context(trainer.step_stream())  # (--set parallel.step_priority=high: as training runs)
 
         def endless():
@@ -182,7 +183,7 @@ def run(a) -> dict:
             w = time.perf_counter()
             batch = next(batches)
             q = time.perf_counter()
-            padded += bool(batch.padded)
+            padded += batch.padded is not False  # (None, not known: the masked step, as the objective runs it)
             trainer.train_step(batch)
             wait, queue = wait + q - w, queue + time.perf_counter() - q
         _sync(device)
@@ -256,7 +257,6 @@ def run(a) -> dict:
             tick.release()
             thread.join()
         if failed:
-            trainer.loader.close()
             raise failed[0]
         # The loader alone, taken flat out with no step (its buffers emptied first, untimed): the
         # samples/s it can deliver, against the closed row's step, is the target 2 (>= 1.2x)
@@ -291,7 +291,7 @@ def run(a) -> dict:
                 "peak GiB": peaks, "loader cores": loader_cores, "finished": finished, "emptied": emptied,
                 "settled s": settled, "epochs ended": loader.epoch, "loader host ms": host_ms,
                 "loader gpu ms": gpu_ms, "config": cfg, "padded": padded / a.steps,
-                "resident padded": bool(resident_batch.padded)}
+                "resident padded": resident_batch.padded is not False}
 
 
 def main(argv: list[str] | None = None) -> dict:

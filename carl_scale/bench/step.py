@@ -24,11 +24,14 @@
 
 Both are built from one recipe (``--recipe``; by default the flavor's own: ``k400`` for r50, whose
 2 layers are the published K400 config's), start from the same weights and take the same
-synthetic batch (random pixels: the speed does not depend on content). Printed: samples/s, the
-peak GPU memory of each path (reset between them; not measured on a CPU: ``python -m
-carl_scale.bench.memory`` simulates it), the ratio (b)/(a), each path's loss on the first step
+synthetic batch (random pixels: the speed does not depend on content). Printed: samples/s (the
+median of 3 timed windows, with their spread), the peak GPU memory of each path in steady state
+(reset after its warm-up; with the warm-up too in its "measured" line; not measured on a CPU:
+``python -m carl_scale.bench.memory`` simulates it), the ratio (b)/(a), each path's loss on the first step
 (published ≈ ours / 2 − the targets' entropy: ``tests/test_scl.py``), and the step's anatomy
 (:func:`step_anatomy`): the host's time to queue it, its host-device synchronisations, its aten ops.
+The last row is (a) again, after every other: a clock or a neighbour that changed over the run
+shows as its difference from the first.
 """
 
 from __future__ import annotations
@@ -340,8 +343,10 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
                     return out["loss"].detach()
 
                 compiled = resolve_speedups(c, device)[2] != "off"
-                done(name, measure(ours, iters, warmup, batch, device, compiled=compiled))
-                del ours
+                try:
+                    done(name, measure(ours, iters, warmup, batch, device, compiled=compiled))
+                finally:
+                    del ours  # (its engine with it, also when the row fails: never beside a later row)
             except Exception as exn:  # an extra row that fails (a lever new to this GPU) costs only its row
                 if not extra:
                     raise
@@ -357,7 +362,9 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
                              compiled=resolve_speedups(c, device)[2] != "off"))
         # the reference once more, last: a clock or another tenant that changed over the run shows
         # as a difference from the first published row (ratios are against that one)
+        # (nothing of ours kept: a failed last row's step closure, compiled code and CUDA-graph pools)
         model = engine = ours_data = None
+        torch._dynamo.reset()
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()

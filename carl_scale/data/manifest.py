@@ -8,6 +8,10 @@ from pathlib import Path
 
 import webdataset as wds
 
+# What ``video_order`` says in shards.json: the splits' videos are in the published lists' order, so
+# the evaluation's "first 10%" of the training videos is the published subset (transfer.check_transfer)
+PUBLISHED_ORDER = "published"
+
 MANIFEST = "shards.json"
 
 # The command that writes each dataset's shards (README, Data; docs/datasets.md), keyed by recipe

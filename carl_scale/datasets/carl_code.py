@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.finegym import EVENT_NAMES
 from carl_scale.datasets.folder import file_record
-from carl_scale.datasets.parallel import SkipInput, labels_digest, write_options, write_split
+from carl_scale.data.manifest import PUBLISHED_ORDER
+from carl_scale.datasets.parallel import SkipInput, annotate, labels_digest, write_options, write_split
 from carl_scale.datasets.pennaction import ACTIONS
 from carl_scale.datasets.safe_pickle import load_data_pickle
 from carl_scale.datasets.writer import VideoRecord
@@ -235,4 +235,4 @@ def write_carl_shards(src: str | Path, out_dir: str | Path, opts: CarlDataOption
         if entry["skipped"]:
             log.warning("%s %s: skipped %d of %d videos (listed in shards.json)", kind, split, len(entry["skipped"]),
                         len(items))
-    return read_manifest(out_dir)
+    return annotate(out_dir, video_order=PUBLISHED_ORDER)  # (each list's own order)

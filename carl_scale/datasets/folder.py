@@ -14,9 +14,8 @@ import av
 import numpy as np
 
 from carl_scale.data.codec import decode_rgb
-from carl_scale.datasets.encode import MIN_SHORT_SIDE
 from carl_scale.data.manifest import read_manifest
-from carl_scale.datasets.encode import constant_rate_picks, frame_timing
+from carl_scale.datasets.encode import MIN_SHORT_SIDE, constant_rate_picks, frame_timing
 from carl_scale.datasets.parallel import SkipInput, add_warnings, labels_digest, write_options, write_split
 from carl_scale.datasets.writer import VideoRecord, check_split_name, sample_key
 

@@ -148,6 +148,19 @@ def _manifest_lock(out_dir: Path):
         yield
 
 
+def annotate(out_dir: str | Path, **fields) -> dict | None:
+    """``shards.json`` with ``fields`` set at its top level (facts about how the shards were
+    written that are not part of any split's plan, e.g. ``video_order``), under the directory's
+    lock; returns the manifest."""
+    out_dir = Path(out_dir)
+    with _manifest_lock(out_dir):
+        manifest = read_manifest(out_dir)
+        if manifest is not None:  # (nothing written: nothing to say)
+            manifest.update(fields)
+            write_manifest(out_dir, manifest)
+    return manifest
+
+
 def add_warnings(out_dir: str | Path, warnings: list[str], splits: Sequence[str]) -> dict:
     """``shards.json`` with this command's warnings, about the ``splits`` it wrote: each split's
     own list in its entry (``warnings``, replacing what an earlier command said about it: a fixed

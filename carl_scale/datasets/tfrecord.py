@@ -27,8 +27,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from carl_scale.data.manifest import read_manifest
-from carl_scale.datasets.parallel import SkipInput, write_options, write_split
+from carl_scale.data.manifest import PUBLISHED_ORDER
+from carl_scale.datasets.parallel import SkipInput, annotate, write_options, write_split
 from carl_scale.datasets.writer import VideoRecord
 
 log = logging.getLogger("carl_scale.data")
@@ -238,4 +238,4 @@ def write_tfrecord_shards(src: str | Path, out_dir: str | Path, dataset: str, *,
         items = [file[i] for i in range(max(map(len, per_file), default=0)) for file in per_file if i < len(file)]
         write_split(out_dir, split, items, load, dataset=dataset, opts=write_options(**write),
                     describe=lambda item: item[3] if item[1] >= 0 else item[0].name, settings={"fps": fps})
-    return read_manifest(out_dir)
+    return annotate(out_dir, video_order=PUBLISHED_ORDER)

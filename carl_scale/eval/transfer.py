@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -16,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from carl_scale.data.manifest import write_command
+from carl_scale.data.manifest import PUBLISHED_ORDER, read_manifest, write_command
 from carl_scale.eval.embed import VideoEmbeddings, extract_embeddings
 from carl_scale.eval.metrics import (CLASSIFIERS, _labelled, average_precision_at_k, kendalls_tau, linear_probe_frame_classification,
                                      one_shot_phase_classification, phase_classification, phase_progression,
                                      temporal_clustering_rand_index, training_subset)
 from carl_scale.models.weights import latest_in
+
+log = logging.getLogger("carl_scale.eval")
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,9 @@ class Protocol:
 PROTOCOLS = {
     "pennaction": Protocol("data/pennaction", write_command("pennaction", "data/pennaction"), per_action=True,
                            tau_stride=2),
-    # FineGym's subsets are a seeded draw: the published lists hold its events in a Python set's
-    # order (arbitrary), ours are written sorted by video, so "the first 10%" would be the
-    # alphabetically first competitions, a clustered subset of Table 14's
+    # FineGym's subsets are a seeded draw where the shards are not in the published lists' order
+    # (shards.finegym writes events sorted by video: "the first 10%" would be the alphabetically
+    # first competitions, a clustered subset of Table 14's); from shards.carl, the first ones
     "finegym": Protocol("data/finegym", write_command("finegym", "data/finegym"), per_action=False,
                         linear_probe=(("FineGym99", "phase", 99), ("FineGym288", "gym288", 288)), subset="random"),
     "pouring": Protocol("data/pouring", write_command("pouring", "data/pouring"), per_action=False, tau_stride=5),
@@ -298,26 +301,40 @@ def save_pictures(name: str, train: VideoEmbeddings, val: VideoEmbeddings, shard
     return paths
 
 
+def training_videos(dataset: str, shards: str, subset: str | None) -> str:
+    """Which 10% / 50% of the training videos the classifiers see: ``subset``, or where None
+    "first" for shards in the published lists' order (``video_order`` in shards.json: the paper's
+    subsets), else the protocol's own. Pouring shards in another order are warned about."""
+    order = (read_manifest(shards) or {}).get("video_order")
+    if subset is None:
+        subset = "first" if order == PUBLISHED_ORDER else PROTOCOLS[dataset].subset
+    if dataset == "pouring" and subset == "first" and order != PUBLISHED_ORDER:
+        log.warning("%s: Pouring shards written before 2026-11-28 hold the records file by file, not in the "
+                    "published lists' order: their first 10%%/50%% are not the published subsets (rewrite them "
+                    "with python -m shards.pouring ... --overwrite)", shards)
+    return subset
+
+
 def check_transfer(dataset: str, shards: str | None = None, subset: str | None = None,
                    classifier: str = "svm") -> tuple[Protocol, str]:
-    """The dataset's protocol with these settings (``subset`` None: the protocol's own) and its
-    shard directory, or the one-line error that refuses them: before anything is fine-tuned or
-    embedded."""
+    """The dataset's protocol with these settings and its shard directory, or the one-line error
+    that refuses them: before anything is fine-tuned or embedded. ``subset`` None: "first" where
+    the shards keep the published lists' order (``video_order`` in shards.json), else the
+    protocol's own."""
     if dataset not in PROTOCOLS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(PROTOCOLS)}")
-    subset = PROTOCOLS[dataset].subset if subset is None else subset
-    if subset not in ("first", "random"):
+    if subset not in ("first", "random", None):
         raise ValueError(f"--subset must be 'first' (the published evaluation's) or 'random', got {subset!r}")
     if classifier not in CLASSIFIERS:
         raise ValueError(f"--classifier must be one of {', '.join(CLASSIFIERS)}, got {classifier!r}")
     if classifier != "svm" and PROTOCOLS[dataset].linear_probe:
         raise ValueError(f"--classifier {classifier}: {dataset}'s protocol has no phase classifier (its frame labels "
                          f"go to the published linear probe); leave --classifier out")
-    p = dataclasses.replace(PROTOCOLS[dataset], subset=subset, classifier=classifier)
-    shards = p.shards if shards is None else shards
+    shards = PROTOCOLS[dataset].shards if shards is None else shards
     if not (Path(shards) / "shards.json").exists():
-        raise FileNotFoundError(f"no {dataset} shards at {shards} (no shards.json). Make them with:\n  {p.make}\n"
-                                f"or pass --shards DIR")
+        raise FileNotFoundError(f"no {dataset} shards at {shards} (no shards.json). Make them with:\n  "
+                                f"{PROTOCOLS[dataset].make}\nor pass --shards DIR")
+    p = dataclasses.replace(PROTOCOLS[dataset], subset=training_videos(dataset, shards, subset), classifier=classifier)
     _check_label_sets(p, shards)  # before the (long) embedding of both splits
     return p, shards
 
