@@ -517,6 +517,14 @@ def test_a_warmup_as_long_as_an_epochs_run_is_refused_before_its_run_directory(v
                                           r"batches per rank, --grad-accum 1\)"):
         run(cfg)
     assert not (tmp_path / "run").exists()
+    # the embedded synthetic set: its length is known before it is written, and it is not written
+    from launch.pretrain_k400 import hooks_for
+
+    syn = configure(recipe("debug"), {"run_dir": str(tmp_path / "run"), "epochs": 0.5, "optim.warmup_steps": 50,
+                                      "eval.enabled": False}, data_dir=str(tmp_path / "synthetic"))
+    with pytest.raises(ConfigError, match=r"--warmup-steps \(50\) must be below the run's \d+ steps \(--epochs 0.5"):
+        run(syn, hooks_for(syn))
+    assert not (tmp_path / "synthetic").exists() and not (tmp_path / "run").exists()
 
 
 def test_an_output_path_under_a_file_ends_in_one_line_naming_it(tmp_path):

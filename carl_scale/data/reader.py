@@ -55,6 +55,29 @@ GPU_PREFETCH_BATCHES = 2
 STATE_FORMAT = 2
 
 
+def epoch_batches(cfg: LoaderConfig, total: int | None, world_size: int) -> int:
+    """Batches per rank in an epoch of ``total`` training samples (None: unknown, no manifest;
+    ``--epoch-samples`` then says it), as :class:`VideoLoader` runs them; a split that makes no
+    batch is refused."""
+    per_rank = cfg.epoch_samples
+    if per_rank is None:
+        if total is None:
+            raise ValueError("shards without a shards.json manifest need --epoch-samples (samples per "
+                             "rank per epoch)")
+        per_rank = total // world_size
+    batches = per_rank // cfg.batch_size
+    workers = max(1, cfg.num_workers)
+    if cfg.epoch_samples is None and not cfg.resampled and batches >= workers:
+        # Workers take turns batch by batch, and their shares of a pass are equal (to a shard,
+        # or a sample): a worker owing one batch more than another would read past its share
+        # into a second pass (repeats) while the other's last samples go unseen
+        batches -= batches % workers
+    if batches < 1:
+        raise ValueError(f"{per_rank} samples per rank make no batch of {cfg.batch_size}; lower the "
+                         f"batch size or use more data")
+    return batches
+
+
 class VideoLoader:
     """Batches of two augmented views per video for one rank; ``len()`` steps per epoch.
 
@@ -78,23 +101,7 @@ class VideoLoader:
         to the workers' CPU decoder (PyAV)."""
         self.cfg, self.seed, self.device, self.views_dtype = cfg, seed, str(device), views_dtype
         self.urls, self.manifest = resolve_shards(cfg.shards, split)
-        total = manifest_samples(self.manifest, self.urls, split)
-        per_rank = cfg.epoch_samples
-        if per_rank is None:
-            if total is None:
-                raise ValueError("shards without a shards.json manifest need --epoch-samples (samples per "
-                                 "rank per epoch)")
-            per_rank = total // world_size
-        self.batches_per_epoch = per_rank // cfg.batch_size
-        workers = max(1, cfg.num_workers)
-        if cfg.epoch_samples is None and not cfg.resampled and self.batches_per_epoch >= workers:
-            # Workers take turns batch by batch, and their shares of a pass are equal (to a shard,
-            # or a sample): a worker owing one batch more than another would read past its share
-            # into a second pass (repeats) while the other's last samples go unseen
-            self.batches_per_epoch -= self.batches_per_epoch % workers
-        if self.batches_per_epoch < 1:
-            raise ValueError(f"{per_rank} samples per rank make no batch of {cfg.batch_size}; lower the "
-                             f"batch size or use more data")
+        self.batches_per_epoch = epoch_batches(cfg, manifest_samples(self.manifest, self.urls, split), world_size)
         # a batch's sampled JPEG frames (B x 2T) in one nvJPEG run
         self.decoder = make_decoder(cfg.decoder, codec=manifest_codec(self.manifest), device=self.device,
                                     image_batch=cfg.batch_size * 2 * cfg.temporal.num_frames,

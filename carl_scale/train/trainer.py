@@ -88,8 +88,7 @@ class Trainer:
         # same values in half the memory (at T = 240 x 4 videos, 0.54 GiB less at the step's peak)
         self.loader = VideoLoader(cfg.data, rank=rank, world_size=world, seed=cfg.seed, device=str(device),
                                   views_dtype=torch.bfloat16 if self.bf16 else torch.float32)
-        self.total_steps = cfg.steps if cfg.steps is not None else \
-            max(1, math.ceil(cfg.epochs * len(self.loader) / cfg.parallel.grad_accum))
+        self.total_steps = run_length(cfg, len(self.loader))
         if world > 1 and dist.is_initialized():  # (per-node shards.json copies that differ: a hang at the end)
             span = torch.tensor([self.total_steps, -self.total_steps], device=device)
             dist.all_reduce(span, op=dist.ReduceOp.MAX)
@@ -98,11 +97,11 @@ class Trainer:
                 raise ValueError(f"the ranks disagree on the run's length ({-int(span[1])} to {int(span[0])} steps; "
                                  f"this rank: {self.total_steps}): their shards.json copies or --epoch-samples "
                                  f"differ. Give every rank the same shards, or a fixed --steps")
-        if cfg.steps is None and cfg.optim.warmup_steps >= self.total_steps:  # (--steps: RunConfig.check)
+        try:
+            check_warmup(cfg, len(self.loader))
+        except ConfigError:
             self.loader.close()
-            raise ConfigError(f"--warmup-steps ({cfg.optim.warmup_steps}) must be below the run's "
-                              f"{self.total_steps} steps (--epochs {cfg.epochs:g} of {len(self.loader)} batches per "
-                              f"rank, --grad-accum {cfg.parallel.grad_accum}): the run would never decay")
+            raise
         if cfg.steps is None and resume_from is not None and int(resume_from[1].get("step", 0)) > self.total_steps:
             self.loader.close()  # (with --steps: find_resume)
             raise CheckpointError(f"--resume {resume_from[0]}: it is at step {resume_from[1]['step']}, past this run's "
@@ -395,6 +394,44 @@ class Trainer:
         print("\n" + table(rows, ("run", str(self.run_dir))), flush=True)
 
 
+def run_length(cfg: RunConfig, epoch_batches: int) -> int:
+    """The run's optimizer steps: ``--steps``, or ``--epochs`` of ``epoch_batches`` per rank."""
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * epoch_batches / cfg.parallel.grad_accum))
+
+
+def check_warmup(cfg: RunConfig, epoch_batches: int) -> None:
+    """An ``--epochs`` run's warm-up must end before the run does (with ``--steps``, RunConfig.check)."""
+    total = run_length(cfg, epoch_batches)
+    if cfg.steps is None and cfg.optim.warmup_steps >= total:
+        raise ConfigError(f"--warmup-steps ({cfg.optim.warmup_steps}) must be below the run's {total} steps "
+                          f"(--epochs {cfg.epochs:g} of {epoch_batches} batches per rank, --grad-accum "
+                          f"{cfg.parallel.grad_accum}): the run would never decay")
+
+
+def check_length_early(cfg: RunConfig, world: int) -> None:
+    """:func:`check_warmup` before anything is written, where the epoch's length is known without
+    the loader: the embedded synthetic set's (not written yet) or a manifest's. Otherwise the
+    trainer checks it once its loader has counted."""
+    if cfg.steps is not None:
+        return
+    from carl_scale.data.manifest import manifest_samples, resolve_shards
+    from carl_scale.data.reader import epoch_batches
+
+    if cfg.synthetic is not None:
+        total = cfg.synthetic.train_videos
+    else:
+        try:
+            urls, manifest = resolve_shards(cfg.data.shards, "train")
+        except (OSError, ValueError):  # (the loader says what is wrong with the shards)
+            return
+        total = manifest_samples(manifest, urls, "train")
+    if total is None and cfg.data.epoch_samples is None:
+        return
+    check_warmup(cfg, epoch_batches(cfg.data, total, world))
+
+
 def resolved_precision(cfg: RunConfig, device: torch.device) -> str:
     """"bf16" or "fp32": ``--precision auto`` is bf16 on a GPU, fp32 on a CPU."""
     p = cfg.parallel.precision
@@ -481,6 +518,7 @@ def run(cfg: RunConfig, hooks: Sequence[Hook] = ()) -> dict:
         check_device(cfg, device)
         # its refusals, before any hook writes (Trainer finds it again)
         find_resume(cfg, rank, world, quiet=True, precision=resolved_precision(cfg, device))
+        check_length_early(cfg, world)  # an --epochs run's warm-up against its length, before the synthetic set is written
         # (e.g. rank 0 writing the synthetic shards: a failure there stops every rank, none waits for it)
         ckpt.agree(lambda: [hook.on_start(rank, world) for hook in hooks], "to start (its hooks)", device)
         trainer = Trainer(cfg, hooks, rank=rank, world=world, device=device)
