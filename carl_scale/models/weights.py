@@ -53,17 +53,22 @@ def load_tensors(path: str | Path, *, allow: list | tuple = (), map_location="cp
 
 
 # -- checkpoint directories ----------------------------------------------------------------------
-def latest_in(root: Path) -> Path | None:
-    """The checkpoint ``root/latest`` names (whether or not it is there: a caller's error then
-    names it); where it names none (missing, or empty after a machine crash) the newest intact
-    checkpoint under ``root`` (each one's files read to check); None if there is none."""
+def latest_name(root: Path) -> str | None:
+    """The checkpoint ``root/latest`` names; None without one, or when it names no step (empty
+    after a machine crash: callers then take the newest intact checkpoint, as if it were missing)."""
     try:
         name = (root / "latest").read_text().strip()
     except (OSError, UnicodeDecodeError):
-        name = ""
-    if _STEP_DIR.match(name):
-        return root / name
-    return intact_before(root, None)
+        return None
+    return name if _STEP_DIR.match(name) else None
+
+
+def latest_in(root: Path) -> Path | None:
+    """The checkpoint ``root/latest`` names (whether or not it is there: a caller's error then
+    names it); where it names none the newest intact checkpoint under ``root`` (each one's files
+    read to check); None if there is none."""
+    name = latest_name(root)
+    return root / name if name is not None else intact_before(root, None)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

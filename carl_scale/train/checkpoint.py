@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from carl_scale.durable import durable_replace, fsync
 from carl_scale.models.weights import (META_FILE, CheckpointError, checkpoints, intact_before, intact_hint, is_intact,
-                                      load_tensors, save_weights, step_of)
+                                      latest_name, load_tensors, save_weights, step_of)
 
 
 def git_revision() -> str:
@@ -110,16 +110,6 @@ class WeightsOnlyLoads:
 
 def tag(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def latest_name(root: Path) -> str | None:
-    """The checkpoint ``latest`` names; None without one, or when it names no step (empty after a
-    machine crash: then the newest intact checkpoint is found as if it were missing)."""
-    try:
-        name = (root / "latest").read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return name if re.fullmatch(r"step_\d+", name) else None
 
 
 def _fsync_tree(path: Path) -> None:
