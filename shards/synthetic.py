@@ -3,6 +3,7 @@
     python -m shards.synthetic --out data/synthetic
     python -m shards.synthetic --out data/synthetic_jpeg --payload jpeg
     python -m shards.synthetic --out /tmp/tiny --train-videos 8 --val-videos 4 --max-frames 90 --size 64
+    python -m shards.synthetic --out data/synthetic_textured --payload jpeg --size 256 --texture natural
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", type=int, default=d.height, help="frame height and width")
     p.add_argument("--nuisance", choices=["low", "high"], default=d.nuisance,
                    help="low: one figure style (the CPU demo); high: per-video background, colours, size, shake")
+    p.add_argument("--texture", choices=["none", "natural"], default=d.texture,
+                   help="natural: a textured scene the camera pans over, frames the size of camera footage "
+                        "(22-25 KiB a JPEG frame at 340x256), for measuring data paths; none: plain backgrounds")
     p.add_argument("--seed", type=int, default=d.seed)
     a = p.parse_args(argv)
     try:
         cfg = SyntheticConfig(num_actions=a.num_actions, train_videos=a.train_videos, val_videos=a.val_videos,
                               min_frames=a.min_frames, max_frames=a.max_frames, height=a.size, width=a.size,
-                              nuisance=a.nuisance, seed=a.seed)
+                              nuisance=a.nuisance, texture=a.texture, seed=a.seed)
     except ConfigError as exn:  # named by this command's flags, not the config's fields
         message = str(exn)
         for field in ("num_actions", "train_videos", "val_videos", "min_frames", "max_frames", "seed"):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from carl_scale.data.manifest import read_manifest
+
 pytestmark = pytest.mark.slow
 
 
@@ -157,8 +159,15 @@ def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
     # --write-only: the shards --paths reads, nothing measured (bench.e2e --shards reads them)
     assert data.main(["--data-dir", str(tmp_path / "w"), "--videos", "2", "--batches", "1", "--batch", "1",
                       "--height", "32", "--width", "32", "--paths", "jpeg/dali", "--write-only"]) == []
-    assert [d.name for d in (tmp_path / "w").iterdir()] == ["32x32_gop30"]
-    assert [d.name for d in (tmp_path / "w" / "32x32_gop30").iterdir()] == ["jpeg"]
+    assert [d.name for d in (tmp_path / "w").iterdir()] == ["32x32_gop30_natural"]
+    assert [d.name for d in (tmp_path / "w" / "32x32_gop30_natural").iterdir()] == ["jpeg"]
+    # --texture none: the plain frames of the rows measured before, in the directory they had
+    data.main(["--data-dir", str(tmp_path / "w"), "--videos", "2", "--batches", "1", "--batch", "1", "--height", "32",
+               "--width", "32", "--paths", "jpeg/dali", "--write-only", "--texture", "none"])
+    assert sorted(d.name for d in (tmp_path / "w").iterdir()) == ["32x32_gop30", "32x32_gop30_natural"]
+    plain, textured = (read_manifest(tmp_path / "w" / d / "jpeg")["synthetic_config"]["texture"]
+                       for d in ("32x32_gop30", "32x32_gop30_natural"))
+    assert (plain, textured) == ("none", "natural")
 
 
 def test_writer_startup_and_augment_benchmarks_run(capsys):

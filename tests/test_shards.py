@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import errno
 import functools
+import hashlib
 import io
 import json
 import tarfile
@@ -209,6 +210,14 @@ def test_ensure_synthetic_shards_reuses_and_refuses_other_configs(tmp_path):
     assert (tmp_path / "train-000000.tar").stat().st_mtime_ns == mtime
     with pytest.raises(FileExistsError):
         ensure_synthetic_shards(tmp_path, SyntheticConfig(num_actions=2, train_videos=1, val_videos=1), progress=False)
+    with pytest.raises(FileExistsError):
+        ensure_synthetic_shards(tmp_path, dataclasses.replace(cfg, texture="natural"), progress=False)
+    # a set written before a setting existed (no "texture" in its manifest) holds what its default renders: reused
+    manifest = json.loads((tmp_path / "shards.json").read_text())
+    del manifest["synthetic_config"]["texture"]
+    (tmp_path / "shards.json").write_text(json.dumps(manifest))
+    ensure_synthetic_shards(tmp_path, cfg, progress=False)
+    assert (tmp_path / "train-000000.tar").stat().st_mtime_ns == mtime
     # shard files of someone else's (no shards.json, no write of ours in progress): kept, refused
     theirs = tmp_path / "theirs"
     theirs.mkdir()
@@ -248,6 +257,39 @@ def test_synthetic_nuisance_levels():
     assert len(np.unique(v.frames[0].reshape(-1, 3), axis=0)) > 1  # the figure is drawn
     with pytest.raises(ValueError, match="nuisance"):
         SyntheticConfig(nuisance="medium")
+
+
+def test_synthetic_natural_texture_costs_what_camera_footage_costs():
+    """texture="natural": JPEG frames several times the plain ones' bytes (at 340x256 the 22-25 KiB
+    of photos at that size, checked on a crop here), a background the camera pans over (a frame's
+    figure-free corner changes along the video), and the same poses, labels and length; the plain
+    set renders the pixels it always did (the texture draws from a generator of its own)."""
+    plain = SyntheticConfig(height=64, width=96, min_frames=60, max_frames=90)
+    natural = dataclasses.replace(plain, texture="natural")
+    a, b = render_video(plain, "train", 2), render_video(natural, "train", 2)
+    assert np.array_equal(a.phase_labels, b.phase_labels) and a.action_label == b.action_label
+
+    def kib(frame):
+        out = io.BytesIO()
+        Image.fromarray(frame).save(out, "JPEG", quality=90)
+        return len(out.getvalue()) / 1024
+
+    assert kib(b.frames[0]) > 2 * kib(a.frames[0])  # (at 64x96 the JPEG headers are half a plain frame)
+    # 256 x 340 bytes per pixel as the benchmarks' frames: 22-25 KiB a frame
+    big = render_video(dataclasses.replace(natural, height=256, width=340, min_frames=12, max_frames=12), "train", 0)
+    assert 20 < kib(big.frames[0]) < 28
+    corner = b.frames[:, :8, :8].astype(float)
+    assert np.abs(corner[0] - corner[-1]).mean() > 2  # the camera moved
+    assert np.abs(corner[0] - corner[1]).mean() < np.abs(corner[0] - corner[-1]).mean()  # slowly
+    # the plain sets render the pixels they rendered before the option (digests taken then): a set
+    # on disk and the published figures made from it stay what the same config makes
+    for nuisance, digest in (("low", "0ba22c1506ff1ba6"), ("high", "491c933695475472")):
+        frames = render_video(dataclasses.replace(plain, nuisance=nuisance), "train", 2).frames
+        assert hashlib.sha256(frames.tobytes()).hexdigest()[:16] == digest, (
+            f"the {nuisance} synthetic set renders other pixels than before: a change of the renderer (or of "
+            f"Pillow's line drawing) makes existing sets differ from what their config makes now")
+    with pytest.raises(ValueError, match="texture"):
+        SyntheticConfig(texture="photo")
 
 
 def test_jpeg_videos_of_different_sizes_decode_in_one_dali_run():

@@ -181,6 +181,15 @@ def nvjpeg_settings(text: str) -> dict:
 
 
 BENCH_SHARD_VIDEOS = 2
+TEXTURE_HELP = ("the synthetic frames' background: natural (the default: a textured scene, 22-25 KiB a JPEG frame "
+                "at 340x256 as camera footage, which decodes slower than small frames) or none (the plain "
+                "backgrounds of the rows measured before 2026-11-28: ~4 KiB a frame)")
+
+
+def texture_suffix(texture: str) -> str:
+    """What the benchmarks' synthetic shard directories add to their names for ``texture`` (none:
+    nothing, the names directories written before the option had)."""
+    return "" if texture == "none" else f"_{texture}"
 
 
 def ensure_bench_shards(a, payloads: set[str]) -> None:
@@ -191,9 +200,9 @@ def ensure_bench_shards(a, payloads: set[str]) -> None:
 
     syn = SyntheticConfig(train_videos=max(48, a.batch * (a.batches + 4)), val_videos=a.videos,
                           height=a.height, width=a.width, min_frames=a.min_frames,
-                          max_frames=max(SyntheticConfig.max_frames, a.min_frames))
+                          max_frames=max(SyntheticConfig.max_frames, a.min_frames), texture=a.texture)
     where = Path(a.data_dir) / (f"{a.width}x{a.height}_gop{a.gop}" + (
-        f"_min{a.min_frames}" if a.min_frames != SyntheticConfig.min_frames else ""))
+        f"_min{a.min_frames}" if a.min_frames != SyntheticConfig.min_frames else "") + texture_suffix(a.texture))
     # 2 videos a shard: 24 training shards, more than the workers of any row (8-16), so each worker
     # reads shards of its own as on Kinetics; with fewer shards than workers every worker reads all
     # of them and keeps every Nth video (8 x the bytes read, 6 shards of 8 before 2026-11-28)
@@ -220,6 +229,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--height", type=int, default=128, help="synthetic frame height")
     p.add_argument("--width", type=int, default=128, help="synthetic frame width")
     p.add_argument("--gop", type=int, default=30, help="keyframe interval of the synthetic video payload")
+    p.add_argument("--texture", choices=("natural", "none"), default="natural", help=TEXTURE_HELP)
     p.add_argument("--write-workers", type=int, default=1, help="processes rendering the synthetic shards")
     p.add_argument("--write-only", action="store_true",
                    help="write the synthetic shards --paths reads and stop (e.g. for bench.e2e --shards)")

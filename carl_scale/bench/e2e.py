@@ -56,6 +56,7 @@ from pathlib import Path
 
 import torch
 
+from carl_scale.bench.data import BENCH_SHARD_VIDEOS, TEXTURE_HELP, texture_suffix
 from carl_scale.bench.step import bench_config, default_recipe, parse_overrides
 from carl_scale.models.flavors import FLAVORS
 from carl_scale.tables import table
@@ -300,6 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--shards", help="training shards (default: synthetic ones, made if absent)")
     p.add_argument("--data-dir", default="data/bench", help="where the default synthetic shards go")
     p.add_argument("--payload", choices=("video", "jpeg"), default="video", help="of the default synthetic shards")
+    p.add_argument("--texture", choices=("natural", "none"), default="natural", help=TEXTURE_HELP)
     p.add_argument("--height", type=int, default=128)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--write-workers", type=int, default=1)
@@ -335,7 +337,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 <= a.cpu_decode_share <= 1:
         p.error("--cpu-decode-share must be in [0, 1]")
     if a.shards is None:
-        from carl_scale.bench.data import BENCH_SHARD_VIDEOS
         from carl_scale.data.config import SyntheticConfig
         from carl_scale.datasets.synthetic import ensure_synthetic_shards
 
@@ -343,10 +344,11 @@ def main(argv: list[str] | None = None) -> dict:
         # default 60-400 frames padded about half the batches at T = 240, mixing two steps in a row)
         shortest = max(SyntheticConfig.min_frames, a.frames)
         a.shards = str(Path(a.data_dir) / (f"e2e_{a.width}x{a.height}" + (f"_min{shortest}" if shortest >
-                                                                           SyntheticConfig.min_frames else "")) / a.payload)
+                                                                           SyntheticConfig.min_frames else "")
+                                             + texture_suffix(a.texture)) / a.payload)
         syn = SyntheticConfig(train_videos=max(48, a.batch * (a.steps + a.warmup + 4)), val_videos=24,
                               height=a.height, width=a.width, min_frames=shortest,
-                              max_frames=max(SyntheticConfig.max_frames, 2 * shortest))
+                              max_frames=max(SyntheticConfig.max_frames, 2 * shortest), texture=a.texture)
         ensure_synthetic_shards(a.shards, syn, payload=a.payload, max_samples=BENCH_SHARD_VIDEOS,
                                 workers=a.write_workers, progress=False)
     r = run(a)

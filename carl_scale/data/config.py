@@ -173,6 +173,12 @@ class SyntheticConfig(Config):
     # learns from scratch in minutes on a CPU); "high": every video draws its own background,
     # colours, size, position, mirroring, shake and noise (a harder set for bigger models).
     nuisance: Literal["low", "high"] = "low"
+    # "none": the backgrounds above (a few KiB a JPEG frame at 340x256); "natural": a textured
+    # background with a natural image's spectrum and a slow camera pan, so that frames cost what
+    # camera footage costs to store and decode (22-25 KiB a JPEG frame at 340x256, quality 90; the
+    # video payload's motion as well). For measuring data paths, not for learning: the pan tells
+    # the time within a video.
+    texture: Literal["none", "natural"] = "none"
     seed: int = param(0, ge=0, le=2**32 - 1)  # (NumPy's generators take no negative seed)
 
     def check(self) -> None:

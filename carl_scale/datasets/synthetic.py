@@ -7,6 +7,8 @@ phase durations, 60-400 frames in all), so a good frame representation has to en
 action* a frame is — the property CARL's evaluations measure. ``nuisance="high"`` also gives every
 video its own background colour and gradient, figure colour, size and position, mirroring, camera
 shake and pixel noise; ``"low"`` (the default, what the CPU demo learns from) keeps one style.
+``texture="natural"`` puts the figure in front of a textured scene the camera slowly pans over, so
+that the frames cost what camera footage costs to store and decode (for the data benchmarks).
 
 Everything is a pure function of ``(seed, split, index)``: the same config renders the same
 pixels on every machine.
@@ -191,6 +193,33 @@ def _background(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, n
     return bg.astype(np.uint8), (c1 + c2) / 2
 
 
+# The natural texture's spectrum: amplitude ~ 1/f^1.3 (photos measured here: about 1/f^1.2-1.5
+# below a quarter of the sampling rate), rolled off above like a camera lens, at a contrast that
+# makes 340x256 frames 22-25 KiB as JPEG at quality 90, where photos resized to that size take 19-43
+# KiB (scikit-learn's china.jpg and flower.jpg, matplotlib's grace_hopper.jpg: 30, 19, 22).
+_TEXTURE_SLOPE, _TEXTURE_ROLLOFF, _TEXTURE_CONTRAST = 1.3, 0.3, 36.0
+
+
+def _natural_texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """(h, w, 3) zero-mean float32 texture with a natural image's falloff of detail with scale,
+    mostly in brightness (colours vary less than light in real scenes)."""
+    f = np.hypot(np.fft.fftfreq(h)[:, None], np.fft.rfftfreq(w)[None, :])  # cycles per pixel
+    amplitude = np.maximum(f, 1.0 / max(h, w)) ** -_TEXTURE_SLOPE * np.exp(-((f / _TEXTURE_ROLLOFF) ** 2))
+    amplitude[0, 0] = 0.0
+    noise = rng.normal(size=(3, 2) + f.shape)
+    planes = np.fft.irfft2((noise[:, 0] + 1j * noise[:, 1]) * amplitude, s=(h, w))  # (3, h, w)
+    texture = 0.8 * planes[:1] + 0.45 * planes  # a shared brightness plane and a little per colour
+    texture = np.moveaxis(texture, 0, -1)
+    return (texture * (_TEXTURE_CONTRAST / max(1e-9, float(texture.std())))).astype(np.float32)
+
+
+def _camera_pan(rng: np.random.Generator, total: int, margin: int) -> np.ndarray:
+    """(total, 2) smooth (y, x) offsets within +-margin: a slow sweep of the view over the scene."""
+    t = np.arange(total)[:, None]
+    period = rng.uniform(1.0, 3.0, size=2) * max(total, 2)
+    return margin * np.sin(2 * math.pi * t / period + rng.uniform(0, 2 * math.pi, size=2))
+
+
 _LUMA = np.array([0.299, 0.587, 0.114])
 
 
@@ -263,10 +292,14 @@ def render_video(cfg: SyntheticConfig, split: str, index: int) -> SyntheticVideo
     if cfg.nuisance == "low":
         # Measured (300 SCL steps, debug flavor): on "high" a from-scratch CNN learns no pose at
         # all from 120 videos (frame-feature probe at chance), on "low" it does (probe 0.72 at init -> 0.82).
-        bg = np.full_like(bg, 30)
+        bg = np.full_like(bg, 100 if cfg.texture == "natural" else 30)  # (a texture needs room both ways)
         colour, scale, cx, cy, mirror = (230, 230, 230), 0.6 * h, 0.5 * w + margin, 0.56 * h + margin, False
         thickness, noise_sigma = max(2, int(round(scale * 0.08))), 0.0
         jitter[:] = 0
+    if cfg.texture == "natural":  # drawn apart, so the other settings render the pixels they always did
+        extra = np.random.default_rng([cfg.seed, _SPLITS[split], index, 1])
+        bg = np.clip(bg + _natural_texture(extra, *bg.shape[:2]), 0, 255).astype(np.uint8)
+        jitter = np.clip(jitter + _camera_pan(extra, total, margin), -margin, margin).round().astype(int)
 
     frames = np.empty((total, h, w, 3), np.uint8)
     for t in range(total):
@@ -322,6 +355,17 @@ def write_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = No
     return read_manifest(out_dir)
 
 
+def _made_from(saved) -> SyntheticConfig | None:
+    """The config a manifest's ``synthetic_config`` names (settings added since it was written take
+    their defaults, which render what it holds); None for anything else."""
+    from carl_scale.config import from_dict
+
+    try:
+        return from_dict(SyntheticConfig, saved) if isinstance(saved, dict) else None
+    except (ValueError, TypeError):  # (ConfigError is a ValueError) another program's or a damaged manifest
+        return None
+
+
 def ensure_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = None, **kw) -> dict:
     """The embedded default: write the synthetic shards once; reuse them when the manifest says
     they were made from the same config. A different config is an error, not an overwrite."""
@@ -329,7 +373,7 @@ def ensure_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = N
     manifest = read_manifest(out_dir)
     wanted = {split for split in ("train", "val") if num_videos(cfg, split)}
     if manifest is not None and wanted <= set(manifest.get("splits", {})):
-        if manifest.get("synthetic_config") == dataclasses.asdict(cfg):
+        if _made_from(manifest.get("synthetic_config")) == cfg:
             return manifest
         raise FileExistsError(f"{out_dir} holds shards of another dataset or synthetic config (other flags, or "
                               f"an older carl_scale: the default set changed to nuisance='low'); remove it "

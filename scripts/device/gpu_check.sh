@@ -96,7 +96,8 @@ stage() {  # name, seconds, command...: its output to $out/name.txt, the table a
   grep -v "^\[\|Warning\|warn(" "$out/$name.txt" | tail -"${TAIL:-12}"
 }
 # the shards the data and e2e stages read (jpeg payload, Kinetics-sized: 48 training videos of
-# 240-400 frames at 340x256, 16 validation ones), written once per warm machine: the e2e stages
+# 240-400 frames at 340x256, 16 validation ones; textured frames of 22-25 KiB as camera footage's,
+# where the plain ones every earlier row read were ~4 KiB), written once per warm machine: the e2e stages
 # need them when the data stage does not run first. No video shorter than T = 240: every batch
 # takes the unmasked step (60-400 frames padded about half the T = 240 batches, two steps in a row)
 stage shards 120 python3 -m carl_scale.bench.data --height 256 --width 340 --videos 16 --batch 2 --batches 10 \
@@ -128,31 +129,31 @@ stage data_T240 160 python3 -m carl_scale.bench.data --device cuda --height 256 
   --image-size 224 --batch 4 --workers 8 --write-workers 16 --videos 16 --whole-videos 2 --batches 6 \
   --min-frames 240 --paths jpeg/dali --finish-threads 1
 stage e2e_jpeg 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30_min240/jpeg --steps 30
+  --shards data/bench/340x256_gop30_min240_natural/jpeg --steps 30
 # T = 240 end to end (the second lease's did not finish: padded batches broke the compiled step into
 # many graphs, since fixed by masked_norm.py and unmeasured): right after T = 80's default row
 # (the fourth call runs it before the thread question), its limit bounding what a stall costs the call
 stage e2e_jpeg_T240 150 python3 -m carl_scale.bench.e2e --flavor r50 --frames 240 --batch 4 --workers 8 \
-  --shards data/bench/340x256_gop30_min240/jpeg --steps 12
+  --shards data/bench/340x256_gop30_min240_natural/jpeg --steps 12
 # the finishing in threads of the training process (--finish-in thread; the default is a process of
 # its own where a GPU decodes): on 2026-11-27 57.5 samples/s from shards in a process, 44.8 in threads
 stage e2e_jpeg_thread 120 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30_min240/jpeg --steps 30 --set data.finish_in=thread
+  --shards data/bench/340x256_gop30_min240_natural/jpeg --steps 30 --set data.finish_in=thread
 stage e2e_jpeg_graphs_thread 120 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30_min240/jpeg --steps 30 --set parallel.compile_mode=reduce-overhead data.finish_in=thread
+  --shards data/bench/340x256_gop30_min240_natural/jpeg --steps 30 --set parallel.compile_mode=reduce-overhead data.finish_in=thread
 # CUDA graphs: the step's host time (23 ms of a 25 ms compiled step at T = 80) is what the loader's
 # finishing threads contend with for the GIL; replayed graphs leave them the host
 stage e2e_jpeg_graphs 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30_min240/jpeg --steps 30 --set parallel.compile_mode=reduce-overhead
+  --shards data/bench/340x256_gop30_min240_natural/jpeg --steps 30 --set parallel.compile_mode=reduce-overhead
 stage e2e_jpeg_one_thread 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30_min240/jpeg --steps 30 --set data.finish_threads=1
+  --shards data/bench/340x256_gop30_min240_natural/jpeg --steps 30 --set data.finish_threads=1
 stage e2e_jpeg_pyav 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30_min240/jpeg --steps 30 --decoder pyav
+  --shards data/bench/340x256_gop30_min240_natural/jpeg --steps 30 --decoder pyav
 stage e2e_jpeg_hybrid 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30_min240/jpeg --steps 30 --cpu-decode-share 0.25
+  --shards data/bench/340x256_gop30_min240_natural/jpeg --steps 30 --cpu-decode-share 0.25
 # (measured on 2026-11-27, no gain: 0.60 of the resident step against 0.65 without)
 stage e2e_jpeg_priority 100 python3 -m carl_scale.bench.e2e --flavor r50 --frames 80 --batch 2 --workers 8 \
-  --shards data/bench/340x256_gop30_min240/jpeg --steps 30 --set parallel.step_priority=high
+  --shards data/bench/340x256_gop30_min240_natural/jpeg --steps 30 --set parallel.step_priority=high
 # DALI's GPU tests last: they passed on the last GPU machine; a call cut by the session's device
 # time loses them rather than a measurement
 TAIL=25 stage gpu_tests_dali 120 python3 -m pytest -v -m "gpu and dali" tests/test_gpu.py -p no:cacheprovider
