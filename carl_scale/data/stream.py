@@ -4,7 +4,8 @@ Per worker (see :class:`~carl_scale.data.reader.VideoLoader` for the loader arou
 
     shard list (shuffled per epoch by (seed, epoch), or resampled)
       -> split by rank (explicit) -> split by worker (explicit)
-      -> tar -> samples (bad tar members: warn, count, go on)
+      -> tar -> samples (bad tar members: warn, count, go on); from the shard's index where it has
+         one, each sample's bytes read when it is dealt (carl_scale.data.indexed)
       -> shuffle buffer (seeded by (seed, epoch, rank, worker))
       -> prepare: parse metadata, draw the temporal views and spatial parameters from a generator
          seeded by (seed, epoch, video key, pass), decode only the sampled frames, crop/flip, and
@@ -34,6 +35,7 @@ from carl_scale.data.batch import PreparedSample, SkipCounter
 from carl_scale.data.config import LoaderConfig
 from carl_scale.data.decoders import EncodedVideo, FrameDecoder
 from carl_scale.data.grouping import LabelGrouper
+from carl_scale.data.indexed import samples_of
 from carl_scale.data.spatial import apply_geometric, apply_photometric, draw_view_params, to_tchw
 from carl_scale.data.temporal import sample_temporal_views
 from carl_scale.errors import out_of_memory
@@ -165,7 +167,10 @@ class ShardedVideoDataset(IterableDataset):
         cfg = self.cfg
         rng = random.Random(str(_seed_of(self.seed, self.epoch, self.rank, worker)))
         for pass_, (urls, stride, offset) in enumerate(self._passes(worker, num_workers)):
-            samples = wds.tarfile_to_samples(handler=self.counter.handler)([dict(url=u) for u in urls])
+            # from each shard's index where it has one, payloads read only when dealt: a resume's replay
+            # of the epoch up to its batch reads no payload, and the shuffle buffer holds none
+            samples = samples_of(urls, lambda one: wds.tarfile_to_samples(handler=self.counter.handler)(
+                [dict(url=u) for u in one]))
             if stride > 1:
                 samples = islice(samples, offset, None, stride)
             if cfg.shuffle_buffer > 1:

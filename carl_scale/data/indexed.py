@@ -1,0 +1,149 @@
+"""A shard's samples from its index, their payloads read only when used.
+
+A resumed epoch deals its first samples again to reach the batch it stopped at (the shuffle
+buffer and the dealing are functions of the stream, so the stream is replayed), but decodes none
+of them. Through WebDataset that replay still reads every byte of the tar up to the resume point:
+late in a Kinetics-400 epoch, hundreds of GB per node, minutes to tens of minutes on network
+storage. The DALI index each finished shard has (``train-000000.idx``, written by the shard
+writer with DALI's ``wds2idx``) lists every sample's members with their offsets and sizes, so the
+replay needs only the index (and the metadata, where batches group videos by label); a sample's
+payload is read the first time it is used, when the sample is dealt. The shuffle buffer then holds
+no payload either (64 Kinetics videos as JPEG frames are ~400 MB per worker).
+
+The samples are WebDataset's, the same keys in the same order, for a shard whose index agrees
+with what WebDataset's grouping makes of it (checked while parsing: one key per line, each
+member's suffix the one WebDataset would give, no member WebDataset would skip, all data inside
+the file). Where it cannot be trusted (no index, a URL that is not a local file, names WebDataset
+reads otherwise, a tar shorter than its index says) :func:`indexed_samples` returns None and the
+caller reads the tar with WebDataset.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+INDEX_VERSION = "v1.2"  # (DALI's wds2idx: "ext offset size name" per member, one sample a line)
+# WebDataset's own rules: a member's key and suffix (tariterators.base_plus_ext), and the names it skips
+_KEY_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_SKIPPED = re.compile(r"__[^/]*__($|/)")
+
+
+SMALL = 1 << 16  # members up to this size (metadata, frame offsets) are read apart from the payload
+
+
+class LazySample(dict):
+    """A WebDataset sample whose member fields hold nothing until one of them is used. A small
+    member (the JSON metadata: all a label-grouped replay reads) brings the sample's small members
+    in one read; a large one (the video or JPEG payload) brings everything still unread."""
+
+    __slots__ = ("_path", "_pending")
+
+    def __init__(self, path: str, key: str, url: str, members: dict[str, tuple[int, int]]):
+        super().__init__(__key__=key, __url__=url)
+        for suffix in members:
+            dict.__setitem__(self, suffix, None)
+        self._path, self._pending = path, dict(members)  # suffix -> (offset, size), until read
+
+    @property
+    def loaded(self) -> bool:
+        return not self._pending
+
+    def load(self, names: list[str] | None = None) -> None:
+        """Read ``names`` (default: every member not read yet): one read of the span they cover,
+        or one each where a large member lies between them."""
+        wanted = {n: self._pending[n] for n in (self._pending if names is None else names) if n in self._pending}
+        if not wanted:
+            return
+        start = min(o for o, _ in wanted.values())
+        end = max(o + s for o, s in wanted.values())
+        spans = [(start, end)] if end - start <= sum(s for _, s in wanted.values()) + SMALL else \
+            [(o, o + s) for o, s in wanted.values()]
+        with open(self._path, "rb") as f:
+            for a, b in spans:
+                f.seek(a)
+                data = f.read(b - a)
+                if len(data) != b - a:
+                    raise OSError(f"{self._path}: {b - a} bytes expected at offset {a}, {len(data)} read "
+                                  f"(the shard changed after its index was written)")
+                for suffix, (offset, size) in list(wanted.items()):
+                    if a <= offset and offset + size <= b:
+                        dict.__setitem__(self, suffix, data[offset - a: offset - a + size])
+                        del self._pending[suffix]
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self._pending:
+            small = self._pending[name][1] <= SMALL
+            self.load([n for n, (_, s) in self._pending.items() if s <= SMALL] if small else None)
+        return dict.__getitem__(self, name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+    def values(self):  # (a dict's own views would hand out the placeholders)
+        self.load()
+        return dict.values(self)
+
+    def items(self):
+        self.load()
+        return dict.items(self)
+
+
+def index_path(url: str) -> Path:
+    """Where the shard writer puts the index of ``url`` (``train-000000.tar`` -> ``train-000000.idx``)."""
+    return Path(url).with_suffix(".idx")
+
+
+def indexed_samples(url: str) -> list[LazySample] | None:
+    """The samples of shard ``url`` from its index, nothing of the tar read; None where the index
+    cannot stand in for reading the tar (see the module's docstring)."""
+    if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
+        return None
+    try:
+        lines = index_path(url).read_text().splitlines()
+        size = os.path.getsize(url)
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not lines:
+        return None
+    head = lines[0].split()
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit() or int(head[1]) != len(lines) - 1:
+        return None
+    samples: list[LazySample] = []
+    previous = None
+    for line in lines[1:]:
+        parts = line.split()
+        if not parts or len(parts) % 4:  # (a name with a space: not one this format can hold)
+            return None
+        key, members = None, {}
+        for i in range(0, len(parts), 4):
+            _, offset, length, name = parts[i: i + 4]
+            match = _KEY_SUFFIX.match(name)
+            if match is None or _SKIPPED.match(name) or not (offset.isdigit() and length.isdigit()):
+                return None
+            suffix = match.group(2).lower()
+            if (key is not None and match.group(1) != key) or suffix in members:
+                return None
+            key = match.group(1)
+            offset, length = int(offset), int(length)
+            if offset + length > size:  # a shorter tar than indexed: WebDataset would stop early
+                return None
+            members[suffix] = (offset, length)
+        if key == previous:  # (WebDataset would merge the two lines)
+            return None
+        previous = key
+        samples.append(LazySample(url, key, url, members))
+    return samples
+
+
+def samples_of(urls: list[str], read_tar) -> Iterator[dict]:
+    """The samples of ``urls`` in order: from each shard's index where it can stand in for the tar,
+    else from ``read_tar([url])`` (WebDataset's reader, with its error handler)."""
+    for url in urls:
+        indexed = indexed_samples(url)
+        if indexed is None:
+            yield from read_tar([url])
+        else:
+            yield from indexed
