@@ -170,6 +170,23 @@ def test_data_and_end_to_end_benchmarks_run_on_tiny_shards(tmp_path, capsys):
     assert (plain, textured) == ("none", "natural")
 
 
+def test_resume_benchmark_reads_fewer_bytes_through_the_indexes(tmp_path, capsys):
+    """bench.resume: the same resumed batch from the shards' indexes and from the tars alone (linked
+    without their indexes: the shards themselves untouched), bytes counted by Linux."""
+    import sys
+
+    from carl_scale.bench import resume
+
+    rows = resume.main(["--data-dir", str(tmp_path), "--height", "48", "--width", "64", "--videos", "12",
+                        "--frames", "4", "--at", "0.8"])
+    assert [r["path"].split(" ")[0] for r in rows] == ["tars", "indexes,"]
+    if sys.platform.startswith("linux"):
+        assert rows[1]["read"] < rows[0]["read"] / 2
+    shards = tmp_path / "resume_64x48_12_natural" / "jpeg"
+    assert len(list(shards.glob("*.idx"))) == len(list(shards.glob("*.tar"))) == 6
+    assert "fewer bytes" in capsys.readouterr().out
+
+
 def test_writer_startup_and_augment_benchmarks_run(capsys):
     from carl_scale.bench import augment, startup, writer
 

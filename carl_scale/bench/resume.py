@@ -1,0 +1,116 @@
+"""Resuming mid-epoch: bytes read and seconds to the first batch, shards read through their
+indexes (payloads read when dealt) against WebDataset reading the tars.
+
+    python -m carl_scale.bench.resume                       # textured 340x256 JPEG shards, made if absent
+    python -m carl_scale.bench.resume --shards data/k400 --at 0.9 --batch 4
+
+A resumed epoch replays its stream up to the checkpoint's batch (the shuffle buffer and the dealing
+are functions of the stream) and decodes none of it. Both rows below resume the same loader at the
+same batch (``--at`` of the epoch) in this process (``--workers 0``: every byte the replay reads is
+this process's, counted by Linux in ``/proc/self/io``), once for the shards with their indexes and
+once for the same tar files with no index beside them (symbolic links in a temporary folder, the
+user's shards untouched), which WebDataset reads byte by byte. Each row runs twice and reports the
+second (the page cache warm for both): on cold or network storage the seconds grow with the bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from carl_scale.data.config import LoaderConfig, SpatialConfig, SyntheticConfig, TemporalConfig
+from carl_scale.data.manifest import MANIFEST, resolve_shards
+from carl_scale.data.reader import STATE_FORMAT, VideoLoader
+from carl_scale.tables import table
+
+
+def _bytes_read() -> int | None:
+    try:
+        with open("/proc/self/io") as f:
+            return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+    except (OSError, StopIteration, ValueError):  # (not Linux)
+        return None
+
+
+def without_indexes(shards: Path, into: Path) -> Path:
+    """The split's tar files linked into ``into`` with its manifest and no index."""
+    urls, _ = resolve_shards(str(shards), "train")
+    for url in urls:
+        os.symlink(os.path.abspath(url), into / Path(url).name)
+    shutil.copy(shards / MANIFEST, into / MANIFEST)
+    return into
+
+
+def resume_once(cfg: LoaderConfig, at: int) -> tuple[float, int | None]:
+    """Seconds and bytes from a loader resumed at batch ``at`` to its first batch."""
+    loader = VideoLoader(cfg)
+    # a state without positions resumes at ``at`` whole batches of each worker's stream (no failed samples)
+    loader.load_state_dict({"epoch": 0, "next_batch": at, "skipped": 0, "positions": {}, "format": STATE_FORMAT})
+    before, t0 = _bytes_read(), time.perf_counter()
+    next(iter(loader))
+    seconds, after = time.perf_counter() - t0, _bytes_read()
+    return seconds, None if before is None or after is None else after - before
+
+
+def run(shards: Path, at_fraction: float, batch: int, frames: int) -> list[dict]:
+    cfg = LoaderConfig(shards=str(shards), batch_size=batch, num_workers=0, decoder="pyav",
+                       temporal=TemporalConfig(num_frames=frames), spatial=SpatialConfig(image_size=112))
+    at = min(len(VideoLoader(cfg)) - 1, int(at_fraction * len(VideoLoader(cfg))))
+    urls, _ = resolve_shards(str(shards), "train")
+    total = sum(os.path.getsize(u) for u in urls)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="carl_resume_bench_") as tmp:
+        plain = without_indexes(shards, Path(tmp))
+        for name, where in (("tars read by WebDataset (reference: no index)", plain),
+                            ("indexes, payloads read when dealt (the default)", shards)):
+            resume_once(LoaderConfig(**{**cfg.__dict__, "shards": str(where)}), at)  # the page cache warm for both
+            seconds, read = resume_once(LoaderConfig(**{**cfg.__dict__, "shards": str(where)}), at)
+            rows.append(dict(path=name, seconds=seconds, read=read))
+    print(f"\nresume at batch {at} of {len(VideoLoader(cfg))} (batch {batch}, T={frames}): {len(urls)} shards, "
+          f"{total / 2**20:.0f} MiB, {shards}")
+    ref = rows[0]
+    print(table([(r["path"], f"{r['seconds']:.2f}", f"{ref['seconds'] / r['seconds']:.1f}x",
+                  "-" if r["read"] is None else f"{r['read'] / 2**20:.1f}",
+                  "-" if r["read"] is None or not r["read"] else f"{ref['read'] / r['read']:.0f}x")
+                 for r in rows], ("shards read from", "first batch s", "speed-up", "MiB read", "fewer bytes")))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--shards", help="a shard directory with a train split (default: synthetic, made if absent)")
+    p.add_argument("--data-dir", default="data/bench", help="where the default synthetic shards go")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=340)
+    p.add_argument("--videos", type=int, default=48, help="synthetic training videos")
+    p.add_argument("--write-workers", type=int, default=1)
+    p.add_argument("--at", type=float, default=0.75, help="where in the epoch to resume, a fraction in (0, 1)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--frames", type=int, default=16, help="T, frames per view")
+    a = p.parse_args(argv)
+    if min(a.height, a.width, a.videos, a.write_workers, a.batch, a.frames) < 1:
+        p.error("every count must be >= 1")
+    if not 0 < a.at < 1:
+        p.error(f"--at must be in (0, 1), got {a.at}")
+    if sys.platform == "win32":
+        p.error("symbolic links to the shards are needed for the reference row")
+    shards = Path(a.shards) if a.shards else None
+    if shards is None:
+        from carl_scale.datasets.synthetic import ensure_synthetic_shards
+
+        shards = Path(a.data_dir) / f"resume_{a.width}x{a.height}_{a.videos}_natural" / "jpeg"
+        syn = SyntheticConfig(train_videos=a.videos, val_videos=0, height=a.height, width=a.width, texture="natural")
+        ensure_synthetic_shards(shards, syn, payload="jpeg", max_samples=2, workers=a.write_workers, progress=False)
+    return run(shards, a.at, a.batch, a.frames)
+
+
+if __name__ == "__main__":
+    from carl_scale.errors import run_cli
+
+    run_cli("carl_scale.bench.resume", main)
