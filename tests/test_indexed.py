@@ -111,6 +111,32 @@ def test_the_index_stands_in_only_where_webdataset_would_read_the_same(jpeg_shar
     assert 0 < len(got) < len(lines) - 1 and not any(isinstance(s, LazySample) for s in got)
 
 
+def test_an_index_older_than_its_shard_never_hands_out_another_members_bytes(jpeg_shards, tmp_path):
+    """A shard written again (another layout) beside its old index: the first and last members'
+    headers disagree, so the tar is read; an index wrong in the middle only (a member pointed at
+    another's data) is caught when that sample is read: OSError naming the index, never the other
+    member's bytes as this one's."""
+    urls, _ = resolve_shards(str(jpeg_shards), "train")
+    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    shutil.copy(urls[0], a)
+    shutil.copy(urls[1], b)
+    shutil.copy(index_path(urls[1]), index_path(str(a)))  # another shard's index beside it
+    assert indexed_samples(str(a)) is None
+    shutil.copy(index_path(urls[0]), index_path(str(a)))
+    lines = index_path(str(a)).read_text().splitlines()
+    parts = lines[1].split()  # the first sample: jpgs, jpgofs, json, nframes
+    json_at = parts.index("json")
+    other = lines[2].split()
+    parts[json_at + 1] = other[other.index("json") + 1]  # its json at the second sample's json
+    parts[json_at + 2] = other[other.index("json") + 2]
+    index_path(str(a)).write_text("\n".join([lines[0], " ".join(parts)] + lines[2:]) + "\n")
+    samples = indexed_samples(str(a))
+    assert samples is not None  # (the ends agree)
+    with pytest.raises(OSError, match="a.tar: the tar holds no .*json.* an index older than its shard"):
+        samples[0]["json"]
+    assert samples[1]["json"] == _webdataset([str(a)])[1]["json"]
+
+
 def test_a_shard_changed_after_its_index_is_a_damaged_sample_not_a_crash(jpeg_shards, tmp_path):
     """A sample whose bytes are gone by the time it is dealt raises OSError naming the shard (the
     loader counts it as a damaged sample, as it counts any failed sample)."""

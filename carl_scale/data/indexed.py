@@ -13,7 +13,8 @@ no payload either (64 Kinetics videos as JPEG frames are ~400 MB per worker).
 The samples are WebDataset's, the same keys in the same order, for a shard whose index agrees
 with what WebDataset's grouping makes of it (checked while parsing: one key per line, each
 member's suffix the one WebDataset would give, no member WebDataset would skip, all data inside
-the file). Where it cannot be trusted (no index, a URL that is not a local file, names WebDataset
+the file, the first and last members' tar headers as indexed; and as each sample is read, the
+headers of its members). Where it cannot be trusted (no index, a URL that is not a local file, names WebDataset
 reads otherwise, a tar shorter than its index says) :func:`indexed_samples` returns None and the
 caller reads the tar with WebDataset.
 """
@@ -32,6 +33,22 @@ _SKIPPED = re.compile(r"__[^/]*__($|/)")
 
 
 SMALL = 1 << 16  # members up to this size (metadata, frame offsets) are read apart from the payload
+HEADER = 512  # a tar member's header, just before its data
+
+
+def header_member(block: bytes) -> tuple[str, int] | None:
+    """(name, size) a 512-byte ustar/GNU tar header gives; None for anything else."""
+    if len(block) != HEADER:
+        return None
+    name = block[:100].split(b"\0", 1)[0]
+    if block[257:262] == b"ustar":
+        prefix = block[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    try:
+        return name.decode("utf-8"), int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except (UnicodeDecodeError, ValueError):
+        return None
 
 
 class LazySample(dict):
@@ -41,11 +58,11 @@ class LazySample(dict):
 
     __slots__ = ("_path", "_pending")
 
-    def __init__(self, path: str, key: str, url: str, members: dict[str, tuple[int, int]]):
+    def __init__(self, path: str, key: str, url: str, members: dict[str, tuple[int, int, str]]):
         super().__init__(__key__=key, __url__=url)
         for suffix in members:
             dict.__setitem__(self, suffix, None)
-        self._path, self._pending = path, dict(members)  # suffix -> (offset, size), until read
+        self._path, self._pending = path, dict(members)  # suffix -> (data offset, size, member name), until read
 
     @property
     def loaded(self) -> bool:
@@ -53,30 +70,39 @@ class LazySample(dict):
 
     def load(self, names: list[str] | None = None) -> None:
         """Read ``names`` (default: every member not read yet): one read of the span they cover,
-        or one each where a large member lies between them."""
+        or one each where a large member lies between them. Each read starts at the tar header of
+        its first member; every member's header (in the span read) must name the member and size the
+        index does: an index older than its tar (a shard written again, its index not yet) is an
+        error, not another video's bytes."""
         wanted = {n: self._pending[n] for n in (self._pending if names is None else names) if n in self._pending}
         if not wanted:
             return
-        start = min(o for o, _ in wanted.values())
-        end = max(o + s for o, s in wanted.values())
-        spans = [(start, end)] if end - start <= sum(s for _, s in wanted.values()) + SMALL else \
-            [(o, o + s) for o, s in wanted.values()]
+        start = min(o for o, _, _ in wanted.values())
+        end = max(o + s for o, s, _ in wanted.values())
+        spans = [(start, end)] if end - start <= sum(s for _, s, _ in wanted.values()) + SMALL else \
+            [(o, o + s) for o, s, _ in wanted.values()]
         with open(self._path, "rb") as f:
             for a, b in spans:
-                f.seek(a)
-                data = f.read(b - a)
-                if len(data) != b - a:
-                    raise OSError(f"{self._path}: {b - a} bytes expected at offset {a}, {len(data)} read "
+                f.seek(a - HEADER)
+                data = f.read(b - a + HEADER)
+                if len(data) != b - a + HEADER:
+                    raise OSError(f"{self._path}: {b - a} bytes expected at offset {a}, {len(data) - HEADER} read "
                                   f"(the shard changed after its index was written)")
-                for suffix, (offset, size) in list(wanted.items()):
-                    if a <= offset and offset + size <= b:
-                        dict.__setitem__(self, suffix, data[offset - a: offset - a + size])
-                        del self._pending[suffix]
+                for suffix, (offset, size, member) in list(wanted.items()):
+                    if not (a <= offset and offset + size <= b):
+                        continue
+                    # (data starts at a - HEADER: a member's header at offset - HEADER is data[offset - a:])
+                    if header_member(data[offset - a: offset - a + HEADER]) != (member, size):
+                        raise OSError(f"{self._path}: the tar holds no {member!r} of {size} bytes at offset {offset}, "
+                                      f"where its index ({index_path(self._path).name}) says: an index older than "
+                                      f"its shard? (the shard writer's --overwrite writes both again)")
+                    dict.__setitem__(self, suffix, data[HEADER + offset - a: HEADER + offset - a + size])
+                    del self._pending[suffix]
 
     def __getitem__(self, name: str) -> Any:
         if name in self._pending:
             small = self._pending[name][1] <= SMALL
-            self.load([n for n, (_, s) in self._pending.items() if s <= SMALL] if small else None)
+            self.load([n for n, (_, s, _) in self._pending.items() if s <= SMALL] if small else None)
         return dict.__getitem__(self, name)
 
     def get(self, name: str, default: Any = None) -> Any:
@@ -128,13 +154,25 @@ def indexed_samples(url: str) -> list[LazySample] | None:
                 return None
             key = match.group(1)
             offset, length = int(offset), int(length)
-            if offset + length > size:  # a shorter tar than indexed: WebDataset would stop early
+            if offset < HEADER or offset + length > size:  # a shorter tar than indexed: WebDataset would stop early
                 return None
-            members[suffix] = (offset, length)
+            members[suffix] = (offset, length, name)
         if key == previous:  # (WebDataset would merge the two lines)
             return None
         previous = key
         samples.append(LazySample(url, key, url, members))
+    # the first and last members' headers name what the index does (an index older than a shard
+    # written again names other members, or the same at other offsets): else the tar is read
+    if samples:
+        ends = [min(samples[0]._pending.values()), max(samples[-1]._pending.values())]
+        try:
+            with open(url, "rb") as f:
+                for offset, length, name in ends:
+                    f.seek(offset - HEADER)
+                    if header_member(f.read(HEADER)) != (name, length):
+                        return None
+        except OSError:
+            return None
     return samples
 
 
