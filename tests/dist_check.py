@@ -4,6 +4,7 @@ writes per-rank evidence (video ids, a digest of the weights) for the test to co
 
     deepspeed --num_gpus 2 tests/dist_check.py OUT.json -- <pretrain_k400.py flags>
     python tests/dist_check.py OUT.json --nan-at 3 -- <flags>      # a NaN loss at step 3
+    deepspeed --num_gpus 2 tests/dist_check.py OUT.json --no-room-rank 1 -- <flags>  # rank 1's disk full
 """
 
 from __future__ import annotations
@@ -45,14 +46,23 @@ def main() -> None:
     opts, flags = args[1:sep], args[sep + 1:]
     if "--nan-at" in opts:
         RecordingTrainer.nan_at = int(opts[opts.index("--nan-at") + 1])
+    no_room = "--no-room-rank" in opts and int(opts[opts.index("--no-room-rank") + 1])
     cfg, _ = parse(flags)
     with process_group() as (rank, world, device), rng_scope(cfg.seed):
         trainer = RecordingTrainer(cfg, rank=rank, world=world, device=device)
         error = None
+        if no_room is not False and rank == no_room:  # this rank's file system has no space left
+            from carl_scale.train import checkpoint
+
+            checkpoint.free_bytes = lambda path: 0
         try:
             trainer.fit()
         except FloatingPointError as exn:
             error = str(exn)
+        except ValueError as exn:  # (CheckpointError, OtherRankFailed)
+            if no_room is False:
+                raise
+            error = f"{type(exn).__name__}: {exn}"
 
         def digest(tensors) -> str:
             h = hashlib.sha256()

@@ -196,6 +196,29 @@ def test_a_resume_into_a_run_with_its_own_checkpoints_is_refused_and_changed_set
         ckpt._writing(tmp_path / "b/checkpoints/step_000006", full)
 
 
+def test_the_room_a_checkpoint_needs_is_the_last_ones_size_or_the_models_at_least(tmp_path, monkeypatch):
+    """The check before every save (agreed by all ranks, tests/test_train.py: a full disk on one
+    rank): the newest complete checkpoint's size, every file of it; before the first, the float32
+    weights and two AdamW moments of the trained parameters; a folder that takes no file is said."""
+    model = build_model(model_config("debug", image_size=32))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert ckpt.checkpoint_bytes(tmp_path, model) == (
+        4 * sum(p.numel() for p in model.parameters()) + 8 * trained,
+        "the model's float32 weights and its optimizer's moments, at least")
+    for step, size in ((2, 1000), (4, 3000)):
+        (tmp_path / f"step_{step:06d}/rank0").mkdir(parents=True)
+        (tmp_path / f"step_{step:06d}/meta.json").write_text("{}")
+        (tmp_path / f"step_{step:06d}/rank0/optim.pt").write_bytes(b"x" * size)
+    (tmp_path / "step_000006.partial").mkdir()  # (not complete: not a measure)
+    assert ckpt.checkpoint_bytes(tmp_path, model) == (3002, "the size of step_000004")
+    ckpt._room(tmp_path, 0, 6, 3002, "the size of step_000004")
+    assert not list(tmp_path.glob(".write_check*"))
+    monkeypatch.setattr(ckpt, "free_bytes", lambda path: 3001)
+    with pytest.raises(ckpt.CheckpointError, match=r"no room for checkpoint step_000006 in .*: it takes 0.0 MiB "
+                                                   r"\(the size of step_000004\), 0.0 MiB are free"):
+        ckpt._room(tmp_path, 0, 6, 3002, "the size of step_000004")
+
+
 def test_a_checkpoint_of_another_version_and_an_out_that_is_a_file_end_in_one_line(tmp_path):
     from carl_scale.carl_code import import_carl
     from carl_scale.models.weights import CheckpointError

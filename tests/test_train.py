@@ -81,13 +81,30 @@ def test_two_process_deepspeed_on_cpu(vp9_shards, tmp_path):
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
 
 
-def _launch_two(out: Path, flags: list[str]) -> list[dict]:
+def _launch_two(out: Path, flags: list[str], *opts: str) -> list[dict]:
     port = str(29500 + (os.getpid() + len(str(out))) % 1000)
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", port, str(ROOT / "tests/dist_check.py"), str(out), "--",
-           *flags]
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", port, str(ROOT / "tests/dist_check.py"), str(out), *opts,
+           "--", *flags]
     res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+def test_a_rank_whose_disk_is_full_stops_every_rank_before_the_checkpoint_is_written(vp9_shards, tmp_path):
+    """2 ranks; rank 1's file system has no room for the step-2 checkpoint. Checked and agreed on
+    before DeepSpeed's save (whose final barrier would keep rank 0 waiting 30 minutes for a rank
+    that failed inside it): rank 1 stops with one line saying what the checkpoint takes and what is
+    free, rank 0 naming rank 1, both at once; nothing half-written is left."""
+    t0 = time.monotonic()
+    r0, r1 = _launch_two(tmp_path / "ranks.json", _flags(vp9_shards, tmp_path / "run", 4), "--no-room-rank", "1")
+    assert time.monotonic() - t0 < 300
+    assert r0["error"] == ("OtherRankFailed: rank 1 failed to find room for step_000002 (its own message says why); "
+                           "this rank stops too")
+    assert r1["error"].startswith("CheckpointError: no room for checkpoint step_000002 in ") and \
+        "MiB (the model's float32 weights and its optimizer's moments, at least), 0.0 MiB are free" in r1["error"] \
+        and "--resume latest" in r1["error"], r1["error"]
+    assert r0["step"] == r1["step"] == 2
+    assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == []
 
 
 def test_two_ranks_two_workers_three_shards_run_equal_steps_and_resume_exactly(vp9_shards, tmp_path):

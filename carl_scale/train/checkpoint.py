@@ -222,8 +222,14 @@ def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, me
         shutil.rmtree(root / partial)
     _barrier()
     device = next(model.parameters()).device
-    # (DeepSpeed's own save ends in a barrier: a rank failing in it leaves the others there; at world
-    # size 1, and on the rank that failed, one line naming the folder instead of torch's traceback)
+    # DeepSpeed's own save ends in a barrier: a rank failing in it (a full disk, most often) leaves
+    # the others there until the group's timeout (30 minutes), so what can be known before is
+    # checked first, on every rank, and agreed on: the folder takes a file, and has room for the
+    # checkpoint. (A failure inside the save still ends in one line naming the folder, at world
+    # size 1 and on the rank that failed.)
+    needed, why = checkpoint_bytes(root, model)
+    agree(lambda: _writing(root, lambda: _room(root, rank, step, needed, why)), f"to find room for {tag(step)}",
+          device)
     _writing(root / partial, lambda: engine.save_checkpoint(str(root), tag=partial, save_latest=False))
     # a rank that cannot write (a full disk) stops every rank here, the checkpoint unpublished
     agree(lambda: _writing(root / partial, lambda: torch.save(client, root / partial / f"client_rank{rank}.pt")),
@@ -239,6 +245,44 @@ def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, me
             prune(root, keep)
     agree(lambda: _writing(final, publish), f"to publish {final}", device)
     return final
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes this process may still write on the file system of ``path``."""
+    return shutil.disk_usage(path).free
+
+
+def checkpoint_bytes(root: Path, model: torch.nn.Module) -> tuple[int, str]:
+    """What the next checkpoint takes at least, and whence the figure: the newest complete one's size
+    (every rank's files; the older ones are pruned only after the new one is written), else the
+    model's float32 weights and AdamW's two moments of its trained parameters (DeepSpeed's copy of
+    the module comes on top: a lower bound)."""
+    found = checkpoints(root)
+    if found:
+        newest = found[max(found)]
+        return sum(f.stat().st_size for f in newest.rglob("*") if f.is_file()), f"the size of {newest.name}"
+    params = list(model.parameters())
+    return (4 * sum(p.numel() for p in params) + 8 * sum(p.numel() for p in params if p.requires_grad),
+            "the model's float32 weights and its optimizer's moments, at least")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _room(root: Path, rank: int, step: int, needed: int, why: str) -> None:
+    """This rank can write in ``root`` (a read-only or full file system says so here), and the file
+    system has ``needed`` bytes free."""
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / f".write_check_rank{rank}"
+    probe.write_bytes(b"\0")
+    probe.unlink()
+    free = free_bytes(root)
+    if free < needed:
+        raise CheckpointError(
+            f"no room for checkpoint {tag(step)} in {root}: it takes {_size(needed)} ({why}), "
+            f"{_size(free)} are free. Free some space there, then --resume latest goes on from the last "
+            f"complete checkpoint (the one {root / 'latest'} names)")
 
 
 def _writing(where: Path, fn: Callable[[], None]) -> None:
