@@ -37,6 +37,8 @@ def test_indexed_samples_are_webdatasets_samples(vp9_shards, jpeg_shards, payloa
     assert "json" in first and first.get("json") is not None and not first.loaded  # the metadata alone
     assert first[payload] is not None and first.loaded  # the payload, and whatever was left
     assert dict(ours[1].items()) == _webdataset(urls)[1]
+    assert dict(ours[2]) == _webdataset(urls)[2] and ours[3].copy() == _webdataset(urls)[3]  # (never placeholders)
+    assert ours[4] == _webdataset(urls)[4] and ours[5] != _webdataset(urls)[4]
     assert [dict(s.items()) for s in ours] == _webdataset(urls)
 
 
@@ -100,6 +102,11 @@ def test_the_index_stands_in_only_where_webdataset_would_read_the_same(jpeg_shar
     assert with_index(f"v1.2 {len(lines)}\n" + "\n".join(lines[1:]) + "\n") is None  # a count that disagrees
     first_key = lines[1].split()[3].split(".")[0]
     assert with_index(text.replace(f" {first_key}.json", " another.json", 1)) is None
+    assert with_index("v1.2 0\n") is None  # (an index of nothing beside a tar of something)
+    assert with_index(text.replace(" 512 ", " ５１２ ", 1)) is None  # (digits, but not ASCII ones)
+    sample = lines[1].split()
+    assert with_index("\n".join([f"v1.2 {len(lines) - 2}"] + lines[1:-1]) + "\n") is None  # its last sample unlisted
+    assert with_index("\n".join([lines[0], " ".join(sample[:8] + sample[12:])] + lines[2:]) + "\n") is None  # a member
     assert with_index(text.replace(f" {first_key}.json", " __meta__.json", 1)) is None
     assert with_index("v1.2 2\n" + lines[1] + "\n" + lines[1] + "\n") is None  # one key twice in a row
     # a tar cut short: WebDataset reads its first samples and counts the damage, the index would not stop
@@ -112,29 +119,43 @@ def test_the_index_stands_in_only_where_webdataset_would_read_the_same(jpeg_shar
 
 
 def test_an_index_older_than_its_shard_never_hands_out_another_members_bytes(jpeg_shards, tmp_path):
-    """A shard written again (another layout) beside its old index: the first and last members'
-    headers disagree, so the tar is read; an index wrong in the middle only (a member pointed at
-    another's data) is caught when that sample is read: OSError naming the index, never the other
-    member's bytes as this one's."""
+    """A shard written again beside its old index: another shard's index (other members, other
+    offsets) is refused, and the tar is read; an index off in one member only (its size a byte
+    longer, the layout otherwise the same, as a rewritten video's metadata may be) is caught when
+    that sample is read: OSError naming the index, never bytes of the tar as that member's."""
     urls, _ = resolve_shards(str(jpeg_shards), "train")
-    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    a = tmp_path / "a.tar"
     shutil.copy(urls[0], a)
-    shutil.copy(urls[1], b)
     shutil.copy(index_path(urls[1]), index_path(str(a)))  # another shard's index beside it
     assert indexed_samples(str(a)) is None
-    shutil.copy(index_path(urls[0]), index_path(str(a)))
-    lines = index_path(str(a)).read_text().splitlines()
+    lines = index_path(urls[0]).read_text().splitlines()
     parts = lines[1].split()  # the first sample: jpgs, jpgofs, json, nframes
-    json_at = parts.index("json")
-    other = lines[2].split()
-    parts[json_at + 1] = other[other.index("json") + 1]  # its json at the second sample's json
-    parts[json_at + 2] = other[other.index("json") + 2]
+    size = int(parts[parts.index("json") + 2])
+    assert size % 512 not in (0, 511)  # (a byte more stays within the member's last block)
+    parts[parts.index("json") + 2] = str(size + 1)
     index_path(str(a)).write_text("\n".join([lines[0], " ".join(parts)] + lines[2:]) + "\n")
     samples = indexed_samples(str(a))
-    assert samples is not None  # (the ends agree)
-    with pytest.raises(OSError, match="a.tar: the tar holds no .*json.* an index older than its shard"):
+    assert samples is not None  # (the layout and the ends agree)
+    with pytest.raises(OSError, match=f"a.tar: the tar holds no .*json.* of {size + 1} bytes .* an index older than"):
         samples[0]["json"]
     assert samples[1]["json"] == _webdataset([str(a)])[1]["json"]
+
+
+def test_the_loader_counts_a_sample_its_index_misreads_and_goes_on(jpeg_shards, tmp_path):
+    """The OSError of a sample whose index disagrees with its tar is a damaged sample: counted,
+    stood in for by the next, the epoch goes on."""
+    shards = tmp_path / "shards"
+    shutil.copytree(jpeg_shards, shards)
+    idx = sorted(shards.glob("train-*.idx"))[0]
+    lines = idx.read_text().splitlines()
+    parts = lines[1].split()
+    parts[parts.index("json") + 2] = str(int(parts[parts.index("json") + 2]) + 1)
+    idx.write_text("\n".join([lines[0], " ".join(parts)] + lines[2:]) + "\n")
+    loader = VideoLoader(loader_cfg(shards, batch_size=1))
+    ids = [v for b in loader for v in b.video_ids]
+    bad = parts[3].split(".")[0]
+    assert loader.skipped >= 1 and len(ids) == len(loader) and bad not in ids  # (the next pass's first stands in)
+    assert set(ids) == {f"synthetic_train_{i:06d}" for i in range(8)} - {bad}
 
 
 def test_a_shard_changed_after_its_index_is_a_damaged_sample_not_a_crash(jpeg_shards, tmp_path):

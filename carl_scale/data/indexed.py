@@ -12,9 +12,10 @@ no payload either (64 Kinetics videos as JPEG frames are ~400 MB per worker).
 
 The samples are WebDataset's, the same keys in the same order, for a shard whose index agrees
 with what WebDataset's grouping makes of it (checked while parsing: one key per line, each
-member's suffix the one WebDataset would give, no member WebDataset would skip, all data inside
-the file, the first and last members' tar headers as indexed; and as each sample is read, the
-headers of its members). Where it cannot be trusted (no index, a URL that is not a local file, names WebDataset
+member's suffix the one WebDataset would give, no member WebDataset would skip, every member right
+after the one before, all data inside the file, the first and last members' tar headers as
+indexed and the archive's end after the last; and as each sample is read, the headers of its
+members). Where it cannot be trusted (no index, a URL that is not a local file, names WebDataset
 reads otherwise, a tar shorter than its index says) :func:`indexed_samples` returns None and the
 caller reads the tar with WebDataset.
 """
@@ -51,10 +52,24 @@ def header_member(block: bytes) -> tuple[str, int] | None:
         return None
 
 
+def read_at(fd: int, offset: int, size: int) -> bytes:
+    """Exactly ``size`` bytes at ``offset`` (unbuffered: a file object's buffer would read a whole
+    file-system block, megabytes on Lustre or GPFS, for each small read); fewer where the file ends."""
+    parts, got = [], 0
+    while got < size:
+        chunk = os.pread(fd, size - got, offset + got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 class LazySample(dict):
     """A WebDataset sample whose member fields hold nothing until one of them is used. A small
     member (the JSON metadata: all a label-grouped replay reads) brings the sample's small members
-    in one read; a large one (the video or JPEG payload) brings everything still unread."""
+    in one read; a large one (the video or JPEG payload), :meth:`load`, or anything that walks the
+    fields (``items()``, ``dict(sample)``, ``==``) brings everything still unread."""
 
     __slots__ = ("_path", "_pending")
 
@@ -81,10 +96,10 @@ class LazySample(dict):
         end = max(o + s for o, s, _ in wanted.values())
         spans = [(start, end)] if end - start <= sum(s for _, s, _ in wanted.values()) + SMALL else \
             [(o, o + s) for o, s, _ in wanted.values()]
-        with open(self._path, "rb") as f:
+        fd = os.open(self._path, os.O_RDONLY)
+        try:
             for a, b in spans:
-                f.seek(a - HEADER)
-                data = f.read(b - a + HEADER)
+                data = read_at(fd, a - HEADER, b - a + HEADER)
                 if len(data) != b - a + HEADER:
                     raise OSError(f"{self._path}: {b - a} bytes expected at offset {a}, {len(data) - HEADER} read "
                                   f"(the shard changed after its index was written)")
@@ -98,6 +113,8 @@ class LazySample(dict):
                                       f"its shard? (the shard writer's --overwrite writes both again)")
                     dict.__setitem__(self, suffix, data[HEADER + offset - a: HEADER + offset - a + size])
                     del self._pending[suffix]
+        finally:
+            os.close(fd)
 
     def __getitem__(self, name: str) -> Any:
         if name in self._pending:
@@ -108,7 +125,9 @@ class LazySample(dict):
     def get(self, name: str, default: Any = None) -> Any:
         return self[name] if name in self else default
 
-    def values(self):  # (a dict's own views would hand out the placeholders)
+    # Whatever walks the fields reads them first: a dict's own views, copies and comparisons (CPython's
+    # fast paths for an unchanged __iter__) would hand out the placeholders.
+    def values(self):
         self.load()
         return dict.values(self)
 
@@ -116,15 +135,40 @@ class LazySample(dict):
         self.load()
         return dict.items(self)
 
+    def __iter__(self):
+        self.load()
+        return dict.__iter__(self)
+
+    def copy(self) -> dict:
+        self.load()
+        return dict(dict.items(self))
+
+    def __eq__(self, other: object) -> bool:
+        self.load()
+        if isinstance(other, LazySample):
+            other.load()
+        return dict.__eq__(self, other)
+
+    __hash__ = None  # (as a dict's)
+
 
 def index_path(url: str) -> Path:
     """Where the shard writer puts the index of ``url`` (``train-000000.tar`` -> ``train-000000.idx``)."""
     return Path(url).with_suffix(".idx")
 
 
+def _number(text: str) -> int | None:
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _blocks(size: int) -> int:
+    """Bytes a member's data takes in a tar: whole 512-byte blocks."""
+    return -(-size // HEADER) * HEADER
+
+
 def indexed_samples(url: str) -> list[LazySample] | None:
-    """The samples of shard ``url`` from its index, nothing of the tar read; None where the index
-    cannot stand in for reading the tar (see the module's docstring)."""
+    """The samples of shard ``url`` from its index, payloads unread; None where the index cannot
+    stand in for reading the tar (see the module's docstring)."""
     if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
         return None
     try:
@@ -132,13 +176,13 @@ def indexed_samples(url: str) -> list[LazySample] | None:
         size = os.path.getsize(url)
     except (OSError, UnicodeDecodeError):
         return None
-    if not lines:
+    if len(lines) < 2:  # (an index of no sample beside a tar: the tar says what it holds)
         return None
     head = lines[0].split()
-    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit() or int(head[1]) != len(lines) - 1:
+    if len(head) != 2 or head[0] != INDEX_VERSION or _number(head[1]) != len(lines) - 1:
         return None
     samples: list[LazySample] = []
-    previous = None
+    previous, expected = None, HEADER  # where the next member's data must start
     for line in lines[1:]:
         parts = line.split()
         if not parts or len(parts) % 4:  # (a name with a space: not one this format can hold)
@@ -146,34 +190,39 @@ def indexed_samples(url: str) -> list[LazySample] | None:
         key, members = None, {}
         for i in range(0, len(parts), 4):
             _, offset, length, name = parts[i: i + 4]
-            match = _KEY_SUFFIX.match(name)
-            if match is None or _SKIPPED.match(name) or not (offset.isdigit() and length.isdigit()):
+            offset, length, match = _number(offset), _number(length), _KEY_SUFFIX.match(name)
+            if match is None or _SKIPPED.match(name) or offset is None or length is None:
                 return None
             suffix = match.group(2).lower()
             if (key is not None and match.group(1) != key) or suffix in members:
                 return None
-            key = match.group(1)
-            offset, length = int(offset), int(length)
-            if offset < HEADER or offset + length > size:  # a shorter tar than indexed: WebDataset would stop early
+            # Every member header to header, nothing between (no member the index left out, no
+            # long-name or pax header WebDataset would read otherwise), all inside the file.
+            if offset != expected or offset + length > size:
                 return None
+            expected = offset + _blocks(length) + HEADER
+            key = match.group(1)
             members[suffix] = (offset, length, name)
         if key == previous:  # (WebDataset would merge the two lines)
             return None
         previous = key
         samples.append(LazySample(url, key, url, members))
-    # the first and last members' headers name what the index does (an index older than a shard
-    # written again names other members, or the same at other offsets): else the tar is read
-    if samples:
-        ends = [min(samples[0]._pending.values()), max(samples[-1]._pending.values())]
+    # The first and last members' headers name what the index does (an index older than a shard
+    # written again names other members, or the same at other offsets), and the archive ends after
+    # the last (a tar longer than its index holds samples it does not list): else the tar is read.
+    first = min(samples[0]._pending.values())
+    last = max(samples[-1]._pending.values())
+    try:
+        fd = os.open(url, os.O_RDONLY)
         try:
-            with open(url, "rb") as f:
-                for offset, length, name in ends:
-                    f.seek(offset - HEADER)
-                    if header_member(f.read(HEADER)) != (name, length):
-                        return None
-        except OSError:
-            return None
-    return samples
+            ok = header_member(read_at(fd, first[0] - HEADER, HEADER)) == (first[2], first[1]) and \
+                header_member(read_at(fd, last[0] - HEADER, HEADER)) == (last[2], last[1]) and \
+                read_at(fd, last[0] + _blocks(last[1]), HEADER) == bytes(HEADER)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    return samples if ok else None
 
 
 def samples_of(urls: list[str], read_tar) -> Iterator[dict]:

@@ -35,7 +35,7 @@ from carl_scale.data.batch import PreparedSample, SkipCounter
 from carl_scale.data.config import LoaderConfig
 from carl_scale.data.decoders import EncodedVideo, FrameDecoder
 from carl_scale.data.grouping import LabelGrouper
-from carl_scale.data.indexed import samples_of
+from carl_scale.data.indexed import LazySample, samples_of
 from carl_scale.data.spatial import apply_geometric, apply_photometric, draw_view_params, to_tchw
 from carl_scale.data.temporal import sample_temporal_views
 from carl_scale.errors import out_of_memory
@@ -67,6 +67,8 @@ def prepare_sample(sample: dict, cfg: LoaderConfig, epoch: int, pass_: int, deco
     The views are a function of (seed, epoch, video, pass) and ``draw``, which tells apart the
     copies of a video that one pass may hold (resampled shards: drawn with replacement, by every
     rank and worker on its own)."""
+    if isinstance(sample, LazySample):  # one read of all its members (the metadata, then the payload: two)
+        sample.load()
     meta = parse_meta(sample)
     enc = EncodedVideo.from_sample(sample, meta)
     rng = np.random.default_rng(_seed_of(seed, epoch, sample["__key__"], pass_, *draw))
