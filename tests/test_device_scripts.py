@@ -104,8 +104,14 @@ def test_every_gpu_check_stage_names_arguments_its_benchmark_accepts(monkeypatch
     stages that exist and fit one call's 10 minutes."""
     import importlib
 
+    from carl_scale.bench import data
+    from carl_scale.datasets import synthetic
+
     stages = _stages()
     assert {"step_T80", "step_T240", "gpu_tests", "gpu_tests_dali", "data", "e2e_jpeg"} <= set(stages)
+    written, read = set(), {}  # the shard directories the data stages write, and those the e2e stages read
+    monkeypatch.setattr(synthetic, "ensure_synthetic_shards", lambda out, *a, **kw: written.add(str(out)))
+    real_ensure = data.ensure_bench_shards
     for name, (limit, cmd) in stages.items():
         assert cmd[:2] == ["python3", "-m"], name
         if cmd[2] == "pytest":
@@ -115,11 +121,18 @@ def test_every_gpu_check_stage_names_arguments_its_benchmark_accepts(monkeypatch
         first_work = "ensure_bench_shards" if cmd[2].endswith(".data") else "run"
 
         def stop(*args, **kwargs):
+            if first_work == "ensure_bench_shards":
+                real_ensure(*args, **kwargs)  # (the directories it would write, recorded above)
             raise _Parsed
 
         monkeypatch.setattr(mod, first_work, stop)
         with pytest.raises(_Parsed):  # (argparse's errors are SystemExit: they fail the test)
             mod.main(cmd[3:])
+        if "--shards" in cmd:
+            read[name] = cmd[cmd.index("--shards") + 1]
+    # every e2e stage reads shards a data stage of the script writes (the default ones' names follow
+    # their settings: the texture, the shortest video), not a directory no stage makes
+    assert read and all(path in written for path in read.values()), (read, written)
 
     script = (ROOT / "scripts/device/gpu_check.sh").read_text()
     needs_dali = re.search(r'needs_dali="([^"]*)"', script).group(1).split()

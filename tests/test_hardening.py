@@ -3,6 +3,7 @@ counted, and expected failures end in one line. Each case reproduces a report an
 
 from __future__ import annotations
 
+import errno
 import dataclasses
 import json
 import os
@@ -135,7 +136,6 @@ def test_pruning_and_resuming_never_lose_a_checkpoint(tmp_path):
 
 
 def test_a_resume_into_a_run_with_its_own_checkpoints_is_refused_and_changed_settings_are_recorded(tmp_path, capsys):
-    import errno
     import types
 
     from carl_scale.train.recipes import recipe
@@ -202,9 +202,11 @@ def test_the_room_a_checkpoint_needs_is_the_last_ones_size_or_the_models_at_leas
     weights and two AdamW moments of the trained parameters; a folder that takes no file is said."""
     model = build_model(model_config("debug", image_size=32))
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert ckpt.checkpoint_bytes(tmp_path, model) == (
-        4 * sum(p.numel() for p in model.parameters()) + 8 * trained,
-        "the model's float32 weights and its optimizer's moments, at least")
+    everything = sum(p.numel() for p in model.parameters())
+    assert ckpt.checkpoint_bytes(tmp_path, model) == (  # (fp32: the module's copy at 4 bytes, no master copy)
+        8 * everything + 8 * trained, "the model's weights and its optimizer's state, at least")
+    assert ckpt.checkpoint_bytes(tmp_path, model.to(torch.bfloat16))[0] == 6 * everything + 12 * trained
+    model.float()
     for step, size in ((2, 1000), (4, 3000)):
         (tmp_path / f"step_{step:06d}/rank0").mkdir(parents=True)
         (tmp_path / f"step_{step:06d}/meta.json").write_text("{}")
@@ -215,8 +217,19 @@ def test_the_room_a_checkpoint_needs_is_the_last_ones_size_or_the_models_at_leas
     assert not list(tmp_path.glob(".write_check*"))
     monkeypatch.setattr(ckpt, "free_bytes", lambda path: 3001)
     with pytest.raises(ckpt.CheckpointError, match=r"no room for checkpoint step_000006 in .*: it takes 0.0 MiB "
-                                                   r"\(the size of step_000004\), 0.0 MiB are free"):
+                                                   r"\(the size of step_000004\), 0.0 MiB are free. Free some space "
+                                                   r"there, then start the run again \(it has no checkpoint yet\)"):
         ckpt._room(tmp_path, 0, 6, 3002, "the size of step_000004")
+    (tmp_path / "latest").write_text("step_000004\n")
+    with pytest.raises(ckpt.CheckpointError, match=r"then --resume latest goes on from the last complete checkpoint "
+                                                   r"\(the one .*latest names\)"):
+        ckpt._room(tmp_path, 0, 6, 3002, "the size of step_000004")
+    # a folder that takes no file: one line naming the checkpoint, no probe left behind
+    monkeypatch.setattr(Path, "write_bytes", lambda self, data: (_ for _ in ()).throw(
+        OSError(errno.EROFS, "Read-only file system")))
+    with pytest.raises(ckpt.CheckpointError, match=r"could not write .*step_000006.partial: OSError: .*Read-only"):
+        ckpt._writing(tmp_path / "step_000006.partial", lambda: ckpt._room(tmp_path, 1, 6, 0, ""))
+    assert not list(tmp_path.glob(".write_check*"))
 
 
 def test_a_checkpoint_of_another_version_and_an_out_that_is_a_file_end_in_one_line(tmp_path):

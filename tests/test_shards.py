@@ -218,6 +218,11 @@ def test_ensure_synthetic_shards_reuses_and_refuses_other_configs(tmp_path):
     (tmp_path / "shards.json").write_text(json.dumps(manifest))
     ensure_synthetic_shards(tmp_path, cfg, progress=False)
     assert (tmp_path / "train-000000.tar").stat().st_mtime_ns == mtime
+    # but one written before "nuisance" existed had today's "high" look: another config's, refused
+    del manifest["synthetic_config"]["nuisance"]
+    (tmp_path / "shards.json").write_text(json.dumps(manifest))
+    with pytest.raises(FileExistsError, match="another dataset or synthetic config"):
+        ensure_synthetic_shards(tmp_path, cfg, progress=False)
     # shard files of someone else's (no shards.json, no write of ours in progress): kept, refused
     theirs = tmp_path / "theirs"
     theirs.mkdir()

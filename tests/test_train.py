@@ -101,8 +101,8 @@ def test_a_rank_whose_disk_is_full_stops_every_rank_before_the_checkpoint_is_wri
     assert r0["error"] == ("OtherRankFailed: rank 1 failed to find room for step_000002 (its own message says why); "
                            "this rank stops too")
     assert r1["error"].startswith("CheckpointError: no room for checkpoint step_000002 in ") and \
-        "MiB (the model's float32 weights and its optimizer's moments, at least), 0.0 MiB are free" in r1["error"] \
-        and "--resume latest" in r1["error"], r1["error"]
+        "MiB (the model's weights and its optimizer's state, at least), 0.0 MiB are free" in r1["error"] \
+        and "start the run again (it has no checkpoint yet)" in r1["error"], r1["error"]
     assert r0["step"] == r1["step"] == 2
     assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == []
 

@@ -9,19 +9,24 @@ are functions of the stream) and decodes none of it. Both rows below resume the 
 same batch (``--at`` of the epoch) in this process (``--workers 0``: every byte the replay reads is
 this process's, counted by Linux in ``/proc/self/io``), once for the shards with their indexes and
 once for the same tar files with no index beside them (symbolic links in a temporary folder, the
-user's shards untouched), which WebDataset reads byte by byte. Each row runs twice and reports the
-second (the page cache warm for both): on cold or network storage the seconds grow with the bytes.
+user's shards untouched), which WebDataset reads byte by byte, and must give the same batch; a
+third row is the epoch's first batch, what a resume through the indexes should cost. Each row runs
+twice and reports the second (the page cache warm for all): on cold or network storage the seconds
+grow with the bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from carl_scale.data.config import LoaderConfig, SpatialConfig, SyntheticConfig, TemporalConfig
 from carl_scale.data.manifest import MANIFEST, resolve_shards
@@ -46,38 +51,45 @@ def without_indexes(shards: Path, into: Path) -> Path:
     return into
 
 
-def resume_once(cfg: LoaderConfig, at: int) -> tuple[float, int | None]:
-    """Seconds and bytes from a loader resumed at batch ``at`` to its first batch."""
+def resume_once(cfg: LoaderConfig, at: int):
+    """(seconds, bytes, batch) from a loader resumed at batch ``at`` (0: a fresh start) to its first batch."""
     loader = VideoLoader(cfg)
-    # a state without positions resumes at ``at`` whole batches of each worker's stream (no failed samples)
-    loader.load_state_dict({"epoch": 0, "next_batch": at, "skipped": 0, "positions": {}, "format": STATE_FORMAT})
+    if at:  # a state without positions resumes at ``at`` whole batches of each worker's stream (no failed samples)
+        loader.load_state_dict({"epoch": 0, "next_batch": at, "skipped": 0, "positions": {}, "format": STATE_FORMAT})
     before, t0 = _bytes_read(), time.perf_counter()
-    next(iter(loader))
+    batch = next(iter(loader))
     seconds, after = time.perf_counter() - t0, _bytes_read()
-    return seconds, None if before is None or after is None else after - before
+    return seconds, None if before is None or after is None else after - before, batch
 
 
-def run(shards: Path, at_fraction: float, batch: int, frames: int) -> list[dict]:
+def run(shards: Path, at_fraction: float, batch: int, frames: int, shuffle_buffer: int) -> list[dict]:
     cfg = LoaderConfig(shards=str(shards), batch_size=batch, num_workers=0, decoder="pyav",
-                       temporal=TemporalConfig(num_frames=frames), spatial=SpatialConfig(image_size=112))
-    at = min(len(VideoLoader(cfg)) - 1, int(at_fraction * len(VideoLoader(cfg))))
+                       shuffle_buffer=shuffle_buffer, temporal=TemporalConfig(num_frames=frames),
+                       spatial=SpatialConfig(image_size=112))
+    batches = len(VideoLoader(cfg))
+    at = max(1, min(batches - 1, int(at_fraction * batches)))
     urls, _ = resolve_shards(str(shards), "train")
     total = sum(os.path.getsize(u) for u in urls)
-    rows = []
+    rows, firsts = [], []
     with tempfile.TemporaryDirectory(prefix="carl_resume_bench_") as tmp:
         plain = without_indexes(shards, Path(tmp))
-        for name, where in (("tars read by WebDataset (reference: no index)", plain),
-                            ("indexes, payloads read when dealt (the default)", shards)):
-            resume_once(LoaderConfig(**{**cfg.__dict__, "shards": str(where)}), at)  # the page cache warm for both
-            seconds, read = resume_once(LoaderConfig(**{**cfg.__dict__, "shards": str(where)}), at)
+        for name, where, start in (("resumed, tars read by WebDataset (reference: no index)", plain, at),
+                                   ("resumed, indexes, payloads read when dealt (the default)", shards, at),
+                                   ("fresh start, indexes (the epoch's first batch)", shards, 0)):
+            run_cfg = dataclasses.replace(cfg, shards=str(where))
+            resume_once(run_cfg, start)  # the page cache warm for every row
+            seconds, read, first = resume_once(run_cfg, start)
             rows.append(dict(path=name, seconds=seconds, read=read))
-    print(f"\nresume at batch {at} of {len(VideoLoader(cfg))} (batch {batch}, T={frames}): {len(urls)} shards, "
-          f"{total / 2**20:.0f} MiB, {shards}")
+            firsts.append(first)
+    if firsts[0].video_ids != firsts[1].video_ids or not torch.equal(firsts[0].views, firsts[1].views):
+        raise RuntimeError("the two resumed loaders gave different batches: the indexed reading is not WebDataset's")
+    print(f"\nresume at batch {at} of {batches} (batch {batch}, T={frames}, shuffle buffer {shuffle_buffer}): "
+          f"{len(urls)} shards, {total / 2**20:.0f} MiB, {shards}; both resumed rows gave the same batch")
     ref = rows[0]
     print(table([(r["path"], f"{r['seconds']:.2f}", f"{ref['seconds'] / r['seconds']:.1f}x",
                   "-" if r["read"] is None else f"{r['read'] / 2**20:.1f}",
                   "-" if r["read"] is None or not r["read"] else f"{ref['read'] / r['read']:.0f}x")
-                 for r in rows], ("shards read from", "first batch s", "speed-up", "MiB read", "fewer bytes")))
+                 for r in rows], ("first batch of", "seconds", "speed-up", "MiB read", "fewer bytes")))
     return rows
 
 
@@ -93,8 +105,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--at", type=float, default=0.75, help="where in the epoch to resume, a fraction in (0, 1)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--frames", type=int, default=16, help="T, frames per view")
+    p.add_argument("--shuffle-buffer", type=int, default=8,
+                   help="the loader's (its default, 64, holds more than the default split's 48 videos: a fresh "
+                        "start would read them all too)")
     a = p.parse_args(argv)
-    if min(a.height, a.width, a.videos, a.write_workers, a.batch, a.frames) < 1:
+    if min(a.height, a.width, a.videos, a.write_workers, a.batch, a.frames, a.shuffle_buffer) < 1:
         p.error("every count must be >= 1")
     if not 0 < a.at < 1:
         p.error(f"--at must be in (0, 1), got {a.at}")
@@ -107,7 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         shards = Path(a.data_dir) / f"resume_{a.width}x{a.height}_{a.videos}_natural" / "jpeg"
         syn = SyntheticConfig(train_videos=a.videos, val_videos=0, height=a.height, width=a.width, texture="natural")
         ensure_synthetic_shards(shards, syn, payload="jpeg", max_samples=2, workers=a.write_workers, progress=False)
-    return run(shards, a.at, a.batch, a.frames)
+    return run(shards, a.at, a.batch, a.frames, a.shuffle_buffer)
 
 
 if __name__ == "__main__":

@@ -355,15 +355,15 @@ def write_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = No
     return read_manifest(out_dir)
 
 
-def _made_from(saved) -> SyntheticConfig | None:
-    """The config a manifest's ``synthetic_config`` names (settings added since it was written take
-    their defaults, which render what it holds); None for anything else."""
-    from carl_scale.config import from_dict
+# Settings added to SyntheticConfig after sets were written, with what such sets hold: a manifest
+# without one was rendered as that value gives. Only these: any other missing field (nuisance, say:
+# the sets written before it had today's "high" look) makes the set another config's.
+ADDED_SINCE = {"texture": "none"}
 
-    try:
-        return from_dict(SyntheticConfig, saved) if isinstance(saved, dict) else None
-    except (ValueError, TypeError):  # (ConfigError is a ValueError) another program's or a damaged manifest
-        return None
+
+def _made_from(saved) -> dict | None:
+    """The config a manifest's ``synthetic_config`` names, as a dict comparable with ``asdict(cfg)``."""
+    return {**ADDED_SINCE, **saved} if isinstance(saved, dict) else None
 
 
 def ensure_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = None, **kw) -> dict:
@@ -373,7 +373,7 @@ def ensure_synthetic_shards(out_dir: str | Path, cfg: SyntheticConfig | None = N
     manifest = read_manifest(out_dir)
     wanted = {split for split in ("train", "val") if num_videos(cfg, split)}
     if manifest is not None and wanted <= set(manifest.get("splits", {})):
-        if _made_from(manifest.get("synthetic_config")) == cfg:
+        if _made_from(manifest.get("synthetic_config")) == dataclasses.asdict(cfg):
             return manifest
         raise FileExistsError(f"{out_dir} holds shards of another dataset or synthetic config (other flags, or "
                               f"an older carl_scale: the default set changed to nuisance='low'); remove it "

@@ -227,9 +227,8 @@ def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, me
     # checked first, on every rank, and agreed on: the folder takes a file, and has room for the
     # checkpoint. (A failure inside the save still ends in one line naming the folder, at world
     # size 1 and on the rank that failed.)
-    needed, why = checkpoint_bytes(root, model)
-    agree(lambda: _writing(root, lambda: _room(root, rank, step, needed, why)), f"to find room for {tag(step)}",
-          device)
+    agree(lambda: _writing(root / partial, lambda: _room(root, rank, step, *checkpoint_bytes(root, model))),
+          f"to find room for {tag(step)}", device)
     _writing(root / partial, lambda: engine.save_checkpoint(str(root), tag=partial, save_latest=False))
     # a rank that cannot write (a full disk) stops every rank here, the checkpoint unpublished
     agree(lambda: _writing(root / partial, lambda: torch.save(client, root / partial / f"client_rank{rank}.pt")),
@@ -262,8 +261,11 @@ def checkpoint_bytes(root: Path, model: torch.nn.Module) -> tuple[int, str]:
         newest = found[max(found)]
         return sum(f.stat().st_size for f in newest.rglob("*") if f.is_file()), f"the size of {newest.name}"
     params = list(model.parameters())
-    return (4 * sum(p.numel() for p in params) + 8 * sum(p.numel() for p in params if p.requires_grad),
-            "the model's float32 weights and its optimizer's moments, at least")
+    # model.pt's float32 weights and DeepSpeed's copy of the module in its own dtype; per trained
+    # parameter AdamW's two float32 moments, and a float32 master copy where training is not fp32
+    weights = sum(p.numel() * (4 + p.element_size()) for p in params)
+    trained = sum(p.numel() * (8 + (4 if p.dtype != torch.float32 else 0)) for p in params if p.requires_grad)
+    return weights + trained, "the model's weights and its optimizer's state, at least"
 
 
 def _size(n: int) -> str:
@@ -275,14 +277,16 @@ def _room(root: Path, rank: int, step: int, needed: int, why: str) -> None:
     system has ``needed`` bytes free."""
     root.mkdir(parents=True, exist_ok=True)
     probe = root / f".write_check_rank{rank}"
-    probe.write_bytes(b"\0")
-    probe.unlink()
+    try:
+        probe.write_bytes(b"\0")
+    finally:
+        probe.unlink(missing_ok=True)
     free = free_bytes(root)
     if free < needed:
-        raise CheckpointError(
-            f"no room for checkpoint {tag(step)} in {root}: it takes {_size(needed)} ({why}), "
-            f"{_size(free)} are free. Free some space there, then --resume latest goes on from the last "
-            f"complete checkpoint (the one {root / 'latest'} names)")
+        then = (f"--resume latest goes on from the last complete checkpoint (the one {root / 'latest'} names)"
+                if latest_name(root) else "start the run again (it has no checkpoint yet)")
+        raise CheckpointError(f"no room for checkpoint {tag(step)} in {root}: it takes {_size(needed)} ({why}), "
+                              f"{_size(free)} are free. Free some space there, then {then}")
 
 
 def _writing(where: Path, fn: Callable[[], None]) -> None:
