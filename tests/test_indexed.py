@@ -38,8 +38,10 @@ def test_indexed_samples_are_webdatasets_samples(vp9_shards, jpeg_shards, payloa
     assert first[payload] is not None and first.loaded  # the payload, and whatever was left
     assert dict(ours[1].items()) == _webdataset(urls)[1]
     assert dict(ours[2]) == _webdataset(urls)[2] and ours[3].copy() == _webdataset(urls)[3]  # (never placeholders)
-    assert ours[4] == _webdataset(urls)[4] and ours[5] != _webdataset(urls)[4]
+    assert ours[4] == _webdataset(urls)[4] and not ours[5] != _webdataset(urls)[5] and ours[6] != _webdataset(urls)[4]
     assert [dict(s.items()) for s in ours] == _webdataset(urls)
+    again = list(samples_of(urls, _webdataset))
+    assert again[7].pop("json") == _webdataset(urls)[7]["json"] and "json" not in again[7]
 
 
 def _bytes_read() -> int:
@@ -77,6 +79,22 @@ def test_a_resume_reads_no_payload_before_its_batch(jpeg_shards, tmp_path, per_l
     assert [b.video_ids for b in with_index] == [b.video_ids for b in without] == [b.video_ids for b in full[-1:]]
     assert torch.equal(with_index[0].views, full[-1].views) and len(full) > 3
     assert read < read_all / 3, (read, read_all)
+
+
+def test_a_dealt_sample_is_one_unbuffered_read(jpeg_shards, monkeypatch):
+    """Each prepared sample is read in one read of its members (the metadata and the payload
+    together); the only other reads are a shard's two headers and its end, 512 bytes each."""
+    calls = []
+    real = indexed.read_at
+
+    def counted(fd, offset, size):
+        calls.append(size)
+        return real(fd, offset, size)
+
+    monkeypatch.setattr(indexed, "read_at", counted)
+    batches = list(VideoLoader(loader_cfg(jpeg_shards, batch_size=1)))
+    assert sum(1 for size in calls if size > 512) == len(batches) == 8
+    assert all(size == 512 for size in calls if size <= 512)
 
 
 def test_the_index_stands_in_only_where_webdataset_would_read_the_same(jpeg_shards, tmp_path):
@@ -168,6 +186,6 @@ def test_a_shard_changed_after_its_index_is_a_damaged_sample_not_a_crash(jpeg_sh
     samples = indexed_samples(str(work))
     with open(work, "r+b") as f:
         f.truncate(1024)
-    with pytest.raises(OSError, match="train-000000.tar: .* bytes expected"):
+    with pytest.raises(OSError, match="train-000000.tar: .* bytes expected at offset .* read \\(the shard changed"):
         samples[-1]["json"]
     assert indexed.INDEX_VERSION == "v1.2"

@@ -68,8 +68,9 @@ def read_at(fd: int, offset: int, size: int) -> bytes:
 class LazySample(dict):
     """A WebDataset sample whose member fields hold nothing until one of them is used. A small
     member (the JSON metadata: all a label-grouped replay reads) brings the sample's small members
-    in one read; a large one (the video or JPEG payload), :meth:`load`, or anything that walks the
-    fields (``items()``, ``dict(sample)``, ``==``) brings everything still unread."""
+    in one read; a large one (the video or JPEG payload), :meth:`load`, or anything that walks,
+    compares or changes the fields (``items()``, ``dict(sample)``, ``==``, ``pop``) brings
+    everything still unread: no placeholder is ever handed out."""
 
     __slots__ = ("_path", "_pending")
 
@@ -101,8 +102,8 @@ class LazySample(dict):
             for a, b in spans:
                 data = read_at(fd, a - HEADER, b - a + HEADER)
                 if len(data) != b - a + HEADER:
-                    raise OSError(f"{self._path}: {b - a} bytes expected at offset {a}, {len(data) - HEADER} read "
-                                  f"(the shard changed after its index was written)")
+                    raise OSError(f"{self._path}: {b - a + HEADER} bytes expected at offset {a - HEADER} (a member's "
+                                  f"header and data), {len(data)} read (the shard changed after its index was written)")
                 for suffix, (offset, size, member) in list(wanted.items()):
                     if not (a <= offset and offset + size <= b):
                         continue
@@ -149,7 +150,23 @@ class LazySample(dict):
             other.load()
         return dict.__eq__(self, other)
 
+    def __ne__(self, other: object) -> bool:
+        result = self.__eq__(other)
+        return result if result is NotImplemented else not result
+
     __hash__ = None  # (as a dict's)
+
+    def pop(self, name: str, *default: Any) -> Any:
+        self.load()
+        return dict.pop(self, name, *default)
+
+    def popitem(self) -> tuple[str, Any]:
+        self.load()
+        return dict.popitem(self)
+
+    def setdefault(self, name: str, default: Any = None) -> Any:
+        self.load()
+        return dict.setdefault(self, name, default)
 
 
 def index_path(url: str) -> Path:
