@@ -7,12 +7,14 @@ from __future__ import annotations
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
 from carl_scale.data import indexed
 from carl_scale.data.indexed import LazySample, index_path, indexed_samples, samples_of
+from carl_scale.data.config import TemporalConfig
 from carl_scale.data.manifest import resolve_shards
 from carl_scale.data.reader import VideoLoader
 from loader_helpers import loader_cfg
@@ -81,9 +83,11 @@ def test_a_resume_reads_no_payload_before_its_batch(jpeg_shards, tmp_path, per_l
     assert read < read_all / 3, (read, read_all)
 
 
-def test_a_dealt_sample_is_one_unbuffered_read(jpeg_shards, monkeypatch):
-    """Each prepared sample is read in one read of its members (the metadata and the payload
-    together); the only other reads are a shard's two headers and its end, 512 bytes each."""
+def test_a_dealt_sample_is_one_unbuffered_read_or_two(jpeg_shards, monkeypatch):
+    """Each prepared sample is read in one read of its members, or where its JPEG payload is large
+    (over SMALL: here 2 KiB, so every one) in two: its metadata, then the views' frames (close
+    together: one read); the only other reads are headers and a shard's end, 512 bytes each."""
+    monkeypatch.setattr(indexed, "SMALL", 2048)
     calls = []
     real = indexed.read_at
 
@@ -93,8 +97,59 @@ def test_a_dealt_sample_is_one_unbuffered_read(jpeg_shards, monkeypatch):
 
     monkeypatch.setattr(indexed, "read_at", counted)
     batches = list(VideoLoader(loader_cfg(jpeg_shards, batch_size=1)))
-    assert sum(1 for size in calls if size > 512) == len(batches) == 8
+    assert sum(1 for size in calls if size > 512) == 2 * len(batches) == 16
     assert all(size == 512 for size in calls if size <= 512)
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "dali", None])
+def test_a_jpeg_payload_is_read_as_far_as_the_views_need_and_gives_the_same_batches(jpeg_shards, monkeypatch,
+                                                                                      decoder):
+    """The views' frames of an indexed JPEG payload (the tiny test payloads count as large here:
+    SMALL 2 KiB) are read in ranges, frames close together in one read; the prepared samples equal
+    those from the whole payload: the same views decoded by PyAV or DALI in the worker, or the same
+    cut payload handed to a GPU's finishing step (decoder None)."""
+    from carl_scale.data.decoders import make_decoder
+    from carl_scale.data.stream import prepare_sample
+
+    monkeypatch.setattr(indexed, "SMALL", 2048)
+    cfg = loader_cfg(jpeg_shards, temporal=TemporalConfig(num_frames=4))
+    dec = None if decoder is None else make_decoder(decoder, device="cpu")
+    urls, _ = resolve_shards(str(jpeg_shards), "train")
+    whole, ranges = 0, []
+    real = LazySample.read_ranges
+
+    def counted(self, name, wanted):
+        ranges.extend(wanted)
+        return real(self, name, wanted)
+
+    monkeypatch.setattr(LazySample, "read_ranges", counted)
+    for lazy, plain in zip(samples_of(urls, _webdataset), _webdataset(urls)):
+        ours, theirs = (prepare_sample(s, cfg, 0, 0, dec, seed=3) for s in (lazy, plain))
+        assert "jpgs" not in lazy or lazy.unread_size("jpgs")  # (the payload left unread as a field)
+        assert np.array_equal(ours.timestamps, theirs.timestamps)
+        if decoder is None:
+            assert ours.encoded.data == theirs.encoded.data and np.array_equal(ours.encoded.offsets,
+                                                                              theirs.encoded.offsets)
+            assert np.array_equal(ours.encoded.frame_ids, theirs.encoded.frame_ids)
+        else:
+            assert torch.equal(ours.views, theirs.views)
+        whole += len(plain["jpgs"])
+    assert 0 < sum(b - a for a, b in ranges) < whole / 2  # 2 views x 4 of 40-100 frames
+
+
+def test_an_epoch_in_two_workers_is_the_same_through_the_indexes_as_from_the_tars(jpeg_shards, tmp_path,
+                                                                                   monkeypatch):
+    """The loader's whole epoch, 2 worker processes, DALI decoding the JPEG frames the workers read
+    as far as the views need (SMALL 2 KiB: every test payload counts as large), against the same
+    shards without their indexes: the same batches, pixel for pixel."""
+    monkeypatch.setattr(indexed, "SMALL", 2048)  # (the workers are forked: they inherit it)
+    plain = tmp_path / "plain"
+    shutil.copytree(jpeg_shards, plain)
+    for idx in plain.glob("*.idx"):
+        idx.unlink()
+    a, b = (list(VideoLoader(loader_cfg(shards, num_workers=2, decoder="dali"))) for shards in (jpeg_shards, plain))
+    assert [x.video_ids for x in a] == [y.video_ids for y in b] and len(a) == 4
+    assert all(torch.equal(x.views, y.views) and torch.equal(x.timestamps, y.timestamps) for x, y in zip(a, b))
 
 
 def test_the_index_stands_in_only_where_webdataset_would_read_the_same(jpeg_shards, tmp_path):

@@ -58,14 +58,20 @@ def frame_to_rgb(frame: av.VideoFrame) -> np.ndarray:
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
+def check_jpeg_offsets(offsets: np.ndarray, size: int) -> None:
+    """A jpeg payload's offset table: increasing from 0 to the payload's ``size`` bytes. A damaged
+    one would hand out cut or empty JPEGs: refused, so the sample is skipped."""
+    n = len(offsets) - 1
+    offs = np.asarray(offsets)
+    if n < 1 or offs[0] != 0 or offs[-1] != size or (np.diff(offs) <= 0).any():
+        raise ValueError(f"damaged jpeg offset table: {n + 1} offsets from {offs[0] if n >= 0 else None} to "
+                         f"{offs[-1] if n >= 0 else None}, not increasing from 0 to the payload's {size} bytes")
+
+
 def split_jpeg_blob(blob: bytes, offsets: np.ndarray, indices: np.ndarray | None = None) -> list[bytes]:
     """The JPEG bytes of the given frame indices (all frames when ``indices`` is None)."""
     n = len(offsets) - 1
-    offs = np.asarray(offsets)
-    # a damaged offset table would hand out cut or empty JPEGs: refused, so the sample is skipped
-    if n < 1 or offs[0] != 0 or offs[-1] != len(blob) or (np.diff(offs) <= 0).any():
-        raise ValueError(f"damaged jpeg offset table: {n + 1} offsets from {offs[0] if n >= 0 else None} to "
-                         f"{offs[-1] if n >= 0 else None}, not increasing from 0 to the payload's {len(blob)} bytes")
+    check_jpeg_offsets(offsets, len(blob))
     idx = range(n) if indices is None else indices
     out = []
     for i in idx:

@@ -104,6 +104,8 @@ class EncodedVideo:
         frames = np.unique(np.asarray(frames, dtype=np.int64))
         if not len(frames):
             raise ValueError("a jpeg payload cut to no frame")
+        if self.frame_ids is not None and np.array_equal(self.frame_ids, frames):  # (cut to them already)
+            return self
         parts = self.jpegs(frames)
         offsets = np.zeros(len(parts) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in parts], out=offsets[1:])

@@ -8,7 +8,9 @@ storage. The DALI index each finished shard has (``train-000000.idx``, written b
 writer with DALI's ``wds2idx``) lists every sample's members with their offsets and sizes, so the
 replay needs only the index (and the metadata, where batches group videos by label); a sample's
 payload is read the first time it is used, when the sample is dealt. The shuffle buffer then holds
-no payload either (64 Kinetics videos as JPEG frames are ~400 MB per worker).
+no payload either (64 Kinetics videos as JPEG frames are ~400 MB per worker), and a JPEG payload is
+read only as far as the views' frames need (:meth:`LazySample.read_ranges`, used by
+``carl_scale.data.stream.sampled_jpegs``: about half a Kinetics clip's bytes at T = 80).
 
 The samples are WebDataset's, the same keys in the same order, for a shard whose index agrees
 with what WebDataset's grouping makes of it (checked while parsing: one key per line, each
@@ -34,6 +36,7 @@ _SKIPPED = re.compile(r"__[^/]*__($|/)")
 
 
 SMALL = 1 << 16  # members up to this size (metadata, frame offsets) are read apart from the payload
+MERGE_GAP = 1 << 20  # wanted byte ranges of a member closer than this are read in one (fewer, larger reads)
 HEADER = 512  # a tar member's header, just before its data
 
 
@@ -108,14 +111,48 @@ class LazySample(dict):
                     if not (a <= offset and offset + size <= b):
                         continue
                     # (data starts at a - HEADER: a member's header at offset - HEADER is data[offset - a:])
-                    if header_member(data[offset - a: offset - a + HEADER]) != (member, size):
-                        raise OSError(f"{self._path}: the tar holds no {member!r} of {size} bytes at offset {offset}, "
-                                      f"where its index ({index_path(self._path).name}) says: an index older than "
-                                      f"its shard? (the shard writer's --overwrite writes both again)")
+                    self._check_header(data[offset - a: offset - a + HEADER], offset, size, member)
                     dict.__setitem__(self, suffix, data[HEADER + offset - a: HEADER + offset - a + size])
                     del self._pending[suffix]
         finally:
             os.close(fd)
+
+    def _check_header(self, block: bytes, offset: int, size: int, member: str) -> None:
+        if header_member(block) != (member, size):
+            raise OSError(f"{self._path}: the tar holds no {member!r} of {size} bytes at offset {offset}, where its "
+                          f"index ({index_path(self._path).name}) says: an index older than its shard? (the shard "
+                          f"writer's --overwrite writes both again)")
+
+    def unread_size(self, name: str) -> int | None:
+        """The size of member ``name`` if it is not read yet, else None."""
+        return self._pending[name][1] if name in self._pending else None
+
+    def read_ranges(self, name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Bytes ``[start, end)`` of member ``name`` (not read yet, and left unread as a field) for
+        each of ``ranges`` (sorted, within the member): its header checked first, ranges closer
+        than :data:`MERGE_GAP` read in one. What a view's sampled JPEG frames need of a payload."""
+        offset, size, member = self._pending[name]
+        if any(not 0 <= a <= b <= size for a, b in ranges) or any(b > c for (_, b), (c, _) in zip(ranges, ranges[1:])):
+            raise ValueError(f"{self._path}: byte ranges outside member {member!r} ({size} bytes) or not sorted")
+        out: list[bytes] = []
+        fd = os.open(self._path, os.O_RDONLY)
+        try:
+            self._check_header(read_at(fd, offset - HEADER, HEADER), offset, size, member)
+            i = 0
+            while i < len(ranges):
+                j = i
+                while j + 1 < len(ranges) and ranges[j + 1][0] - ranges[j][1] <= MERGE_GAP:
+                    j += 1
+                a, b = ranges[i][0], ranges[j][1]
+                data = read_at(fd, offset + a, b - a)
+                if len(data) != b - a:
+                    raise OSError(f"{self._path}: {b - a} bytes expected at offset {offset + a}, {len(data)} read "
+                                  f"(the shard changed after its index was written)")
+                out += [data[x - a: y - a] for x, y in ranges[i: j + 1]]
+                i = j + 1
+        finally:
+            os.close(fd)
+        return out
 
     def __getitem__(self, name: str) -> Any:
         if name in self._pending:

@@ -32,9 +32,11 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from carl_scale.data.batch import PreparedSample, SkipCounter
+from carl_scale.data.codec import check_jpeg_offsets
 from carl_scale.data.config import LoaderConfig
 from carl_scale.data.decoders import EncodedVideo, FrameDecoder
 from carl_scale.data.grouping import LabelGrouper
+from carl_scale.data import indexed
 from carl_scale.data.indexed import LazySample, samples_of
 from carl_scale.data.spatial import apply_geometric, apply_photometric, draw_view_params, to_tchw
 from carl_scale.data.temporal import sample_temporal_views
@@ -67,12 +69,17 @@ def prepare_sample(sample: dict, cfg: LoaderConfig, epoch: int, pass_: int, deco
     The views are a function of (seed, epoch, video, pass) and ``draw``, which tells apart the
     copies of a video that one pass may hold (resampled shards: drawn with replacement, by every
     rank and worker on its own)."""
-    if isinstance(sample, LazySample):  # one read of all its members (the metadata, then the payload: two)
+    # From a shard's index a JPEG payload is read as far as the views' frames need (its metadata
+    # first, which the views are drawn from); any other sample in one read of all its members.
+    partial = isinstance(sample, LazySample) and (sample.unread_size("jpgs") or 0) > indexed.SMALL \
+        and "jpgofs" in sample
+    if isinstance(sample, LazySample) and not partial:
         sample.load()
     meta = parse_meta(sample)
-    enc = EncodedVideo.from_sample(sample, meta)
     rng = np.random.default_rng(_seed_of(seed, epoch, sample["__key__"], pass_, *draw))
-    tv = sample_temporal_views(enc.num_frames, cfg.temporal, rng)
+    tv = sample_temporal_views(int(meta["num_frames"]), cfg.temporal, rng)
+    partial = partial and sample.unread_size("jpgs") is not None  # (not read with the metadata)
+    enc = sampled_jpegs(sample, meta, tv.timestamps) if partial else EncodedVideo.from_sample(sample, meta)
     h, w = int(meta["height"]), int(meta["width"])
     params = (draw_view_params(h, w, cfg.spatial, rng), draw_view_params(h, w, cfg.spatial, rng))
     out = PreparedSample(sample["__key__"], meta, tv.timestamps, tv.mask, params)
@@ -88,6 +95,23 @@ def prepare_sample(sample: dict, cfg: LoaderConfig, epoch: int, pass_: int, deco
         views = [apply_photometric(x, params[v], cfg.spatial) for v, x in enumerate(views)]
     out.views = torch.stack(views)
     return out
+
+
+def sampled_jpegs(sample: LazySample, meta: dict, timestamps: np.ndarray) -> EncodedVideo:
+    """The jpeg payload of an indexed sample cut to these frames, read from the shard as far as they
+    need (frames close together in one read: at T = 80 about half of a 10 s clip's bytes); the same
+    payload ``EncodedVideo.from_sample(...).keep_only(frames)`` gives from the whole member."""
+    offsets = np.frombuffer(sample["jpgofs"], dtype="<i8")
+    check_jpeg_offsets(offsets, sample.unread_size("jpgs"))
+    frames = np.unique(np.asarray(timestamps, dtype=np.int64).reshape(-1))
+    if not len(frames) or frames[0] < 0 or frames[-1] >= len(offsets) - 1:
+        raise IndexError(f"frames {frames[:1].tolist()}..{frames[-1:].tolist()} out of range for a "
+                         f"{len(offsets) - 1}-frame jpeg payload")
+    parts = sample.read_ranges("jpgs", [(int(offsets[i]), int(offsets[i + 1])) for i in frames])
+    cut = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in parts], out=cut[1:])
+    return EncodedVideo("jpeg", b"".join(parts), int(meta["num_frames"]), cut, "jpeg", height=int(meta.get("height", 0)),
+                        width=int(meta.get("width", 0)), frame_ids=frames)
 
 
 def cpu_decoded(position: int, share: float) -> bool:
