@@ -102,16 +102,20 @@ def test_a_dealt_sample_is_one_unbuffered_read_or_two(jpeg_shards, monkeypatch):
 
 
 @pytest.mark.parametrize("decoder", ["pyav", "dali", None])
+@pytest.mark.parametrize("small,gap", [(2048, 1 << 20), (256, 0)])
 def test_a_jpeg_payload_is_read_as_far_as_the_views_need_and_gives_the_same_batches(jpeg_shards, monkeypatch,
-                                                                                      decoder):
+                                                                                      decoder, small, gap):
     """The views' frames of an indexed JPEG payload (the tiny test payloads count as large here:
     SMALL 2 KiB) are read in ranges, frames close together in one read; the prepared samples equal
     those from the whole payload: the same views decoded by PyAV or DALI in the worker, or the same
-    cut payload handed to a GPU's finishing step (decoder None)."""
+    cut payload handed to a GPU's finishing step (decoder None). SMALL 256, MERGE_GAP 0: an offset
+    table larger than SMALL (a video of 8,192 frames or more at the default), each run of adjacent
+    frames a read of its own."""
     from carl_scale.data.decoders import make_decoder
     from carl_scale.data.stream import prepare_sample
 
-    monkeypatch.setattr(indexed, "SMALL", 2048)
+    monkeypatch.setattr(indexed, "SMALL", small)
+    monkeypatch.setattr(indexed, "MERGE_GAP", gap)
     cfg = loader_cfg(jpeg_shards, temporal=TemporalConfig(num_frames=4))
     dec = None if decoder is None else make_decoder(decoder, device="cpu")
     urls, _ = resolve_shards(str(jpeg_shards), "train")

@@ -123,6 +123,10 @@ class LazySample(dict):
                           f"index ({index_path(self._path).name}) says: an index older than its shard? (the shard "
                           f"writer's --overwrite writes both again)")
 
+    def unread(self) -> list[str]:
+        """The members not read yet."""
+        return list(self._pending)
+
     def unread_size(self, name: str) -> int | None:
         """The size of member ``name`` if it is not read yet, else None."""
         return self._pending[name][1] if name in self._pending else None

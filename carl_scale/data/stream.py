@@ -72,13 +72,12 @@ def prepare_sample(sample: dict, cfg: LoaderConfig, epoch: int, pass_: int, deco
     # From a shard's index a JPEG payload is read as far as the views' frames need (its metadata
     # first, which the views are drawn from); any other sample in one read of all its members.
     partial = isinstance(sample, LazySample) and (sample.unread_size("jpgs") or 0) > indexed.SMALL \
-        and "jpgofs" in sample
-    if isinstance(sample, LazySample) and not partial:
-        sample.load()
+        and "jpgofs" in sample and "video" not in sample
+    if isinstance(sample, LazySample):  # (partial: every member but the frames, in one read: they sit after them)
+        sample.load([n for n in sample.unread() if n != "jpgs"] if partial else None)
     meta = parse_meta(sample)
     rng = np.random.default_rng(_seed_of(seed, epoch, sample["__key__"], pass_, *draw))
     tv = sample_temporal_views(int(meta["num_frames"]), cfg.temporal, rng)
-    partial = partial and sample.unread_size("jpgs") is not None  # (not read with the metadata)
     enc = sampled_jpegs(sample, meta, tv.timestamps) if partial else EncodedVideo.from_sample(sample, meta)
     h, w = int(meta["height"]), int(meta["width"])
     params = (draw_view_params(h, w, cfg.spatial, rng), draw_view_params(h, w, cfg.spatial, rng))
