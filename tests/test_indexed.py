@@ -216,6 +216,17 @@ def test_an_index_older_than_its_shard_never_hands_out_another_members_bytes(jpe
     with pytest.raises(OSError, match=f"a.tar: the tar holds no .*json.* of {size + 1} bytes .* an index older than"):
         samples[0]["json"]
     assert samples[1]["json"] == _webdataset([str(a)])[1]["json"]
+    # the second sample's frames member off by a byte (the file's first and last members are
+    # checked up front): caught reading the views' frames, by their member's header
+    parts = lines[2].split()
+    size = int(parts[parts.index("jpgs") + 2])
+    assert size % 512 not in (0, 511)
+    parts[parts.index("jpgs") + 2] = str(size + 1)
+    index_path(str(a)).write_text("\n".join(lines[:2] + [" ".join(parts)] + lines[3:]) + "\n")
+    samples = indexed_samples(str(a))
+    assert samples is not None
+    with pytest.raises(OSError, match=f"the tar holds no .*jpgs.* of {size + 1} bytes"):
+        samples[1].read_ranges("jpgs", [(0, 10), (size - 10, size)])
 
 
 def test_the_loader_counts_a_sample_its_index_misreads_and_goes_on(jpeg_shards, tmp_path):

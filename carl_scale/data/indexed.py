@@ -133,30 +133,33 @@ class LazySample(dict):
 
     def read_ranges(self, name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Bytes ``[start, end)`` of member ``name`` (not read yet, and left unread as a field) for
-        each of ``ranges`` (sorted, within the member): its header checked first, ranges closer
-        than :data:`MERGE_GAP` read in one. What a view's sampled JPEG frames need of a payload."""
+        each of ``ranges`` (sorted, within the member): its header checked (read with the first
+        ranges when they are close), ranges closer than :data:`MERGE_GAP` read in one. What a
+        view's sampled JPEG frames need of a payload."""
         offset, size, member = self._pending[name]
         if any(not 0 <= a <= b <= size for a, b in ranges) or any(b > c for (_, b), (c, _) in zip(ranges, ranges[1:])):
             raise ValueError(f"{self._path}: byte ranges outside member {member!r} ({size} bytes) or not sorted")
+        wanted = [(-HEADER, 0)] + list(ranges)  # the member's header first: read with the first frames when close
         out: list[bytes] = []
         fd = os.open(self._path, os.O_RDONLY)
         try:
-            self._check_header(read_at(fd, offset - HEADER, HEADER), offset, size, member)
             i = 0
-            while i < len(ranges):
+            while i < len(wanted):
                 j = i
-                while j + 1 < len(ranges) and ranges[j + 1][0] - ranges[j][1] <= MERGE_GAP:
+                while j + 1 < len(wanted) and wanted[j + 1][0] - wanted[j][1] <= MERGE_GAP:
                     j += 1
-                a, b = ranges[i][0], ranges[j][1]
+                a, b = wanted[i][0], wanted[j][1]
                 data = read_at(fd, offset + a, b - a)
                 if len(data) != b - a:
                     raise OSError(f"{self._path}: {b - a} bytes expected at offset {offset + a}, {len(data)} read "
                                   f"(the shard changed after its index was written)")
-                out += [data[x - a: y - a] for x, y in ranges[i: j + 1]]
+                out += [data[x - a: y - a] for x, y in wanted[i: j + 1]]
+                if i == 0:
+                    self._check_header(out[0], offset, size, member)
                 i = j + 1
         finally:
             os.close(fd)
-        return out
+        return out[1:]
 
     def __getitem__(self, name: str) -> Any:
         if name in self._pending:
