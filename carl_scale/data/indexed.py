@@ -134,7 +134,8 @@ class LazySample(dict):
     def read_ranges(self, name: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Bytes ``[start, end)`` of member ``name`` (not read yet, and left unread as a field) for
         each of ``ranges`` (sorted, within the member): its header checked (read with the first
-        ranges when they are close), ranges closer than :data:`MERGE_GAP` read in one. What a
+        ranges when they start within :data:`SMALL` of it), ranges closer than :data:`MERGE_GAP`
+        read in one. What a
         view's sampled JPEG frames need of a payload."""
         offset, size, member = self._pending[name]
         if any(not 0 <= a <= b <= size for a, b in ranges) or any(b > c for (_, b), (c, _) in zip(ranges, ranges[1:])):
@@ -146,7 +147,8 @@ class LazySample(dict):
             i = 0
             while i < len(wanted):
                 j = i
-                while j + 1 < len(wanted) and wanted[j + 1][0] - wanted[j][1] <= MERGE_GAP:
+                # (the header joins the frames only when they start near it: bytes over a round trip)
+                while j + 1 < len(wanted) and wanted[j + 1][0] - wanted[j][1] <= (SMALL if j == 0 else MERGE_GAP):
                     j += 1
                 a, b = wanted[i][0], wanted[j][1]
                 data = read_at(fd, offset + a, b - a)
