@@ -106,7 +106,10 @@ class EncodedVideo:
             raise ValueError("a jpeg payload cut to no frame")
         if self.frame_ids is not None and np.array_equal(self.frame_ids, frames):  # (cut to them already)
             return self
-        parts = self.jpegs(frames)
+        return self.cut_to(frames, self.jpegs(frames))
+
+    def cut_to(self, frames: np.ndarray, parts: list[bytes]) -> "EncodedVideo":
+        """This jpeg payload holding only ``frames`` (sorted, unique), whose JPEGs are ``parts``."""
         offsets = np.zeros(len(parts) + 1, dtype=np.int64)
         np.cumsum([len(b) for b in parts], out=offsets[1:])
         return dataclasses.replace(self, data=b"".join(parts), offsets=offsets, frame_ids=frames)

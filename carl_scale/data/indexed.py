@@ -10,7 +10,8 @@ replay needs only the index (and the metadata, where batches group videos by lab
 payload is read the first time it is used, when the sample is dealt. The shuffle buffer then holds
 no payload either (64 Kinetics videos as JPEG frames are ~400 MB per worker), and a JPEG payload is
 read only as far as the views' frames need (:meth:`LazySample.read_ranges`, used by
-``carl_scale.data.stream.sampled_jpegs``: about half a Kinetics clip's bytes at T = 80).
+``carl_scale.data.stream.sampled_jpegs``: about half a Kinetics clip's bytes at T = 80, simulated with
+the ``k400`` recipe's sampling).
 
 The samples are WebDataset's, the same keys in the same order, for a shard whose index agrees
 with what WebDataset's grouping makes of it (checked while parsing: one key per line, each

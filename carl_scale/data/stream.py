@@ -107,10 +107,9 @@ def sampled_jpegs(sample: LazySample, meta: dict, timestamps: np.ndarray) -> Enc
         raise IndexError(f"frames {frames[:1].tolist()}..{frames[-1:].tolist()} out of range for a "
                          f"{len(offsets) - 1}-frame jpeg payload")
     parts = sample.read_ranges("jpgs", [(int(offsets[i]), int(offsets[i + 1])) for i in frames])
-    cut = np.zeros(len(parts) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in parts], out=cut[1:])
-    return EncodedVideo("jpeg", b"".join(parts), int(meta["num_frames"]), cut, "jpeg", height=int(meta.get("height", 0)),
-                        width=int(meta.get("width", 0)), frame_ids=frames)
+    whole = EncodedVideo("jpeg", b"", int(meta["num_frames"]), offsets, "jpeg", height=int(meta.get("height", 0)),
+                         width=int(meta.get("width", 0)))  # (the payload as from_sample gives it, its bytes unread)
+    return whole.cut_to(frames, parts)
 
 
 def cpu_decoded(position: int, share: float) -> bool:

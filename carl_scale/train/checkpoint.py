@@ -254,8 +254,8 @@ def free_bytes(path: Path) -> int:
 def checkpoint_bytes(root: Path, model: torch.nn.Module) -> tuple[int, str]:
     """What the next checkpoint takes at least, and whence the figure: the newest complete one's size
     (every rank's files; the older ones are pruned only after the new one is written), else the
-    model's float32 weights and AdamW's two moments of its trained parameters (DeepSpeed's copy of
-    the module comes on top: a lower bound)."""
+    weights and optimizer state it will hold (the client files and metadata come on top: a lower
+    bound, never a refusal of a save that would fit)."""
     found = checkpoints(root)
     if found:
         newest = found[max(found)]
