@@ -12,6 +12,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from carl_scale.bench.resume import bytes_read
 from carl_scale.data import indexed
 from carl_scale.data.indexed import LazySample, index_path, indexed_samples, samples_of
 from carl_scale.data.config import TemporalConfig
@@ -46,11 +47,6 @@ def test_indexed_samples_are_webdatasets_samples(vp9_shards, jpeg_shards, payloa
     assert again[7].pop("json") == _webdataset(urls)[7]["json"] and "json" not in again[7]
 
 
-def _bytes_read() -> int:
-    with open("/proc/self/io") as f:
-        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/io")
 @pytest.mark.parametrize("per_label", [0, 2])
 def test_a_resume_reads_no_payload_before_its_batch(jpeg_shards, tmp_path, per_label, monkeypatch):
@@ -73,9 +69,9 @@ def test_a_resume_reads_no_payload_before_its_batch(jpeg_shards, tmp_path, per_l
     def resumed(shards):
         loader = VideoLoader(loader_cfg(shards, **cfg))
         loader.load_state_dict(state)
-        before = _bytes_read()
+        before = bytes_read()
         batches = list(loader)
-        return batches, _bytes_read() - before
+        return batches, bytes_read() - before
 
     (with_index, read), (without, read_all) = resumed(jpeg_shards), resumed(plain)
     assert [b.video_ids for b in with_index] == [b.video_ids for b in without] == [b.video_ids for b in full[-1:]]

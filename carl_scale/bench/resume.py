@@ -35,7 +35,8 @@ from carl_scale.data.reader import STATE_FORMAT, VideoLoader
 from carl_scale.tables import table
 
 
-def _bytes_read() -> int | None:
+def bytes_read() -> int | None:
+    """Bytes this process has read through system calls (Linux's rchar); None elsewhere."""
     try:
         with open("/proc/self/io") as f:
             return int(next(line for line in f if line.startswith("rchar:")).split()[1])
@@ -57,17 +58,17 @@ def resume_once(cfg: LoaderConfig, at: int):
     loader = VideoLoader(cfg)
     if at:  # a state without positions resumes at ``at`` whole batches of each worker's stream (no failed samples)
         loader.load_state_dict({"epoch": 0, "next_batch": at, "skipped": 0, "positions": {}, "format": STATE_FORMAT})
-    before, t0 = _bytes_read(), time.perf_counter()
+    before, t0 = bytes_read(), time.perf_counter()
     batch = next(iter(loader))
-    seconds, after = time.perf_counter() - t0, _bytes_read()
+    seconds, after = time.perf_counter() - t0, bytes_read()
     return seconds, None if before is None or after is None else after - before, batch
 
 
 def epoch_once(cfg: LoaderConfig):
     """(seconds, bytes, batches) of one whole epoch of a fresh loader."""
-    before, t0 = _bytes_read(), time.perf_counter()
+    before, t0 = bytes_read(), time.perf_counter()
     batches = list(VideoLoader(cfg))
-    seconds, after = time.perf_counter() - t0, _bytes_read()
+    seconds, after = time.perf_counter() - t0, bytes_read()
     return seconds, None if before is None or after is None else after - before, batches
 
 
