@@ -10,7 +10,7 @@ from PIL import Image
 from scipy.io import savemat
 
 from carl_scale.data.decoders import PyAVDecoder
-from carl_scale.datasets.pennaction import ACTIONS, match_lengths
+from carl_scale.datasets.pennaction import ACTIONS, CARL_SPLIT, match_lengths, split_differences
 from carl_scale.data.whole_video import iter_whole_videos
 from shards import pennaction
 
@@ -34,6 +34,7 @@ def penn(tmp_path_factory):
         "0004": ("strum_guitar", "strum_guitar", "train", 6, 6),  # not one of the 13
         "0005": ("situp", "situp", "val", 0, 8),  # no frames: skipped and counted
         "0006": (None, "pushups", "val", 7, 7),  # no .mat: the label folder's (TCC) name says pushup
+        "0007": ("pullup", "pullup", "val", 5, 5),  # a phase label 2: pullup has 2 phases, skipped
     }
     for seq, (action, folder, split, n, m) in videos.items():
         if n:
@@ -41,7 +42,8 @@ def penn(tmp_path_factory):
         if action:
             savemat(raw / "labels" / f"{seq}.mat", {"action": action, "nframes": n, "train": int(split == "train")})
         (lab / split / folder).mkdir(parents=True, exist_ok=True)
-        np.save(lab / split / folder / f"{seq}.npy", np.arange(m) % 3)
+        phases = 2 if seq == "0006" else 3  # (0006: pushup has 2 phases)
+        np.save(lab / split / folder / f"{seq}.npy", np.arange(m) % phases)
     (lab / "val" / "baseball_pitch").mkdir()
     np.save(lab / "val" / "baseball_pitch" / "0001.npy", np.zeros(12))  # 0001 labelled twice: written once
     (lab / "train" / "README.txt").write_text("not a label file")  # stray files are not sequences
@@ -59,6 +61,7 @@ def test_pennaction_shards_follow_carls_preparation(penn, tmp_path):
     val_skips = {s["source"]: s["reason"] for s in m["splits"]["val"]["skipped"]}
     assert "also labelled by" in val_skips["val/baseball_pitch/0001.npy"]
     assert "no frames" in val_skips["val/situp/0005.npy"]
+    assert val_skips["val/pullup/0007.npy"] == "phase label 2 in 0007.npy: pullup has 2 phases (0-1) in the CARL code's labels"
     train = {meta["video_id"]: (meta, f) for meta, f in iter_whole_videos(tmp_path, PyAVDecoder(), "train")}
     assert set(train) == {"0001_baseball_pitch", "0002_bowl"}
     meta, frames = train["0002_bowl"]
@@ -69,7 +72,28 @@ def test_pennaction_shards_follow_carls_preparation(penn, tmp_path):
     vmeta, vframes = val["0003_squat"]
     assert len(vframes) == 10 and vmeta["phase_labels"] == (np.arange(20) % 3)[::2].tolist()  # labels j*20//10
     assert val["0006_pushup"][0]["action_label"] == ACTIONS.index("pushup")
-    assert json.loads((tmp_path / "shards.json").read_text())["dataset"] == "pennaction"
+    written = json.loads((tmp_path / "shards.json").read_text())
+    assert written["dataset"] == "pennaction"
+    # counted per action, by name, and compared with the CARL code's split (in total and per action)
+    assert written["splits"]["val"]["videos_per_action"] == {"pushup": 1, "squat": 1}
+    assert written["splits"]["train"]["warnings"] == [
+        "pennaction train: 2 videos written; the CARL code's split has 1140 (1 skipped, listed in shards.json)",
+        "pennaction train: videos per action differ from the CARL code's split: baseball_pitch 1 (CARL: 103), "
+        "baseball_swing 0 (CARL: 113), bench_press 0 (CARL: 69), bowl 1 (CARL: 134), " + ", ".join(
+            f"{a} 0 (CARL: {n[0]})" for a, n in list(CARL_SPLIT.items())[4:])]
+
+
+def test_a_misfiled_action_is_warned_about_where_the_total_matches():
+    """A label folder filed under another action keeps the split's total: only the per-action counts
+    say so."""
+    per_action = {a: n[1] for a, n in CARL_SPLIT.items()}
+    per_action["squat"] -= 3
+    per_action["situp"] += 3
+    assert split_differences("val", {"samples": 966, "skipped": [], "videos_per_action": per_action}) == [
+        "pennaction val: videos per action differ from the CARL code's split: situp 53 (CARL: 50), squat 112 "
+        "(CARL: 115)"]
+    assert split_differences("val", {"samples": 966, "skipped": [],
+                                     "videos_per_action": {a: n[1] for a, n in CARL_SPLIT.items()}}) == []
 
 
 def test_match_lengths_is_the_identity_when_counts_agree():

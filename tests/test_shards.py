@@ -173,6 +173,19 @@ def test_writer_refuses_other_inputs_and_finishes_an_interrupted_split(tmp_path,
     names = sorted(p.name for p in ref.glob("train-*"))
     assert names == sorted(p.name for p in out.glob("train-*")) and len(names) == 8
     assert all((out / n).read_bytes() == (ref / n).read_bytes() for n in names)
+    # videos per action label, summed over the slots of both runs (no class names: their indices)
+    assert read_manifest(out)["splits"]["train"]["videos_per_action"] == {"0": 4, "1": 4}
+    assert read_manifest(ref)["splits"]["train"]["videos_per_action"] == {"0": 4, "1": 4}
+    # a slot finished before its record counted them: the split's entry has no count rather than a short one
+    from carl_scale.datasets.parallel import _record_path
+
+    record = json.loads(_record_path(out, "train", 0).read_text())
+    del record["actions"]
+    _record_path(out, "train", 0).write_text(json.dumps(record))
+    (out / "shards.json").unlink()
+    write_split(out, "train", range(8), load, dataset="x", opts=opts)
+    assert (out / "train-000000.tar").stat().st_mtime_ns == stamp
+    assert "videos_per_action" not in read_manifest(out)["splits"]["train"]
     assert read_manifest(out)["splits"]["train"]["samples"] == 8
 
     # a worker that fails (not an input: the worker itself) stops the write with its error named;

@@ -450,14 +450,34 @@ def _merge(out_dir: Path, split: str, records: list[tuple[int, dict | None]], pl
     else:
         manifest.pop("label_conflicts", None)
     shards = [s for _, r in records for s in r["shards"]]
+    per_action = videos_per_action([r for _, r in records], (label_names or {}).get("actions"))
     entry = {"shards": shards, "samples": sum(s["samples"] for s in shards),
              "frames": sum(r["frames"] for _, r in records), "skipped": [s for _, r in records for s in r["skipped"]],
+             **({"videos_per_action": per_action} if per_action is not None else {}),
              "plan": plan, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
              **({"repeated_keys": repeated} if repeated else {}), **({"labels": labels} if labels else {}),
              **({"label_names": label_names} if label_names else {})}
     manifest["splits"][split] = entry
     write_manifest(out_dir, manifest)
     return entry
+
+
+def videos_per_action(records: list[dict], names: list[str] | None) -> dict[str, int] | None:
+    """A split's videos per action class, by name where the classes have names (``"unlabelled"``
+    for -1), in class order; None when a slot was written before its record counted them."""
+    if any("actions" not in r for r in records):
+        return None
+    total: dict[int, int] = {}
+    for r in records:
+        for label, n in r["actions"].items():
+            total[int(label)] = total.get(int(label), 0) + n
+
+    def name(label: int) -> str:
+        if label < 0:
+            return "unlabelled"
+        return names[label] if names is not None and label < len(names) else str(label)
+
+    return {name(label): total[label] for label in sorted(total)}
 
 
 def write_options(*, payload: Payload = "video", encode: EncodeOptions | None = None, max_samples: int | None = None,

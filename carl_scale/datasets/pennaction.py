@@ -15,7 +15,9 @@ the split — not the ``.mat`` train flag. This module follows it:
 * video ids ``NNNN_<action>`` (e.g. ``0001_baseball_pitch``); a sequence labelled twice is
   written once (the first label file, train before val) and the clash listed.
 
-The CARL code's split has 1140 train / 966 val videos; a different count is reported, not fatal.
+The CARL code's split has 1140 train / 966 val videos (:data:`CARL_SPLIT`, per action): a split
+written with other counts, in total or per action, is warned about and the difference kept in
+``shards.json`` (``warnings``), not fatal. A phase label beyond its action's phases skips the video.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from PIL import Image
 
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.encode import MIN_SHORT_SIDE, check_frame_size
-from carl_scale.datasets.parallel import SkipInput, labels_digest, write_options, write_split
+from carl_scale.datasets.parallel import SkipInput, add_warnings, labels_digest, write_options, write_split
 from carl_scale.datasets.writer import VideoRecord
 
 log = logging.getLogger("carl_scale.data")
@@ -39,7 +41,16 @@ ACTIONS = ["baseball_pitch", "baseball_swing", "bench_press", "bowl", "clean_and
            "jumping_jacks", "pushup", "pullup", "situp", "squat", "tennis_forehand", "tennis_serve"]
 # the label folders may use TCC's spellings
 _ALIASES = {"bowling": "bowl", "pushups": "pushup", "pullups": "pullup", "squats": "squat", "situps": "situp"}
-EXPECTED = {"train": 1140, "val": 966}
+# The CARL code's split (its datasets/dataset_splits.py): videos per action (train, val), and how
+# many phases each action's labels have (0 .. n-1; its phase classifiers have that many outputs)
+CARL_SPLIT = {"baseball_pitch": (103, 63), "baseball_swing": (113, 57), "bench_press": (69, 71), "bowl": (134, 85),
+              "clean_and_jerk": (40, 42), "golf_swing": (87, 77), "jumping_jacks": (56, 56), "pushup": (102, 106),
+              "pullup": (98, 101), "situp": (50, 50), "squat": (111, 115), "tennis_forehand": (79, 74),
+              "tennis_serve": (98, 69)}
+PHASES = {"baseball_pitch": 4, "baseball_swing": 3, "bench_press": 2, "bowl": 3, "clean_and_jerk": 6,
+          "golf_swing": 3, "jumping_jacks": 4, "pushup": 2, "pullup": 2, "situp": 2, "squat": 4,
+          "tennis_forehand": 3, "tennis_serve": 4}
+EXPECTED = {split: sum(n[k] for n in CARL_SPLIT.values()) for k, split in enumerate(("train", "val"))}  # 1140, 966
 DOWNLOAD = ("PennAction from its project page (Penn_Action/frames, Penn_Action/labels); the phase labels are the "
             "per-frame label files the CARL code's README links (<split>/<action>/<NNNN>.npy)")
 
@@ -149,6 +160,9 @@ def write_pennaction_shards(root: str | Path, phase_labels: str | Path, out_dir:
         if not frame_paths:
             raise SkipInput(f"no frames in {root / 'frames' / seq}")
         frame_paths, labels = match_lengths(frame_paths, read_phase_labels(f))
+        if len(labels) and labels.max() >= PHASES[action]:  # (below -1 the writer refuses)
+            raise SkipInput(f"phase label {labels.max()} in {f.name}: {action} has {PHASES[action]} phases "
+                            f"(0-{PHASES[action] - 1}) in the CARL code's labels")
         frames = _load_frames(frame_paths, opts.square, opts.short_side)
         return VideoRecord(f"{seq}_{action}", frames, opts.fps, ACTIONS.index(action), labels,
                            extra={"source": f"frames/{seq}"})
@@ -159,7 +173,24 @@ def write_pennaction_shards(root: str | Path, phase_labels: str | Path, out_dir:
                             describe=lambda item: str(item[0].relative_to(phase_labels)), settings=asdict(opts),
                             labels=labels_digest(*(f for f, _ in listed[split]),  # (the files this split reads)
                                                  *(root / "labels" / f"{f.stem[:4]}.mat" for f, _ in listed[split])))
-        if entry["samples"] != EXPECTED[split] and opts.limit is None:
-            log.warning("pennaction %s: %d videos written; the CARL code's split has %d (%d skipped, listed in "
-                        "shards.json)", split, entry["samples"], EXPECTED[split], len(entry["skipped"]))
+        if opts.limit is None:
+            add_warnings(out_dir, split_differences(split, entry), [split])
     return read_manifest(out_dir)
+
+
+def split_differences(split: str, entry: dict) -> list[str]:
+    """How a written split differs from the CARL code's, in total and per action (a label folder
+    misfiled between actions keeps the total), each said in one line and logged."""
+    col = ("train", "val").index(split)
+    said = []
+    if entry["samples"] != EXPECTED[split]:
+        said.append(f"pennaction {split}: {entry['samples']} videos written; the CARL code's split has "
+                    f"{EXPECTED[split]} ({len(entry['skipped'])} skipped, listed in shards.json)")
+    written = entry.get("videos_per_action")
+    if written is not None:
+        off = [f"{a} {written.get(a, 0)} (CARL: {n[col]})" for a, n in CARL_SPLIT.items() if written.get(a, 0) != n[col]]
+        if off:
+            said.append(f"pennaction {split}: videos per action differ from the CARL code's split: {', '.join(off)}")
+    for line in said:
+        log.warning("%s", line)
+    return said

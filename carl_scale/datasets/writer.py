@@ -135,6 +135,7 @@ class SlotWriter:
         self.keys: list[str] = []  # in order, for the record
         self._key_set: set[str] = set()  # (the duplicate check: a list scan was quadratic in a slot's size)
         self.frames = 0
+        self.actions: dict[str, int] = {}  # videos written per action label (JSON keys: its index as text)
         self.codecs: set[str] = set()
         self.skipped: list[dict] = []
 
@@ -185,6 +186,7 @@ class SlotWriter:
         self.keys.append(key)
         self._key_set.add(key)
         self.frames += n
+        self.actions[str(int(rec.action_label))] = self.actions.get(str(int(rec.action_label)), 0) + 1
         self._count += 1
         self._bytes += size
 
@@ -240,10 +242,11 @@ class SlotWriter:
         self.skipped.append({"source": source, "reason": reason})
 
     def close(self) -> dict:
-        """Finish the last shard; returns the slot's record (its shards, skipped inputs, keys, frames)."""
+        """Finish the last shard; returns the slot's record (its shards, skipped inputs, keys, frames,
+        videos per action label)."""
         self._close_shard()
         return {"shards": self._shards, "skipped": self.skipped, "keys": self.keys, "frames": self.frames,
-                "codecs": sorted(self.codecs)}
+                "codecs": sorted(self.codecs), "actions": dict(self.actions)}
 
     def abort(self) -> None:
         """Stop without finishing: the open shard stays ``.partial``, which nothing reads."""
