@@ -5,6 +5,7 @@ writes per-rank evidence (video ids, a digest of the weights) for the test to co
     deepspeed --num_gpus 2 tests/dist_check.py OUT.json -- <pretrain_k400.py flags>
     python tests/dist_check.py OUT.json --nan-at 3 -- <flags>      # a NaN loss at step 3
     deepspeed --num_gpus 2 tests/dist_check.py OUT.json --no-room-rank 1 -- <flags>  # rank 1's disk full
+    deepspeed --num_gpus 2 tests/dist_check.py OUT.json --fail-save-rank 1 -- <flags>  # a write in DeepSpeed's save fails
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main() -> None:
     if "--nan-at" in opts:
         RecordingTrainer.nan_at = int(opts[opts.index("--nan-at") + 1])
     no_room = "--no-room-rank" in opts and int(opts[opts.index("--no-room-rank") + 1])
+    fail_save = "--fail-save-rank" in opts and int(opts[opts.index("--fail-save-rank") + 1])
     cfg, _ = parse(flags)
     with process_group() as (rank, world, device), rng_scope(cfg.seed):
         trainer = RecordingTrainer(cfg, rank=rank, world=world, device=device)
@@ -55,12 +57,19 @@ def main() -> None:
             from carl_scale.train import checkpoint
 
             checkpoint.free_bytes = lambda path: 0
+        if fail_save is not False and rank == fail_save:  # a write inside DeepSpeed's save fails (a quota)
+            import errno
+
+            def quota(state_dict, path):
+                raise OSError(errno.EDQUOT, "Disk quota exceeded", path)
+
+            trainer.engine.checkpoint_engine.save = quota
         try:
             trainer.fit()
         except FloatingPointError as exn:
             error = str(exn)
         except ValueError as exn:  # (CheckpointError, OtherRankFailed)
-            if no_room is False:
+            if no_room is False and fail_save is False:
                 raise
             error = f"{type(exn).__name__}: {exn}"
 

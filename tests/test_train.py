@@ -107,6 +107,27 @@ def test_a_rank_whose_disk_is_full_stops_every_rank_before_the_checkpoint_is_wri
     assert [p.name for p in (tmp_path / "run/checkpoints").iterdir()] == []
 
 
+@pytest.mark.parametrize("zero_stage, failing", [(1, 1), (0, 0)])
+def test_a_write_failing_inside_deepspeeds_save_stops_every_rank_at_once(vp9_shards, tmp_path, zero_stage, failing):
+    """2 ranks; a write inside DeepSpeed's save fails on one (a quota: the room check passed). Its
+    save ends in a barrier the failing rank would never reach (the others waited there 30 minutes):
+    it joins that barrier, and both ranks stop at the agreement after it, at once, each with one
+    line. Under ZeRO-1 rank 1 writes its optimizer shard; without ZeRO only rank 0 writes."""
+    t0 = time.monotonic()
+    flags = _flags(vp9_shards, tmp_path / "run", 4, zero_stage=zero_stage)
+    ranks = _launch_two(tmp_path / "ranks.json", flags, "--fail-save-rank", str(failing))
+    assert time.monotonic() - t0 < 300
+    partial = tmp_path / "run/checkpoints/step_000002.partial"
+    assert ranks[failing]["error"].startswith(f"CheckpointError: could not write {partial}: OSError: [Errno "), \
+        ranks[failing]["error"]
+    assert "Disk quota exceeded" in ranks[failing]["error"]
+    assert ranks[1 - failing]["error"] == (f"OtherRankFailed: rank {failing} failed to write {partial} (its own "
+                                           "message says why); this rank stops too")
+    assert ranks[0]["step"] == ranks[1]["step"] == 2
+    left = {p.name for p in (tmp_path / "run/checkpoints").iterdir()}
+    assert "step_000002.partial" in left and not left & {"step_000002", "latest"}  # nothing published
+
+
 def test_two_ranks_two_workers_three_shards_run_equal_steps_and_resume_exactly(vp9_shards, tmp_path):
     """2 ranks x 2 workers over 3 shards (fewer shards than consumers, not a multiple of them): both
     ranks run every step without a deadlock; with a damaged video read before the checkpoint,

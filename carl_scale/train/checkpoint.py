@@ -222,14 +222,13 @@ def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, me
         shutil.rmtree(root / partial)
     _barrier()
     device = next(model.parameters()).device
-    # DeepSpeed's own save ends in a barrier: a rank failing in it (a full disk, most often) leaves
-    # the others there until the group's timeout (30 minutes), so what can be known before is
-    # checked first, on every rank, and agreed on: the folder takes a file, and has room for the
-    # checkpoint. (A failure inside the save still ends in one line naming the folder, at world
-    # size 1 and on the rank that failed.)
+    # What can be known before DeepSpeed's save is checked first, on every rank, and agreed on: the
+    # folder takes a file, and has room for the checkpoint. A write failing inside the save anyway
+    # (a quota, an I/O error) is agreed on after it (_deepspeed_save).
     agree(lambda: _writing(root / partial, lambda: _room(root, rank, step, *checkpoint_bytes(root, model))),
           f"to find room for {tag(step)}", device)
-    _writing(root / partial, lambda: engine.save_checkpoint(str(root), tag=partial, save_latest=False))
+    agree(lambda: _writing(root / partial, lambda: _deepspeed_save(engine, root, partial)),
+          f"to write {root / partial}", device)
     # a rank that cannot write (a full disk) stops every rank here, the checkpoint unpublished
     agree(lambda: _writing(root / partial, lambda: torch.save(client, root / partial / f"client_rank{rank}.pt")),
           f"to write {root / partial}", device)
@@ -244,6 +243,41 @@ def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, me
             prune(root, keep)
     agree(lambda: _writing(final, publish), f"to publish {final}", device)
     return final
+
+
+def _io_error(exn: BaseException) -> bool:
+    """A file system's failure (torch.save words a failed write as a RuntimeError, "... file write
+    failed"; other RuntimeErrors, a collective's or CUDA's, are not the disk's)."""
+    return isinstance(exn, OSError) or (isinstance(exn, RuntimeError) and "writ" in str(exn).lower())
+
+
+def _deepspeed_save(engine, root: Path, partial: str) -> None:
+    """DeepSpeed's ``save_checkpoint``, safe to fail on one rank. It starts with a barrier and the
+    ranks' check of the tag (collectives), then every rank writes its files, then it ends in a
+    barrier. A rank whose write fails (a quota, an I/O error: the room was checked before) would
+    never reach that last barrier, and the others would wait there for the group's timeout (30
+    minutes; under srun without --kill-on-bad-exit, for as long). Such a rank joins it before
+    raising, so that every rank goes on to the agreement after the save and stops there at once.
+    Only a file system's error, raised after the tag check, is taken to come from a write: any other
+    is raised as it is (DeepSpeed 0.19's order; a version without ``_checkpoint_tag_validation``
+    never joins, which is the plain save's behaviour)."""
+    checked = []
+    check = getattr(engine, "_checkpoint_tag_validation", None)
+    if check is not None:
+        def tag_checked(tag: str) -> None:
+            check(tag)
+            checked.append(tag)
+
+        engine._checkpoint_tag_validation = tag_checked  # (for this save: an instance attribute over the method)
+    try:
+        engine.save_checkpoint(str(root), tag=partial, save_latest=False)
+    except Exception as exn:
+        if checked and _io_error(exn) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # the save's last one, where the other ranks are
+        raise
+    finally:
+        if check is not None:
+            del engine._checkpoint_tag_validation
 
 
 def free_bytes(path: Path) -> int:
@@ -294,9 +328,7 @@ def _writing(where: Path, fn: Callable[[], None]) -> None:
     try:
         fn()
     except (OSError, RuntimeError) as exn:
-        # (torch.save reports a failed write as a RuntimeError, "... file write failed"; other
-        # RuntimeErrors, a collective's or CUDA's, are not the disk's and keep their own words)
-        if isinstance(exn, RuntimeError) and "writ" not in str(exn).lower():
+        if not _io_error(exn):  # (a collective's or CUDA's keep their own words)
             raise
         raise CheckpointError(f"could not write {where}: {type(exn).__name__}: {exn} (a full disk? the last "
                               f"complete checkpoint is the one {where.parent / 'latest'} names)") from exn
