@@ -259,6 +259,26 @@ def test_whole_video_reading_passes_over_corrupt_videos(vp9_shards, tmp_path, de
     assert len(got[0][1]) == got[0][0]["num_frames"] and len(errors) == 3
 
 
+def test_whole_video_reading_raises_out_of_memory_and_a_broken_device_instead_of_counting_the_video(vp9_shards):
+    """Evaluation's reader takes a failure that says nothing about the video (out of memory; on a
+    GPU, a broken device: batch.not_the_video) for what it is, not for one damaged video after
+    another for the rest of the set."""
+    from carl_scale.data.decoders import PyAVDecoder
+    from carl_scale.data.whole_video import iter_whole_videos
+
+    errors = []
+    sticky = [MemoryError()] + ([torch.AcceleratorError("CUDA error: an illegal memory access was encountered")]
+                                if hasattr(torch, "AcceleratorError") else [])
+    for error in sticky:
+        class Failing(PyAVDecoder):
+            def decode_all(self, item):
+                raise error
+
+        with pytest.raises(type(error)):
+            next(iter_whole_videos(vp9_shards, Failing(), on_error=lambda what, exn: errors.append(what)))
+    assert errors == []
+
+
 def _member(tar, name: str) -> bytes:
     with tarfile.open(tar) as tf:
         return tf.extractfile(name).read()

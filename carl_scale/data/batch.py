@@ -97,7 +97,7 @@ class VideoBatch:
 _ACCELERATOR_ERROR = (torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()
 
 
-def _not_the_video(exn: BaseException, decoder: FrameDecoder) -> bool:
+def not_the_video(exn: BaseException, decoder: FrameDecoder) -> bool:
     """Whether a failed decode says nothing about the video: out of memory, or a device that is
     broken for every later call too (a sticky CUDA error: an illegal address, a device-side
     assert). Taken for a corrupt video, such a failure would count every video after it as
@@ -123,7 +123,7 @@ def decode_or_skip(decoder: FrameDecoder, todo: list[PreparedSample], counter: S
     try:
         return decoder.decode(encoded, indices)
     except Exception as exn:
-        if counter is None or _not_the_video(exn, decoder):
+        if counter is None or not_the_video(exn, decoder):
             raise
         log.warning("a batched decode of %d videos failed (%s: %s): decoding them one at a time", len(todo),
                     type(exn).__name__, exn)
@@ -133,7 +133,7 @@ def decode_or_skip(decoder: FrameDecoder, todo: list[PreparedSample], counter: S
         try:
             out.append(decoder.decode([enc], [idx])[0])
         except Exception as exn:  # corrupt or undecodable: counted, never fatal, never silent
-            if _not_the_video(exn, decoder):
+            if not_the_video(exn, decoder):
                 raise
             counter.add(f"video {s.meta.get('video_id')!r} (decoded in the batch's finishing step; its place "
                         f"in the batch goes to a copy of another of its videos)", exn)

@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 import webdataset as wds
 
+from carl_scale.data.batch import not_the_video
 from carl_scale.data.decoders import DALI_CPU_CODECS, EncodedVideo, FrameDecoder, keep_out_of_children, split_device
 from carl_scale.data.manifest import resolve_shards
 from carl_scale.data.stream import parse_meta
-from carl_scale.errors import out_of_memory
 
 
 def iter_whole_videos(spec, decoder: FrameDecoder, split: str = "train", on_error=None,
@@ -56,8 +55,8 @@ def iter_whole_videos(spec, decoder: FrameDecoder, split: str = "train", on_erro
             if len(frames) != int(meta["num_frames"]):
                 raise ValueError(f"decoded {len(frames)} frames, the metadata says {meta['num_frames']}")
         except Exception as exn:
-            if out_of_memory(exn) or isinstance(exn, torch.cuda.OutOfMemoryError):
-                raise  # never taken for a damaged video
+            if not_the_video(exn, decoder):  # out of memory, a broken device: never taken for a damaged video
+                raise
             decoder.reset()  # a failed DALI run may leave its pipelines unusable for the next video
             damaged(sample, exn)
             continue
