@@ -147,6 +147,9 @@ def test_every_gpu_check_stage_names_arguments_its_benchmark_accepts(monkeypatch
     for call in documented + plan:
         assert set(call.split()) <= set(stages), call
         assert sum(stages[s][0] for s in call.split()) <= 540, call  # + unpacking, within 600 s
+    order = list(stages)
+    for call in plan:  # stages run in the file's order: the plan's order is what runs
+        assert call.split() == sorted(call.split(), key=order.index), call
 
 
 def test_each_device_call_fits_its_64_mib_beside_the_repository():

@@ -441,3 +441,44 @@ def test_the_compiled_channels_last_step_computes_the_eager_steps_loss():
     cosine = torch.nn.functional.cosine_similarity(eager_grads, default_grads, dim=0).item()
     assert eager_grads.numel() == default_grads.numel() and cosine > 0.99, cosine
     assert default_grads.norm().item() == pytest.approx(eager_grads.norm().item(), rel=0.02)
+
+
+def test_the_compiled_step_with_cuda_graphs_on_padded_batches_computes_the_eager_steps_loss_and_gradients():
+    """Videos shorter than a view (Kinetics at T = 240 has them) make padded batches, whose trained
+    BatchNorms take statistics over the marked rows at a fixed shape (masked_norm.py): on the CPU
+    that path compiles to 2 graphs and no break (tests/test_model.py); here Inductor's CUDA code
+    and CUDA graphs (--compile-mode reduce-overhead) run it, padded and unpadded batches in turn
+    (graphs recorded, then replayed). Training mode (the masked statistics), no dropout, float32,
+    the same weights: each loss and the trained weights' gradients against the eager step's."""
+    from carl_scale.bench.step import synthetic_batch
+    from carl_scale.losses.objective import build_objective
+    from carl_scale.models import build_model
+    from carl_scale.train.recipes import configure, recipe
+    from carl_scale.train.engine import apply_speedups
+
+    t = 16
+    over = {"data.batch_size": 2, "data.temporal.num_frames": t, "model.image_size": 64, "model.dropout": 0.0}
+    base = synthetic_batch(2, t, 64, torch.device("cuda"))
+    steps = {}
+    for how in ({"parallel.compile": "off"}, {"parallel.compile": "objective", "parallel.compile_mode": "reduce-overhead"}):
+        cfg = configure(recipe("debug"), {**over, **how})
+        torch.manual_seed(0)
+        model = build_model(cfg.model).cuda().train()
+        objective = build_objective(model, cfg.loss)  # (no autocast: float32)
+        apply_speedups(model, cfg, objective)
+        steps[how["parallel.compile"]] = []
+        for valid in (t, 12, 5, t, 9, 12):
+            mask = base.mask.clone()
+            mask[1, :, valid:] = False
+            batch = dataclasses.replace(base, mask=mask, padded=valid < t)
+            torch.compiler.cudagraph_mark_step_begin()  # (as engine_step: a new step, graph outputs may be reused)
+            model.zero_grad(set_to_none=True)
+            loss = objective(batch)["loss"]
+            loss.backward()
+            grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+            steps[how["parallel.compile"]].append((loss.item(), grads.float().clone()))
+    for k, ((eager_loss, eager_grads), (loss, grads)) in enumerate(zip(steps["off"], steps["objective"])):
+        assert loss == pytest.approx(eager_loss, rel=1e-3), (k, loss, eager_loss)
+        cosine = torch.nn.functional.cosine_similarity(eager_grads, grads, dim=0).item()
+        assert grads.numel() == eager_grads.numel() and cosine > 0.999, (k, cosine)
+        assert grads.norm().item() == pytest.approx(eager_grads.norm().item(), rel=0.01), k
