@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from carl_scale.bench.dtw import naive_accumulated
 from carl_scale.ops import dtw, dtw_batch, dtw_correspondences, restore_cost, view_ensemble_cost
 
 
@@ -16,12 +17,7 @@ def naive_dtw(c: np.ndarray) -> tuple[float, np.ndarray]:
     """Eq. 5 cell by cell, then the greedy walk back: the smallest of (i-1, j-1), (i-1, j),
     (i, j-1), in that order on a tie."""
     n, m = c.shape
-    d = np.full((n, m), np.inf)
-    for i in range(n):
-        for j in range(m):
-            prev = 0.0 if i == j == 0 else min(d[i - 1, j] if i else np.inf, d[i, j - 1] if j else np.inf,
-                                               d[i - 1, j - 1] if i and j else np.inf)
-            d[i, j] = c[i, j] + prev
+    d = naive_accumulated(c)
     path, i, j = [(n - 1, m - 1)], n - 1, m - 1
     while i or j:
         options = [(i - 1, j - 1), (i - 1, j), (i, j - 1)]

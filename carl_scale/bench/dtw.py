@@ -33,8 +33,8 @@ def _best(fn, repeats: int) -> tuple[float, object]:
     return best, out
 
 
-def naive_total(c: np.ndarray) -> float:
-    """Eq. 5 one cell at a time (the total only: the reference's cost is the recursion)."""
+def naive_accumulated(c: np.ndarray) -> np.ndarray:
+    """Eq. 5 one cell at a time: every cell's accumulated cost (tests/test_ops.py walks its path back)."""
     n, m = c.shape
     d = np.full((n, m), np.inf)
     for i in range(n):
@@ -42,7 +42,12 @@ def naive_total(c: np.ndarray) -> float:
             prev = 0.0 if i == j == 0 else min(d[i - 1, j] if i else np.inf, d[i, j - 1] if j else np.inf,
                                                d[i - 1, j - 1] if i and j else np.inf)
             d[i, j] = c[i, j] + prev
-    return float(d[-1, -1])
+    return d
+
+
+def naive_total(c: np.ndarray) -> float:
+    """The total only: the reference's cost is the recursion."""
+    return float(naive_accumulated(c)[-1, -1])
 
 
 def speed_table(repeats: int) -> list[tuple[str, ...]]:
