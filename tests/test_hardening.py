@@ -650,3 +650,36 @@ def test_resuming_from_a_checkpoint_kept_elsewhere_leaves_latest_naming_one_that
     aside = ckpt.set_aside_newer(root, 6)
     assert (root / "latest").read_text().strip() == "step_000004" and [p.name for p in aside.iterdir()] == ["step_000008"]
     assert ckpt.set_aside_newer(root, 2) is not None and not (root / "latest").exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("numel", [10, 10**6])
+def test_torch_saves_own_words_for_a_full_disk_are_taken_for_the_disks(tmp_path, numel):
+    """torch.save into a full file system raises a RuntimeError of its stream writer that names no
+    write ("unexpected pos ...", "basic_ios::clear: iostream error", by size): still the disk's,
+    said in one line naming the checkpoint (a rank failing so inside DeepSpeed's save joins its
+    last barrier: checkpoint._deepspeed_save)."""
+    from carl_scale.models.weights import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"could not write .*: RuntimeError: .*\(a full disk\? the last complete"):
+        ckpt._writing(tmp_path / "step_000002.partial", lambda: torch.save({"a": torch.zeros(numel)}, "/dev/full"))
+    with pytest.raises(RuntimeError, match="NCCL"):  # a collective's error keeps its own words
+        ckpt._writing(tmp_path, lambda: (_ for _ in ()).throw(RuntimeError("NCCL communicator was aborted")))
+
+
+def test_a_failed_write_joins_deepspeeds_last_barrier_only_where_no_collective_comes_between(monkeypatch):
+    """DeepSpeed before 0.17.1 made its ZeRO files rank after rank, a barrier of the data-parallel
+    group each, between the writes: a failing rank joining the last barrier there would hang. A
+    checkpoint engine that writes in the background is left alone too."""
+    import types
+
+    import deepspeed
+
+    def engine(decoupled: bool):
+        return types.SimpleNamespace(checkpoint_engine=types.SimpleNamespace(is_decoupled=lambda: decoupled))
+
+    for version, joins in (("0.16.9", False), ("0.17.0", False), ("0.17.1", True), ("0.19.8+cpu", True),
+                           ("1.0.0", True)):
+        monkeypatch.setattr(deepspeed, "__version__", version)
+        assert ckpt._joins_a_failed_save(engine(False)) is joins, version
+        assert ckpt._joins_a_failed_save(engine(True)) is False

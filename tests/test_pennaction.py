@@ -35,6 +35,7 @@ def penn(tmp_path_factory):
         "0005": ("situp", "situp", "val", 0, 8),  # no frames: skipped and counted
         "0006": (None, "pushups", "val", 7, 7),  # no .mat: the label folder's (TCC) name says pushup
         "0007": ("pullup", "pullup", "val", 5, 5),  # a phase label 2: pullup has 2 phases, skipped
+        "0008": ("situp", "squat", "val", 6, 6),  # a squat's labels filed for a situp: named
     }
     for seq, (action, folder, split, n, m) in videos.items():
         if n:
@@ -62,6 +63,8 @@ def test_pennaction_shards_follow_carls_preparation(penn, tmp_path):
     assert "also labelled by" in val_skips["val/baseball_pitch/0001.npy"]
     assert "no frames" in val_skips["val/situp/0005.npy"]
     assert val_skips["val/pullup/0007.npy"] == "phase label 2 in 0007.npy: pullup has 2 phases (0-1) in the CARL code's labels"
+    assert val_skips["val/squat/0008.npy"] == ("phase label 2 in 0008.npy: situp has 2 phases (0-1) in the CARL code's "
+                                               "labels; the file is in the squat folder (labels of another action?)")
     train = {meta["video_id"]: (meta, f) for meta, f in iter_whole_videos(tmp_path, PyAVDecoder(), "train")}
     assert set(train) == {"0001_baseball_pitch", "0002_bowl"}
     meta, frames = train["0002_bowl"]

@@ -161,8 +161,11 @@ def write_pennaction_shards(root: str | Path, phase_labels: str | Path, out_dir:
             raise SkipInput(f"no frames in {root / 'frames' / seq}")
         frame_paths, labels = match_lengths(frame_paths, read_phase_labels(f))
         if len(labels) and labels.max() >= PHASES[action]:  # (below -1 the writer refuses)
+            folder = _ALIASES.get(f.parent.name, f.parent.name)
             raise SkipInput(f"phase label {labels.max()} in {f.name}: {action} has {PHASES[action]} phases "
-                            f"(0-{PHASES[action] - 1}) in the CARL code's labels")
+                            f"(0-{PHASES[action] - 1}) in the CARL code's labels" +
+                            (f"; the file is in the {f.parent.name} folder (labels of another action?)"
+                             if folder != action else ""))
         frames = _load_frames(frame_paths, opts.square, opts.short_side)
         return VideoRecord(f"{seq}_{action}", frames, opts.fps, ACTIONS.index(action), labels,
                            extra={"source": f"frames/{seq}"})

@@ -227,8 +227,8 @@ def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, me
     # (a quota, an I/O error) is agreed on after it (_deepspeed_save).
     agree(lambda: _writing(root / partial, lambda: _room(root, rank, step, *checkpoint_bytes(root, model))),
           f"to find room for {tag(step)}", device)
-    agree(lambda: _writing(root / partial, lambda: _deepspeed_save(engine, root, partial)),
-          f"to write {root / partial}", device)
+    failed = _writing(root / partial, lambda: _deepspeed_save(engine, root, partial))  # (one it could not join)
+    agree(lambda: _writing(root / partial, lambda: _raise(failed)), f"to write {root / partial}", device)
     # a rank that cannot write (a full disk) stops every rank here, the checkpoint unpublished
     agree(lambda: _writing(root / partial, lambda: torch.save(client, root / partial / f"client_rank{rank}.pt")),
           f"to write {root / partial}", device)
@@ -246,38 +246,71 @@ def save(engine, model: torch.nn.Module, root: Path, step: int, client: dict, me
 
 
 def _io_error(exn: BaseException) -> bool:
-    """A file system's failure (torch.save words a failed write as a RuntimeError, "... file write
-    failed"; other RuntimeErrors, a collective's or CUDA's, are not the disk's)."""
-    return isinstance(exn, OSError) or (isinstance(exn, RuntimeError) and "writ" in str(exn).lower())
+    """A file system's failure. torch.save words a failed write as a RuntimeError of its stream
+    writer's ("... file write failed"; on a full disk, as measured with torch 2.14 writing to
+    /dev/full: "[enforce fail at inline_container.cc:...] unexpected pos ..." or "basic_ios::clear:
+    iostream error"); other RuntimeErrors, a collective's or CUDA's, are not the disk's."""
+    if isinstance(exn, OSError):
+        return True
+    text = str(exn).lower()
+    return isinstance(exn, RuntimeError) and any(w in text for w in ("writ", "inline_container", "iostream error"))
 
 
-def _deepspeed_save(engine, root: Path, partial: str) -> None:
+def _joins_a_failed_save(engine) -> bool:
+    """Whether this DeepSpeed's save runs no collective between its check of the tag and its last
+    barrier, so that a rank failing there may join that barrier. From 0.17.1 on (before, its
+    ZeRO checkpoint files were made rank after rank, a barrier of the data-parallel group each:
+    the mirror of its repository); a checkpoint engine that writes in the background (decoupled)
+    is left alone."""
+    import deepspeed
+
+    version = tuple(int(x) for x in re.findall(r"\d+", deepspeed.__version__)[:3])
+    decoupled = getattr(engine.checkpoint_engine, "is_decoupled", lambda: True)()
+    return version >= (0, 17, 1) and not decoupled
+
+
+def _deepspeed_save(engine, root: Path, partial: str) -> BaseException | None:
     """DeepSpeed's ``save_checkpoint``, safe to fail on one rank. It starts with a barrier and the
-    ranks' check of the tag (collectives), then every rank writes its files, then it ends in a
-    barrier. A rank whose write fails (a quota, an I/O error: the room was checked before) would
-    never reach that last barrier, and the others would wait there for the group's timeout (30
-    minutes; under srun without --kill-on-bad-exit, for as long). Such a rank joins it before
-    raising, so that every rank goes on to the agreement after the save and stops there at once.
-    Only a file system's error, raised after the tag check, is taken to come from a write: any other
-    is raised as it is (DeepSpeed 0.19's order; a version without ``_checkpoint_tag_validation``
-    never joins, which is the plain save's behaviour)."""
-    checked = []
-    check = getattr(engine, "_checkpoint_tag_validation", None)
-    if check is not None:
-        def tag_checked(tag: str) -> None:
-            check(tag)
-            checked.append(tag)
+    ranks' check of the tag (collectives), then each rank writes its files, commits, and the save
+    ends in a barrier. A rank whose write fails (a quota, an I/O error: the room was checked
+    before) would never reach that barrier, and the others would wait there for the group's
+    timeout (30 minutes; under srun without --kill-on-bad-exit, for as long). Such a rank joins
+    that barrier and returns its error, for the ranks to agree on after the save (every rank then
+    stops at once); a failure elsewhere (before the tag check, at or after the commit, or on a
+    DeepSpeed this does not know to be safe) is raised here, as DeepSpeed's own save raises it."""
+    stage: list[str] = []  # "checked", then "committed"
+    joins = _joins_a_failed_save(engine) and dist.is_available() and dist.is_initialized() and \
+        dist.get_world_size() > 1
+    if joins:
+        check, commit = engine._checkpoint_tag_validation, engine.checkpoint_engine.commit
 
-        engine._checkpoint_tag_validation = tag_checked  # (for this save: an instance attribute over the method)
+        def checked(*args, **kwargs):
+            out = check(*args, **kwargs)
+            stage.append("checked")
+            return out
+
+        def committed(*args, **kwargs):
+            stage.append("committed")
+            return commit(*args, **kwargs)
+
+        # (for this save: instance attributes over the methods)
+        engine._checkpoint_tag_validation, engine.checkpoint_engine.commit = checked, committed
     try:
         engine.save_checkpoint(str(root), tag=partial, save_latest=False)
     except Exception as exn:
-        if checked and _io_error(exn) and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()  # the save's last one, where the other ranks are
-        raise
+        if stage != ["checked"]:
+            raise
+        dist.barrier()  # the save's last one, where the other ranks are
+        return exn
     finally:
-        if check is not None:
-            del engine._checkpoint_tag_validation
+        if joins:
+            del engine._checkpoint_tag_validation, engine.checkpoint_engine.commit
+    return None
+
+
+def _raise(error: BaseException | None) -> None:
+    if error is not None:
+        raise error
 
 
 def free_bytes(path: Path) -> int:
@@ -323,10 +356,10 @@ def _room(root: Path, rank: int, step: int, needed: int, why: str) -> None:
                               f"{_size(free)} are free. Free some space there, then {then}")
 
 
-def _writing(where: Path, fn: Callable[[], None]) -> None:
+def _writing(where: Path, fn: Callable[[], Any]) -> Any:
     """``fn()``, its file-system errors (a full disk) said in one line naming ``where``."""
     try:
-        fn()
+        return fn()
     except (OSError, RuntimeError) as exn:
         if not _io_error(exn):  # (a collective's or CUDA's keep their own words)
             raise
