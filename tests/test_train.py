@@ -341,6 +341,9 @@ def test_readme_main_command_scaled_down(tmp_path):
         assert 0.0 <= summary["eval"][name]["phase_acc"] <= 1.0
     assert "phase_acc" in res.stdout and "kendall_tau" in res.stdout and "samples/s" in res.stdout
     assert "cross-validation" in res.stdout  # scored on validation videos only
+    from carl_scale.eval.quick import TAU_NOTE
+
+    assert TAU_NOTE in res.stdout  # (why tau cannot separate the rows, said under the table)
     assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
     cfg = json.loads((tmp_path / "run/config.json").read_text())
     assert cfg["config"]["model"]["flavor"] == "debug"

@@ -164,6 +164,12 @@ def end_of_run_shards(train_shards, val_shards: str | None, synthetic_val_videos
     return train_shards, ""
 
 
+# what a newcomer reading the table asks first (README, "Status": why tau cannot separate the rows)
+TAU_NOTE = ("(phase accuracy is what training learned; Kendall's tau is near 1 for any encoder here, position_only "
+            "features included, since frame positions alone keep a video's order: a trained encoder may trade a "
+            "little of it for pose)")
+
+
 class EndOfRunEvaluation(Hook):
     """After the last step, rank 0 evaluates the trained encoder against the same flavor at its
     random initial weights (``seed``) on ``shards``' validation videos, prints the table and
@@ -212,6 +218,8 @@ class EndOfRunEvaluation(Hook):
         print(f"\nvalidation videos of {self.shards} (phase accuracy: {self.folds}-fold cross-validation per action)\n"
               + table([(name, *(f"{v[k]:.4f}" for k in keys)) for name, v in result.items()], ("model", *keys)),
               flush=True)
+        if "kendall_tau" in keys:
+            print(TAU_NOTE, flush=True)
         if skipped:
             print(f"skipped {len(skipped)} unreadable validation sample(s): {skipped[:3]}", flush=True)
         return result
