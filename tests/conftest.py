@@ -76,6 +76,16 @@ def damaged_copy(src: Path, dst: Path, *, split: str, flip_in_shard: int | None 
     return damaged
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a test's process group or launcher (a fixed or
+    pid-derived one may still be held by the launch before it: the rendezvous then waits)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _dali_installed() -> bool:
     import importlib.util
 

@@ -22,7 +22,7 @@ from carl_scale.models import build_model, model_config
 from carl_scale.models import load_model
 from carl_scale.models.weights import save_weights
 from carl_scale.train import checkpoint as ckpt
-from conftest import damaged_copy
+from conftest import damaged_copy, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CARL_SCALE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -479,13 +479,9 @@ def test_the_end_of_run_evaluation_keeps_the_other_ranks_waiting_and_tells_them_
     """The other ranks wait for rank 0's evaluation on a group of the hook's own (the training
     group's 10-minute timeout would kill them during a long one), and learn if it failed: every
     rank ends in one line, none waits for ever."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     sys.path.insert(0, str(Path(__file__).parent))
     mp.start_processes(_end_of_run_rank, args=(2, port, str(tmp_path / "r"), fail), nprocs=2, start_method="spawn")
     r0, r1 = ((tmp_path / f"r.{k}").read_text() for k in (0, 1))

@@ -19,6 +19,7 @@ import torch
 
 from carl_scale.train.recipes import configure
 from carl_scale.train.engine import lr_lambda
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "CARL_SCALE_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -43,14 +44,6 @@ def _weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=True)
 
 
-def _free_port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def _in_process(out: Path, *runs: list[str]) -> list[dict]:
     cmd = [sys.executable, str(ROOT / "tests/run_in_process.py"), str(out)]
     for flags in runs:
@@ -68,7 +61,7 @@ def test_two_process_deepspeed_on_cpu(vp9_shards, tmp_path):
     shards = tmp_path / "shards"
     (bad,) = damaged_copy(vp9_shards, shards, split="train", flip_in_shard=0)
     out = tmp_path / "ranks.json"
-    port = _free_port()
+    port = str(free_port())
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", port, str(ROOT / "tests/dist_check.py"), str(out), "--",
            *_flags(shards, tmp_path / "run", 3, zero_stage=1)]
     res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
@@ -90,7 +83,7 @@ def test_two_process_deepspeed_on_cpu(vp9_shards, tmp_path):
 
 
 def _launch_two(out: Path, flags: list[str], *opts: str) -> list[dict]:
-    port = _free_port()  # (a port a launch just used may still be held: DeepSpeed's rendezvous then waits)
+    port = str(free_port())
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", port, str(ROOT / "tests/dist_check.py"), str(out), *opts,
            "--", *flags]
     res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
@@ -256,7 +249,7 @@ def test_two_ranks_stopped_by_sigterm_agree_on_one_step_and_write_one_checkpoint
     kills it 30 s later), the signal sent to the whole process group as SLURM does: both ranks
     stop after the same step, within two steps of the signal, with one whole checkpoint."""
     run = tmp_path / "run"
-    port = _free_port()
+    port = str(free_port())
     flags = _flags(vp9_shards, run, 40, workers=1, checkpoint_every=4)
     proc, err = _stop_with(signal.SIGTERM, ["deepspeed", "--num_gpus", "2", "--master_port", port,
                                             str(ROOT / "launch/pretrain_k400.py"), *flags], run, "step_000004")
@@ -491,18 +484,12 @@ def test_data_parallel_gradients_equal_one_process_on_the_whole_batch(tmp_path, 
     """2 (4) gloo ranks through DeepSpeed (the trainer's engine), 2 videos each (1), give the
     gradients of one process on all 4 videos: SCL is a mean over videos, and the engine averages
     over ranks."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    def port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
-
     sys.path.insert(0, str(Path(__file__).parent))
-    mp.start_processes(_dp_grads, args=(world, port(), str(tmp_path / "many")), nprocs=world, start_method="spawn")
-    mp.start_processes(_dp_grads, args=(1, port(), str(tmp_path / "one")), nprocs=1, start_method="spawn")
+    mp.start_processes(_dp_grads, args=(world, free_port(), str(tmp_path / "many")), nprocs=world,
+                       start_method="spawn")
+    mp.start_processes(_dp_grads, args=(1, free_port(), str(tmp_path / "one")), nprocs=1, start_method="spawn")
     many, one = (torch.load(tmp_path / n, weights_only=True) for n in ("many", "one"))
     assert many["grads"].keys() == one["grads"].keys() and len(one["grads"]) > 10
     for name in one["grads"]:
@@ -548,16 +535,11 @@ def _length_rank(rank: int, world: int, port: int, shards: str, out: str) -> Non
 def test_ranks_that_disagree_on_the_runs_length_are_refused_at_the_start(vp9_shards, tmp_path):
     """Ranks whose step counts differ would hang at the end, waiting for a collective the shorter
     ones never reach: both refuse at the start, naming the range."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     sys.path.insert(0, str(Path(__file__).parent))
     out = str(tmp_path / "rank")
-    mp.start_processes(_length_rank, args=(2, port, str(vp9_shards), out), nprocs=2, start_method="spawn")
+    mp.start_processes(_length_rank, args=(2, free_port(), str(vp9_shards), out), nprocs=2, start_method="spawn")
     for rank in range(2):
         message = Path(f"{out}.{rank}").read_text()
         assert message.startswith("the ranks disagree on the run's length (2 to 4 steps; this rank: "

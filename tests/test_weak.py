@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from carl_scale.data.config import TemporalConfig
 from carl_scale.data.temporal import sample_temporal_views
 from carl_scale.losses import paired_contrastive_loss, sequence_contrastive_loss, weak_sequence_contrastive_loss
 from carl_scale.losses.pcl import pair_correspondences
+from conftest import free_port
 
 TAU, SIGMA2 = 0.1, 10.0
 
@@ -220,12 +220,6 @@ def test_pcl_gradient_reaches_the_embeddings_not_the_alignment():
 
 
 # -- across ranks ------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank: int, world: int, port: int, out: str, undefined: bool = False) -> None:
     import torch.distributed as dist
 
@@ -252,7 +246,7 @@ def test_two_gloo_processes_equal_one_process_on_the_concatenated_batch(tmp_path
 
     out = str(tmp_path / "rank")
     sys.path.insert(0, str(Path(__file__).parent))
-    mp.start_processes(_rank_main, args=(2, _free_port(), out, undefined), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank_main, args=(2, free_port(), out, undefined), nprocs=2, start_method="spawn")
     z1, z2, s1, s2, m1, m2 = _batch(b=4, seed=3)
     if undefined:
         m1[1] = False
