@@ -165,7 +165,7 @@ def end_of_run_shards(train_shards, val_shards: str | None, synthetic_val_videos
 
 
 # what a newcomer reading the table asks first (README, "Status": why tau cannot separate the rows)
-TAU_NOTE = ("(phase accuracy is what training learned; Kendall's tau is near 1 for any encoder here, position_only "
+TAU_NOTE = ("(phase accuracy is what training learned; Kendall's tau is high for any encoder here, position_only "
             "features included, since frame positions alone keep a video's order: a trained encoder may trade a "
             "little of it for pose)")
 
