@@ -186,7 +186,8 @@ class SlotWriter:
         self.keys.append(key)
         self._key_set.add(key)
         self.frames += n
-        self.actions[str(int(rec.action_label))] = self.actions.get(str(int(rec.action_label)), 0) + 1
+        label = str(int(rec.action_label))
+        self.actions[label] = self.actions.get(label, 0) + 1
         self._count += 1
         self._bytes += size
 
