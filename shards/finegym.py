@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 
+from carl_scale.datasets.encode import MIN_SHORT_SIDE
 from carl_scale.datasets.finegym import FineGymOptions, write_finegym_shards
 from shards.common import add_writer_args, check_ranges, print_summary, writer_kwargs
 
@@ -34,7 +35,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--short-side", type=int, default=d.short_side, help="0 keeps the source size")
     p.add_argument("--limit", type=int, default=None, help="at most this many events per split")
     a = p.parse_args(argv)
-    check_ranges(("--fps", a.fps, 1e-3, None), ("--short-side", a.short_side, 0, None), ("--limit", a.limit, 1, None))
+    if a.short_side != 0:  # (0: the source size)
+        check_ranges(("--short-side", a.short_side, MIN_SHORT_SIDE, None))
+    check_ranges(("--fps", a.fps, 1e-3, None), ("--limit", a.limit, 1, None))
     opts = FineGymOptions(version=a.version, fps=a.fps, short_side=a.short_side or None, limit=a.limit)
     manifest = write_finegym_shards(a.videos, a.annotations, a.out, opts, **writer_kwargs(a))
     print_summary(manifest, a.out)

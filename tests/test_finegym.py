@@ -198,3 +198,23 @@ def test_two_files_of_one_video_id_are_said_to_be_and_the_first_is_used(tmp_path
         found = _find_videos(tmp_path)
     assert found == {"abc": tmp_path / "abc.mp4", "other": tmp_path / "other.webm"}
     assert any("are both video 'abc'" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("kw, said", [({"fps": 0.0}, "--fps must be > 0, got 0.0"),
+                                      ({"short_side": 8}, "--short-side must be >= 16"),
+                                      ({"limit": -1}, "--limit must be >= 1, got -1")])
+def test_bad_options_are_refused_before_anything_is_written(kw, said):
+    """As the other converters' options: --limit -1 dropped an event (a slice [:-1]), fps 0 failed
+    every event with a bare ZeroDivisionError as its skip reason, and --short-side 8 wrote hours of
+    events no model takes."""
+    from carl_scale.datasets.finegym import FineGymOptions
+
+    with pytest.raises(ValueError, match=said.replace("(", r"\(")):
+        FineGymOptions(**kw)
+
+
+def test_the_command_line_refuses_a_short_side_no_model_takes_and_keeps_0_as_the_source_size(tmp_path, capsys):
+    with pytest.raises(ValueError, match="--short-side must be >= 16, got 8"):
+        finegym.main(["--videos", str(tmp_path), "--annotations", str(tmp_path), "--out", str(tmp_path / "o"),
+                      "--short-side", "8"])
+    assert not (tmp_path / "o").exists()

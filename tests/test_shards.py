@@ -565,3 +565,23 @@ def test_a_mount_that_refuses_fsync_on_directories_still_takes_durable_renames(t
     with pytest.raises(OSError, match="I/O error"):
         durable.durable_replace(tmp_path / "b.partial", tmp_path / "b")
     assert not (tmp_path / "b").exists()  # never renamed before its bytes are on disk
+
+
+def test_a_video_over_the_tar_formats_member_size_is_skipped_with_the_reason_not_the_whole_write(tmp_path,
+                                                                                               monkeypatch):
+    """USTAR holds a member of at most 8 GiB; tarfile's own error ("overflow in number field") named
+    no video and stopped every rerun at the same one. Here the limit is lowered to fit one video."""
+    from carl_scale.datasets import writer
+
+    cfg = SyntheticConfig(num_actions=1, train_videos=1, val_videos=1, min_frames=20, max_frames=20,
+                          height=32, width=32)
+    video = render_video(cfg, "train", 0)
+    monkeypatch.setattr(writer, "TAR_MEMBER_MAX", len(writer.encode_jpeg_frames(video.frames[:4], 90)[0]))
+
+    def load(name):
+        return VideoRecord(name, video.frames[:4] if name == "short" else video.frames, video.fps, action_label=0)
+
+    entry = write_split(tmp_path, "train", ["short", "long"], load, dataset="x", opts=WriteOptions(
+        max_samples=8, payload="jpeg", progress=False))
+    assert entry["samples"] == 1 and [s["source"] for s in entry["skipped"]] == ["long"]
+    assert "long: its 'jpgs' payload is 0.0 GiB, over the tar format's 0 GiB a member" in entry["skipped"][0]["reason"]

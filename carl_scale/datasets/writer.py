@@ -113,6 +113,11 @@ def _class_indices(values, what: str) -> np.ndarray:
     return a
 
 
+# A member's size in a USTAR header (the shards' format): 11 octal digits, 8 GiB - 1 byte. A larger
+# video is its input's fault (skipped and counted), not a reason to stop the whole write.
+TAR_MEMBER_MAX = 8**11 - 1
+
+
 class SlotWriter:
     """Writes one slot of a split: the videos of inputs ``[slot * max_samples, (slot + 1) *
     max_samples)`` into ``<split>-<slot:06d>.tar``, continued in ``<split>-<slot:06d>_<part:02d>.tar``
@@ -223,6 +228,11 @@ class SlotWriter:
         }
         fields["json"] = json.dumps(meta).encode()
         fields["nframes"] = np.int32(n).tobytes()
+        big = max(fields, key=lambda ext: len(fields[ext]))
+        if len(fields[big]) > TAR_MEMBER_MAX:  # tarfile would stop the whole write, naming no video
+            raise ValueError(f"{rec.video_id}: its {big!r} payload is {len(fields[big]) / 2**30:.1f} GiB, over the "
+                             f"tar format's {TAR_MEMBER_MAX / 2**30:.0f} GiB a member: store it smaller "
+                             f"(--transcode, --short-side) or cut it into clips")
         self.codecs.add(meta["codec"])
         return key, fields, int(n)
 
