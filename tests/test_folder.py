@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
 from carl_scale.data.codec import iter_video_frames
+from carl_scale.data.manifest import read_manifest
 from carl_scale.data.decoders import DaliDecoder, PyAVDecoder
 from carl_scale.data.config import SyntheticConfig
 from carl_scale.datasets.encode import EncodeOptions, encode_video
@@ -293,3 +296,49 @@ def test_a_missing_or_file_src_names_what_it_is_and_what_to_pass(tmp_path):
     (tmp_path / "a.mp4").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match=r"--src .*a.mp4 is a file: pass the folder"):
         folder.main(["--src", str(tmp_path / "a.mp4"), "--out", str(tmp_path / "o")])
+
+
+def decoded_for_writing(path) -> np.ndarray:
+    """Every frame as the writer converts them (FFmpeg's RGB), in a list, stacked."""
+    import av
+
+    from carl_scale.data.codec import decode_rgb
+
+    with av.open(str(path)) as container:
+        return np.stack([decode_rgb(f) for f in container.decode(video=0)])
+
+
+def test_a_transcoded_file_is_decoded_in_place_every_frame_once_in_order(video_dir):
+    """Filled into one array sized by the container's frame count (a list then np.stack held
+    every frame twice: a long video's peak)."""
+    for name in ("a.mp4", "b.webm", "sub/c.avi"):
+        frames, n, fps, *_ = folder_module._decode_file(video_dir / name, None, True)
+        ref = decoded_for_writing(video_dir / name)
+        assert isinstance(frames, np.ndarray) and n == len(ref) and np.array_equal(frames, ref)
+
+
+def test_a_video_too_long_to_decode_in_memory_is_skipped_with_the_fix_not_killed(video_dir, tmp_path, monkeypatch):
+    """The kernel's kill would stop every rerun at the same video, naming none."""
+    monkeypatch.setattr(folder_module, "_available_memory", lambda: 100_000)
+    with pytest.raises(ValueError, match="none of its 5 inputs could be written"):
+        folder.main(["--src", str(video_dir), "--out", str(tmp_path / "o"), "--payload", "jpeg", "--no-progress"])
+    m = read_manifest(tmp_path / "o")
+    reasons = {s["source"]: s["reason"] for e in m["splits"].values() for s in e["skipped"]}
+    assert {"a.mp4", "b.webm", "sub/c.avi"} <= set(reasons) and not any(e["samples"] for e in m["splits"].values())
+    fix = "more than half of the memory available: cut it into shorter clips, or give a smaller --short-side " \
+          "(fewer --workers leave each more)"
+    assert re.search(r"decoded, its \d+ frames at 64x48 would take 0.0 GiB, " + re.escape(fix), reasons["a.mp4"])
+    # a WebM lists no frame count: the frames are counted as they are decoded
+    assert re.search(r"decoded, its frames at 64x48 would take more than 5 frames' 0.0 GiB, " + re.escape(fix),
+                     reasons["b.webm"])
+
+
+def test_repeated_timestamps_keep_the_frames_in_decoding_order_at_the_nominal_rate(video_dir, monkeypatch):
+    """A median step of 0 between timestamps made the resampled rate 1 / 0: ZeroDivisionError as
+    the video's skip reason."""
+    monkeypatch.setattr(folder_module, "frame_timing", lambda pts: (0.0, True))
+    frames, n, fps, _, picks, _ = folder_module._decode_file(video_dir / "a.mp4", None, True)
+    ref = decoded_for_writing(video_dir / "a.mp4")
+    assert picks is None and n == len(ref) and np.array_equal(frames, ref) and fps == render_video(CFG, "train", 0).fps
+    with pytest.raises(folder_module.SkipInput, match="rerun with --transcode"):  # stored as is: still refused
+        folder_module._decode_file(video_dir / "a.mp4", None, False)

@@ -585,3 +585,69 @@ def test_a_video_over_the_tar_formats_member_size_is_skipped_with_the_reason_not
         max_samples=8, payload="jpeg", progress=False))
     assert entry["samples"] == 1 and [s["source"] for s in entry["skipped"]] == ["long"]
     assert "long: its 'jpgs' payload is 0.0 GiB, over the tar format's 0 GiB a member" in entry["skipped"][0]["reason"]
+
+
+def test_a_worker_killed_while_reading_an_input_names_it_and_the_rerun_says_so_again(tmp_path, caplog):
+    """The kernel kills a writer for memory without a word: the driver now names the input the
+    worker was reading, from the file each worker keeps while it reads one (and a rerun names what
+    a write killed outright, single-process ones included, had been reading)."""
+    import os
+    import signal
+
+    cfg = SyntheticConfig(num_actions=1, train_videos=1, val_videos=1, min_frames=20, max_frames=20,
+                          height=32, width=32)
+    video = render_video(cfg, "train", 0)
+    kill = {"on": True}
+
+    def load(i):
+        if i == 5 and kill["on"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return VideoRecord(f"v{i}", video.frames, video.fps, action_label=0)
+
+    opts = WriteOptions(max_samples=2, workers=2, progress=False)
+    with pytest.raises(ValueError, match=r"writer worker \d ended with exit code -9 \(killed by signal 9: out of "
+                                         r"memory\?\) while reading clip-5: rerun"):
+        write_split(tmp_path, "train", range(8), load, dataset="x", opts=opts, describe=lambda i: f"clip-{i}")
+    kill["on"] = False
+    with caplog.at_level("WARNING", logger="carl_scale.data"):
+        entry = write_split(tmp_path, "train", range(8), load, dataset="x", opts=opts, describe=lambda i: f"clip-{i}")
+    assert entry["samples"] == 8 and entry["skipped"] == []
+    assert "the last write of split train stopped while reading clip-5" in caplog.text
+    assert not list((tmp_path / ".progress").glob("*.reading"))  # a finished write leaves none
+
+
+def test_a_slot_rewritten_drops_its_old_record_before_anything_else(tmp_path, monkeypatch):
+    """--retry-skipped rewrites a finished slot: killed between the new shard's rename and its new
+    record, the old record was left beside a shard of the same size (tar sizes come in 10 KiB steps)
+    and taken as finished: a manifest whose keys and skips were not the shard's."""
+    from carl_scale.datasets import parallel
+
+    cfg = SyntheticConfig(num_actions=1, train_videos=1, val_videos=1, min_frames=20, max_frames=20,
+                          height=32, width=32)
+    video = render_video(cfg, "train", 0)
+    bad = {1}
+
+    def load(i):
+        if i in bad:
+            raise ValueError("unreadable")
+        return VideoRecord(f"v{i}", video.frames, video.fps, action_label=0)
+
+    opts = WriteOptions(max_samples=2, progress=False)
+    assert write_split(tmp_path, "train", range(2), load, dataset="x", opts=opts)["samples"] == 1
+    record = tmp_path / ".progress" / "train-000000.json"
+    assert record.is_file()
+    bad.clear()
+    real = parallel._atomic_json
+
+    def killed_at_the_record(path, obj):
+        if path == record:
+            raise KeyboardInterrupt  # (what the kill leaves: the new shard, no new record)
+        real(path, obj)
+
+    monkeypatch.setattr(parallel, "_atomic_json", killed_at_the_record)
+    with pytest.raises(KeyboardInterrupt):
+        write_split(tmp_path, "train", range(2), load, dataset="x", opts=dataclasses.replace(opts, retry_skipped=True))
+    assert not record.exists() and (tmp_path / "train-000000.tar").is_file()
+    monkeypatch.setattr(parallel, "_atomic_json", real)
+    entry = write_split(tmp_path, "train", range(2), load, dataset="x", opts=opts)
+    assert entry["samples"] == 2 and entry["skipped"] == []

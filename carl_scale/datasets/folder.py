@@ -136,12 +136,26 @@ def _decode_file(path: Path, short_side: int | None,
         fps = float(stream.average_rate or stream.guessed_rate or 30.0)
         listed = int(stream.frames or 0)  # what the container's index says (0: it does not say)
         frames, pts = [], []
+        buf = None  # the frames, when the container says how many: filled in place, never stacked (2x)
+        most = 1 << 62  # frames that fit in half the memory available when decoding began
         for frame in container.decode(stream):  # every frame decoded: an unreadable file is found here
             if transcode or not frames:
-                frames.append(decode_rgb(frame, short_side))
+                rgb = decode_rgb(frame, short_side)
+                if transcode and not pts:
+                    most = _frames_that_fit(rgb)
+                    if listed:
+                        buf = np.empty((_check_fits(listed + max(2, listed // 100), most, rgb, short_side),
+                                        *rgb.shape), rgb.dtype)
+                if buf is not None and len(pts) < len(buf):
+                    buf[len(pts)] = rgb
+                else:  # (no count listed, or more frames than listed: the rest in a list)
+                    _check_fits(len(pts) + 1, most, rgb, short_side, more=True)
+                    frames.append(rgb)
             pts.append(frame.pts)
         codec, tb = stream.codec_context.name, float(stream.time_base or 0)
-    if not frames:
+    if buf is not None:
+        frames = buf[:min(len(pts), len(buf))] if not frames else np.concatenate([buf, np.stack(frames)])
+    if not len(frames):
         raise ValueError("no decodable frames")
     # a truncated fast-start MP4 decodes its head without an error; a whole file may decode a frame
     # or two fewer than its container lists (edit lists, encoder priming), which is no loss
@@ -153,10 +167,46 @@ def _decode_file(path: Path, short_side: int | None,
         if not transcode:
             raise SkipInput("variable frame rate: its frames cannot be found by timestamp when stored as is; "
                             "rerun with --transcode to resample it to a constant rate")
-        fps = 1.0 / (step * tb)
-        picks = constant_rate_picks(np.asarray(pts) * tb, fps)
-        frames = [frames[i] for i in picks]
-    return np.stack(frames), len(pts) if picks is None else len(picks), fps, codec, picks, len(pts)
+        if step > 0:
+            fps = 1.0 / (step * tb)
+            picks = constant_rate_picks(np.asarray(pts) * tb, fps)
+            frames = np.asarray(frames)[picks]
+        # else most timestamps repeat (a median step of 0): they cannot place the frames, which are
+        # kept in decoding order at the container's nominal rate
+    return np.asarray(frames), len(pts) if picks is None else len(picks), fps, codec, picks, len(pts)
+
+
+def _available_memory() -> int | None:
+    """Bytes the kernel says a process can still take without swapping (Linux), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _frames_that_fit(first: np.ndarray) -> int:
+    """How many frames like ``first`` fit in half the memory available now (no limit where the
+    system does not say)."""
+    free = _available_memory()
+    return (free // 2) // max(1, first.nbytes) if free is not None else 1 << 62
+
+
+def _check_fits(frames: int, most: int, first: np.ndarray, short_side: int | None, *, more: bool = False) -> int:
+    """``frames`` when at most ``most``, else :class:`SkipInput` (``more``: ``frames`` is a count
+    so far): a long video decoded whole would get this process killed by the kernel, in every
+    rerun at the same video, naming none."""
+    if frames <= most:
+        return frames
+    h, w = first.shape[:2]
+    size = (f"its {frames} frames at {w}x{h} would take {frames * first.nbytes / 2**30:.1f} GiB" if not more else
+            f"its frames at {w}x{h} would take more than {most} frames' {most * first.nbytes / 2**30:.1f} GiB")
+    raise SkipInput(f"decoded, {size}, more than half of the memory available: cut it into shorter clips"
+                    + ("" if short_side is not None and short_side <= 256 else ", or give a smaller --short-side")
+                    + " (fewer --workers leave each more)")
 
 
 def file_record(path: Path, video_id: str, label: int, phases: np.ndarray | None,

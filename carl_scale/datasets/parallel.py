@@ -99,6 +99,24 @@ def _record_path(out_dir: Path, split: str, slot: int) -> Path:
     return out_dir / PROGRESS_DIR / f"{split}-{slot:06d}.json"
 
 
+def _reading_path(out_dir: Path, split: str, worker: int) -> Path:
+    """Which input a writer worker is reading, while it reads it (removed when its slot is done)."""
+    return out_dir / PROGRESS_DIR / f"{split}.worker{worker}.reading"
+
+
+def _killed_while_reading(out_dir: Path, split: str) -> list[str]:
+    """The inputs an earlier write was reading when it stopped without a word (killed: for
+    memory, most often), from the files its workers left; the files are removed."""
+    found = []
+    for path in sorted((out_dir / PROGRESS_DIR).glob(f"{split}.worker*.reading")):
+        try:
+            found.append(path.read_text())
+            path.unlink()
+        except OSError:
+            pass
+    return found
+
+
 def _read_record(out_dir: Path, split: str, slot: int, plan: str) -> dict | None:
     """A finished slot's record, if it belongs to this plan and its shards are on disk whole."""
     path = _record_path(out_dir, split, slot)
@@ -245,14 +263,19 @@ def _claim(out_dir: Path, split: str, plan: str, opts: WriteOptions, labels: str
 def _write_slot(out_dir: Path, split: str, slot: int, items: Sequence[Any], load: Callable[[Any], VideoRecord],
                 dataset: str, opts: WriteOptions, plan: str, describe: Callable[[Any], str], done,
                 parent: int | None, counter: int) -> None:
+    # the slot's old record first: a rewrite killed after its shard's rename and before its new
+    # record would otherwise leave the old one beside a shard of the same size, taken as finished
+    _record_path(out_dir, split, slot).unlink(missing_ok=True)
     for p in _slot_files(out_dir, split, slot):  # what an interrupted attempt at this slot left
         p.unlink()
+    reading = _reading_path(out_dir, split, counter)
     writer = SlotWriter(out_dir, split, slot, dataset=dataset, payload=opts.payload, encode=opts.encode,
                         max_bytes=opts.max_bytes)
     try:
         for item in items:
             if parent is not None and os.getppid() != parent:  # a forked worker whose driver was killed
                 os._exit(1)  # stops rather than writing on unseen
+            reading.write_text(describe(item), errors="backslashreplace")  # named if the kernel kills this process while it reads it
             try:
                 rec = load(item)
             except SkipInput as exn:
@@ -275,6 +298,7 @@ def _write_slot(out_dir: Path, split: str, slot: int, items: Sequence[Any], load
         writer.abort()
         raise
     _atomic_json(_record_path(out_dir, split, slot), {"plan": plan, "inputs": len(items), **writer.close()})
+    reading.unlink(missing_ok=True)
 
 
 def _worker(slots, args, errors, index: int) -> None:
@@ -348,6 +372,9 @@ def _write_split(out_dir: Path, split: str, items: Sequence[Any], load: Callable
     if finished is not None:
         print(f"{out_dir}: split {split!r} is already complete ({finished['samples']} videos); nothing to do")
         return finished
+    for what in _killed_while_reading(out_dir, split):  # (a single-process write killed says nothing itself)
+        log.warning("the last write of split %s stopped while reading %s: if it was killed (for memory, most "
+                    "often) and stops there again, leave that input out or write with fewer --workers", split, what)
     _atomic_json(out_dir / PROGRESS_DIR / f"{split}.plan.json", {"fingerprint": plan, "inputs": len(items),
                                                                  "labels": labels})
     n = opts.max_samples
@@ -396,11 +423,17 @@ def _write_split(out_dir: Path, split: str, items: Sequence[Any], load: Callable
             failed = [p for p in procs if p.exitcode != 0]
             if failed:
                 code = failed[0].exitcode  # (a worker killed, e.g. by the kernel for memory, reports nothing)
+                w = procs.index(failed[0])
+                try:
+                    reading = f" while reading {_reading_path(out_dir, split, w).read_text()}"
+                except OSError:
+                    reading = ""
                 index, exn, tb = errors.get(timeout=5) if not errors.empty() else \
-                    (procs.index(failed[0]), ValueError(
-                        f"writer worker {procs.index(failed[0])} ended with exit code {code}" +
+                    (w, ValueError(
+                        f"writer worker {w} ended with exit code {code}" +
                         (f" (killed by signal {-code}{': out of memory?' if code == -9 else ''})" if code < 0 else "")
-                        + ": rerun the same command to write the rest (with fewer --workers if memory ran out)"), "")
+                        + f"{reading}: rerun the same command to write the rest (with fewer --workers if memory ran "
+                        f"out)"), "")
                 log.error("writer worker %s failed:\n%s", index, tb)
                 print(f"writer worker {index} failed; the shards finished so far are kept: rerun the same "
                       f"command to write the rest")
