@@ -342,3 +342,17 @@ def test_repeated_timestamps_keep_the_frames_in_decoding_order_at_the_nominal_ra
     assert picks is None and n == len(ref) and np.array_equal(frames, ref) and fps == render_video(CFG, "train", 0).fps
     with pytest.raises(folder_module.SkipInput, match="rerun with --transcode"):  # stored as is: still refused
         folder_module._decode_file(video_dir / "a.mp4", None, False)
+
+
+def test_overwrite_takes_back_the_codec_and_class_names_the_replaced_splits_had_put_in_the_manifest(video_dir,
+                                                                                                  tmp_path):
+    """They were unioned with the old top-level values: stored originals (h264 + vp9 + mjpeg,
+    "mixed") rewritten as vp9 stayed "mixed" (PyAV on the CPU where DALI reads vp9, about 2x
+    slower), and names from a labels CSV stayed over videos written without one."""
+    out = tmp_path / "o"
+    args = ["--src", str(video_dir), "--out", str(out), "--no-progress"]
+    first = folder.main([*args, "--labels", str(video_dir / "labels.csv")])
+    assert first["codec"] == "mixed" and first["label_names"]["actions"] == ["squat", "wave"]
+    again = folder.main([*args, "--transcode", "--codec", "vp9", "--val-fraction", "0.3", "--overwrite"])
+    assert again["codec"] == "vp9" and "label_names" not in again
+    assert {s: e["codecs"] for s, e in again["splits"].items()} == {"train": ["vp9"], "val": ["vp9"]}

@@ -464,12 +464,22 @@ def _merge(out_dir: Path, split: str, records: list[tuple[int, dict | None]], pl
     if manifest.get("payload", opts.payload) != opts.payload:
         raise ValueError(f"{out_dir} holds {manifest['payload']} shards; cannot add {opts.payload} ones")
     manifest.update(dataset=dataset, payload=opts.payload, **(extra or {}))
+    # The top-level codec and class names are the splits' as they are now: unioned with the old
+    # top-level values, an --overwrite could never take back what a replaced split had put there
+    # (h264 shards rewritten as vp9 stayed "mixed": PyAV where DALI reads them). A split written
+    # before splits recorded their codecs ("codecs") keeps the old values in.
+    others = [e for other, e in manifest["splits"].items() if other != split]
+    older = [e for e in others if "codecs" not in e]
+    split_codecs = sorted({c for _, r in records for c in r["codecs"]})
+    codecs = set(split_codecs) | {c for e in others for c in e.get("codecs", [])} | (
+        {manifest["codec"]} if older and "codec" in manifest else set())
     # One codec for the whole directory lets readers pick a decoder up front ("mixed" when
     # a folder of original files was stored without transcoding).
-    codecs = {c for _, r in records for c in r["codecs"]} | ({manifest["codec"]} if "codec" in manifest else set())
     manifest["codec"] = codecs.pop() if len(codecs) == 1 else ("mixed" if codecs else opts.encode.codec)
     if label_names:
         manifest["label_names"] = label_names
+    elif not older and not any(e.get("label_names") for e in others):  # nothing left names its classes
+        manifest.pop("label_names", None)
     # Splits written by separate commands can name their classes differently (a folder's names are
     # those its videos' labels use): their action labels then index other lists. Said, and kept in
     # the manifest while it holds (each split records the names it was written with).
@@ -486,6 +496,7 @@ def _merge(out_dir: Path, split: str, records: list[tuple[int, dict | None]], pl
     per_action = videos_per_action([r for _, r in records], (label_names or {}).get("actions"))
     entry = {"shards": shards, "samples": sum(s["samples"] for s in shards),
              "frames": sum(r["frames"] for _, r in records), "skipped": [s for _, r in records for s in r["skipped"]],
+             "codecs": split_codecs,
              **({"videos_per_action": per_action} if per_action is not None else {}),
              "plan": plan, "written_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
              **({"repeated_keys": repeated} if repeated else {}), **({"labels": labels} if labels else {}),
