@@ -651,3 +651,30 @@ def test_a_slot_rewritten_drops_its_old_record_before_anything_else(tmp_path, mo
     monkeypatch.setattr(parallel, "_atomic_json", real)
     entry = write_split(tmp_path, "train", range(2), load, dataset="x", opts=opts)
     assert entry["samples"] == 2 and entry["skipped"] == []
+
+
+class _NeedsTwoArguments(Exception):  # pickles, and fails to unpickle (its __init__ takes two)
+    def __init__(self, what, where):
+        super().__init__(f"{what} at {where}")
+
+
+@pytest.mark.parametrize("error", [_NeedsTwoArguments("broken", "disk"), RuntimeError("x" * 200_000)])
+def test_a_workers_error_reaches_the_driver_as_text_when_it_would_not_travel_whole(tmp_path, error, monkeypatch):
+    """The queue pickles in a feeder thread: an error that did not unpickle raised in the driver
+    (a traceback), and one over the pipe's ~64 KiB kept the worker alive at exit, unread: a hang."""
+    from carl_scale.datasets import parallel
+
+    cfg = SyntheticConfig(num_actions=1, train_videos=1, val_videos=1, min_frames=20, max_frames=20,
+                          height=32, width=32)
+    video = render_video(cfg, "train", 0)
+    real = parallel.SlotWriter.write
+
+    def write(self, rec):  # (a write error stops the whole write: the worker reports it)
+        if rec.video_id == "v3":
+            raise error
+        real(self, rec)
+
+    monkeypatch.setattr(parallel.SlotWriter, "write", write)
+    with pytest.raises(RuntimeError, match=f"^{type(error).__name__}: "):
+        write_split(tmp_path, "train", range(4), lambda i: VideoRecord(f"v{i}", video.frames, video.fps, action_label=0),
+                    dataset="x", opts=WriteOptions(max_samples=2, workers=2, progress=False))

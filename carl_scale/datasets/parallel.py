@@ -26,6 +26,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -306,10 +307,16 @@ def _worker(slots, args, errors, index: int) -> None:
         for slot, items in slots:
             _write_slot(args[0], args[1], slot, items, *args[2:], counter=index)
     except BaseException as exn:  # reported to the driver, which logs it and raises it
+        # The queue pickles in a feeder thread, where a failure is lost (and one that does not
+        # unpickle would raise in the driver): checked here, the text sent instead. The pipe holds
+        # ~64 KiB, and the feeder is joined at exit: more would keep this worker alive, unread.
+        tb = traceback.format_exc()[-16000:]
         try:
-            errors.put((index, exn, traceback.format_exc()))
-        except Exception:  # an exception that does not pickle: its text
-            errors.put((index, RuntimeError(f"{type(exn).__name__}: {exn}"), traceback.format_exc()))
+            pickle.loads(pickle.dumps(exn))
+            sent = exn if len(pickle.dumps(exn)) < 16000 else RuntimeError(f"{type(exn).__name__}: {str(exn)[:4000]}")
+        except Exception:
+            sent = RuntimeError(f"{type(exn).__name__}: {str(exn)[:4000]}")
+        errors.put((index, sent, tb))
         raise SystemExit(1)
 
 
