@@ -4,6 +4,7 @@ tiny shards, its outputs, refusals before Ray starts, and an interrupted sweep r
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -254,3 +255,85 @@ def test_a_sweep_scored_on_the_split_a_transfer_protocol_reports_is_warned_about
     (tmp_path / "shards.json").write_text(json.dumps({"dataset": "pennaction", "splits": {"val": {"shards": []}}}))
     warning = scored_split_warning(str(tmp_path))
     assert "transfer_eval.sh pennaction reports as its test numbers" in warning and "--val-fraction" in warning
+
+
+class _Result:  # what _rows reads of a Ray Result
+    def __init__(self, trial_id, step, objective, error=None, **metrics):
+        self.metrics = {"trial_id": trial_id, "step": step, "objective": objective, **metrics} if step else {}
+        self.error, self.config, self.path = error, {"sigma2": 10.0, "tau": 0.1}, f"/x/trial_{trial_id}"
+
+
+def test_trials_an_interrupt_stopped_are_unfinished_and_neither_they_nor_failed_ones_are_best(tmp_path):
+    """Ray returns from Ctrl-C or SIGUSR1 as from the end: the trials it stopped ended short with no
+    error, as ASHA's do. Only ASHA's record tells them apart. Before, such a trial (or one that
+    failed after its first report) could be named the best and the sweep exit 0."""
+    from carl_scale.tuning.config import SweepConfig
+    from carl_scale.tuning.sweep import _rows, best_row, write_results
+
+    cfg = SweepConfig(out=str(tmp_path), trials=5, steps=100, report_every=50)
+    grid = [_Result("a", 100, 0.70), _Result("b", 50, 0.75), _Result("c", 50, 0.90), _Result("d", 50, 0.95,
+                                                                                         error=RuntimeError("disk")),
+            _Result("e", 0, None)]
+    rows = _rows(grid, cfg, stopped={"b"})
+    assert {r["trial"]: r["status"] for r in rows} == {"trial_a": "finished", "trial_b": "stopped early",
+                                                       "trial_c": "unfinished", "trial_d": "error",
+                                                       "trial_e": "unfinished"}
+    summary = write_results(rows, cfg, recipe("debug"))
+    assert summary["unfinished"] == 2 and "best" not in summary and not (tmp_path / "best_config.json").exists()
+    assert best_row(rows)["trial"] == "trial_a"  # finished first, then ASHA's stops; never c or d
+    done = _rows(grid[:2], dataclasses.replace(cfg, trials=2), stopped={"b"})
+    summary = write_results(done, dataclasses.replace(cfg, trials=2), recipe("debug"))
+    assert summary["best"]["trial"] == "trial_a" and (tmp_path / "best_config.json").is_file()
+    short = write_results(done, dataclasses.replace(cfg, trials=3), recipe("debug"))  # a trial never created
+    assert short["unfinished"] == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="stops at the refusal of --gpus-per-trial without a GPU")
+def test_a_sweep_stopped_before_ray_saved_its_state_starts_again_and_is_not_resumed(tmp_path, capsys):
+    """Ray writes tuner.pkl when the Tuner is built, its state at the first step: killed between
+    the two, --resume failed inside Ray and a new start was refused ("holds a sweep already")."""
+    from tuning.sweep import parse
+
+    from carl_scale.tuning.sweep import run_sweep
+
+    out = tmp_path / "s"
+    (out / "ray").mkdir(parents=True)
+    (out / "ray" / "tuner.pkl").write_bytes(b"\x80\x04N.")
+    (out / "sweep.json").write_text(json.dumps(to_dict(parse(["--out", str(out)]))))
+    with pytest.raises(ConfigError, match="stopped before Ray saved its first state .* without --resume"):
+        run_sweep(parse(["--out", str(out), "--resume"]))
+    with pytest.raises(ConfigError, match="--gpus-per-trial 1: this machine has no GPU"):  # (stops before Ray)
+        run_sweep(parse(["--out", str(out), "--gpus-per-trial", "1"]))
+    assert not (out / "ray").exists() and "a sweep stopped before its first trial; starting again" in \
+        capsys.readouterr().out
+    (out / "ray").mkdir()
+    (out / "ray" / "experiment_state-2026-11-28_10-00-00.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds a sweep already: continue it with --resume"):
+        run_sweep(parse(["--out", str(out)]))
+
+
+def test_a_sweep_interrupted_with_ctrl_c_ends_in_one_line_and_resumes_to_its_best(vp9_shards, tmp_path):
+    """SIGINT to the driver (Ctrl-C; Slurm's SIGUSR1 takes the same path in Ray): Ray saves its
+    state and returns. The table shows the trials it stopped as unfinished, no best_config.json is
+    written, and the command ends non-zero naming --resume, which then finishes the sweep."""
+    out = tmp_path / "sweep"
+    flags = ["--config", str(_small_config(vp9_shards, tmp_path / "small.json")), "--out", str(out), "--trials", "2",
+             "--steps", "24", "--report-every", "4", "--val-videos", "4", "--cpus-per-trial", "1"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tuning/sweep.py"), *flags], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list((out / "trials").glob("*/checkpoints/step_000004")):  # a trial under way (reports every 4)
+        assert proc.poll() is None and time.time() < deadline, "the sweep ended before it could be interrupted"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stdout[-3000:] + stderr[-3000:]
+    assert "trials unfinished (interrupted), so it has no best yet: continue it with python tuning/sweep.py " \
+           f"--resume --out {out}" in stderr and "Traceback" not in stderr[-2000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert any(r["status"] == "unfinished" for r in rows) and not (out / "best_config.json").exists(), rows
+    res = _sweep("--out", str(out), "--resume")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 and {r["status"] for r in rows} <= {"finished", "stopped early"}, rows
+    assert (out / "best_config.json").is_file()

@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> dict:
     summary = run_sweep(cfg)
     cfg = summary.get("sweep", cfg)  # a resumed sweep's own settings (its objective, its name)
     print(f"\nsweep {cfg.name}: {cfg.objective} on validation videos, best first\n{summary['table']}")
+    if summary.get("unfinished"):  # Ray returns from an interrupt (Ctrl-C, SIGUSR1) as from the end
+        raise ValueError(f"the sweep stopped with {summary['unfinished']} of {cfg.trials} trials unfinished "
+                         f"(interrupted), so it has no best yet: continue it with python tuning/sweep.py --resume "
+                         f"--out {cfg.directory}")
     if "best" in summary:
         b = summary["best"]
         values = ", ".join(f"{k}={b[k]:.4g}" for k in ("sigma2", "tau", "eps1", "lam") if k in b)

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 from carl_scale.config import ConfigError, from_dict, to_dict
@@ -146,10 +147,12 @@ def _cpus() -> int:
 def _tune(cfg: SweepConfig, base: RunConfig, val: str):
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from carl_scale.tuning.asha import SWEEP_DIR_ENV, RecordedASHA
+
     out = cfg.directory
+    os.environ[SWEEP_DIR_ENV] = str(out.resolve())  # (the scheduler runs here, in the driver)
     trainable = tune.with_resources(
         tune.with_parameters(trial, base=to_dict(base), directory=str(out), steps=cfg.steps,
                              report_every=cfg.report_every, val_shards=val,
@@ -170,12 +173,12 @@ def _tune(cfg: SweepConfig, base: RunConfig, val: str):
         if cfg.resume:
             tuner = tune.Tuner.restore(str(out / "ray"), trainable, resume_unfinished=True, resume_errored=True)
         else:
-            scheduler = ASHAScheduler(time_attr="step", max_t=cfg.steps, grace_period=cfg.report_every,
-                                      reduction_factor=2)
+            scheduler = RecordedASHA(time_attr="step", max_t=cfg.steps, grace_period=cfg.report_every,
+                                     reduction_factor=2)
             tuner = tune.Tuner(
                 trainable, param_space=_space(cfg),
                 tune_config=tune.TuneConfig(metric="objective", mode="max", scheduler=scheduler,
-                                            num_samples=cfg.trials, reuse_actors=True,
+                                            num_samples=cfg.trials, reuse_actors=False,
                                             search_alg=BasicVariantGenerator(random_state=cfg.seed)),
                 run_config=tune.RunConfig(name="ray", storage_path=str(out),
                                           failure_config=tune.FailureConfig(max_failures=2)))
@@ -184,13 +187,16 @@ def _tune(cfg: SweepConfig, base: RunConfig, val: str):
         ray.shutdown()
 
 
-def _rows(grid, cfg: SweepConfig) -> list[dict]:
+def _rows(grid, cfg: SweepConfig, stopped: set[str]) -> list[dict]:
+    """One row per trial; ``stopped``: the ids of the trials ASHA stopped at a rung (the others
+    that ended short without an error were stopped by an interrupt: unfinished)."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         step = int(metrics.get("step", 0) or 0)
+        trial_id = metrics.get("trial_id")  # (none: a trial that never reported, e.g. never started)
         status = "error" if result.error is not None else "diverged" if metrics.get("diverged") else \
-            ("finished" if step >= cfg.steps else "stopped early")
+            "finished" if step >= cfg.steps else "stopped early" if trial_id in stopped else "unfinished"
         name = f"trial_{metrics['trial_id']}" if "trial_id" in metrics else Path(result.path).name
         rows.append({"trial": name, **{k: result.config.get(k) for k in cfg.swept()},
                      "objective": metrics.get("objective", float("nan")), "steps": step, "status": status})
@@ -199,21 +205,28 @@ def _rows(grid, cfg: SweepConfig) -> list[dict]:
                                        -r["objective"] if r["objective"] == r["objective"] else math.inf))
 
 
-def _plot(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
+def best_row(rows: list[dict]) -> dict | None:
+    """The best trial that ran as the sweep asked: finished, or stopped by ASHA at a rung (rows
+    come sorted, finished first). Not one that failed after a report (Ray retried it twice), nor
+    one an interrupt cut short (its score is from fewer steps than its rivals had)."""
+    return next((r for r in rows if r["objective"] == r["objective"] and r["status"] in ("finished", "stopped early")),
+                None)
+
+
+def _plot(rows: list[dict], cfg: SweepConfig, path: Path, best: dict | None) -> None:
     from carl_scale.eval.pictures import figure, save
 
     names = cfg.swept()
     fig = figure((4 * len(names), 3.4))
     axes = fig.subplots(1, len(names), squeeze=False)
-    colour = {"finished": "tab:blue", "stopped early": "tab:orange", "error": "tab:red"}
+    colour = {"finished": "tab:blue", "stopped early": "tab:orange", "unfinished": "tab:gray", "error": "tab:red"}
     for ax, name in zip(axes[0], names):
         for status, c in colour.items():
             pts = [(r[name], r["objective"]) for r in rows if r["status"] == status and r["objective"] == r["objective"]]
             if pts:
                 ax.scatter(*zip(*pts), c=c, label=status, s=30)
-        scored = [r for r in rows if r["objective"] == r["objective"]]
-        if scored:  # (the best of write_results: the first scored row)
-            ax.scatter([scored[0][name]], [scored[0]["objective"]], marker="*", s=220, c="gold", edgecolors="k",
+        if best is not None:
+            ax.scatter([best[name]], [best["objective"]], marker="*", s=220, c="gold", edgecolors="k",
                        label="best", zorder=3)
         ax.axvline(PAPER[name], color="grey", ls="--", lw=1, label="paper")
         if LOG_SCALE[name]:
@@ -226,7 +239,8 @@ def _plot(rows: list[dict], cfg: SweepConfig, path: Path) -> None:
 
 
 def write_results(rows: list[dict], cfg: SweepConfig, base: RunConfig) -> dict:
-    """results.csv / .md, objective.png and best_config.json in the sweep's directory."""
+    """results.csv / .md, objective.png and (once no trial is left unfinished) best_config.json in
+    the sweep's directory."""
     out = cfg.directory
     keys = ["trial", *cfg.swept(), "objective", "steps", "status"]
     with open(out / "results.csv", "w", newline="") as f:
@@ -239,11 +253,13 @@ def write_results(rows: list[dict], cfg: SweepConfig, base: RunConfig) -> dict:
          ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
     (out / "results.md").write_text(f"# Sweep {cfg.name}: {cfg.objective} on validation videos, "
                                     f"{cfg.steps} steps per trial\n\n" + "\n".join(md) + "\n")
-    _plot(rows, cfg, out / "objective.png")
+    best = best_row(rows)
+    _plot(rows, cfg, out / "objective.png", best)
     summary = {"table": text, "rows": rows}
-    scored = [r for r in rows if r["objective"] == r["objective"]]
-    if scored:
-        best = scored[0]
+    unfinished = sum(r["status"] == "unfinished" for r in rows) + max(0, cfg.trials - len(rows))
+    if unfinished:  # interrupted: no best yet (a --resume finishes the trials and chooses)
+        summary["unfinished"] = unfinished
+    elif best is not None:
         run_dir = str(out / "best_run")
         best_cfg = configure(base, {**overrides_of({k: best[k] for k in cfg.swept()}), "run_dir": run_dir})
         (out / "best_config.json").write_text(json.dumps(to_dict(best_cfg), indent=2, sort_keys=True) + "\n")
@@ -265,6 +281,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
     if cfg.resume:  # the sweep as it was started; only where it is comes from this call
         if not (out / "sweep.json").is_file() or not tune.Tuner.can_restore(str(experiment)):
             raise ConfigError(f"--resume: there is no sweep to continue in {out}")
+        if not _ray_started(experiment):
+            raise ConfigError(f"--resume: the sweep in {out} stopped before Ray saved its first state (no trial had "
+                              f"run): start it again without --resume")
         cfg = dataclasses.replace(from_dict(SweepConfig, json.loads((out / "sweep.json").read_text())),
                                   out=str(out), resume=True)
     if cfg.resume and (out / "base_config.json").is_file():
@@ -276,7 +295,12 @@ def run_sweep(cfg: SweepConfig) -> dict:
         base, val = prepare(cfg)
         base = as_started(out, base, cfg.resume)  # (a sweep from before base_config.json: its encoder)
     if not cfg.resume and experiment.exists():
-        raise ConfigError(f"{out} holds a sweep already: continue it with --resume, or give another --name/--out")
+        if _ray_started(experiment):
+            raise ConfigError(f"{out} holds a sweep already: continue it with --resume, or give another --name/--out")
+        # Ray writes tuner.pkl as the Tuner is built and its state at the first step: a sweep stopped
+        # between the two holds nothing to keep (no trial ran), and would block both a resume and this
+        print(f"{experiment}: a sweep stopped before its first trial; starting again", flush=True)
+        shutil.rmtree(experiment)
     # (both before anything is written: the synthetic shards, the sweep's directory)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: name a directory for the sweep")
@@ -300,11 +324,18 @@ def run_sweep(cfg: SweepConfig) -> dict:
     if (warning := scored_split_warning(val)) is not None:
         print(f"warning: {warning}", flush=True)
     grid = _tune(cfg, base, val)
-    summary = write_results(_rows(grid, cfg), cfg, base)
+    from carl_scale.tuning.asha import stopped_by_asha
+
+    summary = write_results(_rows(grid, cfg, stopped_by_asha(out)), cfg, base)
     summary["failed"] = [_last_line(r.error) for r in grid if r.error is not None]
     summary["warning"] = scored_split_warning(val)
     summary["sweep"] = cfg  # the settings it ran with (a resumed sweep's are its saved ones)
     return summary
+
+
+def _ray_started(experiment: Path) -> bool:
+    """Whether Ray saved the experiment's state (trials, their status) there: what a restore reads."""
+    return any(experiment.glob("experiment_state-*.json"))
 
 
 def _last_line(error: BaseException) -> str:
