@@ -325,11 +325,12 @@ def test_a_video_too_long_to_decode_in_memory_is_skipped_with_the_fix_not_killed
     m = read_manifest(tmp_path / "o")
     reasons = {s["source"]: s["reason"] for e in m["splits"].values() for s in e["skipped"]}
     assert {"a.mp4", "b.webm", "sub/c.avi"} <= set(reasons) and not any(e["samples"] for e in m["splits"].values())
-    fix = "more than half of the memory available: cut it into shorter clips, or give a smaller --short-side " \
-          "(fewer --workers leave each more)"
-    assert re.search(r"decoded, its \d+ frames at 64x48 would take 0.0 GiB, " + re.escape(fix), reasons["a.mp4"])
-    # a WebM lists no frame count: the frames are counted as they are decoded
-    assert re.search(r"decoded, its frames at 64x48 would take more than 5 frames' 0.0 GiB, " + re.escape(fix),
+    fix = "that while it is stacked and resampled) would take more than half of the memory available: cut it into " \
+          "shorter clips, or give a smaller --short-side (fewer --workers leave each more)"
+    # 100 kB available: 5 frames of 64x48 fit in half of it; twice a listed count must
+    assert re.search(r"decoded, its \d+ frames at 64x48 \(0.0 GiB, up to 2x " + re.escape(fix), reasons["a.mp4"])
+    # a WebM lists no frame count: the frames are counted as they are decoded (a list, stacked: 3x)
+    assert re.search(r"decoded, its frames at 64x48 \(over 0.0 GiB in 2, up to 3x " + re.escape(fix),
                      reasons["b.webm"])
 
 
@@ -356,3 +357,16 @@ def test_overwrite_takes_back_the_codec_and_class_names_the_replaced_splits_had_
     again = folder.main([*args, "--transcode", "--codec", "vp9", "--val-fraction", "0.3", "--overwrite"])
     assert again["codec"] == "vp9" and "label_names" not in again
     assert {s: e["codecs"] for s, e in again["splits"].items()} == {"train": ["vp9"], "val": ["vp9"]}
+
+
+def test_a_file_stored_as_is_over_the_tar_formats_member_size_is_skipped_before_it_is_read(video_dir, tmp_path,
+                                                                                          monkeypatch):
+    """Checked on the file's size: read whole first (to be refused by the writer), a file of 8 GiB
+    could get the write killed for memory."""
+    monkeypatch.setattr(folder_module, "TAR_MEMBER_MAX", 1)  # (bytes: every file is over it)
+    monkeypatch.setattr(folder_module, "_decode_file", lambda *a: pytest.fail("decoded a file it should refuse"))
+    with pytest.raises(ValueError, match="none of its 5 inputs could be written"):
+        folder.main(["--src", str(video_dir), "--out", str(tmp_path / "o"), "--no-progress"])
+    reasons = {s["source"]: s["reason"] for e in read_manifest(tmp_path / "o")["splits"].values()
+               for s in e["skipped"]}
+    assert "GiB, over the tar format's 0 GiB a member: store it smaller (--transcode, --short-side)" in reasons["a.mp4"]

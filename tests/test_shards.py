@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -600,19 +601,22 @@ def test_a_worker_killed_while_reading_an_input_names_it_and_the_rerun_says_so_a
     kill = {"on": True}
 
     def load(i):
-        if i == 5 and kill["on"]:
+        if i == 7 and kill["on"]:  # (worker 1's: slots 1 and 3; worker 0, still writing, is then stopped)
             os.kill(os.getpid(), signal.SIGKILL)
+        if i == 4 and kill["on"]:
+            time.sleep(30)  # (worker 0 is busy when worker 1 dies: stopped by the driver, SIGTERM)
         return VideoRecord(f"v{i}", video.frames, video.fps, action_label=0)
 
     opts = WriteOptions(max_samples=2, workers=2, progress=False)
-    with pytest.raises(ValueError, match=r"writer worker \d ended with exit code -9 \(killed by signal 9: out of "
-                                         r"memory\?\) while reading clip-5: rerun"):
+    with pytest.raises(ValueError, match=r"writer worker 1 ended with exit code -9 \(killed by signal 9: out of "
+                                         r"memory\?\) while reading clip-7: rerun"):
         write_split(tmp_path, "train", range(8), load, dataset="x", opts=opts, describe=lambda i: f"clip-{i}")
     kill["on"] = False
     with caplog.at_level("WARNING", logger="carl_scale.data"):
         entry = write_split(tmp_path, "train", range(8), load, dataset="x", opts=opts, describe=lambda i: f"clip-{i}")
     assert entry["samples"] == 8 and entry["skipped"] == []
-    assert "the last write of split train stopped while reading clip-5" in caplog.text
+    assert "the last write of split train stopped while reading clip-7" in caplog.text
+    assert "clip-4" not in caplog.text  # the worker the driver stopped was reading it: innocent
     assert not list((tmp_path / ".progress").glob("*.reading"))  # a finished write leaves none
 
 

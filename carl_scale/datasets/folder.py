@@ -17,7 +17,7 @@ from carl_scale.data.codec import decode_rgb
 from carl_scale.data.manifest import read_manifest
 from carl_scale.datasets.encode import MIN_SHORT_SIDE, constant_rate_picks, frame_timing
 from carl_scale.datasets.parallel import SkipInput, add_warnings, labels_digest, write_options, write_split
-from carl_scale.datasets.writer import VideoRecord, check_split_name, sample_key
+from carl_scale.datasets.writer import TAR_MEMBER_MAX, VideoRecord, check_split_name, sample_key
 
 log = logging.getLogger("carl_scale.data")
 
@@ -143,13 +143,13 @@ def _decode_file(path: Path, short_side: int | None,
                 rgb = decode_rgb(frame, short_side)
                 if transcode and not pts:
                     most = _frames_that_fit(rgb)
-                    if listed:
-                        buf = np.empty((_check_fits(listed + max(2, listed // 100), most, rgb, short_side),
+                    if listed:  # in one array: twice that at most (a variable-rate clip's resampled copy)
+                        buf = np.empty((_check_fits(listed + max(2, listed // 100), most, 2, rgb, short_side),
                                         *rgb.shape), rgb.dtype)
                 if buf is not None and len(pts) < len(buf):
                     buf[len(pts)] = rgb
-                else:  # (no count listed, or more frames than listed: the rest in a list)
-                    _check_fits(len(pts) + 1, most, rgb, short_side, more=True)
+                else:  # (no count listed, or more than listed: in a list, then stacked, then maybe resampled)
+                    _check_fits(len(pts) + 1, most, 3, rgb, short_side, more=True)
                     frames.append(rgb)
             pts.append(frame.pts)
         codec, tb = stream.codec_context.name, float(stream.time_base or 0)
@@ -195,16 +195,18 @@ def _frames_that_fit(first: np.ndarray) -> int:
     return (free // 2) // max(1, first.nbytes) if free is not None else 1 << 62
 
 
-def _check_fits(frames: int, most: int, first: np.ndarray, short_side: int | None, *, more: bool = False) -> int:
-    """``frames`` when at most ``most``, else :class:`SkipInput` (``more``: ``frames`` is a count
-    so far): a long video decoded whole would get this process killed by the kernel, in every
-    rerun at the same video, naming none."""
-    if frames <= most:
+def _check_fits(frames: int, most: int, copies: int, first: np.ndarray, short_side: int | None, *,
+                more: bool = False) -> int:
+    """``frames`` when ``copies`` of them (the decoding's peak) fit in ``most`` frames, else
+    :class:`SkipInput` (``more``: ``frames`` is a count so far): a long video decoded whole would
+    get this process killed by the kernel, in every rerun at the same video, naming none."""
+    if frames * copies <= most:
         return frames
     h, w = first.shape[:2]
-    size = (f"its {frames} frames at {w}x{h} would take {frames * first.nbytes / 2**30:.1f} GiB" if not more else
-            f"its frames at {w}x{h} would take more than {most} frames' {most * first.nbytes / 2**30:.1f} GiB")
-    raise SkipInput(f"decoded, {size}, more than half of the memory available: cut it into shorter clips"
+    size = (f"its {frames} frames at {w}x{h} ({frames * first.nbytes / 2**30:.1f} GiB" if not more else
+            f"its frames at {w}x{h} (over {frames * first.nbytes / 2**30:.1f} GiB in {frames}")
+    raise SkipInput(f"decoded, {size}, up to {copies}x that while it is stacked and resampled) would take more than "
+                    f"half of the memory available: cut it into shorter clips"
                     + ("" if short_side is not None and short_side <= 256 else ", or give a smaller --short-side")
                     + " (fewer --workers leave each more)")
 
@@ -217,6 +219,9 @@ def file_record(path: Path, video_id: str, label: int, phases: np.ndarray | None
     variable-rate file's resampling; label sets whose length differs from the decoded frame count
     by at most ``label_slack`` are cut, or padded with -1 (a container's frame count and its
     decode can differ by a frame or two), larger differences skip the video."""
+    if not transcode and path.stat().st_size > TAR_MEMBER_MAX:  # (before decoding it, or reading it whole)
+        raise SkipInput(f"{path.stat().st_size / 2**30:.1f} GiB, over the tar format's {TAR_MEMBER_MAX / 2**30:.0f} GiB "
+                        f"a member: store it smaller (--transcode, --short-side) or cut it into clips")
     frames, n, fps, codec, picks, source_frames = _decode_file(path, short_side, transcode)
 
     def fit(lab, length: int):

@@ -27,6 +27,7 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import signal
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -208,7 +209,7 @@ def _remove_split(out_dir: Path, split: str, manifest: dict | None) -> None:
         write_manifest(out_dir, manifest)
     for p in _slot_files(out_dir, split):
         p.unlink()
-    for pat in (f"{split}[-.]*.json", f"{split}[-.]*.json.partial"):  # not the lock, which this write holds
+    for pat in (f"{split}[-.]*.json", f"{split}[-.]*.json.partial", f"{split}.worker*.reading"):  # (not the lock)
         for p in (out_dir / PROGRESS_DIR).glob(pat):
             p.unlink()
 
@@ -297,6 +298,9 @@ def _write_slot(out_dir: Path, split: str, slot: int, items: Sequence[Any], load
             done[counter] += 1
     except BaseException:
         writer.abort()
+        # raised, not killed: the error says what happened (a .reading file is left only where the
+        # process died without a word, which is what it is for)
+        reading.unlink(missing_ok=True)
         raise
     _atomic_json(_record_path(out_dir, split, slot), {"plan": plan, "inputs": len(items), **writer.close()})
     reading.unlink(missing_ok=True)
@@ -429,6 +433,11 @@ def _write_split(out_dir: Path, split: str, items: Sequence[Any], load: Callable
                     p.join()
             failed = [p for p in procs if p.exitcode != 0]
             if failed:
+                # the worker that failed, not one the loop above then stopped (SIGTERM: it was innocent)
+                failed.sort(key=lambda p: p.exitcode == -signal.SIGTERM)
+                for p in failed[1:]:
+                    if p.exitcode == -signal.SIGTERM:
+                        _reading_path(out_dir, split, procs.index(p)).unlink(missing_ok=True)
                 code = failed[0].exitcode  # (a worker killed, e.g. by the kernel for memory, reports nothing)
                 w = procs.index(failed[0])
                 try:
@@ -485,8 +494,12 @@ def _merge(out_dir: Path, split: str, records: list[tuple[int, dict | None]], pl
     manifest["codec"] = codecs.pop() if len(codecs) == 1 else ("mixed" if codecs else opts.encode.codec)
     if label_names:
         manifest["label_names"] = label_names
-    elif not older and not any(e.get("label_names") for e in others):  # nothing left names its classes
-        manifest.pop("label_names", None)
+    elif not older:  # the names a split left holds, or none (never the replaced split's)
+        kept = next((e["label_names"] for e in others if e.get("label_names")), None)
+        if kept is None:
+            manifest.pop("label_names", None)
+        else:
+            manifest["label_names"] = kept
     # Splits written by separate commands can name their classes differently (a folder's names are
     # those its videos' labels use): their action labels then index other lists. Said, and kept in
     # the manifest while it holds (each split records the names it was written with).
