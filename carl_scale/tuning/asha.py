@@ -21,10 +21,16 @@ SWEEP_DIR_ENV = "CARL_SCALE_SWEEP_DIR"
 RECORD = "asha_stopped.txt"
 
 
-def stopped_by_asha(directory: str | Path) -> set[str]:
-    """The ids of the trials the sweep's scheduler stopped at a rung, over all its runs."""
+def start_record(directory: str | Path) -> None:
+    """An empty record, as a sweep starts: its presence says the sweep's scheduler keeps one."""
+    (Path(directory) / RECORD).touch()
+
+
+def stopped_by_asha(directory: str | Path) -> set[str] | None:
+    """The ids of the trials the sweep's scheduler stopped at a rung, over all its runs; None for
+    a sweep started before the record was kept (its restored scheduler is a plain ASHA)."""
     path = Path(directory) / RECORD
-    return set(path.read_text().split()) if path.is_file() else set()
+    return set(path.read_text().split()) if path.is_file() else None
 
 
 class RecordedASHA(ASHAScheduler):

@@ -187,16 +187,18 @@ def _tune(cfg: SweepConfig, base: RunConfig, val: str):
         ray.shutdown()
 
 
-def _rows(grid, cfg: SweepConfig, stopped: set[str]) -> list[dict]:
+def _rows(grid, cfg: SweepConfig, stopped: set[str] | None) -> list[dict]:
     """One row per trial; ``stopped``: the ids of the trials ASHA stopped at a rung (the others
-    that ended short without an error were stopped by an interrupt: unfinished)."""
+    that ended short without an error were stopped by an interrupt: unfinished), None where the
+    sweep kept no such record (started before it was kept: every short trial reads as ASHA's)."""
     rows = []
     for result in grid:
         metrics = result.metrics or {}
         step = int(metrics.get("step", 0) or 0)
         trial_id = metrics.get("trial_id")  # (none: a trial that never reported, e.g. never started)
         status = "error" if result.error is not None else "diverged" if metrics.get("diverged") else \
-            "finished" if step >= cfg.steps else "stopped early" if trial_id in stopped else "unfinished"
+            "finished" if step >= cfg.steps else "stopped early" if stopped is None or trial_id in stopped else \
+            "unfinished"
         name = f"trial_{metrics['trial_id']}" if "trial_id" in metrics else Path(result.path).name
         rows.append({"trial": name, **{k: result.config.get(k) for k in cfg.swept()},
                      "objective": metrics.get("objective", float("nan")), "steps": step, "status": status})
@@ -276,6 +278,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
     """The whole sweep; returns the summary (table, rows, best trial, the two next commands)."""
     from ray import tune
 
+    from carl_scale.tuning.asha import start_record
+
     out = cfg.directory
     experiment = out / "ray"
     if cfg.resume:  # the sweep as it was started; only where it is comes from this call
@@ -294,13 +298,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
     else:
         base, val = prepare(cfg)
         base = as_started(out, base, cfg.resume)  # (a sweep from before base_config.json: its encoder)
-    if not cfg.resume and experiment.exists():
-        if _ray_started(experiment):
-            raise ConfigError(f"{out} holds a sweep already: continue it with --resume, or give another --name/--out")
-        # Ray writes tuner.pkl as the Tuner is built and its state at the first step: a sweep stopped
-        # between the two holds nothing to keep (no trial ran), and would block both a resume and this
-        print(f"{experiment}: a sweep stopped before its first trial; starting again", flush=True)
-        shutil.rmtree(experiment)
+    if not cfg.resume and experiment.exists() and _ray_started(experiment):
+        raise ConfigError(f"{out} holds a sweep already: continue it with --resume, or give another --name/--out")
     # (both before anything is written: the synthetic shards, the sweep's directory)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: name a directory for the sweep")
@@ -314,8 +313,14 @@ def run_sweep(cfg: SweepConfig) -> dict:
         from carl_scale.datasets.synthetic import ensure_synthetic_shards
 
         ensure_synthetic_shards(base.data.shards, base.synthetic, progress=progress_wanted())
+    if not cfg.resume and experiment.exists():
+        # Ray writes tuner.pkl as the Tuner is built and its state at the first step: a sweep stopped
+        # between the two holds nothing to keep (no trial ran), and would block both a resume and this
+        print(f"{experiment}: a sweep stopped before its first trial; starting again", flush=True)
+        shutil.rmtree(experiment)
     out.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:  # (its paths absolute: a --resume may run from another directory)
+        start_record(out)
         paths = {k: str(Path(v).resolve()) for k in ("config", "shards", "init_from")
                  if local(v := getattr(cfg, k))}
         (out / "sweep.json").write_text(json.dumps(to_dict(dataclasses.replace(cfg, out=str(out), **paths)), indent=2,

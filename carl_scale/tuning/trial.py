@@ -1,8 +1,8 @@
 """One sweep trial: the entry point's own ``run`` with the drawn values, reporting to Ray Tune.
 
 A trial trains in ``<sweep>/trials/<trial name>/`` through :func:`carl_scale.train.trainer.run`
-(the same call as ``launch/pretrain_k400.py``; a reused Ray worker calls it again for the next
-trial, which ``run`` allows). Every ``report_every`` steps the :class:`TuneReport` hook writes the
+(the same call as ``launch/pretrain_k400.py``; each trial in a fresh Ray worker, though ``run``
+may be called again in one process). Every ``report_every`` steps the :class:`TuneReport` hook writes the
 step's checkpoint in the trial's run directory, embeds the validation videos, computes the
 objective and reports it. A trial that failed and is retried (``max_failures``), or that an
 interrupted sweep resumes, continues from the newest intact checkpoint of its run directory
