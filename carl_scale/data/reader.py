@@ -264,7 +264,7 @@ class VideoLoader:
             # generator: a DataLoader iterator otherwise draws its base seed from the global torch
             # RNG, so a resumed run (new iterator mid-epoch) would shift every later dropout mask.
             # Garbage collected first, here: freed in a forked worker, the cyclic garbage of an
-            # earlier compiled run in this process (a sweep's reused worker, a test session)
+            # earlier compiled run in this process (a test session, a benchmark's rows)
             # crashed it with a segmentation fault (tests/test_reader.py)
             gc.collect()
             # (the workers ignore a scheduler's stop signal: their rank writes a checkpoint first)

@@ -107,7 +107,7 @@ def embedding_fingerprint(model, shards, split: str, *, image_size: int | None, 
         for u in urls]
     read = [u if "://" in u or u.startswith("pipe:") else Path(u).name for u in urls]
     h.update(json.dumps([EMBEDDINGS_FORMAT, repr(getattr(model, "cfg", None)), data, read,
-                         image_size or model.cfg.image_size, list(spatial.mean), list(spatial.std), limit,
+                         model.cfg.image_size if image_size is None else image_size, list(spatial.mean), list(spatial.std), limit,
                          decoder, str(device)] + ([per_action, actions] if per_action is not None else []),
                         sort_keys=True, default=str).encode())
     return h.hexdigest()
@@ -138,7 +138,9 @@ def embed_frames(model, frames, *, image_size: int | None = None, spatial: Spati
     """One whole video ``(S, H, W, 3)`` uint8 -> L2-normalised ``(S, D)``: the evaluation view
     (centre crop, resize, normalise; no augmentation) through ``model.embed_video``. The view is
     made 256 frames at a time: resizing a 5000-frame event at once would hold it as float."""
-    size, spatial = image_size or model.cfg.image_size, spatial or SpatialConfig()
+    size, spatial = model.cfg.image_size if image_size is None else image_size, spatial or SpatialConfig()
+    if size < 1:
+        raise ValueError(f"image_size must be >= 1 (None: the model's {model.cfg.image_size}), got {size}")
     x = torch.empty((len(frames), 3, size, size), dtype=next(model.parameters()).dtype, device=device)
     for i in range(0, len(frames), 256):  # filled in place: one copy of the video as floats, where it runs
         x[i:i + 256] = eval_photometric(eval_geometric(to_tchw(frames[i:i + 256]), size), spatial)

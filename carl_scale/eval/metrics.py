@@ -348,7 +348,7 @@ def linear_probe_frame_classification(train_embs, train_labels, val_embs, val_la
         return {"accuracy": float("nan"), "mean_class_accuracy": float("nan")}
     xv, yv = torch.as_tensor(xv, dtype=torch.float32, device=dev), torch.as_tensor(yv, dtype=torch.long, device=dev)
     top = max(max(int(y.max()) for y in ys if len(y)), int(yv.max()))
-    c = num_classes or top + 1
+    c = top + 1 if num_classes is None else num_classes
     if top >= c:
         raise ValueError(f"labels go up to {top} but num_classes is {c}")
     g = torch.Generator(device="cpu").manual_seed(seed)

@@ -197,7 +197,7 @@ def apply_speedups(model: torch.nn.Module, cfg: RunConfig, objective: torch.nn.M
     if compile_ != "off":
         # a fresh start for this engine: Dynamo keeps compiled code per code object (every engine's
         # objective runs the same `compute`), and past its recompile limit (8 by default) it runs the
-        # code eager with only a warning: sweep trials in one reused Ray worker, bench.step's rows
+        # code eager with only a warning: several runs in one process (bench.step's rows, tests)
         torch._dynamo.reset()
     if compile_ == "trunk":
         # each stage group on its own: the frozen one runs without gradients, the trained one with
