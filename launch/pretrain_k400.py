@@ -50,7 +50,7 @@ from carl_scale.hooks import Hook  # noqa: E402
 from carl_scale.models.flavors import FLAVORS  # noqa: E402
 from carl_scale.models.weights import read_meta  # noqa: E402
 from carl_scale.train.config import RunConfig  # noqa: E402
-from carl_scale.train.recipes import RECIPES, configure, load_run_config, recipe  # noqa: E402
+from carl_scale.train.recipes import RECIPES, configure, load_run_config, recipe, resume_hint  # noqa: E402
 
 _GROUPS = {"data": "data", "model": "model", "loss": "objective", "optim": "optimisation",
            "parallel": "parallelism", "checkpoint": "checkpoints", "eval": "end-of-run evaluation"}
@@ -94,7 +94,7 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
         try:
             flavor = read_meta(overrides["init_from"])["config"]["model"].get("flavor")
         except (OSError, ValueError) as exn:
-            raise ConfigError(f"--init-from: {exn}") from None
+            raise ConfigError(f"--init-from: {exn}{resume_hint(overrides, to_dict(base), args.weak)}") from None
         if flavor != "debug":
             raise ConfigError(f"--init-from a {flavor} checkpoint without --recipe or --config would train it with "
                               f"the debug recipe's settings; add --config {Path(overrides['init_from']) / 'meta.json'} "

@@ -565,3 +565,29 @@ def test_a_resumed_run_of_another_length_takes_its_next_rate_from_its_own_schedu
             assert lr != pytest.approx(longer.optim.lr * lr_lambda(4, 4, 1, longer.optim.min_lr_ratio))
         finally:
             trainer.loader.close()
+
+
+def test_a_stop_signal_during_the_end_of_run_work_lets_it_finish(vp9_shards, tmp_path, capsys):
+    """SLURM's warning (SIGUSR1) or a SIGTERM during the end-of-run evaluation: the trainer had put
+    the default handlers back, so the process died there, the evaluation and summary.json lost,
+    with no word. The last checkpoint is written by then: the work now finishes, saying so."""
+    import os
+    import signal as sig
+
+    from carl_scale.hooks import Hook
+    from carl_scale.train.trainer import run
+    from launch.pretrain_k400 import parse
+
+    class SignalledDuringEvaluation(Hook):
+        def on_end(self, ctx):
+            os.kill(os.getpid(), sig.SIGUSR1)
+            os.kill(os.getpid(), sig.SIGTERM)
+            return {"evaluated": 1.0}
+
+    before = {s: sig.getsignal(s) for s in (sig.SIGTERM, sig.SIGUSR1)}
+    cfg, _ = parse(_flags(vp9_shards, tmp_path / "run", 2, workers=0))
+    summary = run(cfg, [SignalledDuringEvaluation()])
+    assert summary["evaluated"] == 1.0 and json.loads((tmp_path / "run" / "summary.json").read_text())["evaluated"]
+    out = capsys.readouterr().out
+    assert "received SIGUSR1 during the end-of-run work: finishing it" in out and "received SIGTERM" in out
+    assert {s: sig.getsignal(s) for s in before} == before  # put back afterwards

@@ -145,6 +145,9 @@ class RunConfig(Config):
         super().__post_init__()
 
     def check(self) -> None:
+        if self.data.temporal.num_frames < 2:  # one column in each row's softmax: loss 0, no gradient, ever
+            refuse("--frames", f"must be >= 2 for training (a frame is contrasted with the view's other frames), "
+                   f"got {self.data.temporal.num_frames}")
         if (self.steps is None) == (self.epochs is None):
             refuse("--steps/--epochs", f"give exactly one of them (got steps={self.steps}, epochs={self.epochs})")
         if self.steps is not None and self.optim.warmup_steps and self.optim.warmup_steps >= self.steps:

@@ -29,8 +29,10 @@ own flag after every step.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -120,3 +122,27 @@ class StopSignals:
         self._settle()  # (its answer is in the next one's: a flag is never cleared)
         self._pending = self._reduce()
         return self._decide(self._settle())
+
+
+@contextlib.contextmanager
+def finishing_the_run() -> Iterator[list[str]]:
+    """The end-of-run work (its summary, the evaluation hooks) under a stop signal's handler that
+    lets it finish: the last step's checkpoint is written by then, and the default action would
+    lose the evaluation a scheduler's warning (SLURM's ``--signal=USR1@120``) usually leaves time
+    for, with no word. Yields the list of signals received (one line each says so)."""
+    received: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handle(signum, frame) -> None:
+        received.append(signal.Signals(signum).name)
+        print(f"received {received[-1]} during the end-of-run work: finishing it (the checkpoint of the last "
+              f"step is written)", flush=True)
+
+    previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

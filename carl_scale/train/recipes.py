@@ -136,6 +136,17 @@ def _video_classes(d: dict) -> int | None:
     return None
 
 
+def resume_hint(overrides: Mapping[str, Any], d: Mapping[str, Any], weak: bool) -> str:
+    """What to say when --init-from's checkpoint is unreadable in a run that resumes (pruned since,
+    most often): the resume does not need it (its own checkpoint holds every weight), its saved
+    config does."""
+    if not overrides.get("checkpoint.resume"):
+        return ""
+    run_dir = overrides.get("run_dir") or (d["run_dir"] + ("_weak" if weak and d["loss"]["name"] != "weak" else ""))
+    return (f". A resumed run needs no --init-from (its checkpoint holds every weight): resume it with "
+            f"--config {Path(run_dir) / 'config.json'} --resume {overrides['checkpoint.resume']}")
+
+
 def configure(base: RunConfig, overrides: Mapping[str, Any] | None = None, *, flavor: str | None = None,
               augment: str | None = None, synthetic_videos: int | None = None,
               data_dir: str | None = None, weak: bool = False) -> RunConfig:
@@ -164,7 +175,7 @@ def configure(base: RunConfig, overrides: Mapping[str, Any] | None = None, *, fl
             saved = read_meta(overrides["init_from"])["config"]["model"]
             d["model"] = to_dict(model_config_from_dict(saved, pretrained=None))  # every weight is in it
         except (OSError, ValueError) as exn:
-            raise ConfigError(f"--init-from: {exn}") from None
+            raise ConfigError(f"--init-from: {exn}{resume_hint(overrides, d, weak)}") from None
     if augment is not None:
         presets = {"paper": SpatialConfig, "light": SpatialConfig.light}
         if augment not in presets:
@@ -188,12 +199,13 @@ def configure(base: RunConfig, overrides: Mapping[str, Any] | None = None, *, fl
         n_actions = d["synthetic"]["num_actions"]
         d["synthetic"].update(train_videos=synthetic_videos, val_videos=max(n_actions, synthetic_videos // 3))
     if weak:
+        already = d["loss"]["name"] == "weak"  # (a weak run's own config: its run_dir is the weak one)
         d["loss"]["name"] = "weak"
         d["loss"]["scl_negatives"] = "video"  # the weak objective's negatives are Eq. 3's
         d["model"]["class_token"] = True
         if not d["data"]["per_label"]:
             d["data"]["per_label"] = 2
-        if "run_dir" not in overrides:
+        if "run_dir" not in overrides and not already:
             d["run_dir"] = d["run_dir"] + "_weak"  # beside the self-supervised run it usually starts from
     if "steps" in overrides and "epochs" in overrides:
         refuse("--steps/--epochs", "are both given: a run's length is one of them")
