@@ -49,7 +49,14 @@ USER_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
 
 def expected(exn: BaseException) -> bool:
     """Whether ``exn`` is bad input or the machine's state, said in one line (else: a bug)."""
-    return isinstance(exn, EXPECTED) or (isinstance(exn, OSError) and exn.errno in USER_ERRNOS)
+    return isinstance(exn, EXPECTED) or (isinstance(exn, OSError) and exn.errno in USER_ERRNOS) or \
+        device_out_of_memory(exn)
+
+
+def device_out_of_memory(exn: BaseException) -> bool:
+    """torch's out-of-memory error of a GPU (by name: this module never imports torch), the most
+    common failure of a run that asks for more frames or videos than the card holds."""
+    return type(exn).__name__ == "OutOfMemoryError" and type(exn).__module__.split(".")[0] == "torch"
 
 
 def out_of_memory(exn: BaseException) -> bool:
@@ -63,6 +70,10 @@ def one_line(exn: BaseException) -> str:
     """The message of ``exn``; of an error a DataLoader worker raised, the worker's own message
     (PyTorch re-raises it with the worker's whole traceback as its text)."""
     text = str(exn)
+    if device_out_of_memory(exn):  # (its text: a paragraph of the allocator's numbers)
+        first = ". ".join(text.splitlines()[0].split(". ")[:2]).rstrip(".")  # "CUDA out of memory. Tried to ..."
+        return (f"{first}: the GPU holds fewer frames or videos at once (in training: --frames, or --batch-size "
+                f"with --grad-accum for the same batch, or --trunk-chunk)")
     if isinstance(exn, OSError) and (isinstance(exn, (NotADirectoryError, IsADirectoryError, PermissionError))
                                      or exn.errno in USER_ERRNOS) and exn.filename is not None:
         # the operating system's own words ("[Errno 20] Not a directory: 'out/x'") and what to check
@@ -79,6 +90,11 @@ def run_cli(prog: str, main: Callable, argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         return main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: a person stopped it, and knows why (130: the shell's code for it)
+        if "--debug" in argv:
+            traceback.print_exc()
+        print(f"{prog}: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.exit(130)
     except Exception as exn:
         if not expected(exn):
             raise

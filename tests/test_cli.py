@@ -151,6 +151,31 @@ def test_the_machines_errors_about_a_path_end_in_one_line(capsys):
         run_cli("x", bug, [])
 
 
+def test_ctrl_c_and_a_gpus_out_of_memory_end_in_one_line(capsys):
+    """Both ended in a traceback: Ctrl-C is a person's choice (exit 130, as a shell gives it), and
+    running out of GPU memory the commonest failure of a run that asks too much of the card."""
+    import torch
+
+    from carl_scale.errors import run_cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exn:
+        run_cli("x", interrupted, [])
+    assert exn.value.code == 130 and capsys.readouterr().err == "x: interrupted (Ctrl-C)\n"
+
+    def too_big(argv):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity "
+                                     "of 139.81 GiB of which 1.5 GiB is free. Including non-PyTorch memory, ...\nmore")
+
+    with pytest.raises(SystemExit) as exn:
+        run_cli("x", too_big, [])
+    assert str(exn.value) == ("x: error: CUDA out of memory. Tried to allocate 2.00 GiB: the GPU holds fewer frames or "
+                              "videos at once (in training: --frames, or --batch-size with --grad-accum for the same "
+                              "batch, or --trunk-chunk)")
+
+
 def test_progress_bars_write_whole_lines_to_a_log_file_and_nothing_when_asked(tmp_path):
     """A bar on a terminal redraws with carriage returns; in a log file (``2>log``) that is one
     endless line, so there a bar writes a plain line per interval; CARL_SCALE_NO_PROGRESS=1 none."""
