@@ -639,3 +639,23 @@ def test_nvjpeg_settings_reach_dalis_image_decoder_by_names_its_schema_knows(jpe
     loader.close()
     with pytest.raises(ConfigError, match=r"--nvjpeg-hw-load must be in \[0, 1\], got 1.5"):
         loader_cfg(jpeg_shards, nvjpeg_hw_load=1.5)
+
+
+def test_damage_in_a_tar_read_by_every_consumer_is_counted_once(vp9_shards, tmp_path):
+    """Fewer shards than ranks x workers: each consumer reads every shard and keeps its share of
+    the samples, after the tar reader has met the damage. Every consumer counted it, and the run's
+    count (summed over ranks) was world x workers times the damage."""
+    from conftest import damaged_copy
+
+    shards = tmp_path / "shards"
+    damaged_copy(vp9_shards, shards, split="train", truncate_shard=1)
+    alone = VideoLoader(loader_cfg(shards, batch_size=1))
+    loader_ids(alone)
+    assert alone.skipped >= 1
+    total = 0
+    for rank in range(5):  # 4 shards for 5 ranks: split by sample
+        loader = VideoLoader(loader_cfg(shards, batch_size=1, num_workers=1), rank=rank, world_size=5)
+        loader_ids(loader)
+        total += loader.skipped
+        loader.close()
+    assert total == alone.skipped

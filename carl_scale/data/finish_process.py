@@ -63,7 +63,6 @@ import torch.multiprocessing as tmp
 from carl_scale.data.batch import VideoBatch
 from carl_scale.errors import STOP_SIGNALS, ignore_stop_signals
 
-CHILD_START_S = 600.0  # the first batch may wait for imports, the workers' fork and DALI's pipelines
 DRAIN_S = 60.0  # a stopped pass's end: at most a batch being finished, and the last one being sent
 _POLL_S = 0.2
 
@@ -127,10 +126,14 @@ class FinishProcess:
         return RuntimeError(f"the process finishing the batches (--finish-in process) {message} (--finish-in "
                             f"thread finishes them in the training process instead)")
 
-    def _get(self, stop: threading.Event | None, timeout: float = CHILD_START_S):
-        """The next message, waiting up to ``timeout`` seconds while the child lives (and, with
-        ``stop``, until it is set). Call on the receiving thread, within :meth:`_on_device`."""
-        end = time.monotonic() + timeout
+    def _get(self, stop: threading.Event | None, timeout: float | None = None):
+        """The next message, waiting while the child lives (and, with ``stop``, until it is set),
+        up to ``timeout`` seconds. A batch has no limit, as in a finishing thread: the child may be
+        silent for long while alive (its imports, the workers' fork and DALI's pipelines before the
+        first batch; after a resume, each worker replaying its stream up to its position, minutes
+        to tens of minutes late in a Kinetics epoch read from tars without an index, where a limit
+        of 600 s stopped the run). Call on the receiving thread, within :meth:`_on_device`."""
+        end = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
                 return self._results.get(timeout=_POLL_S)
@@ -145,7 +148,7 @@ class FinishProcess:
                 raise self._fail(f"died, exit code {self._proc.exitcode}: see its output above")
             if stop is not None and stop.is_set():
                 raise _Stopped
-            if time.monotonic() > end:
+            if end is not None and time.monotonic() > end:
                 raise self._fail(f"sent nothing for {timeout:.0f} s")
 
     def _end_active(self) -> None:

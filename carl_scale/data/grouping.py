@@ -7,8 +7,8 @@ label has ``per_label`` pending videos, and a batch is the first complete groups
 mixed groups, so a rare label never stalls the stream. The grouping is a pure function of the
 stream, which is what keeps a resumed run exact: the reader replays it from the samples' metadata
 without decoding a frame. A group whose member cannot be decoded is dropped whole (the member is
-counted as skipped), so batches stay made of groups; a resume is then exact as long as no sample
-failed before the point it resumes from (as without grouping). With many classes (FineGym's 99),
+counted as skipped), so batches stay made of groups; a resume is exact all the same (the reader
+keeps each worker's stream position, failures included). With many classes (FineGym's 99),
 raise the shuffle buffer: ``held`` is the larger of it and 4 batches, and a label needs a second
 video within that window to be paired.
 

@@ -6,7 +6,9 @@ views, decoding on the CPU), a fixed number per worker, so every rank runs exact
 pass over each worker's shards; a worker whose shards run out before its quota wraps around for
 another pass (new views). With shards that divide evenly over ranks x workers, every sample is
 seen exactly once per epoch, up to the batches that do not make a whole round over the workers
-(an epoch is a multiple of the worker count, where it can be). With fewer shards than ranks x
+(an epoch is a multiple of the worker count, where it can be), and except with ``--per-label``:
+its grouper holds up to max(shuffle buffer, 4 batches) videos back per worker, which a pass then
+leaves unseen while the worker reads into the next. With fewer shards than ranks x
 workers, the split falls back to samples (every consumer reads every shard and keeps its share).
 A batch does not hold one video twice where a pass's last samples meet the next pass's first
 (unless a worker's share is smaller than a batch). On a GPU run the training process finishes each batch on the device (colour augmentation, and with DALI ``mixed`` the

@@ -112,6 +112,11 @@ def sampled_jpegs(sample: LazySample, meta: dict, timestamps: np.ndarray) -> Enc
     return whole.cut_to(frames, parts)
 
 
+def _past_it(exn: BaseException) -> bool:
+    """WebDataset's handler protocol: go on (another consumer counts this damage)."""
+    return True
+
+
 def cpu_decoded(position: int, share: float) -> bool:
     """Whether the sample at this stream position is one of the ``share`` the workers decode on
     the CPU (the rest decoded on the GPU): spread evenly, a function of the position alone, so a
@@ -191,9 +196,13 @@ class ShardedVideoDataset(IterableDataset):
         cfg = self.cfg
         rng = random.Random(str(_seed_of(self.seed, self.epoch, self.rank, worker)))
         for pass_, (urls, stride, offset) in enumerate(self._passes(worker, num_workers)):
+            # Damage in a tar is met before the split by sample below: where every consumer reads every
+            # shard, each would count it (the run's count summed over ranks: world x workers times
+            # too many). The first consumer counts it; the others go on past it without a word.
+            handler = self.counter.handler if stride == 1 or offset == 0 else _past_it
             # from each shard's index where it has one, payloads read only when dealt: a resume's replay
             # of the epoch up to its batch reads no payload, and the shuffle buffer holds none
-            samples = samples_of(urls, lambda one: wds.tarfile_to_samples(handler=self.counter.handler)(
+            samples = samples_of(urls, lambda one, handler=handler: wds.tarfile_to_samples(handler=handler)(
                 [dict(url=u) for u in one]))
             if stride > 1:
                 samples = islice(samples, offset, None, stride)
