@@ -115,6 +115,15 @@ def test_print_config_is_the_saved_config_and_comes_back_through_config(tmp_path
     (["--val-shards", "nowhere"], "--val-shards nowhere does not exist: name a shard directory with a val split"),
     (["--weak", "--lambda", "0", "--pcl-grid", "full"], "--pcl-grid sets the paired contrastive loss, and --lambda is 0"),
     (["--weak", "--no-class-negatives", "--gather-negatives"], "--gather-negatives gathers Eq. 3's other-class"),
+    # (one frame: SCL's softmax over a view's other frames has one column, loss 0 and no gradient)
+    (["--frames", "1"], "--frames must be >= 2 for training (a frame is contrasted with the view's other frames)"),
+    # a resumed run's --init-from, pruned since: the resume needs only the run's own checkpoint
+    (["--init-from", "gone", "--weak", "--resume", "latest"], "--init-from: gone is not a checkpoint directory"
+     ": gone/meta.json is missing. Name a runs/<name>/checkpoints/step_NNNNNN directory. A resumed run needs no "
+     "--init-from (its checkpoint holds every weight): resume it with --config runs/pretrain_weak/config.json "
+     "--resume latest"),
+    (["--recipe", "debug", "--init-from", "gone", "--run-dir", "runs/w", "--resume", "step_000002"],
+     "resume it with --config runs/w/config.json --resume step_000002"),
 ])
 def test_bad_values_are_refused_naming_the_flag_and_range(flags, message):
     with pytest.raises(ConfigError) as exn:
@@ -188,6 +197,18 @@ def test_the_weak_objectives_flags_are_taken_with_it_and_a_named_val_split_that_
     assert parse(["--weak", "--num-classes", "7"])[0].model.num_classes == 7
     with pytest.raises(ConfigError, match="--val-shards names the end-of-run evaluation's videos, and --no-eval"):
         parse(["--val-shards", "nowhere", "--no-eval"])  # never silently dropped
+
+
+def test_weak_on_a_weak_runs_own_config_keeps_its_run_dir(tmp_path):
+    """--weak names the run <run_dir>_weak beside the self-supervised one it starts from; on a weak
+    run's own config (to resume it) that made runs/pretrain_weak_weak, where --resume found nothing
+    and the run started over."""
+    weak, _ = parse(["--weak"])
+    assert weak.run_dir == "runs/pretrain_weak"
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(to_dict(weak)))
+    again, _ = parse(["--config", str(saved), "--weak", "--resume", "latest"])
+    assert again.run_dir == "runs/pretrain_weak" and again.loss.name == "weak"
 
 
 def test_help_shows_each_flags_value():

@@ -29,10 +29,8 @@ own flag after every step.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import threading
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -57,6 +55,7 @@ class StopSignals:
     def __init__(self, world: int):
         self.world = world
         self.received: str | None = None
+        self.finishing = False  # past final() with no stop: a signal no longer stops the run
         self.stopping = False  # a stop agreed: the signals are ignored from then on
         self._previous: dict[int, object] = {}
         self._pending: tuple | None = None  # (the all-reduce in flight, its tensor)
@@ -65,13 +64,17 @@ class StopSignals:
             self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
 
     def _handle(self, signum, frame) -> None:
+        if self.finishing:  # after the last step's agreement: the end-of-run work finishes
+            print(f"received {signal.Signals(signum).name} during the end-of-run work: finishing it (the last "
+                  f"step's checkpoint is written)", flush=True)
+            return
         if self.received is None:
             self.received = signal.Signals(signum).name
             print(f"received {self.received}: stopping with a checkpoint after the step all ranks agree on",
                   flush=True)
 
     def __enter__(self) -> "StopSignals":
-        self.received, self.stopping, self._pending = None, False, None
+        self.received, self.stopping, self._pending, self.finishing = None, False, None, False
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -118,31 +121,15 @@ class StopSignals:
         """After the last step: whether any rank received a signal (a blocking agreement), so all
         of them skip the end-of-run work alike."""
         if self.world == 1 or not dist.is_initialized():
-            return self._decide(self.received)
+            return self._finish(self._decide(self.received))
         self._settle()  # (its answer is in the next one's: a flag is never cleared)
         self._pending = self._reduce()
-        return self._decide(self._settle())
+        return self._finish(self._decide(self._settle()))
 
+    def _finish(self, stop: str | None) -> str | None:
+        # no stop agreed: a signal from here on lets the end-of-run work (the loader's close, the
+        # summary, the evaluation) finish, where the default action would lose the evaluation a
+        # scheduler's warning (SLURM's --signal=USR1@120) usually leaves time for, with no word
+        self.finishing = stop is None
+        return stop
 
-@contextlib.contextmanager
-def finishing_the_run() -> Iterator[list[str]]:
-    """The end-of-run work (its summary, the evaluation hooks) under a stop signal's handler that
-    lets it finish: the last step's checkpoint is written by then, and the default action would
-    lose the evaluation a scheduler's warning (SLURM's ``--signal=USR1@120``) usually leaves time
-    for, with no word. Yields the list of signals received (one line each says so)."""
-    received: list[str] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def handle(signum, frame) -> None:
-        received.append(signal.Signals(signum).name)
-        print(f"received {received[-1]} during the end-of-run work: finishing it (the checkpoint of the last "
-              f"step is written)", flush=True)
-
-    previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

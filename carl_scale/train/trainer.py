@@ -40,7 +40,7 @@ from carl_scale.hooks import Hook, HookContext
 from carl_scale.train.engine import (build_engine, deepspeed_config, engine_step, keep_fused, lr_lambda,
                                      process_group, resolve_speedups, rng_scope)
 from carl_scale.train.logger import RunLogger
-from carl_scale.train.preemption import Preempted, StopSignals, finishing_the_run
+from carl_scale.train.preemption import Preempted, StopSignals
 
 
 class Diverged(FloatingPointError):
@@ -298,9 +298,12 @@ class Trainer:
         since_hook: list[list[dict[str, float]]] = [[] for _ in timed]  # scalars since each one's last call
         queued: list[_Queued] = []  # steps run whose outputs are still on the device
         on_stream = contextlib.ExitStack()
+        # SIGTERM / SIGUSR1: a checkpoint, then stop; after the last step, through the end-of-run
+        # work, a signal lets that work finish (StopSignals.final)
+        signals = contextlib.ExitStack()
         try:
             on_stream.enter_context(self.step_stream())
-            on_stream.enter_context(self.stop_signals)  # SIGTERM / SIGUSR1: a checkpoint, then stop
+            signals.enter_context(self.stop_signals)
             while self.step < total:
                 step = _Queued(self.step + 1, self.scheduler.get_last_lr()[0])
                 for _ in range(cfg.parallel.grad_accum):
@@ -356,6 +359,7 @@ class Trainer:
                 raise Preempted(stop, self.step, self.save())
         except BaseException:
             log.close()
+            signals.close()  # (after a stop: ignored through the teardown)
             raise
         finally:
             on_stream.close()
@@ -363,28 +367,27 @@ class Trainer:
             # prefetched batches through the evaluation
             batches.close()
             self.loader.close()
-        log.end_progress()
-        # a stop signal now lets the summary and the evaluation finish (the last checkpoint is written)
-        with finishing_the_run():
-            try:  # the TensorBoard writer is closed (its last events written) whatever the end does
-                elapsed = time.perf_counter() - t_start
-                summary = {"steps": self.step, "total_steps": total, "resumed_from": self.start_step, "seconds": elapsed,
-                           "samples_per_s": samples / max(1e-9, elapsed), "data_wait": wait / max(1e-9, elapsed),
-                           "final_loss": float(np.mean(self.history[-10:])) if self.history else float("nan"),
-                           "skipped_samples": self.skipped_samples(), "world_size": self.world}
-                if self.rank == 0:
-                    self._print_summary(summary)
-                for hook in self.hooks:
-                    extra = hook.on_end(self._context(dict(summary)))
-                    if extra:
-                        summary.update(extra)
-                ran = self.step > self.start_step
-                if self.rank == 0 and (ran or not (self.run_dir / "summary.json").exists()):  # a finished run resumed: kept
-                    (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-                    for name, vals in summary.get("eval", {}).items():
-                        log.scalars(f"eval_{name}", vals, self.step)
-            finally:
-                log.close()
+        try:  # the TensorBoard writer is closed (its last events written) whatever the end does
+            log.end_progress()
+            elapsed = time.perf_counter() - t_start
+            summary = {"steps": self.step, "total_steps": total, "resumed_from": self.start_step, "seconds": elapsed,
+                       "samples_per_s": samples / max(1e-9, elapsed), "data_wait": wait / max(1e-9, elapsed),
+                       "final_loss": float(np.mean(self.history[-10:])) if self.history else float("nan"),
+                       "skipped_samples": self.skipped_samples(), "world_size": self.world}
+            if self.rank == 0:
+                self._print_summary(summary)
+            for hook in self.hooks:
+                extra = hook.on_end(self._context(dict(summary)))
+                if extra:
+                    summary.update(extra)
+            ran = self.step > self.start_step
+            if self.rank == 0 and (ran or not (self.run_dir / "summary.json").exists()):  # a finished run resumed: kept
+                (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+                for name, vals in summary.get("eval", {}).items():
+                    log.scalars(f"eval_{name}", vals, self.step)
+        finally:
+            log.close()
+            signals.close()
         self._barrier()
         return summary
 
