@@ -70,10 +70,6 @@ def one_line(exn: BaseException) -> str:
     """The message of ``exn``; of an error a DataLoader worker raised, the worker's own message
     (PyTorch re-raises it with the worker's whole traceback as its text)."""
     text = str(exn)
-    if device_out_of_memory(exn):  # (its text: a paragraph of the allocator's numbers)
-        first = ". ".join(text.splitlines()[0].split(". ")[:2]).rstrip(".")  # "CUDA out of memory. Tried to ..."
-        return (f"{first}: the GPU holds fewer frames or videos at once (in training: --frames, or --batch-size "
-                f"with --grad-accum for the same batch, or --trunk-chunk)")
     if isinstance(exn, OSError) and (isinstance(exn, (NotADirectoryError, IsADirectoryError, PermissionError))
                                      or exn.errno in USER_ERRNOS) and exn.filename is not None:
         # the operating system's own words ("[Errno 20] Not a directory: 'out/x'") and what to check
@@ -82,6 +78,10 @@ def one_line(exn: BaseException) -> str:
     if text.startswith("Caught ") and "\nOriginal Traceback" in text:
         last = text.rstrip().splitlines()[-1]  # "ValueError: <the message>"
         text = last.split(": ", 1)[1] if ": " in last else last
+    if device_out_of_memory(exn):  # (its text: a paragraph of the allocator's numbers)
+        first = ". ".join((text.splitlines() or ["out of memory"])[0].split(". ")[:2]).rstrip(".")  # "CUDA out of ..."
+        return (f"{first}: the GPU holds fewer frames or videos at once (in training: --frames, or --batch-size "
+                f"with --grad-accum for the same batch, or --trunk-chunk)")
     return text
 
 

@@ -171,9 +171,25 @@ def test_ctrl_c_and_a_gpus_out_of_memory_end_in_one_line(capsys):
 
     with pytest.raises(SystemExit) as exn:
         run_cli("x", too_big, [])
-    assert str(exn.value) == ("x: error: CUDA out of memory. Tried to allocate 2.00 GiB: the GPU holds fewer frames or "
-                              "videos at once (in training: --frames, or --batch-size with --grad-accum for the same "
-                              "batch, or --trunk-chunk)")
+    said = ("x: error: CUDA out of memory. Tried to allocate 2.00 GiB: the GPU holds fewer frames or videos at once "
+            "(in training: --frames, or --batch-size with --grad-accum for the same batch, or --trunk-chunk)")
+    assert str(exn.value) == said
+
+    def in_a_worker(argv):  # (PyTorch re-raises a DataLoader worker's error with its traceback as the text)
+        raise torch.OutOfMemoryError("Caught OutOfMemoryError in DataLoader worker process 0.\nOriginal Traceback "
+                                     "(most recent call last):\n  File x\ntorch.OutOfMemoryError: CUDA out of memory. "
+                                     "Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.81 GiB\n")
+
+    with pytest.raises(SystemExit) as exn:
+        run_cli("x", in_a_worker, [])
+    assert str(exn.value) == said
+
+    def without_words(argv):
+        raise torch.OutOfMemoryError()
+
+    with pytest.raises(SystemExit) as exn:  # (its empty text was indexed: a traceback inside the handler)
+        run_cli("x", without_words, [])
+    assert str(exn.value).startswith("x: error: out of memory: the GPU holds fewer frames")
 
 
 def test_progress_bars_write_whole_lines_to_a_log_file_and_nothing_when_asked(tmp_path):

@@ -59,7 +59,13 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("CARL_SCALE_NO_PROGRESS", "1")
     from carl_scale.tuning.sweep import run_sweep
 
-    summary = run_sweep(cfg)
+    try:
+        summary = run_sweep(cfg)
+    except KeyboardInterrupt:  # a second Ctrl-C (Ray takes the first, and returns as from the end)
+        if not (cfg.directory / "ray").is_dir():  # (before Ray began: nothing to continue)
+            raise
+        raise ValueError(f"interrupted (Ctrl-C): continue the sweep with python tuning/sweep.py --resume --out "
+                         f"{cfg.directory}") from None
     cfg = summary.get("sweep", cfg)  # a resumed sweep's own settings (its objective, its name)
     print(f"\nsweep {cfg.name}: {cfg.objective} on validation videos, best first\n{summary['table']}")
     if summary.get("unfinished"):  # Ray returns from an interrupt (Ctrl-C, SIGUSR1) as from the end

@@ -31,8 +31,8 @@ How:
   drained ones included, is freed in that thread, on that stream;
 * the parent keeps the loader's state, so checkpoints and resumes are unchanged; the child's
   failures are raised in the parent in the place of the batch they stopped; a child that dies is
-  reported with its exit code (one that falls silent, as such) and the pass after that error
-  starts a new one.
+  reported with its exit code (one alive is waited for, as a finishing thread is; only a stopped
+  pass's drain has a limit) and the pass after that error starts a new one.
 
 Memory: the child holds its own CUDA context and allocator cache, and up to about 6 batches of
 views (its threads' ``GPU_PREFETCH_BATCHES`` and those being finished, one being sent); the
@@ -81,7 +81,7 @@ class _Stopped(Exception):
 class FinishProcess:
     """A child process that finishes a :class:`VideoLoader`'s batches (see the module docstring):
     it builds ``loader_cls(**spec)``, the loader's own class and constructor arguments. :meth:`batches`
-    serves one pass. After a protocol failure (the child dead or silent) it is ``broken``: the
+    serves one pass. After a protocol failure (the child dead, or silent through a stopped pass's drain) it is ``broken``: the
     loader starts another."""
 
     def __init__(self, loader_cls: type, spec: dict, device: torch.device):

@@ -21,6 +21,7 @@ import logging
 import math
 import multiprocessing as mp
 import random
+import tarfile
 import zlib
 from dataclasses import dataclass
 from itertools import islice
@@ -112,11 +113,6 @@ def sampled_jpegs(sample: LazySample, meta: dict, timestamps: np.ndarray) -> Enc
     return whole.cut_to(frames, parts)
 
 
-def _past_it(exn: BaseException) -> bool:
-    """WebDataset's handler protocol: go on (another consumer counts this damage)."""
-    return True
-
-
 def cpu_decoded(position: int, share: float) -> bool:
     """Whether the sample at this stream position is one of the ``share`` the workers decode on
     the CPU (the rest decoded on the GPU): spread evenly, a function of the position alone, so a
@@ -190,6 +186,12 @@ class ShardedVideoDataset(IterableDataset):
             else:
                 yield order, consumers, me
 
+    def _counted_by_the_first(self, exn: BaseException) -> bool:
+        """WebDataset's handler protocol (True: go on) for a consumer that is not the first of a
+        split by sample: a damaged tar's error is the first consumer's to count, any other is this
+        one's."""
+        return True if isinstance(exn, tarfile.TarError) else self.counter.handler(exn)
+
     def _samples(self, worker: int, num_workers: int) -> Iterator[tuple[dict, int]]:
         """(sample, pass) pairs. The shuffle buffer is flushed at the end of each pass, so a
         sample never meets its own next-pass copy in the buffer."""
@@ -198,8 +200,9 @@ class ShardedVideoDataset(IterableDataset):
         for pass_, (urls, stride, offset) in enumerate(self._passes(worker, num_workers)):
             # Damage in a tar is met before the split by sample below: where every consumer reads every
             # shard, each would count it (the run's count summed over ranks: world x workers times
-            # too many). The first consumer counts it; the others go on past it without a word.
-            handler = self.counter.handler if stride == 1 or offset == 0 else _past_it
+            # too many). The first consumer counts it; the others go on past it without a word. A
+            # failure to open or read a shard is each consumer's own (a network's), still counted.
+            handler = self.counter.handler if stride == 1 or offset == 0 else self._counted_by_the_first
             # from each shard's index where it has one, payloads read only when dealt: a resume's replay
             # of the epoch up to its batch reads no payload, and the shuffle buffer holds none
             samples = samples_of(urls, lambda one, handler=handler: wds.tarfile_to_samples(handler=handler)(
