@@ -679,3 +679,52 @@ def test_a_failed_write_joins_deepspeeds_last_barrier_only_where_no_collective_c
         monkeypatch.setattr(deepspeed, "__version__", version)
         assert ckpt._joins_a_failed_save(engine(False)) is joins, version
         assert ckpt._joins_a_failed_save(engine(True)) is False
+
+
+def _load_rank(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
+    import datetime
+    import time
+    import types
+
+    import torch.distributed as dist
+
+    from carl_scale.train.checkpoint import CheckpointError, load
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+
+    def load_checkpoint(directory, tag, **kw):
+        if rank == 1:  # DeepSpeed's own failure (an assertion, a torch error): not a CheckpointError
+            raise RuntimeError("PytorchStreamReader failed reading zip archive")
+        return directory, {}
+
+    engine = types.SimpleNamespace(module=torch.nn.Linear(2, 2), load_checkpoint=load_checkpoint)
+    t0 = time.monotonic()
+    try:
+        load(engine, Path(ckpt), {"world_size": world})
+        got = "loaded"
+    except CheckpointError as exn:
+        got = f"CheckpointError: {exn}"
+    except RuntimeError as exn:
+        got = f"RuntimeError: {exn}"
+    Path(f"{out}.{rank}").write_text(f"{got}|{time.monotonic() - t0:.1f}")
+    dist.destroy_process_group()
+
+
+def test_a_rank_failing_a_load_in_deepspeeds_own_way_stops_the_others_at_once(tmp_path):
+    """Only a CheckpointError was shared: any other failure (DeepSpeed's assertion, a torch read
+    error) left the other ranks waiting at the load's all-reduce for the group's timeout. Now the
+    failing rank raises its own error and the others learn of it at once."""
+    import torch.multiprocessing as mp
+
+    ckpt = tmp_path / "checkpoints" / "step_000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "mp_rank_00_model_states.pt").write_bytes(b"")
+    for r in (0, 1):
+        torch.save({"step": 2}, ckpt / f"client_rank{r}.pt")
+    sys.path.insert(0, str(Path(__file__).parent))
+    mp.start_processes(_load_rank, args=(2, free_port(), str(ckpt), str(tmp_path / "r")), nprocs=2,
+                       start_method="spawn")
+    (r0, t0), (r1, t1) = ((tmp_path / f"r.{k}").read_text().split("|") for k in (0, 1))
+    assert r1 == "RuntimeError: PytorchStreamReader failed reading zip archive"
+    assert r0.startswith(f"CheckpointError: another rank could not load {ckpt}") and float(t0) < 30, (r0, t0)

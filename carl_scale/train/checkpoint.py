@@ -515,11 +515,13 @@ def load(engine, path: Path, meta: dict) -> dict:
         if loaded is None:
             raise CheckpointError(f"DeepSpeed found no model states in {path}")
         client = safe_load(client_file, map_location="cpu")
-    except CheckpointError as exn:
+    except Exception as exn:  # any failure is shared: the others would wait at their next collective
         error = exn
     failed = torch.tensor([float(error is not None)], device=next(engine.module.parameters()).device)
     if dist.is_initialized():
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None and not isinstance(error, CheckpointError):
+        raise error  # (not the file's fault as far as we know: its own words, its own traceback)
     if failed.item():
         raise CheckpointError(f"{error if error is not None else f'another rank could not load {path}'}"
                               f"{intact_hint(path)}")
