@@ -219,9 +219,10 @@ def file_record(path: Path, video_id: str, label: int, phases: np.ndarray | None
     variable-rate file's resampling; label sets whose length differs from the decoded frame count
     by at most ``label_slack`` are cut, or padded with -1 (a container's frame count and its
     decode can differ by a frame or two), larger differences skip the video."""
-    if not transcode and path.stat().st_size > TAR_MEMBER_MAX:  # (before decoding it, or reading it whole)
-        raise SkipInput(f"{path.stat().st_size / 2**30:.1f} GiB, over the tar format's {TAR_MEMBER_MAX / 2**30:.0f} GiB "
-                        f"a member: store it smaller (--transcode, --short-side) or cut it into clips")
+    size = path.stat().st_size
+    if not transcode and size > TAR_MEMBER_MAX:  # (before decoding it, or reading it whole)
+        raise SkipInput(f"{size / 2**30:.1f} GiB, over the tar format's {TAR_MEMBER_MAX / 2**30:.0f} GiB a member: "
+                        f"store it smaller (--transcode, --short-side) or cut it into clips")
     frames, n, fps, codec, picks, source_frames = _decode_file(path, short_side, transcode)
 
     def fit(lab, length: int):

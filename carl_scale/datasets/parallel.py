@@ -277,7 +277,8 @@ def _write_slot(out_dir: Path, split: str, slot: int, items: Sequence[Any], load
         for item in items:
             if parent is not None and os.getppid() != parent:  # a forked worker whose driver was killed
                 os._exit(1)  # stops rather than writing on unseen
-            reading.write_text(describe(item), errors="backslashreplace")  # named if the kernel kills this process while it reads it
+            # named if the kernel kills this process while it reads this input (for memory, most often)
+            reading.write_text(describe(item), errors="backslashreplace")
             try:
                 rec = load(item)
             except SkipInput as exn:
@@ -315,11 +316,13 @@ def _worker(slots, args, errors, index: int) -> None:
         # unpickle would raise in the driver): checked here, the text sent instead. The pipe holds
         # ~64 KiB, and the feeder is joined at exit: more would keep this worker alive, unread.
         tb = traceback.format_exc()[-16000:]
+        sent = RuntimeError(f"{type(exn).__name__}: {str(exn)[:4000]}")
         try:
-            pickle.loads(pickle.dumps(exn))
-            sent = exn if len(pickle.dumps(exn)) < 16000 else RuntimeError(f"{type(exn).__name__}: {str(exn)[:4000]}")
+            blob = pickle.dumps(exn)
+            pickle.loads(blob)
+            sent = exn if len(blob) < 16000 else sent
         except Exception:
-            sent = RuntimeError(f"{type(exn).__name__}: {str(exn)[:4000]}")
+            pass
         errors.put((index, sent, tb))
         raise SystemExit(1)
 

@@ -132,4 +132,3 @@ class StopSignals:
         # scheduler's warning (SLURM's --signal=USR1@120) usually leaves time for, with no word
         self.finishing = stop is None
         return stop
-
