@@ -81,8 +81,8 @@ class _Stopped(Exception):
 class FinishProcess:
     """A child process that finishes a :class:`VideoLoader`'s batches (see the module docstring):
     it builds ``loader_cls(**spec)``, the loader's own class and constructor arguments. :meth:`batches`
-    serves one pass. After a protocol failure (the child dead, or silent through a stopped pass's drain) it is ``broken``: the
-    loader starts another."""
+    serves one pass. After a protocol failure (the child dead, or silent through a stopped pass's
+    drain) it is ``broken``: the loader starts another."""
 
     def __init__(self, loader_cls: type, spec: dict, device: torch.device):
         if device.type == "cuda" and device.index is None:  # the child sets its device by index

@@ -106,9 +106,10 @@ def embedding_fingerprint(model, shards, split: str, *, image_size: int | None, 
         u if "://" in u or u.startswith("pipe:") else (Path(u).name, Path(u).stat().st_size, Path(u).stat().st_mtime_ns)
         for u in urls]
     read = [u if "://" in u or u.startswith("pipe:") else Path(u).name for u in urls]
+    size = model.cfg.image_size if image_size is None else image_size
     h.update(json.dumps([EMBEDDINGS_FORMAT, repr(getattr(model, "cfg", None)), data, read,
-                         model.cfg.image_size if image_size is None else image_size, list(spatial.mean), list(spatial.std), limit,
-                         decoder, str(device)] + ([per_action, actions] if per_action is not None else []),
+                         size, list(spatial.mean), list(spatial.std), limit, decoder, str(device)]
+                        + ([per_action, actions] if per_action is not None else []),
                         sort_keys=True, default=str).encode())
     return h.hexdigest()
 

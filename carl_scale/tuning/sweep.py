@@ -278,7 +278,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     """The whole sweep; returns the summary (table, rows, best trial, the two next commands)."""
     from ray import tune
 
-    from carl_scale.tuning.asha import start_record
+    from carl_scale.tuning.asha import start_record, stopped_by_asha
 
     out = cfg.directory
     experiment = out / "ray"
@@ -329,8 +329,6 @@ def run_sweep(cfg: SweepConfig) -> dict:
     if (warning := scored_split_warning(val)) is not None:
         print(f"warning: {warning}", flush=True)
     grid = _tune(cfg, base, val)
-    from carl_scale.tuning.asha import stopped_by_asha
-
     summary = write_results(_rows(grid, cfg, stopped_by_asha(out)), cfg, base)
     summary["failed"] = [_last_line(r.error) for r in grid if r.error is not None]
     summary["warning"] = scored_split_warning(val)
