@@ -1,6 +1,6 @@
 """Ray Tune sweep of σ² and τ (with --weak also ε₁ and λ) on validation videos, before transfer evaluation.
 
-    python tuning/sweep.py                              # the embedded synthetic set, debug recipe, ~10 min on 2 CPUs
+    python tuning/sweep.py                              # the embedded synthetic set, debug recipe, ~5 min on 2 CPUs
     python tuning/sweep.py --trials 12 --steps 200 --tau 0.05:0.3
     python tuning/sweep.py --weak --init-from runs/pretrain/checkpoints/latest    # σ², τ, ε₁, λ of weak supervision
     python tuning/sweep.py --recipe pennaction --shards data/pennaction --gpus-per-trial 1 --cpus-per-trial 8

@@ -13,8 +13,8 @@ name>/`` folders, renamed folders, or flat).
   (zero bytes, no moov atom, cut short, no video stream) are skipped and listed in the manifest
   with their reason; :func:`summary_rows` counts them per split and reason.
 * Default: the original bytes are stored (H.264 for GPU decoding); the frame count comes from the
-  container's packets (demuxing, no decoding to RGB, ~100x cheaper). ``transcode`` re-encodes
-  (short side, codec, GOP) for CPU-decodable or faster-seeking shards.
+  container's packets (demuxing, no decoding to RGB: 18x faster, the README's table). ``transcode``
+  re-encodes (short side, codec, GOP) for CPU-decodable or faster-seeking shards.
 * Variable frame rate: a stored clip's frames are found by ``pts x rate``, which is only right at a
   constant rate, so a VFR clip is refused (reason ``variable frame rate``) when stored as is, and
   resampled to its nominal rate (that of its median frame interval; each output frame is the last
