@@ -166,6 +166,14 @@ def test_saved_configs_are_read_strictly(tmp_path):
     (tmp_path / "c.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_run_config(tmp_path / "c.json")
+    # a hand-written config giving a run's length one way: the other is unset, not defaulted (steps'
+    # default beside the file's epochs was refused as "give exactly one of them")
+    (tmp_path / "c.json").write_text(json.dumps({"epochs": 3, "data": {"batch_size": 4}}))
+    cfg = load_run_config(tmp_path / "c.json")
+    assert (cfg.steps, cfg.epochs, cfg.data.batch_size) == (None, 3, 4)
+    (tmp_path / "c.json").write_text(json.dumps({"epochs": 3, "steps": 5}))  # both, in the file: refused
+    with pytest.raises(ConfigError, match="give exactly one of them"):
+        load_run_config(tmp_path / "c.json")
 
 
 def test_configs_are_frozen_validated_and_derive_their_dependent_fields():

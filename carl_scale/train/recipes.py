@@ -108,6 +108,12 @@ def load_run_config(path: str | Path) -> RunConfig:
         data = data["config"]
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a JSON object with the run config's sections")
+    # a run's length is one of steps and epochs: a file that gives one means the other unset (a
+    # missing key takes its default, which for steps is a number: "both given", said of a file
+    # that gave one)
+    for given, other in (("epochs", "steps"), ("steps", "epochs")):
+        if data.get(given) is not None and other not in data:
+            data = {**data, other: None}
     try:
         return from_dict(RunConfig, data)
     except ConfigError as exn:
