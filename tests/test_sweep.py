@@ -286,6 +286,14 @@ def test_trials_an_interrupt_stopped_are_unfinished_and_neither_they_nor_failed_
     assert summary["best"]["trial"] == "trial_a" and (tmp_path / "best_config.json").is_file()
     short = write_results(done, dataclasses.replace(cfg, trials=3), recipe("debug"))  # a trial never created
     assert short["unfinished"] == 1
+    # a trial that raised and had retries left when the interrupt came (Ray had queued it again)
+    from carl_scale.tuning.trial import count_failure
+
+    count_failure(cfg.directory / "trials" / "trial_d")
+    assert {r["trial"]: r["status"] for r in _rows(grid, cfg, {"b"})}["trial_d"] == "unfinished"
+    for _ in range(2):  # its third failure: Ray's last retry (FailureConfig(max_failures=2)) spent
+        count_failure(cfg.directory / "trials" / "trial_d")
+    assert {r["trial"]: r["status"] for r in _rows(grid, cfg, {"b"})}["trial_d"] == "error"
     # a sweep started before ASHA's record was kept: its short trials read as ASHA's stops, as then
     assert {r["trial"]: r["status"] for r in _rows(grid[:3], cfg, None)}["trial_c"] == "stopped early"
 

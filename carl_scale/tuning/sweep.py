@@ -28,12 +28,13 @@ from carl_scale.train.config import RunConfig
 from carl_scale.tables import progress_wanted
 from carl_scale.train.recipes import configure, load_run_config, recipe
 from carl_scale.tuning.config import LOG_SCALE, SweepConfig, overrides_of
-from carl_scale.tuning.trial import trial, trial_overrides
+from carl_scale.tuning.trial import failures, trial, trial_overrides
 
 # the transfer evaluation that follows a recipe's pretraining (its protocol in carl_scale.eval.transfer)
 TRANSFER_DATASET = {"debug": "synthetic", "pennaction": "pennaction", "finegym": "finegym", "pouring": "pouring",
                     "k400": "pennaction"}
 PAPER = {"sigma2": 10.0, "tau": 0.1, "eps1": 5.0, "lam": 0.3}
+MAX_FAILURES = 2  # retries of a trial that raised, each from its last checkpoint
 LABEL = {"sigma2": "σ²", "tau": "τ", "eps1": "ε₁ (%)", "lam": "λ"}
 
 
@@ -181,7 +182,7 @@ def _tune(cfg: SweepConfig, base: RunConfig, val: str):
                                             num_samples=cfg.trials, reuse_actors=False,
                                             search_alg=BasicVariantGenerator(random_state=cfg.seed)),
                 run_config=tune.RunConfig(name="ray", storage_path=str(out),
-                                          failure_config=tune.FailureConfig(max_failures=2)))
+                                          failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)))
         return tuner.fit()
     finally:
         ray.shutdown()
@@ -196,10 +197,12 @@ def _rows(grid, cfg: SweepConfig, stopped: set[str] | None) -> list[dict]:
         metrics = result.metrics or {}
         step = int(metrics.get("step", 0) or 0)
         trial_id = metrics.get("trial_id")  # (none: a trial that never reported, e.g. never started)
-        status = "error" if result.error is not None else "diverged" if metrics.get("diverged") else \
-            "finished" if step >= cfg.steps else "stopped early" if stopped is None or trial_id in stopped else \
-            "unfinished"
         name = f"trial_{metrics['trial_id']}" if "trial_id" in metrics else Path(result.path).name
+        # an error with retries left: Ray had put the trial back in its queue when an interrupt came
+        retrying = stopped is not None and 0 < failures(cfg.directory / "trials" / name) <= MAX_FAILURES
+        status = ("unfinished" if retrying else "error") if result.error is not None else \
+            "diverged" if metrics.get("diverged") else "finished" if step >= cfg.steps else \
+            "stopped early" if stopped is None or trial_id in stopped else "unfinished"
         rows.append({"trial": name, **{k: result.config.get(k) for k in cfg.swept()},
                      "objective": metrics.get("objective", float("nan")), "steps": step, "status": status})
     # finished trials first (one ASHA stopped scored lower at a rung), best objective first

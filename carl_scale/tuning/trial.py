@@ -59,6 +59,23 @@ class TuneReport(Hook):
         return None
 
 
+FAILURES = "failures"  # in a trial's run directory: how many times its training raised
+
+
+def count_failure(run_dir: Path) -> None:
+    path = run_dir / FAILURES
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(failures(run_dir) + 1))
+
+
+def failures(run_dir: Path) -> int:
+    """How many times the trial's training raised, over all its attempts (0: never, or unknown)."""
+    try:
+        return int((run_dir / FAILURES).read_text())
+    except (OSError, ValueError):
+        return 0
+
+
 def trial_overrides(run_dir: Path, steps: int, report_every: int) -> dict[str, Any]:
     """What a trial sets on the sweep's base config, its drawn values aside (the sweep builds this
     once before Ray starts, to refuse what every trial would refuse). Never another run's
@@ -86,7 +103,13 @@ def trial(params: dict[str, Any], *, base: dict, directory: str, steps: int, rep
     try:
         if checkpoints(run_dir / "checkpoints"):  # retried, or its sweep resumed: continue where it stopped
             cfg = configure(cfg, {"checkpoint.resume": "latest"})
-        run(cfg, [hook])
+        try:
+            run(cfg, [hook])
+        except Diverged:
+            raise
+        except Exception:  # (counted: the sweep's table tells a trial waiting for its retry from one done)
+            count_failure(run_dir)
+            raise
     except Diverged as exn:
         # An end, not a failure: retried from its last checkpoint (same seed, same data) it would
         # diverge again, twice (FailureConfig). Reported as diverged, with no score: ASHA's rung
