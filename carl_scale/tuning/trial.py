@@ -103,16 +103,13 @@ def trial(params: dict[str, Any], *, base: dict, directory: str, steps: int, rep
     try:
         if checkpoints(run_dir / "checkpoints"):  # retried, or its sweep resumed: continue where it stopped
             cfg = configure(cfg, {"checkpoint.resume": "latest"})
-        try:
-            run(cfg, [hook])
-        except Diverged:
-            raise
-        except Exception:  # (counted: the sweep's table tells a trial waiting for its retry from one done)
-            count_failure(run_dir)
-            raise
+        run(cfg, [hook])
     except Diverged as exn:
         # An end, not a failure: retried from its last checkpoint (same seed, same data) it would
         # diverge again, twice (FailureConfig). Reported as diverged, with no score: ASHA's rung
         # cutoffs pass over a NaN (nanpercentile), and the results table says why it has none.
         print(f"trial {run_dir.name}: {exn}", flush=True)
         tune.report({"objective": float("nan"), "loss": float("nan"), "step": exn.step, "diverged": 1})
+    except Exception:  # (counted: the sweep's table tells a trial waiting for its retry from one done)
+        count_failure(run_dir)
+        raise
