@@ -442,6 +442,49 @@ def test_bf16_autocast_reaches_the_model_inside_the_engine_and_hooks_see_each_in
     assert all(np.isfinite(loss) for _, loss, _ in hook.calls) and np.isfinite(history)
 
 
+def test_each_updates_gradient_norm_before_clipping_is_logged_and_summarised(vp9_shards, tmp_path):
+    """The norm the trainer records is the naive one (every trained parameter's gradient, before the
+    optimizer), taken before clipping; TensorBoard gets it each logged step with the fraction of
+    updates the clip scaled down, and the summary says how often the clip bit."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from carl_scale.train.engine import process_group
+    from carl_scale.train.trainer import Trainer, grad_norm_summary, run
+    from launch.pretrain_k400 import parse
+
+    for clip in (0, 1e-3):
+        cfg, _ = parse(_flags(vp9_shards, tmp_path / f"clip{clip}", 2, workers=0, grad_clip=clip))
+        with process_group() as (rank, world, device):
+            trainer = Trainer(cfg, rank=rank, world=world, device=device)
+            seen = []
+            step = trainer.engine.step
+
+            def naive_then_step(*a, **kw):
+                seen.append(float(sum(p.grad.double().pow(2).sum() for p in trainer.engine.module.parameters()
+                                      if p.grad is not None).sqrt()))
+                return step(*a, **kw)
+
+            trainer.engine.step = naive_then_step
+            trainer.train_step(next(iter(trainer.loader)))
+            recorded = float(trainer.engine.carl_grad_norm)
+            del trainer
+        if clip == 0:
+            unclipped = recorded
+            assert recorded == pytest.approx(seen[0], rel=1e-4)
+        else:  # the same first batch and weights: the norm before clipping, while the update saw the clipped one
+            assert recorded == pytest.approx(unclipped, rel=1e-4) and seen[0] == pytest.approx(clip, rel=1e-3)
+
+    summary = run(parse(_flags(vp9_shards, tmp_path / "run", 3, workers=0, grad_clip=1e-3))[0])
+    assert summary["clipped_updates"] == 3 and 0 < summary["grad_norm_median"] <= summary["grad_norm_max"]
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/grad_norm")] == [1, 2, 3]
+    assert [e.value for e in events.Scalars("train/clipped")] == [1.0, 1.0, 1.0]
+    assert grad_norm_summary([3.0, 1.0, 2.0], 2.5) == {"grad_norm_median": 2.0, "grad_norm_max": 3.0,
+                                                       "clipped_updates": 1}
+    assert grad_norm_summary([3.0], 0) == {"grad_norm_median": 3.0, "grad_norm_max": 3.0} and not grad_norm_summary([], 1)
+
+
 def test_importing_the_trainer_loads_no_evaluation_and_no_renderer():
     code = ("import sys, carl_scale.train.trainer; print([m for m in sys.modules if m.startswith("
             "('carl_scale.eval', 'carl_scale.datasets'))])")

@@ -246,6 +246,7 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, total_steps: int, world
     # device: see engine_step. ZeRO's optimizer wraps it (and reads its gradient norm on the host anyway).
     engine.carl_skip_on_device = cfg.parallel.zero_stage == 0 and engine.optimizer is optimizer
     engine.carl_bad = None  # non-finite flags of the micro-steps since the last update
+    engine.carl_grad_norm = None  # the last update's gradient norm before clipping (engine_step)
     if world == 1 and cfg.parallel.zero_stage == 0:
         # one rank has nothing to average, but DeepSpeed would still flatten every gradient into a
         # bucket, all-reduce it over the one rank and copy it back, each step (~15% of a tiny CPU step)
@@ -303,8 +304,9 @@ def engine_step(engine, batch: VideoBatch, device: torch.device) -> tuple[dict[s
     boundary = engine.is_gradient_accumulation_boundary()
     clip, norm = getattr(engine, "carl_clip", None), None
     if clip is not None and boundary:  # grads averaged over ranks by now
-        norm = torch.nn.utils.clip_grad_norm_(clip[1], clip[0], foreach=True)
-    elif on_device and boundary:  # no clipping (--grad-clip 0): the norm only tells a non-finite update
+        norm = torch.nn.utils.clip_grad_norm_(clip[1], clip[0], foreach=True)  # (the norm before clipping)
+    elif boundary and getattr(engine, "carl_params", None) is not None and not engine.zero_optimization():
+        # no clipping (--grad-clip 0): the norm is still logged, and tells a non-finite update
         norm = torch.nn.utils.get_total_norm([p.grad for p in engine.carl_params if p.grad is not None],
                                              foreach=True)
     if on_device:
@@ -315,8 +317,15 @@ def engine_step(engine, batch: VideoBatch, device: torch.device) -> tuple[dict[s
             bad = engine.carl_bad  # the update's flag, for the caller
             engine.optimizer.found_inf = bad.reshape(())  # a skipped step also keeps its count
     engine.step()
+    if boundary:  # the update's gradient norm before clipping, for the log (None before an update)
+        engine.carl_grad_norm = norm.detach() if norm is not None else _as_tensor(engine.get_global_grad_norm())
     if on_device and boundary:
         engine.optimizer.found_inf, engine.carl_bad = None, None
     elif boundary and not engine.was_step_applied():  # ZeRO skipped a non-finite gradient: so do we, loudly
         bad = torch.ones_like(bad)
     return out, bad
+
+
+def _as_tensor(norm) -> torch.Tensor | None:
+    """ZeRO's gradient norm, which DeepSpeed keeps as a float or a tensor (None when it took none)."""
+    return None if norm is None else torch.as_tensor(norm, dtype=torch.float32).detach().reshape(())

@@ -62,6 +62,7 @@ class _Queued:
     step: int
     lr: float
     micro: list[tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]] = dataclasses.field(default_factory=list)
+    grad_norm: torch.Tensor | None = None  # the update's gradient norm before clipping
 
 
 class Trainer:
@@ -127,6 +128,7 @@ class Trainer:
         self.engine, self.scheduler = build_engine(cfg, self.model.to(device), self.total_steps, world, self.bf16)
         self.step = self.start_step = 0
         self.history: list[float] = []
+        self.grad_norms: list[float] = []  # each update's gradient norm before clipping, this process's
         self._saved: tuple[int, Path] | None = None
         self.stop_signals = StopSignals(world)  # (with NCCL a gloo group: made by every rank, here)
         if resume_from is not None:
@@ -253,8 +255,10 @@ class Trainer:
         step's mean outputs over its micro-steps."""
         if not pending:
             return []
-        flat = [t.to(bad.device, torch.float32).reshape(()) for q in pending for out, bad, _ in q.micro
-                for t in (*out.values(), bad)]
+        device = pending[0].micro[0][1].device
+        flat = [t.to(device, torch.float32).reshape(()) for q in pending
+                for t in (*(t for out, bad, _ in q.micro for t in (*out.values(), bad)),
+                          *([q.grad_norm] if q.grad_norm is not None else []))]
         values = iter(torch.stack(flat).tolist())
         settled = []
         for q in pending:
@@ -263,6 +267,8 @@ class Trainer:
                 if bad > 0:
                     self._nonfinite(q.step, out["loss"], ids, stopped=pending[-1].step)
             settled.append({k: float(np.mean([o[k] for o, _ in micro])) for k in micro[0][0]})
+            if q.grad_norm is not None:
+                settled[-1]["grad_norm"] = next(values)
         return settled
 
     def _context(self, metrics: dict[str, float]) -> HookContext:
@@ -294,6 +300,7 @@ class Trainer:
         batches = self._batches()
         t_start, samples, wait = time.perf_counter(), 0, 0.0
         t_window, samples_window, wait_window = t_start, 0, 0.0
+        norms_window: list[float] = []  # the updates' gradient norms since the last logged line
         timed = [h for h in self.hooks if h.every]  # the hooks called during the run
         since_hook: list[list[dict[str, float]]] = [[] for _ in timed]  # scalars since each one's last call
         queued: list[_Queued] = []  # steps run whose outputs are still on the device
@@ -316,6 +323,7 @@ class Trainer:
                     n = len(batch.video_ids) * self.world
                     samples += n
                     samples_window += n
+                step.grad_norm = getattr(self.engine, "carl_grad_norm", None)
                 self.step += 1
                 queued.append(step)
                 stop = self.stop_signals.agreed()
@@ -333,12 +341,18 @@ class Trainer:
                 for q, outs in zip(queued, settled):
                     self.history.append(outs["loss"])
                     del self.history[:-10]
+                    if "grad_norm" in outs:
+                        self.grad_norms.append(outs["grad_norm"])
+                        norms_window.append(outs["grad_norm"])
                     scalars = {**outs, "lr": q.lr, **rates}
                     for i in range(len(timed)):
                         since_hook[i].append(scalars)
                 queued = []
+                if show and norms_window and cfg.optim.grad_clip > 0:  # how often the clip bit since the last line
+                    scalars = {**scalars, "clipped": float(np.mean(np.asarray(norms_window) > cfg.optim.grad_clip))}
                 log.step(self.step, scalars, show)
                 if show:
+                    norms_window = []
                     t_window, samples_window, wait_window = now, 0, 0.0
                 if save:
                     self.save()
@@ -373,7 +387,8 @@ class Trainer:
             summary = {"steps": self.step, "total_steps": total, "resumed_from": self.start_step, "seconds": elapsed,
                        "samples_per_s": samples / max(1e-9, elapsed), "data_wait": wait / max(1e-9, elapsed),
                        "final_loss": float(np.mean(self.history[-10:])) if self.history else float("nan"),
-                       "skipped_samples": self.skipped_samples(), "world_size": self.world}
+                       "skipped_samples": self.skipped_samples(), "world_size": self.world,
+                       **grad_norm_summary(self.grad_norms, cfg.optim.grad_clip)}
             if self.rank == 0:
                 self._print_summary(summary)
             for hook in self.hooks:
@@ -396,7 +411,23 @@ class Trainer:
                 ("wall time", f"{s['seconds']:.0f} s"), ("samples/s", f"{s['samples_per_s']:.2f}"),
                 ("data wait", f"{100 * s['data_wait']:.0f}%"), ("final loss", f"{s['final_loss']:.4f}"),
                 ("skipped samples", s["skipped_samples"])]
+        if "grad_norm_median" in s:
+            clipped = (f", {s['clipped_updates']} of {len(self.grad_norms)} updates clipped at {self.cfg.optim.grad_clip:g}"
+                       if "clipped_updates" in s else "")
+            rows.append(("gradient norm", f"median {s['grad_norm_median']:.3g}, max {s['grad_norm_max']:.3g}{clipped}"))
         print("\n" + table(rows, ("run", str(self.run_dir))), flush=True)
+
+
+def grad_norm_summary(norms: Sequence[float], clip: float) -> dict:
+    """The updates' gradient norms (before clipping) for the summary: median, max and, with a clip,
+    how many updates it scaled down. Whether the clip bites at all is a property of the data and the
+    loss's scale (ours is about twice the published code's: ``losses/scl.py``), so it is measured."""
+    if not norms:
+        return {}
+    out = {"grad_norm_median": float(np.median(norms)), "grad_norm_max": float(np.max(norms))}
+    if clip > 0:
+        out["clipped_updates"] = int(np.sum(np.asarray(norms) > clip))
+    return out
 
 
 def run_length(cfg: RunConfig, epoch_batches: int) -> int:
