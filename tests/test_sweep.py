@@ -274,14 +274,14 @@ def test_trials_an_interrupt_stopped_are_unfinished_and_neither_they_nor_failed_
     grid = [_Result("a", 100, 0.70), _Result("b", 50, 0.75), _Result("c", 50, 0.90), _Result("d", 50, 0.95,
                                                                                          error=RuntimeError("disk")),
             _Result("e", 0, None)]
-    rows = _rows(grid, cfg, stopped={"b"})
+    rows = _rows(grid, cfg, stopped={"b": 50})
     assert {r["trial"]: r["status"] for r in rows} == {"trial_a": "finished", "trial_b": "stopped early",
                                                        "trial_c": "unfinished", "trial_d": "error",
                                                        "trial_e": "unfinished"}
     summary = write_results(rows, cfg, recipe("debug"))
     assert summary["unfinished"] == 2 and "best" not in summary and not (tmp_path / "best_config.json").exists()
     assert best_row(rows)["trial"] == "trial_a"  # finished first, then ASHA's stops; never c or d
-    done = _rows(grid[:2], dataclasses.replace(cfg, trials=2), stopped={"b"})
+    done = _rows(grid[:2], dataclasses.replace(cfg, trials=2), stopped={"b": 50})
     summary = write_results(done, dataclasses.replace(cfg, trials=2), recipe("debug"))
     assert summary["best"]["trial"] == "trial_a" and (tmp_path / "best_config.json").is_file()
     short = write_results(done, dataclasses.replace(cfg, trials=3), recipe("debug"))  # a trial never created
@@ -290,12 +290,27 @@ def test_trials_an_interrupt_stopped_are_unfinished_and_neither_they_nor_failed_
     from carl_scale.tuning.trial import count_failure
 
     count_failure(cfg.directory / "trials" / "trial_d")
-    assert {r["trial"]: r["status"] for r in _rows(grid, cfg, {"b"})}["trial_d"] == "unfinished"
+    assert {r["trial"]: r["status"] for r in _rows(grid, cfg, {"b": 50})}["trial_d"] == "unfinished"
     for _ in range(2):  # its third failure: Ray's last retry (FailureConfig(max_failures=2)) spent
         count_failure(cfg.directory / "trials" / "trial_d")
-    assert {r["trial"]: r["status"] for r in _rows(grid, cfg, {"b"})}["trial_d"] == "error"
+    assert {r["trial"]: r["status"] for r in _rows(grid, cfg, {"b": 50})}["trial_d"] == "error"
     # a sweep started before ASHA's record was kept: its short trials read as ASHA's stops, as then
     assert {r["trial"]: r["status"] for r in _rows(grid[:3], cfg, None)}["trial_c"] == "stopped early"
+    # ASHA stopped b at 50, the sweep was killed before Ray saved that, and a resume ran b again
+    # until an interrupt at 75: unfinished. A record without steps (written before they were kept) matches any
+    again = [_Result("a", 100, 0.70), _Result("b", 75, 0.80)]
+    assert [r["status"] for r in _rows(again, cfg, {"b": 50})] == ["finished", "unfinished"]
+    assert [r["status"] for r in _rows(again, cfg, {"b": None})] == ["finished", "stopped early"]
+
+
+def test_ashas_record_keeps_each_trials_latest_stop_and_reads_records_without_steps(tmp_path):
+    from carl_scale.tuning.asha import RECORD, start_record, stopped_by_asha
+
+    assert stopped_by_asha(tmp_path) is None
+    start_record(tmp_path)
+    assert stopped_by_asha(tmp_path) == {}
+    (tmp_path / RECORD).write_text("a\nb 50\nc 25\nb 75\n\n")
+    assert stopped_by_asha(tmp_path) == {"a": None, "b": 75, "c": 25}
 
 
 def test_a_sweep_stopped_before_ray_saved_its_state_starts_again_and_is_not_resumed(vp9_shards, tmp_path, capsys,

@@ -26,11 +26,26 @@ def start_record(directory: str | Path) -> None:
     (Path(directory) / RECORD).touch()
 
 
-def stopped_by_asha(directory: str | Path) -> set[str] | None:
-    """The ids of the trials the sweep's scheduler stopped at a rung, over all its runs; None for
-    a sweep started before the record was kept (its restored scheduler is a plain ASHA)."""
+def stopped_by_asha(directory: str | Path) -> dict[str, int | None] | None:
+    """The trials the sweep's scheduler stopped at a rung, over all its runs: each id with the step
+    of its latest stop (None in a record written before steps were kept: any step); None for a
+    sweep started before the record was kept (its restored scheduler is a plain ASHA).
+
+    A trial matches its record only when it ended at that step: one stopped, then run again by a
+    resume (killed before Ray saved the stop) and interrupted at another step, is unfinished."""
     path = Path(directory) / RECORD
-    return set(path.read_text().split()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    stops: dict[str, int | None] = {}
+    for words in map(str.split, path.read_text().splitlines()):
+        if words:
+            stops[words[0]] = int(words[1]) if len(words) > 1 else None
+    return stops
+
+
+def asha_stopped_at(stops: dict[str, int | None] | None, trial_id: str | None, step: int) -> bool:
+    """Whether ASHA stopped this trial where it ended (no record kept: every short trial reads so)."""
+    return stops is None or (trial_id in stops and stops[trial_id] in (None, step))
 
 
 class RecordedASHA(ASHAScheduler):
@@ -41,5 +56,5 @@ class RecordedASHA(ASHAScheduler):
             directory = os.environ.get(SWEEP_DIR_ENV)
             if directory:
                 with open(Path(directory) / RECORD, "a") as f:
-                    f.write(f"{trial.trial_id}\n")
+                    f.write(f"{trial.trial_id} {int(result.get(self._time_attr, 0))}\n")
         return decision

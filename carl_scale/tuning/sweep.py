@@ -188,10 +188,12 @@ def _tune(cfg: SweepConfig, base: RunConfig, val: str):
         ray.shutdown()
 
 
-def _rows(grid, cfg: SweepConfig, stopped: set[str] | None) -> list[dict]:
-    """One row per trial; ``stopped``: the ids of the trials ASHA stopped at a rung (the others
+def _rows(grid, cfg: SweepConfig, stopped: dict[str, int | None] | None) -> list[dict]:
+    """One row per trial; ``stopped``: the trials ASHA stopped at a rung, with the step (the others
     that ended short without an error were stopped by an interrupt: unfinished), None where the
     sweep kept no such record (started before it was kept: every short trial reads as ASHA's)."""
+    from carl_scale.tuning.asha import asha_stopped_at
+
     rows = []
     for result in grid:
         metrics = result.metrics or {}
@@ -202,7 +204,7 @@ def _rows(grid, cfg: SweepConfig, stopped: set[str] | None) -> list[dict]:
         retrying = stopped is not None and 0 < failures(cfg.directory / "trials" / name) <= MAX_FAILURES
         status = ("unfinished" if retrying else "error") if result.error is not None else \
             "diverged" if metrics.get("diverged") else "finished" if step >= cfg.steps else \
-            "stopped early" if stopped is None or trial_id in stopped else "unfinished"
+            "stopped early" if asha_stopped_at(stopped, trial_id, step) else "unfinished"
         rows.append({"trial": name, **{k: result.config.get(k) for k in cfg.swept()},
                      "objective": metrics.get("objective", float("nan")), "steps": step, "status": status})
     # finished trials first (one ASHA stopped scored lower at a rung), best objective first
