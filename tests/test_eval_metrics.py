@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -173,6 +174,15 @@ def test_phase_progression_is_one_for_time_linear_embeddings_and_skips_missing_p
     no_middle = (np.zeros((10, 2)), np.array([0] * 5 + [2] * 5))  # phase 1 missing: no t_1
     res2 = phase_progression(*zip(*train, no_middle), *zip(*val))
     assert res2["boundaries"] == 2 and np.isfinite(res2["r2"])
+    # a boundary whose validation videos have one labelled frame in all has no R² (sklearn: NaN and a
+    # warning), and is skipped rather than turning the mean into NaN
+    one_frame = (np.zeros((1, 2)), np.array([0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res3 = phase_progression(*zip(*train), *zip(one_frame))
+        assert res3["boundaries"] == 0 and np.isnan(res3["r2"])
+        res4 = phase_progression(*zip(*train), *zip(*val, one_frame))
+    assert res4["boundaries"] == 2 and np.isfinite(res4["r2"])
 
 
 def test_one_shot_is_perfect_on_identical_videos_and_chance_on_noise():

@@ -15,7 +15,7 @@ from carl_scale.models import load_model
 from carl_scale.models import build_model, model_config
 
 
-def test_transfer_eval_writes_the_table_json_and_picture(vp9_shards, tmp_path):
+def test_transfer_eval_writes_the_table_json_and_picture(vp9_shards, tmp_path, caplog):
     torch.manual_seed(0)
     model = build_model(model_config("debug", image_size=32, train_frames=8)).eval()
     res = transfer_eval("synthetic", {"random_init": model}, shards=str(vp9_shards), out_dir=tmp_path)
@@ -38,6 +38,11 @@ def test_transfer_eval_writes_the_table_json_and_picture(vp9_shards, tmp_path):
     transfer_eval("synthetic", {"random_init": model}, shards=str(vp9_shards), out_dir=tmp_path, source="a/step_000002")
     assert json.loads((out / "results.json").read_text())["source"] == "a/step_000002"
     assert "Models: a/step_000002." in (out / "results.md").read_text()  # which checkpoint the numbers are of
+    # the first evaluation's results (of unnamed models) were moved aside, not written over
+    (earlier,) = (out / "earlier").iterdir()
+    assert json.loads((earlier / "results.json").read_text())["source"] is None
+    assert sorted(x.name for x in earlier.iterdir()) == [f"random_init_{x}.png" for x in ("alignment", "phases",
+                                                                                          "retrieval")] + ["results.json", "results.md"]
     # a video with NaN embeddings has no alignment path: the pictures pass over it, nothing is lost
     from carl_scale.eval.embed import VideoEmbeddings
     from carl_scale.eval.transfer import save_pictures
@@ -59,6 +64,23 @@ def test_transfer_eval_writes_the_table_json_and_picture(vp9_shards, tmp_path):
         next(broken.parameters()).fill_(float("nan"))
     with pytest.raises(ValueError, match=r"diverged: \d+ of \d+ train videos have non-finite embeddings \(e.g. "):
         transfer_eval("synthetic", {"diverged": broken}, shards=str(vp9_shards), out_dir=tmp_path)
+    # the end-of-run table and a sweep's objective: that model unscored (NaN) with a warning, the others scored
+    from carl_scale.data.config import SpatialConfig
+    from carl_scale.eval import quick
+
+    spatial = SpatialConfig(image_size=32)
+    with caplog.at_level("WARNING", logger="carl_scale.eval"):
+        rows = quick.quick_eval({"diverged": broken, "random_init": model}, str(vp9_shards), spatial, "cpu")
+        assert np.isnan(quick.validation_objective(broken, str(vp9_shards), spatial, "cpu", "one_shot"))
+    assert all(np.isnan(v) for v in rows["diverged"].values()) and np.isfinite(rows["random_init"]["kendall_tau"])
+    assert sum("non-finite embeddings" in r.getMessage() for r in caplog.records) == 2
+    # the same models again replace their results; another checkpoint's moves them aside
+    from carl_scale.eval.transfer import keep_earlier_results
+
+    assert keep_earlier_results(out, "a/step_000002") is None and (out / "results.md").is_file()
+    moved = keep_earlier_results(out, "a/step_000004")
+    assert moved.parent == out / "earlier" and moved != earlier and not (out / "results.md").exists()
+    assert json.loads((moved / "results.json").read_text())["source"] == "a/step_000002"
 
 
 def test_missing_shards_and_checkpoints_say_what_to_run(tmp_path):
@@ -458,3 +480,48 @@ def test_the_training_subsets_follow_the_shards_order(tmp_path, caplog):
     assert training_videos("pouring", shards("pour", video_order="published"), None) == "first"
     assert "Pouring shards written before" not in caplog.text
     assert training_videos("pouring", shards("pour_old"), None) == "first" and "Pouring shards written before" in caplog.text
+
+
+def test_an_interrupted_embedding_goes_on_where_it_stopped_and_gives_the_same_embeddings(vp9_shards, tmp_path,
+                                                                                          monkeypatch):
+    """A split's embedding keeps its work each minute and when it is interrupted (here: a part per
+    video, Ctrl-C at the third); the rerun embeds only the rest, in the same order, with the same
+    numbers. Parts of another model (fingerprint) are never taken."""
+    from carl_scale.eval import embed
+
+    torch.manual_seed(0)
+    model = build_model(model_config("debug", image_size=32, train_frames=8)).eval()
+    whole = embed.extract_embeddings(model, str(vp9_shards), "val", image_size=32)
+    assert len(whole.video_ids) >= 3
+    monkeypatch.setattr(embed, "PARTIAL_EVERY_S", 0.0)
+    real, calls = embed.embed_frames, []
+
+    def counted(*a, **kw):
+        calls.append("ok")
+        return real(*a, **kw)
+
+    def stop_at_third(*a, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append("ok")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(embed, "embed_frames", stop_at_third)
+    cache = tmp_path / "m_val.npz"
+    with pytest.raises(KeyboardInterrupt):
+        embed.extract_embeddings(model, str(vp9_shards), "val", image_size=32, cache=cache)
+    parts = Path(str(cache) + ".parts")
+    assert not cache.exists() and len(list(parts.glob("part_*.npz"))) == 2
+    monkeypatch.setattr(embed, "embed_frames", counted)
+    calls[:] = []
+    again = embed.extract_embeddings(model, str(vp9_shards), "val", image_size=32, cache=cache)
+    assert len(calls) == len(whole.video_ids) - 2 and again.video_ids == whole.video_ids
+    assert all(np.array_equal(a, b) for a, b in zip(again.embeddings, whole.embeddings))
+    assert all(np.array_equal(a, b) for a, b in zip(again.phase_labels, whole.phase_labels))
+    assert np.array_equal(again.action_labels, whole.action_labels) and cache.is_file() and not parts.exists()
+    # parts left by another model (or shards, or view): removed, everything embedded again
+    cache.unlink()
+    embed.PartialEmbeddings(cache, "another model").add(whole.subset([0]))
+    calls[:] = []
+    embed.extract_embeddings(model, str(vp9_shards), "val", image_size=32, cache=cache)
+    assert len(calls) == len(whole.video_ids) and not parts.exists()

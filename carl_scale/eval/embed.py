@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,11 @@ class VideoEmbeddings:
         return VideoEmbeddings(list(self.video_ids), [np.asarray(e)[m] for e, m in zip(self.embeddings, keep)],
                                [np.asarray(p)[m] for p, m in zip(self.phase_labels, keep)], self.action_labels,
                                {}, self.fingerprint, self.skipped)
+
+    def nonfinite(self) -> list[str]:
+        """The videos with a non-finite embedding, which no metric can score: a NaN frame wins every
+        nearest-neighbour search (one-shot, AP@K, τ's matches) and fails the classifiers."""
+        return [v for v, x in zip(self.video_ids, self.embeddings) if not np.isfinite(x).all()]
 
     def by_action(self) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
@@ -185,20 +191,36 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
     total = manifest_samples(manifest, urls, split)
     was_training = model.training
     model.eval()
+    # an interrupted extraction of the same fingerprint goes on where it stopped (PartialEmbeddings)
+    parts = PartialEmbeddings(cache, fp) if cache is not None else None
+    before = parts.load() if parts is not None else None
     ids, embs, phases, actions, extra = [], [], [], [], []
+    skipped: list[str] = []
+    if before is not None:
+        ids, embs, phases, actions = (list(before.video_ids), list(before.embeddings), list(before.phase_labels),
+                                      before.action_labels.tolist())
+        extra = [{k: v[i] for k, v in before.frame_labels.items()} for i in range(len(ids))]
+        skipped = list(before.skipped)
+        log.info("going on with %d %s videos embedded before an interruption (%s)", len(ids), split, parts.directory)
+    done = set(ids)
     from carl_scale.tables import progress_bar  # a bar unless the environment asks for none (tests, sweeps)
 
     bar = progress_bar(enabled=progress is not False, total=min(total, limit) if total and limit is not None else total,
-                       desc=f"embed {split}", unit="video", leave=False)
-    skipped: list[str] = []
+                       initial=len(ids), desc=f"embed {split}", unit="video", leave=False)
 
     def skip(what: str, exn: BaseException) -> None:  # a damaged sample: counted and listed, never fatal
-        skipped.append(f"{what}: {type(exn).__name__}: {exn}")
+        line = f"{what}: {type(exn).__name__}: {exn}"
+        if line not in skipped:  # (listed once when a resumed extraction meets it again)
+            skipped.append(line)
         log.warning("skipping %s: %s: %s", what, type(exn).__name__, exn)
 
     taken: dict[int, int] = {}  # embedded videos per action (a video that fails to decode takes no slot)
+    for a in actions:
+        taken[a] = taken.get(a, 0) + 1
 
     def want(meta: dict) -> bool:
+        if meta.get("video_id") in done:  # embedded before the interruption
+            return False
         if per_action is None:
             return True
         action = int(meta.get("action_label", -1))
@@ -206,24 +228,95 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
             return False
         return taken.get(action, 0) < per_action
 
+    def since(start: int) -> VideoEmbeddings:
+        # a label set some videos lack (shards written in parts) is all -1 for them
+        names = sorted({k for e in extra[start:] for k in e})
+        frame_labels = {k: [e.get(k, np.full(len(p), -1, np.int64)) for e, p in zip(extra[start:], phases[start:])]
+                        for k in names}
+        return VideoEmbeddings(ids[start:], embs[start:], phases[start:], np.asarray(actions[start:], dtype=np.int64),
+                               frame_labels, fp, skipped)
+
+    saved, last_save = len(ids), time.monotonic()
     try:  # (a failure leaves the caller's model in the mode it was in: a training run's evaluation hook)
-        for meta, frames in iter_whole_videos(shards, dec, split, on_error=skip, want=want):
-            embs.append(embed_frames(model, frames, image_size=image_size, spatial=spatial, device=device))
-            ids.append(meta["video_id"])
-            phases.append(np.asarray(meta["phase_labels"], dtype=np.int64))
-            actions.append(int(meta["action_label"]))
-            taken[actions[-1]] = taken.get(actions[-1], 0) + 1
-            extra.append({k: np.asarray(v, dtype=np.int64) for k, v in meta.get("frame_labels", {}).items()})
-            bar.update()
-            if limit is not None and len(ids) >= limit:
-                break
+        if limit is None or len(ids) < limit:
+            for meta, frames in iter_whole_videos(shards, dec, split, on_error=skip, want=want):
+                embs.append(embed_frames(model, frames, image_size=image_size, spatial=spatial, device=device))
+                ids.append(meta["video_id"])
+                phases.append(np.asarray(meta["phase_labels"], dtype=np.int64))
+                actions.append(int(meta["action_label"]))
+                taken[actions[-1]] = taken.get(actions[-1], 0) + 1
+                extra.append({k: np.asarray(v, dtype=np.int64) for k, v in meta.get("frame_labels", {}).items()})
+                bar.update()
+                if limit is not None and len(ids) >= limit:
+                    break
+                if parts is not None and time.monotonic() - last_save >= PARTIAL_EVERY_S:
+                    parts.add(since(saved))
+                    saved, last_save = len(ids), time.monotonic()
+    except BaseException:  # (Ctrl-C, a lost machine's signal, a failure: what was embedded is kept for the rerun)
+        if parts is not None and len(ids) > saved:
+            try:
+                parts.add(since(saved))
+            except Exception as exn:  # noqa: BLE001 (the original failure is the one to see)
+                log.warning("could not keep the embeddings made so far in %s: %s", parts.directory, exn)
+        raise
     finally:
         bar.close()
         model.train(was_training)
-    # a label set some videos lack (shards written in parts) is all -1 for them
-    names = sorted({k for e in extra for k in e})
-    frame_labels = {k: [e.get(k, np.full(len(p), -1, np.int64)) for e, p in zip(extra, phases)] for k in names}
-    out = VideoEmbeddings(ids, embs, phases, np.asarray(actions, dtype=np.int64), frame_labels, fp, skipped)
+    out = since(0)
     if cache is not None:
         out.save(cache)
+        parts.remove()
     return out
+
+
+PARTIAL_EVERY_S = 60.0  # how often an extraction with a cache keeps what it has embedded so far
+
+
+class PartialEmbeddings:
+    """The embeddings an extraction has made so far, in ``<cache>.parts/``: a ``part_NNNNN.npz``
+    per minute of work (and one when it is interrupted), with the fingerprint they were made with.
+    A rerun with the same fingerprint takes them and embeds only the videos after them (a FineGym
+    split is hours of work on a CPU); another fingerprint's are removed (they are a cache of this
+    file, made from the model and shards, never the only copy of anything)."""
+
+    def __init__(self, cache: str | Path, fingerprint: str):
+        self.directory = Path(str(cache) + ".parts")
+        self.fingerprint = fingerprint
+
+    def _parts(self) -> list[Path]:
+        return sorted(self.directory.glob("part_*.npz"))
+
+    def load(self) -> VideoEmbeddings | None:
+        if not self.directory.is_dir():
+            return None
+        mark = self.directory / "fingerprint"
+        if not mark.is_file() or mark.read_text() != self.fingerprint:
+            log.info("%s was made by another model, shard set or view: starting over", self.directory)
+            self.remove()
+            return None
+        try:
+            loaded = [VideoEmbeddings.load(p) for p in self._parts()]
+        except Exception as exn:  # noqa: BLE001 (a part cut short by a crash: start over, never a wrong mix)
+            log.warning("ignoring unreadable parts in %s (%s): starting over", self.directory, exn)
+            self.remove()
+            return None
+        if not loaded:
+            return None
+        names = sorted({k for v in loaded for k in v.frame_labels})
+        return VideoEmbeddings(
+            [i for v in loaded for i in v.video_ids], [e for v in loaded for e in v.embeddings],
+            [p for v in loaded for p in v.phase_labels], np.concatenate([v.action_labels for v in loaded]),
+            {k: [lab for v in loaded for lab in v.frame_labels.get(k, [np.full(len(p), -1, np.int64)
+                                                                      for p in v.phase_labels])] for k in names},
+            self.fingerprint, loaded[-1].skipped)
+
+    def add(self, chunk: VideoEmbeddings) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / "fingerprint").write_text(self.fingerprint)
+        chunk.save(self.directory / f"part_{len(self._parts()):05d}.npz")
+
+    def remove(self) -> None:
+        if self.directory.is_dir():
+            for p in self.directory.iterdir():
+                p.unlink()
+            self.directory.rmdir()

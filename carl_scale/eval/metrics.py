@@ -197,8 +197,8 @@ def phase_progression(train_embs, train_labels, val_embs, val_labels) -> dict[st
     the training videos, scored (R²) on the validation videos; ``r2`` is the mean over k.
 
     A video without phase k has no t_k: it is left out of boundary k only (train and val alike),
-    and a boundary missing from every training or validation video is skipped; ``boundaries``
-    says how many were scored."""
+    and a boundary missing from every training or validation video (or with one validation frame in
+    all: no R²) is skipped; ``boundaries`` says how many were scored."""
     from sklearn.linear_model import LinearRegression
     from sklearn.metrics import r2_score
 
@@ -220,7 +220,7 @@ def phase_progression(train_embs, train_labels, val_embs, val_labels) -> dict[st
     scores = []
     for k in range(num_phases - 1):
         (xt, yt), (xv, yv) = targets(train_embs, train_labels, k), targets(val_embs, val_labels, k)
-        if xt is None or xv is None:
+        if xt is None or xv is None or len(yv) < 2:  # (R² of one frame is undefined: NaN for the whole mean)
             continue
         reg = LinearRegression().fit(xt, yt)
         scores.append(r2_score(yv, reg.predict(xv)))

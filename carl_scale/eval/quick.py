@@ -10,6 +10,7 @@ protocol (classifiers fitted on the training split) is ``launch/transfer_eval.sh
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +25,8 @@ from carl_scale.eval.metrics import kendalls_tau, phase_classification
 from carl_scale.hooks import Hook
 from carl_scale.models import ModelConfig, build_model
 from carl_scale.tables import table
+
+log = logging.getLogger("carl_scale.eval")
 
 
 def position_embeddings(ve: VideoEmbeddings, dim: int = 16) -> VideoEmbeddings:
@@ -74,6 +77,12 @@ def quick_eval(models: dict, shards, spatial: SpatialConfig, device, *, folds: i
     embedded = {"position_only": position_embeddings(next(iter(embedded.values()))), **embedded}
     out = {}
     for name, ve in embedded.items():
+        bad = ve.nonfinite()
+        if bad:
+            out[name] = {"phase_acc": float("nan"), "kendall_tau": float("nan")}
+            log.warning("%s: %d of %d validation videos have non-finite embeddings (e.g. %s): its weights are not "
+                        "finite, so it is not scored", name, len(bad), len(ve.video_ids), bad[0])
+            continue
         accs, taus = [], []
         for action, vidx in sorted(ve.by_action().items()):
             group = ve.subset(vidx)
@@ -114,6 +123,11 @@ def validation_objective(model, shards, spatial: SpatialConfig, device, objectiv
         limit = actions * per_action
     ve = extract_embeddings(model, shards, "val", spatial=spatial, device=str(device), limit=limit,
                             per_action=per_action, max_actions=actions if per_action else None)
+    bad = ve.nonfinite()
+    if bad:  # (no score: a NaN frame would win every search, or fail the classifier mid-sweep)
+        log.warning("%d of %d validation videos have non-finite embeddings (e.g. %s): the weights are not finite, "
+                    "the objective is NaN", len(bad), len(ve.video_ids), bad[0])
+        return float("nan")
     scores = []
     for _, vidx in sorted(ve.by_action().items()):
         group = ve.subset(vidx)

@@ -339,6 +339,34 @@ def check_transfer(dataset: str, shards: str | None = None, subset: str | None =
     return p, shards
 
 
+def keep_earlier_results(out: Path, source: str | None) -> Path | None:
+    """Move the results in ``out`` of other models (another checkpoint, a fine-tuning, another
+    baseline: ``source`` differs, or is unknown) to ``out/earlier/<their time>/`` before they are
+    written over: evaluating two checkpoints one after the other keeps both tables and pictures.
+    The same models evaluated again replace their results. Returns where they went, if moved."""
+    old = out / "results.json"
+    if not old.is_file():
+        return None
+    try:
+        written = json.loads(old.read_text())
+    except (OSError, ValueError):  # unreadable: kept aside as well, never lost
+        written = {}
+    if source is not None and written.get("source") == source:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old.stat().st_mtime))
+    dest, n = out / "earlier" / stamp, 1
+    while dest.exists():  # (two evaluations within a second)
+        n += 1
+        dest = out / "earlier" / f"{stamp}_{n}"
+    dest.mkdir(parents=True)
+    pictures = [Path(x).name for v in (written.get("pictures") or {}).values() for x in v]
+    for name in ["results.md", "results.json", *pictures]:
+        if (out / name).is_file():
+            (out / name).rename(dest / name)
+    print(f"the earlier results in {out} (of {written.get('source') or 'models not named'}) are kept in {dest}")
+    return dest
+
+
 def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: str | None = None,
                   out_dir: str | Path = "runs/transfer", device: str = "cpu", image_size: int | None = None,
                   reuse_embeddings: bool = True, subset: str | None = None, classifier: str = "svm",
@@ -346,7 +374,8 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
     """Embed the train and val splits with each model (saved as ``.npz`` under ``out_dir``; a
     rerun with the same weights and shards loads them instead, unless ``reuse_embeddings`` is
     off), run the dataset's protocol, write ``results.md`` / ``results.json`` (with ``source``:
-    which checkpoint, how it was made) and the pictures of :func:`save_pictures` for each model."""
+    which checkpoint, how it was made) and the pictures of :func:`save_pictures` for each model.
+    The results of other models there are moved aside first (:func:`keep_earlier_results`)."""
     p, shards = check_transfer(dataset, shards, subset, classifier)
     out = Path(out_dir) / dataset
     out.mkdir(parents=True, exist_ok=True)
@@ -363,11 +392,13 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
             if not e.video_ids:
                 raise ValueError(f"no {split} video of {shards} could be read ({len(e.skipped)} skipped as unreadable, "
                                  f"e.g. {e.skipped[0] if e.skipped else 'none listed'}): write the shards again")
-            bad = [v for v, x in zip(e.video_ids, e.embeddings) if not np.isfinite(x).all()]
-            if bad:  # (NaN frames would win every nearest-neighbour search, and fail the classifiers)
+            bad = e.nonfinite()
+            if bad:
                 raise ValueError(f"{name}: {len(bad)} of {len(e.video_ids)} {split} videos have non-finite embeddings "
                                  f"(e.g. {bad[0]}): its weights are not finite; evaluate an earlier checkpoint")
         results[name] = run_protocol(embs["train"], embs["val"], p, device=device)
+        if len(results) == 1:  # before the first file is written: an evaluation that failed before moves nothing
+            keep_earlier_results(out, source)
         try:  # (a picture that cannot be drawn costs its picture, not the numbers computed)
             pictures[name] = [str(x) for x in save_pictures(name, embs["train"], embs["val"], shards, out, frame_cache)]
             if not pictures[name]:
