@@ -682,3 +682,13 @@ def test_a_workers_error_reaches_the_driver_as_text_when_it_would_not_travel_who
     with pytest.raises(RuntimeError, match=f"^{type(error).__name__}: "):
         write_split(tmp_path, "train", range(4), lambda i: VideoRecord(f"v{i}", video.frames, video.fps, action_label=0),
                     dataset="x", opts=WriteOptions(max_samples=2, workers=2, progress=False))
+
+
+def test_a_record_without_frames_is_skipped_with_its_name(tmp_path):
+    from carl_scale.datasets.writer import SkipInput, SlotWriter, VideoRecord
+
+    w = SlotWriter(tmp_path, "train", 0, dataset="t", payload="jpeg")
+    with pytest.raises(SkipInput, match="empty: no frames"):
+        w.write(VideoRecord("empty", np.zeros((0, 16, 16, 3), np.uint8), fps=30.0))
+    with pytest.raises(SkipInput, match="stored: no frames"):
+        w.write(VideoRecord("stored", None, fps=30.0, encoded=b"x", num_frames=0, height=16, width=16))

@@ -83,7 +83,7 @@ def test_transfer_eval_writes_the_table_json_and_picture(vp9_shards, tmp_path, c
     assert json.loads((moved / "results.json").read_text())["source"] == "a/step_000002"
 
 
-def test_missing_shards_and_checkpoints_say_what_to_run(tmp_path):
+def test_missing_shards_and_checkpoints_say_what_to_run(vp9_shards, tmp_path):
     for dataset in ("pennaction", "finegym", "pouring"):  # each names its own converter
         with pytest.raises(FileNotFoundError, match=f"python -m shards.{dataset} "):
             transfer_eval(dataset, {}, shards=str(tmp_path / "nope"), out_dir=tmp_path)
@@ -106,6 +106,12 @@ def test_missing_shards_and_checkpoints_say_what_to_run(tmp_path):
         load_model(tmp_path)
     with pytest.raises(ValueError, match="unknown dataset"):
         transfer_eval("ucf101", {}, out_dir=tmp_path)
+    with pytest.raises(ValueError, match="no model to evaluate"):
+        transfer_eval("synthetic", {}, shards=str(vp9_shards), out_dir=tmp_path)
+    from carl_scale.eval.embed import extract_embeddings
+
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        extract_embeddings(None, str(vp9_shards), "val", limit=0)
     with pytest.raises(ValueError, match="finegym's protocol has no phase classifier"):  # never ignored silently
         transfer_eval("finegym", {}, out_dir=tmp_path, classifier="logistic")
 

@@ -204,6 +204,8 @@ class SlotWriter:
         if rec.frames is None and None in (rec.num_frames, rec.height, rec.width):
             raise ValueError("a pre-encoded record needs num_frames, height and width")
         n = rec.num_frames if rec.frames is None else len(rec.frames)
+        if n < 1:  # (nothing to sample views from or to embed: the loader and the evaluation would fail on it)
+            raise ValueError(f"{rec.video_id}: no frames")
         h = rec.height if rec.frames is None else rec.frames.shape[1]
         w = rec.width if rec.frames is None else rec.frames.shape[2]
         phases = (np.full(n, -1, np.int64) if rec.phase_labels is None

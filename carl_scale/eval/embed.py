@@ -168,6 +168,8 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
     ``per_action``: at most this many videos of each action, and with ``max_actions`` of the first
     that many actions met only (the first videos in shard order; the others are not decoded), e.g.
     a sample of every class from a split written class by class."""
+    if limit is not None and limit < 1:  # (0 is a value: not "no limit", and not one video either)
+        raise ValueError(f"limit must be >= 1 (None: every video), got {limit}")
     spatial = spatial or SpatialConfig()
     fp = "" if cache is None else embedding_fingerprint(model, shards, split, image_size=image_size,
                                                         spatial=spatial, limit=limit, per_action=per_action,

@@ -377,6 +377,8 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
     which checkpoint, how it was made) and the pictures of :func:`save_pictures` for each model.
     The results of other models there are moved aside first (:func:`keep_earlier_results`)."""
     p, shards = check_transfer(dataset, shards, subset, classifier)
+    if not models:
+        raise ValueError("no model to evaluate: give transfer_eval at least one {name: model}")
     out = Path(out_dir) / dataset
     out.mkdir(parents=True, exist_ok=True)
     results, frame_cache, pictures, t0 = {}, {}, {}, time.time()
