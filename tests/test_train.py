@@ -456,12 +456,10 @@ def test_each_updates_gradient_norm_before_clipping_is_logged_and_summarised(vp9
         cfg, _ = parse(_flags(vp9_shards, tmp_path / f"clip{clip}", 2, workers=0, grad_clip=clip))
         with process_group() as (rank, world, device):
             trainer = Trainer(cfg, rank=rank, world=world, device=device)
-            seen = []
-            step = trainer.engine.step
+            seen, step, params = [], trainer.engine.step, list(trainer.engine.module.parameters())
 
             def naive_then_step(*a, **kw):
-                seen.append(float(sum(p.grad.double().pow(2).sum() for p in trainer.engine.module.parameters()
-                                      if p.grad is not None).sqrt()))
+                seen.append(float(sum(p.grad.double().pow(2).sum() for p in params if p.grad is not None).sqrt()))
                 return step(*a, **kw)
 
             trainer.engine.step = naive_then_step
