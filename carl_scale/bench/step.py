@@ -204,11 +204,14 @@ def measure(step, iters: int, warmup: int, batch: int, device: torch.device, com
     """samples/s (the median of ``windows`` timed windows of ``iters`` steps, and their spread:
     (max - min) / median), the peak GPU GiB of this path in steady state (after its warm-up: what
     training holds step after step) and with its warm-up (compiling, cuDNN's trial runs), None on a
-    CPU; the first step's loss, and :func:`step_anatomy`."""
+    CPU; the GiB allocated when the path starts (a leftover of an earlier row would show there);
+    the first step's loss, and :func:`step_anatomy`."""
     cuda = device.type == "cuda"
+    base = None
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**30  # its weights and batch, and anything an earlier row left
     torch.manual_seed(0)  # the same dropout draws on every path's first step: comparable first losses
     first = float(step())
     for _ in range(warmup - 1):
@@ -229,7 +232,7 @@ def measure(step, iters: int, warmup: int, batch: int, device: torch.device, com
     rates.sort()
     sps = rates[len(rates) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    return {"samples_per_s": sps, "spread": (rates[-1] - rates[0]) / sps, "peak_gib": peak,
+    return {"samples_per_s": sps, "spread": (rates[-1] - rates[0]) / sps, "peak_gib": peak, "start_gib": base,
             "peak_with_warmup_gib": None if peak_warm is None else max(peak_warm, peak), "first_loss": first,
             **step_anatomy(step, device, compiled)}
 
@@ -327,6 +330,9 @@ def run(flavor: str, frames: int, batch: int, iters: int, warmup: int, extras: t
                                     views_dtype=torch.bfloat16 if cuda else torch.float32)
         for extra in ("", *extras):
             model = engine = None
+            # every row, compiled or not: an eager row after a compiled one would otherwise count what
+            # Dynamo's caches and CUDA-graph pools of that row still hold in its peak
+            torch._dynamo.reset()
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
@@ -414,7 +420,8 @@ def main(argv: list[str] | None = None) -> dict:
             return
         base = first.setdefault("published", r["samples_per_s"])
         print(f"measured {name}: {r['samples_per_s']:.2f} samples/s ({r['samples_per_s'] / base:.2f}x; windows "
-              f"±{100 * r['spread'] / 2:.0f}%), peak {cell(r['peak_gib'], '.2f')} GiB (with warm-up "
+              f"±{100 * r['spread'] / 2:.0f}%), peak {cell(r['peak_gib'], '.2f')} GiB (at the start "
+              f"{cell(r.get('start_gib'), '.2f')}, with warm-up "
               f"{cell(r['peak_with_warmup_gib'], '.2f')}), first loss {r['first_loss']:.4f}, host {r['host_ms']:.1f} ms/step, "
               f"{cell(r['syncs'], 'd')} syncs, {cell(r['ops'], 'd')} ops", flush=True)
 
@@ -423,13 +430,13 @@ def main(argv: list[str] | None = None) -> dict:
     _, device = res.pop("_config")
     ref_sps = res["published"]["samples_per_s"]
     rows = [(name, f"{r['samples_per_s']:.2f}", f"±{100 * r['spread'] / 2:.0f}%", f"{r['samples_per_s'] / ref_sps:.2f}x",
-             cell(r["peak_gib"], ".2f"), f"{r['first_loss']:.4f}", f"{r['host_ms']:.1f}", cell(r["syncs"], "d"),
-             cell(r["ops"], "d"))
-            if "error" not in r else (name, "failed", "-", "-", "-", "-", "-", "-", r["error"])
+             cell(r["peak_gib"], ".2f"), cell(r.get("start_gib"), ".2f"), f"{r['first_loss']:.4f}",
+             f"{r['host_ms']:.1f}", cell(r["syncs"], "d"), cell(r["ops"], "d"))
+            if "error" not in r else (name, "failed", "-", "-", "-", "-", "-", "-", "-", r["error"])
             for name, r in res.items()]
     print(f"\ntraining step on {device}: flavor {a.flavor}, recipe {recipe_name}, T={a.frames}, {a.batch} videos "
           f"(2 views each)")
-    print(table(rows, ("path", "samples/s", "windows", "vs published", "peak GPU GiB", "first loss",
+    print(table(rows, ("path", "samples/s", "windows", "vs published", "peak GPU GiB", "GiB at start", "first loss",
                        "host ms/step", "syncs/step", "ops/step")))
     print(f"(samples/s: the median of {WINDOWS} windows of {a.iters} steps, after {a.warmup} untimed; peak: in "
           f"steady state, after the warm-up; the last row repeats the reference after every other)")
