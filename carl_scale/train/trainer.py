@@ -359,7 +359,8 @@ class Trainer:
                 for i, hook in enumerate(timed):
                     if due[i]:
                         window, since_hook[i] = since_hook[i], []
-                        mean = {k: float(np.mean([s[k] for s in window])) for k in window[0]}
+                        # (over the steps that have each: ZeRO may give an update no gradient norm)
+                        mean = {k: float(np.mean([s[k] for s in window if k in s])) for k in window[-1]}
                         self.sync_buffers()  # running statistics only shape evaluation: all ranks' data
                         extra = hook.on_interval(self._context(mean))
                         if extra:
