@@ -71,6 +71,13 @@ def test_weights_files_that_hold_code_are_refused_never_run(tmp_path):
         with pytest.raises(ckpt.CheckpointError, match="never run"):
             ckpt.safe_load(tmp_path / f)
     assert not marker.exists()
+    # NumPy's arrays and dtypes are not admitted either (BUILD would change a built-in dtype in place);
+    # the client files hold the RNG state as plain values, and load
+    torch.save({"rng": np.zeros(3, np.uint32)}, tmp_path / "numpy_client.pt")
+    with pytest.raises(ckpt.CheckpointError, match="never run"):
+        ckpt.safe_load(tmp_path / "numpy_client.pt")
+    torch.save({"rng": ckpt.rng_state()}, tmp_path / "client.pt")
+    assert ckpt.safe_load(tmp_path / "client.pt")["rng"]["numpy"][0] == "MT19937"
 
 
 def test_a_text_file_as_pretrained_weights_says_so(tmp_path):

@@ -77,7 +77,12 @@ def test_transfer_eval_writes_the_table_json_and_picture(vp9_shards, tmp_path, c
     # the same models again replace their results; another checkpoint's moves them aside
     from carl_scale.eval.transfer import keep_earlier_results
 
-    assert keep_earlier_results(out, "a/step_000002") is None and (out / "results.md").is_file()
+    subset = json.loads((out / "results.json").read_text())["subset"]
+    assert keep_earlier_results(out, "a/step_000002", subset=subset) is None and (out / "results.md").is_file()
+    other_way = keep_earlier_results(out, "a/step_000002", subset="another")  # the same models evaluated otherwise
+    for f in other_way.iterdir():
+        f.rename(out / f.name)
+    other_way.rmdir()
     moved = keep_earlier_results(out, "a/step_000004")
     assert moved.parent == out / "earlier" and moved != earlier and not (out / "results.md").exists()
     assert json.loads((moved / "results.json").read_text())["source"] == "a/step_000002"
@@ -518,6 +523,7 @@ def test_an_interrupted_embedding_goes_on_where_it_stopped_and_gives_the_same_em
         embed.extract_embeddings(model, str(vp9_shards), "val", image_size=32, cache=cache)
     parts = Path(str(cache) + ".parts")
     assert not cache.exists() and len(list(parts.glob("part_*.npz"))) == 2
+    (parts / "part_00002.npz.partial.npz").write_bytes(b"a save the interruption cut short")  # never a part
     monkeypatch.setattr(embed, "embed_frames", counted)
     calls[:] = []
     again = embed.extract_embeddings(model, str(vp9_shards), "val", image_size=32, cache=cache)
@@ -525,6 +531,20 @@ def test_an_interrupted_embedding_goes_on_where_it_stopped_and_gives_the_same_em
     assert all(np.array_equal(a, b) for a, b in zip(again.embeddings, whole.embeddings))
     assert all(np.array_equal(a, b) for a, b in zip(again.phase_labels, whole.phase_labels))
     assert np.array_equal(again.action_labels, whole.action_labels) and cache.is_file() and not parts.exists()
+    # --recompute: an interrupted extraction's parts are dropped with the saved embeddings
+    from carl_scale.eval.transfer import transfer_eval
+
+    from carl_scale.data.config import SpatialConfig
+
+    fp = embed.embedding_fingerprint(model, str(vp9_shards), "val", image_size=None, spatial=SpatialConfig(),
+                                     limit=None)  # what transfer_eval's extraction would take up
+    embed.PartialEmbeddings(tmp_path / "synthetic" / "random_init_val.npz", fp).add(whole.subset([0]))
+    calls[:] = []
+    transfer_eval("synthetic", {"random_init": model}, shards=str(vp9_shards), out_dir=tmp_path,
+                  reuse_embeddings=False)
+    train = embed.VideoEmbeddings.load(tmp_path / "synthetic" / "random_init_train.npz")
+    assert len(calls) == len(train.video_ids) + len(whole.video_ids)  # every video embedded again
+    assert not (tmp_path / "synthetic" / "random_init_val.npz.parts").exists()
     # parts left by another model (or shards, or view): removed, everything embedded again
     cache.unlink()
     embed.PartialEmbeddings(cache, "another model").add(whole.subset([0]))

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,9 +211,11 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
     bar = progress_bar(enabled=progress is not False, total=min(total, limit) if total and limit is not None else total,
                        initial=len(ids), desc=f"embed {split}", unit="video", leave=False)
 
+    listed_before = set(skipped)  # (a resumed extraction meets these again: listed once)
+
     def skip(what: str, exn: BaseException) -> None:  # a damaged sample: counted and listed, never fatal
         line = f"{what}: {type(exn).__name__}: {exn}"
-        if line not in skipped:  # (listed once when a resumed extraction meets it again)
+        if line not in listed_before:
             skipped.append(line)
         log.warning("skipping %s: %s: %s", what, type(exn).__name__, exn)
 
@@ -231,14 +234,18 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
         return taken.get(action, 0) < per_action
 
     def since(start: int) -> VideoEmbeddings:
+        """The videos from ``start`` to the last one whose record is whole (``count``: an interrupt
+        can land between the appends below)."""
+        end = count
         # a label set some videos lack (shards written in parts) is all -1 for them
-        names = sorted({k for e in extra[start:] for k in e})
-        frame_labels = {k: [e.get(k, np.full(len(p), -1, np.int64)) for e, p in zip(extra[start:], phases[start:])]
+        names = sorted({k for e in extra[start:end] for k in e})
+        frame_labels = {k: [e.get(k, np.full(len(p), -1, np.int64)) for e, p in zip(extra[start:end], phases[start:end])]
                         for k in names}
-        return VideoEmbeddings(ids[start:], embs[start:], phases[start:], np.asarray(actions[start:], dtype=np.int64),
-                               frame_labels, fp, skipped)
+        return VideoEmbeddings(ids[start:end], embs[start:end], phases[start:end],
+                               np.asarray(actions[start:end], dtype=np.int64), frame_labels, fp, list(skipped))
 
-    saved, last_save = len(ids), time.monotonic()
+    count = saved = len(ids)
+    last_save = time.monotonic()
     try:  # (a failure leaves the caller's model in the mode it was in: a training run's evaluation hook)
         if limit is None or len(ids) < limit:
             for meta, frames in iter_whole_videos(shards, dec, split, on_error=skip, want=want):
@@ -248,14 +255,19 @@ def extract_embeddings(model, shards, split: str = "val", *, image_size: int | N
                 actions.append(int(meta["action_label"]))
                 taken[actions[-1]] = taken.get(actions[-1], 0) + 1
                 extra.append({k: np.asarray(v, dtype=np.int64) for k, v in meta.get("frame_labels", {}).items()})
+                count = len(ids)
                 bar.update()
-                if limit is not None and len(ids) >= limit:
+                if limit is not None and count >= limit:
                     break
                 if parts is not None and time.monotonic() - last_save >= PARTIAL_EVERY_S:
-                    parts.add(since(saved))
-                    saved, last_save = len(ids), time.monotonic()
+                    try:
+                        parts.add(since(saved))
+                        saved = count
+                    except OSError as exn:  # (a full disk costs the resumability, not the extraction)
+                        log.warning("could not keep the embeddings made so far in %s: %s", parts.directory, exn)
+                    last_save = time.monotonic()
     except BaseException:  # (Ctrl-C, a lost machine's signal, a failure: what was embedded is kept for the rerun)
-        if parts is not None and len(ids) > saved:
+        if parts is not None and count > saved:
             try:
                 parts.add(since(saved))
             except Exception as exn:  # noqa: BLE001 (the original failure is the one to see)
@@ -285,8 +297,8 @@ class PartialEmbeddings:
         self.directory = Path(str(cache) + ".parts")
         self.fingerprint = fingerprint
 
-    def _parts(self) -> list[Path]:
-        return sorted(self.directory.glob("part_*.npz"))
+    def _parts(self) -> list[Path]:  # (not a save cut short: part_NNNNN.npz.partial.npz)
+        return sorted(p for p in self.directory.glob("part_*.npz") if re.fullmatch(r"part_\d{5}\.npz", p.name))
 
     def load(self) -> VideoEmbeddings | None:
         if not self.directory.is_dir():
@@ -296,6 +308,8 @@ class PartialEmbeddings:
             log.info("%s was made by another model, shard set or view: starting over", self.directory)
             self.remove()
             return None
+        for cut in self.directory.glob("*.partial.npz"):  # a save the interruption cut short: never a part
+            cut.unlink()
         try:
             loaded = [VideoEmbeddings.load(p) for p in self._parts()]
         except Exception as exn:  # noqa: BLE001 (a part cut short by a crash: start over, never a wrong mix)

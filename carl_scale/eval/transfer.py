@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from carl_scale.data.manifest import PUBLISHED_ORDER, read_manifest, write_command
-from carl_scale.eval.embed import VideoEmbeddings, extract_embeddings
+from carl_scale.eval.embed import PartialEmbeddings, VideoEmbeddings, extract_embeddings
 from carl_scale.eval.metrics import (CLASSIFIERS, _labelled, average_precision_at_k, kendalls_tau, linear_probe_frame_classification,
                                      one_shot_phase_classification, phase_classification, phase_progression,
                                      temporal_clustering_rand_index, training_subset)
@@ -339,11 +339,12 @@ def check_transfer(dataset: str, shards: str | None = None, subset: str | None =
     return p, shards
 
 
-def keep_earlier_results(out: Path, source: str | None) -> Path | None:
+def keep_earlier_results(out: Path, source: str | None, **setting) -> Path | None:
     """Move the results in ``out`` of other models (another checkpoint, a fine-tuning, another
-    baseline: ``source`` differs, or is unknown) to ``out/earlier/<their time>/`` before they are
+    baseline: ``source`` differs, or is unknown) or of another ``setting`` (shards, subset,
+    classifier: as ``results.json`` records them) to ``out/earlier/<their time>/`` before they are
     written over: evaluating two checkpoints one after the other keeps both tables and pictures.
-    The same models evaluated again replace their results. Returns where they went, if moved."""
+    The same models evaluated the same way again replace their results. Returns where they went."""
     old = out / "results.json"
     if not old.is_file():
         return None
@@ -351,7 +352,7 @@ def keep_earlier_results(out: Path, source: str | None) -> Path | None:
         written = json.loads(old.read_text())
     except (OSError, ValueError):  # unreadable: kept aside as well, never lost
         written = {}
-    if source is not None and written.get("source") == source:
+    if source is not None and written.get("source") == source and all(written.get(k) == v for k, v in setting.items()):
         return None
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old.stat().st_mtime))
     dest, n = out / "earlier" / stamp, 1
@@ -387,8 +388,9 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
         embs = {}
         for split in ("train", "val"):
             npz = out / f"{name}_{split}.npz"
-            if not reuse_embeddings and npz.exists():
-                npz.unlink()
+            if not reuse_embeddings:  # (an interrupted extraction's parts too: everything embedded again)
+                npz.unlink(missing_ok=True)
+                PartialEmbeddings(npz, "").remove()
             embs[split] = e = extract_embeddings(model, shards, split, image_size=image_size, device=device, cache=npz)
             skipped[split] += [s for s in e.skipped if s not in skipped[split]]  # (each model's, once)
             if not e.video_ids:
@@ -400,7 +402,8 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
                                  f"(e.g. {bad[0]}): its weights are not finite; evaluate an earlier checkpoint")
         results[name] = run_protocol(embs["train"], embs["val"], p, device=device)
         if len(results) == 1:  # before the first file is written: an evaluation that failed before moves nothing
-            keep_earlier_results(out, source)
+            keep_earlier_results(out, source, shards=str(shards), subset=p.subset,
+                                 classifier=None if p.linear_probe else p.classifier)
         try:  # (a picture that cannot be drawn costs its picture, not the numbers computed)
             pictures[name] = [str(x) for x in save_pictures(name, embs["train"], embs["val"], shards, out, frame_cache)]
             if not pictures[name]:

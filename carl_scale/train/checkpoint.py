@@ -67,20 +67,16 @@ def set_rng_state(state: dict) -> None:
 
 def _allowed_records() -> list:
     """The only objects besides tensors and plain data that training-state files hold: DeepSpeed's
-    ZeRO optimizer states carry four plain records, and client files written before the RNG
-    state was stored as plain values carry NumPy arrays. Allowed by name; anything else (a function,
-    a class with a reducer) is refused."""
-    import numpy.dtypes
+    ZeRO optimizer states carry four plain records. Allowed by name; anything else (a function, a
+    class with a reducer) is refused. NumPy's arrays and dtypes are not: BUILD on a dtype changes it
+    in place (a cached built-in one, for the whole process), after which an array's raw bytes can be
+    read as object addresses (``datasets/safe_pickle.py`` rebuilds them instead). The client files
+    of the first day (2026-11-26), whose RNG state was a NumPy array, are refused with them."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # NumPy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, _reconstruct, np.ndarray, np.dtype,
-            numpy.dtypes.UInt32DType]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def safe_load(path: str | Path, map_location=None):
