@@ -409,6 +409,24 @@ def test_the_skip_count_is_exact_across_a_resume(vp9_shards, tmp_path, in_collat
         assert rest.skipped == whole.skipped, cut
 
 
+def test_a_url_or_a_pipe_command_as_a_shard_is_refused_and_never_run(vp9_shards, tmp_path):
+    """WebDataset runs a ``pipe:`` shard in a shell and fetches a URL with curl: a shard list is a
+    file someone else may have written, and nothing is downloaded at run time."""
+    marker = tmp_path / "ran"
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{vp9_shards / 'train-000000.tar'}\npipe:touch {marker}\n")
+    for spec, scheme in ((str(listed), "pipe"), (f"pipe:touch {marker}", "pipe"), ("https://h/t-{0..1}.tar", "https"),
+                         ([str(vp9_shards / "train-000000.tar"), "file:///x.tar"], "file")):
+        with pytest.raises(ValueError, match=rf"--shards: .* is a {scheme}: URL, not a local path\. .*local paths only"):
+            resolve_shards(spec)
+        with pytest.raises(ValueError, match="local paths only"):
+            VideoLoader(loader_cfg(spec, epoch_samples=2))
+    assert not marker.exists()
+    colon = tmp_path / "a:b.tar"  # a file name with a colon: an absolute path (or ./a:b.tar) is no URL
+    colon.write_bytes((vp9_shards / "train-000000.tar").read_bytes())
+    assert resolve_shards(str(colon))[0] == [str(colon)]
+
+
 def test_missing_shard_is_an_error_naming_the_path(vp9_shards, tmp_path):
     missing = tmp_path / "nowhere-000000.tar"
     with pytest.raises(FileNotFoundError, match=str(missing)):

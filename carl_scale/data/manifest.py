@@ -58,10 +58,18 @@ def read_manifest(out_dir: str | Path) -> dict | None:
 
 
 
+def _scheme(url: str) -> str:
+    """The URL scheme WebDataset would open ``url`` with ("" for a local path)."""
+    from urllib.parse import urlparse
+
+    return urlparse(url).scheme
+
+
 def resolve_shards(spec: str | list[str], split: str = "train") -> tuple[list[str], dict | None]:
     """Shard paths and the manifest (if any) from a directory with ``shards.json``, a brace
     pattern (``k400/train-{000000..000999}.tar``), a ``.txt`` list, or a list of paths.
-    Every local path must exist: a missing one is an error naming it and the fix."""
+    Every path must be local and exist: a URL or ``pipe:`` command (which WebDataset would fetch
+    or run) is refused, and a missing path is an error naming it and the fix."""
     manifest = None
     if isinstance(spec, (list, tuple)):
         urls = [str(u) for u in spec]
@@ -77,8 +85,7 @@ def resolve_shards(spec: str | list[str], split: str = "train") -> tuple[list[st
         urls = [str(Path(spec) / s["path"]) for s in manifest["splits"][split]["shards"]]
     elif spec.endswith(".txt") and Path(spec).is_file():
         # a relative path: from here, or else from the list's own folder
-        urls = [u if "://" in u or u.startswith("pipe:") or Path(u).is_absolute() or Path(u).exists()
-                else str(Path(spec).parent / u)
+        urls = [u if _scheme(u) or Path(u).is_absolute() or Path(u).exists() else str(Path(spec).parent / u)
                 for u in (ln.strip() for ln in Path(spec).read_text().splitlines()) if u]
     else:
         urls = wds.shardlists.expand_urls(spec)
@@ -90,7 +97,12 @@ def resolve_shards(spec: str | list[str], split: str = "train") -> tuple[list[st
                if manifest is not None else ": the list is empty or the pattern matched nothing; check --shards")
         raise FileNotFoundError(f"no shards in {spec!r}{why}")
     for u in urls:
-        if "://" not in u and not u.startswith("pipe:") and not Path(u).exists():
+        if _scheme(u):  # WebDataset would run a pipe: line in a shell, and fetch a URL with curl
+            where = "" if u == spec else f" (in --shards {spec!r})"
+            raise ValueError(f"--shards: {u!r}{where} is a {_scheme(u)}: URL, not a local path. Shards are read from "
+                             f"local paths only (nothing is downloaded, no command run): copy them to this machine "
+                             f"and give their path (a file name with a colon: ./{u})")
+        if not Path(u).exists():
             what = f"no shards at {u}" if u == spec else f"shard {u} does not exist (--shards {spec!r})"
             raise FileNotFoundError(
                 f"{what}: write them with your dataset's converter, e.g. '{write_command('folder', u)}' "

@@ -110,9 +110,8 @@ def embedding_fingerprint(model, shards, split: str, *, image_size: int | None, 
         h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     urls, manifest = resolve_shards(shards, split)
     data = (manifest or {}).get("splits", {}).get(split) or [  # no manifest: the files themselves
-        u if "://" in u or u.startswith("pipe:") else (Path(u).name, Path(u).stat().st_size, Path(u).stat().st_mtime_ns)
-        for u in urls]
-    read = [u if "://" in u or u.startswith("pipe:") else Path(u).name for u in urls]
+        (Path(u).name, Path(u).stat().st_size, Path(u).stat().st_mtime_ns) for u in urls]
+    read = [Path(u).name for u in urls]  # (local paths only: resolve_shards)
     size = model.cfg.image_size if image_size is None else image_size
     h.update(json.dumps([EMBEDDINGS_FORMAT, repr(getattr(model, "cfg", None)), data, read,
                          size, list(spatial.mean), list(spatial.std), limit, decoder, str(device)]
