@@ -149,6 +149,8 @@ def cmd_import_carl(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from carl_scale.errors import nonempty
+
     # (no abbreviated flags: "--check" taken for --checkpoint would be a guess)
     p = argparse.ArgumentParser(prog="carl-scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -160,23 +162,23 @@ def main(argv: list[str] | None = None) -> None:
     common.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
     e = sub.add_parser("embed", parents=[common], help="frame embeddings of videos or shards", allow_abbrev=False)
     e.add_argument("videos", nargs="*")
-    e.add_argument("--shards", help="a shard directory instead of (or as well as) video files")
+    e.add_argument("--shards", type=nonempty, help="a shard directory instead of (or as well as) video files")
     e.add_argument("--split", default="val")
-    e.add_argument("--out", default="embeddings")
+    e.add_argument("--out", default="embeddings", type=nonempty)
     e.add_argument("--overwrite", action="store_true",
                    help="replace .npy files in --out that another checkpoint (or video) made")
     e.set_defaults(func=cmd_embed)
     a = sub.add_parser("align", parents=[common], help="DTW alignment picture of two videos", allow_abbrev=False)
     a.add_argument("a")
     a.add_argument("b")
-    a.add_argument("--out", default="alignment.png")
+    a.add_argument("--out", default="alignment.png", type=nonempty)
     a.set_defaults(func=cmd_align)
     i = sub.add_parser("import-carl", help="a published CARL checkpoint as a carl_scale checkpoint directory",
                        allow_abbrev=False)
     i.add_argument("checkpoint_file", metavar="CHECKPOINT", help="checkpoint_epoch_NNNNN.pth of the published code")
     i.add_argument("--config", default=None,
                    help="the YAML it was trained with (default: the config saved in the checkpoint)")
-    i.add_argument("--out", required=True, help="the checkpoint directory to write (meta.json, model.pt)")
+    i.add_argument("--out", required=True, type=nonempty, help="the checkpoint directory to write (meta.json, model.pt)")
     i.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
     i.add_argument("--debug", action="store_true", help="show the traceback of an expected failure too")
     i.set_defaults(func=cmd_import_carl)

@@ -47,6 +47,16 @@ EXPECTED = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, 
 USER_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
 
 
+def nonempty(text: str) -> str:
+    """An argparse ``type`` for a path or name flag: an empty one (``--out ""``, an unset shell
+    variable) would mean the current directory, and writes or scans there, so it is refused."""
+    import argparse
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty: give a path (for the current directory, '.')")
+    return text
+
+
 def expected(exn: BaseException) -> bool:
     """Whether ``exn`` is bad input or the machine's state, said in one line (else: a bug)."""
     return isinstance(exn, EXPECTED) or (isinstance(exn, OSError) and exn.errno in USER_ERRNOS) or \

@@ -47,15 +47,16 @@ def finetune(ckpt: Path, shards: str, run_dir: Path, steps: int, extra: list[str
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from carl_scale.errors import nonempty
     from carl_scale.eval.transfer import PROTOCOLS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("dataset", choices=sorted(PROTOCOLS))
     p.add_argument("checkpoint", nargs="?", help="a step_NNNNNN directory (default: the newest under --run-dir)")
-    p.add_argument("--run-dir", default="runs/pretrain", help="pretraining run whose newest checkpoint is used")
-    p.add_argument("--shards", help="the dataset's shard directory (default: data/<dataset>)")
-    p.add_argument("--out", default="runs/transfer")
+    p.add_argument("--run-dir", default="runs/pretrain", type=nonempty, help="pretraining run whose newest checkpoint is used")
+    p.add_argument("--shards", type=nonempty, help="the dataset's shard directory (default: data/<dataset>)")
+    p.add_argument("--out", default="runs/transfer", type=nonempty)
     p.add_argument("--random-baseline", action="store_true",
                    help="also evaluate the same flavor at random weights, its trunk too (the end-of-run table's "
                         "random_init keeps the --pretrained trunk the run started from)")

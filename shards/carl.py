@@ -18,13 +18,14 @@ import argparse
 
 from carl_scale.datasets.carl_code import KINDS, CarlDataOptions, write_carl_shards
 from carl_scale.datasets.encode import MIN_SHORT_SIDE
+from carl_scale.errors import nonempty
 from shards.common import add_writer_args, check_ranges, print_summary, writer_kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--src", required=True, help="the published code's dataset folder (the .pkl lists and videos)")
+    p.add_argument("--src", required=True, type=nonempty, help="the published code's dataset folder (the .pkl lists and videos)")
     p.add_argument("--dataset", choices=KINDS, default=None, help="which dataset it is (default: recognised)")
     p.add_argument("--transcode", action="store_true", help="re-encode the videos (--codec) instead of storing them")
     p.add_argument("--short-side", type=int, default=None, help="resize to this short side (implies --transcode)")

@@ -8,10 +8,11 @@ import logging
 import math
 
 from carl_scale.datasets.encode import CODECS, EncodeOptions
+from carl_scale.errors import nonempty
 
 
 def add_writer_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="output directory (gets shards, .idx files and shards.json)")
+    p.add_argument("--out", required=True, type=nonempty, help="output directory (gets shards, .idx files and shards.json)")
     p.add_argument("--payload", choices=["video", "jpeg"], default="video",
                    help="video: encoded video bytes (compact); jpeg: every frame as JPEG (~15x larger, "
                         "decodes only the sampled frames, fastest on a GPU with nvJPEG)")

@@ -20,14 +20,15 @@ import argparse
 
 from carl_scale.datasets.encode import MIN_SHORT_SIDE
 from carl_scale.datasets.finegym import FineGymOptions, write_finegym_shards
+from carl_scale.errors import nonempty
 from shards.common import add_writer_args, check_ranges, print_summary, writer_kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--videos", required=True, help="directory of YouTube videos or event clips (searched recursively)")
-    p.add_argument("--annotations", required=True, help="directory of FineGym's annotation and split files")
+    p.add_argument("--videos", required=True, type=nonempty, help="directory of YouTube videos or event clips (searched recursively)")
+    p.add_argument("--annotations", required=True, type=nonempty, help="directory of FineGym's annotation and split files")
     add_writer_args(p)
     d = FineGymOptions()
     p.add_argument("--version", default=d.version, help="annotation version of the JSON and train split files")

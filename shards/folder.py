@@ -21,16 +21,17 @@ from __future__ import annotations
 import argparse
 
 from carl_scale.datasets.folder import FolderOptions, write_folder_shards
+from carl_scale.errors import nonempty
 from shards.common import add_writer_args, print_summary, writer_kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--src", required=True, help="directory of video files (searched recursively)")
+    p.add_argument("--src", required=True, type=nonempty, help="directory of video files (searched recursively)")
     add_writer_args(p)
-    p.add_argument("--labels", help="CSV of video-level labels (video,label[,split])")
-    p.add_argument("--frame-labels", help="directory of per-frame label files (<stem>.txt or .npy)")
+    p.add_argument("--labels", type=nonempty, help="CSV of video-level labels (video,label[,split])")
+    p.add_argument("--frame-labels", type=nonempty, help="directory of per-frame label files (<stem>.txt or .npy)")
     p.add_argument("--extra-frame-labels", action="append", default=[], metavar="NAME=DIR",
                    help="another per-frame label set, stored as meta['frame_labels'][NAME] (repeatable)")
     p.add_argument("--split", default="train", help="split for videos the CSV does not assign")

@@ -19,6 +19,7 @@ from collections import Counter
 
 from carl_scale.datasets.kinetics400 import Kinetics400Options, skip_kind, summary_rows, write_kinetics400_shards
 from carl_scale.datasets.encode import MIN_SHORT_SIDE
+from carl_scale.errors import nonempty
 from shards.common import add_writer_args, check_ranges, fail_on_empty_splits, writer_kwargs
 
 
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 allow_abbrev=False)
     p.add_argument("--annotations", action="append", required=True, metavar="CSV",
                    help="an official annotation CSV (repeatable; or one CSV with a split column)")
-    p.add_argument("--videos", required=True, help="directory holding the clips (searched recursively)")
+    p.add_argument("--videos", required=True, type=nonempty, help="directory holding the clips (searched recursively)")
     add_writer_args(p)
     p.add_argument("--transcode", action="store_true", help="re-encode with --codec/--gop/--crf")
     p.add_argument("--short-side", type=int, help="resize so the short side is this, e.g. 256 or 320 (implies "

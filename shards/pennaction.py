@@ -18,14 +18,15 @@ import argparse
 
 from carl_scale.datasets.pennaction import PennActionOptions, write_pennaction_shards
 from carl_scale.datasets.encode import MIN_SHORT_SIDE
+from carl_scale.errors import nonempty
 from shards.common import add_writer_args, check_ranges, print_summary, writer_kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--root", required=True, help="the Penn_Action folder (frames/, labels/)")
-    p.add_argument("--phase-labels", required=True, help="folder of train/ and val/ <action>/<NNNN>.npy label files")
+    p.add_argument("--root", required=True, type=nonempty, help="the Penn_Action folder (frames/, labels/)")
+    p.add_argument("--phase-labels", required=True, type=nonempty, help="folder of train/ and val/ <action>/<NNNN>.npy label files")
     add_writer_args(p)
     d = PennActionOptions()
     p.add_argument("--fps", type=float, default=d.fps, help="frame rate written to the metadata")

@@ -14,14 +14,15 @@ from __future__ import annotations
 import argparse
 
 from carl_scale.datasets.tfrecord import write_tfrecord_shards
+from carl_scale.errors import nonempty
 from shards.common import add_writer_args, check_ranges, print_summary, writer_kwargs
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--src", required=True, help="folder of <dataset>_<split>-K-of-N.tfrecord files")
-    p.add_argument("--dataset", default="pouring", help="file name prefix (and the shards' dataset name)")
+    p.add_argument("--src", required=True, type=nonempty, help="folder of <dataset>_<split>-K-of-N.tfrecord files")
+    p.add_argument("--dataset", default="pouring", type=nonempty, help="file name prefix (and the shards' dataset name)")
     p.add_argument("--fps", type=float, default=25.0, help="frame rate written to the metadata")
     add_writer_args(p)
     a = p.parse_args(argv)

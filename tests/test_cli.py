@@ -228,3 +228,23 @@ def test_a_log_line_keeps_no_cursor_moves_of_bars_stacked_on_a_terminal():
     for chunk in ("\r  embed val: 50%|#####     | 1/2", "\x1b[A", "\n\x1b[A\r", "   "):
         w.write(chunk)
     assert out.getvalue() == "  embed val: 50%|#####     | 1/2\n"
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("shards.synthetic", ["--out", ""]),
+    ("shards.folder", ["--src", "", "--out", "x"]),
+    ("shards.pouring", ["--src", "x", "--out", "x", "--dataset", " "]),
+    ("carl_scale.cli", ["embed", "v.mp4", "--out", ""]),
+    ("carl_scale.cli", ["import-carl", "c.pth", "--out", ""]),
+    ("launch.transfer_eval", ["synthetic", "--shards", ""]),
+])
+def test_an_empty_path_flag_is_refused_before_anything_is_read_or_written(module, argv, capsys, tmp_path, monkeypatch):
+    """An empty path (an unset shell variable) would mean the current directory: shards written,
+    files scanned or results written there."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(module).main(argv)
+    assert exit_.value.code == 2 and "empty: give a path" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
