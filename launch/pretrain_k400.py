@@ -163,6 +163,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(json.dumps(to_dict(cfg), indent=2, sort_keys=True))
         return None
     shards = cfg.data.shards
+    # (a --config may leave the shards to a flag: refused once the flags are applied, before any process starts)
+    if cfg.synthetic is None and (not shards or isinstance(shards, (list, tuple)) and not all(str(u).strip()
+                                                                                              for u in shards)):
+        raise ConfigError(f"--shards: no training data ({shards!r}{' has an empty entry' if shards else ''}): give "
+                          f"a shard directory, brace pattern or .txt list, or a recipe with the embedded synthetic "
+                          f"set (--recipe debug)")
     if cfg.synthetic is None and plain_local_path(shards) and not Path(shards).exists():  # the usual first mistake
         of = f" of the {args.recipe} recipe" if args.recipe else ""
         raise ConfigError(f"--shards {shards}: no such directory (the training data{of}). Write it first: "

@@ -148,6 +148,12 @@ def test_the_entry_point_refuses_in_one_line_before_writing_anything(tmp_path):
                                           r"--root Penn_Action .*--out .*nope$"):
         main(["--recipe", "pennaction", "--shards", str(tmp_path / "nope"), "--run-dir", str(run_dir)])
     assert not run_dir.exists()
+    # a hand-written --config with no training data, and no --shards given: refused before any process starts
+    for shards in ("", [], ["", "x.tar"]):
+        (tmp_path / "c.json").write_text(json.dumps({"steps": 3, "run_dir": str(run_dir), "data": {"shards": shards}}))
+        with pytest.raises(ConfigError, match=r"^--shards: no training data \("):
+            main(["--config", str(tmp_path / "c.json")])
+    assert not run_dir.exists()
 
 
 def test_saved_configs_are_read_strictly(tmp_path):
@@ -234,3 +240,12 @@ def test_help_shows_each_flags_value():
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         sweep_parse(["--help"])
     assert "hyper-parameter draws (default: 5)" in out.getvalue() and "(default: 0.03:0.5)" in out.getvalue()
+
+
+def test_the_synthetic_sets_length_is_bounded_so_that_checking_it_is_instant():
+    """Its check visits every length in [min_frames, max_frames]: 2e9 would hang before refusing."""
+    from carl_scale.data.config import SyntheticConfig
+
+    with pytest.raises(ConfigError, match=r"max_frames must be in \[8, 20000\], got 2000000000"):
+        SyntheticConfig(max_frames=2_000_000_000)
+    assert SyntheticConfig(min_frames=60, max_frames=20_000).max_frames == 20_000

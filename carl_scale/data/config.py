@@ -164,7 +164,7 @@ class SyntheticConfig(Config):
     train_videos: int = param(120, ge=1)
     val_videos: int = param(40, ge=0)
     min_frames: int = param(60, ge=8)
-    max_frames: int = param(400, ge=8)
+    max_frames: int = param(400, ge=8, le=20_000)  # (11 min at 30 fps: a synthetic video needs no more)
     height: int = param(128, ge=32)
     width: int = param(128, ge=32)
     fps: float = param(30.0, gt=0)
