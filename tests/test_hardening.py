@@ -91,6 +91,21 @@ def test_a_text_file_as_pretrained_weights_says_so(tmp_path):
         _resnet_state_dict(str(tmp_path / "list.pth"))
 
 
+def test_an_unusable_pretrained_file_is_refused_before_the_run_writes_anything(vp9_shards, tmp_path):
+    """Its contents, not only its presence, are checked before any rank starts: before, the run
+    directory (and the synthetic set) were written, then the model's build refused the file."""
+    from launch.pretrain_k400 import main
+
+    run_dir = tmp_path / "run"
+    for weights, why in ((ROOT / "README.md", "is a text file, not weights"),
+                         (tmp_path / "list.pth", "holds list, not a state dict")):
+        torch.save([1, 2, 3], tmp_path / "list.pth")
+        with pytest.raises(ValueError, match=why):
+            main(["--recipe", "pennaction", "--shards", str(vp9_shards), "--pretrained", str(weights), "--run-dir",
+                  str(run_dir), "--steps", "1"])
+        assert not run_dir.exists()
+
+
 # -- checkpoints: resume, prune, refuse, damage ------------------------------------------------
 def test_resume_rules_name_what_differs():
     meta = {"world_size": 1, "config": {"seed": 0, "data": {"batch_size": 16, "shards": "d", "temporal": {

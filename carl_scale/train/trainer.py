@@ -537,13 +537,18 @@ def check_device(cfg: RunConfig, device: torch.device) -> None:
 
 
 def check_local_files(cfg: RunConfig) -> None:
-    """Refuse a missing --pretrained file before any rank starts or writes (shards, run
-    directory). A resume does not read it (every weight is in the checkpoint): it may be gone."""
+    """Refuse a missing or unusable --pretrained file (not a ResNet-50 state dict: a text file,
+    another architecture) before any rank starts or writes (shards, run directory): the ResNet-50
+    is built from it here, a second or two. A resume does not read it (every weight is in the
+    checkpoint): it may be gone."""
     if cfg.model.pretrained is None:
         return
     resume = cfg.checkpoint.resume
     if resume is None or (resume == "latest" and not ckpt.checkpoints(Path(cfg.run_dir) / "checkpoints")):
         check_pretrained_file(cfg.model.pretrained)
+        from carl_scale.models.backbones import Backbone
+
+        Backbone(cfg.model.backbone, cfg.model.train_last_stages, cfg.model.pretrained)
 
 
 def run(cfg: RunConfig, hooks: Sequence[Hook] = ()) -> dict:
