@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +61,10 @@ class SweepConfig(Config):
                                        f"GPU (a fraction shares one GPU between trials)")
         if self.report_every > self.steps:
             refuse("--report-every", f"({self.report_every}) must be <= --steps ({self.steps})")
+        # (a name is one folder under runs/sweep: "..", "../x" or "a/b" would write elsewhere; --out is the way)
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*", self.name):
+            refuse("--name", f"must be letters, digits and _ . = + - (one folder under runs/sweep, not starting "
+                             f"with '.'), got {self.name!r}; --out DIR writes anywhere")
 
     @property
     def directory(self) -> Path:
