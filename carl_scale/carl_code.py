@@ -100,7 +100,12 @@ def read_published_checkpoint(path: str | Path) -> dict:
                 if isinstance(raw, dict) else type(raw).__name__)
         raise CheckpointError(f"{path} is not a published CARL checkpoint: no model_state (it holds {what})")
     state = dict(raw["model_state"])
-    if state and all(k.startswith("module.") for k in state):  # saved from the DDP wrapper
+    odd = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if odd is not None or not state:
+        raise CheckpointError(f"{path} is not a published CARL checkpoint: its model_state "
+                              + ("is empty" if odd is None else f"holds {odd!r}: {type(state[odd]).__name__}, "
+                                 f"not a name and a tensor"))
+    if all(k.startswith("module.") for k in state):  # saved from the DDP wrapper
         state = {k[len("module."):]: v for k, v in state.items()}
     return {"epoch": raw.get("epoch"), "model_state": state, "cfg": _plain(raw.get("cfg"))}
 
@@ -125,6 +130,9 @@ def read_published_config(path: str | Path | None, saved: dict | None = None) ->
             raise ValueError(f"--config {p} is not a published CARL config (a YAML mapping of sections)")
     else:
         given = saved
+        if not isinstance(given, dict):
+            raise ValueError(f"the config this checkpoint holds is a {type(given).__name__}, not the published "
+                             f"config's mapping: give the YAML it was trained with (--config configs/*.yml)")
     return _merge(PUBLISHED_DEFAULTS, given)
 
 

@@ -349,6 +349,14 @@ def test_the_yaml_must_describe_the_checkpoint(tmp_path):
     torch.save({**{f"k{i:03d}": torch.zeros(1) for i in range(300)}, 7: torch.zeros(1)}, tmp_path / "many.pth")
     with pytest.raises(CheckpointError, match=r"a dict of 301 keys: 7, k000, .*, \.\.\.\)$"):
         read_published_checkpoint(tmp_path / "many.pth")
+    # damaged in ways that were tracebacks: a model_state holding a non-tensor, a saved config that is no mapping
+    torch.save({"model_state": {"embed.w": torch.zeros(1), "odd": [1, 2]}}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match=r"its model_state holds 'odd': list, not a name and a tensor"):
+        read_published_checkpoint(tmp_path / "odd.pth")
+    from carl_scale.carl_code import read_published_config
+
+    with pytest.raises(ValueError, match="the config this checkpoint holds is a list"):
+        read_published_config(None, [1, 2])
 
 
 def test_import_into_a_run_directory_is_refused_even_with_overwrite(tmp_path):

@@ -91,6 +91,22 @@ def test_a_text_file_as_pretrained_weights_says_so(tmp_path):
         _resnet_state_dict(str(tmp_path / "list.pth"))
 
 
+def test_a_checkpoint_whose_files_hold_the_wrong_kind_of_data_is_one_clear_error(tmp_path):
+    """Valid files of the wrong shape (a list as model.pt, a list as meta.json) were tracebacks."""
+    from carl_scale.models.weights import is_intact, read_weights
+
+    step = tmp_path / "run/checkpoints/step_000002"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"config": {"model": vars(model_config("debug"))}}))
+    torch.save([1, 2, 3], step / "model.pt")
+    with pytest.raises(ValueError, match=r"model.pt holds list, not a state dict of tensors"):
+        read_weights(step)
+    (step / "meta.json").write_text("[1, 2]")
+    assert not is_intact(step)
+    (step / "meta.json").write_text('{"world_size": null}')
+    assert not is_intact(step)
+
+
 def test_an_unusable_pretrained_file_is_refused_before_the_run_writes_anything(vp9_shards, tmp_path):
     """Its contents, not only its presence, are checked before any rank starts: before, the run
     directory (and the synthetic set) were written, then the model's build refused the file."""

@@ -102,6 +102,8 @@ def is_intact(path: Path) -> bool:
     out (a CRC over every member; nothing is unpickled)."""
     try:
         meta = json.loads((path / META_FILE).read_text())
+        if not isinstance(meta, dict):  # (valid JSON, not ours: a list, a number)
+            return False
         world = int(meta.get("world_size", 1))
         if not all((path / f"client_rank{r}.pt").is_file() for r in range(world)):
             return False
@@ -110,7 +112,7 @@ def is_intact(path: Path) -> bool:
                 if z.testzip() is not None:
                     return False
         return True
-    except (OSError, ValueError, zipfile.BadZipFile):
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile):  # (TypeError: a world_size of null, a list)
         return False
 
 
@@ -164,11 +166,12 @@ def read_weights(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]
     cfg = read_meta(checkpoint)["config"]["model"]
     try:
         if (checkpoint / MODEL_FILE).is_file():
-            return load_tensors(checkpoint / MODEL_FILE), cfg
+            return _tensors(load_tensors(checkpoint / MODEL_FILE), checkpoint / MODEL_FILE), cfg
         if not (checkpoint / DEEPSPEED_MODEL_FILE).is_file():
             raise CheckpointError(f"{checkpoint} has no weights ({MODEL_FILE}): the checkpoint is incomplete")
         # written before model.pt existed
-        module = load_tensors(checkpoint / DEEPSPEED_MODEL_FILE).get("module", {})
+        held = load_tensors(checkpoint / DEEPSPEED_MODEL_FILE)
+        module = _tensors(held.get("module", {}) if isinstance(held, dict) else held, checkpoint / DEEPSPEED_MODEL_FILE)
     except CheckpointError as exn:
         raise CheckpointError(f"{exn}{intact_hint(checkpoint)}") from None
     state = {k[len(PREFIX):]: v for k, v in module.items() if k.startswith(PREFIX)}
@@ -177,6 +180,15 @@ def read_weights(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict]
         warnings.warn(f"{checkpoint} was written by an older carl_scale with {'/'.join(low)} weights (no "
                       f"{MODEL_FILE}); it is evaluated at that precision", stacklevel=2)
     return state, cfg
+
+
+def _tensors(state, path: Path) -> dict[str, torch.Tensor]:
+    """``state`` if it is a state dict (names to tensors), else an error naming the file."""
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{path} holds {type(state).__name__}, not a state dict of tensors: it is not a "
+                              f"carl_scale checkpoint's weights")
+    return state
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path, *,
