@@ -692,3 +692,24 @@ def test_a_record_without_frames_is_skipped_with_its_name(tmp_path):
         w.write(VideoRecord("empty", np.zeros((0, 16, 16, 3), np.uint8), fps=30.0))
     with pytest.raises(SkipInput, match="stored: no frames"):
         w.write(VideoRecord("stored", None, fps=30.0, encoded=b"x", num_frames=0, height=16, width=16))
+
+
+def test_the_library_options_refuse_what_the_command_lines_refuse():
+    """A caller of the library (not the CLI) gets the same refusals, before anything is read or written."""
+    from carl_scale.datasets.carl_code import CarlDataOptions
+    from carl_scale.datasets.encode import EncodeOptions
+    from carl_scale.datasets.kinetics400 import Kinetics400Options
+    from carl_scale.datasets.pennaction import PennActionOptions
+    from carl_scale.datasets.tfrecord import write_tfrecord_shards
+
+    for make, message in ((lambda: CarlDataOptions(limit=-1), "--limit must be >= 1, got -1"),
+                          (lambda: CarlDataOptions(short_side=0), "--short-side must be >= 16"),
+                          (lambda: CarlDataOptions(dataset="ucf"), "--dataset must be one of pennaction"),
+                          (lambda: Kinetics400Options(short_side=4), "--short-side must be >= 16, got 4"),
+                          (lambda: PennActionOptions(fps=float("inf")), "--fps must be a finite number > 0"),
+                          (lambda: EncodeOptions(gop=0), r"--gop must be an integer >= 1, got 0"),
+                          (lambda: EncodeOptions(crf=64), r"--crf must be an integer in \[0, 63\]"),
+                          (lambda: EncodeOptions(jpeg_quality=0), r"--jpeg-quality must be an integer in \[1, 100\]"),
+                          (lambda: write_tfrecord_shards("nowhere", "out", "pouring", fps=0), "--fps must be")):
+        with pytest.raises(ValueError, match=message):
+            make()

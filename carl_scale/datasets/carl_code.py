@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from carl_scale.datasets.encode import MIN_SHORT_SIDE
 from carl_scale.datasets.finegym import EVENT_NAMES
 from carl_scale.datasets.folder import file_record
 from carl_scale.data.manifest import PUBLISHED_ORDER
@@ -59,6 +60,13 @@ class CarlDataOptions:
     transcode: bool = False
     short_side: int | None = None
     limit: int | None = None  # at most this many videos per split (a quick look)
+
+    def __post_init__(self) -> None:  # refused before anything is read or written (as the CLI's flags)
+        if self.dataset is not None and self.dataset not in KINDS:
+            raise ValueError(f"--dataset must be one of {', '.join(KINDS)} (or left out), got {self.dataset!r}")
+        for flag, value, lo in (("--short-side", self.short_side, MIN_SHORT_SIDE), ("--limit", self.limit, 1)):
+            if value is not None and value < lo:
+                raise ValueError(f"{flag} must be >= {lo}, got {value}")
 
 
 def _as_int_array(v: Any, what: str) -> np.ndarray:

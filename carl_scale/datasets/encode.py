@@ -33,9 +33,14 @@ class EncodeOptions:
     crf: int = 30  # quality for vp9/h264 (lower is better)
     jpeg_quality: int = 90  # the jpeg payload's frames (mjpeg video is FFmpeg's q:v 3)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # (the shard writers' flags are checked alike: shards/common.py)
         if self.codec not in CODECS:
             raise ValueError(f"unknown codec {self.codec!r}; choose one of {sorted(CODECS)}")
+        for flag, value, lo, hi in (("--gop", self.gop, 1, None), ("--crf", self.crf, 0, 63),
+                                    ("--jpeg-quality", self.jpeg_quality, 1, 100)):
+            if not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+                raise ValueError(f"{flag} must be an integer {'>= ' + str(lo) if hi is None else f'in [{lo}, {hi}]'}"
+                                 f", got {value!r}")
 
 
 def check_frame_size(codec: str, height: int, width: int) -> None:

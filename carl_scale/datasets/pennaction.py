@@ -23,6 +23,7 @@ written with other counts, in total or per action, is warned about and the diffe
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,8 +66,8 @@ class PennActionOptions:
     limit: int | None = None  # at most this many videos per split (a quick look)
 
     def __post_init__(self) -> None:  # refused before anything is written
-        if not self.fps > 0:
-            raise ValueError(f"--fps must be > 0, got {self.fps}")
+        if not 0 < self.fps < math.inf:
+            raise ValueError(f"--fps must be a finite number > 0, got {self.fps}")
         for flag, value, lo in (("--square", self.square, MIN_SHORT_SIDE), ("--short-side", self.short_side,
                                                                             MIN_SHORT_SIDE), ("--limit", self.limit, 1)):
             if value is not None and value < lo:

@@ -197,6 +197,8 @@ def write_tfrecord_shards(src: str | Path, out_dir: str | Path, dataset: str, *,
     :func:`~carl_scale.datasets.parallel.write_options`). One input per record, found by scanning
     the record headers; a file cut short keeps the records before the damage and lists the rest
     as one skipped input."""
+    if not 0 < fps < float("inf"):  # (metadata only, but a stream's timing is read from it)
+        raise ValueError(f"--fps must be a finite number > 0, got {fps}")
     src = Path(src)
     pattern = re.compile(rf"{re.escape(dataset)}_(train|val|test)(?:-(\d+)-of-(\d+))?\.tfrecords?")
     files: dict[str, list[Path]] = {}
