@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
                                 allow_abbrev=False)
     p.add_argument("--src", required=True, type=nonempty, help="directory of video files (searched recursively)")
     add_writer_args(p)
-    p.add_argument("--labels", type=nonempty, help="CSV of video-level labels (video,label[,split])")
-    p.add_argument("--frame-labels", type=nonempty, help="directory of per-frame label files (<stem>.txt or .npy)")
+    p.add_argument("--labels", help="CSV of video-level labels (video,label[,split])")
+    p.add_argument("--frame-labels", help="directory of per-frame label files (<stem>.txt or .npy)")
     p.add_argument("--extra-frame-labels", action="append", default=[], metavar="NAME=DIR",
                    help="another per-frame label set, stored as meta['frame_labels'][NAME] (repeatable)")
     p.add_argument("--split", default="train", help="split for videos the CSV does not assign")

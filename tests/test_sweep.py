@@ -122,7 +122,9 @@ def test_a_weak_sweep_refuses_eps1_above_eps2_and_gives_ray_absolute_paths(tmp_p
     with pytest.raises(FileNotFoundError, match="pretrained weights .*weights/r50.pt not found"):
         prepare(parse(["--config", str(config)]))  # every trial would fail on it: refused before Ray starts
     (tmp_path / "weights").mkdir()
-    (tmp_path / "weights/r50.pt").write_bytes(b"")
+    import torchvision  # (a real ResNet-50 state dict: the file's contents are checked too, before Ray starts)
+
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), tmp_path / "weights/r50.pt")
     base, _ = prepare(parse(["--config", str(config)]))
     assert base.model.pretrained == str(tmp_path / "weights/r50.pt")
 
