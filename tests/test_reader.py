@@ -358,6 +358,9 @@ def test_a_video_that_fails_to_decode_in_the_finishing_step_is_counted_and_stood
     # none decoded, so a good batch stands in for it (here the last: it ends the epoch)
     assert [b.video_ids for b in batches] == [[good_key, good_key]] * 2
     assert torch.equal(batches[1].views[0], batches[0].views[1])
+    # the copy carries no label: the weak objective never pairs a video with its own copy
+    good_label = int(batches[0].action_labels[1])
+    assert batches[0].action_labels.tolist() == [-1, good_label] and good_label >= 0
     assert first.skipped == 5  # badjson twice (in the worker), garbage twice and trunc (here)
     assert "its place in the batch goes to a copy" in caplog.text and "'trunc'" in caplog.text
     resumed = loader([str(bad)], 2, 4)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -146,9 +146,11 @@ class StandIns:
     """Videos that fail to decode in the finishing step (on a GPU: after the workers, so the
     workers' skip-and-draw-another is over): counted, and each one's place in its batch taken by a
     video of the same batch that did decode, of the same action label where there is one (a
-    --per-label group stays one label), so that the batch keeps its size. A batch none of whose
-    videos decoded is None: the loader hands over the next batch in its place (every rank keeps
-    its step count)."""
+    --per-label group stays one label), so that the batch keeps its size. The copy carries no
+    label (-1): the weakly supervised objective would otherwise pair a video with its own copy (a
+    --per-label 2 group whose other video failed), a positive at cosine 1 on every frame. A batch
+    none of whose videos decoded is None: the loader hands over the next batch in its place (every
+    rank keeps its step count)."""
 
     def __init__(self):
         self.counter = SkipCounter()
@@ -162,8 +164,11 @@ class StandIns:
         def label(s: PreparedSample) -> int:
             return int(s.meta.get("action_label", -1))
 
-        return [s if s.views is not None else next((g for g in good if label(g) == label(s)), good[0])
-                for s in samples]
+        def copy(s: PreparedSample) -> PreparedSample:
+            g = next((g for g in good if label(g) == label(s)), good[0])
+            return replace(g, meta={**g.meta, "action_label": -1})
+
+        return [s if s.views is not None else copy(s) for s in samples]
 
 
 def collate(samples: list[PreparedSample], cfg: LoaderConfig, decoder: FrameDecoder | None,
