@@ -72,6 +72,23 @@ def test_eval_transform_is_deterministic_centre_crop():
     torch.testing.assert_close(out, eval_photometric(eval_geometric(frames, 32), CFG))
 
 
+def test_the_eval_view_is_the_training_crops_centre_box_resized_to_a_square():
+    """What training sees on average: a 16:9 frame's largest centre crop of ratio 4/3 (training's
+    fallback box), a 4:3 frame whole, both squeezed to a square as training's crops are; a square
+    frame resized whole (the synthetic set: unchanged by this)."""
+    import torchvision.transforms.v2.functional as TF
+
+    wide = to_tchw(_random_image(1, 90, 160)[None])
+    box = draw_view_params(90, 160, dataclasses.replace(CFG, crop_scale=(1.0, 1.0)), np.random.default_rng(0)).crop
+    assert box == (0, 20, 90, 120)  # (a box of area 1 cannot have a ratio <= 4/3 here: the fallback)
+    torch.testing.assert_close(eval_geometric(wide, 32), TF.resize(wide[..., :, 20:140], [32, 32], antialias=True))
+    four_three = to_tchw(_random_image(2, 60, 80)[None])
+    torch.testing.assert_close(eval_geometric(four_three, 32), TF.resize(four_three, [32, 32], antialias=True))
+    square = to_tchw(_random_image(3, 64, 64)[None])
+    old_view = TF.center_crop(TF.resize(square, [32], antialias=True), [32, 32])
+    torch.testing.assert_close(eval_geometric(square, 32), old_view)
+
+
 def test_separable_blur_equals_torchvision():
     import torchvision.transforms.v2.functional as TF
 

@@ -50,12 +50,17 @@ def _crop_box(h: int, w: int, cfg: SpatialConfig, rng: np.random.Generator) -> t
         ch = int(round(math.sqrt(target / ratio)))
         if 0 < cw <= w and 0 < ch <= h:
             return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
-    # Fallback: the largest centre crop inside the ratio bounds.
+    return centre_box(h, w, cfg.crop_ratio)  # (no box fits: e.g. a 16:9 frame at scale >= 0.8)
+
+
+def centre_box(h: int, w: int, ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """The largest centre crop whose aspect ratio (width / height) is inside ``ratio``: the whole
+    frame when it already is. (top, left, height, width)."""
     in_ratio = w / h
-    if in_ratio < cfg.crop_ratio[0]:
-        cw, ch = w, int(round(w / cfg.crop_ratio[0]))
-    elif in_ratio > cfg.crop_ratio[1]:
-        ch, cw = h, int(round(h * cfg.crop_ratio[1]))
+    if in_ratio < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif in_ratio > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
     else:
         cw, ch = w, h
     return (h - ch) // 2, (w - cw) // 2, ch, cw
@@ -262,10 +267,15 @@ def photometric_batch(frames: torch.Tensor, params: list[ViewParams], cfg: Spati
     return x.sub_(mean).div_(std).view(v, t, 3, h, w)
 
 
-def eval_geometric(frames: torch.Tensor, size: int) -> torch.Tensor:
-    """Evaluation: resize the short side to ``size``, centre crop; no augmentation."""
-    out = TF.resize(frames, [size], antialias=True)
-    return TF.center_crop(out, [size, size])
+def eval_geometric(frames: torch.Tensor, size: int, ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """Evaluation: the frames as training sees them on average, without augmentation: the largest
+    centre crop whose aspect ratio is inside the training crops' ``ratio`` (SpatialConfig.crop_ratio),
+    resized to ``size`` x ``size``. Training's crops are resized to a square whatever their shape,
+    so a 4:3 Kinetics frame is trained on squeezed: a square centre crop here (what evaluation took
+    before 2026-11-28) showed the encoder proportions it never saw, and cut a 16:9 FineGym frame to
+    its middle 56%. A square frame (the synthetic set) is resized whole either way."""
+    top, left, ch, cw = centre_box(frames.shape[-2], frames.shape[-1], ratio)
+    return TF.resize(frames[..., top:top + ch, left:left + cw], [size, size], antialias=True)
 
 
 def eval_photometric(frames: torch.Tensor, cfg: SpatialConfig) -> torch.Tensor:

@@ -21,7 +21,7 @@ from carl_scale.data.spatial import eval_geometric, eval_photometric, to_tchw
 from carl_scale.data.whole_video import iter_whole_videos
 
 log = logging.getLogger("carl_scale.eval")
-EMBEDDINGS_FORMAT = 2  # bump when what extract_embeddings computes changes, to retire old .npz files
+EMBEDDINGS_FORMAT = 3  # bump when what extract_embeddings computes changes, to retire old .npz files (3: eval view)
 
 
 @dataclass
@@ -101,7 +101,7 @@ def embedding_fingerprint(model, shards, split: str, *, image_size: int | None, 
                           decoder: str = "auto", device: str = "cpu") -> str:
     """A hash of everything the embeddings depend on: every weight of the model, its config, the
     shard split as ``shards.json`` lists it (files, sizes, write time) and the files read (a
-    pattern may name some of them), the evaluation view (size, normalisation), ``limit``,
+    pattern may name some of them), the evaluation view (size, crop ratio, normalisation), ``limit``,
     ``per_action``, ``actions``, the decoder (their pixels differ by rounding) and the device (its
     arithmetic). Equal fingerprints mean a saved ``.npz`` can stand in for re-embedding."""
     h = hashlib.sha1(usedforsecurity=False)
@@ -114,7 +114,8 @@ def embedding_fingerprint(model, shards, split: str, *, image_size: int | None, 
     read = [Path(u).name for u in urls]  # (local paths only: resolve_shards)
     size = model.cfg.image_size if image_size is None else image_size
     h.update(json.dumps([EMBEDDINGS_FORMAT, repr(getattr(model, "cfg", None)), data, read,
-                         size, list(spatial.mean), list(spatial.std), limit, decoder, str(device)]
+                         size, list(spatial.mean), list(spatial.std), list(spatial.crop_ratio), limit, decoder,
+                         str(device)]
                         + ([per_action, actions] if per_action is not None else []),
                         sort_keys=True, default=str).encode())
     return h.hexdigest()
@@ -150,7 +151,7 @@ def embed_frames(model, frames, *, image_size: int | None = None, spatial: Spati
         raise ValueError(f"image_size must be >= 1 (None: the model's {model.cfg.image_size}), got {size}")
     x = torch.empty((len(frames), 3, size, size), dtype=next(model.parameters()).dtype, device=device)
     for i in range(0, len(frames), 256):  # filled in place: one copy of the video as floats, where it runs
-        x[i:i + 256] = eval_photometric(eval_geometric(to_tchw(frames[i:i + 256]), size), spatial)
+        x[i:i + 256] = eval_photometric(eval_geometric(to_tchw(frames[i:i + 256]), size, spatial.crop_ratio), spatial)
     return model.embed_video(x).float().cpu().numpy()
 
 
