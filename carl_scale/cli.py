@@ -50,9 +50,11 @@ def read_video(path: str, short_side: int | None = None) -> np.ndarray:
 
 def _made_by(video: str, args) -> dict:
     """What a video's .npy stands for: the video file as it is and the checkpoint that embedded it."""
+    from carl_scale.eval.embed import EMBEDDINGS_FORMAT
+
     st = Path(video).stat()
     return {"video": str(Path(video).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "checkpoint": args.checkpoint_used}
+            "checkpoint": args.checkpoint_used, "format": EMBEDDINGS_FORMAT}
 
 
 def cmd_embed(args) -> None:
@@ -85,10 +87,12 @@ def cmd_embed(args) -> None:
     rows, todo = [], []
     for video in args.videos:
         npy, record = out / f"{Path(video).stem}.npy", out / f"{Path(video).stem}.json"
-        made = json.loads(record.read_text()) if record.is_file() else None
-        if npy.is_file() and made == _made_by(video, args):
+        made, now = json.loads(record.read_text()) if record.is_file() else None, _made_by(video, args)
+        # (ours, of the same video and checkpoint, made by an earlier evaluation view: made again)
+        ours = isinstance(made, dict) and {**made, "format": now["format"]} == now
+        if npy.is_file() and made == now:
             rows.append((video, np.load(npy, mmap_mode="r").shape[0], "kept (same video and checkpoint)", str(npy)))
-        elif npy.is_file() and not args.overwrite:
+        elif npy.is_file() and not args.overwrite and not ours:
             raise FileExistsError(f"{npy} holds embeddings of {'another checkpoint or video' if made else 'unknown origin'}"
                                   f": give another --out, or --overwrite to replace them")
         else:

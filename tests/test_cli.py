@@ -92,6 +92,12 @@ def test_embed_files_and_shards(checkpoint, videos, vp9_shards, tmp_path, capsys
     main(["embed", str(videos[0]), "--checkpoint", str(path), "--out", str(tmp_path), "--overwrite"])
     assert json.loads((tmp_path / "clip0.json").read_text()) == record
     assert (tmp_path / "clip0.npy").stat().st_mtime_ns != stamp  # embedded again, not only its record
+    # made by an earlier evaluation view (a record without this format): embedded again, no --overwrite needed
+    (tmp_path / "clip0.json").write_text(json.dumps({k: v for k, v in record.items() if k != "format"}))
+    stamp = (tmp_path / "clip0.npy").stat().st_mtime_ns
+    main(["embed", str(videos[0]), "--checkpoint", str(path), "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "clip0.json").read_text()) == record
+    assert (tmp_path / "clip0.npy").stat().st_mtime_ns != stamp
     main(["embed", "--shards", str(vp9_shards), "--run-dir", str(path.parents[1]), "--out", str(tmp_path)])
     assert (tmp_path / "val.npz").exists()
 
