@@ -335,7 +335,7 @@ def import_carl(checkpoint: str | Path, config: str | Path | None, out: str | Pa
     pub = read_published_config(config, pub_ckpt["cfg"])
     source = f"--config {config}" if config is not None else f"the config saved in {checkpoint}"
     model_cfg = _model_config(pub, source)
-    if config is not None and pub_ckpt["cfg"] is not None:  # both: they must describe one model
+    if config is not None and isinstance(pub_ckpt["cfg"], dict):  # both: they must describe one model
         saved = _model_config(read_published_config(None, pub_ckpt["cfg"]), f"the config saved in {checkpoint}")
         differ = [f"{k} {getattr(model_cfg, k)} (YAML) vs {getattr(saved, k)} (checkpoint)"
                   for k in _COMPARED if getattr(model_cfg, k) != getattr(saved, k)]

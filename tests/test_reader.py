@@ -412,7 +412,7 @@ def test_the_skip_count_is_exact_across_a_resume(vp9_shards, tmp_path, in_collat
         assert rest.skipped == whole.skipped, cut
 
 
-def test_a_url_or_a_pipe_command_as_a_shard_is_refused_and_never_run(vp9_shards, tmp_path):
+def test_a_url_or_a_pipe_command_as_a_shard_is_refused_and_never_run(vp9_shards, tmp_path, monkeypatch):
     """WebDataset runs a ``pipe:`` shard in a shell and fetches a URL with curl: a shard list is a
     file someone else may have written, and nothing is downloaded at run time."""
     marker = tmp_path / "ran"
@@ -425,9 +425,23 @@ def test_a_url_or_a_pipe_command_as_a_shard_is_refused_and_never_run(vp9_shards,
         with pytest.raises(ValueError, match="local paths only"):
             VideoLoader(loader_cfg(spec, epoch_samples=2))
     assert not marker.exists()
-    colon = tmp_path / "a:b.tar"  # a file name with a colon: an absolute path (or ./a:b.tar) is no URL
+    # local files whose names read as URLs are local files: absolute, relative (handed to WebDataset
+    # as ./a:b.tar), in a .txt list next to it, and a shard directory named with a colon
+    colon = tmp_path / "a:b.tar"
     colon.write_bytes((vp9_shards / "train-000000.tar").read_bytes())
     assert resolve_shards(str(colon))[0] == [str(colon)]
+    (tmp_path / "colon.txt").write_text("a:b.tar\n")
+    assert resolve_shards(str(tmp_path / "colon.txt"))[0] == [str(colon)]
+    named = tmp_path / "data:v2"
+    shutil.copytree(vp9_shards, named)
+    monkeypatch.chdir(tmp_path)
+    urls, _ = resolve_shards("data:v2", "val")
+    assert urls and all(u.startswith("./data:v2/") for u in urls)
+    ids = loader_ids(VideoLoader(loader_cfg("data:v2", epoch_samples=2)))
+    assert len(ids) == 2
+    (tmp_path / "missing.txt").write_text("./c:d.tar\n")  # missing, and written as a path: said so
+    with pytest.raises(FileNotFoundError, match="c:d.tar does not exist"):
+        resolve_shards("missing.txt")
 
 
 def test_missing_shard_is_an_error_naming_the_path(vp9_shards, tmp_path):

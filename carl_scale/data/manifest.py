@@ -71,8 +71,10 @@ def resolve_shards(spec: str | list[str], split: str = "train") -> tuple[list[st
     Every path must be local and exist: a URL or ``pipe:`` command (which WebDataset would fetch
     or run) is refused, and a missing path is an error naming it and the fix."""
     manifest = None
+    # (as given, as resolved): a URL is told by what the user wrote; a shard directory's entries
+    # (None as given) are local by construction
     if isinstance(spec, (list, tuple)):
-        urls = [str(u) for u in spec]
+        entries = [(str(u), str(u)) for u in spec]
     elif Path(spec).is_dir():
         manifest = read_manifest(spec)
         if manifest is None:
@@ -82,27 +84,31 @@ def resolve_shards(spec: str | list[str], split: str = "train") -> tuple[list[st
         if split not in manifest["splits"]:
             raise ValueError(f"{spec} has no split {split!r} (it has {sorted(manifest['splits'])}): name one of "
                              f"those (--split where the command has it), or write a {split} split into it")
-        urls = [str(Path(spec) / s["path"]) for s in manifest["splits"][split]["shards"]]
+        entries = [(None, str(Path(spec) / s["path"])) for s in manifest["splits"][split]["shards"]]
     elif spec.endswith(".txt") and Path(spec).is_file():
         # a relative path: from here, or else from the list's own folder
-        urls = [u if _scheme(u) or Path(u).is_absolute() or Path(u).exists() else str(Path(spec).parent / u)
-                for u in (ln.strip() for ln in Path(spec).read_text().splitlines()) if u]
+        entries = [(u, u if Path(u).is_absolute() or Path(u).exists() else str(Path(spec).parent / u))
+                   for u in (ln.strip() for ln in Path(spec).read_text().splitlines()) if u]
     else:
-        urls = wds.shardlists.expand_urls(spec)
-        parent = Path(urls[0]).parent if urls else None
+        entries = [(u, u) for u in wds.shardlists.expand_urls(spec)]
+        parent = Path(entries[0][1]).parent if entries else None
         if parent is not None and (parent / MANIFEST).exists():
             manifest = read_manifest(parent)
-    if not urls:
+    if not entries:
         why = (f": its {split} split is empty (none of its inputs could be written; shards.json lists why)"
                if manifest is not None else ": the list is empty or the pattern matched nothing; check --shards")
         raise FileNotFoundError(f"no shards in {spec!r}{why}")
-    for u in urls:
-        if _scheme(u):  # WebDataset would run a pipe: line in a shell, and fetch a URL with curl
-            where = "" if u == spec else f" (in --shards {spec!r})"
-            raise ValueError(f"--shards: {u!r}{where} is a {_scheme(u)}: URL, not a local path. Shards are read from "
-                             f"local paths only (nothing is downloaded, no command run): copy them to this machine "
-                             f"and give their path (a file name with a colon: ./{u})")
-        if not Path(u).exists():
+    urls = []
+    for given, u in entries:
+        if Path(u).exists():
+            # a local file whose name reads as a URL to WebDataset (a:b.tar): given it as ./a:b.tar
+            urls.append("./" + u if _scheme(u) and not Path(u).is_absolute() else u)
+        elif given is not None and _scheme(given):  # WebDataset would run a pipe: line in a shell, fetch a URL
+            where = "" if given == spec else f" (in --shards {spec!r})"
+            raise ValueError(f"--shards: {given!r}{where} is a {_scheme(given)}: URL, not a local path. Shards are "
+                             f"read from local paths only (nothing is downloaded, no command run): copy them to this "
+                             f"machine and give their path")
+        else:
             what = f"no shards at {u}" if u == spec else f"shard {u} does not exist (--shards {spec!r})"
             raise FileNotFoundError(
                 f"{what}: write them with your dataset's converter, e.g. '{write_command('folder', u)}' "

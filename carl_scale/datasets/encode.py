@@ -38,7 +38,7 @@ class EncodeOptions:
             raise ValueError(f"unknown codec {self.codec!r}; choose one of {sorted(CODECS)}")
         for flag, value, lo, hi in (("--gop", self.gop, 1, None), ("--crf", self.crf, 0, 63),
                                     ("--jpeg-quality", self.jpeg_quality, 1, 100)):
-            if not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
                 raise ValueError(f"{flag} must be an integer {'>= ' + str(lo) if hi is None else f'in [{lo}, {hi}]'}"
                                  f", got {value!r}")
 

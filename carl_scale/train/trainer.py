@@ -538,8 +538,9 @@ def check_device(cfg: RunConfig, device: torch.device) -> None:
 
 def check_local_files(cfg: RunConfig) -> None:
     """Refuse a missing or unusable --pretrained file (not a ResNet-50 state dict: a text file,
-    another architecture) before any rank starts or writes (shards, run directory): the ResNet-50
-    is built from it here, a second or two. A resume does not read it (every weight is in the
+    another architecture) before the run writes anything (shards, run directory): each rank (and
+    each sweep trial) builds the ResNet-50 from it here, a few seconds, so that all fail alike
+    before the process group starts. A resume does not read it (every weight is in the
     checkpoint): it may be gone."""
     if cfg.model.pretrained is None:
         return

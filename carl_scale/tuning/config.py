@@ -61,10 +61,11 @@ class SweepConfig(Config):
                                        f"GPU (a fraction shares one GPU between trials)")
         if self.report_every > self.steps:
             refuse("--report-every", f"({self.report_every}) must be <= --steps ({self.steps})")
-        # (a name is one folder under runs/sweep: "..", "../x" or "a/b" would write elsewhere; --out is the way)
-        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.=+-]*", self.name):
-            refuse("--name", f"must be letters, digits and _ . = + - (one folder under runs/sweep, not starting "
-                             f"with '.'), got {self.name!r}; --out DIR writes anywhere")
+        # where the name is the folder (no --out): one folder under runs/sweep ("..", "../x" or "a/b"
+        # would write elsewhere); with --out it only titles the results
+        if self.out is None and (re.search(r"[/\\]", self.name) or self.name.startswith(".")):
+            refuse("--name", f"is one folder under runs/sweep: no '/' or '\\', not starting with '.', got "
+                             f"{self.name!r}; --out DIR writes anywhere")
 
     @property
     def directory(self) -> Path:
