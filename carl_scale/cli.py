@@ -20,7 +20,7 @@ import numpy as np
 
 
 def _model(args):
-    from carl_scale.eval.embed import default_device
+    from carl_scale.eval.embed import default_device, trained_view
     from carl_scale.eval.transfer import latest_checkpoint
     from carl_scale.models import load_model
 
@@ -32,7 +32,9 @@ def _model(args):
                          "under --run-dir")
     ckpt = Path(args.checkpoint) if args.checkpoint is not None else latest_checkpoint(args.run_dir)
     args.checkpoint_used = str(ckpt.resolve())
-    return load_model(ckpt, device), device
+    model = load_model(ckpt, device)
+    args.spatial = trained_view(ckpt)  # (the view its run's evaluation took)
+    return model, device
 
 
 def read_video(path: str, short_side: int | None = None) -> np.ndarray:
@@ -99,10 +101,11 @@ def cmd_embed(args) -> None:
             todo.append(video)
     out.mkdir(parents=True, exist_ok=True)
     if args.shards is not None:
-        ve = extract_embeddings(model, args.shards, args.split, device=device, cache=str(out / f"{args.split}.npz"))
+        ve = extract_embeddings(model, args.shards, args.split, spatial=args.spatial, device=device,
+                                cache=str(out / f"{args.split}.npz"))
         print(f"{len(ve.video_ids)} videos of {args.shards} ({args.split}) -> {out / f'{args.split}.npz'}")
     for video in progress_bar(iterable=todo, desc="embed", unit="video", enabled=len(todo) >= 2):
-        emb = embed_frames(model, read_video(video, model.cfg.image_size), device=device)
+        emb = embed_frames(model, read_video(video, model.cfg.image_size), spatial=args.spatial, device=device)
         npy = out / f"{Path(video).stem}.npy"
         (out / f"{Path(video).stem}.json").unlink(missing_ok=True)  # (a stale record never vouches for the new file)
         np.save(npy, emb)
@@ -129,7 +132,7 @@ def cmd_align(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     args.out = str(out)
     fa, fb = read_video(args.a, model.cfg.image_size), read_video(args.b, model.cfg.image_size)
-    ea, eb = embed_frames(model, fa, device=device), embed_frames(model, fb, device=device)
+    ea, eb = (embed_frames(model, f, spatial=args.spatial, device=device) for f in (fa, fb))
     out = save_alignment_figure(ea, eb, args.out, frames_a=thumbnails(fa), frames_b=thumbnails(fb),
                                 names=(Path(args.a).name, Path(args.b).name))
     print(f"alignment of {args.a} ({len(fa)} frames) and {args.b} ({len(fb)} frames) -> {out}")

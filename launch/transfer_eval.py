@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from carl_scale.eval.embed import default_device
+    from carl_scale.eval.embed import default_device, trained_view
     from carl_scale.eval.transfer import check_transfer, latest_checkpoint, transfer_eval
     from carl_scale.models import load_model
     from carl_scale.models import build_model
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.random_baseline:
         torch.manual_seed(0)
         models = {"random_init": build_model(models["pretrained"].cfg).to(device).eval(), **models}
-    res = transfer_eval(a.dataset, models, shards=shards, out_dir=a.out, device=device,
+    res = transfer_eval(a.dataset, models, shards=shards, out_dir=a.out, device=device, spatial=trained_view(ckpt),
                        reuse_embeddings=not a.recompute, subset=a.subset, classifier=a.classifier,
                        source=f"pretrained = {source}" + (", random_init = the same flavor at random weights"
                                                           if a.random_baseline else ""))

@@ -254,3 +254,28 @@ def test_an_empty_path_flag_is_refused_before_anything_is_read_or_written(module
         importlib.import_module(module).main(argv)
     assert exit_.value.code == 2 and "empty: give a path" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_checkpoint_is_evaluated_with_its_own_runs_view(checkpoint, videos, tmp_path, caplog):
+    """Its normalisation and crop ratios from meta.json's data.spatial (as its end-of-run evaluation
+    saw it); the defaults where it has none (imported checkpoints) or one this version cannot read."""
+    import shutil
+
+    from carl_scale.data.config import SpatialConfig
+    from carl_scale.eval.embed import trained_view
+
+    path, _ = checkpoint
+    assert trained_view(path) == SpatialConfig()  # (no data section: the defaults)
+    own = tmp_path / "run/checkpoints/step_000001"
+    shutil.copytree(path, own)
+    meta = json.loads((own / "meta.json").read_text())
+    view = {**to_dict(SpatialConfig()), "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    (own / "meta.json").write_text(json.dumps({**meta, "config": {**meta["config"], "data": {"spatial": view}}}))
+    assert trained_view(own).mean == (0.5, 0.5, 0.5)
+    main(["embed", str(videos[0]), "--checkpoint", str(path), "--out", str(tmp_path / "default")])
+    main(["embed", str(videos[0]), "--checkpoint", str(own), "--out", str(tmp_path / "own")])
+    assert not np.allclose(np.load(tmp_path / "default/clip0.npy"), np.load(tmp_path / "own/clip0.npy"))
+    (own / "meta.json").write_text(json.dumps({**meta, "config": {**meta["config"],
+                                                                  "data": {"spatial": {**view, "new_knob": 1}}}}))
+    with caplog.at_level("WARNING", logger="carl_scale.eval"):
+        assert trained_view(own) == SpatialConfig() and "is not readable here" in caplog.text

@@ -140,6 +140,24 @@ def default_device(device: str | None = None) -> str:
     return device
 
 
+def trained_view(checkpoint) -> SpatialConfig:
+    """The evaluation view's settings of the run that wrote ``checkpoint`` (its meta.json's
+    ``data.spatial``: normalisation, the training crops' aspect ratios), so that a checkpoint is
+    evaluated as its end-of-run evaluation saw it; the defaults where it has none (an imported
+    checkpoint) or one this version cannot read (with a warning)."""
+    from carl_scale.config import ConfigError, from_dict
+    from carl_scale.models.weights import read_meta
+
+    spatial = (read_meta(checkpoint)["config"].get("data") or {}).get("spatial")
+    if not isinstance(spatial, dict):
+        return SpatialConfig()
+    try:
+        return from_dict(SpatialConfig, spatial, "data.spatial")
+    except ConfigError as exn:
+        log.warning("%s: its evaluation view is not readable here (%s): the default one is used", checkpoint, exn)
+        return SpatialConfig()
+
+
 @torch.no_grad()
 def embed_frames(model, frames, *, image_size: int | None = None, spatial: SpatialConfig | None = None,
                  device: str = "cpu") -> np.ndarray:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from carl_scale.data.config import SpatialConfig
 from carl_scale.data.manifest import PUBLISHED_ORDER, read_manifest, write_command
 from carl_scale.eval.embed import PartialEmbeddings, VideoEmbeddings, extract_embeddings
 from carl_scale.eval.metrics import (CLASSIFIERS, _labelled, average_precision_at_k, kendalls_tau, linear_probe_frame_classification,
@@ -371,12 +372,14 @@ def keep_earlier_results(out: Path, source: str | None, **setting) -> Path | Non
 def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: str | None = None,
                   out_dir: str | Path = "runs/transfer", device: str = "cpu", image_size: int | None = None,
                   reuse_embeddings: bool = True, subset: str | None = None, classifier: str = "svm",
-                  source: str | None = None) -> dict:
+                  source: str | None = None, spatial: SpatialConfig | None = None) -> dict:
     """Embed the train and val splits with each model (saved as ``.npz`` under ``out_dir``; a
     rerun with the same weights and shards loads them instead, unless ``reuse_embeddings`` is
     off), run the dataset's protocol, write ``results.md`` / ``results.json`` (with ``source``:
     which checkpoint, how it was made) and the pictures of :func:`save_pictures` for each model.
-    The results of other models there are moved aside first (:func:`keep_earlier_results`)."""
+    The results of other models there are moved aside first (:func:`keep_earlier_results`).
+    ``spatial``: the evaluation view's normalisation and crop ratios (the defaults if None; a
+    checkpoint's own: :func:`~carl_scale.eval.embed.trained_view`)."""
     p, shards = check_transfer(dataset, shards, subset, classifier)
     if not models:
         raise ValueError("no model to evaluate: give transfer_eval at least one {name: model}")
@@ -391,7 +394,8 @@ def transfer_eval(dataset: str, models: dict[str, torch.nn.Module], *, shards: s
             if not reuse_embeddings:  # (an interrupted extraction's parts too: everything embedded again)
                 npz.unlink(missing_ok=True)
                 PartialEmbeddings(npz, "").remove()
-            embs[split] = e = extract_embeddings(model, shards, split, image_size=image_size, device=device, cache=npz)
+            embs[split] = e = extract_embeddings(model, shards, split, image_size=image_size, spatial=spatial,
+                                                 device=device, cache=npz)
             skipped[split] += [s for s in e.skipped if s not in skipped[split]]  # (each model's, once)
             if not e.video_ids:
                 raise ValueError(f"no {split} video of {shards} could be read ({len(e.skipped)} skipped as unreadable, "
