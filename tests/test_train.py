@@ -338,6 +338,15 @@ def test_readme_main_command_scaled_down(tmp_path):
 
     assert TAU_NOTE in res.stdout  # (why tau cannot separate the rows, said under the table)
     assert list((tmp_path / "run/tensorboard").glob("events.out.tfevents.*"))
+    # pictures of what the trained encoder learned: two validation videos aligned, a frame's neighbours
+    for picture in ("alignment", "retrieval"):
+        assert (tmp_path / f"run/pictures/trained_{picture}.png").stat().st_size > 5000
+    assert "pictures: " in res.stdout and "not drawn" not in res.stderr
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run/tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"eval/trained_alignment", "eval/trained_retrieval"} <= set(events.Tags()["images"])
     cfg = json.loads((tmp_path / "run/config.json").read_text())
     assert cfg["config"]["model"]["flavor"] == "debug"
     # a second run reuses the shards (no rewrite)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -65,16 +66,18 @@ def cross_validated_phase_accuracy(ve: VideoEmbeddings, folds: int = 4) -> float
 
 
 def quick_eval(models: dict, shards, spatial: SpatialConfig, device, *, folds: int = 4,
-               skipped: list[str] | None = None) -> dict[str, dict]:
+               skipped: list[str] | None = None, embedded_out: dict | None = None) -> dict[str, dict]:
     """{model name: {"phase_acc", "kendall_tau"}} on the validation videos of ``shards`` (the
     ``val`` split of a shard directory, or every video of a shard pattern or list), with
     ``position_only`` features as the first row. Unreadable samples are left out and added to
-    ``skipped``."""
+    ``skipped``; ``embedded_out`` receives each model's :class:`VideoEmbeddings`."""
     embedded = {name: extract_embeddings(model, shards, "val", spatial=spatial, device=str(device))
                 for name, model in models.items()}
     if skipped is not None:
         skipped += next(iter(embedded.values())).skipped
     embedded = {"position_only": position_embeddings(next(iter(embedded.values()))), **embedded}
+    if embedded_out is not None:
+        embedded_out.update(embedded)
     out = {}
     for name, ve in embedded.items():
         bad = ve.nonfinite()
@@ -226,8 +229,9 @@ class EndOfRunEvaluation(Hook):
                   flush=True)
             cfg = dataclasses.replace(cfg, pretrained=None)
         random_init = build_model(cfg, weights_follow=cfg is not self.model_cfg).to(ctx.device)
+        embedded: dict = {}
         result = quick_eval({"random_init": random_init, "trained": ctx.model}, self.shards, self.spatial,
-                            ctx.device, folds=self.folds, skipped=skipped)
+                            ctx.device, folds=self.folds, skipped=skipped, embedded_out=embedded)
         keys = list(next(iter(result.values())).keys())
         print(f"\nvalidation videos of {self.shards} (phase accuracy: {self.folds}-fold cross-validation per action)\n"
               + table([(name, *(f"{v[k]:.4f}" for k in keys)) for name, v in result.items()], ("model", *keys)),
@@ -236,4 +240,30 @@ class EndOfRunEvaluation(Hook):
             print(TAU_NOTE, flush=True)
         if skipped:
             print(f"skipped {len(skipped)} unreadable validation sample(s): {skipped[:3]}", flush=True)
+        self._pictures(ctx, embedded["trained"])
         return result
+
+    def _pictures(self, ctx, val: VideoEmbeddings) -> None:
+        """The trained encoder's alignment of two validation videos of one action (similarity
+        heatmap, DTW path, aligned frames) and a frame's nearest neighbours in the others, into
+        ``run_dir/pictures`` and TensorBoard's images. A picture that cannot be drawn costs the
+        picture, never the run's summary."""
+        try:
+            from PIL import Image
+            from torch.utils.tensorboard import SummaryWriter
+
+            from carl_scale.eval.transfer import save_pictures
+
+            out = Path(ctx.run_dir) / "pictures"
+            out.mkdir(parents=True, exist_ok=True)
+            no_train = VideoEmbeddings([], [], [], np.zeros(0, np.int64))  # (no phase timeline: no classifier here)
+            paths = save_pictures("trained", no_train, val, self.shards, out)
+            if not paths:
+                return
+            with SummaryWriter(str(Path(ctx.run_dir) / "tensorboard")) as tb:
+                for path in paths:
+                    tb.add_image(f"eval/{Path(path).stem}", np.asarray(Image.open(path).convert("RGB")), ctx.step,
+                                 dataformats="HWC")
+            print("pictures: " + ", ".join(str(p) for p in paths), flush=True)
+        except Exception as exn:  # noqa: BLE001
+            print(f"warning: end-of-run pictures not drawn: {type(exn).__name__}: {exn}", file=sys.stderr, flush=True)
