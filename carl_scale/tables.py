@@ -45,8 +45,12 @@ def progress_bar(*, enabled: bool = True, log_every_s: float = 30.0, **kw):
         return tqdm(disable=True, **kw)
     if sys.stderr.isatty() or "ipykernel" in sys.modules:
         return tqdm(dynamic_ncols=True, **kw)
+    # a passing bar (leave=False: a step inside a job, e.g. embedding the validation videos) writes
+    # its first line only once it has run an interval: a log then holds no "0%" line for work that
+    # took a few seconds, and a line per interval for work that took longer
+    delay = kw.pop("delay", log_every_s if kw.get("leave") is False else 0.0)
     return tqdm(file=_LineWriter(sys.stderr), mininterval=log_every_s, maxinterval=max(log_every_s, 10.0),
-                miniters=1, ncols=100, ascii=True, **kw)
+                miniters=1, ncols=100, ascii=True, delay=delay, **kw)
 
 
 def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:

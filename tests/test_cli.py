@@ -222,6 +222,12 @@ def test_progress_bars_write_whole_lines_to_a_log_file_and_nothing_when_asked(tm
         rows = text.splitlines()
         assert 2 <= len(rows) <= 21 and all(r.startswith("work:") for r in rows), rows
         assert "20/20" in rows[-1] and "loss=19" in rows[-1]
+    # a passing bar (leave=False) that ends within its first interval writes nothing to a log
+    log = tmp_path / "passing"
+    with open(log, "w") as err:
+        subprocess.run([sys.executable, "-c", code.replace("log_every_s=0.05", "log_every_s=30, leave=False")],
+                       stderr=err, check=True, timeout=60, env={**os.environ, "CARL_SCALE_NO_PROGRESS": "0"})
+    assert log.read_text() == ""
 
 
 def test_a_log_line_keeps_no_cursor_moves_of_bars_stacked_on_a_terminal():
