@@ -55,8 +55,9 @@ def _made_by(video: str, args) -> dict:
     from carl_scale.eval.embed import EMBEDDINGS_FORMAT
 
     st = Path(video).stat()
+    view = [list(args.spatial.mean), list(args.spatial.std), list(args.spatial.crop_ratio)]
     return {"video": str(Path(video).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "checkpoint": args.checkpoint_used, "format": EMBEDDINGS_FORMAT}
+            "checkpoint": args.checkpoint_used, "format": EMBEDDINGS_FORMAT, "view": view}
 
 
 def cmd_embed(args) -> None:
@@ -91,7 +92,7 @@ def cmd_embed(args) -> None:
         npy, record = out / f"{Path(video).stem}.npy", out / f"{Path(video).stem}.json"
         made, now = json.loads(record.read_text()) if record.is_file() else None, _made_by(video, args)
         # (ours, of the same video and checkpoint, made by an earlier evaluation view: made again)
-        ours = isinstance(made, dict) and {**made, "format": now["format"]} == now
+        ours = isinstance(made, dict) and {**made, "format": now["format"], "view": now["view"]} == now
         if npy.is_file() and made == now:
             rows.append((video, np.load(npy, mmap_mode="r").shape[0], "kept (same video and checkpoint)", str(npy)))
         elif npy.is_file() and not args.overwrite and not ours:

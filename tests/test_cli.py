@@ -281,6 +281,11 @@ def test_a_checkpoint_is_evaluated_with_its_own_runs_view(checkpoint, videos, tm
     main(["embed", str(videos[0]), "--checkpoint", str(path), "--out", str(tmp_path / "default")])
     main(["embed", str(videos[0]), "--checkpoint", str(own), "--out", str(tmp_path / "own")])
     assert not np.allclose(np.load(tmp_path / "default/clip0.npy"), np.load(tmp_path / "own/clip0.npy"))
+    # a file embedded with another view of the same checkpoint (its meta.json edited since) is made again
+    record = json.loads((tmp_path / "own/clip0.json").read_text())
+    (tmp_path / "own/clip0.json").write_text(json.dumps({**record, "view": [[0.1] * 3, [0.2] * 3, [0.75, 1.33]]}))
+    main(["embed", str(videos[0]), "--checkpoint", str(own), "--out", str(tmp_path / "own")])
+    assert json.loads((tmp_path / "own/clip0.json").read_text()) == record
     (own / "meta.json").write_text(json.dumps({**meta, "config": {**meta["config"],
                                                                   "data": {"spatial": {**view, "new_knob": 1}}}}))
     with caplog.at_level("WARNING", logger="carl_scale.eval"):

@@ -215,7 +215,10 @@ class EndOfRunEvaluation(Hook):
                                  "checkpoints are saved: evaluate them with launch/transfer_eval.sh")
         if error is not None:
             raise error
-        return {"eval": result, "eval_skipped_samples": len(skipped)}
+        out = {"eval": result, "eval_skipped_samples": len(skipped)}
+        if result:  # rank 0's (the trainer shows them in TensorBoard beside the evaluation's numbers)
+            out["pictures"] = self._drawn
+        return out
 
     def _evaluate(self, ctx, skipped: list) -> dict:
         """Rank 0: the trained encoder and a randomly initialised one on the validation videos; the
@@ -240,30 +243,24 @@ class EndOfRunEvaluation(Hook):
             print(TAU_NOTE, flush=True)
         if skipped:
             print(f"skipped {len(skipped)} unreadable validation sample(s): {skipped[:3]}", flush=True)
-        self._pictures(ctx, embedded["trained"])
+        self._drawn = self._pictures(ctx, embedded["trained"])
         return result
 
-    def _pictures(self, ctx, val: VideoEmbeddings) -> None:
+    def _pictures(self, ctx, val: VideoEmbeddings) -> list[str]:
         """The trained encoder's alignment of two validation videos of one action (similarity
         heatmap, DTW path, aligned frames) and a frame's nearest neighbours in the others, into
-        ``run_dir/pictures`` and TensorBoard's images. A picture that cannot be drawn costs the
-        picture, never the run's summary."""
+        ``run_dir/pictures``; their paths. A picture that cannot be drawn costs the picture, never
+        the run's summary."""
         try:
-            from PIL import Image
-            from torch.utils.tensorboard import SummaryWriter
-
             from carl_scale.eval.transfer import save_pictures
 
             out = Path(ctx.run_dir) / "pictures"
             out.mkdir(parents=True, exist_ok=True)
             no_train = VideoEmbeddings([], [], [], np.zeros(0, np.int64))  # (no phase timeline: no classifier here)
-            paths = save_pictures("trained", no_train, val, self.shards, out)
-            if not paths:
-                return
-            with SummaryWriter(str(Path(ctx.run_dir) / "tensorboard")) as tb:
-                for path in paths:
-                    tb.add_image(f"eval/{Path(path).stem}", np.asarray(Image.open(path).convert("RGB")), ctx.step,
-                                 dataformats="HWC")
-            print("pictures: " + ", ".join(str(p) for p in paths), flush=True)
+            paths = [str(p) for p in save_pictures("trained", no_train, val, self.shards, out)]
         except Exception as exn:  # noqa: BLE001
             print(f"warning: end-of-run pictures not drawn: {type(exn).__name__}: {exn}", file=sys.stderr, flush=True)
+            return []
+        if paths:
+            print("pictures: " + ", ".join(paths), flush=True)
+        return paths

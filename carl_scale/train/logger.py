@@ -36,6 +36,15 @@ class RunLogger:
             for k, v in values.items():
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
 
+    def image(self, tag: str, path: str | Path, step: int) -> None:
+        """A PNG written elsewhere (a hook's picture), shown among TensorBoard's images."""
+        if self.enabled:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as img:
+                self.tb.add_image(tag, np.asarray(img.convert("RGB")), step, dataformats="HWC")
+
     def end_progress(self) -> None:
         if self.bar is not None:
             self.bar.close()  # idempotent

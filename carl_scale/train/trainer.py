@@ -401,6 +401,8 @@ class Trainer:
                 (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
                 for name, vals in summary.get("eval", {}).items():
                     log.scalars(f"eval_{name}", vals, self.step)
+                for path in summary.get("pictures", []):  # (a hook's pictures, e.g. the evaluation's alignment)
+                    log.image(f"eval/{Path(path).stem}", path, self.step)
         finally:
             log.close()
             signals.close()
