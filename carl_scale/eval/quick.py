@@ -194,6 +194,7 @@ class EndOfRunEvaluation(Hook):
 
     def __init__(self, shards, model_cfg: ModelConfig, spatial: SpatialConfig, seed: int, folds: int = 4):
         self.shards, self.model_cfg, self.spatial, self.seed, self.folds = shards, model_cfg, spatial, seed, folds
+        self._drawn: list[str] = []  # the pictures rank 0's evaluation drew
 
     def on_end(self, ctx) -> dict:
         result, skipped, error = {}, [], None

@@ -255,11 +255,12 @@ class Trainer:
         step's mean outputs over its micro-steps."""
         if not pending:
             return []
-        device = pending[0].micro[0][1].device
-        flat = [t.to(device, torch.float32).reshape(()) for q in pending
-                for t in (*(t for out, bad, _ in q.micro for t in (*out.values(), bad)),
-                          *([q.grad_norm] if q.grad_norm is not None else []))]
-        values = iter(torch.stack(flat).tolist())
+        device, flat = pending[0].micro[0][1].device, []
+        for q in pending:  # each micro-step's outputs and flag, then the update's gradient norm
+            for out, bad, _ in q.micro:
+                flat += [*out.values(), bad]
+            flat += [q.grad_norm] if q.grad_norm is not None else []
+        values = iter(torch.stack([t.to(device, torch.float32).reshape(()) for t in flat]).tolist())
         settled = []
         for q in pending:
             micro = [({k: next(values) for k in out}, next(values)) for out, _, _ in q.micro]
