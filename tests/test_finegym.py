@@ -200,7 +200,7 @@ def test_two_files_of_one_video_id_are_said_to_be_and_the_first_is_used(tmp_path
     assert any("are both video 'abc'" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("kw, said", [({"fps": 0.0}, "--fps must be > 0, got 0.0"),
+@pytest.mark.parametrize("kw, said", [({"fps": 0.0}, "--fps must be a finite number > 0, got 0.0"),
                                       ({"short_side": 8}, "--short-side must be >= 16"),
                                       ({"limit": -1}, "--limit must be >= 1, got -1")])
 def test_bad_options_are_refused_before_anything_is_written(kw, said):

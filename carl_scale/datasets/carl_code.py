@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from carl_scale.datasets.encode import MIN_SHORT_SIDE
+from carl_scale.datasets.encode import check_source_options
 from carl_scale.datasets.finegym import EVENT_NAMES
 from carl_scale.datasets.folder import file_record
 from carl_scale.data.manifest import PUBLISHED_ORDER
@@ -64,9 +64,7 @@ class CarlDataOptions:
     def __post_init__(self) -> None:  # refused before anything is read or written (as the CLI's flags)
         if self.dataset is not None and self.dataset not in KINDS:
             raise ValueError(f"--dataset must be one of {', '.join(KINDS)} (or left out), got {self.dataset!r}")
-        for flag, value, lo in (("--short-side", self.short_side, MIN_SHORT_SIDE), ("--limit", self.limit, 1)):
-            if value is not None and value < lo:
-                raise ValueError(f"{flag} must be >= {lo}, got {value}")
+        check_source_options(short_side=self.short_side, limit=self.limit)
 
 
 def _as_int_array(v: Any, what: str) -> np.ndarray:

@@ -8,6 +8,7 @@ frame decodes on its own, which is what lets nvJPEG decode only the sampled fram
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import av
@@ -17,6 +18,21 @@ from PIL import Image
 # The smallest --short-side (or square side) a converter resizes to: the smallest image a model
 # takes (ModelConfig.image_size); below it every video would be decoded, then fail to resize
 MIN_SHORT_SIDE = 16
+
+
+def check_source_options(*, fps: float | None = None, short_side: int | None = None, limit: int | None = None,
+                         **at_least_short_side: int | None) -> None:
+    """What the converters' options share, refused in one line before anything is written: a
+    finite ``fps`` above 0, a ``short_side`` (and each of ``at_least_short_side``, e.g. PennAction's
+    ``square``) of at least MIN_SHORT_SIDE, a ``limit`` of at least 1; None passes."""
+    if fps is not None and not 0 < fps < math.inf:
+        raise ValueError(f"--fps must be a finite number > 0, got {fps}")
+    for name, value in {"short_side": short_side, **at_least_short_side}.items():
+        if value is not None and value < MIN_SHORT_SIDE:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {MIN_SHORT_SIDE} (the smallest image size a "
+                             f"model takes), got {value}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
 
 # user-facing codec name -> (PyAV encoder, container format, pixel format)
 CODECS: dict[str, tuple[str, str, str]] = {

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 
 from carl_scale.data.codec import decode_rgb
 from carl_scale.data.manifest import read_manifest
-from carl_scale.datasets.encode import MIN_SHORT_SIDE
+from carl_scale.datasets.encode import check_source_options
 from carl_scale.datasets.folder import VIDEO_EXTENSIONS
 from carl_scale.datasets.parallel import SkipInput, labels_digest, write_options, write_split
 from carl_scale.datasets.writer import VideoRecord
@@ -64,13 +63,7 @@ class FineGymOptions:
     limit: int | None = None  # at most this many events per split (a quick look)
 
     def __post_init__(self) -> None:  # refused before anything is written, as the other converters' options
-        if not (self.fps > 0 and math.isfinite(self.fps)):
-            raise ValueError(f"--fps must be > 0, got {self.fps}")
-        if self.short_side is not None and self.short_side < MIN_SHORT_SIDE:
-            raise ValueError(f"--short-side must be >= {MIN_SHORT_SIDE} (the smallest image size a model takes; "
-                             f"0 at the command line keeps the source size), got {self.short_side}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        check_source_options(fps=self.fps, short_side=self.short_side, limit=self.limit)
 
 
 def split_files(annotations: Path, version: str) -> dict[str, dict[str, Path]]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from carl_scale.data.codec import decode_rgb
 from carl_scale.data.manifest import read_manifest
-from carl_scale.datasets.encode import MIN_SHORT_SIDE, constant_rate_picks, frame_timing
+from carl_scale.datasets.encode import check_source_options, constant_rate_picks, frame_timing
 from carl_scale.datasets.parallel import SkipInput, add_warnings, labels_digest, write_options, write_split
 from carl_scale.datasets.writer import TAR_MEMBER_MAX, VideoRecord, check_split_name, sample_key
 
@@ -46,9 +46,7 @@ class FolderOptions:
                                     f"and optionally split)")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.short_side is not None and self.short_side < MIN_SHORT_SIDE:
-            raise ValueError(f"--short-side must be >= {MIN_SHORT_SIDE} (the smallest image size a model takes), got "
-                             f"{self.short_side}")
+        check_source_options(short_side=self.short_side)
         if any(not k for k in self.extra_frame_labels):
             raise ValueError("--extra-frame-labels takes NAME=DIR with a NAME, e.g. gym288=gym288_labels/")
         for flag, d in (("--frame-labels", self.frame_labels),

@@ -34,7 +34,7 @@ import av
 import numpy as np
 
 from carl_scale.data.codec import decode_rgb
-from carl_scale.datasets.encode import MIN_SHORT_SIDE, constant_rate_picks, frame_timing
+from carl_scale.datasets.encode import check_source_options, constant_rate_picks, frame_timing
 from carl_scale.datasets.parallel import SkipInput, add_warnings, not_the_input, write_options, write_split
 from carl_scale.datasets.writer import VideoRecord
 
@@ -60,9 +60,7 @@ class Kinetics400Options:
     limit: int | None = None  # at most this many clips per split (a trial run)
 
     def __post_init__(self) -> None:  # refused before anything is written
-        for flag, value, lo in (("--short-side", self.short_side, MIN_SHORT_SIDE), ("--limit", self.limit, 1)):
-            if value is not None and value < lo:
-                raise ValueError(f"{flag} must be >= {lo}, got {value}")
+        check_source_options(short_side=self.short_side, limit=self.limit)
 
 
 def clip_id(youtube_id: str, start: float, end: float) -> str:

@@ -23,7 +23,6 @@ written with other counts, in total or per action, is warned about and the diffe
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from carl_scale.data.manifest import read_manifest
-from carl_scale.datasets.encode import MIN_SHORT_SIDE, check_frame_size
+from carl_scale.datasets.encode import check_frame_size, check_source_options
 from carl_scale.datasets.parallel import SkipInput, add_warnings, labels_digest, write_options, write_split
 from carl_scale.datasets.writer import VideoRecord
 
@@ -66,12 +65,7 @@ class PennActionOptions:
     limit: int | None = None  # at most this many videos per split (a quick look)
 
     def __post_init__(self) -> None:  # refused before anything is written
-        if not 0 < self.fps < math.inf:
-            raise ValueError(f"--fps must be a finite number > 0, got {self.fps}")
-        for flag, value, lo in (("--square", self.square, MIN_SHORT_SIDE), ("--short-side", self.short_side,
-                                                                            MIN_SHORT_SIDE), ("--limit", self.limit, 1)):
-            if value is not None and value < lo:
-                raise ValueError(f"{flag} must be >= {lo}, got {value}")
+        check_source_options(fps=self.fps, short_side=self.short_side, limit=self.limit, square=self.square)
 
 
 def read_phase_labels(path: Path) -> np.ndarray:

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from carl_scale.data.manifest import PUBLISHED_ORDER
+from carl_scale.datasets.encode import check_source_options
 from carl_scale.datasets.parallel import SkipInput, annotate, write_options, write_split
 from carl_scale.datasets.writer import VideoRecord
 
@@ -197,8 +198,7 @@ def write_tfrecord_shards(src: str | Path, out_dir: str | Path, dataset: str, *,
     :func:`~carl_scale.datasets.parallel.write_options`). One input per record, found by scanning
     the record headers; a file cut short keeps the records before the damage and lists the rest
     as one skipped input."""
-    if not 0 < fps < float("inf"):  # (metadata only, but a stream's timing is read from it)
-        raise ValueError(f"--fps must be a finite number > 0, got {fps}")
+    check_source_options(fps=fps)  # (metadata only, but a stream's timing is read from it)
     src = Path(src)
     pattern = re.compile(rf"{re.escape(dataset)}_(train|val|test)(?:-(\d+)-of-(\d+))?\.tfrecords?")
     files: dict[str, list[Path]] = {}
